@@ -1,0 +1,104 @@
+//! Domain types that flow from the source to the sinks: relations, transactions, row changes.
+//!
+//! Owns no behaviour beyond small accessors. Decoding produces these
+//! ([`crate::source::assemble`]); the Kafka sink renders them ([`crate::sink::kafka::encode`]).
+
+use std::sync::Arc;
+
+use crate::lsn::Lsn;
+use crate::pgtime::PgTimestamp;
+use crate::source::pgoutput::{Column, ReplicaIdentity, Tuple};
+
+/// The envelope's `op` letter, as Debezium spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// `r`: a row read by the initial snapshot.
+    Read,
+    /// `c`: INSERT.
+    Create,
+    /// `u`: UPDATE.
+    Update,
+    /// `d`: DELETE.
+    Delete,
+    /// `t`: TRUNCATE.
+    Truncate,
+}
+
+impl Op {
+    /// The single-letter code used in the envelope and in metric labels.
+    pub fn code(self) -> &'static str {
+        match self {
+            Op::Read => "r",
+            Op::Create => "c",
+            Op::Update => "u",
+            Op::Delete => "d",
+            Op::Truncate => "t",
+        }
+    }
+}
+
+/// A published table as the replication stream describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelationMeta {
+    /// Relation OID on the source.
+    pub oid: u32,
+    /// Schema name.
+    pub schema: String,
+    /// Table name.
+    pub table: String,
+    /// Replica identity setting.
+    pub replica_identity: ReplicaIdentity,
+    /// Published columns in tuple order; `is_key` marks the replica identity (the Kafka key).
+    pub columns: Vec<Column>,
+}
+
+impl RelationMeta {
+    /// Indices of the key columns, in column order.
+    pub fn key_indices(&self) -> impl Iterator<Item = usize> + '_ {
+        self.columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.is_key)
+            .map(|(i, _)| i)
+    }
+
+    /// True when the table has a primary key or another replica identity.
+    pub fn has_key(&self) -> bool {
+        self.columns.iter().any(|c| c.is_key)
+    }
+
+    /// `schema.table`, for logs and metric labels.
+    pub fn qualified_name(&self) -> String {
+        format!("{}.{}", self.schema, self.table)
+    }
+}
+
+/// What is known about the source transaction that produced a change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxnMeta {
+    /// Transaction id; `None` for snapshot reads.
+    pub xid: Option<u32>,
+    /// LSN of the commit record (for snapshot reads: the slot's consistent point).
+    pub commit_lsn: Lsn,
+    /// Commit timestamp (for snapshot reads: when the snapshot was taken).
+    pub commit_ts: PgTimestamp,
+    /// Replication origin name when the transaction was applied from elsewhere.
+    pub origin: Option<String>,
+}
+
+/// One row-level change, or a TRUNCATE of one table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowChange {
+    /// What happened.
+    pub op: Op,
+    /// The table.
+    pub relation: Arc<RelationMeta>,
+    /// LSN of this change's WAL record.
+    pub lsn: Lsn,
+    /// Old image: the key only (`before_is_key_only`) or the full row (REPLICA IDENTITY FULL).
+    pub before: Option<Tuple>,
+    /// True when `before` holds only key columns.
+    pub before_is_key_only: bool,
+    /// New image.
+    pub after: Option<Tuple>,
+}

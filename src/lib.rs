@@ -1,0 +1,34 @@
+//! pgferry: a change-data-capture sidecar for PostgreSQL.
+//!
+//! ```text
+//!            ┌──────────── source ─────────────┐   ┌─ pipeline ─┐   ┌── sink::kafka ──┐
+//! Postgres ─▶│ replication ─▶ pgoutput ─▶ assemble│──▶│  progress  │◀──│ encode ─▶ produce│──▶ Kafka
+//!  (slot)    │  (CopyBoth)    (decode)   (events)│   │ (watermark)│   │  (JSON envelope) │
+//!     ▲      └──────────────────────────────────┘   └─────┬──────┘   └─────────────────┘
+//!     └────────── standby status: flush = watermark ◀─────┘
+//! ```
+//!
+//! - [`source`] reads the logical replication stream and the initial snapshot.
+//! - [`pipeline`] decides which source position is durable downstream and may be confirmed.
+//! - [`sink`] renders and delivers changes to Kafka.
+//! - [`value`], [`event`], [`lsn`] and [`pgtime`] are the pure domain vocabulary.
+//!
+//! Everything that does I/O sits behind the `runtime` feature, so the pure core (decoder,
+//! value encoding, watermark) builds alone for fuzzing.
+
+pub mod event;
+pub mod lsn;
+pub mod pgtime;
+pub mod pipeline;
+pub mod sink;
+pub mod source;
+pub mod value;
+
+#[cfg(feature = "runtime")]
+pub mod app;
+#[cfg(feature = "runtime")]
+pub mod config;
+#[cfg(feature = "runtime")]
+pub mod error;
+#[cfg(feature = "runtime")]
+pub mod telemetry;

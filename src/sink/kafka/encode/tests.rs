@@ -1,0 +1,138 @@
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+use super::*;
+use crate::lsn::Lsn;
+use crate::pgtime::PgTimestamp;
+use crate::source::pgoutput::{Column, ReplicaIdentity};
+
+fn rel() -> Arc<RelationMeta> {
+    let col = |name: &str, oid, key| Column {
+        is_key: key,
+        name: name.into(),
+        type_oid: oid,
+        type_modifier: -1,
+    };
+    Arc::new(RelationMeta {
+        oid: 1,
+        schema: "public".into(),
+        table: "Orders Ü".into(),
+        replica_identity: ReplicaIdentity::Default,
+        columns: vec![col("id", 20, true), col("amount", 1700, false), col("doc", 25, false)],
+    })
+}
+
+fn t(s: &str) -> Datum {
+    Datum::Text(Bytes::copy_from_slice(s.as_bytes()))
+}
+
+fn src(tombstones: bool) -> EnvelopeSource {
+    EnvelopeSource {
+        node: "node-a".into(),
+        database: "db".into(),
+        topic_prefix: "pgferry".into(),
+        tombstones,
+    }
+}
+
+fn txn() -> TxnMeta {
+    TxnMeta {
+        xid: Some(42),
+        commit_lsn: Lsn(0x1_0000_0010),
+        commit_ts: PgTimestamp(1),
+        origin: None,
+    }
+}
+
+fn value(r: &Record) -> Value {
+    serde_json::from_slice(r.value.as_ref().unwrap()).unwrap()
+}
+
+#[test]
+fn insert_envelope_is_exact() {
+    let change = RowChange {
+        op: Op::Create,
+        relation: rel(),
+        lsn: Lsn(0x1_0000_0008),
+        before: None,
+        before_is_key_only: false,
+        after: Some(vec![t("7"), t("1.50"), Datum::Null]),
+    };
+    let recs = encode_change(&src(true), &txn(), &change, &TypeRegistry::default(), 99).unwrap();
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].topic, "pgferry.public.Orders__");
+    assert_eq!(recs[0].key.as_deref(), Some(&br#"{"id":7}"#[..]));
+    assert_eq!(
+        value(&recs[0]),
+        json!({
+            "op": "c", "before": null,
+            "after": {"id": 7, "amount": "1.50", "doc": null},
+            "source": {"node": "node-a", "db": "db", "schema": "public", "table": "Orders Ü",
+                       "lsn": "1/8", "commit_lsn": "1/10",
+                       "commit_ts": "2000-01-01T00:00:00.000001Z",
+                       "commit_ts_us": 946684800000001i64, "xid": 42, "origin": null,
+                       "snapshot": false},
+            "ts_ms": 99
+        })
+    );
+}
+
+#[test]
+fn unchanged_toast_is_listed_not_nulled() {
+    let change = RowChange {
+        op: Op::Update,
+        relation: rel(),
+        lsn: Lsn(1),
+        before: None,
+        before_is_key_only: false,
+        after: Some(vec![t("7"), t("2"), Datum::UnchangedToast]),
+    };
+    let recs = encode_change(&src(true), &txn(), &change, &TypeRegistry::default(), 0).unwrap();
+    let v = value(&recs[0]);
+    assert_eq!(v["after"], json!({"id": 7, "amount": "2"}));
+    assert_eq!(v[UNCHANGED_TOAST_FIELD], json!(["doc"]));
+}
+
+#[test]
+fn delete_uses_old_key_and_adds_tombstone() {
+    let change = RowChange {
+        op: Op::Delete,
+        relation: rel(),
+        lsn: Lsn(1),
+        before: Some(vec![t("7"), Datum::Null, Datum::Null]),
+        before_is_key_only: true,
+        after: None,
+    };
+    let recs = encode_change(&src(true), &txn(), &change, &TypeRegistry::default(), 0).unwrap();
+    assert_eq!(recs.len(), 2);
+    assert_eq!(value(&recs[0])["before"], json!({"id": 7}));
+    assert_eq!(recs[1].key.as_deref(), Some(&br#"{"id":7}"#[..]));
+    assert_eq!(recs[1].value, None);
+    let recs = encode_change(&src(false), &txn(), &change, &TypeRegistry::default(), 0).unwrap();
+    assert_eq!(recs.len(), 1);
+}
+
+#[test]
+fn bad_value_names_table_and_column() {
+    let change = RowChange {
+        op: Op::Create,
+        relation: rel(),
+        lsn: Lsn(1),
+        before: None,
+        before_is_key_only: false,
+        after: Some(vec![t("seven"), t("1"), Datum::Null]),
+    };
+    let err = encode_change(&src(true), &txn(), &change, &TypeRegistry::default(), 0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("public.Orders Ü.id: "), "{err}");
+}
+
+#[test]
+fn topic_names_are_kafka_legal() {
+    let long = "x".repeat(300);
+    assert_eq!(topic_name("p", "s", &long).len(), 249);
+    assert_eq!(topic_name("p", "my schema", "t/1"), "p.my_schema.t_1");
+}

@@ -1,0 +1,3 @@
+//! Destinations for captured changes. Kafka is the only one.
+
+pub mod kafka;

@@ -1,0 +1,276 @@
+//! pgoutput messages → domain events, with the relation cache and transaction context.
+//!
+//! Pure: the replication loop feeds messages in, and gets [`CaptureEvent`]s out. Decisions that
+//! depend on protocol semantics live here, next to the reasoning:
+//! - an UPDATE that changes the key becomes a delete of the old key plus a create of the new
+//!   one, so that a compacted topic keyed by primary key stays correct (as Debezium does);
+//! - rows of pgferry's own schema are never published.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::event::{Op, RelationMeta, RowChange, TxnMeta};
+use crate::lsn::Lsn;
+use crate::source::pgoutput::{Datum, LogicalMessage, OldTuple, Relation, Tuple};
+
+/// Schema that holds pgferry's own bookkeeping tables; never published.
+pub const INTERNAL_SCHEMA: &str = "pgferry";
+
+/// Prefix of the `pg_logical_emit_message` heartbeats pgferry writes.
+pub const HEARTBEAT_PREFIX: &str = "pgferry.heartbeat";
+
+/// What the capture pipeline acts on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CaptureEvent {
+    /// A relation was (re)described; the I/O layer may need to resolve its types.
+    Relation(Arc<RelationMeta>),
+    /// A transaction starts.
+    Begin(TxnMeta),
+    /// A row change (or truncate) inside the current transaction.
+    Change(RowChange),
+    /// The current transaction committed; `end_lsn` may be confirmed once it is durable.
+    Commit {
+        /// LSN just past the commit record.
+        end_lsn: Lsn,
+    },
+    /// A position with nothing to publish (a heartbeat): confirmable once earlier work is.
+    Position(Lsn),
+}
+
+/// The stream broke a protocol rule; capture must stop rather than guess.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AssembleError {
+    /// A change referenced a relation that no Relation message described.
+    #[error("change for relation oid {0} arrived before its Relation message")]
+    UnknownRelation(u32),
+    /// A tuple's width did not match the relation.
+    #[error("{table}: tuple has {got} columns, relation has {expected}")]
+    ColumnCount {
+        /// `schema.table`.
+        table: String,
+        /// Columns in the Relation message.
+        expected: usize,
+        /// Columns in the tuple.
+        got: usize,
+    },
+    /// A message arrived where the protocol does not allow it.
+    #[error("unexpected pgoutput {0} message {1}")]
+    Unexpected(&'static str, &'static str),
+}
+
+/// Turns a pgoutput message stream into capture events.
+#[derive(Debug, Default)]
+pub struct Assembler {
+    relations: HashMap<u32, Arc<RelationMeta>>,
+    in_transaction: bool,
+}
+
+impl Assembler {
+    /// A described relation, if any.
+    pub fn relation(&self, oid: u32) -> Option<&Arc<RelationMeta>> {
+        self.relations.get(&oid)
+    }
+
+    /// Feeds one message; `lsn` is the WAL position of its record (from the XLogData header).
+    pub fn push(
+        &mut self,
+        msg: LogicalMessage,
+        lsn: Lsn,
+        out: &mut Vec<CaptureEvent>,
+    ) -> Result<(), AssembleError> {
+        match msg {
+            LogicalMessage::Begin(b) => {
+                self.in_transaction = true;
+                out.push(CaptureEvent::Begin(TxnMeta {
+                    xid: Some(b.xid),
+                    commit_lsn: b.final_lsn,
+                    commit_ts: b.commit_ts,
+                    origin: None,
+                }));
+            }
+            LogicalMessage::Origin(o) => {
+                self.require_transaction("Origin")?;
+                // Origin immediately follows Begin; attach it to that Begin.
+                match out.last_mut() {
+                    Some(CaptureEvent::Begin(meta)) => meta.origin = Some(o.name),
+                    _ => return Err(AssembleError::Unexpected("Origin", "after a change")),
+                }
+            }
+            LogicalMessage::Commit(c) => {
+                self.require_transaction("Commit")?;
+                self.in_transaction = false;
+                out.push(CaptureEvent::Commit { end_lsn: c.end_lsn });
+            }
+            LogicalMessage::Relation(r) => {
+                let meta = Arc::new(relation_meta(r));
+                self.relations.insert(meta.oid, meta.clone());
+                out.push(CaptureEvent::Relation(meta));
+            }
+            LogicalMessage::Type(_) => {
+                // Type names alone are not enough to render values; the I/O layer resolves
+                // every unknown column type from the catalog when it sees the Relation.
+            }
+            LogicalMessage::Insert(i) => {
+                self.require_transaction("Insert")?;
+                let relation = self.described(i.relation_oid, &i.new)?;
+                emit(out, Op::Create, relation, lsn, None, false, Some(i.new));
+            }
+            LogicalMessage::Update(u) => {
+                self.require_transaction("Update")?;
+                let relation = self.described(u.relation_oid, &u.new)?;
+                self.update(out, relation, lsn, u.old, u.new)?;
+            }
+            LogicalMessage::Delete(d) => {
+                self.require_transaction("Delete")?;
+                let relation = self.described(d.relation_oid, d.old.datums())?;
+                let key_only = matches!(d.old, OldTuple::Key(_));
+                let before = match d.old {
+                    OldTuple::Key(t) | OldTuple::Full(t) => t,
+                };
+                emit(out, Op::Delete, relation, lsn, Some(before), key_only, None);
+            }
+            LogicalMessage::Truncate(t) => {
+                self.require_transaction("Truncate")?;
+                for oid in t.relation_oids {
+                    let relation = self
+                        .relations
+                        .get(&oid)
+                        .cloned()
+                        .ok_or(AssembleError::UnknownRelation(oid))?;
+                    emit(out, Op::Truncate, relation, lsn, None, false, None);
+                }
+            }
+            LogicalMessage::Message(m) => {
+                if !m.transactional && m.prefix == HEARTBEAT_PREFIX {
+                    out.push(CaptureEvent::Position(m.lsn));
+                }
+            }
+            LogicalMessage::StreamStart { .. }
+            | LogicalMessage::StreamStop
+            | LogicalMessage::StreamCommit(_)
+            | LogicalMessage::StreamAbort(_)
+            | LogicalMessage::StreamPrepare(_) => {
+                return Err(AssembleError::Unexpected(
+                    "streaming",
+                    "although streaming was not requested",
+                ))
+            }
+            LogicalMessage::BeginPrepare(_)
+            | LogicalMessage::Prepare(_)
+            | LogicalMessage::CommitPrepared(_)
+            | LogicalMessage::RollbackPrepared(_) => {
+                return Err(AssembleError::Unexpected(
+                    "two-phase",
+                    "although two_phase was not requested",
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    fn require_transaction(&self, what: &'static str) -> Result<(), AssembleError> {
+        if self.in_transaction {
+            Ok(())
+        } else {
+            Err(AssembleError::Unexpected(what, "outside a transaction"))
+        }
+    }
+
+    /// The relation for a change, checking the tuple width against it.
+    fn described(&self, oid: u32, tuple: &Tuple) -> Result<Arc<RelationMeta>, AssembleError> {
+        let relation = self
+            .relations
+            .get(&oid)
+            .cloned()
+            .ok_or(AssembleError::UnknownRelation(oid))?;
+        if tuple.len() != relation.columns.len() {
+            return Err(AssembleError::ColumnCount {
+                table: relation.qualified_name(),
+                expected: relation.columns.len(),
+                got: tuple.len(),
+            });
+        }
+        Ok(relation)
+    }
+
+    fn update(
+        &self,
+        out: &mut Vec<CaptureEvent>,
+        relation: Arc<RelationMeta>,
+        lsn: Lsn,
+        old: Option<OldTuple>,
+        new: Tuple,
+    ) -> Result<(), AssembleError> {
+        let Some(old) = old else {
+            emit(out, Op::Update, relation, lsn, None, false, Some(new));
+            return Ok(());
+        };
+        if old.datums().len() != relation.columns.len() {
+            return Err(AssembleError::ColumnCount {
+                table: relation.qualified_name(),
+                expected: relation.columns.len(),
+                got: old.datums().len(),
+            });
+        }
+        let key_only = matches!(old, OldTuple::Key(_));
+        let before = match old {
+            OldTuple::Key(t) | OldTuple::Full(t) => t,
+        };
+        if key_changed(&relation, &before, &new) {
+            emit(out, Op::Delete, relation.clone(), lsn, Some(before), key_only, None);
+            emit(out, Op::Create, relation, lsn, None, false, Some(new));
+        } else {
+            emit(out, Op::Update, relation, lsn, Some(before), key_only, Some(new));
+        }
+        Ok(())
+    }
+}
+
+fn emit(
+    out: &mut Vec<CaptureEvent>,
+    op: Op,
+    relation: Arc<RelationMeta>,
+    lsn: Lsn,
+    before: Option<Tuple>,
+    before_is_key_only: bool,
+    after: Option<Tuple>,
+) {
+    if relation.schema == INTERNAL_SCHEMA {
+        return;
+    }
+    out.push(CaptureEvent::Change(RowChange {
+        op,
+        relation,
+        lsn,
+        before,
+        before_is_key_only,
+        after,
+    }));
+}
+
+/// True when any key column differs between the old and new image. An unchanged-TOAST key
+/// column in the new image means "same as before".
+fn key_changed(relation: &RelationMeta, old: &Tuple, new: &Tuple) -> bool {
+    relation.key_indices().any(|i| match (&old[i], &new[i]) {
+        (_, Datum::UnchangedToast) => false,
+        (a, b) => a != b,
+    })
+}
+
+fn relation_meta(r: Relation) -> RelationMeta {
+    RelationMeta {
+        oid: r.oid,
+        // The server sends pg_catalog as ""; nothing published lives there, but be faithful.
+        schema: if r.namespace.is_empty() {
+            "pg_catalog".to_owned()
+        } else {
+            r.namespace
+        },
+        table: r.name,
+        replica_identity: r.replica_identity,
+        columns: r.columns,
+    }
+}
+
+#[cfg(test)]
+mod tests;
