@@ -22,13 +22,18 @@ pub mod pgtime;
 pub mod pipeline;
 pub mod sink;
 pub mod source;
+pub mod sql;
 pub mod value;
 
 #[cfg(feature = "runtime")]
 pub mod app;
 #[cfg(feature = "runtime")]
+pub mod check;
+#[cfg(feature = "runtime")]
 pub mod config;
 #[cfg(feature = "runtime")]
 pub mod error;
+#[cfg(feature = "runtime")]
+pub mod tail;
 #[cfg(feature = "runtime")]
 pub mod telemetry;

@@ -1,1 +1,114 @@
-fn main() {}
+//! The `pgferry` binary: parse the command line, load the config, start logging, hand over to
+//! the library, and turn the outcome into an exit code.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+/// Change-data-capture sidecar: PostgreSQL logical replication -> Kafka.
+#[derive(Parser)]
+#[command(name = "pgferry", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every role the config enables (capture today).
+    Run {
+        /// Path to the YAML config.
+        #[arg(long, short, env = "PGFERRY_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate the config and check every server it names; exit 0 only when ready.
+    Check {
+        /// Path to the YAML config.
+        #[arg(long, short, env = "PGFERRY_CONFIG")]
+        config: PathBuf,
+    },
+    /// Print the change topics as messages arrive (topic, key, value per line).
+    Tail {
+        /// Path to the YAML config.
+        #[arg(long, short, env = "PGFERRY_CONFIG")]
+        config: PathBuf,
+        /// Only topics whose name contains this text.
+        #[arg(long)]
+        filter: Option<String>,
+        /// Exit after this many messages.
+        #[arg(long)]
+        max_messages: Option<u64>,
+        /// Exit after this many seconds without a message.
+        #[arg(long)]
+        idle_exit_secs: Option<u64>,
+    },
+}
+
+fn load(path: &std::path::Path) -> anyhow::Result<pgferry::config::Config> {
+    pgferry::config::load(path).with_context(|| format!("invalid config {}", path.display()))
+}
+
+async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run { config } => {
+            let config = load(&config)?;
+            pgferry::telemetry::init_logging(&config.log);
+            pgferry::app::run(config).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { config } => {
+            let config = load(&config)?;
+            let problems = pgferry::check::run(&config).await;
+            for p in &problems {
+                println!("{p}");
+            }
+            if problems.is_empty() {
+                println!("ready: config valid, source and broker checks passed");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                println!("{} problem(s) found", problems.len());
+                Ok(ExitCode::FAILURE)
+            }
+        }
+        Command::Tail {
+            config,
+            filter,
+            max_messages,
+            idle_exit_secs,
+        } => {
+            let config = load(&config)?;
+            let options = pgferry::tail::TailOptions {
+                filter,
+                max_messages,
+                idle_exit: idle_exit_secs.map(Duration::from_secs),
+            };
+            tokio::task::spawn_blocking(move || pgferry::tail::run(&config.kafka, &options))
+                .await??;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(try_main(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -76,6 +76,13 @@ impl Progress {
         }
     }
 
+    /// Takes back a [`Progress::sent`] whose message the producer refused (queue full).
+    pub fn unsent(&mut self, t: Ticket) {
+        if let Some(e) = self.entry(t) {
+            e.outstanding = e.outstanding.saturating_sub(1);
+        }
+    }
+
     /// Kafka acknowledged one message of this transaction.
     pub fn acknowledged(&mut self, t: Ticket) {
         if let Some(e) = self.entry(t) {

@@ -217,10 +217,26 @@ impl Assembler {
             OldTuple::Key(t) | OldTuple::Full(t) => t,
         };
         if key_changed(&relation, &before, &new) {
-            emit(out, Op::Delete, relation.clone(), lsn, Some(before), key_only, None);
+            emit(
+                out,
+                Op::Delete,
+                relation.clone(),
+                lsn,
+                Some(before),
+                key_only,
+                None,
+            );
             emit(out, Op::Create, relation, lsn, None, false, Some(new));
         } else {
-            emit(out, Op::Update, relation, lsn, Some(before), key_only, Some(new));
+            emit(
+                out,
+                Op::Update,
+                relation,
+                lsn,
+                Some(before),
+                key_only,
+                Some(new),
+            );
         }
         Ok(())
     }

@@ -125,9 +125,7 @@ pub fn parse_array(text: &str, delimiter: u8) -> Result<ArrayNode, ArrayParseErr
     };
     if p.peek() == Some(b'[') {
         // Explicit bounds `[lo:hi]...=`: skip them.
-        let eq = text
-            .find('=')
-            .ok_or_else(|| p.err("bounds without '='"))?;
+        let eq = text.find('=').ok_or_else(|| p.err("bounds without '='"))?;
         p.pos = eq + 1;
     }
     let node = p.list()?;

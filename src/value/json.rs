@@ -138,9 +138,18 @@ mod tests {
     fn scalars() {
         assert_eq!(conv(PgType::Bool, "t"), json!(true));
         assert_eq!(conv(PgType::Int, "-32768"), json!(-32768));
-        assert_eq!(conv(PgType::Int8, "9007199254740992"), json!(9007199254740992i64));
-        assert_eq!(conv(PgType::Int8, "9007199254740993"), json!("9007199254740993"));
-        assert_eq!(conv(PgType::Int8, "-9223372036854775808"), json!("-9223372036854775808"));
+        assert_eq!(
+            conv(PgType::Int8, "9007199254740992"),
+            json!(9007199254740992i64)
+        );
+        assert_eq!(
+            conv(PgType::Int8, "9007199254740993"),
+            json!("9007199254740993")
+        );
+        assert_eq!(
+            conv(PgType::Int8, "-9223372036854775808"),
+            json!("-9223372036854775808")
+        );
         assert_eq!(
             conv(PgType::Numeric, "12345678901234567890.0123456789"),
             json!("12345678901234567890.0123456789")
@@ -177,7 +186,10 @@ mod tests {
 
     #[test]
     fn json_keeps_big_numbers_exact() {
-        let v = conv(PgType::Json, r#"{"a": 1.000000000000000000001, "b": [1, "x"]}"#);
+        let v = conv(
+            PgType::Json,
+            r#"{"a": 1.000000000000000000001, "b": [1, "x"]}"#,
+        );
         assert_eq!(
             serde_json::to_string(&v).unwrap(),
             r#"{"a":1.000000000000000000001,"b":[1,"x"]}"#
@@ -187,7 +199,10 @@ mod tests {
     #[test]
     fn arrays_use_element_type() {
         let int_arr = PgType::Array(Box::new(PgType::Int));
-        assert_eq!(conv(int_arr, "{{1,2},{3,NULL}}"), json!([[1, 2], [3, null]]));
+        assert_eq!(
+            conv(int_arr, "{{1,2},{3,NULL}}"),
+            json!([[1, 2], [3, null]])
+        );
         let text_arr = PgType::Array(Box::new(PgType::Text));
         assert_eq!(
             conv(text_arr, r#"{a,"b c","NULL",NULL}"#),

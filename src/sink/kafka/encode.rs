@@ -133,10 +133,7 @@ fn row_json(
 
 /// The key object of a change: key columns from the new image, or from the old image when the
 /// new one has none (deletes) or withheld a key column as unchanged TOAST.
-fn key_json(
-    change: &RowChange,
-    types: &TypeRegistry,
-) -> Result<Option<Vec<u8>>, EncodeError> {
+fn key_json(change: &RowChange, types: &TypeRegistry) -> Result<Option<Vec<u8>>, EncodeError> {
     let relation = &change.relation;
     if !relation.has_key() || change.op == Op::Truncate {
         return Ok(None);
@@ -155,7 +152,9 @@ fn key_json(
         return Ok(None);
     };
     let row = row_json(relation, image, types, true)?;
-    Ok(Some(serde_json::to_vec(&Value::Object(row.object)).unwrap_or_default()))
+    Ok(Some(
+        serde_json::to_vec(&Value::Object(row.object)).unwrap_or_default(),
+    ))
 }
 
 /// Renders one change into its record, plus a tombstone after deletes when configured.
@@ -217,12 +216,18 @@ fn source_block(source: &EnvelopeSource, txn: &TxnMeta, change: &RowChange) -> V
     let mut s = Map::new();
     s.insert("node".into(), Value::from(source.node.as_str()));
     s.insert("db".into(), Value::from(source.database.as_str()));
-    s.insert("schema".into(), Value::from(change.relation.schema.as_str()));
+    s.insert(
+        "schema".into(),
+        Value::from(change.relation.schema.as_str()),
+    );
     s.insert("table".into(), Value::from(change.relation.table.as_str()));
     s.insert("lsn".into(), Value::from(change.lsn.to_string()));
     s.insert("commit_lsn".into(), Value::from(txn.commit_lsn.to_string()));
     s.insert("commit_ts".into(), Value::from(txn.commit_ts.to_rfc3339()));
-    s.insert("commit_ts_us".into(), Value::from(txn.commit_ts.unix_micros()));
+    s.insert(
+        "commit_ts_us".into(),
+        Value::from(txn.commit_ts.unix_micros()),
+    );
     s.insert("xid".into(), txn.xid.map_or(Value::Null, Value::from));
     s.insert(
         "origin".into(),

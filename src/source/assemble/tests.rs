@@ -16,14 +16,28 @@ fn relation(schema: &str) -> LogicalMessage {
         name: "t".into(),
         replica_identity: ReplicaIdentity::Full,
         columns: vec![
-            Column { is_key: true, name: "id".into(), type_oid: 23, type_modifier: -1 },
-            Column { is_key: false, name: "v".into(), type_oid: 25, type_modifier: -1 },
+            Column {
+                is_key: true,
+                name: "id".into(),
+                type_oid: 23,
+                type_modifier: -1,
+            },
+            Column {
+                is_key: false,
+                name: "v".into(),
+                type_oid: 25,
+                type_modifier: -1,
+            },
         ],
     })
 }
 
 fn begin() -> LogicalMessage {
-    LogicalMessage::Begin(Begin { final_lsn: Lsn(100), commit_ts: PgTimestamp(5), xid: 9 })
+    LogicalMessage::Begin(Begin {
+        final_lsn: Lsn(100),
+        commit_ts: PgTimestamp(5),
+        xid: 9,
+    })
 }
 
 fn changes(events: &[CaptureEvent]) -> Vec<(Op, Option<Tuple>, Option<Tuple>)> {
@@ -80,7 +94,10 @@ fn origin_attaches_to_begin() {
     let mut a = Assembler::default();
     let mut out = Vec::new();
     a.push(begin(), Lsn(2), &mut out).unwrap();
-    let origin = LogicalMessage::Origin(Origin { origin_lsn: Lsn(7), name: "pgferry_b".into() });
+    let origin = LogicalMessage::Origin(Origin {
+        origin_lsn: Lsn(7),
+        name: "pgferry_b".into(),
+    });
     a.push(origin, Lsn(2), &mut out).unwrap();
     match &out[0] {
         CaptureEvent::Begin(m) => assert_eq!(m.origin.as_deref(), Some("pgferry_b")),
@@ -107,13 +124,20 @@ fn internal_schema_is_not_published() {
 fn protocol_violations_are_errors() {
     let mut a = Assembler::default();
     let mut out = Vec::new();
-    let ins = LogicalMessage::Insert(Insert { stream_xid: None, relation_oid: 10, new: vec![] });
+    let ins = LogicalMessage::Insert(Insert {
+        stream_xid: None,
+        relation_oid: 10,
+        new: vec![],
+    });
     assert!(matches!(
         a.push(ins.clone(), Lsn(1), &mut out),
         Err(AssembleError::Unexpected("Insert", _))
     ));
     a.push(begin(), Lsn(2), &mut out).unwrap();
-    assert_eq!(a.push(ins, Lsn(3), &mut out), Err(AssembleError::UnknownRelation(10)));
+    assert_eq!(
+        a.push(ins, Lsn(3), &mut out),
+        Err(AssembleError::UnknownRelation(10))
+    );
     a.push(relation("public"), Lsn(4), &mut out).unwrap();
     let short = LogicalMessage::Insert(Insert {
         stream_xid: None,
@@ -122,7 +146,11 @@ fn protocol_violations_are_errors() {
     });
     assert!(matches!(
         a.push(short, Lsn(5), &mut out),
-        Err(AssembleError::ColumnCount { expected: 2, got: 1, .. })
+        Err(AssembleError::ColumnCount {
+            expected: 2,
+            got: 1,
+            ..
+        })
     ));
 }
 

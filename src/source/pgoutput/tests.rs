@@ -20,7 +20,11 @@ fn put_tuple(b: &mut BytesMut, t: &Tuple) {
             Datum::Null => b.put_u8(b'n'),
             Datum::UnchangedToast => b.put_u8(b'u'),
             Datum::Text(v) | Datum::Binary(v) => {
-                b.put_u8(if matches!(d, Datum::Text(_)) { b't' } else { b'b' });
+                b.put_u8(if matches!(d, Datum::Text(_)) {
+                    b't'
+                } else {
+                    b'b'
+                });
                 b.put_i32(v.len() as i32);
                 b.put_slice(v);
             }
@@ -29,7 +33,11 @@ fn put_tuple(b: &mut BytesMut, t: &Tuple) {
 }
 
 fn put_old(b: &mut BytesMut, o: &OldTuple) {
-    b.put_u8(if matches!(o, OldTuple::Key(_)) { b'K' } else { b'O' });
+    b.put_u8(if matches!(o, OldTuple::Key(_)) {
+        b'K'
+    } else {
+        b'O'
+    });
     put_tuple(b, o.datums());
 }
 
@@ -216,32 +224,40 @@ fn tuple() -> impl Strategy<Value = Tuple> {
 }
 
 fn old_tuple() -> impl Strategy<Value = OldTuple> {
-    prop_oneof![tuple().prop_map(OldTuple::Key), tuple().prop_map(OldTuple::Full)]
+    prop_oneof![
+        tuple().prop_map(OldTuple::Key),
+        tuple().prop_map(OldTuple::Full)
+    ]
 }
 
 fn prepare() -> impl Strategy<Value = PrepareInfo> {
-    (any::<u8>(), any::<u64>(), any::<u64>(), any::<i64>(), any::<u32>(), name()).prop_map(
-        |(flags, a, e, ts, xid, gid)| PrepareInfo {
+    (
+        any::<u8>(),
+        any::<u64>(),
+        any::<u64>(),
+        any::<i64>(),
+        any::<u32>(),
+        name(),
+    )
+        .prop_map(|(flags, a, e, ts, xid, gid)| PrepareInfo {
             flags,
             prepare_lsn: Lsn(a),
             end_lsn: Lsn(e),
             prepare_ts: PgTimestamp(ts),
             xid,
             gid,
-        },
-    )
+        })
 }
 
 /// Messages valid outside a streamed block (stream_xid = None where it applies).
 fn message() -> impl Strategy<Value = LogicalMessage> {
-    let column = (any::<bool>(), name(), any::<u32>(), any::<i32>()).prop_map(|(k, n, t, m)| {
-        Column {
+    let column =
+        (any::<bool>(), name(), any::<u32>(), any::<i32>()).prop_map(|(k, n, t, m)| Column {
             is_key: k,
             name: n,
             type_oid: t,
             type_modifier: m,
-        }
-    });
+        });
     let ident = prop_oneof![
         Just(ReplicaIdentity::Default),
         Just(ReplicaIdentity::Nothing),
@@ -268,16 +284,21 @@ fn message() -> impl Strategy<Value = LogicalMessage> {
             origin_lsn: Lsn(l),
             name: n
         })),
-        (any::<u32>(), name(), name(), ident, proptest::collection::vec(column, 0..6)).prop_map(
-            |(oid, ns, n, ri, cols)| LogicalMessage::Relation(Relation {
+        (
+            any::<u32>(),
+            name(),
+            name(),
+            ident,
+            proptest::collection::vec(column, 0..6)
+        )
+            .prop_map(|(oid, ns, n, ri, cols)| LogicalMessage::Relation(Relation {
                 stream_xid: None,
                 oid,
                 namespace: ns,
                 name: n,
                 replica_identity: ri,
                 columns: cols,
-            })
-        ),
+            })),
         (any::<u32>(), tuple()).prop_map(|(oid, t)| LogicalMessage::Insert(Insert {
             stream_xid: None,
             relation_oid: oid,
@@ -296,15 +317,23 @@ fn message() -> impl Strategy<Value = LogicalMessage> {
             relation_oid: oid,
             old: o
         })),
-        (any::<bool>(), any::<bool>(), proptest::collection::vec(any::<u32>(), 0..5)).prop_map(
-            |(c, r, oids)| LogicalMessage::Truncate(Truncate {
+        (
+            any::<bool>(),
+            any::<bool>(),
+            proptest::collection::vec(any::<u32>(), 0..5)
+        )
+            .prop_map(|(c, r, oids)| LogicalMessage::Truncate(Truncate {
                 stream_xid: None,
                 cascade: c,
                 restart_identity: r,
                 relation_oids: oids,
-            })
-        ),
-        (any::<bool>(), any::<u64>(), name(), proptest::collection::vec(any::<u8>(), 0..16))
+            })),
+        (
+            any::<bool>(),
+            any::<u64>(),
+            name(),
+            proptest::collection::vec(any::<u8>(), 0..16)
+        )
             .prop_map(|(t, l, p, c)| LogicalMessage::Message(EmittedMessage {
                 stream_xid: None,
                 transactional: t,
@@ -312,7 +341,11 @@ fn message() -> impl Strategy<Value = LogicalMessage> {
                 prefix: p,
                 content: c.into(),
             })),
-        (any::<u32>(), any::<u32>(), proptest::option::of((any::<u64>(), any::<i64>())))
+        (
+            any::<u32>(),
+            any::<u32>(),
+            proptest::option::of((any::<u64>(), any::<i64>()))
+        )
             .prop_map(|(x, s, a)| LogicalMessage::StreamAbort(StreamAbort {
                 xid: x,
                 subxid: s,
@@ -359,7 +392,10 @@ proptest! {
 #[test]
 fn stream_decoder_tracks_blocks() {
     let mut d = StreamDecoder::default();
-    let start = encode(&LogicalMessage::StreamStart { xid: 7, first_segment: true });
+    let start = encode(&LogicalMessage::StreamStart {
+        xid: 7,
+        first_segment: true,
+    });
     d.decode(start).unwrap();
     let ins = LogicalMessage::Insert(Insert {
         stream_xid: Some(7),
@@ -379,7 +415,10 @@ fn stream_decoder_tracks_blocks() {
 #[test]
 fn errors_name_message_and_field() {
     let err = decode(Bytes::from_static(b"B\0\0"), false).unwrap_err();
-    assert_eq!(err.to_string(), "pgoutput Begin message truncated while reading final lsn");
+    assert_eq!(
+        err.to_string(),
+        "pgoutput Begin message truncated while reading final lsn"
+    );
     let err = decode(Bytes::from_static(b"Z"), false).unwrap_err();
     assert_eq!(err, DecodeError::UnknownTag(b'Z'));
 }

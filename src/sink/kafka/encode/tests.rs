@@ -20,7 +20,11 @@ fn rel() -> Arc<RelationMeta> {
         schema: "public".into(),
         table: "Orders Ü".into(),
         replica_identity: ReplicaIdentity::Default,
-        columns: vec![col("id", 20, true), col("amount", 1700, false), col("doc", 25, false)],
+        columns: vec![
+            col("id", 20, true),
+            col("amount", 1700, false),
+            col("doc", 25, false),
+        ],
     })
 }
 

@@ -1,0 +1,232 @@
+//! `pgferry check`: preflight of a config against the real servers. Each problem is one line
+//! saying what is wrong and how to fix it; the command exits 0 only when there are none.
+
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use tokio_postgres::Client;
+
+use crate::config::{Config, SourceConfig};
+use crate::sink::kafka::producer::client_config;
+use crate::source::catalog;
+use crate::source::replication::ReplicationConnection;
+
+/// One thing that would stop pgferry from working.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// What is wrong.
+    pub what: String,
+    /// How to fix it.
+    pub fix: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PROBLEM: {} -- fix: {}", self.what, self.fix)
+    }
+}
+
+fn problem(what: impl Into<String>, fix: impl Into<String>) -> Problem {
+    Problem {
+        what: what.into(),
+        fix: fix.into(),
+    }
+}
+
+/// Runs every check the config calls for.
+pub async fn run(config: &Config) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    if let Some(source) = &config.source {
+        check_source(config, source, &mut problems).await;
+    }
+    check_broker(config, &mut problems).await;
+    problems
+}
+
+async fn check_source(config: &Config, source: &SourceConfig, problems: &mut Vec<Problem>) {
+    let target = source.url.display_target();
+    let client = match catalog::connect(source.url.config(), "pgferry-check").await {
+        Ok(c) => c,
+        Err(e) => {
+            problems.push(problem(
+                format!(
+                    "cannot connect to source {target}: {}",
+                    crate::app::ErrorChain(&e)
+                ),
+                "check source.url, the password and pg_hba.conf",
+            ));
+            return;
+        }
+    };
+    if let Err(e) = check_server_settings(&client, config, source, problems).await {
+        problems.push(problem(
+            format!(
+                "cannot read settings from source {target}: {}",
+                crate::app::ErrorChain(&e)
+            ),
+            "grant the pgferry role read access to pg_catalog (the default)",
+        ));
+    }
+    if let Err(e) = check_tables(&client, source, problems).await {
+        problems.push(problem(
+            format!(
+                "cannot list tables on source {target}: {}",
+                crate::app::ErrorChain(&e)
+            ),
+            "grant the pgferry role read access to pg_catalog (the default)",
+        ));
+    }
+    match ReplicationConnection::connect(source.url.config(), "pgferry-check").await {
+        Ok(mut repl) => {
+            if let Err(e) = repl.simple_query("IDENTIFY_SYSTEM").await {
+                problems.push(problem(
+                    format!("replication connection to {target} refused IDENTIFY_SYSTEM: {e}"),
+                    "give the role REPLICATION and allow it in pg_hba.conf",
+                ));
+            }
+            repl.terminate().await;
+        }
+        Err(e) => problems.push(problem(
+            format!("cannot open a replication connection to {target}: {e}"),
+            "allow `host <db> <user> <addr> scram-sha-256` for the pgferry role in pg_hba.conf \
+             (replication=database connections match the database name), and grant REPLICATION",
+        )),
+    }
+}
+
+async fn check_server_settings(
+    client: &Client,
+    config: &Config,
+    source: &SourceConfig,
+    problems: &mut Vec<Problem>,
+) -> Result<(), tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('wal_level'),
+                    current_setting('max_replication_slots')::int,
+                    current_setting('max_wal_senders')::int,
+                    (SELECT count(*)::int FROM pg_replication_slots),
+                    (SELECT count(*)::int FROM pg_stat_replication),
+                    (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user)",
+            &[],
+        )
+        .await?;
+    let wal_level: String = row.get(0);
+    if wal_level != "logical" {
+        problems.push(problem(
+            format!("source wal_level is '{wal_level}', logical decoding needs 'logical'"),
+            "ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL",
+        ));
+    }
+    let slot_name = source.slot_name(&config.node_id);
+    let slot = catalog::slot(client, &slot_name).await?;
+    let (max_slots, max_senders, used_slots, senders): (i32, i32, i32, i32) =
+        (row.get(1), row.get(2), row.get(3), row.get(4));
+    if slot.is_none() && used_slots >= max_slots {
+        problems.push(problem(
+            format!("all {max_slots} replication slots are in use; pgferry needs one more for {slot_name}"),
+            "raise max_replication_slots (restart required) or drop an unused slot",
+        ));
+    }
+    if senders >= max_senders {
+        problems.push(problem(
+            format!("all {max_senders} WAL senders are busy"),
+            "raise max_wal_senders (restart required)",
+        ));
+    }
+    if let Some(info) = slot {
+        if info.plugin.as_deref() != Some("pgoutput") {
+            problems.push(problem(
+                format!(
+                    "slot {slot_name} exists with plugin {:?}, pgferry needs pgoutput",
+                    info.plugin
+                ),
+                "drop the slot or set source.slot to another name",
+            ));
+        }
+    }
+    if !row.get::<_, Option<bool>>(5).unwrap_or(false) {
+        problems.push(problem(
+            "the source role has neither REPLICATION nor SUPERUSER",
+            "ALTER ROLE <user> REPLICATION",
+        ));
+    }
+    Ok(())
+}
+
+/// Tables that will be published: the publication's, if it exists; else the configured list;
+/// else every user table (FOR ALL TABLES).
+async fn check_tables(
+    client: &Client,
+    source: &SourceConfig,
+    problems: &mut Vec<Problem>,
+) -> Result<(), tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "WITH candidates AS (
+                 SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE c.relkind IN ('r', 'p')
+                    AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgferry')
+                    AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'
+                    AND CASE
+                        WHEN EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)
+                          THEN (n.nspname, c.relname) IN
+                               (SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = $1)
+                        WHEN cardinality($2::text[]) > 0
+                          THEN n.nspname || '.' || c.relname = ANY($2::text[])
+                        ELSE true END)
+             SELECT n.nspname::text, c.relname::text, c.relreplident::text,
+                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
+                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident)
+               FROM candidates k JOIN pg_class c ON c.oid = k.oid
+               JOIN pg_namespace n ON n.oid = c.relnamespace ORDER BY 1, 2",
+            &[&source.publication, &source.tables],
+        )
+        .await?;
+    for r in rows {
+        let (schema, table, ident): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+        let (has_pk, has_index): (bool, bool) = (r.get(3), r.get(4));
+        let keyed = match ident.as_str() {
+            "f" => true,
+            "i" => has_index,
+            "d" => has_pk,
+            _ => false,
+        };
+        if !keyed {
+            let name = crate::sql::qualified(&schema, &table);
+            problems.push(problem(
+                format!(
+                    "table {schema}.{table} has no primary key or replica identity: once published, \
+                     UPDATE and DELETE on it fail and its changes have no Kafka key"
+                ),
+                format!("ALTER TABLE {name} ADD PRIMARY KEY (...), or ALTER TABLE {name} REPLICA IDENTITY FULL"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn check_broker(config: &Config, problems: &mut Vec<Problem>) {
+    let kafka = config.kafka.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = client_config(&kafka).create()?;
+        consumer
+            .fetch_metadata(None, Duration::from_secs(10))
+            .map(|m| m.brokers().len())
+    })
+    .await;
+    match result {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => problems.push(problem(
+            format!(
+                "Kafka brokers {} are not reachable: {e}",
+                config.kafka.brokers
+            ),
+            "check kafka.brokers and kafka.properties (security.protocol, sasl.*)",
+        )),
+        Err(e) => problems.push(problem(
+            format!("broker check did not finish: {e}"),
+            "retry",
+        )),
+    }
+}

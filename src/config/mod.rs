@@ -1,0 +1,289 @@
+//! Typed configuration: YAML file, `PGFERRY_…` environment overrides, validation, secrets.
+//!
+//! Owns the shape of the config and its invariants. Every error names the key path that is
+//! wrong (`source.slot`, `kafka.properties`, …) and what was expected. Passwords live in
+//! [`Secret`] and are never printed.
+
+mod de;
+mod load;
+mod secret;
+mod source_url;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use de::parse_duration;
+pub use load::{load, load_from_str, ConfigError};
+pub use secret::Secret;
+pub use source_url::PgUrl;
+
+/// Default replication slot name prefix; the full default is `pgferry_<node_id>`.
+pub const DEFAULT_PUBLICATION: &str = "pgferry";
+/// Default topic prefix.
+pub const DEFAULT_TOPIC_PREFIX: &str = "pgferry";
+/// Default metrics listen address.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9187";
+/// Default interval between heartbeat messages.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
+/// Default interval between standby status updates (like `wal_receiver_status_interval`).
+pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
+/// Default rows per snapshot fetch.
+pub const DEFAULT_SNAPSHOT_BATCH_ROWS: u32 = 10_000;
+/// Default Kafka delivery timeout (librdkafka `message.timeout.ms`).
+pub const DEFAULT_DELIVERY_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The whole config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Identifies this node; stamped on every change it publishes.
+    #[serde(deserialize_with = "de::string")]
+    pub node_id: String,
+    /// The database to capture. Absent: this node does not capture.
+    #[serde(default)]
+    pub source: Option<SourceConfig>,
+    /// The broker.
+    pub kafka: KafkaConfig,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// What to do on first start, when the slot does not exist yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotMode {
+    /// Publish every existing row as `op: "r"`, then stream (consistent, no gap).
+    Initial,
+    /// Only stream changes from the slot's creation on.
+    Never,
+}
+
+/// `source:`.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// libpq-style URL or key=value string. A password in it is accepted but better kept in
+    /// `password`, `password_file` or `PGFERRY_SOURCE__PASSWORD`.
+    pub url: PgUrl,
+    /// Password, overriding the one in the URL.
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// File whose content (trailing newline trimmed) is the password.
+    #[serde(default)]
+    pub password_file: Option<std::path::PathBuf>,
+    /// Logical replication slot; created if missing. Default `pgferry_<node_id>`.
+    #[serde(default, deserialize_with = "optional_string")]
+    pub slot: Option<String>,
+    /// Publication; created if missing.
+    #[serde(default = "default_publication", deserialize_with = "de::string")]
+    pub publication: String,
+    /// Tables for a newly created publication (`schema.table`); empty means all tables.
+    #[serde(default)]
+    pub tables: Vec<String>,
+    /// First-start behaviour.
+    #[serde(default = "default_snapshot")]
+    pub snapshot: SnapshotMode,
+    /// Rows fetched per round trip during the snapshot.
+    #[serde(default = "default_snapshot_batch_rows")]
+    pub snapshot_batch_rows: u32,
+    /// How often to write a heartbeat into the WAL.
+    #[serde(default = "default_heartbeat", deserialize_with = "de::duration")]
+    pub heartbeat_interval: Duration,
+    /// How often to send a standby status update.
+    #[serde(default = "default_status", deserialize_with = "de::duration")]
+    pub status_interval: Duration,
+}
+
+impl fmt::Debug for SourceConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SourceConfig")
+            .field("url", &self.url)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("password_file", &self.password_file)
+            .field("slot", &self.slot)
+            .field("publication", &self.publication)
+            .field("tables", &self.tables)
+            .field("snapshot", &self.snapshot)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `kafka:`.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `host:port[,host:port…]`.
+    #[serde(deserialize_with = "de::string")]
+    pub brokers: String,
+    /// Topic names are `<topic_prefix>.<schema>.<table>`.
+    #[serde(default = "default_topic_prefix", deserialize_with = "de::string")]
+    pub topic_prefix: String,
+    /// Follow each delete with a tombstone (null value) for compacted topics.
+    #[serde(default = "default_true")]
+    pub tombstones: bool,
+    /// Create missing topics with the settings below.
+    #[serde(default = "default_true")]
+    pub create_topics: bool,
+    /// Partitions of created topics.
+    #[serde(default = "default_partitions")]
+    pub topic_partitions: i32,
+    /// Replication factor of created topics.
+    #[serde(default = "default_replication_factor")]
+    pub topic_replication_factor: i32,
+    /// How long librdkafka retries a message before reporting failure.
+    #[serde(
+        default = "default_delivery_timeout",
+        deserialize_with = "de::duration"
+    )]
+    pub delivery_timeout: Duration,
+    /// Passed through to librdkafka (`security.protocol`, `sasl.*`, …).
+    #[serde(default)]
+    pub properties: BTreeMap<String, PropertyValue>,
+}
+
+/// A librdkafka property value; secrets among them are redacted in `Debug`.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct PropertyValue(#[serde(deserialize_with = "de::string")] pub String);
+
+/// True for librdkafka property names whose values are credentials.
+pub fn is_secret_property(name: &str) -> bool {
+    name.contains("password") || name.contains("secret") || name.ends_with(".pem")
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let props: BTreeMap<&str, &str> = self
+            .properties
+            .iter()
+            .map(|(k, v)| {
+                let shown = if is_secret_property(k) {
+                    "***"
+                } else {
+                    v.0.as_str()
+                };
+                (k.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("topic_prefix", &self.topic_prefix)
+            .field("tombstones", &self.tombstones)
+            .field("properties", &props)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `metrics:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the HTTP endpoint.
+    #[serde(default = "default_metrics_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: default_metrics_listen(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// One JSON object per line (containers).
+    #[default]
+    Json,
+    /// Human-readable.
+    Text,
+}
+
+/// `log:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// Line format.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// `tracing` filter directive, e.g. `info` or `pgferry=debug,info`.
+    #[serde(default = "default_log_level", deserialize_with = "de::string")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::default(),
+            level: default_log_level(),
+        }
+    }
+}
+
+fn optional_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    de::string(d).map(Some)
+}
+fn default_publication() -> String {
+    DEFAULT_PUBLICATION.to_owned()
+}
+fn default_snapshot() -> SnapshotMode {
+    SnapshotMode::Initial
+}
+fn default_snapshot_batch_rows() -> u32 {
+    DEFAULT_SNAPSHOT_BATCH_ROWS
+}
+fn default_heartbeat() -> Duration {
+    DEFAULT_HEARTBEAT_INTERVAL
+}
+fn default_status() -> Duration {
+    DEFAULT_STATUS_INTERVAL
+}
+fn default_topic_prefix() -> String {
+    DEFAULT_TOPIC_PREFIX.to_owned()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_partitions() -> i32 {
+    1
+}
+fn default_replication_factor() -> i32 {
+    1
+}
+fn default_delivery_timeout() -> Duration {
+    DEFAULT_DELIVERY_TIMEOUT
+}
+fn default_metrics_listen() -> SocketAddr {
+    // A constant that parses; covered by the defaults test.
+    DEFAULT_METRICS_LISTEN
+        .parse()
+        .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9187)))
+}
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+
+impl SourceConfig {
+    /// The slot name, defaulting to `pgferry_<node_id>` (with `-` mapped to `_`).
+    pub fn slot_name(&self, node_id: &str) -> String {
+        self.slot
+            .clone()
+            .unwrap_or_else(|| format!("pgferry_{}", node_id.replace('-', "_").to_lowercase()))
+    }
+}
+
+mod validate;
+
+#[cfg(test)]
+mod tests;

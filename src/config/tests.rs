@@ -1,0 +1,112 @@
+use super::*;
+
+const MINIMAL: &str = "
+node_id: node-a
+source:
+  url: postgres://app:s3cret@db.internal:5433/shop
+kafka:
+  brokers: 127.0.0.1:9092
+";
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn defaults_apply() {
+    let c = load_from_str(MINIMAL, env(&[])).unwrap();
+    let s = c.source.as_ref().unwrap();
+    assert_eq!(s.slot_name(&c.node_id), "pgferry_node_a");
+    assert_eq!(s.publication, DEFAULT_PUBLICATION);
+    assert_eq!(s.heartbeat_interval, DEFAULT_HEARTBEAT_INTERVAL);
+    assert_eq!(c.kafka.topic_prefix, DEFAULT_TOPIC_PREFIX);
+    assert_eq!(c.metrics.listen.to_string(), DEFAULT_METRICS_LISTEN);
+    assert!(c.kafka.tombstones);
+}
+
+#[test]
+fn env_overrides_nested_keys() {
+    let c = load_from_str(
+        MINIMAL,
+        env(&[
+            ("PGFERRY_SOURCE__SLOT", "custom_slot"),
+            ("PGFERRY_KAFKA__TOMBSTONES", "false"),
+            ("PGFERRY_SOURCE__TABLES", "[public.a, public.b]"),
+            ("PGFERRY_NODE_ID", "7"),
+            ("OTHER", "ignored"),
+        ]),
+    )
+    .unwrap();
+    let s = c.source.as_ref().unwrap();
+    assert_eq!(s.slot.as_deref(), Some("custom_slot"));
+    assert_eq!(s.tables, vec!["public.a", "public.b"]);
+    assert!(!c.kafka.tombstones);
+    assert_eq!(c.node_id, "7");
+}
+
+#[test]
+fn password_override_wins_and_is_never_printed() {
+    let c = load_from_str(MINIMAL, env(&[("PGFERRY_SOURCE__PASSWORD", "from-env")])).unwrap();
+    let s = c.source.as_ref().unwrap();
+    assert_eq!(s.url.config().get_password(), Some(&b"from-env"[..]));
+    let shown = format!("{c:?}");
+    assert!(
+        !shown.contains("from-env") && !shown.contains("s3cret"),
+        "{shown}"
+    );
+    assert!(shown.contains("db.internal:5433/shop"), "{shown}");
+}
+
+#[test]
+fn kafka_secret_properties_are_redacted() {
+    let text = format!("{MINIMAL}  properties:\n    sasl.password: topsecret\n    linger.ms: 5\n");
+    let c = load_from_str(&text, env(&[])).unwrap();
+    let shown = format!("{:?}", c.kafka);
+    assert!(
+        !shown.contains("topsecret") && shown.contains("linger.ms"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn password_file_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pw");
+    std::fs::write(&file, "filepass\n").unwrap();
+    let text = format!(
+        "node_id: a\nkafka: {{brokers: b}}\nsource:\n  url: postgres://app@h/db\n  password_file: {}\n",
+        file.display()
+    );
+    let c = load_from_str(&text, env(&[])).unwrap();
+    let s = c.source.unwrap();
+    assert_eq!(s.url.config().get_password(), Some(&b"filepass"[..]));
+}
+
+/// Each malformed config fails, and the message names the offending key.
+#[test]
+fn malformed_configs_name_the_key() {
+    let cases: &[(&str, &str)] = &[
+        ("node_id: a\nkafka: {brokers: b}\nsourc: {}\n", "sourc"),
+        ("node_id: a\nkafka: {brokers: b, topic_prefx: x}\n", "topic_prefx"),
+        ("kafka: {brokers: b}\n", "node_id"),
+        ("node_id: a\nkafka: {brokers: b, tombstones: maybe}\n", "kafka.tombstones"),
+        ("node_id: a\nkafka: {brokers: b}\nsource: {url: 'postgres://x', slot: Bad-Slot}\n", "source.slot"),
+        ("node_id: a\nkafka: {brokers: b}\nsource: {url: 'postgres://x', heartbeat_interval: 10}\n", "source.heartbeat_interval"),
+        ("node_id: a\nkafka: {brokers: b}\nsource: {url: 'postgres://x', tables: [nodot]}\n", "source.tables[0]"),
+        ("node_id: a\nkafka: {brokers: b}\nmetrics: {listen: nowhere}\n", "metrics.listen"),
+        ("node_id: a\nkafka: {brokers: b, properties: {acks: '1'}}\n", "kafka.properties.acks"),
+        ("node_id: 'a b'\nkafka: {brokers: b}\n", "node_id"),
+        ("node_id: a\nkafka: {brokers: b}\nsource: {url: 'postgres://x', snapshot: sometimes}\n", "source.snapshot"),
+        ("node_id: a\nkafka: {brokers: b, topic_partitions: 0}\n", "kafka.topic_partitions"),
+    ];
+    for (text, key) in cases {
+        let err = load_from_str(text, env(&[])).unwrap_err().to_string();
+        assert!(
+            err.contains(key),
+            "config {text:?}: error {err:?} does not name {key}"
+        );
+    }
+}

@@ -1,0 +1,145 @@
+//! Invariants that types alone cannot express, each reported with its key path.
+
+use super::{Config, ConfigError};
+
+fn is_identifier(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+impl Config {
+    /// Checks every field that has rules beyond its type.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let ok_node = !self.node_id.is_empty()
+            && self.node_id.len() <= 48
+            && self
+                .node_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !ok_node {
+            return Err(ConfigError::invalid(
+                "node_id",
+                "expected 1-48 characters of letters, digits, '-' or '_'",
+            ));
+        }
+        if let Some(source) = &self.source {
+            let slot = source.slot_name(&self.node_id);
+            if !is_identifier(&slot, 63) {
+                return Err(ConfigError::invalid(
+                    "source.slot",
+                    "expected 1-63 characters of lower-case letters, digits or '_' \
+                     (PostgreSQL's rule for slot names)",
+                ));
+            }
+            if source.publication.is_empty() {
+                return Err(ConfigError::invalid(
+                    "source.publication",
+                    "must not be empty",
+                ));
+            }
+            for (i, table) in source.tables.iter().enumerate() {
+                let parts: Vec<&str> = table.split('.').collect();
+                if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) {
+                    return Err(ConfigError::invalid(
+                        format!("source.tables[{i}]"),
+                        "expected schema.table",
+                    ));
+                }
+            }
+            if source.snapshot_batch_rows == 0 {
+                return Err(ConfigError::invalid(
+                    "source.snapshot_batch_rows",
+                    "must be at least 1",
+                ));
+            }
+            if source.heartbeat_interval.is_zero() {
+                return Err(ConfigError::invalid(
+                    "source.heartbeat_interval",
+                    "must be greater than zero",
+                ));
+            }
+            if source.status_interval.is_zero() {
+                return Err(ConfigError::invalid(
+                    "source.status_interval",
+                    "must be greater than zero",
+                ));
+            }
+            if source.password.is_some() && source.password_file.is_some() {
+                return Err(ConfigError::invalid(
+                    "source.password_file",
+                    "set either source.password or source.password_file, not both",
+                ));
+            }
+        }
+        let kafka = &self.kafka;
+        if kafka.brokers.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                "kafka.brokers",
+                "expected host:port[,host:port]",
+            ));
+        }
+        let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+        if kafka.topic_prefix.is_empty() || !kafka.topic_prefix.chars().all(legal) {
+            return Err(ConfigError::invalid(
+                "kafka.topic_prefix",
+                "expected letters, digits, '.', '_' or '-' (Kafka's topic name rule)",
+            ));
+        }
+        if kafka.topic_partitions < 1 {
+            return Err(ConfigError::invalid(
+                "kafka.topic_partitions",
+                "must be at least 1",
+            ));
+        }
+        if kafka.topic_replication_factor < 1 {
+            return Err(ConfigError::invalid(
+                "kafka.topic_replication_factor",
+                "must be at least 1",
+            ));
+        }
+        if kafka.delivery_timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "kafka.delivery_timeout",
+                "must be greater than zero",
+            ));
+        }
+        // These are how pgferry guarantees no loss and per-key order; a passthrough must not
+        // silently weaken them.
+        for fixed in [
+            "enable.idempotence",
+            "acks",
+            "bootstrap.servers",
+            "message.timeout.ms",
+        ] {
+            if kafka.properties.contains_key(fixed) {
+                return Err(ConfigError::invalid(
+                    format!("kafka.properties.{fixed}"),
+                    "is set by pgferry (idempotent producer, acks=all, kafka.brokers, \
+                     kafka.delivery_timeout) and cannot be overridden",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves `password` / `password_file` into the connection settings.
+    pub(super) fn resolve_secrets(&mut self) -> Result<(), ConfigError> {
+        let Some(source) = &mut self.source else {
+            return Ok(());
+        };
+        if let Some(password) = &source.password {
+            source.url.set_password(password.expose());
+        } else if let Some(path) = &source.password_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::invalid(
+                    "source.password_file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            source.url.set_password(text.trim_end_matches(['\n', '\r']));
+        }
+        Ok(())
+    }
+}

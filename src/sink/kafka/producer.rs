@@ -1,0 +1,278 @@
+//! The Kafka producer: idempotent, `acks=all`, per-key ordering, explicit backpressure, and
+//! delivery callbacks that move the [`Progress`] watermark.
+//!
+//! librdkafka calls [`DeliveryTracker::delivery`] on its own polling thread; it is the only
+//! place a message counts as durable. A failed delivery is recorded and surfaces on the next
+//! call into the sink, which ends the pipeline run; the watermark never moves past the failed
+//! message, so the restart re-reads it from the slot.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use prometheus::IntCounter;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::DeliveryResult;
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::ClientContext;
+
+use super::encode::Record;
+use crate::config::KafkaConfig;
+use crate::error::{classify_kafka, Classify, ErrorClass};
+use crate::pipeline::progress::{Progress, Ticket};
+use crate::telemetry::Metrics;
+
+/// Whether a record was accepted into librdkafka's queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queued {
+    /// Accepted; its acknowledgement will arrive through the delivery callback.
+    Yes,
+    /// The local queue is full; offer it again shortly.
+    No,
+}
+
+/// Failures of the Kafka sink.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// Building the client failed (bad property, …).
+    #[error("cannot create Kafka client: {0}")]
+    Client(#[source] KafkaError),
+    /// Creating a topic failed.
+    #[error("cannot create topic {topic}: {code}")]
+    CreateTopic {
+        /// The topic.
+        topic: String,
+        /// Broker error code.
+        code: RDKafkaErrorCode,
+    },
+    /// The admin request itself failed.
+    #[error("topic administration failed: {0}")]
+    Admin(#[source] KafkaError),
+    /// Handing a message to librdkafka failed.
+    #[error("cannot produce to {topic}: {source}")]
+    Produce {
+        /// The topic.
+        topic: String,
+        /// Why.
+        #[source]
+        source: KafkaError,
+    },
+    /// The broker did not acknowledge a message within `kafka.delivery_timeout`.
+    #[error("Kafka delivery failed: {0}")]
+    Delivery(#[source] KafkaError),
+    /// Draining did not finish in time.
+    #[error("{0} Kafka messages still unacknowledged after {1:?}")]
+    DrainTimeout(u64, Duration),
+}
+
+impl Classify for SinkError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            SinkError::Client(_) => ErrorClass::Fatal,
+            SinkError::CreateTopic { code, .. } => classify_kafka(&KafkaError::AdminOp(*code)),
+            SinkError::Admin(e) | SinkError::Delivery(e) => classify_kafka(e),
+            SinkError::Produce { source, .. } => classify_kafka(source),
+            SinkError::DrainTimeout(..) => ErrorClass::Transient,
+        }
+    }
+}
+
+/// Carried with each message through librdkafka.
+pub struct Delivery {
+    ticket: Ticket,
+    /// Incremented when Kafka acknowledges (the per-table, per-op published counter).
+    published: Option<IntCounter>,
+}
+
+/// librdkafka context: routes acknowledgements into the watermark and metrics.
+pub struct DeliveryTracker {
+    progress: Arc<Mutex<Progress>>,
+    failure: Arc<Mutex<Option<KafkaError>>>,
+    metrics: Arc<Metrics>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding this lock would already have aborted the pipeline; the data is
+    // plain counters, so continuing with it is sound.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl ClientContext for DeliveryTracker {}
+
+impl ProducerContext for DeliveryTracker {
+    type DeliveryOpaque = Box<Delivery>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, delivery: Box<Delivery>) {
+        match result {
+            Ok(_) => {
+                lock(&self.progress).acknowledged(delivery.ticket);
+                self.metrics.kafka_messages_delivered.inc();
+                self.metrics.kafka_in_flight.dec();
+                if let Some(c) = delivery.published {
+                    c.inc();
+                }
+            }
+            Err((error, _)) => {
+                self.metrics.kafka_delivery_errors.inc();
+                tracing::error!(%error, "Kafka delivery failed; capture will restart from the last confirmed position");
+                lock(&self.failure).get_or_insert_with(|| error.clone());
+            }
+        }
+    }
+}
+
+/// Produces records and tracks their acknowledgement.
+pub struct KafkaSink {
+    producer: ThreadedProducer<DeliveryTracker>,
+    admin: Option<AdminClient<DefaultClientContext>>,
+    config: KafkaConfig,
+    known_topics: HashSet<String>,
+    progress: Arc<Mutex<Progress>>,
+    failure: Arc<Mutex<Option<KafkaError>>>,
+    metrics: Arc<Metrics>,
+}
+
+/// librdkafka settings shared by the producer, the admin client and `check`.
+pub fn client_config(config: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.brokers);
+    for (k, v) in &config.properties {
+        c.set(k, &v.0);
+    }
+    c
+}
+
+impl KafkaSink {
+    /// Builds the producer. `progress` is shared with the capture loop.
+    pub fn new(
+        config: &KafkaConfig,
+        progress: Arc<Mutex<Progress>>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, SinkError> {
+        let failure = Arc::new(Mutex::new(None));
+        let tracker = DeliveryTracker {
+            progress: progress.clone(),
+            failure: failure.clone(),
+            metrics: metrics.clone(),
+        };
+        let mut producer_config = client_config(config);
+        producer_config
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set(
+                "message.timeout.ms",
+                config.delivery_timeout.as_millis().to_string(),
+            );
+        if !config.properties.contains_key("linger.ms") {
+            producer_config.set("linger.ms", "5");
+        }
+        metrics.kafka_in_flight.set(0);
+        let producer = producer_config
+            .create_with_context(tracker)
+            .map_err(SinkError::Client)?;
+        let admin = if config.create_topics {
+            Some(client_config(config).create().map_err(SinkError::Client)?)
+        } else {
+            None
+        };
+        Ok(KafkaSink {
+            producer,
+            admin,
+            config: config.clone(),
+            known_topics: HashSet::new(),
+            progress,
+            failure,
+            metrics,
+        })
+    }
+
+    /// Returns the first delivery failure, if any happened.
+    pub fn check_failed(&self) -> Result<(), SinkError> {
+        match lock(&self.failure).clone() {
+            Some(e) => Err(SinkError::Delivery(e)),
+            None => Ok(()),
+        }
+    }
+
+    async fn ensure_topic(&mut self, topic: &str) -> Result<(), SinkError> {
+        if self.known_topics.contains(topic) {
+            return Ok(());
+        }
+        if let Some(admin) = &self.admin {
+            let new = NewTopic::new(
+                topic,
+                self.config.topic_partitions,
+                TopicReplication::Fixed(self.config.topic_replication_factor),
+            );
+            let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+            let results = admin
+                .create_topics([&new], &opts)
+                .await
+                .map_err(SinkError::Admin)?;
+            for r in results {
+                match r {
+                    Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((topic, code)) => return Err(SinkError::CreateTopic { topic, code }),
+                }
+            }
+        }
+        self.known_topics.insert(topic.to_owned());
+        Ok(())
+    }
+
+    /// Hands one record to librdkafka, counted against `ticket`. Returns
+    /// [`Queued::No`] when librdkafka's local queue is full: the caller waits (keeping the
+    /// source connection alive) and offers the same record again. Nothing is ever dropped.
+    pub async fn try_send(
+        &mut self,
+        ticket: Ticket,
+        record: &Record,
+        published: Option<IntCounter>,
+    ) -> Result<Queued, SinkError> {
+        self.check_failed()?;
+        self.ensure_topic(&record.topic).await?;
+        // Count before producing: the delivery callback may run before `send` returns.
+        lock(&self.progress).sent(ticket);
+        let mut base =
+            BaseRecord::with_opaque_to(&record.topic, Box::new(Delivery { ticket, published }));
+        if let Some(key) = &record.key {
+            base = base.key(key.as_slice());
+        }
+        if let Some(value) = &record.value {
+            base = base.payload(value.as_slice());
+        }
+        match self.producer.send(base) {
+            Ok(()) => {
+                self.metrics.kafka_in_flight.inc();
+                Ok(Queued::Yes)
+            }
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                lock(&self.progress).unsent(ticket);
+                Ok(Queued::No)
+            }
+            Err((source, _)) => Err(SinkError::Produce {
+                topic: record.topic.clone(),
+                source,
+            }),
+        }
+    }
+
+    /// Waits until every message handed over so far is acknowledged, or `timeout` passes.
+    pub async fn drain(&self, timeout: Duration) -> Result<(), SinkError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_failed()?;
+            let in_flight = lock(&self.progress).in_flight();
+            if in_flight == 0 && self.producer.in_flight_count() == 0 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(SinkError::DrainTimeout(in_flight, timeout));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! The capture pipeline for one source: slot and publication setup, the initial snapshot, then
+//! the replication stream, each change encoded and handed to the Kafka sink.
+//!
+//! Delivery rule: the only LSN ever reported as `flush` is the [`Progress`] watermark, which
+//! moves only when Kafka has acknowledged every message up to it. A crash anywhere therefore
+//! restarts from a position whose changes are all in Kafka; changes after it are re-sent
+//! (at-least-once, duplicates possible, no gaps).
+//!
+//! This module only connects things together; decoding, assembling, encoding and the
+//! watermark are pure modules elsewhere.
+
+mod error;
+mod stream;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+pub use error::CaptureError;
+
+use super::catalog;
+use super::replication::ReplicationConnection;
+use super::snapshot::{self, TableReader};
+use crate::config::{KafkaConfig, SnapshotMode, SourceConfig};
+use crate::event::{Op, RelationMeta, RowChange, TxnMeta};
+use crate::lsn::Lsn;
+use crate::pgtime::PgTimestamp;
+use crate::pipeline::progress::{Progress, Ticket};
+use crate::sink::kafka::encode::{encode_change, EnvelopeSource};
+use crate::sink::kafka::producer::{KafkaSink, Queued};
+use crate::sql::quote_ident;
+use crate::telemetry::{Health, Metrics};
+use crate::value::TypeRegistry;
+
+/// How long to wait between offers of a record to a full producer queue.
+const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(5);
+
+/// Everything a capture run needs from the config.
+#[derive(Debug, Clone)]
+pub struct CaptureSettings {
+    /// This node's id.
+    pub node_id: String,
+    /// `source:`.
+    pub source: SourceConfig,
+    /// `kafka:`.
+    pub kafka: KafkaConfig,
+}
+
+/// State of one capture run (one connection lifetime).
+struct Capture {
+    settings: CaptureSettings,
+    slot: String,
+    sql: Arc<Client>,
+    sink: KafkaSink,
+    progress: Arc<Mutex<Progress>>,
+    types: TypeRegistry,
+    envelope: EnvelopeSource,
+    metrics: Arc<Metrics>,
+    health: Health,
+    warned_keyless: HashSet<u32>,
+}
+
+fn lock(p: &Mutex<Progress>) -> std::sync::MutexGuard<'_, Progress> {
+    p.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Runs capture until `shutdown` fires (returns `Ok`) or an error ends the run.
+pub async fn run(
+    settings: CaptureSettings,
+    metrics: Arc<Metrics>,
+    health: Health,
+    shutdown: CancellationToken,
+) -> Result<(), CaptureError> {
+    let source = &settings.source;
+    let slot = source.slot_name(&settings.node_id);
+    let app_name = format!("pgferry-{}", settings.node_id);
+    let pg = source.url.config();
+    let sql = catalog::connect(pg, &app_name)
+        .await
+        .map_err(CaptureError::sql("connecting to the source"))?;
+    catalog::ensure_internal_schema(&sql)
+        .await
+        .map_err(CaptureError::sql("creating the pgferry schema"))?;
+    if catalog::ensure_publication(&sql, &source.publication, &source.tables)
+        .await
+        .map_err(CaptureError::sql("creating the publication"))?
+    {
+        tracing::info!(publication = %source.publication, "created publication");
+    }
+    let mut repl = ReplicationConnection::connect(pg, &app_name).await?;
+    let progress = Arc::new(Mutex::new(Progress::default()));
+    let sink = KafkaSink::new(&settings.kafka, progress.clone(), metrics.clone())?;
+    let envelope = EnvelopeSource {
+        node: settings.node_id.clone(),
+        database: source.url.dbname().to_owned(),
+        topic_prefix: settings.kafka.topic_prefix.clone(),
+        tombstones: settings.kafka.tombstones,
+    };
+    let mut capture = Capture {
+        slot,
+        sql: Arc::new(sql),
+        sink,
+        progress,
+        types: TypeRegistry::default(),
+        envelope,
+        metrics,
+        health,
+        warned_keyless: HashSet::new(),
+        settings,
+    };
+    capture.prepare_slot(&mut repl).await?;
+    capture.stream(repl, shutdown).await
+}
+
+impl Capture {
+    /// Makes sure the slot exists and its initial snapshot is in Kafka.
+    async fn prepare_slot(&mut self, repl: &mut ReplicationConnection) -> Result<(), CaptureError> {
+        let source = &self.settings.source;
+        let existing = catalog::slot(&self.sql, &self.slot)
+            .await
+            .map_err(CaptureError::sql("reading pg_replication_slots"))?;
+        if let Some(info) = &existing {
+            let database = source.url.dbname();
+            if info.plugin.as_deref() != Some("pgoutput")
+                || info.database.as_deref() != Some(database)
+            {
+                return Err(CaptureError::SlotMismatch {
+                    slot: self.slot.clone(),
+                    detail: format!(
+                        "it uses plugin {:?} on database {:?}; pgferry needs a pgoutput slot on {database:?}. \
+                         Drop it or set source.slot to another name",
+                        info.plugin, info.database
+                    ),
+                });
+            }
+            let completed = source.snapshot == SnapshotMode::Never
+                || catalog::snapshot_completed(&self.sql, &self.slot)
+                    .await
+                    .map_err(CaptureError::sql("reading pgferry.snapshot_state"))?;
+            if completed {
+                let confirmed = info.confirmed_flush.unwrap_or_default();
+                *lock(&self.progress) = Progress::starting_at(confirmed);
+                tracing::info!(slot = %self.slot, %confirmed, "resuming from existing slot");
+                return Ok(());
+            }
+            // The snapshot never finished: its rows may be partly in Kafka, but the exported
+            // snapshot is gone. Start over with a new slot (snapshot rows are re-sent).
+            tracing::warn!(slot = %self.slot, "initial snapshot did not complete; recreating the slot");
+            catalog::drop_slot(&self.sql, &self.slot)
+                .await
+                .map_err(CaptureError::sql("dropping the unfinished slot"))?;
+        }
+        catalog::clear_snapshot_state(&self.sql, &self.slot)
+            .await
+            .map_err(CaptureError::sql("clearing pgferry.snapshot_state"))?;
+        let export = source.snapshot == SnapshotMode::Initial;
+        let created = repl
+            .simple_query(&format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {}",
+                quote_ident(&self.slot),
+                if export {
+                    "EXPORT_SNAPSHOT"
+                } else {
+                    "NOEXPORT_SNAPSHOT"
+                }
+            ))
+            .await?;
+        let consistent: Lsn = created
+            .first("consistent_point")
+            .and_then(|s| s.parse().ok())
+            .ok_or(CaptureError::MissingField("consistent_point"))?;
+        tracing::info!(slot = %self.slot, %consistent, "created replication slot");
+        *lock(&self.progress) = Progress::starting_at(consistent);
+        if export {
+            let name = created
+                .first("snapshot_name")
+                .ok_or(CaptureError::MissingField("snapshot_name"))?
+                .to_owned();
+            self.publish_snapshot(&name, consistent).await?;
+        }
+        catalog::mark_snapshot_completed(&self.sql, &self.slot, consistent)
+            .await
+            .map_err(CaptureError::sql("recording the completed snapshot"))
+    }
+
+    /// Publishes every published table's rows as `op: "r"`, inside the exported snapshot, and
+    /// waits until Kafka has all of them.
+    async fn publish_snapshot(
+        &mut self,
+        snapshot_name: &str,
+        consistent: Lsn,
+    ) -> Result<(), CaptureError> {
+        let source = &self.settings.source;
+        let app_name = format!("pgferry-{}-snapshot", self.settings.node_id);
+        let snap = catalog::connect(source.url.config(), &app_name)
+            .await
+            .map_err(CaptureError::sql("connecting for the snapshot"))?;
+        snapshot::begin(&snap, snapshot_name)
+            .await
+            .map_err(CaptureError::sql("importing the exported snapshot"))?;
+        let tables = catalog::published_tables(&snap, &source.publication)
+            .await
+            .map_err(CaptureError::sql("listing published tables"))?;
+        let txn = TxnMeta {
+            xid: None,
+            commit_lsn: consistent,
+            commit_ts: PgTimestamp::now(),
+            origin: None,
+        };
+        let ticket = lock(&self.progress).open();
+        let batch_rows = source.snapshot_batch_rows;
+        for (schema, table) in tables {
+            let Some(meta) = snapshot::describe_table(&snap, &schema, &table)
+                .await
+                .map_err(CaptureError::sql("describing a snapshot table"))?
+            else {
+                continue;
+            };
+            let relation = Arc::new(meta);
+            self.relation_seen(&snap, &relation).await?;
+            tracing::info!(table = %relation.qualified_name(), "snapshotting table");
+            let counter = self
+                .metrics
+                .snapshot_rows
+                .with_label_values(&[&relation.qualified_name()]);
+            let mut reader = TableReader::new(&snap, relation.clone(), batch_rows);
+            while let Some(rows) = reader
+                .next_batch()
+                .await
+                .map_err(CaptureError::sql("reading snapshot rows"))?
+            {
+                for row in rows {
+                    let change = RowChange {
+                        op: Op::Read,
+                        relation: relation.clone(),
+                        lsn: consistent,
+                        before: None,
+                        before_is_key_only: false,
+                        after: Some(row),
+                    };
+                    self.publish(ticket, &txn, &change, None).await?;
+                    counter.inc();
+                }
+                self.health.beat();
+            }
+        }
+        snapshot::finish(&snap)
+            .await
+            .map_err(CaptureError::sql("ending the snapshot transaction"))?;
+        lock(&self.progress).seal(ticket, consistent);
+        self.sink
+            .drain(self.settings.kafka.delivery_timeout + Duration::from_secs(30))
+            .await?;
+        tracing::info!("initial snapshot is in Kafka");
+        Ok(())
+    }
+
+    /// Resolves a relation's column types and warns once about tables without a key.
+    async fn relation_seen(
+        &mut self,
+        client: &Client,
+        relation: &RelationMeta,
+    ) -> Result<(), CaptureError> {
+        catalog::resolve_types(
+            client,
+            &mut self.types,
+            relation.columns.iter().map(|c| c.type_oid),
+        )
+        .await
+        .map_err(CaptureError::sql("resolving column types"))?;
+        if !relation.has_key() && self.warned_keyless.insert(relation.oid) {
+            tracing::warn!(
+                table = %relation.qualified_name(),
+                "table has no primary key or replica identity: its rows are published without a \
+                 Kafka key, and the source rejects UPDATE/DELETE on it. Fix: add a primary key, \
+                 or ALTER TABLE ... REPLICA IDENTITY FULL"
+            );
+        }
+        Ok(())
+    }
+
+    /// Encodes one change and hands its records to the sink. While the producer queue is
+    /// full, keeps the replication connection alive with status updates.
+    async fn publish(
+        &mut self,
+        ticket: Ticket,
+        txn: &TxnMeta,
+        change: &RowChange,
+        mut repl: Option<&mut stream::StreamState<'_>>,
+    ) -> Result<(), CaptureError> {
+        let table = change.relation.qualified_name();
+        let op = change.op.code();
+        self.metrics
+            .changes_captured
+            .with_label_values(&[&table, op])
+            .inc();
+        let now_ms = PgTimestamp::now().unix_millis();
+        let records =
+            encode_change(&self.envelope, txn, change, &self.types, now_ms).map_err(|source| {
+                CaptureError::Encode {
+                    lsn: change.lsn,
+                    source,
+                }
+            })?;
+        for (i, record) in records.iter().enumerate() {
+            // Tombstones are not changes; only the envelope counts as published.
+            let published = (i == 0).then(|| {
+                self.metrics
+                    .changes_published
+                    .with_label_values(&[&table, op])
+            });
+            while self
+                .sink
+                .try_send(ticket, record, published.clone())
+                .await?
+                == Queued::No
+            {
+                if let Some(state) = repl.as_deref_mut() {
+                    state.keep_alive(&self.progress, &self.metrics).await?;
+                }
+                tokio::time::sleep(QUEUE_FULL_BACKOFF).await;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,272 @@
+//! The streaming phase: START_REPLICATION, then a loop over replication messages, status
+//! timer and shutdown signal, plus the heartbeat task.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::time::MissedTickBehavior;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use super::{lock, Capture, CaptureError};
+use crate::event::TxnMeta;
+use crate::lsn::Lsn;
+use crate::pgtime::PgTimestamp;
+use crate::pipeline::progress::{Progress, Ticket};
+use crate::source::assemble::{Assembler, CaptureEvent};
+use crate::source::catalog;
+use crate::source::pgoutput::StreamDecoder;
+use crate::source::replication::wire::ReplicationMessage;
+use crate::source::replication::ReplicationConnection;
+use crate::sql::{quote_ident, quote_literal};
+use crate::telemetry::Metrics;
+
+/// How long a graceful shutdown waits for Kafka to acknowledge what was sent.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(30);
+
+/// The replication connection plus what we have told the server.
+pub(super) struct StreamState<'a> {
+    repl: &'a mut ReplicationConnection,
+    received: Lsn,
+    last_status: Instant,
+    interval: Duration,
+}
+
+impl StreamState<'_> {
+    /// Reports `flush = watermark`: the only way confirmed_flush_lsn ever advances.
+    async fn send_status(
+        &mut self,
+        progress: &Mutex<Progress>,
+        metrics: &Metrics,
+        reply: bool,
+    ) -> Result<(), CaptureError> {
+        let flushed = lock(progress).watermark();
+        self.repl
+            .send_status(self.received.max(flushed), flushed, reply)
+            .await?;
+        metrics.source_confirmed_lsn.set(flushed.0 as i64);
+        metrics.source_received_lsn.set(self.received.0 as i64);
+        self.last_status = Instant::now();
+        Ok(())
+    }
+
+    /// Sends a status update if one is due; called while waiting on a full Kafka queue so the
+    /// server does not time the connection out.
+    pub(super) async fn keep_alive(
+        &mut self,
+        progress: &Mutex<Progress>,
+        metrics: &Metrics,
+    ) -> Result<(), CaptureError> {
+        if self.last_status.elapsed() >= self.interval {
+            self.send_status(progress, metrics, false).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Aborts the heartbeat task when the run ends, however it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn spawn_heartbeat(
+    sql: Arc<Client>,
+    slot: String,
+    interval: Duration,
+    metrics: Arc<Metrics>,
+) -> AbortOnDrop {
+    AbortOnDrop(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match catalog::emit_heartbeat(&sql).await {
+                Ok(_) => metrics
+                    .heartbeat_timestamp
+                    .set(PgTimestamp::now().unix_millis() / 1000),
+                Err(error) => tracing::warn!(%error, "heartbeat failed"),
+            }
+            match catalog::slot_lag(&sql, &slot).await {
+                Ok(Some((lag, retained))) => {
+                    metrics.source_lag_bytes.set(lag);
+                    metrics.slot_retained_wal_bytes.set(retained);
+                }
+                Ok(None) => {}
+                Err(error) => tracing::warn!(%error, "reading slot lag failed"),
+            }
+        }
+    }))
+}
+
+enum Step {
+    Stop,
+    Status,
+    Message(ReplicationMessage),
+}
+
+impl Capture {
+    /// Streams changes until shutdown or error.
+    pub(super) async fn stream(
+        &mut self,
+        mut repl: ReplicationConnection,
+        shutdown: CancellationToken,
+    ) -> Result<(), CaptureError> {
+        let source = &self.settings.source;
+        // proto_version 1: the server spills large transactions to disk and sends each one
+        // whole at commit, so memory stays bounded without streaming (v2) support here.
+        let command = format!(
+            "START_REPLICATION SLOT {} LOGICAL 0/0 (\"proto_version\" '1', \"publication_names\" {}, \"messages\" 'true')",
+            quote_ident(&self.slot),
+            quote_literal(&quote_ident(&source.publication)),
+        );
+        repl.start_replication(&command).await?;
+        tracing::info!(slot = %self.slot, "streaming");
+        let _heartbeat = spawn_heartbeat(
+            self.sql.clone(),
+            self.slot.clone(),
+            source.heartbeat_interval,
+            self.metrics.clone(),
+        );
+        let watermark = lock(&self.progress).watermark();
+        let mut state = StreamState {
+            repl: &mut repl,
+            received: watermark,
+            last_status: Instant::now(),
+            interval: source.status_interval,
+        };
+        self.health.set_ready(true);
+        self.metrics.ready.set(1);
+        let result = self.stream_loop(&mut state, &shutdown).await;
+        self.health.set_ready(false);
+        self.metrics.ready.set(0);
+        result?;
+        // Graceful stop: intake has stopped; drain Kafka, confirm what it holds, leave.
+        if let Err(error) = self.sink.drain(SHUTDOWN_DRAIN).await {
+            tracing::warn!(%error, "shutdown drain incomplete; unacknowledged changes will be re-sent on restart");
+        }
+        state
+            .send_status(&self.progress, &self.metrics, false)
+            .await?;
+        tracing::info!(confirmed = %lock(&self.progress).watermark(), "capture stopped");
+        repl.terminate().await;
+        Ok(())
+    }
+
+    async fn stream_loop(
+        &mut self,
+        state: &mut StreamState<'_>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), CaptureError> {
+        let silence_limit = (state.interval * 6).max(Duration::from_secs(120));
+        let mut tick = tokio::time::interval(state.interval);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut decoder = StreamDecoder::default();
+        let mut assembler = Assembler::default();
+        let mut events = Vec::new();
+        let mut current: Option<(TxnMeta, Ticket)> = None;
+        let mut last_message = Instant::now();
+        loop {
+            self.sink.check_failed()?;
+            self.health.beat();
+            let step = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => Step::Stop,
+                _ = tick.tick() => Step::Status,
+                msg = state.repl.recv() => Step::Message(msg?),
+            };
+            match step {
+                Step::Stop => return Ok(()),
+                Step::Status => {
+                    if last_message.elapsed() > silence_limit {
+                        return Err(CaptureError::SourceSilent(last_message.elapsed()));
+                    }
+                    state
+                        .send_status(&self.progress, &self.metrics, false)
+                        .await?;
+                }
+                Step::Message(ReplicationMessage::Keepalive {
+                    wal_end,
+                    reply_requested,
+                    ..
+                }) => {
+                    last_message = Instant::now();
+                    state.received = state.received.max(wal_end);
+                    // Between transactions the server has sent everything before wal_end, so
+                    // once earlier work is acknowledged, wal_end is safe to confirm. This is
+                    // what lets an idle database's slot advance.
+                    if current.is_none() {
+                        lock(&self.progress).position(wal_end);
+                    }
+                    if reply_requested {
+                        state
+                            .send_status(&self.progress, &self.metrics, false)
+                            .await?;
+                    }
+                }
+                Step::Message(ReplicationMessage::XLogData {
+                    wal_start, data, ..
+                }) => {
+                    last_message = Instant::now();
+                    state.received = state.received.max(wal_start);
+                    let msg = decoder
+                        .decode(data)
+                        .map_err(|source| CaptureError::Decode {
+                            lsn: wal_start,
+                            source,
+                        })?;
+                    assembler
+                        .push(msg, wal_start, &mut events)
+                        .map_err(|source| CaptureError::Assemble {
+                            lsn: wal_start,
+                            source,
+                        })?;
+                    for event in events.drain(..) {
+                        self.handle(event, &mut current, state).await?;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn handle(
+        &mut self,
+        event: CaptureEvent,
+        current: &mut Option<(TxnMeta, Ticket)>,
+        state: &mut StreamState<'_>,
+    ) -> Result<(), CaptureError> {
+        match event {
+            CaptureEvent::Relation(relation) => {
+                let sql = self.sql.clone();
+                self.relation_seen(&sql, &relation).await?;
+            }
+            CaptureEvent::Begin(meta) => {
+                let ticket = lock(&self.progress).open();
+                *current = Some((meta, ticket));
+            }
+            CaptureEvent::Change(change) => {
+                let Some((meta, ticket)) = current.as_ref() else {
+                    return Err(CaptureError::Assemble {
+                        lsn: change.lsn,
+                        source: crate::source::assemble::AssembleError::Unexpected(
+                            "change",
+                            "outside a transaction",
+                        ),
+                    });
+                };
+                let (meta, ticket) = (meta.clone(), *ticket);
+                self.publish(ticket, &meta, &change, Some(state)).await?;
+            }
+            CaptureEvent::Commit { end_lsn } => {
+                if let Some((_, ticket)) = current.take() {
+                    lock(&self.progress).seal(ticket, end_lsn);
+                }
+            }
+            CaptureEvent::Position(lsn) => lock(&self.progress).position(lsn),
+        }
+        Ok(())
+    }
+}

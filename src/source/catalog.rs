@@ -1,0 +1,278 @@
+//! Regular SQL against the source: publication and slot bookkeeping, snapshot state, type
+//! resolution, heartbeats and lag. Every statement binds values as parameters.
+//!
+//! pgferry keeps one small table of its own, `pgferry.snapshot_state`, recording which slot has
+//! a completed initial snapshot. It is not a second record of streaming progress (the slot's
+//! `confirmed_flush_lsn` is the only one); it only answers "did the snapshot for this slot
+//! finish?" after a crash.
+
+use std::collections::HashMap;
+
+use tokio_postgres::{Client, NoTls};
+
+use super::replication::PINNED_SESSION_SETTINGS;
+use crate::lsn::Lsn;
+use crate::sql::{qualified, quote_ident};
+use crate::value::{builtin, PgType, TypeRegistry};
+
+/// Slot facts from `pg_replication_slots`.
+#[derive(Debug, Clone)]
+pub struct SlotInfo {
+    /// Output plugin.
+    pub plugin: Option<String>,
+    /// Database the slot decodes.
+    pub database: Option<String>,
+    /// Whether a walsender holds it.
+    pub active: bool,
+    /// What the server will resume from.
+    pub confirmed_flush: Option<Lsn>,
+}
+
+/// Opens a SQL session with the same pinned settings as the replication session.
+pub async fn connect(
+    config: &tokio_postgres::Config,
+    application_name: &str,
+) -> Result<Client, tokio_postgres::Error> {
+    let mut config = config.clone();
+    let mut options: String = PINNED_SESSION_SETTINGS
+        .iter()
+        .map(|(k, v)| format!("-c {k}={v} "))
+        .collect();
+    if let Some(extra) = config.get_options() {
+        options.push_str(extra);
+    }
+    config.options(options.trim_end());
+    config.application_name(application_name);
+    let (client, connection) = config.connect(NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "source SQL connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// Creates the publication when missing: FOR ALL TABLES, or FOR TABLE the configured list.
+pub async fn ensure_publication(
+    client: &Client,
+    name: &str,
+    tables: &[String],
+) -> Result<bool, tokio_postgres::Error> {
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])
+        .await?
+        .is_some();
+    if exists {
+        return Ok(false);
+    }
+    let target = if tables.is_empty() {
+        "ALL TABLES".to_owned()
+    } else {
+        let list: Vec<String> = tables
+            .iter()
+            .filter_map(|t| t.split_once('.'))
+            .map(|(s, t)| qualified(s, t))
+            .collect();
+        format!("TABLE {}", list.join(", "))
+    };
+    client
+        .batch_execute(&format!(
+            "CREATE PUBLICATION {} FOR {target}",
+            quote_ident(name)
+        ))
+        .await?;
+    Ok(true)
+}
+
+/// Creates pgferry's bookkeeping schema and table when missing.
+pub async fn ensure_internal_schema(client: &Client) -> Result<(), tokio_postgres::Error> {
+    client
+        .batch_execute(
+            "CREATE SCHEMA IF NOT EXISTS pgferry;
+             CREATE TABLE IF NOT EXISTS pgferry.snapshot_state (
+                 slot_name text PRIMARY KEY,
+                 consistent_lsn pg_lsn NOT NULL,
+                 completed_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await
+}
+
+/// The slot, if it exists.
+pub async fn slot(client: &Client, slot: &str) -> Result<Option<SlotInfo>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT plugin::text, database::text, active, confirmed_flush_lsn::text
+               FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(row.map(|r| SlotInfo {
+        plugin: r.get(0),
+        database: r.get(1),
+        active: r.get(2),
+        confirmed_flush: r.get::<_, Option<String>>(3).and_then(|s| s.parse().ok()),
+    }))
+}
+
+/// True when the initial snapshot for this slot finished and was durable in Kafka.
+pub async fn snapshot_completed(
+    client: &Client,
+    slot: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
+            "SELECT 1 FROM pgferry.snapshot_state WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?
+        .is_some())
+}
+
+/// Records a finished snapshot.
+pub async fn mark_snapshot_completed(
+    client: &Client,
+    slot: &str,
+    consistent_point: Lsn,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "INSERT INTO pgferry.snapshot_state (slot_name, consistent_lsn) VALUES ($1, $2::text::pg_lsn)
+             ON CONFLICT (slot_name) DO UPDATE SET consistent_lsn = EXCLUDED.consistent_lsn,
+                                                   completed_at = now()",
+            &[&slot, &consistent_point.to_string()],
+        )
+        .await
+        .map(drop)
+}
+
+/// Forgets any snapshot record for this slot (before creating the slot anew).
+pub async fn clear_snapshot_state(
+    client: &Client,
+    slot: &str,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "DELETE FROM pgferry.snapshot_state WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map(drop)
+}
+
+/// Drops a slot whose snapshot never completed.
+pub async fn drop_slot(client: &Client, slot: &str) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await
+        .map(drop)
+}
+
+/// Tables in the publication, excluding pgferry's own schema.
+pub async fn published_tables(
+    client: &Client,
+    publication: &str,
+) -> Result<Vec<(String, String)>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables
+              WHERE pubname = $1 AND schemaname <> 'pgferry' ORDER BY 1, 2",
+            &[&publication],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Writes a non-transactional logical message. It produces WAL in *this* database, so the
+/// slot has something to confirm even when the database is idle while others are busy.
+pub async fn emit_heartbeat(client: &Client) -> Result<Lsn, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT pg_logical_emit_message(false, $1, '')::text",
+            &[&crate::source::assemble::HEARTBEAT_PREFIX],
+        )
+        .await?;
+    Ok(row.get::<_, String>(0).parse().unwrap_or_default())
+}
+
+/// Bytes of WAL between the server's insert position and the slot's confirmed and restart
+/// positions: (lag, retained).
+pub async fn slot_lag(
+    client: &Client,
+    slot: &str,
+) -> Result<Option<(i64, i64)>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::int8,
+                    (pg_current_wal_lsn() - restart_lsn)::int8
+               FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(row.and_then(|r| Some((r.get::<_, Option<i64>>(0)?, r.get::<_, Option<i64>>(1)?))))
+}
+
+struct CatalogType {
+    typtype: i8,
+    category: i8,
+    element: u32,
+    base: u32,
+}
+
+fn classify(oid: u32, rows: &HashMap<u32, CatalogType>, depth: u8) -> PgType {
+    if let Some(t) = builtin(oid) {
+        return t;
+    }
+    let Some(row) = rows.get(&oid) else {
+        return PgType::Unknown;
+    };
+    if depth > 8 {
+        return PgType::Unknown;
+    }
+    match (row.typtype as u8, row.category as u8) {
+        (b'e', _) => PgType::Enum,
+        (b'd', _) => classify(row.base, rows, depth + 1),
+        (_, b'A') if row.element != 0 => {
+            PgType::Array(Box::new(classify(row.element, rows, depth + 1)))
+        }
+        _ => PgType::Unknown,
+    }
+}
+
+/// Looks up every type OID the registry does not know yet (enums, domains, arrays of them),
+/// following element and base types.
+pub async fn resolve_types(
+    client: &Client,
+    registry: &mut TypeRegistry,
+    oids: impl IntoIterator<Item = u32>,
+) -> Result<(), tokio_postgres::Error> {
+    let mut wanted: Vec<u32> = oids.into_iter().filter(|o| !registry.knows(*o)).collect();
+    let top: Vec<u32> = wanted.clone();
+    let mut rows: HashMap<u32, CatalogType> = HashMap::new();
+    for _ in 0..8 {
+        wanted.retain(|o| builtin(*o).is_none() && !rows.contains_key(o));
+        if wanted.is_empty() {
+            break;
+        }
+        let found = client
+            .query(
+                "SELECT oid, typtype, typcategory, typelem, typbasetype FROM pg_type WHERE oid = ANY($1)",
+                &[&wanted],
+            )
+            .await?;
+        wanted.clear();
+        for r in found {
+            let t = CatalogType {
+                typtype: r.get(1),
+                category: r.get(2),
+                element: r.get(3),
+                base: r.get(4),
+            };
+            wanted.extend([t.element, t.base].into_iter().filter(|o| *o != 0));
+            rows.insert(r.get(0), t);
+        }
+    }
+    for oid in top {
+        registry.register(oid, classify(oid, &rows, 0));
+    }
+    Ok(())
+}

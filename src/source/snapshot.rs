@@ -1,0 +1,150 @@
+//! The initial snapshot: every row that existed when the slot was created, read inside the
+//! slot's exported snapshot so that snapshot plus stream has neither gap nor overlap.
+//!
+//! Owns reading only; the capture loop publishes what it reads. Rows are fetched through a
+//! cursor in batches, so memory stays bounded for any table size.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+use crate::event::RelationMeta;
+use crate::source::pgoutput::{Column, Datum, ReplicaIdentity, Tuple};
+use crate::sql::{qualified, quote_ident, quote_literal};
+
+/// Starts the read-only transaction that sees exactly the slot's consistent point.
+pub async fn begin(client: &Client, snapshot_name: &str) -> Result<(), tokio_postgres::Error> {
+    client
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;
+             SET TRANSACTION SNAPSHOT {}",
+            quote_literal(snapshot_name)
+        ))
+        .await
+}
+
+/// Ends the snapshot transaction.
+pub async fn finish(client: &Client) -> Result<(), tokio_postgres::Error> {
+    client.batch_execute("COMMIT").await
+}
+
+/// Describes a table the way pgoutput's Relation message would: live, non-generated columns
+/// in attribute order, with the replica identity columns marked as key.
+pub async fn describe_table(
+    client: &Client,
+    schema: &str,
+    table: &str,
+) -> Result<Option<RelationMeta>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT c.oid, c.relreplident, a.attname::text, a.atttypid, a.atttypmod,
+                    COALESCE(a.attnum = ANY(i.indkey::int2[]), false)
+               FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0
+                                  AND NOT a.attisdropped AND a.attgenerated = ''
+               LEFT JOIN pg_index i ON i.indrelid = c.oid
+                    AND ((c.relreplident = 'd' AND i.indisprimary)
+                      OR (c.relreplident = 'i' AND i.indisreplident))
+              WHERE n.nspname = $1 AND c.relname = $2
+              ORDER BY a.attnum",
+            &[&schema, &table],
+        )
+        .await?;
+    let Some(first) = rows.first() else {
+        return Ok(None);
+    };
+    let replica_identity = match first.get::<_, i8>(1) as u8 {
+        b'f' => ReplicaIdentity::Full,
+        b'n' => ReplicaIdentity::Nothing,
+        b'i' => ReplicaIdentity::Index,
+        _ => ReplicaIdentity::Default,
+    };
+    let columns = rows
+        .iter()
+        .map(|r| Column {
+            is_key: replica_identity == ReplicaIdentity::Full || r.get::<_, bool>(5),
+            name: r.get(2),
+            type_oid: r.get(3),
+            type_modifier: r.get(4),
+        })
+        .collect();
+    Ok(Some(RelationMeta {
+        oid: first.get(0),
+        schema: schema.to_owned(),
+        table: table.to_owned(),
+        replica_identity,
+        columns,
+    }))
+}
+
+/// Reads one table in batches through a server-side cursor.
+pub struct TableReader<'a> {
+    client: &'a Client,
+    relation: Arc<RelationMeta>,
+    batch_rows: u32,
+    opened: bool,
+    done: bool,
+}
+
+const CURSOR: &str = "pgferry_snapshot";
+
+impl<'a> TableReader<'a> {
+    /// Prepares to read `relation` inside the snapshot transaction.
+    pub fn new(client: &'a Client, relation: Arc<RelationMeta>, batch_rows: u32) -> Self {
+        TableReader {
+            client,
+            relation,
+            batch_rows,
+            opened: false,
+            done: false,
+        }
+    }
+
+    /// The next batch of rows in text form; `None` when the table is exhausted.
+    pub async fn next_batch(&mut self) -> Result<Option<Vec<Tuple>>, tokio_postgres::Error> {
+        if self.done {
+            return Ok(None);
+        }
+        if !self.opened {
+            let columns: Vec<String> = self
+                .relation
+                .columns
+                .iter()
+                .map(|c| quote_ident(&c.name))
+                .collect();
+            self.client
+                .batch_execute(&format!(
+                    "DECLARE {CURSOR} NO SCROLL CURSOR FOR SELECT {} FROM ONLY {}",
+                    columns.join(", "),
+                    qualified(&self.relation.schema, &self.relation.table)
+                ))
+                .await?;
+            self.opened = true;
+        }
+        let messages = self
+            .client
+            .simple_query(&format!("FETCH {} FROM {CURSOR}", self.batch_rows))
+            .await?;
+        let mut batch = Vec::with_capacity(self.batch_rows as usize);
+        for m in messages {
+            if let SimpleQueryMessage::Row(row) = m {
+                let tuple = (0..row.len())
+                    .map(|i| match row.get(i) {
+                        Some(text) => Datum::Text(Bytes::copy_from_slice(text.as_bytes())),
+                        None => Datum::Null,
+                    })
+                    .collect();
+                batch.push(tuple);
+            }
+        }
+        if batch.len() < self.batch_rows as usize {
+            self.done = true;
+            self.client
+                .batch_execute(&format!("CLOSE {CURSOR}"))
+                .await?;
+        }
+        Ok(Some(batch).filter(|b| !b.is_empty()))
+    }
+}
