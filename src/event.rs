@@ -67,6 +67,18 @@ impl RelationMeta {
         self.columns.iter().any(|c| c.is_key)
     }
 
+    /// The same relation keyed by `columns` instead. pgoutput flags *every* column as identity
+    /// under REPLICA IDENTITY FULL; a table that also has a primary key is keyed by that, so the
+    /// Kafka key stays the primary key. An empty list leaves the relation as it is.
+    pub fn keyed_by(mut self, columns: &[String]) -> RelationMeta {
+        if !columns.is_empty() {
+            for c in &mut self.columns {
+                c.is_key = columns.contains(&c.name);
+            }
+        }
+        self
+    }
+
     /// `schema.table`, for logs and metric labels.
     pub fn qualified_name(&self) -> String {
         format!("{}.{}", self.schema, self.table)
@@ -101,4 +113,29 @@ pub struct RowChange {
     pub before_is_key_only: bool,
     /// New image.
     pub after: Option<Tuple>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keyed_by_replaces_the_identity_flags() {
+        let col = |name: &str| Column {
+            is_key: true,
+            name: name.into(),
+            type_oid: 23,
+            type_modifier: -1,
+        };
+        let full = RelationMeta {
+            oid: 1,
+            schema: "s".into(),
+            table: "t".into(),
+            replica_identity: ReplicaIdentity::Full,
+            columns: vec![col("a"), col("id"), col("b")],
+        };
+        let keyed = full.clone().keyed_by(&["id".to_owned()]);
+        assert_eq!(keyed.key_indices().collect::<Vec<_>>(), vec![1]);
+        assert_eq!(full.clone().keyed_by(&[]), full);
+    }
 }

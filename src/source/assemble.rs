@@ -71,6 +71,14 @@ impl Assembler {
         self.relations.get(&oid)
     }
 
+    /// Re-keys a cached relation (see [`RelationMeta::keyed_by`]) and returns the new version.
+    pub fn rekey(&mut self, oid: u32, key_columns: &[String]) -> Option<Arc<RelationMeta>> {
+        let current = self.relations.get(&oid)?;
+        let rekeyed = Arc::new(RelationMeta::clone(current).keyed_by(key_columns));
+        self.relations.insert(oid, rekeyed.clone());
+        Some(rekeyed)
+    }
+
     /// Feeds one message; `lsn` is the WAL position of its record (from the XLogData header).
     pub fn push(
         &mut self,

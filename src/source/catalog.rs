@@ -167,6 +167,25 @@ pub async fn drop_slot(client: &Client, slot: &str) -> Result<(), tokio_postgres
         .map(drop)
 }
 
+/// Primary-key column names of a table, in key order (empty when it has none).
+pub async fn primary_key_columns(
+    client: &Client,
+    relation_oid: u32,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text
+               FROM pg_index i
+               CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+              WHERE i.indrelid = $1 AND i.indisprimary
+              ORDER BY k.ord",
+            &[&relation_oid],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// Tables in the publication, excluding pgferry's own schema.
 pub async fn published_tables(
     client: &Client,

@@ -45,7 +45,7 @@ pub async fn describe_table(
                JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0
                                   AND NOT a.attisdropped AND a.attgenerated = ''
                LEFT JOIN pg_index i ON i.indrelid = c.oid
-                    AND ((c.relreplident = 'd' AND i.indisprimary)
+                    AND ((c.relreplident IN ('d', 'f') AND i.indisprimary)
                       OR (c.relreplident = 'i' AND i.indisreplident))
               WHERE n.nspname = $1 AND c.relname = $2
               ORDER BY a.attnum",
@@ -61,10 +61,13 @@ pub async fn describe_table(
         b'i' => ReplicaIdentity::Index,
         _ => ReplicaIdentity::Default,
     };
+    // FULL without a primary key: the whole row is the identity, as pgoutput reports it.
+    let all_columns_are_key =
+        replica_identity == ReplicaIdentity::Full && !rows.iter().any(|r| r.get::<_, bool>(5));
     let columns = rows
         .iter()
         .map(|r| Column {
-            is_key: replica_identity == ReplicaIdentity::Full || r.get::<_, bool>(5),
+            is_key: all_columns_are_key || r.get::<_, bool>(5),
             name: r.get(2),
             type_oid: r.get(3),
             type_modifier: r.get(4),

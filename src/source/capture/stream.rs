@@ -15,7 +15,7 @@ use crate::pgtime::PgTimestamp;
 use crate::pipeline::progress::{Progress, Ticket};
 use crate::source::assemble::{Assembler, CaptureEvent};
 use crate::source::catalog;
-use crate::source::pgoutput::StreamDecoder;
+use crate::source::pgoutput::{ReplicaIdentity, StreamDecoder};
 use crate::source::replication::wire::ReplicationMessage;
 use crate::source::replication::ReplicationConnection;
 use crate::sql::{quote_ident, quote_literal};
@@ -225,7 +225,8 @@ impl Capture {
                             source,
                         })?;
                     for event in events.drain(..) {
-                        self.handle(event, &mut current, state).await?;
+                        self.handle(event, &mut current, &mut assembler, state)
+                            .await?;
                     }
                 }
             }
@@ -236,11 +237,18 @@ impl Capture {
         &mut self,
         event: CaptureEvent,
         current: &mut Option<(TxnMeta, Ticket)>,
+        assembler: &mut Assembler,
         state: &mut StreamState<'_>,
     ) -> Result<(), CaptureError> {
         match event {
-            CaptureEvent::Relation(relation) => {
+            CaptureEvent::Relation(mut relation) => {
                 let sql = self.sql.clone();
+                if relation.replica_identity == ReplicaIdentity::Full {
+                    let pk = catalog::primary_key_columns(&sql, relation.oid)
+                        .await
+                        .map_err(CaptureError::sql("reading primary key columns"))?;
+                    relation = assembler.rekey(relation.oid, &pk).unwrap_or(relation);
+                }
                 self.relation_seen(&sql, &relation).await?;
             }
             CaptureEvent::Begin(meta) => {

@@ -1,0 +1,177 @@
+//! The real `pgferry` binary as a child process, with its config, log and metrics endpoint.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use super::process::{on_test_exit, signal};
+
+/// Path of the binary under test.
+pub fn pgferry_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_pgferry")
+}
+
+/// A running pgferry; killed on drop.
+pub struct Ferry {
+    child: Child,
+    pub metrics_port: u16,
+    pub config_path: PathBuf,
+    pub log_path: PathBuf,
+}
+
+/// Writes `yaml` to a temporary file and returns its path.
+pub fn write_config(yaml: &str) -> PathBuf {
+    let mut f = tempfile::Builder::new()
+        .suffix(".yaml")
+        .tempfile()
+        .expect("config file");
+    f.write_all(yaml.as_bytes()).expect("write config");
+    f.keep().expect("keep config").1
+}
+
+/// A capture config for `db` on `pg_port`, publishing to `brokers`.
+pub fn capture_config(
+    node: &str,
+    pg_port: u16,
+    db: &str,
+    brokers: &str,
+    metrics_port: u16,
+    extra_source: &str,
+) -> String {
+    format!(
+        "node_id: {node}\n\
+         source:\n  url: postgres://postgres@127.0.0.1:{pg_port}/{db}\n  slot: slot_{db}\n  \
+         publication: pub_{db}\n  heartbeat_interval: 1s\n  status_interval: 1s\n{extra_source}\
+         kafka:\n  brokers: {brokers}\n  topic_prefix: {db}\n\
+         metrics:\n  listen: 127.0.0.1:{metrics_port}\n\
+         log:\n  format: text\n  level: info,pgferry=debug\n"
+    )
+}
+
+fn spawn(config_path: &std::path::Path, log_path: &std::path::Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .expect("log");
+    let child = Command::new(pgferry_bin())
+        .args(["run", "--config", config_path.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start pgferry");
+    on_test_exit(&format!("kill -9 {} 2>/dev/null", child.id()));
+    child
+}
+
+impl Ferry {
+    /// Starts `pgferry run` with this config text.
+    pub fn start(yaml: &str, metrics_port: u16) -> Ferry {
+        let config_path = write_config(yaml);
+        Self::start_with(config_path, metrics_port)
+    }
+
+    /// Starts `pgferry run` with an existing config file.
+    pub fn start_with(config_path: PathBuf, metrics_port: u16) -> Ferry {
+        let log_path = tempfile::NamedTempFile::new()
+            .expect("log")
+            .keep()
+            .expect("keep")
+            .1;
+        let child = spawn(&config_path, &log_path);
+        Ferry {
+            child,
+            metrics_port,
+            config_path,
+            log_path,
+        }
+    }
+
+    /// Restarts with the same config (after a kill); the log continues in the same file.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mut log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log_path)
+            .expect("log");
+        let _ = writeln!(log, "--- restart ---");
+        self.child = spawn(&self.config_path, &self.log_path);
+    }
+
+    /// SIGKILL, no chance to flush or confirm anything.
+    pub fn kill9(&mut self) {
+        signal(&self.child, "-KILL");
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        signal(&self.child, "-TERM");
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The log so far (stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// GET a path on the metrics endpoint; `None` when not answering.
+    pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).ok()?;
+        let status = body.split_whitespace().nth(1)?.parse().ok()?;
+        let text = body.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+        Some((status, text))
+    }
+
+    /// A metric's value summed over all label sets matching `labels` (substring match).
+    pub fn metric(&self, name: &str, labels: &str) -> Option<f64> {
+        let (_, text) = self.http_get("/metrics")?;
+        let mut found = None;
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (series, value) = line.rsplit_once(' ')?;
+            let matches_name = series == name || series.starts_with(&format!("{name}{{"));
+            if matches_name && series.contains(labels) {
+                *found.get_or_insert(0.0) += value.parse::<f64>().ok()?;
+            }
+        }
+        found
+    }
+}
+
+impl Drop for Ferry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- pgferry log ({}) ----\n{}",
+                self.log_path.display(),
+                self.log()
+            );
+        }
+    }
+}

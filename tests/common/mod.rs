@@ -1,0 +1,40 @@
+//! Shared integration-test harness: real PostgreSQL clusters, a real tansu broker, and the
+//! real `pgferry` binary, all on loopback ports, all cleaned up when the test process exits.
+//!
+//! Every test binary compiles this module but uses only part of it.
+#![allow(dead_code)]
+
+pub mod broker;
+pub mod ferry;
+pub mod kafka;
+pub mod pg;
+pub mod process;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+/// Polls `condition` until it returns `Some`, or fails the test after `timeout` with `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut condition: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = condition().await {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A free loopback TCP port (bound and released; good enough for tests on one machine).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
