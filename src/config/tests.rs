@@ -110,3 +110,11 @@ fn malformed_configs_name_the_key() {
         );
     }
 }
+
+#[test]
+fn example_config_is_valid() {
+    let text = include_str!("../../config.example.yaml");
+    let c = load_from_str(text, env(&[])).unwrap();
+    assert_eq!(c.node_id, "node-a");
+    assert_eq!(c.source.unwrap().slot.as_deref(), Some("pgferry_node_a"));
+}

@@ -1,0 +1,74 @@
+# Shared helpers for the benchmark scripts: a throwaway PostgreSQL 15 cluster and a tansu
+# broker on loopback ports, stopped when the script exits. Source it; do not run it.
+
+PG_BIN="${PG_BIN:-/usr/lib/postgresql/15/bin}"
+TANSU="${TANSU_BIN:-${PGFERRY_TOOLS:-$HOME/.cache/pgferry/tools}/bin/tansu}"
+WORK=$(mktemp -d /tmp/pgferry-bench.XXXXXX)
+chmod 777 "$WORK"
+CLEANUP=()
+cleanup() {
+  for cmd in "${CLEANUP[@]}"; do eval "$cmd" >/dev/null 2>&1 || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+as_pg() {
+  if [[ $(id -u) -eq 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# start_pg NAME -> sets PGPORT_<NAME>
+start_pg() {
+  local name=$1 port dir
+  port=$(free_port)
+  dir="$WORK/pg-$name"
+  mkdir -p "$dir" && chmod 777 "$dir"
+  as_pg "$PG_BIN/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --locale=C --no-sync >/dev/null
+  cat >>"$dir/data/postgresql.auto.conf" <<CONF
+port = $port
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$dir'
+wal_level = logical
+track_commit_timestamp = on
+max_replication_slots = 16
+max_wal_senders = 16
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+shared_buffers = 256MB
+max_wal_size = 4GB
+CONF
+  as_pg "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/log" -w start >/dev/null
+  CLEANUP+=("as_pg $PG_BIN/pg_ctl -D $dir/data -m immediate stop")
+  printf -v "PGPORT_$name" '%s' "$port"
+}
+
+start_tansu() {
+  BROKER_PORT=$(free_port)
+  "$TANSU" broker --listener-url "tcp://127.0.0.1:$BROKER_PORT" \
+    --advertised-listener-url "tcp://127.0.0.1:$BROKER_PORT" \
+    --storage-engine memory://tansu/ >"$WORK/tansu.log" 2>&1 &
+  disown $!
+  CLEANUP+=("kill -9 $!")
+  for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$BROKER_PORT") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "tansu did not start" >&2
+  return 1
+}
+
+# psql_at PORT DB SQL
+psql_at() {
+  "$PG_BIN/psql" -X -q -At -h 127.0.0.1 -p "$1" -U postgres -d "$2" -c "$3"
+}
+
+now() { date +%s.%N; }
+
+# peak_rss_mb PID
+peak_rss_mb() {
+  awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status" 2>/dev/null || echo "?"
+}

@@ -1,0 +1,159 @@
+//! `pgferry check` against real servers, and config errors through the real binary.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::broker::Broker;
+use common::ferry::{pgferry_bin, write_config};
+use common::pg::PgCluster;
+
+fn check(yaml: &str, env: &[(&str, &str)]) -> Output {
+    let path = write_config(yaml);
+    Command::new(pgferry_bin())
+        .args(["check", "--config", path.to_str().unwrap()])
+        .envs(env.iter().copied())
+        .output()
+        .expect("run pgferry check")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Acceptance 7 (servers): wal_level=replica, a table without key, a role without REPLICATION
+/// and an unreachable broker are each reported on their own line with a fix; exit code 1.
+#[tokio::test(flavor = "multi_thread")]
+async fn check_reports_each_problem_with_a_fix() {
+    let pg = PgCluster::start(&[("wal_level", "replica")]);
+    let c = pg.client("postgres").await;
+    c.batch_execute(
+        "CREATE TABLE keyed (id int PRIMARY KEY);
+         CREATE TABLE loose (a int, b text);
+         CREATE TABLE full_ident (a int); ALTER TABLE full_ident REPLICA IDENTITY FULL;
+         CREATE ROLE plain LOGIN;",
+    )
+    .await
+    .unwrap();
+    let dead_broker = format!("127.0.0.1:{}", common::free_port());
+    let yaml = format!(
+        "node_id: n1\nsource:\n  url: postgres://plain@127.0.0.1:{}/postgres\nkafka:\n  brokers: {dead_broker}\n",
+        pg.port
+    );
+    let out = check(&yaml, &[]);
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    let line = |needle: &str| {
+        report
+            .lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no line mentions {needle:?} in:\n{report}"))
+            .to_owned()
+    };
+    assert!(line("wal_level is 'replica'").contains("fix: ALTER SYSTEM SET wal_level = logical"));
+    let loose = line("public.loose");
+    assert!(
+        loose.contains("no primary key") && loose.contains("REPLICA IDENTITY FULL"),
+        "{loose}"
+    );
+    assert!(
+        !report.contains("public.keyed") && !report.contains("public.full_ident"),
+        "{report}"
+    );
+    assert!(line("neither REPLICATION").contains("ALTER ROLE"));
+    assert!(line("not reachable").contains("kafka.brokers"));
+    pg.stop();
+}
+
+/// A ready source and broker pass, with exit code 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn check_passes_when_ready() {
+    let pg = PgCluster::shared();
+    let db = pg.create_db("ready").await;
+    pg.client(&db)
+        .await
+        .batch_execute("CREATE TABLE ok (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let broker = Broker::start();
+    let yaml = format!(
+        "node_id: n1\nsource:\n  url: postgres://postgres@127.0.0.1:{}/{db}\nkafka:\n  brokers: {}\n",
+        pg.port,
+        broker.address()
+    );
+    let out = check(&yaml, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("ready"));
+}
+
+/// Acceptance 7 (config): malformed configs fail before touching any server, and each
+/// message names the offending key.
+#[test]
+fn malformed_configs_name_the_bad_key() {
+    let base = "node_id: n1\nkafka:\n  brokers: 127.0.0.1:1\n";
+    let with_source = |extra: &str| format!("{base}source:\n  url: postgres://u@h/db\n{extra}");
+    let cases: Vec<(String, Vec<(&str, &str)>, &str)> = vec![
+        (format!("{base}sourc: {{}}\n"), vec![], "sourc"),
+        (format!("{base}  topic_prefx: x\n"), vec![], "topic_prefx"),
+        ("kafka:\n  brokers: b\n".into(), vec![], "node_id"),
+        (
+            format!("{base}  tombstones: maybe\n"),
+            vec![],
+            "kafka.tombstones",
+        ),
+        (with_source("  slot: Bad-Slot\n"), vec![], "source.slot"),
+        (
+            with_source("  heartbeat_interval: 10\n"),
+            vec![],
+            "source.heartbeat_interval",
+        ),
+        (
+            with_source("  tables: [nodot]\n"),
+            vec![],
+            "source.tables[0]",
+        ),
+        (
+            format!("{base}metrics:\n  listen: nowhere\n"),
+            vec![],
+            "metrics.listen",
+        ),
+        (
+            format!("{base}  properties:\n    acks: '1'\n"),
+            vec![],
+            "kafka.properties.acks",
+        ),
+        (
+            format!("{base}source:\n  url: 'host=h port=notaport'\n"),
+            vec![],
+            "source.url",
+        ),
+        (
+            with_source("  snapshot: sometimes\n"),
+            vec![],
+            "source.snapshot",
+        ),
+        (
+            base.into(),
+            vec![("PGFERRY_KAFKA__TOPIC_PARTITIONS", "zero")],
+            "kafka.topic_partitions",
+        ),
+    ];
+    for (yaml, env, key) in &cases {
+        let out = check(yaml, env);
+        let msg = text(&out);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "config {yaml:?} should fail: {msg}"
+        );
+        assert!(
+            msg.contains(&format!("`{key}`")),
+            "error for {yaml:?} does not name `{key}`: {msg}"
+        );
+    }
+    assert!(cases.len() >= 10);
+}
