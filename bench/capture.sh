@@ -10,7 +10,7 @@
 # Prints rows/s for both, the ratio pgferry / pg_recvlogical, and pgferry's peak RSS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source bench/lib.sh
+source scripts/lib.sh
 
 if [[ "${1:-}" == "--smoke" ]]; then
   ROWS=${ROWS:-20000}; PROFILE=debug

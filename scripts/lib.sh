@@ -1,9 +1,9 @@
-# Shared helpers for the benchmark scripts: a throwaway PostgreSQL 15 cluster and a tansu
+# Shared helpers for the demo and benchmark scripts: a throwaway PostgreSQL 15 cluster and a tansu
 # broker on loopback ports, stopped when the script exits. Source it; do not run it.
 
 PG_BIN="${PG_BIN:-/usr/lib/postgresql/15/bin}"
 TANSU="${TANSU_BIN:-${PGFERRY_TOOLS:-$HOME/.cache/pgferry/tools}/bin/tansu}"
-WORK=$(mktemp -d /tmp/pgferry-bench.XXXXXX)
+WORK=$(mktemp -d /tmp/pgferry-run.XXXXXX)
 chmod 777 "$WORK"
 CLEANUP=()
 cleanup() {
