@@ -157,3 +157,53 @@ fn malformed_configs_name_the_bad_key() {
     }
     assert!(cases.len() >= 10);
 }
+
+/// The hand-written replication transport authenticates with SCRAM-SHA-256 and MD5 (as does
+/// the SQL connection), with the password from the environment; a wrong password is reported.
+#[tokio::test(flavor = "multi_thread")]
+async fn check_authenticates_with_scram_and_md5() {
+    let pg = PgCluster::start_with_hba(
+        &[],
+        "local all postgres trust\n\
+         host all scram_user 127.0.0.1/32 scram-sha-256\n\
+         host all md5_user 127.0.0.1/32 md5\n\
+         host all postgres 127.0.0.1/32 trust\n",
+    );
+    let c = pg.client("postgres").await;
+    c.batch_execute(
+        "SET password_encryption = 'scram-sha-256';
+         CREATE ROLE scram_user LOGIN REPLICATION PASSWORD 's3cr3t pass';
+         SET password_encryption = 'md5';
+         CREATE ROLE md5_user LOGIN REPLICATION PASSWORD 'md5 pass';",
+    )
+    .await
+    .unwrap();
+    let broker = Broker::start();
+    let yaml = |user: &str| {
+        format!(
+            "node_id: n1\nsource:\n  url: postgres://{user}@127.0.0.1:{}/postgres\nkafka:\n  brokers: {}\n",
+            pg.port,
+            broker.address()
+        )
+    };
+    for (user, password) in [("scram_user", "s3cr3t pass"), ("md5_user", "md5 pass")] {
+        let out = check(&yaml(user), &[("PGFERRY_SOURCE__PASSWORD", password)]);
+        assert_eq!(out.status.code(), Some(0), "{user}: {}", text(&out));
+    }
+    let out = check(&yaml("scram_user"), &[("PGFERRY_SOURCE__PASSWORD", "wrong")]);
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert!(report.contains("password authentication failed"), "{report}");
+    assert!(!report.contains("wrong"), "the password must not be printed: {report}");
+    pg.stop();
+}
+
+/// `--version` and `--help` work without a config.
+#[test]
+fn version_and_help() {
+    let out = Command::new(pgferry_bin()).arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+    let out = Command::new(pgferry_bin()).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("run") && help.contains("check") && help.contains("tail"), "{help}");
+}

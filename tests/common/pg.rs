@@ -25,8 +25,18 @@ pub struct PgCluster {
 static NEXT_DB: AtomicU32 = AtomicU32::new(0);
 
 impl PgCluster {
-    /// Starts a cluster with `wal_level=logical`, commit timestamps, and `extra` settings.
+    /// Starts a cluster with `wal_level=logical`, commit timestamps, and `extra` settings;
+    /// every connection from loopback is trusted.
     pub fn start(extra: &[(&str, &str)]) -> PgCluster {
+        Self::start_with_hba(
+            extra,
+            "local all all trust\nhost all all 127.0.0.1/32 trust\n\
+             local replication all trust\nhost replication all 127.0.0.1/32 trust\n",
+        )
+    }
+
+    /// Like [`PgCluster::start`] with a custom `pg_hba.conf`.
+    pub fn start_with_hba(extra: &[(&str, &str)], hba: &str) -> PgCluster {
         let dir = tempfile::Builder::new()
             .prefix("pgferry-pg-")
             .tempdir()
@@ -68,12 +78,7 @@ impl PgCluster {
         }
         let conf_path = data.join("postgresql.auto.conf");
         std::fs::write(&conf_path, conf).expect("write postgresql.auto.conf");
-        std::fs::write(
-            data.join("pg_hba.conf"),
-            "local all all trust\nhost all all 127.0.0.1/32 trust\n\
-             local replication all trust\nhost replication all 127.0.0.1/32 trust\n",
-        )
-        .expect("write pg_hba.conf");
+        std::fs::write(data.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
         if running_as_root() {
             Command::new("chown")
                 .args(["-R", "postgres:postgres", dir.to_str().unwrap()])
