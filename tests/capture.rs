@@ -53,26 +53,19 @@ fn ops(records: &[Record]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn types_round_trip_exactly() {
     let pg = PgCluster::shared();
-    let db = pg.create_db("types").await;
-    let c = pg.client(&db).await;
-    c.batch_execute(
-        "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+    let (db, c) = pg
+        .fresh_db(
+            "types",
+            "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
          CREATE TABLE typed (
              id bigint PRIMARY KEY, n numeric(30,10), j jsonb, u uuid, b bytea, ts timestamptz,
              tags text[], m mood, i2 smallint, i4 int, f8 float8, flag bool, t text, d date,
              big bigint, ints int[], js json, tsn timestamp, iv interval, moods mood[]);
          ALTER TABLE typed REPLICA IDENTITY FULL;",
-    )
-    .await
-    .unwrap();
+        )
+        .await;
     let ferry = start_ferry(&db, "");
-    common::wait_for("capture to be ready", Duration::from_secs(60), || async {
-        ferry
-            .http_get("/readyz")
-            .filter(|(s, _)| *s == 200)
-            .map(|_| ())
-    })
-    .await;
+    ferry.wait_ready().await;
     c.batch_execute(
         r#"INSERT INTO typed VALUES (1, '12345678901234567890.0123456789',
               '{"big": 12345678901234567890123, "a": [1, 2.50, {"b": null}]}',
@@ -290,22 +283,15 @@ async fn snapshot_then_stream_has_no_gap() {
 #[tokio::test(flavor = "multi_thread")]
 async fn unchanged_toast_is_marked() {
     let pg = PgCluster::shared();
-    let db = pg.create_db("toast").await;
-    let c = pg.client(&db).await;
-    c.batch_execute(
-        "CREATE TABLE docs (id int PRIMARY KEY, body text, n int);
+    let (db, c) = pg
+        .fresh_db(
+            "toast",
+            "CREATE TABLE docs (id int PRIMARY KEY, body text, n int);
          ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL;",
-    )
-    .await
-    .unwrap();
+        )
+        .await;
     let ferry = start_ferry(&db, "");
-    common::wait_for("capture to be ready", Duration::from_secs(60), || async {
-        ferry
-            .http_get("/readyz")
-            .filter(|(s, _)| *s == 200)
-            .map(|_| ())
-    })
-    .await;
+    ferry.wait_ready().await;
     c.batch_execute(
         "INSERT INTO docs VALUES (1, repeat('0123456789abcdef', 8192), 1);
          UPDATE docs SET n = 2 WHERE id = 1;",
@@ -332,19 +318,11 @@ async fn unchanged_toast_is_marked() {
 #[tokio::test(flavor = "multi_thread")]
 async fn keyless_table_inserts_flow_with_warning() {
     let pg = PgCluster::shared();
-    let db = pg.create_db("nokey").await;
-    let c = pg.client(&db).await;
-    c.batch_execute("CREATE TABLE events (at int, what text)")
-        .await
-        .unwrap();
+    let (db, c) = pg
+        .fresh_db("nokey", "CREATE TABLE events (at int, what text)")
+        .await;
     let ferry = start_ferry(&db, "");
-    common::wait_for("capture to be ready", Duration::from_secs(60), || async {
-        ferry
-            .http_get("/readyz")
-            .filter(|(s, _)| *s == 200)
-            .map(|_| ())
-    })
-    .await;
+    ferry.wait_ready().await;
     c.batch_execute("INSERT INTO events VALUES (1, 'a'), (2, 'b')")
         .await
         .unwrap();

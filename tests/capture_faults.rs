@@ -17,16 +17,6 @@ fn shared_broker() -> &'static Broker {
     BROKER.get_or_init(Broker::start)
 }
 
-async fn wait_ready(ferry: &Ferry) {
-    common::wait_for("capture to be ready", Duration::from_secs(60), || async {
-        ferry
-            .http_get("/readyz")
-            .filter(|(s, _)| *s == 200)
-            .map(|_| ())
-    })
-    .await;
-}
-
 /// Inserts ids `from..to` into `t` in transactions of `per_txn` rows.
 async fn insert_rows(db: String, from: i64, to: i64, per_txn: i64, pause: Duration) {
     let c = PgCluster::shared().client(&db).await;
@@ -64,18 +54,19 @@ fn read_all_ids(brokers: &str, topic: &str, n: i64, timeout: Duration) -> BTreeM
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_mid_stream_loses_nothing() {
     let pg = PgCluster::shared();
-    let db = pg.create_db("kill").await;
-    let c = pg.client(&db).await;
-    c.batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, payload text)")
-        .await
-        .unwrap();
+    let (db, _) = pg
+        .fresh_db(
+            "kill",
+            "CREATE TABLE t (id bigint PRIMARY KEY, payload text)",
+        )
+        .await;
     let port = common::free_port();
     let broker = shared_broker();
     let mut ferry = Ferry::start(
         &capture_config("node-a", pg.port, &db, &broker.address(), port, ""),
         port,
     );
-    wait_ready(&ferry).await;
+    ferry.wait_ready().await;
 
     const ROWS: i64 = 50_000;
     let writer = tokio::spawn(insert_rows(
@@ -105,7 +96,7 @@ async fn kill_9_mid_stream_loses_nothing() {
         ferry.kill9();
         tokio::time::sleep(Duration::from_millis(500)).await;
         ferry.restart();
-        wait_ready(&ferry).await;
+        ferry.wait_ready().await;
     }
     writer.await.unwrap();
     let seen = read_all_ids(
@@ -127,18 +118,19 @@ async fn kill_9_mid_stream_loses_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn frozen_broker_stalls_confirmation_and_loses_nothing() {
     let pg = PgCluster::shared();
-    let db = pg.create_db("frozen").await;
-    let c = pg.client(&db).await;
-    c.batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, payload text)")
-        .await
-        .unwrap();
+    let (db, _) = pg
+        .fresh_db(
+            "frozen",
+            "CREATE TABLE t (id bigint PRIMARY KEY, payload text)",
+        )
+        .await;
     let broker = Broker::start();
     let port = common::free_port();
     let ferry = Ferry::start(
         &capture_config("node-a", pg.port, &db, &broker.address(), port, ""),
         port,
     );
-    wait_ready(&ferry).await;
+    ferry.wait_ready().await;
     let slot = format!("slot_{db}");
 
     const ROWS: i64 = 20_000;
@@ -227,7 +219,7 @@ async fn idle_database_slot_advances() {
         ),
         port,
     );
-    wait_ready(&ferry).await;
+    ferry.wait_ready().await;
     let slot = format!("slot_{idle}");
 
     let before = pg.confirmed_flush(&idle, &slot).await;

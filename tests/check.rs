@@ -96,7 +96,8 @@ async fn check_passes_when_ready() {
 fn malformed_configs_name_the_bad_key() {
     let base = "node_id: n1\nkafka:\n  brokers: 127.0.0.1:1\n";
     let with_source = |extra: &str| format!("{base}source:\n  url: postgres://u@h/db\n{extra}");
-    let cases: Vec<(String, Vec<(&str, &str)>, &str)> = vec![
+    type Case<'a> = (String, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         (format!("{base}sourc: {{}}\n"), vec![], "sourc"),
         (format!("{base}  topic_prefx: x\n"), vec![], "topic_prefx"),
         ("kafka:\n  brokers: b\n".into(), vec![], "node_id"),
@@ -190,20 +191,35 @@ async fn check_authenticates_with_scram_and_md5() {
         let out = check(&yaml(user), &[("PGFERRY_SOURCE__PASSWORD", password)]);
         assert_eq!(out.status.code(), Some(0), "{user}: {}", text(&out));
     }
-    let out = check(&yaml("scram_user"), &[("PGFERRY_SOURCE__PASSWORD", "wrong")]);
+    let out = check(
+        &yaml("scram_user"),
+        &[("PGFERRY_SOURCE__PASSWORD", "wrong")],
+    );
     let report = text(&out);
     assert_eq!(out.status.code(), Some(1), "{report}");
-    assert!(report.contains("password authentication failed"), "{report}");
-    assert!(!report.contains("wrong"), "the password must not be printed: {report}");
+    assert!(
+        report.contains("password authentication failed"),
+        "{report}"
+    );
+    assert!(
+        !report.contains("wrong"),
+        "the password must not be printed: {report}"
+    );
     pg.stop();
 }
 
 /// `--version` and `--help` work without a config.
 #[test]
 fn version_and_help() {
-    let out = Command::new(pgferry_bin()).arg("--version").output().unwrap();
+    let out = Command::new(pgferry_bin())
+        .arg("--version")
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
     let out = Command::new(pgferry_bin()).arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
-    assert!(help.contains("run") && help.contains("check") && help.contains("tail"), "{help}");
+    assert!(
+        help.contains("run") && help.contains("check") && help.contains("tail"),
+        "{help}"
+    );
 }

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use tokio_postgres::{Client, NoTls};
 
-use super::replication::PINNED_SESSION_SETTINGS;
+use super::replication::session_options;
 use crate::lsn::Lsn;
 use crate::sql::{qualified, quote_ident};
 use crate::value::{builtin, PgType, TypeRegistry};
@@ -34,14 +34,8 @@ pub async fn connect(
     application_name: &str,
 ) -> Result<Client, tokio_postgres::Error> {
     let mut config = config.clone();
-    let mut options: String = PINNED_SESSION_SETTINGS
-        .iter()
-        .map(|(k, v)| format!("-c {k}={v} "))
-        .collect();
-    if let Some(extra) = config.get_options() {
-        options.push_str(extra);
-    }
-    config.options(options.trim_end());
+    let options = session_options(config.get_options());
+    config.options(&options);
     config.application_name(application_name);
     let (client, connection) = config.connect(NoTls).await?;
     tokio::spawn(async move {

@@ -101,6 +101,16 @@ impl Ferry {
         self.child = spawn(&self.config_path, &self.log_path);
     }
 
+    /// Waits until `/readyz` says capture is streaming.
+    pub async fn wait_ready(&self) {
+        super::wait_for("capture to be ready", Duration::from_secs(60), || async {
+            self.http_get("/readyz")
+                .filter(|(s, _)| *s == 200)
+                .map(|_| ())
+        })
+        .await;
+    }
+
     /// SIGKILL, no chance to flush or confirm anything.
     pub fn kill9(&mut self) {
         signal(&self.child, "-KILL");

@@ -150,6 +150,14 @@ impl PgCluster {
         name
     }
 
+    /// A fresh database with `ddl` applied, and a client connected to it.
+    pub async fn fresh_db(&self, label: &str, ddl: &str) -> (String, Client) {
+        let db = self.create_db(label).await;
+        let client = self.client(&db).await;
+        client.batch_execute(ddl).await.expect("apply test DDL");
+        (db, client)
+    }
+
     /// `confirmed_flush_lsn` of a slot as a byte offset (0 when missing).
     pub async fn confirmed_flush(&self, db: &str, slot: &str) -> u64 {
         let c = self.client(db).await;

@@ -31,6 +31,17 @@ pub const PINNED_SESSION_SETTINGS: &[(&str, &str)] = &[
     ("bytea_output", "hex"),
 ];
 
+/// The `options` startup parameter: the pinned settings, then any the user configured (later
+/// `-c` settings win, so a user can still override one deliberately).
+pub fn session_options(user_options: Option<&str>) -> String {
+    let mut options: Vec<String> = PINNED_SESSION_SETTINGS
+        .iter()
+        .map(|(k, v)| format!("-c {k}={v}"))
+        .collect();
+    options.extend(user_options.map(str::to_owned));
+    options.join(" ")
+}
+
 /// Connection-level failures of the replication protocol.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {
@@ -196,20 +207,14 @@ impl ReplicationConnection {
         };
         let user = config.get_user().unwrap_or("postgres").to_owned();
         let dbname = config.get_dbname().unwrap_or(&user).to_owned();
-        let mut options: String = PINNED_SESSION_SETTINGS
-            .iter()
-            .map(|(k, v)| format!("-c {k}={v} "))
-            .collect();
-        if let Some(extra) = config.get_options() {
-            options.push_str(extra);
-        }
+        let options = session_options(config.get_options());
         let params = [
             ("user", user.as_str()),
             ("database", dbname.as_str()),
             ("replication", "database"),
             ("application_name", application_name),
             ("client_encoding", "UTF8"),
-            ("options", options.trim_end()),
+            ("options", options.as_str()),
         ];
         frontend::startup_message(params.iter().copied(), &mut conn.outbound)?;
         conn.flush().await?;

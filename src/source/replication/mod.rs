@@ -5,4 +5,6 @@
 mod conn;
 pub mod wire;
 
-pub use conn::{QueryResult, ReplicationConnection, ReplicationError, PINNED_SESSION_SETTINGS};
+pub use conn::{
+    session_options, QueryResult, ReplicationConnection, ReplicationError, PINNED_SESSION_SETTINGS,
+};
