@@ -6,6 +6,7 @@
 #   bench/capture.sh --smoke    20k rows, debug build (CI: keeps the script working; the
 #                               figures are not representative)
 #   ROWS=500000 bench/capture.sh
+#   PERF_OUT=/tmp/ferry.perf bench/capture.sh   also records a CPU profile of pgferry's run
 #
 # Prints rows/s for both, the ratio pgferry / pg_recvlogical, and pgferry's peak RSS.
 set -euo pipefail
@@ -80,8 +81,10 @@ t0=$(now)
 t1=$(now)
 recv_secs=$(echo "$t1 - $t0" | bc -l)
 
+wrapper=()
+[[ -n "${PERF_OUT:-}" ]] && wrapper=(perf record -e cpu-clock -F 999 -g -o "$PERF_OUT" --)
 t0=$(now)
-"$BIN" run --config "$WORK/pgferry.yaml" 2>"$WORK/ferry.log" &
+"${wrapper[@]}" "$BIN" run --config "$WORK/pgferry.yaml" 2>"$WORK/ferry.log" &
 ferry=$!
 CLEANUP+=("kill -9 $ferry")
 while :; do

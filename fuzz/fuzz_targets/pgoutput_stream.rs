@@ -6,7 +6,7 @@
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use pgferry::lsn::Lsn;
-use pgferry::sink::kafka::encode::{encode_change, EnvelopeSource};
+use pgferry::sink::kafka::encode::{encode_change, EnvelopeSource, TxnStamp};
 use pgferry::source::assemble::{Assembler, CaptureEvent};
 use pgferry::source::pgoutput::StreamDecoder;
 use pgferry::value::{PgType, TypeRegistry};
@@ -41,7 +41,7 @@ fuzz_target!(|data: &[u8]| {
         }
         for event in events.drain(..) {
             match event {
-                CaptureEvent::Begin(meta) => txn = Some(meta),
+                CaptureEvent::Begin(meta) => txn = Some(TxnStamp::new(&meta)),
                 CaptureEvent::Change(change) => {
                     if let Some(meta) = &txn {
                         let _ = encode_change(&source, meta, &change, &types, 0);

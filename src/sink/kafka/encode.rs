@@ -9,7 +9,9 @@
 //! placeholder string can collide with real data. Consumers that apply the change must leave
 //! those columns as they are.
 
-use serde_json::{Map, Value};
+use serde::ser::{SerializeMap, Serializer};
+use serde::Serialize;
+use serde_json::Value;
 
 use crate::event::{Op, RelationMeta, RowChange, TxnMeta};
 use crate::source::pgoutput::{Datum, Tuple};
@@ -85,20 +87,54 @@ pub fn topic_name(prefix: &str, schema: &str, table: &str) -> String {
     topic
 }
 
-struct RowJson {
-    object: Map<String, Value>,
-    unchanged: Vec<String>,
+/// The per-transaction part of `source`, rendered once per transaction rather than per change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxnStamp {
+    xid: Option<u32>,
+    commit_lsn: String,
+    commit_ts: String,
+    commit_ts_us: i64,
+    origin: Option<String>,
+}
+
+impl TxnStamp {
+    /// Renders a transaction's fields.
+    pub fn new(txn: &TxnMeta) -> Self {
+        TxnStamp {
+            xid: txn.xid,
+            commit_lsn: txn.commit_lsn.to_string(),
+            commit_ts: txn.commit_ts.to_rfc3339(),
+            commit_ts_us: txn.commit_ts.unix_micros(),
+            origin: txn.origin.clone(),
+        }
+    }
+}
+
+/// A row as an ordered JSON object, borrowing column names from the relation.
+struct RowJson<'a> {
+    fields: Vec<(&'a str, Value)>,
+    unchanged: Vec<&'a str>,
+}
+
+impl Serialize for RowJson<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.fields.len()))?;
+        for (name, value) in &self.fields {
+            map.serialize_entry(name, value)?;
+        }
+        map.end()
+    }
 }
 
 /// Renders a tuple as a JSON object. `only_keys` limits it to key columns (for key-only old
 /// images, whose other columns the server sends as NULL although they are not).
-fn row_json(
-    relation: &RelationMeta,
+fn row_json<'a>(
+    relation: &'a RelationMeta,
     tuple: &Tuple,
     types: &TypeRegistry,
     only_keys: bool,
-) -> Result<RowJson, EncodeError> {
-    let mut object = Map::new();
+) -> Result<RowJson<'a>, EncodeError> {
+    let mut fields = Vec::with_capacity(relation.columns.len());
     let mut unchanged = Vec::new();
     for (column, datum) in relation.columns.iter().zip(tuple) {
         if only_keys && !column.is_key {
@@ -107,7 +143,7 @@ fn row_json(
         let value = match datum {
             Datum::Null => Value::Null,
             Datum::UnchangedToast => {
-                unchanged.push(column.name.clone());
+                unchanged.push(column.name.as_str());
                 continue;
             }
             Datum::Text(bytes) => {
@@ -126,9 +162,9 @@ fn row_json(
                 })
             }
         };
-        object.insert(column.name.clone(), value);
+        fields.push((column.name.as_str(), value));
     }
-    Ok(RowJson { object, unchanged })
+    Ok(RowJson { fields, unchanged })
 }
 
 /// The key object of a change: key columns from the new image, or from the old image when the
@@ -152,15 +188,44 @@ fn key_json(change: &RowChange, types: &TypeRegistry) -> Result<Option<Vec<u8>>,
         return Ok(None);
     };
     let row = row_json(relation, image, types, true)?;
-    Ok(Some(
-        serde_json::to_vec(&Value::Object(row.object)).unwrap_or_default(),
-    ))
+    Ok(Some(to_json(&row)))
+}
+
+#[derive(Serialize)]
+struct SourceBlock<'a> {
+    node: &'a str,
+    db: &'a str,
+    schema: &'a str,
+    table: &'a str,
+    lsn: String,
+    commit_lsn: &'a str,
+    commit_ts: &'a str,
+    commit_ts_us: i64,
+    xid: Option<u32>,
+    origin: Option<&'a str>,
+    snapshot: bool,
+}
+
+#[derive(Serialize)]
+struct Envelope<'a> {
+    op: &'static str,
+    before: Option<RowJson<'a>>,
+    after: Option<RowJson<'a>>,
+    source: SourceBlock<'a>,
+    ts_ms: i64,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    unchanged_toast: &'a [&'a str],
+}
+
+/// Serializes a value made of strings, numbers and maps with string keys, which cannot fail.
+fn to_json(value: &impl Serialize) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_default()
 }
 
 /// Renders one change into its record, plus a tombstone after deletes when configured.
 pub fn encode_change(
     source: &EnvelopeSource,
-    txn: &TxnMeta,
+    txn: &TxnStamp,
     change: &RowChange,
     types: &TypeRegistry,
     ts_ms: i64,
@@ -174,29 +239,33 @@ pub fn encode_change(
         Some(t) => Some(row_json(relation, t, types, false)?),
         None => None,
     };
-    let unchanged: Vec<String> = after
+    let unchanged: Vec<&str> = after
         .as_ref()
         .map(|a| a.unchanged.clone())
         .unwrap_or_default();
-    let mut envelope = Map::new();
-    envelope.insert("op".into(), Value::from(change.op.code()));
-    envelope.insert(
-        "before".into(),
-        before.map_or(Value::Null, |b| Value::Object(b.object)),
-    );
-    envelope.insert(
-        "after".into(),
-        after.map_or(Value::Null, |a| Value::Object(a.object)),
-    );
-    envelope.insert("source".into(), source_block(source, txn, change));
-    envelope.insert("ts_ms".into(), Value::from(ts_ms));
-    if !unchanged.is_empty() {
-        envelope.insert(UNCHANGED_TOAST_FIELD.into(), Value::from(unchanged));
-    }
+    let envelope = Envelope {
+        op: change.op.code(),
+        before,
+        after,
+        source: SourceBlock {
+            node: &source.node,
+            db: &source.database,
+            schema: &relation.schema,
+            table: &relation.table,
+            lsn: change.lsn.to_string(),
+            commit_lsn: &txn.commit_lsn,
+            commit_ts: &txn.commit_ts,
+            commit_ts_us: txn.commit_ts_us,
+            xid: txn.xid,
+            origin: txn.origin.as_deref(),
+            snapshot: change.op == Op::Read,
+        },
+        ts_ms,
+        unchanged_toast: &unchanged,
+    };
     let topic = topic_name(&source.topic_prefix, &relation.schema, &relation.table);
     let key = key_json(change, types)?;
-    // Serializing a Map of Values cannot fail: no non-string keys, no custom Serialize impls.
-    let value = serde_json::to_vec(&Value::Object(envelope)).unwrap_or_default();
+    let value = to_json(&envelope);
     let mut records = vec![Record {
         topic: topic.clone(),
         key: key.clone(),
@@ -210,31 +279,6 @@ pub fn encode_change(
         });
     }
     Ok(records)
-}
-
-fn source_block(source: &EnvelopeSource, txn: &TxnMeta, change: &RowChange) -> Value {
-    let mut s = Map::new();
-    s.insert("node".into(), Value::from(source.node.as_str()));
-    s.insert("db".into(), Value::from(source.database.as_str()));
-    s.insert(
-        "schema".into(),
-        Value::from(change.relation.schema.as_str()),
-    );
-    s.insert("table".into(), Value::from(change.relation.table.as_str()));
-    s.insert("lsn".into(), Value::from(change.lsn.to_string()));
-    s.insert("commit_lsn".into(), Value::from(txn.commit_lsn.to_string()));
-    s.insert("commit_ts".into(), Value::from(txn.commit_ts.to_rfc3339()));
-    s.insert(
-        "commit_ts_us".into(),
-        Value::from(txn.commit_ts.unix_micros()),
-    );
-    s.insert("xid".into(), txn.xid.map_or(Value::Null, Value::from));
-    s.insert(
-        "origin".into(),
-        txn.origin.as_deref().map_or(Value::Null, Value::from),
-    );
-    s.insert("snapshot".into(), Value::from(change.op == Op::Read));
-    Value::Object(s)
 }
 
 #[cfg(test)]

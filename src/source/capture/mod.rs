@@ -12,10 +12,11 @@
 mod error;
 mod stream;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use prometheus::IntCounter;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
@@ -29,7 +30,7 @@ use crate::event::{Op, RelationMeta, RowChange, TxnMeta};
 use crate::lsn::Lsn;
 use crate::pgtime::PgTimestamp;
 use crate::pipeline::progress::{Progress, Ticket};
-use crate::sink::kafka::encode::{encode_change, EnvelopeSource};
+use crate::sink::kafka::encode::{encode_change, EnvelopeSource, TxnStamp};
 use crate::sink::kafka::producer::{KafkaSink, Queued};
 use crate::sql::quote_ident;
 use crate::telemetry::{Health, Metrics};
@@ -61,6 +62,9 @@ struct Capture {
     metrics: Arc<Metrics>,
     health: Health,
     warned_keyless: HashSet<u32>,
+    /// (captured, published) counters per relation and op, so the hot path does not build
+    /// label strings; cleared whenever a relation is (re)described.
+    counters: HashMap<(u32, Op), (IntCounter, IntCounter)>,
 }
 
 fn lock(p: &Mutex<Progress>) -> std::sync::MutexGuard<'_, Progress> {
@@ -109,6 +113,7 @@ pub async fn run(
         metrics,
         health,
         warned_keyless: HashSet::new(),
+        counters: HashMap::new(),
         settings,
     };
     capture.prepare_slot(&mut repl).await?;
@@ -204,12 +209,12 @@ impl Capture {
         let tables = catalog::published_tables(&snap, &source.publication)
             .await
             .map_err(CaptureError::sql("listing published tables"))?;
-        let txn = TxnMeta {
+        let txn = TxnStamp::new(&TxnMeta {
             xid: None,
             commit_lsn: consistent,
             commit_ts: PgTimestamp::now(),
             origin: None,
-        };
+        });
         let ticket = lock(&self.progress).open();
         let batch_rows = source.snapshot_batch_rows;
         for (schema, table) in tables {
@@ -264,6 +269,7 @@ impl Capture {
         client: &Client,
         relation: &RelationMeta,
     ) -> Result<(), CaptureError> {
+        self.counters.clear();
         catalog::resolve_types(
             client,
             &mut self.types,
@@ -287,16 +293,26 @@ impl Capture {
     async fn publish(
         &mut self,
         ticket: Ticket,
-        txn: &TxnMeta,
+        txn: &TxnStamp,
         change: &RowChange,
         mut repl: Option<&mut stream::StreamState<'_>>,
     ) -> Result<(), CaptureError> {
-        let table = change.relation.qualified_name();
-        let op = change.op.code();
-        self.metrics
-            .changes_captured
-            .with_label_values(&[&table, op])
-            .inc();
+        let metrics = &self.metrics;
+        let (captured, published) = self
+            .counters
+            .entry((change.relation.oid, change.op))
+            .or_insert_with(|| {
+                let labels = [
+                    change.relation.qualified_name(),
+                    change.op.code().to_owned(),
+                ];
+                (
+                    metrics.changes_captured.with_label_values(&labels),
+                    metrics.changes_published.with_label_values(&labels),
+                )
+            })
+            .clone();
+        captured.inc();
         let now_ms = PgTimestamp::now().unix_millis();
         let records =
             encode_change(&self.envelope, txn, change, &self.types, now_ms).map_err(|source| {
@@ -307,11 +323,7 @@ impl Capture {
             })?;
         for (i, record) in records.iter().enumerate() {
             // Tombstones are not changes; only the envelope counts as published.
-            let published = (i == 0).then(|| {
-                self.metrics
-                    .changes_published
-                    .with_label_values(&[&table, op])
-            });
+            let published = (i == 0).then(|| published.clone());
             while self
                 .sink
                 .try_send(ticket, record, published.clone())

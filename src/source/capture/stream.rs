@@ -9,10 +9,10 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use super::{lock, Capture, CaptureError};
-use crate::event::TxnMeta;
 use crate::lsn::Lsn;
 use crate::pgtime::PgTimestamp;
 use crate::pipeline::progress::{Progress, Ticket};
+use crate::sink::kafka::encode::TxnStamp;
 use crate::source::assemble::{Assembler, CaptureEvent};
 use crate::source::catalog;
 use crate::source::pgoutput::{ReplicaIdentity, StreamDecoder};
@@ -167,7 +167,7 @@ impl Capture {
         let mut decoder = StreamDecoder::default();
         let mut assembler = Assembler::default();
         let mut events = Vec::new();
-        let mut current: Option<(TxnMeta, Ticket)> = None;
+        let mut current: Option<(TxnStamp, Ticket)> = None;
         let mut last_message = Instant::now();
         loop {
             self.sink.check_failed()?;
@@ -236,7 +236,7 @@ impl Capture {
     async fn handle(
         &mut self,
         event: CaptureEvent,
-        current: &mut Option<(TxnMeta, Ticket)>,
+        current: &mut Option<(TxnStamp, Ticket)>,
         assembler: &mut Assembler,
         state: &mut StreamState<'_>,
     ) -> Result<(), CaptureError> {
@@ -253,7 +253,7 @@ impl Capture {
             }
             CaptureEvent::Begin(meta) => {
                 let ticket = lock(&self.progress).open();
-                *current = Some((meta, ticket));
+                *current = Some((TxnStamp::new(&meta), ticket));
             }
             CaptureEvent::Change(change) => {
                 let Some((meta, ticket)) = current.as_ref() else {
@@ -265,8 +265,7 @@ impl Capture {
                         ),
                     });
                 };
-                let (meta, ticket) = (meta.clone(), *ticket);
-                self.publish(ticket, &meta, &change, Some(state)).await?;
+                self.publish(*ticket, meta, &change, Some(state)).await?;
             }
             CaptureEvent::Commit { end_lsn } => {
                 if let Some((_, ticket)) = current.take() {

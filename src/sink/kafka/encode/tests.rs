@@ -64,7 +64,14 @@ fn insert_envelope_is_exact() {
         before_is_key_only: false,
         after: Some(vec![t("7"), t("1.50"), Datum::Null]),
     };
-    let recs = encode_change(&src(true), &txn(), &change, &TypeRegistry::default(), 99).unwrap();
+    let recs = encode_change(
+        &src(true),
+        &TxnStamp::new(&txn()),
+        &change,
+        &TypeRegistry::default(),
+        99,
+    )
+    .unwrap();
     assert_eq!(recs.len(), 1);
     assert_eq!(recs[0].topic, "pgferry.public.Orders__");
     assert_eq!(recs[0].key.as_deref(), Some(&br#"{"id":7}"#[..]));
@@ -93,7 +100,14 @@ fn unchanged_toast_is_listed_not_nulled() {
         before_is_key_only: false,
         after: Some(vec![t("7"), t("2"), Datum::UnchangedToast]),
     };
-    let recs = encode_change(&src(true), &txn(), &change, &TypeRegistry::default(), 0).unwrap();
+    let recs = encode_change(
+        &src(true),
+        &TxnStamp::new(&txn()),
+        &change,
+        &TypeRegistry::default(),
+        0,
+    )
+    .unwrap();
     let v = value(&recs[0]);
     assert_eq!(v["after"], json!({"id": 7, "amount": "2"}));
     assert_eq!(v[UNCHANGED_TOAST_FIELD], json!(["doc"]));
@@ -109,12 +123,26 @@ fn delete_uses_old_key_and_adds_tombstone() {
         before_is_key_only: true,
         after: None,
     };
-    let recs = encode_change(&src(true), &txn(), &change, &TypeRegistry::default(), 0).unwrap();
+    let recs = encode_change(
+        &src(true),
+        &TxnStamp::new(&txn()),
+        &change,
+        &TypeRegistry::default(),
+        0,
+    )
+    .unwrap();
     assert_eq!(recs.len(), 2);
     assert_eq!(value(&recs[0])["before"], json!({"id": 7}));
     assert_eq!(recs[1].key.as_deref(), Some(&br#"{"id":7}"#[..]));
     assert_eq!(recs[1].value, None);
-    let recs = encode_change(&src(false), &txn(), &change, &TypeRegistry::default(), 0).unwrap();
+    let recs = encode_change(
+        &src(false),
+        &TxnStamp::new(&txn()),
+        &change,
+        &TypeRegistry::default(),
+        0,
+    )
+    .unwrap();
     assert_eq!(recs.len(), 1);
 }
 
@@ -128,9 +156,15 @@ fn bad_value_names_table_and_column() {
         before_is_key_only: false,
         after: Some(vec![t("seven"), t("1"), Datum::Null]),
     };
-    let err = encode_change(&src(true), &txn(), &change, &TypeRegistry::default(), 0)
-        .unwrap_err()
-        .to_string();
+    let err = encode_change(
+        &src(true),
+        &TxnStamp::new(&txn()),
+        &change,
+        &TypeRegistry::default(),
+        0,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.starts_with("public.Orders Ü.id: "), "{err}");
 }
 
