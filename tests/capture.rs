@@ -158,6 +158,34 @@ async fn types_round_trip_exactly() {
         .unwrap()
         .get(0);
     assert_eq!(commit_ts, recorded);
+    // The node stream frames the same transaction: begin, the four changes in order, commit.
+    let node_topic = [format!("{db}.__node.node-a")];
+    let stream = TopicReader::new(&broker().address()).read_until(
+        &node_topic,
+        Duration::from_secs(60),
+        |r| r.len() >= 6,
+    );
+    let kinds: Vec<&str> = stream
+        .iter()
+        .map(|r| r.value.as_ref().unwrap()["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["begin", "change", "change", "change", "change", "commit"]
+    );
+    let framed: Vec<&Value> = stream[1..5]
+        .iter()
+        .map(|r| &r.value.as_ref().unwrap()["change"])
+        .collect();
+    assert_eq!(framed, v[..4].to_vec());
+    assert_eq!(stream[1].value.as_ref().unwrap()["key"], json!({"id": 1}));
+    let commit = stream[5].value.as_ref().unwrap();
+    assert_eq!(commit["changes"], 4);
+    assert_eq!(commit["commit_lsn"], source["commit_lsn"]);
+    assert_eq!(
+        stream[0].value.as_ref().unwrap()["commit_ts"],
+        source["commit_ts"]
+    );
     // Metrics count what was captured.
     assert_eq!(
         ferry.metric("pgferry_changes_captured_total", "table=\"public.typed\""),

@@ -91,8 +91,14 @@ impl TopicReader {
             }
             match self.consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(m)) => {
-                    let parse =
-                        |b: Option<&[u8]>| b.map(|b| serde_json::from_slice(b).expect("JSON"));
+                    // Keys are JSON on table topics and the plain node id on node streams.
+                    let parse = |b: Option<&[u8]>| {
+                        b.map(|b| {
+                            serde_json::from_slice(b).unwrap_or_else(|_| {
+                                Value::String(String::from_utf8_lossy(b).into_owned())
+                            })
+                        })
+                    };
                     let _ = self.list.set_partition_offset(
                         m.topic(),
                         m.partition(),

@@ -29,6 +29,8 @@ pub struct Record {
     pub key: Option<Vec<u8>>,
     /// JSON envelope, `None` for a tombstone.
     pub value: Option<Vec<u8>>,
+    /// The topic must have exactly one partition (the ordered node stream).
+    pub single_partition: bool,
 }
 
 /// A change could not be rendered.
@@ -98,6 +100,31 @@ pub struct TxnStamp {
 }
 
 impl TxnStamp {
+    /// Transaction id (`None` for snapshot reads).
+    pub fn xid(&self) -> Option<u32> {
+        self.xid
+    }
+
+    /// Commit LSN as `X/Y`.
+    pub fn commit_lsn(&self) -> &str {
+        &self.commit_lsn
+    }
+
+    /// Commit time, RFC 3339 with microseconds.
+    pub fn commit_ts(&self) -> &str {
+        &self.commit_ts
+    }
+
+    /// Commit time in microseconds since the Unix epoch.
+    pub fn commit_ts_us(&self) -> i64 {
+        self.commit_ts_us
+    }
+
+    /// Replication origin, if the transaction was applied from elsewhere.
+    pub fn origin(&self) -> Option<&str> {
+        self.origin.as_deref()
+    }
+
     /// Renders a transaction's fields.
     pub fn new(txn: &TxnMeta) -> Self {
         TxnStamp {
@@ -270,12 +297,14 @@ pub fn encode_change(
         topic: topic.clone(),
         key: key.clone(),
         value: Some(value),
+        single_partition: false,
     }];
     if change.op == Op::Delete && source.tombstones && key.is_some() {
         records.push(Record {
             topic,
             key,
             value: None,
+            single_partition: false,
         });
     }
     Ok(records)

@@ -4,5 +4,6 @@
 //! delivery callbacks that feed [`crate::pipeline::progress`].
 
 pub mod encode;
+pub mod node_stream;
 #[cfg(feature = "runtime")]
 pub mod producer;

@@ -197,14 +197,18 @@ impl KafkaSink {
         }
     }
 
-    async fn ensure_topic(&mut self, topic: &str) -> Result<(), SinkError> {
+    async fn ensure_topic(&mut self, topic: &str, single_partition: bool) -> Result<(), SinkError> {
         if self.known_topics.contains(topic) {
             return Ok(());
         }
         if let Some(admin) = &self.admin {
             let new = NewTopic::new(
                 topic,
-                self.config.topic_partitions,
+                if single_partition {
+                    1
+                } else {
+                    self.config.topic_partitions
+                },
                 TopicReplication::Fixed(self.config.topic_replication_factor),
             );
             let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
@@ -233,7 +237,8 @@ impl KafkaSink {
         published: Option<IntCounter>,
     ) -> Result<Queued, SinkError> {
         self.check_failed()?;
-        self.ensure_topic(&record.topic).await?;
+        self.ensure_topic(&record.topic, record.single_partition)
+            .await?;
         // Count before producing: the delivery callback may run before `send` returns.
         lock(&self.progress).sent(ticket);
         let mut base =

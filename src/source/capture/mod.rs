@@ -30,7 +30,8 @@ use crate::event::{Op, RelationMeta, RowChange, TxnMeta};
 use crate::lsn::Lsn;
 use crate::pgtime::PgTimestamp;
 use crate::pipeline::progress::{Progress, Ticket};
-use crate::sink::kafka::encode::{encode_change, EnvelopeSource, TxnStamp};
+use crate::sink::kafka::encode::{encode_change, EnvelopeSource, Record, TxnStamp};
+use crate::sink::kafka::node_stream;
 use crate::sink::kafka::producer::{KafkaSink, Queued};
 use crate::sql::quote_ident;
 use crate::telemetry::{Health, Metrics};
@@ -209,13 +210,14 @@ impl Capture {
         let tables = catalog::published_tables(&snap, &source.publication)
             .await
             .map_err(CaptureError::sql("listing published tables"))?;
-        let txn = TxnStamp::new(&TxnMeta {
+        let stamp = TxnStamp::new(&TxnMeta {
             xid: None,
             commit_lsn: consistent,
             commit_ts: PgTimestamp::now(),
             origin: None,
         });
         let ticket = lock(&self.progress).open();
+        let mut txn = OpenTxn::new(stamp, ticket, true);
         let batch_rows = source.snapshot_batch_rows;
         for (schema, table) in tables {
             let Some(meta) = snapshot::describe_table(&snap, &schema, &table)
@@ -246,7 +248,7 @@ impl Capture {
                         before_is_key_only: false,
                         after: Some(row),
                     };
-                    self.publish(ticket, &txn, &change, None).await?;
+                    self.publish(&mut txn, &change, None).await?;
                     counter.inc();
                 }
                 self.health.beat();
@@ -255,7 +257,7 @@ impl Capture {
         snapshot::finish(&snap)
             .await
             .map_err(CaptureError::sql("ending the snapshot transaction"))?;
-        lock(&self.progress).seal(ticket, consistent);
+        self.finish_txn(txn, consistent, None).await?;
         self.sink
             .drain(self.settings.kafka.delivery_timeout + Duration::from_secs(30))
             .await?;
@@ -288,12 +290,12 @@ impl Capture {
         Ok(())
     }
 
-    /// Encodes one change and hands its records to the sink. While the producer queue is
-    /// full, keeps the replication connection alive with status updates.
+    /// Encodes one change and hands its records to the sink: the per-table record(s), then
+    /// the node-stream record (preceded by the transaction's begin marker if this is its first
+    /// change).
     async fn publish(
         &mut self,
-        ticket: Ticket,
-        txn: &TxnStamp,
+        txn: &mut OpenTxn,
         change: &RowChange,
         mut repl: Option<&mut stream::StreamState<'_>>,
     ) -> Result<(), CaptureError> {
@@ -314,28 +316,82 @@ impl Capture {
             .clone();
         captured.inc();
         let now_ms = PgTimestamp::now().unix_millis();
-        let records =
-            encode_change(&self.envelope, txn, change, &self.types, now_ms).map_err(|source| {
-                CaptureError::Encode {
-                    lsn: change.lsn,
-                    source,
-                }
+        let records = encode_change(&self.envelope, &txn.stamp, change, &self.types, now_ms)
+            .map_err(|source| CaptureError::Encode {
+                lsn: change.lsn,
+                source,
             })?;
+        if !txn.begun {
+            let begin = node_stream::begin_record(&self.envelope, &txn.stamp, txn.snapshot);
+            self.send(txn.ticket, &begin, None, repl.as_deref_mut())
+                .await?;
+            txn.begun = true;
+        }
         for (i, record) in records.iter().enumerate() {
             // Tombstones are not changes; only the envelope counts as published.
-            let published = (i == 0).then(|| published.clone());
-            while self
-                .sink
-                .try_send(ticket, record, published.clone())
-                .await?
-                == Queued::No
-            {
-                if let Some(state) = repl.as_deref_mut() {
-                    state.keep_alive(&self.progress, &self.metrics).await?;
-                }
-                tokio::time::sleep(QUEUE_FULL_BACKOFF).await;
+            let counter = (i == 0).then(|| published.clone());
+            self.send(txn.ticket, record, counter, repl.as_deref_mut())
+                .await?;
+        }
+        let node_record = node_stream::change_record(&self.envelope, &records[0]);
+        self.send(txn.ticket, &node_record, None, repl).await?;
+        txn.changes += 1;
+        Ok(())
+    }
+
+    /// Closes a transaction: its commit marker (if it published anything), then the seal that
+    /// lets the watermark pass `end_lsn` once Kafka has acknowledged all of it.
+    async fn finish_txn(
+        &mut self,
+        txn: OpenTxn,
+        end_lsn: Lsn,
+        repl: Option<&mut stream::StreamState<'_>>,
+    ) -> Result<(), CaptureError> {
+        if txn.begun {
+            let commit =
+                node_stream::commit_record(&self.envelope, &txn.stamp, end_lsn, txn.changes);
+            self.send(txn.ticket, &commit, None, repl).await?;
+        }
+        lock(&self.progress).seal(txn.ticket, end_lsn);
+        Ok(())
+    }
+
+    /// Offers one record to the producer until it is queued. While the queue is full, keeps
+    /// the replication connection alive with status updates; never drops the record.
+    async fn send(
+        &mut self,
+        ticket: Ticket,
+        record: &Record,
+        counter: Option<IntCounter>,
+        mut repl: Option<&mut stream::StreamState<'_>>,
+    ) -> Result<(), CaptureError> {
+        while self.sink.try_send(ticket, record, counter.clone()).await? == Queued::No {
+            if let Some(state) = repl.as_deref_mut() {
+                state.keep_alive(&self.progress, &self.metrics).await?;
             }
+            tokio::time::sleep(QUEUE_FULL_BACKOFF).await;
         }
         Ok(())
+    }
+}
+
+/// A source transaction being published.
+pub(super) struct OpenTxn {
+    stamp: TxnStamp,
+    ticket: Ticket,
+    snapshot: bool,
+    begun: bool,
+    changes: u64,
+}
+
+impl OpenTxn {
+    pub(super) fn new(stamp: TxnStamp, ticket: Ticket, snapshot: bool) -> Self {
+        OpenTxn {
+            stamp,
+            ticket,
+            snapshot,
+            begun: false,
+            changes: 0,
+        }
     }
 }

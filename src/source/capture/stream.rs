@@ -8,10 +8,10 @@ use tokio::time::MissedTickBehavior;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use super::{lock, Capture, CaptureError};
+use super::{lock, Capture, CaptureError, OpenTxn};
 use crate::lsn::Lsn;
 use crate::pgtime::PgTimestamp;
-use crate::pipeline::progress::{Progress, Ticket};
+use crate::pipeline::progress::Progress;
 use crate::sink::kafka::encode::TxnStamp;
 use crate::source::assemble::{Assembler, CaptureEvent};
 use crate::source::catalog;
@@ -167,7 +167,7 @@ impl Capture {
         let mut decoder = StreamDecoder::default();
         let mut assembler = Assembler::default();
         let mut events = Vec::new();
-        let mut current: Option<(TxnStamp, Ticket)> = None;
+        let mut current: Option<OpenTxn> = None;
         let mut last_message = Instant::now();
         loop {
             self.sink.check_failed()?;
@@ -236,7 +236,7 @@ impl Capture {
     async fn handle(
         &mut self,
         event: CaptureEvent,
-        current: &mut Option<(TxnStamp, Ticket)>,
+        current: &mut Option<OpenTxn>,
         assembler: &mut Assembler,
         state: &mut StreamState<'_>,
     ) -> Result<(), CaptureError> {
@@ -253,10 +253,10 @@ impl Capture {
             }
             CaptureEvent::Begin(meta) => {
                 let ticket = lock(&self.progress).open();
-                *current = Some((TxnStamp::new(&meta), ticket));
+                *current = Some(OpenTxn::new(TxnStamp::new(&meta), ticket, false));
             }
             CaptureEvent::Change(change) => {
-                let Some((meta, ticket)) = current.as_ref() else {
+                let Some(txn) = current.as_mut() else {
                     return Err(CaptureError::Assemble {
                         lsn: change.lsn,
                         source: crate::source::assemble::AssembleError::Unexpected(
@@ -265,11 +265,11 @@ impl Capture {
                         ),
                     });
                 };
-                self.publish(*ticket, meta, &change, Some(state)).await?;
+                self.publish(txn, &change, Some(state)).await?;
             }
             CaptureEvent::Commit { end_lsn } => {
-                if let Some((_, ticket)) = current.take() {
-                    lock(&self.progress).seal(ticket, end_lsn);
+                if let Some(txn) = current.take() {
+                    self.finish_txn(txn, end_lsn, Some(state)).await?;
                 }
             }
             CaptureEvent::Position(lsn) => lock(&self.progress).position(lsn),

@@ -1,0 +1,160 @@
+//! The per-node ordered change stream: `<topic_prefix>.__node.<node_id>`, one partition.
+//!
+//! Per-table topics are what other consumers read, but they cannot tell an applier where a
+//! source transaction starts and ends, nor how changes to different tables interleave. This
+//! stream carries every change of one node in commit order, framed by transaction markers:
+//!
+//! ```text
+//! {"type":"begin","node","xid","commit_lsn","commit_ts","commit_ts_us","origin","snapshot"}
+//! {"type":"change","topic","key":{...}|null,"change":<the per-table envelope>}   (repeated)
+//! {"type":"commit","node","commit_lsn","end_lsn","changes"}
+//! ```
+//!
+//! The begin marker is emitted lazily with the first change, so transactions that publish
+//! nothing (pgferry's own bookkeeping) leave no trace. After a capture crash the stream can
+//! hold a begin without its commit, followed by the replay of the same transaction; appliers
+//! discard such orphans. Pure: this module only renders bytes.
+
+use serde::Serialize;
+
+use super::encode::{topic_name, EnvelopeSource, Record, TxnStamp};
+use crate::lsn::Lsn;
+
+/// `<prefix>.__node.<node_id>`.
+pub fn node_stream_topic(prefix: &str, node: &str) -> String {
+    topic_name(prefix, "__node", node)
+}
+
+#[derive(Serialize)]
+struct Begin<'a> {
+    r#type: &'static str,
+    node: &'a str,
+    xid: Option<u32>,
+    commit_lsn: &'a str,
+    commit_ts: &'a str,
+    commit_ts_us: i64,
+    origin: Option<&'a str>,
+    snapshot: bool,
+}
+
+#[derive(Serialize)]
+struct Commit<'a> {
+    r#type: &'static str,
+    node: &'a str,
+    commit_lsn: &'a str,
+    end_lsn: String,
+    changes: u64,
+}
+
+fn record(source: &EnvelopeSource, value: Vec<u8>) -> Record {
+    Record {
+        topic: node_stream_topic(&source.topic_prefix, &source.node),
+        key: Some(source.node.as_bytes().to_vec()),
+        value: Some(value),
+        single_partition: true,
+    }
+}
+
+/// The marker that opens a transaction.
+pub fn begin_record(source: &EnvelopeSource, txn: &TxnStamp, snapshot: bool) -> Record {
+    let begin = Begin {
+        r#type: "begin",
+        node: &source.node,
+        xid: txn.xid(),
+        commit_lsn: txn.commit_lsn(),
+        commit_ts: txn.commit_ts(),
+        commit_ts_us: txn.commit_ts_us(),
+        origin: txn.origin(),
+        snapshot,
+    };
+    record(source, serde_json::to_vec(&begin).unwrap_or_default())
+}
+
+/// One change, wrapping the per-table record's key and envelope bytes without re-encoding.
+pub fn change_record(source: &EnvelopeSource, table_record: &Record) -> Record {
+    let topic = serde_json::to_string(&table_record.topic).unwrap_or_default();
+    let key = table_record.key.as_deref().unwrap_or(b"null");
+    let envelope = table_record.value.as_deref().unwrap_or(b"null");
+    let mut value = Vec::with_capacity(48 + topic.len() + key.len() + envelope.len());
+    value.extend_from_slice(b"{\"type\":\"change\",\"topic\":");
+    value.extend_from_slice(topic.as_bytes());
+    value.extend_from_slice(b",\"key\":");
+    value.extend_from_slice(key);
+    value.extend_from_slice(b",\"change\":");
+    value.extend_from_slice(envelope);
+    value.push(b'}');
+    record(source, value)
+}
+
+/// The marker that closes a transaction after `changes` change records.
+pub fn commit_record(
+    source: &EnvelopeSource,
+    txn: &TxnStamp,
+    end_lsn: Lsn,
+    changes: u64,
+) -> Record {
+    let commit = Commit {
+        r#type: "commit",
+        node: &source.node,
+        commit_lsn: txn.commit_lsn(),
+        end_lsn: end_lsn.to_string(),
+        changes,
+    };
+    record(source, serde_json::to_vec(&commit).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::TxnMeta;
+    use crate::pgtime::PgTimestamp;
+    use serde_json::{json, Value};
+
+    fn src() -> EnvelopeSource {
+        EnvelopeSource {
+            node: "node-a".into(),
+            database: "db".into(),
+            topic_prefix: "p".into(),
+            tombstones: true,
+        }
+    }
+
+    #[test]
+    fn markers_and_wrapped_change_are_json() {
+        let txn = TxnStamp::new(&TxnMeta {
+            xid: Some(7),
+            commit_lsn: Lsn(0x20),
+            commit_ts: PgTimestamp(0),
+            origin: None,
+        });
+        let b = begin_record(&src(), &txn, false);
+        assert_eq!(b.topic, "p.__node.node-a");
+        assert!(b.single_partition);
+        let v: Value = serde_json::from_slice(b.value.as_ref().unwrap()).unwrap();
+        assert_eq!(v["type"], "begin");
+        assert_eq!(v["commit_lsn"], "0/20");
+        let table = Record {
+            topic: "p.public.t".into(),
+            key: Some(br#"{"id":1}"#.to_vec()),
+            value: Some(br#"{"op":"c"}"#.to_vec()),
+            single_partition: false,
+        };
+        let c: Value =
+            serde_json::from_slice(change_record(&src(), &table).value.as_ref().unwrap()).unwrap();
+        assert_eq!(
+            c,
+            json!({"type": "change", "topic": "p.public.t", "key": {"id": 1}, "change": {"op": "c"}})
+        );
+        let e: Value = serde_json::from_slice(
+            commit_record(&src(), &txn, Lsn(0x28), 3)
+                .value
+                .as_ref()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            e,
+            json!({"type": "commit", "node": "node-a", "commit_lsn": "0/20", "end_lsn": "0/28", "changes": 3})
+        );
+    }
+}
