@@ -1,5 +1,5 @@
 //! Wires the stages together and owns their lifecycle: signal handling, the metrics endpoint,
-//! and supervision of the capture pipeline (retry transient errors with backoff, stop on
+//! and supervision of the capture pipeline and the apply workers (retry transient errors with backoff, stop on
 //! fatal ones). It only connects things; the work happens in the stage modules.
 //!
 //! Shutdown order on SIGTERM/SIGINT: stop reading the replication stream, drain Kafka,
@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::apply::worker::{self, WorkerSettings};
+use crate::apply::ApplyError;
 use crate::config::Config;
 use crate::error::{Classify, ErrorClass};
 use crate::source::capture::{self, CaptureError, CaptureSettings};
@@ -31,6 +33,9 @@ pub enum AppError {
     /// Capture hit a fatal error.
     #[error("capture stopped")]
     Capture(#[source] CaptureError),
+    /// Apply hit a fatal error.
+    #[error("apply stopped")]
+    Apply(#[source] ApplyError),
 }
 
 /// Formats an error with its whole `source()` chain, for log fields.
@@ -91,21 +96,59 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     .map_err(AppError::MetricsBind)?;
     let server = tokio::spawn(server);
     tracing::info!(node = %config.node_id, metrics = %config.metrics.listen, "pgferry started");
-    let result = match config.source {
-        Some(source) => {
-            let settings = CaptureSettings {
-                node_id: config.node_id.clone(),
-                source,
-                kafka: config.kafka.clone(),
-            };
-            supervise_capture(settings, metrics, health, shutdown.clone()).await
+
+    let mut stages: tokio::task::JoinSet<Result<(), AppError>> = tokio::task::JoinSet::new();
+    if let Some(source) = config.source.clone() {
+        let settings = CaptureSettings {
+            node_id: config.node_id.clone(),
+            source,
+            kafka: config.kafka.clone(),
+        };
+        health.register("capture");
+        let (m, h, s) = (metrics.clone(), health.clone(), shutdown.clone());
+        stages.spawn(async move {
+            supervise("capture", &m, &h, &s, || {
+                capture::run(settings.clone(), m.clone(), h.clone(), s.clone())
+            })
+            .await
+            .map_err(AppError::Capture)
+        });
+    }
+    if let Some(apply) = &config.apply {
+        for target in &apply.targets {
+            for node in &apply.nodes {
+                let settings = WorkerSettings {
+                    node: node.clone(),
+                    target: target.clone(),
+                    apply: apply.clone(),
+                    kafka: config.kafka.clone(),
+                };
+                health.register(&format!("apply:{node}:{}", target.url.display_target()));
+                let (m, h, s) = (metrics.clone(), health.clone(), shutdown.clone());
+                stages.spawn(async move {
+                    supervise("apply", &m, &h, &s, || {
+                        worker::run(settings.clone(), m.clone(), h.clone(), s.clone())
+                    })
+                    .await
+                    .map_err(AppError::Apply)
+                });
+            }
         }
-        None => {
-            tracing::warn!("no source configured: nothing to capture");
-            shutdown.cancelled().await;
-            Ok(())
+    }
+    if stages.is_empty() {
+        tracing::warn!("neither source nor apply configured: nothing to do");
+        shutdown.cancelled().await;
+    }
+    let mut result = Ok(());
+    while let Some(joined) = stages.join_next().await {
+        if let Ok(Err(e)) = joined {
+            // One stage failed for good: stop the others in order, report the first error.
+            shutdown.cancel();
+            if result.is_ok() {
+                result = Err(e);
+            }
         }
-    };
+    }
     shutdown.cancel();
     if let Ok(Err(error)) = server.await {
         tracing::warn!(%error, "metrics server ended with an error");
@@ -113,25 +156,29 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     result
 }
 
-async fn supervise_capture(
-    settings: CaptureSettings,
-    metrics: Arc<Metrics>,
-    health: Health,
-    shutdown: CancellationToken,
-) -> Result<(), AppError> {
+/// Runs a stage, restarting it after transient errors with exponential backoff; returns on
+/// shutdown (`Ok`) or on a fatal error.
+async fn supervise<E, F, Fut>(
+    stage: &'static str,
+    metrics: &Metrics,
+    health: &Health,
+    shutdown: &CancellationToken,
+    mut run_once: F,
+) -> Result<(), E>
+where
+    E: Classify + std::error::Error + 'static,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+{
     let mut backoff = INITIAL_BACKOFF;
     loop {
         let started = Instant::now();
-        let result = capture::run(
-            settings.clone(),
-            metrics.clone(),
-            health.clone(),
-            shutdown.clone(),
-        )
-        .await;
-        let error = match result {
+        let error = match run_once().await {
             Ok(()) => return Ok(()),
-            Err(e) if e.class() == ErrorClass::Fatal => return Err(AppError::Capture(e)),
+            Err(e) if e.class() == ErrorClass::Fatal => {
+                tracing::error!(stage, error = %ErrorChain(&e), "stopping: this needs an operator");
+                return Err(e);
+            }
             Err(e) => e,
         };
         if shutdown.is_cancelled() {
@@ -141,8 +188,8 @@ async fn supervise_capture(
             backoff = INITIAL_BACKOFF;
         }
         metrics.restarts.inc();
-        tracing::warn!(error = %ErrorChain(&error), backoff_ms = backoff.as_millis() as u64,
-                       "capture failed; restarting from the last confirmed position");
+        tracing::warn!(stage, error = %ErrorChain(&error), backoff_ms = backoff.as_millis() as u64,
+                       "failed; restarting from the last durable position");
         let deadline = Instant::now() + backoff;
         while Instant::now() < deadline {
             health.beat();

@@ -28,6 +28,8 @@ pub mod value;
 #[cfg(feature = "runtime")]
 pub mod app;
 #[cfg(feature = "runtime")]
+pub mod apply;
+#[cfg(feature = "runtime")]
 pub mod check;
 #[cfg(feature = "runtime")]
 pub mod config;

@@ -48,6 +48,9 @@ pub struct Config {
     pub source: Option<SourceConfig>,
     /// The broker.
     pub kafka: KafkaConfig,
+    /// Kafka → target databases. Absent: this node does not apply.
+    #[serde(default)]
+    pub apply: Option<ApplyConfig>,
     /// `/metrics`, `/healthz`, `/readyz`.
     #[serde(default)]
     pub metrics: MetricsConfig,
@@ -148,6 +151,87 @@ pub struct KafkaConfig {
     #[serde(default)]
     pub properties: BTreeMap<String, PropertyValue>,
 }
+
+/// How changes are applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApplyMode {
+    /// Read-only replicas following one or more masters.
+    Replica,
+    /// Every node writes; conflicts resolved by last writer wins (not implemented yet).
+    MultiMaster,
+}
+
+/// What to do with a message that cannot be applied (undecodable, or its table is missing on
+/// the target).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnBadMessage {
+    /// Publish it to the dead-letter topic with the reason, and go on.
+    DeadLetter,
+    /// Stop applying, with an error naming the message.
+    Stop,
+}
+
+/// One database to apply to.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// libpq URL of the target database.
+    pub url: PgUrl,
+    /// Password, overriding the one in the URL.
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// File whose content is the password.
+    #[serde(default)]
+    pub password_file: Option<std::path::PathBuf>,
+}
+
+impl fmt::Debug for TargetConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TargetConfig")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `apply:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyConfig {
+    /// `replica` (multi_master is planned).
+    pub mode: ApplyMode,
+    /// Databases to apply to; each gets its own worker per source node.
+    pub targets: Vec<TargetConfig>,
+    /// Source `node_id`s whose changes to apply.
+    pub nodes: Vec<String>,
+    /// Only these tables (`schema.table`); empty means every table in the stream.
+    #[serde(default)]
+    pub tables: Vec<String>,
+    /// Most source changes grouped into one target transaction (whole source transactions
+    /// only; a larger source transaction is still applied whole).
+    #[serde(default = "default_batch_max_changes")]
+    pub batch_max_changes: u32,
+    /// What to do with a message that cannot be applied.
+    #[serde(default = "default_on_bad_message")]
+    pub on_bad_message: OnBadMessage,
+    /// Dead-letter topic. Default `<topic_prefix>.__dead_letter`.
+    #[serde(default, deserialize_with = "optional_string")]
+    pub dead_letter_topic: Option<String>,
+    /// Create missing target tables from the source schema (not implemented yet).
+    #[serde(default)]
+    pub create_tables: bool,
+}
+
+fn default_batch_max_changes() -> u32 {
+    DEFAULT_BATCH_MAX_CHANGES
+}
+fn default_on_bad_message() -> OnBadMessage {
+    OnBadMessage::DeadLetter
+}
+
+/// Default cap on changes per target transaction.
+pub const DEFAULT_BATCH_MAX_CHANGES: u32 = 5_000;
 
 /// A librdkafka property value; secrets among them are redacted in `Debug`.
 #[derive(Clone, Deserialize)]

@@ -73,6 +73,54 @@ impl Config {
                 ));
             }
         }
+        if let Some(apply) = &self.apply {
+            if apply.mode == super::ApplyMode::MultiMaster {
+                return Err(ConfigError::invalid(
+                    "apply.mode",
+                    "multi_master is not implemented yet; use replica",
+                ));
+            }
+            if apply.targets.is_empty() {
+                return Err(ConfigError::invalid(
+                    "apply.targets",
+                    "list at least one target",
+                ));
+            }
+            if apply.nodes.is_empty() {
+                return Err(ConfigError::invalid(
+                    "apply.nodes",
+                    "list the node_id of every source to apply",
+                ));
+            }
+            for (i, table) in apply.tables.iter().enumerate() {
+                if table.split('.').filter(|p| !p.is_empty()).count() != 2 {
+                    return Err(ConfigError::invalid(
+                        format!("apply.tables[{i}]"),
+                        "expected schema.table",
+                    ));
+                }
+            }
+            if apply.batch_max_changes == 0 {
+                return Err(ConfigError::invalid(
+                    "apply.batch_max_changes",
+                    "must be at least 1",
+                ));
+            }
+            if apply.create_tables {
+                return Err(ConfigError::invalid(
+                    "apply.create_tables",
+                    "creating target tables is not implemented yet; create them (e.g. with pg_dump --schema-only)",
+                ));
+            }
+            for (i, t) in apply.targets.iter().enumerate() {
+                if t.password.is_some() && t.password_file.is_some() {
+                    return Err(ConfigError::invalid(
+                        format!("apply.targets[{i}].password_file"),
+                        "set either password or password_file, not both",
+                    ));
+                }
+            }
+        }
         let kafka = &self.kafka;
         if kafka.brokers.trim().is_empty() {
             return Err(ConfigError::invalid(
@@ -126,20 +174,43 @@ impl Config {
 
     /// Moves `password` / `password_file` into the connection settings.
     pub(super) fn resolve_secrets(&mut self) -> Result<(), ConfigError> {
-        let Some(source) = &mut self.source else {
-            return Ok(());
-        };
-        if let Some(password) = &source.password {
-            source.url.set_password(password.expose());
-        } else if let Some(path) = &source.password_file {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                ConfigError::invalid(
-                    "source.password_file",
-                    format!("cannot read {}: {e}", path.display()),
-                )
-            })?;
-            source.url.set_password(text.trim_end_matches(['\n', '\r']));
+        if let Some(source) = &mut self.source {
+            resolve_password(
+                &mut source.url,
+                source.password.as_ref(),
+                source.password_file.as_deref(),
+                "source.password_file",
+            )?;
+        }
+        if let Some(apply) = &mut self.apply {
+            for (i, t) in apply.targets.iter_mut().enumerate() {
+                let path = format!("apply.targets[{i}].password_file");
+                resolve_password(
+                    &mut t.url,
+                    t.password.as_ref(),
+                    t.password_file.as_deref(),
+                    &path,
+                )?;
+            }
         }
         Ok(())
     }
+}
+
+/// Moves a password from the config or a file into the connection settings.
+fn resolve_password(
+    url: &mut super::PgUrl,
+    password: Option<&super::Secret>,
+    file: Option<&std::path::Path>,
+    file_key: &str,
+) -> Result<(), ConfigError> {
+    if let Some(password) = password {
+        url.set_password(password.expose());
+    } else if let Some(path) = file {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::invalid(file_key, format!("cannot read {}: {e}", path.display()))
+        })?;
+        url.set_password(text.trim_end_matches(['\n', '\r']));
+    }
+    Ok(())
 }

@@ -1,7 +1,8 @@
 //! Liveness and readiness state, written by the pipeline and read by `/healthz`, `/readyz`.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::pgtime::PgTimestamp;
@@ -14,7 +15,8 @@ pub struct Health {
 
 #[derive(Debug, Default)]
 struct Inner {
-    ready: AtomicBool,
+    /// Readiness per pipeline component (capture, each apply worker).
+    components: Mutex<BTreeMap<String, bool>>,
     last_beat_ms: AtomicI64,
 }
 
@@ -26,14 +28,29 @@ impl Health {
             .store(PgTimestamp::now().unix_millis(), Ordering::Relaxed);
     }
 
-    /// Sets readiness: connected and streaming.
-    pub fn set_ready(&self, ready: bool) {
-        self.inner.ready.store(ready, Ordering::Relaxed);
+    /// Registers a component as not ready yet; readiness waits for every registered one.
+    pub fn register(&self, component: &str) {
+        self.components()
+            .entry(component.to_owned())
+            .or_insert(false);
     }
 
-    /// Readiness.
+    /// Sets one component's readiness (connected and streaming or applying).
+    pub fn set_ready(&self, component: &str, ready: bool) {
+        self.components().insert(component.to_owned(), ready);
+    }
+
+    /// Ready when at least one component is registered and all of them are ready.
     pub fn is_ready(&self) -> bool {
-        self.inner.ready.load(Ordering::Relaxed)
+        let c = self.components();
+        !c.is_empty() && c.values().all(|r| *r)
+    }
+
+    fn components(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, bool>> {
+        self.inner
+            .components
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Liveness: the loop beat within `timeout`.

@@ -1,7 +1,9 @@
 //! Every Prometheus metric pgferry exports, defined once. Names follow
 //! `pgferry_<what>_<unit>[_total]`; labels are low-cardinality (table, op), never a key.
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 /// The registry and handles to each metric.
 #[derive(Clone)]
@@ -33,6 +35,16 @@ pub struct Metrics {
     pub ready: IntGauge,
     /// Capture restarts after transient errors.
     pub restarts: IntCounter,
+    /// Changes applied to targets, by table and op.
+    pub apply_changes: IntCounterVec,
+    /// Source transactions applied.
+    pub apply_transactions: IntCounter,
+    /// Target transactions committed (each holds one or more source transactions).
+    pub apply_batches: IntCounter,
+    /// Records sent to the dead-letter topic (or that stopped apply).
+    pub apply_dead_letters: IntCounter,
+    /// Seconds between the source commit and its apply commit, for the last batch.
+    pub apply_lag_seconds: Gauge,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -141,6 +153,37 @@ impl Metrics {
                 "pgferry_restarts_total",
                 "Pipeline restarts after transient errors.",
             ),
+            apply_changes: counter_vec(
+                r,
+                "pgferry_apply_changes_total",
+                "Changes applied to target databases.",
+                &["table", "op"],
+            ),
+            apply_transactions: counter(
+                r,
+                "pgferry_apply_transactions_total",
+                "Source transactions applied.",
+            ),
+            apply_batches: counter(
+                r,
+                "pgferry_apply_batches_total",
+                "Target transactions committed by apply.",
+            ),
+            apply_dead_letters: counter(
+                r,
+                "pgferry_apply_dead_letters_total",
+                "Records that could not be applied (dead-lettered or stopped apply).",
+            ),
+            apply_lag_seconds: {
+                let g = Gauge::new(
+                    "pgferry_apply_lag_seconds",
+                    "Seconds from source commit to apply commit, last batch.",
+                )
+                .expect("metric definition is valid");
+                r.register(Box::new(g.clone()))
+                    .expect("metric registered once");
+                g
+            },
             registry,
         }
     }

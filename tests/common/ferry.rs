@@ -185,3 +185,25 @@ impl Drop for Ferry {
         }
     }
 }
+
+/// An apply-only config: `targets` (database URLs) follow `node`'s stream under `prefix`.
+pub fn apply_config(
+    node: &str,
+    prefix: &str,
+    targets: &[String],
+    brokers: &str,
+    metrics_port: u16,
+    extra_apply: &str,
+) -> String {
+    let targets: String = targets
+        .iter()
+        .map(|t| format!("    - url: {t}\n"))
+        .collect();
+    format!(
+        "node_id: applier\n\
+         kafka:\n  brokers: {brokers}\n  topic_prefix: {prefix}\n\
+         apply:\n  mode: replica\n  nodes: [{node}]\n  targets:\n{targets}{extra_apply}\
+         metrics:\n  listen: 127.0.0.1:{metrics_port}\n\
+         log:\n  format: text\n  level: info,pgferry=debug\n"
+    )
+}

@@ -205,3 +205,40 @@ pub async fn wait_ready(cluster: &PgCluster, timeout: Duration) {
     })
     .await;
 }
+
+/// Runs pgbench against a database of the cluster; panics with its output on failure.
+pub fn pgbench(cluster: &PgCluster, db: &str, args: &[&str]) {
+    let out = Command::new(pg_bin("pgbench"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &cluster.port.to_string(),
+            "-U",
+            "postgres",
+        ])
+        .args(args)
+        .arg(db)
+        .output()
+        .expect("run pgbench");
+    assert!(
+        out.status.success(),
+        "pgbench {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An order-independent fingerprint of a table's rows: md5 of all rows' text, sorted.
+pub async fn table_checksum(client: &Client, table: &str) -> (i64, String) {
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT count(*), md5(coalesce(string_agg(t::text, '|' ORDER BY t::text), '')) FROM {table} t"
+            ),
+            &[],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("checksum {table}: {e}"));
+    (row.get(0), row.get(1))
+}

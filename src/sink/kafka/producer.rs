@@ -281,3 +281,25 @@ impl KafkaSink {
         }
     }
 }
+
+/// Creates a topic unless it exists (for topics the apply side reads or writes).
+pub async fn create_topic(
+    config: &KafkaConfig,
+    topic: &str,
+    partitions: i32,
+) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = client_config(config).create()?;
+    let new = NewTopic::new(
+        topic,
+        partitions,
+        TopicReplication::Fixed(config.topic_replication_factor),
+    );
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for r in admin.create_topics([&new], &opts).await? {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((_, code)) => return Err(KafkaError::AdminOp(code)),
+        }
+    }
+    Ok(())
+}

@@ -138,10 +138,10 @@ impl Capture {
             last_status: Instant::now(),
             interval: source.status_interval,
         };
-        self.health.set_ready(true);
+        self.health.set_ready("capture", true);
         self.metrics.ready.set(1);
         let result = self.stream_loop(&mut state, &shutdown).await;
-        self.health.set_ready(false);
+        self.health.set_ready("capture", false);
         self.metrics.ready.set(0);
         result?;
         // Graceful stop: intake has stopped; drain Kafka, confirm what it holds, leave.

@@ -1,0 +1,243 @@
+//! Node-stream records → apply steps. Pure.
+//!
+//! [`parse`] turns one record of `<prefix>.__node.<node>` into a typed item, or says precisely
+//! why it cannot. [`Framer`] decides, record by record, what the applier does: start a source
+//! transaction, apply a change, end it, or ignore the record. It owns the two rules that make
+//! apply exactly-once on top of an at-least-once stream:
+//! - a transaction whose commit LSN is not above the last one applied is a replay: skipped;
+//! - a begin that arrives while another transaction is still open means the open one was cut
+//!   off by a capture crash and will be replayed whole later: it is an *orphan*, and the
+//!   applier rolls back, remembers the orphan's offset, and replays from its last commit.
+
+use std::collections::HashSet;
+
+use serde_json::{Map, Value};
+
+use crate::event::Op;
+use crate::lsn::Lsn;
+
+/// A record that is not a well-formed node-stream message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed node-stream message: {0}")]
+pub struct MalformedMessage(pub String);
+
+/// Opens a source transaction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BeginMarker {
+    /// Source commit LSN.
+    pub commit_lsn: Lsn,
+    /// Source commit time, microseconds since the Unix epoch.
+    pub commit_ts_us: i64,
+    /// The initial snapshot (rows are `op: "r"`).
+    pub snapshot: bool,
+}
+
+/// One row change (or truncate).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangeItem {
+    /// Source schema.
+    pub schema: String,
+    /// Source table.
+    pub table: String,
+    /// What happened.
+    pub op: Op,
+    /// Old row (key columns or full).
+    pub before: Option<Map<String, Value>>,
+    /// New row, without unchanged-TOAST columns.
+    pub after: Option<Map<String, Value>>,
+}
+
+/// Closes a source transaction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommitMarker {
+    /// Source commit LSN (same as the begin's).
+    pub commit_lsn: Lsn,
+    /// Changes the transaction carried.
+    pub changes: u64,
+}
+
+/// One parsed record.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamItem {
+    /// `type: begin`.
+    Begin(BeginMarker),
+    /// `type: change`.
+    Change(ChangeItem),
+    /// `type: commit`.
+    Commit(CommitMarker),
+}
+
+fn field<'a>(v: &'a Value, name: &str) -> Result<&'a Value, MalformedMessage> {
+    v.get(name)
+        .ok_or_else(|| MalformedMessage(format!("missing field `{name}`")))
+}
+
+fn string<'a>(v: &'a Value, name: &str) -> Result<&'a str, MalformedMessage> {
+    field(v, name)?
+        .as_str()
+        .ok_or_else(|| MalformedMessage(format!("field `{name}` is not a string")))
+}
+
+fn lsn(v: &Value, name: &str) -> Result<Lsn, MalformedMessage> {
+    string(v, name)?
+        .parse()
+        .map_err(|e| MalformedMessage(format!("field `{name}`: {e}")))
+}
+
+fn row(v: &Value, name: &str) -> Result<Option<Map<String, Value>>, MalformedMessage> {
+    match v.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(m)) => Ok(Some(m.clone())),
+        Some(_) => Err(MalformedMessage(format!("field `{name}` is not an object"))),
+    }
+}
+
+/// Parses one node-stream record.
+pub fn parse(bytes: Option<&[u8]>) -> Result<StreamItem, MalformedMessage> {
+    let bytes = bytes.ok_or_else(|| MalformedMessage("empty value".into()))?;
+    let v: Value =
+        serde_json::from_slice(bytes).map_err(|e| MalformedMessage(format!("not JSON: {e}")))?;
+    match string(&v, "type")? {
+        "begin" => Ok(StreamItem::Begin(BeginMarker {
+            commit_lsn: lsn(&v, "commit_lsn")?,
+            commit_ts_us: field(&v, "commit_ts_us")?
+                .as_i64()
+                .ok_or_else(|| MalformedMessage("field `commit_ts_us` is not an integer".into()))?,
+            snapshot: field(&v, "snapshot")?.as_bool().unwrap_or(false),
+        })),
+        "commit" => Ok(StreamItem::Commit(CommitMarker {
+            commit_lsn: lsn(&v, "commit_lsn")?,
+            changes: field(&v, "changes")?.as_u64().unwrap_or(0),
+        })),
+        "change" => {
+            let change = field(&v, "change")?;
+            let source = field(change, "source")?;
+            let op = match string(change, "op")? {
+                "c" => Op::Create,
+                "u" => Op::Update,
+                "d" => Op::Delete,
+                "r" => Op::Read,
+                "t" => Op::Truncate,
+                other => return Err(MalformedMessage(format!("unknown op {other:?}"))),
+            };
+            Ok(StreamItem::Change(ChangeItem {
+                schema: string(source, "schema")?.to_owned(),
+                table: string(source, "table")?.to_owned(),
+                op,
+                before: row(change, "before")?,
+                after: row(change, "after")?,
+            }))
+        }
+        other => Err(MalformedMessage(format!("unknown record type {other:?}"))),
+    }
+}
+
+/// What the applier does with a record.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// Open (or continue) a target transaction for this source transaction.
+    Start(BeginMarker),
+    /// Apply this change.
+    Apply(ChangeItem),
+    /// The source transaction is complete; its records up to `offset` may be committed.
+    End(CommitMarker),
+    /// Nothing to do (replayed or orphaned transaction, stray record).
+    Ignore,
+    /// The open transaction starting at this offset was cut off: roll back, call
+    /// [`Framer::orphan`], and replay from the last committed offset.
+    Orphaned(i64),
+}
+
+/// The exactly-once state machine over one node stream.
+#[derive(Debug)]
+pub struct Framer {
+    applied: Lsn,
+    /// Begin offset, commit LSN and commit time of the open source transaction.
+    open: Option<(i64, Lsn, i64)>,
+    last_commit_ts_us: i64,
+    skipping: bool,
+    orphans: HashSet<i64>,
+}
+
+impl Framer {
+    /// Starts after the last source commit applied to the target.
+    pub fn new(applied: Lsn) -> Self {
+        Framer {
+            applied,
+            open: None,
+            last_commit_ts_us: 0,
+            skipping: false,
+            orphans: HashSet::new(),
+        }
+    }
+
+    /// True while a source transaction is open (begun, not yet committed).
+    pub fn is_open(&self) -> bool {
+        self.open.is_some()
+    }
+
+    /// Commit time (µs since the Unix epoch) of the last transaction that ended.
+    pub fn commit_ts_us(&self) -> i64 {
+        self.last_commit_ts_us
+    }
+
+    /// The last source commit LSN this framer let through.
+    pub fn applied(&self) -> Lsn {
+        self.applied
+    }
+
+    /// Marks the begin at `offset` as an orphan and forgets any open transaction; the caller
+    /// rewinds to its last committed offset. `applied` is what the target really holds.
+    pub fn orphan(&mut self, offset: i64, applied: Lsn) {
+        self.orphans.insert(offset);
+        self.open = None;
+        self.skipping = false;
+        self.applied = applied;
+    }
+
+    /// Rewinds to `applied` after a rollback (e.g. a transient error), keeping known orphans.
+    pub fn rewind(&mut self, applied: Lsn) {
+        self.open = None;
+        self.skipping = false;
+        self.applied = applied;
+    }
+
+    /// Decides what to do with the record at `offset`.
+    pub fn step(&mut self, offset: i64, item: StreamItem) -> Step {
+        match item {
+            StreamItem::Begin(begin) => {
+                if let Some((begin_offset, _, _)) = self.open {
+                    return Step::Orphaned(begin_offset);
+                }
+                if self.orphans.contains(&offset) || begin.commit_lsn <= self.applied {
+                    self.skipping = true;
+                    return Step::Ignore;
+                }
+                self.skipping = false;
+                self.open = Some((offset, begin.commit_lsn, begin.commit_ts_us));
+                Step::Start(begin)
+            }
+            StreamItem::Change(change) => {
+                if self.skipping || self.open.is_none() {
+                    Step::Ignore
+                } else {
+                    Step::Apply(change)
+                }
+            }
+            StreamItem::Commit(commit) => {
+                let was_skipping = std::mem::replace(&mut self.skipping, false);
+                match self.open.take() {
+                    Some((_, lsn, ts)) if !was_skipping && lsn == commit.commit_lsn => {
+                        self.applied = commit.commit_lsn;
+                        self.last_commit_ts_us = ts;
+                        Step::End(commit)
+                    }
+                    _ => Step::Ignore,
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,130 @@
+use serde_json::json;
+
+use super::*;
+
+fn begin(lsn: u64) -> StreamItem {
+    StreamItem::Begin(BeginMarker {
+        commit_lsn: Lsn(lsn),
+        commit_ts_us: 0,
+        snapshot: false,
+    })
+}
+
+fn change(n: i64) -> StreamItem {
+    StreamItem::Change(ChangeItem {
+        schema: "s".into(),
+        table: "t".into(),
+        op: Op::Create,
+        before: None,
+        after: json!({"id": n}).as_object().cloned(),
+    })
+}
+
+fn commit(lsn: u64) -> StreamItem {
+    StreamItem::Commit(CommitMarker {
+        commit_lsn: Lsn(lsn),
+        changes: 1,
+    })
+}
+
+fn kinds(steps: &[Step]) -> String {
+    steps
+        .iter()
+        .map(|s| match s {
+            Step::Start(_) => 'B',
+            Step::Apply(_) => 'a',
+            Step::End(_) => 'C',
+            Step::Ignore => '.',
+            Step::Orphaned(_) => 'X',
+        })
+        .collect()
+}
+
+#[test]
+fn replayed_transactions_are_skipped() {
+    let mut f = Framer::new(Lsn(10));
+    let items = [
+        begin(10),
+        change(1),
+        commit(10),
+        begin(20),
+        change(2),
+        commit(20),
+    ];
+    let steps: Vec<Step> = items
+        .into_iter()
+        .enumerate()
+        .map(|(i, it)| f.step(i as i64, it))
+        .collect();
+    assert_eq!(kinds(&steps), "...BaC");
+    assert_eq!(f.applied(), Lsn(20));
+}
+
+#[test]
+fn orphan_is_detected_and_skipped_on_replay() {
+    let mut f = Framer::new(Lsn(0));
+    // Offsets: 0 begin(5) 1 change 2 commit | 3 begin(9) 4 change [crash] 5 begin(9) 6 change 7 change 8 commit
+    let stream = vec![
+        begin(5),
+        change(1),
+        commit(5),
+        begin(9),
+        change(2),
+        begin(9),
+        change(2),
+        change(3),
+        commit(9),
+    ];
+    let mut steps = Vec::new();
+    for (i, it) in stream.iter().cloned().enumerate().take(6) {
+        steps.push(f.step(i as i64, it));
+    }
+    assert_eq!(kinds(&steps), "BaCBaX");
+    assert_eq!(steps[5], Step::Orphaned(3));
+    // The applier rolled back to its last commit (offset 2 done, lsn 5) and replays from 3.
+    f.orphan(3, Lsn(5));
+    let replay: Vec<Step> = stream
+        .iter()
+        .cloned()
+        .enumerate()
+        .skip(3)
+        .map(|(i, it)| f.step(i as i64, it))
+        .collect();
+    assert_eq!(kinds(&replay), "..BaaC");
+    assert_eq!(f.applied(), Lsn(9));
+}
+
+#[test]
+fn changes_outside_a_transaction_are_ignored() {
+    let mut f = Framer::new(Lsn(0));
+    assert_eq!(f.step(0, change(1)), Step::Ignore);
+    assert_eq!(f.step(1, commit(3)), Step::Ignore);
+}
+
+#[test]
+fn parse_rejects_with_reasons() {
+    assert!(parse(None).unwrap_err().0.contains("empty"));
+    assert!(parse(Some(b"garbage")).unwrap_err().0.contains("not JSON"));
+    assert!(parse(Some(br#"{"type":"begin"}"#))
+        .unwrap_err()
+        .0
+        .contains("commit_lsn"));
+    assert!(parse(Some(br#"{"type":"nope"}"#))
+        .unwrap_err()
+        .0
+        .contains("unknown record type"));
+    let ok = parse(Some(
+        br#"{"type":"change","topic":"p.s.t","key":{"id":1},"change":{"op":"u","before":null,"after":{"id":1},"source":{"schema":"s","table":"t"}}}"#,
+    ))
+    .unwrap();
+    match ok {
+        StreamItem::Change(c) => {
+            assert_eq!(
+                (c.schema.as_str(), c.table.as_str(), c.op),
+                ("s", "t", Op::Update)
+            );
+            assert_eq!(c.after.unwrap()["id"], 1);
+        }
+        other => panic!("{other:?}"),
+    }
+}

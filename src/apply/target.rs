@@ -1,0 +1,172 @@
+//! One target database: session setup, progress bookkeeping, table descriptions, and the
+//! text-format parameter type. I/O only; statement text comes from [`super::sql`].
+//!
+//! Progress is stored twice, atomically with the data, in every apply transaction:
+//! - the replication origin `pgferry_<node>_<target db>` (via `pg_replication_origin_xact_setup`), which
+//!   stamps the applied rows with the source commit timestamp and keeps `remote_lsn`;
+//! - `pgferry.apply_progress`, which also records the Kafka offset to resume from.
+
+use std::error::Error;
+
+use bytes::BytesMut;
+use tokio_postgres::types::{to_sql_checked, Format, IsNull, Kind, ToSql, Type};
+use tokio_postgres::Client;
+
+use crate::lsn::Lsn;
+use crate::value::{builtin, PgType};
+
+/// Where a target stands for one source node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Kafka offset of the next node-stream record to read.
+    pub next_offset: i64,
+    /// Last source commit LSN applied.
+    pub commit_lsn: Lsn,
+}
+
+/// Replication origin name for a source node applied into one target database. Origins are
+/// cluster-wide and held exclusively by one session, so two target databases in one cluster
+/// need different names. Capture recognises pgferry's applies by the `pgferry_` prefix.
+pub fn origin_name(node: &str, target_db: &str) -> String {
+    format!("pgferry_{node}_{target_db}")
+}
+
+/// Prepares an apply session: replica role (no user triggers, no FK checks, like native
+/// logical replication), bookkeeping table, and the node's replication origin.
+pub async fn prepare_session(
+    client: &Client,
+    node: &str,
+    target_db: &str,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .batch_execute(
+            "SET session_replication_role = replica;
+             CREATE SCHEMA IF NOT EXISTS pgferry;
+             CREATE TABLE IF NOT EXISTS pgferry.apply_progress (
+                 source_node text PRIMARY KEY,
+                 next_offset bigint NOT NULL,
+                 commit_lsn pg_lsn NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await?;
+    let origin = origin_name(node, target_db);
+    client
+        .execute(
+            "SELECT pg_replication_origin_create($1)
+              WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1)",
+            &[&origin],
+        )
+        .await?;
+    client
+        .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
+        .await
+        .map(drop)
+}
+
+/// The stored progress for a source node, if any.
+pub async fn read_progress(
+    client: &Client,
+    node: &str,
+) -> Result<Option<Progress>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT next_offset, commit_lsn::text FROM pgferry.apply_progress WHERE source_node = $1",
+            &[&node],
+        )
+        .await?;
+    Ok(row.map(|r| Progress {
+        next_offset: r.get(0),
+        commit_lsn: r.get::<_, String>(1).parse().unwrap_or_default(),
+    }))
+}
+
+/// Statement that stamps the transaction with the source commit (origin LSN and timestamp).
+pub const ORIGIN_XACT_SETUP: &str =
+    "SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, $2::text::timestamptz)";
+
+/// Statement that records progress; parameters: node, next offset, commit LSN.
+pub const RECORD_PROGRESS: &str = "INSERT INTO pgferry.apply_progress (source_node, next_offset, commit_lsn)
+     VALUES ($1::text, $2::text::bigint, $3::text::pg_lsn)
+     ON CONFLICT (source_node) DO UPDATE
+        SET next_offset = EXCLUDED.next_offset, commit_lsn = EXCLUDED.commit_lsn, applied_at = now()";
+
+/// A target table's columns and primary key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetTable {
+    /// Column names.
+    pub columns: Vec<String>,
+    /// Primary-key columns (empty when the table has none).
+    pub key: Vec<String>,
+}
+
+/// Describes a target table; `None` when it does not exist.
+pub async fn describe(
+    client: &Client,
+    schema: &str,
+    table: &str,
+) -> Result<Option<TargetTable>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text,
+                    COALESCE(a.attnum = ANY(i.indkey::int2[]), false)
+               FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+               LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
+              WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')
+              ORDER BY a.attnum",
+            &[&schema, &table],
+        )
+        .await?;
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(TargetTable {
+        columns: rows.iter().map(|r| r.get(0)).collect(),
+        key: rows
+            .iter()
+            .filter(|r| r.get::<_, bool>(1))
+            .map(|r| r.get(0))
+            .collect(),
+    }))
+}
+
+/// How to render JSON for a parameter of this (server-inferred) type.
+pub fn param_kind(ty: &Type) -> PgType {
+    if let Some(t) = builtin(ty.oid()) {
+        return t;
+    }
+    match ty.kind() {
+        Kind::Array(element) => PgType::Array(Box::new(param_kind(element))),
+        Kind::Domain(base) => param_kind(base),
+        Kind::Enum(_) => PgType::Enum,
+        _ => PgType::Unknown,
+    }
+}
+
+/// A parameter sent in text format, parsed by the server's input function for the column's
+/// type: exact for every type, with no casts in the SQL.
+#[derive(Debug, Clone)]
+pub struct TextParam(pub Option<String>);
+
+impl ToSql for TextParam {
+    fn to_sql(&self, _: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn Error + Sync + Send>> {
+        match &self.0 {
+            None => Ok(IsNull::Yes),
+            Some(text) => {
+                out.extend_from_slice(text.as_bytes());
+                Ok(IsNull::No)
+            }
+        }
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    fn encode_format(&self, _: &Type) -> Format {
+        Format::Text
+    }
+
+    to_sql_checked!();
+}

@@ -1,0 +1,529 @@
+//! One apply worker: a source node's stream into one target database.
+//!
+//! Reads `<prefix>.__node.<node>` from the offset stored in the target, frames it into source
+//! transactions ([`Framer`]), and applies whole source transactions in commit order, several
+//! per target transaction when they arrive back to back. Statements are pipelined. The
+//! progress row and the replication origin are written in the same target transaction as the
+//! data, so a crash at any point neither loses nor repeats a change.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::{json, Map, Value};
+use tokio_postgres::{Client, Statement};
+use tokio_util::sync::CancellationToken;
+
+use super::error::ApplyError;
+use super::params::json_to_text;
+use super::sql;
+use super::stream::{parse, ChangeItem, Framer, Step};
+use super::target::{self, param_kind, TargetTable, TextParam};
+use crate::config::{ApplyConfig, KafkaConfig, OnBadMessage, TargetConfig};
+use crate::event::Op;
+use crate::lsn::Lsn;
+use crate::pgtime::PgTimestamp;
+use crate::sink::kafka::node_stream::node_stream_topic;
+use crate::sink::kafka::producer::{client_config, create_topic};
+use crate::telemetry::{Health, Metrics};
+
+/// Statements in flight before the worker waits for their results.
+const PIPELINE_DEPTH: usize = 512;
+/// How long to wait for more records before committing a batch of complete transactions.
+const BATCH_LINGER: Duration = Duration::from_millis(5);
+
+type Pending<'a> = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>>;
+
+/// What one worker needs.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// Source node whose stream is applied.
+    pub node: String,
+    /// The target.
+    pub target: TargetConfig,
+    /// `apply:`.
+    pub apply: ApplyConfig,
+    /// `kafka:`.
+    pub kafka: KafkaConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct StatementKey {
+    schema: String,
+    table: String,
+    kind: &'static str,
+    columns: Vec<String>,
+}
+
+/// A source transaction boundary that is complete in the open target transaction.
+#[derive(Debug, Clone, Copy)]
+struct Completed {
+    commit_lsn: Lsn,
+    commit_ts_us: i64,
+    offset: i64,
+}
+
+struct Worker {
+    settings: WorkerSettings,
+    metrics: Arc<Metrics>,
+    health: Health,
+    dead_letters: FutureProducer,
+    dead_letter_topic: String,
+    tables: HashMap<(String, String), Option<TargetTable>>,
+    statements: HashMap<StatementKey, Statement>,
+    /// Committed position: what the target durably holds.
+    committed: target::Progress,
+    in_target_txn: bool,
+    last_completed: Option<Completed>,
+    batch_changes: u64,
+    batch_txns: u64,
+}
+
+/// Runs one worker until shutdown or an error.
+pub async fn run(
+    settings: WorkerSettings,
+    metrics: Arc<Metrics>,
+    health: Health,
+    shutdown: CancellationToken,
+) -> Result<(), ApplyError> {
+    let app_name = format!("pgferry-apply-{}", settings.node);
+    let client = crate::source::catalog::connect(settings.target.url.config(), &app_name)
+        .await
+        .map_err(ApplyError::sql("connecting to the target"))?;
+    target::prepare_session(&client, &settings.node, settings.target.url.dbname())
+        .await
+        .map_err(ApplyError::sql(
+            "preparing the apply session (needs superuser or replication origin privileges)",
+        ))?;
+    let committed = target::read_progress(&client, &settings.node)
+        .await
+        .map_err(ApplyError::sql("reading pgferry.apply_progress"))?
+        .unwrap_or(target::Progress {
+            next_offset: 0,
+            commit_lsn: Lsn::ZERO,
+        });
+    let topic = node_stream_topic(&settings.kafka.topic_prefix, &settings.node);
+    let consumer: StreamConsumer = client_config(&settings.kafka)
+        .set("group.id", format!("pgferry-apply-{}", settings.node))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("fetch.wait.max.ms", "50")
+        .create()
+        .map_err(ApplyError::Kafka)?;
+    let dead_letters: FutureProducer = client_config(&settings.kafka)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .create()
+        .map_err(ApplyError::Kafka)?;
+    let dead_letter_topic = settings
+        .apply
+        .dead_letter_topic
+        .clone()
+        .unwrap_or_else(|| format!("{}.__dead_letter", settings.kafka.topic_prefix));
+    if settings.kafka.create_topics {
+        for t in [&topic, &dead_letter_topic] {
+            create_topic(&settings.kafka, t, 1)
+                .await
+                .map_err(ApplyError::Kafka)?;
+        }
+    }
+    let mut worker = Worker {
+        settings,
+        metrics,
+        health,
+        dead_letters,
+        dead_letter_topic,
+        tables: HashMap::new(),
+        statements: HashMap::new(),
+        committed,
+        in_target_txn: false,
+        last_completed: None,
+        batch_changes: 0,
+        batch_txns: 0,
+    };
+    tracing::info!(node = %worker.settings.node, target = %worker.settings.target.url.display_target(),
+                   offset = committed.next_offset, applied = %committed.commit_lsn, "applying");
+    let mut framer = Framer::new(committed.commit_lsn);
+    worker.assign(&consumer, &topic)?;
+    let component = format!(
+        "apply:{}:{}",
+        worker.settings.node,
+        worker.settings.target.url.display_target()
+    );
+    worker.health.set_ready(&component, true);
+    let result = worker
+        .apply_loop(&client, &consumer, &topic, &mut framer, &shutdown)
+        .await;
+    worker.health.set_ready(&component, false);
+    result
+}
+
+impl Worker {
+    fn assign(&self, consumer: &StreamConsumer, topic: &str) -> Result<(), ApplyError> {
+        let mut list = TopicPartitionList::new();
+        list.add_partition_offset(topic, 0, Offset::Offset(self.committed.next_offset))
+            .map_err(ApplyError::Kafka)?;
+        consumer.assign(&list).map_err(ApplyError::Kafka)
+    }
+
+    async fn apply_loop(
+        &mut self,
+        client: &Client,
+        consumer: &StreamConsumer,
+        topic: &str,
+        framer: &mut Framer,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ApplyError> {
+        let mut pending: Vec<Pending<'_>> = Vec::new();
+        loop {
+            self.health.beat();
+            let linger = if self.last_completed.is_some() && !framer.is_open() {
+                BATCH_LINGER
+            } else {
+                Duration::from_secs(1)
+            };
+            let message = tokio::select! {
+                _ = shutdown.cancelled() => None,
+                m = tokio::time::timeout(linger, consumer.recv()) => match m {
+                    Ok(Ok(m)) => Some(m),
+                    Ok(Err(e)) => return Err(ApplyError::Kafka(e)),
+                    Err(_) => {
+                        // Quiet: commit the complete transactions we hold.
+                        if self.last_completed.is_some() && !framer.is_open() {
+                            self.commit_batch(client, &mut pending).await?;
+                        }
+                        continue;
+                    }
+                },
+            };
+            let Some(message) = message else {
+                if !framer.is_open() && self.last_completed.is_some() {
+                    self.commit_batch(client, &mut pending).await?;
+                }
+                return Ok(());
+            };
+            let offset = message.offset();
+            let item = match parse(message.payload()) {
+                Ok(item) => item,
+                Err(e) => {
+                    self.bad_message(&message, &e.to_string()).await?;
+                    continue;
+                }
+            };
+            match framer.step(offset, item) {
+                Step::Ignore => {}
+                Step::Start(_) => {
+                    if !self.in_target_txn {
+                        pending.push(Box::pin(async move {
+                            client.batch_execute("BEGIN").await.map(|_| 0)
+                        }));
+                        self.in_target_txn = true;
+                    }
+                }
+                Step::Apply(change) => {
+                    self.apply_change(client, &mut pending, &message, change)
+                        .await?;
+                    if pending.len() >= PIPELINE_DEPTH {
+                        flush(&mut pending)
+                            .await
+                            .map_err(ApplyError::sql("applying changes"))?;
+                    }
+                }
+                Step::End(commit) => {
+                    self.batch_txns += 1;
+                    self.last_completed = Some(Completed {
+                        commit_lsn: commit.commit_lsn,
+                        commit_ts_us: framer.commit_ts_us(),
+                        offset,
+                    });
+                    if self.batch_changes >= u64::from(self.settings.apply.batch_max_changes) {
+                        self.commit_batch(client, &mut pending).await?;
+                    }
+                }
+                Step::Orphaned(begin_offset) => {
+                    tracing::warn!(node = %self.settings.node, offset = begin_offset,
+                                   "transaction cut off by a capture restart; replaying from the last commit");
+                    drop(message);
+                    self.rollback(client, &mut pending).await?;
+                    framer.orphan(begin_offset, self.committed.commit_lsn);
+                    self.assign(consumer, topic)?;
+                }
+            }
+        }
+    }
+
+    async fn rollback(
+        &mut self,
+        client: &Client,
+        pending: &mut Vec<Pending<'_>>,
+    ) -> Result<(), ApplyError> {
+        let _ = flush(pending).await;
+        if self.in_target_txn {
+            client
+                .batch_execute("ROLLBACK")
+                .await
+                .map_err(ApplyError::sql("rolling back"))?;
+        }
+        self.in_target_txn = false;
+        self.last_completed = None;
+        self.batch_changes = 0;
+        self.batch_txns = 0;
+        Ok(())
+    }
+
+    /// Stamps the origin, records progress, commits: all in the target transaction that
+    /// holds the data.
+    async fn commit_batch<'c>(
+        &mut self,
+        client: &'c Client,
+        pending: &mut Vec<Pending<'c>>,
+    ) -> Result<(), ApplyError> {
+        let Some(done) = self.last_completed.take() else {
+            return Ok(());
+        };
+        let lsn = done.commit_lsn.to_string();
+        let ts = PgTimestamp::from_unix_micros(done.commit_ts_us).to_rfc3339();
+        let next = (done.offset + 1).to_string();
+        let node = self.settings.node.clone();
+        pending.push(Box::pin(async move {
+            client
+                .execute(target::ORIGIN_XACT_SETUP, &[&lsn, &ts])
+                .await?;
+            client
+                .execute(target::RECORD_PROGRESS, &[&node, &next, &lsn])
+                .await?;
+            client.batch_execute("COMMIT").await.map(|_| 0)
+        }));
+        flush(pending)
+            .await
+            .map_err(ApplyError::sql("committing applied transactions"))?;
+        self.in_target_txn = false;
+        self.committed = target::Progress {
+            next_offset: done.offset + 1,
+            commit_lsn: done.commit_lsn,
+        };
+        self.metrics.apply_transactions.inc_by(self.batch_txns);
+        self.metrics.apply_batches.inc();
+        self.metrics
+            .apply_lag_seconds
+            .set((PgTimestamp::now().unix_micros() - done.commit_ts_us) as f64 / 1e6);
+        self.batch_changes = 0;
+        self.batch_txns = 0;
+        Ok(())
+    }
+
+    async fn table(
+        &mut self,
+        client: &Client,
+        schema: &str,
+        table: &str,
+        refresh: bool,
+    ) -> Result<Option<TargetTable>, ApplyError> {
+        let key = (schema.to_owned(), table.to_owned());
+        if refresh || !self.tables.contains_key(&key) {
+            let described = target::describe(client, schema, table)
+                .await
+                .map_err(ApplyError::sql("describing a target table"))?;
+            self.tables.insert(key.clone(), described);
+        }
+        Ok(self.tables.get(&key).cloned().flatten())
+    }
+
+    async fn statement(
+        &mut self,
+        client: &Client,
+        key: StatementKey,
+        text: impl FnOnce() -> String,
+    ) -> Result<Statement, ApplyError> {
+        if let Some(s) = self.statements.get(&key) {
+            return Ok(s.clone());
+        }
+        let stmt = client
+            .prepare(&text())
+            .await
+            .map_err(ApplyError::sql("preparing an apply statement"))?;
+        self.statements.insert(key, stmt.clone());
+        Ok(stmt)
+    }
+
+    async fn apply_change<'c>(
+        &mut self,
+        client: &'c Client,
+        pending: &mut Vec<Pending<'c>>,
+        message: &BorrowedMessage<'_>,
+        change: ChangeItem,
+    ) -> Result<(), ApplyError> {
+        let qualified = format!("{}.{}", change.schema, change.table);
+        let wanted = &self.settings.apply.tables;
+        if !wanted.is_empty() && !wanted.contains(&qualified) {
+            return Ok(());
+        }
+        let Some(mut table) = self
+            .table(client, &change.schema, &change.table, false)
+            .await?
+        else {
+            return self
+                .bad_message(
+                    message,
+                    &format!("table {qualified} does not exist on the target"),
+                )
+                .await;
+        };
+        let row_columns = |m: &Option<Map<String, Value>>| -> Vec<String> {
+            m.as_ref()
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default()
+        };
+        let mut used = row_columns(&change.after);
+        used.extend(row_columns(&change.before));
+        if let Some(missing) = used.iter().find(|c| !table.columns.contains(c)) {
+            // The source may have gained a column: look again before giving up.
+            table = self
+                .table(client, &change.schema, &change.table, true)
+                .await?
+                .unwrap_or(table);
+            if !table.columns.contains(missing) {
+                return Err(ApplyError::ColumnMissing {
+                    table: qualified,
+                    column: missing.clone(),
+                });
+            }
+        }
+        let key: Vec<&str> = table.key.iter().map(String::as_str).collect();
+        let (kind, columns, values): (&'static str, Vec<String>, Vec<Value>) = match change.op {
+            Op::Create | Op::Read => {
+                let after = change.after.unwrap_or_default();
+                ("upsert", after.keys().cloned().collect(), after.into_iter().map(|(_, v)| v).collect())
+            }
+            Op::Update if !key.is_empty() => {
+                let after = change.after.unwrap_or_default();
+                let key_source = |k: &str| {
+                    after.get(k).or_else(|| change.before.as_ref().and_then(|b| b.get(k))).cloned()
+                };
+                let key_values: Option<Vec<Value>> = key.iter().map(|k| key_source(k)).collect();
+                let Some(key_values) = key_values else {
+                    return self.bad_message(message, &format!("update on {qualified} lacks key columns")).await;
+                };
+                let sets: Vec<(String, Value)> = after.into_iter().filter(|(c, _)| !table.key.contains(c)).collect();
+                if sets.is_empty() {
+                    return Ok(());
+                }
+                let mut columns: Vec<String> = sets.iter().map(|(c, _)| c.clone()).collect();
+                let mut values: Vec<Value> = sets.into_iter().map(|(_, v)| v).collect();
+                columns.extend(table.key.iter().cloned());
+                values.extend(key_values);
+                ("update", columns, values)
+            }
+            Op::Delete if !key.is_empty() => {
+                let before = change.before.unwrap_or_default();
+                let values: Option<Vec<Value>> = key.iter().map(|k| before.get(*k).cloned()).collect();
+                let Some(values) = values else {
+                    return self.bad_message(message, &format!("delete on {qualified} lacks key columns")).await;
+                };
+                ("delete", table.key.clone(), values)
+            }
+            Op::Delete => match change.before {
+                Some(before) if before.len() == table.columns.len() => {
+                    ("delete_matching", before.keys().cloned().collect(), before.into_iter().map(|(_, v)| v).collect())
+                }
+                _ => {
+                    return self
+                        .bad_message(message, &format!("delete on {qualified}: the target has no primary key and the change no full old row"))
+                        .await
+                }
+            },
+            Op::Update => {
+                return self
+                    .bad_message(message, &format!("update on {qualified}: the target table has no primary key"))
+                    .await
+            }
+            Op::Truncate => ("truncate", Vec::new(), Vec::new()),
+        };
+        let (schema, name) = (change.schema.clone(), change.table.clone());
+        let cols: Vec<&str> = columns.iter().map(String::as_str).collect();
+        let text = || match kind {
+            "upsert" => sql::upsert(&schema, &name, &cols, &key),
+            "update" => sql::update(&schema, &name, &cols[..cols.len() - key.len()], &key),
+            "delete" => sql::delete(&schema, &name, &key),
+            "delete_matching" => sql::delete_one_matching(&schema, &name, &cols),
+            _ => sql::truncate(&schema, &name),
+        };
+        let stmt_key = StatementKey {
+            schema: change.schema.clone(),
+            table: change.table.clone(),
+            kind,
+            columns: columns.clone(),
+        };
+        let stmt = self.statement(client, stmt_key, text).await?;
+        let mut params = Vec::with_capacity(values.len());
+        for (value, ty) in values.iter().zip(stmt.params()) {
+            match json_to_text(&param_kind(ty), value) {
+                Ok(text) => params.push(TextParam(text)),
+                Err(e) => {
+                    return self
+                        .bad_message(message, &format!("{qualified}: {e}"))
+                        .await
+                }
+            }
+        }
+        pending.push(Box::pin(
+            async move { client.execute_raw(&stmt, params).await },
+        ));
+        self.batch_changes += 1;
+        self.metrics
+            .apply_changes
+            .with_label_values(&[&qualified, change.op.code()])
+            .inc();
+        Ok(())
+    }
+
+    /// A record that cannot be applied: to the dead-letter topic (durably, before the batch
+    /// that skips it can commit), or stop, as configured. Never silently dropped.
+    async fn bad_message(
+        &mut self,
+        message: &BorrowedMessage<'_>,
+        reason: &str,
+    ) -> Result<(), ApplyError> {
+        self.metrics.apply_dead_letters.inc();
+        let location = format!(
+            "{}[{}]@{}",
+            message.topic(),
+            message.partition(),
+            message.offset()
+        );
+        if self.settings.apply.on_bad_message == OnBadMessage::Stop {
+            return Err(ApplyError::BadMessage {
+                location,
+                reason: reason.to_owned(),
+            });
+        }
+        tracing::warn!(%location, %reason, topic = %self.dead_letter_topic, "dead-lettering a record");
+        let body = json!({
+            "reason": reason,
+            "source_topic": message.topic(),
+            "partition": message.partition(),
+            "offset": message.offset(),
+            "node": self.settings.node,
+            "payload": message.payload().map(|p| String::from_utf8_lossy(p).into_owned()),
+        })
+        .to_string();
+        let record = FutureRecord::<[u8], str>::to(&self.dead_letter_topic).payload(&body);
+        self.dead_letters
+            .send(record, Duration::from_secs(60))
+            .await
+            .map_err(|(e, _)| ApplyError::Kafka(e))?;
+        Ok(())
+    }
+}
+
+async fn flush(pending: &mut Vec<Pending<'_>>) -> Result<(), tokio_postgres::Error> {
+    futures_util::future::try_join_all(pending.drain(..))
+        .await
+        .map(drop)
+}
