@@ -117,3 +117,202 @@ async fn pgbench_replicas_equal_master() {
     );
     drop(t.capture);
 }
+
+/// Acceptance 2: `kill -9` of the applying pgferry three times during a pgbench run. The
+/// replica ends equal to the master, and pgbench_history (no key, insert-only) has exactly the
+/// master's rows: nothing was applied twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_applier_applies_each_change_once() {
+    let pg = PgCluster::shared();
+    let t = topology("akill", "", "", 1).await;
+    pgbench(pg, &t.master, &["-i", "-s", "1", "-q"]);
+    pgbench(pg, &t.replicas[0], &["-i", "-I", "dtp"]);
+    let mut applier = start_applier(&t, "");
+    let master = t.master.clone();
+    let load = tokio::task::spawn_blocking(move || {
+        pgbench(
+            PgCluster::shared(),
+            &master,
+            &["-n", "-c", "2", "-j", "2", "-T", "12"],
+        )
+    });
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        applier.kill9();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        applier.restart();
+    }
+    assert!(
+        !load.is_finished(),
+        "the kills must land while pgbench is still running"
+    );
+    load.await.unwrap();
+    wait_converged(&t, &PGBENCH_TABLES, Duration::from_secs(180)).await;
+    let m = table_checksum(&pg.client(&t.master).await, "pgbench_history").await;
+    let r = table_checksum(&pg.client(&t.replicas[0]).await, "pgbench_history").await;
+    assert_eq!(m.0, r.0, "pgbench_history row counts differ");
+    assert_eq!(applier.log().matches("--- restart ---").count(), 3);
+}
+
+/// Acceptance 3: a writer moves amounts between two tables in one transaction; a reader on the
+/// replica checks the invariant total on every poll and never sees it broken.
+#[tokio::test(flavor = "multi_thread")]
+async fn replica_never_shows_half_a_transaction() {
+    let ddl = "CREATE TABLE acct_a (id int PRIMARY KEY, bal int NOT NULL);
+               CREATE TABLE acct_b (id int PRIMARY KEY, bal int NOT NULL);";
+    let seed = "INSERT INTO acct_a SELECT g, 1000 FROM generate_series(1, 10) g;
+                INSERT INTO acct_b SELECT g, 1000 FROM generate_series(1, 10) g;";
+    let t = topology("atomic", &format!("{ddl}{seed}"), ddl, 1).await;
+    let _applier = start_applier(&t, "");
+    let pg = PgCluster::shared();
+    let replica = pg.client(&t.replicas[0]).await;
+    let master = t.master.clone();
+    let writer = tokio::spawn(async move {
+        let c = PgCluster::shared().client(&master).await;
+        for i in 0..400i32 {
+            let (from, to, amount) = (i % 10 + 1, (i * 7) % 10 + 1, i % 50 + 1);
+            c.batch_execute(&format!(
+                "BEGIN;
+                 UPDATE acct_a SET bal = bal - {amount} WHERE id = {from};
+                 UPDATE acct_b SET bal = bal + {amount} WHERE id = {to};
+                 COMMIT;"
+            ))
+            .await
+            .unwrap();
+        }
+    });
+    let mut checks = 0u32;
+    while !writer.is_finished() || checks < 50 {
+        let row = replica
+            .query_one(
+                "SELECT (SELECT count(*) FROM acct_a) + (SELECT count(*) FROM acct_b),
+                        (SELECT coalesce(sum(bal), 0) FROM acct_a) + (SELECT coalesce(sum(bal), 0) FROM acct_b)",
+                &[],
+            )
+            .await
+            .unwrap();
+        let (rows, total): (i64, i64) = (row.get(0), row.get(1));
+        if rows == 20 {
+            assert_eq!(total, 20_000, "the replica showed half a transaction");
+            checks += 1;
+        } else {
+            assert_eq!(rows, 0, "the snapshot must arrive atomically too");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    writer.await.unwrap();
+    wait_converged(&t, &["acct_a", "acct_b"], Duration::from_secs(60)).await;
+    assert!(checks >= 50);
+}
+
+/// Acceptances 5 and 6: values of many types round-trip exactly (equal under IS NOT DISTINCT
+/// FROM), and an update that leaves a TOASTed value unchanged keeps it on the replica.
+#[tokio::test(flavor = "multi_thread")]
+async fn types_and_unchanged_toast_round_trip() {
+    let ddl = "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+         CREATE TABLE typed (
+             id bigint PRIMARY KEY, n numeric(30,10), j jsonb, u uuid, b bytea, ts timestamptz,
+             tags text[], m mood, i2 smallint, i4 int, f8 float8, f4 real, flag bool, t text,
+             d date, big bigint, ints int[], tsn timestamp, iv interval, moods mood[], bs bytea[]);
+         CREATE TABLE docs (id int PRIMARY KEY, body text, n int);
+         ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL;";
+    let t = topology("atypes", ddl, ddl, 1).await;
+    let pg = PgCluster::shared();
+    let master = pg.client(&t.master).await;
+    master
+        .batch_execute(
+            r#"INSERT INTO typed VALUES (1, '12345678901234567890.0123456789',
+                  '{"big": 12345678901234567890123, "a": [1, 2.50, {"b": null}], "s": "é\"\\"}',
+                  'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '\xdeadbeef00',
+                  '2024-02-29 13:14:15.123456+02', ARRAY['a', 'b c', 'NULL', NULL, '{x}', 'q"uote'],
+                  'happy', -32768, 2147483647, 0.1, 3.4028235e38, true, 'héllo "quoted" \ back',
+                  '2024-01-31', 9223372036854775807, '{{1,2},{3,NULL}}', '2020-01-01 00:00:00',
+                  '1 day 02:03:04.5', '{sad,happy}', ARRAY['\x00ff'::bytea, NULL]);
+               INSERT INTO typed (id) VALUES (2);
+               INSERT INTO typed VALUES (3, 'NaN', 'null', NULL, '\x', '-infinity', '{}', 'ok',
+                  0, 0, 'Infinity', '-0', false, '', '0044-03-15 BC', -9223372036854775808,
+                  '{}', 'infinity', '-1 year', '{}', '{}');
+               INSERT INTO docs VALUES (1, repeat('0123456789abcdef', 8192), 1);
+               UPDATE docs SET n = 2 WHERE id = 1;"#,
+        )
+        .await
+        .unwrap();
+    let _applier = start_applier(&t, "");
+    wait_converged(&t, &["typed", "docs"], Duration::from_secs(60)).await;
+    let replica = pg.client(&t.replicas[0]).await;
+    for id in [1i64, 2, 3] {
+        let text: String = replica
+            .query_one("SELECT x::text FROM typed x WHERE id = $1", &[&id])
+            .await
+            .unwrap()
+            .get(0);
+        let same: bool = master
+            .query_one(
+                "SELECT whole_row IS NOT DISTINCT FROM $1::text::typed FROM typed whole_row WHERE id = $2",
+                &[&text, &id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(same, "row {id} differs: replica has {text}");
+    }
+    let (len, n): (i32, i32) = {
+        let r = replica
+            .query_one("SELECT length(body), n FROM docs WHERE id = 1", &[])
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!((len, n), (16 * 8192, 2));
+}
+
+/// Acceptance 4: a poison record in the change stream goes to the dead-letter topic with the
+/// reason, and later changes still apply.
+#[tokio::test(flavor = "multi_thread")]
+async fn poison_record_is_dead_lettered_and_apply_continues() {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let ddl = "CREATE TABLE items (id int PRIMARY KEY, v text);";
+    let t = topology("poison", ddl, ddl, 1).await;
+    let pg = PgCluster::shared();
+    let master = pg.client(&t.master).await;
+    master
+        .batch_execute("INSERT INTO items VALUES (1, 'before')")
+        .await
+        .unwrap();
+    let applier = start_applier(&t, "");
+    wait_converged(&t, &["items"], Duration::from_secs(60)).await;
+
+    let producer: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker().address())
+        .create()
+        .unwrap();
+    let node_topic = format!("{}.__node.node-a", t.master);
+    producer
+        .send(BaseRecord::<(), str>::to(&node_topic).payload("this is not a change"))
+        .map_err(|(e, _)| e)
+        .unwrap();
+    producer.flush(Duration::from_secs(10)).unwrap();
+    master
+        .batch_execute("INSERT INTO items VALUES (2, 'after')")
+        .await
+        .unwrap();
+    wait_converged(&t, &["items"], Duration::from_secs(60)).await;
+
+    let dlq = [format!("{}.__dead_letter", t.master)];
+    let records = common::kafka::TopicReader::new(&broker().address()).read_until(
+        &dlq,
+        Duration::from_secs(30),
+        |r| !r.is_empty(),
+    );
+    let dead = records[0].value.as_ref().unwrap();
+    assert!(
+        dead["reason"].as_str().unwrap().contains("not JSON"),
+        "{dead}"
+    );
+    assert_eq!(dead["payload"], "this is not a change");
+    assert_eq!(dead["source_topic"].as_str(), Some(node_topic.as_str()));
+    assert_eq!(
+        applier.metric("pgferry_apply_dead_letters_total", ""),
+        Some(1.0)
+    );
+}

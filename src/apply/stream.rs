@@ -45,6 +45,10 @@ pub struct ChangeItem {
     pub before: Option<Map<String, Value>>,
     /// New row, without unchanged-TOAST columns.
     pub after: Option<Map<String, Value>>,
+    /// Columns of `before` holding the JSON literal `null` (not SQL NULL).
+    pub json_null_before: Vec<String>,
+    /// Columns of `after` holding the JSON literal `null` (not SQL NULL).
+    pub json_null_after: Vec<String>,
 }
 
 /// Closes a source transaction.
@@ -62,7 +66,7 @@ pub enum StreamItem {
     /// `type: begin`.
     Begin(BeginMarker),
     /// `type: change`.
-    Change(ChangeItem),
+    Change(Box<ChangeItem>),
     /// `type: commit`.
     Commit(CommitMarker),
 }
@@ -120,13 +124,27 @@ pub fn parse(bytes: Option<&[u8]>) -> Result<StreamItem, MalformedMessage> {
                 "t" => Op::Truncate,
                 other => return Err(MalformedMessage(format!("unknown op {other:?}"))),
             };
-            Ok(StreamItem::Change(ChangeItem {
+            let json_nulls = |side: &str| -> Vec<String> {
+                change
+                    .get("json_null")
+                    .and_then(|j| j.get(side))
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|c| c.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            Ok(StreamItem::Change(Box::new(ChangeItem {
                 schema: string(source, "schema")?.to_owned(),
                 table: string(source, "table")?.to_owned(),
                 op,
                 before: row(change, "before")?,
                 after: row(change, "after")?,
-            }))
+                json_null_before: json_nulls("before"),
+                json_null_after: json_nulls("after"),
+            })))
         }
         other => Err(MalformedMessage(format!("unknown record type {other:?}"))),
     }
@@ -138,7 +156,7 @@ pub enum Step {
     /// Open (or continue) a target transaction for this source transaction.
     Start(BeginMarker),
     /// Apply this change.
-    Apply(ChangeItem),
+    Apply(Box<ChangeItem>),
     /// The source transaction is complete; its records up to `offset` may be committed.
     End(CommitMarker),
     /// Nothing to do (replayed or orphaned transaction, stray record).

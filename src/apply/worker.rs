@@ -357,8 +357,9 @@ impl Worker {
         client: &'c Client,
         pending: &mut Vec<Pending<'c>>,
         message: &BorrowedMessage<'_>,
-        change: ChangeItem,
+        change: Box<ChangeItem>,
     ) -> Result<(), ApplyError> {
+        let change = *change;
         let qualified = format!("{}.{}", change.schema, change.table);
         let wanted = &self.settings.apply.tables;
         if !wanted.is_empty() && !wanted.contains(&qualified) {
@@ -396,6 +397,8 @@ impl Worker {
             }
         }
         let key: Vec<&str> = table.key.iter().map(String::as_str).collect();
+        // Which image each bound value comes from, to honour its json_null list.
+        let mut from_before = false;
         let (kind, columns, values): (&'static str, Vec<String>, Vec<Value>) = match change.op {
             Op::Create | Op::Read => {
                 let after = change.after.unwrap_or_default();
@@ -426,10 +429,12 @@ impl Worker {
                 let Some(values) = values else {
                     return self.bad_message(message, &format!("delete on {qualified} lacks key columns")).await;
                 };
+                from_before = true;
                 ("delete", table.key.clone(), values)
             }
             Op::Delete => match change.before {
                 Some(before) if before.len() == table.columns.len() => {
+                    from_before = true;
                     ("delete_matching", before.keys().cloned().collect(), before.into_iter().map(|(_, v)| v).collect())
                 }
                 _ => {
@@ -444,6 +449,11 @@ impl Worker {
                     .await
             }
             Op::Truncate => ("truncate", Vec::new(), Vec::new()),
+        };
+        let json_nulls = if from_before {
+            &change.json_null_before
+        } else {
+            &change.json_null_after
         };
         let (schema, name) = (change.schema.clone(), change.table.clone());
         let cols: Vec<&str> = columns.iter().map(String::as_str).collect();
@@ -462,7 +472,11 @@ impl Worker {
         };
         let stmt = self.statement(client, stmt_key, text).await?;
         let mut params = Vec::with_capacity(values.len());
-        for (value, ty) in values.iter().zip(stmt.params()) {
+        for ((value, column), ty) in values.iter().zip(&columns).zip(stmt.params()) {
+            if value.is_null() && json_nulls.contains(column) {
+                params.push(TextParam(Some("null".to_owned())));
+                continue;
+            }
             match json_to_text(&param_kind(ty), value) {
                 Ok(text) => params.push(TextParam(text)),
                 Err(e) => {

@@ -234,7 +234,9 @@ pub async fn table_checksum(client: &Client, table: &str) -> (i64, String) {
     let row = client
         .query_one(
             &format!(
-                "SELECT count(*), md5(coalesce(string_agg(t::text, '|' ORDER BY t::text), '')) FROM {table} t"
+                // An alias no test table has as a column, so it names the whole row.
+                "SELECT count(*), md5(coalesce(string_agg(whole_row::text, '|' ORDER BY whole_row::text), '')) \
+                   FROM {table} whole_row"
             ),
             &[],
         )

@@ -11,13 +11,15 @@ fn begin(lsn: u64) -> StreamItem {
 }
 
 fn change(n: i64) -> StreamItem {
-    StreamItem::Change(ChangeItem {
+    StreamItem::Change(Box::new(ChangeItem {
         schema: "s".into(),
         table: "t".into(),
         op: Op::Create,
         before: None,
         after: json!({"id": n}).as_object().cloned(),
-    })
+        json_null_before: vec![],
+        json_null_after: vec![],
+    }))
 }
 
 fn commit(lsn: u64) -> StreamItem {

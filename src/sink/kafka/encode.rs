@@ -4,6 +4,10 @@
 //! `{"op","before","after","source":{node,db,schema,table,lsn,commit_lsn,commit_ts,xid,origin,
 //! snapshot},"ts_ms","unchanged_toast"}`.
 //!
+//! A json/jsonb column holding the JSON literal `null` renders as `null` like SQL NULL does; such
+//! columns are listed in `"json_null": {"before": [...], "after": [...]}` so the two stay
+//! distinguishable.
+//!
 //! Unchanged TOAST values (`u` in the tuple) are *omitted* from `after` and their column names
 //! listed in `unchanged_toast`. A missing column can never be mistaken for NULL, and no
 //! placeholder string can collide with real data. Consumers that apply the change must leave
@@ -137,10 +141,16 @@ impl TxnStamp {
     }
 }
 
+/// Names the envelope key that lists json/jsonb columns holding the JSON literal `null`.
+pub const JSON_NULL_FIELD: &str = "json_null";
+
 /// A row as an ordered JSON object, borrowing column names from the relation.
 struct RowJson<'a> {
     fields: Vec<(&'a str, Value)>,
     unchanged: Vec<&'a str>,
+    /// json/jsonb columns whose value is the JSON literal `null`, which would otherwise be
+    /// indistinguishable from SQL NULL in the envelope.
+    json_nulls: Vec<&'a str>,
 }
 
 impl Serialize for RowJson<'_> {
@@ -163,6 +173,7 @@ fn row_json<'a>(
 ) -> Result<RowJson<'a>, EncodeError> {
     let mut fields = Vec::with_capacity(relation.columns.len());
     let mut unchanged = Vec::new();
+    let mut json_nulls = Vec::new();
     for (column, datum) in relation.columns.iter().zip(tuple) {
         if only_keys && !column.is_key {
             continue;
@@ -176,11 +187,15 @@ fn row_json<'a>(
             Datum::Text(bytes) => {
                 let ty = types.resolve(column.type_oid);
                 let text = String::from_utf8_lossy(bytes);
-                text_to_json(&ty, &text).map_err(|source| EncodeError::Value {
+                let value = text_to_json(&ty, &text).map_err(|source| EncodeError::Value {
                     table: relation.qualified_name(),
                     column: column.name.clone(),
                     source,
-                })?
+                })?;
+                if value.is_null() {
+                    json_nulls.push(column.name.as_str());
+                }
+                value
             }
             Datum::Binary(_) => {
                 return Err(EncodeError::Binary {
@@ -191,7 +206,11 @@ fn row_json<'a>(
         };
         fields.push((column.name.as_str(), value));
     }
-    Ok(RowJson { fields, unchanged })
+    Ok(RowJson {
+        fields,
+        unchanged,
+        json_nulls,
+    })
 }
 
 /// The key object of a change: key columns from the new image, or from the old image when the
@@ -234,6 +253,20 @@ struct SourceBlock<'a> {
 }
 
 #[derive(Serialize)]
+struct JsonNulls<'a> {
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    before: &'a [&'a str],
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    after: &'a [&'a str],
+}
+
+impl JsonNulls<'_> {
+    fn is_empty(&self) -> bool {
+        self.before.is_empty() && self.after.is_empty()
+    }
+}
+
+#[derive(Serialize)]
 struct Envelope<'a> {
     op: &'static str,
     before: Option<RowJson<'a>>,
@@ -242,6 +275,8 @@ struct Envelope<'a> {
     ts_ms: i64,
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     unchanged_toast: &'a [&'a str],
+    #[serde(skip_serializing_if = "JsonNulls::is_empty")]
+    json_null: JsonNulls<'a>,
 }
 
 /// Serializes a value made of strings, numbers and maps with string keys, which cannot fail.
@@ -270,6 +305,14 @@ pub fn encode_change(
         .as_ref()
         .map(|a| a.unchanged.clone())
         .unwrap_or_default();
+    let json_nulls_before: Vec<&str> = before
+        .as_ref()
+        .map(|b| b.json_nulls.clone())
+        .unwrap_or_default();
+    let json_nulls_after: Vec<&str> = after
+        .as_ref()
+        .map(|a| a.json_nulls.clone())
+        .unwrap_or_default();
     let envelope = Envelope {
         op: change.op.code(),
         before,
@@ -289,6 +332,10 @@ pub fn encode_change(
         },
         ts_ms,
         unchanged_toast: &unchanged,
+        json_null: JsonNulls {
+            before: &json_nulls_before,
+            after: &json_nulls_after,
+        },
     };
     let topic = topic_name(&source.topic_prefix, &relation.schema, &relation.table);
     let key = key_json(change, types)?;

@@ -174,3 +174,43 @@ fn topic_names_are_kafka_legal() {
     assert_eq!(topic_name("p", "s", &long).len(), 249);
     assert_eq!(topic_name("p", "my schema", "t/1"), "p.my_schema.t_1");
 }
+
+#[test]
+fn json_null_literal_is_distinguished_from_sql_null() {
+    let col = |name: &str, oid, key| Column {
+        is_key: key,
+        name: name.into(),
+        type_oid: oid,
+        type_modifier: -1,
+    };
+    let relation = Arc::new(RelationMeta {
+        oid: 2,
+        schema: "public".into(),
+        table: "j".into(),
+        replica_identity: ReplicaIdentity::Default,
+        columns: vec![
+            col("id", 23, true),
+            col("doc", 3802, false),
+            col("other", 3802, false),
+        ],
+    });
+    let change = RowChange {
+        op: Op::Create,
+        relation,
+        lsn: Lsn(1),
+        before: None,
+        before_is_key_only: false,
+        after: Some(vec![t("1"), t("null"), Datum::Null]),
+    };
+    let recs = encode_change(
+        &src(true),
+        &TxnStamp::new(&txn()),
+        &change,
+        &TypeRegistry::default(),
+        0,
+    )
+    .unwrap();
+    let v = value(&recs[0]);
+    assert_eq!(v["after"], json!({"id": 1, "doc": null, "other": null}));
+    assert_eq!(v[JSON_NULL_FIELD], json!({"after": ["doc"]}));
+}
