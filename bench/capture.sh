@@ -87,7 +87,9 @@ t0=$(now)
 "${wrapper[@]}" "$BIN" run --config "$WORK/pgferry.yaml" 2>"$WORK/ferry.log" &
 ferry=$!
 CLEANUP+=("kill -9 $ferry")
+deadline=$((SECONDS + ${BENCH_TIMEOUT:-900}))
 while :; do
+  (( SECONDS > deadline )) && { echo "pgferry did not confirm the backlog in time" >&2; tail -30 "$WORK/ferry.log" >&2; exit 1; }
   done_=$(psql_at "$port" bench "SELECT confirmed_flush_lsn >= '$end_lsn' FROM pg_replication_slots WHERE slot_name='bench_ferry'")
   [[ "$done_" == "t" ]] && break
   kill -0 $ferry 2>/dev/null || { echo "pgferry exited:" >&2; cat "$WORK/ferry.log" >&2; exit 1; }
