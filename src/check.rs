@@ -6,7 +6,7 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio_postgres::Client;
 
-use crate::config::{Config, SourceConfig};
+use crate::config::{ApplyConfig, Config, SourceConfig, TargetConfig};
 use crate::sink::kafka::producer::client_config;
 use crate::source::catalog;
 use crate::source::replication::ReplicationConnection;
@@ -38,6 +38,11 @@ pub async fn run(config: &Config) -> Vec<Problem> {
     let mut problems = Vec::new();
     if let Some(source) = &config.source {
         check_source(config, source, &mut problems).await;
+    }
+    if let Some(apply) = &config.apply {
+        for target in &apply.targets {
+            check_target(apply, target, &mut problems).await;
+        }
     }
     check_broker(config, &mut problems).await;
     problems
@@ -204,6 +209,66 @@ async fn check_tables(
         }
     }
     Ok(())
+}
+
+/// A target must accept the apply session (superuser: `session_replication_role` and
+/// replication origins need it) and hold every listed table, with a primary key.
+async fn check_target(apply: &ApplyConfig, target: &TargetConfig, problems: &mut Vec<Problem>) {
+    let name = target.url.display_target();
+    let client = match catalog::connect(target.url.config(), "pgferry-check").await {
+        Ok(c) => c,
+        Err(e) => {
+            problems.push(problem(
+                format!(
+                    "cannot connect to apply target {name}: {}",
+                    crate::app::ErrorChain(&e)
+                ),
+                "check apply.targets[].url, the password and pg_hba.conf",
+            ));
+            return;
+        }
+    };
+    match client
+        .query_one(
+            "SELECT rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+    {
+        Ok(row) if !row.get::<_, bool>(0) => problems.push(problem(
+            format!("the role on apply target {name} is not a superuser"),
+            "apply sets session_replication_role and uses replication origins, which need \
+             superuser: connect as a superuser role",
+        )),
+        Ok(_) => {}
+        Err(e) => problems.push(problem(
+            format!(
+                "cannot read roles on apply target {name}: {}",
+                crate::app::ErrorChain(&e)
+            ),
+            "grant read access to pg_catalog",
+        )),
+    }
+    for table in &apply.tables {
+        let Some((schema, rel)) = table.split_once('.') else {
+            continue;
+        };
+        match crate::apply::target::describe(&client, schema, rel).await {
+            Ok(None) => problems.push(problem(
+                format!("table {table} does not exist on apply target {name}"),
+                "create it with the source's definition (e.g. pg_dump --schema-only -t on the source)",
+            )),
+            Ok(Some(t)) if t.key.is_empty() => problems.push(problem(
+                format!("table {table} on apply target {name} has no primary key"),
+                "add the source's primary key; without one, updates cannot be applied",
+            )),
+            Ok(Some(_)) => {}
+            Err(e) => problems.push(problem(
+                format!("cannot describe {table} on apply target {name}: {}", crate::app::ErrorChain(&e)),
+                "grant read access to pg_catalog",
+            )),
+        }
+    }
 }
 
 async fn check_broker(config: &Config, problems: &mut Vec<Problem>) {

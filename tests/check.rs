@@ -223,3 +223,40 @@ fn version_and_help() {
         "{help}"
     );
 }
+
+/// `check` on an apply target: a missing table and a table without a primary key from
+/// `apply.tables`, and a non-superuser role, are each reported with a fix.
+#[tokio::test(flavor = "multi_thread")]
+async fn check_reports_apply_target_problems() {
+    let pg = PgCluster::shared();
+    let (db, c) = pg
+        .fresh_db(
+            "target",
+            "CREATE TABLE public.keyless (a int); CREATE TABLE public.fine (id int PRIMARY KEY);",
+        )
+        .await;
+    c.batch_execute("CREATE ROLE applier_plain LOGIN")
+        .await
+        .unwrap();
+    let broker = Broker::start();
+    let yaml = format!(
+        "node_id: n1\nkafka:\n  brokers: {}\napply:\n  mode: replica\n  nodes: [a]\n  \
+         tables: [public.fine, public.keyless, public.missing]\n  targets:\n    - url: postgres://applier_plain@127.0.0.1:{}/{db}\n",
+        broker.address(),
+        pg.port
+    );
+    let out = check(&yaml, &[]);
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert!(
+        report.contains("public.missing does not exist")
+            && report.contains("pg_dump --schema-only"),
+        "{report}"
+    );
+    assert!(
+        report.contains("public.keyless on apply target") && report.contains("no primary key"),
+        "{report}"
+    );
+    assert!(report.contains("not a superuser"), "{report}");
+    assert!(!report.contains("public.fine"), "{report}");
+}
