@@ -117,4 +117,7 @@ fn example_config_is_valid() {
     let c = load_from_str(text, env(&[])).unwrap();
     assert_eq!(c.node_id, "node-a");
     assert_eq!(c.source.unwrap().slot.as_deref(), Some("pgferry_node_a"));
+    let apply = c.apply.unwrap();
+    assert_eq!(apply.nodes, vec!["node-a"]);
+    assert_eq!(apply.batch_max_changes, DEFAULT_BATCH_MAX_CHANGES);
 }
