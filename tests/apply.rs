@@ -133,7 +133,7 @@ async fn kill_9_applier_applies_each_change_once() {
         pgbench(
             PgCluster::shared(),
             &master,
-            &["-n", "-c", "2", "-j", "2", "-T", "12"],
+            &["-n", "-c", "2", "-j", "2", "-T", "20"],
         )
     });
     for _ in 0..3 {
