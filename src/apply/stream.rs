@@ -9,7 +9,11 @@
 //!   off by a capture crash and will be replayed whole later: it is an *orphan*, and the
 //!   applier rolls back, remembers the orphan's offset, and replays from its last commit.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
+
+use serde::Deserialize;
+use serde_json::error::Category;
 
 use serde_json::{Map, Value};
 
@@ -71,52 +75,87 @@ pub enum StreamItem {
     Commit(CommitMarker),
 }
 
-fn field<'a>(v: &'a Value, name: &str) -> Result<&'a Value, MalformedMessage> {
-    v.get(name)
-        .ok_or_else(|| MalformedMessage(format!("missing field `{name}`")))
+// The wire shape, deserialized directly (borrowing strings where the JSON has no escapes):
+// no intermediate `Value` tree except for the row images themselves.
+#[derive(Deserialize)]
+struct RawRecord<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(default, borrow)]
+    commit_lsn: Option<Cow<'a, str>>,
+    #[serde(default)]
+    commit_ts_us: Option<i64>,
+    #[serde(default)]
+    snapshot: Option<bool>,
+    #[serde(default)]
+    changes: Option<u64>,
+    #[serde(default, borrow)]
+    change: Option<RawChange<'a>>,
 }
 
-fn string<'a>(v: &'a Value, name: &str) -> Result<&'a str, MalformedMessage> {
-    field(v, name)?
-        .as_str()
-        .ok_or_else(|| MalformedMessage(format!("field `{name}` is not a string")))
+#[derive(Deserialize)]
+struct RawChange<'a> {
+    #[serde(borrow)]
+    op: Cow<'a, str>,
+    #[serde(default)]
+    before: Option<Map<String, Value>>,
+    #[serde(default)]
+    after: Option<Map<String, Value>>,
+    #[serde(borrow)]
+    source: RawSource<'a>,
+    #[serde(default)]
+    json_null: Option<RawJsonNull>,
 }
 
-fn lsn(v: &Value, name: &str) -> Result<Lsn, MalformedMessage> {
-    string(v, name)?
-        .parse()
-        .map_err(|e| MalformedMessage(format!("field `{name}`: {e}")))
+#[derive(Deserialize)]
+struct RawSource<'a> {
+    #[serde(borrow)]
+    schema: Cow<'a, str>,
+    #[serde(borrow)]
+    table: Cow<'a, str>,
 }
 
-fn row(v: &Value, name: &str) -> Result<Option<Map<String, Value>>, MalformedMessage> {
-    match v.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Object(m)) => Ok(Some(m.clone())),
-        Some(_) => Err(MalformedMessage(format!("field `{name}` is not an object"))),
-    }
+#[derive(Deserialize, Default)]
+struct RawJsonNull {
+    #[serde(default)]
+    before: Vec<String>,
+    #[serde(default)]
+    after: Vec<String>,
+}
+
+fn missing(field: &str) -> MalformedMessage {
+    MalformedMessage(format!("missing field `{field}`"))
 }
 
 /// Parses one node-stream record.
 pub fn parse(bytes: Option<&[u8]>) -> Result<StreamItem, MalformedMessage> {
     let bytes = bytes.ok_or_else(|| MalformedMessage("empty value".into()))?;
-    let v: Value =
-        serde_json::from_slice(bytes).map_err(|e| MalformedMessage(format!("not JSON: {e}")))?;
-    match string(&v, "type")? {
+    let raw: RawRecord<'_> = serde_json::from_slice(bytes).map_err(|e| match e.classify() {
+        Category::Syntax | Category::Eof | Category::Io => {
+            MalformedMessage(format!("not JSON: {e}"))
+        }
+        Category::Data => MalformedMessage(format!("unexpected shape: {e}")),
+    })?;
+    let commit_lsn = || -> Result<Lsn, MalformedMessage> {
+        raw.commit_lsn
+            .as_deref()
+            .ok_or_else(|| missing("commit_lsn"))?
+            .parse()
+            .map_err(|e| MalformedMessage(format!("field `commit_lsn`: {e}")))
+    };
+    match raw.kind.as_ref() {
         "begin" => Ok(StreamItem::Begin(BeginMarker {
-            commit_lsn: lsn(&v, "commit_lsn")?,
-            commit_ts_us: field(&v, "commit_ts_us")?
-                .as_i64()
-                .ok_or_else(|| MalformedMessage("field `commit_ts_us` is not an integer".into()))?,
-            snapshot: field(&v, "snapshot")?.as_bool().unwrap_or(false),
+            commit_lsn: commit_lsn()?,
+            commit_ts_us: raw.commit_ts_us.ok_or_else(|| missing("commit_ts_us"))?,
+            snapshot: raw.snapshot.unwrap_or(false),
         })),
         "commit" => Ok(StreamItem::Commit(CommitMarker {
-            commit_lsn: lsn(&v, "commit_lsn")?,
-            changes: field(&v, "changes")?.as_u64().unwrap_or(0),
+            commit_lsn: commit_lsn()?,
+            changes: raw.changes.unwrap_or(0),
         })),
         "change" => {
-            let change = field(&v, "change")?;
-            let source = field(change, "source")?;
-            let op = match string(change, "op")? {
+            let change = raw.change.ok_or_else(|| missing("change"))?;
+            let op = match change.op.as_ref() {
                 "c" => Op::Create,
                 "u" => Op::Update,
                 "d" => Op::Delete,
@@ -124,26 +163,15 @@ pub fn parse(bytes: Option<&[u8]>) -> Result<StreamItem, MalformedMessage> {
                 "t" => Op::Truncate,
                 other => return Err(MalformedMessage(format!("unknown op {other:?}"))),
             };
-            let json_nulls = |side: &str| -> Vec<String> {
-                change
-                    .get("json_null")
-                    .and_then(|j| j.get(side))
-                    .and_then(Value::as_array)
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|c| c.as_str().map(str::to_owned))
-                            .collect()
-                    })
-                    .unwrap_or_default()
-            };
+            let json_null = change.json_null.unwrap_or_default();
             Ok(StreamItem::Change(Box::new(ChangeItem {
-                schema: string(source, "schema")?.to_owned(),
-                table: string(source, "table")?.to_owned(),
+                schema: change.source.schema.into_owned(),
+                table: change.source.table.into_owned(),
                 op,
-                before: row(change, "before")?,
-                after: row(change, "after")?,
-                json_null_before: json_nulls("before"),
-                json_null_after: json_nulls("after"),
+                before: change.before,
+                after: change.after,
+                json_null_before: json_null.before,
+                json_null_after: json_null.after,
             })))
         }
         other => Err(MalformedMessage(format!("unknown record type {other:?}"))),

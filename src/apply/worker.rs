@@ -12,6 +12,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
+
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -35,8 +37,8 @@ use crate::telemetry::{Health, Metrics};
 
 /// Statements in flight before the worker waits for their results.
 const PIPELINE_DEPTH: usize = 512;
-/// How long to wait for more records before committing a batch of complete transactions.
-const BATCH_LINGER: Duration = Duration::from_millis(5);
+/// How often an idle worker wakes to report liveness.
+const IDLE_BEAT: Duration = Duration::from_secs(1);
 
 type Pending<'a> = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>>;
 
@@ -75,7 +77,10 @@ struct Worker {
     health: Health,
     dead_letters: FutureProducer,
     dead_letter_topic: String,
-    tables: HashMap<(String, String), Option<TargetTable>>,
+    /// Target tables by `schema.table` (`None`: missing on the target).
+    tables: HashMap<String, Option<TargetTable>>,
+    /// Applied-changes counters by `schema.table`, indexed by op.
+    counters: HashMap<String, [Option<prometheus::IntCounter>; 5]>,
     statements: HashMap<StatementKey, Statement>,
     /// Committed position: what the target durably holds.
     committed: target::Progress,
@@ -140,6 +145,7 @@ pub async fn run(
         dead_letters,
         dead_letter_topic,
         tables: HashMap::new(),
+        counters: HashMap::new(),
         statements: HashMap::new(),
         committed,
         in_target_txn: false,
@@ -183,30 +189,31 @@ impl Worker {
         let mut pending: Vec<Pending<'_>> = Vec::new();
         loop {
             self.health.beat();
-            let linger = if self.last_completed.is_some() && !framer.is_open() {
-                BATCH_LINGER
-            } else {
-                Duration::from_secs(1)
-            };
-            let message = tokio::select! {
-                _ = shutdown.cancelled() => None,
-                m = tokio::time::timeout(linger, consumer.recv()) => match m {
-                    Ok(Ok(m)) => Some(m),
-                    Ok(Err(e)) => return Err(ApplyError::Kafka(e)),
-                    Err(_) => {
-                        // Quiet: commit the complete transactions we hold.
-                        if self.last_completed.is_some() && !framer.is_open() {
-                            self.commit_batch(client, &mut pending).await?;
-                        }
-                        continue;
+            // Take what is already fetched without arming a timer; only when the stream is
+            // empty, commit the whole transactions we hold and wait.
+            let ready = consumer.recv().now_or_never();
+            let message = match ready {
+                Some(m) => Some(m),
+                None => {
+                    if self.last_completed.is_some() && !framer.is_open() {
+                        self.commit_batch(client, &mut pending).await?;
                     }
-                },
-            };
-            let Some(message) = message else {
-                if !framer.is_open() && self.last_completed.is_some() {
-                    self.commit_batch(client, &mut pending).await?;
+                    tokio::select! {
+                        _ = shutdown.cancelled() => None,
+                        m = consumer.recv() => Some(m),
+                        _ = tokio::time::sleep(IDLE_BEAT) => continue,
+                    }
                 }
-                return Ok(());
+            };
+            let message = match message {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => return Err(ApplyError::Kafka(e)),
+                None => {
+                    if !framer.is_open() && self.last_completed.is_some() {
+                        self.commit_batch(client, &mut pending).await?;
+                    }
+                    return Ok(());
+                }
             };
             let offset = message.offset();
             let item = match parse(message.payload()) {
@@ -321,18 +328,36 @@ impl Worker {
     async fn table(
         &mut self,
         client: &Client,
-        schema: &str,
-        table: &str,
+        qualified: &str,
+        (schema, table): (&str, &str),
         refresh: bool,
     ) -> Result<Option<TargetTable>, ApplyError> {
-        let key = (schema.to_owned(), table.to_owned());
-        if refresh || !self.tables.contains_key(&key) {
+        if refresh || !self.tables.contains_key(qualified) {
             let described = target::describe(client, schema, table)
                 .await
                 .map_err(ApplyError::sql("describing a target table"))?;
-            self.tables.insert(key.clone(), described);
+            self.tables.insert(qualified.to_owned(), described);
         }
-        Ok(self.tables.get(&key).cloned().flatten())
+        Ok(self.tables.get(qualified).cloned().flatten())
+    }
+
+    fn count_applied(&mut self, qualified: &str, op: Op) {
+        let slot = match op {
+            Op::Read => 0,
+            Op::Create => 1,
+            Op::Update => 2,
+            Op::Delete => 3,
+            Op::Truncate => 4,
+        };
+        let metrics = &self.metrics;
+        let counters = self.counters.entry(qualified.to_owned()).or_default();
+        counters[slot]
+            .get_or_insert_with(|| {
+                metrics
+                    .apply_changes
+                    .with_label_values(&[qualified, op.code()])
+            })
+            .inc();
     }
 
     async fn statement(
@@ -366,7 +391,7 @@ impl Worker {
             return Ok(());
         }
         let Some(mut table) = self
-            .table(client, &change.schema, &change.table, false)
+            .table(client, &qualified, (&change.schema, &change.table), false)
             .await?
         else {
             return self
@@ -386,7 +411,7 @@ impl Worker {
         if let Some(missing) = used.iter().find(|c| !table.columns.contains(c)) {
             // The source may have gained a column: look again before giving up.
             table = self
-                .table(client, &change.schema, &change.table, true)
+                .table(client, &qualified, (&change.schema, &change.table), true)
                 .await?
                 .unwrap_or(table);
             if !table.columns.contains(missing) {
@@ -490,10 +515,7 @@ impl Worker {
             async move { client.execute_raw(&stmt, params).await },
         ));
         self.batch_changes += 1;
-        self.metrics
-            .apply_changes
-            .with_label_values(&[&qualified, change.op.code()])
-            .inc();
+        self.count_applied(&qualified, change.op);
         Ok(())
     }
 
