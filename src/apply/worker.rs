@@ -12,6 +12,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::stream::{FuturesOrdered, StreamExt};
 use futures_util::FutureExt;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -114,7 +115,12 @@ pub async fn run(
             commit_lsn: Lsn::ZERO,
         });
     let topic = node_stream_topic(&settings.kafka.topic_prefix, &settings.node);
-    let consumer: StreamConsumer = client_config(&settings.kafka)
+    let mut consumer_config = client_config(&settings.kafka);
+    if !settings.kafka.properties.contains_key("queued.max.messages.kbytes") {
+        // librdkafka prefetches up to 64 MB per partition by default; a sidecar wants less.
+        consumer_config.set("queued.max.messages.kbytes", "16384");
+    }
+    let consumer: StreamConsumer = consumer_config
         .set("group.id", format!("pgferry-apply-{}", settings.node))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -186,7 +192,7 @@ impl Worker {
         framer: &mut Framer,
         shutdown: &CancellationToken,
     ) -> Result<(), ApplyError> {
-        let mut pending: Vec<Pending<'_>> = Vec::new();
+        let mut pending: InFlight<'_> = InFlight::default();
         loop {
             self.health.beat();
             // Take what is already fetched without arming a timer; only when the stream is
@@ -227,7 +233,7 @@ impl Worker {
                 Step::Ignore => {}
                 Step::Start(_) => {
                     if !self.in_target_txn {
-                        pending.push(Box::pin(async move {
+                        pending.send(Box::pin(async move {
                             client.batch_execute("BEGIN").await.map(|_| 0)
                         }));
                         self.in_target_txn = true;
@@ -237,7 +243,8 @@ impl Worker {
                     self.apply_change(client, &mut pending, &message, change)
                         .await?;
                     if pending.len() >= PIPELINE_DEPTH {
-                        flush(&mut pending)
+                        pending
+                            .wait_below(PIPELINE_DEPTH / 2)
                             .await
                             .map_err(ApplyError::sql("applying changes"))?;
                     }
@@ -268,9 +275,9 @@ impl Worker {
     async fn rollback(
         &mut self,
         client: &Client,
-        pending: &mut Vec<Pending<'_>>,
+        pending: &mut InFlight<'_>,
     ) -> Result<(), ApplyError> {
-        let _ = flush(pending).await;
+        let _ = pending.drain().await;
         if self.in_target_txn {
             client
                 .batch_execute("ROLLBACK")
@@ -289,7 +296,7 @@ impl Worker {
     async fn commit_batch<'c>(
         &mut self,
         client: &'c Client,
-        pending: &mut Vec<Pending<'c>>,
+        pending: &mut InFlight<'c>,
     ) -> Result<(), ApplyError> {
         let Some(done) = self.last_completed.take() else {
             return Ok(());
@@ -298,7 +305,7 @@ impl Worker {
         let ts = PgTimestamp::from_unix_micros(done.commit_ts_us).to_rfc3339();
         let next = (done.offset + 1).to_string();
         let node = self.settings.node.clone();
-        pending.push(Box::pin(async move {
+        pending.send(Box::pin(async move {
             client
                 .execute(target::ORIGIN_XACT_SETUP, &[&lsn, &ts])
                 .await?;
@@ -307,7 +314,8 @@ impl Worker {
                 .await?;
             client.batch_execute("COMMIT").await.map(|_| 0)
         }));
-        flush(pending)
+        pending
+            .drain()
             .await
             .map_err(ApplyError::sql("committing applied transactions"))?;
         self.in_target_txn = false;
@@ -380,7 +388,7 @@ impl Worker {
     async fn apply_change<'c>(
         &mut self,
         client: &'c Client,
-        pending: &mut Vec<Pending<'c>>,
+        pending: &mut InFlight<'c>,
         message: &BorrowedMessage<'_>,
         change: Box<ChangeItem>,
     ) -> Result<(), ApplyError> {
@@ -511,7 +519,7 @@ impl Worker {
                 }
             }
         }
-        pending.push(Box::pin(
+        pending.send(Box::pin(
             async move { client.execute_raw(&stmt, params).await },
         ));
         self.batch_changes += 1;
@@ -558,8 +566,56 @@ impl Worker {
     }
 }
 
-async fn flush(pending: &mut Vec<Pending<'_>>) -> Result<(), tokio_postgres::Error> {
-    futures_util::future::try_join_all(pending.drain(..))
-        .await
-        .map(drop)
+/// Statements sent to the target and not yet answered, in send order. Each is polled as soon
+/// as it is added, which sends it: the connection stays busy while the worker decodes the next
+/// records, instead of alternating send-a-batch / wait-for-all.
+#[derive(Default)]
+struct InFlight<'a> {
+    queue: FuturesOrdered<Pending<'a>>,
+    /// The first error seen while collecting results early.
+    failed: Option<tokio_postgres::Error>,
+}
+
+impl<'a> InFlight<'a> {
+    fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Sends a statement (polls it once) and collects any results already back.
+    fn send(&mut self, statement: Pending<'a>) {
+        self.queue.push_back(statement);
+        self.collect_ready();
+    }
+
+    fn collect_ready(&mut self) {
+        while let Some(Some(result)) = self.queue.next().now_or_never() {
+            if let Err(e) = result {
+                self.failed.get_or_insert(e);
+            }
+        }
+    }
+
+    /// Waits until fewer than `limit` statements are in flight.
+    async fn wait_below(&mut self, limit: usize) -> Result<(), tokio_postgres::Error> {
+        while self.queue.len() >= limit {
+            if let Some(Err(e)) = self.queue.next().await {
+                self.failed.get_or_insert(e);
+            }
+        }
+        self.take_error()
+    }
+
+    /// Waits for every statement; returns the first error.
+    async fn drain(&mut self) -> Result<(), tokio_postgres::Error> {
+        while let Some(result) = self.queue.next().await {
+            if let Err(e) = result {
+                self.failed.get_or_insert(e);
+            }
+        }
+        self.take_error()
+    }
+
+    fn take_error(&mut self) -> Result<(), tokio_postgres::Error> {
+        self.failed.take().map_or(Ok(()), Err)
+    }
 }
