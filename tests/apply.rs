@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::broker::Broker;
-use common::ferry::{apply_config, capture_config, Ferry};
+use common::ferry::{apply_config, Ferry};
 use common::pg::{pgbench, table_checksum, PgCluster};
 use tokio_postgres::Client;
 
@@ -38,11 +38,7 @@ async fn topology(label: &str, master_ddl: &str, replica_ddl: &str, n: usize) ->
         let (r, _) = pg.fresh_db(&format!("{label}_r{i}"), replica_ddl).await;
         replicas.push(r);
     }
-    let port = common::free_port();
-    let capture = Ferry::start(
-        &capture_config("node-a", pg.port, &master, &broker().address(), port, ""),
-        port,
-    );
+    let capture = Ferry::capture(pg, &master, &broker().address(), "");
     capture.wait_ready().await;
     Topology {
         master,

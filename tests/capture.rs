@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::broker::Broker;
-use common::ferry::{capture_config, Ferry};
+use common::ferry::Ferry;
 use common::kafka::{Record, TopicReader};
 use common::pg::PgCluster;
 use serde_json::{json, Value};
@@ -23,19 +23,7 @@ fn topic(db: &str, table: &str) -> String {
 }
 
 fn start_ferry(db: &str, extra_source: &str) -> Ferry {
-    let pg = PgCluster::shared();
-    let port = common::free_port();
-    Ferry::start(
-        &capture_config(
-            "node-a",
-            pg.port,
-            db,
-            &broker().address(),
-            port,
-            extra_source,
-        ),
-        port,
-    )
+    Ferry::capture(PgCluster::shared(), db, &broker().address(), extra_source)
 }
 
 fn ops(records: &[Record]) -> Vec<String> {

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::broker::Broker;
-use common::ferry::{capture_config, Ferry};
+use common::ferry::Ferry;
 use common::kafka::TopicReader;
 use common::pg::PgCluster;
 
@@ -60,12 +60,8 @@ async fn kill_9_mid_stream_loses_nothing() {
             "CREATE TABLE t (id bigint PRIMARY KEY, payload text)",
         )
         .await;
-    let port = common::free_port();
     let broker = shared_broker();
-    let mut ferry = Ferry::start(
-        &capture_config("node-a", pg.port, &db, &broker.address(), port, ""),
-        port,
-    );
+    let mut ferry = Ferry::capture(pg, &db, &broker.address(), "");
     ferry.wait_ready().await;
 
     const ROWS: i64 = 50_000;
@@ -125,11 +121,7 @@ async fn frozen_broker_stalls_confirmation_and_loses_nothing() {
         )
         .await;
     let broker = Broker::start();
-    let port = common::free_port();
-    let ferry = Ferry::start(
-        &capture_config("node-a", pg.port, &db, &broker.address(), port, ""),
-        port,
-    );
+    let ferry = Ferry::capture(pg, &db, &broker.address(), "");
     ferry.wait_ready().await;
     let slot = format!("slot_{db}");
 
@@ -207,18 +199,7 @@ async fn idle_database_slot_advances() {
         .batch_execute("CREATE TABLE quiet (id int PRIMARY KEY)")
         .await
         .unwrap();
-    let port = common::free_port();
-    let ferry = Ferry::start(
-        &capture_config(
-            "node-a",
-            pg.port,
-            &idle,
-            &shared_broker().address(),
-            port,
-            "",
-        ),
-        port,
-    );
+    let ferry = Ferry::capture(pg, &idle, &shared_broker().address(), "");
     ferry.wait_ready().await;
     let slot = format!("slot_{idle}");
 

@@ -116,7 +116,11 @@ pub async fn run(
         });
     let topic = node_stream_topic(&settings.kafka.topic_prefix, &settings.node);
     let mut consumer_config = client_config(&settings.kafka);
-    if !settings.kafka.properties.contains_key("queued.max.messages.kbytes") {
+    if !settings
+        .kafka
+        .properties
+        .contains_key("queued.max.messages.kbytes")
+    {
         // librdkafka prefetches up to 64 MB per partition by default; a sidecar wants less.
         consumer_config.set("queued.max.messages.kbytes", "16384");
     }

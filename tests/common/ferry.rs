@@ -67,6 +67,20 @@ fn spawn(config_path: &std::path::Path, log_path: &std::path::Path) -> Child {
 }
 
 impl Ferry {
+    /// Starts a capturing pgferry (node `node-a`) for `db` on `cluster`, publishing to `brokers`.
+    pub fn capture(
+        cluster: &super::pg::PgCluster,
+        db: &str,
+        brokers: &str,
+        extra_source: &str,
+    ) -> Ferry {
+        let port = super::free_port();
+        Ferry::start(
+            &capture_config("node-a", cluster.port, db, brokers, port, extra_source),
+            port,
+        )
+    }
+
     /// Starts `pgferry run` with this config text.
     pub fn start(yaml: &str, metrics_port: u16) -> Ferry {
         let config_path = write_config(yaml);

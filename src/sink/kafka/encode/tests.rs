@@ -8,13 +8,16 @@ use crate::lsn::Lsn;
 use crate::pgtime::PgTimestamp;
 use crate::source::pgoutput::{Column, ReplicaIdentity};
 
-fn rel() -> Arc<RelationMeta> {
-    let col = |name: &str, oid, key| Column {
-        is_key: key,
+fn col(name: &str, type_oid: u32, is_key: bool) -> Column {
+    Column {
+        is_key,
         name: name.into(),
-        type_oid: oid,
+        type_oid,
         type_modifier: -1,
-    };
+    }
+}
+
+fn rel() -> Arc<RelationMeta> {
     Arc::new(RelationMeta {
         oid: 1,
         schema: "public".into(),
@@ -177,12 +180,6 @@ fn topic_names_are_kafka_legal() {
 
 #[test]
 fn json_null_literal_is_distinguished_from_sql_null() {
-    let col = |name: &str, oid, key| Column {
-        is_key: key,
-        name: name.into(),
-        type_oid: oid,
-        type_modifier: -1,
-    };
     let relation = Arc::new(RelationMeta {
         oid: 2,
         schema: "public".into(),
