@@ -268,7 +268,14 @@ async fn types_and_unchanged_toast_round_trip() {
 async fn poison_record_is_dead_lettered_and_apply_continues() {
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
     let ddl = "CREATE TABLE items (id int PRIMARY KEY, v text);";
-    let t = topology("poison", ddl, ddl, 1).await;
+    // `ghost` exists only on the master: its changes cannot be applied.
+    let t = topology(
+        "poison",
+        &format!("{ddl} CREATE TABLE ghost (id int PRIMARY KEY);"),
+        ddl,
+        1,
+    )
+    .await;
     let pg = PgCluster::shared();
     let master = pg.client(&t.master).await;
     master
@@ -289,7 +296,7 @@ async fn poison_record_is_dead_lettered_and_apply_continues() {
         .unwrap();
     producer.flush(Duration::from_secs(10)).unwrap();
     master
-        .batch_execute("INSERT INTO items VALUES (2, 'after')")
+        .batch_execute("INSERT INTO ghost VALUES (1); INSERT INTO items VALUES (2, 'after')")
         .await
         .unwrap();
     wait_converged(&t, &["items"], Duration::from_secs(60)).await;
@@ -298,7 +305,7 @@ async fn poison_record_is_dead_lettered_and_apply_continues() {
     let records = common::kafka::TopicReader::new(&broker().address()).read_until(
         &dlq,
         Duration::from_secs(30),
-        |r| !r.is_empty(),
+        |r| r.len() >= 2,
     );
     let dead = records[0].value.as_ref().unwrap();
     assert!(
@@ -307,9 +314,17 @@ async fn poison_record_is_dead_lettered_and_apply_continues() {
     );
     assert_eq!(dead["payload"], "this is not a change");
     assert_eq!(dead["source_topic"].as_str(), Some(node_topic.as_str()));
+    let missing = records[1].value.as_ref().unwrap();
+    assert!(
+        missing["reason"]
+            .as_str()
+            .unwrap()
+            .contains("table public.ghost does not exist on the target"),
+        "{missing}"
+    );
     assert_eq!(
         applier.metric("pgferry_apply_dead_letters_total", ""),
-        Some(1.0)
+        Some(2.0)
     );
 }
 
