@@ -254,6 +254,7 @@ async fn check_target(apply: &ApplyConfig, target: &TargetConfig, problems: &mut
             continue;
         };
         match crate::apply::target::describe(&client, schema, rel).await {
+            Ok(None) if apply.create_tables => {}
             Ok(None) => problems.push(problem(
                 format!("table {table} does not exist on apply target {name}"),
                 "create it with the source's definition (e.g. pg_dump --schema-only -t on the source)",

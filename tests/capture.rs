@@ -151,7 +151,7 @@ async fn types_round_trip_exactly() {
     let stream = TopicReader::new(&broker().address()).read_until(
         &node_topic,
         Duration::from_secs(60),
-        |r| r.len() >= 6,
+        |r| r.len() >= 7,
     );
     let kinds: Vec<&str> = stream
         .iter()
@@ -159,15 +159,26 @@ async fn types_round_trip_exactly() {
         .collect();
     assert_eq!(
         kinds,
-        ["begin", "change", "change", "change", "change", "commit"]
+        ["begin", "relation", "change", "change", "change", "change", "commit"]
     );
-    let framed: Vec<&Value> = stream[1..5]
+    // The table's schema is announced before its first change, as the source defines it.
+    let relation = stream[1].value.as_ref().unwrap();
+    assert_eq!(relation["table"], "typed");
+    assert_eq!(
+        relation["columns"][0],
+        json!({"name": "id", "type": "bigint", "not_null": true, "key": true})
+    );
+    assert_eq!(
+        relation["columns"][1],
+        json!({"name": "n", "type": "numeric(30,10)", "not_null": false, "key": false})
+    );
+    let framed: Vec<&Value> = stream[2..6]
         .iter()
         .map(|r| &r.value.as_ref().unwrap()["change"])
         .collect();
     assert_eq!(framed, v[..4].to_vec());
-    assert_eq!(stream[1].value.as_ref().unwrap()["key"], json!({"id": 1}));
-    let commit = stream[5].value.as_ref().unwrap();
+    assert_eq!(stream[2].value.as_ref().unwrap()["key"], json!({"id": 1}));
+    let commit = stream[6].value.as_ref().unwrap();
     assert_eq!(commit["changes"], 4);
     assert_eq!(commit["commit_lsn"], source["commit_lsn"]);
     assert_eq!(

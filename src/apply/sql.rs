@@ -87,6 +87,52 @@ pub fn delete_one_matching(schema: &str, table: &str, columns: &[&str]) -> Strin
     )
 }
 
+/// True for type names as `format_type` prints them (`numeric(12,2)`, `timestamp with time
+/// zone`, `"MyType"[]`, `public.mood`): such text is the only part of DDL taken from the stream,
+/// so anything else (`;`, quotes in odd places, comments) is refused.
+pub fn is_safe_type_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && !name.contains("--")
+        && !name.contains("/*")
+        && name
+            .chars()
+            .all(|c| c.is_alphanumeric() || " _(),.[]\"".contains(c))
+        && name.matches('"').count() % 2 == 0
+}
+
+/// `CREATE TABLE IF NOT EXISTS` with the source's columns and key. `None` when a type name is
+/// not acceptable.
+pub fn create_table(
+    schema: &str,
+    table: &str,
+    columns: &[(&str, &str, bool)],
+    key: &[&str],
+) -> Option<String> {
+    let mut defs = Vec::with_capacity(columns.len() + 1);
+    for (name, type_name, not_null) in columns {
+        if !is_safe_type_name(type_name) {
+            return None;
+        }
+        let null = if *not_null || key.contains(name) {
+            " NOT NULL"
+        } else {
+            ""
+        };
+        defs.push(format!("{} {type_name}{null}", quote_ident(name)));
+    }
+    if !key.is_empty() {
+        let keys: Vec<String> = key.iter().map(|k| quote_ident(k)).collect();
+        defs.push(format!("PRIMARY KEY ({})", keys.join(", ")));
+    }
+    Some(format!(
+        "CREATE SCHEMA IF NOT EXISTS {}; CREATE TABLE IF NOT EXISTS {} ({})",
+        quote_ident(schema),
+        qualified(schema, table),
+        defs.join(", ")
+    ))
+}
+
 /// `TRUNCATE`.
 pub fn truncate(schema: &str, table: &str) -> String {
     format!("TRUNCATE {}", qualified(schema, table))
@@ -120,5 +166,42 @@ mod tests {
         );
         assert!(delete_one_matching("s", "t", &["a", "b"])
             .contains(r#""b" IS NOT DISTINCT FROM $2 LIMIT 1)"#));
+    }
+
+    #[test]
+    fn create_table_and_type_name_safety() {
+        let ddl = create_table(
+            "s",
+            "t",
+            &[("id", "bigint", false), ("n", "numeric(12,2)", false)],
+            &["id"],
+        )
+        .unwrap();
+        assert_eq!(
+            ddl,
+            r#"CREATE SCHEMA IF NOT EXISTS "s"; CREATE TABLE IF NOT EXISTS "s"."t" ("id" bigint NOT NULL, "n" numeric(12,2), PRIMARY KEY ("id"))"#
+        );
+        for ok in [
+            "timestamp with time zone",
+            "text[]",
+            "public.mood",
+            "\"My Type\"[]",
+            "character varying(20)",
+        ] {
+            assert!(is_safe_type_name(ok), "{ok}");
+        }
+        for bad in [
+            "int; DROP TABLE x",
+            "int -- x",
+            "text /* */",
+            "\"unbalanced",
+            "",
+        ] {
+            assert!(!is_safe_type_name(bad), "{bad}");
+        }
+        assert_eq!(
+            create_table("s", "t", &[("a", "int); DROP TABLE y; --", false)], &[]),
+            None
+        );
     }
 }

@@ -64,6 +64,33 @@ pub struct CommitMarker {
     pub changes: u64,
 }
 
+/// A table's schema as the source describes it (`relation` record).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct RelationColumn {
+    /// Column name.
+    pub name: String,
+    /// SQL type, as `format_type` printed it on the source.
+    #[serde(rename = "type")]
+    pub type_name: String,
+    /// `NOT NULL` on the source.
+    #[serde(default)]
+    pub not_null: bool,
+    /// Part of the key.
+    #[serde(default)]
+    pub key: bool,
+}
+
+/// The `relation` record: announces a table's columns before its first change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelationItem {
+    /// Schema.
+    pub schema: String,
+    /// Table.
+    pub table: String,
+    /// Columns in source order.
+    pub columns: Vec<RelationColumn>,
+}
+
 /// One parsed record.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StreamItem {
@@ -73,6 +100,8 @@ pub enum StreamItem {
     Change(Box<ChangeItem>),
     /// `type: commit`.
     Commit(CommitMarker),
+    /// `type: relation`.
+    Relation(Box<RelationItem>),
 }
 
 // The wire shape, deserialized directly (borrowing strings where the JSON has no escapes):
@@ -91,6 +120,12 @@ struct RawRecord<'a> {
     changes: Option<u64>,
     #[serde(default, borrow)]
     change: Option<RawChange<'a>>,
+    #[serde(default, borrow)]
+    schema: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    table: Option<Cow<'a, str>>,
+    #[serde(default)]
+    columns: Option<Vec<RelationColumn>>,
 }
 
 #[derive(Deserialize)]
@@ -174,6 +209,11 @@ pub fn parse(bytes: Option<&[u8]>) -> Result<StreamItem, MalformedMessage> {
                 json_null_after: json_null.after,
             })))
         }
+        "relation" => Ok(StreamItem::Relation(Box::new(RelationItem {
+            schema: raw.schema.ok_or_else(|| missing("schema"))?.into_owned(),
+            table: raw.table.ok_or_else(|| missing("table"))?.into_owned(),
+            columns: raw.columns.ok_or_else(|| missing("columns"))?,
+        }))),
         other => Err(MalformedMessage(format!("unknown record type {other:?}"))),
     }
 }
@@ -185,6 +225,8 @@ pub enum Step {
     Start(BeginMarker),
     /// Apply this change.
     Apply(Box<ChangeItem>),
+    /// A table's schema (to create it on the target when configured).
+    Relation(Box<RelationItem>),
     /// The source transaction is complete; its records up to `offset` may be committed.
     End(CommitMarker),
     /// Nothing to do (replayed or orphaned transaction, stray record).
@@ -268,6 +310,13 @@ impl Framer {
                     Step::Ignore
                 } else {
                     Step::Apply(change)
+                }
+            }
+            StreamItem::Relation(relation) => {
+                if self.skipping || self.open.is_none() {
+                    Step::Ignore
+                } else {
+                    Step::Relation(relation)
                 }
             }
             StreamItem::Commit(commit) => {

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use super::error::ApplyError;
 use super::params::json_to_text;
 use super::sql;
-use super::stream::{parse, ChangeItem, Framer, Step};
+use super::stream::{parse, ChangeItem, Framer, RelationItem, Step};
 use super::target::{self, param_kind, TargetTable, TextParam};
 use crate::config::{ApplyConfig, KafkaConfig, OnBadMessage, TargetConfig};
 use crate::event::Op;
@@ -235,6 +235,12 @@ impl Worker {
             };
             match framer.step(offset, item) {
                 Step::Ignore => {}
+                Step::Relation(relation) => {
+                    if self.settings.apply.create_tables {
+                        self.create_if_missing(client, &mut pending, &message, &relation)
+                            .await?;
+                    }
+                }
                 Step::Start(_) => {
                     if !self.in_target_txn {
                         pending.send(Box::pin(async move {
@@ -292,6 +298,65 @@ impl Worker {
         self.last_completed = None;
         self.batch_changes = 0;
         self.batch_txns = 0;
+        // A rolled-back transaction may have created tables: forget what we learned in it.
+        self.tables.clear();
+        self.statements.clear();
+        Ok(())
+    }
+
+    /// `apply.create_tables`: creates a table the target lacks, in the open target
+    /// transaction, from the source's announced schema.
+    async fn create_if_missing<'c>(
+        &mut self,
+        client: &'c Client,
+        pending: &mut InFlight<'c>,
+        message: &BorrowedMessage<'_>,
+        relation: &RelationItem,
+    ) -> Result<(), ApplyError> {
+        let qualified = format!("{}.{}", relation.schema, relation.table);
+        let wanted = &self.settings.apply.tables;
+        if !wanted.is_empty() && !wanted.contains(&qualified) {
+            return Ok(());
+        }
+        let names = (relation.schema.as_str(), relation.table.as_str());
+        if self
+            .table(client, &qualified, names, false)
+            .await?
+            .is_some()
+        {
+            return Ok(());
+        }
+        let columns: Vec<(&str, &str, bool)> = relation
+            .columns
+            .iter()
+            .map(|c| (c.name.as_str(), c.type_name.as_str(), c.not_null))
+            .collect();
+        let key: Vec<&str> = relation
+            .columns
+            .iter()
+            .filter(|c| c.key)
+            .map(|c| c.name.as_str())
+            .collect();
+        // A table whose whole row is its identity (REPLICA IDENTITY FULL, no primary key) gets
+        // no primary key: duplicates are legal there.
+        let key = if key.len() == relation.columns.len() && key.len() > 1 {
+            Vec::new()
+        } else {
+            key
+        };
+        let Some(ddl) = sql::create_table(&relation.schema, &relation.table, &columns, &key) else {
+            return self
+                .bad_message(
+                    message,
+                    &format!("relation record for {qualified} has an unacceptable type name"),
+                )
+                .await;
+        };
+        tracing::info!(table = %qualified, "creating the table on the target (apply.create_tables)");
+        pending.send(Box::pin(async move {
+            client.batch_execute(&ddl).await.map(|_| 0)
+        }));
+        self.tables.remove(&qualified);
         Ok(())
     }
 

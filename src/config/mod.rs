@@ -218,7 +218,8 @@ pub struct ApplyConfig {
     /// Dead-letter topic. Default `<topic_prefix>.__dead_letter`.
     #[serde(default, deserialize_with = "optional_string")]
     pub dead_letter_topic: Option<String>,
-    /// Create missing target tables from the source schema (not implemented yet).
+    /// Create missing target tables from the source's announced schema (columns, types,
+    /// NOT NULL, primary key; not indexes, defaults, constraints or user-defined types).
     #[serde(default)]
     pub create_tables: bool,
 }

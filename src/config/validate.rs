@@ -106,12 +106,6 @@ impl Config {
                     "must be at least 1",
                 ));
             }
-            if apply.create_tables {
-                return Err(ConfigError::invalid(
-                    "apply.create_tables",
-                    "creating target tables is not implemented yet; create them (e.g. with pg_dump --schema-only)",
-                ));
-            }
             for (i, t) in apply.targets.iter().enumerate() {
                 if t.password.is_some() && t.password_file.is_some() {
                     return Err(ConfigError::invalid(

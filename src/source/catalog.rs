@@ -180,6 +180,24 @@ pub async fn primary_key_columns(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
+/// Column types as SQL (`format_type`) and NOT NULL flags, by column name.
+pub async fn column_types(
+    client: &Client,
+    relation_oid: u32,
+) -> Result<HashMap<String, (String, bool)>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT attname::text, format_type(atttypid, atttypmod), attnotnull
+               FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped",
+            &[&relation_oid],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect())
+}
+
 /// Tables in the publication, excluding pgferry's own schema.
 pub async fn published_tables(
     client: &Client,

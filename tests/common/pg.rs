@@ -229,18 +229,24 @@ pub fn pgbench(cluster: &PgCluster, db: &str, args: &[&str]) {
     );
 }
 
-/// An order-independent fingerprint of a table's rows: md5 of all rows' text, sorted.
-pub async fn table_checksum(client: &Client, table: &str) -> (i64, String) {
+/// [`table_checksum`], or `None` when the table cannot be read (e.g. does not exist yet).
+pub async fn try_table_checksum(client: &Client, table: &str) -> Option<(i64, String)> {
     let row = client
         .query_one(
             &format!(
-                // An alias no test table has as a column, so it names the whole row.
                 "SELECT count(*), md5(coalesce(string_agg(whole_row::text, '|' ORDER BY whole_row::text), '')) \
                    FROM {table} whole_row"
             ),
             &[],
         )
         .await
-        .unwrap_or_else(|e| panic!("checksum {table}: {e}"));
-    (row.get(0), row.get(1))
+        .ok()?;
+    Some((row.get(0), row.get(1)))
+}
+
+/// An order-independent fingerprint of a table's rows: md5 of all rows' text, sorted.
+pub async fn table_checksum(client: &Client, table: &str) -> (i64, String) {
+    try_table_checksum(client, table)
+        .await
+        .unwrap_or_else(|| panic!("cannot checksum {table}"))
 }

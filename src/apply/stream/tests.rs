@@ -38,6 +38,7 @@ fn kinds(steps: &[Step]) -> String {
             Step::End(_) => 'C',
             Step::Ignore => '.',
             Step::Orphaned(_) => 'X',
+            Step::Relation(_) => 'R',
         })
         .collect()
 }
@@ -126,6 +127,28 @@ fn parse_rejects_with_reasons() {
                 ("s", "t", Op::Update)
             );
             assert_eq!(c.after.unwrap()["id"], 1);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn relation_records_parse_and_frame() {
+    let item = parse(Some(
+        br#"{"type":"relation","schema":"s","table":"t","columns":[{"name":"id","type":"bigint","not_null":true,"key":true},{"name":"n","type":"numeric(12,2)","not_null":false,"key":false}]}"#,
+    ))
+    .unwrap();
+    let mut f = Framer::new(Lsn(0));
+    assert_eq!(
+        f.step(0, item.clone()),
+        Step::Ignore,
+        "outside a transaction"
+    );
+    f.step(1, begin(5));
+    match f.step(2, item) {
+        Step::Relation(r) => {
+            assert_eq!(r.columns[1].type_name, "numeric(12,2)");
+            assert!(r.columns[0].key && r.columns[0].not_null);
         }
         other => panic!("{other:?}"),
     }

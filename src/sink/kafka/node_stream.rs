@@ -8,7 +8,11 @@
 //! {"type":"begin","node","xid","commit_lsn","commit_ts","commit_ts_us","origin","snapshot"}
 //! {"type":"change","topic","key":{...}|null,"change":<the per-table envelope>}   (repeated)
 //! {"type":"commit","node","commit_lsn","end_lsn","changes"}
+//! {"type":"relation","schema","table","columns":[{"name","type","not_null","key"}]}
 //! ```
+//!
+//! A `relation` record (the table's column types as `format_type` prints them) precedes the
+//! first change of each table in a capture run, so appliers can create missing tables.
 //!
 //! The begin marker is emitted lazily with the first change, so transactions that publish
 //! nothing (pgferry's own bookkeeping) leave no trace. After a capture crash the stream can
@@ -84,6 +88,44 @@ pub fn change_record(source: &EnvelopeSource, table_record: &Record) -> Record {
     value.extend_from_slice(envelope);
     value.push(b'}');
     record(source, value)
+}
+
+/// One column of a `relation` record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ColumnSchema {
+    /// Column name.
+    pub name: String,
+    /// SQL type as `format_type(atttypid, atttypmod)` prints it, e.g. `numeric(12,2)`.
+    #[serde(rename = "type")]
+    pub type_name: String,
+    /// `NOT NULL`.
+    pub not_null: bool,
+    /// Part of the key (primary key, or replica identity).
+    pub key: bool,
+}
+
+#[derive(Serialize)]
+struct Relation<'a> {
+    r#type: &'static str,
+    schema: &'a str,
+    table: &'a str,
+    columns: &'a [ColumnSchema],
+}
+
+/// A table's schema, announced before its first change.
+pub fn relation_record(
+    source: &EnvelopeSource,
+    schema: &str,
+    table: &str,
+    columns: &[ColumnSchema],
+) -> Record {
+    let relation = Relation {
+        r#type: "relation",
+        schema,
+        table,
+        columns,
+    };
+    record(source, serde_json::to_vec(&relation).unwrap_or_default())
 }
 
 /// The marker that closes a transaction after `changes` change records.

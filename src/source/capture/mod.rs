@@ -31,7 +31,7 @@ use crate::lsn::Lsn;
 use crate::pgtime::PgTimestamp;
 use crate::pipeline::progress::{Progress, Ticket};
 use crate::sink::kafka::encode::{encode_change, EnvelopeSource, Record, TxnStamp};
-use crate::sink::kafka::node_stream;
+use crate::sink::kafka::node_stream::{self, ColumnSchema};
 use crate::sink::kafka::producer::{KafkaSink, Queued};
 use crate::sql::quote_ident;
 use crate::telemetry::{Health, Metrics};
@@ -66,6 +66,10 @@ struct Capture {
     /// (captured, published) counters per relation and op, so the hot path does not build
     /// label strings; cleared whenever a relation is (re)described.
     counters: HashMap<(u32, Op), (IntCounter, IntCounter)>,
+    /// Column types of each relation, for the node stream's `relation` records.
+    schemas: HashMap<u32, Vec<ColumnSchema>>,
+    /// Relations whose schema this run has already announced on the node stream.
+    announced: HashSet<u32>,
 }
 
 fn lock(p: &Mutex<Progress>) -> std::sync::MutexGuard<'_, Progress> {
@@ -115,6 +119,8 @@ pub async fn run(
         health,
         warned_keyless: HashSet::new(),
         counters: HashMap::new(),
+        schemas: HashMap::new(),
+        announced: HashSet::new(),
         settings,
     };
     capture.prepare_slot(&mut repl).await?;
@@ -279,6 +285,28 @@ impl Capture {
         )
         .await
         .map_err(CaptureError::sql("resolving column types"))?;
+        // The catalog is today's, not the WAL's; a column it no longer knows falls back to text.
+        let types = catalog::column_types(client, relation.oid)
+            .await
+            .map_err(CaptureError::sql("reading column types"))?;
+        let columns = relation
+            .columns
+            .iter()
+            .map(|c| {
+                let (type_name, not_null) = types
+                    .get(&c.name)
+                    .cloned()
+                    .unwrap_or(("text".into(), false));
+                ColumnSchema {
+                    name: c.name.clone(),
+                    type_name,
+                    not_null,
+                    key: c.is_key,
+                }
+            })
+            .collect();
+        self.schemas.insert(relation.oid, columns);
+        self.announced.remove(&relation.oid);
         if !relation.has_key() && self.warned_keyless.insert(relation.oid) {
             tracing::warn!(
                 table = %relation.qualified_name(),
@@ -332,6 +360,20 @@ impl Capture {
             let counter = (i == 0).then(|| published.clone());
             self.send(txn.ticket, record, counter, repl.as_deref_mut())
                 .await?;
+        }
+        let oid = change.relation.oid;
+        if !self.announced.contains(&oid) {
+            if let Some(columns) = self.schemas.get(&oid) {
+                let relation = node_stream::relation_record(
+                    &self.envelope,
+                    &change.relation.schema,
+                    &change.relation.table,
+                    columns,
+                );
+                self.send(txn.ticket, &relation, None, repl.as_deref_mut())
+                    .await?;
+            }
+            self.announced.insert(oid);
         }
         let node_record = node_stream::change_record(&self.envelope, &records[0]);
         self.send(txn.ticket, &node_record, None, repl).await?;
