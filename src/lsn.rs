@@ -13,11 +13,6 @@ pub struct Lsn(pub u64);
 impl Lsn {
     /// The invalid position `0/0`, which START_REPLICATION reads as "resume where the slot is".
     pub const ZERO: Lsn = Lsn(0);
-
-    /// Bytes between two positions, saturating at zero when `earlier` is actually later.
-    pub fn bytes_since(self, earlier: Lsn) -> u64 {
-        self.0.saturating_sub(earlier.0)
-    }
 }
 
 impl fmt::Display for Lsn {

@@ -283,13 +283,6 @@ impl Framer {
         self.applied = applied;
     }
 
-    /// Rewinds to `applied` after a rollback (e.g. a transient error), keeping known orphans.
-    pub fn rewind(&mut self, applied: Lsn) {
-        self.open = None;
-        self.skipping = false;
-        self.applied = applied;
-    }
-
     /// Decides what to do with the record at `offset`.
     pub fn step(&mut self, offset: i64, item: StreamItem) -> Step {
         match item {

@@ -17,18 +17,6 @@ use crate::lsn::Lsn;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Ticket(u64);
 
-impl Ticket {
-    /// Raw value, for carrying through librdkafka's opaque pointer.
-    pub fn into_raw(self) -> u64 {
-        self.0
-    }
-
-    /// Rebuilds a ticket from [`Ticket::into_raw`].
-    pub fn from_raw(raw: u64) -> Self {
-        Ticket(raw)
-    }
-}
-
 #[derive(Debug)]
 struct Entry {
     /// `None` until the commit (or the position) is known.

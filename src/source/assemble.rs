@@ -66,11 +66,6 @@ pub struct Assembler {
 }
 
 impl Assembler {
-    /// A described relation, if any.
-    pub fn relation(&self, oid: u32) -> Option<&Arc<RelationMeta>> {
-        self.relations.get(&oid)
-    }
-
     /// Re-keys a cached relation (see [`RelationMeta::keyed_by`]) and returns the new version.
     pub fn rekey(&mut self, oid: u32, key_columns: &[String]) -> Option<Arc<RelationMeta>> {
         let current = self.relations.get(&oid)?;

@@ -92,16 +92,6 @@ pub enum ReplicationError {
     TlsUnsupported,
 }
 
-impl ReplicationError {
-    /// The SQLSTATE, when the server sent one.
-    pub fn sqlstate(&self) -> Option<SqlState> {
-        match self {
-            ReplicationError::Server { notice } => Some(SqlState::from_code(&notice.code)),
-            _ => None,
-        }
-    }
-}
-
 impl Classify for ReplicationError {
     fn class(&self) -> ErrorClass {
         match self {
