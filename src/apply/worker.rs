@@ -205,9 +205,8 @@ impl Worker {
             let message = match ready {
                 Some(m) => Some(m),
                 None => {
-                    if self.last_completed.is_some() && !framer.is_open() {
-                        self.commit_batch(client, &mut pending).await?;
-                    }
+                    self.commit_if_between_transactions(client, &mut pending, framer)
+                        .await?;
                     tokio::select! {
                         _ = shutdown.cancelled() => None,
                         m = consumer.recv() => Some(m),
@@ -219,9 +218,8 @@ impl Worker {
                 Some(Ok(m)) => m,
                 Some(Err(e)) => return Err(ApplyError::Kafka(e)),
                 None => {
-                    if !framer.is_open() && self.last_completed.is_some() {
-                        self.commit_batch(client, &mut pending).await?;
-                    }
+                    self.commit_if_between_transactions(client, &mut pending, framer)
+                        .await?;
                     return Ok(());
                 }
             };
@@ -280,6 +278,20 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Commits the whole source transactions held in the open target transaction, unless a
+    /// source transaction is still half applied in it (committing then would expose half of it).
+    async fn commit_if_between_transactions<'c>(
+        &mut self,
+        client: &'c Client,
+        pending: &mut InFlight<'c>,
+        framer: &Framer,
+    ) -> Result<(), ApplyError> {
+        if framer.is_open() {
+            return Ok(());
+        }
+        self.commit_batch(client, pending).await
     }
 
     async fn rollback(
