@@ -81,24 +81,12 @@ t0=$(now)
 t1=$(now)
 recv_secs=$(echo "$t1 - $t0" | bc -l)
 
-wrapper=()
-[[ -n "${PERF_OUT:-}" ]] && wrapper=(perf record -e cpu-clock -F 999 -g -o "$PERF_OUT" --)
-t0=$(now)
-"${wrapper[@]}" "$BIN" run --config "$WORK/pgferry.yaml" 2>"$WORK/ferry.log" &
-ferry=$!
-CLEANUP+=("kill -9 $ferry")
-deadline=$((SECONDS + ${BENCH_TIMEOUT:-900}))
-while :; do
-  (( SECONDS > deadline )) && { echo "pgferry did not confirm the backlog in time" >&2; tail -30 "$WORK/ferry.log" >&2; exit 1; }
-  done_=$(psql_at "$port" bench "SELECT confirmed_flush_lsn >= '$end_lsn' FROM pg_replication_slots WHERE slot_name='bench_ferry'")
-  [[ "$done_" == "t" ]] && break
-  kill -0 $ferry 2>/dev/null || { echo "pgferry exited:" >&2; cat "$WORK/ferry.log" >&2; exit 1; }
-  sleep 0.05
-done
-t1=$(now)
-ferry_secs=$(echo "$t1 - $t0" | bc -l)
-rss=$(peak_rss_mb $ferry)
-kill -TERM $ferry; wait $ferry || true
+slot_confirmed_backlog() {
+  [[ "$(psql_at "$port" bench "SELECT confirmed_flush_lsn >= '$end_lsn' FROM pg_replication_slots WHERE slot_name='bench_ferry'")" == t ]]
+}
+time_ferry_until "$WORK/pgferry.yaml" slot_confirmed_backlog
+ferry_secs=$FERRY_SECS
+rss=$FERRY_RSS
 
 printf '\ncapture benchmark (%s build): %d rows, %d transactions, %.1f MB of WAL\n' \
   "$PROFILE" "$ROWS" "$((ROWS / PER_TXN))" "$(echo "$wal_bytes / 1048576" | bc -l)"

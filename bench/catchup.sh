@@ -101,22 +101,10 @@ wait_until_equal "$dst" native "$want" history_count
 t1=$(now)
 native_secs=$(echo "$t1 - $t0" | bc -l)
 
-wrapper=()
-[[ -n "${PERF_OUT:-}" ]] && wrapper=(perf record -e cpu-clock -F 999 -g -o "$PERF_OUT" --)
-t0=$(now)
-"${wrapper[@]}" "$BIN" run --config "$WORK/pgferry.yaml" 2>"$WORK/ferry.log" &
-ferry=$!
-CLEANUP+=("kill -9 $ferry")
-deadline=$((SECONDS + ${BENCH_TIMEOUT:-900}))
-while [[ "$(history_count "$dst" ferry)" != "$want" ]]; do
-  kill -0 $ferry 2>/dev/null || { echo "pgferry exited:" >&2; cat "$WORK/ferry.log" >&2; exit 1; }
-  (( SECONDS > deadline )) && { echo "pgferry did not catch up in time" >&2; tail -30 "$WORK/ferry.log" >&2; exit 1; }
-  sleep 0.05
-done
-t1=$(now)
-ferry_secs=$(echo "$t1 - $t0" | bc -l)
-rss=$(peak_rss_mb $ferry)
-kill -TERM $ferry; wait $ferry || true
+ferry_caught_up() { [[ "$(history_count "$dst" ferry)" == "$want" ]]; }
+time_ferry_until "$WORK/pgferry.yaml" ferry_caught_up
+ferry_secs=$FERRY_SECS
+rss=$FERRY_RSS
 
 printf '\ncatch-up benchmark (%s build): pgbench scale %d, %d transactions, %.1f MB of WAL\n' \
   "$PROFILE" "$SCALE" "$TXNS" "$(echo "$wal / 1048576" | bc -l)"

@@ -72,3 +72,26 @@ now() { date +%s.%N; }
 peak_rss_mb() {
   awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status" 2>/dev/null || echo "?"
 }
+
+# time_ferry_until CONFIG CONDITION...: starts `$BIN run --config CONFIG` (under perf when
+# PERF_OUT is set), waits until the CONDITION command succeeds, then stops pgferry. Sets
+# FERRY_SECS (wall time to the condition) and FERRY_RSS (peak RSS in MB). Fails with the log
+# when pgferry exits early or BENCH_TIMEOUT (default 900 s) passes.
+time_ferry_until() {
+  local config=$1 log="$WORK/ferry.log" pid deadline t0 wrapper=()
+  shift
+  [[ -n "${PERF_OUT:-}" ]] && wrapper=(perf record -e cpu-clock -F 999 -g -o "$PERF_OUT" --)
+  t0=$(now)
+  "${wrapper[@]}" "$BIN" run --config "$config" 2>"$log" &
+  pid=$!
+  CLEANUP+=("kill -9 $pid")
+  deadline=$((SECONDS + ${BENCH_TIMEOUT:-900}))
+  until "$@"; do
+    kill -0 "$pid" 2>/dev/null || { echo "pgferry exited:" >&2; cat "$log" >&2; exit 1; }
+    (( SECONDS > deadline )) && { echo "pgferry did not reach '$*' in time" >&2; tail -30 "$log" >&2; exit 1; }
+    sleep 0.05
+  done
+  FERRY_SECS=$(echo "$(now) - $t0" | bc -l)
+  FERRY_RSS=$(peak_rss_mb "$pid")
+  kill -TERM "$pid"; wait "$pid" || true
+}
