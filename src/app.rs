@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::apply::multimaster;
 use crate::apply::worker::{self, WorkerSettings};
 use crate::apply::ApplyError;
-use crate::config::Config;
+use crate::config::{ApplyMode, Config};
 use crate::error::{Classify, ErrorClass};
 use crate::source::capture::{self, CaptureError, CaptureSettings};
 use crate::telemetry::{http, Health, Metrics};
@@ -98,6 +99,29 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     tracing::info!(node = %config.node_id, metrics = %config.metrics.listen, "pgferry started");
 
     let mut stages: tokio::task::JoinSet<Result<(), AppError>> = tokio::task::JoinSet::new();
+    if let Some(apply) = config
+        .apply
+        .as_ref()
+        .filter(|a| a.mode == ApplyMode::MultiMaster)
+    {
+        // Before capture starts: every local delete from now on leaves a tombstone, and
+        // every change carries its whole old row.
+        let target = &apply.targets[0];
+        supervise("multi-master setup", &metrics, &health, &shutdown, || {
+            multimaster::setup(target, &apply.tables)
+        })
+        .await
+        .map_err(AppError::Apply)?;
+        let (target, conflict) = (target.clone(), apply.conflict.clone());
+        let (m, h, s) = (metrics.clone(), health.clone(), shutdown.clone());
+        stages.spawn(async move {
+            supervise("multi-master maintenance", &m, &h, &s, || {
+                multimaster::maintain(target.clone(), conflict.clone(), m.clone(), s.clone())
+            })
+            .await
+            .map_err(AppError::Apply)
+        });
+    }
     if let Some(source) = config.source.clone() {
         let settings = CaptureSettings {
             node_id: config.node_id.clone(),
@@ -119,6 +143,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             for node in &apply.nodes {
                 let settings = WorkerSettings {
                     node: node.clone(),
+                    local_node: config.node_id.clone(),
                     target: target.clone(),
                     apply: apply.clone(),
                     kafka: config.kafka.clone(),

@@ -18,6 +18,7 @@
 
 pub mod event;
 pub mod lsn;
+pub mod naming;
 pub mod pgtime;
 pub mod pipeline;
 pub mod sink;

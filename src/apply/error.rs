@@ -27,6 +27,12 @@ pub enum ApplyError {
         /// Why.
         reason: String,
     },
+    /// Local writers kept inserting the key a multi-master change was being applied to.
+    #[error("local writes to {table} kept racing the apply of one change; retrying")]
+    Contention {
+        /// `schema.table`.
+        table: String,
+    },
     /// A change carries a column the target table does not have.
     #[error("column {column} of {table} does not exist on the target: add it there (ALTER TABLE {table} ADD COLUMN ...) and pgferry resumes")]
     ColumnMissing {
@@ -52,6 +58,7 @@ impl Classify for ApplyError {
             // The operator adds the column; retrying then succeeds without a restart.
             ApplyError::ColumnMissing { .. } => ErrorClass::Transient,
             ApplyError::BadMessage { .. } => ErrorClass::Fatal,
+            ApplyError::Contention { .. } => ErrorClass::Transient,
         }
     }
 }

@@ -5,7 +5,9 @@
 //! are the record parser and exactly-once framer ([`stream`]), statement text ([`sql`]) and
 //! value rendering ([`params`]); [`target`] and [`worker`] do the I/O.
 
+pub mod conflict;
 pub mod error;
+pub mod multimaster;
 pub mod params;
 pub mod sql;
 pub mod stream;

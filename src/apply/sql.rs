@@ -138,6 +138,167 @@ pub fn truncate(schema: &str, table: &str) -> String {
     format!("TRUNCATE {}", qualified(schema, table))
 }
 
+/// A column with its target type as `format_type` prints it (trusted: read from the target's
+/// own catalog), for statements that cast their parameters explicitly.
+#[derive(Debug, Clone, Copy)]
+pub struct Typed<'a> {
+    /// Column name.
+    pub name: &'a str,
+    /// Type name.
+    pub ty: &'a str,
+}
+
+/// `"k1" = $n::type AND …` over a table alias.
+fn typed_key_predicate(alias: &str, key: &[Typed<'_>], first_param: usize) -> String {
+    key.iter()
+        .enumerate()
+        .map(|(i, k)| {
+            format!(
+                "{alias}.{} = ${}::{}",
+                quote_ident(k.name),
+                first_param + i,
+                k.ty
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// The tombstone key: a jsonb object of the key columns, built from typed values so that it
+/// equals what the delete trigger builds from `to_jsonb(OLD)`.
+fn tombstone_key(key: &[Typed<'_>], first_param: usize) -> String {
+    let pairs: Vec<String> = key
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            format!(
+                "{}, ${}::{}",
+                crate::sql::quote_literal(k.name),
+                first_param + i,
+                k.ty
+            )
+        })
+        .collect();
+    format!("jsonb_build_object({})", pairs.join(", "))
+}
+
+/// Converts an `xid8` column to the `xid` that the commit-timestamp functions take.
+fn xid_of(xid8: &str) -> String {
+    format!("({xid8}::text::int8 % 4294967296)::text::xid")
+}
+
+/// Locks the live row with this key, if any, so that no local writer changes it between the
+/// probe and the write. Parameters: `key`.
+pub fn lock_row(schema: &str, table: &str, key: &[Typed<'_>]) -> String {
+    format!(
+        "SELECT 1 FROM ONLY {} AS t WHERE {} FOR UPDATE",
+        qualified(schema, table),
+        typed_key_predicate("t", key, 1)
+    )
+}
+
+/// What this node holds for a key. One row of: the live row's commit time (µs) and origin,
+/// whether this transaction wrote it, the row as jsonb, whether it equals the remote old
+/// image (`before`; NULL when empty); then the tombstone's commit time, origin and whether
+/// this transaction wrote it. Parameters: `key`, then `before`; `$n+1` is the table name.
+pub fn probe(schema: &str, table: &str, key: &[Typed<'_>], before: &[Typed<'_>]) -> String {
+    let first_before = key.len() + 1;
+    let matches = if before.is_empty() {
+        "NULL::bool".to_owned()
+    } else {
+        before
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                format!(
+                    "t.{}::text IS NOT DISTINCT FROM ${}::{}::text",
+                    quote_ident(c.name),
+                    first_before + i,
+                    c.ty
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    };
+    let table_param = first_before + before.len();
+    let micros = |ts: &str| format!("(extract(epoch FROM {ts}) * 1000000)::int8");
+    format!(
+        "SELECT r.ts_us, r.roident, r.mine, r.local_row::text, r.matches, d.ts_us, d.roident, d.mine \
+           FROM (SELECT 1) AS one \
+           LEFT JOIN LATERAL (\
+             SELECT {row_ts} AS ts_us, v.roident::int8 AS roident, \
+                    t.xmin::text = (pg_current_xact_id()::text::int8 % 4294967296)::text AS mine, \
+                    to_jsonb(t) AS local_row, ({matches}) AS matches \
+               FROM ONLY {t} AS t \
+               LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(t.xmin) AS v ON true \
+              WHERE {key_pred}) AS r ON true \
+           LEFT JOIN LATERAL (\
+             SELECT {tomb_ts} AS ts_us, COALESCE(d.roident, v.roident)::int8 AS roident, \
+                    d.xid = pg_current_xact_id() AS mine \
+               FROM pgferry.tombstones AS d \
+               LEFT JOIN LATERAL pg_xact_commit_timestamp_origin({xid}) AS v ON true \
+              WHERE d.table_name = ${table_param}::text AND d.key = {tkey}) AS d ON true",
+        row_ts = micros("v.timestamp"),
+        tomb_ts = micros("COALESCE(d.commit_ts, v.timestamp)"),
+        t = qualified(schema, table),
+        key_pred = typed_key_predicate("t", key, 1),
+        xid = xid_of("d.xid"),
+        tkey = tombstone_key(key, 1),
+    )
+}
+
+/// `INSERT … ON CONFLICT DO NOTHING`: a row that a local writer inserted meanwhile is not
+/// overwritten; the caller sees 0 rows and decides again. Parameters: `columns`.
+pub fn insert_if_absent(schema: &str, table: &str, columns: &[&str]) -> String {
+    let cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+    format!(
+        "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT DO NOTHING",
+        qualified(schema, table),
+        cols.join(", "),
+        placeholders(1, columns.len()).join(", ")
+    )
+}
+
+/// Records (or moves forward) the tombstone of a key, versioned by the current transaction.
+/// Parameters: table name, then `key`.
+pub fn upsert_tombstone(key: &[Typed<'_>]) -> String {
+    format!(
+        "INSERT INTO pgferry.tombstones (table_name, key, xid) \
+         VALUES ($1::text, {}, pg_current_xact_id()) \
+         ON CONFLICT (table_name, key) DO UPDATE \
+            SET xid = EXCLUDED.xid, commit_ts = NULL, roident = NULL",
+        tombstone_key(key, 2)
+    )
+}
+
+/// Calls a resolver: `f(table, local, remote, local_version, remote_version)`. The remote
+/// row is passed through `jsonb_populate_record`, so both rows have the same JSON shapes.
+/// Parameters: table name, local row, remote row, local version, remote version.
+pub fn call_resolver(function: &str, schema: &str, table: &str) -> String {
+    let f: Vec<String> = function.split('.').map(quote_ident).collect();
+    format!(
+        "SELECT ({}($1::text, $2::jsonb, to_jsonb(jsonb_populate_record(NULL::{}, $3::jsonb)), $4::jsonb, $5::jsonb))::text",
+        f.join("."),
+        qualified(schema, table)
+    )
+}
+
+/// Writes a resolver's merged row over the live row. Parameters: the merged jsonb, then `key`.
+pub fn write_merged(schema: &str, table: &str, columns: &[&str], key: &[Typed<'_>]) -> String {
+    let cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+    let picked: Vec<String> = columns
+        .iter()
+        .map(|c| format!("m.{}", quote_ident(c)))
+        .collect();
+    let t = qualified(schema, table);
+    format!(
+        "UPDATE ONLY {t} AS t SET ({}) = (SELECT {} FROM jsonb_populate_record(NULL::{t}, $1::jsonb) AS m) WHERE {}",
+        cols.join(", "),
+        picked.join(", "),
+        typed_key_predicate("t", key, 2)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,6 +327,53 @@ mod tests {
         );
         assert!(delete_one_matching("s", "t", &["a", "b"])
             .contains(r#""b" IS NOT DISTINCT FROM $2 LIMIT 1)"#));
+    }
+
+    #[test]
+    fn multi_master_statements() {
+        let key = [Typed {
+            name: "id",
+            ty: "integer",
+        }];
+        assert_eq!(
+            lock_row("s", "t", &key),
+            r#"SELECT 1 FROM ONLY "s"."t" AS t WHERE t."id" = $1::integer FOR UPDATE"#
+        );
+        assert_eq!(
+            insert_if_absent("s", "t", &["id", "v"]),
+            r#"INSERT INTO "s"."t" ("id", "v") VALUES ($1, $2) ON CONFLICT DO NOTHING"#
+        );
+        let tomb = upsert_tombstone(&key);
+        assert!(
+            tomb.contains(
+                r#"VALUES ($1::text, jsonb_build_object('id', $2::integer), pg_current_xact_id())"#
+            ),
+            "{tomb}"
+        );
+        let before = [Typed {
+            name: "v",
+            ty: "numeric(9,2)",
+        }];
+        let probe = probe("s", "t", &key, &before);
+        assert!(
+            probe.contains(r#"t."v"::text IS NOT DISTINCT FROM $2::numeric(9,2)::text"#),
+            "{probe}"
+        );
+        assert!(
+            probe.contains(
+                "d.table_name = $3::text AND d.key = jsonb_build_object('id', $1::integer)"
+            ),
+            "{probe}"
+        );
+        assert!(super::probe("s", "t", &key, &[]).contains("(NULL::bool) AS matches"));
+        assert_eq!(
+            call_resolver("app.merge", "s", "t"),
+            r#"SELECT ("app"."merge"($1::text, $2::jsonb, to_jsonb(jsonb_populate_record(NULL::"s"."t", $3::jsonb)), $4::jsonb, $5::jsonb))::text"#
+        );
+        assert_eq!(
+            write_merged("s", "t", &["v"], &key),
+            r#"UPDATE ONLY "s"."t" AS t SET ("v") = (SELECT m."v" FROM jsonb_populate_record(NULL::"s"."t", $1::jsonb) AS m) WHERE t."id" = $2::integer"#
+        );
     }
 
     #[test]

@@ -269,6 +269,11 @@ impl Framer {
         self.last_commit_ts_us
     }
 
+    /// Commit time (µs since the Unix epoch) of the open transaction, if one is open.
+    pub fn open_commit_ts_us(&self) -> Option<i64> {
+        self.open.map(|(_, _, ts)| ts)
+    }
+
     /// The last source commit LSN this framer let through.
     pub fn applied(&self) -> Lsn {
         self.applied

@@ -13,6 +13,7 @@ use tokio_postgres::types::{to_sql_checked, Format, IsNull, Kind, ToSql, Type};
 use tokio_postgres::Client;
 
 use crate::lsn::Lsn;
+pub use crate::naming::{is_pgferry_origin, origin_name, BOOKKEEPING_SCHEMA};
 use crate::value::{builtin, PgType};
 
 /// Where a target stands for one source node.
@@ -22,13 +23,6 @@ pub struct Progress {
     pub next_offset: i64,
     /// Last source commit LSN applied.
     pub commit_lsn: Lsn,
-}
-
-/// Replication origin name for a source node applied into one target database. Origins are
-/// cluster-wide and held exclusively by one session, so two target databases in one cluster
-/// need different names. Capture recognises pgferry's applies by the `pgferry_` prefix.
-pub fn origin_name(node: &str, target_db: &str) -> String {
-    format!("pgferry_{node}_{target_db}")
 }
 
 /// Prepares an apply session: replica role (no user triggers, no FK checks, like native
@@ -41,12 +35,19 @@ pub async fn prepare_session(
     client
         .batch_execute(
             "SET session_replication_role = replica;
+             BEGIN;
+             -- Workers start together; CREATE ... IF NOT EXISTS is not safe concurrently.
+             SELECT pg_advisory_xact_lock(hashtext('pgferry.bookkeeping'));
              CREATE SCHEMA IF NOT EXISTS pgferry;
              CREATE TABLE IF NOT EXISTS pgferry.apply_progress (
                  source_node text PRIMARY KEY,
                  next_offset bigint NOT NULL,
                  commit_lsn pg_lsn NOT NULL,
-                 applied_at timestamptz NOT NULL DEFAULT now())",
+                 applied_at timestamptz NOT NULL DEFAULT now());
+             CREATE TABLE IF NOT EXISTS pgferry.origins (
+                 roname text PRIMARY KEY,
+                 node text NOT NULL);
+             COMMIT",
         )
         .await?;
     let origin = origin_name(node, target_db);
@@ -57,6 +58,7 @@ pub async fn prepare_session(
             &[&origin],
         )
         .await?;
+    super::multimaster::register_origin(client, &origin, node).await?;
     client
         .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
         .await
@@ -97,6 +99,16 @@ pub struct TargetTable {
     pub columns: Vec<String>,
     /// Primary-key columns (empty when the table has none).
     pub key: Vec<String>,
+    /// Column types as `format_type` prints them, by column.
+    pub types: Vec<String>,
+}
+
+impl TargetTable {
+    /// The type of a column.
+    pub fn type_of(&self, column: &str) -> Option<&str> {
+        let i = self.columns.iter().position(|c| c == column)?;
+        self.types.get(i).map(String::as_str)
+    }
 }
 
 /// Describes a target table; `None` when it does not exist.
@@ -108,7 +120,8 @@ pub async fn describe(
     let rows = client
         .query(
             "SELECT a.attname::text,
-                    COALESCE(a.attnum = ANY(i.indkey::int2[]), false)
+                    COALESCE(a.attnum = ANY(i.indkey::int2[]), false),
+                    format_type(a.atttypid, a.atttypmod)
                FROM pg_class c
                JOIN pg_namespace n ON n.oid = c.relnamespace
                JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
@@ -128,6 +141,7 @@ pub async fn describe(
             .filter(|r| r.get::<_, bool>(1))
             .map(|r| r.get(0))
             .collect(),
+        types: rows.iter().map(|r| r.get(2)).collect(),
     }))
 }
 

@@ -24,17 +24,20 @@ use tokio_postgres::{Client, Statement};
 use tokio_util::sync::CancellationToken;
 
 use super::error::ApplyError;
+use super::multimaster;
 use super::params::json_to_text;
 use super::sql;
 use super::stream::{parse, ChangeItem, Framer, RelationItem, Step};
 use super::target::{self, param_kind, TargetTable, TextParam};
-use crate::config::{ApplyConfig, KafkaConfig, OnBadMessage, TargetConfig};
+use crate::config::{ApplyConfig, ApplyMode, KafkaConfig, OnBadMessage, TargetConfig};
 use crate::event::Op;
 use crate::lsn::Lsn;
 use crate::pgtime::PgTimestamp;
 use crate::sink::kafka::node_stream::node_stream_topic;
 use crate::sink::kafka::producer::{client_config, create_topic};
 use crate::telemetry::{Health, Metrics};
+
+mod lww;
 
 /// Statements in flight before the worker waits for their results.
 const PIPELINE_DEPTH: usize = 512;
@@ -48,6 +51,8 @@ type Pending<'a> = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error
 pub struct WorkerSettings {
     /// Source node whose stream is applied.
     pub node: String,
+    /// This node's own id (`node_id`): the node of locally written rows in multi-master.
+    pub local_node: String,
     /// The target.
     pub target: TargetConfig,
     /// `apply:`.
@@ -89,6 +94,8 @@ struct Worker {
     last_completed: Option<Completed>,
     batch_changes: u64,
     batch_txns: u64,
+    /// Multi-master state; `None` in replica mode.
+    lww: Option<lww::LwwState>,
 }
 
 /// Runs one worker until shutdown or an error.
@@ -107,6 +114,21 @@ pub async fn run(
         .map_err(ApplyError::sql(
             "preparing the apply session (needs superuser or replication origin privileges)",
         ))?;
+    let lww = if settings.apply.mode == ApplyMode::MultiMaster {
+        client
+            .batch_execute(multimaster::SESSION_SETTINGS)
+            .await
+            .map_err(ApplyError::sql("preparing the multi-master session"))?;
+        Some(lww::LwwState {
+            local_node: settings.local_node.clone(),
+            origins: multimaster::origin_nodes(&client)
+                .await
+                .map_err(ApplyError::sql("reading pgferry.origins"))?,
+            conflicts: Vec::new(),
+        })
+    } else {
+        None
+    };
     let committed = target::read_progress(&client, &settings.node)
         .await
         .map_err(ApplyError::sql("reading pgferry.apply_progress"))?
@@ -162,6 +184,7 @@ pub async fn run(
         last_completed: None,
         batch_changes: 0,
         batch_txns: 0,
+        lww,
     };
     tracing::info!(node = %worker.settings.node, target = %worker.settings.target.url.display_target(),
                    offset = committed.next_offset, applied = %committed.commit_lsn, "applying");
@@ -247,6 +270,31 @@ impl Worker {
                         self.in_target_txn = true;
                     }
                 }
+                Step::Apply(change) if self.lww.is_some() => {
+                    let applied = self
+                        .apply_change_lww(
+                            client,
+                            &mut pending,
+                            &message,
+                            change,
+                            framer.open_commit_ts_us().unwrap_or_default(),
+                        )
+                        .await;
+                    if let Err(ApplyError::Sql { source, .. }) = &applied {
+                        if is_lock_conflict(source) {
+                            // A deadlock or serialisation failure with local writers or another
+                            // worker: undo the open transaction and replay it.
+                            tracing::info!(node = %self.settings.node, error = %source,
+                                           "lock conflict with a concurrent writer; replaying the transaction");
+                            drop(message);
+                            self.rollback(client, &mut pending).await?;
+                            *framer = Framer::new(self.committed.commit_lsn);
+                            self.assign(consumer, topic)?;
+                            continue;
+                        }
+                    }
+                    applied?;
+                }
                 Step::Apply(change) => {
                     self.apply_change(client, &mut pending, &message, change)
                         .await?;
@@ -264,7 +312,11 @@ impl Worker {
                         commit_ts_us: framer.commit_ts_us(),
                         offset,
                     });
-                    if self.batch_changes >= u64::from(self.settings.apply.batch_max_changes) {
+                    // Multi-master commits each source transaction alone: the commit carries
+                    // its origin timestamp, which is every row's version.
+                    if self.lww.is_some()
+                        || self.batch_changes >= u64::from(self.settings.apply.batch_max_changes)
+                    {
                         self.commit_batch(client, &mut pending).await?;
                     }
                 }
@@ -308,6 +360,9 @@ impl Worker {
         }
         self.in_target_txn = false;
         self.last_completed = None;
+        if let Some(lww) = &mut self.lww {
+            lww.conflicts.clear();
+        }
         self.batch_changes = 0;
         self.batch_txns = 0;
         // A rolled-back transaction may have created tables: forget what we learned in it.
@@ -382,6 +437,13 @@ impl Worker {
         let Some(done) = self.last_completed.take() else {
             return Ok(());
         };
+        if self.lww.is_some() {
+            pending
+                .drain()
+                .await
+                .map_err(ApplyError::sql("applying changes"))?;
+            self.wait_for_clock(client, done.commit_ts_us).await?;
+        }
         let lsn = done.commit_lsn.to_string();
         let ts = PgTimestamp::from_unix_micros(done.commit_ts_us).to_rfc3339();
         let next = (done.offset + 1).to_string();
@@ -404,6 +466,7 @@ impl Worker {
             next_offset: done.offset + 1,
             commit_lsn: done.commit_lsn,
         };
+        self.count_conflicts();
         self.metrics.apply_transactions.inc_by(self.batch_txns);
         self.metrics.apply_batches.inc();
         self.metrics
@@ -466,29 +529,27 @@ impl Worker {
         Ok(stmt)
     }
 
-    async fn apply_change<'c>(
+    /// The target table a change goes to, with every column the change names. `None`: the
+    /// table is filtered out by `apply.tables`, or missing and the record was dead-lettered.
+    async fn target_table(
         &mut self,
-        client: &'c Client,
-        pending: &mut InFlight<'c>,
+        client: &Client,
         message: &BorrowedMessage<'_>,
-        change: Box<ChangeItem>,
-    ) -> Result<(), ApplyError> {
-        let change = *change;
-        let qualified = format!("{}.{}", change.schema, change.table);
+        change: &ChangeItem,
+        qualified: &str,
+    ) -> Result<Option<TargetTable>, ApplyError> {
         let wanted = &self.settings.apply.tables;
-        if !wanted.is_empty() && !wanted.contains(&qualified) {
-            return Ok(());
+        if !wanted.is_empty() && !wanted.iter().any(|t| t == qualified) {
+            return Ok(None);
         }
-        let Some(mut table) = self
-            .table(client, &qualified, (&change.schema, &change.table), false)
-            .await?
-        else {
-            return self
-                .bad_message(
-                    message,
-                    &format!("table {qualified} does not exist on the target"),
-                )
-                .await;
+        let names = (change.schema.as_str(), change.table.as_str());
+        let Some(mut table) = self.table(client, qualified, names, false).await? else {
+            self.bad_message(
+                message,
+                &format!("table {qualified} does not exist on the target"),
+            )
+            .await?;
+            return Ok(None);
         };
         let row_columns = |m: &Option<Map<String, Value>>| -> Vec<String> {
             m.as_ref()
@@ -500,16 +561,57 @@ impl Worker {
         if let Some(missing) = used.iter().find(|c| !table.columns.contains(c)) {
             // The source may have gained a column: look again before giving up.
             table = self
-                .table(client, &qualified, (&change.schema, &change.table), true)
+                .table(client, qualified, names, true)
                 .await?
                 .unwrap_or(table);
             if !table.columns.contains(missing) {
                 return Err(ApplyError::ColumnMissing {
-                    table: qualified,
+                    table: qualified.to_owned(),
                     column: missing.clone(),
                 });
             }
         }
+        Ok(Some(table))
+    }
+
+    /// Renders JSON values as text parameters for a prepared statement, by the statement's
+    /// parameter types. `json_nulls`: columns whose JSON `null` is a json value, not SQL NULL.
+    fn render_params(
+        types: &[tokio_postgres::types::Type],
+        columns: &[String],
+        values: &[Value],
+        json_nulls: &[String],
+        qualified: &str,
+    ) -> Result<Vec<TextParam>, String> {
+        let mut params = Vec::with_capacity(values.len());
+        for ((value, column), ty) in values.iter().zip(columns).zip(types) {
+            if value.is_null() && json_nulls.contains(column) {
+                params.push(TextParam(Some("null".to_owned())));
+                continue;
+            }
+            match json_to_text(&param_kind(ty), value) {
+                Ok(text) => params.push(TextParam(text)),
+                Err(e) => return Err(format!("{qualified}: {e}")),
+            }
+        }
+        Ok(params)
+    }
+
+    async fn apply_change<'c>(
+        &mut self,
+        client: &'c Client,
+        pending: &mut InFlight<'c>,
+        message: &BorrowedMessage<'_>,
+        change: Box<ChangeItem>,
+    ) -> Result<(), ApplyError> {
+        let change = *change;
+        let qualified = format!("{}.{}", change.schema, change.table);
+        let Some(table) = self
+            .target_table(client, message, &change, &qualified)
+            .await?
+        else {
+            return Ok(());
+        };
         let key: Vec<&str> = table.key.iter().map(String::as_str).collect();
         // Which image each bound value comes from, to honour its json_null list.
         let mut from_before = false;
@@ -585,21 +687,11 @@ impl Worker {
             columns: columns.clone(),
         };
         let stmt = self.statement(client, stmt_key, text).await?;
-        let mut params = Vec::with_capacity(values.len());
-        for ((value, column), ty) in values.iter().zip(&columns).zip(stmt.params()) {
-            if value.is_null() && json_nulls.contains(column) {
-                params.push(TextParam(Some("null".to_owned())));
-                continue;
-            }
-            match json_to_text(&param_kind(ty), value) {
-                Ok(text) => params.push(TextParam(text)),
-                Err(e) => {
-                    return self
-                        .bad_message(message, &format!("{qualified}: {e}"))
-                        .await
-                }
-            }
-        }
+        let params =
+            match Self::render_params(stmt.params(), &columns, &values, json_nulls, &qualified) {
+                Ok(params) => params,
+                Err(reason) => return self.bad_message(message, &reason).await,
+            };
         pending.send(Box::pin(
             async move { client.execute_raw(&stmt, params).await },
         ));
@@ -645,6 +737,14 @@ impl Worker {
             .map_err(|(e, _)| ApplyError::Kafka(e))?;
         Ok(())
     }
+}
+
+/// Deadlock or serialisation failure: the transaction can simply be replayed.
+fn is_lock_conflict(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| {
+        *c == tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED
+            || *c == tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE
+    })
 }
 
 /// Statements sent to the target and not yet answered, in send order. Each is polled as soon

@@ -158,7 +158,8 @@ pub struct KafkaConfig {
 pub enum ApplyMode {
     /// Read-only replicas following one or more masters.
     Replica,
-    /// Every node writes; conflicts resolved by last writer wins (not implemented yet).
+    /// Every node writes, captures its own changes and applies everyone else's; conflicts
+    /// are resolved by last writer wins (see `apply.conflict`).
     MultiMaster,
 }
 
@@ -199,7 +200,7 @@ impl fmt::Debug for TargetConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApplyConfig {
-    /// `replica` (multi_master is planned).
+    /// `replica` or `multi_master`.
     pub mode: ApplyMode,
     /// Databases to apply to; each gets its own worker per source node.
     pub targets: Vec<TargetConfig>,
@@ -222,6 +223,82 @@ pub struct ApplyConfig {
     /// NOT NULL, primary key; not indexes, defaults, constraints or user-defined types).
     #[serde(default)]
     pub create_tables: bool,
+    /// Multi-master conflict handling.
+    #[serde(default)]
+    pub conflict: ConflictConfig,
+}
+
+/// What a multi-master apply does when the origin's commit time is further ahead of the local
+/// clock than `apply.conflict.max_clock_skew`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClockSkewAction {
+    /// Keep waiting until the local clock passes the origin commit time (safe; stalls apply).
+    Wait,
+    /// Wait `max_clock_skew`, then apply anyway and warn: a later local write may lose
+    /// against the applied change despite being made after it.
+    Apply,
+}
+
+/// `apply.conflict:` (multi-master only).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConflictConfig {
+    /// How long a delete's tombstone is kept. A node offline for longer may resurrect rows
+    /// deleted meanwhile (see docs/ARCHITECTURE.md).
+    #[serde(default = "default_retention", deserialize_with = "de::duration")]
+    pub tombstone_retention: Duration,
+    /// How long rows of `pgferry.conflicts` are kept.
+    #[serde(default = "default_retention", deserialize_with = "de::duration")]
+    pub log_retention: Duration,
+    /// Longest wait for the local clock to pass an applied change's origin commit time.
+    #[serde(default = "default_max_clock_skew", deserialize_with = "de::duration")]
+    pub max_clock_skew: Duration,
+    /// What to do beyond `max_clock_skew`.
+    #[serde(default = "default_on_clock_skew")]
+    pub on_clock_skew: ClockSkewAction,
+    /// Per-table resolver functions (`schema.table: schema.function`), called on row-against-row
+    /// conflicts as `f(table text, local jsonb, remote jsonb, local_version jsonb,
+    /// remote_version jsonb) returns jsonb`.
+    #[serde(default)]
+    pub resolvers: BTreeMap<String, String>,
+    /// How often expired tombstones and conflict-log rows are deleted.
+    #[serde(
+        default = "default_maintenance_interval",
+        deserialize_with = "de::duration"
+    )]
+    pub maintenance_interval: Duration,
+}
+
+impl Default for ConflictConfig {
+    fn default() -> Self {
+        ConflictConfig {
+            tombstone_retention: default_retention(),
+            log_retention: default_retention(),
+            max_clock_skew: default_max_clock_skew(),
+            on_clock_skew: default_on_clock_skew(),
+            resolvers: BTreeMap::new(),
+            maintenance_interval: default_maintenance_interval(),
+        }
+    }
+}
+
+/// Default tombstone and conflict-log retention.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Default `apply.conflict.max_clock_skew`.
+pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(1);
+
+fn default_retention() -> Duration {
+    DEFAULT_RETENTION
+}
+fn default_max_clock_skew() -> Duration {
+    DEFAULT_MAX_CLOCK_SKEW
+}
+fn default_on_clock_skew() -> ClockSkewAction {
+    ClockSkewAction::Wait
+}
+fn default_maintenance_interval() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_batch_max_changes() -> u32 {

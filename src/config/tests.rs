@@ -121,3 +121,78 @@ fn example_config_is_valid() {
     assert_eq!(apply.nodes, vec!["node-a"]);
     assert_eq!(apply.batch_max_changes, DEFAULT_BATCH_MAX_CHANGES);
 }
+
+const MULTI_MASTER: &str = "
+node_id: a
+source:
+  url: postgres://app@db/shop
+kafka:
+  brokers: 127.0.0.1:9092
+apply:
+  mode: multi_master
+  nodes: [b, c]
+  targets:
+    - url: postgres://app@db/shop
+";
+
+#[test]
+fn multi_master_defaults() {
+    let c = load_from_str(MULTI_MASTER, env(&[])).unwrap();
+    let conflict = &c.apply.as_ref().unwrap().conflict;
+    assert_eq!(conflict.tombstone_retention, DEFAULT_RETENTION);
+    assert_eq!(conflict.max_clock_skew, DEFAULT_MAX_CLOCK_SKEW);
+    assert_eq!(conflict.on_clock_skew, ClockSkewAction::Wait);
+    assert!(conflict.resolvers.is_empty());
+}
+
+#[test]
+fn multi_master_rules_name_the_key() {
+    let cases = [
+        (
+            MULTI_MASTER.replace("nodes: [b, c]", "nodes: [a, b]"),
+            "`apply.nodes`",
+        ),
+        (
+            MULTI_MASTER.replace("source:\n  url: postgres://app@db/shop\n", ""),
+            "`apply.mode`",
+        ),
+        (
+            MULTI_MASTER.replace("  targets:\n", "  targets:\n    - url: postgres://x@y/z\n"),
+            "`apply.targets`",
+        ),
+        (
+            format!("{MULTI_MASTER}  conflict:\n    tombstone_retention: 0s\n"),
+            "`apply.conflict.tombstone_retention`",
+        ),
+        (
+            format!("{MULTI_MASTER}  conflict:\n    on_clock_skew: ignore\n"),
+            "apply.conflict.on_clock_skew",
+        ),
+        (
+            format!("{MULTI_MASTER}  conflict:\n    resolvers:\n      public.t: \"x; drop\"\n"),
+            "`apply.conflict.resolvers.public.t`",
+        ),
+        (
+            format!("{MULTI_MASTER}  conflict:\n    resolvers:\n      t: public.f\n"),
+            "`apply.conflict.resolvers.t`",
+        ),
+    ];
+    for (text, key) in cases {
+        let err = load_from_str(&text, env(&[])).unwrap_err().to_string();
+        assert!(err.contains(key), "expected {key} in: {err}");
+    }
+    let ok = format!(
+        "{MULTI_MASTER}  conflict:\n    max_clock_skew: 250ms\n    on_clock_skew: apply\n    \
+         resolvers:\n      public.counters: public.merge_counters\n"
+    );
+    let c = load_from_str(&ok, env(&[])).unwrap();
+    let conflict = &c.apply.unwrap().conflict;
+    assert_eq!(
+        conflict.max_clock_skew,
+        std::time::Duration::from_millis(250)
+    );
+    assert_eq!(
+        conflict.resolvers["public.counters"],
+        "public.merge_counters"
+    );
+}

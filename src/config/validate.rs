@@ -75,10 +75,7 @@ impl Config {
         }
         if let Some(apply) = &self.apply {
             if apply.mode == super::ApplyMode::MultiMaster {
-                return Err(ConfigError::invalid(
-                    "apply.mode",
-                    "multi_master is not implemented yet; use replica",
-                ));
+                self.validate_multi_master(apply)?;
             }
             if apply.targets.is_empty() {
                 return Err(ConfigError::invalid(
@@ -185,6 +182,68 @@ impl Config {
                     t.password_file.as_deref(),
                     &path,
                 )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Multi-master needs a local source, one local target, and well-formed conflict settings.
+    fn validate_multi_master(&self, apply: &super::ApplyConfig) -> Result<(), ConfigError> {
+        if self.source.is_none() {
+            return Err(ConfigError::invalid(
+                "apply.mode",
+                "multi_master needs source: every node captures its own writes",
+            ));
+        }
+        if apply.targets.len() != 1 {
+            return Err(ConfigError::invalid(
+                "apply.targets",
+                "multi_master applies to exactly one target: the node's own database (the source)",
+            ));
+        }
+        if apply.nodes.contains(&self.node_id) {
+            return Err(ConfigError::invalid(
+                "apply.nodes",
+                format!(
+                    "lists this node's own node_id {:?}; list only the other nodes",
+                    self.node_id
+                ),
+            ));
+        }
+        let conflict = &apply.conflict;
+        for (key, value) in [
+            (
+                "apply.conflict.tombstone_retention",
+                conflict.tombstone_retention,
+            ),
+            ("apply.conflict.log_retention", conflict.log_retention),
+            (
+                "apply.conflict.maintenance_interval",
+                conflict.maintenance_interval,
+            ),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::invalid(key, "must be greater than zero"));
+            }
+        }
+        let qualified = |s: &str| {
+            let parts: Vec<&str> = s.split('.').collect();
+            parts.len() == 2 && parts.iter().all(|p| is_identifier(p, 63))
+        };
+        for (table, function) in &conflict.resolvers {
+            if !qualified(table) {
+                return Err(ConfigError::invalid(
+                    format!("apply.conflict.resolvers.{table}"),
+                    "the key must be schema.table (lowercase identifiers)",
+                ));
+            }
+            if !qualified(function) {
+                return Err(ConfigError::invalid(
+                    format!("apply.conflict.resolvers.{table}"),
+                    format!("{function:?} must be schema.function (lowercase identifiers)"),
+                ));
             }
         }
         Ok(())

@@ -26,6 +26,9 @@ pub enum CaptureEvent {
     Relation(Arc<RelationMeta>),
     /// A transaction starts.
     Begin(TxnMeta),
+    /// The current transaction was made under this replication origin (it follows `Begin`,
+    /// before any change).
+    Origin(String),
     /// A row change (or truncate) inside the current transaction.
     Change(RowChange),
     /// The current transaction committed; `end_lsn` may be confirmed once it is durable.
@@ -63,6 +66,8 @@ pub enum AssembleError {
 pub struct Assembler {
     relations: HashMap<u32, Arc<RelationMeta>>,
     in_transaction: bool,
+    /// A change of the current transaction has been emitted (an Origin may no longer come).
+    changed: bool,
 }
 
 impl Assembler {
@@ -84,6 +89,7 @@ impl Assembler {
         match msg {
             LogicalMessage::Begin(b) => {
                 self.in_transaction = true;
+                self.changed = false;
                 out.push(CaptureEvent::Begin(TxnMeta {
                     xid: Some(b.xid),
                     commit_lsn: b.final_lsn,
@@ -93,10 +99,14 @@ impl Assembler {
             }
             LogicalMessage::Origin(o) => {
                 self.require_transaction("Origin")?;
-                // Origin immediately follows Begin; attach it to that Begin.
+                // Origin immediately follows Begin; attach it to that Begin when it is still
+                // in `out`, else report it on its own.
+                if self.changed {
+                    return Err(AssembleError::Unexpected("Origin", "after a change"));
+                }
                 match out.last_mut() {
                     Some(CaptureEvent::Begin(meta)) => meta.origin = Some(o.name),
-                    _ => return Err(AssembleError::Unexpected("Origin", "after a change")),
+                    _ => out.push(CaptureEvent::Origin(o.name)),
                 }
             }
             LogicalMessage::Commit(c) => {
@@ -115,16 +125,19 @@ impl Assembler {
             }
             LogicalMessage::Insert(i) => {
                 self.require_transaction("Insert")?;
+                self.changed = true;
                 let relation = self.described(i.relation_oid, &i.new)?;
                 emit(out, Op::Create, relation, lsn, None, false, Some(i.new));
             }
             LogicalMessage::Update(u) => {
                 self.require_transaction("Update")?;
+                self.changed = true;
                 let relation = self.described(u.relation_oid, &u.new)?;
                 self.update(out, relation, lsn, u.old, u.new)?;
             }
             LogicalMessage::Delete(d) => {
                 self.require_transaction("Delete")?;
+                self.changed = true;
                 let relation = self.described(d.relation_oid, d.old.datums())?;
                 let key_only = matches!(d.old, OldTuple::Key(_));
                 let before = match d.old {
@@ -134,6 +147,7 @@ impl Assembler {
             }
             LogicalMessage::Truncate(t) => {
                 self.require_transaction("Truncate")?;
+                self.changed = true;
                 for oid in t.relation_oids {
                     let relation = self
                         .relations

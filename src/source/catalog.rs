@@ -82,11 +82,15 @@ pub async fn ensure_publication(
 pub async fn ensure_internal_schema(client: &Client) -> Result<(), tokio_postgres::Error> {
     client
         .batch_execute(
-            "CREATE SCHEMA IF NOT EXISTS pgferry;
+            "BEGIN;
+             -- Apply workers may create the schema at the same moment.
+             SELECT pg_advisory_xact_lock(hashtext('pgferry.bookkeeping'));
+             CREATE SCHEMA IF NOT EXISTS pgferry;
              CREATE TABLE IF NOT EXISTS pgferry.snapshot_state (
                  slot_name text PRIMARY KEY,
                  consistent_lsn pg_lsn NOT NULL,
-                 completed_at timestamptz NOT NULL DEFAULT now())",
+                 completed_at timestamptz NOT NULL DEFAULT now());
+             COMMIT",
         )
         .await
 }

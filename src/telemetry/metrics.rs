@@ -2,7 +2,8 @@
 //! `pgferry_<what>_<unit>[_total]`; labels are low-cardinality (table, op), never a key.
 
 use prometheus::{
-    Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// The registry and handles to each metric.
@@ -45,6 +46,18 @@ pub struct Metrics {
     pub apply_dead_letters: IntCounter,
     /// Seconds between the source commit and its apply commit, for the last batch.
     pub apply_lag_seconds: Gauge,
+    /// Changes skipped by capture because pgferry applied them (loop prevention).
+    pub capture_echoes_skipped: IntCounter,
+    /// Multi-master conflicts, by table, type and resolution.
+    pub conflicts: IntCounterVec,
+    /// Applies that waited for the local clock to pass the origin commit time.
+    pub clock_skew_waits: IntCounter,
+    /// Seconds spent in those waits.
+    pub clock_skew_wait_seconds: Histogram,
+    /// Applies whose origin commit time was more than `max_clock_skew` ahead of the local clock.
+    pub clock_skew_exceeded: IntCounter,
+    /// Tombstones deleted after their retention.
+    pub tombstones_expired: IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -184,6 +197,45 @@ impl Metrics {
                     .expect("metric registered once");
                 g
             },
+            capture_echoes_skipped: counter(
+                r,
+                "pgferry_capture_echoes_skipped_total",
+                "Changes not published because pgferry itself applied them (loop prevention).",
+            ),
+            conflicts: counter_vec(
+                r,
+                "pgferry_conflicts_total",
+                "Multi-master conflicts detected, by table, type and resolution.",
+                &["table", "type", "resolution"],
+            ),
+            clock_skew_waits: counter(
+                r,
+                "pgferry_clock_skew_waits_total",
+                "Applies that waited for the local clock to pass the origin commit time.",
+            ),
+            clock_skew_wait_seconds: {
+                let h = Histogram::with_opts(
+                    HistogramOpts::new(
+                        "pgferry_clock_skew_wait_seconds",
+                        "Time spent waiting for the local clock to pass origin commit times.",
+                    )
+                    .buckets(vec![0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+                )
+                .expect("metric definition is valid");
+                r.register(Box::new(h.clone()))
+                    .expect("metric registered once");
+                h
+            },
+            clock_skew_exceeded: counter(
+                r,
+                "pgferry_clock_skew_exceeded_total",
+                "Applies whose origin commit time was ahead of the local clock by more than max_clock_skew.",
+            ),
+            tombstones_expired: counter(
+                r,
+                "pgferry_tombstones_expired_total",
+                "Multi-master tombstones deleted after apply.conflict.tombstone_retention.",
+            ),
             registry,
         }
     }

@@ -37,6 +37,31 @@ impl PgCluster {
 
     /// Like [`PgCluster::start`] with a custom `pg_hba.conf`.
     pub fn start_with_hba(extra: &[(&str, &str)], hba: &str) -> PgCluster {
+        Self::start_full(extra, hba, &[])
+    }
+
+    /// Like [`PgCluster::start`], with the server's clock shifted by `offset` (libfaketime
+    /// syntax, e.g. `-2` for two seconds behind).
+    #[allow(dead_code)]
+    pub fn start_faketime(offset: &str) -> PgCluster {
+        let lib = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+        assert!(
+            std::path::Path::new(lib).exists(),
+            "{lib} missing: scripts/setup installs the faketime package"
+        );
+        Self::start_full(
+            &[],
+            "local all all trust\nhost all all 127.0.0.1/32 trust\n\
+             local replication all trust\nhost replication all 127.0.0.1/32 trust\n",
+            &[
+                ("LD_PRELOAD", lib),
+                ("FAKETIME", offset),
+                ("DONT_FAKE_MONOTONIC", "1"),
+            ],
+        )
+    }
+
+    fn start_full(extra: &[(&str, &str)], hba: &str, env: &[(&str, &str)]) -> PgCluster {
         let dir = tempfile::Builder::new()
             .prefix("pgferry-pg-")
             .tempdir()
@@ -87,6 +112,7 @@ impl PgCluster {
         }
         let log = dir.join("server.log");
         let status = as_postgres(&pg_bin("pg_ctl"))
+            .envs(env.iter().copied())
             .args([
                 "-D",
                 data.to_str().unwrap(),

@@ -5,7 +5,7 @@ use super::*;
 fn begin(lsn: u64) -> StreamItem {
     StreamItem::Begin(BeginMarker {
         commit_lsn: Lsn(lsn),
-        commit_ts_us: 0,
+        commit_ts_us: lsn as i64 * 1000,
         snapshot: false,
     })
 }
@@ -152,4 +152,20 @@ fn relation_records_parse_and_frame() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn open_transaction_commit_time_is_its_own() {
+    let mut f = Framer::new(Lsn(0));
+    f.step(0, begin(20));
+    f.step(1, commit(20));
+    f.step(2, begin(30));
+    assert_eq!(f.commit_ts_us(), 20_000, "last ended");
+    assert_eq!(
+        f.open_commit_ts_us(),
+        Some(30_000),
+        "the open one, for multi-master versions"
+    );
+    f.step(3, commit(30));
+    assert_eq!(f.open_commit_ts_us(), None);
 }

@@ -106,6 +106,22 @@ fn origin_attaches_to_begin() {
 }
 
 #[test]
+fn origin_in_its_own_push_is_reported_on_its_own() {
+    let mut a = Assembler::default();
+    let mut out = Vec::new();
+    a.push(begin(), Lsn(2), &mut out).unwrap();
+    out.clear();
+    let origin = || {
+        LogicalMessage::Origin(Origin {
+            origin_lsn: Lsn(7),
+            name: "pgferry_c".into(),
+        })
+    };
+    a.push(origin(), Lsn(2), &mut out).unwrap();
+    assert_eq!(out, vec![CaptureEvent::Origin("pgferry_c".into())]);
+}
+
+#[test]
 fn internal_schema_is_not_published() {
     let mut a = Assembler::default();
     let mut out = Vec::new();

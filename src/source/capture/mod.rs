@@ -424,6 +424,8 @@ pub(super) struct OpenTxn {
     snapshot: bool,
     begun: bool,
     changes: u64,
+    /// Applied by pgferry (its origin is one of pgferry's): not published again.
+    pub(super) echo: bool,
 }
 
 impl OpenTxn {
@@ -434,6 +436,7 @@ impl OpenTxn {
             snapshot,
             begun: false,
             changes: 0,
+            echo: false,
         }
     }
 }

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{lock, Capture, CaptureError, OpenTxn};
 use crate::lsn::Lsn;
+use crate::naming::is_pgferry_origin;
 use crate::pgtime::PgTimestamp;
 use crate::pipeline::progress::Progress;
 use crate::sink::kafka::encode::TxnStamp;
@@ -253,7 +254,15 @@ impl Capture {
             }
             CaptureEvent::Begin(meta) => {
                 let ticket = lock(&self.progress).open();
-                *current = Some(OpenTxn::new(TxnStamp::new(&meta), ticket, false));
+                let mut txn = OpenTxn::new(TxnStamp::new(&meta), ticket, false);
+                // Loop prevention: what pgferry applied came from another node's stream.
+                txn.echo = meta.origin.as_deref().is_some_and(is_pgferry_origin);
+                *current = Some(txn);
+            }
+            CaptureEvent::Origin(name) => {
+                if let Some(txn) = current.as_mut() {
+                    txn.echo = is_pgferry_origin(&name);
+                }
             }
             CaptureEvent::Change(change) => {
                 let Some(txn) = current.as_mut() else {
@@ -265,6 +274,14 @@ impl Capture {
                         ),
                     });
                 };
+                if txn.echo {
+                    self.metrics.capture_echoes_skipped.inc();
+                    return Ok(());
+                }
+                // pgferry's own bookkeeping (tombstones, snapshot state) is never replicated.
+                if change.relation.schema == crate::naming::BOOKKEEPING_SCHEMA {
+                    return Ok(());
+                }
                 self.publish(txn, &change, Some(state)).await?;
             }
             CaptureEvent::Commit { end_lsn } => {
