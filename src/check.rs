@@ -6,7 +6,7 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio_postgres::Client;
 
-use crate::config::{ApplyConfig, Config, SourceConfig, TargetConfig};
+use crate::config::{ApplyConfig, ApplyMode, Config, KafkaConfig, SourceConfig, TargetConfig};
 use crate::sink::kafka::producer::client_config;
 use crate::source::catalog;
 use crate::source::replication::ReplicationConnection;
@@ -41,7 +41,7 @@ pub async fn run(config: &Config) -> Vec<Problem> {
     }
     if let Some(apply) = &config.apply {
         for target in &apply.targets {
-            check_target(apply, target, &mut problems).await;
+            check_target(&config.kafka, apply, target, &mut problems).await;
         }
     }
     check_broker(config, &mut problems).await;
@@ -156,6 +156,67 @@ async fn check_server_settings(
             "ALTER ROLE <user> REPLICATION",
         ));
     }
+    let multi_master = config
+        .apply
+        .as_ref()
+        .is_some_and(|a| a.mode == ApplyMode::MultiMaster);
+    let tracked: String = client
+        .query_one("SELECT current_setting('track_commit_timestamp')", &[])
+        .await?
+        .get(0);
+    if multi_master && tracked != "on" {
+        problems.push(problem(
+            "track_commit_timestamp is off: multi-master reads row versions from commit timestamps",
+            "ALTER SYSTEM SET track_commit_timestamp = on; then restart PostgreSQL",
+        ));
+    }
+    check_slot_retention(client, &slot_name, problems).await
+}
+
+/// Warns before the slot loses WAL it still needs (`max_slot_wal_keep_size`): after that the
+/// node cannot catch up from the slot and must be rebuilt.
+async fn check_slot_retention(
+    client: &Client,
+    slot: &str,
+    problems: &mut Vec<Problem>,
+) -> Result<(), tokio_postgres::Error> {
+    let Some(row) = client
+        .query_opt(
+            "SELECT wal_status, safe_wal_size, (pg_current_wal_lsn() - restart_lsn)::int8,
+                    (SELECT setting::int8 * 1048576 FROM pg_settings WHERE name = 'max_slot_wal_keep_size')
+               FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?
+    else {
+        return Ok(());
+    };
+    let status: Option<String> = row.get(0);
+    let (safe, retained, limit): (Option<i64>, Option<i64>, Option<i64>) =
+        (row.get(1), row.get(2), row.get(3));
+    match status.as_deref() {
+        Some("lost") => problems.push(problem(
+            format!("slot {slot} has lost WAL it needed (wal_status = lost): changes are gone"),
+            "rebuild this node from a copy of a peer, then drop and recreate the slot",
+        )),
+        Some("unreserved") => problems.push(problem(
+            format!("slot {slot} is past max_slot_wal_keep_size (wal_status = unreserved): its WAL is removed at the next checkpoint"),
+            "start pgferry now so it catches up, or raise max_slot_wal_keep_size",
+        )),
+        _ => {
+            if let (Some(safe), Some(retained), Some(limit)) = (safe, retained, limit) {
+                if limit > 0 && safe < limit / 5 {
+                    problems.push(problem(
+                        format!(
+                            "slot {slot} retains {retained} bytes of WAL and can keep only {safe} more \
+                             before it exceeds max_slot_wal_keep_size"
+                        ),
+                        "start pgferry so it catches up, or raise max_slot_wal_keep_size",
+                    ));
+                }
+            }
+        }
+    }
     Ok(())
 }
 
@@ -213,7 +274,12 @@ async fn check_tables(
 
 /// A target must accept the apply session (superuser: `session_replication_role` and
 /// replication origins need it) and hold every listed table, with a primary key.
-async fn check_target(apply: &ApplyConfig, target: &TargetConfig, problems: &mut Vec<Problem>) {
+async fn check_target(
+    kafka: &KafkaConfig,
+    apply: &ApplyConfig,
+    target: &TargetConfig,
+    problems: &mut Vec<Problem>,
+) {
     let name = target.url.display_target();
     let client = match catalog::connect(target.url.config(), "pgferry-check").await {
         Ok(c) => c,
@@ -249,6 +315,9 @@ async fn check_target(apply: &ApplyConfig, target: &TargetConfig, problems: &mut
             "grant read access to pg_catalog",
         )),
     }
+    for node in &apply.nodes {
+        check_backlog(kafka, &client, node, &name, problems).await;
+    }
     for table in &apply.tables {
         let Some((schema, rel)) = table.split_once('.') else {
             continue;
@@ -270,6 +339,112 @@ async fn check_target(apply: &ApplyConfig, target: &TargetConfig, problems: &mut
             )),
         }
     }
+}
+
+/// Warns when the records a target still has to apply from a node's stream are close to the
+/// topic's retention (or already deleted): past it, the target can no longer catch up.
+async fn check_backlog(
+    kafka: &KafkaConfig,
+    client: &Client,
+    node: &str,
+    target: &str,
+    problems: &mut Vec<Problem>,
+) {
+    let Ok(Some(progress)) = crate::apply::target::read_progress(client, node).await else {
+        return;
+    };
+    let topic = crate::sink::kafka::node_stream::node_stream_topic(&kafka.topic_prefix, node);
+    let kafka = kafka.clone();
+    let next = progress.next_offset;
+    let probe_topic = topic.clone();
+    let found = tokio::task::spawn_blocking(move || backlog(&kafka, &probe_topic, next)).await;
+    let Ok(Ok(backlog)) = found else {
+        return;
+    };
+    if backlog.low > next {
+        problems.push(problem(
+            format!(
+                "{topic} no longer holds offsets {next}..{} that target {target} has not applied \
+                 (retention deleted them)",
+                backlog.low
+            ),
+            "rebuild this node's database from a copy of a peer, then reset pgferry.apply_progress",
+        ));
+        return;
+    }
+    if let (Some(age), Some(retention)) = (backlog.oldest_unapplied_age, backlog.retention) {
+        if age * 5 > retention * 4 {
+            problems.push(problem(
+                format!(
+                    "the oldest record target {target} has not applied from {topic} is {}s old, \
+                     over 80% of the topic's retention ({}s)",
+                    age.as_secs(),
+                    retention.as_secs()
+                ),
+                "start pgferry on this node now, or raise the topic's retention.ms",
+            ));
+        }
+    }
+}
+
+/// What a node stream holds past a target's position.
+struct Backlog {
+    low: i64,
+    oldest_unapplied_age: Option<Duration>,
+    retention: Option<Duration>,
+}
+
+fn backlog(
+    kafka: &KafkaConfig,
+    topic: &str,
+    next: i64,
+) -> Result<Backlog, rdkafka::error::KafkaError> {
+    use rdkafka::message::Message;
+    let consumer: BaseConsumer = client_config(kafka).create()?;
+    let (low, high) = consumer.fetch_watermarks(topic, 0, Duration::from_secs(10))?;
+    let mut oldest_unapplied_age = None;
+    if next < high && next >= low {
+        let mut list = rdkafka::TopicPartitionList::new();
+        list.add_partition_offset(topic, 0, rdkafka::Offset::Offset(next))?;
+        consumer.assign(&list)?;
+        if let Some(Ok(m)) = consumer.poll(Duration::from_secs(10)) {
+            if let Some(ms) = m.timestamp().to_millis() {
+                let now = crate::pgtime::PgTimestamp::now().unix_millis();
+                oldest_unapplied_age = Some(Duration::from_millis((now - ms).max(0) as u64));
+            }
+        }
+    }
+    let retention = topic_retention(kafka, topic);
+    Ok(Backlog {
+        low,
+        oldest_unapplied_age,
+        retention,
+    })
+}
+
+/// The topic's `retention.ms`, if the broker reports one (and it is not unlimited).
+fn topic_retention(kafka: &KafkaConfig, topic: &str) -> Option<Duration> {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = client_config(kafka).create().ok()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    let results = runtime
+        .block_on(admin.describe_configs(
+            &[ResourceSpecifier::Topic(topic)],
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
+        ))
+        .ok()?;
+    let resource = results.into_iter().next()?.ok()?;
+    let ms: i64 = resource
+        .get("retention.ms")?
+        .value
+        .as_deref()?
+        .parse()
+        .ok()?;
+    (ms > 0).then(|| Duration::from_millis(ms as u64))
 }
 
 async fn check_broker(config: &Config, problems: &mut Vec<Problem>) {

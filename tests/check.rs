@@ -260,3 +260,69 @@ async fn check_reports_apply_target_problems() {
     assert!(report.contains("not a superuser"), "{report}");
     assert!(!report.contains("public.fine"), "{report}");
 }
+
+/// Issue 4 (offline nodes): for a multi-master config, `check` reports a source without
+/// commit timestamps, and warns while a slot can still be saved: it retains so much WAL that
+/// little is left before `max_slot_wal_keep_size` makes it lose WAL.
+#[tokio::test(flavor = "multi_thread")]
+async fn check_warns_before_an_idle_slot_loses_wal() {
+    let pg = PgCluster::start(&[
+        ("max_slot_wal_keep_size", "64MB"),
+        ("track_commit_timestamp", "off"),
+    ]);
+    let c = pg.client("postgres").await;
+    c.batch_execute("CREATE TABLE big (id int PRIMARY KEY, pad text)")
+        .await
+        .unwrap();
+    c.batch_execute("SELECT pg_create_logical_replication_slot('idle_slot', 'pgoutput')")
+        .await
+        .unwrap();
+    // The node is away: WAL piles up behind its slot until less than a fifth of the allowance
+    // is left.
+    let mut next = 0;
+    loop {
+        let (safe, limit): (Option<i64>, i64) = {
+            let r = c
+                .query_one(
+                    "SELECT safe_wal_size, pg_size_bytes('64MB') FROM pg_replication_slots \
+                     WHERE slot_name = 'idle_slot'",
+                    &[],
+                )
+                .await
+                .unwrap();
+            (r.get(0), r.get(1))
+        };
+        if safe.is_some_and(|s| s < limit / 5) {
+            break;
+        }
+        assert!(
+            next < 2_000_000,
+            "WAL never piled up: safe_wal_size = {safe:?}"
+        );
+        c.execute(
+            "INSERT INTO big SELECT g, repeat('x', 200) FROM generate_series($1::int, $1::int + 19999) g",
+            &[&next],
+        )
+        .await
+        .unwrap();
+        next += 20_000;
+    }
+    let yaml = format!(
+        "node_id: n1\n\
+         source:\n  url: postgres://postgres@127.0.0.1:{port}/postgres\n  slot: idle_slot\n\
+         kafka:\n  brokers: 127.0.0.1:{dead}\n\
+         apply:\n  mode: multi_master\n  nodes: [n2]\n  targets:\n    - url: postgres://postgres@127.0.0.1:{port}/postgres\n",
+        port = pg.port,
+        dead = common::free_port()
+    );
+    let out = check(&yaml, &[]);
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    let slot_line = report
+        .lines()
+        .find(|l| l.contains("slot idle_slot retains"))
+        .unwrap_or_else(|| panic!("no slot retention warning in:\n{report}"));
+    assert!(slot_line.contains("max_slot_wal_keep_size"), "{slot_line}");
+    assert!(report.contains("track_commit_timestamp is off"), "{report}");
+    pg.stop();
+}

@@ -187,6 +187,16 @@ fn xid_of(xid8: &str) -> String {
     format!("({xid8}::text::int8 % 4294967296)::text::xid")
 }
 
+/// Serialises pgferry's own appliers (one per remote node) on one key, for the keys that
+/// have no live row to lock: two deletes of a missing row, or two inserts. Parameters: table
+/// name, then `key`.
+pub fn lock_key(key: &[Typed<'_>]) -> String {
+    format!(
+        "SELECT pg_advisory_xact_lock(hashtext($1::text), hashtext({}::text))",
+        tombstone_key(key, 2)
+    )
+}
+
 /// Locks the live row with this key, if any, so that no local writer changes it between the
 /// probe and the write. Parameters: `key`.
 pub fn lock_row(schema: &str, table: &str, key: &[Typed<'_>]) -> String {
@@ -342,6 +352,10 @@ mod tests {
         assert_eq!(
             insert_if_absent("s", "t", &["id", "v"]),
             r#"INSERT INTO "s"."t" ("id", "v") VALUES ($1, $2) ON CONFLICT DO NOTHING"#
+        );
+        assert_eq!(
+            lock_key(&key),
+            "SELECT pg_advisory_xact_lock(hashtext($1::text), hashtext(jsonb_build_object('id', $2::integer)::text))"
         );
         let tomb = upsert_tombstone(&key);
         assert!(

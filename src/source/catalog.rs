@@ -229,21 +229,39 @@ pub async fn emit_heartbeat(client: &Client) -> Result<Lsn, tokio_postgres::Erro
     Ok(row.get::<_, String>(0).parse().unwrap_or_default())
 }
 
-/// Bytes of WAL between the server's insert position and the slot's confirmed and restart
-/// positions: (lag, retained).
+/// Where a slot stands against the server's WAL, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotLag {
+    /// Insert position minus confirmed_flush_lsn.
+    pub lag: i64,
+    /// Insert position minus restart_lsn: WAL the slot keeps.
+    pub retained: i64,
+    /// WAL that can still be written before the slot loses WAL it needs
+    /// (`max_slot_wal_keep_size`); `None` when unlimited.
+    pub safe: Option<i64>,
+}
+
+/// The slot's [`SlotLag`], if the slot exists.
 pub async fn slot_lag(
     client: &Client,
     slot: &str,
-) -> Result<Option<(i64, i64)>, tokio_postgres::Error> {
+) -> Result<Option<SlotLag>, tokio_postgres::Error> {
     let row = client
         .query_opt(
             "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::int8,
-                    (pg_current_wal_lsn() - restart_lsn)::int8
+                    (pg_current_wal_lsn() - restart_lsn)::int8,
+                    safe_wal_size
                FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
         .await?;
-    Ok(row.and_then(|r| Some((r.get::<_, Option<i64>>(0)?, r.get::<_, Option<i64>>(1)?))))
+    Ok(row.and_then(|r| {
+        Some(SlotLag {
+            lag: r.get::<_, Option<i64>>(0)?,
+            retained: r.get::<_, Option<i64>>(1)?,
+            safe: r.get(2),
+        })
+    }))
 }
 
 struct CatalogType {

@@ -46,6 +46,8 @@ pub struct Metrics {
     pub apply_dead_letters: IntCounter,
     /// Seconds between the source commit and its apply commit, for the last batch.
     pub apply_lag_seconds: Gauge,
+    /// WAL the server may still write before the slot loses WAL it needs (-1: unlimited).
+    pub slot_safe_wal_bytes: IntGauge,
     /// Changes skipped by capture because pgferry applied them (loop prevention).
     pub capture_echoes_skipped: IntCounter,
     /// Multi-master conflicts, by table, type and resolution.
@@ -197,6 +199,11 @@ impl Metrics {
                     .expect("metric registered once");
                 g
             },
+            slot_safe_wal_bytes: gauge(
+                r,
+                "pgferry_slot_safe_wal_bytes",
+                "WAL that can still be written before the slot exceeds max_slot_wal_keep_size and loses WAL it needs; -1 when unlimited.",
+            ),
             capture_echoes_skipped: counter(
                 r,
                 "pgferry_capture_echoes_skipped_total",

@@ -304,6 +304,15 @@ impl Worker {
         )?;
         params.push(param(p.qualified.clone()));
         let lock_params = params[..p.table.key.len()].to_vec();
+        let key_lock_text = sql::lock_key(&key);
+        let key_lock = self
+            .cached(client, p, "lww_lock_key", p.table.key.clone(), || {
+                key_lock_text
+            })
+            .await?;
+        Self::execute_then_key(client, &key_lock, p, param(p.qualified.clone()))
+            .await
+            .map_err(ApplyError::sql("locking the key against other appliers"))?;
         client
             .query(&lock, &refs(&lock_params))
             .await

@@ -92,9 +92,10 @@ fn spawn_heartbeat(
                 Err(error) => tracing::warn!(%error, "heartbeat failed"),
             }
             match catalog::slot_lag(&sql, &slot).await {
-                Ok(Some((lag, retained))) => {
-                    metrics.source_lag_bytes.set(lag);
-                    metrics.slot_retained_wal_bytes.set(retained);
+                Ok(Some(slot)) => {
+                    metrics.source_lag_bytes.set(slot.lag);
+                    metrics.slot_retained_wal_bytes.set(slot.retained);
+                    metrics.slot_safe_wal_bytes.set(slot.safe.unwrap_or(-1));
                 }
                 Ok(None) => {}
                 Err(error) => tracing::warn!(%error, "reading slot lag failed"),
