@@ -83,7 +83,34 @@ async fn wait_converged(t: &Topology, tables: &[&str], timeout: Duration) {
         match mismatch {
             None => break 'poll,
             Some(m) if std::time::Instant::now() >= deadline => {
-                panic!("not converged after {timeout:?}: {m}")
+                // Where each side stands, to tell a stalled pipeline from a skipped change.
+                let slot = master
+                    .query_opt(
+                        "SELECT confirmed_flush_lsn::text || ' of ' || pg_current_wal_lsn()::text \
+                           FROM pg_replication_slots WHERE database = current_database()",
+                        &[],
+                    )
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|r| r.get::<_, String>(0));
+                let mut progress = Vec::new();
+                for r in &replicas {
+                    let row = r
+                        .query_opt(
+                            "SELECT next_offset::text || ' ' || commit_lsn::text FROM pgferry.apply_progress",
+                            &[],
+                        )
+                        .await
+                        .ok()
+                        .flatten()
+                        .map(|r| r.get::<_, String>(0));
+                    progress.push(row);
+                }
+                panic!(
+                    "not converged after {timeout:?}: {m}; master slot confirmed {slot:?}; \
+                     replica progress (next offset, commit lsn) {progress:?}"
+                )
             }
             Some(_) => tokio::time::sleep(Duration::from_millis(500)).await,
         }
