@@ -2,8 +2,10 @@
 //! and supervision of the capture pipeline and the apply workers (retry transient errors with backoff, stop on
 //! fatal ones). It only connects things; the work happens in the stage modules.
 //!
-//! Shutdown order on SIGTERM/SIGINT: stop reading the replication stream, drain Kafka,
-//! confirm the acknowledged position to the source, close connections, stop the HTTP server.
+//! Shutdown order on SIGTERM/SIGINT, within `shutdown_grace_period`: stop intake (the
+//! replication stream, the Kafka consumers), drain and flush Kafka, commit the whole source
+//! transactions applied so far, confirm the acknowledged position to the source, close
+//! connections, stop the HTTP server, exit 0.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,6 +39,9 @@ pub enum AppError {
     /// Apply hit a fatal error.
     #[error("apply stopped")]
     Apply(#[source] ApplyError),
+    /// A graceful stop took longer than `shutdown_grace_period`.
+    #[error("did not stop within shutdown_grace_period ({0:?})")]
+    ShutdownTimeout(Duration),
 }
 
 /// Formats an error with its whole `source()` chain, for log fields.
@@ -87,10 +92,15 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     health.beat();
     let shutdown = CancellationToken::new();
     spawn_signal_listener(shutdown.clone());
+    let limits = http::LagLimits {
+        apply: config.metrics.ready_max_apply_lag,
+        source_bytes: config.metrics.ready_max_source_lag_bytes,
+    };
     let server = http::bind(
         config.metrics.listen,
         metrics.clone(),
         health.clone(),
+        limits,
         shutdown.clone(),
     )
     .await
@@ -165,14 +175,38 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         shutdown.cancelled().await;
     }
     let mut result = Ok(());
-    while let Some(joined) = stages.join_next().await {
-        if let Ok(Err(e)) = joined {
-            // One stage failed for good: stop the others in order, report the first error.
-            shutdown.cancel();
-            if result.is_ok() {
-                result = Err(e);
+    let grace = config.shutdown_grace_period;
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        let joined = tokio::select! {
+            joined = stages.join_next() => joined,
+            _ = shutdown.cancelled(), if deadline.is_none() => {
+                deadline = Some(tokio::time::Instant::now() + grace);
+                continue;
             }
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)),
+                if deadline.is_some() => {
+                tracing::error!(grace_ms = grace.as_millis() as u64,
+                                "stages did not stop within shutdown_grace_period; exiting anyway \
+                                 (nothing unacknowledged was confirmed, so nothing is lost)");
+                stages.abort_all();
+                return Err(AppError::ShutdownTimeout(grace));
+            }
+        };
+        match joined {
+            None => break,
+            Some(Ok(Err(e))) => {
+                // One stage failed for good: stop the others in order, report the first error.
+                shutdown.cancel();
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+            Some(_) => {}
         }
+    }
+    if result.is_ok() {
+        tracing::info!("stopped cleanly");
     }
     shutdown.cancel();
     if let Ok(Err(error)) = server.await {

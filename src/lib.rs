@@ -37,6 +37,8 @@ pub mod config;
 #[cfg(feature = "runtime")]
 pub mod error;
 #[cfg(feature = "runtime")]
+pub mod status;
+#[cfg(feature = "runtime")]
 pub mod tail;
 #[cfg(feature = "runtime")]
 pub mod telemetry;

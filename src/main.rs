@@ -18,7 +18,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run every role the config enables (capture today).
+    /// Run every role the config enables: capture, apply, or both.
     Run {
         /// Path to the YAML config.
         #[arg(long, short, env = "PGFERRY_CONFIG")]
@@ -44,6 +44,21 @@ enum Command {
         /// Exit after this many seconds without a message.
         #[arg(long)]
         idle_exit_secs: Option<u64>,
+    },
+    /// Print the slot, lag, last applied position per node, and recent conflicts.
+    Status {
+        /// Path to the YAML config.
+        #[arg(long, short, env = "PGFERRY_CONFIG")]
+        config: PathBuf,
+    },
+    /// Exit 0 when a running pgferry answers its health endpoint (for container HEALTHCHECKs).
+    Healthcheck {
+        /// Address of the running pgferry's metrics endpoint.
+        #[arg(long, default_value = "127.0.0.1:9187")]
+        addr: String,
+        /// Endpoint to ask: /healthz (liveness) or /readyz (readiness).
+        #[arg(long, default_value = "/healthz")]
+        path: String,
     },
 }
 
@@ -71,6 +86,24 @@ async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 println!("{} problem(s) found", problems.len());
                 Ok(ExitCode::FAILURE)
+            }
+        }
+        Command::Status { config } => {
+            let config = load(&config)?;
+            print!("{}", pgferry::status::report(&config).await);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Healthcheck { addr, path } => {
+            match pgferry::telemetry::http::probe(&addr, &path, Duration::from_secs(3)) {
+                Ok(200) => Ok(ExitCode::SUCCESS),
+                Ok(status) => {
+                    eprintln!("{addr}{path} answered {status}");
+                    Ok(ExitCode::FAILURE)
+                }
+                Err(e) => {
+                    eprintln!("{addr}{path}: {e}");
+                    Ok(ExitCode::FAILURE)
+                }
             }
         }
         Command::Tail {

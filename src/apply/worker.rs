@@ -94,6 +94,8 @@ struct Worker {
     last_completed: Option<Completed>,
     batch_changes: u64,
     batch_txns: u64,
+    /// When the open target transaction began.
+    batch_started: std::time::Instant,
     /// Multi-master state; `None` in replica mode.
     lww: Option<lww::LwwState>,
 }
@@ -184,6 +186,7 @@ pub async fn run(
         last_completed: None,
         batch_changes: 0,
         batch_txns: 0,
+        batch_started: std::time::Instant::now(),
         lww,
     };
     tracing::info!(node = %worker.settings.node, target = %worker.settings.target.url.display_target(),
@@ -222,6 +225,14 @@ impl Worker {
         let mut pending: InFlight<'_> = InFlight::default();
         loop {
             self.health.beat();
+            // Shutdown: stop reading between source transactions and commit what is whole; a
+            // transaction half read is finished first (it was committed at the source, and
+            // the rest is already in Kafka).
+            if shutdown.is_cancelled() && !framer.is_open() {
+                self.commit_if_between_transactions(client, &mut pending, framer)
+                    .await?;
+                return Ok(());
+            }
             // Take what is already fetched without arming a timer; only when the stream is
             // empty, commit the whole transactions we hold and wait.
             let ready = consumer.recv().now_or_never();
@@ -264,6 +275,7 @@ impl Worker {
                 }
                 Step::Start(_) => {
                     if !self.in_target_txn {
+                        self.batch_started = std::time::Instant::now();
                         pending.send(Box::pin(async move {
                             client.batch_execute("BEGIN").await.map(|_| 0)
                         }));
@@ -469,6 +481,12 @@ impl Worker {
         self.count_conflicts();
         self.metrics.apply_transactions.inc_by(self.batch_txns);
         self.metrics.apply_batches.inc();
+        self.metrics
+            .apply_batch_changes
+            .observe(self.batch_changes as f64);
+        self.metrics
+            .apply_batch_duration
+            .observe(self.batch_started.elapsed().as_secs_f64());
         self.metrics
             .apply_lag_seconds
             .set((PgTimestamp::now().unix_micros() - done.commit_ts_us) as f64 / 1e6);

@@ -81,6 +81,11 @@ pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     parse_duration(&text).map_err(de::Error::custom)
 }
 
+/// An optional duration field.
+pub fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -51,6 +51,11 @@ pub struct Config {
     /// Kafka → target databases. Absent: this node does not apply.
     #[serde(default)]
     pub apply: Option<ApplyConfig>,
+    /// After SIGTERM/SIGINT, the longest a graceful stop may take (drain, flush Kafka, commit,
+    /// confirm); past it pgferry exits with an error. Keep it below Kubernetes'
+    /// terminationGracePeriodSeconds.
+    #[serde(default = "default_shutdown_grace", deserialize_with = "de::duration")]
+    pub shutdown_grace_period: Duration,
     /// `/metrics`, `/healthz`, `/readyz`.
     #[serde(default)]
     pub metrics: MetricsConfig,
@@ -288,6 +293,12 @@ pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Default `apply.conflict.max_clock_skew`.
 pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(1);
 
+/// Default `shutdown_grace_period`.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+fn default_shutdown_grace() -> Duration {
+    DEFAULT_SHUTDOWN_GRACE
+}
 fn default_retention() -> Duration {
     DEFAULT_RETENTION
 }
@@ -351,12 +362,20 @@ pub struct MetricsConfig {
     /// Address of the HTTP endpoint.
     #[serde(default = "default_metrics_listen")]
     pub listen: SocketAddr,
+    /// `/readyz` fails while the apply lag (origin commit to apply commit) exceeds this.
+    #[serde(default, deserialize_with = "de::optional_duration")]
+    pub ready_max_apply_lag: Option<Duration>,
+    /// `/readyz` fails while the source WAL not yet confirmed exceeds this many bytes.
+    #[serde(default)]
+    pub ready_max_source_lag_bytes: Option<u64>,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
             listen: default_metrics_listen(),
+            ready_max_apply_lag: None,
+            ready_max_source_lag_bytes: None,
         }
     }
 }

@@ -46,6 +46,18 @@ impl Health {
         !c.is_empty() && c.values().all(|r| *r)
     }
 
+    /// The components that are not ready, by name (`capture`, `apply:<node>:<target>`).
+    pub fn not_ready(&self) -> Vec<String> {
+        let c = self.components();
+        if c.is_empty() {
+            return vec!["nothing running yet".to_owned()];
+        }
+        c.iter()
+            .filter(|(_, r)| !**r)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
     fn components(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, bool>> {
         self.inner
             .components

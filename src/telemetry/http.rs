@@ -16,13 +16,50 @@ use super::{Health, Metrics};
 /// How stale the pipeline's last beat may be before `/healthz` fails.
 pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Lag limits beyond which `/readyz` reports not ready (`metrics.ready_max_*`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LagLimits {
+    /// Apply lag, origin commit to apply commit.
+    pub apply: Option<Duration>,
+    /// Source WAL not yet confirmed, bytes.
+    pub source_bytes: Option<u64>,
+}
+
 #[derive(Clone)]
 struct AppState {
     metrics: Arc<Metrics>,
     health: Health,
+    limits: LagLimits,
+}
+
+impl AppState {
+    /// Ready: every component connected and running, and lag within the limits. `Err` says
+    /// why not.
+    fn readiness(&self) -> Result<(), String> {
+        if !self.health.is_ready() {
+            return Err(format!("not ready: {}", self.health.not_ready().join(", ")));
+        }
+        if let Some(max) = self.limits.apply {
+            let lag = self.metrics.apply_lag_seconds.get();
+            if lag > max.as_secs_f64() {
+                return Err(format!(
+                    "apply lag {lag:.1}s exceeds {}s",
+                    max.as_secs_f64()
+                ));
+            }
+        }
+        if let Some(max) = self.limits.source_bytes {
+            let lag = self.metrics.source_lag_bytes.get();
+            if lag > i64::try_from(max).unwrap_or(i64::MAX) {
+                return Err(format!("source lag {lag} bytes exceeds {max}"));
+            }
+        }
+        Ok(())
+    }
 }
 
 async fn metrics_page(State(s): State<AppState>) -> impl IntoResponse {
+    s.metrics.ready.set(i64::from(s.readiness().is_ok()));
     (
         [(
             header::CONTENT_TYPE,
@@ -41,10 +78,9 @@ async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
-    if s.health.is_ready() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    match s.readiness() {
+        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
     }
 }
 
@@ -53,6 +89,7 @@ pub async fn bind(
     listen: SocketAddr,
     metrics: Arc<Metrics>,
     health: Health,
+    limits: LagLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<impl std::future::Future<Output = std::io::Result<()>>> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
@@ -60,10 +97,41 @@ pub async fn bind(
         .route("/metrics", get(metrics_page))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(AppState { metrics, health });
+        .with_state(AppState {
+            metrics,
+            health,
+            limits,
+        });
     Ok(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await
     })
+}
+
+/// `pgferry healthcheck`: GETs `path` on a running pgferry at `addr` and returns the HTTP
+/// status (for container HEALTHCHECKs in images that have no curl).
+pub fn probe(addr: &str, path: &str, timeout: std::time::Duration) -> std::io::Result<u16> {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    let target = addr.to_socket_addrs()?.next().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("no address for {addr}"),
+        )
+    })?;
+    let mut stream = std::net::TcpStream::connect_timeout(&target, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut head = [0u8; 64];
+    let n = stream.read(&mut head)?;
+    let line = String::from_utf8_lossy(&head[..n]);
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP response"))
 }

@@ -46,6 +46,12 @@ pub struct Metrics {
     pub apply_dead_letters: IntCounter,
     /// Seconds between the source commit and its apply commit, for the last batch.
     pub apply_lag_seconds: Gauge,
+    /// Seconds from handing a message to the producer to Kafka's acknowledgement.
+    pub kafka_delivery_latency: Histogram,
+    /// Source changes per committed target transaction.
+    pub apply_batch_changes: Histogram,
+    /// Seconds from a target transaction's first statement to its commit.
+    pub apply_batch_duration: Histogram,
     /// WAL the server may still write before the slot loses WAL it needs (-1: unlimited).
     pub slot_safe_wal_bytes: IntGauge,
     /// Changes skipped by capture because pgferry applied them (loop prevention).
@@ -78,6 +84,15 @@ fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> 
     c
 }
 
+fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        .expect("metric definition is valid");
+    registry
+        .register(Box::new(h.clone()))
+        .expect("metric registered once");
+    h
+}
+
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).expect("metric definition is valid");
     registry
@@ -93,14 +108,14 @@ impl Metrics {
         let registry = Registry::new();
         let build = IntGaugeVec::new(
             Opts::new("pgferry_build_info", "Build information; always 1."),
-            &["version", "node"],
+            &["version", "git_sha", "node"],
         )
         .expect("metric definition is valid");
         registry
             .register(Box::new(build.clone()))
             .expect("metric registered once");
         build
-            .with_label_values(&[env!("CARGO_PKG_VERSION"), node_id])
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), env!("BUILD_GIT_SHA"), node_id])
             .set(1);
         let r = &registry;
         Metrics {
@@ -162,7 +177,11 @@ impl Metrics {
                 "Rows published by the initial snapshot.",
                 &["table"],
             ),
-            ready: gauge(r, "pgferry_ready", "1 when capture is streaming, else 0."),
+            ready: gauge(
+                r,
+                "pgferry_ready",
+                "1 when /readyz would answer ready (every component running, lag within limits), else 0.",
+            ),
             restarts: counter(
                 r,
                 "pgferry_restarts_total",
@@ -204,6 +223,24 @@ impl Metrics {
                 "pgferry_slot_safe_wal_bytes",
                 "WAL that can still be written before the slot exceeds max_slot_wal_keep_size and loses WAL it needs; -1 when unlimited.",
             ),
+            kafka_delivery_latency: histogram(
+                r,
+                "pgferry_kafka_delivery_latency_seconds",
+                "Time from handing a message to the producer to Kafka's acknowledgement.",
+                vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+            ),
+            apply_batch_changes: histogram(
+                r,
+                "pgferry_apply_batch_changes",
+                "Source changes per committed target transaction.",
+                vec![1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0, 20000.0],
+            ),
+            apply_batch_duration: histogram(
+                r,
+                "pgferry_apply_batch_duration_seconds",
+                "Time from a target transaction's first statement to its commit.",
+                vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
+            ),
             capture_echoes_skipped: counter(
                 r,
                 "pgferry_capture_echoes_skipped_total",
@@ -220,19 +257,12 @@ impl Metrics {
                 "pgferry_clock_skew_waits_total",
                 "Applies that waited for the local clock to pass the origin commit time.",
             ),
-            clock_skew_wait_seconds: {
-                let h = Histogram::with_opts(
-                    HistogramOpts::new(
-                        "pgferry_clock_skew_wait_seconds",
-                        "Time spent waiting for the local clock to pass origin commit times.",
-                    )
-                    .buckets(vec![0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
-                )
-                .expect("metric definition is valid");
-                r.register(Box::new(h.clone()))
-                    .expect("metric registered once");
-                h
-            },
+            clock_skew_wait_seconds: histogram(
+                r,
+                "pgferry_clock_skew_wait_seconds",
+                "Time spent waiting for the local clock to pass origin commit times.",
+                vec![0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
+            ),
             clock_skew_exceeded: counter(
                 r,
                 "pgferry_clock_skew_exceeded_total",

@@ -1,6 +1,6 @@
 //! The real `pgferry` binary as a child process, with its config, log and metrics endpoint.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -157,18 +157,7 @@ impl Ferry {
 
     /// GET a path on the metrics endpoint; `None` when not answering.
     pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut body = String::new();
-        s.read_to_string(&mut body).ok()?;
-        let status = body.split_whitespace().nth(1)?.parse().ok()?;
-        let text = body.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
-        Some((status, text))
+        super::http_get(self.metrics_port, path)
     }
 
     /// A metric's value summed over all label sets matching `labels` (substring match).

@@ -83,6 +83,8 @@ impl Classify for SinkError {
 /// Carried with each message through librdkafka.
 pub struct Delivery {
     ticket: Ticket,
+    /// When the message was handed to the producer.
+    sent: std::time::Instant,
     /// Incremented when Kafka acknowledges (the per-table, per-op published counter).
     published: Option<IntCounter>,
 }
@@ -111,6 +113,9 @@ impl ProducerContext for DeliveryTracker {
                 lock(&self.progress).acknowledged(delivery.ticket);
                 self.metrics.kafka_messages_delivered.inc();
                 self.metrics.kafka_in_flight.dec();
+                self.metrics
+                    .kafka_delivery_latency
+                    .observe(delivery.sent.elapsed().as_secs_f64());
                 if let Some(c) = delivery.published {
                     c.inc();
                 }
@@ -241,8 +246,14 @@ impl KafkaSink {
             .await?;
         // Count before producing: the delivery callback may run before `send` returns.
         lock(&self.progress).sent(ticket);
-        let mut base =
-            BaseRecord::with_opaque_to(&record.topic, Box::new(Delivery { ticket, published }));
+        let mut base = BaseRecord::with_opaque_to(
+            &record.topic,
+            Box::new(Delivery {
+                ticket,
+                sent: std::time::Instant::now(),
+                published,
+            }),
+        );
         if let Some(key) = &record.key {
             base = base.key(key.as_slice());
         }

@@ -141,10 +141,8 @@ impl Capture {
             interval: source.status_interval,
         };
         self.health.set_ready("capture", true);
-        self.metrics.ready.set(1);
         let result = self.stream_loop(&mut state, &shutdown).await;
         self.health.set_ready("capture", false);
-        self.metrics.ready.set(0);
         result?;
         // Graceful stop: intake has stopped; drain Kafka, confirm what it holds, leave.
         if let Err(error) = self.sink.drain(SHUTDOWN_DRAIN).await {
