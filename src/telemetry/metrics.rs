@@ -52,6 +52,8 @@ pub struct Metrics {
     pub apply_batch_changes: Histogram,
     /// Seconds from a target transaction's first statement to its commit.
     pub apply_batch_duration: Histogram,
+    /// Seconds since the last heartbeat was written (set at each scrape; 0 before the first).
+    pub heartbeat_age: Gauge,
     /// WAL the server may still write before the slot loses WAL it needs (-1: unlimited).
     pub slot_safe_wal_bytes: IntGauge,
     /// Changes skipped by capture because pgferry applied them (loop prevention).
@@ -218,6 +220,16 @@ impl Metrics {
                     .expect("metric registered once");
                 g
             },
+            heartbeat_age: {
+                let g = Gauge::new(
+                    "pgferry_heartbeat_age_seconds",
+                    "Seconds since pgferry last wrote a heartbeat into its source database.",
+                )
+                .expect("metric definition is valid");
+                r.register(Box::new(g.clone()))
+                    .expect("metric registered once");
+                g
+            },
             slot_safe_wal_bytes: gauge(
                 r,
                 "pgferry_slot_safe_wal_bytes",
@@ -279,6 +291,11 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
+        let last = self.heartbeat_timestamp.get();
+        if last > 0 {
+            let now = crate::pgtime::PgTimestamp::now().unix_millis() as f64 / 1000.0;
+            self.heartbeat_age.set((now - last as f64).max(0.0));
+        }
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())
             .unwrap_or_default()
