@@ -509,6 +509,14 @@ async fn kill_9_capture_mid_transaction_replica_stays_exact() {
         .unwrap()
         .get(0);
     assert_eq!(partial, 0, "a batch was applied partially");
+    assert_eq!(
+        applier
+            .metric("pgferry_apply_dead_letters_total", "")
+            .unwrap_or(0.0),
+        0.0,
+        "records out of place in the node stream: {}",
+        applier.log()
+    );
     let orphans = applier
         .log()
         .matches("cut off by a capture restart")

@@ -229,8 +229,12 @@ pub enum Step {
     Relation(Box<RelationItem>),
     /// The source transaction is complete; its records up to `offset` may be committed.
     End(CommitMarker),
-    /// Nothing to do (replayed or orphaned transaction, stray record).
+    /// Nothing to do (a replayed or orphaned transaction).
     Ignore,
+    /// A record outside any transaction the stream opened (its begin marker is missing), or
+    /// a commit that does not match the open transaction. A correct stream never has one;
+    /// the applier reports it instead of dropping it silently.
+    Stray(&'static str),
     /// The open transaction starting at this offset was cut off: roll back, call
     /// [`Framer::orphan`], and replay from the last committed offset.
     Orphaned(i64),
@@ -304,15 +308,19 @@ impl Framer {
                 Step::Start(begin)
             }
             StreamItem::Change(change) => {
-                if self.skipping || self.open.is_none() {
+                if self.skipping {
                     Step::Ignore
+                } else if self.open.is_none() {
+                    Step::Stray("a change outside any transaction (its begin record is missing)")
                 } else {
                     Step::Apply(change)
                 }
             }
             StreamItem::Relation(relation) => {
-                if self.skipping || self.open.is_none() {
+                if self.skipping {
                     Step::Ignore
+                } else if self.open.is_none() {
+                    Step::Stray("a relation record outside any transaction")
                 } else {
                     Step::Relation(relation)
                 }
@@ -320,12 +328,20 @@ impl Framer {
             StreamItem::Commit(commit) => {
                 let was_skipping = std::mem::replace(&mut self.skipping, false);
                 match self.open.take() {
-                    Some((_, lsn, ts)) if !was_skipping && lsn == commit.commit_lsn => {
+                    Some((_, lsn, ts)) if lsn == commit.commit_lsn => {
                         self.applied = commit.commit_lsn;
                         self.last_commit_ts_us = ts;
                         Step::End(commit)
                     }
-                    _ => Step::Ignore,
+                    None if was_skipping => Step::Ignore,
+                    None => Step::Stray(
+                        "a commit outside any transaction (its begin record is missing)",
+                    ),
+                    Some(open) => {
+                        // Put the open transaction back: its own commit may still come.
+                        self.open = Some(open);
+                        Step::Stray("a commit whose LSN does not match the open transaction")
+                    }
                 }
             }
         }

@@ -267,6 +267,11 @@ impl Worker {
             };
             match framer.step(offset, item) {
                 Step::Ignore => {}
+                Step::Stray(reason) => {
+                    tracing::error!(node = %self.settings.node, offset, reason,
+                                    "node stream record out of place");
+                    self.bad_message(&message, reason).await?;
+                }
                 Step::Relation(relation) => {
                     if self.settings.apply.create_tables {
                         self.create_if_missing(client, &mut pending, &message, &relation)

@@ -39,6 +39,7 @@ fn kinds(steps: &[Step]) -> String {
             Step::Ignore => '.',
             Step::Orphaned(_) => 'X',
             Step::Relation(_) => 'R',
+            Step::Stray(_) => '!',
         })
         .collect()
 }
@@ -98,10 +99,15 @@ fn orphan_is_detected_and_skipped_on_replay() {
 }
 
 #[test]
-fn changes_outside_a_transaction_are_ignored() {
+fn records_outside_a_transaction_are_reported_not_dropped() {
     let mut f = Framer::new(Lsn(0));
-    assert_eq!(f.step(0, change(1)), Step::Ignore);
-    assert_eq!(f.step(1, commit(3)), Step::Ignore);
+    assert!(matches!(f.step(0, change(1)), Step::Stray(_)));
+    assert!(matches!(f.step(1, commit(3)), Step::Stray(_)));
+    // A commit of another transaction while one is open leaves the open one intact.
+    assert!(matches!(f.step(2, begin(5)), Step::Start(_)));
+    assert!(matches!(f.step(3, commit(4)), Step::Stray(_)));
+    assert!(matches!(f.step(4, change(2)), Step::Apply(_)));
+    assert!(matches!(f.step(5, commit(5)), Step::End(_)));
 }
 
 #[test]
@@ -139,9 +145,8 @@ fn relation_records_parse_and_frame() {
     ))
     .unwrap();
     let mut f = Framer::new(Lsn(0));
-    assert_eq!(
-        f.step(0, item.clone()),
-        Step::Ignore,
+    assert!(
+        matches!(f.step(0, item.clone()), Step::Stray(_)),
         "outside a transaction"
     );
     f.step(1, begin(5));
