@@ -23,7 +23,9 @@ async fn reassigning_an_earlier_offset_drops_prefetched_messages() {
         let payload = format!("m{i}");
         producer
             .send(
-                FutureRecord::<(), str>::to(topic).partition(0).payload(&payload),
+                FutureRecord::<(), str>::to(topic)
+                    .partition(0)
+                    .payload(&payload),
                 Duration::from_secs(30),
             )
             .await
@@ -39,7 +41,8 @@ async fn reassigning_an_earlier_offset_drops_prefetched_messages() {
         .unwrap();
     let assign = |offset: i64| {
         let mut list = TopicPartitionList::new();
-        list.add_partition_offset(topic, 0, Offset::Offset(offset)).unwrap();
+        list.add_partition_offset(topic, 0, Offset::Offset(offset))
+            .unwrap();
         consumer.assign(&list).unwrap();
     };
     for round in 0..8 {
@@ -53,6 +56,9 @@ async fn reassigning_an_earlier_offset_drops_prefetched_messages() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         assign(100);
         let next = consumer.recv().await.unwrap().offset();
-        assert_eq!(next, 100, "round {round}: after rewinding from {last}, got offset {next}");
+        assert_eq!(
+            next, 100,
+            "round {round}: after rewinding from {last}, got offset {next}"
+        );
     }
 }

@@ -21,6 +21,7 @@ fuzz_target!(|data: &[u8]| {
         database: "db".into(),
         topic_prefix: "p".into(),
         tombstones: true,
+        run: 1,
     };
     let mut decoder = StreamDecoder::default();
     let mut assembler = Assembler::default();

@@ -10,7 +10,7 @@
 //!   applier rolls back, remembers the orphan's offset, and replays from its last commit.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use serde::Deserialize;
 use serde_json::error::Category;
@@ -110,6 +110,8 @@ pub enum StreamItem {
 struct RawRecord<'a> {
     #[serde(rename = "type", borrow)]
     kind: Cow<'a, str>,
+    #[serde(default)]
+    run: Option<u64>,
     #[serde(default, borrow)]
     commit_lsn: Option<Cow<'a, str>>,
     #[serde(default)]
@@ -164,6 +166,12 @@ fn missing(field: &str) -> MalformedMessage {
 
 /// Parses one node-stream record.
 pub fn parse(bytes: Option<&[u8]>) -> Result<StreamItem, MalformedMessage> {
+    parse_framed(bytes).map(|(_, item)| item)
+}
+
+/// Parses one node-stream record with its capture run id (absent in records from before run
+/// ids existed).
+pub fn parse_framed(bytes: Option<&[u8]>) -> Result<(Option<u64>, StreamItem), MalformedMessage> {
     let bytes = bytes.ok_or_else(|| MalformedMessage("empty value".into()))?;
     let raw: RawRecord<'_> = serde_json::from_slice(bytes).map_err(|e| match e.classify() {
         Category::Syntax | Category::Eof | Category::Io => {
@@ -178,7 +186,8 @@ pub fn parse(bytes: Option<&[u8]>) -> Result<StreamItem, MalformedMessage> {
             .parse()
             .map_err(|e| MalformedMessage(format!("field `commit_lsn`: {e}")))
     };
-    match raw.kind.as_ref() {
+    let run = raw.run;
+    let item = match raw.kind.as_ref() {
         "begin" => Ok(StreamItem::Begin(BeginMarker {
             commit_lsn: commit_lsn()?,
             commit_ts_us: raw.commit_ts_us.ok_or_else(|| missing("commit_ts_us"))?,
@@ -215,7 +224,8 @@ pub fn parse(bytes: Option<&[u8]>) -> Result<StreamItem, MalformedMessage> {
             columns: raw.columns.ok_or_else(|| missing("columns"))?,
         }))),
         other => Err(MalformedMessage(format!("unknown record type {other:?}"))),
-    }
+    }?;
+    Ok((run, item))
 }
 
 /// What the applier does with a record.
@@ -249,6 +259,8 @@ pub struct Framer {
     last_commit_ts_us: i64,
     skipping: bool,
     orphans: HashSet<i64>,
+    /// Capture run id → offset of its first record seen.
+    runs: BTreeMap<u64, i64>,
 }
 
 impl Framer {
@@ -260,6 +272,7 @@ impl Framer {
             last_commit_ts_us: 0,
             skipping: false,
             orphans: HashSet::new(),
+            runs: BTreeMap::new(),
         }
     }
 
@@ -292,7 +305,28 @@ impl Framer {
         self.applied = applied;
     }
 
-    /// Decides what to do with the record at `offset`.
+    /// Decides what to do with the record at `offset`, written by capture run `run`.
+    ///
+    /// A record of an older run that comes after the first record of a newer run was sent by
+    /// a capture that had already died (the broker appended its last requests late): the
+    /// newer run replays everything after its start position, so such records are skipped.
+    /// Records of an older run *before* the newer run began are ordinary history.
+    pub fn step_run(&mut self, offset: i64, run: Option<u64>, item: StreamItem) -> Step {
+        if let Some(run) = run {
+            let first = self.runs.entry(run).or_insert(offset);
+            *first = (*first).min(offset);
+            let superseded = self
+                .runs
+                .range(run + 1..)
+                .any(|(_, &newer_first)| newer_first < offset);
+            if superseded {
+                return Step::Ignore;
+            }
+        }
+        self.step(offset, item)
+    }
+
+    /// Decides what to do with the record at `offset` (records without a run id).
     pub fn step(&mut self, offset: i64, item: StreamItem) -> Step {
         match item {
             StreamItem::Begin(begin) => {

@@ -27,7 +27,7 @@ use super::error::ApplyError;
 use super::multimaster;
 use super::params::json_to_text;
 use super::sql;
-use super::stream::{parse, ChangeItem, Framer, RelationItem, Step};
+use super::stream::{parse_framed, ChangeItem, Framer, RelationItem, Step};
 use super::target::{self, param_kind, TargetTable, TextParam};
 use crate::config::{ApplyConfig, ApplyMode, KafkaConfig, OnBadMessage, TargetConfig};
 use crate::event::Op;
@@ -258,14 +258,14 @@ impl Worker {
                 }
             };
             let offset = message.offset();
-            let item = match parse(message.payload()) {
-                Ok(item) => item,
+            let (run, item) = match parse_framed(message.payload()) {
+                Ok(framed) => framed,
                 Err(e) => {
                     self.bad_message(&message, &e.to_string()).await?;
                     continue;
                 }
             };
-            match framer.step(offset, item) {
+            match framer.step_run(offset, run, item) {
                 Step::Ignore => {}
                 Step::Stray(reason) => {
                     tracing::error!(node = %self.settings.node, offset, reason,

@@ -90,9 +90,20 @@ pub async fn ensure_internal_schema(client: &Client) -> Result<(), tokio_postgre
                  slot_name text PRIMARY KEY,
                  consistent_lsn pg_lsn NOT NULL,
                  completed_at timestamptz NOT NULL DEFAULT now());
+             CREATE SEQUENCE IF NOT EXISTS pgferry.capture_run;
              COMMIT",
         )
         .await
+}
+
+/// A new capture run id, strictly greater than every earlier one for this database (a
+/// sequence: durable, and immune to clock changes). Node-stream records carry it, so that an
+/// applier can tell a dead run's late records from the current run's.
+pub async fn next_capture_run(client: &Client) -> Result<u64, tokio_postgres::Error> {
+    let row = client
+        .query_one("SELECT nextval('pgferry.capture_run')", &[])
+        .await?;
+    Ok(row.get::<_, i64>(0).unsigned_abs())
 }
 
 /// The slot, if it exists.

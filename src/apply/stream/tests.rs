@@ -174,3 +174,74 @@ fn open_transaction_commit_time_is_its_own() {
     f.step(3, commit(30));
     assert_eq!(f.open_commit_ts_us(), None);
 }
+
+/// Steps `(offset, run, item)` records and returns the step kinds.
+fn run_steps(f: &mut Framer, records: Vec<(i64, u64, StreamItem)>) -> String {
+    let steps: Vec<Step> = records
+        .into_iter()
+        .map(|(offset, run, item)| f.step_run(offset, Some(run), item))
+        .collect();
+    kinds(&steps)
+}
+
+#[test]
+fn late_records_of_a_dead_capture_run_are_skipped() {
+    // Run 1 was killed mid-transaction; the broker appended two of its requests after run 2
+    // had started replaying the same transaction. Without run ids, run 1's late commit would
+    // end the transaction after one of its changes.
+    let mut f = Framer::new(Lsn(0));
+    let first = run_steps(
+        &mut f,
+        vec![(0, 1, begin(10)), (1, 1, change(1)), (2, 2, begin(10))],
+    );
+    assert_eq!(first, "BaX");
+    f.orphan(0, Lsn(0));
+    let replay = run_steps(
+        &mut f,
+        vec![
+            (0, 1, begin(10)),
+            (1, 1, change(1)),
+            (2, 2, begin(10)),
+            (3, 1, change(2)),
+            (4, 1, commit(10)),
+            (5, 2, change(1)),
+            (6, 2, change(2)),
+            (7, 2, commit(10)),
+        ],
+    );
+    assert_eq!(replay, "..B..aaC");
+}
+
+#[test]
+fn an_older_runs_transactions_before_the_newer_run_are_history() {
+    // After a rewind, complete transactions of run 1 that precede run 2's first record are
+    // applied again (the rollback discarded them), not mistaken for late records.
+    let mut f = Framer::new(Lsn(0));
+    let first = run_steps(
+        &mut f,
+        vec![
+            (0, 1, begin(5)),
+            (1, 1, change(1)),
+            (2, 1, commit(5)),
+            (3, 1, begin(6)),
+            (4, 1, change(2)),
+            (5, 2, begin(6)),
+        ],
+    );
+    assert_eq!(first, "BaCBaX");
+    f.orphan(3, Lsn(0));
+    let replay = run_steps(
+        &mut f,
+        vec![
+            (0, 1, begin(5)),
+            (1, 1, change(1)),
+            (2, 1, commit(5)),
+            (3, 1, begin(6)),
+            (4, 1, change(2)),
+            (5, 2, begin(6)),
+            (6, 2, change(2)),
+            (7, 2, commit(6)),
+        ],
+    );
+    assert_eq!(replay, "BaC..BaC");
+}

@@ -72,6 +72,8 @@ pub struct EnvelopeSource {
     pub topic_prefix: String,
     /// Whether deletes are followed by a tombstone.
     pub tombstones: bool,
+    /// This capture run's id (see [`super::node_stream`]), stamped on node-stream records.
+    pub run: u64,
 }
 
 /// `<prefix>.<schema>.<table>`, with characters Kafka does not allow in topic names replaced

@@ -5,11 +5,16 @@
 //! stream carries every change of one node in commit order, framed by transaction markers:
 //!
 //! ```text
-//! {"type":"begin","node","xid","commit_lsn","commit_ts","commit_ts_us","origin","snapshot"}
-//! {"type":"change","topic","key":{...}|null,"change":<the per-table envelope>}   (repeated)
-//! {"type":"commit","node","commit_lsn","end_lsn","changes"}
-//! {"type":"relation","schema","table","columns":[{"name","type","not_null","key"}]}
+//! {"type":"begin","run","node","xid","commit_lsn","commit_ts","commit_ts_us","origin","snapshot"}
+//! {"type":"change","run","topic","key":{...}|null,"change":<the per-table envelope>}   (repeated)
+//! {"type":"commit","run","node","commit_lsn","end_lsn","changes"}
+//! {"type":"relation","run","schema","table","columns":[{"name","type","not_null","key"}]}
 //! ```
+//!
+//! `run` numbers capture runs (a sequence in the source database, so it only grows). When a
+//! capture is killed, the broker may still append requests the dead producer had sent after
+//! the new run's first records; appliers recognise those late records by their older run and
+//! skip them, instead of mixing them into the new run's transactions.
 //!
 //! A `relation` record (the table's column types as `format_type` prints them) precedes the
 //! first change of each table in a capture run, so appliers can create missing tables.
@@ -32,6 +37,7 @@ pub fn node_stream_topic(prefix: &str, node: &str) -> String {
 #[derive(Serialize)]
 struct Begin<'a> {
     r#type: &'static str,
+    run: u64,
     node: &'a str,
     xid: Option<u32>,
     commit_lsn: &'a str,
@@ -44,6 +50,7 @@ struct Begin<'a> {
 #[derive(Serialize)]
 struct Commit<'a> {
     r#type: &'static str,
+    run: u64,
     node: &'a str,
     commit_lsn: &'a str,
     end_lsn: String,
@@ -63,6 +70,7 @@ fn record(source: &EnvelopeSource, value: Vec<u8>) -> Record {
 pub fn begin_record(source: &EnvelopeSource, txn: &TxnStamp, snapshot: bool) -> Record {
     let begin = Begin {
         r#type: "begin",
+        run: source.run,
         node: &source.node,
         xid: txn.xid(),
         commit_lsn: txn.commit_lsn(),
@@ -80,7 +88,9 @@ pub fn change_record(source: &EnvelopeSource, table_record: &Record) -> Record {
     let key = table_record.key.as_deref().unwrap_or(b"null");
     let envelope = table_record.value.as_deref().unwrap_or(b"null");
     let mut value = Vec::with_capacity(48 + topic.len() + key.len() + envelope.len());
-    value.extend_from_slice(b"{\"type\":\"change\",\"topic\":");
+    value.extend_from_slice(b"{\"type\":\"change\",\"run\":");
+    value.extend_from_slice(source.run.to_string().as_bytes());
+    value.extend_from_slice(b",\"topic\":");
     value.extend_from_slice(topic.as_bytes());
     value.extend_from_slice(b",\"key\":");
     value.extend_from_slice(key);
@@ -107,6 +117,7 @@ pub struct ColumnSchema {
 #[derive(Serialize)]
 struct Relation<'a> {
     r#type: &'static str,
+    run: u64,
     schema: &'a str,
     table: &'a str,
     columns: &'a [ColumnSchema],
@@ -121,6 +132,7 @@ pub fn relation_record(
 ) -> Record {
     let relation = Relation {
         r#type: "relation",
+        run: source.run,
         schema,
         table,
         columns,
@@ -137,6 +149,7 @@ pub fn commit_record(
 ) -> Record {
     let commit = Commit {
         r#type: "commit",
+        run: source.run,
         node: &source.node,
         commit_lsn: txn.commit_lsn(),
         end_lsn: end_lsn.to_string(),
@@ -158,6 +171,7 @@ mod tests {
             database: "db".into(),
             topic_prefix: "p".into(),
             tombstones: true,
+            run: 4,
         }
     }
 
@@ -185,7 +199,7 @@ mod tests {
             serde_json::from_slice(change_record(&src(), &table).value.as_ref().unwrap()).unwrap();
         assert_eq!(
             c,
-            json!({"type": "change", "topic": "p.public.t", "key": {"id": 1}, "change": {"op": "c"}})
+            json!({"type": "change", "run": 4, "topic": "p.public.t", "key": {"id": 1}, "change": {"op": "c"}})
         );
         let e: Value = serde_json::from_slice(
             commit_record(&src(), &txn, Lsn(0x28), 3)
@@ -196,7 +210,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             e,
-            json!({"type": "commit", "node": "node-a", "commit_lsn": "0/20", "end_lsn": "0/28", "changes": 3})
+            json!({"type": "commit", "run": 4, "node": "node-a", "commit_lsn": "0/20", "end_lsn": "0/28", "changes": 3})
         );
     }
 }

@@ -93,6 +93,9 @@ pub async fn run(
     catalog::ensure_internal_schema(&sql)
         .await
         .map_err(CaptureError::sql("creating the pgferry schema"))?;
+    let run = catalog::next_capture_run(&sql)
+        .await
+        .map_err(CaptureError::sql("numbering the capture run"))?;
     if catalog::ensure_publication(&sql, &source.publication, &source.tables)
         .await
         .map_err(CaptureError::sql("creating the publication"))?
@@ -107,6 +110,7 @@ pub async fn run(
         database: source.url.dbname().to_owned(),
         topic_prefix: settings.kafka.topic_prefix.clone(),
         tombstones: settings.kafka.tombstones,
+        run,
     };
     let mut capture = Capture {
         slot,

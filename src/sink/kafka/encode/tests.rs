@@ -41,6 +41,7 @@ fn src(tombstones: bool) -> EnvelopeSource {
         database: "db".into(),
         topic_prefix: "pgferry".into(),
         tombstones,
+        run: 1,
     }
 }
 
