@@ -19,6 +19,11 @@ app.kubernetes.io/name: {{ include "pgferry.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{/* The Secret holding the PostgreSQL superuser password (standalone mode). */}}
+{{- define "pgferry.postgresSecret" -}}
+{{- .Values.postgres.existingSecret | default (printf "%s-postgres" (include "pgferry.fullname" .)) }}
+{{- end }}
+
 {{- define "pgferry.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{ include "pgferry.selectorLabels" . }}
@@ -52,6 +57,12 @@ add it to your own PostgreSQL pod:
     - name: pgferry-config
       mountPath: /etc/pgferry
       readOnly: true
+    {{- if .Values.postgres.enabled }}
+    # The superuser password, for `password_file` in the config.
+    - name: postgres-secret
+      mountPath: /var/run/secrets/postgres
+      readOnly: true
+    {{- end }}
   livenessProbe:
     {{- toYaml .Values.pgferry.livenessProbe | nindent 4 }}
   readinessProbe:
@@ -67,4 +78,12 @@ add it to your own PostgreSQL pod:
 - name: pgferry-config
   configMap:
     name: {{ include "pgferry.fullname" . }}
+{{- if .Values.postgres.enabled }}
+- name: postgres-secret
+  secret:
+    secretName: {{ include "pgferry.postgresSecret" . }}
+    items:
+      - key: postgres-password
+        path: postgres-password
+{{- end }}
 {{- end }}
