@@ -26,7 +26,8 @@ pub struct Progress {
 }
 
 /// Prepares an apply session: replica role (no user triggers, no FK checks, like native
-/// logical replication), bookkeeping table, and the node's replication origin.
+/// logical replication), asynchronous commit (safe: progress is in the same transaction as
+/// the data), bookkeeping table, and the node's replication origin.
 pub async fn prepare_session(
     client: &Client,
     node: &str,
@@ -35,6 +36,9 @@ pub async fn prepare_session(
     client
         .batch_execute(
             "SET session_replication_role = replica;
+             -- Like native subscriptions: the progress row commits with the data, so a target
+             -- crash that loses the last commits loses their progress too, and they replay.
+             SET synchronous_commit = off;
              BEGIN;
              -- Workers start together; CREATE ... IF NOT EXISTS is not safe concurrently.
              SELECT pg_advisory_xact_lock(hashtext('pgferry.bookkeeping'));
