@@ -26,9 +26,6 @@ pub enum CaptureEvent {
     Relation(Arc<RelationMeta>),
     /// A transaction starts.
     Begin(TxnMeta),
-    /// The current transaction was made under this replication origin (it follows `Begin`,
-    /// before any change).
-    Origin(String),
     /// A row change (or truncate) inside the current transaction.
     Change(RowChange),
     /// The current transaction committed; `end_lsn` may be confirmed once it is durable.
@@ -66,8 +63,9 @@ pub enum AssembleError {
 pub struct Assembler {
     relations: HashMap<u32, Arc<RelationMeta>>,
     in_transaction: bool,
-    /// A change of the current transaction has been emitted (an Origin may no longer come).
-    changed: bool,
+    /// A Begin not yet emitted: held until the next message, because an Origin message may
+    /// follow it (in a later batch) and belongs in its `TxnMeta`.
+    pending_begin: Option<TxnMeta>,
 }
 
 impl Assembler {
@@ -86,27 +84,27 @@ impl Assembler {
         lsn: Lsn,
         out: &mut Vec<CaptureEvent>,
     ) -> Result<(), AssembleError> {
+        if !matches!(msg, LogicalMessage::Origin(_)) {
+            if let Some(meta) = self.pending_begin.take() {
+                out.push(CaptureEvent::Begin(meta));
+            }
+        }
         match msg {
             LogicalMessage::Begin(b) => {
                 self.in_transaction = true;
-                self.changed = false;
-                out.push(CaptureEvent::Begin(TxnMeta {
+                self.pending_begin = Some(TxnMeta {
                     xid: Some(b.xid),
                     commit_lsn: b.final_lsn,
                     commit_ts: b.commit_ts,
                     origin: None,
-                }));
+                });
             }
             LogicalMessage::Origin(o) => {
                 self.require_transaction("Origin")?;
-                // Origin immediately follows Begin; attach it to that Begin when it is still
-                // in `out`, else report it on its own.
-                if self.changed {
-                    return Err(AssembleError::Unexpected("Origin", "after a change"));
-                }
-                match out.last_mut() {
-                    Some(CaptureEvent::Begin(meta)) => meta.origin = Some(o.name),
-                    _ => out.push(CaptureEvent::Origin(o.name)),
+                // Origin immediately follows Begin, which is still held back.
+                match self.pending_begin.as_mut() {
+                    Some(meta) => meta.origin = Some(o.name),
+                    None => return Err(AssembleError::Unexpected("Origin", "after a change")),
                 }
             }
             LogicalMessage::Commit(c) => {
@@ -125,19 +123,16 @@ impl Assembler {
             }
             LogicalMessage::Insert(i) => {
                 self.require_transaction("Insert")?;
-                self.changed = true;
                 let relation = self.described(i.relation_oid, &i.new)?;
                 emit(out, Op::Create, relation, lsn, None, false, Some(i.new));
             }
             LogicalMessage::Update(u) => {
                 self.require_transaction("Update")?;
-                self.changed = true;
                 let relation = self.described(u.relation_oid, &u.new)?;
                 self.update(out, relation, lsn, u.old, u.new)?;
             }
             LogicalMessage::Delete(d) => {
                 self.require_transaction("Delete")?;
-                self.changed = true;
                 let relation = self.described(d.relation_oid, d.old.datums())?;
                 let key_only = matches!(d.old, OldTuple::Key(_));
                 let before = match d.old {
@@ -147,7 +142,6 @@ impl Assembler {
             }
             LogicalMessage::Truncate(t) => {
                 self.require_transaction("Truncate")?;
-                self.changed = true;
                 for oid in t.relation_oids {
                     let relation = self
                         .relations

@@ -90,35 +90,41 @@ fn same_key_update_stays_an_update() {
 }
 
 #[test]
-fn origin_attaches_to_begin() {
+fn origin_in_a_later_push_still_reaches_its_begin() {
+    // The replication stream delivers Begin and Origin as separate messages: the Begin is
+    // held back until the next message so the Origin can join it.
     let mut a = Assembler::default();
     let mut out = Vec::new();
     a.push(begin(), Lsn(2), &mut out).unwrap();
+    assert!(out.is_empty(), "{out:?}");
     let origin = LogicalMessage::Origin(Origin {
         origin_lsn: Lsn(7),
-        name: "pgferry_b".into(),
+        name: "pgferry_c".into(),
     });
     a.push(origin, Lsn(2), &mut out).unwrap();
-    match &out[0] {
-        CaptureEvent::Begin(m) => assert_eq!(m.origin.as_deref(), Some("pgferry_b")),
-        other => panic!("expected Begin, got {other:?}"),
+    assert!(out.is_empty(), "{out:?}");
+    let commit = LogicalMessage::Commit(Commit {
+        flags: 0,
+        commit_lsn: Lsn(5),
+        end_lsn: Lsn(6),
+        commit_ts: PgTimestamp(0),
+    });
+    a.push(commit, Lsn(5), &mut out).unwrap();
+    match &out[..] {
+        [CaptureEvent::Begin(m), CaptureEvent::Commit { end_lsn }] => {
+            assert_eq!(m.origin.as_deref(), Some("pgferry_c"));
+            assert_eq!(*end_lsn, Lsn(6));
+        }
+        other => panic!("expected Begin + Commit, got {other:?}"),
     }
-}
-
-#[test]
-fn origin_in_its_own_push_is_reported_on_its_own() {
-    let mut a = Assembler::default();
-    let mut out = Vec::new();
-    a.push(begin(), Lsn(2), &mut out).unwrap();
-    out.clear();
-    let origin = || {
-        LogicalMessage::Origin(Origin {
-            origin_lsn: Lsn(7),
-            name: "pgferry_c".into(),
-        })
-    };
-    a.push(origin(), Lsn(2), &mut out).unwrap();
-    assert_eq!(out, vec![CaptureEvent::Origin("pgferry_c".into())]);
+    let late = LogicalMessage::Origin(Origin {
+        origin_lsn: Lsn(8),
+        name: "x".into(),
+    });
+    assert!(
+        a.push(late, Lsn(7), &mut out).is_err(),
+        "Origin outside a transaction"
+    );
 }
 
 #[test]

@@ -258,11 +258,6 @@ impl Capture {
                 txn.echo = meta.origin.as_deref().is_some_and(is_pgferry_origin);
                 *current = Some(txn);
             }
-            CaptureEvent::Origin(name) => {
-                if let Some(txn) = current.as_mut() {
-                    txn.echo = is_pgferry_origin(&name);
-                }
-            }
             CaptureEvent::Change(change) => {
                 let Some(txn) = current.as_mut() else {
                     return Err(CaptureError::Assemble {
