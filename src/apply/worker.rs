@@ -127,6 +127,7 @@ pub async fn run(
                 .await
                 .map_err(ApplyError::sql("reading pgferry.origins"))?,
             conflicts: Vec::new(),
+            clock_seen_us: 0,
         })
     } else {
         None

@@ -34,6 +34,8 @@ pub(super) struct LwwState {
     pub(super) origins: HashMap<i64, String>,
     /// Conflicts in the open target transaction, counted once it commits.
     pub(super) conflicts: Vec<(String, ConflictType, Resolution)>,
+    /// The latest database clock reading (µs): origin times before it need no new reading.
+    pub(super) clock_seen_us: i64,
 }
 
 /// What the probe found.
@@ -620,6 +622,14 @@ impl Worker {
         client: &Client,
         origin_ts_us: i64,
     ) -> Result<(), ApplyError> {
+        // A backlog's changes are older than a clock reading already taken: skip the query.
+        if self
+            .lww
+            .as_ref()
+            .is_some_and(|l| origin_ts_us < l.clock_seen_us)
+        {
+            return Ok(());
+        }
         let conflict = &self.settings.apply.conflict;
         let (bound, action) = (conflict.max_clock_skew, conflict.on_clock_skew);
         let started = Instant::now();
@@ -629,6 +639,9 @@ impl Worker {
             let now = database_clock_us(client)
                 .await
                 .map_err(ApplyError::sql("reading the database clock"))?;
+            if let Some(lww) = &mut self.lww {
+                lww.clock_seen_us = lww.clock_seen_us.max(now);
+            }
             if now > origin_ts_us {
                 break;
             }
