@@ -13,15 +13,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
-if [[ "${1:-}" == "--smoke" ]]; then
-  ROWS=${ROWS:-20000}; PROFILE=debug
-  cargo build --quiet
-else
-  ROWS=${ROWS:-200000}; PROFILE=release
-  cargo build --quiet --release
-fi
+bench_build "${1:-}"
+ROWS=${ROWS:-$(smoke_or 20000 200000)}
 PER_TXN=${PER_TXN:-100}
-BIN="target/$PROFILE/pgferry"
 
 start_pg src
 start_tansu

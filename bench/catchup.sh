@@ -17,14 +17,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
-if [[ "${1:-}" == "--smoke" ]]; then
-  SCALE=${SCALE:-1}; TXNS=${TXNS:-1000}; PROFILE=debug
-  cargo build --quiet
-else
-  SCALE=${SCALE:-10}; TXNS=${TXNS:-20000}; PROFILE=release
-  cargo build --quiet --release
-fi
-BIN="target/$PROFILE/pgferry"
+bench_build "${1:-}"
+SCALE=${SCALE:-$(smoke_or 1 10)}; TXNS=${TXNS:-$(smoke_or 1000 20000)}
 CLIENTS=4
 
 start_pg src

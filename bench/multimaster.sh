@@ -16,14 +16,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
-if [[ "${1:-}" == "--smoke" ]]; then
-  SCALE=${SCALE:-1}; TXNS=${TXNS:-1000}; PROFILE=debug
-  cargo build --quiet
-else
-  SCALE=${SCALE:-10}; TXNS=${TXNS:-20000}; PROFILE=release
-  cargo build --quiet --release
-fi
-BIN="target/$PROFILE/pgferry"
+bench_build "${1:-}"
+SCALE=${SCALE:-$(smoke_or 1 10)}; TXNS=${TXNS:-$(smoke_or 1000 20000)}
 CLIENTS=4
 
 start_pg a
@@ -87,14 +81,14 @@ YAML
 # Node B's pgferry once, to prepare its tables (trigger, replica identity) and create its slot.
 "$BIN" run --config "$WORK/b.yaml" 2>"$WORK/b-initial.log" &
 pid=$!
-until "$BIN" healthcheck --addr "$(sed -n 's/^  listen: //p' "$WORK/b.yaml")" --path /readyz 2>/dev/null; do sleep 0.2; done
+wait_ready "$WORK/b.yaml"
 kill -TERM $pid; wait $pid || true
 
 # Node A captures the backlog.
 "$BIN" run --config "$WORK/a.yaml" 2>"$WORK/a.log" &
 ferry_a=$!
 CLEANUP+=("kill -9 $ferry_a")
-until "$BIN" healthcheck --addr "$(sed -n 's/^  listen: //p' "$WORK/a.yaml")" --path /readyz 2>/dev/null; do sleep 0.2; done
+wait_ready "$WORK/a.yaml"
 cat >"$WORK/update.sql" <<'SQL'
 \set aid random(1, 100000 * :scale)
 \set delta random(1, 1000)

@@ -95,3 +95,24 @@ time_ferry_until() {
   FERRY_RSS=$(peak_rss_mb "$pid")
   kill -TERM "$pid"; wait "$pid" || true
 }
+
+# bench_build [--smoke]: builds pgferry, debug for --smoke (CI keeps the benchmark scripts
+# working) or release; sets SMOKE (1/0), PROFILE and BIN.
+bench_build() {
+  if [[ "${1:-}" == "--smoke" ]]; then
+    SMOKE=1; PROFILE=debug; cargo build --quiet
+  else
+    SMOKE=0; PROFILE=release; cargo build --quiet --release
+  fi
+  BIN="target/$PROFILE/pgferry"
+}
+
+# smoke_or SMOKE_VALUE FULL_VALUE: the value for this run's size (after bench_build).
+smoke_or() { if (( SMOKE )); then echo "$1"; else echo "$2"; fi; }
+
+# wait_ready CONFIG: waits until the pgferry running with CONFIG answers /readyz.
+wait_ready() {
+  local addr
+  addr=$(sed -n 's/^  listen: //p' "$1")
+  until "$BIN" healthcheck --addr "$addr" --path /readyz 2>/dev/null; do sleep 0.2; done
+}
