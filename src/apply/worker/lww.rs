@@ -409,51 +409,39 @@ impl Worker {
         message: &BorrowedMessage<'_>,
     ) -> Result<bool, ApplyError> {
         let after = p.change.after.clone().unwrap_or_default();
-        let json_nulls = &p.change.json_null_after;
-        if matches!(local, Local::Row { .. }) {
-            let (columns, mut values): (Vec<String>, Vec<Value>) = after
+        let (schema, table) = (&p.change.schema, &p.change.table);
+        let over_row = matches!(local, Local::Row { .. });
+        // Over a live row: update its non-key columns. Else: insert the whole image.
+        let (kind, context, columns, values, text) = if over_row {
+            let (mut columns, mut values): (Vec<String>, Vec<Value>) = after
                 .into_iter()
                 .filter(|(c, _)| !p.table.key.contains(c))
                 .unzip();
             if columns.is_empty() {
                 return Ok(true);
             }
-            let (schema, table) = (&p.change.schema, &p.change.table);
             let cols: Vec<&str> = columns.iter().map(String::as_str).collect();
             let key: Vec<&str> = p.table.key.iter().map(String::as_str).collect();
             let text = sql::update(schema, table, &cols, &key);
-            let stmt = self
-                .cached(client, p, "lww_update", columns.clone(), || text)
-                .await?;
-            let mut all = columns.clone();
-            all.extend(p.table.key.iter().cloned());
+            columns.extend(p.table.key.iter().cloned());
             values.extend(p.key_values.iter().cloned());
-            let params =
-                match Self::render_params(stmt.params(), &all, &values, json_nulls, &p.qualified) {
-                    Ok(params) => params,
-                    Err(reason) => {
-                        self.bad_message(message, &reason).await?;
-                        return Ok(true);
-                    }
-                };
-            client
-                .execute_raw(&stmt, params)
-                .await
-                .map_err(ApplyError::sql("updating a row"))?;
-            return Ok(true);
-        }
-        let (mut columns, mut values): (Vec<String>, Vec<Value>) = after.into_iter().unzip();
-        for (k, v) in p.table.key.iter().zip(&p.key_values) {
-            if !columns.contains(k) {
-                columns.push(k.clone());
-                values.push(v.clone());
+            ("lww_update", "updating a row", columns, values, text)
+        } else {
+            let (mut columns, mut values): (Vec<String>, Vec<Value>) = after.into_iter().unzip();
+            for (k, v) in p.table.key.iter().zip(&p.key_values) {
+                if !columns.contains(k) {
+                    columns.push(k.clone());
+                    values.push(v.clone());
+                }
             }
-        }
-        let cols: Vec<&str> = columns.iter().map(String::as_str).collect();
-        let text = sql::insert_if_absent(&p.change.schema, &p.change.table, &cols);
+            let cols: Vec<&str> = columns.iter().map(String::as_str).collect();
+            let text = sql::insert_if_absent(schema, table, &cols);
+            ("lww_insert", "inserting a row", columns, values, text)
+        };
         let stmt = self
-            .cached(client, p, "lww_insert", columns.clone(), || text)
+            .cached(client, p, kind, columns.clone(), || text)
             .await?;
+        let json_nulls = &p.change.json_null_after;
         let params =
             match Self::render_params(stmt.params(), &columns, &values, json_nulls, &p.qualified) {
                 Ok(params) => params,
@@ -462,11 +450,11 @@ impl Worker {
                     return Ok(true);
                 }
             };
-        let inserted = client
+        let written = client
             .execute_raw(&stmt, params)
             .await
-            .map_err(ApplyError::sql("inserting a row"))?;
-        Ok(inserted == 1)
+            .map_err(ApplyError::sql(context))?;
+        Ok(over_row || written == 1)
     }
 
     /// Deletes the live row, if any, and records the tombstone with this transaction's
