@@ -1,13 +1,15 @@
 //! Small deserializers shared by the config structs.
 //!
-//! Environment overrides are parsed as YAML scalars, so `PGFERRY_SOURCE__SLOT=123` arrives as a
-//! number; string fields accept any scalar. Durations are written `500ms`, `10s`, `5m`, `2h`,
-//! `7d`.
+//! Environment overrides always arrive as strings, taken verbatim, so string fields never
+//! reinterpret them (`~` is not null, `0x1F` is not 31). Fields of other types read such a
+//! string as YAML ([`lenient`]); in the file, string fields accept any scalar. Durations are
+//! written `500ms`, `10s`, `5m`, `2h`, `7d`.
 
 use std::fmt;
 use std::time::Duration;
 
-use serde::de::{self, Deserializer, Visitor};
+use serde::de::{self, DeserializeOwned, Deserializer, Visitor};
+use serde::Deserialize;
 
 struct StringLike;
 
@@ -46,6 +48,18 @@ impl Visitor<'_> for StringLike {
 /// A string field that also accepts numbers and booleans.
 pub fn string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     d.deserialize_any(StringLike)
+}
+
+/// A field that is not a string (number, boolean, list, map): its native YAML form, or a
+/// string holding that form, as environment overrides deliver it (`"false"`, `"[a, b]"`).
+pub fn lenient<'de, D: Deserializer<'de>, T: DeserializeOwned>(d: D) -> Result<T, D::Error> {
+    let value = serde_yaml_ng::Value::deserialize(d)?;
+    let value = match value {
+        serde_yaml_ng::Value::String(text) => serde_yaml_ng::from_str(&text)
+            .map_err(|e| de::Error::custom(format_args!("{text:?} is not valid YAML: {e}")))?,
+        other => other,
+    };
+    T::deserialize(value).map_err(de::Error::custom)
 }
 
 /// Parses `<number><unit>` with unit `ms`, `s`, `m`, `h` or `d`.

@@ -87,8 +87,9 @@ pub fn load_from_str(
     Ok(config)
 }
 
-/// `PGFERRY_SOURCE__SLOT=x` sets `source.slot` to `x`. The value is read as a YAML scalar (or
-/// flow sequence), so numbers, booleans and `[a, b]` lists work.
+/// `PGFERRY_SOURCE__SLOT=x` sets `source.slot` to `x`. The value is inserted as a string,
+/// verbatim: a password `~` or `0x1F` stays exactly that. Fields that are not strings
+/// (numbers, booleans, lists) read a string as YAML themselves ([`super::de::lenient`]).
 fn apply_override(root: &mut Value, var: &str, raw: &str) -> Result<(), ConfigError> {
     let path: Vec<String> = var[ENV_PREFIX.len()..]
         .split("__")
@@ -100,8 +101,7 @@ fn apply_override(root: &mut Value, var: &str, raw: &str) -> Result<(), ConfigEr
             "environment override has an empty key segment; use PGFERRY_SECTION__KEY",
         ));
     }
-    let value: Value =
-        serde_yaml_ng::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_owned()));
+    let value = Value::String(raw.to_owned());
     let mut node = root;
     for (i, segment) in path.iter().enumerate() {
         let map = match node {

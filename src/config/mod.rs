@@ -94,13 +94,13 @@ pub struct SourceConfig {
     #[serde(default = "default_publication", deserialize_with = "de::string")]
     pub publication: String,
     /// Tables for a newly created publication (`schema.table`); empty means all tables.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de::lenient")]
     pub tables: Vec<String>,
     /// First-start behaviour.
     #[serde(default = "default_snapshot")]
     pub snapshot: SnapshotMode,
     /// Rows fetched per round trip during the snapshot.
-    #[serde(default = "default_snapshot_batch_rows")]
+    #[serde(default = "default_snapshot_batch_rows", deserialize_with = "de::lenient")]
     pub snapshot_batch_rows: u32,
     /// How often to write a heartbeat into the WAL.
     #[serde(default = "default_heartbeat", deserialize_with = "de::duration")]
@@ -135,16 +135,16 @@ pub struct KafkaConfig {
     #[serde(default = "default_topic_prefix", deserialize_with = "de::string")]
     pub topic_prefix: String,
     /// Follow each delete with a tombstone (null value) for compacted topics.
-    #[serde(default = "default_true")]
+    #[serde(default = "default_true", deserialize_with = "de::lenient")]
     pub tombstones: bool,
     /// Create missing topics with the settings below.
-    #[serde(default = "default_true")]
+    #[serde(default = "default_true", deserialize_with = "de::lenient")]
     pub create_topics: bool,
     /// Partitions of created topics.
-    #[serde(default = "default_partitions")]
+    #[serde(default = "default_partitions", deserialize_with = "de::lenient")]
     pub topic_partitions: i32,
     /// Replication factor of created topics.
-    #[serde(default = "default_replication_factor")]
+    #[serde(default = "default_replication_factor", deserialize_with = "de::lenient")]
     pub topic_replication_factor: i32,
     /// How long librdkafka retries a message before reporting failure.
     #[serde(
@@ -153,7 +153,7 @@ pub struct KafkaConfig {
     )]
     pub delivery_timeout: Duration,
     /// Passed through to librdkafka (`security.protocol`, `sasl.*`, …).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de::lenient")]
     pub properties: BTreeMap<String, PropertyValue>,
 }
 
@@ -208,15 +208,17 @@ pub struct ApplyConfig {
     /// `replica` or `multi_master`.
     pub mode: ApplyMode,
     /// Databases to apply to; each gets its own worker per source node.
+    #[serde(deserialize_with = "de::lenient")]
     pub targets: Vec<TargetConfig>,
     /// Source `node_id`s whose changes to apply.
+    #[serde(deserialize_with = "de::lenient")]
     pub nodes: Vec<String>,
     /// Only these tables (`schema.table`); empty means every table in the stream.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de::lenient")]
     pub tables: Vec<String>,
     /// Most source changes grouped into one target transaction (whole source transactions
     /// only; a larger source transaction is still applied whole).
-    #[serde(default = "default_batch_max_changes")]
+    #[serde(default = "default_batch_max_changes", deserialize_with = "de::lenient")]
     pub batch_max_changes: u32,
     /// What to do with a message that cannot be applied.
     #[serde(default = "default_on_bad_message")]
@@ -226,7 +228,7 @@ pub struct ApplyConfig {
     pub dead_letter_topic: Option<String>,
     /// Create missing target tables from the source's announced schema (columns, types,
     /// NOT NULL, primary key; not indexes, defaults, constraints or user-defined types).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de::lenient")]
     pub create_tables: bool,
     /// Multi-master conflict handling.
     #[serde(default)]
@@ -265,7 +267,7 @@ pub struct ConflictConfig {
     /// Per-table resolver functions (`schema.table: schema.function`), called on row-against-row
     /// conflicts as `f(table text, local jsonb, remote jsonb, local_version jsonb,
     /// remote_version jsonb) returns jsonb`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de::lenient")]
     pub resolvers: BTreeMap<String, String>,
     /// How often expired tombstones and conflict-log rows are deleted.
     #[serde(
@@ -366,7 +368,7 @@ pub struct MetricsConfig {
     #[serde(default, deserialize_with = "de::optional_duration")]
     pub ready_max_apply_lag: Option<Duration>,
     /// `/readyz` fails while the source WAL not yet confirmed exceeds this many bytes.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de::lenient")]
     pub ready_max_source_lag_bytes: Option<u64>,
 }
 

@@ -196,3 +196,54 @@ fn multi_master_rules_name_the_key() {
         "public.merge_counters"
     );
 }
+
+#[test]
+fn env_overrides_of_strings_are_verbatim() {
+    // YAML would read these as null, a number, a boolean, a float, a list and a map.
+    for raw in ["~", "0x1F", "null", "true", "1e3", "[a]", "{a: b}", " spaced ", "'q'"] {
+        let c = load_from_str(
+            MINIMAL,
+            env(&[
+                ("PGFERRY_SOURCE__PASSWORD", raw),
+                ("PGFERRY_SOURCE__PUBLICATION", raw),
+                ("PGFERRY_NODE_ID", "0x1F"),
+            ]),
+        )
+        .unwrap_or_else(|e| panic!("{raw:?}: {e}"));
+        let s = c.source.as_ref().unwrap();
+        assert_eq!(s.url.config().get_password(), Some(raw.as_bytes()), "{raw:?}");
+        assert_eq!(s.publication, raw, "{raw:?}");
+        assert_eq!(c.node_id, "0x1F");
+    }
+}
+
+#[test]
+fn env_overrides_of_other_types_are_read_as_yaml() {
+    let c = load_from_str(
+        MINIMAL,
+        env(&[
+            ("PGFERRY_KAFKA__TOPIC_PARTITIONS", "6"),
+            ("PGFERRY_KAFKA__CREATE_TOPICS", "false"),
+            ("PGFERRY_KAFKA__PROPERTIES", "{compression.type: zstd}"),
+            ("PGFERRY_METRICS__READY_MAX_SOURCE_LAG_BYTES", "1024"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.kafka.topic_partitions, 6);
+    assert!(!c.kafka.create_topics);
+    assert_eq!(c.kafka.properties["compression.type"].0, "zstd");
+    assert_eq!(c.metrics.ready_max_source_lag_bytes, Some(1024));
+    let err = load_from_str(MINIMAL, env(&[("PGFERRY_KAFKA__TOPIC_PARTITIONS", "six")]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("kafka.topic_partitions"), "{err}");
+}
+
+proptest::proptest! {
+    #[test]
+    fn any_env_password_is_taken_verbatim(raw in "\\PC{0,24}") {
+        let c = load_from_str(MINIMAL, env(&[("PGFERRY_SOURCE__PASSWORD", &raw)])).unwrap();
+        let s = c.source.as_ref().unwrap();
+        proptest::prop_assert_eq!(s.url.config().get_password(), Some(raw.as_bytes()));
+    }
+}
