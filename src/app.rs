@@ -16,7 +16,7 @@ use crate::apply::multimaster;
 use crate::apply::worker::{self, WorkerSettings};
 use crate::apply::ApplyError;
 use crate::config::{ApplyMode, Config};
-use crate::error::{Classify, ErrorClass};
+use crate::error::{Classify, ErrorChain, ErrorClass};
 use crate::source::capture::{self, CaptureError, CaptureSettings};
 use crate::telemetry::{http, Health, Metrics};
 
@@ -42,21 +42,6 @@ pub enum AppError {
     /// A graceful stop took longer than `shutdown_grace_period`.
     #[error("did not stop within shutdown_grace_period ({0:?})")]
     ShutdownTimeout(Duration),
-}
-
-/// Formats an error with its whole `source()` chain, for log fields.
-pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut cause = self.0.source();
-        while let Some(c) = cause {
-            write!(f, ": {c}")?;
-            cause = c.source();
-        }
-        Ok(())
-    }
 }
 
 /// Cancels `token` on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).

@@ -56,7 +56,7 @@ async fn check_source(config: &Config, source: &SourceConfig, problems: &mut Vec
             problems.push(problem(
                 format!(
                     "cannot connect to source {target}: {}",
-                    crate::app::ErrorChain(&e)
+                    crate::error::ErrorChain(&e)
                 ),
                 "check source.url, the password and pg_hba.conf",
             ));
@@ -67,7 +67,7 @@ async fn check_source(config: &Config, source: &SourceConfig, problems: &mut Vec
         problems.push(problem(
             format!(
                 "cannot read settings from source {target}: {}",
-                crate::app::ErrorChain(&e)
+                crate::error::ErrorChain(&e)
             ),
             "grant the pgferry role read access to pg_catalog (the default)",
         ));
@@ -76,7 +76,7 @@ async fn check_source(config: &Config, source: &SourceConfig, problems: &mut Vec
         problems.push(problem(
             format!(
                 "cannot list tables on source {target}: {}",
-                crate::app::ErrorChain(&e)
+                crate::error::ErrorChain(&e)
             ),
             "grant the pgferry role read access to pg_catalog (the default)",
         ));
@@ -287,7 +287,7 @@ async fn check_target(
             problems.push(problem(
                 format!(
                     "cannot connect to apply target {name}: {}",
-                    crate::app::ErrorChain(&e)
+                    crate::error::ErrorChain(&e)
                 ),
                 "check apply.targets[].url, the password and pg_hba.conf",
             ));
@@ -310,7 +310,7 @@ async fn check_target(
         Err(e) => problems.push(problem(
             format!(
                 "cannot read roles on apply target {name}: {}",
-                crate::app::ErrorChain(&e)
+                crate::error::ErrorChain(&e)
             ),
             "grant read access to pg_catalog",
         )),
@@ -334,7 +334,7 @@ async fn check_target(
             )),
             Ok(Some(_)) => {}
             Err(e) => problems.push(problem(
-                format!("cannot describe {table} on apply target {name}: {}", crate::app::ErrorChain(&e)),
+                format!("cannot describe {table} on apply target {name}: {}", crate::error::ErrorChain(&e)),
                 "grant read access to pg_catalog",
             )),
         }

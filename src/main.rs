@@ -140,7 +140,7 @@ fn main() -> ExitCode {
     match runtime.block_on(try_main(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", pgferry::error::ErrorChain(e.as_ref()));
             ExitCode::from(2)
         }
     }

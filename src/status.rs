@@ -27,12 +27,12 @@ pub async fn report(config: &Config) -> String {
                     let _ = writeln!(
                         out,
                         "  cannot read the slot: {}",
-                        crate::app::ErrorChain(&e)
+                        crate::error::ErrorChain(&e)
                     );
                 }
             },
             Err(e) => {
-                let _ = writeln!(out, "  unreachable: {}", crate::app::ErrorChain(&e));
+                let _ = writeln!(out, "  unreachable: {}", crate::error::ErrorChain(&e));
             }
         }
     }
@@ -78,7 +78,7 @@ async fn target_status(target: &TargetConfig) -> String {
     let client = match catalog::connect(target.url.config(), "pgferry-status").await {
         Ok(c) => c,
         Err(e) => {
-            let _ = writeln!(out, "  unreachable: {}", crate::app::ErrorChain(&e));
+            let _ = writeln!(out, "  unreachable: {}", crate::error::ErrorChain(&e));
             return out;
         }
     };
@@ -88,7 +88,7 @@ async fn target_status(target: &TargetConfig) -> String {
             let _ = writeln!(
                 out,
                 "  cannot read progress: {}",
-                crate::app::ErrorChain(&e)
+                crate::error::ErrorChain(&e)
             );
         }
     }
@@ -98,7 +98,7 @@ async fn target_status(target: &TargetConfig) -> String {
             let _ = writeln!(
                 out,
                 "  cannot read conflicts: {}",
-                crate::app::ErrorChain(&e)
+                crate::error::ErrorChain(&e)
             );
         }
     }

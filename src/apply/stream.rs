@@ -12,10 +12,10 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 
-use serde::Deserialize;
+use serde::de::{MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 use serde_json::error::Category;
-
-use serde_json::{Map, Value};
+use serde_json::value::RawValue;
 
 use crate::event::Op;
 use crate::lsn::Lsn;
@@ -36,6 +36,104 @@ pub struct BeginMarker {
     pub snapshot: bool,
 }
 
+/// A row image from the envelope: columns in order, each value as its raw JSON text. Values
+/// are not parsed here: a `jsonb` nested deeper than any parser's recursion limit passes
+/// through untouched, and [`super::params`] parses each value by its column's type.
+#[derive(Debug, Clone, Default)]
+pub struct RowImage(Vec<(String, Box<RawValue>)>);
+
+impl RowImage {
+    /// Builds an image from (column, raw JSON) pairs.
+    pub fn new(columns: Vec<(String, Box<RawValue>)>) -> Self {
+        RowImage(columns)
+    }
+
+    /// The value of a column.
+    pub fn get(&self, column: &str) -> Option<&RawValue> {
+        self.0.iter().find(|(c, _)| c == column).map(|(_, v)| &**v)
+    }
+
+    /// Column names in order.
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.0.iter().map(|(c, _)| c)
+    }
+
+    /// (column, value) pairs in order.
+    pub fn iter(&self) -> impl Iterator<Item = &(String, Box<RawValue>)> {
+        self.0.iter()
+    }
+
+    /// Number of columns.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True when the image has no column.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The image as a JSON object text.
+    pub fn to_json_text(&self) -> String {
+        object_text(self.0.iter().map(|(c, v)| (c.as_str(), v.get())))
+    }
+}
+
+/// `{"name": <raw>, ...}` from raw JSON values.
+pub fn object_text<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> String {
+    let mut out = String::from("{");
+    for (i, (name, raw)) in pairs.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&serde_json::Value::String(name.to_owned()).to_string());
+        out.push(':');
+        out.push_str(raw);
+    }
+    out.push('}');
+    out
+}
+
+impl IntoIterator for RowImage {
+    type Item = (String, Box<RawValue>);
+    type IntoIter = std::vec::IntoIter<(String, Box<RawValue>)>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
+impl PartialEq for RowImage {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.len() == other.0.len()
+            && self
+                .0
+                .iter()
+                .zip(&other.0)
+                .all(|((a, x), (b, y))| a == b && x.get() == y.get())
+    }
+}
+
+impl<'de> Deserialize<'de> for RowImage {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Columns;
+        impl<'de> Visitor<'de> for Columns {
+            type Value = RowImage;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a row object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RowImage, A::Error> {
+                let mut columns = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some((name, value)) = map.next_entry::<String, Box<RawValue>>()? {
+                    columns.push((name, value));
+                }
+                Ok(RowImage(columns))
+            }
+        }
+        d.deserialize_map(Columns)
+    }
+}
+
 /// One row change (or truncate).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChangeItem {
@@ -46,9 +144,9 @@ pub struct ChangeItem {
     /// What happened.
     pub op: Op,
     /// Old row (key columns or full).
-    pub before: Option<Map<String, Value>>,
+    pub before: Option<RowImage>,
     /// New row, without unchanged-TOAST columns.
-    pub after: Option<Map<String, Value>>,
+    pub after: Option<RowImage>,
     /// Columns of `before` holding the JSON literal `null` (not SQL NULL).
     pub json_null_before: Vec<String>,
     /// Columns of `after` holding the JSON literal `null` (not SQL NULL).
@@ -135,9 +233,9 @@ struct RawChange<'a> {
     #[serde(borrow)]
     op: Cow<'a, str>,
     #[serde(default)]
-    before: Option<Map<String, Value>>,
+    before: Option<RowImage>,
     #[serde(default)]
-    after: Option<Map<String, Value>>,
+    after: Option<RowImage>,
     #[serde(borrow)]
     source: RawSource<'a>,
     #[serde(default)]

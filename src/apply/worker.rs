@@ -19,7 +19,8 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
-use serde_json::{json, Map, Value};
+use serde_json::json;
+use serde_json::value::RawValue;
 use tokio_postgres::{Client, Statement};
 use tokio_util::sync::CancellationToken;
 
@@ -27,7 +28,7 @@ use super::error::ApplyError;
 use super::multimaster;
 use super::params::json_to_text;
 use super::sql;
-use super::stream::{parse_framed, ChangeItem, Framer, RelationItem, Step};
+use super::stream::{parse_framed, ChangeItem, Framer, RelationItem, RowImage, Step};
 use super::target::{self, param_kind, TargetTable, TextParam};
 use crate::config::{ApplyConfig, ApplyMode, KafkaConfig, OnBadMessage, TargetConfig};
 use crate::event::Op;
@@ -575,7 +576,7 @@ impl Worker {
             .await?;
             return Ok(None);
         };
-        let row_columns = |m: &Option<Map<String, Value>>| -> Vec<String> {
+        let row_columns = |m: &Option<RowImage>| -> Vec<String> {
             m.as_ref()
                 .map(|m| m.keys().cloned().collect())
                 .unwrap_or_default()
@@ -603,13 +604,13 @@ impl Worker {
     fn render_params(
         types: &[tokio_postgres::types::Type],
         columns: &[String],
-        values: &[Value],
+        values: &[Box<RawValue>],
         json_nulls: &[String],
         qualified: &str,
     ) -> Result<Vec<TextParam>, String> {
         let mut params = Vec::with_capacity(values.len());
         for ((value, column), ty) in values.iter().zip(columns).zip(types) {
-            if value.is_null() && json_nulls.contains(column) {
+            if value.get() == "null" && json_nulls.contains(column) {
                 params.push(TextParam(Some("null".to_owned())));
                 continue;
             }
@@ -639,7 +640,7 @@ impl Worker {
         let key: Vec<&str> = table.key.iter().map(String::as_str).collect();
         // Which image each bound value comes from, to honour its json_null list.
         let mut from_before = false;
-        let (kind, columns, values): (&'static str, Vec<String>, Vec<Value>) = match change.op {
+        let (kind, columns, values): (&'static str, Vec<String>, Vec<Box<RawValue>>) = match change.op {
             Op::Create | Op::Read => {
                 let after = change.after.unwrap_or_default();
                 ("upsert", after.keys().cloned().collect(), after.into_iter().map(|(_, v)| v).collect())
@@ -647,25 +648,25 @@ impl Worker {
             Op::Update if !key.is_empty() => {
                 let after = change.after.unwrap_or_default();
                 let key_source = |k: &str| {
-                    after.get(k).or_else(|| change.before.as_ref().and_then(|b| b.get(k))).cloned()
+                    after.get(k).or_else(|| change.before.as_ref().and_then(|b| b.get(k))).map(RawValue::to_owned)
                 };
-                let key_values: Option<Vec<Value>> = key.iter().map(|k| key_source(k)).collect();
+                let key_values: Option<Vec<Box<RawValue>>> = key.iter().map(|k| key_source(k)).collect();
                 let Some(key_values) = key_values else {
                     return self.bad_message(message, &format!("update on {qualified} lacks key columns")).await;
                 };
-                let sets: Vec<(String, Value)> = after.into_iter().filter(|(c, _)| !table.key.contains(c)).collect();
+                let sets: Vec<(String, Box<RawValue>)> = after.into_iter().filter(|(c, _)| !table.key.contains(c)).collect();
                 if sets.is_empty() {
                     return Ok(());
                 }
                 let mut columns: Vec<String> = sets.iter().map(|(c, _)| c.clone()).collect();
-                let mut values: Vec<Value> = sets.into_iter().map(|(_, v)| v).collect();
+                let mut values: Vec<Box<RawValue>> = sets.into_iter().map(|(_, v)| v).collect();
                 columns.extend(table.key.iter().cloned());
                 values.extend(key_values);
                 ("update", columns, values)
             }
             Op::Delete if !key.is_empty() => {
                 let before = change.before.unwrap_or_default();
-                let values: Option<Vec<Value>> = key.iter().map(|k| before.get(*k).cloned()).collect();
+                let values: Option<Vec<Box<RawValue>>> = key.iter().map(|k| before.get(k).map(RawValue::to_owned)).collect();
                 let Some(values) = values else {
                     return self.bad_message(message, &format!("delete on {qualified} lacks key columns")).await;
                 };

@@ -14,7 +14,7 @@ pub const ENV_PREFIX: &str = "PGFERRY_";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}")]
     Io {
         /// The file.
         path: PathBuf,
@@ -23,7 +23,7 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The YAML did not parse.
-    #[error("config is not valid YAML: {0}")]
+    #[error("config is not valid YAML")]
     Syntax(#[source] serde_yaml_ng::Error),
     /// A key is unknown, missing, of the wrong type, or fails validation.
     #[error("config error at `{path}`: {message}")]

@@ -100,7 +100,10 @@ pub struct SourceConfig {
     #[serde(default = "default_snapshot")]
     pub snapshot: SnapshotMode,
     /// Rows fetched per round trip during the snapshot.
-    #[serde(default = "default_snapshot_batch_rows", deserialize_with = "de::lenient")]
+    #[serde(
+        default = "default_snapshot_batch_rows",
+        deserialize_with = "de::lenient"
+    )]
     pub snapshot_batch_rows: u32,
     /// How often to write a heartbeat into the WAL.
     #[serde(default = "default_heartbeat", deserialize_with = "de::duration")]
@@ -144,7 +147,10 @@ pub struct KafkaConfig {
     #[serde(default = "default_partitions", deserialize_with = "de::lenient")]
     pub topic_partitions: i32,
     /// Replication factor of created topics.
-    #[serde(default = "default_replication_factor", deserialize_with = "de::lenient")]
+    #[serde(
+        default = "default_replication_factor",
+        deserialize_with = "de::lenient"
+    )]
     pub topic_replication_factor: i32,
     /// How long librdkafka retries a message before reporting failure.
     #[serde(
@@ -218,7 +224,10 @@ pub struct ApplyConfig {
     pub tables: Vec<String>,
     /// Most source changes grouped into one target transaction (whole source transactions
     /// only; a larger source transaction is still applied whole).
-    #[serde(default = "default_batch_max_changes", deserialize_with = "de::lenient")]
+    #[serde(
+        default = "default_batch_max_changes",
+        deserialize_with = "de::lenient"
+    )]
     pub batch_max_changes: u32,
     /// What to do with a message that cannot be applied.
     #[serde(default = "default_on_bad_message")]

@@ -200,7 +200,9 @@ fn multi_master_rules_name_the_key() {
 #[test]
 fn env_overrides_of_strings_are_verbatim() {
     // YAML would read these as null, a number, a boolean, a float, a list and a map.
-    for raw in ["~", "0x1F", "null", "true", "1e3", "[a]", "{a: b}", " spaced ", "'q'"] {
+    for raw in [
+        "~", "0x1F", "null", "true", "1e3", "[a]", "{a: b}", " spaced ", "'q'",
+    ] {
         let c = load_from_str(
             MINIMAL,
             env(&[
@@ -211,7 +213,11 @@ fn env_overrides_of_strings_are_verbatim() {
         )
         .unwrap_or_else(|e| panic!("{raw:?}: {e}"));
         let s = c.source.as_ref().unwrap();
-        assert_eq!(s.url.config().get_password(), Some(raw.as_bytes()), "{raw:?}");
+        assert_eq!(
+            s.url.config().get_password(),
+            Some(raw.as_bytes()),
+            "{raw:?}"
+        );
         assert_eq!(s.publication, raw, "{raw:?}");
         assert_eq!(c.node_id, "0x1F");
     }

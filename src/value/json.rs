@@ -1,14 +1,17 @@
-//! Text output of a PostgreSQL value → `serde_json::Value`, exactly.
+//! Text output of a PostgreSQL value → its JSON form in the envelope, exactly.
 //!
 //! The replication and snapshot sessions pin `DateStyle=ISO`, `TimeZone=UTC`,
-//! `bytea_output=hex` and `extra_float_digits=3`, so each type has one text shape to parse.
-//! Error messages never include the value itself: logs must not carry row data.
+//! `IntervalStyle=postgres`, `bytea_output=hex`, `extra_float_digits=3` and `lc_monetary=C`,
+//! so each type has one text shape to parse. Every form is one that PostgreSQL's input
+//! function reads back to the same value; README.md lists them. Error messages never include
+//! the value itself: logs must not carry row data.
 
 use base64::Engine as _;
-use chrono::{DateTime, NaiveDate, NaiveDateTime, SecondsFormat, Utc};
+use serde::{Serialize, Serializer};
+use serde_json::value::RawValue;
 use serde_json::{Number, Value};
 
-use super::{parse_array, ArrayNode, PgType};
+use super::{datetime, parse_array, ArrayNode, PgType};
 
 /// 2^53: the largest integer every JSON reader holds exactly in a double.
 const JSON_SAFE_INTEGER: i64 = 1 << 53;
@@ -23,22 +26,85 @@ pub struct ValueError {
     pub reason: String,
 }
 
-fn invalid(ty: &'static str, reason: impl ToString) -> ValueError {
+pub(super) fn invalid(ty: &'static str, reason: impl ToString) -> ValueError {
     ValueError {
         ty,
         reason: reason.to_string(),
     }
 }
 
-/// True for PostgreSQL's special timestamp texts and BC dates, which RFC 3339 cannot express;
-/// those pass through as the server printed them.
-fn is_special_datetime(text: &str) -> bool {
-    text.ends_with(" BC") || text == "infinity" || text == "-infinity"
+/// One column value as it goes into the envelope.
+#[derive(Debug, Clone)]
+pub enum ColumnJson {
+    /// A value built here (number, string, boolean, array).
+    Value(Value),
+    /// JSON text passed through unparsed (`jsonb`), so no nesting depth is too deep.
+    Raw(Box<RawValue>),
+}
+
+impl ColumnJson {
+    /// True for the JSON literal `null` (which a json/jsonb column can hold).
+    pub fn is_null(&self) -> bool {
+        match self {
+            ColumnJson::Value(v) => v.is_null(),
+            ColumnJson::Raw(r) => r.get() == "null",
+        }
+    }
+}
+
+impl Serialize for ColumnJson {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            ColumnJson::Value(v) => v.serialize(serializer),
+            ColumnJson::Raw(r) => r.serialize(serializer),
+        }
+    }
+}
+
+impl From<Value> for ColumnJson {
+    fn from(v: Value) -> Self {
+        ColumnJson::Value(v)
+    }
+}
+
+fn raw(ty: &'static str, text: String) -> Result<ColumnJson, ValueError> {
+    RawValue::from_string(text)
+        .map(ColumnJson::Raw)
+        .map_err(|e| invalid(ty, e))
+}
+
+/// `money` in the C locale (`-$1,234.56`) → `-1234.56`.
+fn money(text: &str) -> Result<Value, ValueError> {
+    let shape = || {
+        invalid(
+            "money",
+            "expected C-locale output like -$1,234.56 (pgferry pins lc_monetary=C)",
+        )
+    };
+    let (sign, rest) = match text.strip_prefix('-') {
+        Some(rest) => ("-", rest),
+        None => ("", text),
+    };
+    let amount = rest.strip_prefix('$').ok_or_else(shape)?;
+    let (whole, cents) = amount.split_once('.').ok_or_else(shape)?;
+    let groups: Vec<&str> = whole.split(',').collect();
+    let grouped = groups.iter().enumerate().all(|(i, g)| {
+        let len_ok = if i == 0 {
+            (1..=3).contains(&g.len())
+        } else {
+            g.len() == 3
+        };
+        len_ok && g.bytes().all(|b| b.is_ascii_digit())
+    });
+    if !grouped || cents.is_empty() || !cents.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(shape());
+    }
+    Ok(Value::String(format!("{sign}{}.{cents}", groups.concat())))
 }
 
 /// Converts one non-NULL value from its text form.
-pub fn text_to_json(ty: &PgType, text: &str) -> Result<Value, ValueError> {
-    Ok(match ty {
+pub fn text_to_json(ty: &PgType, text: &str) -> Result<ColumnJson, ValueError> {
+    Ok(ColumnJson::Value(match ty {
         PgType::Bool => match text {
             "t" => Value::Bool(true),
             "f" => Value::Bool(false),
@@ -62,10 +128,15 @@ pub fn text_to_json(ty: &PgType, text: &str) -> Result<Value, ValueError> {
             // arbitrary_precision keeps the server's digits verbatim: no re-rounding.
             _ => Value::Number(text.parse::<Number>().map_err(|e| invalid("float", e))?),
         },
-        PgType::Numeric | PgType::Text | PgType::Uuid | PgType::Enum | PgType::Unknown => {
-            Value::String(text.to_owned())
-        }
-        PgType::Json => serde_json::from_str(text).map_err(|e| invalid("json", e))?,
+        PgType::Money => money(text)?,
+        PgType::Numeric
+        | PgType::Text
+        | PgType::Uuid
+        | PgType::Enum
+        | PgType::Unknown
+        | PgType::GeoBox
+        | PgType::Json => Value::String(text.to_owned()),
+        PgType::Jsonb => return raw("jsonb", text.to_owned()),
         PgType::Bytea => {
             let hex = text
                 .strip_prefix("\\x")
@@ -73,37 +144,53 @@ pub fn text_to_json(ty: &PgType, text: &str) -> Result<Value, ValueError> {
             let raw = decode_hex(hex).ok_or_else(|| invalid("bytea", "invalid hex digit"))?;
             Value::String(base64::engine::general_purpose::STANDARD.encode(raw))
         }
-        PgType::Timestamptz if is_special_datetime(text) => Value::String(text.to_owned()),
-        PgType::Timestamptz => {
-            let t = DateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f%#z")
-                .map_err(|e| invalid("timestamptz", e))?;
-            Value::String(
-                t.with_timezone(&Utc)
-                    .to_rfc3339_opts(SecondsFormat::Micros, true),
-            )
+        PgType::Timestamptz => Value::String(datetime::timestamptz(text)?),
+        PgType::Timestamp => Value::String(datetime::timestamp(text)?),
+        PgType::Date => Value::String(datetime::date(text)?),
+        PgType::Array(element) => return array(element, text),
+    }))
+}
+
+/// Arrays become nested JSON arrays of their elements' forms. Two kinds keep PostgreSQL's
+/// literal text as a string instead, because a JSON array cannot say what they are: arrays
+/// whose lower bounds are not 1 (`[0:1]={7,8}`; PostgreSQL prints bounds only then), and
+/// multi-dimensional `jsonb[]` (a jsonb element may itself be an array).
+fn array(element: &PgType, text: &str) -> Result<ColumnJson, ValueError> {
+    if text.starts_with('[') {
+        return Ok(ColumnJson::Value(Value::String(text.to_owned())));
+    }
+    let delimiter = if *element == PgType::GeoBox {
+        b';'
+    } else {
+        b','
+    };
+    let node = parse_array(text, delimiter).map_err(|e| invalid("array", e))?;
+    if *element == PgType::Jsonb {
+        let ArrayNode::List(items) = &node else {
+            return Err(invalid("array", "expected a list"));
+        };
+        if items.iter().any(|i| matches!(i, ArrayNode::List(_))) {
+            return Ok(ColumnJson::Value(Value::String(text.to_owned())));
         }
-        PgType::Timestamp if is_special_datetime(text) => Value::String(text.to_owned()),
-        PgType::Timestamp => {
-            let t = NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f")
-                .map_err(|e| invalid("timestamp", e))?;
-            Value::String(t.format("%Y-%m-%dT%H:%M:%S%.6f").to_string())
-        }
-        PgType::Date if is_special_datetime(text) => Value::String(text.to_owned()),
-        PgType::Date => {
-            NaiveDate::parse_from_str(text, "%Y-%m-%d").map_err(|e| invalid("date", e))?;
-            Value::String(text.to_owned())
-        }
-        PgType::Array(element) => {
-            let node = parse_array(text, b',').map_err(|e| invalid("array", e))?;
-            array_to_json(element, &node)?
-        }
-    })
+        let parts: Vec<&str> = items
+            .iter()
+            .map(|i| match i {
+                ArrayNode::Elem(Some(t)) => t.as_str(),
+                _ => "null",
+            })
+            .collect();
+        return raw("jsonb[]", format!("[{}]", parts.join(",")));
+    }
+    array_to_json(element, &node).map(ColumnJson::Value)
 }
 
 fn array_to_json(element: &PgType, node: &ArrayNode) -> Result<Value, ValueError> {
     match node {
         ArrayNode::Elem(None) => Ok(Value::Null),
-        ArrayNode::Elem(Some(text)) => text_to_json(element, text),
+        ArrayNode::Elem(Some(text)) => match text_to_json(element, text)? {
+            ColumnJson::Value(v) => Ok(v),
+            ColumnJson::Raw(_) => Err(invalid("array", "nested raw element")),
+        },
         ArrayNode::List(items) => items
             .iter()
             .map(|n| array_to_json(element, n))
@@ -131,7 +218,11 @@ mod tests {
     use serde_json::json;
 
     fn conv(ty: PgType, text: &str) -> Value {
-        text_to_json(&ty, text).unwrap()
+        serde_json::to_value(text_to_json(&ty, text).unwrap()).unwrap()
+    }
+
+    fn rendered(ty: PgType, text: &str) -> String {
+        serde_json::to_string(&text_to_json(&ty, text).unwrap()).unwrap()
     }
 
     #[test]
@@ -171,11 +262,12 @@ mod tests {
             conv(PgType::Timestamptz, "2024-02-29 23:59:59.123456+00"),
             json!("2024-02-29T23:59:59.123456Z")
         );
-        assert_eq!(
-            conv(PgType::Timestamptz, "2024-02-29 23:59:59+05:30"),
-            json!("2024-02-29T18:29:59.000000Z")
-        );
         assert_eq!(conv(PgType::Timestamptz, "infinity"), json!("infinity"));
+        assert_eq!(
+            conv(PgType::Timestamptz, "12345-06-07 00:00:00+00"),
+            json!("12345-06-07T00:00:00.000000Z")
+        );
+        assert_eq!(conv(PgType::Date, "12345-06-07"), json!("12345-06-07"));
         assert_eq!(
             conv(PgType::Timestamp, "1999-01-08 04:05:06.5"),
             json!("1999-01-08T04:05:06.500000")
@@ -185,14 +277,48 @@ mod tests {
     }
 
     #[test]
-    fn json_keeps_big_numbers_exact() {
-        let v = conv(
-            PgType::Json,
-            r#"{"a": 1.000000000000000000001, "b": [1, "x"]}"#,
-        );
+    fn jsonb_passes_through_exactly_at_any_depth() {
+        let text = r#"{"a": 1.000000000000000000001, "b": [1, "x"]}"#;
+        assert_eq!(rendered(PgType::Jsonb, text), text);
+        let deep = format!("{}1{}", "[".repeat(5000), "]".repeat(5000));
+        assert_eq!(rendered(PgType::Jsonb, &deep), deep);
+        assert!(text_to_json(&PgType::Jsonb, "{").is_err());
+    }
+
+    #[test]
+    fn json_text_is_kept_verbatim_as_a_string() {
+        for text in [r#" {"a":1, "a":2} "#, r#""\ud800""#, "null", "[1,\n2]"] {
+            assert_eq!(conv(PgType::Json, text), Value::String(text.to_owned()));
+        }
+    }
+
+    #[test]
+    fn money_is_a_numeric_string() {
+        assert_eq!(conv(PgType::Money, "$1,234.50"), json!("1234.50"));
         assert_eq!(
-            serde_json::to_string(&v).unwrap(),
-            r#"{"a":1.000000000000000000001,"b":[1,"x"]}"#
+            conv(PgType::Money, "-$92,233,720,368,547,758.08"),
+            json!("-92233720368547758.08")
+        );
+        assert_eq!(conv(PgType::Money, "$0.00"), json!("0.00"));
+        for bad in ["1234.50", "$1,23.00", "€1,00", "$1.2x"] {
+            assert!(text_to_json(&PgType::Money, bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn arrays_that_json_cannot_describe_keep_their_literal() {
+        let ints = PgType::Array(Box::new(PgType::Int));
+        assert_eq!(conv(ints, "[0:1]={7,8}"), json!("[0:1]={7,8}"));
+        let jsonb = PgType::Array(Box::new(PgType::Jsonb));
+        assert_eq!(
+            rendered(jsonb.clone(), r#"{"[1, 2]",NULL,"{\"a\": 1}"}"#),
+            r#"[[1, 2],null,{"a": 1}]"#
+        );
+        assert_eq!(conv(jsonb, "{{1,2},{3,4}}"), json!("{{1,2},{3,4}}"));
+        let boxes = PgType::Array(Box::new(PgType::GeoBox));
+        assert_eq!(
+            conv(boxes, "{(1,1),(0,0);(3,3),(2,2)}"),
+            json!(["(1,1),(0,0)", "(3,3),(2,2)"])
         );
     }
 
@@ -237,9 +363,9 @@ mod tests {
 
         #[test]
         fn any_text_never_panics(s in ".{0,30}") {
-            for ty in [PgType::Bool, PgType::Int, PgType::Int8, PgType::Float, PgType::Json,
+            for ty in [PgType::Bool, PgType::Int, PgType::Int8, PgType::Float, PgType::Jsonb, PgType::Money,
                        PgType::Bytea, PgType::Timestamptz, PgType::Timestamp, PgType::Date,
-                       PgType::Array(Box::new(PgType::Int8))] {
+                       PgType::Array(Box::new(PgType::Int8)), PgType::Array(Box::new(PgType::Jsonb))] {
                 let _ = text_to_json(&ty, &s);
             }
         }

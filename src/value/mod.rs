@@ -5,12 +5,13 @@
 //! the mapping and does the conversion.
 
 mod array;
+mod datetime;
 mod json;
 
 use std::collections::HashMap;
 
 pub use array::{parse_array, ArrayNode, ArrayParseError};
-pub use json::{text_to_json, ValueError};
+pub use json::{text_to_json, ColumnJson, ValueError};
 
 /// How a column's text form is rendered in JSON.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,10 +26,17 @@ pub enum PgType {
     Float,
     /// `numeric` → string, so no reader rounds it.
     Numeric,
+    /// `money` → its amount as a numeric string (`"-1234.56"`); sessions pin `lc_monetary=C`.
+    Money,
     /// Text-like types and anything rendered verbatim as a string (`time`, `interval`, …).
     Text,
-    /// `json`, `jsonb` → the JSON value itself.
+    /// `json` → its text verbatim, as a JSON string (whitespace, key order, duplicate keys
+    /// and any escape kept; a JSON value could not carry them).
     Json,
+    /// `jsonb` → the JSON value itself, passed through unparsed (no nesting limit).
+    Jsonb,
+    /// `box` → its text; the one built-in type whose arrays use `;` between elements.
+    GeoBox,
     /// `bytea` → base64 string.
     Bytea,
     /// `timestamptz` → RFC 3339 UTC with microseconds.
@@ -41,7 +49,7 @@ pub enum PgType {
     Uuid,
     /// A user-defined enum → its label.
     Enum,
-    /// An array of the element type (delimiter `,`).
+    /// An array of the element type (delimiter `,`, or `;` for `box`).
     Array(Box<PgType>),
     /// Anything else: its text form as a string.
     Unknown,
@@ -57,8 +65,11 @@ pub fn builtin(oid: u32) -> Option<PgType> {
             20 => Int8,
             700 | 701 => Float,
             1700 => Numeric,
-            18 | 19 | 25 | 1042 | 1043 | 142 | 1083 | 1266 | 1186 | 790 | 869 | 650 | 829 => Text,
-            114 | 3802 => Json,
+            790 => Money,
+            18 | 19 | 25 | 1042 | 1043 | 142 | 1083 | 1266 | 1186 | 869 | 650 | 829 => Text,
+            114 => Json,
+            3802 => Jsonb,
+            603 => GeoBox,
             17 => Bytea,
             1184 => Timestamptz,
             1114 => Timestamp,
@@ -95,6 +106,7 @@ pub fn builtin(oid: u32) -> Option<PgType> {
         791 => 790,
         1041 => 869,
         651 => 650,
+        1020 => 603,
         _ => return scalar(oid),
     };
     scalar(element).map(|e| Array(Box::new(e)))

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use serde_json::{Map, Value};
+use serde_json::value::RawValue;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 
@@ -15,7 +15,7 @@ use crate::apply::conflict::{decide, Action, ConflictType, Local, Resolution, Ve
 use crate::apply::error::ApplyError;
 use crate::apply::multimaster::database_clock_us;
 use crate::apply::sql::{self, Typed};
-use crate::apply::stream::ChangeItem;
+use crate::apply::stream::{object_text, ChangeItem, RowImage};
 use crate::apply::target::{TargetTable, TextParam};
 use crate::config::ClockSkewAction;
 use crate::event::Op;
@@ -52,7 +52,7 @@ struct Prepared<'a> {
     qualified: String,
     table: TargetTable,
     change: &'a ChangeItem,
-    key_values: Vec<Value>,
+    key_values: Vec<Box<RawValue>>,
     remote: Version,
 }
 
@@ -62,7 +62,7 @@ impl Prepared<'_> {
     }
 
     /// The image that describes the remote row: the after image, or for deletes the before.
-    fn remote_row(&self) -> Option<&Map<String, Value>> {
+    fn remote_row(&self) -> Option<&RowImage> {
         match self.change.op {
             Op::Delete => self.change.before.as_ref(),
             _ => self.change.after.as_ref(),
@@ -132,8 +132,8 @@ impl Worker {
         let Some(key_values) = table
             .key
             .iter()
-            .map(|k| image(k).cloned())
-            .collect::<Option<Vec<Value>>>()
+            .map(|k| image(k).map(RawValue::to_owned))
+            .collect::<Option<Vec<Box<RawValue>>>>()
         else {
             let reason = format!("{qualified}: the change lacks primary-key columns");
             return self.bad_message(message, &reason).await;
@@ -142,7 +142,7 @@ impl Worker {
             let moved = table.key.iter().any(|k| {
                 let before = change.before.as_ref().and_then(|b| b.get(k));
                 let after = change.after.as_ref().and_then(|a| a.get(k));
-                matches!((before, after), (Some(b), Some(a)) if a != b)
+                matches!((before, after), (Some(b), Some(a)) if a.get() != b.get())
             });
             if moved {
                 let reason = format!(
@@ -254,7 +254,7 @@ impl Worker {
         types: &[tokio_postgres::types::Type],
         p: &Prepared<'_>,
         columns: &[String],
-        values: &[Value],
+        values: &[Box<RawValue>],
         json_nulls: &[String],
     ) -> Result<Vec<TextParam>, ApplyError> {
         Self::render_params(types, columns, values, json_nulls, &p.qualified).map_err(|reason| {
@@ -294,7 +294,7 @@ impl Worker {
             values.extend(
                 before
                     .iter()
-                    .map(|c| b.get(c).cloned().unwrap_or(Value::Null)),
+                    .map(|c| b.get(c).unwrap_or(RawValue::NULL).to_owned()),
             );
         }
         let mut params = Self::values(
@@ -413,7 +413,7 @@ impl Worker {
         let over_row = matches!(local, Local::Row { .. });
         // Over a live row: update its non-key columns. Else: insert the whole image.
         let (kind, context, columns, values, text) = if over_row {
-            let (mut columns, mut values): (Vec<String>, Vec<Value>) = after
+            let (mut columns, mut values): (Vec<String>, Vec<Box<RawValue>>) = after
                 .into_iter()
                 .filter(|(c, _)| !p.table.key.contains(c))
                 .unzip();
@@ -427,7 +427,8 @@ impl Worker {
             values.extend(p.key_values.iter().cloned());
             ("lww_update", "updating a row", columns, values, text)
         } else {
-            let (mut columns, mut values): (Vec<String>, Vec<Value>) = after.into_iter().unzip();
+            let (mut columns, mut values): (Vec<String>, Vec<Box<RawValue>>) =
+                after.into_iter().unzip();
             for (k, v) in p.table.key.iter().zip(&p.key_values) {
                 if !columns.contains(k) {
                     columns.push(k.clone());
@@ -499,7 +500,10 @@ impl Worker {
         let call = self
             .cached(client, p, "lww_resolver", Vec::new(), || text)
             .await?;
-        let remote = Value::Object(p.remote_row().cloned().unwrap_or_default()).to_string();
+        let remote = p
+            .remote_row()
+            .map(RowImage::to_json_text)
+            .unwrap_or_else(|| "{}".to_owned());
         let params = [
             param(p.qualified.clone()),
             TextParam(probed.row.clone()),
@@ -559,21 +563,21 @@ impl Worker {
         kind: ConflictType,
         resolution: Resolution,
     ) -> Result<(), ApplyError> {
-        let key: Map<String, Value> = p
-            .table
-            .key
-            .iter()
-            .cloned()
-            .zip(p.key_values.iter().cloned())
-            .collect();
+        let key = object_text(
+            p.table
+                .key
+                .iter()
+                .map(String::as_str)
+                .zip(p.key_values.iter().map(|v| v.get())),
+        );
         let known = probed
             .version
             .as_ref()
             .filter(|v| **v != Version::unknown());
-        let remote_row = p.remote_row().map(|r| Value::Object(r.clone()).to_string());
+        let remote_row = p.remote_row().map(RowImage::to_json_text);
         let params: [&(dyn ToSql + Sync); 10] = [
             &p.qualified,
-            &Value::Object(key).to_string(),
+            &key,
             &kind.as_str(),
             &resolution.as_str(),
             &known.map(|v| v.ts_us),

@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use crate::event::{Op, RelationMeta, RowChange, TxnMeta};
 use crate::source::pgoutput::{Datum, Tuple};
-use crate::value::{text_to_json, TypeRegistry, ValueError};
+use crate::value::{text_to_json, ColumnJson, TypeRegistry, ValueError};
 
 /// Names the envelope key that lists unchanged TOAST columns.
 pub const UNCHANGED_TOAST_FIELD: &str = "unchanged_toast";
@@ -41,7 +41,7 @@ pub struct Record {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EncodeError {
     /// A column value did not convert.
-    #[error("{table}.{column}: {source}")]
+    #[error("{table}.{column}")]
     Value {
         /// `schema.table`.
         table: String,
@@ -148,7 +148,7 @@ pub const JSON_NULL_FIELD: &str = "json_null";
 
 /// A row as an ordered JSON object, borrowing column names from the relation.
 struct RowJson<'a> {
-    fields: Vec<(&'a str, Value)>,
+    fields: Vec<(&'a str, ColumnJson)>,
     unchanged: Vec<&'a str>,
     /// json/jsonb columns whose value is the JSON literal `null`, which would otherwise be
     /// indistinguishable from SQL NULL in the envelope.
@@ -181,19 +181,28 @@ fn row_json<'a>(
             continue;
         }
         let value = match datum {
-            Datum::Null => Value::Null,
+            Datum::Null => ColumnJson::Value(Value::Null),
             Datum::UnchangedToast => {
                 unchanged.push(column.name.as_str());
                 continue;
             }
             Datum::Text(bytes) => {
                 let ty = types.resolve(column.type_oid);
-                let text = String::from_utf8_lossy(bytes);
-                let value = text_to_json(&ty, &text).map_err(|source| EncodeError::Value {
+                let value_error = |source| EncodeError::Value {
                     table: relation.qualified_name(),
                     column: column.name.clone(),
                     source,
+                };
+                // Never lossy: bytes that are not UTF-8 (a database whose encoding is not
+                // UTF8) are an error, not replacement characters.
+                let text = std::str::from_utf8(bytes).map_err(|_| {
+                    value_error(ValueError {
+                        ty: "text",
+                        reason: "the value is not valid UTF-8 (pgferry needs a UTF8 database)"
+                            .into(),
+                    })
                 })?;
+                let value = text_to_json(&ty, text).map_err(value_error)?;
                 if value.is_null() {
                     json_nulls.push(column.name.as_str());
                 }

@@ -38,7 +38,7 @@ pub enum Queued {
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     /// Building the client failed (bad property, …).
-    #[error("cannot create Kafka client: {0}")]
+    #[error("cannot create Kafka client")]
     Client(#[source] KafkaError),
     /// Creating a topic failed.
     #[error("cannot create topic {topic}: {code}")]
@@ -49,10 +49,10 @@ pub enum SinkError {
         code: RDKafkaErrorCode,
     },
     /// The admin request itself failed.
-    #[error("topic administration failed: {0}")]
+    #[error("topic administration failed")]
     Admin(#[source] KafkaError),
     /// Handing a message to librdkafka failed.
-    #[error("cannot produce to {topic}: {source}")]
+    #[error("cannot produce to {topic}")]
     Produce {
         /// The topic.
         topic: String,
@@ -61,7 +61,7 @@ pub enum SinkError {
         source: KafkaError,
     },
     /// The broker did not acknowledge a message within `kafka.delivery_timeout`.
-    #[error("Kafka delivery failed: {0}")]
+    #[error("Kafka delivery failed")]
     Delivery(#[source] KafkaError),
     /// Draining did not finish in time.
     #[error("{0} Kafka messages still unacknowledged after {1:?}")]

@@ -14,10 +14,10 @@ use crate::source::replication::ReplicationError;
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
     /// The replication connection failed.
-    #[error("replication connection: {0}")]
+    #[error("replication connection")]
     Replication(#[from] ReplicationError),
     /// A SQL statement on the source failed.
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Sql {
         /// What we were doing.
         context: &'static str,
@@ -26,7 +26,7 @@ pub enum CaptureError {
         source: tokio_postgres::Error,
     },
     /// A replication message did not decode. Capture stops rather than skip it.
-    #[error("cannot decode the replication message at {lsn}: {source}")]
+    #[error("cannot decode the replication message at {lsn}")]
     Decode {
         /// WAL position of the message.
         lsn: Lsn,
@@ -35,7 +35,7 @@ pub enum CaptureError {
         source: DecodeError,
     },
     /// The message stream broke a protocol rule.
-    #[error("replication stream at {lsn}: {source}")]
+    #[error("replication stream at {lsn}")]
     Assemble {
         /// WAL position of the message.
         lsn: Lsn,
@@ -44,7 +44,7 @@ pub enum CaptureError {
         source: AssembleError,
     },
     /// A change could not be rendered. Capture stops rather than publish something wrong.
-    #[error("cannot encode the change at {lsn}: {source}")]
+    #[error("cannot encode the change at {lsn}")]
     Encode {
         /// WAL position of the change.
         lsn: Lsn,

@@ -29,6 +29,8 @@ pub const PINNED_SESSION_SETTINGS: &[(&str, &str)] = &[
     ("IntervalStyle", "postgres"),
     ("extra_float_digits", "3"),
     ("bytea_output", "hex"),
+    // money's text depends on the locale; C gives one shape, `-$1,234.56`.
+    ("lc_monetary", "C"),
 ];
 
 /// The `options` startup parameter: the pinned settings, then any the user configured (later
@@ -46,7 +48,7 @@ pub fn session_options(user_options: Option<&str>) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {
     /// No configured host accepted the connection.
-    #[error("cannot connect to {target}: {source}")]
+    #[error("cannot connect to {target}")]
     Connect {
         /// `host:port`.
         target: String,
@@ -55,7 +57,7 @@ pub enum ReplicationError {
         source: io::Error,
     },
     /// Reading or writing the socket failed.
-    #[error("replication connection I/O failed: {0}")]
+    #[error("replication connection I/O failed")]
     Io(#[from] io::Error),
     /// The server closed the connection or ended the stream.
     #[error("server closed the replication connection")]
@@ -85,7 +87,7 @@ pub enum ReplicationError {
     #[error("server requires a password; set source.password, source.password_file or PGFERRY_SOURCE__PASSWORD")]
     PasswordRequired,
     /// SCRAM exchange failed.
-    #[error("SCRAM authentication failed: {0}")]
+    #[error("SCRAM authentication failed")]
     Scram(#[source] io::Error),
     /// TLS was required.
     #[error("sslmode=require is not supported on the replication connection yet; use sslmode=disable or prefer")]
