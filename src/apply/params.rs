@@ -93,10 +93,12 @@ fn array_literal(element: &PgType, text: &str, depth: usize) -> Result<String, P
     }
     let items: Vec<Box<RawValue>> =
         serde_json::from_str(text).map_err(|_| error(element, "not a JSON array"))?;
+    // PostgreSQL's array delimiter is `,` for every built-in type but `box` (`;`).
+    let delimiter = if *element == PgType::GeoBox { ';' } else { ',' };
     let mut out = String::from("{");
     for (i, item) in items.iter().enumerate() {
         if i > 0 {
-            out.push(',');
+            out.push(delimiter);
         }
         if item.get().starts_with('[') && *element != PgType::Jsonb {
             out.push_str(&array_literal(element, item.get(), depth + 1)?);
@@ -175,6 +177,11 @@ mod tests {
         assert_eq!(
             text(&jsonb, r#"[[1,2],{"a":"b"},null]"#).unwrap(),
             r#"{"[1,2]","{\"a\":\"b\"}",NULL}"#
+        );
+        let boxes = PgType::Array(Box::new(PgType::GeoBox));
+        assert_eq!(
+            text(&boxes, r#"["(1,1),(0,0)", null]"#).unwrap(),
+            r#"{"(1,1),(0,0)";NULL}"#
         );
     }
 

@@ -151,10 +151,11 @@ pub fn text_to_json(ty: &PgType, text: &str) -> Result<ColumnJson, ValueError> {
     }))
 }
 
-/// Arrays become nested JSON arrays of their elements' forms. Two kinds keep PostgreSQL's
-/// literal text as a string instead, because a JSON array cannot say what they are: arrays
-/// whose lower bounds are not 1 (`[0:1]={7,8}`; PostgreSQL prints bounds only then), and
-/// multi-dimensional `jsonb[]` (a jsonb element may itself be an array).
+/// Arrays become nested JSON arrays of their elements' forms. Some keep PostgreSQL's literal
+/// text as a string instead, because a JSON array cannot say what they are: arrays whose lower
+/// bounds are not 1 (`[0:1]={7,8}`; PostgreSQL prints bounds only then), and `jsonb[]` that is
+/// multi-dimensional (a jsonb element may itself be an array) or holds a JSON `null` element
+/// (which SQL NULL elements would be confused with).
 fn array(element: &PgType, text: &str) -> Result<ColumnJson, ValueError> {
     if text.starts_with('[') {
         return Ok(ColumnJson::Value(Value::String(text.to_owned())));
@@ -169,7 +170,12 @@ fn array(element: &PgType, text: &str) -> Result<ColumnJson, ValueError> {
         let ArrayNode::List(items) = &node else {
             return Err(invalid("array", "expected a list"));
         };
-        if items.iter().any(|i| matches!(i, ArrayNode::List(_))) {
+        let ambiguous = |i: &ArrayNode| match i {
+            ArrayNode::List(_) => true,
+            ArrayNode::Elem(Some(t)) => t == "null",
+            ArrayNode::Elem(None) => false,
+        };
+        if items.iter().any(ambiguous) {
             return Ok(ColumnJson::Value(Value::String(text.to_owned())));
         }
         let parts: Vec<&str> = items
