@@ -1,6 +1,13 @@
 //! Wires the stages together and owns their lifecycle: signal handling, the metrics endpoint,
-//! and supervision of the capture pipeline and the apply workers (retry transient errors with backoff, stop on
-//! fatal ones). It only connects things; the work happens in the stage modules.
+//! and supervision of the stages (capture, each apply worker, multi-master maintenance).
+//! It only connects things; the work happens in the stage modules.
+//!
+//! Stages are isolated: each runs in its own task, and a stage that fails (or panics) is
+//! restarted by its supervisor with backoff while the others go on. A transient error is
+//! retried after 1 s, doubling to 30 s; a fatal one (it needs an operator: a poison change
+//! under `on_poison: stop`, a missing slot, a bad setting on the server) is reported and
+//! retried every 60 s, so the stage comes back by itself once the operator fixes the cause.
+//! `/readyz` names each stage that is down and why; `pgferry_stage_up{stage}` is 0 for it.
 //!
 //! Shutdown order on SIGTERM/SIGINT, within `shutdown_grace_period`: stop intake (the
 //! replication stream, the Kafka consumers), drain and flush Kafka, commit the whole source
@@ -14,10 +21,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::apply::multimaster;
 use crate::apply::worker::{self, WorkerSettings};
-use crate::apply::ApplyError;
 use crate::config::{ApplyMode, Config};
 use crate::error::{Classify, ErrorChain, ErrorClass};
-use crate::source::capture::{self, CaptureError, CaptureSettings};
+use crate::source::capture::{self, CaptureSettings};
 use crate::telemetry::{http, Health, Metrics};
 
 /// First retry delay after a transient failure; doubles up to [`MAX_BACKOFF`].
@@ -26,6 +32,8 @@ const INITIAL_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A run that lasted this long resets the backoff.
 const HEALTHY_RUN: Duration = Duration::from_secs(60);
+/// Retry delay after a fatal error (one that needs an operator).
+const FATAL_RETRY: Duration = Duration::from_secs(60);
 
 /// Why pgferry stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -33,12 +41,6 @@ pub enum AppError {
     /// The metrics address could not be bound.
     #[error("cannot listen on metrics.listen")]
     MetricsBind(#[source] std::io::Error),
-    /// Capture hit a fatal error.
-    #[error("capture stopped")]
-    Capture(#[source] CaptureError),
-    /// Apply hit a fatal error.
-    #[error("apply stopped")]
-    Apply(#[source] ApplyError),
     /// A graceful stop took longer than `shutdown_grace_period`.
     #[error("did not stop within shutdown_grace_period ({0:?})")]
     ShutdownTimeout(Duration),
@@ -93,7 +95,12 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let server = tokio::spawn(server);
     tracing::info!(node = %config.node_id, metrics = %config.metrics.listen, "pgferry started");
 
-    let mut stages: tokio::task::JoinSet<Result<(), AppError>> = tokio::task::JoinSet::new();
+    let mut stages: tokio::task::JoinSet<()> = tokio::task::JoinSet::new();
+    let supervisor = Supervisor {
+        metrics: metrics.clone(),
+        health: health.clone(),
+        shutdown: shutdown.clone(),
+    };
     if let Some(apply) = config
         .apply
         .as_ref()
@@ -101,20 +108,23 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     {
         // Before capture starts: every local delete from now on leaves a tombstone, and
         // every change carries its whole old row.
-        let target = &apply.targets[0];
-        supervise("multi-master setup", &metrics, &health, &shutdown, || {
-            multimaster::setup(target, &apply.tables)
-        })
-        .await
-        .map_err(AppError::Apply)?;
+        let (target, tables) = (apply.targets[0].clone(), apply.tables.clone());
+        supervisor
+            .run("multi-master setup", false, || {
+                let (target, tables) = (target.clone(), tables.clone());
+                async move { multimaster::setup(&target, &tables).await }
+            })
+            .await;
+        if shutdown.is_cancelled() {
+            return finish(server, Ok(())).await;
+        }
         let (target, conflict) = (target.clone(), apply.conflict.clone());
-        let (m, h, s) = (metrics.clone(), health.clone(), shutdown.clone());
+        let (m, s, sup) = (metrics.clone(), shutdown.clone(), supervisor.clone());
         stages.spawn(async move {
-            supervise("multi-master maintenance", &m, &h, &s, || {
+            sup.run("maintenance", false, || {
                 multimaster::maintain(target.clone(), conflict.clone(), m.clone(), s.clone())
             })
             .await
-            .map_err(AppError::Apply)
         });
     }
     if let Some(source) = config.source.clone() {
@@ -124,13 +134,17 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             kafka: config.kafka.clone(),
         };
         health.register("capture");
-        let (m, h, s) = (metrics.clone(), health.clone(), shutdown.clone());
+        let (m, h, s, sup) = (
+            metrics.clone(),
+            health.clone(),
+            shutdown.clone(),
+            supervisor.clone(),
+        );
         stages.spawn(async move {
-            supervise("capture", &m, &h, &s, || {
+            sup.run("capture", true, || {
                 capture::run(settings.clone(), m.clone(), h.clone(), s.clone())
             })
             .await
-            .map_err(AppError::Capture)
         });
     }
     if let Some(apply) = &config.apply {
@@ -143,14 +157,19 @@ pub async fn run(config: Config) -> Result<(), AppError> {
                     apply: apply.clone(),
                     kafka: config.kafka.clone(),
                 };
-                health.register(&format!("apply:{node}:{}", target.url.display_target()));
-                let (m, h, s) = (metrics.clone(), health.clone(), shutdown.clone());
+                let component = worker::component_name(node, &target.url.display_target());
+                health.register(&component);
+                let (m, h, s, sup) = (
+                    metrics.clone(),
+                    health.clone(),
+                    shutdown.clone(),
+                    supervisor.clone(),
+                );
                 stages.spawn(async move {
-                    supervise("apply", &m, &h, &s, || {
+                    sup.run(&component, true, || {
                         worker::run(settings.clone(), m.clone(), h.clone(), s.clone())
                     })
                     .await
-                    .map_err(AppError::Apply)
                 });
             }
         }
@@ -159,7 +178,6 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         tracing::warn!("neither source nor apply configured: nothing to do");
         shutdown.cancelled().await;
     }
-    let mut result = Ok(());
     let grace = config.shutdown_grace_period;
     let mut deadline: Option<tokio::time::Instant> = None;
     loop {
@@ -178,70 +196,107 @@ pub async fn run(config: Config) -> Result<(), AppError> {
                 return Err(AppError::ShutdownTimeout(grace));
             }
         };
-        match joined {
-            None => break,
-            Some(Ok(Err(e))) => {
-                // One stage failed for good: stop the others in order, report the first error.
-                shutdown.cancel();
-                if result.is_ok() {
-                    result = Err(e);
-                }
-            }
-            Some(_) => {}
+        if joined.is_none() {
+            break;
         }
     }
-    if result.is_ok() {
-        tracing::info!("stopped cleanly");
-    }
-    shutdown.cancel();
+    tracing::info!("stopped cleanly");
+    finish(server, Ok(())).await
+}
+
+/// Stops the HTTP server and returns `result`.
+async fn finish(
+    server: tokio::task::JoinHandle<Result<(), std::io::Error>>,
+    result: Result<(), AppError>,
+) -> Result<(), AppError> {
     if let Ok(Err(error)) = server.await {
         tracing::warn!(%error, "metrics server ended with an error");
     }
     result
 }
 
-/// Runs a stage, restarting it after transient errors with exponential backoff; returns on
-/// shutdown (`Ok`) or on a fatal error.
-async fn supervise<E, F, Fut>(
-    stage: &'static str,
-    metrics: &Metrics,
-    health: &Health,
-    shutdown: &CancellationToken,
-    mut run_once: F,
-) -> Result<(), E>
-where
-    E: Classify + std::error::Error + 'static,
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), E>>,
-{
-    let mut backoff = INITIAL_BACKOFF;
-    loop {
-        let started = Instant::now();
-        let error = match run_once().await {
-            Ok(()) => return Ok(()),
-            Err(e) if e.class() == ErrorClass::Fatal => {
-                tracing::error!(stage, error = %ErrorChain(&e), "stopping: this needs an operator");
-                return Err(e);
+/// Runs stages and restarts them when they fail.
+#[derive(Clone)]
+struct Supervisor {
+    metrics: Arc<Metrics>,
+    health: Health,
+    shutdown: CancellationToken,
+}
+
+impl Supervisor {
+    /// Runs a stage until it returns `Ok` (shutdown) or shutdown is requested. Each attempt
+    /// runs in its own task, so a panic is caught (as a failed attempt) instead of taking the
+    /// process down. A failed attempt marks the stage down in `/readyz` (with the reason) and
+    /// in `pgferry_stage_up`, then retries: transient errors with exponential backoff, fatal
+    /// ones every [`FATAL_RETRY`]. Stages that report their own readiness (`reports_ready`)
+    /// set it again when they are running; the others count as ready while an attempt runs.
+    async fn run<E, F, Fut>(&self, stage: &str, reports_ready: bool, mut run_once: F)
+    where
+        E: Classify + std::error::Error + Send + 'static,
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    {
+        let up = self.metrics.stage_up.with_label_values(&[stage]);
+        let restarts = self.metrics.stage_restarts.with_label_values(&[stage]);
+        let mut backoff = INITIAL_BACKOFF;
+        loop {
+            let started = Instant::now();
+            up.set(1);
+            if !reports_ready {
+                self.health.set_ready(stage, true);
             }
-            Err(e) => e,
-        };
-        if shutdown.is_cancelled() {
-            return Ok(());
-        }
-        if started.elapsed() >= HEALTHY_RUN {
-            backoff = INITIAL_BACKOFF;
-        }
-        metrics.restarts.inc();
-        tracing::warn!(stage, error = %ErrorChain(&error), backoff_ms = backoff.as_millis() as u64,
-                       "failed; restarting from the last durable position");
-        let deadline = Instant::now() + backoff;
-        while Instant::now() < deadline {
-            health.beat();
-            tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(Duration::from_millis(500).min(backoff)) => {}
+            let (reason, wait) = match tokio::spawn(run_once()).await {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) if e.class() == ErrorClass::Fatal => {
+                    let reason = ErrorChain(&e).to_string();
+                    tracing::error!(stage, error = %reason, retry_s = FATAL_RETRY.as_secs(),
+                                    "stage stopped: this needs an operator; other stages go on, and this one retries");
+                    (reason, FATAL_RETRY)
+                }
+                Ok(Err(e)) => {
+                    let reason = ErrorChain(&e).to_string();
+                    tracing::warn!(stage, error = %reason, backoff_ms = backoff.as_millis() as u64,
+                                   "stage failed; restarting from the last durable position");
+                    (reason, backoff)
+                }
+                Err(join) => {
+                    let reason = format!("the stage panicked: {}", panic_text(join));
+                    tracing::error!(stage, error = %reason, backoff_ms = backoff.as_millis() as u64,
+                                    "stage panicked (a bug: please report it); restarting from the last durable position");
+                    (reason, backoff)
+                }
+            };
+            up.set(0);
+            restarts.inc();
+            self.metrics.restarts.inc();
+            self.health.set_down(stage, &reason);
+            if self.shutdown.is_cancelled() {
+                return;
             }
+            if started.elapsed() >= HEALTHY_RUN {
+                backoff = INITIAL_BACKOFF;
+            }
+            let deadline = Instant::now() + wait;
+            while Instant::now() < deadline {
+                self.health.beat();
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(500).min(wait)) => {}
+                }
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// The message of a panicked task, if it has one.
+fn panic_text(join: tokio::task::JoinError) -> String {
+    match join.try_into_panic() {
+        Ok(payload) => payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".to_owned()),
+        Err(join) => join.to_string(),
     }
 }

@@ -51,6 +51,12 @@ enum Command {
         #[arg(long, short, env = "PGFERRY_CONFIG")]
         config: PathBuf,
     },
+    /// Inspect, replay or resolve the changes apply dead-lettered (each target's
+    /// `pgferry.dead_letters`).
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
     /// Exit 0 when a running pgferry answers its health endpoint (for container HEALTHCHECKs).
     Healthcheck {
         /// Address of the running pgferry's metrics endpoint.
@@ -60,6 +66,66 @@ enum Command {
         #[arg(long, default_value = "/healthz")]
         path: String,
     },
+}
+
+#[derive(Subcommand)]
+enum DeadLetterAction {
+    /// List unresolved dead letters per target.
+    List {
+        /// Path to the YAML config.
+        #[arg(long, short, env = "PGFERRY_CONFIG")]
+        config: PathBuf,
+        /// Resolved letters too.
+        #[arg(long)]
+        all: bool,
+        /// Only this table (`schema.table`).
+        #[arg(long)]
+        table: Option<String>,
+    },
+    /// Re-apply dead letters after fixing their cause; each that applies is marked resolved.
+    Replay {
+        /// Path to the YAML config.
+        #[arg(long, short, env = "PGFERRY_CONFIG")]
+        config: PathBuf,
+        #[command(flatten)]
+        which: Which,
+    },
+    /// Mark dead letters handled without applying them (repaired by hand, table re-copied).
+    Resolve {
+        /// Path to the YAML config.
+        #[arg(long, short, env = "PGFERRY_CONFIG")]
+        config: PathBuf,
+        #[command(flatten)]
+        which: Which,
+        /// Why, recorded with the letters.
+        #[arg(long, default_value = "resolved by an operator")]
+        note: String,
+    },
+}
+
+/// Which letters `replay` and `resolve` act on: one of them is required.
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct Which {
+    /// These letter ids (repeat the flag for several).
+    #[arg(long)]
+    id: Vec<i64>,
+    /// Every unresolved letter of this table (`schema.table`).
+    #[arg(long)]
+    table: Option<String>,
+    /// Every unresolved letter.
+    #[arg(long)]
+    all: bool,
+}
+
+impl Which {
+    fn selection(self) -> pgferry::apply::dead_letters::Selection {
+        pgferry::apply::dead_letters::Selection {
+            ids: self.id,
+            table: self.table,
+            include_resolved: false,
+        }
+    }
 }
 
 fn load(path: &std::path::Path) -> anyhow::Result<pgferry::config::Config> {
@@ -92,6 +158,42 @@ async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = load(&config)?;
             print!("{}", pgferry::status::report(&config).await);
             Ok(ExitCode::SUCCESS)
+        }
+        Command::DeadLetters { action } => {
+            use pgferry::apply::dead_letters;
+            match action {
+                DeadLetterAction::List { config, all, table } => {
+                    let config = load(&config)?;
+                    let selection = dead_letters::Selection {
+                        ids: Vec::new(),
+                        table,
+                        include_resolved: all,
+                    };
+                    print!("{}", dead_letters::list(&config, &selection).await?);
+                    Ok(ExitCode::SUCCESS)
+                }
+                DeadLetterAction::Replay { config, which } => {
+                    let config = load(&config)?;
+                    let (text, failed) = dead_letters::replay(&config, &which.selection()).await?;
+                    print!("{text}");
+                    // Exit 1 when a letter could not be replayed, so scripts notice.
+                    Ok(if failed > 0 {
+                        ExitCode::FAILURE
+                    } else {
+                        ExitCode::SUCCESS
+                    })
+                }
+                DeadLetterAction::Resolve {
+                    config,
+                    which,
+                    note,
+                } => {
+                    let config = load(&config)?;
+                    let n = dead_letters::resolve(&config, &which.selection(), &note).await?;
+                    println!("{n} dead letter(s) resolved");
+                    Ok(ExitCode::SUCCESS)
+                }
+            }
         }
         Command::Healthcheck { addr, path } => {
             match pgferry::telemetry::http::probe(&addr, &path, Duration::from_secs(3)) {

@@ -92,6 +92,16 @@ async fn target_status(target: &TargetConfig) -> String {
             );
         }
     }
+    match diverged(&client).await {
+        Ok(text) => out.push_str(&text),
+        Err(e) => {
+            let _ = writeln!(
+                out,
+                "  cannot read dead letters: {}",
+                crate::error::ErrorChain(&e)
+            );
+        }
+    }
     match conflicts(&client).await {
         Ok(text) => out.push_str(&text),
         Err(e) => {
@@ -138,6 +148,32 @@ async fn applied(client: &Client) -> Result<String, tokio_postgres::Error> {
     }
     if out.is_empty() {
         out.push_str("  nothing applied yet\n");
+    }
+    Ok(out)
+}
+
+/// Tables with unresolved dead letters: the target misses changes to them.
+async fn diverged(client: &Client) -> Result<String, tokio_postgres::Error> {
+    let letters =
+        crate::apply::dead_letters::read(client, &crate::apply::dead_letters::Selection::default())
+            .await?;
+    let mut by_table: std::collections::BTreeMap<String, usize> = Default::default();
+    for letter in &letters {
+        *by_table
+            .entry(
+                letter
+                    .table
+                    .clone()
+                    .unwrap_or_else(|| "(unknown table)".into()),
+            )
+            .or_default() += 1;
+    }
+    let mut out = String::new();
+    for (table, n) in by_table {
+        let _ = writeln!(
+            out,
+            "  DIVERGED {table}: {n} unresolved dead letter(s); see `pgferry dead-letters list`"
+        );
     }
     Ok(out)
 }

@@ -336,14 +336,17 @@ async fn poison_record_is_dead_lettered_and_apply_continues() {
     );
     let dead = records[0].value.as_ref().unwrap();
     assert!(
-        dead["reason"].as_str().unwrap().contains("not JSON"),
+        dead["error"].as_str().unwrap().contains("not JSON"),
         "{dead}"
     );
     assert_eq!(dead["payload"], "this is not a change");
-    assert_eq!(dead["source_topic"].as_str(), Some(node_topic.as_str()));
+    assert_eq!(dead["stage"], "apply");
+    assert_eq!(dead["topic"].as_str(), Some(node_topic.as_str()));
+    assert!(dead["offset"].as_i64().is_some(), "{dead}");
     let missing = records[1].value.as_ref().unwrap();
+    assert_eq!(missing["table"], "public.ghost");
     assert!(
-        missing["reason"]
+        missing["error"]
             .as_str()
             .unwrap()
             .contains("table public.ghost does not exist on the target"),
@@ -353,6 +356,30 @@ async fn poison_record_is_dead_lettered_and_apply_continues() {
         applier.metric("pgferry_apply_dead_letters_total", ""),
         Some(2.0)
     );
+    // A table missing on the target is not remembered as missing: once created there, its
+    // changes apply.
+    let replica = pg.client(&t.replicas[0]).await;
+    replica
+        .batch_execute("CREATE TABLE ghost (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    master
+        .batch_execute("INSERT INTO ghost VALUES (2)")
+        .await
+        .unwrap();
+    common::wait_for(
+        "ghost row 2 on the replica",
+        Duration::from_secs(60),
+        || async {
+            let n: i64 = replica
+                .query_one("SELECT count(*) FROM ghost WHERE id = 2", &[])
+                .await
+                .ok()?
+                .get(0);
+            (n == 1).then_some(())
+        },
+    )
+    .await;
 }
 
 /// A column added on the source while streaming: apply stops with a clear message until the

@@ -118,18 +118,6 @@ struct Committed {
     row: Option<(i32, Option<String>)>,
 }
 
-/// Small deterministic generator (xorshift64*), so a failing seed can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
-
 const COMMIT_TS_US: &str = "SELECT (extract(epoch FROM pg_xact_commit_timestamp(($1::int8 % 4294967296)::text::xid)) * 1000000)::int8";
 
 /// Random single-row inserts, updates and deletes over `keys` keys; records each write that
@@ -141,7 +129,7 @@ async fn random_writes(
     ops: usize,
     keys: u64,
 ) -> Vec<Committed> {
-    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut rng = common::Rng::new(seed);
     let mut done = Vec::new();
     let mut client = client;
     for i in 0..ops {

@@ -19,13 +19,31 @@ pub enum ApplyError {
     /// The consumer or the dead-letter producer failed.
     #[error("Kafka")]
     Kafka(#[source] KafkaError),
-    /// A record could not be applied and `apply.on_bad_message` is `stop`.
+    /// A record could not be applied and `apply.on_poison` is `stop`.
     #[error("cannot apply the record at {location}: {reason}")]
     BadMessage {
         /// `topic[partition]@offset`.
         location: String,
         /// Why.
         reason: String,
+    },
+    /// The node stream lost records this target has not applied: nothing is skipped; the
+    /// worker stays stopped until an operator re-seeds the target.
+    #[error("gap in {topic}: {detail}. Changes committed after LSN {commit_lsn} may be missing on this target; \
+             pgferry will not skip them. Re-seed the target (copy the tables from the source, then \
+             DELETE FROM pgferry.apply_progress WHERE source_node = '{node}' to start over at the stream's \
+             oldest record), or restore the topic")]
+    Gap {
+        /// The source node.
+        node: String,
+        /// The node-stream topic.
+        topic: String,
+        /// The stored next offset.
+        next_offset: i64,
+        /// Commit LSN of the last transaction applied.
+        commit_lsn: crate::lsn::Lsn,
+        /// What was found.
+        detail: String,
     },
     /// Local writers kept inserting the key a multi-master change was being applied to.
     #[error("local writes to {table} kept racing the apply of one change; retrying")]
@@ -50,6 +68,25 @@ impl ApplyError {
     }
 }
 
+impl ApplyError {
+    /// The target refused a change for what it holds, not for a passing condition: bad data
+    /// (SQLSTATE class 22), a constraint (23), an unsupported operation such as TRUNCATE of a
+    /// table a foreign key references (0A000), a mismatched type or missing operator (42804,
+    /// 42883), or a statement sent after such a failure in the same pipelined transaction
+    /// (25P02). Such a change is dead-lettered (`apply.on_poison`); retrying cannot help.
+    pub fn is_rejection(&self) -> bool {
+        let ApplyError::Sql { source, .. } = self else {
+            return false;
+        };
+        source.code().is_some_and(|code| {
+            let code = code.code();
+            code.starts_with("22")
+                || code.starts_with("23")
+                || matches!(code, "0A000" | "42804" | "42883" | "25P02")
+        })
+    }
+}
+
 impl Classify for ApplyError {
     fn class(&self) -> ErrorClass {
         match self {
@@ -57,7 +94,7 @@ impl Classify for ApplyError {
             ApplyError::Kafka(e) => classify_kafka(e),
             // The operator adds the column; retrying then succeeds without a restart.
             ApplyError::ColumnMissing { .. } => ErrorClass::Transient,
-            ApplyError::BadMessage { .. } => ErrorClass::Fatal,
+            ApplyError::BadMessage { .. } | ApplyError::Gap { .. } => ErrorClass::Fatal,
             ApplyError::Contention { .. } => ErrorClass::Transient,
         }
     }

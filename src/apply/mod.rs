@@ -6,6 +6,7 @@
 //! value rendering ([`params`]); [`target`] and [`worker`] do the I/O.
 
 pub mod conflict;
+pub mod dead_letters;
 pub mod error;
 pub mod multimaster;
 pub mod params;

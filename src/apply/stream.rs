@@ -200,6 +200,21 @@ pub enum StreamItem {
     Commit(CommitMarker),
     /// `type: relation`.
     Relation(Box<RelationItem>),
+    /// `type: skipped`: a change capture dead-lettered instead of publishing.
+    Skipped(Box<SkippedItem>),
+}
+
+/// The `skipped` record: capture could not publish a change of this table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedItem {
+    /// Schema.
+    pub schema: String,
+    /// Table.
+    pub table: String,
+    /// WAL position of the change.
+    pub lsn: String,
+    /// Why capture could not publish it.
+    pub error: String,
 }
 
 // The wire shape, deserialized directly (borrowing strings where the JSON has no escapes):
@@ -226,6 +241,10 @@ struct RawRecord<'a> {
     table: Option<Cow<'a, str>>,
     #[serde(default)]
     columns: Option<Vec<RelationColumn>>,
+    #[serde(default, borrow)]
+    lsn: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    error: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -321,6 +340,12 @@ pub fn parse_framed(bytes: Option<&[u8]>) -> Result<(Option<u64>, StreamItem), M
             table: raw.table.ok_or_else(|| missing("table"))?.into_owned(),
             columns: raw.columns.ok_or_else(|| missing("columns"))?,
         }))),
+        "skipped" => Ok(StreamItem::Skipped(Box::new(SkippedItem {
+            schema: raw.schema.ok_or_else(|| missing("schema"))?.into_owned(),
+            table: raw.table.ok_or_else(|| missing("table"))?.into_owned(),
+            lsn: raw.lsn.ok_or_else(|| missing("lsn"))?.into_owned(),
+            error: raw.error.ok_or_else(|| missing("error"))?.into_owned(),
+        }))),
         other => Err(MalformedMessage(format!("unknown record type {other:?}"))),
     }?;
     Ok((run, item))
@@ -335,6 +360,8 @@ pub enum Step {
     Apply(Box<ChangeItem>),
     /// A table's schema (to create it on the target when configured).
     Relation(Box<RelationItem>),
+    /// Record that capture dead-lettered a change of this table.
+    Skipped(Box<SkippedItem>),
     /// The source transaction is complete; its records up to `offset` may be committed.
     End(CommitMarker),
     /// Nothing to do (a replayed or orphaned transaction).
@@ -455,6 +482,15 @@ impl Framer {
                     Step::Stray("a relation record outside any transaction")
                 } else {
                     Step::Relation(relation)
+                }
+            }
+            StreamItem::Skipped(skipped) => {
+                if self.skipping {
+                    Step::Ignore
+                } else if self.open.is_none() {
+                    Step::Stray("a skipped record outside any transaction")
+                } else {
+                    Step::Skipped(skipped)
                 }
             }
             StreamItem::Commit(commit) => {

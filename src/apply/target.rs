@@ -31,7 +31,7 @@ pub struct Progress {
 pub async fn prepare_session(
     client: &Client,
     node: &str,
-    target_db: &str,
+    origin: &str,
 ) -> Result<(), tokio_postgres::Error> {
     client
         .batch_execute(
@@ -51,10 +51,23 @@ pub async fn prepare_session(
              CREATE TABLE IF NOT EXISTS pgferry.origins (
                  roname text PRIMARY KEY,
                  node text NOT NULL);
+             CREATE TABLE IF NOT EXISTS pgferry.dead_letters (
+                 id bigserial PRIMARY KEY,
+                 source_node text NOT NULL,
+                 stage text NOT NULL,
+                 table_name text,
+                 topic text NOT NULL,
+                 kafka_offset bigint NOT NULL,
+                 lsn text,
+                 error text NOT NULL,
+                 payload text,
+                 created_at timestamptz NOT NULL DEFAULT now(),
+                 resolved_at timestamptz,
+                 resolution text,
+                 UNIQUE (source_node, topic, kafka_offset));
              COMMIT",
         )
         .await?;
-    let origin = origin_name(node, target_db);
     client
         .execute(
             "SELECT pg_replication_origin_create($1)
@@ -62,7 +75,7 @@ pub async fn prepare_session(
             &[&origin],
         )
         .await?;
-    super::multimaster::register_origin(client, &origin, node).await?;
+    super::multimaster::register_origin(client, origin, node).await?;
     client
         .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
         .await
@@ -84,6 +97,29 @@ pub async fn read_progress(
         next_offset: r.get(0),
         commit_lsn: r.get::<_, String>(1).parse().unwrap_or_default(),
     }))
+}
+
+/// Records a dead letter in the target (in the open transaction, so it commits with the
+/// progress that skips the change). Parameters: node, stage, table, topic, offset, lsn, error,
+/// payload. A replay of the same record (after a crash before commit) records nothing new.
+pub const RECORD_DEAD_LETTER: &str = "INSERT INTO pgferry.dead_letters
+        (source_node, stage, table_name, topic, kafka_offset, lsn, error, payload)
+     VALUES ($1::text, $2::text, $3::text, $4::text, $5::text::bigint, $6::text, $7::text, $8::text)
+     ON CONFLICT (source_node, topic, kafka_offset) DO NOTHING";
+
+/// Tables with unresolved dead letters from `node`: the target misses changes to them.
+pub async fn diverged_tables(
+    client: &Client,
+    node: &str,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT DISTINCT coalesce(table_name, '(unknown table)') FROM pgferry.dead_letters
+              WHERE source_node = $1 AND resolved_at IS NULL ORDER BY 1",
+            &[&node],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 /// Statement that stamps the transaction with the source commit (origin LSN and timestamp).

@@ -16,24 +16,30 @@ use futures_util::stream::{FuturesOrdered, StreamExt};
 use futures_util::FutureExt;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
-use serde_json::json;
+use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio_postgres::{Client, Statement};
 use tokio_util::sync::CancellationToken;
 
+use super::dead_letters::StoredDeadLetter;
 use super::error::ApplyError;
 use super::multimaster;
 use super::params::json_to_text;
 use super::sql;
-use super::stream::{parse_framed, ChangeItem, Framer, RelationItem, RowImage, Step};
+use super::stream::{
+    parse_framed, ChangeItem, Framer, RelationItem, RowImage, SkippedItem, Step, StreamItem,
+};
 use super::target::{self, param_kind, TargetTable, TextParam};
-use crate::config::{ApplyConfig, ApplyMode, KafkaConfig, OnBadMessage, TargetConfig};
+use crate::config::{ApplyConfig, ApplyMode, KafkaConfig, OnPoison, TargetConfig};
+use crate::error::ErrorChain;
 use crate::event::Op;
 use crate::lsn::Lsn;
 use crate::pgtime::PgTimestamp;
+use crate::sink::kafka::dead_letter::{self, DeadLetter};
 use crate::sink::kafka::node_stream::node_stream_topic;
 use crate::sink::kafka::producer::{client_config, create_topic};
 use crate::telemetry::{Health, Metrics};
@@ -42,6 +48,10 @@ mod lww;
 
 /// Statements in flight before the worker waits for their results.
 const PIPELINE_DEPTH: usize = 512;
+/// How long to wait for the broker when verifying the stored position.
+const WATERMARK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a worker re-reads which of its target tables have unresolved dead letters.
+const DIVERGED_RECHECK: Duration = Duration::from_secs(10);
 /// How often an idle worker wakes to report liveness.
 const IDLE_BEAT: Duration = Duration::from_secs(1);
 
@@ -84,8 +94,8 @@ struct Worker {
     health: Health,
     dead_letters: FutureProducer,
     dead_letter_topic: String,
-    /// Target tables by `schema.table` (`None`: missing on the target).
-    tables: HashMap<String, Option<TargetTable>>,
+    /// Target tables by `schema.table` (only those that exist on the target).
+    tables: HashMap<String, TargetTable>,
     /// Applied-changes counters by `schema.table`, indexed by op.
     counters: HashMap<String, [Option<prometheus::IntCounter>; 5]>,
     statements: HashMap<StatementKey, Statement>,
@@ -99,20 +109,103 @@ struct Worker {
     batch_started: std::time::Instant,
     /// Multi-master state; `None` in replica mode.
     lww: Option<lww::LwwState>,
+    /// `apply:<node>:<target>`: this worker's name in readiness and metrics.
+    component: String,
+    /// After the target rejected a change somewhere in a batch: until the replayed batch
+    /// commits, changes are applied one at a time under a savepoint, so the rejected one is
+    /// found and dead-lettered while the rest apply.
+    careful: bool,
+    /// A dead letter was recorded since the diverged tables were last read.
+    letters_pending: bool,
+    /// Target tables with unresolved dead letters of this node, as last read.
+    diverged: Vec<String>,
+    /// When they were last read.
+    diverged_checked: std::time::Instant,
 }
 
-/// Runs one worker until shutdown or an error.
-pub async fn run(
+/// Where a record came from, and its bytes: a Kafka message, or a stored dead letter being
+/// replayed.
+pub(crate) struct RecordRef<'a> {
+    topic: &'a str,
+    partition: i32,
+    offset: i64,
+    payload: Option<&'a [u8]>,
+}
+
+impl<'a> RecordRef<'a> {
+    fn of(message: &'a BorrowedMessage<'_>) -> Self {
+        RecordRef {
+            topic: message.topic(),
+            partition: message.partition(),
+            offset: message.offset(),
+            payload: message.payload(),
+        }
+    }
+}
+
+/// A row of the target's `pgferry.dead_letters`, apart from where the record was read.
+struct StoredLetter<'a> {
+    /// `capture` or `apply`.
+    stage: &'static str,
+    table: Option<String>,
+    lsn: Option<String>,
+    reason: &'a str,
+    payload: Option<String>,
+}
+
+/// The source commit time a node-stream change record carries (`change.source.commit_ts_us`).
+fn commit_ts_of(payload: &[u8]) -> Option<i64> {
+    #[derive(Deserialize)]
+    struct Record {
+        change: Change,
+    }
+    #[derive(Deserialize)]
+    struct Change {
+        source: Source,
+    }
+    #[derive(Deserialize)]
+    struct Source {
+        commit_ts_us: i64,
+    }
+    let record: Record = serde_json::from_slice(payload).ok()?;
+    Some(record.change.source.commit_ts_us)
+}
+
+/// The table a node-stream change record names, read without decoding its rows.
+fn named_table(payload: Option<&[u8]>) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Named {
+        change: NamedChange,
+    }
+    #[derive(Deserialize)]
+    struct NamedChange {
+        source: NamedSource,
+    }
+    #[derive(Deserialize)]
+    struct NamedSource {
+        schema: String,
+        table: String,
+    }
+    let named: Named = serde_json::from_slice(payload?).ok()?;
+    Some(format!(
+        "{}.{}",
+        named.change.source.schema, named.change.source.table
+    ))
+}
+
+/// Connects to the target and prepares a worker: session settings, bookkeeping tables, the
+/// replication origin `origin`, the stored progress.
+async fn open(
     settings: WorkerSettings,
     metrics: Arc<Metrics>,
     health: Health,
-    shutdown: CancellationToken,
-) -> Result<(), ApplyError> {
+    origin: &str,
+) -> Result<(Worker, Client), ApplyError> {
     let app_name = format!("pgferry-apply-{}", settings.node);
     let client = crate::source::catalog::connect(settings.target.url.config(), &app_name)
         .await
         .map_err(ApplyError::sql("connecting to the target"))?;
-    target::prepare_session(&client, &settings.node, settings.target.url.dbname())
+    target::prepare_session(&client, &settings.node, origin)
         .await
         .map_err(ApplyError::sql(
             "preparing the apply session (needs superuser or replication origin privileges)",
@@ -140,23 +233,6 @@ pub async fn run(
             next_offset: 0,
             commit_lsn: Lsn::ZERO,
         });
-    let topic = node_stream_topic(&settings.kafka.topic_prefix, &settings.node);
-    let mut consumer_config = client_config(&settings.kafka);
-    if !settings
-        .kafka
-        .properties
-        .contains_key("queued.max.messages.kbytes")
-    {
-        // librdkafka prefetches up to 64 MB per partition by default; a sidecar wants less.
-        consumer_config.set("queued.max.messages.kbytes", "16384");
-    }
-    let consumer: StreamConsumer = consumer_config
-        .set("group.id", format!("pgferry-apply-{}", settings.node))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("fetch.wait.max.ms", "50")
-        .create()
-        .map_err(ApplyError::Kafka)?;
     let dead_letters: FutureProducer = client_config(&settings.kafka)
         .set("enable.idempotence", "true")
         .set("acks", "all")
@@ -166,15 +242,9 @@ pub async fn run(
         .apply
         .dead_letter_topic
         .clone()
-        .unwrap_or_else(|| format!("{}.__dead_letter", settings.kafka.topic_prefix));
-    if settings.kafka.create_topics {
-        for t in [&topic, &dead_letter_topic] {
-            create_topic(&settings.kafka, t, 1)
-                .await
-                .map_err(ApplyError::Kafka)?;
-        }
-    }
-    let mut worker = Worker {
+        .unwrap_or_else(|| settings.kafka.dead_letter_topic());
+    let component = component_name(&settings.node, &settings.target.url.display_target());
+    let worker = Worker {
         settings,
         metrics,
         health,
@@ -190,22 +260,109 @@ pub async fn run(
         batch_txns: 0,
         batch_started: std::time::Instant::now(),
         lww,
+        component,
+        careful: false,
+        letters_pending: true,
+        diverged: Vec::new(),
+        diverged_checked: std::time::Instant::now(),
     };
+    Ok((worker, client))
+}
+
+/// Runs one worker until shutdown or an error.
+pub async fn run(
+    settings: WorkerSettings,
+    metrics: Arc<Metrics>,
+    health: Health,
+    shutdown: CancellationToken,
+) -> Result<(), ApplyError> {
+    let origin = target::origin_name(&settings.node, settings.target.url.dbname());
+    let (mut worker, client) = open(settings, metrics, health, &origin).await?;
+    let settings = &worker.settings;
+    let topic = node_stream_topic(&settings.kafka.topic_prefix, &settings.node);
+    let mut consumer_config = client_config(&settings.kafka);
+    if !settings
+        .kafka
+        .properties
+        .contains_key("queued.max.messages.kbytes")
+    {
+        // librdkafka prefetches up to 64 MB per partition by default; a sidecar wants less.
+        consumer_config.set("queued.max.messages.kbytes", "16384");
+    }
+    let consumer: StreamConsumer = consumer_config
+        .set("group.id", format!("pgferry-apply-{}", settings.node))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("fetch.wait.max.ms", "50")
+        // An offset that is no longer in the topic is an error, never a jump to either end.
+        .set("auto.offset.reset", "error")
+        .create()
+        .map_err(ApplyError::Kafka)?;
+    if settings.kafka.create_topics {
+        for t in [&topic, &worker.dead_letter_topic] {
+            create_topic(&settings.kafka, t, 1)
+                .await
+                .map_err(ApplyError::Kafka)?;
+        }
+    }
     tracing::info!(node = %worker.settings.node, target = %worker.settings.target.url.display_target(),
-                   offset = committed.next_offset, applied = %committed.commit_lsn, "applying");
-    let mut framer = Framer::new(committed.commit_lsn);
-    worker.assign(&consumer, &topic)?;
-    let component = format!(
-        "apply:{}:{}",
-        worker.settings.node,
-        worker.settings.target.url.display_target()
-    );
-    worker.health.set_ready(&component, true);
-    let result = worker
-        .apply_loop(&client, &consumer, &topic, &mut framer, &shutdown)
-        .await;
-    worker.health.set_ready(&component, false);
+                   offset = worker.committed.next_offset, applied = %worker.committed.commit_lsn, "applying");
+    worker.verify_position(&consumer, &topic).await?;
+    worker.refresh_diverged(&client).await?;
+    worker.health.set_ready(&worker.component, true);
+    let result = loop {
+        let mut framer = Framer::new(worker.committed.commit_lsn);
+        worker.assign(&consumer, &topic)?;
+        let result = worker
+            .apply_loop(&client, &consumer, &topic, &mut framer, &shutdown)
+            .await;
+        match result {
+            Err(e) if e.is_rejection() && !worker.careful => {
+                // Pipelined statements do not say which change the target rejected: undo the
+                // batch and replay it one change at a time to find it.
+                tracing::warn!(node = %worker.settings.node, error = %ErrorChain(&e),
+                               "the target rejected a change; replaying the batch change by change to dead-letter it");
+                worker.rollback(&client, &mut InFlight::default()).await?;
+                worker.careful = true;
+            }
+            other => break other,
+        }
+    };
+    worker.health.set_ready(&worker.component, false);
     result
+}
+
+/// Re-applies stored dead letters of one source node (`pgferry dead-letters replay`), each in
+/// its own target transaction that also marks it resolved. Any failure (the cause is still
+/// there) leaves that letter unresolved and is returned with it; `apply.on_poison` is `stop`
+/// here, so nothing is dead-lettered again.
+pub async fn replay(
+    mut settings: WorkerSettings,
+    letters: &[StoredDeadLetter],
+) -> Result<Vec<(i64, Result<(), ApplyError>)>, ApplyError> {
+    settings.apply.on_poison = OnPoison::Stop;
+    let origin = target::origin_name(
+        &format!("{}_replay", settings.node),
+        settings.target.url.dbname(),
+    );
+    let metrics = Arc::new(Metrics::new(&settings.local_node));
+    let (mut worker, client) = open(settings, metrics, Health::default(), &origin).await?;
+    let mut outcomes = Vec::with_capacity(letters.len());
+    for letter in letters {
+        let outcome = worker.replay_one(&client, letter).await;
+        if outcome.is_err() {
+            let _ = client.batch_execute("ROLLBACK").await;
+            worker.tables.clear();
+            worker.statements.clear();
+        }
+        outcomes.push((letter.id, outcome));
+    }
+    Ok(outcomes)
+}
+
+/// `apply:<node>:<target>`.
+pub fn component_name(node: &str, target: &str) -> String {
+    format!("apply:{node}:{target}")
 }
 
 impl Worker {
@@ -246,12 +403,26 @@ impl Worker {
                     tokio::select! {
                         _ = shutdown.cancelled() => None,
                         m = consumer.recv() => Some(m),
-                        _ = tokio::time::sleep(IDLE_BEAT) => continue,
+                        _ = tokio::time::sleep(IDLE_BEAT) => {
+                            if !self.in_target_txn {
+                                self.refresh_diverged(client).await?;
+                            }
+                            continue;
+                        }
                     }
                 }
             };
             let message = match message {
                 Some(Ok(m)) => m,
+                Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset))) => {
+                    return Err(self.gap(
+                        topic,
+                        format!(
+                            "the broker no longer has the offsets after {} (auto.offset.reset)",
+                            self.committed.next_offset - 1
+                        ),
+                    ))
+                }
                 Some(Err(e)) => return Err(ApplyError::Kafka(e)),
                 None => {
                     self.commit_if_between_transactions(client, &mut pending, framer)
@@ -260,10 +431,11 @@ impl Worker {
                 }
             };
             let offset = message.offset();
+            let record = RecordRef::of(&message);
             let (run, item) = match parse_framed(message.payload()) {
                 Ok(framed) => framed,
                 Err(e) => {
-                    self.bad_message(&message, &e.to_string()).await?;
+                    self.bad_message(client, &record, &e.to_string()).await?;
                     continue;
                 }
             };
@@ -272,13 +444,22 @@ impl Worker {
                 Step::Stray(reason) => {
                     tracing::error!(node = %self.settings.node, offset, reason,
                                     "node stream record out of place");
-                    self.bad_message(&message, reason).await?;
+                    self.bad_message(client, &record, reason).await?;
                 }
                 Step::Relation(relation) => {
                     if self.settings.apply.create_tables {
-                        self.create_if_missing(client, &mut pending, &message, &relation)
+                        self.create_if_missing(client, &mut pending, &record, &relation)
                             .await?;
                     }
+                }
+                Step::Skipped(skipped) => {
+                    self.record_capture_letter(client, &mut pending, &record, &skipped)
+                        .await?;
+                }
+                Step::Apply(change) if self.careful => {
+                    let commit_ts = framer.open_commit_ts_us().unwrap_or_default();
+                    self.apply_carefully(client, &mut pending, &record, change, commit_ts)
+                        .await?;
                 }
                 Step::Start(_) => {
                     if !self.in_target_txn {
@@ -294,7 +475,7 @@ impl Worker {
                         .apply_change_lww(
                             client,
                             &mut pending,
-                            &message,
+                            &record,
                             change,
                             framer.open_commit_ts_us().unwrap_or_default(),
                         )
@@ -315,7 +496,7 @@ impl Worker {
                     applied?;
                 }
                 Step::Apply(change) => {
-                    self.apply_change(client, &mut pending, &message, change)
+                    self.apply_change(client, &mut pending, &record, change)
                         .await?;
                     if pending.len() >= PIPELINE_DEPTH {
                         pending
@@ -396,7 +577,7 @@ impl Worker {
         &mut self,
         client: &'c Client,
         pending: &mut InFlight<'c>,
-        message: &BorrowedMessage<'_>,
+        message: &RecordRef<'_>,
         relation: &RelationItem,
     ) -> Result<(), ApplyError> {
         let qualified = format!("{}.{}", relation.schema, relation.table);
@@ -433,6 +614,7 @@ impl Worker {
         let Some(ddl) = sql::create_table(&relation.schema, &relation.table, &columns, &key) else {
             return self
                 .bad_message(
+                    client,
                     message,
                     &format!("relation record for {qualified} has an unacceptable type name"),
                 )
@@ -499,7 +681,8 @@ impl Worker {
             .set((PgTimestamp::now().unix_micros() - done.commit_ts_us) as f64 / 1e6);
         self.batch_changes = 0;
         self.batch_txns = 0;
-        Ok(())
+        self.careful = false;
+        self.refresh_diverged(client).await
     }
 
     async fn table(
@@ -509,13 +692,17 @@ impl Worker {
         (schema, table): (&str, &str),
         refresh: bool,
     ) -> Result<Option<TargetTable>, ApplyError> {
+        // A table missing on the target is looked up again each time: it may be created later.
         if refresh || !self.tables.contains_key(qualified) {
-            let described = target::describe(client, schema, table)
+            match target::describe(client, schema, table)
                 .await
-                .map_err(ApplyError::sql("describing a target table"))?;
-            self.tables.insert(qualified.to_owned(), described);
+                .map_err(ApplyError::sql("describing a target table"))?
+            {
+                Some(described) => self.tables.insert(qualified.to_owned(), described),
+                None => self.tables.remove(qualified),
+            };
         }
-        Ok(self.tables.get(qualified).cloned().flatten())
+        Ok(self.tables.get(qualified).cloned())
     }
 
     fn count_applied(&mut self, qualified: &str, op: Op) {
@@ -559,7 +746,7 @@ impl Worker {
     async fn target_table(
         &mut self,
         client: &Client,
-        message: &BorrowedMessage<'_>,
+        message: &RecordRef<'_>,
         change: &ChangeItem,
         qualified: &str,
     ) -> Result<Option<TargetTable>, ApplyError> {
@@ -570,6 +757,7 @@ impl Worker {
         let names = (change.schema.as_str(), change.table.as_str());
         let Some(mut table) = self.table(client, qualified, names, false).await? else {
             self.bad_message(
+                client,
                 message,
                 &format!("table {qualified} does not exist on the target"),
             )
@@ -626,7 +814,7 @@ impl Worker {
         &mut self,
         client: &'c Client,
         pending: &mut InFlight<'c>,
-        message: &BorrowedMessage<'_>,
+        message: &RecordRef<'_>,
         change: Box<ChangeItem>,
     ) -> Result<(), ApplyError> {
         let change = *change;
@@ -652,7 +840,7 @@ impl Worker {
                 };
                 let key_values: Option<Vec<Box<RawValue>>> = key.iter().map(|k| key_source(k)).collect();
                 let Some(key_values) = key_values else {
-                    return self.bad_message(message, &format!("update on {qualified} lacks key columns")).await;
+                    return self.bad_message(client, message, &format!("update on {qualified} lacks key columns")).await;
                 };
                 let sets: Vec<(String, Box<RawValue>)> = after.into_iter().filter(|(c, _)| !table.key.contains(c)).collect();
                 if sets.is_empty() {
@@ -668,7 +856,7 @@ impl Worker {
                 let before = change.before.unwrap_or_default();
                 let values: Option<Vec<Box<RawValue>>> = key.iter().map(|k| before.get(k).map(RawValue::to_owned)).collect();
                 let Some(values) = values else {
-                    return self.bad_message(message, &format!("delete on {qualified} lacks key columns")).await;
+                    return self.bad_message(client, message, &format!("delete on {qualified} lacks key columns")).await;
                 };
                 from_before = true;
                 ("delete", table.key.clone(), values)
@@ -680,13 +868,13 @@ impl Worker {
                 }
                 _ => {
                     return self
-                        .bad_message(message, &format!("delete on {qualified}: the target has no primary key and the change no full old row"))
+                        .bad_message(client, message, &format!("delete on {qualified}: the target has no primary key and the change no full old row"))
                         .await
                 }
             },
             Op::Update => {
                 return self
-                    .bad_message(message, &format!("update on {qualified}: the target table has no primary key"))
+                    .bad_message(client, message, &format!("update on {qualified}: the target table has no primary key"))
                     .await
             }
             Op::Truncate => ("truncate", Vec::new(), Vec::new()),
@@ -715,7 +903,7 @@ impl Worker {
         let params =
             match Self::render_params(stmt.params(), &columns, &values, json_nulls, &qualified) {
                 Ok(params) => params,
-                Err(reason) => return self.bad_message(message, &reason).await,
+                Err(reason) => return self.bad_message(client, message, &reason).await,
             };
         pending.send(Box::pin(
             async move { client.execute_raw(&stmt, params).await },
@@ -725,41 +913,352 @@ impl Worker {
         Ok(())
     }
 
-    /// A record that cannot be applied: to the dead-letter topic (durably, before the batch
-    /// that skips it can commit), or stop, as configured. Never silently dropped.
+    /// A record that cannot be applied (`apply.on_poison`): stop, or dead-letter it: to the
+    /// dead-letter topic (durably, before the batch that skips it can commit) and into the
+    /// target's `pgferry.dead_letters` (in the open target transaction, so it commits with
+    /// the progress that skips the record), which marks its table diverged. Never silently
+    /// dropped.
     async fn bad_message(
         &mut self,
-        message: &BorrowedMessage<'_>,
+        client: &Client,
+        message: &RecordRef<'_>,
         reason: &str,
     ) -> Result<(), ApplyError> {
         self.metrics.apply_dead_letters.inc();
         let location = format!(
             "{}[{}]@{}",
-            message.topic(),
-            message.partition(),
-            message.offset()
+            message.topic, message.partition, message.offset
         );
-        if self.settings.apply.on_bad_message == OnBadMessage::Stop {
+        if self.settings.apply.on_poison == OnPoison::Stop {
             return Err(ApplyError::BadMessage {
                 location,
                 reason: reason.to_owned(),
             });
         }
-        tracing::warn!(%location, %reason, topic = %self.dead_letter_topic, "dead-lettering a record");
-        let body = json!({
-            "reason": reason,
-            "source_topic": message.topic(),
-            "partition": message.partition(),
-            "offset": message.offset(),
-            "node": self.settings.node,
-            "payload": message.payload().map(|p| String::from_utf8_lossy(p).into_owned()),
-        })
-        .to_string();
-        let record = FutureRecord::<[u8], str>::to(&self.dead_letter_topic).payload(&body);
+        let table = named_table(message.payload);
+        tracing::warn!(%location, table = table.as_deref().unwrap_or("?"), %reason,
+                       topic = %self.dead_letter_topic, "dead-lettering a record");
+        let payload = message.payload.map(String::from_utf8_lossy);
+        let payload_bytes = payload.as_ref().map_or(0, |p| p.len());
+        let max_bytes = self.settings.kafka.max_message_bytes;
+        let target = self.settings.target.url.display_target();
+        let letter = DeadLetter {
+            stage: "apply",
+            node: &self.settings.node,
+            table: table.clone(),
+            topic: Some(message.topic),
+            partition: Some(message.partition),
+            offset: Some(message.offset),
+            target: Some(target),
+            error: reason,
+            payload: payload
+                .as_deref()
+                .filter(|p| dead_letter::fits(p.len(), max_bytes)),
+            payload_bytes,
+            ..DeadLetter::default()
+        }
+        .record(&self.dead_letter_topic);
+        let mut kafka = FutureRecord::<[u8], [u8]>::to(&letter.topic);
+        if let Some(key) = &letter.key {
+            kafka = kafka.key(key.as_slice());
+        }
+        if let Some(value) = &letter.value {
+            kafka = kafka.payload(value.as_slice());
+        }
         self.dead_letters
-            .send(record, Duration::from_secs(60))
+            .send(kafka, Duration::from_secs(60))
             .await
             .map_err(|(e, _)| ApplyError::Kafka(e))?;
+        let letter = StoredLetter {
+            stage: "apply",
+            table,
+            lsn: None,
+            reason,
+            payload: payload.map(|p| p.into_owned()),
+        };
+        self.store_letter(client, message, letter).await
+    }
+
+    /// Records a dead letter in the target's `pgferry.dead_letters`: in the open target
+    /// transaction, or alone when none is open.
+    async fn store_letter(
+        &mut self,
+        client: &Client,
+        message: &RecordRef<'_>,
+        letter: StoredLetter<'_>,
+    ) -> Result<(), ApplyError> {
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+            &self.settings.node,
+            &letter.stage,
+            &letter.table,
+            &message.topic,
+            &message.offset.to_string(),
+            &letter.lsn,
+            &letter.reason,
+            &letter.payload,
+        ];
+        client
+            .execute(target::RECORD_DEAD_LETTER, &params)
+            .await
+            .map_err(ApplyError::sql(
+                "recording a dead letter in pgferry.dead_letters",
+            ))?;
+        self.letters_pending = true;
+        Ok(())
+    }
+
+    /// A `skipped` record: capture dead-lettered a change of this table, so the target misses
+    /// it. Recorded like an apply dead letter (the letter itself is already in Kafka).
+    async fn record_capture_letter<'c>(
+        &mut self,
+        client: &'c Client,
+        pending: &mut InFlight<'c>,
+        message: &RecordRef<'_>,
+        skipped: &SkippedItem,
+    ) -> Result<(), ApplyError> {
+        self.metrics.apply_dead_letters.inc();
+        pending
+            .drain()
+            .await
+            .map_err(ApplyError::sql("applying changes"))?;
+        let table = format!("{}.{}", skipped.schema, skipped.table);
+        tracing::warn!(node = %self.settings.node, %table, lsn = %skipped.lsn, error = %skipped.error,
+                       "capture dead-lettered a change of this table; the target misses it");
+        let letter = StoredLetter {
+            stage: "capture",
+            table: Some(table),
+            lsn: Some(skipped.lsn.clone()),
+            reason: &skipped.error,
+            payload: None,
+        };
+        self.store_letter(client, message, letter).await
+    }
+
+    /// Applies one change under a savepoint, waiting for its result: a change the target
+    /// rejects (see [`ApplyError::is_rejection`]) is rolled back to the savepoint and
+    /// dead-lettered, and the transaction goes on.
+    async fn apply_carefully<'c>(
+        &mut self,
+        client: &'c Client,
+        pending: &mut InFlight<'c>,
+        message: &RecordRef<'_>,
+        change: Box<ChangeItem>,
+        commit_ts_us: i64,
+    ) -> Result<(), ApplyError> {
+        pending
+            .drain()
+            .await
+            .map_err(ApplyError::sql("applying changes"))?;
+        client
+            .batch_execute("SAVEPOINT pgferry_change")
+            .await
+            .map_err(ApplyError::sql("setting a savepoint"))?;
+        let applied = if self.lww.is_some() {
+            self.apply_change_lww(client, pending, message, change, commit_ts_us)
+                .await
+        } else {
+            self.apply_change(client, pending, message, change).await
+        };
+        let applied = match applied {
+            Ok(()) => pending
+                .drain()
+                .await
+                .map_err(ApplyError::sql("applying a change")),
+            Err(e) => Err(e),
+        };
+        match applied {
+            Ok(()) => client
+                .batch_execute("RELEASE SAVEPOINT pgferry_change")
+                .await
+                .map_err(ApplyError::sql("releasing a savepoint")),
+            Err(e) if e.is_rejection() => {
+                client
+                    .batch_execute("ROLLBACK TO SAVEPOINT pgferry_change")
+                    .await
+                    .map_err(ApplyError::sql("rolling back to a savepoint"))?;
+                let reason = format!("the target rejected the change: {}", ErrorChain(&e));
+                self.bad_message(client, message, &reason).await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Checks that the stored position still points into this node's stream as the target
+    /// last saw it: not before the oldest record the topic keeps (retention deleted records
+    /// this target never applied), not past its end, and the record just before it is the
+    /// commit marker of the last transaction applied (a topic deleted and recreated, then
+    /// refilled, would otherwise be skipped silently). Also sets the retention headroom metric.
+    async fn verify_position(
+        &self,
+        consumer: &StreamConsumer,
+        topic: &str,
+    ) -> Result<(), ApplyError> {
+        let next = self.committed.next_offset;
+        let (low, high) = consumer
+            .fetch_watermarks(topic, 0, WATERMARK_TIMEOUT)
+            .map_err(ApplyError::Kafka)?;
+        self.metrics
+            .apply_retention_headroom
+            .with_label_values(&[&self.settings.node])
+            .set(next - low);
+        if next < low {
+            return Err(self.gap(
+                topic,
+                format!(
+                    "records {next}..{low} were deleted (retention) before this target applied them"
+                ),
+            ));
+        }
+        if next > high {
+            return Err(self.gap(
+                topic,
+                format!(
+                    "the topic ends at offset {high}, but this target applied up to offset {next}: \
+                     the topic was deleted and recreated (or truncated)"
+                ),
+            ));
+        }
+        if next == 0 || next - 1 < low {
+            return Ok(());
+        }
+        let mut list = TopicPartitionList::new();
+        list.add_partition_offset(topic, 0, Offset::Offset(next - 1))
+            .map_err(ApplyError::Kafka)?;
+        consumer.assign(&list).map_err(ApplyError::Kafka)?;
+        let message = tokio::time::timeout(WATERMARK_TIMEOUT, consumer.recv())
+            .await
+            .map_err(|_| {
+                self.gap(
+                    topic,
+                    format!(
+                        "offset {} could not be read to verify the position",
+                        next - 1
+                    ),
+                )
+            })?
+            .map_err(ApplyError::Kafka)?;
+        let last_commit = match parse_framed(message.payload()) {
+            Ok((_, StreamItem::Commit(commit))) => Some(commit.commit_lsn),
+            _ => None,
+        };
+        if message.offset() != next - 1 || last_commit != Some(self.committed.commit_lsn) {
+            return Err(self.gap(
+                topic,
+                format!(
+                    "offset {} is not the commit of the last transaction this target applied \
+                     (commit LSN {}): the topic was deleted and recreated",
+                    next - 1,
+                    self.committed.commit_lsn
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The stream lost records this target has not applied.
+    fn gap(&self, topic: &str, detail: String) -> ApplyError {
+        ApplyError::Gap {
+            node: self.settings.node.clone(),
+            topic: topic.to_owned(),
+            next_offset: self.committed.next_offset,
+            commit_lsn: self.committed.commit_lsn,
+            detail,
+        }
+    }
+
+    /// One letter of [`replay`]: its change and the resolution, in one transaction.
+    async fn replay_one(
+        &mut self,
+        client: &Client,
+        letter: &StoredDeadLetter,
+    ) -> Result<(), ApplyError> {
+        let refuse = |reason: &str| ApplyError::BadMessage {
+            location: format!(
+                "dead letter #{} ({}@{})",
+                letter.id, letter.topic, letter.offset
+            ),
+            reason: reason.to_owned(),
+        };
+        let Some(payload) = letter.payload.as_deref() else {
+            return Err(refuse(
+                "it holds no record (capture could not publish the change): copy the row from \
+                 the source, then `pgferry dead-letters resolve`",
+            ));
+        };
+        let (_, item) = parse_framed(Some(payload.as_bytes()))
+            .map_err(|e| refuse(&format!("its record does not parse: {e}")))?;
+        let StreamItem::Change(change) = item else {
+            return Err(refuse("its record is not a change"));
+        };
+        let commit_ts_us = commit_ts_of(payload.as_bytes()).unwrap_or_default();
+        let record = RecordRef {
+            topic: &letter.topic,
+            partition: 0,
+            offset: letter.offset,
+            payload: Some(payload.as_bytes()),
+        };
+        client
+            .batch_execute("BEGIN")
+            .await
+            .map_err(ApplyError::sql("beginning the replay"))?;
+        let mut pending = InFlight::default();
+        if self.lww.is_some() {
+            self.apply_change_lww(client, &mut pending, &record, change, commit_ts_us)
+                .await?;
+        } else {
+            self.apply_change(client, &mut pending, &record, change)
+                .await?;
+        }
+        pending
+            .drain()
+            .await
+            .map_err(ApplyError::sql("replaying the change"))?;
+        client
+            .execute(
+                "UPDATE pgferry.dead_letters SET resolved_at = now(), resolution = 'replayed'
+                  WHERE id = $1",
+                &[&letter.id],
+            )
+            .await
+            .map_err(ApplyError::sql("marking the letter resolved"))?;
+        client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(ApplyError::sql("committing the replay"))
+    }
+
+    /// Reads which tables have unresolved dead letters, for readiness and the metric.
+    /// Runs after a letter was recorded, and every [`DIVERGED_RECHECK`] between transactions
+    /// (an operator may have resolved letters).
+    async fn refresh_diverged(&mut self, client: &Client) -> Result<(), ApplyError> {
+        if !self.letters_pending && self.diverged_checked.elapsed() < DIVERGED_RECHECK {
+            return Ok(());
+        }
+        let tables = target::diverged_tables(client, &self.settings.node)
+            .await
+            .map_err(ApplyError::sql("reading pgferry.dead_letters"))?;
+        self.diverged_checked = std::time::Instant::now();
+        let target = self.settings.target.url.display_target();
+        for table in self.diverged.iter().filter(|t| !tables.contains(t)) {
+            self.metrics
+                .tables_diverged
+                .with_label_values(&[&target, table])
+                .set(0);
+        }
+        for table in &tables {
+            self.metrics
+                .tables_diverged
+                .with_label_values(&[&target, table])
+                .set(1);
+        }
+        if !tables.is_empty() && (self.letters_pending || tables != self.diverged) {
+            tracing::warn!(node = %self.settings.node, %target, tables = %tables.join(", "),
+                           "target tables diverged: changes to them were dead-lettered; \
+                            `pgferry dead-letters list` shows them, `replay` or `resolve` clears them");
+        }
+        self.health.set_diverged(&self.component, tables.clone());
+        self.diverged = tables;
+        self.letters_pending = false;
         Ok(())
     }
 }

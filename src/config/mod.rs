@@ -111,6 +111,10 @@ pub struct SourceConfig {
     /// How often to send a standby status update.
     #[serde(default = "default_status", deserialize_with = "de::duration")]
     pub status_interval: Duration,
+    /// What to do with a change that cannot be published: a value that cannot be encoded,
+    /// or a record larger than `kafka.max_message_bytes`.
+    #[serde(default = "default_on_poison")]
+    pub on_poison: OnPoison,
 }
 
 impl fmt::Debug for SourceConfig {
@@ -158,9 +162,39 @@ pub struct KafkaConfig {
         deserialize_with = "de::duration"
     )]
     pub delivery_timeout: Duration,
+    /// Largest Kafka record pgferry produces or reads, in bytes. Sets the producer's
+    /// `message.max.bytes`, the `max.message.bytes` of topics pgferry creates, and the
+    /// consumers' fetch limits. A record over it follows the poison policy. The broker's own
+    /// limit (`message.max.bytes`, or a topic's `max.message.bytes`) must be at least this.
+    #[serde(
+        default = "default_max_message_bytes",
+        deserialize_with = "de::lenient"
+    )]
+    pub max_message_bytes: u32,
+    /// Topic for records that could not be published or applied. Default
+    /// `<topic_prefix>.__dead_letter`.
+    #[serde(default, deserialize_with = "optional_string")]
+    pub dead_letter_topic: Option<String>,
     /// Passed through to librdkafka (`security.protocol`, `sasl.*`, …).
     #[serde(default, deserialize_with = "de::lenient")]
     pub properties: BTreeMap<String, PropertyValue>,
+}
+
+/// Default `kafka.max_message_bytes`: 64 MiB, room for a 16 MB row whose bytea doubles in
+/// base64 and whose old image rides along under REPLICA IDENTITY FULL.
+pub const DEFAULT_MAX_MESSAGE_BYTES: u32 = 64 << 20;
+
+fn default_max_message_bytes() -> u32 {
+    DEFAULT_MAX_MESSAGE_BYTES
+}
+
+impl KafkaConfig {
+    /// `kafka.dead_letter_topic`, or `<topic_prefix>.__dead_letter`.
+    pub fn dead_letter_topic(&self) -> String {
+        self.dead_letter_topic
+            .clone()
+            .unwrap_or_else(|| format!("{}.__dead_letter", self.topic_prefix))
+    }
 }
 
 /// How changes are applied.
@@ -174,14 +208,16 @@ pub enum ApplyMode {
     MultiMaster,
 }
 
-/// What to do with a message that cannot be applied (undecodable, or its table is missing on
-/// the target).
+/// The poison policy: what to do with a change that cannot be published (capture: a value
+/// that cannot be encoded, a record over `kafka.max_message_bytes`) or applied (apply: an
+/// undecodable record, a missing table, a change the target rejects).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum OnBadMessage {
-    /// Publish it to the dead-letter topic with the reason, and go on.
+pub enum OnPoison {
+    /// Write it to the dead-letter topic (and, on apply, the target's `pgferry.dead_letters`)
+    /// with the reason and its position, count it, mark the table diverged, and go on.
     DeadLetter,
-    /// Stop applying, with an error naming the message.
+    /// Stop that stage, with an error naming the change.
     Stop,
 }
 
@@ -229,10 +265,11 @@ pub struct ApplyConfig {
         deserialize_with = "de::lenient"
     )]
     pub batch_max_changes: u32,
-    /// What to do with a message that cannot be applied.
-    #[serde(default = "default_on_bad_message")]
-    pub on_bad_message: OnBadMessage,
-    /// Dead-letter topic. Default `<topic_prefix>.__dead_letter`.
+    /// What to do with a change that cannot be applied (`on_bad_message` is the old name).
+    #[serde(default = "default_on_poison", alias = "on_bad_message")]
+    pub on_poison: OnPoison,
+    /// Dead-letter topic for apply; overrides `kafka.dead_letter_topic` (kept for older
+    /// configurations).
     #[serde(default, deserialize_with = "optional_string")]
     pub dead_letter_topic: Option<String>,
     /// Create missing target tables from the source's announced schema (columns, types,
@@ -326,8 +363,8 @@ fn default_maintenance_interval() -> Duration {
 fn default_batch_max_changes() -> u32 {
     DEFAULT_BATCH_MAX_CHANGES
 }
-fn default_on_bad_message() -> OnBadMessage {
-    OnBadMessage::DeadLetter
+fn default_on_poison() -> OnPoison {
+    OnPoison::DeadLetter
 }
 
 /// Default cap on changes per target transaction.

@@ -44,6 +44,19 @@ pub struct Metrics {
     pub apply_batches: IntCounter,
     /// Records sent to the dead-letter topic (or that stopped apply).
     pub apply_dead_letters: IntCounter,
+    /// Changes capture could not publish, dead-lettered (or that stopped capture), by table.
+    pub capture_dead_letters: IntCounterVec,
+    /// Tables with unresolved dead letters on a target (1), by target and table: the
+    /// target misses changes to them until an operator replays or resolves the letters.
+    pub tables_diverged: IntGaugeVec,
+    /// Whether each stage (capture, apply:<node>:<db>, maintenance) is running (1) or down and
+    /// retrying (0).
+    pub stage_up: IntGaugeVec,
+    /// Times a stage failed and was restarted, by stage.
+    pub stage_restarts: IntCounterVec,
+    /// Records between the oldest the node stream keeps and the next one to apply, by source
+    /// node: near 0, retention is about to delete records this target has not applied.
+    pub apply_retention_headroom: IntGaugeVec,
     /// Seconds between the source commit and its apply commit, for the last batch.
     pub apply_lag_seconds: Gauge,
     /// Seconds from handing a message to the producer to Kafka's acknowledgement.
@@ -84,6 +97,14 @@ fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> 
         .register(Box::new(c.clone()))
         .expect("metric registered once");
     c
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("metric definition is valid");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
 }
 
 fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
@@ -209,6 +230,37 @@ impl Metrics {
                 r,
                 "pgferry_apply_dead_letters_total",
                 "Records that could not be applied (dead-lettered or stopped apply).",
+            ),
+            capture_dead_letters: counter_vec(
+                r,
+                "pgferry_capture_dead_letters_total",
+                "Changes capture could not publish (dead-lettered or stopped capture), by table.",
+                &["table"],
+            ),
+            tables_diverged: gauge_vec(
+                r,
+                "pgferry_table_diverged",
+                "1 while a target table has unresolved dead letters (it misses changes).",
+                &["target", "table"],
+            ),
+            stage_up: gauge_vec(
+                r,
+                "pgferry_stage_up",
+                "1 while a stage runs, 0 while it is down and retrying.",
+                &["stage"],
+            ),
+            apply_retention_headroom: gauge_vec(
+                r,
+                "pgferry_apply_retention_headroom_records",
+                "Records between the oldest kept in the node stream and the next to apply; \
+                 near 0, retention is about to delete unapplied records.",
+                &["node"],
+            ),
+            stage_restarts: counter_vec(
+                r,
+                "pgferry_stage_restarts_total",
+                "Times a stage failed (or panicked) and was restarted.",
+                &["stage"],
             ),
             apply_lag_seconds: {
                 let g = Gauge::new(

@@ -39,6 +39,7 @@ fn kinds(steps: &[Step]) -> String {
             Step::Ignore => '.',
             Step::Orphaned(_) => 'X',
             Step::Relation(_) => 'R',
+            Step::Skipped(_) => 's',
             Step::Stray(_) => '!',
         })
         .collect()
@@ -136,6 +137,22 @@ fn parse_rejects_with_reasons() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn skipped_records_parse_and_frame() {
+    let item = parse(Some(
+        br#"{"type":"skipped","run":1,"schema":"s","table":"t","lsn":"0/10","error":"too large"}"#,
+    ))
+    .unwrap();
+    let mut f = Framer::new(Lsn(0));
+    assert!(matches!(f.step(0, item.clone()), Step::Stray(_)));
+    f.step(1, begin(5));
+    match f.step(2, item) {
+        Step::Skipped(s) => assert_eq!((s.table.as_str(), s.error.as_str()), ("t", "too large")),
+        other => panic!("{other:?}"),
+    }
+    assert!(parse(Some(br#"{"type":"skipped","schema":"s","table":"t"}"#)).is_err());
 }
 
 #[test]

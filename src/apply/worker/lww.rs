@@ -10,6 +10,7 @@ use serde_json::value::RawValue;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 
+use super::RecordRef;
 use super::{InFlight, StatementKey, Worker};
 use crate::apply::conflict::{decide, Action, ConflictType, Local, Resolution, Version};
 use crate::apply::error::ApplyError;
@@ -19,7 +20,6 @@ use crate::apply::stream::{object_text, ChangeItem, RowImage};
 use crate::apply::target::{TargetTable, TextParam};
 use crate::config::ClockSkewAction;
 use crate::event::Op;
-use rdkafka::message::BorrowedMessage;
 
 /// How often one change is decided again when a local writer inserts its key between the
 /// probe and the write.
@@ -103,7 +103,7 @@ impl Worker {
         &mut self,
         client: &'c Client,
         pending: &mut InFlight<'c>,
-        message: &BorrowedMessage<'_>,
+        message: &RecordRef<'_>,
         change: Box<ChangeItem>,
         commit_ts_us: i64,
     ) -> Result<(), ApplyError> {
@@ -119,7 +119,7 @@ impl Worker {
         };
         if table.key.is_empty() {
             let reason = format!("multi_master needs a primary key on {qualified}");
-            return self.bad_message(message, &reason).await;
+            return self.bad_message(client, message, &reason).await;
         }
         let image = |k: &str| match change.op {
             Op::Delete => change.before.as_ref().and_then(|b| b.get(k)),
@@ -136,7 +136,7 @@ impl Worker {
             .collect::<Option<Vec<Box<RawValue>>>>()
         else {
             let reason = format!("{qualified}: the change lacks primary-key columns");
-            return self.bad_message(message, &reason).await;
+            return self.bad_message(client, message, &reason).await;
         };
         if change.op == Op::Update {
             let moved = table.key.iter().any(|k| {
@@ -149,7 +149,7 @@ impl Worker {
                     "{qualified}: an update that changes the primary key cannot be resolved by \
                      last-writer-wins; delete and re-insert the row instead"
                 );
-                return self.bad_message(message, &reason).await;
+                return self.bad_message(client, message, &reason).await;
             }
         }
         pending
@@ -406,7 +406,7 @@ impl Worker {
         client: &Client,
         p: &Prepared<'_>,
         local: &Local,
-        message: &BorrowedMessage<'_>,
+        message: &RecordRef<'_>,
     ) -> Result<bool, ApplyError> {
         let after = p.change.after.clone().unwrap_or_default();
         let (schema, table) = (&p.change.schema, &p.change.table);
@@ -447,7 +447,7 @@ impl Worker {
             match Self::render_params(stmt.params(), &columns, &values, json_nulls, &p.qualified) {
                 Ok(params) => params,
                 Err(reason) => {
-                    self.bad_message(message, &reason).await?;
+                    self.bad_message(client, message, &reason).await?;
                     return Ok(true);
                 }
             };

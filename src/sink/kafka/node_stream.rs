@@ -9,7 +9,12 @@
 //! {"type":"change","run","topic","key":{...}|null,"change":<the per-table envelope>}   (repeated)
 //! {"type":"commit","run","node","commit_lsn","end_lsn","changes"}
 //! {"type":"relation","run","schema","table","columns":[{"name","type","not_null","key"}]}
+//! {"type":"skipped","run","schema","table","lsn","error"}
 //! ```
+//!
+//! A `skipped` record stands, inside its transaction, for a change capture could not publish
+//! and dead-lettered (see [`super::dead_letter`]): appliers record it and mark the table
+//! diverged, since the target now misses that change.
 //!
 //! `run` numbers capture runs (a sequence in the source database, so it only grows). When a
 //! capture is killed, the broker may still append requests the dead producer had sent after
@@ -138,6 +143,35 @@ pub fn relation_record(
         columns,
     };
     record(source, serde_json::to_vec(&relation).unwrap_or_default())
+}
+
+#[derive(Serialize)]
+struct Skipped<'a> {
+    r#type: &'static str,
+    run: u64,
+    schema: &'a str,
+    table: &'a str,
+    lsn: String,
+    error: &'a str,
+}
+
+/// Stands for a change capture dead-lettered instead of publishing.
+pub fn skipped_record(
+    source: &EnvelopeSource,
+    schema: &str,
+    table: &str,
+    lsn: Lsn,
+    error: &str,
+) -> Record {
+    let skipped = Skipped {
+        r#type: "skipped",
+        run: source.run,
+        schema,
+        table,
+        lsn: lsn.to_string(),
+        error,
+    };
+    record(source, serde_json::to_vec(&skipped).unwrap_or_default())
 }
 
 /// The marker that closes a transaction after `changes` change records.

@@ -140,14 +140,33 @@ pub struct KafkaSink {
     metrics: Arc<Metrics>,
 }
 
-/// librdkafka settings shared by the producer, the admin client and `check`.
+/// librdkafka settings shared by the producer, consumers, the admin client and `check`.
+/// `message.max.bytes` comes from `kafka.max_message_bytes`: it bounds what a producer sends,
+/// and librdkafka raises a consumer's fetch limits to it, so a record that could be written
+/// can always be read.
 pub fn client_config(config: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &config.brokers);
+    c.set("message.max.bytes", config.max_message_bytes.to_string());
     for (k, v) in &config.properties {
         c.set(k, &v.0);
     }
     c
+}
+
+/// A topic as pgferry creates it: `max.message.bytes` from `kafka.max_message_bytes`.
+fn new_topic<'a>(
+    config: &KafkaConfig,
+    topic: &'a str,
+    partitions: i32,
+    max_bytes: &'a str,
+) -> NewTopic<'a> {
+    NewTopic::new(
+        topic,
+        partitions,
+        TopicReplication::Fixed(config.topic_replication_factor),
+    )
+    .set("max.message.bytes", max_bytes)
 }
 
 impl KafkaSink {
@@ -207,15 +226,13 @@ impl KafkaSink {
             return Ok(());
         }
         if let Some(admin) = &self.admin {
-            let new = NewTopic::new(
-                topic,
-                if single_partition {
-                    1
-                } else {
-                    self.config.topic_partitions
-                },
-                TopicReplication::Fixed(self.config.topic_replication_factor),
-            );
+            let partitions = if single_partition {
+                1
+            } else {
+                self.config.topic_partitions
+            };
+            let max_bytes = self.config.max_message_bytes.to_string();
+            let new = new_topic(&self.config, topic, partitions, &max_bytes);
             let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
             let results = admin
                 .create_topics([&new], &opts)
@@ -300,11 +317,8 @@ pub async fn create_topic(
     partitions: i32,
 ) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> = client_config(config).create()?;
-    let new = NewTopic::new(
-        topic,
-        partitions,
-        TopicReplication::Fixed(config.topic_replication_factor),
-    );
+    let max_bytes = config.max_message_bytes.to_string();
+    let new = new_topic(config, topic, partitions, &max_bytes);
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     for r in admin.create_topics([&new], &opts).await? {
         match r {

@@ -4,7 +4,6 @@ use std::time::Duration;
 
 use crate::error::{classify_pg, Classify, ErrorClass};
 use crate::lsn::Lsn;
-use crate::sink::kafka::encode::EncodeError;
 use crate::sink::kafka::producer::SinkError;
 use crate::source::assemble::AssembleError;
 use crate::source::pgoutput::DecodeError;
@@ -43,14 +42,15 @@ pub enum CaptureError {
         #[source]
         source: AssembleError,
     },
-    /// A change could not be rendered. Capture stops rather than publish something wrong.
-    #[error("cannot encode the change at {lsn}")]
-    Encode {
+    /// A change could not be published and `source.on_poison` is `stop`.
+    #[error("cannot publish the change to {table} at {lsn}: {error}. Fix the cause, or set source.on_poison: dead_letter to skip such changes into the dead-letter topic")]
+    Poison {
         /// WAL position of the change.
         lsn: Lsn,
-        /// Why.
-        #[source]
-        source: EncodeError,
+        /// `schema.table`.
+        table: String,
+        /// Why, with its causes.
+        error: String,
     },
     /// The Kafka sink failed.
     #[error(transparent)]
@@ -87,7 +87,7 @@ impl Classify for CaptureError {
             CaptureError::SourceSilent(_) => ErrorClass::Transient,
             CaptureError::Decode { .. }
             | CaptureError::Assemble { .. }
-            | CaptureError::Encode { .. }
+            | CaptureError::Poison { .. }
             | CaptureError::SlotMismatch { .. }
             | CaptureError::MissingField(_) => ErrorClass::Fatal,
         }

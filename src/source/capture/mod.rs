@@ -25,11 +25,13 @@ pub use error::CaptureError;
 use super::catalog;
 use super::replication::ReplicationConnection;
 use super::snapshot::{self, TableReader};
-use crate::config::{KafkaConfig, SnapshotMode, SourceConfig};
+use crate::config::{KafkaConfig, OnPoison, SnapshotMode, SourceConfig};
+use crate::error::ErrorChain;
 use crate::event::{Op, RelationMeta, RowChange, TxnMeta};
 use crate::lsn::Lsn;
 use crate::pgtime::PgTimestamp;
 use crate::pipeline::progress::{Progress, Ticket};
+use crate::sink::kafka::dead_letter;
 use crate::sink::kafka::encode::{encode_change, EnvelopeSource, Record, TxnStamp};
 use crate::sink::kafka::node_stream::{self, ColumnSchema};
 use crate::sink::kafka::producer::{KafkaSink, Queued};
@@ -348,17 +350,27 @@ impl Capture {
             .clone();
         captured.inc();
         let now_ms = PgTimestamp::now().unix_millis();
-        let records = encode_change(&self.envelope, &txn.stamp, change, &self.types, now_ms)
-            .map_err(|source| CaptureError::Encode {
-                lsn: change.lsn,
-                source,
-            })?;
-        if !txn.begun {
-            let begin = node_stream::begin_record(&self.envelope, &txn.stamp, txn.snapshot);
-            self.send(txn.ticket, &begin, None, repl.as_deref_mut())
-                .await?;
-            txn.begun = true;
+        let records = match encode_change(&self.envelope, &txn.stamp, change, &self.types, now_ms) {
+            Ok(records) => records,
+            Err(e) => {
+                let error = format!("cannot encode: {}", ErrorChain(&e));
+                return self.poison(txn, change, None, error, repl).await;
+            }
+        };
+        // The node-stream copy wraps the per-table record, so it is the larger of the two.
+        let node_record = node_stream::change_record(&self.envelope, &records[0]);
+        let size = record_size(&node_record);
+        let limit = self.settings.kafka.max_message_bytes;
+        if size > limit as usize {
+            let error = format!(
+                "the change is {size} bytes as a Kafka record, over kafka.max_message_bytes \
+                 ({limit}); raise it (and the broker's limit) to publish rows this large"
+            );
+            return self
+                .poison(txn, change, Some(&records[0]), error, repl)
+                .await;
         }
+        self.begin_if_needed(txn, repl.as_deref_mut()).await?;
         for (i, record) in records.iter().enumerate() {
             // Tombstones are not changes; only the envelope counts as published.
             let counter = (i == 0).then(|| published.clone());
@@ -379,10 +391,71 @@ impl Capture {
             }
             self.announced.insert(oid);
         }
-        let node_record = node_stream::change_record(&self.envelope, &records[0]);
         self.send(txn.ticket, &node_record, None, repl).await?;
         txn.changes += 1;
         Ok(())
+    }
+
+    /// Sends the transaction's begin marker before its first record.
+    async fn begin_if_needed(
+        &mut self,
+        txn: &mut OpenTxn,
+        repl: Option<&mut stream::StreamState<'_>>,
+    ) -> Result<(), CaptureError> {
+        if !txn.begun {
+            let begin = node_stream::begin_record(&self.envelope, &txn.stamp, txn.snapshot);
+            self.send(txn.ticket, &begin, None, repl).await?;
+            txn.begun = true;
+        }
+        Ok(())
+    }
+
+    /// A change that cannot be published (`source.on_poison`): stop, or send a dead letter
+    /// and a `skipped` marker in its place, both counted against the transaction's ticket so
+    /// the slot confirms past the change only once Kafka holds the letter.
+    async fn poison(
+        &mut self,
+        txn: &mut OpenTxn,
+        change: &RowChange,
+        encoded: Option<&Record>,
+        error: String,
+        mut repl: Option<&mut stream::StreamState<'_>>,
+    ) -> Result<(), CaptureError> {
+        let table = change.relation.qualified_name();
+        self.metrics
+            .capture_dead_letters
+            .with_label_values(&[&table])
+            .inc();
+        if self.settings.source.on_poison == OnPoison::Stop {
+            return Err(CaptureError::Poison {
+                lsn: change.lsn,
+                table,
+                error,
+            });
+        }
+        let topic = self.settings.kafka.dead_letter_topic();
+        tracing::warn!(%table, lsn = %change.lsn, %error, %topic,
+                       "dead-lettering a change capture cannot publish; replicas of this table now miss it");
+        let letter = dead_letter::capture_letter(
+            &self.envelope.node,
+            &txn.stamp,
+            change,
+            encoded,
+            &error,
+            self.settings.kafka.max_message_bytes,
+        )
+        .record(&topic);
+        self.send(txn.ticket, &letter, None, repl.as_deref_mut())
+            .await?;
+        self.begin_if_needed(txn, repl.as_deref_mut()).await?;
+        let skipped = node_stream::skipped_record(
+            &self.envelope,
+            &change.relation.schema,
+            &change.relation.table,
+            change.lsn,
+            &error,
+        );
+        self.send(txn.ticket, &skipped, None, repl).await
     }
 
     /// Closes a transaction: its commit marker (if it published anything), then the seal that
@@ -419,6 +492,13 @@ impl Capture {
         }
         Ok(())
     }
+}
+
+/// Bytes a record occupies against librdkafka's `message.max.bytes` (payload, key, and
+/// librdkafka's per-message overhead).
+fn record_size(record: &Record) -> usize {
+    const OVERHEAD: usize = 512;
+    record.value.as_ref().map_or(0, Vec::len) + record.key.as_ref().map_or(0, Vec::len) + OVERHEAD
 }
 
 /// A source transaction being published.

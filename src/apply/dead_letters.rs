@@ -1,0 +1,232 @@
+//! `pgferry dead-letters list|replay|resolve`: what apply could not write, as each target's
+//! `pgferry.dead_letters` records it, and the operator's ways out.
+//!
+//! - `list` shows unresolved letters (all with `--all`) per target.
+//! - `replay` re-applies apply-stage letters from their stored record, each in its own target
+//!   transaction, after the operator fixed the cause (dropped the constraint, created the
+//!   table, …); a letter that fails again stays unresolved, with the new error printed. Replays
+//!   run under their own replication origin (`pgferry_<node>_replay_<db>`), so in multi-master
+//!   the local capture does not publish them again.
+//! - `resolve` marks letters handled without applying them (the operator repaired the rows by
+//!   hand, or re-copied the table). Capture-stage letters have no record to replay (capture
+//!   could not publish it); their row is in the source at the letter's LSN.
+//!
+//! A table is *diverged* while it has unresolved letters: `/readyz`, `pgferry_table_diverged`
+//! and `pgferry status` say so.
+
+use std::fmt::Write as _;
+
+use tokio_postgres::Client;
+
+use super::error::ApplyError;
+use super::worker::{self, WorkerSettings};
+use crate::config::{Config, TargetConfig};
+use crate::error::ErrorChain;
+
+/// One stored dead letter.
+#[derive(Debug, Clone)]
+pub struct StoredDeadLetter {
+    /// Row id in `pgferry.dead_letters`.
+    pub id: i64,
+    /// Node whose change it is.
+    pub node: String,
+    /// `capture` or `apply`.
+    pub stage: String,
+    /// `schema.table`, when known.
+    pub table: Option<String>,
+    /// Node-stream topic of the record.
+    pub topic: String,
+    /// Its offset there.
+    pub offset: i64,
+    /// WAL position (capture-stage letters).
+    pub lsn: Option<String>,
+    /// Why it was dead-lettered.
+    pub error: String,
+    /// The node-stream record (apply-stage letters).
+    pub payload: Option<String>,
+    /// When it was recorded.
+    pub created_at: String,
+    /// How it was resolved, if it was.
+    pub resolution: Option<String>,
+}
+
+/// Which letters a command acts on.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    /// These ids only (empty: no id filter).
+    pub ids: Vec<i64>,
+    /// This table only.
+    pub table: Option<String>,
+    /// Resolved letters too (`list --all`).
+    pub include_resolved: bool,
+}
+
+/// Reads the selected letters of one target, oldest first.
+pub async fn read(
+    client: &Client,
+    selection: &Selection,
+) -> Result<Vec<StoredDeadLetter>, tokio_postgres::Error> {
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass('pgferry.dead_letters') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(Vec::new());
+    }
+    let rows = client
+        .query(
+            "SELECT id, source_node, stage, table_name, topic, kafka_offset, lsn, error, payload,
+                    created_at::text, resolution
+               FROM pgferry.dead_letters
+              WHERE ($1 OR resolved_at IS NULL)
+                AND (cardinality($2::int8[]) = 0 OR id = ANY($2))
+                AND ($3::text IS NULL OR table_name = $3)
+              ORDER BY id",
+            &[
+                &selection.include_resolved,
+                &selection.ids,
+                &selection.table,
+            ],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| StoredDeadLetter {
+            id: r.get(0),
+            node: r.get(1),
+            stage: r.get(2),
+            table: r.get(3),
+            topic: r.get(4),
+            offset: r.get(5),
+            lsn: r.get(6),
+            error: r.get(7),
+            payload: r.get(8),
+            created_at: r.get(9),
+            resolution: r.get(10),
+        })
+        .collect())
+}
+
+async fn connect(target: &TargetConfig) -> Result<Client, ApplyError> {
+    crate::source::catalog::connect(target.url.config(), "pgferry-dead-letters")
+        .await
+        .map_err(ApplyError::sql("connecting to the target"))
+}
+
+fn targets(config: &Config) -> &[TargetConfig] {
+    config.apply.as_ref().map_or(&[], |a| &a.targets)
+}
+
+/// `list`: the selected letters of every target, as text.
+pub async fn list(config: &Config, selection: &Selection) -> Result<String, ApplyError> {
+    let mut out = String::new();
+    for target in targets(config) {
+        let client = connect(target).await?;
+        let letters = read(&client, selection)
+            .await
+            .map_err(ApplyError::sql("reading pgferry.dead_letters"))?;
+        let _ = writeln!(
+            out,
+            "target {}: {} dead letter(s)",
+            target.url.display_target(),
+            letters.len()
+        );
+        for l in letters {
+            let position = match &l.lsn {
+                Some(lsn) => format!("lsn {lsn}"),
+                None => format!("{}@{}", l.topic, l.offset),
+            };
+            let _ = writeln!(
+                out,
+                "  #{} {} from {} ({} stage) {} at {}: {}{}",
+                l.id,
+                l.table.as_deref().unwrap_or("(unknown table)"),
+                l.node,
+                l.stage,
+                position,
+                l.created_at,
+                l.error,
+                l.resolution
+                    .map(|r| format!(" [resolved: {r}]"))
+                    .unwrap_or_default(),
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// `resolve`: marks the selected unresolved letters handled with `note`; returns how many.
+pub async fn resolve(
+    config: &Config,
+    selection: &Selection,
+    note: &str,
+) -> Result<u64, ApplyError> {
+    let mut resolved = 0;
+    for target in targets(config) {
+        let client = connect(target).await?;
+        let ids: Vec<i64> = read(&client, selection)
+            .await
+            .map_err(ApplyError::sql("reading pgferry.dead_letters"))?
+            .iter()
+            .map(|l| l.id)
+            .collect();
+        resolved += client
+            .execute(
+                "UPDATE pgferry.dead_letters SET resolved_at = now(), resolution = $2
+                  WHERE id = ANY($1) AND resolved_at IS NULL",
+                &[&ids, &note],
+            )
+            .await
+            .map_err(ApplyError::sql("resolving dead letters"))?;
+    }
+    Ok(resolved)
+}
+
+/// `replay`: re-applies the selected apply-stage letters; returns one line per letter, and
+/// how many could not be replayed.
+pub async fn replay(config: &Config, selection: &Selection) -> Result<(String, usize), ApplyError> {
+    let Some(apply) = &config.apply else {
+        return Ok(("no apply section: nothing to replay\n".to_owned(), 0));
+    };
+    let mut out = String::new();
+    let mut failed = 0;
+    for target in &apply.targets {
+        let client = connect(target).await?;
+        let letters = read(&client, selection)
+            .await
+            .map_err(ApplyError::sql("reading pgferry.dead_letters"))?;
+        drop(client);
+        let mut by_node: Vec<(String, Vec<StoredDeadLetter>)> = Vec::new();
+        for letter in letters {
+            match by_node.iter_mut().find(|(n, _)| *n == letter.node) {
+                Some((_, v)) => v.push(letter),
+                None => by_node.push((letter.node.clone(), vec![letter])),
+            }
+        }
+        for (node, letters) in by_node {
+            let settings = WorkerSettings {
+                node,
+                local_node: config.node_id.clone(),
+                target: target.clone(),
+                apply: apply.clone(),
+                kafka: config.kafka.clone(),
+            };
+            for (id, outcome) in worker::replay(settings, &letters).await? {
+                let _ = match outcome {
+                    Ok(()) => writeln!(out, "#{id}: replayed"),
+                    Err(e) => {
+                        failed += 1;
+                        writeln!(out, "#{id}: not replayed: {}", ErrorChain(&e))
+                    }
+                };
+            }
+        }
+    }
+    if out.is_empty() {
+        out.push_str("no unresolved dead letters selected\n");
+    }
+    Ok((out, failed))
+}

@@ -1,0 +1,485 @@
+//! Nothing a user writes, and no fault of a neighbouring stage, stops or silently breaks
+//! replication: large rows, changes the target rejects, a failing apply worker beside
+//! capture, and a node stream that lost records. Real PostgreSQL, real broker, the real binary.
+
+mod common;
+
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use common::broker::Broker;
+use common::ferry::{apply_config, capture_config, pgferry_bin, Ferry};
+use common::kafka::TopicReader;
+use common::pg::{table_checksum, PgCluster};
+use tokio_postgres::Client;
+
+fn broker() -> &'static Broker {
+    static BROKER: OnceLock<Broker> = OnceLock::new();
+    BROKER.get_or_init(Broker::start)
+}
+
+/// Starts a capture of `db` with extra `source:` and `kafka:` lines.
+fn capture(pg: &PgCluster, db: &str, extra_source: &str, extra_kafka: &str) -> Ferry {
+    let port = common::free_port();
+    let yaml = capture_config(
+        "node-a",
+        pg.port,
+        db,
+        &broker().address(),
+        port,
+        extra_source,
+    )
+    .replace(
+        &format!("  topic_prefix: {db}\n"),
+        &format!("  topic_prefix: {db}\n{extra_kafka}"),
+    );
+    Ferry::start(&yaml, port)
+}
+
+fn applier(master: &str, replica: &str, extra_apply: &str, extra_kafka: &str) -> Ferry {
+    let pg = PgCluster::shared();
+    let port = common::free_port();
+    let yaml = apply_config(
+        "node-a",
+        master,
+        &[pg.url(replica)],
+        &broker().address(),
+        port,
+        extra_apply,
+    )
+    .replace(
+        &format!("  topic_prefix: {master}\n"),
+        &format!("  topic_prefix: {master}\n{extra_kafka}"),
+    );
+    Ferry::start(&yaml, port)
+}
+
+async fn wait_equal(master: &Client, replica: &Client, table: &str, timeout: Duration) {
+    common::wait_for(
+        &format!("{table} to be equal on the replica"),
+        timeout,
+        || async {
+            let want = table_checksum(master, table).await;
+            let got = common::pg::try_table_checksum(replica, table).await?;
+            (got == want).then_some(())
+        },
+    )
+    .await;
+}
+
+/// Runs `pgferry <args>` and returns (exit code, stdout).
+fn cli(args: &[&str]) -> (i32, String) {
+    let out = Command::new(pgferry_bin())
+        .args(args)
+        .output()
+        .expect("run pgferry");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Acceptance 2: a 16 MB row (text, and bytea whose base64 is 21 MB) replicates with the
+/// default `kafka.max_message_bytes`; with a small configured limit, a row over it is
+/// dead-lettered (with its position and size), a later row still arrives, the replica marks
+/// the table diverged, and capture never restarts.
+#[tokio::test(flavor = "multi_thread")]
+async fn large_rows_replicate_and_oversize_rows_are_dead_lettered() {
+    let pg = PgCluster::shared();
+    let ddl = "CREATE TABLE big (id int PRIMARY KEY, body text, bin bytea);";
+    // Default limit: 16 MB rows go through.
+    let (master, m) = pg.fresh_db("large_m", ddl).await;
+    let (replica, _) = pg.fresh_db("large_r", ddl).await;
+    let cap = capture(pg, &master, "", "");
+    cap.wait_ready().await;
+    let _apply = applier(&master, &replica, "", "");
+    m.batch_execute(
+        "INSERT INTO big VALUES (1, repeat(md5('a'), 16 * 1024 * 1024 / 32), NULL);
+         INSERT INTO big VALUES (2, 'small', decode(repeat(md5('b'), 16 * 1024 * 1024 / 32), 'hex') || decode(repeat(md5('c'), 16 * 1024 * 1024 / 32), 'hex'));
+         INSERT INTO big VALUES (3, 'after', NULL);",
+    )
+    .await
+    .unwrap();
+    let r = pg.client(&replica).await;
+    wait_equal(&m, &r, "big", Duration::from_secs(180)).await;
+    let sizes: (i32, i32) = {
+        let row = r
+            .query_one(
+                "SELECT (SELECT length(body) FROM big WHERE id = 1), (SELECT length(bin) FROM big WHERE id = 2)",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(sizes, (16 * 1024 * 1024, 16 * 1024 * 1024));
+
+    // A configured limit of 2 MB: a 3 MB row is over it.
+    let (master2, m2) = pg.fresh_db("oversize_m", ddl).await;
+    let (replica2, _) = pg.fresh_db("oversize_r", ddl).await;
+    let limit = "  max_message_bytes: 2000000\n";
+    let cap2 = capture(pg, &master2, "", limit);
+    cap2.wait_ready().await;
+    let apply2 = applier(&master2, &replica2, "", limit);
+    let mut rng = common::Rng::new(7);
+    let mut oversize = Vec::new();
+    for id in 1..=12 {
+        // Random sizes on both sides of the limit.
+        let big = rng.chance(0.3);
+        let len = if big {
+            rng.range(2_100_000, 3_000_000) as i32
+        } else {
+            rng.range(10, 200_000) as i32
+        };
+        if big {
+            oversize.push(id);
+        }
+        m2.execute(
+            "INSERT INTO big VALUES ($1, repeat('x', $2), NULL)",
+            &[&id, &len],
+        )
+        .await
+        .unwrap();
+    }
+    m2.batch_execute("INSERT INTO big VALUES (100, 'later', NULL)")
+        .await
+        .unwrap();
+    let r2 = pg.client(&replica2).await;
+    common::wait_for(
+        "the later row on the replica",
+        Duration::from_secs(90),
+        || async {
+            let n: i64 = r2
+                .query_one("SELECT count(*) FROM big WHERE id = 100", &[])
+                .await
+                .ok()?
+                .get(0);
+            (n == 1).then_some(())
+        },
+    )
+    .await;
+    let on_replica: Vec<i32> = r2
+        .query("SELECT id FROM big WHERE id < 100 ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let expected: Vec<i32> = (1..=12).filter(|id| !oversize.contains(id)).collect();
+    assert_eq!(on_replica, expected, "exactly the rows under the limit");
+    let dlq = [format!("{master2}.__dead_letter")];
+    let letters =
+        TopicReader::new(&broker().address())
+            .read_until(&dlq, Duration::from_secs(30), |r| r.len() >= oversize.len());
+    let mut lettered: Vec<i64> = letters
+        .iter()
+        .map(|l| {
+            let v = l.value.as_ref().unwrap();
+            assert_eq!(v["stage"], "capture", "{v}");
+            assert_eq!(v["table"], "public.big", "{v}");
+            assert!(v["lsn"].as_str().is_some_and(|s| s.contains('/')), "{v}");
+            assert!(v["payload_bytes"].as_u64().unwrap() > 2_000_000, "{v}");
+            assert!(v["payload"].is_null(), "too large to carry: {v}");
+            assert!(
+                v["error"].as_str().unwrap().contains("max_message_bytes"),
+                "{v}"
+            );
+            l.key.as_ref().unwrap()["id"].as_i64().unwrap()
+        })
+        .collect();
+    lettered.sort_unstable();
+    let oversize: Vec<i64> = oversize.into_iter().map(i64::from).collect();
+    assert_eq!(lettered, oversize);
+    assert_eq!(
+        cap2.metric("pgferry_capture_dead_letters_total", "public.big"),
+        Some(oversize.len() as f64)
+    );
+    // Capture never restarted, and its position moved past the dead-lettered rows.
+    assert_eq!(cap2.metric("pgferry_stage_restarts_total", ""), Some(0.0));
+    assert!(!cap2.log().contains("stage failed"), "{}", cap2.log());
+    // The replica records what it misses and says so.
+    let (status, body) = apply2.http_get("/readyz").unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("diverged tables: public.big"), "{body}");
+    let stored: i64 = r2
+        .query_one(
+            "SELECT count(*) FROM pgferry.dead_letters WHERE stage = 'capture' AND table_name = 'public.big'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, oversize.len() as i64);
+}
+
+/// Acceptance 3: changes the target rejects (a CHECK constraint only the target has), at
+/// random places in random transactions, are dead-lettered with their position; the rest of
+/// each transaction and later ones apply; the table shows as diverged in `/readyz`, the metric
+/// and `pgferry status`; after the constraint is dropped, `pgferry dead-letters replay` applies
+/// them and the replica equals the master.
+#[tokio::test(flavor = "multi_thread")]
+async fn rejected_changes_are_dead_lettered_then_replayed() {
+    for seed in [1u64, 2, 3] {
+        let pg = PgCluster::shared();
+        let ddl = "CREATE TABLE items (id int PRIMARY KEY, v int);";
+        let (master, m) = pg.fresh_db(&format!("reject{seed}_m"), ddl).await;
+        let (replica, r) = pg
+            .fresh_db(
+                &format!("reject{seed}_r"),
+                &format!("{ddl} ALTER TABLE items ADD CONSTRAINT small CHECK (v < 100);"),
+            )
+            .await;
+        let cap = capture(pg, &master, "", "");
+        cap.wait_ready().await;
+        let apply = applier(&master, &replica, "", "");
+        let mut rng = common::Rng::new(seed);
+        let mut id = 0;
+        let mut rejected = 0;
+        for _ in 0..rng.range(5, 15) {
+            let mut sql = String::from("BEGIN;");
+            for _ in 0..rng.range(1, 20) {
+                id += 1;
+                let v = rng.range(0, 130);
+                if v >= 100 {
+                    rejected += 1;
+                }
+                sql.push_str(&format!("INSERT INTO items VALUES ({id}, {v});"));
+            }
+            // Updates that stay valid on the target, in the same transactions.
+            sql.push_str("UPDATE items SET v = v + 1 WHERE v < 50 AND id % 3 = 0; COMMIT;");
+            m.batch_execute(&sql).await.unwrap();
+        }
+        id += 1;
+        m.execute("INSERT INTO items VALUES ($1, 1)", &[&id])
+            .await
+            .unwrap();
+        common::wait_for(
+            "the last row on the replica",
+            Duration::from_secs(90),
+            || async {
+                let n: i64 = r
+                    .query_one("SELECT count(*) FROM items WHERE id = $1", &[&id])
+                    .await
+                    .ok()?
+                    .get(0);
+                (n == 1).then_some(())
+            },
+        )
+        .await;
+        let accepted: i64 = m
+            .query_one("SELECT count(*) FROM items WHERE v < 100", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let on_replica: i64 = r
+            .query_one("SELECT count(*) FROM items", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(on_replica, accepted, "seed {seed}: every valid row applied");
+        let letters: Vec<(String, i64, String)> = r
+            .query(
+                "SELECT table_name, kafka_offset, error FROM pgferry.dead_letters WHERE resolved_at IS NULL",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| (row.get(0), row.get(1), row.get(2)))
+            .collect();
+        assert_eq!(
+            letters.len(),
+            rejected,
+            "seed {seed}: one letter per rejected change"
+        );
+        for (table, offset, error) in &letters {
+            assert_eq!(table, "public.items");
+            assert!(*offset >= 0);
+            assert!(error.contains("small"), "the constraint is named: {error}");
+        }
+        if rejected > 0 {
+            common::wait_for(
+                "readiness to name the diverged table",
+                Duration::from_secs(30),
+                || async {
+                    let (status, body) = apply.http_get("/readyz")?;
+                    (status == 503 && body.contains("diverged tables: public.items")).then_some(())
+                },
+            )
+            .await;
+            assert_eq!(
+                apply.metric("pgferry_table_diverged", "public.items"),
+                Some(1.0)
+            );
+            let config = apply.config_path.to_str().unwrap();
+            let (code, status) = cli(&["status", "--config", config]);
+            assert_eq!(code, 0, "{status}");
+            assert!(
+                status.contains(&format!("DIVERGED public.items: {rejected} unresolved")),
+                "{status}"
+            );
+            let (code, list) = cli(&["dead-letters", "list", "--config", config]);
+            assert_eq!(code, 0, "{list}");
+            assert!(
+                list.contains(&format!("{rejected} dead letter(s)")),
+                "{list}"
+            );
+            // Still rejected: replay fails and keeps them.
+            let (code, out) = cli(&["dead-letters", "replay", "--config", config, "--all"]);
+            assert_eq!(code, 1, "{out}");
+            assert!(out.contains("not replayed"), "{out}");
+            r.batch_execute("ALTER TABLE items DROP CONSTRAINT small")
+                .await
+                .unwrap();
+            let (code, out) = cli(&["dead-letters", "replay", "--config", config, "--all"]);
+            assert_eq!(code, 0, "{out}");
+            assert_eq!(out.matches("replayed").count(), rejected, "{out}");
+        }
+        wait_equal(&m, &r, "items", Duration::from_secs(30)).await;
+        common::wait_for(
+            "readiness after the replay",
+            Duration::from_secs(30),
+            || async {
+                let (status, _) = apply.http_get("/readyz")?;
+                (status == 200).then_some(())
+            },
+        )
+        .await;
+    }
+}
+
+/// Acceptance 4: in one process running capture and apply, an apply worker that keeps failing
+/// (its target database does not exist) does not stop capture: capture keeps confirming, and
+/// `/readyz` and `pgferry_stage_up` name the failing stage.
+#[tokio::test(flavor = "multi_thread")]
+async fn failing_apply_worker_does_not_stop_capture() {
+    let pg = PgCluster::shared();
+    let (master, m) = pg
+        .fresh_db("isolate_m", "CREATE TABLE t (id int PRIMARY KEY);")
+        .await;
+    let port = common::free_port();
+    let yaml = format!(
+        "{}apply:\n  mode: replica\n  nodes: [node-a]\n  targets:\n    - url: {}\n",
+        capture_config("node-a", pg.port, &master, &broker().address(), port, ""),
+        pg.url("no_such_database")
+    );
+    let ferry = Ferry::start(&yaml, port);
+    common::wait_for(
+        "the apply stage to be reported down",
+        Duration::from_secs(60),
+        || async {
+            let (status, body) = ferry.http_get("/readyz")?;
+            (status == 503 && body.contains("apply:node-a:") && body.contains("down:"))
+                .then_some(body)
+        },
+    )
+    .await;
+    let slot = format!("slot_{master}");
+    for round in 0..3 {
+        let before = pg.current_wal(&master).await;
+        m.execute("INSERT INTO t VALUES ($1)", &[&round])
+            .await
+            .unwrap();
+        common::wait_for(
+            "capture to confirm past the insert",
+            Duration::from_secs(30),
+            || async { (pg.confirmed_flush(&master, &slot).await > before).then_some(()) },
+        )
+        .await;
+    }
+    assert_eq!(
+        ferry.metric("pgferry_stage_up", "stage=\"capture\""),
+        Some(1.0)
+    );
+    assert_eq!(
+        ferry.metric("pgferry_stage_up", "stage=\"apply:node-a:"),
+        Some(0.0)
+    );
+    assert!(
+        ferry
+            .metric("pgferry_stage_restarts_total", "stage=\"apply:node-a:")
+            .unwrap()
+            >= 1.0
+    );
+    assert_eq!(
+        ferry.metric("pgferry_stage_restarts_total", "stage=\"capture\""),
+        Some(0.0)
+    );
+}
+
+/// Acceptance 5: the applier's stored offset is made unavailable (the node stream is deleted
+/// and recreated while the applier is stopped, then refilled with fewer or more records than
+/// it had): the worker stops with an error naming the gap, and applies nothing after it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_recreated_node_stream_is_a_reported_gap_not_a_skip() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    for (seed, more) in [(1u64, false), (2, true)] {
+        let pg = PgCluster::shared();
+        let ddl = "CREATE TABLE t (id int PRIMARY KEY, v text);";
+        let (master, m) = pg.fresh_db(&format!("gap{seed}_m"), ddl).await;
+        let (replica, r) = pg.fresh_db(&format!("gap{seed}_r"), ddl).await;
+        let mut rng = common::Rng::new(seed);
+        let mut cap = capture(pg, &master, "", "");
+        cap.wait_ready().await;
+        let mut apply = applier(&master, &replica, "", "");
+        let first = rng.range(20, 60) as i32;
+        for id in 0..first {
+            m.execute("INSERT INTO t VALUES ($1, 'before')", &[&id])
+                .await
+                .unwrap();
+        }
+        wait_equal(&m, &r, "t", Duration::from_secs(60)).await;
+        apply.kill9();
+        cap.kill9();
+        let topic = format!("{master}.__node.node-a");
+        let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", broker().address())
+            .create()
+            .unwrap();
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        admin.delete_topics(&[&topic], &opts).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        admin
+            .create_topics(
+                &[NewTopic::new(&topic, 1, TopicReplication::Fixed(1))],
+                &opts,
+            )
+            .await
+            .unwrap();
+        cap.restart();
+        cap.wait_ready().await;
+        // Fewer records than the applier had read, or more (3 records per transaction).
+        let later = if more { first * 2 } else { 2 };
+        for id in 1000..1000 + later {
+            m.execute("INSERT INTO t VALUES ($1, 'after')", &[&id])
+                .await
+                .unwrap();
+        }
+        apply.restart();
+        common::wait_for(
+            "the gap to be reported",
+            Duration::from_secs(60),
+            || async {
+                let log = apply.log();
+                (log.contains("gap in") && log.contains(&topic)).then_some(())
+            },
+        )
+        .await;
+        let (status, body) = apply.http_get("/readyz").unwrap();
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("gap in"), "{body}");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after: i64 = r
+            .query_one("SELECT count(*) FROM t WHERE v = 'after'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(after, 0, "seed {seed}: nothing after the gap is applied");
+    }
+}
