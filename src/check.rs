@@ -372,6 +372,17 @@ async fn check_backlog(
         ));
         return;
     }
+    if next > backlog.high {
+        problems.push(problem(
+            format!(
+                "{topic} ends at offset {}, but target {target} applied up to offset {next}: the \
+                 topic was deleted and recreated (or truncated), so changes may be missing",
+                backlog.high
+            ),
+            "re-seed the target from the source, then reset pgferry.apply_progress for this node",
+        ));
+        return;
+    }
     if let (Some(age), Some(retention)) = (backlog.oldest_unapplied_age, backlog.retention) {
         if age * 5 > retention * 4 {
             problems.push(problem(
@@ -390,6 +401,7 @@ async fn check_backlog(
 /// What a node stream holds past a target's position.
 struct Backlog {
     low: i64,
+    high: i64,
     oldest_unapplied_age: Option<Duration>,
     retention: Option<Duration>,
 }
@@ -417,6 +429,7 @@ fn backlog(
     let retention = topic_retention(kafka, topic);
     Ok(Backlog {
         low,
+        high,
         oldest_unapplied_age,
         retention,
     })

@@ -481,5 +481,12 @@ async fn a_recreated_node_stream_is_a_reported_gap_not_a_skip() {
             .unwrap()
             .get(0);
         assert_eq!(after, 0, "seed {seed}: nothing after the gap is applied");
+        if !more {
+            // `check` sees it too: the topic ends before the stored position.
+            let config = apply.config_path.to_str().unwrap();
+            let (code, out) = cli(&["check", "--config", config]);
+            assert_ne!(code, 0, "{out}");
+            assert!(out.contains("deleted and recreated"), "{out}");
+        }
     }
 }
