@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::broker::Broker;
-use common::ferry::Ferry;
+use common::mesh::{mesh, oracle, random_writes, wait_all_equal, Budget, Committed, Node, KV_DDL};
 use common::pg::PgCluster;
 use common::wait_for;
 use tokio_postgres::Client;
@@ -31,231 +31,6 @@ fn skewed_cluster() -> &'static PgCluster {
     SKEWED.get_or_init(|| PgCluster::start_faketime("-2"))
 }
 
-const KV_DDL: &str = "CREATE TABLE kv (k int PRIMARY KEY, v int NOT NULL, note text)";
-
-struct Node {
-    name: String,
-    cluster: &'static PgCluster,
-    db: String,
-    ferry: Ferry,
-}
-
-impl Node {
-    async fn client(&self) -> Client {
-        self.cluster.client(&self.db).await
-    }
-
-    fn metric(&self, name: &str, labels: &str) -> f64 {
-        self.ferry.metric(name, labels).unwrap_or(0.0)
-    }
-
-    /// Stops pgferry with SIGTERM and waits for it to exit.
-    fn stop(&mut self) {
-        self.ferry.terminate();
-        let status = self.ferry.wait_exit(Duration::from_secs(60));
-        assert!(status.is_some(), "{} did not stop", self.name);
-    }
-}
-
-fn node_config(
-    label: &str,
-    name: &str,
-    others: &[String],
-    cluster: &PgCluster,
-    db: &str,
-    port: u16,
-    conflict: &str,
-) -> String {
-    format!(
-        "node_id: {name}\n\
-         source:\n  url: {url}\n  slot: slot_{db}\n  publication: pub_{db}\n  snapshot: never\n  \
-         heartbeat_interval: 1s\n  status_interval: 1s\n\
-         kafka:\n  brokers: {brokers}\n  topic_prefix: {label}\n\
-         apply:\n  mode: multi_master\n  nodes: [{others}]\n  targets:\n    - url: {url}\n  \
-         conflict:\n    maintenance_interval: 2s\n{conflict}\
-         metrics:\n  listen: 127.0.0.1:{port}\n\
-         log:\n  format: text\n  level: info,pgferry=debug\n",
-        url = cluster.url(db),
-        brokers = broker().address(),
-        others = others.join(", "),
-    )
-}
-
-/// One database per cluster with `ddl`, and a multi-master pgferry on each, all ready.
-/// `conflict`: extra lines under `apply.conflict` (indented four spaces).
-async fn mesh(
-    label: &str,
-    clusters: &[&'static PgCluster],
-    ddl: &str,
-    conflict: &str,
-) -> Vec<Node> {
-    let names: Vec<String> = (0..clusters.len()).map(|i| format!("{label}{i}")).collect();
-    let mut nodes = Vec::new();
-    for (i, cluster) in clusters.iter().enumerate() {
-        let (db, _) = cluster.fresh_db(label, ddl).await;
-        let others: Vec<String> = names.iter().filter(|n| **n != names[i]).cloned().collect();
-        let port = common::free_port();
-        let yaml = node_config(label, &names[i], &others, cluster, &db, port, conflict);
-        nodes.push(Node {
-            name: names[i].clone(),
-            cluster,
-            db,
-            ferry: Ferry::start(&yaml, port),
-        });
-    }
-    for node in &nodes {
-        node.ferry.wait_ready().await;
-    }
-    nodes
-}
-
-/// A committed write as the oracle sees it: version and resulting row (`None`: deleted).
-#[derive(Debug, Clone)]
-struct Committed {
-    ts_us: i64,
-    node: String,
-    key: i32,
-    row: Option<(i32, Option<String>)>,
-}
-
-const COMMIT_TS_US: &str = "SELECT (extract(epoch FROM pg_xact_commit_timestamp(($1::int8 % 4294967296)::text::xid)) * 1000000)::int8";
-
-/// Random single-row inserts, updates and deletes over `keys` keys; records each write that
-/// changed something, with its commit timestamp.
-async fn random_writes(
-    client: Client,
-    node: String,
-    seed: u64,
-    ops: usize,
-    keys: u64,
-) -> Vec<Committed> {
-    let mut rng = common::Rng::new(seed);
-    let mut done = Vec::new();
-    let mut client = client;
-    for i in 0..ops {
-        let r = rng.next();
-        let key = (r % keys) as i32;
-        let value = (r >> 20) as i32 & 0xffff;
-        let note = (r >> 40) % 4 != 0;
-        let note = note.then(|| format!("{node}-{i}"));
-        let txn = client.transaction().await.expect("begin");
-        let row = match (r >> 10) % 10 {
-            0..=3 => txn
-                .query_opt(
-                    "INSERT INTO kv VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING v, note",
-                    &[&key, &value, &note],
-                )
-                .await
-                .map(|r| r.map(|r| Some((r.get(0), r.get(1))))),
-            4..=7 => txn
-                .query_opt(
-                    "UPDATE kv SET v = $2, note = $3 WHERE k = $1 RETURNING v, note",
-                    &[&key, &value, &note],
-                )
-                .await
-                .map(|r| r.map(|r| Some((r.get(0), r.get(1))))),
-            _ => txn
-                .query_opt("DELETE FROM kv WHERE k = $1 RETURNING k", &[&key])
-                .await
-                .map(|r| r.map(|_| None)),
-        };
-        match row {
-            Ok(Some(row)) => {
-                let xid: i64 = txn
-                    .query_one("SELECT txid_current()", &[])
-                    .await
-                    .expect("xid")
-                    .get(0);
-                txn.commit().await.expect("commit");
-                let ts_us: i64 = client
-                    .query_one(COMMIT_TS_US, &[&xid])
-                    .await
-                    .expect("commit timestamp")
-                    .get(0);
-                done.push(Committed {
-                    ts_us,
-                    node: node.clone(),
-                    key,
-                    row,
-                });
-            }
-            Ok(None) => txn.rollback().await.expect("rollback"),
-            Err(e) => panic!("writer {node}: {e:?}"),
-        }
-        if r % 3 == 0 {
-            tokio::time::sleep(Duration::from_millis((r >> 50) % 8)).await;
-        }
-    }
-    done
-}
-
-/// The last-writer-wins outcome: per key, the write with the greatest (commit ts, node).
-fn oracle(writes: &[Committed]) -> BTreeMap<i32, (i32, Option<String>)> {
-    let mut last: BTreeMap<i32, &Committed> = BTreeMap::new();
-    for w in writes {
-        let entry = last.entry(w.key).or_insert(w);
-        if (w.ts_us, &w.node) > (entry.ts_us, &entry.node) {
-            *entry = w;
-        }
-    }
-    last.into_iter()
-        .filter_map(|(k, w)| w.row.clone().map(|row| (k, row)))
-        .collect()
-}
-
-async fn kv_rows(client: &Client) -> BTreeMap<i32, (i32, Option<String>)> {
-    client
-        .query("SELECT k, v, note FROM kv ORDER BY k", &[])
-        .await
-        .expect("read kv")
-        .iter()
-        .map(|r| (r.get(0), (r.get(1), r.get(2))))
-        .collect()
-}
-
-/// Waits until every node's `kv` equals `expected`; fails with the first difference.
-async fn wait_all_equal(
-    nodes: &[Node],
-    expected: &BTreeMap<i32, (i32, Option<String>)>,
-    timeout: Duration,
-) {
-    let mut clients = Vec::new();
-    for n in nodes {
-        clients.push(n.client().await);
-    }
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        let mut diff = None;
-        for (node, client) in nodes.iter().zip(&clients) {
-            let got = kv_rows(client).await;
-            if &got != expected {
-                let keys: Vec<_> = expected
-                    .keys()
-                    .chain(got.keys())
-                    .filter(|k| got.get(k) != expected.get(k))
-                    .take(5)
-                    .map(|k| {
-                        format!(
-                            "k={k}: node has {:?}, oracle {:?}",
-                            got.get(k),
-                            expected.get(k)
-                        )
-                    })
-                    .collect();
-                diff = Some(format!("{}: {}", node.name, keys.join("; ")));
-                break;
-            }
-        }
-        match diff {
-            None => return,
-            Some(d) if std::time::Instant::now() >= deadline => {
-                panic!("nodes did not converge to the oracle within {timeout:?}: {d}")
-            }
-            Some(_) => tokio::time::sleep(Duration::from_millis(500)).await,
-        }
-    }
-}
-
 /// What happens to pgferry processes while the writers run.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Disturbance {
@@ -275,19 +50,18 @@ async fn randomized(
 ) -> (Vec<Node>, Vec<Committed>) {
     const OPS_PER_NODE: usize = 700;
     const KEYS: u64 = 24;
-    let mut nodes = mesh(label, &clusters, KV_DDL, "").await;
+    let mut nodes = mesh(label, &clusters, KV_DDL, "", &broker().address()).await;
     if disturbance == Disturbance::Offline {
         nodes[2].stop();
     }
     let mut writers = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
-        let client = node.client().await;
-        let name = node.name.clone();
         writers.push(tokio::spawn(random_writes(
-            client,
-            name,
+            node.cluster,
+            node.db.clone(),
+            node.name.clone(),
             seed * 10 + i as u64,
-            OPS_PER_NODE,
+            Budget::Ops(OPS_PER_NODE),
             KEYS,
         )));
     }
@@ -447,7 +221,14 @@ async fn conflicts(client: &Client) -> Vec<(i32, String, String)> {
 /// every conflict is in `pgferry.conflicts` and the metric.
 #[tokio::test(flavor = "multi_thread")]
 async fn update_delete_races_and_the_conflict_log() {
-    let mut nodes = mesh("mmrace", &[cluster(0), cluster(1)], KV_DDL, "").await;
+    let mut nodes = mesh(
+        "mmrace",
+        &[cluster(0), cluster(1)],
+        KV_DDL,
+        "",
+        &broker().address(),
+    )
+    .await;
     let (a, b) = (nodes[0].client().await, nodes[1].client().await);
     a.batch_execute("INSERT INTO kv VALUES (1, 0, NULL), (2, 0, NULL), (3, 0, NULL), (4, 0, NULL)")
         .await
@@ -579,6 +360,7 @@ async fn custom_resolver_merges_counters() {
         &[cluster(1), cluster(2)],
         COUNTERS_DDL,
         "    resolvers:\n      public.counters: public.merge_counters\n",
+        &broker().address(),
     )
     .await;
     let (a, b) = (nodes[0].client().await, nodes[1].client().await);

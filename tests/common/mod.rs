@@ -7,6 +7,7 @@
 pub mod broker;
 pub mod ferry;
 pub mod kafka;
+pub mod mesh;
 pub mod pg;
 pub mod process;
 

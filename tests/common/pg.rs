@@ -207,6 +207,23 @@ impl PgCluster {
         row.get::<_, i64>(0) as u64
     }
 
+    /// Restarts the server: `mode` is `fast` (clean shutdown) or `immediate` (crash, then
+    /// recovery). Waits until it accepts connections again.
+    pub fn restart(&self, mode: &str) {
+        let data = self.dir.join("data");
+        let log = self.dir.join("server.log");
+        let out = as_postgres(&pg_bin("pg_ctl"))
+            .args(["-D", data.to_str().unwrap(), "-l", log.to_str().unwrap()])
+            .args(["-m", mode, "-w", "-t", "120", "restart"])
+            .output()
+            .expect("run pg_ctl restart");
+        assert!(
+            out.status.success(),
+            "pg_ctl restart -m {mode} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Stops immediately.
     pub fn stop(&self) {
         let _ = as_postgres(&pg_bin("pg_ctl"))

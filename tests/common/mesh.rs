@@ -1,0 +1,311 @@
+//! Multi-master meshes for tests: a pgferry per node, random writers that record what they
+//! committed (surviving server restarts), and the last-writer-wins oracle they are checked
+//! against.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+
+use super::ferry::Ferry;
+use super::pg::PgCluster;
+
+pub const KV_DDL: &str = "CREATE TABLE kv (k int PRIMARY KEY, v int NOT NULL, note text)";
+
+pub struct Node {
+    pub name: String,
+    pub cluster: &'static PgCluster,
+    pub db: String,
+    pub ferry: Ferry,
+}
+
+impl Node {
+    pub async fn client(&self) -> Client {
+        self.cluster.client(&self.db).await
+    }
+
+    pub fn metric(&self, name: &str, labels: &str) -> f64 {
+        self.ferry.metric(name, labels).unwrap_or(0.0)
+    }
+
+    /// Stops pgferry with SIGTERM and waits for it to exit.
+    pub fn stop(&mut self) {
+        self.ferry.terminate();
+        let status = self.ferry.wait_exit(Duration::from_secs(60));
+        assert!(status.is_some(), "{} did not stop", self.name);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn node_config(
+    label: &str,
+    name: &str,
+    others: &[String],
+    cluster: &PgCluster,
+    db: &str,
+    port: u16,
+    conflict: &str,
+    brokers: &str,
+) -> String {
+    format!(
+        "node_id: {name}\n\
+         source:\n  url: {url}\n  slot: slot_{db}\n  publication: pub_{db}\n  snapshot: never\n  \
+         heartbeat_interval: 1s\n  status_interval: 1s\n\
+         kafka:\n  brokers: {brokers}\n  topic_prefix: {label}\n\
+         apply:\n  mode: multi_master\n  nodes: [{others}]\n  targets:\n    - url: {url}\n  \
+         conflict:\n    maintenance_interval: 2s\n{conflict}\
+         metrics:\n  listen: 127.0.0.1:{port}\n\
+         log:\n  format: text\n  level: info,pgferry=debug\n",
+        url = cluster.url(db),
+        others = others.join(", "),
+    )
+}
+
+/// One database per cluster with `ddl`, and a multi-master pgferry on each, all ready.
+/// `conflict`: extra lines under `apply.conflict` (indented four spaces).
+pub async fn mesh(
+    label: &str,
+    clusters: &[&'static PgCluster],
+    ddl: &str,
+    conflict: &str,
+    brokers: &str,
+) -> Vec<Node> {
+    let names: Vec<String> = (0..clusters.len()).map(|i| format!("{label}{i}")).collect();
+    let mut nodes = Vec::new();
+    for (i, cluster) in clusters.iter().enumerate() {
+        let (db, _) = cluster.fresh_db(label, ddl).await;
+        let others: Vec<String> = names.iter().filter(|n| **n != names[i]).cloned().collect();
+        let port = super::free_port();
+        let yaml = node_config(
+            label, &names[i], &others, cluster, &db, port, conflict, brokers,
+        );
+        nodes.push(Node {
+            name: names[i].clone(),
+            cluster,
+            db,
+            ferry: Ferry::start(&yaml, port),
+        });
+    }
+    for node in &nodes {
+        node.ferry.wait_ready().await;
+    }
+    nodes
+}
+
+/// A committed write as the oracle sees it: version and resulting row (`None`: deleted).
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub ts_us: i64,
+    pub node: String,
+    pub key: i32,
+    pub row: Option<(i32, Option<String>)>,
+}
+
+pub const COMMIT_TS_US: &str = "SELECT (extract(epoch FROM pg_xact_commit_timestamp(($1::int8 % 4294967296)::text::xid)) * 1000000)::int8";
+
+/// How long random writers run.
+#[derive(Debug, Clone, Copy)]
+pub enum Budget {
+    /// This many operations.
+    Ops(usize),
+    /// Until this instant.
+    Until(Instant),
+}
+
+/// Connects, retrying while the server restarts. Commits are synchronous: the test clusters
+/// default to `synchronous_commit = off`, under which an immediate restart may lose a commit
+/// the writer was told about, and the oracle would expect a write no node ever had.
+async fn connect(cluster: &PgCluster, db: &str) -> Client {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok((client, conn)) =
+            tokio_postgres::connect(&cluster.url(db), tokio_postgres::NoTls).await
+        {
+            tokio::spawn(conn);
+            if client
+                .batch_execute("SET synchronous_commit = on")
+                .await
+                .is_ok()
+            {
+                return client;
+            }
+        }
+        assert!(Instant::now() < deadline, "cannot reconnect to {db}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// What became of a transaction whose commit may have been cut off by a server restart:
+/// its commit timestamp if it committed.
+async fn settle(cluster: &PgCluster, db: &str, xid: i64) -> Option<i64> {
+    loop {
+        let client = connect(cluster, db).await;
+        let status = client
+            .query_one("SELECT pg_xact_status($1::text::xid8)", &[&xid.to_string()])
+            .await;
+        let Ok(status) = status else { continue };
+        if status.get::<_, Option<String>>(0).as_deref() != Some("committed") {
+            return None;
+        }
+        if let Ok(row) = client.query_one(COMMIT_TS_US, &[&xid]).await {
+            return Some(row.get(0));
+        }
+    }
+}
+
+/// Random single-row inserts, updates and deletes over `keys` keys; records each write that
+/// changed something, with its commit timestamp. A server restart mid-transaction is
+/// survived: the writer reconnects, and a commit whose answer was lost is settled by asking
+/// the server what became of its transaction id.
+pub async fn random_writes(
+    cluster: &'static PgCluster,
+    db: String,
+    node: String,
+    seed: u64,
+    budget: Budget,
+    keys: u64,
+) -> Vec<Committed> {
+    let mut rng = super::Rng::new(seed);
+    let mut done = Vec::new();
+    let mut client = connect(cluster, &db).await;
+    let mut i = 0usize;
+    loop {
+        match budget {
+            Budget::Ops(n) if i >= n => break,
+            Budget::Until(t) if Instant::now() >= t => break,
+            _ => {}
+        }
+        i += 1;
+        let r = rng.next();
+        let key = (r % keys) as i32;
+        let value = (r >> 20) as i32 & 0xffff;
+        let note = (r >> 40) % 4 != 0;
+        let note = note.then(|| format!("{node}-{i}"));
+        let (sql, deletes) = match (r >> 10) % 10 {
+            0..=3 => (
+                "INSERT INTO kv VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING v, note",
+                false,
+            ),
+            4..=7 => (
+                "UPDATE kv SET v = $2, note = $3 WHERE k = $1 RETURNING v, note",
+                false,
+            ),
+            _ => (
+                "DELETE FROM kv WHERE k = $1 RETURNING k",
+                true,
+            ),
+        };
+        if client.is_closed() {
+            client = connect(cluster, &db).await;
+        }
+        let attempt: Result<Option<(Option<(i32, Option<String>)>, i64)>, tokio_postgres::Error> = async {
+            client.batch_execute("BEGIN").await?;
+            let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = if deletes {
+                vec![&key]
+            } else {
+                vec![&key, &value, &note]
+            };
+            let row = client.query_opt(sql, &params).await?;
+            let Some(row) = row else {
+                client.batch_execute("ROLLBACK").await?;
+                return Ok(None);
+            };
+            let image = (!deletes).then(|| (row.get(0), row.get(1)));
+            let xid: i64 = client.query_one("SELECT txid_current()", &[]).await?.get(0);
+            Ok(Some((image, xid)))
+        }
+        .await;
+        let (row, xid) = match attempt {
+            Ok(Some(found)) => found,
+            Ok(None) => continue,
+            Err(_) => {
+                // Before COMMIT was sent: the transaction did not commit.
+                client = connect(cluster, &db).await;
+                continue;
+            }
+        };
+        let committed = match client.batch_execute("COMMIT").await {
+            Ok(()) => match client.query_one(COMMIT_TS_US, &[&xid]).await {
+                Ok(ts) => Some(ts.get(0)),
+                Err(_) => settle(cluster, &db, xid).await,
+            },
+            Err(_) => settle(cluster, &db, xid).await,
+        };
+        if let Some(ts_us) = committed {
+            done.push(Committed {
+                ts_us,
+                node: node.clone(),
+                key,
+                row,
+            });
+        }
+        if r % 3 == 0 {
+            tokio::time::sleep(Duration::from_millis((r >> 50) % 8)).await;
+        }
+    }
+    done
+}
+
+/// The last-writer-wins outcome: per key, the write with the greatest (commit ts, node).
+pub fn oracle(writes: &[Committed]) -> BTreeMap<i32, (i32, Option<String>)> {
+    let mut last: BTreeMap<i32, &Committed> = BTreeMap::new();
+    for w in writes {
+        let entry = last.entry(w.key).or_insert(w);
+        if (w.ts_us, &w.node) > (entry.ts_us, &entry.node) {
+            *entry = w;
+        }
+    }
+    last.into_iter()
+        .filter_map(|(k, w)| w.row.clone().map(|row| (k, row)))
+        .collect()
+}
+
+pub async fn kv_rows(client: &Client) -> BTreeMap<i32, (i32, Option<String>)> {
+    client
+        .query("SELECT k, v, note FROM kv ORDER BY k", &[])
+        .await
+        .expect("read kv")
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect()
+}
+
+/// Waits until every node's `kv` equals `expected`; fails with the first difference.
+pub async fn wait_all_equal(
+    nodes: &[Node],
+    expected: &BTreeMap<i32, (i32, Option<String>)>,
+    timeout: Duration,
+) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut diff = None;
+        for node in nodes {
+            let client = connect(node.cluster, &node.db).await;
+            let got = kv_rows(&client).await;
+            if &got != expected {
+                let keys: Vec<_> = expected
+                    .keys()
+                    .chain(got.keys())
+                    .filter(|k| got.get(k) != expected.get(k))
+                    .take(5)
+                    .map(|k| {
+                        format!(
+                            "k={k}: node has {:?}, oracle {:?}",
+                            got.get(k),
+                            expected.get(k)
+                        )
+                    })
+                    .collect();
+                diff = Some(format!("{}: {}", node.name, keys.join("; ")));
+                break;
+            }
+        }
+        match diff {
+            None => return,
+            Some(d) if Instant::now() >= deadline => {
+                panic!("nodes did not converge to the oracle within {timeout:?}: {d}")
+            }
+            Some(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! Fault campaign: randomized writes on a master → replica pair and on a three-node
+//! multi-master cluster while random faults hit every part (`kill -9` of any pgferry, fast
+//! and immediate restarts of any PostgreSQL, the broker frozen and thawed), then checks: the
+//! replica equals the master (no loss, no duplicate effect), and every multi-master node
+//! equals the last-writer-wins oracle of what the writers committed.
+//!
+//! Short in CI; `bench/faults.sh` runs it for as long as you like:
+//! `FAULT_SECONDS` (per topology, default 20) and `FAULT_SEEDS`
+//! (comma-separated, default `1`). Each run prints the faults injected and the rows checked.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::broker::Broker;
+use common::ferry::{apply_config, Ferry};
+use common::mesh::{kv_rows, mesh, oracle, random_writes, wait_all_equal, Budget, KV_DDL};
+use common::pg::PgCluster;
+
+fn broker() -> &'static Broker {
+    static BROKER: OnceLock<Broker> = OnceLock::new();
+    BROKER.get_or_init(Broker::start)
+}
+
+fn cluster(i: usize) -> &'static PgCluster {
+    static CLUSTERS: OnceLock<Vec<PgCluster>> = OnceLock::new();
+    &CLUSTERS.get_or_init(|| (0..3).map(|_| PgCluster::start(&[])).collect())[i]
+}
+
+fn seconds() -> u64 {
+    std::env::var("FAULT_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20)
+}
+
+fn seeds() -> Vec<u64> {
+    std::env::var("FAULT_SEEDS")
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .filter(|v: &Vec<u64>| !v.is_empty())
+        .unwrap_or_else(|| vec![1])
+}
+
+/// Fault kinds to inject (`FAULT_KINDS`, comma-separated from `kill`, `pg_fast`,
+/// `pg_immediate`, `broker`; default all).
+fn kinds() -> Vec<String> {
+    std::env::var("FAULT_KINDS")
+        .ok()
+        .map(|s| s.split(',').map(|k| k.trim().to_owned()).collect())
+        .unwrap_or_else(|| {
+            ["kill", "pg_fast", "pg_immediate", "broker"]
+                .map(String::from)
+                .to_vec()
+        })
+}
+
+/// Keys the writers share: small enough to conflict often in multi-master.
+const KEYS: u64 = 40;
+
+/// Injects random faults into `ferries`, `clusters` and the broker until `until`; returns
+/// how many of each kind.
+async fn inject(
+    seed: u64,
+    until: Instant,
+    ferries: &mut [&mut Ferry],
+    clusters: &[&'static PgCluster],
+) -> BTreeMap<&'static str, u32> {
+    let mut rng = common::Rng::new(seed ^ 0xfa17);
+    let mut counts = BTreeMap::new();
+    let kinds = kinds();
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(rng.range(800, 2500) as u64)).await;
+        let kind = match kinds[rng.range(0, kinds.len() as i64) as usize].as_str() {
+            "kill" => {
+                let i = rng.range(0, ferries.len() as i64) as usize;
+                ferries[i].kill9();
+                tokio::time::sleep(Duration::from_millis(rng.range(0, 1500) as u64)).await;
+                ferries[i].restart();
+                "kill -9 pgferry"
+            }
+            kind @ ("pg_fast" | "pg_immediate") => {
+                let mode = if kind == "pg_fast" { "fast" } else { "immediate" };
+                let c = clusters[rng.range(0, clusters.len() as i64) as usize];
+                tokio::task::block_in_place(|| c.restart(mode));
+                if mode == "fast" {
+                    "postgres restart -m fast"
+                } else {
+                    "postgres restart -m immediate"
+                }
+            }
+            "broker" => {
+                broker().pause();
+                tokio::time::sleep(Duration::from_millis(rng.range(300, 3000) as u64)).await;
+                broker().resume();
+                "broker stop/continue"
+            }
+            other => panic!("unknown fault kind {other:?} in FAULT_KINDS"),
+        };
+        *counts.entry(kind).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Master → Kafka → replica under faults: the replica ends equal to the master.
+#[tokio::test(flavor = "multi_thread")]
+async fn replica_survives_random_faults() {
+    for seed in seeds() {
+        let (master_cluster, replica_cluster) = (cluster(0), cluster(1));
+        let (master, _) = master_cluster
+            .fresh_db(&format!("fcrep{seed}_m"), KV_DDL)
+            .await;
+        let (replica, _) = replica_cluster
+            .fresh_db(&format!("fcrep{seed}_r"), KV_DDL)
+            .await;
+        let mut capture = Ferry::capture(master_cluster, &master, &broker().address(), "");
+        capture.wait_ready().await;
+        let port = common::free_port();
+        let mut applier = Ferry::start(
+            &apply_config(
+                "node-a",
+                &master,
+                &[replica_cluster.url(&replica)],
+                &broker().address(),
+                port,
+                "",
+            ),
+            port,
+        );
+        let until = Instant::now() + Duration::from_secs(seconds());
+        let writers: Vec<_> = (0..2)
+            .map(|w| {
+                tokio::spawn(random_writes(
+                    master_cluster,
+                    master.clone(),
+                    format!("w{w}"),
+                    seed * 10 + w,
+                    Budget::Until(until),
+                    KEYS,
+                ))
+            })
+            .collect();
+        let faults = inject(
+            seed,
+            until,
+            &mut [&mut capture, &mut applier],
+            &[master_cluster, replica_cluster],
+        )
+        .await;
+        let mut writes = 0;
+        for w in writers {
+            writes += w.await.expect("writer").len();
+        }
+        let m = master_cluster.client(&master).await;
+        let expected = kv_rows(&m).await;
+        let r = replica_cluster.client(&replica).await;
+        let deadline = Instant::now() + Duration::from_secs(240);
+        loop {
+            let got = kv_rows(&r).await;
+            if got == expected {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "seed {seed}: the replica did not converge to the master: {} rows vs {}; faults {faults:?}",
+                got.len(),
+                expected.len()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        assert!(writes > 100, "seed {seed}: too few writes ({writes}) to mean anything");
+        eprintln!(
+            "fault campaign (master -> replica): seed {seed}, {}s, faults {faults:?}, \
+             {writes} committed writes, {} rows checked equal",
+            seconds(),
+            expected.len()
+        );
+    }
+}
+
+/// Three multi-master nodes under faults: all end equal to the last-writer-wins oracle.
+#[tokio::test(flavor = "multi_thread")]
+async fn multi_master_survives_random_faults() {
+    for seed in seeds() {
+        let clusters = [cluster(0), cluster(1), cluster(2)];
+        let label = format!("fcmm{seed}n");
+        let mut nodes = mesh(&label, &clusters, KV_DDL, "", &broker().address()).await;
+        let until = Instant::now() + Duration::from_secs(seconds());
+        let writers: Vec<_> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                tokio::spawn(random_writes(
+                    n.cluster,
+                    n.db.clone(),
+                    n.name.clone(),
+                    seed * 10 + i as u64,
+                    Budget::Until(until),
+                    KEYS,
+                ))
+            })
+            .collect();
+        let mut ferries: Vec<&mut Ferry> = nodes.iter_mut().map(|n| &mut n.ferry).collect();
+        let faults = inject(seed, until, &mut ferries, &clusters).await;
+        let mut writes = Vec::new();
+        for w in writers {
+            writes.extend(w.await.expect("writer"));
+        }
+        let expected = oracle(&writes);
+        wait_all_equal(&nodes, &expected, Duration::from_secs(300)).await;
+        assert!(
+            writes.len() > 100,
+            "seed {seed}: too few writes ({}) to mean anything",
+            writes.len()
+        );
+        eprintln!(
+            "fault campaign (multi-master, 3 nodes): seed {seed}, {}s, faults {faults:?}, \
+             {} committed writes, {} live keys checked on 3 nodes",
+            seconds(),
+            writes.len(),
+            expected.len()
+        );
+    }
+}
