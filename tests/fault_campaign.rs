@@ -82,7 +82,11 @@ async fn inject(
                 "kill -9 pgferry"
             }
             kind @ ("pg_fast" | "pg_immediate") => {
-                let mode = if kind == "pg_fast" { "fast" } else { "immediate" };
+                let mode = if kind == "pg_fast" {
+                    "fast"
+                } else {
+                    "immediate"
+                };
                 let c = clusters[rng.range(0, clusters.len() as i64) as usize];
                 tokio::task::block_in_place(|| c.restart(mode));
                 if mode == "fast" {
@@ -170,7 +174,10 @@ async fn replica_survives_random_faults() {
             );
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        assert!(writes > 100, "seed {seed}: too few writes ({writes}) to mean anything");
+        assert!(
+            writes > 100,
+            "seed {seed}: too few writes ({writes}) to mean anything"
+        );
         eprintln!(
             "fault campaign (master -> replica): seed {seed}, {}s, faults {faults:?}, \
              {writes} committed writes, {} rows checked equal",

@@ -1034,6 +1034,27 @@ impl Worker {
         self.store_letter(client, message, letter).await
     }
 
+    /// Applies one change by the mode's rules and waits for every statement's result.
+    async fn apply_and_wait<'c>(
+        &mut self,
+        client: &'c Client,
+        pending: &mut InFlight<'c>,
+        message: &RecordRef<'_>,
+        change: Box<ChangeItem>,
+        commit_ts_us: i64,
+    ) -> Result<(), ApplyError> {
+        if self.lww.is_some() {
+            self.apply_change_lww(client, pending, message, change, commit_ts_us)
+                .await?;
+        } else {
+            self.apply_change(client, pending, message, change).await?;
+        }
+        pending
+            .drain()
+            .await
+            .map_err(ApplyError::sql("applying a change"))
+    }
+
     /// Applies one change under a savepoint, waiting for its result: a change the target
     /// rejects (see [`ApplyError::is_rejection`]) is rolled back to the savepoint and
     /// dead-lettered, and the transaction goes on.
@@ -1053,19 +1074,9 @@ impl Worker {
             .batch_execute("SAVEPOINT pgferry_change")
             .await
             .map_err(ApplyError::sql("setting a savepoint"))?;
-        let applied = if self.lww.is_some() {
-            self.apply_change_lww(client, pending, message, change, commit_ts_us)
-                .await
-        } else {
-            self.apply_change(client, pending, message, change).await
-        };
-        let applied = match applied {
-            Ok(()) => pending
-                .drain()
-                .await
-                .map_err(ApplyError::sql("applying a change")),
-            Err(e) => Err(e),
-        };
+        let applied = self
+            .apply_and_wait(client, pending, message, change, commit_ts_us)
+            .await;
         match applied {
             Ok(()) => client
                 .batch_execute("RELEASE SAVEPOINT pgferry_change")
@@ -1201,18 +1212,14 @@ impl Worker {
             .batch_execute("BEGIN")
             .await
             .map_err(ApplyError::sql("beginning the replay"))?;
-        let mut pending = InFlight::default();
-        if self.lww.is_some() {
-            self.apply_change_lww(client, &mut pending, &record, change, commit_ts_us)
-                .await?;
-        } else {
-            self.apply_change(client, &mut pending, &record, change)
-                .await?;
-        }
-        pending
-            .drain()
-            .await
-            .map_err(ApplyError::sql("replaying the change"))?;
+        self.apply_and_wait(
+            client,
+            &mut InFlight::default(),
+            &record,
+            change,
+            commit_ts_us,
+        )
+        .await?;
         client
             .execute(
                 "UPDATE pgferry.dead_letters SET resolved_at = now(), resolution = 'replayed'

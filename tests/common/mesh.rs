@@ -190,31 +190,29 @@ pub async fn random_writes(
                 "UPDATE kv SET v = $2, note = $3 WHERE k = $1 RETURNING v, note",
                 false,
             ),
-            _ => (
-                "DELETE FROM kv WHERE k = $1 RETURNING k",
-                true,
-            ),
+            _ => ("DELETE FROM kv WHERE k = $1 RETURNING k", true),
         };
         if client.is_closed() {
             client = connect(cluster, &db).await;
         }
-        let attempt: Result<Option<(Option<(i32, Option<String>)>, i64)>, tokio_postgres::Error> = async {
-            client.batch_execute("BEGIN").await?;
-            let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = if deletes {
-                vec![&key]
-            } else {
-                vec![&key, &value, &note]
-            };
-            let row = client.query_opt(sql, &params).await?;
-            let Some(row) = row else {
-                client.batch_execute("ROLLBACK").await?;
-                return Ok(None);
-            };
-            let image = (!deletes).then(|| (row.get(0), row.get(1)));
-            let xid: i64 = client.query_one("SELECT txid_current()", &[]).await?.get(0);
-            Ok(Some((image, xid)))
-        }
-        .await;
+        let attempt: Result<Option<(Option<(i32, Option<String>)>, i64)>, tokio_postgres::Error> =
+            async {
+                client.batch_execute("BEGIN").await?;
+                let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = if deletes {
+                    vec![&key]
+                } else {
+                    vec![&key, &value, &note]
+                };
+                let row = client.query_opt(sql, &params).await?;
+                let Some(row) = row else {
+                    client.batch_execute("ROLLBACK").await?;
+                    return Ok(None);
+                };
+                let image = (!deletes).then(|| (row.get(0), row.get(1)));
+                let xid: i64 = client.query_one("SELECT txid_current()", &[]).await?.get(0);
+                Ok(Some((image, xid)))
+            }
+            .await;
         let (row, xid) = match attempt {
             Ok(Some(found)) => found,
             Ok(None) => continue,
