@@ -92,6 +92,9 @@ pub async fn mesh(
     nodes
 }
 
+/// A row of `kv` apart from its key: `(v, note)`.
+pub type KvRow = (i32, Option<String>);
+
 /// A committed write as the oracle sees it: version and resulting row (`None`: deleted).
 #[derive(Debug, Clone)]
 pub struct Committed {
@@ -195,24 +198,23 @@ pub async fn random_writes(
         if client.is_closed() {
             client = connect(cluster, &db).await;
         }
-        let attempt: Result<Option<(Option<(i32, Option<String>)>, i64)>, tokio_postgres::Error> =
-            async {
-                client.batch_execute("BEGIN").await?;
-                let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = if deletes {
-                    vec![&key]
-                } else {
-                    vec![&key, &value, &note]
-                };
-                let row = client.query_opt(sql, &params).await?;
-                let Some(row) = row else {
-                    client.batch_execute("ROLLBACK").await?;
-                    return Ok(None);
-                };
-                let image = (!deletes).then(|| (row.get(0), row.get(1)));
-                let xid: i64 = client.query_one("SELECT txid_current()", &[]).await?.get(0);
-                Ok(Some((image, xid)))
-            }
-            .await;
+        let attempt: Result<Option<(Option<KvRow>, i64)>, tokio_postgres::Error> = async {
+            client.batch_execute("BEGIN").await?;
+            let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = if deletes {
+                vec![&key]
+            } else {
+                vec![&key, &value, &note]
+            };
+            let row = client.query_opt(sql, &params).await?;
+            let Some(row) = row else {
+                client.batch_execute("ROLLBACK").await?;
+                return Ok(None);
+            };
+            let image = (!deletes).then(|| (row.get(0), row.get(1)));
+            let xid: i64 = client.query_one("SELECT txid_current()", &[]).await?.get(0);
+            Ok(Some((image, xid)))
+        }
+        .await;
         let (row, xid) = match attempt {
             Ok(Some(found)) => found,
             Ok(None) => continue,
