@@ -341,8 +341,9 @@ async fn check_target(
     }
 }
 
-/// Warns when the records a target still has to apply from a node's stream are close to the
-/// topic's retention (or already deleted): past it, the target can no longer catch up.
+/// Reports a gap in a node stream a target follows ([`crate::apply::position`]: retention
+/// deleted unapplied records, or the topic was recreated), and warns when the oldest
+/// unapplied record nears the topic's retention: past it, the target can no longer catch up.
 async fn check_backlog(
     kafka: &KafkaConfig,
     client: &Client,
@@ -357,32 +358,25 @@ async fn check_backlog(
     let kafka = kafka.clone();
     let next = progress.next_offset;
     let probe_topic = topic.clone();
-    let found = tokio::task::spawn_blocking(move || backlog(&kafka, &probe_topic, next)).await;
-    let Ok(Ok(backlog)) = found else {
-        return;
+    let applied = progress.commit_lsn;
+    let position = {
+        let (kafka, topic) = (kafka.clone(), topic.clone());
+        tokio::task::spawn_blocking(move || {
+            crate::apply::position::check(&kafka, &topic, next, applied)
+        })
+        .await
     };
-    if backlog.low > next {
+    if let Ok(Ok(crate::apply::position::Verdict { gap: Some(gap), .. })) = position {
         problems.push(problem(
-            format!(
-                "{topic} no longer holds offsets {next}..{} that target {target} has not applied \
-                 (retention deleted them)",
-                backlog.low
-            ),
-            "rebuild this node's database from a copy of a peer, then reset pgferry.apply_progress",
-        ));
-        return;
-    }
-    if next > backlog.high {
-        problems.push(problem(
-            format!(
-                "{topic} ends at offset {}, but target {target} applied up to offset {next}: the \
-                 topic was deleted and recreated (or truncated), so changes may be missing",
-                backlog.high
-            ),
+            format!("gap in {topic} for target {target}: {gap}; changes may be missing"),
             "re-seed the target from the source, then reset pgferry.apply_progress for this node",
         ));
         return;
     }
+    let found = tokio::task::spawn_blocking(move || backlog(&kafka, &probe_topic, next)).await;
+    let Ok(Ok(backlog)) = found else {
+        return;
+    };
     if let (Some(age), Some(retention)) = (backlog.oldest_unapplied_age, backlog.retention) {
         if age * 5 > retention * 4 {
             problems.push(problem(
@@ -400,8 +394,6 @@ async fn check_backlog(
 
 /// What a node stream holds past a target's position.
 struct Backlog {
-    low: i64,
-    high: i64,
     oldest_unapplied_age: Option<Duration>,
     retention: Option<Duration>,
 }
@@ -412,7 +404,11 @@ fn backlog(
     next: i64,
 ) -> Result<Backlog, rdkafka::error::KafkaError> {
     use rdkafka::message::Message;
-    let consumer: BaseConsumer = client_config(kafka).create()?;
+    // A group id is needed to assign partitions; nothing joins the group or commits to it.
+    let consumer: BaseConsumer = client_config(kafka)
+        .set("group.id", "pgferry-check")
+        .set("enable.auto.commit", "false")
+        .create()?;
     let (low, high) = consumer.fetch_watermarks(topic, 0, Duration::from_secs(10))?;
     let mut oldest_unapplied_age = None;
     if next < high && next >= low {
@@ -428,8 +424,6 @@ fn backlog(
     }
     let retention = topic_retention(kafka, topic);
     Ok(Backlog {
-        low,
-        high,
         oldest_unapplied_age,
         retention,
     })

@@ -436,7 +436,18 @@ async fn a_recreated_node_stream_is_a_reported_gap_not_a_skip() {
         }
         wait_equal(&m, &r, "t", Duration::from_secs(60)).await;
         apply.kill9();
-        cap.kill9();
+        // Capture stops cleanly with everything confirmed, so its next run publishes only new
+        // transactions: the recreated topic then really lacks what the target applied.
+        let slot = format!("slot_{master}");
+        let written = pg.current_wal(&master).await;
+        common::wait_for(
+            "capture to confirm everything",
+            Duration::from_secs(30),
+            || async { (pg.confirmed_flush(&master, &slot).await >= written).then_some(()) },
+        )
+        .await;
+        cap.terminate();
+        assert!(cap.wait_exit(Duration::from_secs(30)).is_some());
         let topic = format!("{master}.__node.node-a");
         let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
             .set("bootstrap.servers", broker().address())
@@ -454,7 +465,8 @@ async fn a_recreated_node_stream_is_a_reported_gap_not_a_skip() {
             .unwrap();
         cap.restart();
         cap.wait_ready().await;
-        // Fewer records than the applier had read, or more (3 records per transaction).
+        // Fewer records than the applier had read, or more (3 records per transaction), so
+        // that the stored offset is past the end, or inside the new topic at another record.
         let later = if more { first * 2 } else { 2 };
         for id in 1000..1000 + later {
             m.execute("INSERT INTO t VALUES ($1, 'after')", &[&id])

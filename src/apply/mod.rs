@@ -10,6 +10,7 @@ pub mod dead_letters;
 pub mod error;
 pub mod multimaster;
 pub mod params;
+pub mod position;
 pub mod sql;
 pub mod stream;
 pub mod target;

@@ -48,8 +48,6 @@ mod lww;
 
 /// Statements in flight before the worker waits for their results.
 const PIPELINE_DEPTH: usize = 512;
-/// How long to wait for the broker when verifying the stored position.
-const WATERMARK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a worker re-reads which of its target tables have unresolved dead letters.
 const DIVERGED_RECHECK: Duration = Duration::from_secs(10);
 /// How often an idle worker wakes to report liveness.
@@ -115,6 +113,8 @@ struct Worker {
     /// commits, changes are applied one at a time under a savepoint, so the rejected one is
     /// found and dead-lettered while the rest apply.
     careful: bool,
+    /// The offset the next record read must have at least.
+    next_read: i64,
     /// A dead letter was recorded since the diverged tables were last read.
     letters_pending: bool,
     /// Target tables with unresolved dead letters of this node, as last read.
@@ -263,6 +263,7 @@ async fn open(
         component,
         careful: false,
         letters_pending: true,
+        next_read: 0,
         diverged: Vec::new(),
         diverged_checked: std::time::Instant::now(),
     };
@@ -307,7 +308,7 @@ pub async fn run(
     }
     tracing::info!(node = %worker.settings.node, target = %worker.settings.target.url.display_target(),
                    offset = worker.committed.next_offset, applied = %worker.committed.commit_lsn, "applying");
-    worker.verify_position(&consumer, &topic).await?;
+    worker.verify_position(&topic).await?;
     worker.refresh_diverged(&client).await?;
     worker.health.set_ready(&worker.component, true);
     let result = loop {
@@ -366,10 +367,11 @@ pub fn component_name(node: &str, target: &str) -> String {
 }
 
 impl Worker {
-    fn assign(&self, consumer: &StreamConsumer, topic: &str) -> Result<(), ApplyError> {
+    fn assign(&mut self, consumer: &StreamConsumer, topic: &str) -> Result<(), ApplyError> {
         let mut list = TopicPartitionList::new();
         list.add_partition_offset(topic, 0, Offset::Offset(self.committed.next_offset))
             .map_err(ApplyError::Kafka)?;
+        self.next_read = self.committed.next_offset;
         consumer.assign(&list).map_err(ApplyError::Kafka)
     }
 
@@ -431,6 +433,19 @@ impl Worker {
                 }
             };
             let offset = message.offset();
+            // Offsets only grow from where reading started. A smaller one means the partition
+            // is not the one the stored position belongs to (recreated under the same name).
+            if offset < self.next_read {
+                return Err(self.gap(
+                    topic,
+                    format!(
+                        "the broker returned offset {offset} when reading from offset {}: the \
+                         topic was deleted and recreated",
+                        self.next_read
+                    ),
+                ));
+            }
+            self.next_read = offset + 1;
             let record = RecordRef::of(&message);
             let (run, item) = match parse_framed(message.payload()) {
                 Ok(framed) => framed,
@@ -1095,75 +1110,24 @@ impl Worker {
     }
 
     /// Checks that the stored position still points into this node's stream as the target
-    /// last saw it: not before the oldest record the topic keeps (retention deleted records
-    /// this target never applied), not past its end, and the record just before it is the
-    /// commit marker of the last transaction applied (a topic deleted and recreated, then
-    /// refilled, would otherwise be skipped silently). Also sets the retention headroom metric.
-    async fn verify_position(
-        &self,
-        consumer: &StreamConsumer,
-        topic: &str,
-    ) -> Result<(), ApplyError> {
-        let next = self.committed.next_offset;
-        let (low, high) = consumer
-            .fetch_watermarks(topic, 0, WATERMARK_TIMEOUT)
-            .map_err(ApplyError::Kafka)?;
+    /// last saw it ([`super::position`]), and sets the retention headroom metric.
+    async fn verify_position(&self, topic: &str) -> Result<(), ApplyError> {
+        let (kafka, owned_topic) = (self.settings.kafka.clone(), topic.to_owned());
+        let (next, applied) = (self.committed.next_offset, self.committed.commit_lsn);
+        let verdict = tokio::task::spawn_blocking(move || {
+            super::position::check(&kafka, &owned_topic, next, applied)
+        })
+        .await
+        .map_err(|_| ApplyError::Kafka(KafkaError::Canceled))?
+        .map_err(ApplyError::Kafka)?;
         self.metrics
             .apply_retention_headroom
             .with_label_values(&[&self.settings.node])
-            .set(next - low);
-        if next < low {
-            return Err(self.gap(
-                topic,
-                format!(
-                    "records {next}..{low} were deleted (retention) before this target applied them"
-                ),
-            ));
+            .set(next - verdict.low);
+        match verdict.gap {
+            Some(detail) => Err(self.gap(topic, detail)),
+            None => Ok(()),
         }
-        if next > high {
-            return Err(self.gap(
-                topic,
-                format!(
-                    "the topic ends at offset {high}, but this target applied up to offset {next}: \
-                     the topic was deleted and recreated (or truncated)"
-                ),
-            ));
-        }
-        if next == 0 || next - 1 < low {
-            return Ok(());
-        }
-        let mut list = TopicPartitionList::new();
-        list.add_partition_offset(topic, 0, Offset::Offset(next - 1))
-            .map_err(ApplyError::Kafka)?;
-        consumer.assign(&list).map_err(ApplyError::Kafka)?;
-        let message = tokio::time::timeout(WATERMARK_TIMEOUT, consumer.recv())
-            .await
-            .map_err(|_| {
-                self.gap(
-                    topic,
-                    format!(
-                        "offset {} could not be read to verify the position",
-                        next - 1
-                    ),
-                )
-            })?
-            .map_err(ApplyError::Kafka)?;
-        let last_commit = match parse_framed(message.payload()) {
-            Ok((_, StreamItem::Commit(commit))) => Some(commit.commit_lsn),
-            _ => None,
-        };
-        if message.offset() != next - 1 || last_commit != Some(self.committed.commit_lsn) {
-            return Err(self.gap(
-                topic,
-                format!(
-                    "offset {} is not the commit of the last transaction this target applied \
-                     (commit LSN {}): the topic was deleted and recreated",
-                    next - 1,
-                    self.committed.commit_lsn
-                ),
-            ));
-        }
-        Ok(())
     }
 
     /// The stream lost records this target has not applied.

@@ -1,0 +1,99 @@
+//! Is a target's stored position still in its node stream as the target left it?
+//!
+//! The record just before the stored offset must be the `commit` marker of the last source
+//! transaction the target applied (same commit LSN), and the offset must not be older than the
+//! oldest record the topic keeps. Otherwise records were lost between the two: retention
+//! deleted them, or the topic was deleted and recreated (and possibly refilled, so that the
+//! offset exists but means something else). The check reads that record instead of trusting
+//! the high watermark alone: some Kafka-protocol brokers report a high watermark that lags the
+//! last batch. Used by apply workers at start and by `pgferry check`. Blocking (librdkafka).
+
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::stream::{parse_framed, StreamItem};
+use crate::config::KafkaConfig;
+use crate::lsn::Lsn;
+use crate::sink::kafka::producer::client_config;
+
+/// How long to wait for the broker.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the node stream holds around a stored position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// Oldest offset the topic keeps.
+    pub low: i64,
+    /// Why the position is not where the target left it, if it is not.
+    pub gap: Option<String>,
+}
+
+/// Checks `next` (the next offset to apply) and `applied` (the commit LSN of the last applied
+/// transaction) against `topic`'s only partition.
+pub fn check(
+    kafka: &KafkaConfig,
+    topic: &str,
+    next: i64,
+    applied: Lsn,
+) -> Result<Verdict, KafkaError> {
+    // A group id is needed to assign partitions; nothing joins the group or commits to it.
+    let consumer: BaseConsumer = client_config(kafka)
+        .set("group.id", "pgferry-position-check")
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "error")
+        .create()?;
+    let (low, high) = consumer.fetch_watermarks(topic, 0, TIMEOUT)?;
+    tracing::debug!(topic, low, high, next, %applied, "checking the stored position");
+    let verdict = |gap: Option<String>| Ok(Verdict { low, gap });
+    if next < low {
+        return verdict(Some(format!(
+            "records {next}..{low} were deleted (retention) before this target applied them"
+        )));
+    }
+    if next == 0 {
+        return verdict(None);
+    }
+    let last = next - 1;
+    let mut list = TopicPartitionList::new();
+    list.add_partition_offset(topic, 0, Offset::Offset(last))?;
+    consumer.assign(&list)?;
+    let recreated = || {
+        format!(
+            "offset {last} is not in the topic any more (it ends at about {high}), yet this target \
+             applied up to it: the topic was deleted and recreated (or truncated)"
+        )
+    };
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                let commit = match parse_framed(m.payload()) {
+                    Ok((_, StreamItem::Commit(commit))) => Some(commit.commit_lsn),
+                    _ => None,
+                };
+                if m.offset() == last && commit == Some(applied) {
+                    return verdict(None);
+                }
+                return verdict(Some(format!(
+                    "offset {last} is not the commit of the last transaction this target applied \
+                     (commit LSN {applied}): the topic was deleted and recreated"
+                )));
+            }
+            Some(Err(KafkaError::MessageConsumption(
+                RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange,
+            ))) => return verdict(Some(recreated())),
+            Some(Err(e)) => return Err(e),
+            None if std::time::Instant::now() < deadline => {}
+            None if last >= high => return verdict(Some(recreated())),
+            None => {
+                return Err(KafkaError::MessageConsumption(
+                    RDKafkaErrorCode::RequestTimedOut,
+                ))
+            }
+        }
+    }
+}
