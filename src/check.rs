@@ -124,7 +124,8 @@ async fn check_server_settings(
         ));
     }
     let slot_name = source.slot_name(&config.node_id);
-    let slot = catalog::slot(client, &slot_name).await?;
+    let version = catalog::server_version_num(client).await?;
+    let slot = catalog::slot(client, version, &slot_name).await?;
     let (max_slots, max_senders, used_slots, senders): (i32, i32, i32, i32) =
         (row.get(1), row.get(2), row.get(3), row.get(4));
     if slot.is_none() && used_slots >= max_slots {
