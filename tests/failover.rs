@@ -141,6 +141,79 @@ async fn dropped_slot_is_reported_not_recreated() {
     );
 }
 
+/// A slot the server invalidated (its WAL removed past `max_slot_wal_keep_size`) stops capture
+/// with an error naming the slot and the reason; `on_slot_loss: recreate` drops and re-creates
+/// it.
+#[tokio::test(flavor = "multi_thread")]
+async fn invalidated_slot_is_reported_then_recreated() {
+    let pg = PgCluster::start(&[("max_slot_wal_keep_size", "'1MB'")]);
+    let (db, c) = pg.fresh_db("lostwal", TABLE).await;
+    let slot = format!("slot_{db}");
+    let topic = format!("{db}.public.t");
+    let mut ferry = Ferry::capture(&pg, &db, &broker().address(), "");
+    ferry.wait_ready().await;
+    insert_range(&c, 1, 10).await;
+    read_ids(&topic, Duration::from_secs(60), |s| s.len() == 10);
+    ferry.terminate();
+    assert!(ferry.wait_exit(Duration::from_secs(60)).is_some());
+
+    // Move the WAL on by several segments while nobody reads the slot, then checkpoint: the
+    // slot's WAL is removed and the server marks it lost.
+    common::wait_for(
+        "the slot to lose its WAL",
+        Duration::from_secs(60),
+        || async {
+            for i in 0..4 {
+                insert_range(&c, 1_000 + i * 10, 1_000 + i * 10 + 9).await;
+                c.batch_execute("SELECT pg_switch_wal()")
+                    .await
+                    .expect("switch wal");
+            }
+            c.batch_execute("CHECKPOINT").await.expect("checkpoint");
+            let row = c
+                .query_one(
+                    "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await
+                .expect("read slot");
+            (row.get::<_, Option<String>>(0).as_deref() == Some("lost")).then_some(())
+        },
+    )
+    .await;
+
+    ferry.restart();
+    let status = ferry
+        .wait_exit(Duration::from_secs(60))
+        .expect("pgferry should stop when its slot is invalidated");
+    assert!(!status.success());
+    let log = ferry.log();
+    assert!(
+        log.contains(&format!(
+            "replication slot {slot} was invalidated by the server (wal_removed)"
+        )),
+        "the error should name the slot and the reason: {log}"
+    );
+    assert!(log.contains("on_slot_loss: recreate"), "{log}");
+    drop(ferry);
+
+    let ferry = Ferry::capture(&pg, &db, &broker().address(), "  on_slot_loss: recreate\n");
+    ferry.wait_ready().await;
+    let status: Option<String> = c
+        .query_one(
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .expect("read slot")
+        .get(0);
+    assert_ne!(status.as_deref(), Some("lost"), "the slot was re-created");
+    insert_range(&c, 2_000, 2_009).await;
+    read_ids(&topic, Duration::from_secs(60), |s| {
+        (2_000..2_010).all(|id| s.contains_key(&id)) && (1_030..1_040).all(|id| s.contains_key(&id))
+    });
+}
+
 /// Inserts rows with ids from `next` on, a few per transaction, until `stop` is set or the
 /// server goes away; returns the next unused id.
 async fn write_until(c: Client, mut next: i64, stop: Arc<AtomicBool>) -> i64 {
