@@ -77,6 +77,10 @@ async fn dropped_slot_is_reported_not_recreated() {
     let topic = format!("{db}.public.t");
     let mut ferry = Ferry::capture(pg, &db, &broker().address(), "");
     ferry.wait_ready().await;
+    assert!(
+        ferry.log().contains("failover slots need PostgreSQL 17"),
+        "on PostgreSQL 15 failover_slot is ignored with a note"
+    );
     insert_range(&c, 1, 100).await;
     read_ids(&topic, Duration::from_secs(60), |s| s.len() == 100);
 
@@ -117,6 +121,20 @@ async fn dropped_slot_is_reported_not_recreated() {
     assert!(
         !slot_exists(pg, &db, &slot).await,
         "pgferry must not re-create a lost slot on its own"
+    );
+    // `pgferry check` reports the same loss with the fix.
+    let out = std::process::Command::new(common::ferry::pgferry_bin())
+        .args(["check", "--config", ferry.config_path.to_str().unwrap()])
+        .output()
+        .expect("run pgferry check");
+    let report =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        report
+            .lines()
+            .any(|l| l.contains(&format!("slot {slot} is missing"))
+                && l.contains("on_slot_loss: recreate")),
+        "pgferry check should report the lost slot: {report}"
     );
     drop(ferry);
 
@@ -212,6 +230,40 @@ async fn invalidated_slot_is_reported_then_recreated() {
     read_ids(&topic, Duration::from_secs(60), |s| {
         (2_000..2_010).all(|id| s.contains_key(&id)) && (1_030..1_040).all(|id| s.contains_key(&id))
     });
+}
+
+async fn slot_failover_flag(pg: &PgCluster, db: &str, slot: &str) -> bool {
+    pg.client(db)
+        .await
+        .query_one(
+            "SELECT failover FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .expect("read slot")
+        .get(0)
+}
+
+/// PostgreSQL 17: a slot created without failover (`failover_slot: false`) is switched to a
+/// failover slot when pgferry restarts with the default.
+#[tokio::test(flavor = "multi_thread")]
+async fn existing_slot_is_switched_to_failover() {
+    let pg = PgCluster::start_with_bin(&pg17_bin_dir(), &[]);
+    let (db, _c) = pg.fresh_db("switch", TABLE).await;
+    let slot = format!("slot_{db}");
+    let mut ferry = Ferry::capture(&pg, &db, &broker().address(), "  failover_slot: false\n");
+    ferry.wait_ready().await;
+    assert!(!slot_failover_flag(&pg, &db, &slot).await);
+    ferry.terminate();
+    assert!(ferry.wait_exit(Duration::from_secs(60)).is_some());
+    drop(ferry);
+
+    let ferry = Ferry::capture(&pg, &db, &broker().address(), "");
+    ferry.wait_ready().await;
+    assert!(slot_failover_flag(&pg, &db, &slot).await);
+    assert!(ferry
+        .log()
+        .contains("made the existing slot a failover slot"));
 }
 
 /// Inserts rows with ids from `next` on, a few per transaction, until `stop` is set or the
