@@ -53,16 +53,25 @@ fn read_ids(
     seen
 }
 
-async fn slot_exists(pg: &PgCluster, db: &str, slot: &str) -> bool {
+/// One column (or expression) of the slot's `pg_replication_slots` row; `None` when the slot
+/// does not exist.
+async fn slot_field<T>(pg: &PgCluster, db: &str, slot: &str, expr: &str) -> Option<T>
+where
+    T: for<'a> tokio_postgres::types::FromSql<'a>,
+{
     pg.client(db)
         .await
         .query_opt(
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &format!("SELECT {expr} FROM pg_replication_slots WHERE slot_name = $1"),
             &[&slot],
         )
         .await
         .expect("query slots")
-        .is_some()
+        .map(|r| r.get(0))
+}
+
+async fn slot_exists(pg: &PgCluster, db: &str, slot: &str) -> bool {
+    slot_field::<i32>(pg, db, slot, "1").await.is_some()
 }
 
 /// A slot dropped behind pgferry's back is reported, not re-created: with the default
@@ -217,14 +226,7 @@ async fn invalidated_slot_is_reported_then_recreated() {
 
     let ferry = Ferry::capture(&pg, &db, &broker().address(), "  on_slot_loss: recreate\n");
     ferry.wait_ready().await;
-    let status: Option<String> = c
-        .query_one(
-            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .expect("read slot")
-        .get(0);
+    let status: Option<String> = slot_field(&pg, &db, &slot, "wal_status").await.flatten();
     assert_ne!(status.as_deref(), Some("lost"), "the slot was re-created");
     insert_range(&c, 2_000, 2_009).await;
     read_ids(&topic, Duration::from_secs(60), |s| {
@@ -233,15 +235,9 @@ async fn invalidated_slot_is_reported_then_recreated() {
 }
 
 async fn slot_failover_flag(pg: &PgCluster, db: &str, slot: &str) -> bool {
-    pg.client(db)
+    slot_field(pg, db, slot, "failover")
         .await
-        .query_one(
-            "SELECT failover FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .expect("read slot")
-        .get(0)
+        .expect("the slot exists")
 }
 
 /// PostgreSQL 17: a slot created without failover (`failover_slot: false`) is switched to a
@@ -340,15 +336,10 @@ async fn promoted_standby_resumes_from_synced_failover_slot() {
 
     let mut ferry = Ferry::capture(&primary, &db, &broker().address(), "");
     ferry.wait_ready().await;
-    let failover: bool = c
-        .query_one(
-            "SELECT failover FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .expect("read slot")
-        .get(0);
-    assert!(failover, "on PostgreSQL 17 the slot is a failover slot");
+    assert!(
+        slot_failover_flag(&primary, &db, &slot).await,
+        "on PostgreSQL 17 the slot is a failover slot"
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let writer = tokio::spawn(write_until(primary.client(&db).await, 501, stop.clone()));

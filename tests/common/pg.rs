@@ -117,32 +117,19 @@ impl PgCluster {
     ) -> PgCluster {
         let dir = server_dir();
         let data = dir.join("data");
-        let out = as_postgres(&format!("{bin_dir}/initdb"))
-            .args([
-                "-D",
-                data.to_str().unwrap(),
-                "-U",
-                "postgres",
-                "--auth=trust",
-            ])
-            .args(["-E", "UTF8", "--locale=C", "--no-sync"])
-            .output()
-            .expect("run initdb");
-        assert!(
-            out.status.success(),
-            "initdb failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+        run_checked(
+            as_postgres(&format!("{bin_dir}/initdb"))
+                .args(["-D", data.to_str().unwrap(), "-U", "postgres"])
+                .args(["--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"]),
+            "initdb",
         );
         let port = super::free_port();
-        let mut conf = format!(
+        let conf = format!(
             "wal_level = logical\ntrack_commit_timestamp = on\nmax_replication_slots = 32\n\
              max_wal_senders = 32\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\n\
              shared_buffers = 64MB\nmax_connections = 200\n{}",
-            local_settings(port, &dir)
+            local_settings(port, &dir, extra)
         );
-        for (k, v) in extra {
-            conf.push_str(&format!("{k} = {v}\n"));
-        }
         let conf_path = data.join("postgresql.auto.conf");
         std::fs::write(&conf_path, conf).expect("write postgresql.auto.conf");
         std::fs::write(data.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
@@ -162,24 +149,17 @@ impl PgCluster {
     pub fn standby_of(primary: &PgCluster, slot: &str, extra: &[(&str, &str)]) -> PgCluster {
         let dir = server_dir();
         let data = dir.join("data");
-        let out = as_postgres(&format!("{}/pg_basebackup", primary.bin_dir))
-            .args(["-D", data.to_str().unwrap()])
-            .args(["-h", "127.0.0.1", "-p", &primary.port.to_string()])
-            .args(["-U", "postgres", "-X", "stream", "-R", "-C", "-S", slot])
-            .args(["--no-sync"])
-            .output()
-            .expect("run pg_basebackup");
-        assert!(
-            out.status.success(),
-            "pg_basebackup failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+        run_checked(
+            as_postgres(&primary.tool("pg_basebackup"))
+                .args(["-D", data.to_str().unwrap()])
+                .args(["-h", "127.0.0.1", "-p", &primary.port.to_string()])
+                .args(["-U", "postgres", "-X", "stream", "-R", "-C", "-S", slot])
+                .args(["--no-sync"]),
+            "pg_basebackup",
         );
         let port = super::free_port();
         // Later lines of postgresql.auto.conf win over the primary's copied ones.
-        let mut conf = local_settings(port, &dir);
-        for (k, v) in extra {
-            conf.push_str(&format!("{k} = {v}\n"));
-        }
+        let conf = local_settings(port, &dir, extra);
         let conf_path = data.join("postgresql.auto.conf");
         let mut text = std::fs::read_to_string(&conf_path).expect("read postgresql.auto.conf");
         text.push_str(&conf);
@@ -236,15 +216,11 @@ impl PgCluster {
 
     /// `pg_ctl promote`: a standby becomes a primary (waits until it accepts writes).
     pub fn promote(&self) {
-        let out = as_postgres(&self.tool("pg_ctl"))
-            .args(["-D", self.dir.join("data").to_str().unwrap()])
-            .args(["-w", "promote"])
-            .output()
-            .expect("run pg_ctl promote");
-        assert!(
-            out.status.success(),
-            "pg_ctl promote failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+        run_checked(
+            as_postgres(&self.tool("pg_ctl"))
+                .args(["-D", self.dir.join("data").to_str().unwrap()])
+                .args(["-w", "promote"]),
+            "pg_ctl promote",
         );
     }
 
@@ -330,12 +306,29 @@ impl PgCluster {
     }
 }
 
-/// Settings that make a cluster local to this test: its own port and socket directory.
-fn local_settings(port: u16, dir: &std::path::Path) -> String {
-    format!(
+/// Settings that make a cluster local to this test (its own port and socket directory),
+/// followed by `extra`.
+fn local_settings(port: u16, dir: &std::path::Path, extra: &[(&str, &str)]) -> String {
+    let mut conf = format!(
         "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n",
         dir.display()
-    )
+    );
+    for (k, v) in extra {
+        conf.push_str(&format!("{k} = {v}\n"));
+    }
+    conf
+}
+
+/// Runs a server tool; panics with its stderr when it fails.
+fn run_checked(command: &mut Command, what: &str) {
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("run {what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Waits up to `timeout` for the cluster to accept connections (after restarts).
