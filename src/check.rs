@@ -124,7 +124,8 @@ async fn check_server_settings(
         ));
     }
     let slot_name = source.slot_name(&config.node_id);
-    let slot = catalog::slot(client, &slot_name).await?;
+    let version = catalog::server_version_num(client).await?;
+    let slot = catalog::slot(client, version, &slot_name).await?;
     let (max_slots, max_senders, used_slots, senders): (i32, i32, i32, i32) =
         (row.get(1), row.get(2), row.get(3), row.get(4));
     if slot.is_none() && used_slots >= max_slots {
@@ -139,6 +140,7 @@ async fn check_server_settings(
             "raise max_wal_senders (restart required)",
         ));
     }
+    check_slot_loss(client, &slot_name, slot.as_ref(), problems).await?;
     if let Some(info) = slot {
         if info.plugin.as_deref() != Some("pgoutput") {
             problems.push(problem(
@@ -173,6 +175,52 @@ async fn check_server_settings(
     check_slot_retention(client, &slot_name, problems).await
 }
 
+/// Reports a slot that pgferry streamed from and that is now missing (its snapshot is recorded
+/// in `pgferry.snapshot_state`), or invalidated for a reason other than removed WAL (which
+/// [`check_slot_retention`] reports). Capture would stop on either.
+async fn check_slot_loss(
+    client: &Client,
+    slot_name: &str,
+    slot: Option<&catalog::SlotInfo>,
+    problems: &mut Vec<Problem>,
+) -> Result<(), tokio_postgres::Error> {
+    const FIX: &str = "restore the slot (e.g. fail over to a standby holding a synchronized \
+                       copy), or set source.on_slot_loss: recreate to re-create it with a fresh \
+                       snapshot";
+    match slot {
+        None => {
+            // Before the first capture run the bookkeeping table does not exist yet.
+            let row = client
+                .query_one(
+                    "SELECT to_regclass('pgferry.snapshot_state') IS NOT NULL",
+                    &[],
+                )
+                .await?;
+            if !row.get::<_, bool>(0) {
+                return Ok(());
+            }
+            if let Some(reached) = catalog::snapshot_completed(client, slot_name).await? {
+                problems.push(problem(
+                    format!(
+                        "slot {slot_name} is missing, but pgferry had completed its snapshot for \
+                         it: changes after LSN {reached} that were not yet in Kafka may be lost"
+                    ),
+                    FIX,
+                ));
+            }
+        }
+        Some(info) => {
+            if let Some(reason) = info.invalidation.as_deref().filter(|r| *r != "wal_removed") {
+                problems.push(problem(
+                    format!("slot {slot_name} was invalidated by the server ({reason})"),
+                    FIX,
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Warns before the slot loses WAL it still needs (`max_slot_wal_keep_size`): after that the
 /// node cannot catch up from the slot and must be rebuilt.
 async fn check_slot_retention(
@@ -197,7 +245,8 @@ async fn check_slot_retention(
     match status.as_deref() {
         Some("lost") => problems.push(problem(
             format!("slot {slot} has lost WAL it needed (wal_status = lost): changes are gone"),
-            "rebuild this node from a copy of a peer, then drop and recreate the slot",
+            "set source.on_slot_loss: recreate to re-create the slot with a fresh snapshot (in \
+             multi-master, rebuild this node from a copy of a peer first)",
         )),
         Some("unreserved") => problems.push(problem(
             format!("slot {slot} is past max_slot_wal_keep_size (wal_status = unreserved): its WAL is removed at the next checkpoint"),

@@ -74,6 +74,19 @@ pub enum SnapshotMode {
     Never,
 }
 
+/// What to do when the slot pgferry was streaming from is gone (dropped, or lost to failover
+/// without slot synchronization) or invalidated by the server (WAL removed, rows removed, …).
+/// Either way changes may have been lost between the last confirmed position and now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnSlotLoss {
+    /// Stop with an error naming the slot, the LSN it had reached and what to do.
+    Stop,
+    /// Drop what is left of the slot and its snapshot record, re-create it with the configured
+    /// `snapshot` mode, and warn loudly that changes may be missing.
+    Recreate,
+}
+
 /// `source:`.
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -115,6 +128,14 @@ pub struct SourceConfig {
     /// or a record larger than `kafka.max_message_bytes`.
     #[serde(default = "default_on_poison")]
     pub on_poison: OnPoison,
+    /// What to do when the slot is missing after a completed snapshot, or invalidated.
+    #[serde(default = "default_on_slot_loss")]
+    pub on_slot_loss: OnSlotLoss,
+    /// Create the slot as a failover slot (PostgreSQL 17+), so that standbys with
+    /// `sync_replication_slots = on` keep a copy that survives promotion. Ignored on older
+    /// servers.
+    #[serde(default = "default_true", deserialize_with = "de::lenient")]
+    pub failover_slot: bool,
 }
 
 impl fmt::Debug for SourceConfig {
@@ -127,6 +148,8 @@ impl fmt::Debug for SourceConfig {
             .field("publication", &self.publication)
             .field("tables", &self.tables)
             .field("snapshot", &self.snapshot)
+            .field("on_slot_loss", &self.on_slot_loss)
+            .field("failover_slot", &self.failover_slot)
             .finish_non_exhaustive()
     }
 }
@@ -468,6 +491,9 @@ fn default_publication() -> String {
 }
 fn default_snapshot() -> SnapshotMode {
     SnapshotMode::Initial
+}
+fn default_on_slot_loss() -> OnSlotLoss {
+    OnSlotLoss::Stop
 }
 fn default_snapshot_batch_rows() -> u32 {
     DEFAULT_SNAPSHOT_BATCH_ROWS

@@ -22,6 +22,8 @@ fn defaults_apply() {
     assert_eq!(s.slot_name(&c.node_id), "pgferry_node_a");
     assert_eq!(s.publication, DEFAULT_PUBLICATION);
     assert_eq!(s.heartbeat_interval, DEFAULT_HEARTBEAT_INTERVAL);
+    assert_eq!(s.on_slot_loss, OnSlotLoss::Stop);
+    assert!(s.failover_slot);
     assert_eq!(c.kafka.topic_prefix, DEFAULT_TOPIC_PREFIX);
     assert_eq!(c.metrics.listen.to_string(), DEFAULT_METRICS_LISTEN);
     assert!(c.kafka.tombstones);
@@ -36,11 +38,15 @@ fn env_overrides_nested_keys() {
             ("PGFERRY_KAFKA__TOMBSTONES", "false"),
             ("PGFERRY_SOURCE__TABLES", "[public.a, public.b]"),
             ("PGFERRY_NODE_ID", "7"),
+            ("PGFERRY_SOURCE__ON_SLOT_LOSS", "recreate"),
+            ("PGFERRY_SOURCE__FAILOVER_SLOT", "false"),
             ("OTHER", "ignored"),
         ]),
     )
     .unwrap();
     let s = c.source.as_ref().unwrap();
+    assert_eq!(s.on_slot_loss, OnSlotLoss::Recreate);
+    assert!(!s.failover_slot);
     assert_eq!(s.slot.as_deref(), Some("custom_slot"));
     assert_eq!(s.tables, vec!["public.a", "public.b"]);
     assert!(!c.kafka.tombstones);
@@ -101,6 +107,8 @@ fn malformed_configs_name_the_key() {
         ("node_id: 'a b'\nkafka: {brokers: b}\n", "node_id"),
         ("node_id: a\nkafka: {brokers: b}\nsource: {url: 'postgres://x', snapshot: sometimes}\n", "source.snapshot"),
         ("node_id: a\nkafka: {brokers: b, topic_partitions: 0}\n", "kafka.topic_partitions"),
+        ("node_id: a\nkafka: {brokers: b}\nsource: {url: 'postgres://x', on_slot_loss: ignore}\n", "source.on_slot_loss"),
+        ("node_id: a\nkafka: {brokers: b}\nsource: {url: 'postgres://x', failover_slot: sometimes}\n", "source.failover_slot"),
     ];
     for (text, key) in cases {
         let err = load_from_str(text, env(&[])).unwrap_err().to_string();

@@ -16,7 +16,7 @@ use crate::sql::{qualified, quote_ident};
 use crate::value::{builtin, PgType, TypeRegistry};
 
 /// Slot facts from `pg_replication_slots`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SlotInfo {
     /// Output plugin.
     pub plugin: Option<String>,
@@ -26,6 +26,11 @@ pub struct SlotInfo {
     pub active: bool,
     /// What the server will resume from.
     pub confirmed_flush: Option<Lsn>,
+    /// Why the server invalidated the slot (`wal_removed`, `rows_removed`, …); `None` while it
+    /// is usable.
+    pub invalidation: Option<String>,
+    /// Whether it is a failover slot (`None` before PostgreSQL 17).
+    pub failover: Option<bool>,
 }
 
 /// Opens a SQL session with the same pinned settings as the replication session.
@@ -106,35 +111,72 @@ pub async fn next_capture_run(client: &Client) -> Result<u64, tokio_postgres::Er
     Ok(row.get::<_, i64>(0).unsigned_abs())
 }
 
-/// The slot, if it exists.
-pub async fn slot(client: &Client, slot: &str) -> Result<Option<SlotInfo>, tokio_postgres::Error> {
+/// `server_version_num` (e.g. 170002), to choose version-specific catalog columns and
+/// replication options.
+pub async fn server_version_num(client: &Client) -> Result<i32, tokio_postgres::Error> {
     let row = client
-        .query_opt(
-            "SELECT plugin::text, database::text, active, confirmed_flush_lsn::text
-               FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
+        .query_one("SELECT current_setting('server_version_num')::int4", &[])
+        .await?;
+    Ok(row.get(0))
+}
+
+/// `pg_replication_slots` columns for [`slot`] on a server of this version: plugin, database,
+/// active, confirmed_flush_lsn, the invalidation reason and (17+) failover.
+fn slot_query(server_version_num: i32) -> &'static str {
+    // 15 reports lost WAL only as wal_status; 16 adds `conflicting` (invalidated by a recovery
+    // conflict on a standby); 17 names every cause in `invalidation_reason`.
+    if server_version_num >= 170_000 {
+        "SELECT plugin::text, database::text, active, confirmed_flush_lsn::text,
+                COALESCE(invalidation_reason, CASE WHEN wal_status = 'lost' THEN 'wal_removed' END),
+                failover
+           FROM pg_replication_slots WHERE slot_name = $1"
+    } else if server_version_num >= 160_000 {
+        "SELECT plugin::text, database::text, active, confirmed_flush_lsn::text,
+                CASE WHEN conflicting THEN 'conflict with recovery'
+                     WHEN wal_status = 'lost' THEN 'wal_removed' END,
+                NULL::bool
+           FROM pg_replication_slots WHERE slot_name = $1"
+    } else {
+        "SELECT plugin::text, database::text, active, confirmed_flush_lsn::text,
+                CASE WHEN wal_status = 'lost' THEN 'wal_removed' END,
+                NULL::bool
+           FROM pg_replication_slots WHERE slot_name = $1"
+    }
+}
+
+/// The slot, if it exists.
+pub async fn slot(
+    client: &Client,
+    server_version_num: i32,
+    slot: &str,
+) -> Result<Option<SlotInfo>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(slot_query(server_version_num), &[&slot])
         .await?;
     Ok(row.map(|r| SlotInfo {
         plugin: r.get(0),
         database: r.get(1),
         active: r.get(2),
         confirmed_flush: r.get::<_, Option<String>>(3).and_then(|s| s.parse().ok()),
+        invalidation: r.get(4),
+        failover: r.get(5),
     }))
 }
 
-/// True when the initial snapshot for this slot finished and was durable in Kafka.
+/// The consistent point recorded when the initial snapshot for this slot finished and was
+/// durable in Kafka; `None` when it never finished (or the slot is new).
 pub async fn snapshot_completed(
     client: &Client,
     slot: &str,
-) -> Result<bool, tokio_postgres::Error> {
-    Ok(client
+) -> Result<Option<Lsn>, tokio_postgres::Error> {
+    let row = client
         .query_opt(
-            "SELECT 1 FROM pgferry.snapshot_state WHERE slot_name = $1",
+            "SELECT consistent_lsn::text FROM pgferry.snapshot_state WHERE slot_name = $1",
             &[&slot],
         )
-        .await?
-        .is_some())
+        .await?;
+    // The column is pg_lsn, whose text always parses; a record is never read as absent.
+    Ok(row.map(|r| r.get::<_, String>(0).parse().unwrap_or_default()))
 }
 
 /// Records a finished snapshot.
@@ -168,7 +210,7 @@ pub async fn clear_snapshot_state(
         .map(drop)
 }
 
-/// Drops a slot whose snapshot never completed.
+/// Drops a slot (whose snapshot never completed, or that was invalidated).
 pub async fn drop_slot(client: &Client, slot: &str) -> Result<(), tokio_postgres::Error> {
     client
         .execute("SELECT pg_drop_replication_slot($1)", &[&slot])

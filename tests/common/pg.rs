@@ -1,4 +1,6 @@
-//! Real PostgreSQL 15 clusters in temporary directories, one database per test.
+//! Real PostgreSQL clusters in temporary directories, one database per test: PostgreSQL 15
+//! by default, PostgreSQL 17 (from `scripts/setup`) where a test needs it, and physical
+//! standbys of either.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -11,33 +13,79 @@ use tokio_postgres::{Client, NoTls};
 use super::process::{as_postgres, on_test_exit, running_as_root};
 
 /// Directory of the PostgreSQL 15 binaries.
+pub fn pg15_bin_dir() -> String {
+    std::env::var("PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into())
+}
+
+/// A PostgreSQL 15 tool.
 pub fn pg_bin(tool: &str) -> String {
-    let dir = std::env::var("PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
-    format!("{dir}/{tool}")
+    format!("{}/{tool}", pg15_bin_dir())
+}
+
+/// Directory of the PostgreSQL 17 binaries: `PG17_BIN`, or where `scripts/setup` puts them.
+pub fn pg17_bin_dir() -> String {
+    let dir = std::env::var("PG17_BIN").unwrap_or_else(|_| {
+        let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+        let tools =
+            std::env::var("PGFERRY_TOOLS").unwrap_or(format!("{home}/.cache/pgferry/tools"));
+        format!("{tools}/pg17/bin")
+    });
+    assert!(
+        std::path::Path::new(&dir).join("postgres").exists(),
+        "PostgreSQL 17 not found at {dir}: run scripts/setup (or set PG17_BIN)"
+    );
+    dir
 }
 
 /// A running cluster. Stopped (immediately) on drop and by the exit watchdog.
 pub struct PgCluster {
     pub port: u16,
     pub dir: PathBuf,
+    /// Directory of the binaries it runs.
+    pub bin_dir: String,
 }
 
 static NEXT_DB: AtomicU32 = AtomicU32::new(0);
+
+/// `pg_hba.conf` trusting every loopback connection, replication included.
+const TRUST_LOOPBACK: &str = "local all all trust\nhost all all 127.0.0.1/32 trust\n\
+     local replication all trust\nhost replication all 127.0.0.1/32 trust\n";
+
+/// A fresh temporary directory the server user owns.
+fn server_dir() -> PathBuf {
+    let dir = tempfile::Builder::new()
+        .prefix("pgferry-pg-")
+        .tempdir()
+        .expect("tempdir")
+        .keep();
+    chown_to_postgres(&dir);
+    dir
+}
+
+fn chown_to_postgres(dir: &std::path::Path) {
+    if running_as_root() {
+        Command::new("chown")
+            .args(["-R", "postgres:postgres", dir.to_str().unwrap()])
+            .status()
+            .expect("chown");
+    }
+}
 
 impl PgCluster {
     /// Starts a cluster with `wal_level=logical`, commit timestamps, and `extra` settings;
     /// every connection from loopback is trusted.
     pub fn start(extra: &[(&str, &str)]) -> PgCluster {
-        Self::start_with_hba(
-            extra,
-            "local all all trust\nhost all all 127.0.0.1/32 trust\n\
-             local replication all trust\nhost replication all 127.0.0.1/32 trust\n",
-        )
+        Self::start_with_hba(extra, TRUST_LOOPBACK)
     }
 
     /// Like [`PgCluster::start`] with a custom `pg_hba.conf`.
     pub fn start_with_hba(extra: &[(&str, &str)], hba: &str) -> PgCluster {
-        Self::start_full(extra, hba, &[])
+        Self::start_full(&pg15_bin_dir(), extra, hba, &[])
+    }
+
+    /// Like [`PgCluster::start`] with the binaries in `bin_dir` (e.g. [`pg17_bin_dir`]).
+    pub fn start_with_bin(bin_dir: &str, extra: &[(&str, &str)]) -> PgCluster {
+        Self::start_full(bin_dir, extra, TRUST_LOOPBACK, &[])
     }
 
     /// Like [`PgCluster::start`], with the server's clock shifted by `offset` (libfaketime
@@ -50,9 +98,9 @@ impl PgCluster {
             "{lib} missing: scripts/setup installs the faketime package"
         );
         Self::start_full(
+            &pg15_bin_dir(),
             &[],
-            "local all all trust\nhost all all 127.0.0.1/32 trust\n\
-             local replication all trust\nhost replication all 127.0.0.1/32 trust\n",
+            TRUST_LOOPBACK,
             &[
                 ("LD_PRELOAD", lib),
                 ("FAKETIME", offset),
@@ -61,57 +109,75 @@ impl PgCluster {
         )
     }
 
-    fn start_full(extra: &[(&str, &str)], hba: &str, env: &[(&str, &str)]) -> PgCluster {
-        let dir = tempfile::Builder::new()
-            .prefix("pgferry-pg-")
-            .tempdir()
-            .expect("tempdir")
-            .keep();
-        if running_as_root() {
-            Command::new("chown")
-                .args(["-R", "postgres:postgres", dir.to_str().unwrap()])
-                .status()
-                .expect("chown");
-        }
+    fn start_full(
+        bin_dir: &str,
+        extra: &[(&str, &str)],
+        hba: &str,
+        env: &[(&str, &str)],
+    ) -> PgCluster {
+        let dir = server_dir();
         let data = dir.join("data");
-        let out = as_postgres(&pg_bin("initdb"))
-            .args([
-                "-D",
-                data.to_str().unwrap(),
-                "-U",
-                "postgres",
-                "--auth=trust",
-            ])
-            .args(["-E", "UTF8", "--locale=C", "--no-sync"])
-            .output()
-            .expect("run initdb");
-        assert!(
-            out.status.success(),
-            "initdb failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+        run_checked(
+            as_postgres(&format!("{bin_dir}/initdb"))
+                .args(["-D", data.to_str().unwrap(), "-U", "postgres"])
+                .args(["--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"]),
+            "initdb",
         );
         let port = super::free_port();
-        let mut conf = format!(
-            "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
-             wal_level = logical\ntrack_commit_timestamp = on\nmax_replication_slots = 32\n\
+        let conf = format!(
+            "wal_level = logical\ntrack_commit_timestamp = on\nmax_replication_slots = 32\n\
              max_wal_senders = 32\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\n\
-             shared_buffers = 64MB\nmax_connections = 200\n",
-            dir.display()
+             shared_buffers = 64MB\nmax_connections = 200\n{}",
+            local_settings(port, &dir, extra)
         );
-        for (k, v) in extra {
-            conf.push_str(&format!("{k} = {v}\n"));
-        }
         let conf_path = data.join("postgresql.auto.conf");
         std::fs::write(&conf_path, conf).expect("write postgresql.auto.conf");
         std::fs::write(data.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
-        if running_as_root() {
-            Command::new("chown")
-                .args(["-R", "postgres:postgres", dir.to_str().unwrap()])
-                .status()
-                .expect("chown");
-        }
-        let log = dir.join("server.log");
-        let status = as_postgres(&pg_bin("pg_ctl"))
+        chown_to_postgres(&dir);
+        let cluster = PgCluster {
+            port,
+            dir,
+            bin_dir: bin_dir.to_owned(),
+        };
+        cluster.pg_ctl_start(env);
+        cluster
+    }
+
+    /// A physical standby of `primary` (which must be running with the same binaries):
+    /// `pg_basebackup -R` through a new physical slot `slot`, then `extra` settings (which
+    /// win over the primary's copied `postgresql.auto.conf`), started and streaming.
+    pub fn standby_of(primary: &PgCluster, slot: &str, extra: &[(&str, &str)]) -> PgCluster {
+        let dir = server_dir();
+        let data = dir.join("data");
+        run_checked(
+            as_postgres(&primary.tool("pg_basebackup"))
+                .args(["-D", data.to_str().unwrap()])
+                .args(["-h", "127.0.0.1", "-p", &primary.port.to_string()])
+                .args(["-U", "postgres", "-X", "stream", "-R", "-C", "-S", slot])
+                .args(["--no-sync"]),
+            "pg_basebackup",
+        );
+        let port = super::free_port();
+        // Later lines of postgresql.auto.conf win over the primary's copied ones.
+        let conf = local_settings(port, &dir, extra);
+        let conf_path = data.join("postgresql.auto.conf");
+        let mut text = std::fs::read_to_string(&conf_path).expect("read postgresql.auto.conf");
+        text.push_str(&conf);
+        std::fs::write(&conf_path, text).expect("write postgresql.auto.conf");
+        chown_to_postgres(&dir);
+        let cluster = PgCluster {
+            port,
+            dir,
+            bin_dir: primary.bin_dir.clone(),
+        };
+        cluster.pg_ctl_start(&[]);
+        cluster
+    }
+
+    fn pg_ctl_start(&self, env: &[(&str, &str)]) {
+        let data = self.dir.join("data");
+        let log = self.dir.join("server.log");
+        let status = as_postgres(&self.tool("pg_ctl"))
             .envs(env.iter().copied())
             .args([
                 "-D",
@@ -136,12 +202,31 @@ impl PgCluster {
             } else {
                 ""
             },
-            pg_bin("pg_ctl"),
+            self.tool("pg_ctl"),
             data.display(),
-            dir.display()
+            self.dir.display()
         );
         on_test_exit(&stop);
-        PgCluster { port, dir }
+    }
+
+    /// One of this cluster's binaries.
+    pub fn tool(&self, name: &str) -> String {
+        format!("{}/{name}", self.bin_dir)
+    }
+
+    /// `pg_ctl promote`: a standby becomes a primary (waits until it accepts writes).
+    pub fn promote(&self) {
+        run_checked(
+            as_postgres(&self.tool("pg_ctl"))
+                .args(["-D", self.dir.join("data").to_str().unwrap()])
+                .args(["-w", "promote"]),
+            "pg_ctl promote",
+        );
+    }
+
+    /// The server log so far.
+    pub fn server_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
     }
 
     /// One cluster per test binary, started on first use.
@@ -226,7 +311,7 @@ impl PgCluster {
 
     /// Stops immediately.
     pub fn stop(&self) {
-        let _ = as_postgres(&pg_bin("pg_ctl"))
+        let _ = as_postgres(&self.tool("pg_ctl"))
             .args([
                 "-D",
                 self.dir.join("data").to_str().unwrap(),
@@ -236,6 +321,31 @@ impl PgCluster {
             ])
             .output();
     }
+}
+
+/// Settings that make a cluster local to this test (its own port and socket directory),
+/// followed by `extra`.
+fn local_settings(port: u16, dir: &std::path::Path, extra: &[(&str, &str)]) -> String {
+    let mut conf = format!(
+        "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n",
+        dir.display()
+    );
+    for (k, v) in extra {
+        conf.push_str(&format!("{k} = {v}\n"));
+    }
+    conf
+}
+
+/// Runs a server tool; panics with its stderr when it fails.
+fn run_checked(command: &mut Command, what: &str) {
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("run {what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Waits up to `timeout` for the cluster to accept connections (after restarts).
@@ -251,7 +361,7 @@ pub async fn wait_ready(cluster: &PgCluster, timeout: Duration) {
 
 /// Runs pgbench against a database of the cluster; panics with its output on failure.
 pub fn pgbench(cluster: &PgCluster, db: &str, args: &[&str]) {
-    let out = Command::new(pg_bin("pgbench"))
+    let out = Command::new(cluster.tool("pgbench"))
         .args([
             "-h",
             "127.0.0.1",

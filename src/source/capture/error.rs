@@ -63,6 +63,37 @@ pub enum CaptureError {
         /// What is wrong and how to fix it.
         detail: String,
     },
+    /// The slot pgferry streamed from no longer exists (`source.on_slot_loss: stop`).
+    #[error(
+        "replication slot {slot} is missing, but pgferry had completed its snapshot for it and \
+         streamed from LSN {reached} on: the slot was dropped, or lost in a failover to a standby \
+         that did not have it synchronized. Changes after LSN {reached} that were not yet in Kafka \
+         may be lost. To go on, set `source.on_slot_loss: recreate` to re-create the slot with a \
+         fresh snapshot (`source.snapshot: initial` re-publishes every row), or restore the slot \
+         (fail over to a standby holding a synchronized copy, see `source.failover_slot`)"
+    )]
+    SlotLost {
+        /// Slot name.
+        slot: String,
+        /// Where its snapshot ended; streaming had reached at least this far.
+        reached: Lsn,
+    },
+    /// The server invalidated the slot (`source.on_slot_loss: stop`).
+    #[error(
+        "replication slot {slot} was invalidated by the server ({reason}) and cannot be streamed \
+         from: changes after LSN {reached} that were not yet in Kafka may be lost. To go on, set \
+         `source.on_slot_loss: recreate` to drop and re-create the slot with a fresh snapshot \
+         (`source.snapshot: initial` re-publishes every row); to keep it from happening again, \
+         raise `max_slot_wal_keep_size` or keep pgferry running"
+    )]
+    SlotInvalidated {
+        /// Slot name.
+        slot: String,
+        /// The server's reason (`wal_removed`, `rows_removed`, …).
+        reason: String,
+        /// The slot's last confirmed position (or, if unknown, where its snapshot ended).
+        reached: Lsn,
+    },
     /// CREATE_REPLICATION_SLOT's answer lacked a column.
     #[error("CREATE_REPLICATION_SLOT returned no {0}")]
     MissingField(&'static str),
@@ -89,7 +120,35 @@ impl Classify for CaptureError {
             | CaptureError::Assemble { .. }
             | CaptureError::Poison { .. }
             | CaptureError::SlotMismatch { .. }
+            | CaptureError::SlotLost { .. }
+            | CaptureError::SlotInvalidated { .. }
             | CaptureError::MissingField(_) => ErrorClass::Fatal,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_loss_is_fatal_and_says_what_to_do() {
+        let lost = CaptureError::SlotLost {
+            slot: "pgferry_a".into(),
+            reached: Lsn(0x1_0000_0010),
+        };
+        let invalid = CaptureError::SlotInvalidated {
+            slot: "pgferry_a".into(),
+            reason: "wal_removed".into(),
+            reached: Lsn(0x20),
+        };
+        for (e, lsn) in [(&lost, "1/10"), (&invalid, "0/20")] {
+            assert_eq!(e.class(), ErrorClass::Fatal);
+            let text = e.to_string();
+            assert!(text.contains("pgferry_a"), "{text}");
+            assert!(text.contains(&format!("LSN {lsn}")), "{text}");
+            assert!(text.contains("on_slot_loss: recreate"), "{text}");
+        }
+        assert!(invalid.to_string().contains("wal_removed"));
     }
 }

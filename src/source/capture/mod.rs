@@ -10,6 +10,8 @@
 //! watermark are pure modules elsewhere.
 
 mod error;
+mod slot;
+pub mod slot_plan;
 mod stream;
 
 use std::collections::{HashMap, HashSet};
@@ -25,7 +27,7 @@ pub use error::CaptureError;
 use super::catalog;
 use super::replication::ReplicationConnection;
 use super::snapshot::{self, TableReader};
-use crate::config::{KafkaConfig, OnPoison, SnapshotMode, SourceConfig};
+use crate::config::{KafkaConfig, OnPoison, SourceConfig};
 use crate::error::ErrorChain;
 use crate::event::{Op, RelationMeta, RowChange, TxnMeta};
 use crate::lsn::Lsn;
@@ -35,7 +37,6 @@ use crate::sink::kafka::dead_letter;
 use crate::sink::kafka::encode::{encode_change, EnvelopeSource, Record, TxnStamp};
 use crate::sink::kafka::node_stream::{self, ColumnSchema};
 use crate::sink::kafka::producer::{KafkaSink, Queued};
-use crate::sql::quote_ident;
 use crate::telemetry::{Health, Metrics};
 use crate::value::TypeRegistry;
 
@@ -134,76 +135,6 @@ pub async fn run(
 }
 
 impl Capture {
-    /// Makes sure the slot exists and its initial snapshot is in Kafka.
-    async fn prepare_slot(&mut self, repl: &mut ReplicationConnection) -> Result<(), CaptureError> {
-        let source = &self.settings.source;
-        let existing = catalog::slot(&self.sql, &self.slot)
-            .await
-            .map_err(CaptureError::sql("reading pg_replication_slots"))?;
-        if let Some(info) = &existing {
-            let database = source.url.dbname();
-            if info.plugin.as_deref() != Some("pgoutput")
-                || info.database.as_deref() != Some(database)
-            {
-                return Err(CaptureError::SlotMismatch {
-                    slot: self.slot.clone(),
-                    detail: format!(
-                        "it uses plugin {:?} on database {:?}; pgferry needs a pgoutput slot on {database:?}. \
-                         Drop it or set source.slot to another name",
-                        info.plugin, info.database
-                    ),
-                });
-            }
-            let completed = source.snapshot == SnapshotMode::Never
-                || catalog::snapshot_completed(&self.sql, &self.slot)
-                    .await
-                    .map_err(CaptureError::sql("reading pgferry.snapshot_state"))?;
-            if completed {
-                let confirmed = info.confirmed_flush.unwrap_or_default();
-                *lock(&self.progress) = Progress::starting_at(confirmed);
-                tracing::info!(slot = %self.slot, %confirmed, "resuming from existing slot");
-                return Ok(());
-            }
-            // The snapshot never finished: its rows may be partly in Kafka, but the exported
-            // snapshot is gone. Start over with a new slot (snapshot rows are re-sent).
-            tracing::warn!(slot = %self.slot, "initial snapshot did not complete; recreating the slot");
-            catalog::drop_slot(&self.sql, &self.slot)
-                .await
-                .map_err(CaptureError::sql("dropping the unfinished slot"))?;
-        }
-        catalog::clear_snapshot_state(&self.sql, &self.slot)
-            .await
-            .map_err(CaptureError::sql("clearing pgferry.snapshot_state"))?;
-        let export = source.snapshot == SnapshotMode::Initial;
-        let created = repl
-            .simple_query(&format!(
-                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {}",
-                quote_ident(&self.slot),
-                if export {
-                    "EXPORT_SNAPSHOT"
-                } else {
-                    "NOEXPORT_SNAPSHOT"
-                }
-            ))
-            .await?;
-        let consistent: Lsn = created
-            .first("consistent_point")
-            .and_then(|s| s.parse().ok())
-            .ok_or(CaptureError::MissingField("consistent_point"))?;
-        tracing::info!(slot = %self.slot, %consistent, "created replication slot");
-        *lock(&self.progress) = Progress::starting_at(consistent);
-        if export {
-            let name = created
-                .first("snapshot_name")
-                .ok_or(CaptureError::MissingField("snapshot_name"))?
-                .to_owned();
-            self.publish_snapshot(&name, consistent).await?;
-        }
-        catalog::mark_snapshot_completed(&self.sql, &self.slot, consistent)
-            .await
-            .map_err(CaptureError::sql("recording the completed snapshot"))
-    }
-
     /// Publishes every published table's rows as `op: "r"`, inside the exported snapshot, and
     /// waits until Kafka has all of them.
     async fn publish_snapshot(
