@@ -8,7 +8,8 @@ chmod 777 "$WORK"
 CLEANUP=()
 cleanup() {
   for cmd in "${CLEANUP[@]}"; do eval "$cmd" >/dev/null 2>&1 || true; done
-  rm -rf "$WORK"
+  # KEEP_WORK=1 keeps the clusters' data, configs and logs for a look after a failure.
+  if [[ "${KEEP_WORK:-0}" == 1 ]]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 

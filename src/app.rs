@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::apply::multimaster;
 use crate::apply::worker::{self, WorkerSettings};
-use crate::config::{ApplyMode, Config};
+use crate::config::{ApplyMode, Config, TargetConfig};
 use crate::error::{Classify, ErrorChain, ErrorClass};
 use crate::source::capture::{self, CaptureSettings};
 use crate::telemetry::{http, Health, Metrics};
@@ -95,22 +95,36 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let server = tokio::spawn(server);
     tracing::info!(node = %config.node_id, metrics = %config.metrics.listen, "pgferry started");
 
+    // Every stage counts towards readiness from the start: /readyz stays false until each
+    // one says it runs (capture streaming from its slot, every worker applying), so nothing
+    // written after a successful readiness check can predate the slot.
+    let multi_master = config
+        .apply
+        .as_ref()
+        .filter(|a| a.mode == ApplyMode::MultiMaster);
+    if multi_master.is_some() {
+        health.register(MULTI_MASTER_SETUP);
+        health.register(MAINTENANCE);
+    }
+    if config.source.is_some() {
+        health.register(capture::COMPONENT);
+    }
+    for (node, target) in apply_workers(&config) {
+        health.register(&worker::component_name(node, &target.url.display_target()));
+    }
+
     let mut stages: tokio::task::JoinSet<()> = tokio::task::JoinSet::new();
     let supervisor = Supervisor {
         metrics: metrics.clone(),
         health: health.clone(),
         shutdown: shutdown.clone(),
     };
-    if let Some(apply) = config
-        .apply
-        .as_ref()
-        .filter(|a| a.mode == ApplyMode::MultiMaster)
-    {
+    if let Some(apply) = multi_master {
         // Before capture starts: every local delete from now on leaves a tombstone, and
         // every change carries its whole old row.
         let (target, tables) = (apply.targets[0].clone(), apply.tables.clone());
         supervisor
-            .run("multi-master setup", false, || {
+            .run(MULTI_MASTER_SETUP, true, || {
                 let (target, tables) = (target.clone(), tables.clone());
                 async move { multimaster::setup(&target, &tables).await }
             })
@@ -118,10 +132,11 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         if shutdown.is_cancelled() {
             return finish(server, Ok(())).await;
         }
+        health.set_ready(MULTI_MASTER_SETUP, true);
         let (target, conflict) = (target.clone(), apply.conflict.clone());
         let (m, s, sup) = (metrics.clone(), shutdown.clone(), supervisor.clone());
         stages.spawn(async move {
-            sup.run("maintenance", false, || {
+            sup.run(MAINTENANCE, false, || {
                 multimaster::maintain(target.clone(), conflict.clone(), m.clone(), s.clone())
             })
             .await
@@ -133,7 +148,6 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             source,
             kafka: config.kafka.clone(),
         };
-        health.register("capture");
         let (m, h, s, sup) = (
             metrics.clone(),
             health.clone(),
@@ -141,37 +155,34 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             supervisor.clone(),
         );
         stages.spawn(async move {
-            sup.run("capture", true, || {
+            sup.run(capture::COMPONENT, true, || {
                 capture::run(settings.clone(), m.clone(), h.clone(), s.clone())
             })
             .await
         });
     }
     if let Some(apply) = &config.apply {
-        for target in &apply.targets {
-            for node in &apply.nodes {
-                let settings = WorkerSettings {
-                    node: node.clone(),
-                    local_node: config.node_id.clone(),
-                    target: target.clone(),
-                    apply: apply.clone(),
-                    kafka: config.kafka.clone(),
-                };
-                let component = worker::component_name(node, &target.url.display_target());
-                health.register(&component);
-                let (m, h, s, sup) = (
-                    metrics.clone(),
-                    health.clone(),
-                    shutdown.clone(),
-                    supervisor.clone(),
-                );
-                stages.spawn(async move {
-                    sup.run(&component, true, || {
-                        worker::run(settings.clone(), m.clone(), h.clone(), s.clone())
-                    })
-                    .await
-                });
-            }
+        for (node, target) in apply_workers(&config) {
+            let settings = WorkerSettings {
+                node: node.clone(),
+                local_node: config.node_id.clone(),
+                target: target.clone(),
+                apply: apply.clone(),
+                kafka: config.kafka.clone(),
+            };
+            let component = worker::component_name(node, &target.url.display_target());
+            let (m, h, s, sup) = (
+                metrics.clone(),
+                health.clone(),
+                shutdown.clone(),
+                supervisor.clone(),
+            );
+            stages.spawn(async move {
+                sup.run(&component, true, || {
+                    worker::run(settings.clone(), m.clone(), h.clone(), s.clone())
+                })
+                .await
+            });
         }
     }
     if stages.is_empty() {
@@ -202,6 +213,21 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     }
     tracing::info!("stopped cleanly");
     finish(server, Ok(())).await
+}
+
+/// Stage names in `/readyz`, `pgferry_stage_up` and the log (capture and the apply workers
+/// name theirs: [`capture::COMPONENT`], [`worker::component_name`]).
+const MULTI_MASTER_SETUP: &str = "multi-master setup";
+const MAINTENANCE: &str = "maintenance";
+
+/// One apply worker per (source node, target) pair.
+fn apply_workers(config: &Config) -> impl Iterator<Item = (&String, &TargetConfig)> {
+    config.apply.iter().flat_map(|apply| {
+        apply
+            .targets
+            .iter()
+            .flat_map(move |target| apply.nodes.iter().map(move |node| (node, target)))
+    })
 }
 
 /// Stops the HTTP server and returns `result`.

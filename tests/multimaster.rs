@@ -132,6 +132,67 @@ async fn three_nodes_converge_to_last_writer_wins() {
     }
 }
 
+/// Readiness means every stage runs: from the first `/readyz` 200 on, the node's slot exists
+/// and streams, so every write made after a successful readiness check is captured. (The
+/// multi-master setup once counted as ready on its own, before capture had its slot.)
+#[tokio::test(flavor = "multi_thread")]
+async fn ready_only_once_every_stage_runs() {
+    let label = "mmready";
+    let names = [format!("{label}0"), format!("{label}1")];
+    let (db, client) = cluster(0).fresh_db(label, KV_DDL).await;
+    let port = common::free_port();
+    let yaml = common::mesh::node_config(
+        label,
+        &names[0],
+        &names[1..],
+        cluster(0),
+        &db,
+        port,
+        "",
+        &broker().address(),
+    );
+    let ferry = common::ferry::Ferry::start(&yaml, port);
+    let mut not_ready_seen = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match ferry.http_get("/readyz") {
+            Some((200, _)) => break,
+            Some((_, body)) => not_ready_seen.push(body),
+            None => {}
+        }
+        assert!(std::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let slot = count(
+        &client,
+        &format!(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'slot_{db}' AND active"
+        ),
+    )
+    .await;
+    assert_eq!(slot, 1, "ready before the slot streams");
+    // Before that, /readyz named what it waited for; the apply worker of the peer included.
+    let waited = not_ready_seen.join("\n");
+    assert!(
+        waited.contains(&format!("apply:{}:", names[1])) && waited.contains("capture"),
+        "/readyz did not name the stages it waited for: {waited}"
+    );
+    // A write right after readiness is captured.
+    client
+        .batch_execute("INSERT INTO kv VALUES (1, 1, 'after ready')")
+        .await
+        .unwrap();
+    wait_for(
+        "the write to be captured",
+        Duration::from_secs(30),
+        || async {
+            (ferry.metric("pgferry_changes_captured_total", "table=\"public.kv\"") == Some(1.0))
+                .then_some(())
+        },
+    )
+    .await;
+}
+
 /// Acceptance 4: `kill -9` of one node's pgferry twice mid-apply; still the oracle's state.
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_mid_apply_still_converges() {

@@ -24,6 +24,9 @@ use tokio_util::sync::CancellationToken;
 
 pub use error::CaptureError;
 
+/// The capture stage's name in `/readyz`, `pgferry_stage_up` and the log.
+pub const COMPONENT: &str = "capture";
+
 use super::catalog;
 use super::replication::ReplicationConnection;
 use super::snapshot::{self, TableReader};

@@ -140,9 +140,9 @@ impl Capture {
             last_status: Instant::now(),
             interval: source.status_interval,
         };
-        self.health.set_ready("capture", true);
+        self.health.set_ready(super::COMPONENT, true);
         let result = self.stream_loop(&mut state, &shutdown).await;
-        self.health.set_ready("capture", false);
+        self.health.set_ready(super::COMPONENT, false);
         result?;
         // Graceful stop: intake has stopped; drain Kafka, confirm what it holds, leave.
         if let Err(error) = self.sink.drain(SHUTDOWN_DRAIN).await {
