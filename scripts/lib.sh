@@ -51,7 +51,7 @@ start_tansu() {
   BROKER_PORT=$(free_port)
   "$TANSU" broker --listener-url "tcp://127.0.0.1:$BROKER_PORT" \
     --advertised-listener-url "tcp://127.0.0.1:$BROKER_PORT" \
-    --storage-engine memory://tansu/ >"$WORK/tansu.log" 2>&1 &
+    --storage-engine "${TANSU_STORAGE:-memory://tansu/}" >"$WORK/tansu.log" 2>&1 &
   disown $!
   CLEANUP+=("kill -9 $!")
   for _ in $(seq 100); do

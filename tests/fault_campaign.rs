@@ -1,8 +1,9 @@
 //! Fault campaign: randomized writes on a master → replica pair and on a three-node
 //! multi-master cluster while random faults hit every part (`kill -9` of any pgferry, fast
-//! and immediate restarts of any PostgreSQL, the broker frozen and thawed), then checks: the
-//! replica equals the master (no loss, no duplicate effect), and every multi-master node
-//! equals the last-writer-wins oracle of what the writers committed.
+//! and immediate restarts of any PostgreSQL, the broker frozen and thawed, or killed and
+//! restarted on its durable storage), then checks: the replica equals the master (no loss,
+//! no duplicate effect), and every multi-master node equals the last-writer-wins oracle of
+//! what the writers committed.
 //!
 //! Short in CI; `bench/faults.sh` runs it for as long as you like:
 //! `FAULT_SECONDS` (per topology, default 20) and `FAULT_SEEDS`
@@ -16,12 +17,13 @@ use std::time::{Duration, Instant};
 
 use common::broker::Broker;
 use common::ferry::{apply_config, Ferry};
-use common::mesh::{kv_rows, mesh, oracle, random_writes, wait_all_equal, Budget, KV_DDL};
+use common::mesh::{mesh, oracle, random_writes, read_kv, wait_all_equal, Budget, KV_DDL};
 use common::pg::PgCluster;
 
+/// A broker whose records survive its restarts (S3 storage on a local S3 server).
 fn broker() -> &'static Broker {
     static BROKER: OnceLock<Broker> = OnceLock::new();
-    BROKER.get_or_init(Broker::start)
+    BROKER.get_or_init(Broker::start_durable)
 }
 
 fn cluster(i: usize) -> &'static PgCluster {
@@ -45,15 +47,22 @@ fn seeds() -> Vec<u64> {
 }
 
 /// Fault kinds to inject (`FAULT_KINDS`, comma-separated from `kill`, `pg_fast`,
-/// `pg_immediate`, `broker`; default all).
+/// `pg_immediate`, `broker` (stop/continue), `broker_restart` (`kill -9` and start again);
+/// default all).
 fn kinds() -> Vec<String> {
     std::env::var("FAULT_KINDS")
         .ok()
         .map(|s| s.split(',').map(|k| k.trim().to_owned()).collect())
         .unwrap_or_else(|| {
-            ["kill", "pg_fast", "pg_immediate", "broker"]
-                .map(String::from)
-                .to_vec()
+            [
+                "kill",
+                "pg_fast",
+                "pg_immediate",
+                "broker",
+                "broker_restart",
+            ]
+            .map(String::from)
+            .to_vec()
         })
 }
 
@@ -100,6 +109,11 @@ async fn inject(
                 tokio::time::sleep(Duration::from_millis(rng.range(300, 3000) as u64)).await;
                 broker().resume();
                 "broker stop/continue"
+            }
+            "broker_restart" => {
+                let down = Duration::from_millis(rng.range(0, 2000) as u64);
+                tokio::task::block_in_place(|| broker().restart(down));
+                "broker kill -9 and restart"
             }
             other => panic!("unknown fault kind {other:?} in FAULT_KINDS"),
         };
@@ -157,12 +171,10 @@ async fn replica_survives_random_faults() {
         for w in writers {
             writes += w.await.expect("writer").len();
         }
-        let m = master_cluster.client(&master).await;
-        let expected = kv_rows(&m).await;
-        let r = replica_cluster.client(&replica).await;
+        let expected = read_kv(master_cluster, &master).await;
         let deadline = Instant::now() + Duration::from_secs(240);
         loop {
-            let got = kv_rows(&r).await;
+            let got = read_kv(replica_cluster, &replica).await;
             if got == expected {
                 break;
             }

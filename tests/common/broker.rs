@@ -1,60 +1,112 @@
-//! A real tansu broker (Kafka protocol, in-memory storage) on a loopback port.
+//! A real tansu broker (Kafka protocol) on a loopback port: in-memory storage, or durable
+//! storage (tansu's S3 engine against a local moto S3 server) for tests that restart it.
 
 use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::process::{on_test_exit, signal};
 
+/// Where `scripts/setup` installs its tools, unless `PGFERRY_TOOLS` says otherwise.
+fn tools_dir() -> String {
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    std::env::var("PGFERRY_TOOLS").unwrap_or(format!("{home}/.cache/pgferry/tools"))
+}
+
 /// Where `scripts/setup` installs tansu, unless `TANSU_BIN` says otherwise.
 pub fn tansu_bin() -> String {
-    std::env::var("TANSU_BIN").unwrap_or_else(|_| {
-        let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
-        let tools =
-            std::env::var("PGFERRY_TOOLS").unwrap_or(format!("{home}/.cache/pgferry/tools"));
-        format!("{tools}/bin/tansu")
+    std::env::var("TANSU_BIN").unwrap_or_else(|_| format!("{}/bin/tansu", tools_dir()))
+}
+
+/// Waits until something accepts connections on `port`.
+fn wait_listening(what: &str, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not start on port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One moto S3 server per test process (`scripts/setup --test` installs it): the port. It
+/// lives as long as the process; the watchdog kills it after.
+fn s3_server() -> u16 {
+    static S3: OnceLock<(u16, Mutex<Child>)> = OnceLock::new();
+    S3.get_or_init(|| {
+        let port = super::free_port();
+        let bin = format!("{}/moto/bin/moto_server", tools_dir());
+        let child = Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {bin} (run scripts/setup --test): {e}"));
+        on_test_exit(&format!("kill -9 {} 2>/dev/null", child.id()));
+        wait_listening("moto (S3)", port);
+        (port, Mutex::new(child))
     })
+    .0
+}
+
+/// How a broker keeps its data.
+#[derive(Clone)]
+enum Storage {
+    Memory,
+    /// A bucket on the local S3 server: survives broker restarts.
+    S3 {
+        port: u16,
+        bucket: String,
+    },
 }
 
 /// A running broker; killed on drop.
 pub struct Broker {
     pub port: u16,
-    child: Child,
+    storage: Storage,
+    log: std::path::PathBuf,
+    child: Mutex<Child>,
 }
 
 impl Broker {
-    /// Starts tansu and waits until it accepts connections.
+    /// Starts tansu with in-memory storage and waits until it accepts connections.
     pub fn start() -> Broker {
+        Broker::start_with(Storage::Memory)
+    }
+
+    /// Starts tansu with storage that outlives the process, so [`Broker::restart`] keeps
+    /// every acknowledged record.
+    pub fn start_durable() -> Broker {
+        let port = s3_server();
+        let bucket = format!("tansu-{}", super::free_port());
+        let created = super::http_request(port, "PUT", &format!("/{bucket}"));
+        assert!(
+            matches!(created, Some((200, _))),
+            "cannot create bucket {bucket} on the local S3 server: {created:?}"
+        );
+        Broker::start_with(Storage::S3 { port, bucket })
+    }
+
+    fn start_with(storage: Storage) -> Broker {
         let port = super::free_port();
-        let url = format!("tcp://127.0.0.1:{port}");
         let log = tempfile::NamedTempFile::new()
             .expect("log file")
             .keep()
             .expect("keep")
             .1;
-        let child = Command::new(tansu_bin())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log"))
-            .spawn()
-            .unwrap_or_else(|e| panic!("start tansu at {} (run scripts/setup): {e}", tansu_bin()));
-        on_test_exit(&format!("kill -9 {} 2>/dev/null", child.id()));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "tansu did not start on port {port}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
+        let child = spawn(port, &storage, &log);
+        Broker {
+            port,
+            storage,
+            log,
+            child: Mutex::new(child),
         }
-        Broker { port, child }
+    }
+
+    fn child(&self) -> MutexGuard<'_, Child> {
+        self.child.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// `host:port` for clients.
@@ -64,18 +116,74 @@ impl Broker {
 
     /// Freezes the broker process (SIGSTOP): connections stay open, nothing is answered.
     pub fn pause(&self) {
-        signal(&self.child, "-STOP");
+        signal(&self.child(), "-STOP");
     }
 
     /// Resumes a paused broker.
     pub fn resume(&self) {
-        signal(&self.child, "-CONT");
+        signal(&self.child(), "-CONT");
     }
+
+    /// `kill -9` the broker, wait `down`, and start it again on the same port and storage.
+    /// Only a durable broker keeps its records.
+    pub fn restart(&self, down: Duration) {
+        assert!(
+            matches!(self.storage, Storage::S3 { .. }),
+            "restarting an in-memory broker loses every record; use Broker::start_durable"
+        );
+        let mut child = self.child();
+        let _ = child.kill();
+        let _ = child.wait();
+        std::thread::sleep(down);
+        *child = spawn(self.port, &self.storage, &self.log);
+    }
+}
+
+/// Starts tansu on `port` and waits until it listens.
+fn spawn(port: u16, storage: &Storage, log: &std::path::Path) -> Child {
+    let url = format!("tcp://127.0.0.1:{port}");
+    let mut command = Command::new(tansu_bin());
+    command.args([
+        "broker",
+        "--listener-url",
+        &url,
+        "--advertised-listener-url",
+        &url,
+    ]);
+    match storage {
+        Storage::Memory => {
+            command.args(["--storage-engine", "memory://tansu/"]);
+        }
+        Storage::S3 { port, bucket } => {
+            command
+                .args(["--storage-engine", &format!("s3://{bucket}/")])
+                .env("AWS_ENDPOINT", format!("http://127.0.0.1:{port}"))
+                .env("AWS_ALLOW_HTTP", "true")
+                .env("AWS_ACCESS_KEY_ID", "test")
+                .env("AWS_SECRET_ACCESS_KEY", "test")
+                .env("AWS_DEFAULT_REGION", "us-east-1");
+        }
+    }
+    let stderr = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log");
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap_or_else(|e| panic!("start tansu at {} (run scripts/setup): {e}", tansu_bin()));
+    on_test_exit(&format!("kill -9 {} 2>/dev/null", child.id()));
+    wait_listening("tansu", port);
+    child
 }
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let mut child = self.child();
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }

@@ -260,14 +260,22 @@ pub fn oracle(writes: &[Committed]) -> BTreeMap<i32, (i32, Option<String>)> {
         .collect()
 }
 
-pub async fn kv_rows(client: &Client) -> BTreeMap<i32, (i32, Option<String>)> {
-    client
-        .query("SELECT k, v, note FROM kv ORDER BY k", &[])
-        .await
-        .expect("read kv")
-        .iter()
-        .map(|r| (r.get(0), (r.get(1), r.get(2))))
-        .collect()
+/// `kv` of `db`, read again after a reconnect when the server restarts under the read (other
+/// tests of the binary may restart the shared clusters).
+pub async fn read_kv(cluster: &PgCluster, db: &str) -> BTreeMap<i32, (i32, Option<String>)> {
+    loop {
+        let client = connect(cluster, db).await;
+        if let Ok(rows) = client
+            .query("SELECT k, v, note FROM kv ORDER BY k", &[])
+            .await
+        {
+            return rows
+                .iter()
+                .map(|r| (r.get(0), (r.get(1), r.get(2))))
+                .collect();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Waits until every node's `kv` equals `expected`; fails with the first difference.
@@ -280,8 +288,7 @@ pub async fn wait_all_equal(
     loop {
         let mut diff = None;
         for node in nodes {
-            let client = connect(node.cluster, &node.db).await;
-            let got = kv_rows(&client).await;
+            let got = read_kv(node.cluster, &node.db).await;
             if &got != expected {
                 let keys: Vec<_> = expected
                     .keys()
