@@ -2,7 +2,8 @@
 # Fault campaign, for as long as you like: randomized writes on a master -> replica pair and on
 # a three-node multi-master cluster while random faults hit every part (kill -9 of any
 # pgferry, fast and immediate restarts of any PostgreSQL, the broker frozen and thawed, the
-# broker killed and restarted on durable storage); then checks the replica equals the master
+# broker killed and restarted on durable storage; and a PostgreSQL 17 primary failed over to
+# its standby mid-run); then checks the replica equals the master
 # and every multi-master node equals the last-writer-wins oracle. CI runs the same test
 # briefly (20 s per topology, seed 1).
 #

@@ -298,56 +298,15 @@ async fn write_until(c: Client, mut next: i64, stop: Arc<AtomicBool>) -> i64 {
     next
 }
 
-/// The logical slot as the standby's slot-sync worker keeps it: `(synced and persistent,
-/// confirmed_flush_lsn as bytes)`.
-async fn synced_slot(standby: &PgCluster, db: &str, slot: &str) -> Option<(bool, i64)> {
-    let (client, conn) = tokio_postgres::connect(&standby.url(db), tokio_postgres::NoTls)
-        .await
-        .ok()?;
-    tokio::spawn(conn);
-    let row = client
-        .query_opt(
-            "SELECT synced AND NOT temporary, (confirmed_flush_lsn - '0/0')::int8
-               FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .ok()??;
-    Some((row.get(0), row.get::<_, Option<i64>>(1).unwrap_or(0)))
-}
-
 /// PostgreSQL 17: capture runs on a primary whose failover slot is synchronized to a physical
 /// standby. Under continuous writes capture is killed, the primary crashes, the standby is
 /// promoted and written to, and capture restarts against it: every row the new primary has
 /// arrives in Kafka (duplicates allowed, counted), and none that it lacks.
 #[tokio::test(flavor = "multi_thread")]
 async fn promoted_standby_resumes_from_synced_failover_slot() {
-    const PHYSICAL_SLOT: &str = "standby_1";
-    let primary = PgCluster::start_with_bin(
-        &pg17_bin_dir(),
-        // Logical walsenders for failover slots send nothing the standby has not flushed.
-        &[("synchronized_standby_slots", &format!("'{PHYSICAL_SLOT}'"))],
-    );
-    let (db, c) = primary.fresh_db("failover", TABLE).await;
+    let (primary, standby, db, c) = PgCluster::failover_pair("failover", TABLE).await;
     let slot = format!("slot_{db}");
     let topic = format!("{db}.public.t");
-    let standby = PgCluster::standby_of(
-        &primary,
-        PHYSICAL_SLOT,
-        &[
-            ("sync_replication_slots", "on"),
-            ("hot_standby_feedback", "on"),
-            (
-                "primary_conninfo",
-                &format!(
-                    "'host=127.0.0.1 port={} user=postgres dbname={db} application_name=standby_1'",
-                    primary.port
-                ),
-            ),
-            // Copied from the primary; once promoted, this server has no standby to wait for.
-            ("synchronized_standby_slots", "''"),
-        ],
-    );
     insert_range(&c, 1, 500).await;
 
     let mut ferry = Ferry::capture(&primary, &db, &broker().address(), "");
@@ -365,7 +324,8 @@ async fn promoted_standby_resumes_from_synced_failover_slot() {
         "the slot to be synchronized to the standby",
         Duration::from_secs(120),
         || async {
-            synced_slot(&standby, &db, &slot)
+            standby
+                .synced_slot(&db, &slot)
                 .await
                 .filter(|(ready, _)| *ready)
                 .map(|(_, lsn)| lsn)
@@ -376,7 +336,8 @@ async fn promoted_standby_resumes_from_synced_failover_slot() {
         "the synced slot to advance under writes",
         Duration::from_secs(120),
         || async {
-            synced_slot(&standby, &db, &slot)
+            standby
+                .synced_slot(&db, &slot)
                 .await
                 .filter(|(ready, lsn)| *ready && *lsn > first)
                 .map(|_| ())

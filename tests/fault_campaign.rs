@@ -12,12 +12,13 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::broker::Broker;
 use common::ferry::{apply_config, Ferry};
-use common::mesh::{mesh, oracle, random_writes, read_kv, wait_all_equal, Budget, KV_DDL};
+use common::mesh::{mesh, oracle, random_writes, read_kv, wait_converged, Budget, KV_DDL};
 use common::pg::PgCluster;
 
 /// A broker whose records survive its restarts (S3 storage on a local S3 server).
@@ -75,7 +76,7 @@ async fn inject(
     seed: u64,
     until: Instant,
     ferries: &mut [&mut Ferry],
-    clusters: &[&'static PgCluster],
+    clusters: &[&PgCluster],
 ) -> BTreeMap<&'static str, u32> {
     let mut rng = common::Rng::new(seed ^ 0xfa17);
     let mut counts = BTreeMap::new();
@@ -190,6 +191,17 @@ async fn replica_survives_random_faults() {
             writes > 100,
             "seed {seed}: too few writes ({writes}) to mean anything"
         );
+        // A cause is logged once: one delivery failure per capture run at most, however many
+        // queued messages it took down with it.
+        let log = capture.log();
+        let (failures, runs) = (
+            log.matches("Kafka delivery failed").count(),
+            log.matches("pgferry started").count() + log.matches("stage failed").count(),
+        );
+        assert!(
+            failures <= runs,
+            "{failures} delivery failures logged over {runs} capture runs"
+        );
         eprintln!(
             "fault campaign (master -> replica): seed {seed}, {}s, faults {faults:?}, \
              {writes} committed writes, {} rows checked equal",
@@ -228,7 +240,7 @@ async fn multi_master_survives_random_faults() {
             writes.extend(w.await.expect("writer"));
         }
         let expected = oracle(&writes);
-        wait_all_equal(&nodes, &expected, Duration::from_secs(300)).await;
+        wait_converged(&nodes, &writes, Duration::from_secs(300)).await;
         assert!(
             writes.len() > 100,
             "seed {seed}: too few writes ({}) to mean anything",
@@ -239,6 +251,147 @@ async fn multi_master_survives_random_faults() {
              {} committed writes, {} live keys checked on 3 nodes",
             seconds(),
             writes.len(),
+            expected.len()
+        );
+    }
+}
+
+/// Random inserts, updates and deletes on `kv` of whichever server `primary` names (a URL),
+/// until `stop`; reconnects after any error (a restart, the failover). Returns the commits
+/// it saw succeed.
+async fn writes_following(primary: Arc<Mutex<String>>, seed: u64, stop: Arc<AtomicBool>) -> usize {
+    let mut rng = common::Rng::new(seed);
+    let mut commits = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let url = primary.lock().expect("url").clone();
+        let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        tokio::spawn(conn);
+        while !stop.load(Ordering::Relaxed) {
+            let r = rng.next();
+            let key = (r % KEYS) as i32;
+            let value = (r >> 20) as i32 & 0xffff;
+            let sql = match (r >> 10) % 10 {
+                0..=3 => "INSERT INTO kv VALUES ($1, $2, 'f') ON CONFLICT DO NOTHING",
+                4..=7 => "UPDATE kv SET v = $2 WHERE k = $1",
+                _ => "DELETE FROM kv WHERE k = $1 AND $2::int4 IS NOT NULL",
+            };
+            if client.execute(sql, &[&key, &value]).await.is_err() {
+                break;
+            }
+            commits += 1;
+            tokio::time::sleep(Duration::from_millis((r >> 50) % 4)).await;
+        }
+    }
+    commits
+}
+
+/// Master → Kafka → replica where the master is a PostgreSQL 17 primary with a physical
+/// standby that synchronizes the failover slot. Random faults hit everything; in the middle of
+/// the run capture is killed, the primary crashes under writes and the standby is promoted;
+/// capture resumes from the synced slot on the new primary, the writers follow, more faults
+/// come. The replica ends equal to the new primary.
+#[tokio::test(flavor = "multi_thread")]
+async fn replica_survives_random_faults_and_a_failover() {
+    for seed in seeds() {
+        let (primary, standby, db, _) =
+            PgCluster::failover_pair(&format!("fcfo{seed}"), KV_DDL).await;
+        let slot = format!("slot_{db}");
+        let replica_cluster = cluster(1);
+        let (replica, _) = replica_cluster
+            .fresh_db(&format!("fcfo{seed}_r"), KV_DDL)
+            .await;
+        let mut capture = Ferry::capture(&primary, &db, &broker().address(), "");
+        capture.wait_ready().await;
+        let port = common::free_port();
+        let mut applier = Ferry::start(
+            &apply_config(
+                "node-a",
+                &db,
+                &[replica_cluster.url(&replica)],
+                &broker().address(),
+                port,
+                "",
+            ),
+            port,
+        );
+        let url = Arc::new(Mutex::new(primary.url(&db)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let writers: Vec<_> = (0..2)
+            .map(|w| tokio::spawn(writes_following(url.clone(), seed * 10 + w, stop.clone())))
+            .collect();
+
+        let half = Duration::from_secs(seconds()) / 2;
+        let mut faults = inject(
+            seed,
+            Instant::now() + half,
+            &mut [&mut capture, &mut applier],
+            &[&primary, replica_cluster],
+        )
+        .await;
+        // The failover: the standby must hold a persistent synced copy of the slot first.
+        common::wait_for(
+            "the failover slot to be synchronized to the standby",
+            Duration::from_secs(120),
+            || async {
+                standby
+                    .synced_slot(&db, &slot)
+                    .await
+                    .filter(|(ready, lsn)| *ready && *lsn > 0)
+                    .map(drop)
+            },
+        )
+        .await;
+        capture.kill9();
+        primary.stop();
+        tokio::task::block_in_place(|| standby.promote());
+        *url.lock().expect("url") = standby.url(&db);
+        drop(capture);
+        let mut capture = Ferry::capture(&standby, &db, &broker().address(), "");
+        *faults.entry("standby promoted").or_insert(0) += 1;
+        let more = inject(
+            seed + 1,
+            Instant::now() + half,
+            &mut [&mut capture, &mut applier],
+            &[&standby, replica_cluster],
+        )
+        .await;
+        for (kind, n) in more {
+            *faults.entry(kind).or_insert(0) += n;
+        }
+        stop.store(true, Ordering::Relaxed);
+        let mut writes = 0;
+        for w in writers {
+            writes += w.await.expect("writer");
+        }
+        assert!(
+            capture.log().contains("resuming from existing slot"),
+            "capture on the promoted standby must resume from the synced slot:\n{}",
+            capture.log()
+        );
+        let expected = read_kv(&standby, &db).await;
+        let deadline = Instant::now() + Duration::from_secs(240);
+        loop {
+            let got = read_kv(replica_cluster, &replica).await;
+            if got == expected {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "seed {seed}: the replica did not converge to the promoted primary: {} rows vs \
+                 {}; faults {faults:?}",
+                got.len(),
+                expected.len()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        assert!(writes > 100, "seed {seed}: too few writes ({writes})");
+        eprintln!(
+            "fault campaign (master -> replica, with a failover): seed {seed}, {}s, faults \
+             {faults:?}, {writes} committed writes, {} rows checked equal",
+            seconds(),
             expected.len()
         );
     }

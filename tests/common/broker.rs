@@ -7,15 +7,9 @@ use std::time::{Duration, Instant};
 
 use super::process::{on_test_exit, signal};
 
-/// Where `scripts/setup` installs its tools, unless `PGFERRY_TOOLS` says otherwise.
-fn tools_dir() -> String {
-    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
-    std::env::var("PGFERRY_TOOLS").unwrap_or(format!("{home}/.cache/pgferry/tools"))
-}
-
 /// Where `scripts/setup` installs tansu, unless `TANSU_BIN` says otherwise.
 pub fn tansu_bin() -> String {
-    std::env::var("TANSU_BIN").unwrap_or_else(|_| format!("{}/bin/tansu", tools_dir()))
+    std::env::var("TANSU_BIN").unwrap_or_else(|_| format!("{}/bin/tansu", super::tools_dir()))
 }
 
 /// Waits until something accepts connections on `port`.
@@ -36,7 +30,7 @@ fn s3_server() -> u16 {
     static S3: OnceLock<(u16, Mutex<Child>)> = OnceLock::new();
     S3.get_or_init(|| {
         let port = super::free_port();
-        let bin = format!("{}/moto/bin/moto_server", tools_dir());
+        let bin = format!("{}/moto/bin/moto_server", super::tools_dir());
         let child = Command::new(&bin)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdin(Stdio::null())

@@ -278,6 +278,39 @@ pub async fn read_kv(cluster: &PgCluster, db: &str) -> BTreeMap<i32, (i32, Optio
     }
 }
 
+/// The first node whose `kv` differs from `expected`: its name, and up to five differing
+/// keys with both sides.
+async fn first_difference(
+    nodes: &[Node],
+    expected: &BTreeMap<i32, (i32, Option<String>)>,
+) -> Option<(String, Vec<i32>, String)> {
+    for node in nodes {
+        let got = read_kv(node.cluster, &node.db).await;
+        if &got != expected {
+            let keys: Vec<i32> = expected
+                .keys()
+                .chain(got.keys())
+                .filter(|k| got.get(k) != expected.get(k))
+                .take(5)
+                .copied()
+                .collect();
+            let text = keys
+                .iter()
+                .map(|k| {
+                    format!(
+                        "k={k}: node has {:?}, oracle {:?}",
+                        got.get(k),
+                        expected.get(k)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Some((node.name.clone(), keys, text));
+        }
+    }
+    None
+}
+
 /// Waits until every node's `kv` equals `expected`; fails with the first difference.
 pub async fn wait_all_equal(
     nodes: &[Node],
@@ -285,34 +318,63 @@ pub async fn wait_all_equal(
     timeout: Duration,
 ) {
     let deadline = Instant::now() + timeout;
-    loop {
-        let mut diff = None;
-        for node in nodes {
-            let got = read_kv(node.cluster, &node.db).await;
-            if &got != expected {
-                let keys: Vec<_> = expected
-                    .keys()
-                    .chain(got.keys())
-                    .filter(|k| got.get(k) != expected.get(k))
-                    .take(5)
-                    .map(|k| {
-                        format!(
-                            "k={k}: node has {:?}, oracle {:?}",
-                            got.get(k),
-                            expected.get(k)
-                        )
-                    })
-                    .collect();
-                diff = Some(format!("{}: {}", node.name, keys.join("; ")));
-                break;
-            }
+    while let Some((node, _, diff)) = first_difference(nodes, expected).await {
+        if Instant::now() >= deadline {
+            panic!("nodes did not converge to the oracle within {timeout:?}: {node}: {diff}");
         }
-        match diff {
-            None => return,
-            Some(d) if Instant::now() >= deadline => {
-                panic!("nodes did not converge to the oracle within {timeout:?}: {d}")
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Waits until every node's `kv` equals the last-writer-wins oracle of `writes`. On failure
+/// the message also shows, for each differing key, every committed write of it in version
+/// order and what each node holds with the row's commit timestamp and origin.
+pub async fn wait_converged(nodes: &[Node], writes: &[Committed], timeout: Duration) {
+    let expected = oracle(writes);
+    let deadline = Instant::now() + timeout;
+    while let Some((node, keys, diff)) = first_difference(nodes, &expected).await {
+        if Instant::now() >= deadline {
+            let mut history = String::new();
+            for key in keys {
+                history.push_str(&format!("\nkey {key}: writes (ts_us, node, row):"));
+                let mut of_key: Vec<&Committed> = writes.iter().filter(|w| w.key == key).collect();
+                of_key.sort_by(|a, b| (a.ts_us, &a.node).cmp(&(b.ts_us, &b.node)));
+                for w in of_key.iter().rev().take(8).rev() {
+                    history.push_str(&format!("\n  {} {} {:?}", w.ts_us, w.node, w.row));
+                }
+                for n in nodes {
+                    history.push_str(&format!("\n  on {}: {}", n.name, row_version(n, key).await));
+                }
             }
-            Some(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            panic!(
+                "nodes did not converge to the oracle within {timeout:?}: {node}: {diff}{history}"
+            );
         }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// A node's row of `key` with its commit timestamp (µs) and replication origin, as text.
+async fn row_version(node: &Node, key: i32) -> String {
+    let client = connect(node.cluster, &node.db).await;
+    let row = client
+        .query_opt(
+            "SELECT v, note, (extract(epoch FROM c.timestamp) * 1000000)::int8, o.roname
+               FROM kv, pg_xact_commit_timestamp_origin(kv.xmin) c
+               LEFT JOIN pg_replication_origin o ON o.roident = c.roident
+              WHERE k = $1",
+            &[&key],
+        )
+        .await;
+    match row {
+        Ok(Some(r)) => format!(
+            "({}, {:?}) committed {:?} origin {:?}",
+            r.get::<_, i32>(0),
+            r.get::<_, Option<String>>(1),
+            r.get::<_, Option<i64>>(2),
+            r.get::<_, Option<String>>(3)
+        ),
+        Ok(None) => "no row".to_owned(),
+        Err(e) => format!("unreadable: {e}"),
     }
 }

@@ -40,6 +40,12 @@ pub fn free_port() -> u16 {
         .expect("bind an ephemeral port")
 }
 
+/// Where `scripts/setup` installs its tools, unless `PGFERRY_TOOLS` says otherwise.
+pub fn tools_dir() -> String {
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    std::env::var("PGFERRY_TOOLS").unwrap_or(format!("{home}/.cache/pgferry/tools"))
+}
+
 /// GET over plain HTTP/1.1 on loopback: (status, body); `None` when nothing answers.
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     http_request(port, "GET", path)

@@ -24,12 +24,8 @@ pub fn pg_bin(tool: &str) -> String {
 
 /// Directory of the PostgreSQL 17 binaries: `PG17_BIN`, or where `scripts/setup` puts them.
 pub fn pg17_bin_dir() -> String {
-    let dir = std::env::var("PG17_BIN").unwrap_or_else(|_| {
-        let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
-        let tools =
-            std::env::var("PGFERRY_TOOLS").unwrap_or(format!("{home}/.cache/pgferry/tools"));
-        format!("{tools}/pg17/bin")
-    });
+    let dir =
+        std::env::var("PG17_BIN").unwrap_or_else(|_| format!("{}/pg17/bin", super::tools_dir()));
     assert!(
         std::path::Path::new(&dir).join("postgres").exists(),
         "PostgreSQL 17 not found at {dir}: run scripts/setup (or set PG17_BIN)"
@@ -174,6 +170,51 @@ impl PgCluster {
         cluster
     }
 
+    /// A PostgreSQL 17 primary and a physical standby that synchronizes its failover slots
+    /// (`sync_replication_slots`), sharing a fresh database `label_…` made with `ddl`
+    /// before the base backup. On the primary, `synchronized_standby_slots` names the
+    /// standby's physical slot, so logical walsenders send nothing the standby lacks.
+    pub async fn failover_pair(label: &str, ddl: &str) -> (PgCluster, PgCluster, String, Client) {
+        const PHYSICAL_SLOT: &str = "standby_1";
+        let primary = PgCluster::start_with_bin(
+            &pg17_bin_dir(),
+            &[("synchronized_standby_slots", &format!("'{PHYSICAL_SLOT}'"))],
+        );
+        let (db, client) = primary.fresh_db(label, ddl).await;
+        let conninfo = format!(
+            "'host=127.0.0.1 port={} user=postgres dbname={db} application_name={PHYSICAL_SLOT}'",
+            primary.port
+        );
+        let standby = PgCluster::standby_of(
+            &primary,
+            PHYSICAL_SLOT,
+            &[
+                ("sync_replication_slots", "on"),
+                ("hot_standby_feedback", "on"),
+                ("primary_conninfo", &conninfo),
+                // Copied from the primary; once promoted, it has no standby to wait for.
+                ("synchronized_standby_slots", "''"),
+            ],
+        );
+        (primary, standby, db, client)
+    }
+
+    /// A logical slot as this standby's slot-sync worker keeps it: `(synced and persistent,
+    /// confirmed_flush_lsn as bytes)`; `None` when absent or the server does not answer.
+    pub async fn synced_slot(&self, db: &str, slot: &str) -> Option<(bool, i64)> {
+        let (client, conn) = tokio_postgres::connect(&self.url(db), NoTls).await.ok()?;
+        tokio::spawn(conn);
+        let row = client
+            .query_opt(
+                "SELECT synced AND NOT temporary, (confirmed_flush_lsn - '0/0')::int8
+                   FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .ok()??;
+        Some((row.get(0), row.get::<_, Option<i64>>(1).unwrap_or(0)))
+    }
+
     fn pg_ctl_start(&self, env: &[(&str, &str)]) {
         let data = self.dir.join("data");
         let log = self.dir.join("server.log");
@@ -297,7 +338,7 @@ impl PgCluster {
     pub fn restart(&self, mode: &str) {
         let data = self.dir.join("data");
         let log = self.dir.join("server.log");
-        let out = as_postgres(&pg_bin("pg_ctl"))
+        let out = as_postgres(&self.tool("pg_ctl"))
             .args(["-D", data.to_str().unwrap(), "-l", log.to_str().unwrap()])
             .args(["-m", mode, "-w", "-t", "120", "restart"])
             .output()

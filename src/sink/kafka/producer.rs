@@ -122,8 +122,13 @@ impl ProducerContext for DeliveryTracker {
             }
             Err((error, _)) => {
                 self.metrics.kafka_delivery_errors.inc();
-                tracing::error!(%error, "Kafka delivery failed; capture will restart from the last confirmed position");
-                lock(&self.failure).get_or_insert_with(|| error.clone());
+                // The first failure is the cause; the rest (every message still queued is
+                // purged when the producer goes) are only counted.
+                let mut failure = lock(&self.failure);
+                if failure.is_none() {
+                    tracing::error!(%error, "Kafka delivery failed; capture will restart from the last confirmed position");
+                    *failure = Some(error.clone());
+                }
             }
         }
     }
