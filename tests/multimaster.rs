@@ -21,10 +21,8 @@ fn broker() -> &'static Broker {
     BROKER.get_or_init(Broker::start)
 }
 
-/// Three clusters shared by the tests of this binary (a database per test on each).
 fn cluster(i: usize) -> &'static PgCluster {
-    static CLUSTERS: OnceLock<Vec<PgCluster>> = OnceLock::new();
-    &CLUSTERS.get_or_init(|| (0..3).map(|_| PgCluster::start(&[])).collect())[i]
+    PgCluster::shared_of_three(i)
 }
 
 /// A cluster whose clock runs two seconds behind (libfaketime).

@@ -45,6 +45,19 @@ pub enum ApplyError {
         /// What was found.
         detail: String,
     },
+    /// The broker holds records past the next offset, but none arrived for a while: the
+    /// consumer is stuck (seen after broker crashes); the worker restarts with a new one.
+    #[error("no record of {topic} arrived for {idle_secs} s although the broker has offsets up to {high} and the next to read is {next}; restarting the consumer")]
+    Stalled {
+        /// The node-stream topic.
+        topic: String,
+        /// The offset the worker waits for.
+        next: i64,
+        /// The broker's high watermark.
+        high: i64,
+        /// Seconds without a record.
+        idle_secs: u64,
+    },
     /// Local writers kept inserting the key a multi-master change was being applied to.
     #[error("local writes to {table} kept racing the apply of one change; retrying")]
     Contention {
@@ -95,7 +108,7 @@ impl Classify for ApplyError {
             // The operator adds the column; retrying then succeeds without a restart.
             ApplyError::ColumnMissing { .. } => ErrorClass::Transient,
             ApplyError::BadMessage { .. } | ApplyError::Gap { .. } => ErrorClass::Fatal,
-            ApplyError::Contention { .. } => ErrorClass::Transient,
+            ApplyError::Contention { .. } | ApplyError::Stalled { .. } => ErrorClass::Transient,
         }
     }
 }

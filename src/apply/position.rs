@@ -21,7 +21,7 @@ use crate::lsn::Lsn;
 use crate::sink::kafka::producer::client_config;
 
 /// How long to wait for the broker.
-const TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the node stream holds around a stored position.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -52,6 +52,9 @@ const PIPELINE_DEPTH: usize = 512;
 const DIVERGED_RECHECK: Duration = Duration::from_secs(10);
 /// How often an idle worker wakes to report liveness.
 const IDLE_BEAT: Duration = Duration::from_secs(1);
+/// How long a worker waits without a record, while the broker says there are more, before it
+/// calls its consumer stuck.
+const STALL_AFTER: Duration = Duration::from_secs(30);
 
 type Pending<'a> = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>>;
 
@@ -115,6 +118,9 @@ struct Worker {
     careful: bool,
     /// The offset the next record read must have at least.
     next_read: i64,
+    /// When the last record arrived (or reading started), and when a stall was last checked.
+    last_record: std::time::Instant,
+    stall_checked: std::time::Instant,
     /// A dead letter was recorded since the diverged tables were last read.
     letters_pending: bool,
     /// Target tables with unresolved dead letters of this node, as last read.
@@ -264,6 +270,8 @@ async fn open(
         careful: false,
         letters_pending: true,
         next_read: 0,
+        last_record: std::time::Instant::now(),
+        stall_checked: std::time::Instant::now(),
         diverged: Vec::new(),
         diverged_checked: std::time::Instant::now(),
     };
@@ -372,6 +380,7 @@ impl Worker {
         list.add_partition_offset(topic, 0, Offset::Offset(self.committed.next_offset))
             .map_err(ApplyError::Kafka)?;
         self.next_read = self.committed.next_offset;
+        self.last_record = std::time::Instant::now();
         consumer.assign(&list).map_err(ApplyError::Kafka)
     }
 
@@ -409,6 +418,7 @@ impl Worker {
                             if !self.in_target_txn {
                                 self.refresh_diverged(client).await?;
                             }
+                            self.check_stall(consumer, topic)?;
                             continue;
                         }
                     }
@@ -446,6 +456,7 @@ impl Worker {
                 ));
             }
             self.next_read = offset + 1;
+            self.last_record = std::time::Instant::now();
             let record = RecordRef::of(&message);
             let (run, item) = match parse_framed(message.payload()) {
                 Ok(framed) => framed,
@@ -544,6 +555,32 @@ impl Worker {
                     self.assign(consumer, topic)?;
                 }
             }
+        }
+    }
+
+    /// After [`STALL_AFTER`] without a record, asks the broker for the high watermark (at most
+    /// once per [`STALL_AFTER`]): records past the next offset that do not arrive mean the
+    /// consumer is stuck, and the worker restarts from its durable position.
+    fn check_stall(&mut self, consumer: &StreamConsumer, topic: &str) -> Result<(), ApplyError> {
+        let now = std::time::Instant::now();
+        if now.duration_since(self.last_record) < STALL_AFTER
+            || now.duration_since(self.stall_checked) < STALL_AFTER
+        {
+            return Ok(());
+        }
+        self.stall_checked = now;
+        let watermarks = tokio::task::block_in_place(|| {
+            consumer.fetch_watermarks(topic, 0, super::position::TIMEOUT)
+        });
+        match watermarks {
+            Ok((_, high)) if high > self.next_read => Err(ApplyError::Stalled {
+                topic: topic.to_owned(),
+                next: self.next_read,
+                high,
+                idle_secs: self.last_record.elapsed().as_secs(),
+            }),
+            // Caught up, or the broker does not answer (its own errors surface on reads).
+            _ => Ok(()),
         }
     }
 

@@ -103,6 +103,11 @@ impl Broker {
         self.child.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether its records survive [`Broker::restart`].
+    pub fn is_durable(&self) -> bool {
+        matches!(self.storage, Storage::S3 { .. })
+    }
+
     /// `host:port` for clients.
     pub fn address(&self) -> String {
         format!("127.0.0.1:{}", self.port)
@@ -122,7 +127,7 @@ impl Broker {
     /// Only a durable broker keeps its records.
     pub fn restart(&self, down: Duration) {
         assert!(
-            matches!(self.storage, Storage::S3 { .. }),
+            self.is_durable(),
             "restarting an in-memory broker loses every record; use Broker::start_durable"
         );
         let mut child = self.child();

@@ -276,6 +276,13 @@ impl PgCluster {
         SHARED.get_or_init(|| PgCluster::start(&[]))
     }
 
+    /// Cluster `i` of three shared by the tests of a binary (a database per test on each),
+    /// all started on first use: multi-master meshes put one node on each.
+    pub fn shared_of_three(i: usize) -> &'static PgCluster {
+        static CLUSTERS: OnceLock<Vec<PgCluster>> = OnceLock::new();
+        &CLUSTERS.get_or_init(|| (0..3).map(|_| PgCluster::start(&[])).collect())[i]
+    }
+
     /// libpq URL for a database.
     pub fn url(&self, db: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)

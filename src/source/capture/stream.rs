@@ -83,22 +83,35 @@ fn spawn_heartbeat(
     AbortOnDrop(tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // Warn when the heartbeat starts failing, not at every tick while it keeps failing
+        // (the replication connection's own failure restarts the stage and this task).
+        let mut failing = false;
         loop {
             tick.tick().await;
-            match catalog::emit_heartbeat(&sql).await {
-                Ok(_) => metrics
+            let beat = async {
+                catalog::emit_heartbeat(&sql).await?;
+                metrics
                     .heartbeat_timestamp
-                    .set(PgTimestamp::now().unix_millis() / 1000),
-                Err(error) => tracing::warn!(%error, "heartbeat failed"),
-            }
-            match catalog::slot_lag(&sql, &slot).await {
-                Ok(Some(slot)) => {
+                    .set(PgTimestamp::now().unix_millis() / 1000);
+                if let Some(slot) = catalog::slot_lag(&sql, &slot).await? {
                     metrics.source_lag_bytes.set(slot.lag);
                     metrics.slot_retained_wal_bytes.set(slot.retained);
                     metrics.slot_safe_wal_bytes.set(slot.safe.unwrap_or(-1));
                 }
-                Ok(None) => {}
-                Err(error) => tracing::warn!(%error, "reading slot lag failed"),
+                Ok::<_, tokio_postgres::Error>(())
+            };
+            match beat.await {
+                Ok(()) => {
+                    if failing {
+                        tracing::info!("heartbeat works again");
+                    }
+                    failing = false;
+                }
+                Err(error) if !failing => {
+                    tracing::warn!(%error, "heartbeat failed; retrying at every interval");
+                    failing = true;
+                }
+                Err(error) => tracing::debug!(%error, "heartbeat still failing"),
             }
         }
     }))
