@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Fault campaign, for as long as you like: randomized writes on a master -> replica pair and on
 # a three-node multi-master cluster while random faults hit every part (kill -9 of any
-# pgferry, fast and immediate restarts of any PostgreSQL, the broker frozen and thawed, the
-# broker killed and restarted on durable storage; and a PostgreSQL 17 primary failed over to
-# its standby mid-run); then checks the replica equals the master
+# pgferry, fast and immediate restarts of any PostgreSQL, the broker frozen and thawed; and a
+# PostgreSQL 17 primary failed over to its standby mid-run); then checks the replica equals
+# the master
 # and every multi-master node equals the last-writer-wins oracle. CI runs the same test
 # briefly (20 s per topology, seed 1).
 #
 #   bench/faults.sh                 10 minutes per topology, seeds 1-3
 #   bench/faults.sh 3600 7,8        an hour per topology, seeds 7 and 8
 #   FAULT_KINDS=kill,broker bench/faults.sh 600    only some fault kinds
-#                                   (kill, pg_fast, pg_immediate, broker, broker_restart)
+#                                   (kill, pg_fast, pg_immediate, broker; broker_restart,
+#                                   not in the default set, kills and restarts the broker on
+#                                   S3 storage, see the README)
 #
 # Prints, per topology and seed, the faults injected and the rows checked.
 set -euo pipefail
