@@ -47,6 +47,8 @@ CONF
   printf -v "PGPORT_$name" '%s' "$port"
 }
 
+# start_tansu: a tansu broker on a free port (BROKER_PORT), in memory unless TANSU_STORAGE
+# names another engine (e.g. s3://bucket/ with the AWS_* variables of a local S3 server).
 start_tansu() {
   BROKER_PORT=$(free_port)
   "$TANSU" broker --listener-url "tcp://127.0.0.1:$BROKER_PORT" \
