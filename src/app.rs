@@ -134,10 +134,11 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         }
         health.set_ready(MULTI_MASTER_SETUP, true);
         let (target, conflict) = (target.clone(), apply.conflict.clone());
-        let (m, s, sup) = (metrics.clone(), shutdown.clone(), supervisor.clone());
+        let sup = supervisor.clone();
         stages.spawn(async move {
             sup.run(MAINTENANCE, false, || {
-                multimaster::maintain(target.clone(), conflict.clone(), m.clone(), s.clone())
+                let (m, _, s) = sup.handles();
+                multimaster::maintain(target.clone(), conflict.clone(), m, s)
             })
             .await
         });
@@ -148,15 +149,11 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             source,
             kafka: config.kafka.clone(),
         };
-        let (m, h, s, sup) = (
-            metrics.clone(),
-            health.clone(),
-            shutdown.clone(),
-            supervisor.clone(),
-        );
+        let sup = supervisor.clone();
         stages.spawn(async move {
             sup.run(capture::COMPONENT, true, || {
-                capture::run(settings.clone(), m.clone(), h.clone(), s.clone())
+                let (m, h, s) = sup.handles();
+                capture::run(settings.clone(), m, h, s)
             })
             .await
         });
@@ -171,15 +168,11 @@ pub async fn run(config: Config) -> Result<(), AppError> {
                 kafka: config.kafka.clone(),
             };
             let component = worker::component_name(node, &target.url.display_target());
-            let (m, h, s, sup) = (
-                metrics.clone(),
-                health.clone(),
-                shutdown.clone(),
-                supervisor.clone(),
-            );
+            let sup = supervisor.clone();
             stages.spawn(async move {
                 sup.run(&component, true, || {
-                    worker::run(settings.clone(), m.clone(), h.clone(), s.clone())
+                    let (m, h, s) = sup.handles();
+                    worker::run(settings.clone(), m, h, s)
                 })
                 .await
             });
@@ -250,6 +243,15 @@ struct Supervisor {
 }
 
 impl Supervisor {
+    /// What a stage attempt needs of the process: metrics, health and the shutdown signal.
+    fn handles(&self) -> (Arc<Metrics>, Health, CancellationToken) {
+        (
+            self.metrics.clone(),
+            self.health.clone(),
+            self.shutdown.clone(),
+        )
+    }
+
     /// Runs a stage until it returns `Ok` (shutdown) or shutdown is requested. Each attempt
     /// runs in its own task, so a panic is caught (as a failed attempt) instead of taking the
     /// process down. A failed attempt marks the stage down in `/readyz` (with the reason) and

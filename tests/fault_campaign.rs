@@ -143,6 +143,48 @@ async fn inject(
     counts
 }
 
+/// A replica-mode pgferry applying node `node-a`'s stream (topic prefix `prefix`) to
+/// `replica` on `cluster`.
+fn start_applier(prefix: &str, cluster: &PgCluster, replica: &str) -> Ferry {
+    let port = common::free_port();
+    Ferry::start(
+        &apply_config(
+            "node-a",
+            prefix,
+            &[cluster.url(replica)],
+            &broker().address(),
+            port,
+            "",
+        ),
+        port,
+    )
+}
+
+/// Waits (up to 240 s) until `kv` of the replica equals that of the source, read once now
+/// that the writers have stopped; returns it. `what` names the source and the run in the
+/// failure message.
+async fn wait_replica_equal(
+    (source, source_db): (&PgCluster, &str),
+    (replica, replica_db): (&PgCluster, &str),
+    what: &str,
+) -> BTreeMap<i32, (i32, Option<String>)> {
+    let expected = read_kv(source, source_db).await;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let got = read_kv(replica, replica_db).await;
+        if got == expected {
+            return expected;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replica did not converge to {what}: {} rows vs {}",
+            got.len(),
+            expected.len()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// Master → Kafka → replica under faults: the replica ends equal to the master.
 #[tokio::test(flavor = "multi_thread")]
 async fn replica_survives_random_faults() {
@@ -156,18 +198,7 @@ async fn replica_survives_random_faults() {
             .await;
         let mut capture = Ferry::capture(master_cluster, &master, &broker().address(), "");
         capture.wait_ready().await;
-        let port = common::free_port();
-        let mut applier = Ferry::start(
-            &apply_config(
-                "node-a",
-                &master,
-                &[replica_cluster.url(&replica)],
-                &broker().address(),
-                port,
-                "",
-            ),
-            port,
-        );
+        let mut applier = start_applier(&master, replica_cluster, &replica);
         let until = Instant::now() + Duration::from_secs(seconds());
         let writers: Vec<_> = (0..2)
             .map(|w| {
@@ -193,21 +224,12 @@ async fn replica_survives_random_faults() {
         for w in writers {
             writes += w.await.expect("writer").len();
         }
-        let expected = read_kv(master_cluster, &master).await;
-        let deadline = Instant::now() + Duration::from_secs(240);
-        loop {
-            let got = read_kv(replica_cluster, &replica).await;
-            if got == expected {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "seed {seed}: the replica did not converge to the master: {} rows vs {}; faults {faults:?}",
-                got.len(),
-                expected.len()
-            );
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+        let expected = wait_replica_equal(
+            (master_cluster, &master),
+            (replica_cluster, &replica),
+            &format!("seed {seed}: the master; faults {faults:?}"),
+        )
+        .await;
         assert!(
             writes > 100,
             "seed {seed}: too few writes ({writes}) to mean anything"
@@ -332,18 +354,7 @@ async fn replica_survives_random_faults_and_a_failover() {
             .await;
         let mut capture = Ferry::capture(&primary, &db, &broker().address(), "");
         capture.wait_ready().await;
-        let port = common::free_port();
-        let mut applier = Ferry::start(
-            &apply_config(
-                "node-a",
-                &db,
-                &[replica_cluster.url(&replica)],
-                &broker().address(),
-                port,
-                "",
-            ),
-            port,
-        );
+        let mut applier = start_applier(&db, replica_cluster, &replica);
         let url = Arc::new(Mutex::new(primary.url(&db)));
         let stop = Arc::new(AtomicBool::new(false));
         let writers: Vec<_> = (0..2)
@@ -400,22 +411,12 @@ async fn replica_survives_random_faults_and_a_failover() {
             "capture on the promoted standby must resume from the synced slot:\n{}",
             capture.log()
         );
-        let expected = read_kv(&standby, &db).await;
-        let deadline = Instant::now() + Duration::from_secs(240);
-        loop {
-            let got = read_kv(replica_cluster, &replica).await;
-            if got == expected {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "seed {seed}: the replica did not converge to the promoted primary: {} rows vs \
-                 {}; faults {faults:?}",
-                got.len(),
-                expected.len()
-            );
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+        let expected = wait_replica_equal(
+            (&standby, &db),
+            (replica_cluster, &replica),
+            &format!("seed {seed}: the promoted primary; faults {faults:?}"),
+        )
+        .await;
         assert!(writes > 100, "seed {seed}: too few writes ({writes})");
         eprintln!(
             "fault campaign (master -> replica, with a failover): seed {seed}, {}s, faults \
