@@ -123,10 +123,20 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         // Before capture starts: every local delete from now on leaves a tombstone, and
         // every change carries its whole old row.
         let (target, tables) = (apply.targets[0].clone(), apply.tables.clone());
+        // Validation guarantees a source in multi-master.
+        let (publication, published) = config
+            .source
+            .as_ref()
+            .map(|s| (s.publication.clone(), s.tables.clone()))
+            .unwrap_or_default();
+        let node = config.node_id.clone();
         supervisor
             .run(MULTI_MASTER_SETUP, true, || {
-                let (target, tables) = (target.clone(), tables.clone());
-                async move { multimaster::setup(&target, &tables).await }
+                let (target, tables, node) = (target.clone(), tables.clone(), node.clone());
+                let (publication, published) = (publication.clone(), published.clone());
+                async move {
+                    multimaster::setup(&target, &node, &publication, &published, &tables).await
+                }
             })
             .await;
         if shutdown.is_cancelled() {

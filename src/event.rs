@@ -3,6 +3,8 @@
 //! Owns no behaviour beyond small accessors. Decoding produces these
 //! ([`crate::source::assemble`]); the Kafka sink renders them ([`crate::sink::kafka::encode`]).
 
+use std::cmp::Ordering;
+use std::fmt;
 use std::sync::Arc;
 
 use crate::lsn::Lsn;
@@ -113,6 +115,51 @@ pub struct RowChange {
     pub before_is_key_only: bool,
     /// New image.
     pub after: Option<Tuple>,
+    /// The row version the change was made with (multi-master nodes: from the version store,
+    /// paired by capture); `None` for tables without one.
+    pub version: Option<Version>,
+}
+
+/// A multi-master row version `(t, node)`, compared in that order: `t` a clock value in
+/// microseconds since the Unix epoch (a hybrid clock: never below the previous version of the
+/// key plus one), `node` the writing node's id as the tiebreak. Every node compares versions
+/// the same way (bytewise node ids), so every node picks the same greatest one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Version {
+    /// Clock value, microseconds since the Unix epoch.
+    pub ts_us: i64,
+    /// Writing node id (empty for a resolver's merge, which outranks both of its inputs by
+    /// `ts_us`).
+    pub node: String,
+}
+
+impl Version {
+    /// A version older than any real one: a row whose version is unknown (written before
+    /// pgferry prepared the table, with commit timestamps off).
+    pub fn unknown() -> Version {
+        Version {
+            ts_us: i64::MIN,
+            node: String::new(),
+        }
+    }
+}
+
+impl Ord for Version {
+    fn cmp(&self, other: &Self) -> Ordering {
+        (self.ts_us, self.node.as_bytes()).cmp(&(other.ts_us, other.node.as_bytes()))
+    }
+}
+
+impl PartialOrd for Version {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.ts_us, self.node)
+    }
 }
 
 #[cfg(test)]

@@ -4,6 +4,10 @@
 /// Schema of pgferry's own tables in every database it touches; never captured.
 pub const BOOKKEEPING_SCHEMA: &str = "pgferry";
 
+/// Multi-master's version store, `pgferry.versions`: the one bookkeeping table whose changes
+/// capture reads (to version the row changes they precede), and never publishes.
+pub const VERSIONS_TABLE: &str = "versions";
+
 /// Prefix of every replication origin pgferry creates.
 pub const ORIGIN_PREFIX: &str = "pgferry_";
 

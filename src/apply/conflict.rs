@@ -11,48 +11,9 @@
 //! custom resolvers: a change is sequential when it was made on top of exactly the row this
 //! node holds (the remote old-row image equals the local row), and concurrent otherwise.
 
-use std::cmp::Ordering;
-use std::fmt;
-
 use crate::event::Op;
 
-/// A row version: origin commit time (µs since the Unix epoch) and origin node.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Version {
-    /// Origin commit timestamp, microseconds since the Unix epoch.
-    pub ts_us: i64,
-    /// Origin node id.
-    pub node: String,
-}
-
-impl Version {
-    /// A version older than any real one: rows whose commit timestamp is unknown (written
-    /// before `track_commit_timestamp` was on, or frozen long ago).
-    pub fn unknown() -> Version {
-        Version {
-            ts_us: i64::MIN,
-            node: String::new(),
-        }
-    }
-}
-
-impl Ord for Version {
-    fn cmp(&self, other: &Self) -> Ordering {
-        (self.ts_us, &self.node).cmp(&(other.ts_us, &other.node))
-    }
-}
-
-impl PartialOrd for Version {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl fmt::Display for Version {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}@{}", self.ts_us, self.node)
-    }
-}
+pub use crate::event::Version;
 
 /// What this node holds for a key, as read under a row lock.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +54,9 @@ pub enum ConflictType {
     DeleteDelete,
     /// A remote delete found neither row nor tombstone.
     DeleteMissing,
+    /// The remote row and a local row under another key hold the same value of a unique
+    /// index other than the primary key: the greater version keeps it, the other row goes.
+    UniqueKey,
 }
 
 impl ConflictType {
@@ -107,6 +71,7 @@ impl ConflictType {
             ConflictType::DeleteUpdated => "delete_updated",
             ConflictType::DeleteDelete => "delete_delete",
             ConflictType::DeleteMissing => "delete_missing",
+            ConflictType::UniqueKey => "unique_key",
         }
     }
 }

@@ -3,7 +3,6 @@
 //! for the skew rule, and the expiry of old tombstones and conflict rows. I/O only; the
 //! decisions are in [`super::conflict`], the statement text in [`super::sql`].
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,14 +18,17 @@ use crate::sql::{qualified, quote_literal};
 /// Tables shared by every multi-master node. Idempotent.
 const BOOKKEEPING_DDL: &str = r#"
 CREATE SCHEMA IF NOT EXISTS pgferry;
-CREATE TABLE IF NOT EXISTS pgferry.tombstones (
+CREATE TABLE IF NOT EXISTS pgferry.origins (
+    roname text PRIMARY KEY,
+    node text NOT NULL);
+CREATE TABLE IF NOT EXISTS pgferry.versions (
     table_name text NOT NULL,
     key jsonb NOT NULL,
-    xid xid8 NOT NULL,
-    commit_ts timestamptz,
-    roident oid,
+    t int8 NOT NULL,
+    node text COLLATE "C" NOT NULL,
+    deleted bool NOT NULL,
     PRIMARY KEY (table_name, key));
-CREATE INDEX IF NOT EXISTS tombstones_commit_ts ON pgferry.tombstones (commit_ts);
+CREATE INDEX IF NOT EXISTS versions_tombstones ON pgferry.versions (t) WHERE deleted;
 CREATE TABLE IF NOT EXISTS pgferry.conflicts (
     id bigserial PRIMARY KEY,
     detected_at timestamptz NOT NULL DEFAULT now(),
@@ -43,111 +45,311 @@ CREATE TABLE IF NOT EXISTS pgferry.conflicts (
 CREATE INDEX IF NOT EXISTS conflicts_detected_at ON pgferry.conflicts (detected_at);
 "#;
 
-/// The delete trigger function; replacing it takes no lock on user tables.
-const TRIGGER_FUNCTION: &str = r#"
-CREATE OR REPLACE FUNCTION pgferry.record_tombstone() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-SET timezone = 'UTC' SET datestyle = 'ISO, YMD' SET intervalstyle = 'postgres'
-SET extra_float_digits = '1'
+/// Session settings that make `to_jsonb` of key values identical in the apply session, in
+/// the version trigger and in [`PROTECT_FUNCTION`] (which set the same ones).
+pub const SESSION_SETTINGS: &str = "SET timezone = 'UTC'; SET datestyle = 'ISO, YMD'; \
+     SET intervalstyle = 'postgres'; SET extra_float_digits = 1";
+
+/// The same settings as function attributes.
+const FUNCTION_SETTINGS: &str = "SET search_path = pg_catalog, pg_temp \
+     SET timezone = 'UTC' SET datestyle = 'ISO, YMD' SET intervalstyle = 'postgres' \
+     SET extra_float_digits = '1'";
+
+/// The version trigger (BEFORE INSERT OR UPDATE OR DELETE, FOR EACH ROW; the key columns as
+/// arguments; `@NODE@` is this node's id). Runs with the row locked (UPDATE, DELETE) or
+/// before the key's index entry exists (INSERT), takes the key's version row lock, and
+/// stamps `t = max(clock, t_current + 1)`: strictly above whatever the key held, whatever
+/// the clock says (invariants 2 and 4 of the design). An INSERT stamps only a key with no
+/// live version, so an `INSERT … ON CONFLICT DO NOTHING` that changes nothing moves no
+/// version. Its `pgferry.versions` change precedes the row change in the WAL, which is how
+/// capture pairs them. Named `zz_…` so that it fires after the table's other BEFORE triggers
+/// (which may still cancel the row).
+const VERSION_TRIGGER_FUNCTION: &str = r#"
+CREATE OR REPLACE FUNCTION pgferry.stamp_version() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER @SETTINGS@
 AS $fn$
+DECLARE
+    tbl text := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
+    img jsonb;
+    k jsonb;
+    now_us int8 := (extract(epoch FROM clock_timestamp()) * 1000000)::int8;
 BEGIN
-    INSERT INTO pgferry.tombstones AS d (table_name, key, xid)
-    VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME,
-            (SELECT jsonb_object_agg(k, to_jsonb(OLD) -> k) FROM unnest(TG_ARGV) AS k),
-            pg_current_xact_id())
+    IF TG_OP = 'DELETE' THEN img := to_jsonb(OLD); ELSE img := to_jsonb(NEW); END IF;
+    SELECT jsonb_object_agg(a, img -> a) INTO k FROM unnest(TG_ARGV) AS a;
+    IF TG_OP = 'UPDATE' THEN
+        img := to_jsonb(OLD);
+        IF k IS DISTINCT FROM (SELECT jsonb_object_agg(a, img -> a) FROM unnest(TG_ARGV) AS a) THEN
+            RAISE EXCEPTION 'pgferry multi-master: the primary key of % cannot be updated', tbl
+                USING ERRCODE = 'feature_not_supported',
+                      HINT = 'Delete the row and insert it with the new key.';
+        END IF;
+    END IF;
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO pgferry.versions AS v (table_name, key, t, node, deleted)
+        VALUES (tbl, k, now_us, @NODE@, false)
+        ON CONFLICT (table_name, key) DO UPDATE
+           SET t = greatest(EXCLUDED.t, v.t + 1), node = EXCLUDED.node, deleted = false
+         WHERE v.deleted;
+        RETURN NEW;
+    END IF;
+    INSERT INTO pgferry.versions AS v (table_name, key, t, node, deleted)
+    VALUES (tbl, k, now_us, @NODE@, TG_OP = 'DELETE')
     ON CONFLICT (table_name, key) DO UPDATE
-       SET xid = EXCLUDED.xid, commit_ts = NULL, roident = NULL;
-    RETURN NULL;
+       SET t = greatest(EXCLUDED.t, v.t + 1), node = EXCLUDED.node, deleted = EXCLUDED.deleted;
+    IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
+    RETURN NEW;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION pgferry.refuse_truncate() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    RAISE EXCEPTION 'pgferry multi-master: TRUNCATE of %.% is refused: it would not be replicated with row versions', TG_TABLE_SCHEMA, TG_TABLE_NAME
+        USING ERRCODE = 'feature_not_supported',
+              HINT = 'Use DELETE; every node then converges on the deletes.';
 END
 $fn$;
 "#;
 
-/// Session settings that make `to_jsonb` of key values identical in the apply session and
-/// in the delete trigger (which sets the same ones).
-pub const SESSION_SETTINGS: &str = "SET timezone = 'UTC'; SET datestyle = 'ISO, YMD'; \
-     SET intervalstyle = 'postgres'; SET extra_float_digits = 1";
+/// `pgferry.protect(table, node)`: makes one table safe for multi-master, in the caller's
+/// transaction. Tables without a primary key are left alone (false). Otherwise: `REPLICA
+/// IDENTITY FULL` (changes carry their whole old row), a version row for every existing row
+/// that has none (its commit timestamp and origin when still known, else the oldest version),
+/// the version trigger and the TRUNCATE refusal. The table is locked against writes while
+/// this runs, so that no row escapes both the seeding and the trigger.
+const PROTECT_FUNCTION: &str = r#"
+CREATE OR REPLACE FUNCTION pgferry.protect(rel regclass, local_node text) RETURNS bool
+LANGUAGE plpgsql @SETTINGS@
+AS $fn$
+DECLARE
+    keys text[];
+    q text;
+    tbl text;
+    args text;
+    key_expr text;
+    ts_known bool := current_setting('track_commit_timestamp')::bool;
+BEGIN
+    IF current_setting('pgferry.protecting', true) = 'on' THEN
+        RETURN false;
+    END IF;
+    SELECT array_agg(a.attname::text ORDER BY k.ord) INTO keys
+      FROM pg_index i
+      CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+     WHERE i.indrelid = rel AND i.indisprimary;
+    SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname), n.nspname || '.' || c.relname
+      INTO q, tbl
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = rel AND c.relkind IN ('r', 'p') AND n.nspname <> 'pgferry';
+    IF keys IS NULL OR q IS NULL THEN
+        RETURN false;
+    END IF;
+    PERFORM set_config('pgferry.protecting', 'on', true);
+    IF (SELECT relreplident FROM pg_class WHERE oid = rel) <> 'f' THEN
+        EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', q);
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'zz_pgferry_version') THEN
+        EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', q);
+        SELECT string_agg(quote_literal(k), ', '), string_agg(format('%L, r.%I', k, k), ', ')
+          INTO args, key_expr FROM unnest(keys) AS k;
+        IF ts_known THEN
+            EXECUTE format(
+                'INSERT INTO pgferry.versions (table_name, key, t, node, deleted)
+                 SELECT %L, jsonb_build_object(%s),
+                        coalesce((extract(epoch FROM c.timestamp) * 1000000)::int8, %s),
+                        coalesce(CASE WHEN c.roident = 0 THEN %L
+                                      ELSE (SELECT o.node FROM pgferry.origins o
+                                              JOIN pg_replication_origin ro ON ro.roname = o.roname
+                                             WHERE ro.roident = c.roident) END, %L),
+                        false
+                   FROM ONLY %s AS r
+                   LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(r.xmin) AS c ON true
+                 ON CONFLICT (table_name, key) DO NOTHING',
+                tbl, key_expr, -9223372036854775808, local_node, '', q);
+        ELSE
+            EXECUTE format(
+                'INSERT INTO pgferry.versions (table_name, key, t, node, deleted)
+                 SELECT %L, jsonb_build_object(%s), %s, %L, false FROM ONLY %s AS r
+                 ON CONFLICT (table_name, key) DO NOTHING',
+                tbl, key_expr, -9223372036854775808, '', q);
+        END IF;
+        EXECUTE format('CREATE TRIGGER zz_pgferry_version BEFORE INSERT OR UPDATE OR DELETE ON %s '
+                       'FOR EACH ROW EXECUTE FUNCTION pgferry.stamp_version(%s)', q, args);
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'pgferry_no_truncate') THEN
+        EXECUTE format('CREATE TRIGGER pgferry_no_truncate BEFORE TRUNCATE ON %s '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION pgferry.refuse_truncate()', q);
+    END IF;
+    PERFORM set_config('pgferry.protecting', 'off', true);
+    RETURN true;
+END
+$fn$;
+"#;
 
-/// Creates the bookkeeping objects, and for every table with a primary key (all user tables,
-/// or `only`): sets `REPLICA IDENTITY FULL` (the old-row image tells sequential changes from
-/// concurrent ones) and installs the delete trigger. Each step is its own short transaction
-/// and is skipped when already done, so that a restart never holds a lock on the tombstone
-/// table while waiting for one on a busy user table (which would deadlock with a local
-/// delete). Returns the tables prepared, and the tables skipped for lack of a primary key.
+/// The event trigger that protects tables as they are created or altered (a primary key
+/// added later), including tables pgferry's appliers create (`ENABLE ALWAYS`).
+const NEW_TABLES_TRIGGER: &str = r#"
+CREATE OR REPLACE FUNCTION pgferry.protect_new_tables() RETURNS event_trigger
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN SELECT DISTINCT objid FROM pg_event_trigger_ddl_commands()
+              WHERE object_type IN ('table', 'table column', 'table constraint', 'index')
+                AND schema_name IS DISTINCT FROM 'pgferry' LOOP
+        IF EXISTS (SELECT 1 FROM pg_class WHERE oid = r.objid AND relkind IN ('r', 'p')) THEN
+            PERFORM pgferry.protect(r.objid::regclass, @NODE@);
+        ELSIF EXISTS (SELECT 1 FROM pg_index WHERE indexrelid = r.objid AND indisprimary) THEN
+            PERFORM pgferry.protect((SELECT indrelid FROM pg_index WHERE indexrelid = r.objid)::regclass, @NODE@);
+        END IF;
+    END LOOP;
+END
+$fn$;
+DROP EVENT TRIGGER IF EXISTS pgferry_protect_new_tables;
+CREATE EVENT TRIGGER pgferry_protect_new_tables ON ddl_command_end
+    WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE')
+    EXECUTE FUNCTION pgferry.protect_new_tables();
+ALTER EVENT TRIGGER pgferry_protect_new_tables ENABLE ALWAYS;
+"#;
+
+/// Upgrades a node prepared by an earlier pgferry (tombstone table, delete trigger, versions
+/// read from commit timestamps): every tombstone becomes a deleted version with its commit
+/// time and origin; live rows are versioned by [`PROTECT_FUNCTION`]. Runs once, in the same
+/// transaction as the first protection pass.
+const MIGRATE_TOMBSTONES: &str = r#"
+INSERT INTO pgferry.versions (table_name, key, t, node, deleted)
+SELECT d.table_name, d.key,
+       coalesce((extract(epoch FROM coalesce(d.commit_ts, c.timestamp)) * 1000000)::int8,
+                -9223372036854775808),
+       coalesce(CASE WHEN coalesce(d.roident, c.roident) = 0 THEN $1
+                     ELSE (SELECT o.node FROM pgferry.origins o
+                             JOIN pg_replication_origin ro ON ro.roname = o.roname
+                            WHERE ro.roident = coalesce(d.roident, c.roident)) END, ''),
+       true
+  FROM pgferry.tombstones d
+  LEFT JOIN LATERAL pg_xact_commit_timestamp_origin((d.xid::text::int8 % 4294967296)::text::xid) AS c
+    ON d.commit_ts IS NULL
+ON CONFLICT (table_name, key) DO NOTHING
+"#;
+
+fn with_node(sql: &str, node: &str) -> String {
+    sql.replace("@SETTINGS@", FUNCTION_SETTINGS)
+        .replace("@NODE@", &quote_literal(node))
+}
+
+/// Creates the bookkeeping objects and protects every table with a primary key (all user
+/// tables, or `only`) with [`PROTECT_FUNCTION`]; with no `only` list, tables created later
+/// are protected by an event trigger. Upgrades a node prepared by an earlier pgferry in place.
+/// Each table is its own short transaction, so that a restart never holds a lock on the
+/// version store while waiting for one on a busy user table. Returns the tables protected,
+/// and the tables skipped for lack of a primary key.
 pub async fn prepare_node(
     client: &Client,
+    node: &str,
     only: &[String],
 ) -> Result<(Vec<String>, Vec<String>), tokio_postgres::Error> {
-    let created = client
-        .query_one(
-            "SELECT to_regclass('pgferry.conflicts_detected_at') IS NOT NULL",
-            &[],
-        )
-        .await?
-        .get::<_, bool>(0);
-    if !created {
-        client
-            .batch_execute(&format!(
-                "BEGIN; SELECT pg_advisory_xact_lock(hashtext('pgferry.bookkeeping')); \
-                 {BOOKKEEPING_DDL}; COMMIT"
-            ))
-            .await?;
-    }
     client
         .batch_execute(&format!(
             "BEGIN; SELECT pg_advisory_xact_lock(hashtext('pgferry.bookkeeping')); \
-             {TRIGGER_FUNCTION}; COMMIT"
+             {BOOKKEEPING_DDL}; {} {}; COMMIT",
+            with_node(VERSION_TRIGGER_FUNCTION, node),
+            with_node(PROTECT_FUNCTION, node),
         ))
         .await?;
+    if only.is_empty() {
+        client
+            .batch_execute(&format!(
+                "BEGIN; SELECT pg_advisory_xact_lock(hashtext('pgferry.bookkeeping')); {}; COMMIT",
+                with_node(NEW_TABLES_TRIGGER, node)
+            ))
+            .await?;
+    }
     let rows = client
         .query(
-            "SELECT n.nspname::text, c.relname::text, c.relreplident::text,
-                    (SELECT array_agg(a.attname::text ORDER BY k.ord)
-                       FROM pg_index i
-                       CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
-                       JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
-                      WHERE i.indrelid = c.oid AND i.indisprimary),
-                    EXISTS (SELECT 1 FROM pg_trigger t
-                             WHERE t.tgrelid = c.oid AND t.tgname = 'pgferry_tombstone')
+            "SELECT c.oid::int8, n.nspname::text, c.relname::text,
+                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
                FROM pg_class c
                JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE c.relkind IN ('r', 'p')
+              WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
                 AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgferry')
                 AND n.nspname NOT LIKE 'pg\\_%'
-              ORDER BY 1, 2",
+              ORDER BY 2, 3",
             &[],
         )
         .await?;
+    let legacy = client
+        .query_one("SELECT to_regclass('pgferry.tombstones') IS NOT NULL", &[])
+        .await?
+        .get::<_, bool>(0);
     let (mut prepared, mut keyless) = (Vec::new(), Vec::new());
     for row in rows {
-        let (schema, table): (String, String) = (row.get(0), row.get(1));
+        let (oid, schema, table): (i64, String, String) = (row.get(0), row.get(1), row.get(2));
         let name = format!("{schema}.{table}");
         if !only.is_empty() && !only.contains(&name) {
             continue;
         }
-        let Some(key) = row.get::<_, Option<Vec<String>>>(3) else {
+        if !row.get::<_, bool>(3) {
             keyless.push(name);
             continue;
-        };
+        }
         let t = qualified(&schema, &table);
-        if row.get::<_, String>(2) != "f" {
+        client.batch_execute("BEGIN").await?;
+        if legacy {
             client
-                .batch_execute(&format!("ALTER TABLE {t} REPLICA IDENTITY FULL"))
+                .batch_execute(&format!("DROP TRIGGER IF EXISTS pgferry_tombstone ON {t}"))
                 .await?;
         }
-        if !row.get::<_, bool>(4) {
-            let args: Vec<String> = key.iter().map(|k| quote_literal(k)).collect();
-            client
-                .batch_execute(&format!(
-                    "CREATE OR REPLACE TRIGGER pgferry_tombstone AFTER DELETE ON {t} \
-                     FOR EACH ROW EXECUTE FUNCTION pgferry.record_tombstone({})",
-                    args.join(", ")
-                ))
-                .await?;
-        }
+        client
+            .execute(
+                "SELECT pgferry.protect($1::int8::oid::regclass, $2)",
+                &[&oid, &node],
+            )
+            .await?;
+        client.batch_execute("COMMIT").await?;
         prepared.push(name);
     }
+    if legacy {
+        client.batch_execute("BEGIN").await?;
+        client.execute(MIGRATE_TOMBSTONES, &[&node]).await?;
+        client
+            .batch_execute(
+                "DROP TABLE pgferry.tombstones; \
+                 DROP FUNCTION IF EXISTS pgferry.record_tombstone() CASCADE; COMMIT",
+            )
+            .await?;
+        tracing::info!("upgraded the node's tombstones to the version store");
+    }
     Ok((prepared, keyless))
+}
+
+/// Adds the version store to the node's publication, when the publication lists tables
+/// (`FOR ALL TABLES` covers it already), creating the publication first if capture has not.
+async fn publish_versions(
+    client: &Client,
+    publication: &str,
+    tables: &[String],
+) -> Result<(), tokio_postgres::Error> {
+    crate::source::catalog::ensure_publication(client, publication, tables).await?;
+    let covered = client
+        .query_one(
+            "SELECT p.puballtables OR EXISTS (
+                        SELECT 1 FROM pg_publication_tables t
+                         WHERE t.pubname = p.pubname AND t.schemaname = 'pgferry'
+                           AND t.tablename = 'versions')
+               FROM pg_publication p WHERE p.pubname = $1",
+            &[&publication],
+        )
+        .await?
+        .get::<_, bool>(0);
+    if !covered {
+        client
+            .batch_execute(&format!(
+                "ALTER PUBLICATION {} ADD TABLE pgferry.versions",
+                crate::sql::quote_ident(publication)
+            ))
+            .await?;
+    }
+    Ok(())
 }
 
 /// Registers which node an apply origin stands for, so that row versions can name it.
@@ -166,87 +368,53 @@ pub async fn register_origin(
         .map(drop)
 }
 
-/// Replication origin id → node id, for every origin pgferry registered in this cluster.
-pub async fn origin_nodes(client: &Client) -> Result<HashMap<i64, String>, tokio_postgres::Error> {
-    let rows = client
-        .query(
-            "SELECT r.roident::int8, o.node
-               FROM pg_replication_origin r JOIN pgferry.origins o ON o.roname = r.roname",
-            &[],
-        )
-        .await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-}
-
-/// The database's clock (`clock_timestamp()`), µs since the Unix epoch: the clock that will
-/// stamp the next local commit.
-pub async fn database_clock_us(client: &Client) -> Result<i64, tokio_postgres::Error> {
-    let row = client
-        .query_one(
-            "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8",
-            &[],
-        )
-        .await?;
-    Ok(row.get(0))
-}
-
-/// Fills in the commit time and origin of tombstones whose transactions have ended (so they
-/// survive the commit-timestamp data being truncated), then deletes tombstones and conflict
-/// rows past retention. Returns (tombstones expired, conflict rows expired).
+/// Deletes tombstones (deleted versions) and conflict rows past retention. A tombstone's
+/// age is its version's clock value. Returns (tombstones expired, conflict rows expired).
 pub async fn expire(
     client: &Client,
     tombstone_retention: Duration,
     log_retention: Duration,
 ) -> Result<(u64, u64), tokio_postgres::Error> {
-    client
-        .batch_execute(
-            "SET lock_timeout = '5s';
-             UPDATE pgferry.tombstones AS d
-                SET (commit_ts, roident) = (
-                    SELECT v.timestamp, v.roident
-                      FROM pg_xact_commit_timestamp_origin((d.xid::text::int8 % 4294967296)::text::xid) AS v)
-              WHERE d.commit_ts IS NULL
-                AND d.xid < pg_snapshot_xmin(pg_current_snapshot())",
+    client.batch_execute("SET lock_timeout = '5s'").await?;
+    let micros = |age: Duration| i64::try_from(age.as_micros()).unwrap_or(i64::MAX);
+    let tombstones = client
+        .execute(
+            "DELETE FROM pgferry.versions
+              WHERE deleted
+                AND t < (extract(epoch FROM clock_timestamp()) * 1000000)::int8 - $1::int8",
+            &[&micros(tombstone_retention)],
         )
         .await?;
-    let tombstones = delete_older_than(
-        client,
-        "pgferry.tombstones",
-        "commit_ts",
-        tombstone_retention,
-    )
-    .await?;
-    let conflicts =
-        delete_older_than(client, "pgferry.conflicts", "detected_at", log_retention).await?;
+    let conflicts = client
+        .execute(
+            "DELETE FROM pgferry.conflicts
+              WHERE detected_at < now() - $1::int8 * interval '1 microsecond'",
+            &[&micros(log_retention)],
+        )
+        .await?;
     Ok((tombstones, conflicts))
 }
 
-/// Deletes the rows of a bookkeeping table whose `column` is older than `age`.
-async fn delete_older_than(
-    client: &Client,
-    table: &str,
-    column: &str,
-    age: Duration,
-) -> Result<u64, tokio_postgres::Error> {
-    let micros = i64::try_from(age.as_micros()).unwrap_or(i64::MAX);
-    client
-        .execute(
-            &format!(
-                "DELETE FROM {table} WHERE {column} < now() - $1::int8 * interval '1 microsecond'"
-            ),
-            &[&micros],
-        )
-        .await
-}
-
-/// Connects to a multi-master node's database and prepares it ([`prepare_node`]).
-pub async fn setup(target: &TargetConfig, only: &[String]) -> Result<(), ApplyError> {
+/// Connects to a multi-master node's database, prepares it ([`prepare_node`]) and adds the
+/// version store to the node's publication.
+pub async fn setup(
+    target: &TargetConfig,
+    node: &str,
+    publication: &str,
+    published: &[String],
+    only: &[String],
+) -> Result<(), ApplyError> {
     let client = crate::source::catalog::connect(target.url.config(), "pgferry-setup")
         .await
         .map_err(ApplyError::sql("connecting to the multi-master database"))?;
-    let (prepared, keyless) = prepare_node(&client, only).await.map_err(ApplyError::sql(
-        "preparing multi-master bookkeeping (tombstone trigger, REPLICA IDENTITY FULL)",
+    let (prepared, keyless) = prepare_node(&client, node, only).await.map_err(ApplyError::sql(
+        "preparing multi-master bookkeeping (version store, version triggers, REPLICA IDENTITY FULL)",
     ))?;
+    publish_versions(&client, publication, published)
+        .await
+        .map_err(ApplyError::sql(
+            "adding pgferry.versions to the node's publication",
+        ))?;
     tracing::info!(tables = ?prepared, "multi-master tables prepared");
     if !keyless.is_empty() {
         tracing::warn!(tables = ?keyless,

@@ -164,9 +164,9 @@ fn typed_key_predicate(alias: &str, key: &[Typed<'_>], first_param: usize) -> St
         .join(" AND ")
 }
 
-/// The tombstone key: a jsonb object of the key columns, built from typed values so that it
-/// equals what the delete trigger builds from `to_jsonb(OLD)`.
-fn tombstone_key(key: &[Typed<'_>], first_param: usize) -> String {
+/// The version-store key: a jsonb object of the key columns, built from typed values so that
+/// it equals what the version trigger builds from `to_jsonb(NEW)`.
+fn version_key(key: &[Typed<'_>], first_param: usize) -> String {
     let pairs: Vec<String> = key
         .iter()
         .enumerate()
@@ -182,21 +182,6 @@ fn tombstone_key(key: &[Typed<'_>], first_param: usize) -> String {
     format!("jsonb_build_object({})", pairs.join(", "))
 }
 
-/// Converts an `xid8` column to the `xid` that the commit-timestamp functions take.
-fn xid_of(xid8: &str) -> String {
-    format!("({xid8}::text::int8 % 4294967296)::text::xid")
-}
-
-/// Serialises pgferry's own appliers (one per remote node) on one key, for the keys that
-/// have no live row to lock: two deletes of a missing row, or two inserts. Parameters: table
-/// name, then `key`.
-pub fn lock_key(key: &[Typed<'_>]) -> String {
-    format!(
-        "SELECT pg_advisory_xact_lock(hashtext($1::text), hashtext({}::text))",
-        tombstone_key(key, 2)
-    )
-}
-
 /// Locks the live row with this key, if any, so that no local writer changes it between the
 /// probe and the write. Parameters: `key`.
 pub fn lock_row(schema: &str, table: &str, key: &[Typed<'_>]) -> String {
@@ -207,10 +192,10 @@ pub fn lock_row(schema: &str, table: &str, key: &[Typed<'_>]) -> String {
     )
 }
 
-/// What this node holds for a key. One row of: the live row's commit time (µs) and origin,
-/// whether this transaction wrote it, the row as jsonb, whether it equals the remote old
-/// image (`before`; NULL when empty); then the tombstone's commit time, origin and whether
-/// this transaction wrote it. Parameters: `key`, then `before`; `$n+1` is the table name.
+/// What this node holds for a key. One row of: whether a live row exists, the row as jsonb,
+/// whether it equals the remote old image (`before`; NULL when empty); then the key's
+/// version (`t`, `node`, `deleted`; NULL when it has none). Parameters: `key`, then `before`;
+/// `$n+1` is the table name.
 pub fn probe(schema: &str, table: &str, key: &[Typed<'_>], before: &[Typed<'_>]) -> String {
     let first_before = key.len() + 1;
     let matches = if before.is_empty() {
@@ -231,53 +216,92 @@ pub fn probe(schema: &str, table: &str, key: &[Typed<'_>], before: &[Typed<'_>])
             .join(" AND ")
     };
     let table_param = first_before + before.len();
-    let micros = |ts: &str| format!("(extract(epoch FROM {ts}) * 1000000)::int8");
     format!(
-        "SELECT r.ts_us, r.roident, r.mine, r.local_row::text, r.matches, d.ts_us, d.roident, d.mine \
+        "SELECT r.local_row IS NOT NULL, r.local_row::text, r.matches, v.t, v.node::text, v.deleted \
            FROM (SELECT 1) AS one \
            LEFT JOIN LATERAL (\
-             SELECT {row_ts} AS ts_us, v.roident::int8 AS roident, \
-                    t.xmin::text = (pg_current_xact_id()::text::int8 % 4294967296)::text AS mine, \
-                    to_jsonb(t) AS local_row, ({matches}) AS matches \
-               FROM ONLY {t} AS t \
-               LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(t.xmin) AS v ON true \
-              WHERE {key_pred}) AS r ON true \
+             SELECT to_jsonb(t) AS local_row, ({matches}) AS matches \
+               FROM ONLY {t} AS t WHERE {key_pred}) AS r ON true \
            LEFT JOIN LATERAL (\
-             SELECT {tomb_ts} AS ts_us, COALESCE(d.roident, v.roident)::int8 AS roident, \
-                    d.xid = pg_current_xact_id() AS mine \
-               FROM pgferry.tombstones AS d \
-               LEFT JOIN LATERAL pg_xact_commit_timestamp_origin({xid}) AS v ON true \
-              WHERE d.table_name = ${table_param}::text AND d.key = {tkey}) AS d ON true",
-        row_ts = micros("v.timestamp"),
-        tomb_ts = micros("COALESCE(d.commit_ts, v.timestamp)"),
+             SELECT v.t, v.node, v.deleted FROM pgferry.versions AS v \
+              WHERE v.table_name = ${table_param}::text AND v.key = {vkey}) AS v ON true",
         t = qualified(schema, table),
         key_pred = typed_key_predicate("t", key, 1),
-        xid = xid_of("d.xid"),
-        tkey = tombstone_key(key, 1),
+        vkey = version_key(key, 1),
     )
 }
 
-/// `INSERT … ON CONFLICT DO NOTHING`: a row that a local writer inserted meanwhile is not
-/// overwritten; the caller sees 0 rows and decides again. Parameters: `columns`.
-pub fn insert_if_absent(schema: &str, table: &str, columns: &[&str]) -> String {
-    let cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+/// Sets a key's version if the new one is greater than the stored one (or equal, when `$5`
+/// allows it), taking the key's version lock; returns a row only when it did. This is the
+/// decision's guard: a writer that stamped the key between the probe and here makes it
+/// return nothing, and the change is decided again. Parameters: table name, `t`, node,
+/// deleted, allow-equal, then `key`.
+pub fn stamp_version(key: &[Typed<'_>]) -> String {
     format!(
-        "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT DO NOTHING",
-        qualified(schema, table),
-        cols.join(", "),
-        placeholders(1, columns.len()).join(", ")
-    )
-}
-
-/// Records (or moves forward) the tombstone of a key, versioned by the current transaction.
-/// Parameters: table name, then `key`.
-pub fn upsert_tombstone(key: &[Typed<'_>]) -> String {
-    format!(
-        "INSERT INTO pgferry.tombstones (table_name, key, xid) \
-         VALUES ($1::text, {}, pg_current_xact_id()) \
+        "INSERT INTO pgferry.versions AS v (table_name, key, t, node, deleted) \
+         VALUES ($1::text, {}, $2::int8, $3::text, $4::bool) \
          ON CONFLICT (table_name, key) DO UPDATE \
-            SET xid = EXCLUDED.xid, commit_ts = NULL, roident = NULL",
-        tombstone_key(key, 2)
+            SET t = EXCLUDED.t, node = EXCLUDED.node, deleted = EXCLUDED.deleted \
+          WHERE (v.t, v.node) < (EXCLUDED.t, EXCLUDED.node) \
+             OR ($5::bool AND (v.t, v.node) = (EXCLUDED.t, EXCLUDED.node)) \
+         RETURNING 1",
+        version_key(key, 6)
+    )
+}
+
+/// The local rows that hold, in one of the unique indexes `uniques` (column lists), the values
+/// of the remote row `$1` (jsonb) under another key: each row's key (jsonb, as the version
+/// store spells it) and version. Parameters: the remote row, the table name.
+pub fn unique_holders(schema: &str, table: &str, key: &[&str], uniques: &[Vec<String>]) -> String {
+    let t = qualified(schema, table);
+    let same = |cols: &[&str]| -> String {
+        cols.iter()
+            .map(|c| format!("t.{0} = m.{0}", quote_ident(c)))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    };
+    let any_unique: Vec<String> = uniques
+        .iter()
+        .map(|u| {
+            let cols: Vec<&str> = u.iter().map(String::as_str).collect();
+            format!("({})", same(&cols))
+        })
+        .collect();
+    let pairs: Vec<String> = key
+        .iter()
+        .map(|k| format!("{}, t.{}", crate::sql::quote_literal(k), quote_ident(k)))
+        .collect();
+    format!(
+        "SELECT k.key::text, v.t, v.node::text \
+           FROM ONLY {t} AS t \
+           CROSS JOIN jsonb_populate_record(NULL::{t}, $1::jsonb) AS m \
+           CROSS JOIN LATERAL (SELECT jsonb_build_object({pairs}) AS key) AS k \
+           LEFT JOIN pgferry.versions AS v ON v.table_name = $2::text AND v.key = k.key \
+          WHERE ({any}) AND NOT ({same_key})",
+        pairs = pairs.join(", "),
+        any = any_unique.join(" OR "),
+        same_key = same(key),
+    )
+}
+
+/// Deletes the row with the version-store key `$1` (jsonb) and marks its version deleted,
+/// keeping the version (the row lost a unique-key contest; it is not a new write).
+/// Parameters: key jsonb, table name.
+pub fn drop_unique_loser(schema: &str, table: &str, key: &[&str]) -> String {
+    let t = qualified(schema, table);
+    let cols: Vec<String> = key.iter().map(|k| quote_ident(k)).collect();
+    let picked: Vec<String> = key
+        .iter()
+        .map(|k| format!("m.{}", quote_ident(k)))
+        .collect();
+    format!(
+        "WITH gone AS (DELETE FROM ONLY {t} AS t WHERE ({cols}) = \
+             (SELECT {picked} FROM jsonb_populate_record(NULL::{t}, $1::jsonb) AS m) RETURNING 1) \
+         INSERT INTO pgferry.versions AS v (table_name, key, t, node, deleted) \
+         VALUES ($2::text, $1::jsonb, -9223372036854775808, '', true) \
+         ON CONFLICT (table_name, key) DO UPDATE SET deleted = true",
+        cols = cols.join(", "),
+        picked = picked.join(", "),
     )
 }
 
@@ -349,21 +373,25 @@ mod tests {
             lock_row("s", "t", &key),
             r#"SELECT 1 FROM ONLY "s"."t" AS t WHERE t."id" = $1::integer FOR UPDATE"#
         );
-        assert_eq!(
-            insert_if_absent("s", "t", &["id", "v"]),
-            r#"INSERT INTO "s"."t" ("id", "v") VALUES ($1, $2) ON CONFLICT DO NOTHING"#
-        );
-        assert_eq!(
-            lock_key(&key),
-            "SELECT pg_advisory_xact_lock(hashtext($1::text), hashtext(jsonb_build_object('id', $2::integer)::text))"
-        );
-        let tomb = upsert_tombstone(&key);
+        let stamp = stamp_version(&key);
         assert!(
-            tomb.contains(
-                r#"VALUES ($1::text, jsonb_build_object('id', $2::integer), pg_current_xact_id())"#
-            ),
-            "{tomb}"
+            stamp.contains(
+                "VALUES ($1::text, jsonb_build_object('id', $6::integer), $2::int8, $3::text, $4::bool)"
+            ) && stamp.contains("WHERE (v.t, v.node) < (EXCLUDED.t, EXCLUDED.node)"),
+            "{stamp}"
         );
+        let holders = unique_holders(
+            "s",
+            "t",
+            &["id"],
+            &[vec!["email".into()], vec!["a".into(), "b".into()]],
+        );
+        assert!(
+            holders.contains(r#"WHERE ((t."email" = m."email") OR (t."a" = m."a" AND t."b" = m."b")) AND NOT (t."id" = m."id")"#),
+            "{holders}"
+        );
+        assert!(drop_unique_loser("s", "t", &["id"])
+            .contains(r#"DELETE FROM ONLY "s"."t" AS t WHERE ("id") ="#));
         let before = [Typed {
             name: "v",
             ty: "numeric(9,2)",
@@ -375,7 +403,7 @@ mod tests {
         );
         assert!(
             probe.contains(
-                "d.table_name = $3::text AND d.key = jsonb_build_object('id', $1::integer)"
+                "v.table_name = $3::text AND v.key = jsonb_build_object('id', $1::integer)"
             ),
             "{probe}"
         );

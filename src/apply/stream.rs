@@ -151,6 +151,8 @@ pub struct ChangeItem {
     pub json_null_before: Vec<String>,
     /// Columns of `after` holding the JSON literal `null` (not SQL NULL).
     pub json_null_after: Vec<String>,
+    /// `source.version`: the multi-master row version the change was made with.
+    pub version: Option<crate::event::Version>,
 }
 
 /// Closes a source transaction.
@@ -267,6 +269,14 @@ struct RawSource<'a> {
     schema: Cow<'a, str>,
     #[serde(borrow)]
     table: Cow<'a, str>,
+    #[serde(default)]
+    version: Option<RawVersion>,
+}
+
+#[derive(Deserialize)]
+struct RawVersion {
+    t_us: i64,
+    node: String,
 }
 
 #[derive(Deserialize, Default)]
@@ -333,6 +343,10 @@ pub fn parse_framed(bytes: Option<&[u8]>) -> Result<(Option<u64>, StreamItem), M
                 after: change.after,
                 json_null_before: json_null.before,
                 json_null_after: json_null.after,
+                version: change.source.version.map(|v| crate::event::Version {
+                    ts_us: v.t_us,
+                    node: v.node,
+                }),
             })))
         }
         "relation" => Ok(StreamItem::Relation(Box::new(RelationItem {

@@ -141,6 +141,8 @@ pub struct TargetTable {
     pub key: Vec<String>,
     /// Column types as `format_type` prints them, by column.
     pub types: Vec<String>,
+    /// Unique indexes other than the primary key (plain columns, no predicate): their columns.
+    pub uniques: Vec<Vec<String>>,
 }
 
 impl TargetTable {
@@ -174,7 +176,26 @@ pub async fn describe(
     if rows.is_empty() {
         return Ok(None);
     }
+    let uniques = client
+        .query(
+            "SELECT array_agg(a.attname::text ORDER BY k.ord)
+               FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               JOIN pg_index i ON i.indrelid = c.oid
+               CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+               JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
+              WHERE n.nspname = $1 AND c.relname = $2 AND i.indisunique AND NOT i.indisprimary
+                AND i.indpred IS NULL AND i.indexprs IS NULL
+              GROUP BY i.indexrelid
+              ORDER BY i.indexrelid",
+            &[&schema, &table],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     Ok(Some(TargetTable {
+        uniques,
         columns: rows.iter().map(|r| r.get(0)).collect(),
         key: rows
             .iter()

@@ -221,14 +221,7 @@ async fn open(
             .batch_execute(multimaster::SESSION_SETTINGS)
             .await
             .map_err(ApplyError::sql("preparing the multi-master session"))?;
-        Some(lww::LwwState {
-            local_node: settings.local_node.clone(),
-            origins: multimaster::origin_nodes(&client)
-                .await
-                .map_err(ApplyError::sql("reading pgferry.origins"))?,
-            conflicts: Vec::new(),
-            clock_seen_us: 0,
-        })
+        Some(lww::LwwState::default())
     } else {
         None
     };
@@ -488,6 +481,9 @@ impl Worker {
                         .await?;
                 }
                 Step::Start(_) => {
+                    if let Some(lww) = &mut self.lww {
+                        lww.fallback_written.clear();
+                    }
                     if !self.in_target_txn {
                         self.batch_started = std::time::Instant::now();
                         pending.send(Box::pin(async move {
@@ -538,11 +534,9 @@ impl Worker {
                         commit_ts_us: framer.commit_ts_us(),
                         offset,
                     });
-                    // Multi-master commits each source transaction alone: the commit carries
-                    // its origin timestamp, which is every row's version.
-                    if self.lww.is_some()
-                        || self.batch_changes >= u64::from(self.settings.apply.batch_max_changes)
-                    {
+                    // Versions travel with the changes (multi-master too), so several
+                    // source transactions share one target transaction.
+                    if self.batch_changes >= u64::from(self.settings.apply.batch_max_changes) {
                         self.commit_batch(client, &mut pending).await?;
                     }
                 }
@@ -695,7 +689,6 @@ impl Worker {
                 .drain()
                 .await
                 .map_err(ApplyError::sql("applying changes"))?;
-            self.wait_for_clock(client, done.commit_ts_us).await?;
         }
         let lsn = done.commit_lsn.to_string();
         let ts = PgTimestamp::from_unix_micros(done.commit_ts_us).to_rfc3339();
@@ -720,6 +713,7 @@ impl Worker {
             commit_lsn: done.commit_lsn,
         };
         self.count_conflicts();
+        self.observe_peer_clock();
         self.metrics.apply_transactions.inc_by(self.batch_txns);
         self.metrics.apply_batches.inc();
         self.metrics

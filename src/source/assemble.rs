@@ -14,7 +14,7 @@ use crate::lsn::Lsn;
 use crate::source::pgoutput::{Datum, LogicalMessage, OldTuple, Relation, Tuple};
 
 /// Schema that holds pgferry's own bookkeeping tables; never published.
-pub const INTERNAL_SCHEMA: &str = "pgferry";
+pub use crate::naming::BOOKKEEPING_SCHEMA as INTERNAL_SCHEMA;
 
 /// Prefix of the `pg_logical_emit_message` heartbeats pgferry writes.
 pub const HEARTBEAT_PREFIX: &str = "pgferry.heartbeat";
@@ -262,7 +262,9 @@ fn emit(
     before_is_key_only: bool,
     after: Option<Tuple>,
 ) {
-    if relation.schema == INTERNAL_SCHEMA {
+    // pgferry's own bookkeeping is never published; the version store's changes go on to
+    // capture, which pairs each with the row change it versions.
+    if relation.schema == INTERNAL_SCHEMA && relation.table != crate::naming::VERSIONS_TABLE {
         return;
     }
     out.push(CaptureEvent::Change(RowChange {
@@ -272,6 +274,7 @@ fn emit(
         before,
         before_is_key_only,
         after,
+        version: None,
     }));
 }
 

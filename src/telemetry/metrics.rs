@@ -73,12 +73,11 @@ pub struct Metrics {
     pub capture_echoes_skipped: IntCounter,
     /// Multi-master conflicts, by table, type and resolution.
     pub conflicts: IntCounterVec,
-    /// Applies that waited for the local clock to pass the origin commit time.
-    pub clock_skew_waits: IntCounter,
-    /// Seconds spent in those waits.
-    pub clock_skew_wait_seconds: Histogram,
-    /// Applies whose origin commit time was more than `max_clock_skew` ahead of the local clock.
-    pub clock_skew_exceeded: IntCounter,
+    /// How far ahead of this node's clock the newest version applied from a peer was, in
+    /// milliseconds (0 when not ahead): the observed clock skew, by peer node.
+    pub peer_clock_ahead_ms: IntGaugeVec,
+    /// Remote TRUNCATEs refused in multi-master (dead-lettered).
+    pub truncates_refused: IntCounter,
     /// Tombstones deleted after their retention.
     pub tombstones_expired: IntCounter,
 }
@@ -316,26 +315,21 @@ impl Metrics {
                 "Multi-master conflicts detected, by table, type and resolution.",
                 &["table", "type", "resolution"],
             ),
-            clock_skew_waits: counter(
+            peer_clock_ahead_ms: gauge_vec(
                 r,
-                "pgferry_clock_skew_waits_total",
-                "Applies that waited for the local clock to pass the origin commit time.",
+                "pgferry_peer_clock_ahead_milliseconds",
+                "How far ahead of this node's clock the newest version applied from a peer was (0 when not ahead), by peer node.",
+                &["node"],
             ),
-            clock_skew_wait_seconds: histogram(
+            truncates_refused: counter(
                 r,
-                "pgferry_clock_skew_wait_seconds",
-                "Time spent waiting for the local clock to pass origin commit times.",
-                vec![0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
-            ),
-            clock_skew_exceeded: counter(
-                r,
-                "pgferry_clock_skew_exceeded_total",
-                "Applies whose origin commit time was ahead of the local clock by more than max_clock_skew.",
+                "pgferry_truncates_refused_total",
+                "Remote TRUNCATEs refused (dead-lettered) by multi-master apply.",
             ),
             tombstones_expired: counter(
                 r,
                 "pgferry_tombstones_expired_total",
-                "Multi-master tombstones deleted after apply.conflict.tombstone_retention.",
+                "Multi-master tombstones (deleted versions) removed after apply.conflict.tombstone_retention.",
             ),
             registry,
         }

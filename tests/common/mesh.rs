@@ -95,7 +95,8 @@ pub async fn mesh(
 /// A row of `kv` apart from its key: `(v, note)`.
 pub type KvRow = (i32, Option<String>);
 
-/// A committed write as the oracle sees it: version and resulting row (`None`: deleted).
+/// A committed write as the oracle sees it: its version `(ts_us, node)` as the node's version
+/// store stamped it, and the resulting row (`None`: deleted).
 #[derive(Debug, Clone)]
 pub struct Committed {
     pub ts_us: i64,
@@ -104,7 +105,9 @@ pub struct Committed {
     pub row: Option<(i32, Option<String>)>,
 }
 
-pub const COMMIT_TS_US: &str = "SELECT (extract(epoch FROM pg_xact_commit_timestamp(($1::int8 % 4294967296)::text::xid)) * 1000000)::int8";
+/// The version the node stamped for `kv` key `$1` (its clock value, µs).
+pub const VERSION_OF_KEY: &str = "SELECT t FROM pgferry.versions \
+     WHERE table_name = 'public.kv' AND key = jsonb_build_object('k', $1::int4)";
 
 /// How long random writers run.
 #[derive(Debug, Clone, Copy)]
@@ -138,26 +141,20 @@ async fn connect(cluster: &PgCluster, db: &str) -> Client {
     }
 }
 
-/// What became of a transaction whose commit may have been cut off by a server restart:
-/// its commit timestamp if it committed.
-async fn settle(cluster: &PgCluster, db: &str, xid: i64) -> Option<i64> {
+/// Whether a transaction whose commit answer was lost (a server restart) committed.
+async fn settle(cluster: &PgCluster, db: &str, xid: i64) -> bool {
     loop {
         let client = connect(cluster, db).await;
         let status = client
             .query_one("SELECT pg_xact_status($1::text::xid8)", &[&xid.to_string()])
             .await;
         let Ok(status) = status else { continue };
-        if status.get::<_, Option<String>>(0).as_deref() != Some("committed") {
-            return None;
-        }
-        if let Ok(row) = client.query_one(COMMIT_TS_US, &[&xid]).await {
-            return Some(row.get(0));
-        }
+        return status.get::<_, Option<String>>(0).as_deref() == Some("committed");
     }
 }
 
 /// Random single-row inserts, updates and deletes over `keys` keys; records each write that
-/// changed something, with its commit timestamp. A server restart mid-transaction is
+/// changed something, with the version the node stamped for it (read in the transaction). A server restart mid-transaction is
 /// survived: the writer reconnects, and a commit whose answer was lost is settled by asking
 /// the server what became of its transaction id.
 pub async fn random_writes(
@@ -198,7 +195,7 @@ pub async fn random_writes(
         if client.is_closed() {
             client = connect(cluster, &db).await;
         }
-        let attempt: Result<Option<(Option<KvRow>, i64)>, tokio_postgres::Error> = async {
+        let attempt: Result<Option<(Option<KvRow>, i64, i64)>, tokio_postgres::Error> = async {
             client.batch_execute("BEGIN").await?;
             let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = if deletes {
                 vec![&key]
@@ -212,10 +209,11 @@ pub async fn random_writes(
             };
             let image = (!deletes).then(|| (row.get(0), row.get(1)));
             let xid: i64 = client.query_one("SELECT txid_current()", &[]).await?.get(0);
-            Ok(Some((image, xid)))
+            let version: i64 = client.query_one(VERSION_OF_KEY, &[&key]).await?.get(0);
+            Ok(Some((image, xid, version)))
         }
         .await;
-        let (row, xid) = match attempt {
+        let (row, xid, version) = match attempt {
             Ok(Some(found)) => found,
             Ok(None) => continue,
             Err(_) => {
@@ -225,13 +223,12 @@ pub async fn random_writes(
             }
         };
         let committed = match client.batch_execute("COMMIT").await {
-            Ok(()) => match client.query_one(COMMIT_TS_US, &[&xid]).await {
-                Ok(ts) => Some(ts.get(0)),
-                Err(_) => settle(cluster, &db, xid).await,
-            },
+            Ok(()) => true,
             Err(_) => settle(cluster, &db, xid).await,
         };
-        if let Some(ts_us) = committed {
+        if committed {
+            // The version the node's trigger stamped, read inside the transaction.
+            let ts_us = version;
             done.push(Committed {
                 ts_us,
                 node: node.clone(),
@@ -246,7 +243,9 @@ pub async fn random_writes(
     done
 }
 
-/// The last-writer-wins outcome: per key, the write with the greatest (commit ts, node).
+/// The last-writer-wins outcome: per key, the write with the greatest version `(t, node)`,
+/// node ids compared bytewise. Versions are what each node stamped (`max(clock, previous
+/// version of the key + 1)`), not commit timestamps.
 pub fn oracle(writes: &[Committed]) -> BTreeMap<i32, (i32, Option<String>)> {
     let mut last: BTreeMap<i32, &Committed> = BTreeMap::new();
     for w in writes {
@@ -354,27 +353,28 @@ pub async fn wait_converged(nodes: &[Node], writes: &[Committed], timeout: Durat
     }
 }
 
-/// A node's row of `key` with its commit timestamp (µs) and replication origin, as text.
+/// A node's row of `key` and the key's stored version, as text.
 async fn row_version(node: &Node, key: i32) -> String {
     let client = connect(node.cluster, &node.db).await;
     let row = client
         .query_opt(
-            "SELECT v, note, (extract(epoch FROM c.timestamp) * 1000000)::int8, o.roname
-               FROM kv, pg_xact_commit_timestamp_origin(kv.xmin) c
-               LEFT JOIN pg_replication_origin o ON o.roident = c.roident
-              WHERE k = $1",
+            "SELECT kv.v, kv.note, v.t, v.node, v.deleted
+               FROM (SELECT $1::int4 AS k) AS one
+               LEFT JOIN kv ON kv.k = one.k
+               LEFT JOIN pgferry.versions v
+                 ON v.table_name = 'public.kv' AND v.key = jsonb_build_object('k', one.k)",
             &[&key],
         )
         .await;
     match row {
         Ok(Some(r)) => format!(
-            "({}, {:?}) committed {:?} origin {:?}",
-            r.get::<_, i32>(0),
-            r.get::<_, Option<String>>(1),
+            "row {:?} version {:?}@{:?} deleted {:?}",
+            r.get::<_, Option<i32>>(0).map(|v| (v, r.get::<_, Option<String>>(1))),
             r.get::<_, Option<i64>>(2),
-            r.get::<_, Option<String>>(3)
+            r.get::<_, Option<String>>(3),
+            r.get::<_, Option<bool>>(4)
         ),
-        Ok(None) => "no row".to_owned(),
+        Ok(None) => "nothing".to_owned(),
         Err(e) => format!("unreadable: {e}"),
     }
 }

@@ -19,6 +19,7 @@ fn change(n: i64) -> StreamItem {
         after: serde_json::from_value(json!({"id": n})).ok(),
         json_null_before: vec![],
         json_null_after: vec![],
+        version: None,
     }))
 }
 
@@ -134,7 +135,22 @@ fn parse_rejects_with_reasons() {
                 ("s", "t", Op::Update)
             );
             assert_eq!(c.after.unwrap().get("id").map(|v| v.get()), Some("1"));
+            assert_eq!(c.version, None);
         }
+        other => panic!("{other:?}"),
+    }
+    let versioned = parse(Some(
+        br#"{"type":"change","change":{"op":"d","before":{"id":1},"after":null,"source":{"schema":"s","table":"t","version":{"t_us":-5,"node":"n\u00e9"}}}}"#,
+    ))
+    .unwrap();
+    match versioned {
+        StreamItem::Change(c) => assert_eq!(
+            c.version,
+            Some(crate::event::Version {
+                ts_us: -5,
+                node: "n\u{e9}".into()
+            })
+        ),
         other => panic!("{other:?}"),
     }
 }

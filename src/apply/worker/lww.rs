@@ -1,12 +1,14 @@
 //! The multi-master apply path of a worker: each change is checked against what this node
-//! holds (row or tombstone, under a row lock), decided by [`crate::apply::conflict::decide`],
-//! written, and any conflict logged to `pgferry.conflicts` in the same transaction. Before
-//! each commit the worker waits for the local clock to pass the origin commit time.
+//! holds (the row, under its row lock, and the key's version in `pgferry.versions`), decided
+//! by [`crate::apply::conflict::decide`], and written: first the key's version (a guarded
+//! upsert that takes the key's version lock and loses to any newer version stamped since the
+//! probe), then the row. Conflicts are logged to `pgferry.conflicts` in the same
+//! transaction. Nothing waits for a clock: versions, not commit times, order the writes.
 
-use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::collections::HashSet;
 
 use serde_json::value::RawValue;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 
@@ -14,28 +16,27 @@ use super::RecordRef;
 use super::{InFlight, StatementKey, Worker};
 use crate::apply::conflict::{decide, Action, ConflictType, Local, Resolution, Version};
 use crate::apply::error::ApplyError;
-use crate::apply::multimaster::database_clock_us;
 use crate::apply::sql::{self, Typed};
 use crate::apply::stream::{object_text, ChangeItem, RowImage};
 use crate::apply::target::{TargetTable, TextParam};
-use crate::config::ClockSkewAction;
 use crate::event::Op;
 
-/// How often one change is decided again when a local writer inserts its key between the
-/// probe and the write.
+/// How often one change is decided again when a local writer stamps its key between the
+/// probe and the write, or a unique-key contest removes a row.
 const MAX_ATTEMPTS: usize = 10;
 
 /// Multi-master state of a worker.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(super) struct LwwState {
-    /// This node's id: the node of rows written locally (origin 0).
-    pub(super) local_node: String,
-    /// Replication origin id → node id.
-    pub(super) origins: HashMap<i64, String>,
     /// Conflicts in the open target transaction, counted once it commits.
     pub(super) conflicts: Vec<(String, ConflictType, Resolution)>,
-    /// The latest database clock reading (µs): origin times before it need no new reading.
-    pub(super) clock_seen_us: i64,
+    /// Keys written in the open source transaction by changes that carry no version (the
+    /// stream of an earlier pgferry, or an unversioned table): they all get the transaction's
+    /// commit time, so a later change of the same key in the same transaction, whose version
+    /// equals the one stored, still applies.
+    pub(super) fallback_written: HashSet<String>,
+    /// The greatest version clock (µs) applied in the open target transaction.
+    pub(super) newest_us: Option<i64>,
 }
 
 /// What the probe found.
@@ -43,7 +44,7 @@ struct Probed {
     local: Local,
     /// The live row as jsonb text.
     row: Option<String>,
-    /// The local version (row's, else tombstone's), if known.
+    /// The key's stored version (row's, else tombstone's), if any.
     version: Option<Version>,
 }
 
@@ -54,6 +55,8 @@ struct Prepared<'a> {
     change: &'a ChangeItem,
     key_values: Vec<Box<RawValue>>,
     remote: Version,
+    /// The change carries no version of its own: `remote` is its commit time.
+    fallback: bool,
 }
 
 impl Prepared<'_> {
@@ -67,6 +70,40 @@ impl Prepared<'_> {
             Op::Delete => self.change.before.as_ref(),
             _ => self.change.after.as_ref(),
         }
+    }
+
+    /// The key as text, for the set of keys a source transaction wrote.
+    fn key_text(&self) -> String {
+        let values: Vec<&str> = self.key_values.iter().map(|v| v.get()).collect();
+        format!("{}\u{0}{}", self.qualified, values.join("\u{0}"))
+    }
+
+    /// The full new row: the after image, plus every column it omits (unchanged TOAST
+    /// values, which equal the old ones) from the old image, plus the key. An update that
+    /// re-creates a missing row then writes the whole row, not NULLs.
+    fn full_after(&self) -> (Vec<String>, Vec<Box<RawValue>>) {
+        let (mut columns, mut values): (Vec<String>, Vec<Box<RawValue>>) = self
+            .change
+            .after
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .unzip();
+        if let Some(before) = &self.change.before {
+            for (c, v) in before.clone() {
+                if !columns.contains(&c) && self.table.columns.contains(&c) {
+                    columns.push(c);
+                    values.push(v);
+                }
+            }
+        }
+        for (k, v) in self.table.key.iter().zip(&self.key_values) {
+            if !columns.contains(k) {
+                columns.push(k.clone());
+                values.push(v.clone());
+            }
+        }
+        (columns, values)
     }
 }
 
@@ -83,9 +120,21 @@ fn typed<'t>(table: &'t TargetTable, columns: &'t [String]) -> Vec<Typed<'t>> {
 fn version_json(v: &Option<Version>) -> String {
     match v {
         Some(v) if *v != Version::unknown() => {
-            serde_json::json!({"commit_ts_us": v.ts_us, "node": v.node}).to_string()
+            serde_json::json!({"t_us": v.ts_us, "commit_ts_us": v.ts_us, "node": v.node})
+                .to_string()
         }
         _ => "null".to_owned(),
+    }
+}
+
+/// The version of a resolver's merge: above both inputs, and the same on every node that
+/// merges the same pair (an empty node id, which no real node has, so that the merge never
+/// equals a real write).
+pub(crate) fn merged_version(local: Option<&Version>, remote: &Version) -> Version {
+    let top = local.map_or(remote.ts_us, |l| l.ts_us.max(remote.ts_us));
+    Version {
+        ts_us: top.saturating_add(1),
+        node: String::new(),
     }
 }
 
@@ -97,8 +146,26 @@ fn refs(params: &[TextParam]) -> Vec<&(dyn ToSql + Sync)> {
     params.iter().map(|p| p as &(dyn ToSql + Sync)).collect()
 }
 
+/// Whether a write lost a unique-key contest on an index other than the primary key.
+fn secondary_unique_violation(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|d| {
+        d.code() == &SqlState::UNIQUE_VIOLATION
+            && !d.constraint().is_some_and(|c| c.ends_with("_pkey"))
+    })
+}
+
+/// What writing the row came to.
+enum Written {
+    /// The row is written.
+    Done,
+    /// A local row with a greater version holds one of its unique values: the remote row
+    /// lost, and its key is now a tombstone with the remote version.
+    Lost,
+}
+
 impl Worker {
-    /// Applies one change under last-writer-wins. `commit_ts_us`: its origin commit time.
+    /// Applies one change under last-writer-wins. `commit_ts_us`: its origin commit time,
+    /// the version of changes that carry none.
     pub(super) async fn apply_change_lww<'c>(
         &mut self,
         client: &'c Client,
@@ -107,10 +174,15 @@ impl Worker {
         change: Box<ChangeItem>,
         commit_ts_us: i64,
     ) -> Result<(), ApplyError> {
-        if change.op == Op::Truncate {
-            return self.apply_change(client, pending, message, change).await;
-        }
         let qualified = format!("{}.{}", change.schema, change.table);
+        if change.op == Op::Truncate {
+            self.metrics.truncates_refused.inc();
+            let reason = format!(
+                "{qualified}: TRUNCATE is refused in multi-master (it carries no row versions, so \
+                 nodes would diverge); nodes refuse local TRUNCATEs, use DELETE"
+            );
+            return self.bad_message(client, message, &reason).await;
+        }
         let Some(table) = self
             .target_table(client, message, &change, &qualified)
             .await?
@@ -156,15 +228,23 @@ impl Worker {
             .drain()
             .await
             .map_err(ApplyError::sql("applying changes"))?;
+        let (remote, fallback) = match &change.version {
+            Some(v) => (v.clone(), false),
+            None => (
+                Version {
+                    ts_us: commit_ts_us,
+                    node: self.settings.node.clone(),
+                },
+                true,
+            ),
+        };
         let prepared = Prepared {
             qualified,
             table,
             change: &change,
             key_values,
-            remote: Version {
-                ts_us: commit_ts_us,
-                node: self.settings.node.clone(),
-            },
+            remote,
+            fallback,
         };
         let resolver = self
             .settings
@@ -174,7 +254,23 @@ impl Worker {
             .get(&prepared.qualified)
             .cloned();
         for _ in 0..MAX_ATTEMPTS {
-            let probed = self.probe(client, &prepared).await?;
+            let mut probed = self.probe(client, &prepared).await?;
+            let rewrite = prepared.fallback
+                && probed.version.as_ref() == Some(&prepared.remote)
+                && self
+                    .lww
+                    .as_ref()
+                    .is_some_and(|l| l.fallback_written.contains(&prepared.key_text()));
+            if rewrite {
+                // Written earlier in this source transaction: later changes follow it.
+                probed.local = match probed.local {
+                    Local::Row { matches_before, .. } => Local::Row {
+                        version: None,
+                        matches_before,
+                    },
+                    _ => Local::Tombstone { version: None },
+                };
+            }
             let decision = decide(
                 change.op,
                 &prepared.remote,
@@ -182,20 +278,23 @@ impl Worker {
                 resolver.is_some(),
             );
             let mut resolution = decision.conflict.map(|(_, r)| r);
+            let mut conflict = decision.conflict.map(|(c, _)| c);
             let done = match decision.action {
                 Action::Skip => true,
-                Action::Write => {
-                    self.write(client, &prepared, &probed.local, message)
-                        .await?
-                }
-                Action::Delete => {
-                    self.delete(client, &prepared, &probed.local).await?;
-                    true
-                }
+                Action::Write => match self.write(client, &prepared, message).await? {
+                    None => false,
+                    Some(Written::Lost) => {
+                        conflict = Some(ConflictType::UniqueKey);
+                        resolution = Some(Resolution::KeepLocal);
+                        true
+                    }
+                    Some(_) => true,
+                },
+                Action::Delete => self.delete(client, &prepared).await?,
                 Action::Merge => {
                     let function = resolver.as_deref().unwrap_or_default();
                     match self.merge(client, &prepared, &probed, function).await? {
-                        Some(()) => true,
+                        Some(done) => done,
                         None => {
                             // The resolver declined: last writer wins.
                             let newer =
@@ -205,10 +304,7 @@ impl Worker {
                             } else {
                                 Resolution::KeepLocal
                             });
-                            !newer
-                                || self
-                                    .write(client, &prepared, &probed.local, message)
-                                    .await?
+                            !newer || self.write(client, &prepared, message).await?.is_some()
                         }
                     }
                 }
@@ -216,11 +312,20 @@ impl Worker {
             if !done {
                 continue;
             }
-            if let (Some((kind, _)), Some(resolution)) = (decision.conflict, resolution) {
+            if let (Some(kind), Some(resolution)) = (conflict, resolution) {
                 self.log_conflict(client, &prepared, &probed, kind, resolution)
                     .await?;
             }
+            if let Some(lww) = &mut self.lww {
+                let newest = lww.newest_us.get_or_insert(prepared.remote.ts_us);
+                *newest = (*newest).max(prepared.remote.ts_us);
+            }
             if decision.action != Action::Skip {
+                if prepared.fallback {
+                    if let Some(lww) = &mut self.lww {
+                        lww.fallback_written.insert(prepared.key_text());
+                    }
+                }
                 self.batch_changes += 1;
                 self.count_applied(&prepared.qualified, change.op);
             }
@@ -265,7 +370,7 @@ impl Worker {
         })
     }
 
-    /// Locks the live row (if any) and reads the row, its version and the tombstone.
+    /// Locks the live row (if any) and reads the row and the key's version.
     async fn probe(&mut self, client: &Client, p: &Prepared<'_>) -> Result<Probed, ApplyError> {
         let key = p.key_typed();
         let lock_text = sql::lock_row(&p.change.schema, &p.change.table, &key);
@@ -306,15 +411,6 @@ impl Worker {
         )?;
         params.push(param(p.qualified.clone()));
         let lock_params = params[..p.table.key.len()].to_vec();
-        let key_lock_text = sql::lock_key(&key);
-        let key_lock = self
-            .cached(client, p, "lww_lock_key", p.table.key.clone(), || {
-                key_lock_text
-            })
-            .await?;
-        Self::execute_then_key(client, &key_lock, p, param(p.qualified.clone()))
-            .await
-            .map_err(ApplyError::sql("locking the key against other appliers"))?;
         client
             .query(&lock, &refs(&lock_params))
             .await
@@ -323,52 +419,37 @@ impl Worker {
             .query_one(&probe, &refs(&params))
             .await
             .map_err(ApplyError::sql("reading the local row version"))?;
-        let row_mine: Option<bool> = row.get(2);
-        let tomb_mine: Option<bool> = row.get(7);
-        let version_at = |ts: usize, origin: usize, mine: bool| -> Option<Version> {
-            if mine {
-                return None;
-            }
-            let ts_us: Option<i64> = row.get(ts);
-            let roident: Option<i64> = row.get(origin);
-            Some(match (ts_us, roident) {
-                (Some(ts_us), Some(roident)) => Version {
-                    ts_us,
-                    node: self.node_of(roident),
+        let has_row: bool = row.get(0);
+        let row_json: Option<String> = row.get(1);
+        let matches_before: Option<bool> = row.get(2);
+        let stored = match (
+            row.get::<_, Option<i64>>(3),
+            row.get::<_, Option<String>>(4),
+        ) {
+            (Some(ts_us), Some(node)) => Some(Version { ts_us, node }),
+            _ => None,
+        };
+        let (local, version) = if has_row {
+            // A row without a version predates the table's protection and never had its
+            // commit time: the oldest version.
+            let version = stored.unwrap_or_else(Version::unknown);
+            (
+                Local::Row {
+                    version: Some(version.clone()),
+                    matches_before,
                 },
-                _ => Version::unknown(),
-            })
+                Some(version),
+            )
+        } else if let Some(version) = stored {
+            (
+                Local::Tombstone {
+                    version: Some(version.clone()),
+                },
+                Some(version),
+            )
+        } else {
+            (Local::Nothing, None)
         };
-        let (local, version) = match (row_mine, tomb_mine) {
-            (Some(mine), _) => {
-                let version = version_at(0, 1, mine);
-                let matches_before: Option<bool> = row.get(4);
-                (
-                    Local::Row {
-                        version: version.clone(),
-                        matches_before,
-                    },
-                    version,
-                )
-            }
-            (None, Some(mine)) => {
-                let version = version_at(5, 6, mine);
-                (
-                    Local::Tombstone {
-                        version: version.clone(),
-                    },
-                    version,
-                )
-            }
-            (None, None) => (Local::Nothing, None),
-        };
-        let row_json: Option<String> = row.get(3);
-        // Origins registered since the map was read show up as unknown ids: refresh once.
-        if let Some(v) = &version {
-            if v.node.starts_with("origin#") {
-                self.refresh_origins(client).await?;
-            }
-        }
         Ok(Probed {
             local,
             row: row_json,
@@ -376,126 +457,211 @@ impl Worker {
         })
     }
 
-    fn node_of(&self, roident: i64) -> String {
-        let Some(lww) = &self.lww else {
-            return String::new();
-        };
-        if roident == 0 {
-            return lww.local_node.clone();
-        }
-        lww.origins
-            .get(&roident)
-            .cloned()
-            .unwrap_or_else(|| format!("origin#{roident}"))
-    }
-
-    async fn refresh_origins(&mut self, client: &Client) -> Result<(), ApplyError> {
-        let origins = crate::apply::multimaster::origin_nodes(client)
+    /// Stamps the key's version (`deleted`: as a tombstone) if `version` is still greater
+    /// than the stored one. `false`: a writer stamped a newer one since the probe.
+    async fn stamp(
+        &mut self,
+        client: &Client,
+        p: &Prepared<'_>,
+        version: &Version,
+        deleted: bool,
+    ) -> Result<bool, ApplyError> {
+        let key = p.key_typed();
+        let text = sql::stamp_version(&key);
+        let stmt = self
+            .cached(client, p, "lww_stamp", p.table.key.clone(), || text)
+            .await?;
+        let mut params = vec![
+            param(p.qualified.clone()),
+            param(version.ts_us.to_string()),
+            param(version.node.clone()),
+            param(deleted.to_string()),
+            param(p.fallback.to_string()),
+        ];
+        params.extend(Self::values(
+            &stmt.params()[5..],
+            p,
+            &p.table.key,
+            &p.key_values,
+            &[],
+        )?);
+        let won = client
+            .query(&stmt, &refs(&params))
             .await
-            .map_err(ApplyError::sql("reading pgferry.origins"))?;
-        if let Some(lww) = &mut self.lww {
-            lww.origins = origins;
-        }
-        Ok(())
+            .map_err(ApplyError::sql("stamping the key's version"))?;
+        Ok(!won.is_empty())
     }
 
-    /// Writes the remote after image: over the live row, or as a new row. `Ok(false)`: a
-    /// local writer inserted the key meanwhile; decide again.
+    /// Stamps the remote version and writes the remote row (insert, or update of the live
+    /// row). `None`: a newer version was stamped meanwhile; decide again.
     async fn write(
         &mut self,
         client: &Client,
         p: &Prepared<'_>,
-        local: &Local,
         message: &RecordRef<'_>,
-    ) -> Result<bool, ApplyError> {
-        let after = p.change.after.clone().unwrap_or_default();
-        let (schema, table) = (&p.change.schema, &p.change.table);
-        let over_row = matches!(local, Local::Row { .. });
-        // Over a live row: update its non-key columns. Else: insert the whole image.
-        let (kind, context, columns, values, text) = if over_row {
-            let (mut columns, mut values): (Vec<String>, Vec<Box<RawValue>>) = after
-                .into_iter()
-                .filter(|(c, _)| !p.table.key.contains(c))
-                .unzip();
-            if columns.is_empty() {
-                return Ok(true);
-            }
-            let cols: Vec<&str> = columns.iter().map(String::as_str).collect();
-            let key: Vec<&str> = p.table.key.iter().map(String::as_str).collect();
-            let text = sql::update(schema, table, &cols, &key);
-            columns.extend(p.table.key.iter().cloned());
-            values.extend(p.key_values.iter().cloned());
-            ("lww_update", "updating a row", columns, values, text)
-        } else {
-            let (mut columns, mut values): (Vec<String>, Vec<Box<RawValue>>) =
-                after.into_iter().unzip();
-            for (k, v) in p.table.key.iter().zip(&p.key_values) {
-                if !columns.contains(k) {
-                    columns.push(k.clone());
-                    values.push(v.clone());
-                }
-            }
-            let cols: Vec<&str> = columns.iter().map(String::as_str).collect();
-            let text = sql::insert_if_absent(schema, table, &cols);
-            ("lww_insert", "inserting a row", columns, values, text)
-        };
+    ) -> Result<Option<Written>, ApplyError> {
+        if !self.stamp(client, p, &p.remote, false).await? {
+            return Ok(None);
+        }
+        let (columns, values) = p.full_after();
+        let cols: Vec<&str> = columns.iter().map(String::as_str).collect();
+        let key: Vec<&str> = p.table.key.iter().map(String::as_str).collect();
+        let text = sql::upsert(&p.change.schema, &p.change.table, &cols, &key);
         let stmt = self
-            .cached(client, p, kind, columns.clone(), || text)
+            .cached(client, p, "lww_upsert", columns.clone(), || text)
             .await?;
-        let json_nulls = &p.change.json_null_after;
-        let params =
-            match Self::render_params(stmt.params(), &columns, &values, json_nulls, &p.qualified) {
-                Ok(params) => params,
-                Err(reason) => {
-                    self.bad_message(client, message, &reason).await?;
-                    return Ok(true);
+        let mut json_nulls = p.change.json_null_after.clone();
+        json_nulls.extend(
+            p.change
+                .json_null_before
+                .iter()
+                .filter(|c| p.change.after.as_ref().is_none_or(|a| a.get(c).is_none()))
+                .cloned(),
+        );
+        let params = match Self::render_params(
+            stmt.params(),
+            &columns,
+            &values,
+            &json_nulls,
+            &p.qualified,
+        ) {
+            Ok(params) => params,
+            Err(reason) => {
+                self.bad_message(client, message, &reason).await?;
+                return Ok(Some(Written::Done));
+            }
+        };
+        let uniques = !p.table.uniques.is_empty();
+        for _ in 0..MAX_ATTEMPTS {
+            if uniques {
+                client
+                    .batch_execute("SAVEPOINT pgferry_unique")
+                    .await
+                    .map_err(ApplyError::sql("opening a savepoint"))?;
+            }
+            match client.execute_raw(&stmt, params.clone()).await {
+                Ok(_) => {
+                    if uniques {
+                        client
+                            .batch_execute("RELEASE SAVEPOINT pgferry_unique")
+                            .await
+                            .map_err(ApplyError::sql("releasing a savepoint"))?;
+                    }
+                    return Ok(Some(Written::Done));
                 }
-            };
-        let written = client
-            .execute_raw(&stmt, params)
-            .await
-            .map_err(ApplyError::sql(context))?;
-        Ok(over_row || written == 1)
+                Err(e) if uniques && secondary_unique_violation(&e) => {
+                    client
+                        .batch_execute("ROLLBACK TO SAVEPOINT pgferry_unique")
+                        .await
+                        .map_err(ApplyError::sql("rolling back to a savepoint"))?;
+                    if !self.unique_contest(client, p, &columns, &values).await? {
+                        // The remote row lost: its key ends deleted at its own version.
+                        self.stamp(client, p, &p.remote, true).await?;
+                        return Ok(Some(Written::Lost));
+                    }
+                }
+                Err(e) => return Err(ApplyError::sql("writing a row")(e)),
+            }
+        }
+        Err(ApplyError::Contention {
+            table: p.qualified.clone(),
+        })
     }
 
-    /// Deletes the live row, if any, and records the tombstone with this transaction's
-    /// (the remote) version.
-    async fn delete(
+    /// Settles a unique-key collision between the remote row and local rows under other keys
+    /// the same way on every node: the greater version keeps the value. Removes the local
+    /// rows that lost and returns true (write again), or false when a local row wins.
+    async fn unique_contest(
         &mut self,
         client: &Client,
         p: &Prepared<'_>,
-        local: &Local,
-    ) -> Result<(), ApplyError> {
-        let key = p.key_typed();
-        if matches!(local, Local::Row { .. }) {
-            let names: Vec<&str> = p.table.key.iter().map(String::as_str).collect();
-            let text = sql::delete(&p.change.schema, &p.change.table, &names);
-            let stmt = self
-                .cached(client, p, "lww_delete", p.table.key.clone(), || text)
-                .await?;
-            let params = Self::values(stmt.params(), p, &p.table.key, &p.key_values, &[])?;
-            client
-                .execute_raw(&stmt, params)
-                .await
-                .map_err(ApplyError::sql("deleting a row"))?;
-        }
-        let text = sql::upsert_tombstone(&key);
-        let stmt = self
-            .cached(client, p, "lww_tombstone", p.table.key.clone(), || text)
+        columns: &[String],
+        values: &[Box<RawValue>],
+    ) -> Result<bool, ApplyError> {
+        let key: Vec<&str> = p.table.key.iter().map(String::as_str).collect();
+        let find = sql::unique_holders(&p.change.schema, &p.change.table, &key, &p.table.uniques);
+        let find = self
+            .cached(client, p, "lww_unique_holders", Vec::new(), || find)
             .await?;
-        Self::execute_then_key(client, &stmt, p, param(p.qualified.clone()))
+        let remote_row = object_text(
+            columns
+                .iter()
+                .map(String::as_str)
+                .zip(values.iter().map(|v| v.get())),
+        );
+        let holders = client
+            .query(&find, &[&remote_row, &p.qualified])
             .await
-            .map_err(ApplyError::sql("recording a tombstone"))
+            .map_err(ApplyError::sql("finding the rows that hold a unique value"))?;
+        let mut losers = Vec::new();
+        for holder in &holders {
+            let version = match (
+                holder.get::<_, Option<i64>>(1),
+                holder.get::<_, Option<String>>(2),
+            ) {
+                (Some(ts_us), Some(node)) => Version { ts_us, node },
+                _ => Version::unknown(),
+            };
+            if version > p.remote {
+                return Ok(false);
+            }
+            losers.push((holder.get::<_, String>(0), version));
+        }
+        if losers.is_empty() {
+            // The violation was not on the values of a plain unique index (an expression or
+            // partial index): nothing to settle by version.
+            return Err(ApplyError::BadMessage {
+                location: p.qualified.clone(),
+                reason: "a unique index other than the primary key (with an expression or a \
+                         predicate) rejects the row; multi-master resolves only plain unique \
+                         columns"
+                    .into(),
+            });
+        }
+        let drop = sql::drop_unique_loser(&p.change.schema, &p.change.table, &key);
+        let drop = self
+            .cached(client, p, "lww_unique_loser", Vec::new(), || drop)
+            .await?;
+        for (loser, version) in losers {
+            client
+                .execute(&drop, &[&loser, &p.qualified])
+                .await
+                .map_err(ApplyError::sql(
+                    "removing a row that lost a unique-key contest",
+                ))?;
+            self.log_unique_loser(client, p, &loser, &version).await?;
+        }
+        Ok(true)
     }
 
-    /// Calls the table's resolver and writes its result. `None`: it returned NULL.
+    /// Stamps the remote tombstone and deletes the live row, if any. `false`: a newer version
+    /// was stamped meanwhile; decide again.
+    async fn delete(&mut self, client: &Client, p: &Prepared<'_>) -> Result<bool, ApplyError> {
+        if !self.stamp(client, p, &p.remote, true).await? {
+            return Ok(false);
+        }
+        let names: Vec<&str> = p.table.key.iter().map(String::as_str).collect();
+        let text = sql::delete(&p.change.schema, &p.change.table, &names);
+        let stmt = self
+            .cached(client, p, "lww_delete", p.table.key.clone(), || text)
+            .await?;
+        let params = Self::values(stmt.params(), p, &p.table.key, &p.key_values, &[])?;
+        client
+            .execute_raw(&stmt, params)
+            .await
+            .map_err(ApplyError::sql("deleting a row"))?;
+        Ok(true)
+    }
+
+    /// Calls the table's resolver and writes its result with a version above both inputs.
+    /// `None`: it returned NULL. `Some(false)`: a newer version was stamped meanwhile.
     async fn merge(
         &mut self,
         client: &Client,
         p: &Prepared<'_>,
         probed: &Probed,
         function: &str,
-    ) -> Result<Option<()>, ApplyError> {
+    ) -> Result<Option<bool>, ApplyError> {
         let text = sql::call_resolver(function, &p.change.schema, &p.change.table);
         let call = self
             .cached(client, p, "lww_resolver", Vec::new(), || text)
@@ -518,6 +684,10 @@ impl Worker {
         let Some(merged): Option<String> = row.get(0) else {
             return Ok(None);
         };
+        let version = merged_version(probed.version.as_ref(), &p.remote);
+        if !self.stamp(client, p, &version, false).await? {
+            return Ok(Some(false));
+        }
         let columns: Vec<String> = p
             .table
             .columns
@@ -526,7 +696,7 @@ impl Worker {
             .cloned()
             .collect();
         if columns.is_empty() {
-            return Ok(Some(()));
+            return Ok(Some(true));
         }
         let cols: Vec<&str> = columns.iter().map(String::as_str).collect();
         let key = p.key_typed();
@@ -534,25 +704,19 @@ impl Worker {
         let stmt = self
             .cached(client, p, "lww_merged", Vec::new(), || text)
             .await?;
-        Self::execute_then_key(client, &stmt, p, param(merged))
+        let mut params = vec![param(merged)];
+        params.extend(Self::values(
+            &stmt.params()[1..],
+            p,
+            &p.table.key,
+            &p.key_values,
+            &[],
+        )?);
+        client
+            .execute_raw(&stmt, params)
             .await
             .map_err(ApplyError::sql("writing the merged row"))?;
-        Ok(Some(()))
-    }
-
-    /// Runs a statement whose parameters are `first`, then the key (typed by the statement).
-    async fn execute_then_key(
-        client: &Client,
-        stmt: &Statement,
-        p: &Prepared<'_>,
-        first: TextParam,
-    ) -> Result<(), tokio_postgres::Error> {
-        let mut params = vec![first];
-        // The key values already rendered for the probe with the same types; cannot fail.
-        if let Ok(key) = Self::values(&stmt.params()[1..], p, &p.table.key, &p.key_values, &[]) {
-            params.extend(key);
-        }
-        client.execute_raw(stmt, params).await.map(drop)
+        Ok(Some(true))
     }
 
     async fn log_conflict(
@@ -570,11 +734,55 @@ impl Worker {
                 .map(String::as_str)
                 .zip(p.key_values.iter().map(|v| v.get())),
         );
-        let known = probed
-            .version
-            .as_ref()
-            .filter(|v| **v != Version::unknown());
         let remote_row = p.remote_row().map(RowImage::to_json_text);
+        self.insert_conflict(
+            client,
+            p,
+            &key,
+            kind,
+            resolution,
+            probed.version.as_ref(),
+            probed.row.as_deref(),
+            remote_row.as_deref(),
+        )
+        .await
+    }
+
+    /// Logs a local row removed because the remote row won its unique value.
+    async fn log_unique_loser(
+        &mut self,
+        client: &Client,
+        p: &Prepared<'_>,
+        key: &str,
+        version: &Version,
+    ) -> Result<(), ApplyError> {
+        let remote_row = p.remote_row().map(RowImage::to_json_text);
+        self.insert_conflict(
+            client,
+            p,
+            key,
+            ConflictType::UniqueKey,
+            Resolution::ApplyRemote,
+            Some(version),
+            None,
+            remote_row.as_deref(),
+        )
+        .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn insert_conflict(
+        &mut self,
+        client: &Client,
+        p: &Prepared<'_>,
+        key: &str,
+        kind: ConflictType,
+        resolution: Resolution,
+        local: Option<&Version>,
+        local_row: Option<&str>,
+        remote_row: Option<&str>,
+    ) -> Result<(), ApplyError> {
+        let known = local.filter(|v| **v != Version::unknown());
         let params: [&(dyn ToSql + Sync); 10] = [
             &p.qualified,
             &key,
@@ -582,7 +790,7 @@ impl Worker {
             &resolution.as_str(),
             &known.map(|v| v.ts_us),
             &known.map(|v| v.node.clone()),
-            &probed.row,
+            &local_row,
             &p.remote.ts_us,
             &p.remote.node,
             &remote_row,
@@ -606,66 +814,18 @@ impl Worker {
         Ok(())
     }
 
-    /// The skew rule: before committing a change stamped `origin_ts_us`, waits until the
-    /// local database clock has passed it, so that later local writes get later timestamps.
-    /// Bounded by `apply.conflict.max_clock_skew`; beyond it, acts as configured.
-    pub(super) async fn wait_for_clock(
-        &mut self,
-        client: &Client,
-        origin_ts_us: i64,
-    ) -> Result<(), ApplyError> {
-        // A backlog's changes are older than a clock reading already taken: skip the query.
-        if self
-            .lww
-            .as_ref()
-            .is_some_and(|l| origin_ts_us < l.clock_seen_us)
-        {
-            return Ok(());
-        }
-        let conflict = &self.settings.apply.conflict;
-        let (bound, action) = (conflict.max_clock_skew, conflict.on_clock_skew);
-        let started = Instant::now();
-        let mut waited = false;
-        let mut exceeded = false;
-        loop {
-            let now = database_clock_us(client)
-                .await
-                .map_err(ApplyError::sql("reading the database clock"))?;
-            if let Some(lww) = &mut self.lww {
-                lww.clock_seen_us = lww.clock_seen_us.max(now);
-            }
-            if now > origin_ts_us {
-                break;
-            }
-            let ahead = Duration::from_micros((origin_ts_us - now + 1).unsigned_abs());
-            waited = true;
-            let elapsed = started.elapsed();
-            if !exceeded && elapsed + ahead > bound {
-                exceeded = true;
-                self.metrics.clock_skew_exceeded.inc();
-                tracing::warn!(node = %self.settings.node, ahead_ms = ahead.as_millis() as u64,
-                               max_clock_skew_ms = bound.as_millis() as u64, ?action,
-                               "origin commit time is ahead of the local clock by more than apply.conflict.max_clock_skew");
-            }
-            let nap = if exceeded && action == ClockSkewAction::Apply {
-                let left = bound.saturating_sub(elapsed);
-                if left.is_zero() {
-                    break;
-                }
-                left.min(ahead)
-            } else {
-                ahead
-            };
-            self.health.beat();
-            tokio::time::sleep(nap).await;
-        }
-        if waited {
-            self.metrics.clock_skew_waits.inc();
-            self.metrics
-                .clock_skew_wait_seconds
-                .observe(started.elapsed().as_secs_f64());
-        }
-        Ok(())
+    /// Records how far ahead of this node's clock the newest version applied in the committed
+    /// transaction was (the observed skew of that peer's clock; 0 when behind, as any backlog
+    /// is).
+    pub(super) fn observe_peer_clock(&mut self) {
+        let Some(newest) = self.lww.as_mut().and_then(|l| l.newest_us.take()) else {
+            return;
+        };
+        let now = crate::pgtime::PgTimestamp::now().unix_micros();
+        self.metrics
+            .peer_clock_ahead_ms
+            .with_label_values(&[&self.settings.node])
+            .set((newest - now).max(0) / 1000);
     }
 
     /// Counts the committed transaction's conflicts.

@@ -2,7 +2,8 @@
 //!
 //! Pure. The envelope is
 //! `{"op","before","after","source":{node,db,schema,table,lsn,commit_lsn,commit_ts,xid,origin,
-//! snapshot},"ts_ms","unchanged_toast"}`.
+//! snapshot,version},"ts_ms","unchanged_toast"}`; `source.version` (`{"t_us","node"}`) only on
+//! multi-master nodes, for tables the version store covers.
 //!
 //! A json/jsonb column holding the JSON literal `null` renders as `null` like SQL NULL does; such
 //! columns are listed in `"json_null": {"before": [...], "after": [...]}` so the two stay
@@ -261,6 +262,16 @@ struct SourceBlock<'a> {
     xid: Option<u32>,
     origin: Option<&'a str>,
     snapshot: bool,
+    /// Multi-master: the row version the change was made with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<VersionJson<'a>>,
+}
+
+/// `source.version`: `{"t_us": 1700000000000000, "node": "a"}`.
+#[derive(Serialize)]
+struct VersionJson<'a> {
+    t_us: i64,
+    node: &'a str,
 }
 
 #[derive(Serialize)]
@@ -340,6 +351,10 @@ pub fn encode_change(
             xid: txn.xid,
             origin: txn.origin.as_deref(),
             snapshot: change.op == Op::Read,
+            version: change.version.as_ref().map(|v| VersionJson {
+                t_us: v.ts_us,
+                node: &v.node,
+            }),
         },
         ts_ms,
         unchanged_toast: &unchanged,

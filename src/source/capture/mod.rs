@@ -13,6 +13,7 @@ mod error;
 mod slot;
 pub mod slot_plan;
 mod stream;
+mod versions;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -193,6 +194,7 @@ impl Capture {
                         before: None,
                         before_is_key_only: false,
                         after: Some(row),
+                        version: None,
                     };
                     self.publish(&mut txn, &change, None).await?;
                     counter.inc();
@@ -444,6 +446,8 @@ pub(super) struct OpenTxn {
     changes: u64,
     /// Applied by pgferry (its origin is one of pgferry's): not published again.
     pub(super) echo: bool,
+    /// Multi-master versions stamped and not yet paired with their row change.
+    versions: versions::Pending,
 }
 
 impl OpenTxn {
@@ -455,6 +459,7 @@ impl OpenTxn {
             begun: false,
             changes: 0,
             echo: false,
+            versions: versions::Pending::default(),
         }
     }
 }

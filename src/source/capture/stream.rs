@@ -271,7 +271,7 @@ impl Capture {
                 txn.echo = meta.origin.as_deref().is_some_and(is_pgferry_origin);
                 *current = Some(txn);
             }
-            CaptureEvent::Change(change) => {
+            CaptureEvent::Change(mut change) => {
                 let Some(txn) = current.as_mut() else {
                     return Err(CaptureError::Assemble {
                         lsn: change.lsn,
@@ -285,10 +285,16 @@ impl Capture {
                     self.metrics.capture_echoes_skipped.inc();
                     return Ok(());
                 }
-                // pgferry's own bookkeeping (tombstones, snapshot state) is never replicated.
+                // pgferry's own bookkeeping is never replicated; a version stamped for a row
+                // change goes with that change (the next one of its table).
                 if change.relation.schema == crate::naming::BOOKKEEPING_SCHEMA {
+                    if change.relation.table == crate::naming::VERSIONS_TABLE {
+                        txn.versions
+                            .stamped(&change.relation, change.after.as_ref());
+                    }
                     return Ok(());
                 }
+                change.version = txn.versions.take(&change.relation.qualified_name());
                 self.publish(txn, &change, Some(state)).await?;
             }
             CaptureEvent::Commit { end_lsn } => {

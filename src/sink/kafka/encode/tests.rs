@@ -67,6 +67,7 @@ fn insert_envelope_is_exact() {
         before: None,
         before_is_key_only: false,
         after: Some(vec![t("7"), t("1.50"), Datum::Null]),
+        version: None,
     };
     let recs = encode_change(
         &src(true),
@@ -103,6 +104,7 @@ fn unchanged_toast_is_listed_not_nulled() {
         before: None,
         before_is_key_only: false,
         after: Some(vec![t("7"), t("2"), Datum::UnchangedToast]),
+        version: None,
     };
     let recs = encode_change(
         &src(true),
@@ -126,6 +128,7 @@ fn delete_uses_old_key_and_adds_tombstone() {
         before: Some(vec![t("7"), Datum::Null, Datum::Null]),
         before_is_key_only: true,
         after: None,
+        version: None,
     };
     let recs = encode_change(
         &src(true),
@@ -159,6 +162,7 @@ fn bad_value_names_table_and_column() {
         before: None,
         before_is_key_only: false,
         after: Some(vec![t("seven"), t("1"), Datum::Null]),
+        version: None,
     };
     let err = encode_change(
         &src(true),
@@ -200,6 +204,7 @@ fn json_null_literal_is_distinguished_from_sql_null() {
         before: None,
         before_is_key_only: false,
         after: Some(vec![t("1"), t("null"), Datum::Null]),
+        version: None,
     };
     let recs = encode_change(
         &src(true),
