@@ -713,7 +713,7 @@ impl Worker {
             commit_lsn: done.commit_lsn,
         };
         self.count_conflicts();
-        self.observe_peer_clock();
+        self.observe_peer_clock(client).await?;
         self.metrics.apply_transactions.inc_by(self.batch_txns);
         self.metrics.apply_batches.inc();
         self.metrics

@@ -369,7 +369,8 @@ async fn row_version(node: &Node, key: i32) -> String {
     match row {
         Ok(Some(r)) => format!(
             "row {:?} version {:?}@{:?} deleted {:?}",
-            r.get::<_, Option<i32>>(0).map(|v| (v, r.get::<_, Option<String>>(1))),
+            r.get::<_, Option<i32>>(0)
+                .map(|v| (v, r.get::<_, Option<String>>(1))),
             r.get::<_, Option<i64>>(2),
             r.get::<_, Option<String>>(3),
             r.get::<_, Option<bool>>(4)

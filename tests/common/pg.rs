@@ -105,13 +105,55 @@ impl PgCluster {
         )
     }
 
+    /// Like [`PgCluster::start_faketime`], with the offset read from a file (re-read every
+    /// second) that [`PgCluster::set_clock_offset`] rewrites: the server's clock can step.
+    #[allow(dead_code)]
+    pub fn start_faketime_file(offset: &str) -> PgCluster {
+        let lib = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+        assert!(
+            std::path::Path::new(lib).exists(),
+            "{lib} missing: scripts/setup installs the faketime package"
+        );
+        let dir = server_dir();
+        let file = dir.join("faketime");
+        std::fs::write(&file, offset).expect("write the faketime file");
+        Self::start_in(
+            dir,
+            &pg15_bin_dir(),
+            &[],
+            TRUST_LOOPBACK,
+            &[
+                ("LD_PRELOAD", lib),
+                ("FAKETIME_TIMESTAMP_FILE", file.to_str().unwrap()),
+                ("FAKETIME_CACHE_DURATION", "1"),
+                ("DONT_FAKE_MONOTONIC", "1"),
+            ],
+        )
+    }
+
+    /// Steps the clock of a cluster started by [`PgCluster::start_faketime_file`] to `offset`
+    /// (libfaketime syntax); it takes effect within a second.
+    #[allow(dead_code)]
+    pub fn set_clock_offset(&self, offset: &str) {
+        std::fs::write(self.dir.join("faketime"), offset).expect("rewrite the faketime file");
+    }
+
     fn start_full(
         bin_dir: &str,
         extra: &[(&str, &str)],
         hba: &str,
         env: &[(&str, &str)],
     ) -> PgCluster {
-        let dir = server_dir();
+        Self::start_in(server_dir(), bin_dir, extra, hba, env)
+    }
+
+    fn start_in(
+        dir: std::path::PathBuf,
+        bin_dir: &str,
+        extra: &[(&str, &str)],
+        hba: &str,
+        env: &[(&str, &str)],
+    ) -> PgCluster {
         let data = dir.join("data");
         run_checked(
             as_postgres(&format!("{bin_dir}/initdb"))

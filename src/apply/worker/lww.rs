@@ -814,18 +814,26 @@ impl Worker {
         Ok(())
     }
 
-    /// Records how far ahead of this node's clock the newest version applied in the committed
-    /// transaction was (the observed skew of that peer's clock; 0 when behind, as any backlog
-    /// is).
-    pub(super) fn observe_peer_clock(&mut self) {
+    /// Records how far ahead of this node's database clock the newest version applied in the
+    /// committed transaction was: the observed skew of that peer's clock (0 when behind, as
+    /// any backlog is).
+    pub(super) async fn observe_peer_clock(&mut self, client: &Client) -> Result<(), ApplyError> {
         let Some(newest) = self.lww.as_mut().and_then(|l| l.newest_us.take()) else {
-            return;
+            return Ok(());
         };
-        let now = crate::pgtime::PgTimestamp::now().unix_micros();
+        let now: i64 = client
+            .query_one(
+                "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8",
+                &[],
+            )
+            .await
+            .map_err(ApplyError::sql("reading the database clock"))?
+            .get(0);
         self.metrics
             .peer_clock_ahead_ms
             .with_label_values(&[&self.settings.node])
             .set((newest - now).max(0) / 1000);
+        Ok(())
     }
 
     /// Counts the committed transaction's conflicts.
