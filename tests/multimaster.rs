@@ -276,6 +276,19 @@ async fn clock_skew_converges_without_waiting() {
     stepping.set_clock_offset("+0");
 }
 
+/// The stored version of `counters` row 1.
+async fn stamped(client: &Client) -> (i64, String) {
+    let r = client
+        .query_one(
+            "SELECT t, node FROM pgferry.versions \
+              WHERE table_name = 'public.counters' AND key = '{\"id\": 1}'",
+            &[],
+        )
+        .await
+        .unwrap();
+    (r.get(0), r.get(1))
+}
+
 async fn count(client: &Client, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.expect(sql).get(0)
 }
@@ -474,12 +487,22 @@ async fn custom_resolver_merges_counters() {
     for _ in 0..5 {
         b.batch_execute(&increment(&nodes[1].name)).await.unwrap();
     }
+    let (before_a, before_b) = (stamped(&a).await, stamped(&b).await);
     for node in &mut nodes {
         node.ferry.restart();
     }
     for client in [&a, &b] {
         wait_row(client, "SELECT total FROM counters WHERE id = 1", Some(8)).await;
     }
+    // The merged row's version is just above the greater input (it never moves back), and
+    // the same on both nodes however many merges each made: (t, node + "+").
+    let top = before_a.clone().max(before_b.clone());
+    let want = (top.0, format!("{}+", top.1));
+    wait_for("merged versions", Duration::from_secs(30), || async {
+        let (on_a, on_b) = (stamped(&a).await, stamped(&b).await);
+        (on_a == want && on_b == want).then_some(())
+    })
+    .await;
     for (client, node) in [(&a, &nodes[0]), (&b, &nodes[1])] {
         let row = client
             .query_one("SELECT per_node::text FROM counters WHERE id = 1", &[])

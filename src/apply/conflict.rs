@@ -15,6 +15,29 @@ use crate::event::Op;
 
 pub use crate::event::Version;
 
+/// Marks a resolver's merge in a version's node id (node ids never contain it).
+pub const MERGE_MARK: char = '+';
+
+/// The version a resolver's merge of `local` and `remote` gets: just above the greater of
+/// the two, `(t, node + "+")`, where a merged input counts as the version it was merged
+/// above. Above both inputs, so a version never moves back; a join (commutative,
+/// associative, idempotent), so every node that merges the same versions, in any order and
+/// however often, ends on the same version; and never equal to a real write's.
+pub fn merged_version(local: Option<&Version>, remote: &Version) -> Version {
+    let underlying = |v: &Version| Version {
+        ts_us: v.ts_us,
+        node: v.node.trim_end_matches(MERGE_MARK).to_owned(),
+    };
+    let top = match local {
+        Some(l) => underlying(l).max(underlying(remote)),
+        None => underlying(remote),
+    };
+    Version {
+        ts_us: top.ts_us,
+        node: format!("{}{MERGE_MARK}", top.node),
+    }
+}
+
 /// What this node holds for a key, as read under a row lock.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Local {

@@ -274,7 +274,7 @@ pub fn unique_holders(schema: &str, table: &str, key: &[&str], uniques: &[Vec<St
     format!(
         "SELECT k.key::text, v.t, v.node::text \
            FROM ONLY {t} AS t \
-           CROSS JOIN jsonb_populate_record(NULL::{t}, $1::jsonb) AS m \
+           CROSS JOIN jsonb_populate_record(NULL::{t}, $1::text::jsonb) AS m \
            CROSS JOIN LATERAL (SELECT jsonb_build_object({pairs}) AS key) AS k \
            LEFT JOIN pgferry.versions AS v ON v.table_name = $2::text AND v.key = k.key \
           WHERE ({any}) AND NOT ({same_key})",
@@ -296,9 +296,9 @@ pub fn drop_unique_loser(schema: &str, table: &str, key: &[&str]) -> String {
         .collect();
     format!(
         "WITH gone AS (DELETE FROM ONLY {t} AS t WHERE ({cols}) = \
-             (SELECT {picked} FROM jsonb_populate_record(NULL::{t}, $1::jsonb) AS m) RETURNING 1) \
+             (SELECT {picked} FROM jsonb_populate_record(NULL::{t}, $1::text::jsonb) AS m) RETURNING 1) \
          INSERT INTO pgferry.versions AS v (table_name, key, t, node, deleted) \
-         VALUES ($2::text, $1::jsonb, -9223372036854775808, '', true) \
+         VALUES ($2::text, $1::text::jsonb, -9223372036854775808, '', true) \
          ON CONFLICT (table_name, key) DO UPDATE SET deleted = true",
         cols = cols.join(", "),
         picked = picked.join(", "),

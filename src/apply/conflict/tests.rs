@@ -244,3 +244,64 @@ proptest! {
         prop_assert_eq!(state, expected);
     }
 }
+
+#[test]
+fn a_merge_outranks_both_inputs_and_never_equals_a_write() {
+    let (a, b) = (v(10, "a"), v(12, "b"));
+    let m = merged_version(Some(&a), &b);
+    assert!(m > a && m > b, "{m}");
+    assert_eq!(m, v(12, "b+"));
+    // The next real write of either node after seeing the merge is above it (t + 1).
+    assert!(v(13, "a") > m);
+    // Idempotent and commutative, also with merged inputs.
+    assert_eq!(merged_version(Some(&m), &b), m);
+    assert_eq!(merged_version(Some(&b), &a), m);
+    assert_eq!(merged_version(Some(&m), &a), m);
+    assert_eq!(merged_version(None, &a), v(10, "a+"));
+    assert_eq!(merged_version(Some(&Version::unknown()), &a), v(10, "a+"));
+}
+
+proptest! {
+    /// With a join resolver (here: the larger value), every delivery order of concurrent
+    /// updates over one row ends with the same value *and* the same version on every node:
+    /// the merge version is a function of the set of versions merged, not of how often or in
+    /// which order merges happened.
+    #[test]
+    fn merges_converge_in_value_and_version(
+        updates in prop::collection::vec((any::<u16>(), 1i64..30, 0u8..3), 1..8),
+        seeds in prop::collection::vec(any::<u64>(), 2..4),
+    ) {
+        let updates: Vec<(u16, Version)> = updates
+            .into_iter()
+            .map(|(value, ts, node)| (value, v(ts, ["a", "b", "c"][node as usize])))
+            .collect();
+        let mut ends = Vec::new();
+        for seed in seeds {
+            let mut order: Vec<usize> = (0..updates.len()).collect();
+            let mut s = seed;
+            for i in (1..order.len()).rev() {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                order.swap(i, (s >> 33) as usize % (i + 1));
+            }
+            let (mut value, mut version) = (0u16, v(0, "seed"));
+            for &i in &order {
+                let (remote_value, remote) = &updates[i];
+                let decision = decide(Op::Update, remote, &row(version.clone(), Some(false)), true);
+                match decision.action {
+                    Action::Merge => {
+                        value = value.max(*remote_value);
+                        version = merged_version(Some(&version), remote);
+                    }
+                    Action::Skip => {}
+                    other => panic!("{other:?}"),
+                }
+            }
+            ends.push((value, version));
+        }
+        let top = updates.iter().map(|u| u.1.clone()).max().unwrap();
+        let want = (updates.iter().map(|u| u.0).max().unwrap(), merged_version(None, &top));
+        for end in ends {
+            prop_assert_eq!(&end, &want);
+        }
+    }
+}

@@ -14,7 +14,9 @@ use tokio_postgres::{Client, Statement};
 
 use super::RecordRef;
 use super::{InFlight, StatementKey, Worker};
-use crate::apply::conflict::{decide, Action, ConflictType, Local, Resolution, Version};
+use crate::apply::conflict::{
+    decide, merged_version, Action, ConflictType, Local, Resolution, Version,
+};
 use crate::apply::error::ApplyError;
 use crate::apply::sql::{self, Typed};
 use crate::apply::stream::{object_text, ChangeItem, RowImage};
@@ -124,17 +126,6 @@ fn version_json(v: &Option<Version>) -> String {
                 .to_string()
         }
         _ => "null".to_owned(),
-    }
-}
-
-/// The version of a resolver's merge: above both inputs, and the same on every node that
-/// merges the same pair (an empty node id, which no real node has, so that the merge never
-/// equals a real write).
-pub(crate) fn merged_version(local: Option<&Version>, remote: &Version) -> Version {
-    let top = local.map_or(remote.ts_us, |l| l.ts_us.max(remote.ts_us));
-    Version {
-        ts_us: top.saturating_add(1),
-        node: String::new(),
     }
 }
 
@@ -458,13 +449,15 @@ impl Worker {
     }
 
     /// Stamps the key's version (`deleted`: as a tombstone) if `version` is still greater
-    /// than the stored one. `false`: a writer stamped a newer one since the probe.
+    /// than the stored one (or equal, with `allow_equal`). `false`: a writer stamped a newer
+    /// one since the probe.
     async fn stamp(
         &mut self,
         client: &Client,
         p: &Prepared<'_>,
         version: &Version,
         deleted: bool,
+        allow_equal: bool,
     ) -> Result<bool, ApplyError> {
         let key = p.key_typed();
         let text = sql::stamp_version(&key);
@@ -476,7 +469,7 @@ impl Worker {
             param(version.ts_us.to_string()),
             param(version.node.clone()),
             param(deleted.to_string()),
-            param(p.fallback.to_string()),
+            param(allow_equal.to_string()),
         ];
         params.extend(Self::values(
             &stmt.params()[5..],
@@ -500,7 +493,7 @@ impl Worker {
         p: &Prepared<'_>,
         message: &RecordRef<'_>,
     ) -> Result<Option<Written>, ApplyError> {
-        if !self.stamp(client, p, &p.remote, false).await? {
+        if !self.stamp(client, p, &p.remote, false, p.fallback).await? {
             return Ok(None);
         }
         let (columns, values) = p.full_after();
@@ -556,7 +549,7 @@ impl Worker {
                         .map_err(ApplyError::sql("rolling back to a savepoint"))?;
                     if !self.unique_contest(client, p, &columns, &values).await? {
                         // The remote row lost: its key ends deleted at its own version.
-                        self.stamp(client, p, &p.remote, true).await?;
+                        self.stamp(client, p, &p.remote, true, true).await?;
                         return Ok(Some(Written::Lost));
                     }
                 }
@@ -637,7 +630,7 @@ impl Worker {
     /// Stamps the remote tombstone and deletes the live row, if any. `false`: a newer version
     /// was stamped meanwhile; decide again.
     async fn delete(&mut self, client: &Client, p: &Prepared<'_>) -> Result<bool, ApplyError> {
-        if !self.stamp(client, p, &p.remote, true).await? {
+        if !self.stamp(client, p, &p.remote, true, p.fallback).await? {
             return Ok(false);
         }
         let names: Vec<&str> = p.table.key.iter().map(String::as_str).collect();
@@ -685,7 +678,9 @@ impl Worker {
             return Ok(None);
         };
         let version = merged_version(probed.version.as_ref(), &p.remote);
-        if !self.stamp(client, p, &version, false).await? {
+        // Merging in an older input leaves the version where it was (the merge is a join).
+        let same = probed.version.as_ref() == Some(&version);
+        if !self.stamp(client, p, &version, false, same).await? {
             return Ok(Some(false));
         }
         let columns: Vec<String> = p

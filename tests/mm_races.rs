@@ -1,0 +1,456 @@
+//! Multi-master versions (issue 10): the cases that used to diverge or stall, each against
+//! real servers. Two nodes per case (a database each on two shared clusters, one of them
+//! 30 s behind where the case needs skew), one broker.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use common::broker::Broker;
+use common::mesh::{mesh, wait_all_equal, KV_DDL};
+use common::pg::PgCluster;
+use common::wait_for;
+use tokio_postgres::Client;
+
+fn broker() -> &'static Broker {
+    static BROKER: OnceLock<Broker> = OnceLock::new();
+    BROKER.get_or_init(Broker::start)
+}
+
+fn cluster() -> &'static PgCluster {
+    PgCluster::shared_of_three(0)
+}
+
+/// A cluster for the freeze case alone: it freezes every database, which other tests'
+/// open transactions and slots would hold back.
+fn own_cluster() -> &'static PgCluster {
+    static OWN: OnceLock<PgCluster> = OnceLock::new();
+    OWN.get_or_init(|| PgCluster::start(&[]))
+}
+
+/// A cluster whose clock runs 30 s behind.
+fn behind() -> &'static PgCluster {
+    static BEHIND: OnceLock<PgCluster> = OnceLock::new();
+    BEHIND.get_or_init(|| PgCluster::start_faketime("-30"))
+}
+
+async fn one<T: for<'a> tokio_postgres::types::FromSql<'a>>(client: &Client, sql: &str) -> T {
+    client.query_one(sql, &[]).await.expect(sql).get(0)
+}
+
+async fn wait_value(client: &Client, sql: &str, want: Option<String>) {
+    wait_for(
+        &format!("{sql} = {want:?}"),
+        Duration::from_secs(90),
+        || async {
+            let got: Option<String> = client
+                .query_opt(sql, &[])
+                .await
+                .ok()?
+                .and_then(|r| r.get(0));
+            (got == want).then_some(())
+        },
+    )
+    .await
+}
+
+/// A key's stored version on a node: `(t, node, deleted)`.
+async fn version_of(client: &Client, table: &str, key: i32) -> Option<(i64, String, bool)> {
+    client
+        .query_opt(
+            "SELECT t, node, deleted FROM pgferry.versions
+              WHERE table_name = $1 AND key = jsonb_build_object('k', $2::int4)",
+            &[&table, &key],
+        )
+        .await
+        .unwrap()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+}
+
+/// Acceptance 1: a row whose commit timestamp VACUUM FREEZE made unreadable keeps its version.
+/// For each key, one node writes first (the older write) and the other later (the newer);
+/// then node A freezes its database. Keys where A holds the newer write and keys where A holds
+/// the older (the mirror) both end, on both nodes, with the newer write.
+#[tokio::test(flavor = "multi_thread")]
+async fn versions_outlive_vacuum_freeze() {
+    let mut nodes = mesh(
+        "mmfreeze",
+        &[own_cluster(), PgCluster::shared_of_three(1)],
+        KV_DDL,
+        "",
+        &broker().address(),
+    )
+    .await;
+    let (a, b) = (nodes[0].client().await, nodes[1].client().await);
+    a.batch_execute("INSERT INTO kv SELECT g, 0, 'seed' FROM generate_series(1, 8) g")
+        .await
+        .unwrap();
+    wait_value(&b, "SELECT count(*)::text FROM kv", Some("8".into())).await;
+    nodes[0].stop();
+    nodes[1].stop();
+    let mut rng = common::Rng::new(10);
+    let mut expected = BTreeMap::new();
+    for k in 1..=8i32 {
+        // Odd keys: B writes first, A later (A holds the newer). Even keys: the mirror.
+        let (first, second, winner) = if k % 2 == 1 {
+            (&b, &a, "a")
+        } else {
+            (&a, &b, "b")
+        };
+        let v = (rng.next() % 1000) as i32;
+        first
+            .execute(
+                "UPDATE kv SET v = $2, note = 'older' WHERE k = $1",
+                &[&k, &v],
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        second
+            .execute(
+                "UPDATE kv SET v = $2, note = $3 WHERE k = $1",
+                &[&k, &(v + 1), &format!("newer on {winner}")],
+            )
+            .await
+            .unwrap();
+        expected.insert(k, (v + 1, Some(format!("newer on {winner}"))));
+    }
+    // A's pgferry runs again (B's stays down): its slot moves on, so that nothing holds the
+    // freeze back. Then every database of A's cluster is frozen until the commit-timestamp
+    // horizon passes the rows: their commit timestamps are gone.
+    nodes[0].ferry.restart();
+    nodes[0].ferry.wait_ready().await;
+    wait_for(
+        "commit timestamps of kv on A truncated",
+        Duration::from_secs(120),
+        || async {
+            freeze_every_database(nodes[0].cluster).await;
+            let unknown: i64 = one(
+                &a,
+                "SELECT count(*) FROM kv WHERE pg_xact_commit_timestamp(xmin) IS NULL",
+            )
+            .await;
+            (unknown == 8).then_some(())
+        },
+    )
+    .await;
+    nodes[1].ferry.restart();
+    wait_all_equal(&nodes, &expected, Duration::from_secs(120)).await;
+    // And the versions survived where the timestamps did not: the stored versions of every
+    // key are equal on both nodes.
+    for k in 1..=8 {
+        assert_eq!(
+            version_of(&a, "public.kv", k).await,
+            version_of(&b, "public.kv", k).await
+        );
+    }
+}
+
+/// `VACUUM FREEZE` in every database of a cluster, template0 included (so that the
+/// cluster-wide frozen horizon, and with it the commit-timestamp horizon, can advance).
+async fn freeze_every_database(cluster: &PgCluster) {
+    let admin = cluster.client("postgres").await;
+    admin
+        .batch_execute("ALTER DATABASE template0 WITH ALLOW_CONNECTIONS true")
+        .await
+        .unwrap();
+    let dbs: Vec<String> = admin
+        .query("SELECT datname::text FROM pg_database", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for db in dbs {
+        let client = cluster.client(&db).await;
+        client.batch_execute("VACUUM FREEZE").await.unwrap();
+    }
+    admin
+        .batch_execute("ALTER DATABASE template0 WITH ALLOW_CONNECTIONS false")
+        .await
+        .unwrap();
+}
+
+/// A remote delete of a key that has no live row here, while a local INSERT of that key is
+/// in flight: the applier waits for the insert's version lock and decides against its
+/// version. Node B's clock is 30 s behind, so its insert is older than A's delete, and the
+/// key ends deleted on both (before, B kept its row alone).
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_delete_races_a_local_insert() {
+    let mut nodes = mesh(
+        "mmdelins",
+        &[cluster(), behind()],
+        KV_DDL,
+        "",
+        &broker().address(),
+    )
+    .await;
+    let a = nodes[0].client().await;
+    nodes[1].stop();
+    for k in 1..=5 {
+        a.execute("INSERT INTO kv VALUES ($1, 1, 'a')", &[&k])
+            .await
+            .unwrap();
+        a.execute("DELETE FROM kv WHERE k = $1", &[&k])
+            .await
+            .unwrap();
+    }
+    a.execute("INSERT INTO kv VALUES (100, 1, 'marker')", &[])
+        .await
+        .unwrap();
+    let b = nodes[1].client().await;
+    b.batch_execute("BEGIN; INSERT INTO kv SELECT g, 2, 'b' FROM generate_series(1, 5) g")
+        .await
+        .unwrap();
+    nodes[1].ferry.restart();
+    // Let the applier reach the keys B holds uncommitted, then commit.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    b.batch_execute("COMMIT").await.unwrap();
+    let expected: BTreeMap<i32, (i32, Option<String>)> = [(100, (1, Some("marker".to_owned())))]
+        .into_iter()
+        .collect();
+    wait_all_equal(&nodes, &expected, Duration::from_secs(90)).await;
+    for k in 1..=5 {
+        let (on_a, on_b) = (
+            version_of(&a, "public.kv", k).await,
+            version_of(&b, "public.kv", k).await,
+        );
+        assert_eq!(on_a, on_b, "key {k}: both nodes hold the same tombstone");
+        assert!(on_a.is_some_and(|v| v.2), "key {k} is a tombstone");
+    }
+}
+
+/// TRUNCATE: refused locally with a clear message; a remote one (from a node whose guard was
+/// removed) is dead-lettered and counted, and the stream goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn truncate_is_refused_and_counted() {
+    let nodes = mesh(
+        "mmtrunc",
+        &[cluster(), PgCluster::shared_of_three(1)],
+        KV_DDL,
+        "",
+        &broker().address(),
+    )
+    .await;
+    let (a, b) = (nodes[0].client().await, nodes[1].client().await);
+    a.batch_execute("INSERT INTO kv VALUES (1, 1, NULL)")
+        .await
+        .unwrap();
+    let err = a.batch_execute("TRUNCATE kv").await.unwrap_err();
+    let text = format!("{}", err.as_db_error().unwrap());
+    assert!(
+        text.contains("TRUNCATE of public.kv is refused"),
+        "unclear refusal: {text}"
+    );
+    a.batch_execute(
+        "DROP TRIGGER pgferry_no_truncate ON kv; TRUNCATE kv; INSERT INTO kv VALUES (2, 2, NULL)",
+    )
+    .await
+    .unwrap();
+    wait_value(
+        &b,
+        "SELECT string_agg(k::text, ',' ORDER BY k) FROM kv",
+        Some("1,2".into()),
+    )
+    .await;
+    wait_for("truncate metric", Duration::from_secs(10), || async {
+        (nodes[1].metric("pgferry_truncates_refused_total", "") == 1.0).then_some(())
+    })
+    .await;
+}
+
+/// Tables created after pgferry started are protected at once (event trigger): version
+/// trigger, TRUNCATE guard, REPLICA IDENTITY FULL; so is a table that gets its primary key
+/// later. A concurrent update/delete on the new table converges.
+#[tokio::test(flavor = "multi_thread")]
+async fn new_tables_are_protected_as_they_appear() {
+    let mut nodes = mesh(
+        "mmnewtab",
+        &[cluster(), PgCluster::shared_of_three(1)],
+        "SELECT 1",
+        "",
+        &broker().address(),
+    )
+    .await;
+    let (a, b) = (nodes[0].client().await, nodes[1].client().await);
+    for c in [&a, &b] {
+        c.batch_execute(
+            "CREATE TABLE kv (k int PRIMARY KEY, v int NOT NULL, note text);
+             CREATE TABLE later (k int NOT NULL, v int);
+             ALTER TABLE later ADD PRIMARY KEY (k);",
+        )
+        .await
+        .unwrap();
+        for table in ["kv", "later"] {
+            let protected: bool = c
+                .query_one(
+                    "SELECT count(*) = 2 FROM pg_trigger
+                      WHERE tgrelid = $1::text::regclass
+                        AND tgname IN ('zz_pgferry_version', 'pgferry_no_truncate')",
+                    &[&table],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert!(protected, "{table} is not protected");
+        }
+    }
+    a.batch_execute("INSERT INTO kv VALUES (1, 1, NULL), (2, 1, NULL)")
+        .await
+        .unwrap();
+    wait_value(&b, "SELECT count(*)::text FROM kv", Some("2".into())).await;
+    nodes[0].stop();
+    nodes[1].stop();
+    b.batch_execute("UPDATE kv SET v = 5 WHERE k = 1")
+        .await
+        .unwrap(); // older
+    a.batch_execute("DELETE FROM kv WHERE k = 1").await.unwrap(); // newer: gone
+    a.batch_execute("DELETE FROM kv WHERE k = 2").await.unwrap(); // older
+    b.batch_execute("UPDATE kv SET v = 7 WHERE k = 2")
+        .await
+        .unwrap(); // newer: 7
+    for node in &mut nodes {
+        node.ferry.restart();
+    }
+    let expected: BTreeMap<i32, (i32, Option<String>)> = [(2, (7, None))].into_iter().collect();
+    wait_all_equal(&nodes, &expected, Duration::from_secs(90)).await;
+}
+
+/// An update that re-creates a row deleted on this node (the update is newer than the
+/// delete) writes the whole row: its unchanged TOASTed NOT NULL column comes from the old
+/// image instead of being left out.
+#[tokio::test(flavor = "multi_thread")]
+async fn recreating_update_keeps_unchanged_toast() {
+    let ddl = "CREATE TABLE docs (k int PRIMARY KEY, v int NOT NULL, body text NOT NULL);
+               ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL;";
+    let mut nodes = mesh(
+        "mmtoast",
+        &[cluster(), PgCluster::shared_of_three(1)],
+        ddl,
+        "",
+        &broker().address(),
+    )
+    .await;
+    let (a, b) = (nodes[0].client().await, nodes[1].client().await);
+    a.batch_execute(
+        "INSERT INTO docs SELECT g, 0, repeat(md5(g::text), 400) FROM generate_series(1, 3) g",
+    )
+    .await
+    .unwrap();
+    wait_value(&b, "SELECT count(*)::text FROM docs", Some("3".into())).await;
+    nodes[0].stop();
+    nodes[1].stop();
+    b.batch_execute("DELETE FROM docs").await.unwrap(); // older
+    a.batch_execute("UPDATE docs SET v = k * 10").await.unwrap(); // newer, body unchanged
+    for node in &mut nodes {
+        node.ferry.restart();
+    }
+    let digest = "SELECT string_agg(k || ':' || v || ':' || md5(body), ',' ORDER BY k) FROM docs";
+    let want: Option<String> = a.query_one(digest, &[]).await.unwrap().get(0);
+    assert!(want.as_deref().is_some_and(|w| w.contains("3:30:")));
+    wait_value(&b, digest, want).await;
+}
+
+/// Two nodes insert different keys with the same value of another UNIQUE column: the row
+/// with the greater version keeps the value on both nodes, the other is logged as a
+/// `unique_key` conflict, and the streams go on (a later row arrives).
+#[tokio::test(flavor = "multi_thread")]
+async fn unique_key_conflicts_resolve_the_same_everywhere() {
+    let ddl = "CREATE TABLE users (k int PRIMARY KEY, email text NOT NULL UNIQUE, v int)";
+    for seed in 0..3u64 {
+        let label = format!("mmuniq{seed}n");
+        let mut nodes = mesh(
+            &label,
+            &[cluster(), PgCluster::shared_of_three(1)],
+            ddl,
+            "",
+            &broker().address(),
+        )
+        .await;
+        let (a, b) = (nodes[0].client().await, nodes[1].client().await);
+        nodes[0].stop();
+        nodes[1].stop();
+        // Which node writes last (and so wins) depends on the seed.
+        let (first, second) = if seed % 2 == 0 { (&a, &b) } else { (&b, &a) };
+        let first_key = 1 + seed as i32 * 10;
+        first
+            .execute(
+                "INSERT INTO users VALUES ($1, 'x@example.com', 1)",
+                &[&first_key],
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        second
+            .execute(
+                "INSERT INTO users VALUES ($1, 'x@example.com', 2)",
+                &[&(first_key + 1)],
+            )
+            .await
+            .unwrap();
+        for node in &mut nodes {
+            node.ferry.restart();
+        }
+        a.execute(
+            "INSERT INTO users VALUES (999, 'later@example.com', 0)",
+            &[],
+        )
+        .await
+        .unwrap();
+        let state = "SELECT string_agg(k || ':' || email, ',' ORDER BY k) FROM users";
+        let want = Some(format!(
+            "{}:x@example.com,999:later@example.com",
+            first_key + 1
+        ));
+        wait_value(&a, state, want.clone()).await;
+        wait_value(&b, state, want).await;
+        // Each node logs the contest once it has applied the other's row.
+        for (node, client) in nodes.iter().zip([&a, &b]) {
+            wait_value(
+                client,
+                "SELECT count(*)::text FROM pgferry.conflicts WHERE conflict_type = 'unique_key'",
+                Some("1".into()),
+            )
+            .await;
+            assert!(node.metric("pgferry_conflicts_total", "type=\"unique_key\"") <= 1.0);
+        }
+        // The loser's key is a tombstone with the loser's version on both nodes.
+        let (on_a, on_b) = (
+            version_of(&a, "public.users", first_key).await,
+            version_of(&b, "public.users", first_key).await,
+        );
+        assert_eq!(on_a, on_b, "the losing key's version differs between nodes");
+        assert!(
+            on_a.is_some_and(|v| v.2),
+            "the losing key is not a tombstone"
+        );
+    }
+}
+
+/// One source transaction of 200,000 rows applies in multi-master: no per-key lock-table
+/// entries (the old advisory locks ran out of shared memory and retried forever).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_200k_row_transaction_applies() {
+    let nodes = mesh(
+        "mmbulk",
+        &[cluster(), PgCluster::shared_of_three(1)],
+        KV_DDL,
+        "",
+        &broker().address(),
+    )
+    .await;
+    let (a, b) = (nodes[0].client().await, nodes[1].client().await);
+    a.batch_execute("INSERT INTO kv SELECT g, g % 97, NULL FROM generate_series(1, 200000) g")
+        .await
+        .unwrap();
+    let state = "SELECT count(*) || ':' || sum(v) FROM kv";
+    let want: Option<String> = one(&a, state).await;
+    assert!(want.as_deref().is_some_and(|w| w.starts_with("200000:")));
+    wait_for("200k rows on B", Duration::from_secs(900), || async {
+        let got: Option<String> = b.query_one(state, &[]).await.ok()?.get(0);
+        (got == want).then_some(())
+    })
+    .await;
+}
