@@ -144,11 +144,13 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         }
         health.set_ready(MULTI_MASTER_SETUP, true);
         let (target, conflict) = (target.clone(), apply.conflict.clone());
+        let (node, peers) = (config.node_id.clone(), apply.nodes.clone());
         let sup = supervisor.clone();
         stages.spawn(async move {
             sup.run(MAINTENANCE, false, || {
                 let (m, _, s) = sup.handles();
-                multimaster::maintain(target.clone(), conflict.clone(), m, s)
+                let (target, conflict) = (target.clone(), conflict.clone());
+                multimaster::maintain(target, conflict, node.clone(), peers.clone(), m, s)
             })
             .await
         });

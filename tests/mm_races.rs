@@ -454,3 +454,125 @@ async fn a_200k_row_transaction_applies() {
     })
     .await;
 }
+
+/// Acceptance 4 (with collection by acknowledgement). Node B has a 10 s tombstone retention
+/// backstop like A. (1) Both online: a delete's tombstone is collected on both nodes once both
+/// have acknowledged it, not by age. (2) B offline for less than the horizon: A keeps the
+/// tombstone while B's acknowledgement is missing, and B's older update does not resurrect
+/// the row when B returns. (3) B offline past the horizon: A's backstop collects a tombstone
+/// B never acknowledged and records it; on return B refuses to go on ("Rebuild node"), A
+/// refuses B's stream, both count it, and B's older update never reaches A.
+#[tokio::test(flavor = "multi_thread")]
+async fn tombstones_go_by_acknowledgement_and_the_horizon_refuses_stale_nodes() {
+    let mut nodes = mesh(
+        "mmhorizon",
+        &[cluster(), PgCluster::shared_of_three(1)],
+        KV_DDL,
+        "    tombstone_retention: 10s\n",
+        &broker().address(),
+    )
+    .await;
+    let (a, b) = (nodes[0].client().await, nodes[1].client().await);
+    a.batch_execute("INSERT INTO kv SELECT g, 0, NULL FROM generate_series(1, 4) g")
+        .await
+        .unwrap();
+    wait_value(&b, "SELECT count(*)::text FROM kv", Some("4".into())).await;
+
+    // (1) Collected by acknowledgement, well before the 10 s backstop could.
+    a.batch_execute("DELETE FROM kv WHERE k = 4").await.unwrap();
+    for client in [&a, &b] {
+        wait_for(
+            "tombstone of k=4 collected",
+            Duration::from_secs(60),
+            || async {
+                version_of(client, "public.kv", 4)
+                    .await
+                    .is_none()
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    for node in &nodes {
+        wait_for("collection counted", Duration::from_secs(10), || async {
+            (node.metric("pgferry_tombstones_collected_total", "") >= 1.0).then_some(())
+        })
+        .await;
+    }
+    for node in &nodes {
+        assert_eq!(node.metric("pgferry_tombstones_expired_total", ""), 0.0);
+    }
+
+    // (2) Away for less than the horizon: the tombstone waits for B, and B converges.
+    nodes[1].stop();
+    b.batch_execute("UPDATE kv SET v = 10 WHERE k = 1")
+        .await
+        .unwrap(); // older
+    a.batch_execute("DELETE FROM kv WHERE k = 1").await.unwrap(); // newer
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        version_of(&a, "public.kv", 1).await.is_some_and(|v| v.2),
+        "A collected a tombstone B had not acknowledged"
+    );
+    nodes[1].ferry.restart();
+    let expected: BTreeMap<i32, (i32, Option<String>)> =
+        [(2, (0, None)), (3, (0, None))].into_iter().collect();
+    wait_all_equal(&nodes, &expected, Duration::from_secs(90)).await;
+    for client in [&a, &b] {
+        wait_for(
+            "tombstone of k=1 collected",
+            Duration::from_secs(60),
+            || async {
+                version_of(client, "public.kv", 1)
+                    .await
+                    .is_none()
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
+    // (3) Away past the horizon.
+    nodes[1].stop();
+    b.batch_execute("UPDATE kv SET v = 20 WHERE k = 2")
+        .await
+        .unwrap(); // older
+    a.batch_execute("DELETE FROM kv WHERE k = 2").await.unwrap(); // newer
+    wait_for(
+        "A's backstop went past B",
+        Duration::from_secs(60),
+        || async {
+            let bypassed: i64 = one(
+                &a,
+                "SELECT count(*) FROM pgferry.horizon_bypassed WHERE node = 'mmhorizon1'",
+            )
+            .await;
+            (bypassed == 1 && version_of(&a, "public.kv", 2).await.is_none()).then_some(())
+        },
+    )
+    .await;
+    assert!(nodes[0].metric("pgferry_tombstones_expired_total", "") >= 1.0);
+    nodes[1].ferry.restart();
+    wait_for("both sides refuse", Duration::from_secs(60), || async {
+        let on_b = nodes[1].metric("pgferry_horizon_refusals_total", "node=\"mmhorizon1\"");
+        let on_a = nodes[0].metric("pgferry_horizon_refusals_total", "node=\"mmhorizon1\"");
+        (on_a > 0.0 && on_b > 0.0).then_some(())
+    })
+    .await;
+    wait_for(
+        "B's log says to rebuild it",
+        Duration::from_secs(30),
+        || async {
+            nodes[1]
+                .ferry
+                .log()
+                .contains("Rebuild node mmhorizon1")
+                .then_some(())
+        },
+    )
+    .await;
+    // B's older update of k=2 (made while away) never comes back on A.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let k2: i64 = one(&a, "SELECT count(*) FROM kv WHERE k = 2").await;
+    assert_eq!(k2, 0, "the stale node resurrected a deleted row");
+}

@@ -64,6 +64,20 @@ pub enum ApplyError {
         /// `schema.table`.
         table: String,
     },
+    /// Multi-master: tombstone collection went past a node's missing acknowledgements (it was
+    /// away longer than `apply.conflict.tombstone_retention`). Its stream may hold writes that
+    /// would bring deleted rows back, and its own data misses deletes: it must be rebuilt.
+    #[error(
+        "{detail}. Rebuild node {node}: stop its pgferry, empty its tables, seed it again \
+             with `pgferry join` under a new node_id, and replace the old node_id in every \
+             peer's apply.nodes (see README, \"Offline nodes and the tombstone horizon\")"
+    )]
+    HorizonPassed {
+        /// The node that was away too long.
+        node: String,
+        /// Who found it, and where.
+        detail: String,
+    },
     /// A change carries a column the target table does not have.
     #[error("column {column} of {table} does not exist on the target: add it there (ALTER TABLE {table} ADD COLUMN ...) and pgferry resumes")]
     ColumnMissing {
@@ -107,7 +121,9 @@ impl Classify for ApplyError {
             ApplyError::Kafka(e) => classify_kafka(e),
             // The operator adds the column; retrying then succeeds without a restart.
             ApplyError::ColumnMissing { .. } => ErrorClass::Transient,
-            ApplyError::BadMessage { .. } | ApplyError::Gap { .. } => ErrorClass::Fatal,
+            ApplyError::BadMessage { .. }
+            | ApplyError::Gap { .. }
+            | ApplyError::HorizonPassed { .. } => ErrorClass::Fatal,
             ApplyError::Contention { .. } | ApplyError::Stalled { .. } => ErrorClass::Transient,
         }
     }

@@ -28,7 +28,30 @@ CREATE TABLE IF NOT EXISTS pgferry.versions (
     node text COLLATE "C" NOT NULL,
     deleted bool NOT NULL,
     PRIMARY KEY (table_name, key));
+-- Tombstones only: the node in whose stream the delete sits, at or before which LSN (for
+-- collection by acknowledgement). NULL for live versions and not yet sealed local deletes.
+ALTER TABLE pgferry.versions ADD COLUMN IF NOT EXISTS seen_node text;
+ALTER TABLE pgferry.versions ADD COLUMN IF NOT EXISTS seen_lsn pg_lsn;
 CREATE INDEX IF NOT EXISTS versions_tombstones ON pgferry.versions (t) WHERE deleted;
+-- What each other node had applied from each node, by the latest `ack` of its stream that
+-- this node applied.
+CREATE TABLE IF NOT EXISTS pgferry.peer_acks (
+    reporter text NOT NULL,
+    source text NOT NULL,
+    applied_lsn pg_lsn NOT NULL,
+    received_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (reporter, source));
+-- Above every collected tombstone's version: a key whose tombstone is gone is stamped above
+-- it all the same (invariant 2 survives collection).
+CREATE TABLE IF NOT EXISTS pgferry.version_floor (
+    one bool PRIMARY KEY DEFAULT true CHECK (one),
+    t int8 NOT NULL);
+INSERT INTO pgferry.version_floor (t) VALUES (-9223372036854775808) ON CONFLICT DO NOTHING;
+-- Nodes whose missing acknowledgements the retention backstop went past: refused.
+CREATE TABLE IF NOT EXISTS pgferry.horizon_bypassed (
+    node text PRIMARY KEY,
+    since timestamptz NOT NULL DEFAULT now(),
+    tombstones bigint NOT NULL);
 CREATE TABLE IF NOT EXISTS pgferry.conflicts (
     id bigserial PRIMARY KEY,
     detected_at timestamptz NOT NULL DEFAULT now(),
@@ -72,7 +95,8 @@ DECLARE
     tbl text := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
     img jsonb;
     k jsonb;
-    now_us int8 := (extract(epoch FROM clock_timestamp()) * 1000000)::int8;
+    now_us int8 := greatest((extract(epoch FROM clock_timestamp()) * 1000000)::int8,
+                            (SELECT f.t + 1 FROM pgferry.version_floor AS f));
 BEGIN
     IF TG_OP = 'DELETE' THEN img := to_jsonb(OLD); ELSE img := to_jsonb(NEW); END IF;
     SELECT jsonb_object_agg(a, img -> a) INTO k FROM unnest(TG_ARGV) AS a;
@@ -88,14 +112,16 @@ BEGIN
         INSERT INTO pgferry.versions AS v (table_name, key, t, node, deleted)
         VALUES (tbl, k, now_us, @NODE@, false)
         ON CONFLICT (table_name, key) DO UPDATE
-           SET t = greatest(EXCLUDED.t, v.t + 1), node = EXCLUDED.node, deleted = false
+           SET t = greatest(EXCLUDED.t, v.t + 1), node = EXCLUDED.node, deleted = false,
+               seen_node = NULL, seen_lsn = NULL
          WHERE v.deleted;
         RETURN NEW;
     END IF;
     INSERT INTO pgferry.versions AS v (table_name, key, t, node, deleted)
     VALUES (tbl, k, now_us, @NODE@, TG_OP = 'DELETE')
     ON CONFLICT (table_name, key) DO UPDATE
-       SET t = greatest(EXCLUDED.t, v.t + 1), node = EXCLUDED.node, deleted = EXCLUDED.deleted;
+       SET t = greatest(EXCLUDED.t, v.t + 1), node = EXCLUDED.node, deleted = EXCLUDED.deleted,
+           seen_node = NULL, seen_lsn = NULL;
     IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
     RETURN NEW;
 END
@@ -368,23 +394,154 @@ pub async fn register_origin(
         .map(drop)
 }
 
-/// Deletes tombstones (deleted versions) and conflict rows past retention. A tombstone's
-/// age is its version's clock value. Returns (tombstones expired, conflict rows expired).
-pub async fn expire(
+/// Emits this node's acknowledgement into its own WAL (and so, through capture, into its
+/// node stream): the commit LSN applied from every peer, and the nodes whose missing
+/// acknowledgements collection went past. A transactional message, so it sits in the stream
+/// after every write this node committed before it.
+const EMIT_ACK: &str = r#"
+SELECT pg_logical_emit_message(true, 'pgferry.ack', jsonb_build_object(
+    'node', $1::text,
+    'applied', (SELECT coalesce(jsonb_object_agg(p.source_node, p.commit_lsn::text), '{}'::jsonb)
+                  FROM pgferry.apply_progress p WHERE p.source_node = ANY($2::text[])),
+    'bypassed', (SELECT coalesce(jsonb_agg(b.node ORDER BY b.node), '[]'::jsonb)
+                   FROM pgferry.horizon_bypassed b))::text)
+"#;
+
+/// Seals local tombstones: a committed local delete sits in this node's stream before the
+/// current WAL insert position, which becomes its `seen_lsn`.
+const SEAL_LOCAL_TOMBSTONES: &str = r#"
+UPDATE pgferry.versions AS v
+   SET seen_node = $1::text, seen_lsn = pg_current_wal_insert_lsn()
+  FROM (SELECT table_name, key FROM pgferry.versions
+         WHERE deleted AND seen_lsn IS NULL
+         LIMIT 50000 FOR UPDATE SKIP LOCKED) AS s
+ WHERE v.table_name = s.table_name AND v.key = s.key
+"#;
+
+/// A tombstone whose delete sits at `seen_lsn` in `seen_node`'s stream is safe to collect
+/// once every other node `m` has, by the latest ack of `m`'s stream this node applied,
+/// applied `seen_node` past it: every write of `m` made before `m` knew of the delete is
+/// then already applied here, and every later one has a greater version. (`seen_node`
+/// itself wrote nothing older after its delete, and this node holds the tombstone, so it
+/// applied `seen_node` past it.) `$1`: every node but this one.
+const UNACKNOWLEDGED: &str = r#"
+(v.seen_lsn IS NULL
+ OR EXISTS (SELECT 1 FROM unnest($1::text[]) AS m(node)
+             WHERE m.node IS DISTINCT FROM v.seen_node
+               AND coalesce((SELECT a.applied_lsn FROM pgferry.peer_acks AS a
+                              WHERE a.reporter = m.node AND a.source = v.seen_node),
+                            '0/0'::pg_lsn) < v.seen_lsn))
+"#;
+
+/// The retention backstop: removes tombstones older than `$2` µs, acknowledged or not;
+/// returns, per node whose acknowledgement was missing, how many went (and a total row with
+/// a NULL node). `$1`: every node but this one.
+const BACKSTOP: &str = r#"
+WITH old AS (
+     SELECT v.table_name, v.key, v.t,
+            ARRAY(SELECT m.node FROM unnest($1::text[]) AS m(node)
+                   WHERE m.node IS DISTINCT FROM v.seen_node
+                     AND (v.seen_lsn IS NULL
+                          OR coalesce((SELECT a.applied_lsn FROM pgferry.peer_acks AS a
+                                        WHERE a.reporter = m.node AND a.source = v.seen_node),
+                                      '0/0'::pg_lsn) < v.seen_lsn)) AS missing
+       FROM pgferry.versions AS v
+      WHERE v.deleted
+        AND v.t < (extract(epoch FROM clock_timestamp()) * 1000000)::int8 - $2::int8
+      LIMIT 50000 FOR UPDATE SKIP LOCKED),
+ gone AS (
+     DELETE FROM pgferry.versions AS v USING old
+      WHERE v.table_name = old.table_name AND v.key = old.key
+     RETURNING old.t, old.missing),
+ floor AS (
+     UPDATE pgferry.version_floor
+        SET t = greatest(t, (SELECT max(t) FROM gone))
+      WHERE EXISTS (SELECT 1 FROM gone))
+ SELECT m.node, count(*)::int8
+   FROM gone CROSS JOIN LATERAL unnest(gone.missing) AS m(node)
+  GROUP BY m.node
+ UNION ALL
+ SELECT NULL, count(*)::int8 FROM gone
+"#;
+
+/// What one maintenance pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Collected {
+    /// Tombstones collected because every node had acknowledged them.
+    pub acknowledged: u64,
+    /// Tombstones removed by the retention backstop while some node had not.
+    pub backstop: u64,
+    /// Conflict-log rows past retention.
+    pub conflicts: u64,
+}
+
+/// One maintenance pass: acknowledge, seal local tombstones, collect acknowledged ones, then
+/// the retention backstop (recording the nodes it went past, which are refused from then on)
+/// and the conflict log. `peers`: every other node of the cluster.
+pub async fn collect(
     client: &Client,
+    node: &str,
+    peers: &[String],
     tombstone_retention: Duration,
     log_retention: Duration,
-) -> Result<(u64, u64), tokio_postgres::Error> {
+) -> Result<Collected, tokio_postgres::Error> {
     client.batch_execute("SET lock_timeout = '5s'").await?;
-    let micros = |age: Duration| i64::try_from(age.as_micros()).unwrap_or(i64::MAX);
-    let tombstones = client
-        .execute(
-            "DELETE FROM pgferry.versions
-              WHERE deleted
-                AND t < (extract(epoch FROM clock_timestamp()) * 1000000)::int8 - $1::int8",
-            &[&micros(tombstone_retention)],
+    let progress = client
+        .query_one(
+            "SELECT to_regclass('pgferry.apply_progress') IS NOT NULL",
+            &[],
         )
+        .await?
+        .get::<_, bool>(0);
+    if progress {
+        client.execute(EMIT_ACK, &[&node, &peers]).await?;
+    }
+    client.execute(SEAL_LOCAL_TOMBSTONES, &[&node]).await?;
+    let micros = |age: Duration| i64::try_from(age.as_micros()).unwrap_or(i64::MAX);
+    let acknowledged = client
+        .query_one(
+            &format!(
+                "WITH safe AS (
+                     SELECT v.table_name, v.key, v.t FROM pgferry.versions AS v
+                      WHERE v.deleted AND NOT {UNACKNOWLEDGED}
+                      LIMIT 50000 FOR UPDATE SKIP LOCKED),
+                 gone AS (
+                     DELETE FROM pgferry.versions AS v USING safe
+                      WHERE v.table_name = safe.table_name AND v.key = safe.key
+                     RETURNING safe.t),
+                 floor AS (
+                     UPDATE pgferry.version_floor
+                        SET t = greatest(t, (SELECT max(t) FROM gone))
+                      WHERE EXISTS (SELECT 1 FROM gone))
+                 SELECT count(*) FROM gone"
+            ),
+            &[&peers],
+        )
+        .await?
+        .get::<_, i64>(0);
+    let bypassed = client
+        .query(BACKSTOP, &[&peers, &micros(tombstone_retention)])
         .await?;
+    let mut backstop = 0;
+    for row in &bypassed {
+        let count: i64 = row.get(1);
+        match row.get::<_, Option<String>>(0) {
+            None => backstop = count,
+            Some(node) => {
+                client
+                    .execute(
+                        "INSERT INTO pgferry.horizon_bypassed (node, tombstones) VALUES ($1, $2)
+                         ON CONFLICT (node) DO UPDATE
+                            SET tombstones = pgferry.horizon_bypassed.tombstones + EXCLUDED.tombstones",
+                        &[&node, &count],
+                    )
+                    .await?;
+                tracing::error!(%node, tombstones = count,
+                                "collected tombstones past apply.conflict.tombstone_retention that node \
+                                 had not acknowledged: its stream is refused from now on; rebuild it");
+            }
+        }
+    }
     let conflicts = client
         .execute(
             "DELETE FROM pgferry.conflicts
@@ -392,7 +549,11 @@ pub async fn expire(
             &[&micros(log_retention)],
         )
         .await?;
-    Ok((tombstones, conflicts))
+    Ok(Collected {
+        acknowledged: u64::try_from(acknowledged).unwrap_or(0),
+        backstop: u64::try_from(backstop).unwrap_or(0),
+        conflicts,
+    })
 }
 
 /// Connects to a multi-master node's database, prepares it ([`prepare_node`]) and adds the
@@ -424,10 +585,12 @@ pub async fn setup(
     Ok(())
 }
 
-/// Expires old tombstones and conflict rows every `maintenance_interval` until shutdown.
+/// Runs [`collect`] every `maintenance_interval` until shutdown.
 pub async fn maintain(
     target: TargetConfig,
     conflict: ConflictConfig,
+    node: String,
+    peers: Vec<String>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<(), ApplyError> {
@@ -435,20 +598,21 @@ pub async fn maintain(
         .await
         .map_err(ApplyError::sql("connecting for multi-master maintenance"))?;
     loop {
-        let (tombstones, conflicts) = expire(
+        let done = collect(
             &client,
+            &node,
+            &peers,
             conflict.tombstone_retention,
             conflict.log_retention,
         )
         .await
-        .map_err(ApplyError::sql("expiring tombstones and conflict rows"))?;
-        metrics.tombstones_expired.inc_by(tombstones);
-        if tombstones + conflicts > 0 {
-            tracing::info!(
-                tombstones,
-                conflicts,
-                "expired multi-master bookkeeping past retention"
-            );
+        .map_err(ApplyError::sql(
+            "acknowledging, and collecting tombstones and conflict rows",
+        ))?;
+        metrics.tombstones_collected.inc_by(done.acknowledged);
+        metrics.tombstones_expired.inc_by(done.backstop);
+        if done != Collected::default() {
+            tracing::debug!(?done, "multi-master maintenance");
         }
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),

@@ -234,18 +234,21 @@ pub fn probe(schema: &str, table: &str, key: &[Typed<'_>], before: &[Typed<'_>])
 /// Sets a key's version if the new one is greater than the stored one (or equal, when `$5`
 /// allows it), taking the key's version lock; returns a row only when it did. This is the
 /// decision's guard: a writer that stamped the key between the probe and here makes it
-/// return nothing, and the change is decided again. Parameters: table name, `t`, node,
-/// deleted, allow-equal, then `key`.
+/// return nothing, and the change is decided again. A tombstone also records where its
+/// delete sits (`$6` the stream's node, `$7` its commit LSN). Parameters: table name, `t`,
+/// node, deleted, allow-equal, seen node, seen LSN, then `key`.
 pub fn stamp_version(key: &[Typed<'_>]) -> String {
     format!(
-        "INSERT INTO pgferry.versions AS v (table_name, key, t, node, deleted) \
-         VALUES ($1::text, {}, $2::int8, $3::text, $4::bool) \
+        "INSERT INTO pgferry.versions AS v (table_name, key, t, node, deleted, seen_node, seen_lsn) \
+         VALUES ($1::text, {}, $2::int8, $3::text, $4::bool, \
+                 CASE WHEN $4::bool THEN $6::text END, CASE WHEN $4::bool THEN $7::pg_lsn END) \
          ON CONFLICT (table_name, key) DO UPDATE \
-            SET t = EXCLUDED.t, node = EXCLUDED.node, deleted = EXCLUDED.deleted \
+            SET t = EXCLUDED.t, node = EXCLUDED.node, deleted = EXCLUDED.deleted, \
+                seen_node = EXCLUDED.seen_node, seen_lsn = EXCLUDED.seen_lsn \
           WHERE (v.t, v.node) < (EXCLUDED.t, EXCLUDED.node) \
              OR ($5::bool AND (v.t, v.node) = (EXCLUDED.t, EXCLUDED.node)) \
          RETURNING 1",
-        version_key(key, 6)
+        version_key(key, 8)
     )
 }
 
@@ -285,8 +288,8 @@ pub fn unique_holders(schema: &str, table: &str, key: &[&str], uniques: &[Vec<St
 }
 
 /// Deletes the row with the version-store key `$1` (jsonb) and marks its version deleted,
-/// keeping the version (the row lost a unique-key contest; it is not a new write).
-/// Parameters: key jsonb, table name.
+/// keeping the version (the row lost a unique-key contest; it is not a new write), seen in
+/// stream `$3` at `$4`. Parameters: key jsonb, table name, seen node, seen LSN.
 pub fn drop_unique_loser(schema: &str, table: &str, key: &[&str]) -> String {
     let t = qualified(schema, table);
     let cols: Vec<String> = key.iter().map(|k| quote_ident(k)).collect();
@@ -297,9 +300,10 @@ pub fn drop_unique_loser(schema: &str, table: &str, key: &[&str]) -> String {
     format!(
         "WITH gone AS (DELETE FROM ONLY {t} AS t WHERE ({cols}) = \
              (SELECT {picked} FROM jsonb_populate_record(NULL::{t}, $1::text::jsonb) AS m) RETURNING 1) \
-         INSERT INTO pgferry.versions AS v (table_name, key, t, node, deleted) \
-         VALUES ($2::text, $1::text::jsonb, -9223372036854775808, '', true) \
-         ON CONFLICT (table_name, key) DO UPDATE SET deleted = true",
+         INSERT INTO pgferry.versions AS v (table_name, key, t, node, deleted, seen_node, seen_lsn) \
+         VALUES ($2::text, $1::text::jsonb, -9223372036854775808, '', true, $3::text, $4::pg_lsn) \
+         ON CONFLICT (table_name, key) DO UPDATE \
+            SET deleted = true, seen_node = EXCLUDED.seen_node, seen_lsn = EXCLUDED.seen_lsn",
         cols = cols.join(", "),
         picked = picked.join(", "),
     )
@@ -376,7 +380,7 @@ mod tests {
         let stamp = stamp_version(&key);
         assert!(
             stamp.contains(
-                "VALUES ($1::text, jsonb_build_object('id', $6::integer), $2::int8, $3::text, $4::bool)"
+                "VALUES ($1::text, jsonb_build_object('id', $8::integer), $2::int8, $3::text, $4::bool,"
             ) && stamp.contains("WHERE (v.t, v.node) < (EXCLUDED.t, EXCLUDED.node)"),
             "{stamp}"
         );

@@ -204,6 +204,22 @@ pub enum StreamItem {
     Relation(Box<RelationItem>),
     /// `type: skipped`: a change capture dead-lettered instead of publishing.
     Skipped(Box<SkippedItem>),
+    /// `type: ack`: a multi-master node's acknowledgement of what it has applied.
+    Ack(Box<AckItem>),
+}
+
+/// The `ack` record: what the node that wrote the stream had applied from every other node
+/// when it emitted it (its commit in the stream orders it after every earlier write of that
+/// node), and which nodes it has stopped waiting for (their acknowledgements were missing when
+/// tombstones reached `apply.conflict.tombstone_retention`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+pub struct AckItem {
+    /// Source node → the commit LSN applied from it.
+    #[serde(default)]
+    pub applied: BTreeMap<String, Lsn>,
+    /// Nodes whose missing acknowledgements tombstone collection went past.
+    #[serde(default)]
+    pub bypassed: Vec<String>,
 }
 
 /// The `skipped` record: capture could not publish a change of this table.
@@ -247,6 +263,8 @@ struct RawRecord<'a> {
     lsn: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     error: Option<Cow<'a, str>>,
+    #[serde(default)]
+    ack: Option<AckItem>,
 }
 
 #[derive(Deserialize)]
@@ -360,6 +378,9 @@ pub fn parse_framed(bytes: Option<&[u8]>) -> Result<(Option<u64>, StreamItem), M
             lsn: raw.lsn.ok_or_else(|| missing("lsn"))?.into_owned(),
             error: raw.error.ok_or_else(|| missing("error"))?.into_owned(),
         }))),
+        "ack" => Ok(StreamItem::Ack(Box::new(
+            raw.ack.ok_or_else(|| missing("ack"))?,
+        ))),
         other => Err(MalformedMessage(format!("unknown record type {other:?}"))),
     }?;
     Ok((run, item))
@@ -376,6 +397,8 @@ pub enum Step {
     Relation(Box<RelationItem>),
     /// Record that capture dead-lettered a change of this table.
     Skipped(Box<SkippedItem>),
+    /// A multi-master acknowledgement, inside its source transaction.
+    Ack(Box<AckItem>),
     /// The source transaction is complete; its records up to `offset` may be committed.
     End(CommitMarker),
     /// Nothing to do (a replayed or orphaned transaction).
@@ -505,6 +528,15 @@ impl Framer {
                     Step::Stray("a skipped record outside any transaction")
                 } else {
                     Step::Skipped(skipped)
+                }
+            }
+            StreamItem::Ack(ack) => {
+                if self.skipping {
+                    Step::Ignore
+                } else if self.open.is_none() {
+                    Step::Stray("an ack record outside any transaction")
+                } else {
+                    Step::Ack(ack)
                 }
             }
             StreamItem::Commit(commit) => {

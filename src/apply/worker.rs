@@ -44,6 +44,7 @@ use crate::sink::kafka::node_stream::node_stream_topic;
 use crate::sink::kafka::producer::{client_config, create_topic};
 use crate::telemetry::{Health, Metrics};
 
+mod horizon;
 mod lww;
 
 /// Statements in flight before the worker waits for their results.
@@ -471,6 +472,9 @@ impl Worker {
                             .await?;
                     }
                 }
+                Step::Ack(ack) => {
+                    self.record_ack(client, &mut pending, &ack).await?;
+                }
                 Step::Skipped(skipped) => {
                     self.record_capture_letter(client, &mut pending, &record, &skipped)
                         .await?;
@@ -480,10 +484,12 @@ impl Worker {
                     self.apply_carefully(client, &mut pending, &record, change, commit_ts)
                         .await?;
                 }
-                Step::Start(_) => {
+                Step::Start(begin) => {
                     if let Some(lww) = &mut self.lww {
                         lww.fallback_written.clear();
+                        lww.commit_lsn = begin.commit_lsn;
                     }
+                    self.check_horizon(client, &mut pending).await?;
                     if !self.in_target_txn {
                         self.batch_started = std::time::Instant::now();
                         pending.send(Box::pin(async move {

@@ -19,6 +19,9 @@ pub use crate::naming::BOOKKEEPING_SCHEMA as INTERNAL_SCHEMA;
 /// Prefix of the `pg_logical_emit_message` heartbeats pgferry writes.
 pub const HEARTBEAT_PREFIX: &str = "pgferry.heartbeat";
 
+/// Prefix of the transactional messages that carry a multi-master node's acknowledgements.
+pub const ACK_PREFIX: &str = "pgferry.ack";
+
 /// What the capture pipeline acts on.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CaptureEvent {
@@ -35,6 +38,9 @@ pub enum CaptureEvent {
     },
     /// A position with nothing to publish (a heartbeat): confirmable once earlier work is.
     Position(Lsn),
+    /// A multi-master acknowledgement (a transactional `pgferry.ack` message) inside the
+    /// current transaction: its JSON content.
+    Ack(bytes::Bytes),
 }
 
 /// The stream broke a protocol rule; capture must stop rather than guess.
@@ -154,6 +160,9 @@ impl Assembler {
             LogicalMessage::Message(m) => {
                 if !m.transactional && m.prefix == HEARTBEAT_PREFIX {
                     out.push(CaptureEvent::Position(m.lsn));
+                } else if m.transactional && m.prefix == ACK_PREFIX {
+                    self.require_transaction("an ack message")?;
+                    out.push(CaptureEvent::Ack(m.content));
                 }
             }
             LogicalMessage::StreamStart { .. }

@@ -78,7 +78,12 @@ pub struct Metrics {
     pub peer_clock_ahead_ms: IntGaugeVec,
     /// Remote TRUNCATEs refused in multi-master (dead-lettered).
     pub truncates_refused: IntCounter,
-    /// Tombstones deleted after their retention.
+    /// Refusals because tombstone collection went past a node's acknowledgements, by the
+    /// node that was away.
+    pub horizon_refusals: IntCounterVec,
+    /// Tombstones collected because every node had acknowledged them.
+    pub tombstones_collected: IntCounter,
+    /// Tombstones removed by the retention backstop (some node had not acknowledged them).
     pub tombstones_expired: IntCounter,
 }
 
@@ -326,10 +331,21 @@ impl Metrics {
                 "pgferry_truncates_refused_total",
                 "Remote TRUNCATEs refused (dead-lettered) by multi-master apply.",
             ),
+            horizon_refusals: counter_vec(
+                r,
+                "pgferry_horizon_refusals_total",
+                "Multi-master refusals of a node that was away past the tombstone horizon (rebuild it), by that node.",
+                &["node"],
+            ),
+            tombstones_collected: counter(
+                r,
+                "pgferry_tombstones_collected_total",
+                "Multi-master tombstones removed once every node had acknowledged them.",
+            ),
             tombstones_expired: counter(
                 r,
                 "pgferry_tombstones_expired_total",
-                "Multi-master tombstones (deleted versions) removed after apply.conflict.tombstone_retention.",
+                "Multi-master tombstones removed by the apply.conflict.tombstone_retention backstop before every node had acknowledged them.",
             ),
             registry,
         }

@@ -38,6 +38,7 @@ fn kinds(steps: &[Step]) -> String {
             Step::Apply(_) => 'a',
             Step::End(_) => 'C',
             Step::Ignore => '.',
+            Step::Ack(_) => 'k',
             Step::Orphaned(_) => 'X',
             Step::Relation(_) => 'R',
             Step::Skipped(_) => 's',

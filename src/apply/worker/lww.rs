@@ -39,6 +39,10 @@ pub(super) struct LwwState {
     pub(super) fallback_written: HashSet<String>,
     /// The greatest version clock (µs) applied in the open target transaction.
     pub(super) newest_us: Option<i64>,
+    /// Commit LSN of the open source transaction: where its deletes sit in the stream.
+    pub(super) commit_lsn: crate::lsn::Lsn,
+    /// When `pgferry.horizon_bypassed` was last read, and whether it named the stream's node.
+    pub(super) horizon_checked: Option<(std::time::Instant, bool)>,
 }
 
 /// What the probe found.
@@ -470,9 +474,11 @@ impl Worker {
             param(version.node.clone()),
             param(deleted.to_string()),
             param(allow_equal.to_string()),
+            param(self.settings.node.clone()),
+            param(self.open_commit_lsn().to_string()),
         ];
         params.extend(Self::values(
-            &stmt.params()[5..],
+            &stmt.params()[7..],
             p,
             &p.table.key,
             &p.key_values,
@@ -615,9 +621,13 @@ impl Worker {
         let drop = self
             .cached(client, p, "lww_unique_loser", Vec::new(), || drop)
             .await?;
+        let (node, lsn) = (
+            self.settings.node.clone(),
+            self.open_commit_lsn().to_string(),
+        );
         for (loser, version) in losers {
             client
-                .execute(&drop, &[&loser, &p.qualified])
+                .execute(&drop, &[&loser, &p.qualified, &node, &lsn])
                 .await
                 .map_err(ApplyError::sql(
                     "removing a row that lost a unique-key contest",
@@ -807,6 +817,10 @@ impl Worker {
         tracing::debug!(table = %p.qualified, kind = kind.as_str(), resolution = resolution.as_str(),
                         remote = %p.remote, "conflict");
         Ok(())
+    }
+
+    fn open_commit_lsn(&self) -> crate::lsn::Lsn {
+        self.lww.as_ref().map(|l| l.commit_lsn).unwrap_or_default()
     }
 
     /// Records how far ahead of this node's database clock the newest version applied in the

@@ -10,7 +10,13 @@
 //! {"type":"commit","run","node","commit_lsn","end_lsn","changes"}
 //! {"type":"relation","run","schema","table","columns":[{"name","type","not_null","key"}]}
 //! {"type":"skipped","run","schema","table","lsn","error"}
+//! {"type":"ack","run","ack":{"node","applied":{"<node>":"<lsn>",…},"bypassed":["<node>",…]}}
 //! ```
+//!
+//! An `ack` record (multi-master only) stands inside its own source transaction, so it sits in
+//! the stream after every earlier commit of that node: an applier that has applied it has
+//! applied everything the node wrote before it, and learns what the node had applied from
+//! every other node. Tombstone collection rests on that (see `apply::multimaster`).
 //!
 //! A `skipped` record stands, inside its transaction, for a change capture could not publish
 //! and dead-lettered (see [`super::dead_letter`]): appliers record it and mark the table
@@ -103,6 +109,22 @@ pub fn change_record(source: &EnvelopeSource, table_record: &Record) -> Record {
     value.extend_from_slice(envelope);
     value.push(b'}');
     record(source, value)
+}
+
+/// A multi-master acknowledgement, `{"type":"ack","run","ack":<content>}`; `content` is the
+/// JSON object the node's maintenance emitted (checked to be one).
+pub fn ack_record(source: &EnvelopeSource, content: &[u8]) -> Option<Record> {
+    let object: &serde_json::value::RawValue = serde_json::from_slice(content).ok()?;
+    if !object.get().trim_start().starts_with('{') {
+        return None;
+    }
+    let mut value = Vec::with_capacity(40 + content.len());
+    value.extend_from_slice(b"{\"type\":\"ack\",\"run\":");
+    value.extend_from_slice(source.run.to_string().as_bytes());
+    value.extend_from_slice(b",\"ack\":");
+    value.extend_from_slice(object.get().as_bytes());
+    value.push(b'}');
+    Some(record(source, value))
 }
 
 /// One column of a `relation` record.

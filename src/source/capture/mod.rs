@@ -332,6 +332,23 @@ impl Capture {
         Ok(())
     }
 
+    /// Publishes a multi-master acknowledgement in its transaction; one whose content is not
+    /// a JSON object (not written by pgferry) is logged and left out.
+    async fn publish_ack(
+        &mut self,
+        txn: &mut OpenTxn,
+        content: &[u8],
+        mut repl: Option<&mut stream::StreamState<'_>>,
+    ) -> Result<(), CaptureError> {
+        let Some(record) = node_stream::ack_record(&self.envelope, content) else {
+            tracing::warn!(commit_lsn = %txn.stamp.commit_lsn(),
+                           "ignoring a pgferry.ack message that is not a JSON object");
+            return Ok(());
+        };
+        self.begin_if_needed(txn, repl.as_deref_mut()).await?;
+        self.send(txn.ticket, &record, None, repl).await
+    }
+
     /// Sends the transaction's begin marker before its first record.
     async fn begin_if_needed(
         &mut self,

@@ -303,6 +303,11 @@ impl Capture {
                 }
             }
             CaptureEvent::Position(lsn) => lock(&self.progress).position(lsn),
+            CaptureEvent::Ack(content) => {
+                if let Some(txn) = current.as_mut().filter(|t| !t.echo) {
+                    self.publish_ack(txn, &content, Some(state)).await?;
+                }
+            }
         }
         Ok(())
     }
