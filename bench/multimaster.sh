@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Multi-master apply benchmark: how fast a node applies another node's backlog through the
-# last-writer-wins path, against pgferry's own replica-mode apply of the same node stream,
-# measured in the same run.
+# Multi-master benchmark, two figures, each against a reference measured in the same run:
+#  1. catch-up: how fast a node applies another node's backlog through the last-writer-wins
+#     path, against pgferry's own replica-mode apply of the same node stream;
+#  2. local write overhead: pgbench TPS of single-row updates on a multi-master node (version
+#     trigger, REPLICA IDENTITY FULL, pgferry capturing) against a database on the same server
+#     without pgferry; medians of several alternating rounds.
 #
 #   bench/multimaster.sh            scale 10, 20000 single-row update transactions, release
 #   bench/multimaster.sh --smoke    scale 1, 1000 transactions, debug build (keeps it working)
@@ -10,8 +13,8 @@
 # pgferry captures a backlog of random single-row updates; then (1) a replica-mode applier
 # into a third database and (2) node B's multi-master pgferry each drain it, timed from start
 # until their sum(abalance) equals node A's. Every update is a remote change with a newer
-# version, so (2) applies all of them, paying the lock + probe + write of each change and the
-# clock read before each commit. Prints both rates and the ratio multi-master / replica.
+# version, so (2) applies all of them, paying the probe and the versioned write of each change.
+# Prints both rates and the ratio multi-master / replica, then the write-overhead ratio.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -113,3 +116,23 @@ printf '  replica-mode apply (reference)  %8.2f s  %8.0f txn/s\n' "$ref_secs" "$
 printf '  multi-master apply (LWW)        %8.2f s  %8.0f txn/s\n' "$mm_secs" "$(echo "$TXNS / $mm_secs" | bc -l)"
 printf '  ratio multi-master / replica: %.3f   (peak RSS %s MB, %s conflicts logged)\n' \
   "$(echo "$ref_secs / $mm_secs" | bc -l)" "$rss" "$conflicts"
+
+# 2. Local write overhead, with node a's pgferry still capturing.
+ROUNDS=${ROUNDS:-$(smoke_or 1 5)}; SECS=${SECS:-$(smoke_or 2 10)}
+psql_at "$a" postgres "CREATE DATABASE plain" >/dev/null
+pgbench_at "$a" plain -i -s "$SCALE" -q >/dev/null 2>&1
+tps() { pgbench_at "$a" "$1" -n -c "$CLIENTS" -j 2 -T "$SECS" -f "$WORK/update.sql" 2>/dev/null \
+          | awk '/^tps = / {print $3; exit}'; }
+median() { sort -g | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
+plain_runs=(); mm_runs=()
+for ((r = 1; r <= ROUNDS; r++)); do
+  plain_runs+=("$(tps plain)")
+  mm_runs+=("$(tps bank)")
+done
+plain_tps=$(printf '%s\n' "${plain_runs[@]}" | median)
+mm_tps=$(printf '%s\n' "${mm_runs[@]}" | median)
+printf '\nlocal write overhead (%s build): pgbench single-row updates, %d clients, %d x %d s\n' \
+  "$PROFILE" "$CLIENTS" "$ROUNDS" "$SECS"
+printf '  without pgferry   median %8.0f tps  (runs: %s)\n' "$plain_tps" "${plain_runs[*]}"
+printf '  multi-master node median %8.0f tps  (runs: %s)\n' "$mm_tps" "${mm_runs[*]}"
+printf '  ratio multi-master / without: %.3f\n' "$(echo "$mm_tps / $plain_tps" | bc -l)"

@@ -51,6 +51,20 @@ enum Command {
         #[arg(long, short, env = "PGFERRY_CONFIG")]
         config: PathBuf,
     },
+    /// Seed this (empty) multi-master node from a running peer's consistent snapshot, with
+    /// row versions and starting positions, so that it can join the cluster; then start it and
+    /// add its node_id to every peer's apply.nodes.
+    Join {
+        /// Path to this node's YAML config (multi_master, source.snapshot: never).
+        #[arg(long, short, env = "PGFERRY_CONFIG")]
+        config: PathBuf,
+        /// The peer's node_id (one of apply.nodes).
+        #[arg(long)]
+        peer: String,
+        /// Connection URL of the peer's database (a user that may create a replication slot).
+        #[arg(long, env = "PGFERRY_PEER_URL")]
+        peer_url: String,
+    },
     /// Inspect, replay or resolve the changes apply dead-lettered (each target's
     /// `pgferry.dead_letters`).
     DeadLetters {
@@ -153,6 +167,28 @@ async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{} problem(s) found", problems.len());
                 Ok(ExitCode::FAILURE)
             }
+        }
+        Command::Join {
+            config,
+            peer,
+            peer_url,
+        } => {
+            let config = load(&config)?;
+            pgferry::telemetry::init_logging(&config.log);
+            let joined = pgferry::apply::join::join(&config, &peer, &peer_url).await?;
+            for (table, rows) in &joined.tables {
+                println!("copied {table}: {rows} rows");
+            }
+            println!(
+                "copied {} versions; {peer}'s stream starts at offset {} after LSN {}",
+                joined.versions, joined.peer_offset, joined.consistent
+            );
+            println!(
+                "next: start this node's pgferry, then add {:?} to apply.nodes on every peer and \
+                 restart them one by one",
+                config.node_id
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Status { config } => {
             let config = load(&config)?;

@@ -1,5 +1,7 @@
 //! `pgferry status`: where this node stands, for a human at a terminal. Reads the source's
-//! slot, each target's apply progress per source node, and the recent multi-master conflicts.
+//! slot, each target's apply progress per source node, and in multi-master the peers'
+//! acknowledgements (their applied positions and clocks), the tombstone horizon, refused
+//! nodes and the recent conflicts.
 //! Read-only.
 
 use std::fmt::Write as _;
@@ -102,6 +104,16 @@ async fn target_status(target: &TargetConfig) -> String {
             );
         }
     }
+    match versions(&client).await {
+        Ok(text) => out.push_str(&text),
+        Err(e) => {
+            let _ = writeln!(
+                out,
+                "  cannot read the version store: {}",
+                crate::error::ErrorChain(&e)
+            );
+        }
+    }
     match conflicts(&client).await {
         Ok(text) => out.push_str(&text),
         Err(e) => {
@@ -173,6 +185,96 @@ async fn diverged(client: &Client) -> Result<String, tokio_postgres::Error> {
         let _ = writeln!(
             out,
             "  DIVERGED {table}: {n} unresolved dead letter(s); see `pgferry dead-letters list`"
+        );
+    }
+    Ok(out)
+}
+
+/// Multi-master: what each peer acknowledged (its applied positions and clock), the
+/// tombstone horizon per stream, tombstones waiting, and refused nodes.
+async fn versions(client: &Client) -> Result<String, tokio_postgres::Error> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('pgferry.peer_acks') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(String::new());
+    }
+    let mut out = String::from("  peers' acknowledgements:\n");
+    let rows = client
+        .query(
+            "SELECT reporter, source, applied_lsn::text,
+                    extract(epoch FROM now() - received_at)::int8, clock_ahead_us
+               FROM pgferry.peer_acks ORDER BY reporter, source",
+            &[],
+        )
+        .await?;
+    let mut clocks = std::collections::BTreeMap::new();
+    for r in &rows {
+        let reporter: String = r.get(0);
+        let _ = writeln!(
+            out,
+            "    {reporter} had applied {} up to {} (ack received {}s ago)",
+            r.get::<_, String>(1),
+            r.get::<_, String>(2),
+            r.get::<_, i64>(3),
+        );
+        if let Some(ahead) = r.get::<_, Option<i64>>(4) {
+            clocks.insert(reporter, ahead);
+        }
+    }
+    for (reporter, ahead_us) in clocks {
+        let _ = writeln!(
+            out,
+            "  clock skew: {reporter} ran {:+} ms against this node at its last ack",
+            ahead_us / 1000
+        );
+    }
+    let horizon = client
+        .query(
+            "SELECT source, min(applied_lsn)::text, count(*) FROM pgferry.peer_acks
+              GROUP BY source ORDER BY source",
+            &[],
+        )
+        .await?;
+    for r in horizon {
+        let _ = writeln!(
+            out,
+            "  tombstone horizon for deletes from {}: {} (acknowledged by {} peer(s))",
+            r.get::<_, String>(0),
+            r.get::<_, String>(1),
+            r.get::<_, i64>(2),
+        );
+    }
+    let tombstones = client
+        .query_one(
+            "SELECT count(*), coalesce(min(t), 0),
+                    (extract(epoch FROM clock_timestamp()) * 1000000)::int8
+               FROM pgferry.versions WHERE deleted",
+            &[],
+        )
+        .await?;
+    let (count, oldest, now): (i64, i64, i64) =
+        (tombstones.get(0), tombstones.get(1), tombstones.get(2));
+    let _ = write!(out, "  tombstones kept: {count}");
+    if count > 0 {
+        let _ = write!(out, " (oldest {}s)", (now - oldest).max(0) / 1_000_000);
+    }
+    out.push('\n');
+    let refused = client
+        .query(
+            "SELECT node, since::text, tombstones FROM pgferry.horizon_bypassed ORDER BY node",
+            &[],
+        )
+        .await?;
+    for r in refused {
+        let _ = writeln!(
+            out,
+            "  REFUSED node {}: away past the tombstone horizon since {} ({} tombstones it never \
+             acknowledged were collected); rebuild it with `pgferry join` under a new node_id",
+            r.get::<_, String>(0),
+            r.get::<_, String>(1),
+            r.get::<_, i64>(2),
         );
     }
     Ok(out)

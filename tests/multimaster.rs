@@ -521,3 +521,121 @@ async fn custom_resolver_merges_counters() {
         );
     }
 }
+
+/// Acceptance 5: a fourth node joins a running three-node cluster under write traffic.
+/// `pgferry join` seeds it from node 0's consistent snapshot (rows, versions, starting
+/// positions) while all three keep writing; it starts, the peers are restarted one by one with
+/// it in `apply.nodes`, it writes too, and all four converge to the version oracle of every
+/// write, with nothing lost or duplicated.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fourth_node_joins_under_traffic() {
+    use common::ferry::{pgferry_bin, write_config, Ferry};
+    use common::mesh::node_config;
+    const KEYS: u64 = 40;
+    let label = "mmjoin";
+    let brokers = broker().address();
+    let mut nodes = mesh(
+        label,
+        &[cluster(0), cluster(1), cluster(2)],
+        KV_DDL,
+        "",
+        &brokers,
+    )
+    .await;
+    let until = std::time::Instant::now() + Duration::from_secs(14);
+    let mut writers = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        writers.push(tokio::spawn(random_writes(
+            node.cluster,
+            node.db.clone(),
+            node.name.clone(),
+            70 + i as u64,
+            Budget::Until(until),
+            KEYS,
+        )));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // The new node: an empty database with the schema, seeded by `pgferry join`.
+    let new_name = format!("{label}3");
+    let all: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+    let (new_db, _) = cluster(0).fresh_db(label, KV_DDL).await;
+    let port = common::free_port();
+    let yaml = node_config(
+        label,
+        &new_name,
+        &all,
+        cluster(0),
+        &new_db,
+        port,
+        "",
+        &brokers,
+    );
+    let config = write_config(&yaml);
+    let out = std::process::Command::new(pgferry_bin())
+        .args(["join", "--config", config.to_str().unwrap()])
+        .args(["--peer", &nodes[0].name])
+        .args(["--peer-url", &cluster(0).url(&nodes[0].db)])
+        .output()
+        .expect("run pgferry join");
+    assert!(
+        out.status.success(),
+        "pgferry join failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("copied public.kv"), "{said}");
+    let joined = Node {
+        name: new_name.clone(),
+        cluster: cluster(0),
+        db: new_db.clone(),
+        ferry: Ferry::start_with(config, port),
+    };
+    joined.ferry.wait_ready().await;
+    // The new node writes from the moment it runs, through the peers' restarts.
+    let new_until = until.max(std::time::Instant::now() + Duration::from_secs(10));
+    writers.push(tokio::spawn(random_writes(
+        cluster(0),
+        new_db.clone(),
+        new_name.clone(),
+        80,
+        Budget::Until(new_until),
+        KEYS,
+    )));
+    // The peers learn of the new node: restarted one by one with it in apply.nodes.
+    for node in nodes.iter_mut() {
+        node.stop();
+        let others: Vec<String> = all
+            .iter()
+            .filter(|n| **n != node.name)
+            .cloned()
+            .chain([new_name.clone()])
+            .collect();
+        let port = common::free_port();
+        let yaml = node_config(
+            label,
+            &node.name,
+            &others,
+            node.cluster,
+            &node.db,
+            port,
+            "",
+            &brokers,
+        );
+        node.ferry = Ferry::start(&yaml, port);
+        node.ferry.wait_ready().await;
+    }
+    nodes.push(joined);
+    let mut writes = Vec::new();
+    for w in writers {
+        writes.extend(w.await.expect("writer"));
+    }
+    let on_new = writes.iter().filter(|w| w.node == new_name).count();
+    eprintln!(
+        "{label}: {} committed writes, {on_new} on the new node",
+        writes.len()
+    );
+    assert!(on_new > 20, "the new node barely wrote: {on_new}");
+    wait_converged(&nodes, &writes, Duration::from_secs(240)).await;
+}

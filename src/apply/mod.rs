@@ -8,6 +8,7 @@
 pub mod conflict;
 pub mod dead_letters;
 pub mod error;
+pub mod join;
 pub mod multimaster;
 pub mod params;
 pub mod position;

@@ -41,6 +41,9 @@ CREATE TABLE IF NOT EXISTS pgferry.peer_acks (
     applied_lsn pg_lsn NOT NULL,
     received_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (reporter, source));
+-- How far the reporter's clock was ahead of this node's when its latest ack was applied
+-- (µs; less the delivery delay, so a lower bound when positive).
+ALTER TABLE pgferry.peer_acks ADD COLUMN IF NOT EXISTS clock_ahead_us int8;
 -- Above every collected tombstone's version: a key whose tombstone is gone is stamped above
 -- it all the same (invariant 2 survives collection).
 CREATE TABLE IF NOT EXISTS pgferry.version_floor (
@@ -401,6 +404,7 @@ pub async fn register_origin(
 const EMIT_ACK: &str = r#"
 SELECT pg_logical_emit_message(true, 'pgferry.ack', jsonb_build_object(
     'node', $1::text,
+    'at_us', (extract(epoch FROM clock_timestamp()) * 1000000)::int8,
     'applied', (SELECT coalesce(jsonb_object_agg(p.source_node, p.commit_lsn::text), '{}'::jsonb)
                   FROM pgferry.apply_progress p WHERE p.source_node = ANY($2::text[])),
     'bypassed', (SELECT coalesce(jsonb_agg(b.node ORDER BY b.node), '[]'::jsonb)

@@ -32,6 +32,67 @@ pub struct Verdict {
     pub gap: Option<String>,
 }
 
+/// The low and high watermarks of `topic`'s only partition.
+pub fn watermarks(kafka: &KafkaConfig, topic: &str) -> Result<(i64, i64), KafkaError> {
+    // A group id is needed for a consumer; nothing joins the group or commits to it.
+    let consumer: BaseConsumer = client_config(kafka)
+        .set("group.id", "pgferry-watermarks")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    consumer.fetch_watermarks(topic, 0, TIMEOUT)
+}
+
+/// The last commit record of `topic` before offset `end`: its offset and commit LSN. Reads
+/// back from `end` in windows until one is found; `None` when the partition holds none there.
+pub fn last_commit_before(
+    kafka: &KafkaConfig,
+    topic: &str,
+    end: i64,
+) -> Result<Option<(i64, Lsn)>, KafkaError> {
+    let consumer: BaseConsumer = client_config(kafka)
+        .set("group.id", "pgferry-last-commit")
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "error")
+        .create()?;
+    let (low, _) = consumer.fetch_watermarks(topic, 0, TIMEOUT)?;
+    let mut window = 1024;
+    let mut to = end;
+    while to > low {
+        let from = (to - window).max(low);
+        let mut list = TopicPartitionList::new();
+        list.add_partition_offset(topic, 0, Offset::Offset(from))?;
+        consumer.assign(&list)?;
+        let mut found = None;
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        let mut next = from;
+        while next < to {
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => {
+                    next = m.offset() + 1;
+                    if m.offset() < to {
+                        if let Ok((_, StreamItem::Commit(c))) = parse_framed(m.payload()) {
+                            found = Some((m.offset(), c.commit_lsn));
+                        }
+                    }
+                }
+                Some(Err(e)) => return Err(e),
+                None if std::time::Instant::now() < deadline => {}
+                None => {
+                    return Err(KafkaError::MessageConsumption(
+                        RDKafkaErrorCode::RequestTimedOut,
+                    ))
+                }
+            }
+        }
+        if found.is_some() {
+            return Ok(found);
+        }
+        to = from;
+        window *= 4;
+    }
+    Ok(None)
+}
+
 /// Checks `next` (the next offset to apply) and `applied` (the commit LSN of the last applied
 /// transaction) against `topic`'s only partition.
 pub fn check(

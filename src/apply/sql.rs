@@ -182,17 +182,8 @@ fn version_key(key: &[Typed<'_>], first_param: usize) -> String {
     format!("jsonb_build_object({})", pairs.join(", "))
 }
 
-/// Locks the live row with this key, if any, so that no local writer changes it between the
-/// probe and the write. Parameters: `key`.
-pub fn lock_row(schema: &str, table: &str, key: &[Typed<'_>]) -> String {
-    format!(
-        "SELECT 1 FROM ONLY {} AS t WHERE {} FOR UPDATE",
-        qualified(schema, table),
-        typed_key_predicate("t", key, 1)
-    )
-}
-
-/// What this node holds for a key. One row of: whether a live row exists, the row as jsonb,
+/// What this node holds for a key, locking the live row (if any) so that no local writer
+/// changes it until the apply commits. One row of: whether a live row exists, the row as jsonb,
 /// whether it equals the remote old image (`before`; NULL when empty); then the key's
 /// version (`t`, `node`, `deleted`; NULL when it has none). Parameters: `key`, then `before`;
 /// `$n+1` is the table name.
@@ -221,7 +212,7 @@ pub fn probe(schema: &str, table: &str, key: &[Typed<'_>], before: &[Typed<'_>])
            FROM (SELECT 1) AS one \
            LEFT JOIN LATERAL (\
              SELECT to_jsonb(t) AS local_row, ({matches}) AS matches \
-               FROM ONLY {t} AS t WHERE {key_pred}) AS r ON true \
+               FROM ONLY {t} AS t WHERE {key_pred} FOR UPDATE) AS r ON true \
            LEFT JOIN LATERAL (\
              SELECT v.t, v.node, v.deleted FROM pgferry.versions AS v \
               WHERE v.table_name = ${table_param}::text AND v.key = {vkey}) AS v ON true",
@@ -239,16 +230,87 @@ pub fn probe(schema: &str, table: &str, key: &[Typed<'_>], before: &[Typed<'_>])
 /// node, deleted, allow-equal, seen node, seen LSN, then `key`.
 pub fn stamp_version(key: &[Typed<'_>]) -> String {
     format!(
+        "{} RETURNING 1",
+        stamp(&version_key(key, 8), 1, "$4::bool", 5)
+    )
+}
+
+/// The guarded upsert of a key's version: `key` the jsonb key expression, `$p..$p+2` table
+/// name, `t`, node; `deleted` an expression; `$a` allow-equal, `$a+1`/`$a+2` seen node and
+/// LSN.
+fn stamp(key: &str, p: usize, deleted: &str, a: usize) -> String {
+    format!(
         "INSERT INTO pgferry.versions AS v (table_name, key, t, node, deleted, seen_node, seen_lsn) \
-         VALUES ($1::text, {}, $2::int8, $3::text, $4::bool, \
-                 CASE WHEN $4::bool THEN $6::text END, CASE WHEN $4::bool THEN $7::pg_lsn END) \
+         VALUES (${p}::text, {key}, ${t}::int8, ${n}::text, {deleted}, \
+                 CASE WHEN {deleted} THEN ${sn}::text END, CASE WHEN {deleted} THEN ${sl}::pg_lsn END) \
          ON CONFLICT (table_name, key) DO UPDATE \
             SET t = EXCLUDED.t, node = EXCLUDED.node, deleted = EXCLUDED.deleted, \
                 seen_node = EXCLUDED.seen_node, seen_lsn = EXCLUDED.seen_lsn \
           WHERE (v.t, v.node) < (EXCLUDED.t, EXCLUDED.node) \
-             OR ($5::bool AND (v.t, v.node) = (EXCLUDED.t, EXCLUDED.node)) \
-         RETURNING 1",
-        version_key(key, 8)
+             OR (${a}::bool AND (v.t, v.node) = (EXCLUDED.t, EXCLUDED.node))",
+        t = p + 1,
+        n = p + 2,
+        sn = a + 1,
+        sl = a + 2,
+    )
+}
+
+/// Stamps the remote version and, only if it won, upserts the row, in one statement; returns
+/// one row: 1 if the version won (and the row was written), 0 if a newer version was stamped
+/// since the probe. Parameters: `columns` (typed), then table name, `t`, node, allow-equal,
+/// seen node, seen LSN (the last two unused: a live version has none).
+pub fn stamp_and_upsert(schema: &str, table: &str, columns: &[Typed<'_>], key: &[&str]) -> String {
+    let n = columns.len();
+    let key_expr = format!(
+        "jsonb_build_object({})",
+        key.iter()
+            .filter_map(|k| {
+                let i = columns.iter().position(|c| c.name == *k)?;
+                Some(format!(
+                    "{}, ${}::{}",
+                    crate::sql::quote_literal(k),
+                    i + 1,
+                    columns[i].ty
+                ))
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let names: Vec<&str> = columns.iter().map(|c| c.name).collect();
+    let cols: Vec<String> = names.iter().map(|c| quote_ident(c)).collect();
+    let values: Vec<String> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("${}::{}", i + 1, c.ty))
+        .collect();
+    let conflict = upsert(schema, table, &names, key);
+    let on_conflict = conflict
+        .find(" ON CONFLICT")
+        .map(|i| &conflict[i..])
+        .unwrap_or_default();
+    format!(
+        "WITH s AS ({} RETURNING 1), \
+              w AS (INSERT INTO {} ({}) SELECT {} WHERE EXISTS (SELECT 1 FROM s){on_conflict} RETURNING 1) \
+         SELECT (SELECT count(*) FROM s)::int8, (SELECT count(*) FROM w)::int8",
+        stamp(&key_expr, n + 1, "false", n + 4),
+        qualified(schema, table),
+        cols.join(", "),
+        values.join(", "),
+    )
+}
+
+/// Stamps the remote tombstone and, only if it won, deletes the row, in one statement;
+/// returns one row: 1 if the version won, 0 if a newer one was stamped since the probe.
+/// Parameters: `key` (typed), then table name, `t`, node, allow-equal, seen node, seen LSN.
+pub fn stamp_and_delete(schema: &str, table: &str, key: &[Typed<'_>]) -> String {
+    let n = key.len();
+    format!(
+        "WITH s AS ({} RETURNING 1), \
+              d AS (DELETE FROM ONLY {} AS t WHERE {} AND EXISTS (SELECT 1 FROM s) RETURNING 1) \
+         SELECT (SELECT count(*) FROM s)::int8, (SELECT count(*) FROM d)::int8",
+        stamp(&version_key(key, 1), n + 1, "true", n + 4),
+        qualified(schema, table),
+        typed_key_predicate("t", key, 1),
     )
 }
 
@@ -301,7 +363,7 @@ pub fn drop_unique_loser(schema: &str, table: &str, key: &[&str]) -> String {
         "WITH gone AS (DELETE FROM ONLY {t} AS t WHERE ({cols}) = \
              (SELECT {picked} FROM jsonb_populate_record(NULL::{t}, $1::text::jsonb) AS m) RETURNING 1) \
          INSERT INTO pgferry.versions AS v (table_name, key, t, node, deleted, seen_node, seen_lsn) \
-         VALUES ($2::text, $1::text::jsonb, -9223372036854775808, '', true, $3::text, $4::pg_lsn) \
+         VALUES ($2::text, $1::text::jsonb, -9223372036854775808, '', true, $3::text, $4::text::pg_lsn) \
          ON CONFLICT (table_name, key) DO UPDATE \
             SET deleted = true, seen_node = EXCLUDED.seen_node, seen_lsn = EXCLUDED.seen_lsn",
         cols = cols.join(", "),
@@ -373,16 +435,42 @@ mod tests {
             name: "id",
             ty: "integer",
         }];
-        assert_eq!(
-            lock_row("s", "t", &key),
-            r#"SELECT 1 FROM ONLY "s"."t" AS t WHERE t."id" = $1::integer FOR UPDATE"#
-        );
         let stamp = stamp_version(&key);
         assert!(
             stamp.contains(
                 "VALUES ($1::text, jsonb_build_object('id', $8::integer), $2::int8, $3::text, $4::bool,"
             ) && stamp.contains("WHERE (v.t, v.node) < (EXCLUDED.t, EXCLUDED.node)"),
             "{stamp}"
+        );
+        let write = stamp_and_upsert(
+            "s",
+            "t",
+            &[
+                Typed {
+                    name: "v",
+                    ty: "text",
+                },
+                Typed {
+                    name: "id",
+                    ty: "integer",
+                },
+            ],
+            &["id"],
+        );
+        assert!(
+            write.contains("jsonb_build_object('id', $2::integer), $4::int8, $5::text, false")
+                && write.contains(r#"INSERT INTO "s"."t" ("v", "id") SELECT $1::text, $2::integer WHERE EXISTS (SELECT 1 FROM s) ON CONFLICT ("id") DO UPDATE SET "v" = EXCLUDED."v" RETURNING 1"#)
+                && write.contains("OR ($6::bool AND"),
+            "{write}"
+        );
+        let delete = stamp_and_delete("s", "t", &key);
+        assert!(
+            delete.contains(r#"DELETE FROM ONLY "s"."t" AS t WHERE t."id" = $1::integer AND EXISTS (SELECT 1 FROM s)"#)
+                && delete.contains("CASE WHEN true THEN $6::text END, CASE WHEN true THEN $7::pg_lsn END"),
+            "{delete}"
+        );
+        assert!(
+            probe("s", "t", &key, &[]).contains(r#"WHERE t."id" = $1::integer FOR UPDATE) AS r"#)
         );
         let holders = unique_holders(
             "s",

@@ -220,6 +220,9 @@ pub struct AckItem {
     /// Nodes whose missing acknowledgements tombstone collection went past.
     #[serde(default)]
     pub bypassed: Vec<String>,
+    /// The writing node's database clock when it emitted the ack (µs since the Unix epoch).
+    #[serde(default)]
+    pub at_us: Option<i64>,
 }
 
 /// The `skipped` record: capture could not publish a change of this table.

@@ -304,15 +304,14 @@ pub struct ApplyConfig {
     pub conflict: ConflictConfig,
 }
 
-/// What a multi-master apply does when the origin's commit time is further ahead of the local
-/// clock than `apply.conflict.max_clock_skew`.
+/// `apply.conflict.on_clock_skew` of older configs: still parsed (so that a typo is still an
+/// error), no longer used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ClockSkewAction {
-    /// Keep waiting until the local clock passes the origin commit time (safe; stalls apply).
+    /// Was: keep waiting for the local clock.
     Wait,
-    /// Wait `max_clock_skew`, then apply anyway and warn: a later local write may lose
-    /// against the applied change despite being made after it.
+    /// Was: apply after `max_clock_skew`.
     Apply,
 }
 
@@ -320,17 +319,18 @@ pub enum ClockSkewAction {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConflictConfig {
-    /// How long a delete's tombstone is kept. A node offline for longer may resurrect rows
-    /// deleted meanwhile (see docs/ARCHITECTURE.md).
+    /// Backstop for tombstone collection (which is by acknowledgement): a tombstone older than
+    /// this goes even if some node has not acknowledged it, and that node is then refused
+    /// (see docs/ARCHITECTURE.md, "The tombstone rule").
     #[serde(default = "default_retention", deserialize_with = "de::duration")]
     pub tombstone_retention: Duration,
     /// How long rows of `pgferry.conflicts` are kept.
     #[serde(default = "default_retention", deserialize_with = "de::duration")]
     pub log_retention: Duration,
-    /// Longest wait for the local clock to pass an applied change's origin commit time.
+    /// Accepted and ignored (versions replaced clock waits); kept so that older configs load.
     #[serde(default = "default_max_clock_skew", deserialize_with = "de::duration")]
     pub max_clock_skew: Duration,
-    /// What to do beyond `max_clock_skew`.
+    /// Accepted and ignored, like `max_clock_skew`.
     #[serde(default = "default_on_clock_skew")]
     pub on_clock_skew: ClockSkewAction,
     /// Per-table resolver functions (`schema.table: schema.function`), called on row-against-row

@@ -51,11 +51,13 @@ impl Worker {
         for (source, lsn) in &ack.applied {
             client
                 .execute(
-                    "INSERT INTO pgferry.peer_acks (reporter, source, applied_lsn)
-                     VALUES ($1, $2, $3::text::pg_lsn)
+                    "INSERT INTO pgferry.peer_acks (reporter, source, applied_lsn, clock_ahead_us)
+                     VALUES ($1, $2, $3::text::pg_lsn,
+                             $4::int8 - (extract(epoch FROM clock_timestamp()) * 1000000)::int8)
                      ON CONFLICT (reporter, source) DO UPDATE
-                        SET applied_lsn = EXCLUDED.applied_lsn, received_at = now()",
-                    &[&self.settings.node, source, &lsn.to_string()],
+                        SET applied_lsn = EXCLUDED.applied_lsn, received_at = now(),
+                            clock_ahead_us = EXCLUDED.clock_ahead_us",
+                    &[&self.settings.node, source, &lsn.to_string(), &ack.at_us],
                 )
                 .await
                 .map_err(ApplyError::sql("recording a peer's acknowledgement"))?;

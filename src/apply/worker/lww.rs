@@ -365,13 +365,11 @@ impl Worker {
         })
     }
 
-    /// Locks the live row (if any) and reads the row and the key's version.
+    /// Locks the live row (if any) and reads it and the key's version, in one statement. The
+    /// version is read in the statement's snapshot, so after waiting for a local writer it may
+    /// be older than the row; the guarded stamp then catches the newer one.
     async fn probe(&mut self, client: &Client, p: &Prepared<'_>) -> Result<Probed, ApplyError> {
         let key = p.key_typed();
-        let lock_text = sql::lock_row(&p.change.schema, &p.change.table, &key);
-        let lock = self
-            .cached(client, p, "lww_lock", p.table.key.clone(), || lock_text)
-            .await?;
         // Compare the whole old image when the change carries one (REPLICA IDENTITY FULL);
         // a key-only image says nothing about concurrency.
         let before: Vec<String> = match &p.change.before {
@@ -405,11 +403,6 @@ impl Worker {
             &p.change.json_null_before,
         )?;
         params.push(param(p.qualified.clone()));
-        let lock_params = params[..p.table.key.len()].to_vec();
-        client
-            .query(&lock, &refs(&lock_params))
-            .await
-            .map_err(ApplyError::sql("locking the local row"))?;
         let row = client
             .query_one(&probe, &refs(&params))
             .await
@@ -492,22 +485,23 @@ impl Worker {
     }
 
     /// Stamps the remote version and writes the remote row (insert, or update of the live
-    /// row). `None`: a newer version was stamped meanwhile; decide again.
+    /// row) in one statement. `None`: a newer version was stamped meanwhile; decide again.
     async fn write(
         &mut self,
         client: &Client,
         p: &Prepared<'_>,
         message: &RecordRef<'_>,
     ) -> Result<Option<Written>, ApplyError> {
-        if !self.stamp(client, p, &p.remote, false, p.fallback).await? {
-            return Ok(None);
-        }
         let (columns, values) = p.full_after();
-        let cols: Vec<&str> = columns.iter().map(String::as_str).collect();
         let key: Vec<&str> = p.table.key.iter().map(String::as_str).collect();
-        let text = sql::upsert(&p.change.schema, &p.change.table, &cols, &key);
+        let text = sql::stamp_and_upsert(
+            &p.change.schema,
+            &p.change.table,
+            &typed(&p.table, &columns),
+            &key,
+        );
         let stmt = self
-            .cached(client, p, "lww_upsert", columns.clone(), || text)
+            .cached(client, p, "lww_write", columns.clone(), || text)
             .await?;
         let mut json_nulls = p.change.json_null_after.clone();
         json_nulls.extend(
@@ -517,8 +511,9 @@ impl Worker {
                 .filter(|c| p.change.after.as_ref().is_none_or(|a| a.get(c).is_none()))
                 .cloned(),
         );
-        let params = match Self::render_params(
-            stmt.params(),
+        let n = columns.len();
+        let mut params = match Self::render_params(
+            &stmt.params()[..n],
             &columns,
             &values,
             &json_nulls,
@@ -530,23 +525,30 @@ impl Worker {
                 return Ok(Some(Written::Done));
             }
         };
+        params.extend(self.stamp_params(p, &p.remote));
         let uniques = !p.table.uniques.is_empty();
+        let args = refs(&params);
         for _ in 0..MAX_ATTEMPTS {
-            if uniques {
-                client
-                    .batch_execute("SAVEPOINT pgferry_unique")
-                    .await
-                    .map_err(ApplyError::sql("opening a savepoint"))?;
-            }
-            match client.execute_raw(&stmt, params.clone()).await {
-                Ok(_) => {
+            let result = if uniques {
+                // Pipelined: one round trip for the savepoint and the write.
+                let (saved, written) = tokio::join!(
+                    client.batch_execute("SAVEPOINT pgferry_unique"),
+                    client.query_one(&stmt, &args)
+                );
+                saved.map_err(ApplyError::sql("opening a savepoint"))?;
+                written
+            } else {
+                client.query_one(&stmt, &args).await
+            };
+            match result {
+                Ok(row) => {
                     if uniques {
                         client
                             .batch_execute("RELEASE SAVEPOINT pgferry_unique")
                             .await
                             .map_err(ApplyError::sql("releasing a savepoint"))?;
                     }
-                    return Ok(Some(Written::Done));
+                    return Ok((row.get::<_, i64>(0) == 1).then_some(Written::Done));
                 }
                 Err(e) if uniques && secondary_unique_violation(&e) => {
                     client
@@ -555,7 +557,9 @@ impl Worker {
                         .map_err(ApplyError::sql("rolling back to a savepoint"))?;
                     if !self.unique_contest(client, p, &columns, &values).await? {
                         // The remote row lost: its key ends deleted at its own version.
-                        self.stamp(client, p, &p.remote, true, true).await?;
+                        if !self.stamp(client, p, &p.remote, true, p.fallback).await? {
+                            return Ok(None);
+                        }
                         return Ok(Some(Written::Lost));
                     }
                 }
@@ -565,6 +569,19 @@ impl Worker {
         Err(ApplyError::Contention {
             table: p.qualified.clone(),
         })
+    }
+
+    /// The parameters that follow the row's in the combined statements: table name, version,
+    /// allow-equal, and where the change sits in the stream.
+    fn stamp_params(&self, p: &Prepared<'_>, version: &Version) -> [TextParam; 6] {
+        [
+            param(p.qualified.clone()),
+            param(version.ts_us.to_string()),
+            param(version.node.clone()),
+            param(p.fallback.to_string()),
+            param(self.settings.node.clone()),
+            param(self.open_commit_lsn().to_string()),
+        ]
     }
 
     /// Settles a unique-key collision between the remote row and local rows under other keys
@@ -637,23 +654,22 @@ impl Worker {
         Ok(true)
     }
 
-    /// Stamps the remote tombstone and deletes the live row, if any. `false`: a newer version
-    /// was stamped meanwhile; decide again.
+    /// Stamps the remote tombstone and deletes the live row, if any, in one statement.
+    /// `false`: a newer version was stamped meanwhile; decide again.
     async fn delete(&mut self, client: &Client, p: &Prepared<'_>) -> Result<bool, ApplyError> {
-        if !self.stamp(client, p, &p.remote, true, p.fallback).await? {
-            return Ok(false);
-        }
-        let names: Vec<&str> = p.table.key.iter().map(String::as_str).collect();
-        let text = sql::delete(&p.change.schema, &p.change.table, &names);
+        let key = p.key_typed();
+        let text = sql::stamp_and_delete(&p.change.schema, &p.change.table, &key);
         let stmt = self
             .cached(client, p, "lww_delete", p.table.key.clone(), || text)
             .await?;
-        let params = Self::values(stmt.params(), p, &p.table.key, &p.key_values, &[])?;
-        client
-            .execute_raw(&stmt, params)
+        let n = p.table.key.len();
+        let mut params = Self::values(&stmt.params()[..n], p, &p.table.key, &p.key_values, &[])?;
+        params.extend(self.stamp_params(p, &p.remote));
+        let row = client
+            .query_one(&stmt, &refs(&params))
             .await
             .map_err(ApplyError::sql("deleting a row"))?;
-        Ok(true)
+        Ok(row.get::<_, i64>(0) == 1)
     }
 
     /// Calls the table's resolver and writes its result with a version above both inputs.
