@@ -6,7 +6,7 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio_postgres::Client;
 
-use crate::config::{ApplyConfig, ApplyMode, Config, KafkaConfig, SourceConfig, TargetConfig};
+use crate::config::{ApplyConfig, Config, KafkaConfig, SourceConfig, TargetConfig};
 use crate::sink::kafka::producer::client_config;
 use crate::source::catalog;
 use crate::source::replication::ReplicationConnection;
@@ -156,20 +156,6 @@ async fn check_server_settings(
         problems.push(problem(
             "the source role has neither REPLICATION nor SUPERUSER",
             "ALTER ROLE <user> REPLICATION",
-        ));
-    }
-    let multi_master = config
-        .apply
-        .as_ref()
-        .is_some_and(|a| a.mode == ApplyMode::MultiMaster);
-    let tracked: String = client
-        .query_one("SELECT current_setting('track_commit_timestamp')", &[])
-        .await?
-        .get(0);
-    if multi_master && tracked != "on" {
-        problems.push(problem(
-            "track_commit_timestamp is off: multi-master reads row versions from commit timestamps",
-            "ALTER SYSTEM SET track_commit_timestamp = on; then restart PostgreSQL",
         ));
     }
     check_slot_retention(client, &slot_name, problems).await

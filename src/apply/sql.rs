@@ -299,6 +299,26 @@ pub fn stamp_and_upsert(schema: &str, table: &str, columns: &[Typed<'_>], key: &
     )
 }
 
+/// The fast path of an insert: stamps the version only if the key has none at all, and then
+/// writes the row, in one statement; returns 1 when it did, 0 when the key has a version (the
+/// change then goes the full way: probe, decide, stamp). Same parameters as
+/// [`stamp_and_upsert`].
+pub fn insert_fresh(schema: &str, table: &str, columns: &[Typed<'_>], key: &[&str]) -> String {
+    let full = stamp_and_upsert(schema, table, columns, key);
+    let guard_start = full
+        .find(" ON CONFLICT (table_name, key) DO UPDATE")
+        .unwrap_or(0);
+    let guard_end = full.find(" RETURNING 1), ").unwrap_or(0);
+    if guard_start == 0 || guard_end <= guard_start {
+        return full;
+    }
+    format!(
+        "{} ON CONFLICT (table_name, key) DO NOTHING{}",
+        &full[..guard_start],
+        &full[guard_end..]
+    )
+}
+
 /// Stamps the remote tombstone and, only if it won, deletes the row, in one statement;
 /// returns one row: 1 if the version won, 0 if a newer one was stamped since the probe.
 /// Parameters: `key` (typed), then table name, `t`, node, allow-equal, seen node, seen LSN.
@@ -462,6 +482,26 @@ mod tests {
                 && write.contains(r#"INSERT INTO "s"."t" ("v", "id") SELECT $1::text, $2::integer WHERE EXISTS (SELECT 1 FROM s) ON CONFLICT ("id") DO UPDATE SET "v" = EXCLUDED."v" RETURNING 1"#)
                 && write.contains("OR ($6::bool AND"),
             "{write}"
+        );
+        let fresh = insert_fresh(
+            "s",
+            "t",
+            &[
+                Typed {
+                    name: "v",
+                    ty: "text",
+                },
+                Typed {
+                    name: "id",
+                    ty: "integer",
+                },
+            ],
+            &["id"],
+        );
+        assert!(
+            fresh.contains("END) ON CONFLICT (table_name, key) DO NOTHING RETURNING 1), w AS")
+                && !fresh.contains("DO UPDATE SET t = EXCLUDED.t"),
+            "{fresh}"
         );
         let delete = stamp_and_delete("s", "t", &key);
         assert!(

@@ -248,6 +248,15 @@ impl Worker {
             .resolvers
             .get(&prepared.qualified)
             .cloned();
+        // An insert of a key this node has never seen (no version at all) cannot conflict:
+        // one statement stamps and writes it. Anything else goes the full way.
+        let fresh_candidate = matches!(change.op, Op::Create | Op::Read)
+            && resolver.is_none()
+            && prepared.table.uniques.is_empty();
+        if fresh_candidate && self.insert_fresh(client, &prepared).await? {
+            self.note_applied(&prepared, change.op);
+            return Ok(());
+        }
         for _ in 0..MAX_ATTEMPTS {
             let mut probed = self.probe(client, &prepared).await?;
             let rewrite = prepared.fallback
@@ -311,24 +320,74 @@ impl Worker {
                 self.log_conflict(client, &prepared, &probed, kind, resolution)
                     .await?;
             }
-            if let Some(lww) = &mut self.lww {
-                let newest = lww.newest_us.get_or_insert(prepared.remote.ts_us);
-                *newest = (*newest).max(prepared.remote.ts_us);
-            }
-            if decision.action != Action::Skip {
-                if prepared.fallback {
-                    if let Some(lww) = &mut self.lww {
-                        lww.fallback_written.insert(prepared.key_text());
-                    }
-                }
-                self.batch_changes += 1;
-                self.count_applied(&prepared.qualified, change.op);
+            if decision.action == Action::Skip {
+                self.note_newest(&prepared);
+            } else {
+                self.note_applied(&prepared, change.op);
             }
             return Ok(());
         }
         Err(ApplyError::Contention {
             table: prepared.qualified,
         })
+    }
+
+    /// Keeps the greatest version clock applied in the open target transaction.
+    fn note_newest(&mut self, p: &Prepared<'_>) {
+        if let Some(lww) = &mut self.lww {
+            let newest = lww.newest_us.get_or_insert(p.remote.ts_us);
+            *newest = (*newest).max(p.remote.ts_us);
+        }
+    }
+
+    /// Counts a change that was written.
+    fn note_applied(&mut self, p: &Prepared<'_>, op: Op) {
+        self.note_newest(p);
+        if p.fallback {
+            if let Some(lww) = &mut self.lww {
+                lww.fallback_written.insert(p.key_text());
+            }
+        }
+        self.batch_changes += 1;
+        self.count_applied(&p.qualified, op);
+    }
+
+    /// The fast path of an insert ([`sql::insert_fresh`]): true when the key had no version
+    /// and the row is written.
+    async fn insert_fresh(
+        &mut self,
+        client: &Client,
+        p: &Prepared<'_>,
+    ) -> Result<bool, ApplyError> {
+        let (columns, values) = p.full_after();
+        let key: Vec<&str> = p.table.key.iter().map(String::as_str).collect();
+        let text = sql::insert_fresh(
+            &p.change.schema,
+            &p.change.table,
+            &typed(&p.table, &columns),
+            &key,
+        );
+        let stmt = self
+            .cached(client, p, "lww_insert_fresh", columns.clone(), || text)
+            .await?;
+        let n = columns.len();
+        let mut params = match Self::render_params(
+            &stmt.params()[..n],
+            &columns,
+            &values,
+            &p.change.json_null_after,
+            &p.qualified,
+        ) {
+            Ok(params) => params,
+            // The full path reports it.
+            Err(_) => return Ok(false),
+        };
+        params.extend(self.stamp_params(p, &p.remote));
+        let row = client
+            .query_one(&stmt, &refs(&params))
+            .await
+            .map_err(ApplyError::sql("inserting a row"))?;
+        Ok(row.get::<_, i64>(0) == 1)
     }
 
     async fn cached(

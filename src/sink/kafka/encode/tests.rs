@@ -96,6 +96,34 @@ fn insert_envelope_is_exact() {
 }
 
 #[test]
+fn a_multi_master_version_travels_in_source() {
+    let change = RowChange {
+        op: Op::Delete,
+        relation: rel(),
+        lsn: Lsn(0x1_0000_0008),
+        before: Some(vec![t("7"), t("1.50"), Datum::Null]),
+        before_is_key_only: false,
+        after: None,
+        version: Some(crate::event::Version {
+            ts_us: 1_795_435_200_123_457,
+            node: "node-a".into(),
+        }),
+    };
+    let recs = encode_change(
+        &src(false),
+        &TxnStamp::new(&txn()),
+        &change,
+        &TypeRegistry::default(),
+        99,
+    )
+    .unwrap();
+    assert_eq!(
+        value(&recs[0])["source"]["version"],
+        json!({"t_us": 1_795_435_200_123_457i64, "node": "node-a"})
+    );
+}
+
+#[test]
 fn unchanged_toast_is_listed_not_nulled() {
     let change = RowChange {
         op: Op::Update,
