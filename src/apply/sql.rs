@@ -231,14 +231,26 @@ pub fn probe(schema: &str, table: &str, key: &[Typed<'_>], before: &[Typed<'_>])
 pub fn stamp_version(key: &[Typed<'_>]) -> String {
     format!(
         "{} RETURNING 1",
-        stamp(&version_key(key, 8), 1, "$4::bool", 5)
+        stamp(&version_key(key, 8), 1, "$4::bool", 5, false)
     )
 }
 
 /// The guarded upsert of a key's version: `key` the jsonb key expression, `$p..$p+2` table
 /// name, `t`, node; `deleted` an expression; `$a` allow-equal, `$a+1`/`$a+2` seen node and
-/// LSN.
-fn stamp(key: &str, p: usize, deleted: &str, a: usize) -> String {
+/// LSN. `only_new`: stamp only a key without any version (allow-equal then plays no part).
+fn stamp(key: &str, p: usize, deleted: &str, a: usize, only_new: bool) -> String {
+    if only_new {
+        return format!(
+            "INSERT INTO pgferry.versions AS v (table_name, key, t, node, deleted, seen_node, seen_lsn) \
+             VALUES (${p}::text, {key}, ${t}::int8, ${n}::text, {deleted} AND ${a}::bool, \
+                     CASE WHEN {deleted} THEN ${sn}::text END, CASE WHEN {deleted} THEN ${sl}::pg_lsn END) \
+             ON CONFLICT (table_name, key) DO NOTHING",
+            t = p + 1,
+            n = p + 2,
+            sn = a + 1,
+            sl = a + 2,
+        );
+    }
     format!(
         "INSERT INTO pgferry.versions AS v (table_name, key, t, node, deleted, seen_node, seen_lsn) \
          VALUES (${p}::text, {key}, ${t}::int8, ${n}::text, {deleted}, \
@@ -260,6 +272,16 @@ fn stamp(key: &str, p: usize, deleted: &str, a: usize) -> String {
 /// since the probe. Parameters: `columns` (typed), then table name, `t`, node, allow-equal,
 /// seen node, seen LSN (the last two unused: a live version has none).
 pub fn stamp_and_upsert(schema: &str, table: &str, columns: &[Typed<'_>], key: &[&str]) -> String {
+    versioned_upsert(schema, table, columns, key, false)
+}
+
+fn versioned_upsert(
+    schema: &str,
+    table: &str,
+    columns: &[Typed<'_>],
+    key: &[&str],
+    only_new: bool,
+) -> String {
     let n = columns.len();
     let key_expr = format!(
         "jsonb_build_object({})",
@@ -292,7 +314,7 @@ pub fn stamp_and_upsert(schema: &str, table: &str, columns: &[Typed<'_>], key: &
         "WITH s AS ({} RETURNING 1), \
               w AS (INSERT INTO {} ({}) SELECT {} WHERE EXISTS (SELECT 1 FROM s){on_conflict} RETURNING 1) \
          SELECT (SELECT count(*) FROM s)::int8, (SELECT count(*) FROM w)::int8",
-        stamp(&key_expr, n + 1, "false", n + 4),
+        stamp(&key_expr, n + 1, "false", n + 4, only_new),
         qualified(schema, table),
         cols.join(", "),
         values.join(", "),
@@ -304,19 +326,7 @@ pub fn stamp_and_upsert(schema: &str, table: &str, columns: &[Typed<'_>], key: &
 /// change then goes the full way: probe, decide, stamp). Same parameters as
 /// [`stamp_and_upsert`].
 pub fn insert_fresh(schema: &str, table: &str, columns: &[Typed<'_>], key: &[&str]) -> String {
-    let full = stamp_and_upsert(schema, table, columns, key);
-    let guard_start = full
-        .find(" ON CONFLICT (table_name, key) DO UPDATE")
-        .unwrap_or(0);
-    let guard_end = full.find(" RETURNING 1), ").unwrap_or(0);
-    if guard_start == 0 || guard_end <= guard_start {
-        return full;
-    }
-    format!(
-        "{} ON CONFLICT (table_name, key) DO NOTHING{}",
-        &full[..guard_start],
-        &full[guard_end..]
-    )
+    versioned_upsert(schema, table, columns, key, true)
 }
 
 /// Stamps the remote tombstone and, only if it won, deletes the row, in one statement;
@@ -328,7 +338,7 @@ pub fn stamp_and_delete(schema: &str, table: &str, key: &[Typed<'_>]) -> String 
         "WITH s AS ({} RETURNING 1), \
               d AS (DELETE FROM ONLY {} AS t WHERE {} AND EXISTS (SELECT 1 FROM s) RETURNING 1) \
          SELECT (SELECT count(*) FROM s)::int8, (SELECT count(*) FROM d)::int8",
-        stamp(&version_key(key, 1), n + 1, "true", n + 4),
+        stamp(&version_key(key, 1), n + 1, "true", n + 4, false),
         qualified(schema, table),
         typed_key_predicate("t", key, 1),
     )
@@ -500,6 +510,7 @@ mod tests {
         );
         assert!(
             fresh.contains("END) ON CONFLICT (table_name, key) DO NOTHING RETURNING 1), w AS")
+                && fresh.contains("false AND $6::bool")
                 && !fresh.contains("DO UPDATE SET t = EXCLUDED.t"),
             "{fresh}"
         );

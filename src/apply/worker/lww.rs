@@ -141,12 +141,10 @@ fn refs(params: &[TextParam]) -> Vec<&(dyn ToSql + Sync)> {
     params.iter().map(|p| p as &(dyn ToSql + Sync)).collect()
 }
 
-/// Whether a write lost a unique-key contest on an index other than the primary key.
+/// Whether a write lost a unique-key contest on an index other than the primary key (the
+/// write's `ON CONFLICT` absorbs the primary key's and the version store's).
 fn secondary_unique_violation(e: &tokio_postgres::Error) -> bool {
-    e.as_db_error().is_some_and(|d| {
-        d.code() == &SqlState::UNIQUE_VIOLATION
-            && !d.constraint().is_some_and(|c| c.ends_with("_pkey"))
-    })
+    e.code() == Some(&SqlState::UNIQUE_VIOLATION)
 }
 
 /// What writing the row came to.
