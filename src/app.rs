@@ -120,7 +120,8 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         shutdown: shutdown.clone(),
     };
     if let Some(apply) = multi_master {
-        // Before capture starts: every local delete from now on leaves a tombstone, and
+        // Before capture starts: every local write from now on is versioned (deletes leave a
+        // tombstone), the version store is published, and
         // every change carries its whole old row.
         let (target, tables) = (apply.targets[0].clone(), apply.tables.clone());
         // Validation guarantees a source in multi-master.

@@ -222,8 +222,8 @@ async fn remote_delete_races_a_local_insert() {
     }
 }
 
-/// TRUNCATE: refused locally with a clear message; a remote one (from a node whose guard was
-/// removed) is dead-lettered and counted, and the stream goes on.
+/// TRUNCATE: refused locally with a clear message (so is a primary-key update); a remote one
+/// (from a node whose guard was removed) is dead-lettered and counted, and the stream goes on.
 #[tokio::test(flavor = "multi_thread")]
 async fn truncate_is_refused_and_counted() {
     let nodes = mesh(
@@ -242,6 +242,16 @@ async fn truncate_is_refused_and_counted() {
     let text = format!("{}", err.as_db_error().unwrap());
     assert!(
         text.contains("TRUNCATE of public.kv is refused"),
+        "unclear refusal: {text}"
+    );
+    // A primary-key update cannot be ordered by one key's version: refused as clearly.
+    let err = a
+        .batch_execute("UPDATE kv SET k = 5 WHERE k = 1")
+        .await
+        .unwrap_err();
+    let text = format!("{}", err.as_db_error().unwrap());
+    assert!(
+        text.contains("the primary key of public.kv cannot be updated"),
         "unclear refusal: {text}"
     );
     a.batch_execute(

@@ -1,8 +1,9 @@
 //! Multi-master conflict resolution: pure decisions, no I/O.
 //!
-//! A row's version is `(origin commit timestamp, origin node id)`, compared in that order, so
-//! the node id breaks timestamp ties the same way on every node. Deletes leave a tombstone
-//! that carries the deleting transaction's version. An incoming change applies only when its
+//! A row's version is `(t, node)` ([`Version`]): a clock value stamped by the writing node,
+//! never below the key's previous version + 1, then the node id, which breaks ties the same
+//! way on every node. Deletes leave a tombstone that carries the delete's version. A
+//! resolver's merge gets [`merged_version`]. An incoming change applies only when its
 //! version is greater than the local version (the row's, else the tombstone's); every node
 //! applies the same rule to the same set of versions, so every node keeps the same greatest
 //! one whatever the arrival order (see `docs/ARCHITECTURE.md`, "Conflict resolution").

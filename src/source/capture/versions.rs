@@ -1,5 +1,5 @@
 //! Multi-master: pairs each row change with the version the node's version trigger stamped
-//! for it. The trigger (`pgferry.stamp_version`, a BEFORE ROW trigger) writes the key's row of
+//! for it. The trigger (`zz_pgferry_version`, a BEFORE ROW trigger) writes the key's row of
 //! `pgferry.versions` just before the row change itself, in the same transaction, so in the
 //! stream a table's version change immediately precedes its row change. Pure: no I/O.
 
