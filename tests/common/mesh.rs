@@ -168,6 +168,18 @@ pub async fn random_writes(
     let mut rng = super::Rng::new(seed);
     let mut done = Vec::new();
     let mut client = connect(cluster, &db).await;
+    // A multi-master node stamps versions; a master of replicas has none (its oracle is the
+    // master itself).
+    let versioned: bool = loop {
+        match client
+            .query_one("SELECT to_regclass('pgferry.versions') IS NOT NULL", &[])
+            .await
+        {
+            Ok(row) => break row.get(0),
+            // The server restarted under us (fault campaign): ask again.
+            Err(_) => client = connect(cluster, &db).await,
+        }
+    };
     let mut i = 0usize;
     loop {
         match budget {
@@ -209,7 +221,11 @@ pub async fn random_writes(
             };
             let image = (!deletes).then(|| (row.get(0), row.get(1)));
             let xid: i64 = client.query_one("SELECT txid_current()", &[]).await?.get(0);
-            let version: i64 = client.query_one(VERSION_OF_KEY, &[&key]).await?.get(0);
+            let version: i64 = if versioned {
+                client.query_one(VERSION_OF_KEY, &[&key]).await?.get(0)
+            } else {
+                0
+            };
             Ok(Some((image, xid, version)))
         }
         .await;
