@@ -576,3 +576,105 @@ async fn tombstones_go_by_acknowledgement_and_the_horizon_refuses_stale_nodes() 
     let k2: i64 = one(&a, "SELECT count(*) FROM kv WHERE k = 2").await;
     assert_eq!(k2, 0, "the stale node resurrected a deleted row");
 }
+
+/// The schema of the previous pgferry on a node: tombstones keyed by table and key with the
+/// deleting transaction's xid, written by an AFTER DELETE trigger; versions were commit
+/// timestamps.
+const PREVIOUS_SCHEMA: &str = r#"
+CREATE SCHEMA pgferry;
+CREATE TABLE pgferry.tombstones (
+    table_name text NOT NULL, key jsonb NOT NULL, xid xid8 NOT NULL,
+    commit_ts timestamptz, roident oid, PRIMARY KEY (table_name, key));
+CREATE FUNCTION pgferry.record_tombstone() RETURNS trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+    INSERT INTO pgferry.tombstones AS d (table_name, key, xid)
+    VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME,
+            (SELECT jsonb_object_agg(k, to_jsonb(OLD) -> k) FROM unnest(TG_ARGV) AS k),
+            pg_current_xact_id())
+    ON CONFLICT (table_name, key) DO UPDATE SET xid = EXCLUDED.xid, commit_ts = NULL, roident = NULL;
+    RETURN NULL;
+END
+$fn$;
+ALTER TABLE kv REPLICA IDENTITY FULL;
+CREATE TRIGGER pgferry_tombstone AFTER DELETE ON kv
+    FOR EACH ROW EXECUTE FUNCTION pgferry.record_tombstone('k');
+"#;
+
+/// A node prepared by the previous pgferry upgrades in place on start: its live rows get their
+/// commit timestamp (and this node) as version, its tombstones become deleted versions with
+/// the deleting transaction's commit time, and the old table and trigger are gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_of_the_previous_schema_upgrades_in_place() {
+    use common::ferry::Ferry;
+    use common::mesh::node_config;
+    let (db, c) = cluster().fresh_db("mmupgrade", KV_DDL).await;
+    c.batch_execute(PREVIOUS_SCHEMA).await.unwrap();
+    for k in 1..=3 {
+        c.execute("INSERT INTO kv VALUES ($1, $1, NULL)", &[&k])
+            .await
+            .unwrap();
+    }
+    c.batch_execute("DELETE FROM kv WHERE k = 3").await.unwrap();
+    let micros = "(extract(epoch FROM pg_xact_commit_timestamp(xmin)) * 1000000)::int8";
+    let mut want = Vec::new();
+    for k in 1..=2 {
+        let ts: i64 = c
+            .query_one(&format!("SELECT {micros} FROM kv WHERE k = $1"), &[&k])
+            .await
+            .unwrap()
+            .get(0);
+        want.push((k, Some((ts, "mmupgrade0".to_owned(), false))));
+    }
+    let deleted_ts: i64 = one(
+        &c,
+        "SELECT (extract(epoch FROM pg_xact_commit_timestamp(
+                    (xid::text::int8 % 4294967296)::text::xid)) * 1000000)::int8
+           FROM pgferry.tombstones",
+    )
+    .await;
+    want.push((3, Some((deleted_ts, "mmupgrade0".to_owned(), true))));
+
+    // pgferry of this schema's successor starts on the node (its peer never shows up).
+    let port = common::free_port();
+    let yaml = node_config(
+        "mmupgrade",
+        "mmupgrade0",
+        &["mmupgrade9".to_owned()],
+        cluster(),
+        &db,
+        port,
+        "",
+        &broker().address(),
+    );
+    let _ferry = Ferry::start(&yaml, port);
+    wait_for("the upgrade", Duration::from_secs(60), || async {
+        let gone: bool = c
+            .query_one("SELECT to_regclass('pgferry.tombstones') IS NULL", &[])
+            .await
+            .ok()?
+            .get(0);
+        gone.then_some(())
+    })
+    .await;
+    for (k, version) in want {
+        assert_eq!(version_of(&c, "public.kv", k).await, version, "key {k}");
+    }
+    let triggers: Vec<String> = c
+        .query(
+            "SELECT tgname::text FROM pg_trigger WHERE tgrelid = 'kv'::regclass ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(triggers, vec!["pgferry_no_truncate", "zz_pgferry_version"]);
+    // From now on local writes are versioned above what the upgrade recorded.
+    let before = version_of(&c, "public.kv", 1).await.unwrap();
+    c.batch_execute("UPDATE kv SET v = 10 WHERE k = 1")
+        .await
+        .unwrap();
+    let after = version_of(&c, "public.kv", 1).await.unwrap();
+    assert!(after.0 > before.0, "{after:?} is not above {before:?}");
+}
