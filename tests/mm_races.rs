@@ -23,6 +23,19 @@ fn cluster() -> &'static PgCluster {
     PgCluster::shared_of_three(0)
 }
 
+/// Two nodes, on the first two shared clusters, with `ddl` and `apply.conflict` lines
+/// `conflict`.
+async fn pair(label: &str, ddl: &str, conflict: &str) -> Vec<common::mesh::Node> {
+    mesh(
+        label,
+        &[cluster(), PgCluster::shared_of_three(1)],
+        ddl,
+        conflict,
+        &broker().address(),
+    )
+    .await
+}
+
 /// A cluster for the freeze case alone: it freezes every database, which other tests'
 /// open transactions and slots would hold back.
 fn own_cluster() -> &'static PgCluster {
@@ -226,14 +239,7 @@ async fn remote_delete_races_a_local_insert() {
 /// (from a node whose guard was removed) is dead-lettered and counted, and the stream goes on.
 #[tokio::test(flavor = "multi_thread")]
 async fn truncate_is_refused_and_counted() {
-    let nodes = mesh(
-        "mmtrunc",
-        &[cluster(), PgCluster::shared_of_three(1)],
-        KV_DDL,
-        "",
-        &broker().address(),
-    )
-    .await;
+    let nodes = pair("mmtrunc", KV_DDL, "").await;
     let (a, b) = (nodes[0].client().await, nodes[1].client().await);
     a.batch_execute("INSERT INTO kv VALUES (1, 1, NULL)")
         .await
@@ -276,14 +282,7 @@ async fn truncate_is_refused_and_counted() {
 /// later. A concurrent update/delete on the new table converges.
 #[tokio::test(flavor = "multi_thread")]
 async fn new_tables_are_protected_as_they_appear() {
-    let mut nodes = mesh(
-        "mmnewtab",
-        &[cluster(), PgCluster::shared_of_three(1)],
-        "SELECT 1",
-        "",
-        &broker().address(),
-    )
-    .await;
+    let mut nodes = pair("mmnewtab", "SELECT 1", "").await;
     let (a, b) = (nodes[0].client().await, nodes[1].client().await);
     for c in [&a, &b] {
         c.batch_execute(
@@ -335,14 +334,7 @@ async fn new_tables_are_protected_as_they_appear() {
 async fn recreating_update_keeps_unchanged_toast() {
     let ddl = "CREATE TABLE docs (k int PRIMARY KEY, v int NOT NULL, body text NOT NULL);
                ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL;";
-    let mut nodes = mesh(
-        "mmtoast",
-        &[cluster(), PgCluster::shared_of_three(1)],
-        ddl,
-        "",
-        &broker().address(),
-    )
-    .await;
+    let mut nodes = pair("mmtoast", ddl, "").await;
     let (a, b) = (nodes[0].client().await, nodes[1].client().await);
     a.batch_execute(
         "INSERT INTO docs SELECT g, 0, repeat(md5(g::text), 400) FROM generate_series(1, 3) g",
@@ -371,14 +363,7 @@ async fn unique_key_conflicts_resolve_the_same_everywhere() {
     let ddl = "CREATE TABLE users (k int PRIMARY KEY, email text NOT NULL UNIQUE, v int)";
     for seed in 0..3u64 {
         let label = format!("mmuniq{seed}n");
-        let mut nodes = mesh(
-            &label,
-            &[cluster(), PgCluster::shared_of_three(1)],
-            ddl,
-            "",
-            &broker().address(),
-        )
-        .await;
+        let mut nodes = pair(&label, ddl, "").await;
         let (a, b) = (nodes[0].client().await, nodes[1].client().await);
         nodes[0].stop();
         nodes[1].stop();
@@ -448,14 +433,7 @@ async fn unique_key_conflicts_resolve_the_same_everywhere() {
 /// refuses B's stream, both count it, and B's older update never reaches A.
 #[tokio::test(flavor = "multi_thread")]
 async fn tombstones_go_by_acknowledgement_and_the_horizon_refuses_stale_nodes() {
-    let mut nodes = mesh(
-        "mmhorizon",
-        &[cluster(), PgCluster::shared_of_three(1)],
-        KV_DDL,
-        "    tombstone_retention: 10s\n",
-        &broker().address(),
-    )
-    .await;
+    let mut nodes = pair("mmhorizon", KV_DDL, "    tombstone_retention: 10s\n").await;
     let (a, b) = (nodes[0].client().await, nodes[1].client().await);
     a.batch_execute("INSERT INTO kv SELECT g, 0, NULL FROM generate_series(1, 4) g")
         .await

@@ -472,42 +472,24 @@ mod tests {
             ) && stamp.contains("WHERE (v.t, v.node) < (EXCLUDED.t, EXCLUDED.node)"),
             "{stamp}"
         );
-        let write = stamp_and_upsert(
-            "s",
-            "t",
-            &[
-                Typed {
-                    name: "v",
-                    ty: "text",
-                },
-                Typed {
-                    name: "id",
-                    ty: "integer",
-                },
-            ],
-            &["id"],
-        );
+        let row = [
+            Typed {
+                name: "v",
+                ty: "text",
+            },
+            Typed {
+                name: "id",
+                ty: "integer",
+            },
+        ];
+        let write = stamp_and_upsert("s", "t", &row, &["id"]);
         assert!(
             write.contains("jsonb_build_object('id', $2::integer), $4::int8, $5::text, false")
                 && write.contains(r#"INSERT INTO "s"."t" ("v", "id") SELECT $1::text, $2::integer WHERE EXISTS (SELECT 1 FROM s) ON CONFLICT ("id") DO UPDATE SET "v" = EXCLUDED."v" RETURNING 1"#)
                 && write.contains("OR ($6::bool AND"),
             "{write}"
         );
-        let fresh = insert_fresh(
-            "s",
-            "t",
-            &[
-                Typed {
-                    name: "v",
-                    ty: "text",
-                },
-                Typed {
-                    name: "id",
-                    ty: "integer",
-                },
-            ],
-            &["id"],
-        );
+        let fresh = insert_fresh("s", "t", &row, &["id"]);
         assert!(
             fresh.contains("END) ON CONFLICT (table_name, key) DO NOTHING RETURNING 1), w AS")
                 && fresh.contains("false AND $6::bool")

@@ -147,6 +147,14 @@ fn secondary_unique_violation(e: &tokio_postgres::Error) -> bool {
     e.code() == Some(&SqlState::UNIQUE_VIOLATION)
 }
 
+/// A prepared versioned write: the statement, its parameters, and the row it writes.
+struct VersionedWrite {
+    stmt: Statement,
+    params: Vec<TextParam>,
+    columns: Vec<String>,
+    values: Vec<Box<RawValue>>,
+}
+
 /// What writing the row came to.
 enum Written {
     /// The row is written.
@@ -357,35 +365,67 @@ impl Worker {
         client: &Client,
         p: &Prepared<'_>,
     ) -> Result<bool, ApplyError> {
+        let Ok(write) = self.versioned_write(client, p, true).await? else {
+            // The full path reports what cannot be rendered.
+            return Ok(false);
+        };
+        let row = client
+            .query_one(&write.stmt, &refs(&write.params))
+            .await
+            .map_err(ApplyError::sql("inserting a row"))?;
+        Ok(row.get::<_, i64>(0) == 1)
+    }
+
+    /// The statement that stamps the remote version and upserts the full new row
+    /// ([`sql::stamp_and_upsert`], or with `only_new` [`sql::insert_fresh`]), with its
+    /// parameters. `Ok(Err(reason))`: a value cannot be rendered for its column.
+    async fn versioned_write(
+        &mut self,
+        client: &Client,
+        p: &Prepared<'_>,
+        only_new: bool,
+    ) -> Result<Result<VersionedWrite, String>, ApplyError> {
         let (columns, values) = p.full_after();
         let key: Vec<&str> = p.table.key.iter().map(String::as_str).collect();
-        let text = sql::insert_fresh(
-            &p.change.schema,
-            &p.change.table,
-            &typed(&p.table, &columns),
-            &key,
-        );
+        let typed_columns = typed(&p.table, &columns);
+        let (kind, text) = if only_new {
+            let text = sql::insert_fresh(&p.change.schema, &p.change.table, &typed_columns, &key);
+            ("lww_insert_fresh", text)
+        } else {
+            let text =
+                sql::stamp_and_upsert(&p.change.schema, &p.change.table, &typed_columns, &key);
+            ("lww_write", text)
+        };
         let stmt = self
-            .cached(client, p, "lww_insert_fresh", columns.clone(), || text)
+            .cached(client, p, kind, columns.clone(), || text)
             .await?;
+        // Columns taken from the old image keep its JSON-null marks.
+        let mut json_nulls = p.change.json_null_after.clone();
+        json_nulls.extend(
+            p.change
+                .json_null_before
+                .iter()
+                .filter(|c| p.change.after.as_ref().is_none_or(|a| a.get(c).is_none()))
+                .cloned(),
+        );
         let n = columns.len();
         let mut params = match Self::render_params(
             &stmt.params()[..n],
             &columns,
             &values,
-            &p.change.json_null_after,
+            &json_nulls,
             &p.qualified,
         ) {
             Ok(params) => params,
-            // The full path reports it.
-            Err(_) => return Ok(false),
+            Err(reason) => return Ok(Err(reason)),
         };
         params.extend(self.stamp_params(p, &p.remote));
-        let row = client
-            .query_one(&stmt, &refs(&params))
-            .await
-            .map_err(ApplyError::sql("inserting a row"))?;
-        Ok(row.get::<_, i64>(0) == 1)
+        Ok(Ok(VersionedWrite {
+            stmt,
+            params,
+            columns,
+            values,
+        }))
     }
 
     async fn cached(
@@ -549,40 +589,18 @@ impl Worker {
         p: &Prepared<'_>,
         message: &RecordRef<'_>,
     ) -> Result<Option<Written>, ApplyError> {
-        let (columns, values) = p.full_after();
-        let key: Vec<&str> = p.table.key.iter().map(String::as_str).collect();
-        let text = sql::stamp_and_upsert(
-            &p.change.schema,
-            &p.change.table,
-            &typed(&p.table, &columns),
-            &key,
-        );
-        let stmt = self
-            .cached(client, p, "lww_write", columns.clone(), || text)
-            .await?;
-        let mut json_nulls = p.change.json_null_after.clone();
-        json_nulls.extend(
-            p.change
-                .json_null_before
-                .iter()
-                .filter(|c| p.change.after.as_ref().is_none_or(|a| a.get(c).is_none()))
-                .cloned(),
-        );
-        let n = columns.len();
-        let mut params = match Self::render_params(
-            &stmt.params()[..n],
-            &columns,
-            &values,
-            &json_nulls,
-            &p.qualified,
-        ) {
-            Ok(params) => params,
+        let VersionedWrite {
+            stmt,
+            params,
+            columns,
+            values,
+        } = match self.versioned_write(client, p, false).await? {
+            Ok(write) => write,
             Err(reason) => {
                 self.bad_message(client, message, &reason).await?;
                 return Ok(Some(Written::Done));
             }
         };
-        params.extend(self.stamp_params(p, &p.remote));
         let uniques = !p.table.uniques.is_empty();
         let args = refs(&params);
         for _ in 0..MAX_ATTEMPTS {
