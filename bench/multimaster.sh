@@ -1,26 +1,36 @@
 #!/usr/bin/env bash
-# Multi-master benchmark, two figures, each against a reference measured in the same run:
-#  1. catch-up: how fast a node applies another node's backlog through the last-writer-wins
-#     path, against pgferry's own replica-mode apply of the same node stream;
-#  2. local write overhead: pgbench TPS of single-row updates on a multi-master node (version
-#     trigger, REPLICA IDENTITY FULL, pgferry capturing) against a database on the same server
-#     without pgferry; medians of several alternating rounds.
+# Multi-master catch-up against PostgreSQL's native logical replication, measured in the same
+# run on the same backlog, and the local write overhead of a multi-master node.
 #
-#   bench/multimaster.sh            scale 10, 20000 single-row update transactions, release
-#   bench/multimaster.sh --smoke    scale 1, 1000 transactions, debug build (keeps it working)
+#   bench/multimaster.sh            100k-row table, 30000 + 10000 transactions, release build
+#   bench/multimaster.sh --smoke    1000 + 500 transactions, debug build (CI: keeps the script
+#                                   working and checks its oracles; figures not representative)
+#   TXNS=50000 HOT_TXNS=20000 bench/multimaster.sh
+#   MM_PERF_OUT=/tmp/mm.perf bench/multimaster.sh   also records a CPU profile of node b
 #
-# Node A and node B start with identical pgbench_accounts (pgbench -i on both). Node A's
-# pgferry captures a backlog of random single-row updates; then (1) a replica-mode applier
-# into a third database and (2) node B's multi-master pgferry each drain it, timed from start
-# until their sum(abalance) equals node A's. Every update is a remote change with a newer
-# version, so (2) applies all of them, paying the probe and the versioned write of each change.
-# Prints both rates and the ratio multi-master / replica, then the write-overhead ratio.
+# Node a and node b start with identical pgbench_accounts (100k rows per SCALE). A native
+# subscription on node b's server (database `native`) takes node a's rows by its initial sync
+# and is disabled; node b's pgferry is stopped. Node a then writes a backlog, and each side is
+# timed from start (ALTER SUBSCRIPTION ... ENABLE; starting node b's pgferry) until it holds
+# node a's last transaction (a marker row written last; both apply in commit order):
+#  1. catch-up: TXNS single-row updates of random rows;
+#  2. conflict-heavy catch-up: while apart, node b updates HOT_KEYS rows LOCAL_TXNS times and
+#     node a updates the same rows HOT_TXNS times. Afterwards both nodes must converge, and
+#     the conflicts pgferry counted (pgferry_conflicts_total) must equal the rows it logged in
+#     pgferry.conflicts; the script fails otherwise.
+#  3. local write overhead: pgbench TPS of single-row updates on node a (version trigger,
+#     REPLICA IDENTITY FULL, pgferry capturing) against a database without pgferry; medians.
+# Prints both rates, the ratio pgferry / native, and node b's peak RSS, for 1 and 2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
 bench_build "${1:-}"
-SCALE=${SCALE:-$(smoke_or 1 10)}; TXNS=${TXNS:-$(smoke_or 1000 20000)}
+SCALE=${SCALE:-1}
+TXNS=${TXNS:-$(smoke_or 1000 30000)}
+HOT_KEYS=${HOT_KEYS:-100}
+HOT_TXNS=${HOT_TXNS:-$(smoke_or 500 10000)}
+LOCAL_TXNS=${LOCAL_TXNS:-$(smoke_or 100 1000)}
 CLIENTS=4
 
 start_pg a
@@ -28,15 +38,19 @@ start_pg b
 start_tansu
 a=$PGPORT_a; b=$PGPORT_b
 pgbench_at() { "$PG_BIN/pgbench" -h 127.0.0.1 -p "$1" -U postgres "${@:3}" "$2"; }
-for port in $a $b; do psql_at "$port" postgres "CREATE DATABASE bank" >/dev/null; done
-psql_at "$b" postgres "CREATE DATABASE ref" >/dev/null
-echo "initialising pgbench scale $SCALE on both nodes ..." >&2
-for target in "$a bank" "$b bank" "$b ref"; do
-  # shellcheck disable=SC2086
-  pgbench_at $target -i -s "$SCALE" -q >/dev/null 2>&1
-done
+psql_at "$a" postgres "CREATE DATABASE bank" >/dev/null
+psql_at "$b" postgres "CREATE DATABASE bank" >/dev/null
+psql_at "$b" postgres "CREATE DATABASE native" >/dev/null
+echo "initialising $((SCALE * 100000)) accounts on both nodes ..." >&2
+pgbench_at "$a" bank -i -s "$SCALE" -q >/dev/null 2>&1
+pgbench_at "$b" bank -i -s "$SCALE" -q >/dev/null 2>&1
+pgbench_at "$b" native -i -I dtp -s "$SCALE" >/dev/null 2>&1
+MARKER="CREATE TABLE bench_marker (id int PRIMARY KEY, n int NOT NULL)"
+psql_at "$a" bank "$MARKER; INSERT INTO bench_marker VALUES (1, 0)" >/dev/null
+psql_at "$b" bank "$MARKER; INSERT INTO bench_marker VALUES (1, 0)" >/dev/null
+psql_at "$b" native "$MARKER" >/dev/null
 
-node_config() { # self other port mode target-db
+node_config() { # self other port
   cat <<YAML
 node_id: $1
 source:
@@ -44,17 +58,17 @@ source:
   slot: slot_$1
   publication: pub_$1
   snapshot: never
-  tables: [public.pgbench_accounts]
+  tables: [public.pgbench_accounts, public.bench_marker]
   status_interval: 1s
 kafka:
   brokers: 127.0.0.1:$BROKER_PORT
   topic_prefix: mm
 apply:
-  mode: $4
+  mode: multi_master
   nodes: [$2]
-  tables: [public.pgbench_accounts]
+  tables: [public.pgbench_accounts, public.bench_marker]
   targets:
-    - url: postgres://postgres@127.0.0.1:$3/$5
+    - url: postgres://postgres@127.0.0.1:$3/bank
 metrics:
   listen: 127.0.0.1:$(free_port)
 log:
@@ -62,62 +76,113 @@ log:
   level: warn
 YAML
 }
-node_config a b "$a" multi_master bank >"$WORK/a.yaml"
-node_config b a "$b" multi_master bank >"$WORK/b.yaml"
-cat >"$WORK/ref.yaml" <<YAML
-node_id: ref
-kafka:
-  brokers: 127.0.0.1:$BROKER_PORT
-  topic_prefix: mm
-apply:
-  mode: replica
-  nodes: [a]
-  targets:
-    - url: postgres://postgres@127.0.0.1:$b/ref
-metrics:
-  listen: 127.0.0.1:$(free_port)
-log:
-  format: text
-  level: warn
-YAML
+node_config a b "$a" >"$WORK/a.yaml"
+node_config b a "$b" >"$WORK/b.yaml"
 
-# Node B's pgferry once, to prepare its tables (trigger, replica identity) and create its slot.
+# Node b's pgferry once, to prepare its tables (version trigger, replica identity) and slot.
 "$BIN" run --config "$WORK/b.yaml" 2>"$WORK/b-initial.log" &
 pid=$!
 wait_ready "$WORK/b.yaml"
 kill -TERM $pid; wait $pid || true
 
-# Node A captures the backlog.
+# Node a's pgferry captures (and applies node b's stream) for the whole run.
 "$BIN" run --config "$WORK/a.yaml" 2>"$WORK/a.log" &
 ferry_a=$!
 CLEANUP+=("kill -9 $ferry_a")
 wait_ready "$WORK/a.yaml"
+
+# The native subscription: initial sync, then disabled while the backlog builds.
+psql_at "$a" bank "CREATE PUBLICATION native_pub FOR TABLE pgbench_accounts, bench_marker" >/dev/null
+psql_at "$b" native "CREATE SUBSCRIPTION native_sub CONNECTION 'host=127.0.0.1 port=$a dbname=bank user=postgres' PUBLICATION native_pub" >/dev/null
+native_synced() { [[ "$(psql_at "$b" native "SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'")" == 0 ]]; }
+deadline=$((SECONDS + 300))
+until native_synced; do (( SECONDS < deadline )) || { echo "native initial sync timed out" >&2; exit 1; }; sleep 0.2; done
+psql_at "$b" native "ALTER SUBSCRIPTION native_sub DISABLE" >/dev/null
+
+marker_on() { psql_at "$b" "$1" "SELECT n FROM bench_marker"; }
+# write_marker: node a's last transaction of a backlog; sets WANT.
+write_marker() { WANT=$(psql_at "$a" bank "UPDATE bench_marker SET n = n + 1 RETURNING n"); }
+native_done() { [[ "$(marker_on native)" == "$WANT" ]]; }
+ferry_done() { [[ "$(marker_on bank)" == "$WANT" ]]; }
+
+# time_native: enables the subscription until it holds the marker; sets NATIVE_SECS.
+time_native() {
+  local t0 deadline=$((SECONDS + ${BENCH_TIMEOUT:-900}))
+  t0=$(now)
+  psql_at "$b" native "ALTER SUBSCRIPTION native_sub ENABLE" >/dev/null
+  until native_done; do
+    (( SECONDS < deadline )) || { echo "native replication did not catch up in time" >&2; exit 1; }
+    sleep 0.02
+  done
+  NATIVE_SECS=$(echo "$(now) - $t0" | bc -l)
+  psql_at "$b" native "ALTER SUBSCRIPTION native_sub DISABLE" >/dev/null
+}
+
+# report TITLE TXNS: both rates and the ratio.
+report() {
+  printf '\n%s (%s build)\n' "$1" "$PROFILE"
+  printf '  native logical replication   %8.2f s  %8.0f txn/s\n' "$NATIVE_SECS" "$(echo "$2 / $NATIVE_SECS" | bc -l)"
+  printf '  pgferry multi-master         %8.2f s  %8.0f txn/s  (peak RSS %s MB)\n' \
+    "$FERRY_SECS" "$(echo "$2 / $FERRY_SECS" | bc -l)" "$FERRY_RSS"
+  printf '  ratio pgferry / native: %.3f\n' "$(echo "$NATIVE_SECS / $FERRY_SECS" | bc -l)"
+}
+
 cat >"$WORK/update.sql" <<'SQL'
 \set aid random(1, 100000 * :scale)
 \set delta random(1, 1000)
 UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
 SQL
+cat >"$WORK/hot.sql" <<SQL
+\set aid random(1, $HOT_KEYS)
+\set delta random(1, 1000)
+UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
+SQL
+
+# 1. Catch-up.
 echo "building a backlog of $TXNS single-row updates on node a ..." >&2
 pgbench_at "$a" bank -n -c "$CLIENTS" -j 2 -t $((TXNS / CLIENTS)) -f "$WORK/update.sql" >/dev/null 2>&1
-want=$(psql_at "$a" bank "SELECT sum(abalance) FROM pgbench_accounts")
-sum_on() { psql_at "$b" "$1" "SELECT sum(abalance) FROM pgbench_accounts"; }
-ref_done() { [[ "$(sum_on ref)" == "$want" ]]; }
-mm_done() { [[ "$(sum_on bank)" == "$want" ]]; }
+write_marker
+time_native
+PERF_OUT=${MM_PERF_OUT:-} time_ferry_until "$WORK/b.yaml" ferry_done
+report "multi-master catch-up: $TXNS single-row update transactions over $((SCALE * 100000)) rows" "$TXNS"
+catchup_ratio=$(echo "$NATIVE_SECS / $FERRY_SECS" | bc -l)
+sums() { psql_at "$1" "$2" "SELECT sum(abalance) FROM pgbench_accounts"; }
+if [[ "$(sums "$b" bank)" != "$(sums "$a" bank)" || "$(sums "$b" native)" != "$(sums "$a" bank)" ]]; then
+  echo "after catch-up, node b or the native copy differs from node a" >&2
+  exit 1
+fi
 
-time_ferry_until "$WORK/ref.yaml" ref_done
-ref_secs=$FERRY_SECS
-time_ferry_until "$WORK/b.yaml" mm_done
-mm_secs=$FERRY_SECS
-rss=$FERRY_RSS
-conflicts=$(psql_at "$b" bank "SELECT count(*) FROM pgferry.conflicts")
+# 2. Conflict-heavy catch-up: both nodes write the same rows while apart.
+echo "building conflicting backlogs: $LOCAL_TXNS updates on node b, $HOT_TXNS on node a, over $HOT_KEYS rows ..." >&2
+for db in bank native; do
+  pgbench_at "$b" "$db" -n -c 2 -j 2 -t $((LOCAL_TXNS / 2)) -f "$WORK/hot.sql" >/dev/null 2>&1
+done
+pgbench_at "$a" bank -n -c "$CLIENTS" -j 2 -t $((HOT_TXNS / CLIENTS)) -f "$WORK/hot.sql" >/dev/null 2>&1
+write_marker
+logged_before=$(psql_at "$b" bank "SELECT count(*) FROM pgferry.conflicts")
+time_native
+METRICS_OUT="$WORK/b-metrics.txt" time_ferry_until "$WORK/b.yaml" ferry_done
+report "conflict-heavy catch-up: $HOT_TXNS updates from node a meet $LOCAL_TXNS of node b's over $HOT_KEYS rows" "$HOT_TXNS"
+hot_ratio=$(echo "$NATIVE_SECS / $FERRY_SECS" | bc -l)
+logged=$(( $(psql_at "$b" bank "SELECT count(*) FROM pgferry.conflicts") - logged_before ))
+counted=$(awk '/^pgferry_conflicts_total[{ ]/ {n += $NF} END {printf "%d", n}' "$WORK/b-metrics.txt")
+printf '  conflicts: %d logged in pgferry.conflicts, %d counted in pgferry_conflicts_total\n' "$logged" "$counted"
+if [[ "$logged" != "$counted" ]]; then
+  echo "the conflict log and the conflict counter disagree" >&2
+  exit 1
+fi
+# Node b's local writes travel too: both nodes must converge.
+"$BIN" run --config "$WORK/b.yaml" 2>"$WORK/b-converge.log" &
+ferry_b=$!
+CLEANUP+=("kill -9 $ferry_b")
+deadline=$((SECONDS + 300))
+until [[ "$(sums "$a" bank)" == "$(sums "$b" bank)" ]]; do
+  (( SECONDS < deadline )) || { echo "nodes a and b did not converge" >&2; exit 1; }
+  sleep 0.2
+done
+echo "  nodes a and b converged (sum of balances $(sums "$a" bank))"
 
-printf '\nmulti-master apply benchmark (%s build): pgbench scale %d, %d single-row updates\n' "$PROFILE" "$SCALE" "$TXNS"
-printf '  replica-mode apply (reference)  %8.2f s  %8.0f txn/s\n' "$ref_secs" "$(echo "$TXNS / $ref_secs" | bc -l)"
-printf '  multi-master apply (LWW)        %8.2f s  %8.0f txn/s\n' "$mm_secs" "$(echo "$TXNS / $mm_secs" | bc -l)"
-printf '  ratio multi-master / replica: %.3f   (peak RSS %s MB, %s conflicts logged)\n' \
-  "$(echo "$ref_secs / $mm_secs" | bc -l)" "$rss" "$conflicts"
-
-# 2. Local write overhead, with node a's pgferry still capturing.
+# 3. Local write overhead, with node a's pgferry capturing.
 ROUNDS=${ROUNDS:-$(smoke_or 1 5)}; SECS=${SECS:-$(smoke_or 2 10)}
 psql_at "$a" postgres "CREATE DATABASE plain" >/dev/null
 pgbench_at "$a" plain -i -s "$SCALE" -q >/dev/null 2>&1
@@ -135,4 +200,7 @@ printf '\nlocal write overhead (%s build): pgbench single-row updates, %d client
   "$PROFILE" "$CLIENTS" "$ROUNDS" "$SECS"
 printf '  without pgferry   median %8.0f tps  (runs: %s)\n' "$plain_tps" "${plain_runs[*]}"
 printf '  multi-master node median %8.0f tps  (runs: %s)\n' "$mm_tps" "${mm_runs[*]}"
-printf '  ratio multi-master / without: %.3f\n' "$(echo "$mm_tps / $plain_tps" | bc -l)"
+write_ratio=$(echo "$mm_tps / $plain_tps" | bc -l)
+printf '  ratio multi-master / without: %.3f\n' "$write_ratio"
+printf '\nresult mm_catchup_ratio=%.3f mm_conflict_heavy_ratio=%.3f mm_local_write_ratio=%.3f\n' \
+  "$catchup_ratio" "$hot_ratio" "$write_ratio"

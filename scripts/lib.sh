@@ -41,6 +41,7 @@ synchronous_commit = off
 full_page_writes = off
 shared_buffers = 256MB
 max_wal_size = 4GB
+${PG_EXTRA_CONF:-}
 CONF
   as_pg "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/log" -w start >/dev/null
   CLEANUP+=("as_pg $PG_BIN/pg_ctl -D $dir/data -m immediate stop")
@@ -79,7 +80,8 @@ peak_rss_mb() {
 # time_ferry_until CONFIG CONDITION...: starts `$BIN run --config CONFIG` (under perf when
 # PERF_OUT is set), waits until the CONDITION command succeeds, then stops pgferry. Sets
 # FERRY_SECS (wall time to the condition) and FERRY_RSS (peak RSS in MB). Fails with the log
-# when pgferry exits early or BENCH_TIMEOUT (default 900 s) passes.
+# when pgferry exits early or BENCH_TIMEOUT (default 900 s) passes. METRICS_OUT: where to
+# save pgferry's /metrics at the condition.
 time_ferry_until() {
   local config=$1 log="$WORK/ferry.log" pid deadline t0 wrapper=()
   shift
@@ -96,6 +98,10 @@ time_ferry_until() {
   done
   FERRY_SECS=$(echo "$(now) - $t0" | bc -l)
   FERRY_RSS=$(peak_rss_mb "$pid")
+  if [[ -n "${METRICS_OUT:-}" ]]; then
+    sleep 1  # counters move just after the commit that the condition saw
+    curl -s "http://$(awk '/^  listen:/ {print $2; exit}' "$config")/metrics" >"$METRICS_OUT" || true
+  fi
   kill -TERM "$pid"; wait "$pid" || true
 }
 

@@ -78,6 +78,11 @@ pub enum ApplyError {
         /// Who found it, and where.
         detail: String,
     },
+    /// The target answered a statement in a way its text rules out (a table described a
+    /// moment ago is gone, a batch probe returned the wrong number of rows): the transaction
+    /// is rolled back and replayed.
+    #[error("the target answered unexpectedly: {0}")]
+    UnexpectedAnswer(String),
     /// A change carries a column the target table does not have.
     #[error("column {column} of {table} does not exist on the target: add it there (ALTER TABLE {table} ADD COLUMN ...) and pgferry resumes")]
     ColumnMissing {
@@ -124,7 +129,9 @@ impl Classify for ApplyError {
             ApplyError::BadMessage { .. }
             | ApplyError::Gap { .. }
             | ApplyError::HorizonPassed { .. } => ErrorClass::Fatal,
-            ApplyError::Contention { .. } | ApplyError::Stalled { .. } => ErrorClass::Transient,
+            ApplyError::Contention { .. }
+            | ApplyError::Stalled { .. }
+            | ApplyError::UnexpectedAnswer(_) => ErrorClass::Transient,
         }
     }
 }

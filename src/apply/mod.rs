@@ -11,6 +11,7 @@ pub mod error;
 pub mod join;
 pub mod multimaster;
 pub mod params;
+pub mod plan;
 pub mod position;
 pub mod sql;
 pub mod stream;

@@ -182,6 +182,26 @@ fn version_key(key: &[Typed<'_>], first_param: usize) -> String {
     format!("jsonb_build_object({})", pairs.join(", "))
 }
 
+/// Whether the live row `t` equals the old image, column by column as text (`NULL::bool`
+/// when there is no old image); `value(i, column)` spells the old image's value.
+fn matches_before(before: &[Typed<'_>], value: impl Fn(usize, &Typed<'_>) -> String) -> String {
+    if before.is_empty() {
+        return "NULL::bool".to_owned();
+    }
+    before
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            format!(
+                "t.{}::text IS NOT DISTINCT FROM {}::text",
+                quote_ident(c.name),
+                value(i, c)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
 /// What this node holds for a key, locking the live row (if any) so that no local writer
 /// changes it until the apply commits. One row of: whether a live row exists, the row as jsonb,
 /// whether it equals the remote old image (`before`; NULL when empty); then the key's
@@ -189,23 +209,7 @@ fn version_key(key: &[Typed<'_>], first_param: usize) -> String {
 /// `$n+1` is the table name.
 pub fn probe(schema: &str, table: &str, key: &[Typed<'_>], before: &[Typed<'_>]) -> String {
     let first_before = key.len() + 1;
-    let matches = if before.is_empty() {
-        "NULL::bool".to_owned()
-    } else {
-        before
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                format!(
-                    "t.{}::text IS NOT DISTINCT FROM ${}::{}::text",
-                    quote_ident(c.name),
-                    first_before + i,
-                    c.ty
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(" AND ")
-    };
+    let matches = matches_before(before, |i, c| format!("${}::{}", first_before + i, c.ty));
     let table_param = first_before + before.len();
     format!(
         "SELECT r.local_row IS NOT NULL, r.local_row::text, r.matches, v.t, v.node::text, v.deleted \
@@ -429,6 +433,220 @@ pub fn write_merged(schema: &str, table: &str, columns: &[&str], key: &[Typed<'_
     )
 }
 
+/// `unnest` over one text array per column from `$first`, named `u(c1, …)`, followed by
+/// `extra` (already-typed arrays with their alias names), `WITH ORDINALITY` as `ord`.
+fn unnest_rows(columns: usize, first: usize, extra: &[(&str, &str)]) -> String {
+    let mut arrays: Vec<String> = (0..columns)
+        .map(|i| format!("${}::text[]", first + i))
+        .collect();
+    let mut names: Vec<String> = (1..=columns).map(|i| format!("c{i}")).collect();
+    for (i, (ty, name)) in extra.iter().enumerate() {
+        arrays.push(format!("${}::{ty}[]", first + columns + i));
+        names.push((*name).to_owned());
+    }
+    names.push("ord".to_owned());
+    format!(
+        "unnest({}) WITH ORDINALITY AS u({})",
+        arrays.join(", "),
+        names.join(", ")
+    )
+}
+
+/// The typed value of column `i` (0-based) of `u`.
+fn row_value(i: usize, ty: &str) -> String {
+    format!("u.c{}::{ty}", i + 1)
+}
+
+/// `alias."k" = u.cN::type AND …`, key columns at positions `at` of `u`.
+fn row_key_predicate(alias: &str, key: &[(usize, Typed<'_>)]) -> String {
+    key.iter()
+        .map(|(i, k)| format!("{alias}.{} = {}", quote_ident(k.name), row_value(*i, k.ty)))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// The version-store key of each row of `u` (see [`version_key`]).
+fn row_version_key(key: &[(usize, Typed<'_>)]) -> String {
+    let pairs: Vec<String> = key
+        .iter()
+        .map(|(i, k)| {
+            format!(
+                "{}, {}",
+                crate::sql::quote_literal(k.name),
+                row_value(*i, k.ty)
+            )
+        })
+        .collect();
+    format!("jsonb_build_object({})", pairs.join(", "))
+}
+
+/// Where each key column sits among `columns`.
+fn key_positions<'a>(columns: &[Typed<'a>], key: &[&str]) -> Vec<(usize, Typed<'a>)> {
+    key.iter()
+        .filter_map(|k| {
+            let i = columns.iter().position(|c| c.name == *k)?;
+            Some((i, columns[i]))
+        })
+        .collect()
+}
+
+/// The parts of a multi-row upsert of `columns` from `u`: the quoted column list, the
+/// typed values, and the `ON CONFLICT` clause of [`upsert`].
+fn row_upsert_parts(columns: &[Typed<'_>], key: &[&str]) -> (String, String, String) {
+    let names: Vec<&str> = columns.iter().map(|c| c.name).collect();
+    let single = upsert("s", "t", &names, key);
+    let on_conflict = single
+        .find(" ON CONFLICT")
+        .map(|i| single[i..].to_owned())
+        .unwrap_or_default();
+    let cols: Vec<String> = names.iter().map(|c| quote_ident(c)).collect();
+    let values: Vec<String> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| row_value(i, c.ty))
+        .collect();
+    (cols.join(", "), values.join(", "), on_conflict)
+}
+
+/// Many rows of [`upsert`] in one statement. Parameters: one text array per column.
+pub fn upsert_rows(schema: &str, table: &str, columns: &[Typed<'_>], key: &[&str]) -> String {
+    let (cols, values, on_conflict) = row_upsert_parts(columns, key);
+    format!(
+        "INSERT INTO {} ({cols}) SELECT {values} FROM {}{on_conflict}",
+        qualified(schema, table),
+        unnest_rows(columns.len(), 1, &[]),
+    )
+}
+
+/// Many rows of [`update`] in one statement. Parameters: one text array per `set` column,
+/// then per `key` column.
+pub fn update_rows(schema: &str, table: &str, set: &[Typed<'_>], key: &[Typed<'_>]) -> String {
+    let sets: Vec<String> = set
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("{} = {}", quote_ident(c.name), row_value(i, c.ty)))
+        .collect();
+    let key: Vec<(usize, Typed<'_>)> = key
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (set.len() + i, *k))
+        .collect();
+    format!(
+        "UPDATE {} AS t SET {} FROM {} WHERE {}",
+        qualified(schema, table),
+        sets.join(", "),
+        unnest_rows(set.len() + key.len(), 1, &[]),
+        row_key_predicate("t", &key),
+    )
+}
+
+/// Many rows of [`delete`] in one statement. Parameters: one text array per key column.
+pub fn delete_rows(schema: &str, table: &str, key: &[Typed<'_>]) -> String {
+    let key: Vec<(usize, Typed<'_>)> = key.iter().copied().enumerate().collect();
+    format!(
+        "DELETE FROM {} AS t USING {} WHERE {}",
+        qualified(schema, table),
+        unnest_rows(key.len(), 1, &[]),
+        row_key_predicate("t", &key),
+    )
+}
+
+/// [`probe`] for many keys in one statement: one row per key, in input order, of its
+/// ordinal (1-based), whether a live row exists, the row as jsonb text (only when it does not
+/// equal the old image: a conflict may need it), whether it equals the old image (NULL when
+/// `before` is empty), and the key's version `t`, `node`. Locks every live row. Parameters:
+/// one text array per key column, then per `before` column; then the table name.
+pub fn probe_rows(schema: &str, table: &str, key: &[Typed<'_>], before: &[Typed<'_>]) -> String {
+    let keyed: Vec<(usize, Typed<'_>)> = key.iter().copied().enumerate().collect();
+    let matches = matches_before(before, |i, c| row_value(key.len() + i, c.ty));
+    let table_param = key.len() + before.len() + 1;
+    format!(
+        "SELECT u.ord, r.found IS NOT NULL, r.local_row, r.matches, v.t, v.node::text \
+           FROM {rows} \
+           LEFT JOIN LATERAL (\
+             SELECT true AS found, \
+                    CASE WHEN ({matches}) IS DISTINCT FROM true THEN to_jsonb(t)::text END AS local_row, \
+                    ({matches}) AS matches \
+               FROM ONLY {t} AS t WHERE {key_pred} FOR UPDATE) AS r ON true \
+           LEFT JOIN LATERAL (\
+             SELECT v.t, v.node FROM pgferry.versions AS v \
+              WHERE v.table_name = ${table_param}::text AND v.key = {vkey}) AS v ON true \
+          ORDER BY u.ord",
+        rows = unnest_rows(key.len() + before.len(), 1, &[]),
+        t = qualified(schema, table),
+        key_pred = row_key_predicate("t", &keyed),
+        vkey = row_version_key(&keyed),
+    )
+}
+
+/// The guarded version upsert of [`stamp`] for every row of `u`: `deleted` and the seen
+/// node and LSN are expressions over `u` and parameters.
+fn stamp_rows(vkey: &str, table_param: usize, deleted: &str, seen: (&str, &str)) -> String {
+    format!(
+        "INSERT INTO pgferry.versions AS v (table_name, key, t, node, deleted, seen_node, seen_lsn) \
+         SELECT ${table_param}::text, {vkey}, u.t, u.node, {deleted}, {}, {} FROM u \
+         ON CONFLICT (table_name, key) DO UPDATE \
+            SET t = EXCLUDED.t, node = EXCLUDED.node, deleted = EXCLUDED.deleted, \
+                seen_node = EXCLUDED.seen_node, seen_lsn = EXCLUDED.seen_lsn \
+          WHERE (v.t, v.node) < (EXCLUDED.t, EXCLUDED.node) \
+         RETURNING v.key",
+        seen.0, seen.1
+    )
+}
+
+/// [`stamp_and_upsert`] for many rows in one statement: stamps each row's version where it is
+/// still greater than the stored one and upserts exactly those rows; returns the ordinals
+/// (1-based) of the rows written. Rows not returned lost to a version stamped since the
+/// probe. Parameters: one text array per column, an `int8` array of `t`, a text array of
+/// nodes, then the table name.
+pub fn stamp_and_upsert_rows(
+    schema: &str,
+    table: &str,
+    columns: &[Typed<'_>],
+    key: &[&str],
+) -> String {
+    let n = columns.len();
+    let keyed = key_positions(columns, key);
+    let vkey = row_version_key(&keyed);
+    let (cols, values, on_conflict) = row_upsert_parts(columns, key);
+    format!(
+        "WITH u AS (SELECT * FROM {rows}), \
+              s AS ({stamp}), \
+              w AS (INSERT INTO {t} ({cols}) SELECT {values} FROM u \
+                     WHERE {vkey} IN (SELECT key FROM s){on_conflict}) \
+         SELECT u.ord FROM u WHERE {vkey} IN (SELECT key FROM s)",
+        rows = unnest_rows(n, 1, &[("int8", "t"), ("text", "node")]),
+        stamp = stamp_rows(&vkey, n + 3, "false", ("NULL::text", "NULL::pg_lsn")),
+        t = qualified(schema, table),
+    )
+}
+
+/// [`stamp_and_delete`] for many keys in one statement; returns the ordinals of the keys
+/// whose tombstone won (and whose row, if any, is deleted). Parameters: one text array per
+/// key column, an `int8` array of `t`, a text array of nodes, a text array of commit LSNs
+/// (where each delete sits in the stream), then the table name and the stream's node.
+pub fn stamp_and_delete_rows(schema: &str, table: &str, key: &[Typed<'_>]) -> String {
+    let n = key.len();
+    let keyed: Vec<(usize, Typed<'_>)> = key.iter().copied().enumerate().collect();
+    let vkey = row_version_key(&keyed);
+    format!(
+        "WITH u AS (SELECT * FROM {rows}), \
+              s AS ({stamp}), \
+              d AS (DELETE FROM ONLY {t} AS t USING u \
+                     WHERE {key_pred} AND {vkey} IN (SELECT key FROM s)) \
+         SELECT u.ord FROM u WHERE {vkey} IN (SELECT key FROM s)",
+        rows = unnest_rows(n, 1, &[("int8", "t"), ("text", "node"), ("text", "lsn")]),
+        stamp = stamp_rows(
+            &vkey,
+            n + 4,
+            "true",
+            (&format!("${}::text", n + 5), "u.lsn::pg_lsn")
+        ),
+        t = qualified(schema, table),
+        key_pred = row_key_predicate("t", &keyed),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -457,6 +675,47 @@ mod tests {
         );
         assert!(delete_one_matching("s", "t", &["a", "b"])
             .contains(r#""b" IS NOT DISTINCT FROM $2 LIMIT 1)"#));
+    }
+
+    #[test]
+    fn multi_row_statements() {
+        let cols = [
+            Typed {
+                name: "id",
+                ty: "integer",
+            },
+            Typed {
+                name: "v",
+                ty: "text",
+            },
+        ];
+        assert_eq!(
+            upsert_rows("s", "t", &cols, &["id"]),
+            r#"INSERT INTO "s"."t" ("id", "v") SELECT u.c1::integer, u.c2::text FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(c1, c2, ord) ON CONFLICT ("id") DO UPDATE SET "v" = EXCLUDED."v""#
+        );
+        assert_eq!(
+            update_rows("s", "t", &cols[1..], &cols[..1]),
+            r#"UPDATE "s"."t" AS t SET "v" = u.c1::text FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(c1, c2, ord) WHERE t."id" = u.c2::integer"#
+        );
+        assert_eq!(
+            delete_rows("s", "t", &cols[..1]),
+            r#"DELETE FROM "s"."t" AS t USING unnest($1::text[]) WITH ORDINALITY AS u(c1, ord) WHERE t."id" = u.c1::integer"#
+        );
+        // Versions and rows: two column arrays, then t, node, and the table name ($5).
+        let write = stamp_and_upsert_rows("s", "t", &cols, &["id"]);
+        assert!(write.contains("unnest($1::text[], $2::text[], $3::int8[], $4::text[])"));
+        assert!(write.contains(
+            "SELECT $5::text, jsonb_build_object('id', u.c1::integer), u.t, u.node, false"
+        ));
+        assert!(write.contains("WHERE (v.t, v.node) < (EXCLUDED.t, EXCLUDED.node)"));
+        assert!(write.ends_with("SELECT u.ord FROM u WHERE jsonb_build_object('id', u.c1::integer) IN (SELECT key FROM s)"));
+        // Tombstones: the key array, t, node, LSN, then the table name ($5) and stream node ($6).
+        let delete = stamp_and_delete_rows("s", "t", &cols[..1]);
+        assert!(delete.contains("unnest($1::text[], $2::int8[], $3::text[], $4::text[])"));
+        assert!(delete.contains("SELECT $5::text, jsonb_build_object('id', u.c1::integer), u.t, u.node, true, $6::text, u.lsn::pg_lsn"));
+        let probe = probe_rows("s", "t", &cols[..1], &cols[1..]);
+        assert!(probe.contains("t.\"v\"::text IS NOT DISTINCT FROM u.c2::text::text"));
+        assert!(probe.contains("v.table_name = $3::text"));
     }
 
     #[test]

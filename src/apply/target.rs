@@ -39,6 +39,9 @@ pub async fn prepare_session(
              -- Like native subscriptions: the progress row commits with the data, so a target
              -- crash that loses the last commits loses their progress too, and they replay.
              SET synchronous_commit = off;
+             -- Apply statements are prepared once and run many times with new values; their
+             -- best plan does not depend on the values (key lookups), so plan them once.
+             SET plan_cache_mode = force_generic_plan;
              BEGIN;
              -- Workers start together; CREATE ... IF NOT EXISTS is not safe concurrently.
              SELECT pg_advisory_xact_lock(hashtext('pgferry.bookkeeping'));

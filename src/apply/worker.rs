@@ -29,6 +29,7 @@ use super::dead_letters::StoredDeadLetter;
 use super::error::ApplyError;
 use super::multimaster;
 use super::params::json_to_text;
+use super::plan::{self, Batch, RowWrite, StatementKind, WriteGroup};
 use super::sql;
 use super::stream::{
     parse_framed, ChangeItem, Framer, RelationItem, RowImage, SkippedItem, Step, StreamItem,
@@ -46,9 +47,12 @@ use crate::telemetry::{Health, Metrics};
 
 mod horizon;
 mod lww;
+mod lww_rows;
 
 /// Statements in flight before the worker waits for their results.
 const PIPELINE_DEPTH: usize = 512;
+/// Rows a set batch gathers before it is sent (a multi-row statement each group).
+const ROWS_PER_STATEMENT: usize = 2000;
 /// How often a worker re-reads which of its target tables have unresolved dead letters.
 const DIVERGED_RECHECK: Duration = Duration::from_secs(10);
 /// How often an idle worker wakes to report liveness.
@@ -78,7 +82,7 @@ pub struct WorkerSettings {
 struct StatementKey {
     schema: String,
     table: String,
-    kind: &'static str,
+    kind: StatementKind,
     columns: Vec<String>,
 }
 
@@ -101,6 +105,12 @@ struct Worker {
     /// Applied-changes counters by `schema.table`, indexed by op.
     counters: HashMap<String, [Option<prometheus::IntCounter>; 5]>,
     statements: HashMap<StatementKey, Statement>,
+    /// Replica mode: rows gathered for multi-row statements, not yet sent.
+    rows: Batch<WriteGroup, Vec<Option<String>>>,
+    /// Multi-master: changes gathered to be decided and written together, not yet sent.
+    lww_rows: Batch<lww_rows::ProbeGroup, lww_rows::LwwRow>,
+    /// Types of each target table's columns, by `schema.table`, for rendering values.
+    column_types: HashMap<String, Vec<tokio_postgres::types::Type>>,
     /// Committed position: what the target durably holds.
     committed: target::Progress,
     in_target_txn: bool,
@@ -253,6 +263,9 @@ async fn open(
         tables: HashMap::new(),
         counters: HashMap::new(),
         statements: HashMap::new(),
+        rows: Batch::default(),
+        lww_rows: Batch::default(),
+        column_types: HashMap::new(),
         committed,
         in_target_txn: false,
         last_completed: None,
@@ -320,6 +333,13 @@ pub async fn run(
             .apply_loop(&client, &consumer, &topic, &mut framer, &shutdown)
             .await;
         match result {
+            Err(ApplyError::Sql { source, .. }) if is_lock_conflict(&source) => {
+                // A deadlock or serialisation failure with local writers or another worker:
+                // undo the open transaction and replay it from the committed position.
+                tracing::info!(node = %worker.settings.node, error = %source,
+                               "lock conflict with a concurrent writer; replaying the transaction");
+                worker.rollback(&client, &mut InFlight::default()).await?;
+            }
             Err(e) if e.is_rejection() && !worker.careful => {
                 // Pipelined statements do not say which change the target rejected: undo the
                 // batch and replay it one change at a time to find it.
@@ -499,29 +519,14 @@ impl Worker {
                     }
                 }
                 Step::Apply(change) if self.lww.is_some() => {
-                    let applied = self
-                        .apply_change_lww(
-                            client,
-                            &mut pending,
-                            &record,
-                            change,
-                            framer.open_commit_ts_us().unwrap_or_default(),
-                        )
-                        .await;
-                    if let Err(ApplyError::Sql { source, .. }) = &applied {
-                        if is_lock_conflict(source) {
-                            // A deadlock or serialisation failure with local writers or another
-                            // worker: undo the open transaction and replay it.
-                            tracing::info!(node = %self.settings.node, error = %source,
-                                           "lock conflict with a concurrent writer; replaying the transaction");
-                            drop(message);
-                            self.rollback(client, &mut pending).await?;
-                            *framer = Framer::new(self.committed.commit_lsn);
-                            self.assign(consumer, topic)?;
-                            continue;
-                        }
-                    }
-                    applied?;
+                    self.apply_change_lww(
+                        client,
+                        &mut pending,
+                        &record,
+                        change,
+                        framer.open_commit_ts_us().unwrap_or_default(),
+                    )
+                    .await?;
                 }
                 Step::Apply(change) => {
                     self.apply_change(client, &mut pending, &record, change)
@@ -612,6 +617,8 @@ impl Worker {
         }
         self.in_target_txn = false;
         self.last_completed = None;
+        self.rows.clear();
+        self.lww_rows.clear();
         if let Some(lww) = &mut self.lww {
             lww.conflicts.clear();
         }
@@ -620,6 +627,7 @@ impl Worker {
         // A rolled-back transaction may have created tables: forget what we learned in it.
         self.tables.clear();
         self.statements.clear();
+        self.column_types.clear();
         Ok(())
     }
 
@@ -690,6 +698,8 @@ impl Worker {
         let Some(done) = self.last_completed.take() else {
             return Ok(());
         };
+        self.send_rows(client, pending).await?;
+        self.send_lww_rows(client, pending).await?;
         if self.lww.is_some() {
             pending
                 .drain()
@@ -880,10 +890,10 @@ impl Worker {
         let key: Vec<&str> = table.key.iter().map(String::as_str).collect();
         // Which image each bound value comes from, to honour its json_null list.
         let mut from_before = false;
-        let (kind, columns, values): (&'static str, Vec<String>, Vec<Box<RawValue>>) = match change.op {
+        let (kind, columns, values): (StatementKind, Vec<String>, Vec<Box<RawValue>>) = match change.op {
             Op::Create | Op::Read => {
                 let after = change.after.unwrap_or_default();
-                ("upsert", after.keys().cloned().collect(), after.into_iter().map(|(_, v)| v).collect())
+                (StatementKind::Upsert, after.keys().cloned().collect(), after.into_iter().map(|(_, v)| v).collect())
             }
             Op::Update if !key.is_empty() => {
                 let after = change.after.unwrap_or_default();
@@ -902,7 +912,7 @@ impl Worker {
                 let mut values: Vec<Box<RawValue>> = sets.into_iter().map(|(_, v)| v).collect();
                 columns.extend(table.key.iter().cloned());
                 values.extend(key_values);
-                ("update", columns, values)
+                (StatementKind::Update, columns, values)
             }
             Op::Delete if !key.is_empty() => {
                 let before = change.before.unwrap_or_default();
@@ -911,12 +921,12 @@ impl Worker {
                     return self.bad_message(client, message, &format!("delete on {qualified} lacks key columns")).await;
                 };
                 from_before = true;
-                ("delete", table.key.clone(), values)
+                (StatementKind::Delete, table.key.clone(), values)
             }
             Op::Delete => match change.before {
                 Some(before) if before.len() == table.columns.len() => {
                     from_before = true;
-                    ("delete_matching", before.keys().cloned().collect(), before.into_iter().map(|(_, v)| v).collect())
+                    (StatementKind::DeleteMatching, before.keys().cloned().collect(), before.into_iter().map(|(_, v)| v).collect())
                 }
                 _ => {
                     return self
@@ -929,7 +939,7 @@ impl Worker {
                     .bad_message(client, message, &format!("update on {qualified}: the target table has no primary key"))
                     .await
             }
-            Op::Truncate => ("truncate", Vec::new(), Vec::new()),
+            Op::Truncate => (StatementKind::Truncate, Vec::new(), Vec::new()),
         };
         let json_nulls = if from_before {
             &change.json_null_before
@@ -939,10 +949,12 @@ impl Worker {
         let (schema, name) = (change.schema.clone(), change.table.clone());
         let cols: Vec<&str> = columns.iter().map(String::as_str).collect();
         let text = || match kind {
-            "upsert" => sql::upsert(&schema, &name, &cols, &key),
-            "update" => sql::update(&schema, &name, &cols[..cols.len() - key.len()], &key),
-            "delete" => sql::delete(&schema, &name, &key),
-            "delete_matching" => sql::delete_one_matching(&schema, &name, &cols),
+            StatementKind::Upsert => sql::upsert(&schema, &name, &cols, &key),
+            StatementKind::Update => {
+                sql::update(&schema, &name, &cols[..cols.len() - key.len()], &key)
+            }
+            StatementKind::Delete => sql::delete(&schema, &name, &key),
+            StatementKind::DeleteMatching => sql::delete_one_matching(&schema, &name, &cols),
             _ => sql::truncate(&schema, &name),
         };
         let stmt_key = StatementKey {
@@ -957,11 +969,106 @@ impl Worker {
                 Ok(params) => params,
                 Err(reason) => return self.bad_message(client, message, &reason).await,
             };
-        pending.send(Box::pin(
-            async move { client.execute_raw(&stmt, params).await },
-        ));
+        // Rows of keyed tables without secondary unique indexes go into the set batch (see
+        // [`super::plan`]); anything else is sent alone, after the batch.
+        let write = match kind {
+            StatementKind::Upsert => Some(RowWrite::Upsert),
+            StatementKind::Update => Some(RowWrite::Update {
+                set: columns.len() - key.len(),
+            }),
+            StatementKind::Delete => Some(RowWrite::Delete),
+            _ => None,
+        };
+        match write {
+            Some(write) if !self.careful && table.uniques.is_empty() => {
+                let key_at: Vec<usize> = match write {
+                    RowWrite::Upsert => key
+                        .iter()
+                        .filter_map(|k| columns.iter().position(|c| c == k))
+                        .collect(),
+                    RowWrite::Update { set } => (set..columns.len()).collect(),
+                    RowWrite::Delete => (0..columns.len()).collect(),
+                };
+                // A keyless table's inserts commute with each other (its deletes are sent
+                // alone, after the batch): each row gets a key of its own.
+                let row_key = if key.is_empty() {
+                    plan::row_key(&qualified, [Some(self.rows.len().to_string().as_str())])
+                } else {
+                    plan::row_key(&qualified, key_at.iter().map(|&i| params[i].0.as_deref()))
+                };
+                if self.rows.holds(&row_key) {
+                    self.send_rows(client, pending).await?;
+                }
+                let group = WriteGroup {
+                    schema: change.schema,
+                    table: change.table,
+                    write,
+                    columns,
+                };
+                self.rows
+                    .push(group, row_key, params.into_iter().map(|p| p.0).collect());
+                if self.rows.len() >= ROWS_PER_STATEMENT {
+                    self.send_rows(client, pending).await?;
+                }
+            }
+            _ => {
+                self.send_rows(client, pending).await?;
+                pending.send(Box::pin(
+                    async move { client.execute_raw(&stmt, params).await },
+                ));
+            }
+        }
         self.batch_changes += 1;
         self.count_applied(&qualified, change.op);
+        Ok(())
+    }
+
+    /// Sends the set batch of replica mode: one multi-row statement per group.
+    async fn send_rows<'c>(
+        &mut self,
+        client: &'c Client,
+        pending: &mut InFlight<'c>,
+    ) -> Result<(), ApplyError> {
+        for (group, rows) in self.rows.take() {
+            let qualified = format!("{}.{}", group.schema, group.table);
+            let names = (group.schema.as_str(), group.table.as_str());
+            let Some(table) = self.table(client, &qualified, names, false).await? else {
+                return Err(ApplyError::ColumnMissing {
+                    table: qualified,
+                    column: group.columns.first().cloned().unwrap_or_default(),
+                });
+            };
+            let typed: Vec<sql::Typed<'_>> = group
+                .columns
+                .iter()
+                .map(|c| sql::Typed {
+                    name: c,
+                    ty: table.type_of(c).unwrap_or("text"),
+                })
+                .collect();
+            let text = match group.write {
+                RowWrite::Upsert => {
+                    let key: Vec<&str> = table.key.iter().map(String::as_str).collect();
+                    sql::upsert_rows(&group.schema, &group.table, &typed, &key)
+                }
+                RowWrite::Update { set } => {
+                    sql::update_rows(&group.schema, &group.table, &typed[..set], &typed[set..])
+                }
+                RowWrite::Delete => sql::delete_rows(&group.schema, &group.table, &typed),
+            };
+            let width = group.columns.len();
+            let key = StatementKey {
+                schema: group.schema,
+                table: group.table,
+                kind: StatementKind::Rows(group.write),
+                columns: group.columns,
+            };
+            let stmt = self.statement(client, key, || text).await?;
+            let arrays = plan::columns_of(rows, width);
+            pending.send(Box::pin(
+                async move { client.execute_raw(&stmt, arrays).await },
+            ));
+        }
         Ok(())
     }
 
@@ -1098,8 +1205,10 @@ impl Worker {
         if self.lww.is_some() {
             self.apply_change_lww(client, pending, message, change, commit_ts_us)
                 .await?;
+            self.send_lww_rows(client, pending).await?;
         } else {
             self.apply_change(client, pending, message, change).await?;
+            self.send_rows(client, pending).await?;
         }
         pending
             .drain()

@@ -18,6 +18,7 @@ use crate::apply::conflict::{
     decide, merged_version, Action, ConflictType, Local, Resolution, Version,
 };
 use crate::apply::error::ApplyError;
+use crate::apply::plan::StatementKind;
 use crate::apply::sql::{self, Typed};
 use crate::apply::stream::{object_text, ChangeItem, RowImage};
 use crate::apply::target::{TargetTable, TextParam};
@@ -88,32 +89,11 @@ impl Prepared<'_> {
     /// values, which equal the old ones) from the old image, plus the key. An update that
     /// re-creates a missing row then writes the whole row, not NULLs.
     fn full_after(&self) -> (Vec<String>, Vec<Box<RawValue>>) {
-        let (mut columns, mut values): (Vec<String>, Vec<Box<RawValue>>) = self
-            .change
-            .after
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .unzip();
-        if let Some(before) = &self.change.before {
-            for (c, v) in before.clone() {
-                if !columns.contains(&c) && self.table.columns.contains(&c) {
-                    columns.push(c);
-                    values.push(v);
-                }
-            }
-        }
-        for (k, v) in self.table.key.iter().zip(&self.key_values) {
-            if !columns.contains(k) {
-                columns.push(k.clone());
-                values.push(v.clone());
-            }
-        }
-        (columns, values)
+        super::lww_rows::full_after(self.change, &self.table, &self.key_values)
     }
 }
 
-fn typed<'t>(table: &'t TargetTable, columns: &'t [String]) -> Vec<Typed<'t>> {
+pub(super) fn typed<'t>(table: &'t TargetTable, columns: &'t [String]) -> Vec<Typed<'t>> {
     columns
         .iter()
         .map(|c| Typed {
@@ -254,6 +234,27 @@ impl Worker {
             .resolvers
             .get(&prepared.qualified)
             .cloned();
+        let batched = !prepared.fallback
+            && resolver.is_none()
+            && prepared.table.uniques.is_empty()
+            && !self.careful;
+        if batched {
+            let Prepared {
+                table,
+                key_values,
+                remote,
+                ..
+            } = prepared;
+            return match self
+                .batch_lww(client, pending, &table, change, key_values, remote)
+                .await?
+            {
+                Ok(()) => Ok(()),
+                Err(reason) => self.bad_message(client, message, &reason).await,
+            };
+        }
+        // Not batched: after the batch, one change at a time.
+        self.send_lww_rows(client, pending).await?;
         // An insert of a key this node has never seen (no version at all) cannot conflict:
         // one statement stamps and writes it. Anything else goes the full way.
         let fresh_candidate = matches!(change.op, Op::Create | Op::Read)
@@ -390,11 +391,11 @@ impl Worker {
         let typed_columns = typed(&p.table, &columns);
         let (kind, text) = if only_new {
             let text = sql::insert_fresh(&p.change.schema, &p.change.table, &typed_columns, &key);
-            ("lww_insert_fresh", text)
+            (StatementKind::LwwInsertFresh, text)
         } else {
             let text =
                 sql::stamp_and_upsert(&p.change.schema, &p.change.table, &typed_columns, &key);
-            ("lww_write", text)
+            (StatementKind::LwwWrite, text)
         };
         let stmt = self
             .cached(client, p, kind, columns.clone(), || text)
@@ -432,7 +433,7 @@ impl Worker {
         &mut self,
         client: &Client,
         p: &Prepared<'_>,
-        kind: &'static str,
+        kind: StatementKind,
         columns: Vec<String>,
         text: impl FnOnce() -> String,
     ) -> Result<Statement, ApplyError> {
@@ -480,7 +481,9 @@ impl Worker {
         let before_typed = typed(&p.table, &before);
         let probe_text = sql::probe(&p.change.schema, &p.change.table, &key, &before_typed);
         let probe = self
-            .cached(client, p, "lww_probe", before.clone(), || probe_text)
+            .cached(client, p, StatementKind::LwwProbe, before.clone(), || {
+                probe_text
+            })
             .await?;
         let mut columns = p.table.key.clone();
         columns.extend(before.iter().cloned());
@@ -556,7 +559,13 @@ impl Worker {
         let key = p.key_typed();
         let text = sql::stamp_version(&key);
         let stmt = self
-            .cached(client, p, "lww_stamp", p.table.key.clone(), || text)
+            .cached(
+                client,
+                p,
+                StatementKind::LwwStamp,
+                p.table.key.clone(),
+                || text,
+            )
             .await?;
         let mut params = vec![
             param(p.qualified.clone()),
@@ -672,7 +681,13 @@ impl Worker {
         let key: Vec<&str> = p.table.key.iter().map(String::as_str).collect();
         let find = sql::unique_holders(&p.change.schema, &p.change.table, &key, &p.table.uniques);
         let find = self
-            .cached(client, p, "lww_unique_holders", Vec::new(), || find)
+            .cached(
+                client,
+                p,
+                StatementKind::LwwUniqueHolders,
+                Vec::new(),
+                || find,
+            )
             .await?;
         let remote_row = object_text(
             columns
@@ -711,7 +726,9 @@ impl Worker {
         }
         let drop = sql::drop_unique_loser(&p.change.schema, &p.change.table, &key);
         let drop = self
-            .cached(client, p, "lww_unique_loser", Vec::new(), || drop)
+            .cached(client, p, StatementKind::LwwUniqueLoser, Vec::new(), || {
+                drop
+            })
             .await?;
         let (node, lsn) = (
             self.settings.node.clone(),
@@ -735,7 +752,13 @@ impl Worker {
         let key = p.key_typed();
         let text = sql::stamp_and_delete(&p.change.schema, &p.change.table, &key);
         let stmt = self
-            .cached(client, p, "lww_delete", p.table.key.clone(), || text)
+            .cached(
+                client,
+                p,
+                StatementKind::LwwDelete,
+                p.table.key.clone(),
+                || text,
+            )
             .await?;
         let n = p.table.key.len();
         let mut params = Self::values(&stmt.params()[..n], p, &p.table.key, &p.key_values, &[])?;
@@ -758,7 +781,7 @@ impl Worker {
     ) -> Result<Option<bool>, ApplyError> {
         let text = sql::call_resolver(function, &p.change.schema, &p.change.table);
         let call = self
-            .cached(client, p, "lww_resolver", Vec::new(), || text)
+            .cached(client, p, StatementKind::LwwResolver, Vec::new(), || text)
             .await?;
         let remote = p
             .remote_row()
@@ -798,7 +821,7 @@ impl Worker {
         let key = p.key_typed();
         let text = sql::write_merged(&p.change.schema, &p.change.table, &cols, &key);
         let stmt = self
-            .cached(client, p, "lww_merged", Vec::new(), || text)
+            .cached(client, p, StatementKind::LwwMerged, Vec::new(), || text)
             .await?;
         let mut params = vec![param(merged)];
         params.extend(Self::values(
@@ -892,14 +915,7 @@ impl Worker {
             &remote_row,
         ];
         client
-            .execute(
-                "INSERT INTO pgferry.conflicts (table_name, key, conflict_type, resolution,
-                     local_commit_ts, local_node, local_row, remote_commit_ts, remote_node, remote_row)
-                 VALUES ($1, $2::text::jsonb, $3, $4,
-                     'epoch'::timestamptz + $5::int8 * interval '1 microsecond', $6, $7::text::jsonb,
-                     'epoch'::timestamptz + $8::int8 * interval '1 microsecond', $9, $10::text::jsonb)",
-                &params,
-            )
+            .execute(super::lww_rows::INSERT_CONFLICT, &params)
             .await
             .map_err(ApplyError::sql("logging a conflict"))?;
         if let Some(lww) = &mut self.lww {
@@ -910,7 +926,7 @@ impl Worker {
         Ok(())
     }
 
-    fn open_commit_lsn(&self) -> crate::lsn::Lsn {
+    pub(super) fn open_commit_lsn(&self) -> crate::lsn::Lsn {
         self.lww.as_ref().map(|l| l.commit_lsn).unwrap_or_default()
     }
 

@@ -1,0 +1,654 @@
+//! Set-based last-writer-wins: the changes of a target transaction are gathered into a
+//! [`Batch`] (each key once, see [`crate::apply::plan`]) and decided and written together,
+//! a few statements for many changes:
+//!
+//! 1. one probe per table ([`sql::probe_rows`]) locks every live row of the batch's keys and
+//!    reads each key's row and version;
+//! 2. [`decide`] (pure) settles each change exactly as the one-change path does;
+//! 3. one guarded statement per table writes the winners ([`sql::stamp_and_upsert_rows`],
+//!    [`sql::stamp_and_delete_rows`]): it stamps each version only where it is still greater
+//!    than the stored one and writes exactly those rows, and returns which.
+//!
+//! A change whose stamp lost (a local writer stamped its key between probe and write) is
+//! decided again with the next round, as the one-change path does. Conflicts are logged once
+//! a change's outcome is final. Changes the batch does not take (resolver tables, tables
+//! with secondary unique indexes, changes without a version) go the one-change way, after the
+//! batch is written, so every key's changes keep the stream's order.
+
+use serde_json::value::RawValue;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::Client;
+
+use super::lww::typed;
+use super::{InFlight, StatementKey, Worker, ROWS_PER_STATEMENT};
+use crate::apply::conflict::{decide, Action, ConflictType, Local, Resolution, Version};
+use crate::apply::error::ApplyError;
+use crate::apply::plan::{self, StatementKind};
+use crate::apply::sql;
+use crate::apply::stream::{object_text, ChangeItem, RowImage};
+use crate::apply::target::TargetTable;
+use crate::event::Op;
+use crate::lsn::Lsn;
+
+/// How often a change is decided again when local writers keep stamping its key.
+const MAX_ROUNDS: usize = 10;
+
+/// Changes probed by one statement: a table, and which old-image columns they compare.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) struct ProbeGroup {
+    schema: String,
+    table: String,
+    /// Old-image columns compared with the live row (empty: none, as for inserts).
+    before: Vec<String>,
+}
+
+/// One change in the batch, its values rendered for the target.
+#[derive(Debug)]
+pub(super) struct LwwRow {
+    change: Box<ChangeItem>,
+    remote: Version,
+    /// Key values as JSON (for the conflict log), in the table's key order.
+    key_json: Vec<Box<RawValue>>,
+    /// Key values as text, in the table's key order.
+    key: Vec<Option<String>>,
+    /// Old-image values, in the group's `before` order.
+    before: Vec<Option<String>>,
+    /// The full new row (columns, values); empty for deletes.
+    after_columns: Vec<String>,
+    after: Vec<Option<String>>,
+    /// Commit LSN of its source transaction: where a delete sits in the stream.
+    commit_lsn: Lsn,
+}
+
+/// A change decided to be written, with what the probe found and the conflict to log if
+/// its write holds.
+struct Decided {
+    row: LwwRow,
+    found: Found,
+    conflict: Option<(ConflictType, Resolution)>,
+}
+
+/// What the batch probe found for one change.
+struct Found {
+    local: Local,
+    row: Option<String>,
+    version: Option<Version>,
+}
+
+impl Worker {
+    /// Takes a versioned change of a table without resolver or secondary unique indexes into
+    /// the batch. `Ok(Err(reason))`: a value cannot be rendered for its column.
+    pub(super) async fn batch_lww<'c>(
+        &mut self,
+        client: &'c Client,
+        pending: &mut InFlight<'c>,
+        table: &TargetTable,
+        change: Box<ChangeItem>,
+        key_json: Vec<Box<RawValue>>,
+        remote: Version,
+    ) -> Result<Result<(), String>, ApplyError> {
+        let qualified = format!("{}.{}", change.schema, change.table);
+        let types = self.column_types(client, &qualified, table).await?;
+        let render = |columns: &[String], values: &[Box<RawValue>], nulls: &[String]| {
+            let tys: Vec<Type> = columns
+                .iter()
+                .map(|c| {
+                    table
+                        .columns
+                        .iter()
+                        .position(|t| t == c)
+                        .map_or(Type::TEXT, |i| types[i].clone())
+                })
+                .collect();
+            Self::render_params(&tys, columns, values, nulls, &qualified)
+                .map(|params| params.into_iter().map(|p| p.0).collect::<Vec<_>>())
+        };
+        let key = match render(&table.key, &key_json, &[]) {
+            Ok(key) => key,
+            Err(reason) => return Ok(Err(reason)),
+        };
+        // Compare the whole old image when the change carries one (REPLICA IDENTITY FULL);
+        // a key-only image says nothing about concurrency.
+        let before_columns: Vec<String> = match &change.before {
+            Some(b) if b.keys().any(|c| !table.key.contains(c)) => b
+                .keys()
+                .filter(|c| table.columns.contains(c))
+                .cloned()
+                .collect(),
+            _ => Vec::new(),
+        };
+        let before_values: Vec<Box<RawValue>> = before_columns
+            .iter()
+            .map(|c| {
+                change
+                    .before
+                    .as_ref()
+                    .and_then(|b| b.get(c))
+                    .unwrap_or(RawValue::NULL)
+                    .to_owned()
+            })
+            .collect();
+        let before = match render(&before_columns, &before_values, &change.json_null_before) {
+            Ok(before) => before,
+            Err(reason) => return Ok(Err(reason)),
+        };
+        let (after_columns, after) = if change.op == Op::Delete {
+            (Vec::new(), Vec::new())
+        } else {
+            let (columns, values) = full_after(&change, table, &key_json);
+            // Columns taken from the old image keep its JSON-null marks.
+            let mut nulls = change.json_null_after.clone();
+            nulls.extend(
+                change
+                    .json_null_before
+                    .iter()
+                    .filter(|c| change.after.as_ref().is_none_or(|a| a.get(c).is_none()))
+                    .cloned(),
+            );
+            match render(&columns, &values, &nulls) {
+                Ok(after) => (columns, after),
+                Err(reason) => return Ok(Err(reason)),
+            }
+        };
+        let row_key = plan::row_key(&qualified, key.iter().map(Option::as_deref));
+        if self.lww_rows.holds(&row_key) {
+            self.send_lww_rows(client, pending).await?;
+        }
+        let group = ProbeGroup {
+            schema: change.schema.clone(),
+            table: change.table.clone(),
+            before: before_columns,
+        };
+        let row = LwwRow {
+            change,
+            remote,
+            key_json,
+            key,
+            before,
+            after_columns,
+            after,
+            commit_lsn: self.open_commit_lsn(),
+        };
+        self.lww_rows.push(group, row_key, row);
+        if self.lww_rows.len() >= ROWS_PER_STATEMENT {
+            self.send_lww_rows(client, pending).await?;
+        }
+        Ok(Ok(()))
+    }
+
+    /// Decides and writes every change in the batch.
+    pub(super) async fn send_lww_rows<'c>(
+        &mut self,
+        client: &'c Client,
+        pending: &mut InFlight<'c>,
+    ) -> Result<(), ApplyError> {
+        if self.lww_rows.is_empty() {
+            return Ok(());
+        }
+        pending
+            .drain()
+            .await
+            .map_err(ApplyError::sql("applying changes"))?;
+        for (group, rows) in self.lww_rows.take() {
+            let qualified = format!("{}.{}", group.schema, group.table);
+            let names = (group.schema.as_str(), group.table.as_str());
+            let Some(table) = self.table(client, &qualified, names, false).await? else {
+                return Err(ApplyError::UnexpectedAnswer(format!(
+                    "table {qualified} disappeared from the target during a transaction"
+                )));
+            };
+            let mut remaining = rows;
+            for _ in 0..MAX_ROUNDS {
+                remaining = self
+                    .settle_round(client, pending, &group, &table, remaining)
+                    .await?;
+                if remaining.is_empty() {
+                    break;
+                }
+            }
+            if !remaining.is_empty() {
+                return Err(ApplyError::Contention { table: qualified });
+            }
+        }
+        Ok(())
+    }
+
+    /// Probes, decides and writes `rows` (one table, distinct keys); returns the changes
+    /// whose stamp lost to a version stamped since the probe.
+    async fn settle_round<'c>(
+        &mut self,
+        client: &'c Client,
+        pending: &mut InFlight<'c>,
+        group: &ProbeGroup,
+        table: &TargetTable,
+        rows: Vec<LwwRow>,
+    ) -> Result<Vec<LwwRow>, ApplyError> {
+        let qualified = format!("{}.{}", group.schema, group.table);
+        let found = self.probe_rows(client, group, table, &rows).await?;
+        let mut writes: Vec<Decided> = Vec::new();
+        let mut deletes = Vec::new();
+        for (row, found) in rows.into_iter().zip(found) {
+            let decision = decide(row.change.op, &row.remote, &found.local, false);
+            match decision.action {
+                Action::Write => writes.push(Decided {
+                    row,
+                    found,
+                    conflict: decision.conflict,
+                }),
+                Action::Delete => deletes.push(Decided {
+                    row,
+                    found,
+                    conflict: decision.conflict,
+                }),
+                Action::Skip | Action::Merge => {
+                    // Merge needs a resolver, and resolver tables are not batched.
+                    self.settled(
+                        client,
+                        pending,
+                        &qualified,
+                        table,
+                        &row,
+                        &found,
+                        decision.conflict,
+                    );
+                    self.note_newest_version(&row.remote);
+                }
+            }
+        }
+        let mut lost = Vec::new();
+        if !writes.is_empty() {
+            // One statement per column set (the same for every row of a table, normally).
+            let mut by_columns: Vec<(Vec<String>, Vec<_>)> = Vec::new();
+            for w in writes {
+                match by_columns
+                    .iter_mut()
+                    .find(|(c, _)| *c == w.row.after_columns)
+                {
+                    Some((_, ws)) => ws.push(w),
+                    None => by_columns.push((w.row.after_columns.clone(), vec![w])),
+                }
+            }
+            for (columns, ws) in by_columns {
+                let won = self
+                    .stamp_rows(client, group, table, &columns, &ws, false)
+                    .await?;
+                self.finish(client, pending, &qualified, table, ws, &won, &mut lost);
+            }
+        }
+        if !deletes.is_empty() {
+            let won = self
+                .stamp_rows(client, group, table, &[], &deletes, true)
+                .await?;
+            self.finish(client, pending, &qualified, table, deletes, &won, &mut lost);
+        }
+        Ok(lost)
+    }
+
+    /// Settles the written changes: `won[i]` says whether change `i` stamped its version.
+    #[allow(clippy::too_many_arguments)]
+    fn finish<'c>(
+        &mut self,
+        client: &'c Client,
+        pending: &mut InFlight<'c>,
+        qualified: &str,
+        table: &TargetTable,
+        rows: Vec<Decided>,
+        won: &[bool],
+        lost: &mut Vec<LwwRow>,
+    ) {
+        for (
+            Decided {
+                row,
+                found,
+                conflict,
+            },
+            won,
+        ) in rows.into_iter().zip(won)
+        {
+            if *won {
+                self.settled(client, pending, qualified, table, &row, &found, conflict);
+                self.note_newest_version(&row.remote);
+                self.batch_changes += 1;
+                self.count_applied(qualified, row.change.op);
+            } else {
+                lost.push(row);
+            }
+        }
+    }
+
+    /// Logs a settled change's conflict, if it had one (sent with the batch, not waited for).
+    #[allow(clippy::too_many_arguments)]
+    fn settled<'c>(
+        &mut self,
+        client: &'c Client,
+        pending: &mut InFlight<'c>,
+        qualified: &str,
+        table: &TargetTable,
+        row: &LwwRow,
+        found: &Found,
+        conflict: Option<(ConflictType, Resolution)>,
+    ) {
+        let Some((kind, resolution)) = conflict else {
+            return;
+        };
+        let key = object_text(
+            table
+                .key
+                .iter()
+                .map(String::as_str)
+                .zip(row.key_json.iter().map(|v| v.get())),
+        );
+        let remote_row = match row.change.op {
+            Op::Delete => row.change.before.as_ref(),
+            _ => row.change.after.as_ref(),
+        }
+        .map(RowImage::to_json_text);
+        self.log_conflict_sent(
+            client,
+            pending,
+            ConflictRecord {
+                table: qualified.to_owned(),
+                key,
+                kind,
+                resolution,
+                local: found.version.clone(),
+                local_row: found.row.clone(),
+                remote: row.remote.clone(),
+                remote_row,
+            },
+        );
+    }
+
+    /// One probe statement for `rows`: what this node holds for each key, in order.
+    async fn probe_rows(
+        &mut self,
+        client: &Client,
+        group: &ProbeGroup,
+        table: &TargetTable,
+        rows: &[LwwRow],
+    ) -> Result<Vec<Found>, ApplyError> {
+        let key = typed(table, &table.key);
+        let before = typed(table, &group.before);
+        let text = || sql::probe_rows(&group.schema, &group.table, &key, &before);
+        let stmt = self
+            .statement(
+                client,
+                StatementKey {
+                    schema: group.schema.clone(),
+                    table: group.table.clone(),
+                    kind: StatementKind::LwwProbeRows,
+                    columns: group.before.clone(),
+                },
+                text,
+            )
+            .await?;
+        let mut arrays: Vec<Vec<Option<&str>>> =
+            vec![Vec::with_capacity(rows.len()); key.len() + before.len()];
+        for row in rows {
+            for (a, v) in arrays.iter_mut().zip(row.key.iter().chain(&row.before)) {
+                a.push(v.as_deref());
+            }
+        }
+        let qualified = format!("{}.{}", group.schema, group.table);
+        let mut params: Vec<&(dyn ToSql + Sync)> =
+            arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+        params.push(&qualified);
+        let result = client
+            .query(&stmt, &params)
+            .await
+            .map_err(ApplyError::sql("reading the local rows and versions"))?;
+        if result.len() != rows.len() {
+            return Err(ApplyError::UnexpectedAnswer(format!(
+                "the batch probe of {qualified} returned {} rows for {} keys",
+                result.len(),
+                rows.len()
+            )));
+        }
+        Ok(result
+            .iter()
+            .map(|r| {
+                let has_row: bool = r.get(1);
+                let stored = match (r.get::<_, Option<i64>>(4), r.get::<_, Option<String>>(5)) {
+                    (Some(ts_us), Some(node)) => Some(Version { ts_us, node }),
+                    _ => None,
+                };
+                let row: Option<String> = r.get(2);
+                let matches_before: Option<bool> = r.get(3);
+                if has_row {
+                    // A row without a version predates the table's protection: the oldest.
+                    let version = stored.unwrap_or_else(Version::unknown);
+                    Found {
+                        local: Local::Row {
+                            version: Some(version.clone()),
+                            matches_before,
+                        },
+                        row,
+                        version: Some(version),
+                    }
+                } else if let Some(version) = stored {
+                    Found {
+                        local: Local::Tombstone {
+                            version: Some(version.clone()),
+                        },
+                        row: None,
+                        version: Some(version),
+                    }
+                } else {
+                    Found {
+                        local: Local::Nothing,
+                        row: None,
+                        version: None,
+                    }
+                }
+            })
+            .collect())
+    }
+
+    /// Stamps the versions of `rows` and writes them, in one statement: upserts (all with
+    /// `columns`), or with `deleting` tombstones and deletes (`columns` empty). Which won.
+    async fn stamp_rows(
+        &mut self,
+        client: &Client,
+        group: &ProbeGroup,
+        table: &TargetTable,
+        columns: &[String],
+        rows: &[Decided],
+        deleting: bool,
+    ) -> Result<Vec<bool>, ApplyError> {
+        let (kind, text) = if deleting {
+            let key = typed(table, &table.key);
+            let text = sql::stamp_and_delete_rows(&group.schema, &group.table, &key);
+            (StatementKind::LwwDeleteRows, text)
+        } else {
+            let key: Vec<&str> = table.key.iter().map(String::as_str).collect();
+            let typed_columns = typed(table, columns);
+            let text =
+                sql::stamp_and_upsert_rows(&group.schema, &group.table, &typed_columns, &key);
+            (StatementKind::LwwWriteRows, text)
+        };
+        let statement_key = StatementKey {
+            schema: group.schema.clone(),
+            table: group.table.clone(),
+            kind,
+            columns: columns.to_vec(),
+        };
+        let stmt = self.statement(client, statement_key, || text).await?;
+        let width = if deleting {
+            table.key.len()
+        } else {
+            columns.len()
+        };
+        let mut arrays: Vec<Vec<Option<&str>>> = vec![Vec::with_capacity(rows.len()); width];
+        let mut ts: Vec<i64> = Vec::with_capacity(rows.len());
+        let mut nodes: Vec<&str> = Vec::with_capacity(rows.len());
+        let mut lsns: Vec<String> = Vec::new();
+        for Decided { row, .. } in rows {
+            let values = if deleting { &row.key } else { &row.after };
+            for (a, v) in arrays.iter_mut().zip(values) {
+                a.push(v.as_deref());
+            }
+            ts.push(row.remote.ts_us);
+            nodes.push(&row.remote.node);
+            if deleting {
+                lsns.push(row.commit_lsn.to_string());
+            }
+        }
+        let qualified = format!("{}.{}", group.schema, group.table);
+        let mut params: Vec<&(dyn ToSql + Sync)> =
+            arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+        params.push(&ts);
+        params.push(&nodes);
+        if deleting {
+            params.push(&lsns);
+        }
+        params.push(&qualified);
+        if deleting {
+            params.push(&self.settings.node);
+        }
+        let won = client
+            .query(&stmt, &params)
+            .await
+            .map_err(ApplyError::sql("writing rows and their versions"))?;
+        Ok(won_flags(
+            rows.len(),
+            won.iter().map(|r| r.get::<_, i64>(0)),
+        ))
+    }
+
+    /// The tokio-postgres types of a target table's columns (in its column order), looked
+    /// up once per table: values are rendered by them.
+    async fn column_types(
+        &mut self,
+        client: &Client,
+        qualified: &str,
+        table: &TargetTable,
+    ) -> Result<Vec<Type>, ApplyError> {
+        if let Some(types) = self.column_types.get(qualified) {
+            if types.len() == table.columns.len() {
+                return Ok(types.clone());
+            }
+        }
+        let select: Vec<String> = table.types.iter().map(|t| format!("NULL::{t}")).collect();
+        let stmt = client
+            .prepare(&format!("SELECT {}", select.join(", ")))
+            .await
+            .map_err(ApplyError::sql("reading the target's column types"))?;
+        let types: Vec<Type> = stmt.columns().iter().map(|c| c.type_().clone()).collect();
+        self.column_types
+            .insert(qualified.to_owned(), types.clone());
+        Ok(types)
+    }
+
+    /// Keeps the greatest version clock applied in the open target transaction.
+    pub(super) fn note_newest_version(&mut self, remote: &Version) {
+        if let Some(lww) = &mut self.lww {
+            let newest = lww.newest_us.get_or_insert(remote.ts_us);
+            *newest = (*newest).max(remote.ts_us);
+        }
+    }
+}
+
+/// Which of `n` rows won, from the 1-based ordinals a batch statement returned.
+fn won_flags(n: usize, ordinals: impl Iterator<Item = i64>) -> Vec<bool> {
+    let mut won = vec![false; n];
+    for ord in ordinals {
+        if let Some(flag) = usize::try_from(ord - 1).ok().and_then(|i| won.get_mut(i)) {
+            *flag = true;
+        }
+    }
+    won
+}
+
+/// The full new row of an insert or update: the after image, plus every column it omits
+/// (unchanged TOAST values, which equal the old ones) from the old image, plus the key. An
+/// update that re-creates a missing row then writes the whole row, not NULLs.
+pub(super) fn full_after(
+    change: &ChangeItem,
+    table: &TargetTable,
+    key_values: &[Box<RawValue>],
+) -> (Vec<String>, Vec<Box<RawValue>>) {
+    let (mut columns, mut values): (Vec<String>, Vec<Box<RawValue>>) =
+        change.after.clone().unwrap_or_default().into_iter().unzip();
+    if let Some(before) = &change.before {
+        for (c, v) in before.clone() {
+            if !columns.contains(&c) && table.columns.contains(&c) {
+                columns.push(c);
+                values.push(v);
+            }
+        }
+    }
+    for (k, v) in table.key.iter().zip(key_values) {
+        if !columns.contains(k) {
+            columns.push(k.clone());
+            values.push(v.clone());
+        }
+    }
+    (columns, values)
+}
+
+/// A conflict to log in `pgferry.conflicts`.
+pub(super) struct ConflictRecord {
+    pub(super) table: String,
+    pub(super) key: String,
+    pub(super) kind: ConflictType,
+    pub(super) resolution: Resolution,
+    pub(super) local: Option<Version>,
+    pub(super) local_row: Option<String>,
+    pub(super) remote: Version,
+    pub(super) remote_row: Option<String>,
+}
+
+/// Inserts one conflict; the statement is `$1..$10` as [`ConflictRecord`] lists them.
+pub(super) const INSERT_CONFLICT: &str =
+    "INSERT INTO pgferry.conflicts (table_name, key, conflict_type, resolution,
+         local_commit_ts, local_node, local_row, remote_commit_ts, remote_node, remote_row)
+     VALUES ($1, $2::text::jsonb, $3, $4,
+         'epoch'::timestamptz + $5::int8 * interval '1 microsecond', $6, $7::text::jsonb,
+         'epoch'::timestamptz + $8::int8 * interval '1 microsecond', $9, $10::text::jsonb)";
+
+impl Worker {
+    /// Sends the insert of a conflict into the open transaction without waiting for it, and
+    /// counts it once the transaction commits.
+    pub(super) fn log_conflict_sent<'c>(
+        &mut self,
+        client: &'c Client,
+        pending: &mut InFlight<'c>,
+        record: ConflictRecord,
+    ) {
+        if let Some(lww) = &mut self.lww {
+            lww.conflicts
+                .push((record.table.clone(), record.kind, record.resolution));
+        }
+        tracing::debug!(table = %record.table, kind = record.kind.as_str(),
+                        resolution = record.resolution.as_str(), remote = %record.remote, "conflict");
+        pending.send(Box::pin(async move {
+            let known = record.local.filter(|v| *v != Version::unknown());
+            let params: [&(dyn ToSql + Sync); 10] = [
+                &record.table,
+                &record.key,
+                &record.kind.as_str(),
+                &record.resolution.as_str(),
+                &known.as_ref().map(|v| v.ts_us),
+                &known.as_ref().map(|v| v.node.clone()),
+                &record.local_row,
+                &record.remote.ts_us,
+                &record.remote.node,
+                &record.remote_row,
+            ];
+            client.execute(INSERT_CONFLICT, &params).await
+        }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::won_flags;
+
+    #[test]
+    fn won_flags_mark_returned_ordinals_only() {
+        assert_eq!(won_flags(4, [2, 4].into_iter()), [false, true, false, true]);
+        assert_eq!(won_flags(2, std::iter::empty()), [false, false]);
+        // Ordinals outside the batch (never produced by the statement) are ignored.
+        assert_eq!(won_flags(2, [0, 3, -1].into_iter()), [false, false]);
+    }
+}
