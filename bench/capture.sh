@@ -88,3 +88,4 @@ printf '  pg_recvlogical -> /dev/null   %8.2f s  %10.0f rows/s\n' "$recv_secs" "
 printf '  pgferry -> Kafka (acked)      %8.2f s  %10.0f rows/s\n' "$ferry_secs" "$(echo "$ROWS / $ferry_secs" | bc -l)"
 printf '  ratio pgferry / pg_recvlogical: %.3f   (pgferry peak RSS %s MB)\n' \
   "$(echo "$recv_secs / $ferry_secs" | bc -l)" "$rss"
+printf 'result capture_ratio=%.3f capture_rss_mb=%s\n' "$(echo "$recv_secs / $ferry_secs" | bc -l)" "$rss"

@@ -106,3 +106,4 @@ printf '  native logical replication   %8.2f s  %8.0f txn/s\n' "$native_secs" "$
 printf '  pgferry (via Kafka)          %8.2f s  %8.0f txn/s\n' "$ferry_secs" "$(echo "$TXNS / $ferry_secs" | bc -l)"
 printf '  ratio pgferry / native: %.3f   (pgferry peak RSS %s MB)\n' \
   "$(echo "$native_secs / $ferry_secs" | bc -l)" "$rss"
+printf 'result replica_catchup_ratio=%.3f replica_rss_mb=%s\n' "$(echo "$native_secs / $ferry_secs" | bc -l)" "$rss"

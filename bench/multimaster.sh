@@ -18,9 +18,13 @@
 #     node a updates the same rows HOT_TXNS times. Afterwards both nodes must converge, and
 #     the conflicts pgferry counted (pgferry_conflicts_total) must equal the rows it logged in
 #     pgferry.conflicts; the script fails otherwise.
-#  3. local write overhead: pgbench TPS of single-row updates on node a (version trigger,
+#  3. scale-out: the catch-up of TXNS more updates with node b at 1, 2 and 4 apply lanes
+#     (SCALE_OUT_LANES), each with its own backlog;
+#  4. local write overhead: pgbench TPS of single-row updates on node a (version trigger,
 #     REPLICA IDENTITY FULL, pgferry capturing) against a database without pgferry; medians.
-# Prints both rates, the ratio pgferry / native, and node b's peak RSS, for 1 and 2.
+# Prints both rates, the ratio pgferry / native, and node b's peak RSS, for 1 and 2; the
+# rate and RSS per lane count for 3; and a closing `result` line of key=value figures
+# (bench/plot.py draws the README's chart from such lines).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -31,6 +35,7 @@ TXNS=${TXNS:-$(smoke_or 1000 30000)}
 HOT_KEYS=${HOT_KEYS:-100}
 HOT_TXNS=${HOT_TXNS:-$(smoke_or 500 10000)}
 LOCAL_TXNS=${LOCAL_TXNS:-$(smoke_or 100 1000)}
+LANES=${LANES:-2}   # node b's apply.lanes in the timed runs
 CLIENTS=4
 
 start_pg a
@@ -50,7 +55,7 @@ psql_at "$a" bank "$MARKER; INSERT INTO bench_marker VALUES (1, 0)" >/dev/null
 psql_at "$b" bank "$MARKER; INSERT INTO bench_marker VALUES (1, 0)" >/dev/null
 psql_at "$b" native "$MARKER" >/dev/null
 
-node_config() { # self other port
+node_config() { # self other port [lanes]
   cat <<YAML
 node_id: $1
 source:
@@ -67,6 +72,7 @@ apply:
   mode: multi_master
   nodes: [$2]
   tables: [public.pgbench_accounts, public.bench_marker]
+  lanes: ${4:-1}
   targets:
     - url: postgres://postgres@127.0.0.1:$3/bank
 metrics:
@@ -77,7 +83,7 @@ log:
 YAML
 }
 node_config a b "$a" >"$WORK/a.yaml"
-node_config b a "$b" >"$WORK/b.yaml"
+node_config b a "$b" "$LANES" >"$WORK/b.yaml"
 
 # Node b's pgferry once, to prepare its tables (version trigger, replica identity) and slot.
 "$BIN" run --config "$WORK/b.yaml" 2>"$WORK/b-initial.log" &
@@ -91,7 +97,11 @@ ferry_a=$!
 CLEANUP+=("kill -9 $ferry_a")
 wait_ready "$WORK/a.yaml"
 
-# The native subscription: initial sync, then disabled while the backlog builds.
+# The native subscription: initial sync, then disabled while the backlog builds. The launcher
+# restarts a subscription's worker at most every wal_retrieve_retry_interval (5 s by default):
+# shorter, so that enabling it starts applying at once, as pgferry does.
+psql_at "$b" postgres "ALTER SYSTEM SET wal_retrieve_retry_interval = '50ms'" >/dev/null
+psql_at "$b" postgres "SELECT pg_reload_conf()" >/dev/null
 psql_at "$a" bank "CREATE PUBLICATION native_pub FOR TABLE pgbench_accounts, bench_marker" >/dev/null
 psql_at "$b" native "CREATE SUBSCRIPTION native_sub CONNECTION 'host=127.0.0.1 port=$a dbname=bank user=postgres' PUBLICATION native_pub" >/dev/null
 native_synced() { [[ "$(psql_at "$b" native "SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'")" == 0 ]]; }
@@ -182,7 +192,22 @@ until [[ "$(sums "$a" bank)" == "$(sums "$b" bank)" ]]; do
 done
 echo "  nodes a and b converged (sum of balances $(sums "$a" bank))"
 
-# 3. Local write overhead, with node a's pgferry capturing.
+kill -TERM $ferry_b; wait $ferry_b || true
+
+# 3. Scale-out: the same catch-up with 1, 2 and 4 lanes on node b.
+printf '\nscale-out (%s build): catch-up of %d single-row updates by apply lanes\n' "$PROFILE" "$TXNS"
+scale_out=()
+for lanes in ${SCALE_OUT_LANES:-1 2 4}; do
+  node_config b a "$b" "$lanes" >"$WORK/b-lanes.yaml"
+  pgbench_at "$a" bank -n -c "$CLIENTS" -j 2 -t $((TXNS / CLIENTS)) -f "$WORK/update.sql" >/dev/null 2>&1
+  write_marker
+  time_ferry_until "$WORK/b-lanes.yaml" ferry_done
+  printf '  %d lane(s)   %8.2f s  %8.0f txn/s  (peak RSS %s MB)\n' \
+    "$lanes" "$FERRY_SECS" "$(echo "$TXNS / $FERRY_SECS" | bc -l)" "$FERRY_RSS"
+  scale_out+=("mm_lanes_${lanes}_txn_s=$(echo "$TXNS / $FERRY_SECS" | bc -l | xargs printf '%.0f')")
+done
+
+# 4. Local write overhead, with node a's pgferry capturing.
 ROUNDS=${ROUNDS:-$(smoke_or 1 5)}; SECS=${SECS:-$(smoke_or 2 10)}
 psql_at "$a" postgres "CREATE DATABASE plain" >/dev/null
 pgbench_at "$a" plain -i -s "$SCALE" -q >/dev/null 2>&1
@@ -202,5 +227,5 @@ printf '  without pgferry   median %8.0f tps  (runs: %s)\n' "$plain_tps" "${plai
 printf '  multi-master node median %8.0f tps  (runs: %s)\n' "$mm_tps" "${mm_runs[*]}"
 write_ratio=$(echo "$mm_tps / $plain_tps" | bc -l)
 printf '  ratio multi-master / without: %.3f\n' "$write_ratio"
-printf '\nresult mm_catchup_ratio=%.3f mm_conflict_heavy_ratio=%.3f mm_local_write_ratio=%.3f\n' \
-  "$catchup_ratio" "$hot_ratio" "$write_ratio"
+printf '\nresult mm_catchup_ratio=%.3f mm_conflict_heavy_ratio=%.3f mm_local_write_ratio=%.3f %s\n' \
+  "$catchup_ratio" "$hot_ratio" "$write_ratio" "${scale_out[*]}"

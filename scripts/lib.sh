@@ -83,7 +83,8 @@ peak_rss_mb() {
 # when pgferry exits early or BENCH_TIMEOUT (default 900 s) passes. METRICS_OUT: where to
 # save pgferry's /metrics at the condition.
 time_ferry_until() {
-  local config=$1 log="$WORK/ferry.log" pid deadline t0 wrapper=()
+  local config=$1 log pid deadline t0 wrapper=()
+  log="$WORK/ferry-$(basename "$config" .yaml)-$(date +%s%N).log"
   shift
   [[ -n "${PERF_OUT:-}" ]] && wrapper=(perf record -e cpu-clock -F 999 -g -o "$PERF_OUT" --)
   t0=$(now)

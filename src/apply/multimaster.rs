@@ -34,7 +34,13 @@ CREATE TABLE IF NOT EXISTS pgferry.versions (
 -- collection by acknowledgement). NULL for live versions and not yet sealed local deletes.
 ALTER TABLE pgferry.versions ADD COLUMN IF NOT EXISTS seen_node text;
 ALTER TABLE pgferry.versions ADD COLUMN IF NOT EXISTS seen_lsn pg_lsn;
-CREATE INDEX IF NOT EXISTS versions_tombstones ON pgferry.versions (t) WHERE deleted;
+-- Tombstones only, indexed by a column that live versions leave NULL: a write that moves a
+-- live version (new t, node) changes no indexed column, so it is a HOT update (no index
+-- entries), with room kept on each page for it. (The first layout indexed t, which made
+-- every version move a full update; that index is dropped.)
+DROP INDEX IF EXISTS pgferry.versions_tombstones;
+CREATE INDEX IF NOT EXISTS versions_tombstones_lsn ON pgferry.versions (seen_lsn) WHERE deleted;
+ALTER TABLE pgferry.versions SET (fillfactor = 80);
 -- What each other node had applied from each node, by the latest `ack` of its stream that
 -- this node applied.
 CREATE TABLE IF NOT EXISTS pgferry.peer_acks (

@@ -169,6 +169,19 @@ fn push_part(out: &mut String, part: Option<&str>) {
     }
 }
 
+/// The lane (of `lanes`) that writes a row key: the same for a key every time, so that two
+/// changes of one key never wait on each other from two connections.
+pub fn lane_of(row_key: &str, lanes: usize) -> usize {
+    use std::hash::{DefaultHasher, Hasher};
+    if lanes <= 1 {
+        return 0;
+    }
+    // DefaultHasher::new() has fixed keys: the same key hashes the same way every time.
+    let mut hasher = DefaultHasher::new();
+    hasher.write(row_key.as_bytes());
+    (hasher.finish() % lanes as u64) as usize
+}
+
 /// Turns rows (one value per column) into one array per column, as the multi-row statements
 /// take their parameters.
 pub fn columns_of(rows: Vec<Vec<Option<String>>>, width: usize) -> Vec<Vec<Option<String>>> {
@@ -210,6 +223,26 @@ mod tests {
         assert_ne!(a, b);
         assert_ne!(c, d);
         assert_eq!(a, row_key("t", [Some("a\u{0}b"), Some("c")]));
+    }
+
+    #[test]
+    fn lanes_are_stable_and_all_used() {
+        let keys: Vec<String> = (0..1000)
+            .map(|i| row_key("s.t", [Some(i.to_string().as_str())]))
+            .collect();
+        let lanes: Vec<usize> = keys.iter().map(|k| lane_of(k, 4)).collect();
+        assert_eq!(
+            lanes,
+            keys.iter().map(|k| lane_of(k, 4)).collect::<Vec<_>>()
+        );
+        for lane in 0..4 {
+            let share = lanes.iter().filter(|&&l| l == lane).count();
+            assert!(
+                (150..350).contains(&share),
+                "lane {lane} got {share} of 1000 keys"
+            );
+        }
+        assert!(keys.iter().all(|k| lane_of(k, 1) == 0));
     }
 
     proptest! {

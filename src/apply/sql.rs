@@ -570,7 +570,7 @@ pub fn probe_rows(schema: &str, table: &str, key: &[Typed<'_>], before: &[Typed<
                FROM ONLY {t} AS t WHERE {key_pred} FOR UPDATE) AS r ON true \
            LEFT JOIN LATERAL (\
              SELECT v.t, v.node FROM pgferry.versions AS v \
-              WHERE v.table_name = ${table_param}::text AND v.key = {vkey}) AS v ON true \
+              WHERE v.table_name = ${table_param}::text AND v.key = {vkey} LIMIT 1) AS v ON true \
           ORDER BY u.ord",
         rows = unnest_rows(key.len() + before.len(), 1, &[]),
         t = qualified(schema, table),

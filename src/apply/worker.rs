@@ -53,6 +53,8 @@ mod lww_rows;
 const PIPELINE_DEPTH: usize = 512;
 /// Rows a set batch gathers before it is sent (a multi-row statement each group).
 const ROWS_PER_STATEMENT: usize = 2000;
+/// The lock timeout of every connection of a worker with lanes (see `Worker::open_lanes`).
+const LANE_LOCK_TIMEOUT: &str = "SET lock_timeout = '2s'";
 /// How often a worker re-reads which of its target tables have unresolved dead letters.
 const DIVERGED_RECHECK: Duration = Duration::from_secs(10);
 /// How often an idle worker wakes to report liveness.
@@ -109,6 +111,15 @@ struct Worker {
     rows: Batch<WriteGroup, Vec<Option<String>>>,
     /// Multi-master: changes gathered to be decided and written together, not yet sent.
     lww_rows: Batch<lww_rows::ProbeGroup, lww_rows::LwwRow>,
+    /// Multi-master: the extra connections (`apply.lanes` - 1) that write a batch's keys in
+    /// parallel with this worker's own; lane `i` is `lanes[i - 1]`.
+    lanes: Vec<Arc<Client>>,
+    /// Whether each extra lane has an open transaction.
+    lane_open: Vec<bool>,
+    /// Statements prepared on each extra lane.
+    lane_statements: Vec<HashMap<StatementKey, Statement>>,
+    /// Multi-master: a batch was written since the target transaction began.
+    lww_rows_sent: bool,
     /// Types of each target table's columns, by `schema.table`, for rendering values.
     column_types: HashMap<String, Vec<tokio_postgres::types::Type>>,
     /// Committed position: what the target durably holds.
@@ -265,6 +276,10 @@ async fn open(
         statements: HashMap::new(),
         rows: Batch::default(),
         lww_rows: Batch::default(),
+        lanes: Vec::new(),
+        lane_open: Vec::new(),
+        lane_statements: Vec::new(),
+        lww_rows_sent: false,
         column_types: HashMap::new(),
         committed,
         in_target_txn: false,
@@ -294,6 +309,7 @@ pub async fn run(
 ) -> Result<(), ApplyError> {
     let origin = target::origin_name(&settings.node, settings.target.url.dbname());
     let (mut worker, client) = open(settings, metrics, health, &origin).await?;
+    worker.open_lanes(&client, &origin).await?;
     let settings = &worker.settings;
     let topic = node_stream_topic(&settings.kafka.topic_prefix, &settings.node);
     let mut consumer_config = client_config(&settings.kafka);
@@ -339,6 +355,11 @@ pub async fn run(
                 tracing::info!(node = %worker.settings.node, error = %source,
                                "lock conflict with a concurrent writer; replaying the transaction");
                 worker.rollback(&client, &mut InFlight::default()).await?;
+                if !worker.lanes.is_empty() {
+                    // Workers with lanes break their lock cycles by timeout, possibly several
+                    // at once: replay after a random pause so they do not meet again.
+                    tokio::time::sleep(replay_pause()).await;
+                }
             }
             Err(e) if e.is_rejection() && !worker.careful => {
                 // Pipelined statements do not say which change the target rejected: undo the
@@ -389,6 +410,62 @@ pub fn component_name(node: &str, target: &str) -> String {
 }
 
 impl Worker {
+    /// Multi-master with `apply.lanes` > 1: connects the extra lanes. Each has its own
+    /// replication origin (`<origin>_l<i>`, registered to the same node), so capture knows
+    /// their writes as applied ones.
+    async fn open_lanes(&mut self, client: &Client, origin: &str) -> Result<(), ApplyError> {
+        if self.lww.is_none() || self.settings.apply.lanes <= 1 {
+            return Ok(());
+        }
+        // A lane waiting for a row that another worker holds, while that worker waits for a
+        // sibling of this lane, closes a cycle PostgreSQL cannot see (the sibling is idle in
+        // its transaction, waiting for this worker's commit). Waits are therefore bounded on
+        // every connection of the worker; a timeout replays the transaction like a deadlock.
+        client
+            .batch_execute(LANE_LOCK_TIMEOUT)
+            .await
+            .map_err(ApplyError::sql("setting the lock timeout"))?;
+        let app_name = format!("pgferry-apply-{}", self.settings.node);
+        for i in 1..usize::from(self.settings.apply.lanes) {
+            let client =
+                crate::source::catalog::connect(self.settings.target.url.config(), &app_name)
+                    .await
+                    .map_err(ApplyError::sql("connecting an apply lane to the target"))?;
+            target::prepare_session(&client, &self.settings.node, &format!("{origin}_l{i}"))
+                .await
+                .map_err(ApplyError::sql("preparing an apply lane's session"))?;
+            client
+                .batch_execute(multimaster::SESSION_SETTINGS)
+                .await
+                .map_err(ApplyError::sql("preparing the multi-master session"))?;
+            client
+                .batch_execute(LANE_LOCK_TIMEOUT)
+                .await
+                .map_err(ApplyError::sql("setting the lock timeout"))?;
+            self.lanes.push(Arc::new(client));
+            self.lane_open.push(false);
+            self.lane_statements.push(HashMap::new());
+        }
+        Ok(())
+    }
+
+    /// Commits the open transactions of the extra lanes: before the worker's own, which holds
+    /// the progress. A crash in between replays their changes, which then find their own
+    /// versions stored and change nothing.
+    async fn commit_lanes(&mut self) -> Result<(), ApplyError> {
+        let commits = self
+            .lanes
+            .iter()
+            .zip(&self.lane_open)
+            .filter(|(_, open)| **open)
+            .map(|(lane, _)| lane.batch_execute("COMMIT"));
+        futures_util::future::try_join_all(commits)
+            .await
+            .map_err(ApplyError::sql("committing an apply lane"))?;
+        self.lane_open.iter_mut().for_each(|open| *open = false);
+        Ok(())
+    }
+
     fn assign(&mut self, consumer: &StreamConsumer, topic: &str) -> Result<(), ApplyError> {
         let mut list = TopicPartitionList::new();
         list.add_partition_offset(topic, 0, Offset::Offset(self.committed.next_offset))
@@ -546,8 +623,12 @@ impl Worker {
                         offset,
                     });
                     // Versions travel with the changes (multi-master too), so several
-                    // source transactions share one target transaction.
-                    if self.batch_changes >= u64::from(self.settings.apply.batch_max_changes) {
+                    // source transactions share one target transaction. In multi-master, a
+                    // sent batch holds row locks that local writers wait for: commit at the
+                    // first boundary after it, so no local write waits longer than a batch.
+                    if self.batch_changes >= u64::from(self.settings.apply.batch_max_changes)
+                        || self.lww_rows_sent
+                    {
                         self.commit_batch(client, &mut pending).await?;
                     }
                 }
@@ -615,8 +696,17 @@ impl Worker {
                 .await
                 .map_err(ApplyError::sql("rolling back"))?;
         }
+        for (lane, open) in self.lanes.iter().zip(self.lane_open.iter_mut()) {
+            if *open {
+                // A lane that lost its connection has nothing left to roll back.
+                let _ = lane.batch_execute("ROLLBACK").await;
+                *open = false;
+            }
+        }
+        self.lane_statements.iter_mut().for_each(HashMap::clear);
         self.in_target_txn = false;
         self.last_completed = None;
+        self.lww_rows_sent = false;
         self.rows.clear();
         self.lww_rows.clear();
         if let Some(lww) = &mut self.lww {
@@ -705,6 +795,7 @@ impl Worker {
                 .drain()
                 .await
                 .map_err(ApplyError::sql("applying changes"))?;
+            self.commit_lanes().await?;
         }
         let lsn = done.commit_lsn.to_string();
         let ts = PgTimestamp::from_unix_micros(done.commit_ts_us).to_rfc3339();
@@ -743,6 +834,7 @@ impl Worker {
             .set((PgTimestamp::now().unix_micros() - done.commit_ts_us) as f64 / 1e6);
         self.batch_changes = 0;
         self.batch_txns = 0;
+        self.lww_rows_sent = false;
         self.careful = false;
         self.refresh_diverged(client).await
     }
@@ -1381,10 +1473,19 @@ impl Worker {
 }
 
 /// Deadlock or serialisation failure: the transaction can simply be replayed.
+/// A random pause of up to half a second.
+fn replay_pause() -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(std::time::Instant::now().elapsed().as_nanos());
+    Duration::from_millis(hasher.finish() % 500)
+}
+
 fn is_lock_conflict(e: &tokio_postgres::Error) -> bool {
     e.code().is_some_and(|c| {
         *c == tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED
             || *c == tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE
+            || *c == tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE
     })
 }
 

@@ -288,6 +288,13 @@ pub struct ApplyConfig {
         deserialize_with = "de::lenient"
     )]
     pub batch_max_changes: u32,
+    /// Multi-master: connections per (source node, target) that write a batch's keys in
+    /// parallel, each key always on the same one. 1: one connection, source transactions
+    /// stay atomic on the target. More: a batch's keys are split by hash, so parts of one
+    /// source transaction may become visible a moment apart (last-writer-wins decides each
+    /// key alone anyway).
+    #[serde(default = "default_lanes", deserialize_with = "de::lenient")]
+    pub lanes: u8,
     /// What to do with a change that cannot be applied (`on_bad_message` is the old name).
     #[serde(default = "default_on_poison", alias = "on_bad_message")]
     pub on_poison: OnPoison,
@@ -383,6 +390,9 @@ fn default_maintenance_interval() -> Duration {
     Duration::from_secs(60)
 }
 
+fn default_lanes() -> u8 {
+    1
+}
 fn default_batch_max_changes() -> u32 {
     DEFAULT_BATCH_MAX_CHANGES
 }

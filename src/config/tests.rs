@@ -184,6 +184,12 @@ fn multi_master_rules_name_the_key() {
             format!("{MULTI_MASTER}  conflict:\n    resolvers:\n      t: public.f\n"),
             "`apply.conflict.resolvers.t`",
         ),
+        (format!("{MULTI_MASTER}  lanes: 0\n"), "`apply.lanes`"),
+        (format!("{MULTI_MASTER}  lanes: 17\n"), "`apply.lanes`"),
+        (
+            format!("{MULTI_MASTER}  lanes: 2\n").replace("mode: multi_master", "mode: replica"),
+            "`apply.lanes`",
+        ),
     ];
     for (text, key) in cases {
         let err = load_from_str(&text, env(&[])).unwrap_err().to_string();
@@ -194,6 +200,9 @@ fn multi_master_rules_name_the_key() {
          resolvers:\n      public.counters: public.merge_counters\n"
     );
     let c = load_from_str(&ok, env(&[])).unwrap();
+    assert_eq!(c.apply.as_ref().unwrap().lanes, 1, "one lane by default");
+    let lanes = load_from_str(&format!("{MULTI_MASTER}  lanes: 4\n"), env(&[])).unwrap();
+    assert_eq!(lanes.apply.unwrap().lanes, 4);
     let conflict = &c.apply.unwrap().conflict;
     assert_eq!(
         conflict.max_clock_skew,

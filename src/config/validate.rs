@@ -97,6 +97,19 @@ impl Config {
                     ));
                 }
             }
+            if !(1..=16).contains(&apply.lanes) {
+                return Err(ConfigError::invalid(
+                    "apply.lanes",
+                    "must be between 1 and 16",
+                ));
+            }
+            if apply.lanes > 1 && apply.mode != super::ApplyMode::MultiMaster {
+                return Err(ConfigError::invalid(
+                    "apply.lanes",
+                    "parallel lanes are for multi_master only: replica mode keeps each source \
+                     transaction atomic and in commit order on one connection",
+                ));
+            }
             if apply.batch_max_changes == 0 {
                 return Err(ConfigError::invalid(
                     "apply.batch_max_changes",

@@ -36,6 +36,12 @@ impl Node {
     }
 }
 
+/// How many apply lanes a node runs with: 1, 2 or 3 by the last byte of its name, so that
+/// every multi-master scenario runs single-connection and parallel apply side by side.
+pub fn lanes_of(name: &str) -> u8 {
+    1 + name.bytes().last().map_or(0, |b| b % 3)
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn node_config(
     label: &str,
@@ -52,12 +58,13 @@ pub fn node_config(
          source:\n  url: {url}\n  slot: slot_{db}\n  publication: pub_{db}\n  snapshot: never\n  \
          heartbeat_interval: 1s\n  status_interval: 1s\n\
          kafka:\n  brokers: {brokers}\n  topic_prefix: {label}\n\
-         apply:\n  mode: multi_master\n  nodes: [{others}]\n  targets:\n    - url: {url}\n  \
+         apply:\n  mode: multi_master\n  nodes: [{others}]\n  lanes: {lanes}\n  targets:\n    - url: {url}\n  \
          conflict:\n    maintenance_interval: 2s\n{conflict}\
          metrics:\n  listen: 127.0.0.1:{port}\n\
          log:\n  format: text\n  level: info,pgferry=debug\n",
         url = cluster.url(db),
         others = others.join(", "),
+        lanes = lanes_of(name),
     )
 }
 

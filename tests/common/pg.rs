@@ -163,7 +163,7 @@ impl PgCluster {
         );
         let port = super::free_port();
         let conf = format!(
-            "wal_level = logical\ntrack_commit_timestamp = on\nmax_replication_slots = 32\n\
+            "wal_level = logical\ntrack_commit_timestamp = on\nmax_replication_slots = 256\n\
              max_wal_senders = 32\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\n\
              shared_buffers = 64MB\nmax_connections = 200\n{}",
             local_settings(port, &dir, extra)

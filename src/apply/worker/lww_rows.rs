@@ -17,7 +17,7 @@
 
 use serde_json::value::RawValue;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Statement};
 
 use super::lww::typed;
 use super::{InFlight, StatementKey, Worker, ROWS_PER_STATEMENT};
@@ -58,6 +58,8 @@ pub(super) struct LwwRow {
     after: Vec<Option<String>>,
     /// Commit LSN of its source transaction: where a delete sits in the stream.
     commit_lsn: Lsn,
+    /// The lane (connection) that writes its key: always the same one for a key.
+    lane: usize,
 }
 
 /// A change decided to be written, with what the probe found and the conflict to log if
@@ -151,6 +153,7 @@ impl Worker {
             }
         };
         let row_key = plan::row_key(&qualified, key.iter().map(Option::as_deref));
+        let lane = plan::lane_of(&row_key, self.lanes.len() + 1);
         if self.lww_rows.holds(&row_key) {
             self.send_lww_rows(client, pending).await?;
         }
@@ -168,6 +171,7 @@ impl Worker {
             after_columns,
             after,
             commit_lsn: self.open_commit_lsn(),
+            lane,
         };
         self.lww_rows.push(group, row_key, row);
         if self.lww_rows.len() >= ROWS_PER_STATEMENT {
@@ -189,6 +193,7 @@ impl Worker {
             .drain()
             .await
             .map_err(ApplyError::sql("applying changes"))?;
+        self.lww_rows_sent = true;
         for (group, rows) in self.lww_rows.take() {
             let qualified = format!("{}.{}", group.schema, group.table);
             let names = (group.schema.as_str(), group.table.as_str());
@@ -214,7 +219,8 @@ impl Worker {
     }
 
     /// Probes, decides and writes `rows` (one table, distinct keys); returns the changes
-    /// whose stamp lost to a version stamped since the probe.
+    /// whose stamp lost to a version stamped since the probe. Each lane's rows go to its own
+    /// connection, all lanes at once.
     async fn settle_round<'c>(
         &mut self,
         client: &'c Client,
@@ -224,22 +230,48 @@ impl Worker {
         rows: Vec<LwwRow>,
     ) -> Result<Vec<LwwRow>, ApplyError> {
         let qualified = format!("{}.{}", group.schema, group.table);
-        let found = self.probe_rows(client, group, table, &rows).await?;
-        let mut writes: Vec<Decided> = Vec::new();
-        let mut deletes = Vec::new();
-        for (row, found) in rows.into_iter().zip(found) {
+        let lanes = self.lanes.clone();
+        let lane_client = |lane: usize| -> &Client {
+            match lane {
+                0 => client,
+                n => &lanes[n - 1],
+            }
+        };
+        let mut parts: Vec<Vec<LwwRow>> = (0..=lanes.len()).map(|_| Vec::new()).collect();
+        for row in rows {
+            parts[row.lane].push(row);
+        }
+        let mut probes = Vec::new();
+        for (lane, part) in parts.iter().enumerate().filter(|(_, p)| !p.is_empty()) {
+            self.open_lane(lane, lane_client(lane)).await?;
+            let stmt = self
+                .probe_statement(lane, lane_client(lane), group, table)
+                .await?;
+            probes.push(probe_exec(lane_client(lane), stmt, group, table, part));
+        }
+        let found = futures_util::future::try_join_all(probes).await?;
+        let mut writes: Vec<(usize, Decided)> = Vec::new();
+        let mut deletes: Vec<(usize, Decided)> = Vec::new();
+        let probed = parts.into_iter().filter(|p| !p.is_empty()).zip(found);
+        for (row, found) in probed.flat_map(|(rows, found)| rows.into_iter().zip(found)) {
             let decision = decide(row.change.op, &row.remote, &found.local, false);
+            let lane = row.lane;
             match decision.action {
-                Action::Write => writes.push(Decided {
-                    row,
-                    found,
-                    conflict: decision.conflict,
-                }),
-                Action::Delete => deletes.push(Decided {
-                    row,
-                    found,
-                    conflict: decision.conflict,
-                }),
+                Action::Write | Action::Delete => {
+                    let to = if decision.action == Action::Write {
+                        &mut writes
+                    } else {
+                        &mut deletes
+                    };
+                    to.push((
+                        lane,
+                        Decided {
+                            row,
+                            found,
+                            conflict: decision.conflict,
+                        },
+                    ));
+                }
                 Action::Skip | Action::Merge => {
                     // Merge needs a resolver, and resolver tables are not batched.
                     self.settled(
@@ -255,33 +287,77 @@ impl Worker {
                 }
             }
         }
-        let mut lost = Vec::new();
-        if !writes.is_empty() {
-            // One statement per column set (the same for every row of a table, normally).
-            let mut by_columns: Vec<(Vec<String>, Vec<_>)> = Vec::new();
-            for w in writes {
-                match by_columns
+        // One statement per lane and column set (one column set per table, normally).
+        let mut batches: Vec<(usize, bool, Vec<String>, Vec<Decided>)> = Vec::new();
+        for (deleting, list) in [(false, writes), (true, deletes)] {
+            for (lane, d) in list {
+                let columns = &d.row.after_columns;
+                match batches
                     .iter_mut()
-                    .find(|(c, _)| *c == w.row.after_columns)
+                    .find(|(l, del, c, _)| *l == lane && *del == deleting && c == columns)
                 {
-                    Some((_, ws)) => ws.push(w),
-                    None => by_columns.push((w.row.after_columns.clone(), vec![w])),
+                    Some((_, _, _, ds)) => ds.push(d),
+                    None => batches.push((lane, deleting, columns.clone(), vec![d])),
                 }
             }
-            for (columns, ws) in by_columns {
-                let won = self
-                    .stamp_rows(client, group, table, &columns, &ws, false)
-                    .await?;
-                self.finish(client, pending, &qualified, table, ws, &won, &mut lost);
-            }
         }
-        if !deletes.is_empty() {
-            let won = self
-                .stamp_rows(client, group, table, &[], &deletes, true)
+        let stream_node = self.settings.node.clone();
+        let mut stamps = Vec::new();
+        for (lane, deleting, columns, ds) in &batches {
+            let stmt = self
+                .stamp_statement(*lane, lane_client(*lane), group, table, columns, *deleting)
                 .await?;
-            self.finish(client, pending, &qualified, table, deletes, &won, &mut lost);
+            stamps.push(stamp_exec(
+                lane_client(*lane),
+                stmt,
+                group,
+                ds,
+                *deleting,
+                &stream_node,
+            ));
+        }
+        let won = futures_util::future::try_join_all(stamps).await?;
+        let mut lost = Vec::new();
+        for ((_, _, _, ds), won) in batches.into_iter().zip(won) {
+            self.finish(client, pending, &qualified, table, ds, &won, &mut lost);
         }
         Ok(lost)
+    }
+
+    /// Opens the target transaction of a lane (lane 0, the worker's own connection, is
+    /// opened by the batch itself).
+    async fn open_lane(&mut self, lane: usize, client: &Client) -> Result<(), ApplyError> {
+        if lane == 0 || self.lane_open[lane - 1] {
+            return Ok(());
+        }
+        client
+            .batch_execute("BEGIN")
+            .await
+            .map_err(ApplyError::sql("beginning a lane's transaction"))?;
+        self.lane_open[lane - 1] = true;
+        Ok(())
+    }
+
+    /// A statement prepared on a lane's connection.
+    async fn lane_statement(
+        &mut self,
+        lane: usize,
+        client: &Client,
+        key: StatementKey,
+        text: impl FnOnce() -> String,
+    ) -> Result<Statement, ApplyError> {
+        if lane == 0 {
+            return self.statement(client, key, text).await;
+        }
+        if let Some(s) = self.lane_statements[lane - 1].get(&key) {
+            return Ok(s.clone());
+        }
+        let stmt = client
+            .prepare(&text())
+            .await
+            .map_err(ApplyError::sql("preparing an apply statement"))?;
+        self.lane_statements[lane - 1].insert(key, stmt.clone());
+        Ok(stmt)
     }
 
     /// Settles the written changes: `won[i]` says whether change `i` stamped its version.
@@ -359,102 +435,37 @@ impl Worker {
         );
     }
 
-    /// One probe statement for `rows`: what this node holds for each key, in order.
-    async fn probe_rows(
+    /// The batch probe of `group`, prepared on a lane's connection.
+    async fn probe_statement(
         &mut self,
+        lane: usize,
         client: &Client,
         group: &ProbeGroup,
         table: &TargetTable,
-        rows: &[LwwRow],
-    ) -> Result<Vec<Found>, ApplyError> {
+    ) -> Result<Statement, ApplyError> {
         let key = typed(table, &table.key);
         let before = typed(table, &group.before);
         let text = || sql::probe_rows(&group.schema, &group.table, &key, &before);
-        let stmt = self
-            .statement(
-                client,
-                StatementKey {
-                    schema: group.schema.clone(),
-                    table: group.table.clone(),
-                    kind: StatementKind::LwwProbeRows,
-                    columns: group.before.clone(),
-                },
-                text,
-            )
-            .await?;
-        let mut arrays: Vec<Vec<Option<&str>>> =
-            vec![Vec::with_capacity(rows.len()); key.len() + before.len()];
-        for row in rows {
-            for (a, v) in arrays.iter_mut().zip(row.key.iter().chain(&row.before)) {
-                a.push(v.as_deref());
-            }
-        }
-        let qualified = format!("{}.{}", group.schema, group.table);
-        let mut params: Vec<&(dyn ToSql + Sync)> =
-            arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
-        params.push(&qualified);
-        let result = client
-            .query(&stmt, &params)
-            .await
-            .map_err(ApplyError::sql("reading the local rows and versions"))?;
-        if result.len() != rows.len() {
-            return Err(ApplyError::UnexpectedAnswer(format!(
-                "the batch probe of {qualified} returned {} rows for {} keys",
-                result.len(),
-                rows.len()
-            )));
-        }
-        Ok(result
-            .iter()
-            .map(|r| {
-                let has_row: bool = r.get(1);
-                let stored = match (r.get::<_, Option<i64>>(4), r.get::<_, Option<String>>(5)) {
-                    (Some(ts_us), Some(node)) => Some(Version { ts_us, node }),
-                    _ => None,
-                };
-                let row: Option<String> = r.get(2);
-                let matches_before: Option<bool> = r.get(3);
-                if has_row {
-                    // A row without a version predates the table's protection: the oldest.
-                    let version = stored.unwrap_or_else(Version::unknown);
-                    Found {
-                        local: Local::Row {
-                            version: Some(version.clone()),
-                            matches_before,
-                        },
-                        row,
-                        version: Some(version),
-                    }
-                } else if let Some(version) = stored {
-                    Found {
-                        local: Local::Tombstone {
-                            version: Some(version.clone()),
-                        },
-                        row: None,
-                        version: Some(version),
-                    }
-                } else {
-                    Found {
-                        local: Local::Nothing,
-                        row: None,
-                        version: None,
-                    }
-                }
-            })
-            .collect())
+        let statement_key = StatementKey {
+            schema: group.schema.clone(),
+            table: group.table.clone(),
+            kind: StatementKind::LwwProbeRows,
+            columns: group.before.clone(),
+        };
+        self.lane_statement(lane, client, statement_key, text).await
     }
 
-    /// Stamps the versions of `rows` and writes them, in one statement: upserts (all with
-    /// `columns`), or with `deleting` tombstones and deletes (`columns` empty). Which won.
-    async fn stamp_rows(
+    /// The statement that stamps and writes rows of `group`: upserts of `columns`, or with
+    /// `deleting` tombstones and deletes; prepared on a lane's connection.
+    async fn stamp_statement(
         &mut self,
+        lane: usize,
         client: &Client,
         group: &ProbeGroup,
         table: &TargetTable,
         columns: &[String],
-        rows: &[Decided],
         deleting: bool,
-    ) -> Result<Vec<bool>, ApplyError> {
+    ) -> Result<Statement, ApplyError> {
         let (kind, text) = if deleting {
             let key = typed(table, &table.key);
             let text = sql::stamp_and_delete_rows(&group.schema, &group.table, &key);
@@ -472,47 +483,8 @@ impl Worker {
             kind,
             columns: columns.to_vec(),
         };
-        let stmt = self.statement(client, statement_key, || text).await?;
-        let width = if deleting {
-            table.key.len()
-        } else {
-            columns.len()
-        };
-        let mut arrays: Vec<Vec<Option<&str>>> = vec![Vec::with_capacity(rows.len()); width];
-        let mut ts: Vec<i64> = Vec::with_capacity(rows.len());
-        let mut nodes: Vec<&str> = Vec::with_capacity(rows.len());
-        let mut lsns: Vec<String> = Vec::new();
-        for Decided { row, .. } in rows {
-            let values = if deleting { &row.key } else { &row.after };
-            for (a, v) in arrays.iter_mut().zip(values) {
-                a.push(v.as_deref());
-            }
-            ts.push(row.remote.ts_us);
-            nodes.push(&row.remote.node);
-            if deleting {
-                lsns.push(row.commit_lsn.to_string());
-            }
-        }
-        let qualified = format!("{}.{}", group.schema, group.table);
-        let mut params: Vec<&(dyn ToSql + Sync)> =
-            arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
-        params.push(&ts);
-        params.push(&nodes);
-        if deleting {
-            params.push(&lsns);
-        }
-        params.push(&qualified);
-        if deleting {
-            params.push(&self.settings.node);
-        }
-        let won = client
-            .query(&stmt, &params)
+        self.lane_statement(lane, client, statement_key, || text)
             .await
-            .map_err(ApplyError::sql("writing rows and their versions"))?;
-        Ok(won_flags(
-            rows.len(),
-            won.iter().map(|r| r.get::<_, i64>(0)),
-        ))
     }
 
     /// The tokio-postgres types of a target table's columns (in its column order), looked
@@ -546,6 +518,138 @@ impl Worker {
             *newest = (*newest).max(remote.ts_us);
         }
     }
+}
+
+/// Runs the batch probe for `rows`: what this node holds for each key, in order.
+async fn probe_exec(
+    client: &Client,
+    stmt: Statement,
+    group: &ProbeGroup,
+    table: &TargetTable,
+    rows: &[LwwRow],
+) -> Result<Vec<Found>, ApplyError> {
+    let width = table.key.len() + group.before.len();
+    let mut arrays: Vec<Vec<Option<&str>>> = vec![Vec::with_capacity(rows.len()); width];
+    for row in rows {
+        for (a, v) in arrays.iter_mut().zip(row.key.iter().chain(&row.before)) {
+            a.push(v.as_deref());
+        }
+    }
+    let qualified = format!("{}.{}", group.schema, group.table);
+    let mut params: Vec<&(dyn ToSql + Sync)> =
+        arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+    params.push(&qualified);
+    let result = client
+        .query(&stmt, &params)
+        .await
+        .map_err(ApplyError::sql("reading the local rows and versions"))?;
+    if result.len() != rows.len() {
+        return Err(ApplyError::UnexpectedAnswer(format!(
+            "the batch probe of {qualified} returned {} rows for {} keys",
+            result.len(),
+            rows.len()
+        )));
+    }
+    Ok(result
+        .iter()
+        .map(|r| {
+            let stored = match (r.get::<_, Option<i64>>(4), r.get::<_, Option<String>>(5)) {
+                (Some(ts_us), Some(node)) => Some(Version { ts_us, node }),
+                _ => None,
+            };
+            found(r.get(1), r.get(2), r.get(3), stored)
+        })
+        .collect())
+}
+
+/// What a probe row says: a live row (with its version, or the oldest when it has none: it
+/// predates the table's protection), a tombstone, or nothing.
+fn found(
+    has_row: bool,
+    row: Option<String>,
+    matches_before: Option<bool>,
+    stored: Option<Version>,
+) -> Found {
+    if has_row {
+        let version = stored.unwrap_or_else(Version::unknown);
+        Found {
+            local: Local::Row {
+                version: Some(version.clone()),
+                matches_before,
+            },
+            row,
+            version: Some(version),
+        }
+    } else if let Some(version) = stored {
+        Found {
+            local: Local::Tombstone {
+                version: Some(version.clone()),
+            },
+            row: None,
+            version: Some(version),
+        }
+    } else {
+        Found {
+            local: Local::Nothing,
+            row: None,
+            version: None,
+        }
+    }
+}
+
+/// Stamps the versions of `rows` and writes them with `stmt` (see
+/// [`Worker::stamp_statement`]); which of them won. `stream_node`: whose stream the deletes
+/// sit in.
+async fn stamp_exec(
+    client: &Client,
+    stmt: Statement,
+    group: &ProbeGroup,
+    rows: &[Decided],
+    deleting: bool,
+    stream_node: &str,
+) -> Result<Vec<bool>, ApplyError> {
+    let width = rows.first().map_or(0, |d| {
+        if deleting {
+            d.row.key.len()
+        } else {
+            d.row.after.len()
+        }
+    });
+    let mut arrays: Vec<Vec<Option<&str>>> = vec![Vec::with_capacity(rows.len()); width];
+    let mut ts: Vec<i64> = Vec::with_capacity(rows.len());
+    let mut nodes: Vec<&str> = Vec::with_capacity(rows.len());
+    let mut lsns: Vec<String> = Vec::new();
+    for Decided { row, .. } in rows {
+        let values = if deleting { &row.key } else { &row.after };
+        for (a, v) in arrays.iter_mut().zip(values) {
+            a.push(v.as_deref());
+        }
+        ts.push(row.remote.ts_us);
+        nodes.push(&row.remote.node);
+        if deleting {
+            lsns.push(row.commit_lsn.to_string());
+        }
+    }
+    let qualified = format!("{}.{}", group.schema, group.table);
+    let mut params: Vec<&(dyn ToSql + Sync)> =
+        arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+    params.push(&ts);
+    params.push(&nodes);
+    if deleting {
+        params.push(&lsns);
+    }
+    params.push(&qualified);
+    if deleting {
+        params.push(&stream_node);
+    }
+    let won = client
+        .query(&stmt, &params)
+        .await
+        .map_err(ApplyError::sql("writing rows and their versions"))?;
+    Ok(won_flags(
+        rows.len(),
+        won.iter().map(|r| r.get::<_, i64>(0)),
+    ))
 }
 
 /// Which of `n` rows won, from the 1-based ordinals a batch statement returned.
