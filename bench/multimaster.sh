@@ -197,7 +197,7 @@ kill -TERM $ferry_b; wait $ferry_b || true
 # 3. Scale-out: the same catch-up with 1, 2 and 4 lanes on node b.
 printf '\nscale-out (%s build): catch-up of %d single-row updates by apply lanes\n' "$PROFILE" "$TXNS"
 scale_out=()
-for lanes in ${SCALE_OUT_LANES:-1 2 4}; do
+for lanes in ${SCALE_OUT_LANES:-$(smoke_or "1 2" "1 2 4")}; do
   node_config b a "$b" "$lanes" >"$WORK/b-lanes.yaml"
   pgbench_at "$a" bank -n -c "$CLIENTS" -j 2 -t $((TXNS / CLIENTS)) -f "$WORK/update.sql" >/dev/null 2>&1
   write_marker

@@ -52,7 +52,7 @@ def svg(medians, runs):
         label, floor = LABELS[key]
         y = top + i * (bar_h + gap)
         w = max(1, min(value, 1.8) * scale)
-        colour = "#2a7" if floor is None or value >= floor else "#d73"
+        colour = "#68a" if floor is None else ("#2a7" if value >= floor else "#d73")
         out.append(f'<text x="{left - 10}" y="{y + 18}" text-anchor="end">{label}</text>')
         out.append(f'<rect x="{left}" y="{y}" width="{w:.0f}" height="{bar_h}" fill="{colour}"/>')
         out.append(f'<text x="{left + w + 6:.0f}" y="{y + 18}">{value:.2f}</text>')
@@ -61,7 +61,7 @@ def svg(medians, runs):
             out.append(f'<line x1="{fx}" y1="{y - 3}" x2="{fx}" y2="{y + bar_h + 3}" '
                        'stroke="black" stroke-width="2"/>')
     out.append(f'<text x="{left}" y="{height - 14}" fill="#555">black tick: the floor of '
-               'issue 11; red: below it</text>')
+               'issue 11; red: below it, green: at or above, blue: no floor</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
