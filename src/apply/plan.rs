@@ -147,6 +147,172 @@ impl<G: Clone + Eq + Hash, R> Batch<G, R> {
     }
 }
 
+/// Column values of one row change, by column name, in parameter order.
+pub type Values = Vec<(String, Option<String>)>;
+
+/// One replica-mode change of a keyed row, as a [`Coalescer`] holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RowChange {
+    /// Insert, as an upsert on the key: the inserted columns (key included).
+    Upsert(Values),
+    /// Update by key: the columns set, and the key.
+    Update {
+        /// Columns set.
+        set: Values,
+        /// Key columns.
+        key: Values,
+    },
+    /// Delete by key.
+    Delete(Values),
+}
+
+impl RowChange {
+    /// The statement group of this change, and its row of values.
+    fn into_group(self, schema: &str, table: &str) -> (WriteGroup, Vec<Option<String>>) {
+        let (write, values) = match self {
+            RowChange::Upsert(values) => (RowWrite::Upsert, values),
+            RowChange::Update { set, key } => {
+                let n = set.len();
+                (
+                    RowWrite::Update { set: n },
+                    set.into_iter().chain(key).collect(),
+                )
+            }
+            RowChange::Delete(key) => (RowWrite::Delete, key),
+        };
+        let (columns, row) = values.into_iter().unzip();
+        let group = WriteGroup {
+            schema: schema.to_owned(),
+            table: table.to_owned(),
+            write,
+            columns,
+        };
+        (group, row)
+    }
+}
+
+/// `base` with every column of `over` set to `over`'s value (added when missing).
+fn overlay(mut base: Values, over: Values) -> Values {
+    for (column, value) in over {
+        match base.iter_mut().find(|(c, _)| *c == column) {
+            Some(slot) => slot.1 = value,
+            None => base.push((column, value)),
+        }
+    }
+    base
+}
+
+fn covers(row: &Values, other: &Values) -> bool {
+    other.iter().all(|(c, _)| row.iter().any(|(r, _)| r == c))
+}
+
+/// The one change with the effect of `old` then `new` on one key, when there is one: a delete
+/// wins, an update folds into what it updates (an update of a deleted row changes nothing),
+/// and an insert replaces what it covers column for column. `None` (a row deleted and inserted
+/// again, or an insert that leaves out a column set before): the two must go in order.
+pub fn coalesce(old: &RowChange, new: RowChange) -> Option<RowChange> {
+    match (old, new) {
+        (_, RowChange::Delete(key)) => Some(RowChange::Delete(key)),
+        (RowChange::Delete(_), RowChange::Update { .. }) => Some(old.clone()),
+        (RowChange::Delete(_), RowChange::Upsert(_)) => None,
+        (RowChange::Upsert(row), RowChange::Update { set, .. }) => {
+            Some(RowChange::Upsert(overlay(row.clone(), set)))
+        }
+        (RowChange::Update { set: first, key }, RowChange::Update { set, .. }) => {
+            Some(RowChange::Update {
+                set: overlay(first.clone(), set),
+                key: key.clone(),
+            })
+        }
+        (RowChange::Upsert(before), RowChange::Upsert(row)) => {
+            covers(&row, before).then_some(RowChange::Upsert(row))
+        }
+        (RowChange::Update { set, .. }, RowChange::Upsert(row)) => {
+            covers(&row, set).then_some(RowChange::Upsert(row))
+        }
+    }
+}
+
+/// Replica mode's batch: one change per key, the changes of a key coalesced into one
+/// ([`coalesce`]), so a hot row written by a thousand source transactions is written once.
+/// The target transaction is atomic, so only its end state is ever visible, and that is the
+/// same. Rows come out grouped for multi-row statements ([`Coalescer::take`]).
+#[derive(Debug, Default)]
+pub struct Coalescer {
+    entries: Vec<Option<(String, String, RowChange)>>,
+    index: HashMap<String, usize>,
+}
+
+impl Coalescer {
+    /// Adds a change of `row_key` ([`row_key`]) of `schema.table`. `Err(change)`: it cannot
+    /// be folded into the change the batch holds for its key; send the batch, then add it.
+    pub fn push(
+        &mut self,
+        schema: &str,
+        table: &str,
+        row_key: String,
+        change: RowChange,
+    ) -> Result<(), RowChange> {
+        match self.index.get(&row_key) {
+            Some(&i) => {
+                let held = self.entries[i].as_mut().expect("indexed entries are held");
+                match coalesce(&held.2, change.clone()) {
+                    Some(merged) => {
+                        held.2 = merged;
+                        Ok(())
+                    }
+                    None => Err(change),
+                }
+            }
+            None => {
+                self.add(schema, table, row_key, change);
+                Ok(())
+            }
+        }
+    }
+
+    /// Adds a change of a key the batch does not hold (it was just sent).
+    pub fn add(&mut self, schema: &str, table: &str, row_key: String, change: RowChange) {
+        self.index.insert(row_key, self.entries.len());
+        self.entries
+            .push(Some((schema.to_owned(), table.to_owned(), change)));
+    }
+
+    /// Keys held.
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// Empties the batch: groups in the order they first appear, rows in the order their
+    /// keys first appeared.
+    pub fn take(&mut self) -> Vec<(WriteGroup, Vec<Vec<Option<String>>>)> {
+        self.index.clear();
+        let mut groups: Vec<(WriteGroup, Vec<Vec<Option<String>>>)> = Vec::new();
+        let mut at: HashMap<WriteGroup, usize> = HashMap::new();
+        for (schema, table, change) in std::mem::take(&mut self.entries).into_iter().flatten() {
+            let (group, row) = change.into_group(&schema, &table);
+            match at.get(&group) {
+                Some(&i) => groups[i].1.push(row),
+                None => {
+                    at.insert(group.clone(), groups.len());
+                    groups.push((group, vec![row]));
+                }
+            }
+        }
+        groups
+    }
+
+    /// Forgets everything (the target transaction was rolled back).
+    pub fn clear(&mut self) {
+        let _ = self.take();
+    }
+}
+
 /// The batch key of a row: its table and key values (as text), unambiguous for any values.
 pub fn row_key<'a>(qualified: &str, key: impl IntoIterator<Item = Option<&'a str>>) -> String {
     let mut out = String::with_capacity(qualified.len() + 16);
@@ -245,7 +411,99 @@ mod tests {
         assert!(keys.iter().all(|k| lane_of(k, 1) == 0));
     }
 
+    /// A keyed table as the target holds it: key → columns.
+    type Model = HashMap<i32, HashMap<String, Option<String>>>;
+
+    fn apply(model: &mut Model, key: i32, change: &RowChange) {
+        match change {
+            RowChange::Upsert(row) => {
+                let stored = model.entry(key).or_default();
+                for (c, v) in row {
+                    stored.insert(c.clone(), v.clone());
+                }
+            }
+            RowChange::Update { set, .. } => {
+                if let Some(stored) = model.get_mut(&key) {
+                    for (c, v) in set {
+                        stored.insert(c.clone(), v.clone());
+                    }
+                }
+            }
+            RowChange::Delete(_) => {
+                model.remove(&key);
+            }
+        }
+    }
+
+    fn change_strategy() -> impl Strategy<Value = (i32, RowChange)> {
+        let columns = proptest::sample::subsequence(vec!["a", "b", "c"], 0..=3);
+        let values = proptest::option::of("[xyz]");
+        (
+            0..4i32,
+            0..3u8,
+            columns,
+            proptest::collection::vec(values, 3),
+        )
+            .prop_map(|(key, op, cols, vals)| {
+                let k = vec![("k".to_owned(), Some(key.to_string()))];
+                let set: Values = cols
+                    .iter()
+                    .zip(vals)
+                    .map(|(c, v)| ((*c).to_owned(), v))
+                    .collect();
+                let change = match op {
+                    0 => RowChange::Upsert(k.iter().cloned().chain(set).collect()),
+                    1 => RowChange::Update { set, key: k },
+                    _ => RowChange::Delete(k),
+                };
+                (key, change)
+            })
+    }
+
     proptest! {
+        /// Coalesced batches leave the target exactly as the changes applied one by one do:
+        /// the model applies each batch's changes (one per key, any order) atomically.
+        #[test]
+        fn coalescing_keeps_the_end_state(
+            start in proptest::collection::vec((0..4i32, proptest::option::of("[xyz]")), 0..4),
+            changes in proptest::collection::vec(change_strategy(), 0..40),
+        ) {
+            let mut initial = Model::new();
+            for (key, v) in start {
+                initial.insert(key, HashMap::from([("k".to_owned(), Some(key.to_string())),
+                                                   ("a".to_owned(), v)]));
+            }
+            let mut one_by_one = initial.clone();
+            for (key, change) in &changes {
+                apply(&mut one_by_one, *key, change);
+            }
+            let mut batched = initial;
+            let mut batch = Coalescer::default();
+            let mut held: HashMap<String, i32> = HashMap::new();
+            let send = |batch: &mut Coalescer, held: &mut HashMap<String, i32>, model: &mut Model| {
+                let keys: Vec<(String, i32)> = held.drain().collect();
+                let mut entries: Vec<(i32, RowChange)> = Vec::new();
+                for (row_key, key) in keys {
+                    let i = batch.index[&row_key];
+                    entries.push((key, batch.entries[i].as_ref().unwrap().2.clone()));
+                }
+                batch.clear();
+                for (key, change) in entries.iter().rev() {
+                    apply(model, *key, change);
+                }
+            };
+            for (key, change) in changes {
+                let row_key = row_key("s.t", [Some(key.to_string().as_str())]);
+                if let Err(change) = batch.push("s", "t", row_key.clone(), change) {
+                    send(&mut batch, &mut held, &mut batched);
+                    batch.add("s", "t", row_key.clone(), change);
+                }
+                held.insert(row_key, key);
+            }
+            send(&mut batch, &mut held, &mut batched);
+            prop_assert_eq!(batched, one_by_one);
+        }
+
         /// Distinct key tuples always give distinct row keys.
         #[test]
         fn row_key_is_injective(

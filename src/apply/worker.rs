@@ -29,7 +29,7 @@ use super::dead_letters::StoredDeadLetter;
 use super::error::ApplyError;
 use super::multimaster;
 use super::params::json_to_text;
-use super::plan::{self, Batch, RowWrite, StatementKind, WriteGroup};
+use super::plan::{self, Batch, Coalescer, RowChange, RowWrite, StatementKind};
 use super::sql;
 use super::stream::{
     parse_framed, ChangeItem, Framer, RelationItem, RowImage, SkippedItem, Step, StreamItem,
@@ -107,8 +107,9 @@ struct Worker {
     /// Applied-changes counters by `schema.table`, indexed by op.
     counters: HashMap<String, [Option<prometheus::IntCounter>; 5]>,
     statements: HashMap<StatementKey, Statement>,
-    /// Replica mode: rows gathered for multi-row statements, not yet sent.
-    rows: Batch<WriteGroup, Vec<Option<String>>>,
+    /// Replica mode: rows gathered for multi-row statements (one change per key, coalesced),
+    /// not yet sent.
+    rows: Coalescer,
     /// Multi-master: changes gathered to be decided and written together, not yet sent.
     lww_rows: Batch<lww_rows::ProbeGroup, lww_rows::LwwRow>,
     /// Multi-master: the extra connections (`apply.lanes` - 1) that write a batch's keys in
@@ -274,7 +275,7 @@ async fn open(
         tables: HashMap::new(),
         counters: HashMap::new(),
         statements: HashMap::new(),
-        rows: Batch::default(),
+        rows: Coalescer::default(),
         lww_rows: Batch::default(),
         lanes: Vec::new(),
         lane_open: Vec::new(),
@@ -1088,17 +1089,26 @@ impl Worker {
                 } else {
                     plan::row_key(&qualified, key_at.iter().map(|&i| params[i].0.as_deref()))
                 };
-                if self.rows.holds(&row_key) {
-                    self.send_rows(client, pending).await?;
-                }
-                let group = WriteGroup {
-                    schema: change.schema,
-                    table: change.table,
-                    write,
-                    columns,
+                let mut values: plan::Values = columns
+                    .into_iter()
+                    .zip(params.into_iter().map(|p| p.0))
+                    .collect();
+                let row = match write {
+                    RowWrite::Upsert => RowChange::Upsert(values),
+                    RowWrite::Update { set } => {
+                        let key = values.split_off(set);
+                        RowChange::Update { set: values, key }
+                    }
+                    RowWrite::Delete => RowChange::Delete(values),
                 };
-                self.rows
-                    .push(group, row_key, params.into_iter().map(|p| p.0).collect());
+                if let Err(row) =
+                    self.rows
+                        .push(&change.schema, &change.table, row_key.clone(), row)
+                {
+                    // The key's changes cannot fold into one: send the batch, start anew.
+                    self.send_rows(client, pending).await?;
+                    self.rows.add(&change.schema, &change.table, row_key, row);
+                }
                 if self.rows.len() >= ROWS_PER_STATEMENT {
                     self.send_rows(client, pending).await?;
                 }
