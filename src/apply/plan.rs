@@ -1,14 +1,17 @@
 //! Set-based apply plans. Pure: no I/O.
 //!
 //! A worker does not send one statement per change. It gathers the changes of the open target
-//! transaction into a [`Batch`]: rows grouped by what writes them (table, kind of statement,
-//! columns: a [`WriteGroup`]), and sends each group as one multi-row statement over arrays
-//! (`unnest`). Changes to different keys commute (the target runs with
-//! `session_replication_role = replica`, so foreign keys and ordinary triggers do not fire,
-//! and tables with secondary unique indexes stay out of batches), so only the order of the
-//! changes of one key matters. A batch therefore holds each key at most once: a change whose
-//! key it already holds first sends the batch ([`Batch::holds`]), and the order of every key's
-//! changes is the stream's.
+//! transaction, grouped by what writes them (table, kind of statement, columns: a
+//! [`WriteGroup`]), and sends each group as one multi-row statement over arrays (`unnest`).
+//! Changes to different keys commute (the target runs with `session_replication_role =
+//! replica`, so foreign keys and ordinary triggers do not fire, and tables with secondary
+//! unique indexes stay out of batches), so only the order of the changes of one key matters:
+//! - replica mode's [`Coalescer`] holds one change per key and folds a key's later changes
+//!   into it ([`coalesce`]), sending the batch first where no single change has their effect;
+//! - multi-master's [`Batch`] holds each key at most once: a change whose key it already holds
+//!   first sends the batch ([`Batch::holds`]), since each change is decided on its own.
+//!
+//! Either way every key's changes take effect in the stream's order.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
