@@ -1140,14 +1140,7 @@ impl Worker {
                     column: group.columns.first().cloned().unwrap_or_default(),
                 });
             };
-            let typed: Vec<sql::Typed<'_>> = group
-                .columns
-                .iter()
-                .map(|c| sql::Typed {
-                    name: c,
-                    ty: table.type_of(c).unwrap_or("text"),
-                })
-                .collect();
+            let typed = lww::typed(&table, &group.columns);
             let text = match group.write {
                 RowWrite::Upsert => {
                     let key: Vec<&str> = table.key.iter().map(String::as_str).collect();

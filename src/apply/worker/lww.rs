@@ -47,12 +47,56 @@ pub(super) struct LwwState {
 }
 
 /// What the probe found.
-struct Probed {
-    local: Local,
+pub(super) struct Probed {
+    pub(super) local: Local,
     /// The live row as jsonb text.
-    row: Option<String>,
+    pub(super) row: Option<String>,
     /// The key's stored version (row's, else tombstone's), if any.
-    version: Option<Version>,
+    pub(super) version: Option<Version>,
+}
+
+impl Probed {
+    /// From a probe row's columns: whether a live row exists, the row, whether it equals the
+    /// old image, and the stored version's `t` and node (NULL when the key has none).
+    pub(super) fn from_parts(
+        has_row: bool,
+        row: Option<String>,
+        matches_before: Option<bool>,
+        t: Option<i64>,
+        node: Option<String>,
+    ) -> Probed {
+        let stored = match (t, node) {
+            (Some(ts_us), Some(node)) => Some(Version { ts_us, node }),
+            _ => None,
+        };
+        if has_row {
+            // A row without a version predates the table's protection and never had its
+            // commit time: the oldest version.
+            let version = stored.unwrap_or_else(Version::unknown);
+            Probed {
+                local: Local::Row {
+                    version: Some(version.clone()),
+                    matches_before,
+                },
+                row,
+                version: Some(version),
+            }
+        } else if let Some(version) = stored {
+            Probed {
+                local: Local::Tombstone {
+                    version: Some(version.clone()),
+                },
+                row: None,
+                version: Some(version),
+            }
+        } else {
+            Probed {
+                local: Local::Nothing,
+                row: None,
+                version: None,
+            }
+        }
+    }
 }
 
 /// One change, prepared for the multi-master path.
@@ -341,10 +385,7 @@ impl Worker {
 
     /// Keeps the greatest version clock applied in the open target transaction.
     fn note_newest(&mut self, p: &Prepared<'_>) {
-        if let Some(lww) = &mut self.lww {
-            let newest = lww.newest_us.get_or_insert(p.remote.ts_us);
-            *newest = (*newest).max(p.remote.ts_us);
-        }
+        self.note_newest_version(&p.remote);
     }
 
     /// Counts a change that was written.
@@ -507,42 +548,13 @@ impl Worker {
             .query_one(&probe, &refs(&params))
             .await
             .map_err(ApplyError::sql("reading the local row version"))?;
-        let has_row: bool = row.get(0);
-        let row_json: Option<String> = row.get(1);
-        let matches_before: Option<bool> = row.get(2);
-        let stored = match (
-            row.get::<_, Option<i64>>(3),
-            row.get::<_, Option<String>>(4),
-        ) {
-            (Some(ts_us), Some(node)) => Some(Version { ts_us, node }),
-            _ => None,
-        };
-        let (local, version) = if has_row {
-            // A row without a version predates the table's protection and never had its
-            // commit time: the oldest version.
-            let version = stored.unwrap_or_else(Version::unknown);
-            (
-                Local::Row {
-                    version: Some(version.clone()),
-                    matches_before,
-                },
-                Some(version),
-            )
-        } else if let Some(version) = stored {
-            (
-                Local::Tombstone {
-                    version: Some(version.clone()),
-                },
-                Some(version),
-            )
-        } else {
-            (Local::Nothing, None)
-        };
-        Ok(Probed {
-            local,
-            row: row_json,
-            version,
-        })
+        Ok(Probed::from_parts(
+            row.get(0),
+            row.get(1),
+            row.get(2),
+            row.get(3),
+            row.get(4),
+        ))
     }
 
     /// Stamps the key's version (`deleted`: as a tombstone) if `version` is still greater

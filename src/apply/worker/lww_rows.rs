@@ -19,9 +19,9 @@ use serde_json::value::RawValue;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Statement};
 
-use super::lww::typed;
+use super::lww::{typed, Probed};
 use super::{InFlight, StatementKey, Worker, ROWS_PER_STATEMENT};
-use crate::apply::conflict::{decide, Action, ConflictType, Local, Resolution, Version};
+use crate::apply::conflict::{decide, Action, ConflictType, Resolution, Version};
 use crate::apply::error::ApplyError;
 use crate::apply::plan::{self, StatementKind};
 use crate::apply::sql;
@@ -66,15 +66,8 @@ pub(super) struct LwwRow {
 /// its write holds.
 struct Decided {
     row: LwwRow,
-    found: Found,
+    found: Probed,
     conflict: Option<(ConflictType, Resolution)>,
-}
-
-/// What the batch probe found for one change.
-struct Found {
-    local: Local,
-    row: Option<String>,
-    version: Option<Version>,
 }
 
 impl Worker {
@@ -401,7 +394,7 @@ impl Worker {
         qualified: &str,
         table: &TargetTable,
         row: &LwwRow,
-        found: &Found,
+        found: &Probed,
         conflict: Option<(ConflictType, Resolution)>,
     ) {
         let Some((kind, resolution)) = conflict else {
@@ -527,7 +520,7 @@ async fn probe_exec(
     group: &ProbeGroup,
     table: &TargetTable,
     rows: &[LwwRow],
-) -> Result<Vec<Found>, ApplyError> {
+) -> Result<Vec<Probed>, ApplyError> {
     let width = table.key.len() + group.before.len();
     let mut arrays: Vec<Vec<Option<&str>>> = vec![Vec::with_capacity(rows.len()); width];
     for row in rows {
@@ -552,49 +545,8 @@ async fn probe_exec(
     }
     Ok(result
         .iter()
-        .map(|r| {
-            let stored = match (r.get::<_, Option<i64>>(4), r.get::<_, Option<String>>(5)) {
-                (Some(ts_us), Some(node)) => Some(Version { ts_us, node }),
-                _ => None,
-            };
-            found(r.get(1), r.get(2), r.get(3), stored)
-        })
+        .map(|r| Probed::from_parts(r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
         .collect())
-}
-
-/// What a probe row says: a live row (with its version, or the oldest when it has none: it
-/// predates the table's protection), a tombstone, or nothing.
-fn found(
-    has_row: bool,
-    row: Option<String>,
-    matches_before: Option<bool>,
-    stored: Option<Version>,
-) -> Found {
-    if has_row {
-        let version = stored.unwrap_or_else(Version::unknown);
-        Found {
-            local: Local::Row {
-                version: Some(version.clone()),
-                matches_before,
-            },
-            row,
-            version: Some(version),
-        }
-    } else if let Some(version) = stored {
-        Found {
-            local: Local::Tombstone {
-                version: Some(version.clone()),
-            },
-            row: None,
-            version: Some(version),
-        }
-    } else {
-        Found {
-            local: Local::Nothing,
-            row: None,
-            version: None,
-        }
-    }
 }
 
 /// Stamps the versions of `rows` and writes them with `stmt` (see
