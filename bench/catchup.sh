@@ -28,7 +28,6 @@ src=$PGPORT_src; dst=$PGPORT_dst
 psql_at "$src" postgres "CREATE DATABASE bench" >/dev/null
 psql_at "$dst" postgres "CREATE DATABASE native" >/dev/null
 psql_at "$dst" postgres "CREATE DATABASE ferry" >/dev/null
-pgbench_at() { "$PG_BIN/pgbench" -h 127.0.0.1 -p "$1" -U postgres "${@:3}" "$2"; }
 
 echo "initialising pgbench scale $SCALE ..." >&2
 pgbench_at "$src" bench -i -s "$SCALE" -q >/dev/null 2>&1

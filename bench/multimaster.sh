@@ -42,7 +42,6 @@ start_pg a
 start_pg b
 start_tansu
 a=$PGPORT_a; b=$PGPORT_b
-pgbench_at() { "$PG_BIN/pgbench" -h 127.0.0.1 -p "$1" -U postgres "${@:3}" "$2"; }
 psql_at "$a" postgres "CREATE DATABASE bank" >/dev/null
 psql_at "$b" postgres "CREATE DATABASE bank" >/dev/null
 psql_at "$b" postgres "CREATE DATABASE native" >/dev/null

@@ -4,8 +4,9 @@
     bench/plot.py OUT.svg RUN.log...
 
 Reads every `result key=value ...` line the bench scripts print, takes the median of each
-`*_ratio` figure over all runs given, and draws one bar per ratio (pgferry / the native
-reference of the same run) with the issue's floors and the 1.0 line. Standard library only.
+`*_ratio` figure over all runs given, and draws one bar per ratio against the native
+reference of the same run (rates pgferry / native, latencies native / pgferry: higher is
+better either way) with the issue's floors and the 1.0 line. Standard library only.
 """
 import re
 import statistics
@@ -17,6 +18,10 @@ LABELS = {
     "mm_catchup_ratio": ("multi-master catch-up", 0.5),
     "mm_conflict_heavy_ratio": ("multi-master, conflict-heavy", None),
     "mm_local_write_ratio": ("multi-master local writes", None),
+    "replica_latency_p50_ratio": ("replica latency p50", None),
+    "replica_latency_p99_ratio": ("replica latency p99", None),
+    "mm_latency_p50_ratio": ("multi-master latency p50", None),
+    "mm_latency_p99_ratio": ("multi-master latency p99", None),
 }
 
 
@@ -34,15 +39,17 @@ def figures(paths):
 
 def svg(medians, runs):
     rows = [(k, medians[k]) for k in LABELS if k in medians]
-    width, bar_h, gap, left, top = 720, 26, 14, 230, 40
+    width, bar_h, gap, left, top = 720, 26, 14, 230, 54
     scale = 380  # pixels per 1.0
     height = top + len(rows) * (bar_h + gap) + 40
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         'font-family="sans-serif" font-size="13">',
         '<rect width="100%" height="100%" fill="white"/>',
-        f'<text x="{left}" y="22" font-weight="bold">pgferry / native reference, same run '
-        f'(median of {runs} run{"s" if runs != 1 else ""}; higher is better)</text>',
+        f'<text x="{left}" y="22" font-weight="bold">pgferry against the native reference, same '
+        f'run (median of {runs} run{"s" if runs != 1 else ""}; higher is better)</text>',
+        f'<text x="{left}" y="36" fill="#555">rates: pgferry / native; latencies: native / '
+        'pgferry</text>',
     ]
     x1 = left + scale
     out.append(f'<line x1="{x1}" y1="{top - 8}" x2="{x1}" y2="{height - 30}" stroke="#444" '

@@ -70,6 +70,9 @@ psql_at() {
   "$PG_BIN/psql" -X -q -At -h 127.0.0.1 -p "$1" -U postgres -d "$2" -c "$3"
 }
 
+# pgbench_at PORT DB ARGS...
+pgbench_at() { "$PG_BIN/pgbench" -h 127.0.0.1 -p "$1" -U postgres "${@:3}" "$2"; }
+
 now() { date +%s.%N; }
 
 # peak_rss_mb PID
@@ -78,7 +81,9 @@ peak_rss_mb() {
 }
 
 # time_ferry_until CONFIG CONDITION...: starts `$BIN run --config CONFIG` (under perf when
-# PERF_OUT is set), waits until the CONDITION command succeeds, then stops pgferry. Sets
+# PERF_OUT is set; with PERF_SYSTEM=1 the profile covers every process of the machine while
+# pgferry runs: PostgreSQL, the broker and pgferry side by side), waits until the CONDITION
+# command succeeds, then stops pgferry. Sets
 # FERRY_SECS (wall time to the condition) and FERRY_RSS (peak RSS in MB). Fails with the log
 # when pgferry exits early or BENCH_TIMEOUT (default 900 s) passes. METRICS_OUT: where to
 # save pgferry's /metrics at the condition.
@@ -86,7 +91,15 @@ time_ferry_until() {
   local config=$1 log pid deadline t0 wrapper=()
   log="$WORK/ferry-$(basename "$config" .yaml)-$(date +%s%N).log"
   shift
-  [[ -n "${PERF_OUT:-}" ]] && wrapper=(perf record -e cpu-clock -F 999 -g -o "$PERF_OUT" --)
+  local perf_pid=
+  if [[ -n "${PERF_OUT:-}" && "${PERF_SYSTEM:-0}" == 1 ]]; then
+    perf record -a -e cpu-clock -F 999 -g -o "$PERF_OUT" 2>/dev/null &
+    perf_pid=$!
+    sleep 0.5
+  elif [[ -n "${PERF_OUT:-}" ]]; then
+    # shellcheck disable=SC2206  # PERF_ARGS is a list of words, e.g. "--call-graph dwarf"
+    wrapper=(perf record -e cpu-clock -F 999 ${PERF_ARGS:--g} -o "$PERF_OUT" --)
+  fi
   t0=$(now)
   "${wrapper[@]}" "$BIN" run --config "$config" 2>"$log" &
   pid=$!
@@ -98,6 +111,7 @@ time_ferry_until() {
     sleep 0.05
   done
   FERRY_SECS=$(echo "$(now) - $t0" | bc -l)
+  [[ -n "$perf_pid" ]] && { kill -INT "$perf_pid"; wait "$perf_pid" || true; }
   FERRY_RSS=$(peak_rss_mb "$pid")
   if [[ -n "${METRICS_OUT:-}" ]]; then
     sleep 1  # counters move just after the commit that the condition saw

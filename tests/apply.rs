@@ -317,8 +317,11 @@ async fn poison_record_is_dead_lettered_and_apply_continues() {
         .create()
         .unwrap();
     let node_topic = format!("{}.__node.node-a", t.master);
+    // One record, three bad items: each is dead-lettered on its own, with its own line.
+    let bundle =
+        "this is not a change\n{\"type\":\"commit\",\"commit_lsn\":\"0/1\"}\n{\"type\":\"begin\"}";
     producer
-        .send(BaseRecord::<(), str>::to(&node_topic).payload("this is not a change"))
+        .send(BaseRecord::<(), str>::to(&node_topic).payload(bundle))
         .map_err(|(e, _)| e)
         .unwrap();
     producer.flush(Duration::from_secs(10)).unwrap();
@@ -332,7 +335,7 @@ async fn poison_record_is_dead_lettered_and_apply_continues() {
     let records = common::kafka::TopicReader::new(&broker().address()).read_until(
         &dlq,
         Duration::from_secs(30),
-        |r| r.len() >= 2,
+        |r| r.len() >= 4,
     );
     let dead = records[0].value.as_ref().unwrap();
     assert!(
@@ -343,7 +346,26 @@ async fn poison_record_is_dead_lettered_and_apply_continues() {
     assert_eq!(dead["stage"], "apply");
     assert_eq!(dead["topic"].as_str(), Some(node_topic.as_str()));
     assert!(dead["offset"].as_i64().is_some(), "{dead}");
-    let missing = records[1].value.as_ref().unwrap();
+    let stray = records[1].value.as_ref().unwrap();
+    assert!(
+        stray["error"]
+            .as_str()
+            .unwrap()
+            .contains("a commit outside any transaction"),
+        "{stray}"
+    );
+    assert_eq!(stray["payload"], r#"{"type":"commit","commit_lsn":"0/1"}"#);
+    assert_eq!(stray["offset"], dead["offset"], "the same record");
+    let after_commit = records[2].value.as_ref().unwrap();
+    assert!(
+        after_commit["error"]
+            .as_str()
+            .unwrap()
+            .contains("after the commit"),
+        "{after_commit}"
+    );
+    assert_eq!(after_commit["payload"], r#"{"type":"begin"}"#);
+    let missing = records[3].value.as_ref().unwrap();
     assert_eq!(missing["table"], "public.ghost");
     assert!(
         missing["error"]
@@ -354,7 +376,7 @@ async fn poison_record_is_dead_lettered_and_apply_continues() {
     );
     assert_eq!(
         applier.metric("pgferry_apply_dead_letters_total", ""),
-        Some(2.0)
+        Some(4.0)
     );
     // A table missing on the target is not remembered as missing: once created there, its
     // changes apply.

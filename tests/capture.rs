@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::broker::Broker;
 use common::ferry::Ferry;
-use common::kafka::{Record, TopicReader};
+use common::kafka::{node_items, Record, TopicReader};
 use common::pg::PgCluster;
 use serde_json::{json, Value};
 
@@ -146,23 +146,23 @@ async fn types_round_trip_exactly() {
         .unwrap()
         .get(0);
     assert_eq!(commit_ts, recorded);
-    // The node stream frames the same transaction: begin, the four changes in order, commit.
+    // The node stream frames the same transaction: begin, the four changes in order, commit,
+    // all in one record (a bundle of items, one per line).
     let node_topic = [format!("{db}.__node.node-a")];
-    let stream = TopicReader::new(&broker().address()).read_until(
+    let records = TopicReader::new(&broker().address()).read_until(
         &node_topic,
         Duration::from_secs(60),
-        |r| r.len() >= 7,
+        |r| node_items(r).len() >= 7,
     );
-    let kinds: Vec<&str> = stream
-        .iter()
-        .map(|r| r.value.as_ref().unwrap()["type"].as_str().unwrap())
-        .collect();
+    assert_eq!(records.len(), 1, "one record for the transaction");
+    let stream = node_items(&records);
+    let kinds: Vec<&str> = stream.iter().map(|v| v["type"].as_str().unwrap()).collect();
     assert_eq!(
         kinds,
         ["begin", "relation", "change", "change", "change", "change", "commit"]
     );
     // The table's schema is announced before its first change, as the source defines it.
-    let relation = stream[1].value.as_ref().unwrap();
+    let relation = &stream[1];
     assert_eq!(relation["table"], "typed");
     assert_eq!(
         relation["columns"][0],
@@ -172,19 +172,13 @@ async fn types_round_trip_exactly() {
         relation["columns"][1],
         json!({"name": "n", "type": "numeric(30,10)", "not_null": false, "key": false})
     );
-    let framed: Vec<&Value> = stream[2..6]
-        .iter()
-        .map(|r| &r.value.as_ref().unwrap()["change"])
-        .collect();
+    let framed: Vec<&Value> = stream[2..6].iter().map(|v| &v["change"]).collect();
     assert_eq!(framed, v[..4].to_vec());
-    assert_eq!(stream[2].value.as_ref().unwrap()["key"], json!({"id": 1}));
-    let commit = stream[6].value.as_ref().unwrap();
+    assert_eq!(stream[2]["key"], json!({"id": 1}));
+    let commit = &stream[6];
     assert_eq!(commit["changes"], 4);
     assert_eq!(commit["commit_lsn"], source["commit_lsn"]);
-    assert_eq!(
-        stream[0].value.as_ref().unwrap()["commit_ts"],
-        source["commit_ts"]
-    );
+    assert_eq!(stream[0]["commit_ts"], source["commit_ts"]);
     // Metrics count what was captured.
     assert_eq!(
         ferry.metric("pgferry_changes_captured_total", "table=\"public.typed\""),

@@ -465,8 +465,9 @@ async fn a_recreated_node_stream_is_a_reported_gap_not_a_skip() {
             .unwrap();
         cap.restart();
         cap.wait_ready().await;
-        // Fewer records than the applier had read, or more (3 records per transaction), so
-        // that the stored offset is past the end, or inside the new topic at another record.
+        // Fewer records than the applier had read, or more (one record per transaction, and
+        // twice as many transactions), so that the stored offset is past the end, or inside
+        // the new topic at another record.
         let later = if more { first * 2 } else { 2 };
         for id in 1000..1000 + later {
             m.execute("INSERT INTO t VALUES ($1, 'after')", &[&id])

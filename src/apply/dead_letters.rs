@@ -38,6 +38,8 @@ pub struct StoredDeadLetter {
     pub topic: String,
     /// Its offset there.
     pub offset: i64,
+    /// The item's place in that record (a bundle of items, one per line), 0 for the first.
+    pub item: i32,
     /// WAL position (capture-stage letters).
     pub lsn: Option<String>,
     /// Why it was dead-lettered.
@@ -78,9 +80,11 @@ pub async fn read(
     }
     let rows = client
         .query(
+            // `item` through to_jsonb: a target whose table predates the column (no apply
+            // worker of this version has started there yet) reads as item 0.
             "SELECT id, source_node, stage, table_name, topic, kafka_offset, lsn, error, payload,
-                    created_at::text, resolution
-               FROM pgferry.dead_letters
+                    created_at::text, resolution, coalesce((to_jsonb(d) ->> 'item')::int, 0)
+               FROM pgferry.dead_letters AS d
               WHERE ($1 OR resolved_at IS NULL)
                 AND (cardinality($2::int8[]) = 0 OR id = ANY($2))
                 AND ($3::text IS NULL OR table_name = $3)
@@ -106,6 +110,7 @@ pub async fn read(
             payload: r.get(8),
             created_at: r.get(9),
             resolution: r.get(10),
+            item: r.get(11),
         })
         .collect())
 }
@@ -137,7 +142,7 @@ pub async fn list(config: &Config, selection: &Selection) -> Result<String, Appl
         for l in letters {
             let position = match &l.lsn {
                 Some(lsn) => format!("lsn {lsn}"),
-                None => format!("{}@{}", l.topic, l.offset),
+                None => format!("{}@{} item {}", l.topic, l.offset, l.item),
             };
             let _ = writeln!(
                 out,

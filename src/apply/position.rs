@@ -12,12 +12,13 @@ use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::stream::{parse_framed, StreamItem};
 use crate::config::KafkaConfig;
 use crate::lsn::Lsn;
+use crate::sink::kafka::node_stream::items_of;
 use crate::sink::kafka::producer::client_config;
 
 /// How long to wait for the broker.
@@ -70,7 +71,7 @@ pub fn last_commit_before(
                 Some(Ok(m)) => {
                     next = m.offset() + 1;
                     if m.offset() < to {
-                        if let Ok((_, StreamItem::Commit(c))) = parse_framed(m.payload()) {
+                        if let Ok((_, StreamItem::Commit(c))) = parse_framed(last_item(&m)) {
                             found = Some((m.offset(), c.commit_lsn));
                         }
                     }
@@ -132,7 +133,7 @@ pub fn check(
     loop {
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
-                let commit = match parse_framed(m.payload()) {
+                let commit = match parse_framed(last_item(&m)) {
                     Ok((_, StreamItem::Commit(commit))) => Some(commit.commit_lsn),
                     _ => None,
                 };
@@ -157,4 +158,10 @@ pub fn check(
             }
         }
     }
+}
+
+/// The last item of a node-stream record: a commit ends its record (see
+/// [`crate::sink::kafka::node_stream`]).
+fn last_item<'m>(message: &'m BorrowedMessage<'_>) -> Option<&'m [u8]> {
+    message.payload().and_then(|p| items_of(p).last())
 }

@@ -66,8 +66,14 @@ pub async fn prepare_session(
                  payload text,
                  created_at timestamptz NOT NULL DEFAULT now(),
                  resolved_at timestamptz,
-                 resolution text,
-                 UNIQUE (source_node, topic, kafka_offset));
+                 resolution text);
+             -- One letter per node-stream item: a record holds a bundle of items (its
+             -- place in the record), so the first layout's key of one per record is replaced.
+             ALTER TABLE pgferry.dead_letters ADD COLUMN IF NOT EXISTS item int NOT NULL DEFAULT 0;
+             ALTER TABLE pgferry.dead_letters
+                 DROP CONSTRAINT IF EXISTS dead_letters_source_node_topic_kafka_offset_key;
+             CREATE UNIQUE INDEX IF NOT EXISTS dead_letters_item
+                 ON pgferry.dead_letters (source_node, topic, kafka_offset, item);
              COMMIT",
         )
         .await?;
@@ -104,11 +110,12 @@ pub async fn read_progress(
 
 /// Records a dead letter in the target (in the open transaction, so it commits with the
 /// progress that skips the change). Parameters: node, stage, table, topic, offset, lsn, error,
-/// payload. A replay of the same record (after a crash before commit) records nothing new.
+/// payload, item. A replay of the same item (after a crash before commit) records nothing new.
 pub const RECORD_DEAD_LETTER: &str = "INSERT INTO pgferry.dead_letters
-        (source_node, stage, table_name, topic, kafka_offset, lsn, error, payload)
-     VALUES ($1::text, $2::text, $3::text, $4::text, $5::text::bigint, $6::text, $7::text, $8::text)
-     ON CONFLICT (source_node, topic, kafka_offset) DO NOTHING";
+        (source_node, stage, table_name, topic, kafka_offset, lsn, error, payload, item)
+     VALUES ($1::text, $2::text, $3::text, $4::text, $5::text::bigint, $6::text, $7::text, $8::text,
+             $9::text::int)
+     ON CONFLICT (source_node, topic, kafka_offset, item) DO NOTHING";
 
 /// Tables with unresolved dead letters from `node`: the target misses changes to them.
 pub async fn diverged_tables(

@@ -41,8 +41,8 @@ use crate::event::Op;
 use crate::lsn::Lsn;
 use crate::pgtime::PgTimestamp;
 use crate::sink::kafka::dead_letter::{self, DeadLetter};
-use crate::sink::kafka::node_stream::node_stream_topic;
-use crate::sink::kafka::producer::{client_config, create_topic};
+use crate::sink::kafka::node_stream::{items_of, node_stream_topic};
+use crate::sink::kafka::producer::{client_config, create_topics};
 use crate::telemetry::{Health, Metrics};
 
 mod horizon;
@@ -103,7 +103,7 @@ struct Worker {
     dead_letters: FutureProducer,
     dead_letter_topic: String,
     /// Target tables by `schema.table` (only those that exist on the target).
-    tables: HashMap<String, TargetTable>,
+    tables: HashMap<String, Arc<TargetTable>>,
     /// Applied-changes counters by `schema.table`, indexed by op.
     counters: HashMap<String, [Option<prometheus::IntCounter>; 5]>,
     statements: HashMap<StatementKey, Statement>,
@@ -158,6 +158,8 @@ pub(crate) struct RecordRef<'a> {
     topic: &'a str,
     partition: i32,
     offset: i64,
+    /// The item's place in its record (a bundle, see `node_stream`), 0 for the first.
+    item: u32,
     payload: Option<&'a [u8]>,
 }
 
@@ -167,6 +169,7 @@ impl<'a> RecordRef<'a> {
             topic: message.topic(),
             partition: message.partition(),
             offset: message.offset(),
+            item: 0,
             payload: message.payload(),
         }
     }
@@ -322,30 +325,48 @@ pub async fn run(
         // librdkafka prefetches up to 64 MB per partition by default; a sidecar wants less.
         consumer_config.set("queued.max.messages.kbytes", "16384");
     }
+    if !settings
+        .kafka
+        .properties
+        .contains_key("fetch.queue.backoff.ms")
+    {
+        // When the prefetch queue is full, librdkafka waits this long (1 s by default) before
+        // fetching again, even if the worker empties the queue in a few milliseconds: in a
+        // catch-up the worker then idles for most of each second.
+        consumer_config.set("fetch.queue.backoff.ms", "10");
+    }
+    if !settings.kafka.properties.contains_key("fetch.wait.max.ms") {
+        // How long the broker may hold a fetch that finds nothing new: brokers that answer a
+        // waiting fetch as soon as records arrive make this free; others add up to this much
+        // latency per record.
+        consumer_config.set("fetch.wait.max.ms", "50");
+    }
     let consumer: StreamConsumer = consumer_config
         .set("group.id", format!("pgferry-apply-{}", settings.node))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("fetch.wait.max.ms", "50")
         // An offset that is no longer in the topic is an error, never a jump to either end.
         .set("auto.offset.reset", "error")
         .create()
         .map_err(ApplyError::Kafka)?;
     if settings.kafka.create_topics {
-        for t in [&topic, &worker.dead_letter_topic] {
-            create_topic(&settings.kafka, t, 1)
-                .await
-                .map_err(ApplyError::Kafka)?;
-        }
+        create_topics(&settings.kafka, &[&topic, &worker.dead_letter_topic], 1)
+            .await
+            .map_err(ApplyError::Kafka)?;
     }
     tracing::info!(node = %worker.settings.node, target = %worker.settings.target.url.display_target(),
                    offset = worker.committed.next_offset, applied = %worker.committed.commit_lsn, "applying");
+    // Fetching starts now, while the position is checked (nothing is applied before).
+    worker.assign(&consumer, &topic)?;
     worker.verify_position(&topic).await?;
     worker.refresh_diverged(&client).await?;
     worker.health.set_ready(&worker.component, true);
+    let mut assigned = true;
     let result = loop {
         let mut framer = Framer::new(worker.committed.commit_lsn);
-        worker.assign(&consumer, &topic)?;
+        if !std::mem::take(&mut assigned) {
+            worker.assign(&consumer, &topic)?;
+        }
         let result = worker
             .apply_loop(&client, &consumer, &topic, &mut framer, &shutdown)
             .await;
@@ -549,100 +570,153 @@ impl Worker {
             }
             self.next_read = offset + 1;
             self.last_record = std::time::Instant::now();
-            let record = RecordRef::of(&message);
-            let (run, item) = match parse_framed(message.payload()) {
-                Ok(framed) => framed,
-                Err(e) => {
-                    self.bad_message(client, &record, &e.to_string()).await?;
+            // A record holds a bundle of items, one per line (see `node_stream`); each is
+            // parsed, framed and, when bad, dead-lettered on its own.
+            let mut lines = message.payload().map(items_of);
+            let mut item = 0u32;
+            let mut after_commit = false;
+            let mut orphaned = None;
+            loop {
+                let line = match lines.as_mut() {
+                    Some(items) => match items.next() {
+                        Some(line) => Some(line),
+                        None => break,
+                    },
+                    None if item == 0 => None,
+                    None => break,
+                };
+                let record = RecordRef {
+                    item,
+                    payload: line,
+                    ..RecordRef::of(&message)
+                };
+                item += 1;
+                if after_commit {
+                    // Nothing may follow a commit in its record: the position stored with
+                    // that commit is the next record, so an item here would be skipped on a
+                    // restart. Capture never writes one.
+                    self.bad_message(client, &record, "an item after the commit in its node-stream record (a commit must end its record)").await?;
                     continue;
                 }
-            };
-            match framer.step_run(offset, run, item) {
-                Step::Ignore => {}
-                Step::Stray(reason) => {
-                    tracing::error!(node = %self.settings.node, offset, reason,
-                                    "node stream record out of place");
-                    self.bad_message(client, &record, reason).await?;
-                }
-                Step::Relation(relation) => {
-                    if self.settings.apply.create_tables {
-                        self.create_if_missing(client, &mut pending, &record, &relation)
-                            .await?;
+                let (run, item) = match parse_framed(line) {
+                    Ok(framed) => framed,
+                    Err(e) => {
+                        self.bad_message(client, &record, &e.to_string()).await?;
+                        continue;
                     }
-                }
-                Step::Ack(ack) => {
-                    self.record_ack(client, &mut pending, &ack).await?;
-                }
-                Step::Skipped(skipped) => {
-                    self.record_capture_letter(client, &mut pending, &record, &skipped)
-                        .await?;
-                }
-                Step::Apply(change) if self.careful => {
-                    let commit_ts = framer.open_commit_ts_us().unwrap_or_default();
-                    self.apply_carefully(client, &mut pending, &record, change, commit_ts)
-                        .await?;
-                }
-                Step::Start(begin) => {
-                    if let Some(lww) = &mut self.lww {
-                        lww.fallback_written.clear();
-                        lww.commit_lsn = begin.commit_lsn;
-                    }
-                    self.check_horizon(client, &mut pending).await?;
-                    if !self.in_target_txn {
-                        self.batch_started = std::time::Instant::now();
-                        pending.send(Box::pin(async move {
-                            client.batch_execute("BEGIN").await.map(|_| 0)
-                        }));
-                        self.in_target_txn = true;
-                    }
-                }
-                Step::Apply(change) if self.lww.is_some() => {
-                    self.apply_change_lww(
-                        client,
-                        &mut pending,
-                        &record,
-                        change,
-                        framer.open_commit_ts_us().unwrap_or_default(),
-                    )
-                    .await?;
-                }
-                Step::Apply(change) => {
-                    self.apply_change(client, &mut pending, &record, change)
-                        .await?;
-                    if pending.len() >= PIPELINE_DEPTH {
-                        pending
-                            .wait_below(PIPELINE_DEPTH / 2)
-                            .await
-                            .map_err(ApplyError::sql("applying changes"))?;
-                    }
-                }
-                Step::End(commit) => {
-                    self.batch_txns += 1;
-                    self.last_completed = Some(Completed {
-                        commit_lsn: commit.commit_lsn,
-                        commit_ts_us: framer.commit_ts_us(),
-                        offset,
-                    });
-                    // Versions travel with the changes (multi-master too), so several
-                    // source transactions share one target transaction. In multi-master, a
-                    // sent batch holds row locks that local writers wait for: commit at the
-                    // first boundary after it, so no local write waits longer than a batch.
-                    if self.batch_changes >= u64::from(self.settings.apply.batch_max_changes)
-                        || self.lww_rows_sent
-                    {
-                        self.commit_batch(client, &mut pending).await?;
-                    }
-                }
-                Step::Orphaned(begin_offset) => {
-                    tracing::warn!(node = %self.settings.node, offset = begin_offset,
-                                   "transaction cut off by a capture restart; replaying from the last commit");
-                    drop(message);
-                    self.rollback(client, &mut pending).await?;
-                    framer.orphan(begin_offset, self.committed.commit_lsn);
-                    self.assign(consumer, topic)?;
+                };
+                after_commit = matches!(item, StreamItem::Commit(_));
+                if let Some(begin_offset) = self
+                    .step_item(client, &mut pending, framer, &record, offset, run, item)
+                    .await?
+                {
+                    orphaned = Some(begin_offset);
+                    break;
                 }
             }
+            if let Some(begin_offset) = orphaned {
+                tracing::warn!(node = %self.settings.node, offset = begin_offset,
+                               "transaction cut off by a capture restart; replaying from the last commit");
+                drop(lines);
+                drop(message);
+                self.rollback(client, &mut pending).await?;
+                framer.orphan(begin_offset, self.committed.commit_lsn);
+                self.assign(consumer, topic)?;
+            }
         }
+    }
+
+    /// Applies one node-stream item as the framer decides. Returns the begin offset of an
+    /// orphaned transaction (the caller rolls back and replays from the last commit).
+    #[allow(clippy::too_many_arguments)]
+    async fn step_item<'c>(
+        &mut self,
+        client: &'c Client,
+        pending: &mut InFlight<'c>,
+        framer: &mut Framer,
+        record: &RecordRef<'_>,
+        offset: i64,
+        run: Option<u64>,
+        item: StreamItem,
+    ) -> Result<Option<i64>, ApplyError> {
+        match framer.step_run(offset, run, item) {
+            Step::Ignore => {}
+            Step::Stray(reason) => {
+                tracing::error!(node = %self.settings.node, offset, reason,
+                                "node stream record out of place");
+                self.bad_message(client, record, reason).await?;
+            }
+            Step::Relation(relation) => {
+                if self.settings.apply.create_tables {
+                    self.create_if_missing(client, pending, record, &relation)
+                        .await?;
+                }
+            }
+            Step::Ack(ack) => {
+                self.record_ack(client, pending, &ack).await?;
+            }
+            Step::Skipped(skipped) => {
+                self.record_capture_letter(client, pending, record, &skipped)
+                    .await?;
+            }
+            Step::Apply(change) if self.careful => {
+                let commit_ts = framer.open_commit_ts_us().unwrap_or_default();
+                self.apply_carefully(client, pending, record, change, commit_ts)
+                    .await?;
+            }
+            Step::Start(begin) => {
+                if let Some(lww) = &mut self.lww {
+                    lww.fallback_written.clear();
+                    lww.commit_lsn = begin.commit_lsn;
+                }
+                self.check_horizon(client, pending).await?;
+                if !self.in_target_txn {
+                    self.batch_started = std::time::Instant::now();
+                    pending.send(Box::pin(async move {
+                        client.batch_execute("BEGIN").await.map(|_| 0)
+                    }));
+                    self.in_target_txn = true;
+                }
+            }
+            Step::Apply(change) if self.lww.is_some() => {
+                self.apply_change_lww(
+                    client,
+                    pending,
+                    record,
+                    change,
+                    framer.open_commit_ts_us().unwrap_or_default(),
+                )
+                .await?;
+            }
+            Step::Apply(change) => {
+                self.apply_change(client, pending, record, change).await?;
+                if pending.len() >= PIPELINE_DEPTH {
+                    pending
+                        .wait_below(PIPELINE_DEPTH / 2)
+                        .await
+                        .map_err(ApplyError::sql("applying changes"))?;
+                }
+            }
+            Step::End(commit) => {
+                self.batch_txns += 1;
+                self.last_completed = Some(Completed {
+                    commit_lsn: commit.commit_lsn,
+                    commit_ts_us: framer.commit_ts_us(),
+                    offset,
+                });
+                // Versions travel with the changes (multi-master too), so several
+                // source transactions share one target transaction. In multi-master, a
+                // sent batch holds row locks that local writers wait for: commit at the
+                // first boundary after it, so no local write waits longer than a batch.
+                if self.batch_changes >= u64::from(self.settings.apply.batch_max_changes)
+                    || self.lww_rows_sent
+                {
+                    self.commit_batch(client, pending).await?;
+                }
+            }
+            Step::Orphaned(begin_offset) => return Ok(Some(begin_offset)),
+        }
+        Ok(None)
     }
 
     /// After [`STALL_AFTER`] without a record, asks the broker for the high watermark (at most
@@ -846,14 +920,16 @@ impl Worker {
         qualified: &str,
         (schema, table): (&str, &str),
         refresh: bool,
-    ) -> Result<Option<TargetTable>, ApplyError> {
+    ) -> Result<Option<Arc<TargetTable>>, ApplyError> {
         // A table missing on the target is looked up again each time: it may be created later.
         if refresh || !self.tables.contains_key(qualified) {
             match target::describe(client, schema, table)
                 .await
                 .map_err(ApplyError::sql("describing a target table"))?
             {
-                Some(described) => self.tables.insert(qualified.to_owned(), described),
+                Some(described) => self
+                    .tables
+                    .insert(qualified.to_owned(), Arc::new(described)),
                 None => self.tables.remove(qualified),
             };
         }
@@ -904,7 +980,7 @@ impl Worker {
         message: &RecordRef<'_>,
         change: &ChangeItem,
         qualified: &str,
-    ) -> Result<Option<TargetTable>, ApplyError> {
+    ) -> Result<Option<Arc<TargetTable>>, ApplyError> {
         let wanted = &self.settings.apply.tables;
         if !wanted.is_empty() && !wanted.iter().any(|t| t == qualified) {
             return Ok(None);
@@ -919,23 +995,22 @@ impl Worker {
             .await?;
             return Ok(None);
         };
-        let row_columns = |m: &Option<RowImage>| -> Vec<String> {
-            m.as_ref()
-                .map(|m| m.keys().cloned().collect())
-                .unwrap_or_default()
-        };
-        let mut used = row_columns(&change.after);
-        used.extend(row_columns(&change.before));
-        if let Some(missing) = used.iter().find(|c| !table.columns.contains(c)) {
+        let missing = [&change.after, &change.before]
+            .into_iter()
+            .flatten()
+            .flat_map(RowImage::keys)
+            .find(|c| !table.columns.contains(c))
+            .cloned();
+        if let Some(missing) = missing {
             // The source may have gained a column: look again before giving up.
             table = self
                 .table(client, qualified, names, true)
                 .await?
                 .unwrap_or(table);
-            if !table.columns.contains(missing) {
+            if !table.columns.contains(&missing) {
                 return Err(ApplyError::ColumnMissing {
                     table: qualified.to_owned(),
-                    column: missing.clone(),
+                    column: missing,
                 });
             }
         }
@@ -1180,8 +1255,8 @@ impl Worker {
     ) -> Result<(), ApplyError> {
         self.metrics.apply_dead_letters.inc();
         let location = format!(
-            "{}[{}]@{}",
-            message.topic, message.partition, message.offset
+            "{}[{}]@{} item {}",
+            message.topic, message.partition, message.offset, message.item
         );
         if self.settings.apply.on_poison == OnPoison::Stop {
             return Err(ApplyError::BadMessage {
@@ -1203,6 +1278,7 @@ impl Worker {
             topic: Some(message.topic),
             partition: Some(message.partition),
             offset: Some(message.offset),
+            item: Some(message.item),
             target: Some(target),
             error: reason,
             payload: payload
@@ -1241,7 +1317,7 @@ impl Worker {
         message: &RecordRef<'_>,
         letter: StoredLetter<'_>,
     ) -> Result<(), ApplyError> {
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
             &self.settings.node,
             &letter.stage,
             &letter.table,
@@ -1250,6 +1326,7 @@ impl Worker {
             &letter.lsn,
             &letter.reason,
             &letter.payload,
+            &message.item.to_string(),
         ];
         client
             .execute(target::RECORD_DEAD_LETTER, &params)
@@ -1411,6 +1488,7 @@ impl Worker {
             topic: &letter.topic,
             partition: 0,
             offset: letter.offset,
+            item: u32::try_from(letter.item).unwrap_or_default(),
             payload: Some(payload.as_bytes()),
         };
         client

@@ -16,6 +16,22 @@ pub struct Record {
     pub value: Option<Value>,
 }
 
+/// The items of node-stream records in order: a record holds a bundle of JSON items, one per
+/// line (a record that is one JSON value is one item).
+pub fn node_items(records: &[Record]) -> Vec<Value> {
+    records
+        .iter()
+        .filter_map(|r| r.value.as_ref())
+        .flat_map(|v| match v {
+            Value::String(bundle) => bundle
+                .lines()
+                .map(|line| serde_json::from_str(line).expect("a node-stream item is JSON"))
+                .collect(),
+            one => vec![one.clone()],
+        })
+        .collect()
+}
+
 /// A consumer over every partition of some topics, from the beginning.
 pub struct TopicReader {
     consumer: BaseConsumer,

@@ -6,6 +6,7 @@
 //! transaction. Nothing waits for a clock: versions, not commit times, order the writes.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use serde_json::value::RawValue;
 use tokio_postgres::error::SqlState;
@@ -102,7 +103,7 @@ impl Probed {
 /// One change, prepared for the multi-master path.
 struct Prepared<'a> {
     qualified: String,
-    table: TargetTable,
+    table: Arc<TargetTable>,
     change: &'a ChangeItem,
     key_values: Vec<Box<RawValue>>,
     remote: Version,
@@ -297,8 +298,13 @@ impl Worker {
                 Err(reason) => self.bad_message(client, message, &reason).await,
             };
         }
-        // Not batched: after the batch, one change at a time.
+        // Not batched: after the batch, one change at a time, on the worker's own connection.
+        // A lane may hold this key's row from the batch just sent: its transaction commits
+        // first, or the worker would wait for its own lane until the lock timeout, and again
+        // after every replay. (A crash before the worker's commit replays the lanes' changes,
+        // which find their versions stored and change nothing.)
         self.send_lww_rows(client, pending).await?;
+        self.commit_lanes().await?;
         // An insert of a key this node has never seen (no version at all) cannot conflict:
         // one statement stamps and writes it. Anything else goes the full way.
         let fresh_candidate = matches!(change.op, Op::Create | Op::Read)

@@ -6,12 +6,14 @@
 //!
 //! ```text
 //! {"stage": "capture"|"apply", "node", "table", "op", "lsn", "commit_lsn",
-//!  "topic", "partition", "offset", "target",      (apply: where the record was read and applied)
+//!  "topic", "partition", "offset", "item", "target",  (apply: where the item was read and applied)
 //!  "key", "error", "payload", "payload_bytes", "row_text"}
 //! ```
 //!
+//! - `item` (apply) is the item's place in its node-stream record, which holds a bundle of
+//!   items one per line (see [`super::node_stream`]); 0 for the first.
 //! - `payload` is the record as text: the per-table envelope (capture) or the node-stream
-//!   change record (apply), when it fits under `kafka.max_message_bytes`; `payload_bytes` is
+//!   item (apply), when it fits under `kafka.max_message_bytes`; `payload_bytes` is
 //!   its full size either way. `pgferry dead-letters replay` re-applies apply-stage letters
 //!   from it.
 //! - `row_text` (capture, when the change could not be encoded at all) holds the new row's
@@ -51,6 +53,9 @@ pub struct DeadLetter<'a> {
     pub partition: Option<i32>,
     /// Its offset (apply).
     pub offset: Option<i64>,
+    /// The item's place in that record (apply), 0 for the first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub item: Option<u32>,
     /// The target database (apply), as `host:port/db`.
     pub target: Option<String>,
     /// The change's JSON key.

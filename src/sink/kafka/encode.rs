@@ -80,18 +80,20 @@ pub struct EnvelopeSource {
 /// `<prefix>.<schema>.<table>`, with characters Kafka does not allow in topic names replaced
 /// by `_` (Debezium does the same). Kafka allows `[a-zA-Z0-9._-]`, at most 249 characters.
 pub fn topic_name(prefix: &str, schema: &str, table: &str) -> String {
-    let clean = |s: &str| -> String {
-        s.chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect()
-    };
-    let mut topic = format!("{}.{}.{}", clean(prefix), clean(schema), clean(table));
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    let mut topic = String::with_capacity(prefix.len() + schema.len() + table.len() + 2);
+    for (i, part) in [prefix, schema, table].into_iter().enumerate() {
+        if i > 0 {
+            topic.push('.');
+        }
+        // Names are usually clean already: copy them whole (this runs for every change).
+        if part.chars().all(allowed) {
+            topic.push_str(part);
+        } else {
+            topic.extend(part.chars().map(|c| if allowed(c) { c } else { '_' }));
+        }
+    }
+    // Every character is ASCII now, so any length is a character boundary.
     topic.truncate(249);
     topic
 }

@@ -27,6 +27,16 @@
 //! the new run's first records; appliers recognise those late records by their older run and
 //! skip them, instead of mixing them into the new run's transactions.
 //!
+//! One Kafka record carries a *bundle* of these items, one per line (`\n` between items; JSON
+//! text never holds a raw newline inside a string, and [`Bundle`] turns any newline between
+//! tokens into a space). Capture fills a bundle with one source transaction and sends it at
+//! the commit, or earlier when the next item would pass `kafka.max_message_bytes` or
+//! [`BUNDLE_BYTES`]; so a commit is always the last item of its record and a begin the first,
+//! and an applier's Kafka position (the offset after a commit's record) still falls between
+//! transactions. Bundles cut the node stream's record count (and the broker's and both
+//! clients' per-record work) from one per change to about one per transaction. A record of
+//! one item, as earlier versions wrote, is a bundle of one: appliers read both.
+//!
 //! A `relation` record (the table's column types as `format_type` prints them) precedes the
 //! first change of each table in a capture run, so appliers can create missing tables.
 //!
@@ -75,6 +85,67 @@ fn record(source: &EnvelopeSource, value: Vec<u8>) -> Record {
         value: Some(value),
         single_partition: true,
     }
+}
+
+/// Bytes after which capture sends a bundle even inside a transaction: large transactions
+/// travel as several records instead of one that the broker and the applier hold whole.
+pub const BUNDLE_BYTES: usize = 256 * 1024;
+
+/// Node-stream items waiting to travel as one record (see the module docs).
+#[derive(Debug, Default)]
+pub struct Bundle {
+    value: Vec<u8>,
+    items: usize,
+}
+
+impl Bundle {
+    /// Whether `item` fits beside what the bundle holds within `limit` bytes (an empty bundle
+    /// takes any item: the caller has checked it alone against the limit).
+    pub fn fits(&self, item: &Record, limit: usize) -> bool {
+        let len = item.value.as_ref().map_or(0, Vec::len);
+        self.items == 0 || self.value.len() + 1 + len <= limit.min(BUNDLE_BYTES)
+    }
+
+    /// Appends one node-stream item (a record rendered by this module).
+    pub fn push(&mut self, item: &Record) {
+        let Some(value) = &item.value else { return };
+        if self.items > 0 {
+            self.value.push(b'\n');
+        }
+        let start = self.value.len();
+        self.value.extend_from_slice(value);
+        // Valid JSON holds raw newlines only as whitespace between tokens.
+        for b in &mut self.value[start..] {
+            if *b == b'\n' {
+                *b = b' ';
+            }
+        }
+        self.items += 1;
+    }
+
+    /// Items held.
+    pub fn len(&self) -> usize {
+        self.items
+    }
+
+    /// Whether the bundle holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.items == 0
+    }
+
+    /// The record carrying every item pushed since the last take; `None` when empty.
+    pub fn take(&mut self, source: &EnvelopeSource) -> Option<Record> {
+        if self.items == 0 {
+            return None;
+        }
+        self.items = 0;
+        Some(record(source, std::mem::take(&mut self.value)))
+    }
+}
+
+/// The items of one node-stream record: its lines (a record written before bundles is one).
+pub fn items_of(payload: &[u8]) -> impl Iterator<Item = &[u8]> {
+    payload.split(|b| *b == b'\n')
 }
 
 /// The marker that opens a transaction.
@@ -228,6 +299,81 @@ mod tests {
             topic_prefix: "p".into(),
             tombstones: true,
             run: 4,
+        }
+    }
+
+    fn item(json: &str) -> Record {
+        record(&src(), json.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn bundles_hold_items_one_per_line_within_the_limit() {
+        let mut bundle = Bundle::default();
+        assert!(bundle.take(&src()).is_none());
+        let items = [
+            r#"{"type":"begin"}"#,
+            "{\"type\":\n\"ack\"}",
+            r#"{"type":"commit"}"#,
+        ];
+        for i in items {
+            assert!(bundle.fits(&item(i), 1000));
+            bundle.push(&item(i));
+        }
+        assert_eq!(bundle.len(), 3);
+        // The next item would pass a limit the bundle is close to.
+        assert!(!bundle.fits(&item(r#"{"type":"x"}"#), 50));
+        let record = bundle.take(&src()).unwrap();
+        assert!(bundle.is_empty());
+        assert_eq!(record.topic, "p.__node.node-a");
+        assert!(record.single_partition);
+        let read: Vec<Value> = items_of(record.value.as_ref().unwrap())
+            .map(|line| serde_json::from_slice(line).unwrap())
+            .collect();
+        assert_eq!(
+            read,
+            [
+                json!({"type": "begin"}),
+                json!({"type": "ack"}),
+                json!({"type": "commit"})
+            ]
+        );
+        // An empty bundle takes an item whatever its size; the caller checks it alone.
+        assert!(bundle.fits(&item(r#"{"type":"large"}"#), 1));
+        // A record of one item, as earlier versions wrote, reads as itself.
+        assert_eq!(items_of(br#"{"a":1}"#).collect::<Vec<_>>(), [br#"{"a":1}"#]);
+    }
+
+    proptest::proptest! {
+        /// Whatever JSON the items hold (newlines in strings, pretty-printed whitespace), a
+        /// bundle gives back each item, in order, as the same value.
+        #[test]
+        fn bundles_give_back_their_items(
+            texts in proptest::collection::vec(proptest::collection::vec("[a\n\r\"\\\\ {}]{0,8}", 0..4), 1..12),
+            limit in 16usize..400,
+        ) {
+            let values: Vec<Value> = texts.iter().map(|t| json!({"type": "change", "t": t})).collect();
+            let mut bundle = Bundle::default();
+            let mut read = Vec::new();
+            let drain = |record: Option<Record>, read: &mut Vec<Value>| {
+                if let Some(record) = record {
+                    let value = record.value.as_ref().unwrap();
+                    let lines: Vec<&[u8]> = items_of(value).collect();
+                    // Only an item alone may pass the limit.
+                    assert!(lines.len() == 1 || value.len() <= limit, "{} bytes", value.len());
+                    for line in lines {
+                        read.push(serde_json::from_slice(line).unwrap());
+                    }
+                }
+            };
+            for v in &values {
+                let rendered = item(&serde_json::to_string_pretty(v).unwrap());
+                if !bundle.fits(&rendered, limit) {
+                    drain(bundle.take(&src()), &mut read);
+                }
+                bundle.push(&rendered);
+            }
+            drain(bundle.take(&src()), &mut read);
+            proptest::prop_assert_eq!(read, values);
         }
     }
 

@@ -315,17 +315,21 @@ impl KafkaSink {
     }
 }
 
-/// Creates a topic unless it exists (for topics the apply side reads or writes).
-pub async fn create_topic(
+/// Creates the topics that do not exist yet, in one request (for topics the apply side reads
+/// or writes).
+pub async fn create_topics(
     config: &KafkaConfig,
-    topic: &str,
+    topics: &[&str],
     partitions: i32,
 ) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> = client_config(config).create()?;
     let max_bytes = config.max_message_bytes.to_string();
-    let new = new_topic(config, topic, partitions, &max_bytes);
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| new_topic(config, t, partitions, &max_bytes))
+        .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    for r in admin.create_topics([&new], &opts).await? {
+    for r in admin.create_topics(&new, &opts).await? {
         match r {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((_, code)) => return Err(KafkaError::AdminOp(code)),

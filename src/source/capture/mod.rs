@@ -322,12 +322,11 @@ impl Capture {
                     &change.relation.table,
                     columns,
                 );
-                self.send(txn.ticket, &relation, None, repl.as_deref_mut())
-                    .await?;
+                self.stage(txn, &relation, repl.as_deref_mut()).await?;
             }
             self.announced.insert(oid);
         }
-        self.send(txn.ticket, &node_record, None, repl).await?;
+        self.stage(txn, &node_record, repl).await?;
         txn.changes += 1;
         Ok(())
     }
@@ -346,7 +345,7 @@ impl Capture {
             return Ok(());
         };
         self.begin_if_needed(txn, repl.as_deref_mut()).await?;
-        self.send(txn.ticket, &record, None, repl).await
+        self.stage(txn, &record, repl).await
     }
 
     /// Sends the transaction's begin marker before its first record.
@@ -357,7 +356,7 @@ impl Capture {
     ) -> Result<(), CaptureError> {
         if !txn.begun {
             let begin = node_stream::begin_record(&self.envelope, &txn.stamp, txn.snapshot);
-            self.send(txn.ticket, &begin, None, repl).await?;
+            self.stage(txn, &begin, repl).await?;
             txn.begun = true;
         }
         Ok(())
@@ -408,24 +407,54 @@ impl Capture {
             change.lsn,
             &error,
         );
-        self.send(txn.ticket, &skipped, None, repl).await
+        self.stage(txn, &skipped, repl).await
     }
 
     /// Closes a transaction: its commit marker (if it published anything), then the seal that
     /// lets the watermark pass `end_lsn` once Kafka has acknowledged all of it.
     async fn finish_txn(
         &mut self,
-        txn: OpenTxn,
+        mut txn: OpenTxn,
         end_lsn: Lsn,
-        repl: Option<&mut stream::StreamState<'_>>,
+        mut repl: Option<&mut stream::StreamState<'_>>,
     ) -> Result<(), CaptureError> {
         if txn.begun {
             let commit =
                 node_stream::commit_record(&self.envelope, &txn.stamp, end_lsn, txn.changes);
-            self.send(txn.ticket, &commit, None, repl).await?;
+            self.stage(&mut txn, &commit, repl.as_deref_mut()).await?;
+            self.send_bundle(&mut txn, repl).await?;
         }
         lock(&self.progress).seal(txn.ticket, end_lsn);
         Ok(())
+    }
+
+    /// Adds a node-stream item to the transaction's bundle, sending the bundle first when the
+    /// item would not fit in its record (see [`node_stream::Bundle`]).
+    async fn stage(
+        &mut self,
+        txn: &mut OpenTxn,
+        item: &Record,
+        repl: Option<&mut stream::StreamState<'_>>,
+    ) -> Result<(), CaptureError> {
+        let limit =
+            (self.settings.kafka.max_message_bytes as usize).saturating_sub(RECORD_OVERHEAD);
+        if !txn.bundle.fits(item, limit) {
+            self.send_bundle(txn, repl).await?;
+        }
+        txn.bundle.push(item);
+        Ok(())
+    }
+
+    /// Sends the node-stream items the transaction holds as one record.
+    async fn send_bundle(
+        &mut self,
+        txn: &mut OpenTxn,
+        repl: Option<&mut stream::StreamState<'_>>,
+    ) -> Result<(), CaptureError> {
+        match txn.bundle.take(&self.envelope) {
+            Some(record) => self.send(txn.ticket, &record, None, repl).await,
+            None => Ok(()),
+        }
     }
 
     /// Offers one record to the producer until it is queued. While the queue is full, keeps
@@ -450,9 +479,13 @@ impl Capture {
 /// Bytes a record occupies against librdkafka's `message.max.bytes` (payload, key, and
 /// librdkafka's per-message overhead).
 fn record_size(record: &Record) -> usize {
-    const OVERHEAD: usize = 512;
-    record.value.as_ref().map_or(0, Vec::len) + record.key.as_ref().map_or(0, Vec::len) + OVERHEAD
+    record.value.as_ref().map_or(0, Vec::len)
+        + record.key.as_ref().map_or(0, Vec::len)
+        + RECORD_OVERHEAD
 }
+
+/// librdkafka's per-message overhead, and room for a node-stream record's key.
+const RECORD_OVERHEAD: usize = 512;
 
 /// A source transaction being published.
 pub(super) struct OpenTxn {
@@ -465,6 +498,8 @@ pub(super) struct OpenTxn {
     pub(super) echo: bool,
     /// Multi-master versions stamped and not yet paired with their row change.
     versions: versions::Pending,
+    /// Node-stream items not yet sent.
+    bundle: node_stream::Bundle,
 }
 
 impl OpenTxn {
@@ -477,6 +512,7 @@ impl OpenTxn {
             changes: 0,
             echo: false,
             versions: versions::Pending::default(),
+            bundle: node_stream::Bundle::default(),
         }
     }
 }

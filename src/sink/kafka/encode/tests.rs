@@ -212,6 +212,24 @@ fn topic_names_are_kafka_legal() {
     assert_eq!(topic_name("p", "my schema", "t/1"), "p.my_schema.t_1");
 }
 
+proptest::proptest! {
+    /// Any names, clean or not, ASCII or not: the topic is the three parts joined by dots,
+    /// each character outside Kafka's alphabet replaced by `_`, cut at Kafka's 249.
+    #[test]
+    fn topic_names_replace_each_illegal_character(
+        prefix in "[a-z.]{0,5}", schema in "\\PC{0,12}", table in "[a-zA-Z0-9_ Üß/-]{0,300}",
+    ) {
+        let clean = |s: &str| -> String {
+            s.chars()
+                .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' })
+                .collect()
+        };
+        let mut expected = format!("{}.{}.{}", clean(&prefix), clean(&schema), clean(&table));
+        expected.truncate(249);
+        proptest::prop_assert_eq!(topic_name(&prefix, &schema, &table), expected);
+    }
+}
+
 #[test]
 fn json_null_literal_is_distinguished_from_sql_null() {
     let relation = Arc::new(RelationMeta {
