@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::broker::Broker;
 use common::ferry::{apply_config, Ferry};
-use common::pg::{pgbench, table_checksum, try_table_checksum, PgCluster};
+use common::pg::{first_column, pgbench, table_checksum, try_table_checksum, PgCluster};
 use tokio_postgres::Client;
 
 fn broker() -> &'static Broker {
@@ -484,17 +484,12 @@ async fn create_tables_builds_missing_tables() {
         .unwrap();
     wait_converged(&t, &["early", "late"], Duration::from_secs(60)).await;
     let replica = pg.client(&t.replicas[0]).await;
-    let described: Vec<String> = replica
-        .query(
-            "SELECT a.attname || ' ' || format_type(a.atttypid, a.atttypmod) || CASE WHEN a.attnotnull THEN ' not null' ELSE '' END
-               FROM pg_attribute a WHERE a.attrelid = 'public.early'::regclass AND a.attnum > 0 ORDER BY a.attnum",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let described: Vec<String> = first_column(
+        &replica,
+        "SELECT a.attname || ' ' || format_type(a.atttypid, a.atttypmod) || CASE WHEN a.attnotnull THEN ' not null' ELSE '' END
+           FROM pg_attribute a WHERE a.attrelid = 'public.early'::regclass AND a.attnum > 0 ORDER BY a.attnum",
+    )
+    .await;
     assert_eq!(
         described,
         [

@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::broker::Broker;
 use common::ferry::Ferry;
 use common::kafka::TopicReader;
-use common::pg::{pg17_bin_dir, PgCluster};
+use common::pg::{first_column, pg17_bin_dir, PgCluster};
 use tokio_postgres::Client;
 
 fn broker() -> &'static Broker {
@@ -392,12 +392,9 @@ async fn promoted_standby_resumes_from_synced_failover_slot() {
     stop.store(true, Ordering::Relaxed);
     writer.await.expect("writer");
 
-    let expected: BTreeSet<i64> = nc
-        .query("SELECT id FROM t", &[])
+    let expected: BTreeSet<i64> = first_column(&nc, "SELECT id FROM t")
         .await
-        .expect("read ids")
-        .iter()
-        .map(|r| r.get(0))
+        .into_iter()
         .collect();
     assert!(expected.iter().any(|id| *id >= 1_000_000));
     let seen = read_ids(&topic, Duration::from_secs(120), |s| {

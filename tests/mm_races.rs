@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::broker::Broker;
 use common::mesh::{mesh, wait_all_equal, KV_DDL};
-use common::pg::PgCluster;
+use common::pg::{first_column, PgCluster};
 use common::wait_for;
 use tokio_postgres::Client;
 
@@ -169,13 +169,7 @@ async fn freeze_every_database(cluster: &PgCluster) {
         .batch_execute("ALTER DATABASE template0 WITH ALLOW_CONNECTIONS true")
         .await
         .unwrap();
-    let dbs: Vec<String> = admin
-        .query("SELECT datname::text FROM pg_database", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let dbs: Vec<String> = first_column(&admin, "SELECT datname::text FROM pg_database").await;
     for db in dbs {
         let client = cluster.client(&db).await;
         client.batch_execute("VACUUM FREEZE").await.unwrap();
@@ -637,16 +631,11 @@ async fn a_node_of_the_previous_schema_upgrades_in_place() {
     for (k, version) in want {
         assert_eq!(version_of(&c, "public.kv", k).await, version, "key {k}");
     }
-    let triggers: Vec<String> = c
-        .query(
-            "SELECT tgname::text FROM pg_trigger WHERE tgrelid = 'kv'::regclass ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let triggers: Vec<String> = first_column(
+        &c,
+        "SELECT tgname::text FROM pg_trigger WHERE tgrelid = 'kv'::regclass ORDER BY 1",
+    )
+    .await;
     assert_eq!(triggers, vec!["pgferry_no_truncate", "zz_pgferry_version"]);
     // From now on local writes are versioned above what the upgrade recorded.
     let before = version_of(&c, "public.kv", 1).await.unwrap();

@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::broker::Broker;
 use common::ferry::{apply_config, capture_config, pgferry_bin, Ferry};
 use common::kafka::TopicReader;
-use common::pg::{table_checksum, PgCluster};
+use common::pg::{first_column, table_checksum, PgCluster};
 use tokio_postgres::Client;
 
 fn broker() -> &'static Broker {
@@ -163,13 +163,8 @@ async fn large_rows_replicate_and_oversize_rows_are_dead_lettered() {
         },
     )
     .await;
-    let on_replica: Vec<i32> = r2
-        .query("SELECT id FROM big WHERE id < 100 ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let on_replica: Vec<i32> =
+        first_column(&r2, "SELECT id FROM big WHERE id < 100 ORDER BY id").await;
     let expected: Vec<i32> = (1..=12).filter(|id| !oversize.contains(id)).collect();
     assert_eq!(on_replica, expected, "exactly the rows under the limit");
     let dlq = [format!("{master2}.__dead_letter")];

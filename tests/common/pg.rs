@@ -473,6 +473,20 @@ pub fn pgbench(cluster: &PgCluster, db: &str, args: &[&str]) {
 }
 
 /// [`table_checksum`], or `None` when the table cannot be read (e.g. does not exist yet).
+/// The first column of every row `sql` returns, in order.
+pub async fn first_column<T>(client: &Client, sql: &str) -> Vec<T>
+where
+    T: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    client
+        .query(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 pub async fn try_table_checksum(client: &Client, table: &str) -> Option<(i64, String)> {
     let row = client
         .query_one(
