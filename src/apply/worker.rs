@@ -573,7 +573,7 @@ impl Worker {
             // A record holds a bundle of items, one per line (see `node_stream`); each is
             // parsed, framed and, when bad, dead-lettered on its own.
             let mut lines = message.payload().map(items_of);
-            let mut item = 0u32;
+            let mut index = 0u32;
             let mut after_commit = false;
             let mut orphaned = None;
             loop {
@@ -582,15 +582,15 @@ impl Worker {
                         Some(line) => Some(line),
                         None => break,
                     },
-                    None if item == 0 => None,
+                    None if index == 0 => None,
                     None => break,
                 };
                 let record = RecordRef {
-                    item,
+                    item: index,
                     payload: line,
                     ..RecordRef::of(&message)
                 };
-                item += 1;
+                index += 1;
                 if after_commit {
                     // Nothing may follow a commit in its record: the position stored with
                     // that commit is the next record, so an item here would be skipped on a
