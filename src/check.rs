@@ -6,7 +6,7 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio_postgres::Client;
 
-use crate::config::{ApplyConfig, Config, KafkaConfig, SourceConfig, TargetConfig};
+use crate::config::{ApplyConfig, ApplyMode, Config, KafkaConfig, SourceConfig, TargetConfig};
 use crate::sink::kafka::producer::client_config;
 use crate::source::catalog;
 use crate::source::replication::ReplicationConnection;
@@ -307,6 +307,52 @@ async fn check_tables(
     Ok(())
 }
 
+/// The target cluster must have a replication origin state for every origin its workers use
+/// (one per source node, plus one per extra lane in multi-master) beside the origins that exist.
+async fn check_origin_room(
+    apply: &ApplyConfig,
+    target: &TargetConfig,
+    client: &Client,
+    name: &str,
+    problems: &mut Vec<Problem>,
+) {
+    let lanes = match apply.mode {
+        ApplyMode::MultiMaster => usize::from(apply.lanes),
+        ApplyMode::Replica => 1,
+    };
+    let wanted = crate::naming::target_origins(&apply.nodes, target.url.dbname(), lanes);
+    let room = client
+        .query_one(
+            "SELECT coalesce(current_setting('max_active_replication_origins', true),
+                             current_setting('max_replication_slots'))::int8,
+                    (SELECT coalesce(array_agg(roname::text), '{}') FROM pg_replication_origin)",
+            &[],
+        )
+        .await;
+    let Ok(row) = room else {
+        // Unreadable settings or catalog: the superuser check above reports the role.
+        return;
+    };
+    let (limit, existing): (i64, Vec<String>) = (row.get(0), row.get(1));
+    if let Some(needed) = crate::naming::origin_states_short(limit, &existing, &wanted) {
+        problems.push(problem(
+            format!(
+                "apply target {name} needs {needed} replication origins ({} for this config's \
+                 {} node(s) x {lanes} lane(s), with those that exist), but its cluster tracks \
+                 at most {limit} (max_replication_slots; max_active_replication_origins on \
+                 PostgreSQL 18): workers would fail with \"could not find free replication \
+                 state slot\"",
+                wanted.len(),
+                apply.nodes.len(),
+            ),
+            format!(
+                "raise max_replication_slots (max_active_replication_origins on PostgreSQL 18) \
+                 to at least {needed} on the target and restart it, or lower apply.lanes"
+            ),
+        ));
+    }
+}
+
 /// A target must accept the apply session (superuser: `session_replication_role` and
 /// replication origins need it) and hold every listed table, with a primary key.
 async fn check_target(
@@ -350,6 +396,7 @@ async fn check_target(
             "grant read access to pg_catalog",
         )),
     }
+    check_origin_room(apply, target, &client, &name, problems).await;
     for node in &apply.nodes {
         check_backlog(kafka, &client, node, &name, problems).await;
     }

@@ -327,3 +327,37 @@ async fn check_warns_before_an_idle_slot_loses_wal() {
     assert!(!report.contains("track_commit_timestamp"), "{report}");
     pg.stop();
 }
+
+/// Issue 11 (lanes): a multi-master target whose cluster cannot track every replication origin
+/// the workers would use (one per source node, plus one per extra lane, beside those that
+/// exist) is reported with the number needed; with lanes that fit, it is not.
+#[tokio::test(flavor = "multi_thread")]
+async fn check_reports_too_few_origin_states_for_lanes() {
+    let pg = PgCluster::start(&[("max_replication_slots", "5")]);
+    let c = pg.client("postgres").await;
+    c.batch_execute(
+        "CREATE TABLE kv (k int PRIMARY KEY); SELECT pg_replication_origin_create('someone_else')",
+    )
+    .await
+    .unwrap();
+    let broker = Broker::start();
+    let yaml = |lanes: u8| {
+        format!(
+            "node_id: a\nsource:\n  url: postgres://postgres@127.0.0.1:{port}/postgres\nkafka:\n  brokers: {}\n\
+             apply:\n  mode: multi_master\n  nodes: [b, c]\n  lanes: {lanes}\n  \
+             targets:\n    - url: postgres://postgres@127.0.0.1:{port}/postgres\n",
+            broker.address(),
+            port = pg.port
+        )
+    };
+    // 2 nodes x 3 lanes = 6 origins, and one exists: 7 > 5.
+    let report = text(&check(&yaml(3), &[]));
+    assert!(
+        report.contains("needs 7 replication origins") && report.contains("at most 5"),
+        "{report}"
+    );
+    assert!(report.contains("lower apply.lanes"), "{report}");
+    // 2 nodes x 2 lanes = 4, with the existing one 5: fits.
+    let report = text(&check(&yaml(2), &[]));
+    assert!(!report.contains("replication origins"), "{report}");
+}

@@ -453,7 +453,8 @@ impl Worker {
                 crate::source::catalog::connect(self.settings.target.url.config(), &app_name)
                     .await
                     .map_err(ApplyError::sql("connecting an apply lane to the target"))?;
-            target::prepare_session(&client, &self.settings.node, &format!("{origin}_l{i}"))
+            let lane_origin = crate::naming::lane_origin_name(origin, i);
+            target::prepare_session(&client, &self.settings.node, &lane_origin)
                 .await
                 .map_err(ApplyError::sql("preparing an apply lane's session"))?;
             client
