@@ -36,10 +36,7 @@ pub fn target_origins(nodes: &[String], target_db: &str, lanes: usize) -> Vec<St
         .iter()
         .flat_map(|node| {
             let origin = origin_name(node, target_db);
-            let extra = (1..lanes.max(1)).map({
-                let origin = origin.clone();
-                move |i| lane_origin_name(&origin, i)
-            });
+            let extra: Vec<String> = (1..lanes).map(|i| lane_origin_name(&origin, i)).collect();
             std::iter::once(origin).chain(extra)
         })
         .collect()

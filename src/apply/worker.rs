@@ -42,7 +42,7 @@ use crate::lsn::Lsn;
 use crate::pgtime::PgTimestamp;
 use crate::sink::kafka::dead_letter::{self, DeadLetter};
 use crate::sink::kafka::node_stream::{items_of, node_stream_topic};
-use crate::sink::kafka::producer::{client_config, create_topics};
+use crate::sink::kafka::producer::{client_config, create_topics, set_default};
 use crate::telemetry::{Health, Metrics};
 
 mod horizon;
@@ -317,30 +317,22 @@ pub async fn run(
     let settings = &worker.settings;
     let topic = node_stream_topic(&settings.kafka.topic_prefix, &settings.node);
     let mut consumer_config = client_config(&settings.kafka);
-    if !settings
-        .kafka
-        .properties
-        .contains_key("queued.max.messages.kbytes")
-    {
-        // librdkafka prefetches up to 64 MB per partition by default; a sidecar wants less.
-        consumer_config.set("queued.max.messages.kbytes", "16384");
-    }
-    if !settings
-        .kafka
-        .properties
-        .contains_key("fetch.queue.backoff.ms")
-    {
-        // When the prefetch queue is full, librdkafka waits this long (1 s by default) before
-        // fetching again, even if the worker empties the queue in a few milliseconds: in a
-        // catch-up the worker then idles for most of each second.
-        consumer_config.set("fetch.queue.backoff.ms", "10");
-    }
-    if !settings.kafka.properties.contains_key("fetch.wait.max.ms") {
-        // How long the broker may hold a fetch that finds nothing new: brokers that answer a
-        // waiting fetch as soon as records arrive make this free; others add up to this much
-        // latency per record.
-        consumer_config.set("fetch.wait.max.ms", "50");
-    }
+    let kafka = &settings.kafka;
+    // librdkafka prefetches up to 64 MB per partition by default; a sidecar wants less.
+    set_default(
+        &mut consumer_config,
+        kafka,
+        "queued.max.messages.kbytes",
+        "16384",
+    );
+    // When the prefetch queue is full, librdkafka waits this long (1 s by default) before
+    // fetching again, even if the worker empties the queue in a few milliseconds: in a
+    // catch-up the worker then idles for most of each second.
+    set_default(&mut consumer_config, kafka, "fetch.queue.backoff.ms", "10");
+    // How long the broker may hold a fetch that finds nothing new: brokers that answer a
+    // waiting fetch as soon as records arrive make this free; others add up to this much
+    // latency per record.
+    set_default(&mut consumer_config, kafka, "fetch.wait.max.ms", "50");
     let consumer: StreamConsumer = consumer_config
         .set("group.id", format!("pgferry-apply-{}", settings.node))
         .set("enable.auto.commit", "false")

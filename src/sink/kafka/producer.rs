@@ -159,6 +159,13 @@ pub fn client_config(config: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// Sets a librdkafka property to pgferry's default unless `kafka.properties` gives it.
+pub fn set_default(c: &mut ClientConfig, config: &KafkaConfig, key: &str, value: &str) {
+    if !config.properties.contains_key(key) {
+        c.set(key, value);
+    }
+}
+
 /// A topic as pgferry creates it: `max.message.bytes` from `kafka.max_message_bytes`.
 fn new_topic<'a>(
     config: &KafkaConfig,
@@ -195,9 +202,7 @@ impl KafkaSink {
                 "message.timeout.ms",
                 config.delivery_timeout.as_millis().to_string(),
             );
-        if !config.properties.contains_key("linger.ms") {
-            producer_config.set("linger.ms", "5");
-        }
+        set_default(&mut producer_config, config, "linger.ms", "5");
         metrics.kafka_in_flight.set(0);
         let producer = producer_config
             .create_with_context(tracker)
