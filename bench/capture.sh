@@ -32,14 +32,7 @@ source:
   snapshot: never
   status_interval: 100ms
   heartbeat_interval: 1h
-kafka:
-  brokers: 127.0.0.1:$BROKER_PORT
-  topic_prefix: bench
-metrics:
-  listen: 127.0.0.1:$(free_port)
-log:
-  format: text
-  level: warn
+$(ferry_yaml_common bench)
 YAML
 
 # Create pgferry's slot (and the publication), then stop it, so both consumers face the

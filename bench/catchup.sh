@@ -64,19 +64,12 @@ source:
   slot: ferry_slot
   publication: ferry_pub
   status_interval: 1s
-kafka:
-  brokers: 127.0.0.1:$BROKER_PORT
-  topic_prefix: bench
 apply:
   mode: replica
   targets:
     - url: postgres://postgres@127.0.0.1:$dst/ferry
   nodes: [master]
-metrics:
-  listen: 127.0.0.1:$(free_port)
-log:
-  format: text
-  level: warn
+$(ferry_yaml_common bench)
 YAML
 "$BIN" run --config "$WORK/pgferry.yaml" 2>"$WORK/ferry-initial.log" &
 ferry=$!

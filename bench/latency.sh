@@ -75,18 +75,6 @@ psql_at "$a" mm "CREATE SEQUENCE lat_mm_ids" >/dev/null
 psql_at "$a" src "CREATE PUBLICATION native_pub FOR TABLE lat_native" >/dev/null
 psql_at "$b" native "CREATE SUBSCRIPTION native_sub CONNECTION 'host=127.0.0.1 port=$a dbname=src user=postgres' PUBLICATION native_pub WITH (enabled = false)" >/dev/null
 
-common_yaml() { # topic prefix
-  cat <<YAML
-kafka:
-  brokers: 127.0.0.1:$BROKER_PORT
-  topic_prefix: $1
-metrics:
-  listen: 127.0.0.1:$(free_port)
-log:
-  format: text
-  level: warn
-YAML
-}
 cat >"$WORK/replica.yaml" <<YAML
 node_id: master
 source:
@@ -100,7 +88,7 @@ apply:
   nodes: [master]
   targets:
     - url: postgres://postgres@127.0.0.1:$b/ferry
-$(common_yaml lat)
+$(ferry_yaml_common lat)
 YAML
 mm_yaml() { # self other port
   cat <<YAML
@@ -117,7 +105,7 @@ apply:
   tables: [public.lat_mm]
   targets:
     - url: postgres://postgres@127.0.0.1:$3/mm
-$(common_yaml latmm)
+$(ferry_yaml_common latmm)
 YAML
 }
 mm_yaml a b "$a" >"$WORK/mm-a.yaml"

@@ -64,9 +64,6 @@ source:
   snapshot: never
   tables: [public.pgbench_accounts, public.bench_marker]
   status_interval: 1s
-kafka:
-  brokers: 127.0.0.1:$BROKER_PORT
-  topic_prefix: mm
 apply:
   mode: multi_master
   nodes: [$2]
@@ -74,11 +71,7 @@ apply:
   lanes: ${4:-1}
   targets:
     - url: postgres://postgres@127.0.0.1:$3/bank
-metrics:
-  listen: 127.0.0.1:$(free_port)
-log:
-  format: text
-  level: warn
+$(ferry_yaml_common mm)
 YAML
 }
 node_config a b "$a" >"$WORK/a.yaml"

@@ -70,6 +70,21 @@ psql_at() {
   "$PG_BIN/psql" -X -q -At -h 127.0.0.1 -p "$1" -U postgres -d "$2" -c "$3"
 }
 
+# ferry_yaml_common TOPIC_PREFIX: the part of a benchmark's pgferry config every script shares
+# (this run's broker, a free metrics port, warnings only).
+ferry_yaml_common() {
+  cat <<YAML
+kafka:
+  brokers: 127.0.0.1:$BROKER_PORT
+  topic_prefix: $1
+metrics:
+  listen: 127.0.0.1:$(free_port)
+log:
+  format: text
+  level: warn
+YAML
+}
+
 # pgbench_at PORT DB ARGS...
 pgbench_at() { "$PG_BIN/pgbench" -h 127.0.0.1 -p "$1" -U postgres "${@:3}" "$2"; }
 
