@@ -91,11 +91,12 @@ ferry_caught_up() { [[ "$(history_count "$dst" ferry)" == "$want" ]]; }
 time_ferry_until "$WORK/pgferry.yaml" ferry_caught_up
 ferry_secs=$FERRY_SECS
 rss=$FERRY_RSS
+cpu=$FERRY_CPU
 
 printf '\ncatch-up benchmark (%s build): pgbench scale %d, %d transactions, %.1f MB of WAL\n' \
   "$PROFILE" "$SCALE" "$TXNS" "$(echo "$wal / 1048576" | bc -l)"
 printf '  native logical replication   %8.2f s  %8.0f txn/s\n' "$native_secs" "$(echo "$TXNS / $native_secs" | bc -l)"
 printf '  pgferry (via Kafka)          %8.2f s  %8.0f txn/s\n' "$ferry_secs" "$(echo "$TXNS / $ferry_secs" | bc -l)"
-printf '  ratio pgferry / native: %.3f   (pgferry peak RSS %s MB)\n' \
-  "$(echo "$native_secs / $ferry_secs" | bc -l)" "$rss"
-printf 'result replica_catchup_ratio=%.3f replica_rss_mb=%s\n' "$(echo "$native_secs / $ferry_secs" | bc -l)" "$rss"
+printf '  ratio pgferry / native: %.3f   (pgferry peak RSS %s MB, %s CPU s)\n' \
+  "$(echo "$native_secs / $ferry_secs" | bc -l)" "$rss" "$cpu"
+printf 'result replica_catchup_ratio=%.3f replica_rss_mb=%s replica_cpu_s=%s\n' "$(echo "$native_secs / $ferry_secs" | bc -l)" "$rss" "$cpu"

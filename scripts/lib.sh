@@ -71,17 +71,20 @@ psql_at() {
 }
 
 # ferry_yaml_common TOPIC_PREFIX: the part of a benchmark's pgferry config every script shares
-# (this run's broker, a free metrics port, warnings only).
+# (this run's broker, a free metrics port, warnings only unless FERRY_LOG_LEVEL says otherwise).
+# KAFKA_PROPS="k=v k=v" adds librdkafka properties (`kafka.properties`), to try a setting
+# against the defaults.
 ferry_yaml_common() {
   cat <<YAML
 kafka:
   brokers: 127.0.0.1:$BROKER_PORT
   topic_prefix: $1
+  properties: {$(for kv in ${KAFKA_PROPS:-}; do printf '"%s": "%s", ' "${kv%%=*}" "${kv#*=}"; done)}
 metrics:
   listen: 127.0.0.1:$(free_port)
 log:
   format: text
-  level: warn
+  level: ${FERRY_LOG_LEVEL:-warn}
 YAML
 }
 
@@ -89,6 +92,11 @@ YAML
 pgbench_at() { "$PG_BIN/pgbench" -h 127.0.0.1 -p "$1" -U postgres "${@:3}" "$2"; }
 
 now() { date +%s.%N; }
+
+# cpu_secs PID: CPU time (user + system, every thread) the process has used so far, in seconds.
+cpu_secs() {
+  awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat" 2>/dev/null || echo "?"
+}
 
 # peak_rss_mb PID
 peak_rss_mb() {
@@ -99,9 +107,9 @@ peak_rss_mb() {
 # PERF_OUT is set; with PERF_SYSTEM=1 the profile covers every process of the machine while
 # pgferry runs: PostgreSQL, the broker and pgferry side by side), waits until the CONDITION
 # command succeeds, then stops pgferry. Sets
-# FERRY_SECS (wall time to the condition) and FERRY_RSS (peak RSS in MB). Fails with the log
-# when pgferry exits early or BENCH_TIMEOUT (default 900 s) passes. METRICS_OUT: where to
-# save pgferry's /metrics at the condition.
+# FERRY_SECS (wall time to the condition), FERRY_RSS (peak RSS in MB) and FERRY_CPU (CPU
+# seconds pgferry used). Fails with the log when pgferry exits early or BENCH_TIMEOUT (default
+# 900 s) passes. METRICS_OUT: where to save pgferry's /metrics at the condition.
 time_ferry_until() {
   local config=$1 log pid deadline t0 wrapper=()
   log="$WORK/ferry-$(basename "$config" .yaml)-$(date +%s%N).log"
@@ -128,6 +136,7 @@ time_ferry_until() {
   FERRY_SECS=$(echo "$(now) - $t0" | bc -l)
   [[ -n "$perf_pid" ]] && { kill -INT "$perf_pid"; wait "$perf_pid" || true; }
   FERRY_RSS=$(peak_rss_mb "$pid")
+  FERRY_CPU=$(cpu_secs "$pid")
   if [[ -n "${METRICS_OUT:-}" ]]; then
     sleep 1  # counters move just after the commit that the condition saw
     curl -s "http://$(awk '/^  listen:/ {print $2; exit}' "$config")/metrics" >"$METRICS_OUT" || true
@@ -136,14 +145,21 @@ time_ferry_until() {
 }
 
 # bench_build [--smoke]: builds pgferry, debug for --smoke (CI keeps the benchmark scripts
-# working) or release; sets SMOKE (1/0), PROFILE and BIN.
+# working) or release; sets SMOKE (1/0), PROFILE and BIN. FERRY_BIN=PATH runs that binary
+# instead of building one (to compare two builds on the same machine, run after run).
 bench_build() {
   if [[ "${1:-}" == "--smoke" ]]; then
-    SMOKE=1; PROFILE=debug; cargo build --quiet
+    SMOKE=1; PROFILE=debug
   else
-    SMOKE=0; PROFILE=release; cargo build --quiet --release
+    SMOKE=0; PROFILE=release
   fi
-  BIN="target/$PROFILE/pgferry"
+  if [[ -n "${FERRY_BIN:-}" ]]; then
+    BIN=$FERRY_BIN
+  elif (( SMOKE )); then
+    cargo build --quiet; BIN="target/$PROFILE/pgferry"
+  else
+    cargo build --quiet --release; BIN="target/$PROFILE/pgferry"
+  fi
 }
 
 # smoke_or SMOKE_VALUE FULL_VALUE: the value for this run's size (after bench_build).

@@ -268,6 +268,18 @@ struct RawRecord<'a> {
     error: Option<Cow<'a, str>>,
     #[serde(default)]
     ack: Option<AckItem>,
+    // A change item's own members (records before compact items wrap the envelope instead,
+    // in `change`).
+    #[serde(default, borrow)]
+    op: Option<Cow<'a, str>>,
+    #[serde(default)]
+    before: Option<RowImage>,
+    #[serde(default)]
+    after: Option<RowImage>,
+    #[serde(default)]
+    version: Option<RawVersion>,
+    #[serde(default)]
+    json_null: Option<RawJsonNull>,
 }
 
 #[derive(Deserialize)]
@@ -346,7 +358,21 @@ pub fn parse_framed(bytes: Option<&[u8]>) -> Result<(Option<u64>, StreamItem), M
             changes: raw.changes.unwrap_or(0),
         })),
         "change" => {
-            let change = raw.change.ok_or_else(|| missing("change"))?;
+            // The compact item, or (written before it) the per-table envelope wrapped.
+            let change = match raw.change {
+                Some(wrapped) => wrapped,
+                None => RawChange {
+                    op: raw.op.ok_or_else(|| missing("op"))?,
+                    before: raw.before,
+                    after: raw.after,
+                    source: RawSource {
+                        schema: raw.schema.ok_or_else(|| missing("schema"))?,
+                        table: raw.table.ok_or_else(|| missing("table"))?,
+                        version: raw.version,
+                    },
+                    json_null: raw.json_null,
+                },
+            };
             let op = match change.op.as_ref() {
                 "c" => Op::Create,
                 "u" => Op::Update,

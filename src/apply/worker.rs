@@ -185,44 +185,45 @@ struct StoredLetter<'a> {
     payload: Option<String>,
 }
 
-/// The source commit time a node-stream change record carries (`change.source.commit_ts_us`).
-fn commit_ts_of(payload: &[u8]) -> Option<i64> {
-    #[derive(Deserialize)]
-    struct Record {
-        change: Change,
-    }
-    #[derive(Deserialize)]
-    struct Change {
-        source: Source,
-    }
-    #[derive(Deserialize)]
-    struct Source {
-        commit_ts_us: i64,
-    }
-    let record: Record = serde_json::from_slice(payload).ok()?;
-    Some(record.change.source.commit_ts_us)
+/// The parts of a node-stream change item that [`commit_ts_of`] and [`named_table`] read, in
+/// both shapes: compact (top level) and, written before it, the wrapped envelope (`change`).
+#[derive(Deserialize)]
+struct ItemFacts {
+    #[serde(default)]
+    commit_ts_us: Option<i64>,
+    #[serde(default)]
+    schema: Option<String>,
+    #[serde(default)]
+    table: Option<String>,
+    #[serde(default)]
+    change: Option<Box<WrappedFacts>>,
 }
 
-/// The table a node-stream change record names, read without decoding its rows.
+#[derive(Deserialize)]
+struct WrappedFacts {
+    source: ItemFacts,
+}
+
+impl ItemFacts {
+    fn of(payload: &[u8]) -> Option<ItemFacts> {
+        let facts: ItemFacts = serde_json::from_slice(payload).ok()?;
+        Some(match facts.change {
+            Some(wrapped) => wrapped.source,
+            None => facts,
+        })
+    }
+}
+
+/// The source commit time a node-stream change item carries (compact items carry it only
+/// for changes without a row version, the only ones that need it).
+fn commit_ts_of(payload: &[u8]) -> Option<i64> {
+    ItemFacts::of(payload)?.commit_ts_us
+}
+
+/// The table a node-stream change item names, read without decoding its rows.
 fn named_table(payload: Option<&[u8]>) -> Option<String> {
-    #[derive(Deserialize)]
-    struct Named {
-        change: NamedChange,
-    }
-    #[derive(Deserialize)]
-    struct NamedChange {
-        source: NamedSource,
-    }
-    #[derive(Deserialize)]
-    struct NamedSource {
-        schema: String,
-        table: String,
-    }
-    let named: Named = serde_json::from_slice(payload?).ok()?;
-    Some(format!(
-        "{}.{}",
-        named.change.source.schema, named.change.source.table
-    ))
+    let facts = ItemFacts::of(payload?)?;
+    Some(format!("{}.{}", facts.schema?, facts.table?))
 }
 
 /// Connects to the target and prepares a worker: session settings, bookkeeping tables, the
@@ -341,16 +342,37 @@ pub async fn run(
         .set("auto.offset.reset", "error")
         .create()
         .map_err(ApplyError::Kafka)?;
-    if settings.kafka.create_topics {
-        create_topics(&settings.kafka, &[&topic, &worker.dead_letter_topic], 1)
+    // The target applied from this topic, so it exists (if it does not, the position check
+    // reports the gap): fetching, creating the dead-letter topic and checking the position
+    // overlap, each a fresh broker round trip. Nothing is applied before the check passes.
+    let resuming = worker.committed.next_offset > 0;
+    if resuming {
+        worker.assign(&consumer, &topic)?;
+    }
+    let create = async {
+        if worker.settings.kafka.create_topics {
+            create_topics(
+                &worker.settings.kafka,
+                &[&topic, &worker.dead_letter_topic],
+                1,
+            )
             .await
             .map_err(ApplyError::Kafka)?;
-    }
+        }
+        Ok::<_, ApplyError>(())
+    };
     tracing::info!(node = %worker.settings.node, target = %worker.settings.target.url.display_target(),
                    offset = worker.committed.next_offset, applied = %worker.committed.commit_lsn, "applying");
-    // Fetching starts now, while the position is checked (nothing is applied before).
-    worker.assign(&consumer, &topic)?;
-    worker.verify_position(&topic).await?;
+    if resuming {
+        let (created, verified) = tokio::join!(create, worker.verify_position(&topic));
+        created?;
+        verified?;
+    } else {
+        create.await?;
+        // Fetching starts now, while the position is checked.
+        worker.assign(&consumer, &topic)?;
+        worker.verify_position(&topic).await?;
+    }
     worker.refresh_diverged(&client).await?;
     worker.health.set_ready(&worker.component, true);
     let mut assigned = true;
@@ -1614,5 +1636,25 @@ impl<'a> InFlight<'a> {
 
     fn take_error(&mut self) -> Result<(), tokio_postgres::Error> {
         self.failed.take().map_or(Ok(()), Err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{commit_ts_of, named_table};
+
+    #[test]
+    fn item_facts_read_both_item_shapes() {
+        let compact = br#"{"type":"change","run":1,"op":"u","schema":"s","table":"t","before":null,"after":{"id":1},"commit_ts_us":42}"#;
+        let wrapped = br#"{"type":"change","run":1,"topic":"p.s.t","key":{"id":1},"change":{"op":"u","before":null,"after":{"id":1},"source":{"schema":"s","table":"t","commit_ts_us":42}}}"#;
+        for payload in [&compact[..], &wrapped[..]] {
+            assert_eq!(commit_ts_of(payload), Some(42));
+            assert_eq!(named_table(Some(payload)).as_deref(), Some("s.t"));
+        }
+        // A versioned compact item carries no commit time; a non-change names no table.
+        let versioned = br#"{"type":"change","op":"u","schema":"s","table":"t","version":{"t_us":5,"node":"a"}}"#;
+        assert_eq!(commit_ts_of(versioned), None);
+        assert_eq!(named_table(Some(br#"{"type":"commit"}"#)), None);
+        assert_eq!(named_table(Some(b"not json")), None);
     }
 }

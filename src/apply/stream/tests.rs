@@ -279,3 +279,149 @@ fn an_older_runs_transactions_before_the_newer_run_are_history() {
     );
     assert_eq!(replay, "BaC..BaC");
 }
+
+mod compact_items {
+    //! A change's compact node-stream item and the per-table envelope that earlier captures
+    //! wrapped instead read as the same change, whatever the row holds.
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use proptest::prelude::*;
+
+    use super::super::parse;
+    use crate::event::{Op, RelationMeta, RowChange, TxnMeta, Version};
+    use crate::lsn::Lsn;
+    use crate::pgtime::PgTimestamp;
+    use crate::sink::kafka::encode::{encode_change_for_stream, EnvelopeSource, TxnStamp};
+    use crate::sink::kafka::node_stream::change_record;
+    use crate::source::pgoutput::{Column, Datum, ReplicaIdentity};
+    use crate::value::TypeRegistry;
+
+    /// int8, numeric, text, jsonb, int4[]: the key is the first.
+    const TYPES: [u32; 5] = [20, 1700, 25, 3802, 1007];
+
+    fn relation() -> Arc<RelationMeta> {
+        let columns = TYPES
+            .iter()
+            .enumerate()
+            .map(|(i, &type_oid)| Column {
+                is_key: i == 0,
+                name: format!("c{i} \"ü\""),
+                type_oid,
+                type_modifier: -1,
+            })
+            .collect();
+        Arc::new(RelationMeta {
+            oid: 1,
+            schema: "s\"1".into(),
+            table: "t\n2".into(),
+            replica_identity: ReplicaIdentity::Full,
+            columns,
+        })
+    }
+
+    fn value_of(type_oid: u32) -> BoxedStrategy<Datum> {
+        let text = match type_oid {
+            20 => any::<i64>().prop_map(|n| n.to_string()).boxed(),
+            1700 => (any::<i32>(), 0u32..1000)
+                .prop_map(|(a, b)| format!("{a}.{b:03}"))
+                .boxed(),
+            3802 => prop_oneof![
+                Just("null".to_owned()),
+                "[a-z\"\\\\\n ]{0,6}".prop_map(|s| serde_json::json!({"k": [s, 1.5]}).to_string()),
+            ]
+            .boxed(),
+            1007 => proptest::collection::vec(any::<i32>(), 0..3)
+                .prop_map(|v| {
+                    let items: Vec<String> = v.iter().map(i32::to_string).collect();
+                    format!("{{{}}}", items.join(","))
+                })
+                .boxed(),
+            _ => "[a-z\"\\\\\n\u{e9}\u{1f600} ]{0,12}".boxed(),
+        };
+        prop_oneof![
+            1 => Just(Datum::Null),
+            1 => Just(Datum::UnchangedToast),
+            6 => text.prop_map(|t| Datum::Text(Bytes::from(t))),
+        ]
+        .boxed()
+    }
+
+    fn tuple() -> BoxedStrategy<Vec<Datum>> {
+        let columns: Vec<_> = TYPES.iter().map(|&t| value_of(t)).collect();
+        columns
+            .prop_map(|mut t| {
+                // A key is never NULL nor withheld.
+                t[0] = Datum::Text(Bytes::from_static(b"7"));
+                t
+            })
+            .boxed()
+    }
+
+    fn change() -> impl Strategy<Value = RowChange> {
+        (
+            prop_oneof![
+                Just(Op::Create),
+                Just(Op::Update),
+                Just(Op::Delete),
+                Just(Op::Read)
+            ],
+            proptest::option::of(tuple()),
+            tuple(),
+            any::<bool>(),
+            proptest::option::of((any::<i64>(), "[a-z]{1,4}")),
+        )
+            .prop_map(|(op, before, after, key_only, version)| RowChange {
+                op,
+                relation: relation(),
+                lsn: Lsn(0x10),
+                before: if op == Op::Create || op == Op::Read {
+                    None
+                } else {
+                    before
+                },
+                before_is_key_only: key_only,
+                after: (op != Op::Delete).then_some(after),
+                version: version.map(|(ts_us, node)| Version { ts_us, node }),
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn compact_and_wrapped_items_read_the_same(change in change()) {
+            let source = EnvelopeSource {
+                node: "n".into(),
+                database: "d".into(),
+                topic_prefix: "p".into(),
+                tombstones: true,
+                run: 3,
+            };
+            let txn = TxnStamp::new(&TxnMeta {
+                xid: Some(9),
+                commit_lsn: Lsn(0x20),
+                commit_ts: PgTimestamp(5),
+                origin: None,
+            });
+            let encoded = encode_change_for_stream(&source, &txn, &change, &TypeRegistry::default(), 1)
+                .expect("every generated value encodes");
+            let compact = change_record(&source, &encoded).value.unwrap();
+            let envelope = std::str::from_utf8(encoded.records[0].value.as_ref().unwrap()).unwrap();
+            let wrapped = format!(r#"{{"type":"change","run":3,"topic":"p.t","key":null,"change":{envelope}}}"#);
+            let compact = parse(Some(&compact)).unwrap();
+            let wrapped = parse(Some(wrapped.as_bytes())).unwrap();
+            prop_assert_eq!(&compact, &wrapped);
+            let crate::apply::stream::StreamItem::Change(item) = compact else {
+                panic!("not a change: {compact:?}");
+            };
+            prop_assert_eq!(item.op, change.op);
+            prop_assert_eq!(&item.schema, &change.relation.schema);
+            prop_assert_eq!(&item.table, &change.relation.table);
+            prop_assert_eq!(item.version, change.version);
+            // Withheld (unchanged TOAST) columns are absent, every other column present.
+            if let Some(after) = &change.after {
+                let sent = after.iter().filter(|d| !matches!(d, Datum::UnchangedToast)).count();
+                prop_assert_eq!(item.after.map_or(0, |a| a.len()), sent);
+            }
+        }
+    }
+}

@@ -16,6 +16,7 @@
 
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::event::{Op, RelationMeta, RowChange, TxnMeta};
@@ -276,7 +277,7 @@ struct VersionJson<'a> {
     node: &'a str,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Clone, Copy)]
 struct JsonNulls<'a> {
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     before: &'a [&'a str],
@@ -293,8 +294,8 @@ impl JsonNulls<'_> {
 #[derive(Serialize)]
 struct Envelope<'a> {
     op: &'static str,
-    before: Option<RowJson<'a>>,
-    after: Option<RowJson<'a>>,
+    before: Option<&'a RawValue>,
+    after: Option<&'a RawValue>,
     source: SourceBlock<'a>,
     ts_ms: i64,
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
@@ -303,9 +304,48 @@ struct Envelope<'a> {
     json_null: JsonNulls<'a>,
 }
 
+/// What an applier reads of a change on the node stream (see [`super::node_stream`]): the
+/// envelope without its `source` block, which would double the stream's bytes and the
+/// applier's parsing for facts its transaction markers already carry.
+#[derive(Serialize)]
+struct StreamChange<'a> {
+    op: &'static str,
+    schema: &'a str,
+    table: &'a str,
+    before: Option<&'a RawValue>,
+    after: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<VersionJson<'a>>,
+    /// The source commit time, for changes without a version only: a multi-master applier
+    /// replaying a dead letter of such a change takes it as the version.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    commit_ts_us: Option<i64>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    unchanged_toast: &'a [&'a str],
+    #[serde(skip_serializing_if = "JsonNulls::is_empty")]
+    json_null: JsonNulls<'a>,
+}
+
+/// One change rendered for Kafka.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedChange {
+    /// The per-table record, then a tombstone after deletes when configured.
+    pub records: Vec<Record>,
+    /// The change as its node-stream item carries it: a JSON object of `op`, `schema`,
+    /// `table`, `before`, `after`, then `version` or (without one) `commit_ts_us`, and when
+    /// present `unchanged_toast` and `json_null`, with the same row images as the envelope
+    /// (rendered once for both).
+    pub stream: Vec<u8>,
+}
+
 /// Serializes a value made of strings, numbers and maps with string keys, which cannot fail.
 fn to_json(value: &impl Serialize) -> Vec<u8> {
     serde_json::to_vec(value).unwrap_or_default()
+}
+
+/// A row image as raw JSON, to place in both the envelope and the node-stream item.
+fn raw_row(row: &RowJson<'_>) -> Option<Box<RawValue>> {
+    serde_json::value::to_raw_value(row).ok()
 }
 
 /// Renders one change into its record, plus a tombstone after deletes when configured.
@@ -316,6 +356,17 @@ pub fn encode_change(
     types: &TypeRegistry,
     ts_ms: i64,
 ) -> Result<Vec<Record>, EncodeError> {
+    encode_change_for_stream(source, txn, change, types, ts_ms).map(|e| e.records)
+}
+
+/// [`encode_change`], plus the change as its node-stream item carries it.
+pub fn encode_change_for_stream(
+    source: &EnvelopeSource,
+    txn: &TxnStamp,
+    change: &RowChange,
+    types: &TypeRegistry,
+    ts_ms: i64,
+) -> Result<EncodedChange, EncodeError> {
     let relation = &change.relation;
     let before = match &change.before {
         Some(t) => Some(row_json(relation, t, types, change.before_is_key_only)?),
@@ -325,6 +376,8 @@ pub fn encode_change(
         Some(t) => Some(row_json(relation, t, types, false)?),
         None => None,
     };
+    let before_raw = before.as_ref().and_then(raw_row);
+    let after_raw = after.as_ref().and_then(raw_row);
     let unchanged: Vec<&str> = after
         .as_ref()
         .map(|a| a.unchanged.clone())
@@ -337,10 +390,20 @@ pub fn encode_change(
         .as_ref()
         .map(|a| a.json_nulls.clone())
         .unwrap_or_default();
+    let version = || {
+        change.version.as_ref().map(|v| VersionJson {
+            t_us: v.ts_us,
+            node: &v.node,
+        })
+    };
+    let json_null = JsonNulls {
+        before: &json_nulls_before,
+        after: &json_nulls_after,
+    };
     let envelope = Envelope {
         op: change.op.code(),
-        before,
-        after,
+        before: before_raw.as_deref(),
+        after: after_raw.as_deref(),
         source: SourceBlock {
             node: &source.node,
             db: &source.database,
@@ -353,18 +416,23 @@ pub fn encode_change(
             xid: txn.xid,
             origin: txn.origin.as_deref(),
             snapshot: change.op == Op::Read,
-            version: change.version.as_ref().map(|v| VersionJson {
-                t_us: v.ts_us,
-                node: &v.node,
-            }),
+            version: version(),
         },
         ts_ms,
         unchanged_toast: &unchanged,
-        json_null: JsonNulls {
-            before: &json_nulls_before,
-            after: &json_nulls_after,
-        },
+        json_null,
     };
+    let stream = to_json(&StreamChange {
+        op: change.op.code(),
+        schema: &relation.schema,
+        table: &relation.table,
+        before: before_raw.as_deref(),
+        after: after_raw.as_deref(),
+        version: version(),
+        commit_ts_us: change.version.is_none().then_some(txn.commit_ts_us),
+        unchanged_toast: &unchanged,
+        json_null,
+    });
     let topic = topic_name(&source.topic_prefix, &relation.schema, &relation.table);
     let key = key_json(change, types)?;
     let value = to_json(&envelope);
@@ -382,7 +450,7 @@ pub fn encode_change(
             single_partition: false,
         });
     }
-    Ok(records)
+    Ok(EncodedChange { records, stream })
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! {"type":"begin","run","node","xid","commit_lsn","commit_ts","commit_ts_us","origin","snapshot"}
-//! {"type":"change","run","topic","key":{...}|null,"change":<the per-table envelope>}   (repeated)
+//! {"type":"change","run","op","schema","table","before","after","version"|"commit_ts_us","unchanged_toast"?,"json_null"?}   (repeated)
 //! {"type":"commit","run","node","commit_lsn","end_lsn","changes"}
 //! {"type":"relation","run","schema","table","columns":[{"name","type","not_null","key"}]}
 //! {"type":"skipped","run","schema","table","lsn","error"}
@@ -47,7 +47,7 @@
 
 use serde::Serialize;
 
-use super::encode::{topic_name, EnvelopeSource, Record, TxnStamp};
+use super::encode::{topic_name, EncodedChange, EnvelopeSource, Record, TxnStamp};
 use crate::lsn::Lsn;
 
 /// `<prefix>.__node.<node_id>`.
@@ -164,21 +164,17 @@ pub fn begin_record(source: &EnvelopeSource, txn: &TxnStamp, snapshot: bool) -> 
     record(source, serde_json::to_vec(&begin).unwrap_or_default())
 }
 
-/// One change, wrapping the per-table record's key and envelope bytes without re-encoding.
-pub fn change_record(source: &EnvelopeSource, table_record: &Record) -> Record {
-    let topic = serde_json::to_string(&table_record.topic).unwrap_or_default();
-    let key = table_record.key.as_deref().unwrap_or(b"null");
-    let envelope = table_record.value.as_deref().unwrap_or(b"null");
-    let mut value = Vec::with_capacity(48 + topic.len() + key.len() + envelope.len());
+/// One change: `{"type":"change","run",…}` followed by the members of the change's stream
+/// form ([`EncodedChange::stream`]), without re-encoding them.
+pub fn change_record(source: &EnvelopeSource, change: &EncodedChange) -> Record {
+    let fields = change.stream.strip_prefix(b"{").unwrap_or(b"}");
+    let mut value = Vec::with_capacity(40 + fields.len());
     value.extend_from_slice(b"{\"type\":\"change\",\"run\":");
     value.extend_from_slice(source.run.to_string().as_bytes());
-    value.extend_from_slice(b",\"topic\":");
-    value.extend_from_slice(topic.as_bytes());
-    value.extend_from_slice(b",\"key\":");
-    value.extend_from_slice(key);
-    value.extend_from_slice(b",\"change\":");
-    value.extend_from_slice(envelope);
-    value.push(b'}');
+    if fields != b"}" {
+        value.push(b',');
+    }
+    value.extend_from_slice(fields);
     record(source, value)
 }
 
@@ -391,17 +387,15 @@ mod tests {
         let v: Value = serde_json::from_slice(b.value.as_ref().unwrap()).unwrap();
         assert_eq!(v["type"], "begin");
         assert_eq!(v["commit_lsn"], "0/20");
-        let table = Record {
-            topic: "p.public.t".into(),
-            key: Some(br#"{"id":1}"#.to_vec()),
-            value: Some(br#"{"op":"c"}"#.to_vec()),
-            single_partition: false,
+        let change = EncodedChange {
+            records: Vec::new(),
+            stream: br#"{"op":"c","after":{"id":1}}"#.to_vec(),
         };
         let c: Value =
-            serde_json::from_slice(change_record(&src(), &table).value.as_ref().unwrap()).unwrap();
+            serde_json::from_slice(change_record(&src(), &change).value.as_ref().unwrap()).unwrap();
         assert_eq!(
             c,
-            json!({"type": "change", "run": 4, "topic": "p.public.t", "key": {"id": 1}, "change": {"op": "c"}})
+            json!({"type": "change", "run": 4, "op": "c", "after": {"id": 1}})
         );
         let e: Value = serde_json::from_slice(
             commit_record(&src(), &txn, Lsn(0x28), 3)

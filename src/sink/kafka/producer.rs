@@ -236,6 +236,7 @@ impl KafkaSink {
             return Ok(());
         }
         if let Some(admin) = &self.admin {
+            let started = std::time::Instant::now();
             let partitions = if single_partition {
                 1
             } else {
@@ -254,6 +255,7 @@ impl KafkaSink {
                     Err((topic, code)) => return Err(SinkError::CreateTopic { topic, code }),
                 }
             }
+            tracing::debug!(topic, elapsed = ?started.elapsed(), "topic ensured");
         }
         self.known_topics.insert(topic.to_owned());
         Ok(())

@@ -38,7 +38,7 @@ use crate::lsn::Lsn;
 use crate::pgtime::PgTimestamp;
 use crate::pipeline::progress::{Progress, Ticket};
 use crate::sink::kafka::dead_letter;
-use crate::sink::kafka::encode::{encode_change, EnvelopeSource, Record, TxnStamp};
+use crate::sink::kafka::encode::{encode_change_for_stream, EnvelopeSource, Record, TxnStamp};
 use crate::sink::kafka::node_stream::{self, ColumnSchema};
 use crate::sink::kafka::producer::{KafkaSink, Queued};
 use crate::telemetry::{Health, Metrics};
@@ -286,16 +286,18 @@ impl Capture {
             .clone();
         captured.inc();
         let now_ms = PgTimestamp::now().unix_millis();
-        let records = match encode_change(&self.envelope, &txn.stamp, change, &self.types, now_ms) {
-            Ok(records) => records,
-            Err(e) => {
-                let error = format!("cannot encode: {}", ErrorChain(&e));
-                return self.poison(txn, change, None, error, repl).await;
-            }
-        };
-        // The node-stream copy wraps the per-table record, so it is the larger of the two.
-        let node_record = node_stream::change_record(&self.envelope, &records[0]);
-        let size = record_size(&node_record);
+        let encoded =
+            match encode_change_for_stream(&self.envelope, &txn.stamp, change, &self.types, now_ms)
+            {
+                Ok(encoded) => encoded,
+                Err(e) => {
+                    let error = format!("cannot encode: {}", ErrorChain(&e));
+                    return self.poison(txn, change, None, error, repl).await;
+                }
+            };
+        let node_record = node_stream::change_record(&self.envelope, &encoded);
+        let records = encoded.records;
+        let size = record_size(&records[0]).max(record_size(&node_record));
         let limit = self.settings.kafka.max_message_bytes;
         if size > limit as usize {
             let error = format!(
