@@ -9,7 +9,9 @@
 #   MM_PERF_OUT=/tmp/mm.perf bench/multimaster.sh   also records a CPU profile of node b
 #
 # Node a and node b start with identical pgbench_accounts (100k rows per SCALE). A native
-# subscription on node b's server (database `native`) takes node a's rows by its initial sync
+# subscription on a third server (database `native`; its own cluster, so that neither side's
+# WAL is in the other's way: node b's capture would otherwise read past the native copy's
+# writes) takes node a's rows by its initial sync
 # and is disabled; node b's pgferry is stopped. Node a then writes a backlog, and each side is
 # timed from start (ALTER SUBSCRIPTION ... ENABLE; starting node b's pgferry) until it holds
 # node a's last transaction (a marker row written last; both apply in commit order):
@@ -21,7 +23,8 @@
 #  3. scale-out: the catch-up of TXNS more updates with node b at 1, 2 and 4 apply lanes
 #     (SCALE_OUT_LANES), each with its own backlog;
 #  4. local write overhead: pgbench TPS of single-row updates on node a (version trigger,
-#     REPLICA IDENTITY FULL, pgferry capturing) against a database without pgferry; medians.
+#     REPLICA IDENTITY FULL, pgferry capturing) against a database on the third server,
+#     where nothing captures; medians.
 # Prints both rates, the ratio pgferry / native, and node b's peak RSS, for 1 and 2; the
 # rate and RSS per lane count for 3; and a closing `result` line of key=value figures
 # (bench/plot.py draws the README's chart from such lines).
@@ -40,19 +43,20 @@ CLIENTS=4
 
 start_pg a
 start_pg b
+start_pg n
 start_tansu
-a=$PGPORT_a; b=$PGPORT_b
+a=$PGPORT_a; b=$PGPORT_b; n=$PGPORT_n
 psql_at "$a" postgres "CREATE DATABASE bank" >/dev/null
 psql_at "$b" postgres "CREATE DATABASE bank" >/dev/null
-psql_at "$b" postgres "CREATE DATABASE native" >/dev/null
+psql_at "$n" postgres "CREATE DATABASE native" >/dev/null
 echo "initialising $((SCALE * 100000)) accounts on both nodes ..." >&2
 pgbench_at "$a" bank -i -s "$SCALE" -q >/dev/null 2>&1
 pgbench_at "$b" bank -i -s "$SCALE" -q >/dev/null 2>&1
-pgbench_at "$b" native -i -I dtp -s "$SCALE" >/dev/null 2>&1
+pgbench_at "$n" native -i -I dtp -s "$SCALE" >/dev/null 2>&1
 MARKER="CREATE TABLE bench_marker (id int PRIMARY KEY, n int NOT NULL)"
 psql_at "$a" bank "$MARKER; INSERT INTO bench_marker VALUES (1, 0)" >/dev/null
 psql_at "$b" bank "$MARKER; INSERT INTO bench_marker VALUES (1, 0)" >/dev/null
-psql_at "$b" native "$MARKER" >/dev/null
+psql_at "$n" native "$MARKER" >/dev/null
 
 node_config() { # self other port [lanes]
   cat <<YAML
@@ -92,32 +96,32 @@ wait_ready "$WORK/a.yaml"
 # The native subscription: initial sync, then disabled while the backlog builds. The launcher
 # restarts a subscription's worker at most every wal_retrieve_retry_interval (5 s by default):
 # shorter, so that enabling it starts applying at once, as pgferry does.
-psql_at "$b" postgres "ALTER SYSTEM SET wal_retrieve_retry_interval = '50ms'" >/dev/null
-psql_at "$b" postgres "SELECT pg_reload_conf()" >/dev/null
+psql_at "$n" postgres "ALTER SYSTEM SET wal_retrieve_retry_interval = '50ms'" >/dev/null
+psql_at "$n" postgres "SELECT pg_reload_conf()" >/dev/null
 psql_at "$a" bank "CREATE PUBLICATION native_pub FOR TABLE pgbench_accounts, bench_marker" >/dev/null
-psql_at "$b" native "CREATE SUBSCRIPTION native_sub CONNECTION 'host=127.0.0.1 port=$a dbname=bank user=postgres' PUBLICATION native_pub" >/dev/null
-native_synced() { [[ "$(psql_at "$b" native "SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'")" == 0 ]]; }
+psql_at "$n" native "CREATE SUBSCRIPTION native_sub CONNECTION 'host=127.0.0.1 port=$a dbname=bank user=postgres' PUBLICATION native_pub" >/dev/null
+native_synced() { [[ "$(psql_at "$n" native "SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'")" == 0 ]]; }
 deadline=$((SECONDS + 300))
 until native_synced; do (( SECONDS < deadline )) || { echo "native initial sync timed out" >&2; exit 1; }; sleep 0.2; done
-psql_at "$b" native "ALTER SUBSCRIPTION native_sub DISABLE" >/dev/null
+psql_at "$n" native "ALTER SUBSCRIPTION native_sub DISABLE" >/dev/null
 
-marker_on() { psql_at "$b" "$1" "SELECT n FROM bench_marker"; }
+marker_on() { psql_at "$1" "$2" "SELECT n FROM bench_marker"; }
 # write_marker: node a's last transaction of a backlog; sets WANT.
 write_marker() { WANT=$(psql_at "$a" bank "UPDATE bench_marker SET n = n + 1 RETURNING n"); }
-native_done() { [[ "$(marker_on native)" == "$WANT" ]]; }
-ferry_done() { [[ "$(marker_on bank)" == "$WANT" ]]; }
+native_done() { [[ "$(marker_on "$n" native)" == "$WANT" ]]; }
+ferry_done() { [[ "$(marker_on "$b" bank)" == "$WANT" ]]; }
 
 # time_native: enables the subscription until it holds the marker; sets NATIVE_SECS.
 time_native() {
   local t0 deadline=$((SECONDS + ${BENCH_TIMEOUT:-900}))
   t0=$(now)
-  psql_at "$b" native "ALTER SUBSCRIPTION native_sub ENABLE" >/dev/null
+  psql_at "$n" native "ALTER SUBSCRIPTION native_sub ENABLE" >/dev/null
   until native_done; do
     (( SECONDS < deadline )) || { echo "native replication did not catch up in time" >&2; exit 1; }
     sleep 0.02
   done
   NATIVE_SECS=$(echo "$(now) - $t0" | bc -l)
-  psql_at "$b" native "ALTER SUBSCRIPTION native_sub DISABLE" >/dev/null
+  psql_at "$n" native "ALTER SUBSCRIPTION native_sub DISABLE" >/dev/null
 }
 
 # report TITLE TXNS: both rates and the ratio.
@@ -149,15 +153,16 @@ PERF_OUT=${MM_PERF_OUT:-} time_ferry_until "$WORK/b.yaml" ferry_done
 report "multi-master catch-up: $TXNS single-row update transactions over $((SCALE * 100000)) rows" "$TXNS"
 catchup_ratio=$(echo "$NATIVE_SECS / $FERRY_SECS" | bc -l)
 sums() { psql_at "$1" "$2" "SELECT sum(abalance) FROM pgbench_accounts"; }
-if [[ "$(sums "$b" bank)" != "$(sums "$a" bank)" || "$(sums "$b" native)" != "$(sums "$a" bank)" ]]; then
+if [[ "$(sums "$b" bank)" != "$(sums "$a" bank)" || "$(sums "$n" native)" != "$(sums "$a" bank)" ]]; then
   echo "after catch-up, node b or the native copy differs from node a" >&2
   exit 1
 fi
 
 # 2. Conflict-heavy catch-up: both nodes write the same rows while apart.
 echo "building conflicting backlogs: $LOCAL_TXNS updates on node b, $HOT_TXNS on node a, over $HOT_KEYS rows ..." >&2
-for db in bank native; do
-  pgbench_at "$b" "$db" -n -c 2 -j 2 -t $((LOCAL_TXNS / 2)) -f "$WORK/hot.sql" >/dev/null 2>&1
+for at in "$b bank" "$n native"; do
+  # shellcheck disable=SC2086  # "port db"
+  pgbench_at $at -n -c 2 -j 2 -t $((LOCAL_TXNS / 2)) -f "$WORK/hot.sql" >/dev/null 2>&1
 done
 pgbench_at "$a" bank -n -c "$CLIENTS" -j 2 -t $((HOT_TXNS / CLIENTS)) -f "$WORK/hot.sql" >/dev/null 2>&1
 write_marker
@@ -201,15 +206,16 @@ done
 
 # 4. Local write overhead, with node a's pgferry capturing.
 ROUNDS=${ROUNDS:-$(smoke_or 1 5)}; SECS=${SECS:-$(smoke_or 2 10)}
-psql_at "$a" postgres "CREATE DATABASE plain" >/dev/null
-pgbench_at "$a" plain -i -s "$SCALE" -q >/dev/null 2>&1
-tps() { pgbench_at "$a" "$1" -n -c "$CLIENTS" -j 2 -T "$SECS" -f "$WORK/update.sql" 2>/dev/null \
+# The plain database is on the third server (idle now), where no walsender reads its WAL.
+psql_at "$n" postgres "CREATE DATABASE plain" >/dev/null
+pgbench_at "$n" plain -i -s "$SCALE" -q >/dev/null 2>&1
+tps() { pgbench_at "$1" "$2" -n -c "$CLIENTS" -j 2 -T "$SECS" -f "$WORK/update.sql" 2>/dev/null \
           | awk '/^tps = / {print $3; exit}'; }
 median() { sort -g | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
 plain_runs=(); mm_runs=()
 for ((r = 1; r <= ROUNDS; r++)); do
-  plain_runs+=("$(tps plain)")
-  mm_runs+=("$(tps bank)")
+  plain_runs+=("$(tps "$n" plain)")
+  mm_runs+=("$(tps "$a" bank)")
 done
 plain_tps=$(printf '%s\n' "${plain_runs[@]}" | median)
 mm_tps=$(printf '%s\n' "${mm_runs[@]}" | median)
