@@ -69,12 +69,29 @@ async fn wait_value(client: &Client, sql: &str, want: Option<String>) {
     .await
 }
 
+/// pgferry on database `db` of the first cluster as node `<label>0`, whose peer `<label>9`
+/// never shows up.
+fn lone_node(label: &str, db: &str) -> common::ferry::Ferry {
+    let port = common::free_port();
+    let yaml = common::mesh::node_config(
+        label,
+        &format!("{label}0"),
+        &[format!("{label}9")],
+        cluster(),
+        db,
+        port,
+        "",
+        &broker().address(),
+    );
+    common::ferry::Ferry::start(&yaml, port)
+}
+
 /// A key's stored version on a node: `(t, node, deleted)`.
 async fn version_of(client: &Client, table: &str, key: i32) -> Option<(i64, String, bool)> {
     client
         .query_opt(
             "SELECT t, node, deleted FROM pgferry.versions
-              WHERE table_name = $1 AND key = jsonb_build_object('k', $2::int4)",
+              WHERE table_name = $1 AND key = jsonb_build_object('k', $2::int4)::text",
             &[&table, &key],
         )
         .await
@@ -577,8 +594,6 @@ CREATE TRIGGER pgferry_tombstone AFTER DELETE ON kv
 /// the deleting transaction's commit time, and the old table and trigger are gone.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_of_the_previous_schema_upgrades_in_place() {
-    use common::ferry::Ferry;
-    use common::mesh::node_config;
     let (db, c) = cluster().fresh_db("mmupgrade", KV_DDL).await;
     c.batch_execute(PREVIOUS_SCHEMA).await.unwrap();
     for k in 1..=3 {
@@ -607,18 +622,7 @@ async fn a_node_of_the_previous_schema_upgrades_in_place() {
     want.push((3, Some((deleted_ts, "mmupgrade0".to_owned(), true))));
 
     // pgferry of this schema's successor starts on the node (its peer never shows up).
-    let port = common::free_port();
-    let yaml = node_config(
-        "mmupgrade",
-        "mmupgrade0",
-        &["mmupgrade9".to_owned()],
-        cluster(),
-        &db,
-        port,
-        "",
-        &broker().address(),
-    );
-    let _ferry = Ferry::start(&yaml, port);
+    let _ferry = lone_node("mmupgrade", &db);
     wait_for("the upgrade", Duration::from_secs(60), || async {
         let gone: bool = c
             .query_one("SELECT to_regclass('pgferry.tombstones') IS NULL", &[])
@@ -644,4 +648,66 @@ async fn a_node_of_the_previous_schema_upgrades_in_place() {
         .unwrap();
     let after = version_of(&c, "public.kv", 1).await.unwrap();
     assert!(after.0 > before.0, "{after:?} is not above {before:?}");
+}
+
+/// A node whose version store keys are jsonb (the first layout of `pgferry.versions`) converts
+/// them in place on start: every version is found again under its key, none is seeded anew,
+/// and local writes stamp above them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_version_store_with_jsonb_keys_converts_in_place() {
+    let (db, c) = cluster().fresh_db("mmjsonkey", KV_DDL).await;
+    c.batch_execute(
+        "CREATE SCHEMA pgferry;
+         CREATE TABLE pgferry.versions (
+             table_name text NOT NULL, key jsonb NOT NULL, t int8 NOT NULL,
+             node text COLLATE \"C\" NOT NULL, deleted bool NOT NULL,
+             PRIMARY KEY (table_name, key));
+         INSERT INTO kv VALUES (1, 1, NULL), (2, 2, NULL);
+         INSERT INTO pgferry.versions
+         SELECT 'public.kv', jsonb_build_object('k', k),
+                (extract(epoch FROM now()) * 1000000)::int8 + k, 'mmjsonkey9', k = 3
+           FROM generate_series(1, 3) AS k;",
+    )
+    .await
+    .unwrap();
+    // Recent versions: the retention backstop leaves the tombstone (key 3) alone.
+    let base: i64 = one(&c, "SELECT min(t) - 1 FROM pgferry.versions").await;
+    let _ferry = lone_node("mmjsonkey", &db);
+    wait_for("the conversion", Duration::from_secs(60), || async {
+        let protected: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_trigger
+                  WHERE tgrelid = 'kv'::regclass AND tgname = 'zz_pgferry_version'",
+                &[],
+            )
+            .await
+            .ok()?
+            .get(0);
+        (protected == 1).then_some(())
+    })
+    .await;
+    let ty: String = c
+        .query_one(
+            "SELECT format_type(atttypid, NULL) || ' ' || coalesce(collname, '')
+               FROM pg_attribute LEFT JOIN pg_collation ON pg_collation.oid = attcollation
+              WHERE attrelid = 'pgferry.versions'::regclass AND attname = 'key'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ty, "text C");
+    for k in 1..=3 {
+        let want = Some((base + i64::from(k), "mmjsonkey9".to_owned(), k == 3));
+        assert_eq!(version_of(&c, "public.kv", k).await, want, "key {k}");
+    }
+    let rows: i64 = one(&c, "SELECT count(*) FROM pgferry.versions").await;
+    assert_eq!(rows, 3, "a version was seeded again under another key");
+    c.batch_execute("UPDATE kv SET v = 10 WHERE k = 1")
+        .await
+        .unwrap();
+    let after = version_of(&c, "public.kv", 1).await.unwrap();
+    assert!(after.0 > base + 1 && after.1 == "mmjsonkey0", "{after:?}");
+    let rows: i64 = one(&c, "SELECT count(*) FROM pgferry.versions").await;
+    assert_eq!(rows, 3, "the local write stamped a second version row");
 }

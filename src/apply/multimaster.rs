@@ -25,13 +25,24 @@ CREATE TABLE IF NOT EXISTS pgferry.origins (
     node text NOT NULL);
 CREATE TABLE IF NOT EXISTS pgferry.versions (
     table_name text NOT NULL,
-    key jsonb NOT NULL,
+    key text COLLATE "C" NOT NULL,
     t int8 NOT NULL,
     node text COLLATE "C" NOT NULL,
     deleted bool NOT NULL,
     PRIMARY KEY (table_name, key));
 -- Tombstones only: the node in whose stream the delete sits, at or before which LSN (for
 -- collection by acknowledgement). NULL for live versions and not yet sealed local deletes.
+-- The key is the text of a jsonb object of the key columns (one canonical text per value),
+-- compared bytewise: the first layout stored the jsonb itself, whose comparisons made every
+-- version stamp about twice as costly. Converted in place.
+DO $$
+BEGIN
+    IF (SELECT atttypid FROM pg_attribute
+         WHERE attrelid = 'pgferry.versions'::regclass AND attname = 'key') = 'jsonb'::regtype THEN
+        ALTER TABLE pgferry.versions ALTER COLUMN key TYPE text COLLATE "C" USING key::text;
+    END IF;
+END
+$$;
 ALTER TABLE pgferry.versions ADD COLUMN IF NOT EXISTS seen_node text;
 ALTER TABLE pgferry.versions ADD COLUMN IF NOT EXISTS seen_lsn pg_lsn;
 -- Tombstones only, indexed by a column that live versions leave NULL: a write that moves a
@@ -164,14 +175,14 @@ CREATE OR REPLACE FUNCTION %1$s() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER @SETTINGS@
 AS $stamp$
 DECLARE
-    k jsonb;
+    k text;
     now_us int8 := greatest((extract(epoch FROM clock_timestamp()) * 1000000)::int8,
                             (SELECT f.t + 1 FROM pgferry.version_floor AS f));
 BEGIN
     IF TG_OP = 'DELETE' THEN
-        k := jsonb_build_object(%2$s);
+        k := jsonb_build_object(%2$s)::text;
     ELSE
-        k := jsonb_build_object(%3$s);
+        k := jsonb_build_object(%3$s)::text;
     END IF;
     IF TG_OP = 'UPDATE' AND (%4$s) THEN
         RAISE EXCEPTION USING ERRCODE = 'feature_not_supported', MESSAGE = %5$L,
@@ -204,7 +215,7 @@ $tpl$, fname, old_key, new_key, key_moved,
         IF ts_known THEN
             EXECUTE format(
                 'INSERT INTO pgferry.versions (table_name, key, t, node, deleted)
-                 SELECT %L, jsonb_build_object(%s),
+                 SELECT %L, jsonb_build_object(%s)::text,
                         coalesce((extract(epoch FROM c.timestamp) * 1000000)::int8, %s),
                         coalesce(CASE WHEN c.roident = 0 THEN %L
                                       ELSE (SELECT o.node FROM pgferry.origins o
@@ -218,7 +229,7 @@ $tpl$, fname, old_key, new_key, key_moved,
         ELSE
             EXECUTE format(
                 'INSERT INTO pgferry.versions (table_name, key, t, node, deleted)
-                 SELECT %L, jsonb_build_object(%s), %s, %L, false FROM ONLY %s AS r
+                 SELECT %L, jsonb_build_object(%s)::text, %s, %L, false FROM ONLY %s AS r
                  ON CONFLICT (table_name, key) DO NOTHING',
                 tbl, key_expr, -9223372036854775808, '', q);
         END IF;
@@ -267,7 +278,7 @@ ALTER EVENT TRIGGER pgferry_protect_new_tables ENABLE ALWAYS;
 /// transaction as the first protection pass.
 const MIGRATE_TOMBSTONES: &str = r#"
 INSERT INTO pgferry.versions (table_name, key, t, node, deleted)
-SELECT d.table_name, d.key,
+SELECT d.table_name, d.key::text,
        coalesce((extract(epoch FROM coalesce(d.commit_ts, c.timestamp)) * 1000000)::int8,
                 -9223372036854775808),
        coalesce(CASE WHEN coalesce(d.roident, c.roident) = 0 THEN $1

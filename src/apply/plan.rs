@@ -39,6 +39,9 @@ pub enum StatementKind {
     LwwWrite,
     /// Multi-master: stamp and upsert many rows.
     LwwWriteRows,
+    /// Multi-master: lock, stamp and update many rows that match their old images, in one
+    /// statement.
+    LwwCleanUpdateRows,
     /// Multi-master: stamp and insert a key that has no version yet.
     LwwInsertFresh,
     /// Multi-master: stamp a tombstone and delete one row.

@@ -86,6 +86,9 @@ struct StatementKey {
     table: String,
     kind: StatementKind,
     columns: Vec<String>,
+    /// Old-image columns the statement compares with the live row, where that is apart from
+    /// `columns` ([`StatementKind::LwwCleanUpdateRows`]); empty otherwise.
+    compared: Vec<String>,
 }
 
 /// A source transaction boundary that is complete in the open target transaction.
@@ -1145,6 +1148,7 @@ impl Worker {
             table: change.table.clone(),
             kind,
             columns: columns.clone(),
+            compared: Vec::new(),
         };
         let stmt = self.statement(client, stmt_key, text).await?;
         let params =
@@ -1247,6 +1251,7 @@ impl Worker {
                 table: group.table,
                 kind: StatementKind::Rows(group.write),
                 columns: group.columns,
+                compared: Vec::new(),
             };
             let stmt = self.statement(client, key, || text).await?;
             let arrays = plan::columns_of(rows, width);

@@ -489,6 +489,7 @@ impl Worker {
             table: p.change.table.clone(),
             kind,
             columns,
+            compared: Vec::new(),
         };
         self.statement(client, key, text).await
     }

@@ -15,6 +15,8 @@
 //! with secondary unique indexes, changes without a version) go the one-change way, after the
 //! batch is written, so every key's changes keep the stream's order.
 
+use std::sync::Arc;
+
 use serde_json::value::RawValue;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Statement};
@@ -195,20 +197,84 @@ impl Worker {
                     "table {qualified} disappeared from the target during a transaction"
                 )));
             };
-            let mut remaining = rows;
+            let mut remaining = if group.before.is_empty() {
+                rows
+            } else {
+                self.clean_updates(client, &group, &table, rows).await?
+            };
             for _ in 0..MAX_ROUNDS {
-                remaining = self
-                    .settle_round(client, pending, &group, &table, remaining)
-                    .await?;
                 if remaining.is_empty() {
                     break;
                 }
+                remaining = self
+                    .settle_round(client, pending, &group, &table, remaining)
+                    .await?;
             }
             if !remaining.is_empty() {
                 return Err(ApplyError::Contention { table: qualified });
             }
         }
         Ok(())
+    }
+
+    /// Writes the updates among `rows` (one table, distinct keys, old images compared) that
+    /// find their live row as the old image says and older than their version, one statement
+    /// per lane ([`sql::clean_update_rows`]): the common case of a catch-up, settled without a
+    /// probe. Returns every other change, untouched, for [`Worker::settle_round`].
+    async fn clean_updates(
+        &mut self,
+        client: &Client,
+        group: &ProbeGroup,
+        table: &TargetTable,
+        rows: Vec<LwwRow>,
+    ) -> Result<Vec<LwwRow>, ApplyError> {
+        let qualified = format!("{}.{}", group.schema, group.table);
+        let lanes = self.lanes.clone();
+        let lane_client = |lane: usize| lane_connection(client, &lanes, lane);
+        let mut rest = Vec::new();
+        // One statement per lane and column set (one column set per table, normally).
+        let mut batches: Vec<(usize, Vec<String>, Vec<LwwRow>)> = Vec::new();
+        for row in rows {
+            let clean = row.change.op == Op::Update
+                && row.after_columns.iter().any(|c| !table.key.contains(c));
+            if !clean {
+                rest.push(row);
+                continue;
+            }
+            match batches
+                .iter_mut()
+                .find(|(lane, columns, _)| *lane == row.lane && *columns == row.after_columns)
+            {
+                Some((_, _, batch)) => batch.push(row),
+                None => batches.push((row.lane, row.after_columns.clone(), vec![row])),
+            }
+        }
+        let mut runs = Vec::new();
+        for (lane, columns, batch) in &batches {
+            self.open_lane(*lane, lane_client(*lane)).await?;
+            let stmt = self
+                .clean_update_statement(*lane, lane_client(*lane), group, table, columns)
+                .await?;
+            runs.push(clean_update_exec(lane_client(*lane), stmt, group, batch));
+        }
+        let won = futures_util::future::try_join_all(runs).await?;
+        for ((_, _, batch), won) in batches.into_iter().zip(won) {
+            for (row, won) in batch.into_iter().zip(won) {
+                if won {
+                    self.applied(&qualified, &row);
+                } else {
+                    rest.push(row);
+                }
+            }
+        }
+        Ok(rest)
+    }
+
+    /// Counts a change whose row and version are written.
+    fn applied(&mut self, qualified: &str, row: &LwwRow) {
+        self.note_newest_version(&row.remote);
+        self.batch_changes += 1;
+        self.count_applied(qualified, row.change.op);
     }
 
     /// Probes, decides and writes `rows` (one table, distinct keys); returns the changes
@@ -224,12 +290,7 @@ impl Worker {
     ) -> Result<Vec<LwwRow>, ApplyError> {
         let qualified = format!("{}.{}", group.schema, group.table);
         let lanes = self.lanes.clone();
-        let lane_client = |lane: usize| -> &Client {
-            match lane {
-                0 => client,
-                n => &lanes[n - 1],
-            }
-        };
+        let lane_client = |lane: usize| lane_connection(client, &lanes, lane);
         let mut parts: Vec<Vec<LwwRow>> = (0..=lanes.len()).map(|_| Vec::new()).collect();
         for row in rows {
             parts[row.lane].push(row);
@@ -376,9 +437,7 @@ impl Worker {
         {
             if *won {
                 self.settled(client, pending, qualified, table, &row, &found, conflict);
-                self.note_newest_version(&row.remote);
-                self.batch_changes += 1;
-                self.count_applied(qualified, row.change.op);
+                self.applied(qualified, &row);
             } else {
                 lost.push(row);
             }
@@ -444,6 +503,7 @@ impl Worker {
             table: group.table.clone(),
             kind: StatementKind::LwwProbeRows,
             columns: group.before.clone(),
+            compared: Vec::new(),
         };
         self.lane_statement(lane, client, statement_key, text).await
     }
@@ -475,6 +535,33 @@ impl Worker {
             table: group.table.clone(),
             kind,
             columns: columns.to_vec(),
+            compared: Vec::new(),
+        };
+        self.lane_statement(lane, client, statement_key, || text)
+            .await
+    }
+
+    /// The statement of [`Worker::clean_updates`] for rows of `group` that write `columns`,
+    /// prepared on a lane's connection.
+    async fn clean_update_statement(
+        &mut self,
+        lane: usize,
+        client: &Client,
+        group: &ProbeGroup,
+        table: &TargetTable,
+        columns: &[String],
+    ) -> Result<Statement, ApplyError> {
+        let key: Vec<&str> = table.key.iter().map(String::as_str).collect();
+        let typed_columns = typed(table, columns);
+        let before = typed(table, &group.before);
+        let text =
+            sql::clean_update_rows(&group.schema, &group.table, &typed_columns, &key, &before);
+        let statement_key = StatementKey {
+            schema: group.schema.clone(),
+            table: group.table.clone(),
+            kind: StatementKind::LwwCleanUpdateRows,
+            columns: columns.to_vec(),
+            compared: group.before.clone(),
         };
         self.lane_statement(lane, client, statement_key, || text)
             .await
@@ -513,6 +600,14 @@ impl Worker {
     }
 }
 
+/// The connection of `lane`: the worker's own (`client`) for lane 0, else an extra lane's.
+fn lane_connection<'a>(client: &'a Client, lanes: &'a [Arc<Client>], lane: usize) -> &'a Client {
+    match lane {
+        0 => client,
+        n => &lanes[n - 1],
+    }
+}
+
 /// Runs the batch probe for `rows`: what this node holds for each key, in order.
 async fn probe_exec(
     client: &Client,
@@ -522,12 +617,7 @@ async fn probe_exec(
     rows: &[LwwRow],
 ) -> Result<Vec<Probed>, ApplyError> {
     let width = table.key.len() + group.before.len();
-    let mut arrays: Vec<Vec<Option<&str>>> = vec![Vec::with_capacity(rows.len()); width];
-    for row in rows {
-        for (a, v) in arrays.iter_mut().zip(row.key.iter().chain(&row.before)) {
-            a.push(v.as_deref());
-        }
-    }
+    let arrays = column_arrays(rows.iter().map(|r| r.key.iter().chain(&r.before)), width);
     let qualified = format!("{}.{}", group.schema, group.table);
     let mut params: Vec<&(dyn ToSql + Sync)> =
         arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
@@ -567,21 +657,18 @@ async fn stamp_exec(
             d.row.after.len()
         }
     });
-    let mut arrays: Vec<Vec<Option<&str>>> = vec![Vec::with_capacity(rows.len()); width];
-    let mut ts: Vec<i64> = Vec::with_capacity(rows.len());
-    let mut nodes: Vec<&str> = Vec::with_capacity(rows.len());
-    let mut lsns: Vec<String> = Vec::new();
-    for Decided { row, .. } in rows {
-        let values = if deleting { &row.key } else { &row.after };
-        for (a, v) in arrays.iter_mut().zip(values) {
-            a.push(v.as_deref());
-        }
-        ts.push(row.remote.ts_us);
-        nodes.push(&row.remote.node);
-        if deleting {
-            lsns.push(row.commit_lsn.to_string());
-        }
-    }
+    let arrays = column_arrays(
+        rows.iter()
+            .map(|d| if deleting { &d.row.key } else { &d.row.after }.iter()),
+        width,
+    );
+    let ts: Vec<i64> = rows.iter().map(|d| d.row.remote.ts_us).collect();
+    let nodes: Vec<&str> = rows.iter().map(|d| d.row.remote.node.as_str()).collect();
+    let lsns: Vec<String> = if deleting {
+        rows.iter().map(|d| d.row.commit_lsn.to_string()).collect()
+    } else {
+        Vec::new()
+    };
     let qualified = format!("{}.{}", group.schema, group.table);
     let mut params: Vec<&(dyn ToSql + Sync)> =
         arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
@@ -594,14 +681,75 @@ async fn stamp_exec(
     if deleting {
         params.push(&stream_node);
     }
-    let won = client
-        .query(&stmt, &params)
-        .await
-        .map_err(ApplyError::sql("writing rows and their versions"))?;
-    Ok(won_flags(
+    written(
+        client,
+        &stmt,
+        &params,
         rows.len(),
-        won.iter().map(|r| r.get::<_, i64>(0)),
-    ))
+        "writing rows and their versions",
+    )
+    .await
+}
+
+/// Runs the clean update of `rows` (see [`Worker::clean_update_statement`]); which of them
+/// were written.
+async fn clean_update_exec(
+    client: &Client,
+    stmt: Statement,
+    group: &ProbeGroup,
+    rows: &[LwwRow],
+) -> Result<Vec<bool>, ApplyError> {
+    let width = rows.first().map_or(0, |r| r.after.len() + r.before.len());
+    let arrays = column_arrays(rows.iter().map(|r| r.after.iter().chain(&r.before)), width);
+    let ts: Vec<i64> = rows.iter().map(|r| r.remote.ts_us).collect();
+    let nodes: Vec<&str> = rows.iter().map(|r| r.remote.node.as_str()).collect();
+    let qualified = format!("{}.{}", group.schema, group.table);
+    let mut params: Vec<&(dyn ToSql + Sync)> =
+        arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+    params.push(&ts);
+    params.push(&nodes);
+    params.push(&qualified);
+    written(
+        client,
+        &stmt,
+        &params,
+        rows.len(),
+        "updating rows and their versions",
+    )
+    .await
+}
+
+/// Runs a batch statement over `n` rows that returns the ordinals of the rows it wrote;
+/// which of them it wrote.
+async fn written(
+    client: &Client,
+    stmt: &Statement,
+    params: &[&(dyn ToSql + Sync)],
+    n: usize,
+    doing: &'static str,
+) -> Result<Vec<bool>, ApplyError> {
+    let rows = client
+        .query(stmt, params)
+        .await
+        .map_err(ApplyError::sql(doing))?;
+    Ok(won_flags(n, rows.iter().map(|r| r.get::<_, i64>(0))))
+}
+
+/// One array per column (`width` of them) of the rows' text values, for `unnest`.
+fn column_arrays<'r, I>(
+    rows: impl ExactSizeIterator<Item = I>,
+    width: usize,
+) -> Vec<Vec<Option<&'r str>>>
+where
+    I: Iterator<Item = &'r Option<String>>,
+{
+    let mut arrays: Vec<Vec<Option<&str>>> = vec![Vec::with_capacity(rows.len()); width];
+    for values in rows {
+        for (a, v) in arrays.iter_mut().zip(values) {
+            a.push(v.as_deref());
+        }
+    }
+    arrays
 }
 
 /// Which of `n` rows won, from the 1-based ordinals a batch statement returned.
