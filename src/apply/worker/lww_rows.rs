@@ -200,14 +200,15 @@ impl Worker {
             let mut remaining = if group.before.is_empty() {
                 rows
             } else {
-                self.clean_updates(client, &group, &table, rows).await?
+                self.clean_updates(client, &qualified, &group, &table, rows)
+                    .await?
             };
             for _ in 0..MAX_ROUNDS {
                 if remaining.is_empty() {
                     break;
                 }
                 remaining = self
-                    .settle_round(client, pending, &group, &table, remaining)
+                    .settle_round(client, pending, &qualified, &group, &table, remaining)
                     .await?;
             }
             if !remaining.is_empty() {
@@ -224,11 +225,11 @@ impl Worker {
     async fn clean_updates(
         &mut self,
         client: &Client,
+        qualified: &str,
         group: &ProbeGroup,
         table: &TargetTable,
         rows: Vec<LwwRow>,
     ) -> Result<Vec<LwwRow>, ApplyError> {
-        let qualified = format!("{}.{}", group.schema, group.table);
         let lanes = self.lanes.clone();
         let lane_client = |lane: usize| lane_connection(client, &lanes, lane);
         let mut rest = Vec::new();
@@ -255,13 +256,18 @@ impl Worker {
             let stmt = self
                 .clean_update_statement(*lane, lane_client(*lane), group, table, columns)
                 .await?;
-            runs.push(clean_update_exec(lane_client(*lane), stmt, group, batch));
+            runs.push(clean_update_exec(
+                lane_client(*lane),
+                stmt,
+                qualified,
+                batch,
+            ));
         }
         let won = futures_util::future::try_join_all(runs).await?;
         for ((_, _, batch), won) in batches.into_iter().zip(won) {
             for (row, won) in batch.into_iter().zip(won) {
                 if won {
-                    self.applied(&qualified, &row);
+                    self.applied(qualified, &row);
                 } else {
                     rest.push(row);
                 }
@@ -284,11 +290,11 @@ impl Worker {
         &mut self,
         client: &'c Client,
         pending: &mut InFlight<'c>,
+        qualified: &str,
         group: &ProbeGroup,
         table: &TargetTable,
         rows: Vec<LwwRow>,
     ) -> Result<Vec<LwwRow>, ApplyError> {
-        let qualified = format!("{}.{}", group.schema, group.table);
         let lanes = self.lanes.clone();
         let lane_client = |lane: usize| lane_connection(client, &lanes, lane);
         let mut parts: Vec<Vec<LwwRow>> = (0..=lanes.len()).map(|_| Vec::new()).collect();
@@ -301,7 +307,7 @@ impl Worker {
             let stmt = self
                 .probe_statement(lane, lane_client(lane), group, table)
                 .await?;
-            probes.push(probe_exec(lane_client(lane), stmt, group, table, part));
+            probes.push(probe_exec(lane_client(lane), stmt, qualified, part));
         }
         let found = futures_util::future::try_join_all(probes).await?;
         let mut writes: Vec<(usize, Decided)> = Vec::new();
@@ -331,7 +337,7 @@ impl Worker {
                     self.settled(
                         client,
                         pending,
-                        &qualified,
+                        qualified,
                         table,
                         &row,
                         &found,
@@ -364,7 +370,7 @@ impl Worker {
             stamps.push(stamp_exec(
                 lane_client(*lane),
                 stmt,
-                group,
+                qualified,
                 ds,
                 *deleting,
                 &stream_node,
@@ -373,7 +379,7 @@ impl Worker {
         let won = futures_util::future::try_join_all(stamps).await?;
         let mut lost = Vec::new();
         for ((_, _, _, ds), won) in batches.into_iter().zip(won) {
-            self.finish(client, pending, &qualified, table, ds, &won, &mut lost);
+            self.finish(client, pending, qualified, table, ds, &won, &mut lost);
         }
         Ok(lost)
     }
@@ -612,13 +618,11 @@ fn lane_connection<'a>(client: &'a Client, lanes: &'a [Arc<Client>], lane: usize
 async fn probe_exec(
     client: &Client,
     stmt: Statement,
-    group: &ProbeGroup,
-    table: &TargetTable,
+    qualified: &str,
     rows: &[LwwRow],
 ) -> Result<Vec<Probed>, ApplyError> {
-    let width = table.key.len() + group.before.len();
+    let width = rows.first().map_or(0, |r| r.key.len() + r.before.len());
     let arrays = column_arrays(rows.iter().map(|r| r.key.iter().chain(&r.before)), width);
-    let qualified = format!("{}.{}", group.schema, group.table);
     let mut params: Vec<&(dyn ToSql + Sync)> =
         arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
     params.push(&qualified);
@@ -645,7 +649,7 @@ async fn probe_exec(
 async fn stamp_exec(
     client: &Client,
     stmt: Statement,
-    group: &ProbeGroup,
+    qualified: &str,
     rows: &[Decided],
     deleting: bool,
     stream_node: &str,
@@ -669,7 +673,6 @@ async fn stamp_exec(
     } else {
         Vec::new()
     };
-    let qualified = format!("{}.{}", group.schema, group.table);
     let mut params: Vec<&(dyn ToSql + Sync)> =
         arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
     params.push(&ts);
@@ -696,14 +699,13 @@ async fn stamp_exec(
 async fn clean_update_exec(
     client: &Client,
     stmt: Statement,
-    group: &ProbeGroup,
+    qualified: &str,
     rows: &[LwwRow],
 ) -> Result<Vec<bool>, ApplyError> {
     let width = rows.first().map_or(0, |r| r.after.len() + r.before.len());
     let arrays = column_arrays(rows.iter().map(|r| r.after.iter().chain(&r.before)), width);
     let ts: Vec<i64> = rows.iter().map(|r| r.remote.ts_us).collect();
     let nodes: Vec<&str> = rows.iter().map(|r| r.remote.node.as_str()).collect();
-    let qualified = format!("{}.{}", group.schema, group.table);
     let mut params: Vec<&(dyn ToSql + Sync)> =
         arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
     params.push(&ts);
