@@ -348,6 +348,80 @@ async fn rejected_changes_are_dead_lettered_then_replayed() {
     }
 }
 
+/// A COMMIT the target refuses (a deferred constraint trigger raises at commit) holds the
+/// stream there. Replica mode sends each COMMIT without waiting for it and reads on, yet no
+/// later batch commits past a refused one: the replica only ever holds a prefix of the
+/// source's transactions, ending before the refused row. Once the cause is gone, all arrive.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_commit_is_never_skipped() {
+    for seed in [1u64, 2, 3] {
+        let pg = PgCluster::shared();
+        let ddl = "CREATE TABLE items (id int PRIMARY KEY, v int);";
+        let refuse = "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+                        IF NEW.v < 0 THEN RAISE EXCEPTION 'item % refused at commit', NEW.id \
+                        USING ERRCODE = 'check_violation'; END IF; RETURN NULL; END $$; \
+                      CREATE CONSTRAINT TRIGGER refuse AFTER INSERT OR UPDATE ON items \
+                        DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse(); \
+                      ALTER TABLE items ENABLE ALWAYS TRIGGER refuse;";
+        let (master, m) = pg.fresh_db(&format!("refused{seed}_m"), ddl).await;
+        let (replica, r) = pg
+            .fresh_db(&format!("refused{seed}_r"), &format!("{ddl} {refuse}"))
+            .await;
+        let cap = capture(pg, &master, "", "");
+        cap.wait_ready().await;
+        let mut rng = common::Rng::new(seed);
+        let txns = rng.range(20, 60);
+        let refused_txn = rng.range(3, txns - 3);
+        let (mut id, mut refused) = (0i32, 0i32);
+        for t in 0..txns {
+            let mut sql = String::from("BEGIN;");
+            for _ in 0..rng.range(1, 5) {
+                id += 1;
+                let v = if t == refused_txn && refused == 0 {
+                    refused = id;
+                    -1
+                } else {
+                    rng.range(0, 100)
+                };
+                sql.push_str(&format!("INSERT INTO items VALUES ({id}, {v});"));
+            }
+            m.batch_execute(&format!("{sql} COMMIT;")).await.unwrap();
+        }
+        // Small batches: several target transactions follow the refused one in the backlog.
+        let batch = format!("  batch_max_changes: {}\n", rng.range(2, 9));
+        let mut apply = applier(&master, &replica, &batch, "");
+        common::wait_for(
+            "the refused commit in the log",
+            Duration::from_secs(60),
+            || async { apply.log().contains("refused at commit").then_some(()) },
+        )
+        .await;
+        // While the commit is refused and the worker retries: ids 1..k, all before it.
+        for _ in 0..20 {
+            let row = r
+                .query_one("SELECT count(*), coalesce(max(id), 0) FROM items", &[])
+                .await
+                .unwrap();
+            let (count, max): (i64, i32) = (row.get(0), row.get(1));
+            assert_eq!(
+                count,
+                i64::from(max),
+                "seed {seed}: ids 1..{max} without a gap"
+            );
+            assert!(
+                max < refused,
+                "seed {seed}: row {max} committed past the refused row {refused}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        r.batch_execute("DROP TRIGGER refuse ON items")
+            .await
+            .unwrap();
+        apply.restart();
+        wait_equal(&m, &r, "items", Duration::from_secs(60)).await;
+    }
+}
+
 /// Acceptance 4: in one process running capture and apply, an apply worker that keeps failing
 /// (its target database does not exist) does not stop capture: capture keeps confirming, and
 /// `/readyz` and `pgferry_stage_up` name the failing stage.

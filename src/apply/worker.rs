@@ -103,6 +103,22 @@ struct Completed {
     offset: i64,
 }
 
+/// A target transaction whose COMMIT is sent and not yet answered.
+struct Committing {
+    done: Completed,
+    txns: u64,
+    changes: u64,
+    started: std::time::Instant,
+}
+
+/// The statements that end every target transaction, prepared once per connection.
+struct CommitStatements {
+    /// [`target::ORIGIN_XACT_SETUP`].
+    origin: Statement,
+    /// [`target::RECORD_PROGRESS`].
+    progress: Statement,
+}
+
 struct Worker {
     settings: WorkerSettings,
     metrics: Arc<Metrics>,
@@ -134,6 +150,9 @@ struct Worker {
     committed: target::Progress,
     in_target_txn: bool,
     last_completed: Option<Completed>,
+    /// The batch whose COMMIT is sent and not yet answered (replica mode reads on meanwhile).
+    committing: Option<Committing>,
+    commit_statements: CommitStatements,
     batch_changes: u64,
     batch_txns: u64,
     /// When the open target transaction began.
@@ -266,6 +285,16 @@ async fn open(
             next_offset: 0,
             commit_lsn: Lsn::ZERO,
         });
+    let commit_statements = CommitStatements {
+        origin: client
+            .prepare(target::ORIGIN_XACT_SETUP)
+            .await
+            .map_err(ApplyError::sql("preparing the commit statements"))?,
+        progress: client
+            .prepare(target::RECORD_PROGRESS)
+            .await
+            .map_err(ApplyError::sql("preparing the commit statements"))?,
+    };
     let dead_letters: FutureProducer = client_config(&settings.kafka)
         .set("enable.idempotence", "true")
         .set("acks", "all")
@@ -296,6 +325,8 @@ async fn open(
         committed,
         in_target_txn: false,
         last_completed: None,
+        committing: None,
+        commit_statements,
         batch_changes: 0,
         batch_txns: 0,
         batch_started: std::time::Instant::now(),
@@ -528,13 +559,31 @@ impl Worker {
         shutdown: &CancellationToken,
     ) -> Result<(), ApplyError> {
         let mut pending: InFlight<'_> = InFlight::default();
+        let result = self
+            .read_and_apply(client, consumer, topic, framer, shutdown, &mut pending)
+            .await;
+        // However reading ended, the COMMIT sent last is answered before the position is used
+        // again (a replay starts from it).
+        let confirmed = self.confirm_commit(&mut pending).await;
+        result.and(confirmed)
+    }
+
+    async fn read_and_apply<'c>(
+        &mut self,
+        client: &'c Client,
+        consumer: &StreamConsumer,
+        topic: &str,
+        framer: &mut Framer,
+        shutdown: &CancellationToken,
+        pending: &mut InFlight<'c>,
+    ) -> Result<(), ApplyError> {
         loop {
             self.health.beat();
             // Shutdown: stop reading between source transactions and commit what is whole; a
             // transaction half read is finished first (it was committed at the source, and
             // the rest is already in Kafka).
             if shutdown.is_cancelled() && !framer.is_open() {
-                self.commit_if_between_transactions(client, &mut pending, framer)
+                self.commit_if_between_transactions(client, pending, framer)
                     .await?;
                 return Ok(());
             }
@@ -544,8 +593,11 @@ impl Worker {
             let message = match ready {
                 Some(m) => Some(m),
                 None => {
-                    self.commit_if_between_transactions(client, &mut pending, framer)
+                    // Idle: the batch is committed and its answer awaited, so the position
+                    // and the metrics are current while nothing arrives.
+                    self.commit_if_between_transactions(client, pending, framer)
                         .await?;
+                    self.confirm_commit(pending).await?;
                     tokio::select! {
                         _ = shutdown.cancelled() => None,
                         m = consumer.recv() => Some(m),
@@ -572,7 +624,7 @@ impl Worker {
                 }
                 Some(Err(e)) => return Err(ApplyError::Kafka(e)),
                 None => {
-                    self.commit_if_between_transactions(client, &mut pending, framer)
+                    self.commit_if_between_transactions(client, pending, framer)
                         .await?;
                     return Ok(());
                 }
@@ -629,7 +681,7 @@ impl Worker {
                 };
                 after_commit = matches!(item, StreamItem::Commit(_));
                 if let Some(begin_offset) = self
-                    .step_item(client, &mut pending, framer, &record, offset, run, item)
+                    .step_item(client, pending, framer, &record, offset, run, item)
                     .await?
                 {
                     orphaned = Some(begin_offset);
@@ -641,7 +693,7 @@ impl Worker {
                                "transaction cut off by a capture restart; replaying from the last commit");
                 drop(lines);
                 drop(message);
-                self.rollback(client, &mut pending).await?;
+                self.rollback(client, pending).await?;
                 framer.orphan(begin_offset, self.committed.commit_lsn);
                 self.assign(consumer, topic)?;
             }
@@ -787,6 +839,8 @@ impl Worker {
         pending: &mut InFlight<'_>,
     ) -> Result<(), ApplyError> {
         let _ = pending.drain().await;
+        // The replay starts from the committed position: the last COMMIT's answer first.
+        self.confirm_commit(pending).await?;
         if self.in_target_txn {
             client
                 .batch_execute("ROLLBACK")
@@ -875,8 +929,11 @@ impl Worker {
         Ok(())
     }
 
-    /// Stamps the origin, records progress, commits: all in the target transaction that
-    /// holds the data.
+    /// Stamps the origin, records progress and commits, all in the target transaction that
+    /// holds the data: the position after its last whole source transaction. Replica mode does not wait for the COMMIT's answer: it reads and sends the
+    /// next batch while the target executes and commits this one, and
+    /// [`Worker::confirm_commit`] takes the answer before the next COMMIT goes out (or before
+    /// the worker idles, rolls back or stops). Multi-master and careful replays wait here.
     async fn commit_batch<'c>(
         &mut self,
         client: &'c Client,
@@ -894,46 +951,74 @@ impl Worker {
                 .map_err(ApplyError::sql("applying changes"))?;
             self.commit_lanes().await?;
         }
+        // A COMMIT goes out only once the one before it succeeded: had that one failed, this
+        // one's progress row would skip its records.
+        self.confirm_commit(pending).await?;
         let lsn = done.commit_lsn.to_string();
         let ts = PgTimestamp::from_unix_micros(done.commit_ts_us).to_rfc3339();
         let next = (done.offset + 1).to_string();
         let node = self.settings.node.clone();
+        // Three requests, each sent when `send` polls it: nothing else may go out between.
+        let origin = self.commit_statements.origin.clone();
         pending.send(Box::pin(async move {
-            client
-                .execute(target::ORIGIN_XACT_SETUP, &[&lsn, &ts])
-                .await?;
-            client
-                .execute(target::RECORD_PROGRESS, &[&node, &next, &lsn])
-                .await?;
+            client.execute(&origin, &[&lsn, &ts]).await
+        }));
+        let progress = self.commit_statements.progress.clone();
+        let lsn = done.commit_lsn.to_string();
+        pending.send(Box::pin(async move {
+            client.execute(&progress, &[&node, &next, &lsn]).await
+        }));
+        pending.send(Box::pin(async move {
             client.batch_execute("COMMIT").await.map(|_| 0)
         }));
+        pending.detach();
+        self.committing = Some(Committing {
+            done,
+            txns: self.batch_txns,
+            changes: self.batch_changes,
+            started: self.batch_started,
+        });
+        self.in_target_txn = false;
+        self.batch_changes = 0;
+        self.batch_txns = 0;
+        self.lww_rows_sent = false;
+        if self.lww.is_some() || self.careful {
+            self.confirm_commit(pending).await?;
+            self.careful = false;
+        }
+        self.count_conflicts();
+        self.observe_peer_clock(client).await?;
+        self.refresh_diverged(client).await
+    }
+
+    /// Waits for the answer to the COMMIT sent last, if any, and once it succeeded takes its
+    /// batch as durable: the position moves and the batch is counted. A failed COMMIT (or a
+    /// statement of its transaction that failed) is returned, and the position stays.
+    async fn confirm_commit(&mut self, pending: &mut InFlight<'_>) -> Result<(), ApplyError> {
+        let Some(sent) = self.committing.take() else {
+            return Ok(());
+        };
         pending
-            .drain()
+            .settle()
             .await
             .map_err(ApplyError::sql("committing applied transactions"))?;
-        self.in_target_txn = false;
+        let done = sent.done;
         self.committed = target::Progress {
             next_offset: done.offset + 1,
             commit_lsn: done.commit_lsn,
         };
-        self.count_conflicts();
-        self.observe_peer_clock(client).await?;
-        self.metrics.apply_transactions.inc_by(self.batch_txns);
+        self.metrics.apply_transactions.inc_by(sent.txns);
         self.metrics.apply_batches.inc();
         self.metrics
             .apply_batch_changes
-            .observe(self.batch_changes as f64);
+            .observe(sent.changes as f64);
         self.metrics
             .apply_batch_duration
-            .observe(self.batch_started.elapsed().as_secs_f64());
+            .observe(sent.started.elapsed().as_secs_f64());
         self.metrics
             .apply_lag_seconds
             .set((PgTimestamp::now().unix_micros() - done.commit_ts_us) as f64 / 1e6);
-        self.batch_changes = 0;
-        self.batch_txns = 0;
-        self.lww_rows_sent = false;
-        self.careful = false;
-        self.refresh_diverged(client).await
+        Ok(())
     }
 
     async fn table(
@@ -1599,22 +1684,65 @@ fn is_lock_conflict(e: &tokio_postgres::Error) -> bool {
 /// records, instead of alternating send-a-batch / wait-for-all.
 #[derive(Default)]
 struct InFlight<'a> {
-    queue: FuturesOrdered<Pending<'a>>,
-    /// The first error seen while collecting results early.
-    failed: Option<tokio_postgres::Error>,
+    /// The open target transaction's statements.
+    open: Answers<'a>,
+    /// The previous target transaction's statements, ending with its COMMIT, when the worker
+    /// read on without waiting for them (see `Worker::commit_batch`). Kept apart so that an
+    /// error of theirs is never taken for one of the open transaction's.
+    committing: Answers<'a>,
 }
 
 impl<'a> InFlight<'a> {
     fn len(&self) -> usize {
-        self.queue.len()
+        self.open.queue.len()
     }
 
     /// Sends a statement (polls it once) and collects any results already back.
     fn send(&mut self, statement: Pending<'a>) {
-        self.queue.push_back(statement);
-        self.collect_ready();
+        self.open.queue.push_back(statement);
+        self.open.collect_ready();
+        self.committing.collect_ready();
     }
 
+    /// Waits until fewer than `limit` statements of the open transaction are in flight.
+    async fn wait_below(&mut self, limit: usize) -> Result<(), tokio_postgres::Error> {
+        while self.open.queue.len() >= limit {
+            if let Some(Err(e)) = self.open.queue.next().await {
+                self.open.failed.get_or_insert(e);
+            }
+        }
+        self.open.take_error()
+    }
+
+    /// Waits for every statement of the open transaction; returns the first error.
+    async fn drain(&mut self) -> Result<(), tokio_postgres::Error> {
+        self.open.drain().await
+    }
+
+    /// Sets the open transaction's statements (its COMMIT sent last) aside, to be answered by
+    /// [`InFlight::settle`] while later statements go out.
+    fn detach(&mut self) {
+        debug_assert!(
+            self.committing.queue.is_empty(),
+            "a commit is still unanswered"
+        );
+        self.committing = std::mem::take(&mut self.open);
+    }
+
+    /// Waits for the statements set aside by [`InFlight::detach`]; returns the first error.
+    async fn settle(&mut self) -> Result<(), tokio_postgres::Error> {
+        self.committing.drain().await
+    }
+}
+
+/// Statements of one target transaction and the first error among those already answered.
+#[derive(Default)]
+struct Answers<'a> {
+    queue: FuturesOrdered<Pending<'a>>,
+    failed: Option<tokio_postgres::Error>,
+}
+
+impl Answers<'_> {
     fn collect_ready(&mut self) {
         while let Some(Some(result)) = self.queue.next().now_or_never() {
             if let Err(e) = result {
@@ -1623,17 +1751,6 @@ impl<'a> InFlight<'a> {
         }
     }
 
-    /// Waits until fewer than `limit` statements are in flight.
-    async fn wait_below(&mut self, limit: usize) -> Result<(), tokio_postgres::Error> {
-        while self.queue.len() >= limit {
-            if let Some(Err(e)) = self.queue.next().await {
-                self.failed.get_or_insert(e);
-            }
-        }
-        self.take_error()
-    }
-
-    /// Waits for every statement; returns the first error.
     async fn drain(&mut self) -> Result<(), tokio_postgres::Error> {
         while let Some(result) = self.queue.next().await {
             if let Err(e) = result {
