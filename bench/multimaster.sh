@@ -7,6 +7,7 @@
 #                                   working and checks its oracles; figures not representative)
 #   TXNS=50000 HOT_TXNS=20000 bench/multimaster.sh
 #   MM_PERF_OUT=/tmp/mm.perf bench/multimaster.sh   also records a CPU profile of node b
+#   CATCHUP_ONLY=1 bench/multimaster.sh   stops after the catch-up (1.), to compare builds
 #
 # Node a and node b start with identical pgbench_accounts (100k rows per SCALE). A native
 # subscription on a third server (database `native`; its own cluster, so that neither side's
@@ -156,6 +157,11 @@ sums() { psql_at "$1" "$2" "SELECT sum(abalance) FROM pgbench_accounts"; }
 if [[ "$(sums "$b" bank)" != "$(sums "$a" bank)" || "$(sums "$n" native)" != "$(sums "$a" bank)" ]]; then
   echo "after catch-up, node b or the native copy differs from node a" >&2
   exit 1
+fi
+
+if [[ "${CATCHUP_ONLY:-0}" == 1 ]]; then
+  printf '\nresult mm_catchup_ratio=%.3f\n' "$catchup_ratio"
+  exit 0
 fi
 
 # 2. Conflict-heavy catch-up: both nodes write the same rows while apart.

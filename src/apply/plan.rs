@@ -8,12 +8,13 @@
 //! unique indexes stay out of batches), so only the order of the changes of one key matters:
 //! - replica mode's [`Coalescer`] holds one change per key and folds a key's later changes
 //!   into it ([`coalesce`]), sending the batch first where no single change has their effect;
-//! - multi-master's [`Batch`] holds each key at most once: a change whose key it already holds
-//!   first sends the batch ([`Batch::holds`]), since each change is decided on its own.
+//! - multi-master's [`Waves`] holds each key at most once per wave: a key's n-th change
+//!   goes to wave n, and the waves are sent one after the other, since each change is
+//!   decided on its own.
 //!
 //! Either way every key's changes take effect in the stream's order.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::hash::Hash;
 
 /// Every kind of statement a worker prepares: a typed key for its statement cache.
@@ -88,43 +89,54 @@ pub struct WriteGroup {
     pub columns: Vec<String>,
 }
 
-/// Rows gathered for multi-row statements, grouped by `G`, each key at most once.
+/// Multi-master's batch: rows gathered for multi-row statements, grouped by `G`, in waves
+/// that hold each key at most once. A key's n-th change goes to wave n, so sending the waves
+/// one after the other applies every key's changes in the stream's order (different keys
+/// commute), while each statement still meets each key once: each change is decided on its
+/// own, against what the wave before left.
 #[derive(Debug)]
-pub struct Batch<G, R> {
-    groups: Vec<(G, Vec<R>)>,
-    index: HashMap<G, usize>,
-    keys: HashSet<String>,
+pub struct Waves<G, R> {
+    waves: Vec<Wave<G, R>>,
+    /// How many rows each key has in the batch (the wave its next row goes to).
+    held: HashMap<String, usize>,
     rows: usize,
 }
 
-impl<G, R> Default for Batch<G, R> {
+#[derive(Debug)]
+struct Wave<G, R> {
+    groups: Vec<(G, Vec<R>)>,
+    index: HashMap<G, usize>,
+}
+
+impl<G, R> Default for Waves<G, R> {
     fn default() -> Self {
         Self {
-            groups: Vec::new(),
-            index: HashMap::new(),
-            keys: HashSet::new(),
+            waves: Vec::new(),
+            held: HashMap::new(),
             rows: 0,
         }
     }
 }
 
-impl<G: Clone + Eq + Hash, R> Batch<G, R> {
-    /// Whether the batch holds a row of `key` (see [`row_key`]): a change of that key must
-    /// wait until the batch is sent.
-    pub fn holds(&self, key: &str) -> bool {
-        self.keys.contains(key)
-    }
-
-    /// Adds a row of `key` to `group`. The caller has checked [`Batch::holds`].
+impl<G: Clone + Eq + Hash, R> Waves<G, R> {
+    /// Adds a row of `key` (see [`row_key`]) to `group`, in the wave after the key's last.
     pub fn push(&mut self, group: G, key: String, row: R) {
-        debug_assert!(!self.keys.contains(&key), "a batch holds each key once");
-        self.keys.insert(key);
+        let held = self.held.entry(key).or_insert(0);
+        let at = *held;
+        *held += 1;
         self.rows += 1;
-        match self.index.get(&group) {
-            Some(&i) => self.groups[i].1.push(row),
+        if self.waves.len() == at {
+            self.waves.push(Wave {
+                groups: Vec::new(),
+                index: HashMap::new(),
+            });
+        }
+        let wave = &mut self.waves[at];
+        match wave.index.get(&group) {
+            Some(&i) => wave.groups[i].1.push(row),
             None => {
-                self.index.insert(group.clone(), self.groups.len());
-                self.groups.push((group, vec![row]));
+                wave.index.insert(group.clone(), wave.groups.len());
+                wave.groups.push((group, vec![row]));
             }
         }
     }
@@ -139,12 +151,15 @@ impl<G: Clone + Eq + Hash, R> Batch<G, R> {
         self.rows == 0
     }
 
-    /// Empties the batch: its groups in the order they first appeared, rows in push order.
-    pub fn take(&mut self) -> Vec<(G, Vec<R>)> {
-        self.index.clear();
-        self.keys.clear();
+    /// Empties the batch: its waves in order, each with its groups in the order they first
+    /// appeared in it and their rows in push order.
+    pub fn take(&mut self) -> Vec<Vec<(G, Vec<R>)>> {
+        self.held.clear();
         self.rows = 0;
-        std::mem::take(&mut self.groups)
+        std::mem::take(&mut self.waves)
+            .into_iter()
+            .map(|wave| wave.groups)
+            .collect()
     }
 
     /// Forgets everything (the target transaction was rolled back).
@@ -372,18 +387,69 @@ pub fn columns_of(rows: Vec<Vec<Option<String>>>, width: usize) -> Vec<Vec<Optio
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::collections::HashSet;
 
     #[test]
     fn groups_keep_first_appearance_order_and_rows_keep_push_order() {
-        let mut batch: Batch<&str, u32> = Batch::default();
+        let mut batch: Waves<&str, u32> = Waves::default();
         batch.push("b", "k1".into(), 1);
         batch.push("a", "k2".into(), 2);
         batch.push("b", "k3".into(), 3);
-        assert_eq!(batch.len(), 3);
-        assert!(batch.holds("k3") && !batch.holds("k4"));
-        let groups = batch.take();
-        assert_eq!(groups, vec![("b", vec![1, 3]), ("a", vec![2])]);
-        assert!(batch.is_empty() && !batch.holds("k1"));
+        batch.push("a", "k1".into(), 4);
+        batch.push("b", "k4".into(), 5);
+        assert_eq!(batch.len(), 5);
+        let waves = batch.take();
+        assert_eq!(
+            waves,
+            vec![
+                vec![("b", vec![1, 3, 5]), ("a", vec![2])],
+                vec![("a", vec![4])]
+            ]
+        );
+        assert!(batch.is_empty() && batch.take().is_empty());
+    }
+
+    proptest! {
+        /// Whatever the keys and groups pushed: each wave holds a key at most once, a key's
+        /// rows come out in push order over consecutive waves from the first, and every row
+        /// comes out once.
+        #[test]
+        fn waves_hold_each_key_once_and_keep_each_keys_order(
+            pushes in proptest::collection::vec((0u8..12, 0u8..3), 0..200),
+        ) {
+            let mut batch: Waves<u8, (u8, usize)> = Waves::default();
+            for (i, (key, group)) in pushes.iter().enumerate() {
+                batch.push(*group, key.to_string(), (*key, i));
+            }
+            prop_assert_eq!(batch.len(), pushes.len());
+            let waves = batch.take();
+            let mut seen: HashMap<u8, Vec<(usize, usize)>> = HashMap::new();
+            for (w, wave) in waves.iter().enumerate() {
+                let mut in_wave = HashSet::new();
+                for (group, rows) in wave {
+                    for &(key, i) in rows {
+                        prop_assert!(in_wave.insert(key), "key {} twice in wave {}", key, w);
+                        prop_assert_eq!(pushes[i].1, *group);
+                        seen.entry(key).or_default().push((w, i));
+                    }
+                }
+            }
+            let mut total = 0;
+            for (key, rows) in &seen {
+                let want: Vec<usize> = pushes
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (k, _))| k == key)
+                    .map(|(i, _)| i)
+                    .collect();
+                let got: Vec<usize> = rows.iter().map(|&(_, i)| i).collect();
+                prop_assert_eq!(&got, &want, "key {}: push order", key);
+                let waves_of: Vec<usize> = rows.iter().map(|&(w, _)| w).collect();
+                prop_assert_eq!(waves_of, (0..rows.len()).collect::<Vec<_>>());
+                total += rows.len();
+            }
+            prop_assert_eq!(total, pushes.len());
+        }
     }
 
     #[test]

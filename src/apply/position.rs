@@ -19,7 +19,7 @@ use super::stream::{parse_framed, StreamItem};
 use crate::config::KafkaConfig;
 use crate::lsn::Lsn;
 use crate::sink::kafka::node_stream::items_of;
-use crate::sink::kafka::producer::client_config;
+use crate::sink::kafka::producer::{client_config, dispose};
 
 /// How long to wait for the broker.
 pub(crate) const TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,7 +40,9 @@ pub fn watermarks(kafka: &KafkaConfig, topic: &str) -> Result<(i64, i64), KafkaE
         .set("group.id", "pgferry-watermarks")
         .set("enable.auto.commit", "false")
         .create()?;
-    consumer.fetch_watermarks(topic, 0, TIMEOUT)
+    let watermarks = consumer.fetch_watermarks(topic, 0, TIMEOUT);
+    dispose(consumer);
+    watermarks
 }
 
 /// The last commit record of `topic` before offset `end`: its offset and commit LSN. Reads
@@ -55,6 +57,16 @@ pub fn last_commit_before(
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "error")
         .create()?;
+    let found = last_commit_with(&consumer, topic, end);
+    dispose(consumer);
+    found
+}
+
+fn last_commit_with(
+    consumer: &BaseConsumer,
+    topic: &str,
+    end: i64,
+) -> Result<Option<(i64, Lsn)>, KafkaError> {
     let (low, _) = consumer.fetch_watermarks(topic, 0, TIMEOUT)?;
     let mut window = 1024;
     let mut to = end;
@@ -108,6 +120,17 @@ pub fn check(
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "error")
         .create()?;
+    let verdict = check_with(&consumer, topic, next, applied);
+    dispose(consumer);
+    verdict
+}
+
+fn check_with(
+    consumer: &BaseConsumer,
+    topic: &str,
+    next: i64,
+    applied: Lsn,
+) -> Result<Verdict, KafkaError> {
     let (low, high) = consumer.fetch_watermarks(topic, 0, TIMEOUT)?;
     tracing::debug!(topic, low, high, next, %applied, "checking the stored position");
     let verdict = |gap: Option<String>| Ok(Verdict { low, gap });

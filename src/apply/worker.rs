@@ -29,7 +29,7 @@ use super::dead_letters::StoredDeadLetter;
 use super::error::ApplyError;
 use super::multimaster;
 use super::params::json_to_text;
-use super::plan::{self, Batch, Coalescer, RowChange, RowWrite, StatementKind};
+use super::plan::{self, Coalescer, RowChange, RowWrite, StatementKind, Waves};
 use super::sql;
 use super::stream::{
     parse_framed, ChangeItem, Framer, RelationItem, RowImage, SkippedItem, Step, StreamItem,
@@ -53,9 +53,9 @@ mod lww_rows;
 const PIPELINE_DEPTH: usize = 512;
 /// Rows a set batch gathers before it is sent (a multi-row statement each group). 5,000 (the
 /// default `apply.batch_max_changes`) rather than 2,000: a same-session A/B of the
-/// multi-master catch-up gave 15–17k against 13–14k txn/s. A multi-master batch holds its row
-/// locks until the next source-commit boundary after it, so local writers of its keys wait
-/// for at most one such batch.
+/// multi-master catch-up gave 15–17k against 13–14k txn/s. Multi-master batches hold their
+/// row locks until the first source-commit boundary after this many keys were written in the
+/// target transaction, so local writers of those keys wait for at most that much work.
 const ROWS_PER_STATEMENT: usize = 5000;
 /// The lock timeout of every connection of a worker with lanes (see `Worker::open_lanes`).
 const LANE_LOCK_TIMEOUT: &str = "SET lock_timeout = '2s'";
@@ -134,7 +134,7 @@ struct Worker {
     /// not yet sent.
     rows: Coalescer,
     /// Multi-master: changes gathered to be decided and written together, not yet sent.
-    lww_rows: Batch<lww_rows::ProbeGroup, lww_rows::LwwRow>,
+    lww_rows: Waves<lww_rows::ProbeGroup, lww_rows::LwwRow>,
     /// Multi-master: the extra connections (`apply.lanes` - 1) that write a batch's keys in
     /// parallel with this worker's own; lane `i` is `lanes[i - 1]`.
     lanes: Vec<Arc<Client>>,
@@ -142,8 +142,8 @@ struct Worker {
     lane_open: Vec<bool>,
     /// Statements prepared on each extra lane.
     lane_statements: Vec<HashMap<StatementKey, Statement>>,
-    /// Multi-master: a batch was written since the target transaction began.
-    lww_rows_sent: bool,
+    /// Multi-master: keys written by set batches since the target transaction began.
+    lww_rows_sent: usize,
     /// Types of each target table's columns, by `schema.table`, for rendering values.
     column_types: HashMap<String, Vec<tokio_postgres::types::Type>>,
     /// Committed position: what the target durably holds.
@@ -316,11 +316,11 @@ async fn open(
         counters: HashMap::new(),
         statements: HashMap::new(),
         rows: Coalescer::default(),
-        lww_rows: Batch::default(),
+        lww_rows: Waves::default(),
         lanes: Vec::new(),
         lane_open: Vec::new(),
         lane_statements: Vec::new(),
-        lww_rows_sent: false,
+        lww_rows_sent: 0,
         column_types: HashMap::new(),
         committed,
         in_target_txn: false,
@@ -779,11 +779,13 @@ impl Worker {
                     offset,
                 });
                 // Versions travel with the changes (multi-master too), so several
-                // source transactions share one target transaction. In multi-master, a
-                // sent batch holds row locks that local writers wait for: commit at the
-                // first boundary after it, so no local write waits longer than a batch.
+                // source transactions share one target transaction. In multi-master, sent
+                // batches hold row locks that local writers wait for: commit at the first
+                // boundary after a batch's worth of keys was written, so no local write
+                // waits longer than that. (A batch may be sent before it is full, ahead of
+                // a change that goes alone.)
                 if self.batch_changes >= u64::from(self.settings.apply.batch_max_changes)
-                    || self.lww_rows_sent
+                    || self.lww_rows_sent >= ROWS_PER_STATEMENT
                 {
                     self.commit_batch(client, pending).await?;
                 }
@@ -857,7 +859,7 @@ impl Worker {
         self.lane_statements.iter_mut().for_each(HashMap::clear);
         self.in_target_txn = false;
         self.last_completed = None;
-        self.lww_rows_sent = false;
+        self.lww_rows_sent = 0;
         self.rows.clear();
         self.lww_rows.clear();
         if let Some(lww) = &mut self.lww {
@@ -981,7 +983,7 @@ impl Worker {
         self.in_target_txn = false;
         self.batch_changes = 0;
         self.batch_txns = 0;
-        self.lww_rows_sent = false;
+        self.lww_rows_sent = 0;
         if self.lww.is_some() || self.careful {
             self.confirm_commit(pending).await?;
             self.careful = false;

@@ -149,9 +149,6 @@ impl Worker {
         };
         let row_key = plan::row_key(&qualified, key.iter().map(Option::as_deref));
         let lane = plan::lane_of(&row_key, self.lanes.len() + 1);
-        if self.lww_rows.holds(&row_key) {
-            self.send_lww_rows(client, pending).await?;
-        }
         let group = ProbeGroup {
             schema: change.schema.clone(),
             table: change.table.clone(),
@@ -175,7 +172,7 @@ impl Worker {
         Ok(Ok(()))
     }
 
-    /// Decides and writes every change in the batch.
+    /// Decides and writes every change in the batch, wave by wave.
     pub(super) async fn send_lww_rows<'c>(
         &mut self,
         client: &'c Client,
@@ -188,31 +185,35 @@ impl Worker {
             .drain()
             .await
             .map_err(ApplyError::sql("applying changes"))?;
-        self.lww_rows_sent = true;
-        for (group, rows) in self.lww_rows.take() {
-            let qualified = format!("{}.{}", group.schema, group.table);
-            let names = (group.schema.as_str(), group.table.as_str());
-            let Some(table) = self.table(client, &qualified, names, false).await? else {
-                return Err(ApplyError::UnexpectedAnswer(format!(
-                    "table {qualified} disappeared from the target during a transaction"
-                )));
-            };
-            let mut remaining = if group.before.is_empty() {
-                rows
-            } else {
-                self.clean_updates(client, &qualified, &group, &table, rows)
-                    .await?
-            };
-            for _ in 0..MAX_ROUNDS {
-                if remaining.is_empty() {
-                    break;
+        self.lww_rows_sent += self.lww_rows.len();
+        // A wave's keys are settled (written, or decided and logged) before the next
+        // wave's changes of the same keys are looked at.
+        for wave in self.lww_rows.take() {
+            for (group, rows) in wave {
+                let qualified = format!("{}.{}", group.schema, group.table);
+                let names = (group.schema.as_str(), group.table.as_str());
+                let Some(table) = self.table(client, &qualified, names, false).await? else {
+                    return Err(ApplyError::UnexpectedAnswer(format!(
+                        "table {qualified} disappeared from the target during a transaction"
+                    )));
+                };
+                let mut remaining = if group.before.is_empty() {
+                    rows
+                } else {
+                    self.clean_updates(client, &qualified, &group, &table, rows)
+                        .await?
+                };
+                for _ in 0..MAX_ROUNDS {
+                    if remaining.is_empty() {
+                        break;
+                    }
+                    remaining = self
+                        .settle_round(client, pending, &qualified, &group, &table, remaining)
+                        .await?;
                 }
-                remaining = self
-                    .settle_round(client, pending, &qualified, &group, &table, remaining)
-                    .await?;
-            }
-            if !remaining.is_empty() {
-                return Err(ApplyError::Contention { table: qualified });
+                if !remaining.is_empty() {
+                    return Err(ApplyError::Contention { table: qualified });
+                }
             }
         }
         Ok(())
