@@ -932,10 +932,11 @@ impl Worker {
     }
 
     /// Stamps the origin, records progress and commits, all in the target transaction that
-    /// holds the data: the position after its last whole source transaction. Replica mode does not wait for the COMMIT's answer: it reads and sends the
-    /// next batch while the target executes and commits this one, and
-    /// [`Worker::confirm_commit`] takes the answer before the next COMMIT goes out (or before
-    /// the worker idles, rolls back or stops). Multi-master and careful replays wait here.
+    /// holds the data: the position after its last whole source transaction. Replica mode
+    /// does not wait for the COMMIT's answer: it reads and sends the next batch while the
+    /// target executes and commits this one, and [`Worker::confirm_commit`] takes the answer
+    /// before the next COMMIT goes out (or before the worker idles, rolls back or stops).
+    /// Multi-master and careful replays wait here.
     async fn commit_batch<'c>(
         &mut self,
         client: &'c Client,
@@ -966,9 +967,11 @@ impl Worker {
             client.execute(&origin, &[&lsn, &ts]).await
         }));
         let progress = self.commit_statements.progress.clone();
-        let lsn = done.commit_lsn.to_string();
+        let commit_lsn = done.commit_lsn.to_string();
         pending.send(Box::pin(async move {
-            client.execute(&progress, &[&node, &next, &lsn]).await
+            client
+                .execute(&progress, &[&node, &next, &commit_lsn])
+                .await
         }));
         pending.send(Box::pin(async move {
             client.batch_execute("COMMIT").await.map(|_| 0)
