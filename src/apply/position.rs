@@ -33,16 +33,29 @@ pub struct Verdict {
     pub gap: Option<String>,
 }
 
+/// Runs `f` with a consumer of its own, which is let go without waiting (see [`dispose`]). A
+/// group id (`group`) is needed to assign partitions; nothing joins the group or commits to
+/// it, and an offset no longer in the topic is an error, never a jump.
+fn with_consumer<T>(
+    kafka: &KafkaConfig,
+    group: &str,
+    f: impl FnOnce(&BaseConsumer) -> Result<T, KafkaError>,
+) -> Result<T, KafkaError> {
+    let consumer: BaseConsumer = client_config(kafka)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "error")
+        .create()?;
+    let result = f(&consumer);
+    dispose(consumer);
+    result
+}
+
 /// The low and high watermarks of `topic`'s only partition.
 pub fn watermarks(kafka: &KafkaConfig, topic: &str) -> Result<(i64, i64), KafkaError> {
-    // A group id is needed for a consumer; nothing joins the group or commits to it.
-    let consumer: BaseConsumer = client_config(kafka)
-        .set("group.id", "pgferry-watermarks")
-        .set("enable.auto.commit", "false")
-        .create()?;
-    let watermarks = consumer.fetch_watermarks(topic, 0, TIMEOUT);
-    dispose(consumer);
-    watermarks
+    with_consumer(kafka, "pgferry-watermarks", |c| {
+        c.fetch_watermarks(topic, 0, TIMEOUT)
+    })
 }
 
 /// The last commit record of `topic` before offset `end`: its offset and commit LSN. Reads
@@ -52,14 +65,9 @@ pub fn last_commit_before(
     topic: &str,
     end: i64,
 ) -> Result<Option<(i64, Lsn)>, KafkaError> {
-    let consumer: BaseConsumer = client_config(kafka)
-        .set("group.id", "pgferry-last-commit")
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "error")
-        .create()?;
-    let found = last_commit_with(&consumer, topic, end);
-    dispose(consumer);
-    found
+    with_consumer(kafka, "pgferry-last-commit", |c| {
+        last_commit_with(c, topic, end)
+    })
 }
 
 fn last_commit_with(
@@ -114,15 +122,9 @@ pub fn check(
     next: i64,
     applied: Lsn,
 ) -> Result<Verdict, KafkaError> {
-    // A group id is needed to assign partitions; nothing joins the group or commits to it.
-    let consumer: BaseConsumer = client_config(kafka)
-        .set("group.id", "pgferry-position-check")
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "error")
-        .create()?;
-    let verdict = check_with(&consumer, topic, next, applied);
-    dispose(consumer);
-    verdict
+    with_consumer(kafka, "pgferry-position-check", |c| {
+        check_with(c, topic, next, applied)
+    })
 }
 
 fn check_with(

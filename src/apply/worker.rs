@@ -958,6 +958,7 @@ impl Worker {
         // one's progress row would skip its records.
         self.confirm_commit(pending).await?;
         let lsn = done.commit_lsn.to_string();
+        let commit_lsn = lsn.clone();
         let ts = PgTimestamp::from_unix_micros(done.commit_ts_us).to_rfc3339();
         let next = (done.offset + 1).to_string();
         let node = self.settings.node.clone();
@@ -967,7 +968,6 @@ impl Worker {
             client.execute(&origin, &[&lsn, &ts]).await
         }));
         let progress = self.commit_statements.progress.clone();
-        let commit_lsn = done.commit_lsn.to_string();
         pending.send(Box::pin(async move {
             client
                 .execute(&progress, &[&node, &next, &commit_lsn])
