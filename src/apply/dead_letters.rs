@@ -218,6 +218,7 @@ pub async fn replay(config: &Config, selection: &Selection) -> Result<(String, u
                 target: target.clone(),
                 apply: apply.clone(),
                 kafka: config.kafka.clone(),
+                contention: Default::default(),
             };
             for (id, outcome) in worker::replay(settings, &letters).await? {
                 let _ = match outcome {

@@ -6,6 +6,7 @@
 //! value rendering ([`params`]); [`target`] and [`worker`] do the I/O.
 
 pub mod conflict;
+pub mod contention;
 pub mod dead_letters;
 pub mod error;
 pub mod join;

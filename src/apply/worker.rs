@@ -25,6 +25,7 @@ use serde_json::value::RawValue;
 use tokio_postgres::{Client, Statement};
 use tokio_util::sync::CancellationToken;
 
+use super::contention::Contention;
 use super::dead_letters::StoredDeadLetter;
 use super::error::ApplyError;
 use super::multimaster;
@@ -82,6 +83,8 @@ pub struct WorkerSettings {
     pub apply: ApplyConfig,
     /// `kafka:`.
     pub kafka: KafkaConfig,
+    /// Lock contention, shared by the workers of the same target.
+    pub contention: Arc<Contention>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -144,6 +147,9 @@ struct Worker {
     lane_statements: Vec<HashMap<StatementKey, Statement>>,
     /// Multi-master: keys written by set batches since the target transaction began.
     lww_rows_sent: usize,
+    /// Multi-master under lock contention: the open target transaction holds the target's
+    /// apply turn ([`Worker::take_turn`]).
+    turn_held: bool,
     /// Types of each target table's columns, by `schema.table`, for rendering values.
     column_types: HashMap<String, Vec<tokio_postgres::types::Type>>,
     /// Committed position: what the target durably holds.
@@ -321,6 +327,7 @@ async fn open(
         lane_open: Vec::new(),
         lane_statements: Vec::new(),
         lww_rows_sent: 0,
+        turn_held: false,
         column_types: HashMap::new(),
         committed,
         in_target_txn: false,
@@ -426,8 +433,15 @@ pub async fn run(
             Err(ApplyError::Sql { source, .. }) if is_lock_conflict(&source) => {
                 // A deadlock or serialisation failure with local writers or another worker:
                 // undo the open transaction and replay it from the committed position.
-                tracing::info!(node = %worker.settings.node, error = %source,
+                tracing::info!(node = %worker.settings.node, error = %ErrorChain(&source),
                                "lock conflict with a concurrent writer; replaying the transaction");
+                worker
+                    .metrics
+                    .apply_lock_conflicts
+                    .with_label_values(&[&worker.settings.node])
+                    .inc();
+                // The target's workers now take turns for a while.
+                worker.settings.contention.record(std::time::Instant::now());
                 worker.rollback(&client, &mut InFlight::default()).await?;
                 if !worker.lanes.is_empty() {
                     // Workers with lanes break their lock cycles by timeout, possibly several
@@ -860,6 +874,7 @@ impl Worker {
         self.in_target_txn = false;
         self.last_completed = None;
         self.lww_rows_sent = 0;
+        self.turn_held = false;
         self.rows.clear();
         self.lww_rows.clear();
         if let Some(lww) = &mut self.lww {
@@ -987,6 +1002,7 @@ impl Worker {
         self.batch_changes = 0;
         self.batch_txns = 0;
         self.lww_rows_sent = 0;
+        self.turn_held = false;
         if self.lww.is_some() || self.careful {
             self.confirm_commit(pending).await?;
             self.careful = false;
@@ -1517,6 +1533,8 @@ impl Worker {
             .drain()
             .await
             .map_err(ApplyError::sql("applying changes"))?;
+        // Outside the savepoint: rolling back to it would give the turn up.
+        self.take_turn(client).await?;
         client
             .batch_execute("SAVEPOINT pgferry_change")
             .await

@@ -57,6 +57,9 @@ pub struct Metrics {
     /// Records between the oldest the node stream keeps and the next one to apply, by source
     /// node: near 0, retention is about to delete records this target has not applied.
     pub apply_retention_headroom: IntGaugeVec,
+    /// Target transactions undone and replayed after a lock conflict (deadlock, serialization
+    /// failure, lock timeout), by source node.
+    pub apply_lock_conflicts: IntCounterVec,
     /// Seconds between the source commit and its apply commit, for the last batch.
     pub apply_lag_seconds: Gauge,
     /// Seconds from handing a message to the producer to Kafka's acknowledgement.
@@ -258,6 +261,13 @@ impl Metrics {
                 "pgferry_apply_retention_headroom_records",
                 "Records between the oldest kept in the node stream and the next to apply; \
                  near 0, retention is about to delete unapplied records.",
+                &["node"],
+            ),
+            apply_lock_conflicts: counter_vec(
+                r,
+                "pgferry_apply_lock_conflicts_total",
+                "Target transactions undone and replayed after a lock conflict (deadlock, \
+                 serialization failure or lock timeout) with local writers or other workers.",
                 &["node"],
             ),
             stage_restarts: counter_vec(

@@ -190,6 +190,29 @@ enum Written {
 }
 
 impl Worker {
+    /// Under lock contention ([`crate::apply::contention`]): waits for the target's apply
+    /// turn, an advisory lock held until the target transaction ends, before the transaction
+    /// writes its first row. Only one worker of the target writes at a time then, so no two
+    /// wait for each other's rows in a cycle. Called before every write of a multi-master
+    /// target transaction; a no-op once the turn is held, and while there is no contention.
+    pub(super) async fn take_turn(&mut self, client: &Client) -> Result<(), ApplyError> {
+        if self.turn_held
+            || self.lww.is_none()
+            || !self
+                .settings
+                .contention
+                .contended(std::time::Instant::now())
+        {
+            return Ok(());
+        }
+        client
+            .batch_execute(crate::apply::contention::APPLY_TURN)
+            .await
+            .map_err(ApplyError::sql("waiting for the target's apply turn"))?;
+        self.turn_held = true;
+        Ok(())
+    }
+
     /// Applies one change under last-writer-wins. `commit_ts_us`: its origin commit time,
     /// the version of changes that carry none.
     pub(super) async fn apply_change_lww<'c>(
@@ -305,6 +328,7 @@ impl Worker {
         // which find their versions stored and change nothing.)
         self.send_lww_rows(client, pending).await?;
         self.commit_lanes().await?;
+        self.take_turn(client).await?;
         // An insert of a key this node has never seen (no version at all) cannot conflict:
         // one statement stamps and writes it. Anything else goes the full way.
         let fresh_candidate = matches!(change.op, Op::Create | Op::Read)
