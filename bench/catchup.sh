@@ -12,7 +12,8 @@
 # its snapshot), then stopped (subscription disabled / pgferry stopped) while pgbench builds the
 # backlog. Each is then timed from restart until its pgbench_history row count equals the
 # master's: every transaction inserts one history row and both apply in commit order.
-# Prints both rates (transactions/s), the ratio pgferry / native, and pgferry's peak RSS.
+# Prints both rates (transactions/s), the ratio pgferry / native, pgferry's peak RSS and the CPU
+# time pgferry and the broker spent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -88,7 +89,9 @@ t1=$(now)
 native_secs=$(echo "$t1 - $t0" | bc -l)
 
 ferry_caught_up() { [[ "$(history_count "$dst" ferry)" == "$want" ]]; }
+broker_before=$(cpu_secs "$TANSU_PID")
 time_ferry_until "$WORK/pgferry.yaml" ferry_caught_up
+broker_cpu=$(echo "$(cpu_secs "$TANSU_PID") - $broker_before" | bc -l)
 ferry_secs=$FERRY_SECS
 rss=$FERRY_RSS
 cpu=$FERRY_CPU
@@ -97,6 +100,7 @@ printf '\ncatch-up benchmark (%s build): pgbench scale %d, %d transactions, %.1f
   "$PROFILE" "$SCALE" "$TXNS" "$(echo "$wal / 1048576" | bc -l)"
 printf '  native logical replication   %8.2f s  %8.0f txn/s\n' "$native_secs" "$(echo "$TXNS / $native_secs" | bc -l)"
 printf '  pgferry (via Kafka)          %8.2f s  %8.0f txn/s\n' "$ferry_secs" "$(echo "$TXNS / $ferry_secs" | bc -l)"
-printf '  ratio pgferry / native: %.3f   (pgferry peak RSS %s MB, %s CPU s)\n' \
-  "$(echo "$native_secs / $ferry_secs" | bc -l)" "$rss" "$cpu"
-printf 'result replica_catchup_ratio=%.3f replica_rss_mb=%s replica_cpu_s=%s\n' "$(echo "$native_secs / $ferry_secs" | bc -l)" "$rss" "$cpu"
+printf '  ratio pgferry / native: %.3f   (pgferry peak RSS %s MB, %s CPU s; the broker %.2f CPU s)\n' \
+  "$(echo "$native_secs / $ferry_secs" | bc -l)" "$rss" "$cpu" "$broker_cpu"
+printf 'result replica_catchup_ratio=%.3f replica_rss_mb=%s replica_cpu_s=%s broker_cpu_s=%.2f\n' \
+  "$(echo "$native_secs / $ferry_secs" | bc -l)" "$rss" "$cpu" "$broker_cpu"

@@ -217,7 +217,6 @@ psql_at "$n" postgres "CREATE DATABASE plain" >/dev/null
 pgbench_at "$n" plain -i -s "$SCALE" -q >/dev/null 2>&1
 tps() { pgbench_at "$1" "$2" -n -c "$CLIENTS" -j 2 -T "$SECS" -f "$WORK/update.sql" 2>/dev/null \
           | awk '/^tps = / {print $3; exit}'; }
-median() { sort -g | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
 plain_runs=(); mm_runs=()
 for ((r = 1; r <= ROUNDS; r++)); do
   plain_runs+=("$(tps "$n" plain)")

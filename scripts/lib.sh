@@ -48,15 +48,16 @@ CONF
   printf -v "PGPORT_$name" '%s' "$port"
 }
 
-# start_tansu: a tansu broker on a free port (BROKER_PORT), in memory unless TANSU_STORAGE
+# start_tansu: a tansu broker on a free port (BROKER_PORT, TANSU_PID), in memory unless TANSU_STORAGE
 # names another engine (e.g. s3://bucket/ with the AWS_* variables of a local S3 server).
 start_tansu() {
   BROKER_PORT=$(free_port)
   "$TANSU" broker --listener-url "tcp://127.0.0.1:$BROKER_PORT" \
     --advertised-listener-url "tcp://127.0.0.1:$BROKER_PORT" \
     --storage-engine "${TANSU_STORAGE:-memory://tansu/}" >"$WORK/tansu.log" 2>&1 &
-  disown $!
-  CLEANUP+=("kill -9 $!")
+  TANSU_PID=$!
+  disown "$TANSU_PID"
+  CLEANUP+=("kill -9 $TANSU_PID")
   for _ in $(seq 100); do
     (exec 3<>"/dev/tcp/127.0.0.1/$BROKER_PORT") 2>/dev/null && return 0
     sleep 0.1
@@ -161,6 +162,9 @@ bench_build() {
     cargo build --quiet --release; BIN="target/$PROFILE/pgferry"
   fi
 }
+
+# median: the median of the numbers on stdin, one per line.
+median() { sort -g | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
 
 # smoke_or SMOKE_VALUE FULL_VALUE: the value for this run's size (after bench_build).
 smoke_or() { if (( SMOKE )); then echo "$1"; else echo "$2"; fi; }
