@@ -173,34 +173,28 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         });
     }
     if let Some(apply) = &config.apply {
-        // The workers of one target share what they see of lock contention.
-        let mut contention: Vec<(&TargetConfig, Arc<Contention>)> = Vec::new();
-        for (node, target) in apply_workers(&config) {
-            let shared = match contention.iter().find(|(t, _)| std::ptr::eq(*t, target)) {
-                Some((_, c)) => c.clone(),
-                None => {
-                    let c = Arc::new(Contention::default());
-                    contention.push((target, c.clone()));
-                    c
-                }
-            };
-            let settings = WorkerSettings {
-                node: node.clone(),
-                local_node: config.node_id.clone(),
-                target: target.clone(),
-                apply: apply.clone(),
-                kafka: config.kafka.clone(),
-                contention: shared,
-            };
-            let component = worker::component_name(node, &target.url.display_target());
-            let sup = supervisor.clone();
-            stages.spawn(async move {
-                sup.run(&component, true, || {
-                    let (m, h, s) = sup.handles();
-                    worker::run(settings.clone(), m, h, s)
-                })
-                .await
-            });
+        for target in &apply.targets {
+            // The workers of one target share what they see of lock contention.
+            let contention = Arc::new(Contention::default());
+            for node in &apply.nodes {
+                let settings = WorkerSettings {
+                    node: node.clone(),
+                    local_node: config.node_id.clone(),
+                    target: target.clone(),
+                    apply: apply.clone(),
+                    kafka: config.kafka.clone(),
+                    contention: contention.clone(),
+                };
+                let component = worker::component_name(node, &target.url.display_target());
+                let sup = supervisor.clone();
+                stages.spawn(async move {
+                    sup.run(&component, true, || {
+                        let (m, h, s) = sup.handles();
+                        worker::run(settings.clone(), m, h, s)
+                    })
+                    .await
+                });
+            }
         }
     }
     if stages.is_empty() {

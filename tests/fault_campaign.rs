@@ -18,7 +18,10 @@ use std::time::{Duration, Instant};
 
 use common::broker::Broker;
 use common::ferry::{apply_config, Ferry};
-use common::mesh::{mesh, oracle, random_writes, read_kv, wait_converged, Budget, KV_DDL};
+use common::mesh::{
+    join_writers, mesh, oracle, random_writes, read_kv, spawn_writers, wait_converged, Budget,
+    KV_DDL,
+};
 use common::pg::PgCluster;
 
 /// The master → replica runs' broker: when `broker_restart` is among the fault kinds, one
@@ -268,26 +271,10 @@ async fn multi_master_survives_random_faults() {
         let broker = memory_broker();
         let mut nodes = mesh(&label, &clusters, KV_DDL, "", &broker.address()).await;
         let until = Instant::now() + Duration::from_secs(seconds());
-        let writers: Vec<_> = nodes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| {
-                tokio::spawn(random_writes(
-                    n.cluster,
-                    n.db.clone(),
-                    n.name.clone(),
-                    seed * 10 + i as u64,
-                    Budget::Until(until),
-                    KEYS,
-                ))
-            })
-            .collect();
+        let writers = spawn_writers(&nodes, seed * 10, Budget::Until(until), KEYS);
         let mut ferries: Vec<&mut Ferry> = nodes.iter_mut().map(|n| &mut n.ferry).collect();
         let faults = inject(seed, until, &mut ferries, &clusters, broker).await;
-        let mut writes = Vec::new();
-        for w in writers {
-            writes.extend(w.await.expect("writer"));
-        }
+        let writes = join_writers(writers).await;
         let expected = oracle(&writes);
         wait_converged(&nodes, &writes, Duration::from_secs(300)).await;
         assert!(

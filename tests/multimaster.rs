@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use common::broker::Broker;
 use common::mesh::{
-    mesh, oracle, random_writes, wait_all_equal, wait_converged, Budget, Committed, Node, KV_DDL,
+    join_writers, mesh, oracle, random_writes, spawn_writers, wait_all_equal, wait_converged,
+    Budget, Committed, Node, KV_DDL,
 };
 use common::pg::PgCluster;
 use common::wait_for;
@@ -62,17 +63,7 @@ async fn randomized(
     if disturbance == Disturbance::Offline {
         nodes[2].stop();
     }
-    let mut writers = Vec::new();
-    for (i, node) in nodes.iter().enumerate() {
-        writers.push(tokio::spawn(random_writes(
-            node.cluster,
-            node.db.clone(),
-            node.name.clone(),
-            seed * 10 + i as u64,
-            Budget::Ops(OPS_PER_NODE),
-            KEYS,
-        )));
-    }
+    let writers = spawn_writers(&nodes, seed * 10, Budget::Ops(OPS_PER_NODE), KEYS);
     if disturbance == Disturbance::Kill9 {
         for _ in 0..2 {
             tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -93,10 +84,7 @@ async fn randomized(
         );
         clusters[1].set_clock_offset("-5");
     }
-    let mut writes = Vec::new();
-    for w in writers {
-        writes.extend(w.await.expect("writer"));
-    }
+    let writes = join_writers(writers).await;
     if disturbance == Disturbance::Offline {
         // Everyone else keeps going (and converges without it) while it is away.
         tokio::time::sleep(Duration::from_secs(5)).await;
@@ -543,17 +531,7 @@ async fn a_fourth_node_joins_under_traffic() {
     )
     .await;
     let until = std::time::Instant::now() + Duration::from_secs(14);
-    let mut writers = Vec::new();
-    for (i, node) in nodes.iter().enumerate() {
-        writers.push(tokio::spawn(random_writes(
-            node.cluster,
-            node.db.clone(),
-            node.name.clone(),
-            70 + i as u64,
-            Budget::Until(until),
-            KEYS,
-        )));
-    }
+    let mut writers = spawn_writers(&nodes, 70, Budget::Until(until), KEYS);
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // The new node: an empty database with the schema, seeded by `pgferry join`.
@@ -627,10 +605,7 @@ async fn a_fourth_node_joins_under_traffic() {
         node.ferry.wait_ready().await;
     }
     nodes.push(joined);
-    let mut writes = Vec::new();
-    for w in writers {
-        writes.extend(w.await.expect("writer"));
-    }
+    let writes = join_writers(writers).await;
     let on_new = writes.iter().filter(|w| w.node == new_name).count();
     eprintln!(
         "{label}: {} committed writes, {on_new} on the new node",
@@ -675,17 +650,7 @@ async fn hot_keys_from_several_peers_do_not_deadlock_the_workers() {
     // the others write, and comes back while they still do.
     nodes[3].stop();
     let until = std::time::Instant::now() + Duration::from_secs(12);
-    let mut writers = Vec::new();
-    for (i, node) in nodes.iter().enumerate().take(3) {
-        writers.push(tokio::spawn(random_writes(
-            node.cluster,
-            node.db.clone(),
-            node.name.clone(),
-            90 + i as u64,
-            Budget::Until(until),
-            KEYS,
-        )));
-    }
+    let writers = spawn_writers(&nodes[..3], 90, Budget::Until(until), KEYS);
     tokio::time::sleep(Duration::from_secs(3)).await;
     nodes[3].ferry.restart();
     let local = tokio::spawn(random_writes(
@@ -696,10 +661,7 @@ async fn hot_keys_from_several_peers_do_not_deadlock_the_workers() {
         Budget::Until(until),
         KEYS,
     ));
-    let mut writes = Vec::new();
-    for w in writers {
-        writes.extend(w.await.expect("writer"));
-    }
+    let mut writes = join_writers(writers).await;
     let local = local.await.expect("local writer");
     let on_returning = local.len();
     writes.extend(local);

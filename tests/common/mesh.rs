@@ -266,6 +266,38 @@ pub async fn random_writes(
     done
 }
 
+/// A [`random_writes`] writer on each of `nodes`, node `i` seeded `seed + i`.
+pub fn spawn_writers(
+    nodes: &[Node],
+    seed: u64,
+    budget: Budget,
+    keys: u64,
+) -> Vec<tokio::task::JoinHandle<Vec<Committed>>> {
+    nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| {
+            tokio::spawn(random_writes(
+                node.cluster,
+                node.db.clone(),
+                node.name.clone(),
+                seed + i as u64,
+                budget,
+                keys,
+            ))
+        })
+        .collect()
+}
+
+/// Every write the writers committed, once they are all done.
+pub async fn join_writers(writers: Vec<tokio::task::JoinHandle<Vec<Committed>>>) -> Vec<Committed> {
+    let mut writes = Vec::new();
+    for w in writers {
+        writes.extend(w.await.expect("writer"));
+    }
+    writes
+}
+
 /// The last-writer-wins outcome: per key, the write with the greatest version `(t, node)`,
 /// node ids compared bytewise. Versions are what each node stamped (`max(clock, previous
 /// version of the key + 1)`), not commit timestamps.

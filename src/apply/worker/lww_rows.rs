@@ -185,12 +185,11 @@ impl Worker {
             .drain()
             .await
             .map_err(ApplyError::sql("applying changes"))?;
-        self.lww_rows_sent += self.lww_rows.len();
-        let waves = self.lww_rows.take();
         self.take_turn(client).await?;
+        self.lww_rows_sent += self.lww_rows.len();
         // A wave's keys are settled (written, or decided and logged) before the next
         // wave's changes of the same keys are looked at.
-        for wave in waves {
+        for wave in self.lww_rows.take() {
             for (group, rows) in wave {
                 let qualified = format!("{}.{}", group.schema, group.table);
                 let names = (group.schema.as_str(), group.table.as_str());
