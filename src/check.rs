@@ -7,9 +7,9 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio_postgres::Client;
 
 use crate::config::{ApplyConfig, ApplyMode, Config, KafkaConfig, SourceConfig, TargetConfig};
-use crate::sink::kafka::producer::client_config;
+use crate::kafka::{client_config, LastError};
+use crate::pg::replication::ReplicationConnection;
 use crate::source::catalog;
-use crate::source::replication::ReplicationConnection;
 
 /// One thing that would stop pgferry from working.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,7 +50,7 @@ pub async fn run(config: &Config) -> Vec<Problem> {
 
 async fn check_source(config: &Config, source: &SourceConfig, problems: &mut Vec<Problem>) {
     let target = source.url.display_target();
-    let client = match catalog::connect(source.url.config(), "pgferry-check").await {
+    let client = match crate::pg::connect(&source.url, "pgferry-check").await {
         Ok(c) => c,
         Err(e) => {
             problems.push(problem(
@@ -58,7 +58,7 @@ async fn check_source(config: &Config, source: &SourceConfig, problems: &mut Vec
                     "cannot connect to source {target}: {}",
                     crate::error::ErrorChain(&e)
                 ),
-                "check source.url, the password and pg_hba.conf",
+                "check source.url (host, sslmode, sslrootcert, sslcert), the password and pg_hba.conf",
             ));
             return;
         }
@@ -81,18 +81,24 @@ async fn check_source(config: &Config, source: &SourceConfig, problems: &mut Vec
             "grant the pgferry role read access to pg_catalog (the default)",
         ));
     }
-    match ReplicationConnection::connect(source.url.config(), "pgferry-check").await {
+    match ReplicationConnection::connect(&source.url, "pgferry-check").await {
         Ok(mut repl) => {
             if let Err(e) = repl.simple_query("IDENTIFY_SYSTEM").await {
                 problems.push(problem(
-                    format!("replication connection to {target} refused IDENTIFY_SYSTEM: {e}"),
+                    format!(
+                        "replication connection to {target} refused IDENTIFY_SYSTEM: {}",
+                        crate::error::ErrorChain(&e)
+                    ),
                     "give the role REPLICATION and allow it in pg_hba.conf",
                 ));
             }
             repl.terminate().await;
         }
         Err(e) => problems.push(problem(
-            format!("cannot open a replication connection to {target}: {e}"),
+            format!(
+                "cannot open a replication connection to {target}: {}",
+                crate::error::ErrorChain(&e)
+            ),
             "allow `host <db> <user> <addr> scram-sha-256` for the pgferry role in pg_hba.conf \
              (replication=database connections match the database name), and grant REPLICATION",
         )),
@@ -362,7 +368,7 @@ async fn check_target(
     problems: &mut Vec<Problem>,
 ) {
     let name = target.url.display_target();
-    let client = match catalog::connect(target.url.config(), "pgferry-check").await {
+    let client = match crate::pg::connect(&target.url, "pgferry-check").await {
         Ok(c) => c,
         Err(e) => {
             problems.push(problem(
@@ -370,7 +376,7 @@ async fn check_target(
                     "cannot connect to apply target {name}: {}",
                     crate::error::ErrorChain(&e)
                 ),
-                "check apply.targets[].url, the password and pg_hba.conf",
+                "check apply.targets[].url (host, sslmode, sslrootcert, sslcert), the password and pg_hba.conf",
             ));
             return;
         }
@@ -487,10 +493,11 @@ fn backlog(
 ) -> Result<Backlog, rdkafka::error::KafkaError> {
     use rdkafka::message::Message;
     // A group id is needed to assign partitions; nothing joins the group or commits to it.
-    let consumer: BaseConsumer = client_config(kafka)
-        .set("group.id", "pgferry-check")
-        .set("enable.auto.commit", "false")
-        .create()?;
+    let consumer: BaseConsumer = crate::kafka::create(
+        client_config(kafka)
+            .set("group.id", "pgferry-check")
+            .set("enable.auto.commit", "false"),
+    )?;
     let (low, high) = consumer.fetch_watermarks(topic, 0, Duration::from_secs(10))?;
     let mut oldest_unapplied_age = None;
     if next < high && next >= low {
@@ -515,7 +522,8 @@ fn backlog(
 fn topic_retention(kafka: &KafkaConfig, topic: &str) -> Option<Duration> {
     use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
     use rdkafka::client::DefaultClientContext;
-    let admin: AdminClient<DefaultClientContext> = client_config(kafka).create().ok()?;
+    let admin: AdminClient<DefaultClientContext> =
+        crate::kafka::create(&client_config(kafka)).ok()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -539,20 +547,30 @@ fn topic_retention(kafka: &KafkaConfig, topic: &str) -> Option<Duration> {
 async fn check_broker(config: &Config, problems: &mut Vec<Problem>) {
     let kafka = config.kafka.clone();
     let result = tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = client_config(&kafka).create()?;
-        consumer
-            .fetch_metadata(None, Duration::from_secs(10))
-            .map(|m| m.brokers().len())
+        let consumer: BaseConsumer<LastError> =
+            crate::kafka::create_with_context(&client_config(&kafka), LastError::default())?;
+        let fetched = consumer.fetch_metadata(None, Duration::from_secs(10));
+        // librdkafka reports why (TLS, SASL) through the error callback, served by poll.
+        let reason = fetched.is_err().then(|| {
+            let _ = consumer.poll(Duration::from_millis(200));
+            consumer.context().reason()
+        });
+        Ok::<_, rdkafka::error::KafkaError>((fetched.map(|m| m.brokers().len()), reason.flatten()))
     })
     .await;
     match result {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => problems.push(problem(
+        Ok(Ok((Ok(_), _))) => {}
+        Ok(Ok((Err(e), reason))) => problems.push(problem(
             format!(
-                "Kafka brokers {} are not reachable: {e}",
-                config.kafka.brokers
+                "Kafka brokers {} are not reachable: {e}{}",
+                config.kafka.brokers,
+                reason.map(|r| format!(" ({r})")).unwrap_or_default()
             ),
-            "check kafka.brokers and kafka.properties (security.protocol, sasl.*)",
+            "check kafka.brokers and kafka.properties (security.protocol, ssl.*, sasl.*)",
+        )),
+        Ok(Err(e)) => problems.push(problem(
+            format!("cannot create a Kafka client: {e}"),
+            "check kafka.properties",
         )),
         Err(e) => problems.push(problem(
             format!("broker check did not finish: {e}"),

@@ -37,6 +37,10 @@ pub mod config;
 #[cfg(feature = "runtime")]
 pub mod error;
 #[cfg(feature = "runtime")]
+pub mod kafka;
+#[cfg(feature = "runtime")]
+pub mod pg;
+#[cfg(feature = "runtime")]
 pub mod status;
 #[cfg(feature = "runtime")]
 pub mod tail;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use pgferry::config::redact;
 
 /// Change-data-capture sidecar: PostgreSQL logical replication -> Kafka.
 #[derive(Parser)]
@@ -156,9 +157,12 @@ async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Check { config } => {
             let config = load(&config)?;
+            // librdkafka's own warnings (a failed SASL handshake, a TLS error) explain the
+            // problems check reports; they go to stderr, redacted like every log line.
+            pgferry::telemetry::init_logging(&config.log);
             let problems = pgferry::check::run(&config).await;
             for p in &problems {
-                println!("{p}");
+                println!("{}", redact(&p.to_string()));
             }
             if problems.is_empty() {
                 println!("ready: config valid, source and broker checks passed");
@@ -192,7 +196,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Status { config } => {
             let config = load(&config)?;
-            print!("{}", pgferry::status::report(&config).await);
+            print!("{}", redact(&pgferry::status::report(&config).await));
             Ok(ExitCode::SUCCESS)
         }
         Command::DeadLetters { action } => {
@@ -205,13 +209,16 @@ async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
                         table,
                         include_resolved: all,
                     };
-                    print!("{}", dead_letters::list(&config, &selection).await?);
+                    print!(
+                        "{}",
+                        redact(&dead_letters::list(&config, &selection).await?)
+                    );
                     Ok(ExitCode::SUCCESS)
                 }
                 DeadLetterAction::Replay { config, which } => {
                     let config = load(&config)?;
                     let (text, failed) = dead_letters::replay(&config, &which.selection()).await?;
-                    print!("{text}");
+                    print!("{}", redact(&text));
                     // Exit 1 when a letter could not be replayed, so scripts notice.
                     Ok(if failed > 0 {
                         ExitCode::FAILURE
@@ -278,7 +285,8 @@ fn main() -> ExitCode {
     match runtime.block_on(try_main(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", pgferry::error::ErrorChain(e.as_ref()));
+            let chain = pgferry::error::ErrorChain(e.as_ref()).to_string();
+            eprintln!("error: {}", redact(&chain));
             ExitCode::from(2)
         }
     }

@@ -9,7 +9,6 @@ use std::fmt::Write as _;
 use tokio_postgres::Client;
 
 use crate::config::{Config, TargetConfig};
-use crate::source::catalog;
 
 /// Renders the status report. Unreachable databases are reported in the text, not as errors.
 pub async fn report(config: &Config) -> String {
@@ -22,7 +21,7 @@ pub async fn report(config: &Config) -> String {
             "\nsource {} (slot {slot})",
             source.url.display_target()
         );
-        match catalog::connect(source.url.config(), "pgferry-status").await {
+        match crate::pg::connect(&source.url, "pgferry-status").await {
             Ok(client) => match slot_status(&client, &slot).await {
                 Ok(text) => out.push_str(&text),
                 Err(e) => {
@@ -77,7 +76,7 @@ async fn slot_status(client: &Client, slot: &str) -> Result<String, tokio_postgr
 
 async fn target_status(target: &TargetConfig) -> String {
     let mut out = format!("\ntarget {}\n", target.url.display_target());
-    let client = match catalog::connect(target.url.config(), "pgferry-status").await {
+    let client = match crate::pg::connect(&target.url, "pgferry-status").await {
         Ok(c) => c,
         Err(e) => {
             let _ = writeln!(out, "  unreachable: {}", crate::error::ErrorChain(&e));

@@ -12,7 +12,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
-use crate::sink::kafka::producer::client_config;
+use crate::kafka::client_config;
 
 /// What to print.
 #[derive(Debug, Clone)]
@@ -27,10 +27,11 @@ pub struct TailOptions {
 
 /// Prints `topic <TAB> key <TAB> value` lines until stopped by the options or Ctrl-C.
 pub fn run(kafka: &KafkaConfig, options: &TailOptions) -> Result<(), KafkaError> {
-    let consumer: BaseConsumer = client_config(kafka)
-        .set("group.id", "pgferry-tail")
-        .set("enable.auto.commit", "false")
-        .create()?;
+    let consumer: BaseConsumer = crate::kafka::create(
+        client_config(kafka)
+            .set("group.id", "pgferry-tail")
+            .set("enable.auto.commit", "false"),
+    )?;
     let prefix = format!("{}.", kafka.topic_prefix);
     let mut assigned: HashSet<(String, i32)> = HashSet::new();
     let mut list = TopicPartitionList::new();

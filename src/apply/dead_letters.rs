@@ -116,7 +116,7 @@ pub async fn read(
 }
 
 async fn connect(target: &TargetConfig) -> Result<Client, ApplyError> {
-    crate::source::catalog::connect(target.url.config(), "pgferry-dead-letters")
+    crate::pg::connect(&target.url, "pgferry-dead-letters")
         .await
         .map_err(ApplyError::sql("connecting to the target"))
 }

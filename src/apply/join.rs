@@ -26,9 +26,8 @@ use crate::apply::multimaster;
 use crate::apply::target;
 use crate::config::{ApplyMode, Config, SnapshotMode};
 use crate::lsn::Lsn;
+use crate::pg::replication::ReplicationConnection;
 use crate::sink::kafka::node_stream::node_stream_topic;
-use crate::source::catalog;
-use crate::source::replication::ReplicationConnection;
 use crate::sql::{qualified, quote_ident};
 
 /// Why a join could not be done.
@@ -48,7 +47,7 @@ pub enum JoinError {
     },
     /// The replication connection to the peer failed.
     #[error("replication connection to the peer")]
-    Replication(#[source] crate::source::replication::ReplicationError),
+    Replication(#[source] crate::pg::replication::ReplicationError),
     /// Kafka could not say where the peer's stream ends.
     #[error("reading the end of {topic}")]
     Kafka {
@@ -106,13 +105,13 @@ pub async fn join(config: &Config, peer: &str, peer_url: &str) -> Result<Joined,
                 .into(),
         ));
     }
-    let peer_config: tokio_postgres::Config = peer_url
+    let peer_url: crate::config::PgUrl = peer_url
         .parse()
-        .map_err(|e: tokio_postgres::Error| JoinError::Refused(format!("--peer-url: {e}")))?;
-    let local = catalog::connect(apply.targets[0].url.config(), "pgferry-join")
+        .map_err(|e: crate::config::PgUrlError| JoinError::Refused(format!("--peer-url: {e}")))?;
+    let local = crate::pg::connect(&apply.targets[0].url, "pgferry-join")
         .await
         .map_err(sql("connecting to this node's database"))?;
-    let source = catalog::connect(&peer_config, "pgferry-join-read")
+    let source = crate::pg::connect(&peer_url, "pgferry-join-read")
         .await
         .map_err(sql("connecting to the peer's database"))?;
 
@@ -168,7 +167,7 @@ pub async fn join(config: &Config, peer: &str, peer_url: &str) -> Result<Joined,
     let (peer_offset, peer_lsn) = start.map_or((0, Lsn::ZERO), |(o, lsn)| (o + 1, lsn));
 
     // 2. A temporary slot with an exported snapshot.
-    let mut repl = ReplicationConnection::connect(&peer_config, "pgferry-join")
+    let mut repl = ReplicationConnection::connect(&peer_url, "pgferry-join")
         .await
         .map_err(JoinError::Replication)?;
     let slot = format!("pgferry_join_{}", std::process::id());

@@ -600,7 +600,7 @@ pub async fn setup(
     published: &[String],
     only: &[String],
 ) -> Result<(), ApplyError> {
-    let client = crate::source::catalog::connect(target.url.config(), "pgferry-setup")
+    let client = crate::pg::connect(&target.url, "pgferry-setup")
         .await
         .map_err(ApplyError::sql("connecting to the multi-master database"))?;
     let (prepared, keyless) = prepare_node(&client, node, only).await.map_err(ApplyError::sql(
@@ -629,7 +629,7 @@ pub async fn maintain(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<(), ApplyError> {
-    let client = crate::source::catalog::connect(target.url.config(), "pgferry-maintenance")
+    let client = crate::pg::connect(&target.url, "pgferry-maintenance")
         .await
         .map_err(ApplyError::sql("connecting for multi-master maintenance"))?;
     loop {

@@ -17,9 +17,9 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::stream::{parse_framed, StreamItem};
 use crate::config::KafkaConfig;
+use crate::kafka::{client_config, dispose};
 use crate::lsn::Lsn;
 use crate::sink::kafka::node_stream::items_of;
-use crate::sink::kafka::producer::{client_config, dispose};
 
 /// How long to wait for the broker.
 pub(crate) const TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,11 +41,12 @@ fn with_consumer<T>(
     group: &str,
     f: impl FnOnce(&BaseConsumer) -> Result<T, KafkaError>,
 ) -> Result<T, KafkaError> {
-    let consumer: BaseConsumer = client_config(kafka)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "error")
-        .create()?;
+    let consumer: BaseConsumer = crate::kafka::create(
+        client_config(kafka)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "error"),
+    )?;
     let result = f(&consumer);
     dispose(consumer);
     result

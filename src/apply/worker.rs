@@ -39,11 +39,11 @@ use super::target::{self, param_kind, TargetTable, TextParam};
 use crate::config::{ApplyConfig, ApplyMode, KafkaConfig, OnPoison, TargetConfig};
 use crate::error::ErrorChain;
 use crate::event::Op;
+use crate::kafka::{client_config, create_topics, set_default};
 use crate::lsn::Lsn;
 use crate::pgtime::PgTimestamp;
 use crate::sink::kafka::dead_letter::{self, DeadLetter};
 use crate::sink::kafka::node_stream::{items_of, node_stream_topic};
-use crate::sink::kafka::producer::{client_config, create_topics, set_default};
 use crate::telemetry::{Health, Metrics};
 
 mod horizon;
@@ -267,7 +267,7 @@ async fn open(
     origin: &str,
 ) -> Result<(Worker, Client), ApplyError> {
     let app_name = format!("pgferry-apply-{}", settings.node);
-    let client = crate::source::catalog::connect(settings.target.url.config(), &app_name)
+    let client = crate::pg::connect(&settings.target.url, &app_name)
         .await
         .map_err(ApplyError::sql("connecting to the target"))?;
     target::prepare_session(&client, &settings.node, origin)
@@ -301,11 +301,12 @@ async fn open(
             .await
             .map_err(ApplyError::sql("preparing the commit statements"))?,
     };
-    let dead_letters: FutureProducer = client_config(&settings.kafka)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .create()
-        .map_err(ApplyError::Kafka)?;
+    let dead_letters: FutureProducer = crate::kafka::create(
+        client_config(&settings.kafka)
+            .set("enable.idempotence", "true")
+            .set("acks", "all"),
+    )
+    .map_err(ApplyError::Kafka)?;
     let dead_letter_topic = settings
         .apply
         .dead_letter_topic
@@ -379,14 +380,14 @@ pub async fn run(
     // waiting fetch as soon as records arrive make this free; others add up to this much
     // latency per record.
     set_default(&mut consumer_config, kafka, "fetch.wait.max.ms", "50");
-    let consumer: StreamConsumer = consumer_config
+    consumer_config
         .set("group.id", format!("pgferry-apply-{}", settings.node))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         // An offset that is no longer in the topic is an error, never a jump to either end.
-        .set("auto.offset.reset", "error")
-        .create()
-        .map_err(ApplyError::Kafka)?;
+        .set("auto.offset.reset", "error");
+    let consumer: StreamConsumer =
+        crate::kafka::create(&consumer_config).map_err(ApplyError::Kafka)?;
     // The target applied from this topic, so it exists (if it does not, the position check
     // reports the gap): fetching, creating the dead-letter topic and checking the position
     // overlap, each a fresh broker round trip. Nothing is applied before the check passes.
@@ -515,10 +516,9 @@ impl Worker {
             .map_err(ApplyError::sql("setting the lock timeout"))?;
         let app_name = format!("pgferry-apply-{}", self.settings.node);
         for i in 1..usize::from(self.settings.apply.lanes) {
-            let client =
-                crate::source::catalog::connect(self.settings.target.url.config(), &app_name)
-                    .await
-                    .map_err(ApplyError::sql("connecting an apply lane to the target"))?;
+            let client = crate::pg::connect(&self.settings.target.url, &app_name)
+                .await
+                .map_err(ApplyError::sql("connecting an apply lane to the target"))?;
             let lane_origin = crate::naming::lane_origin_name(origin, i);
             target::prepare_session(&client, &self.settings.node, &lane_origin)
                 .await

@@ -82,6 +82,7 @@ pub fn load_from_str(
             message,
         )
     })?;
+    config.register_secrets();
     config.validate()?;
     config.resolve_secrets()?;
     Ok(config)

@@ -6,6 +6,7 @@
 
 mod de;
 mod load;
+mod pg_tls;
 mod secret;
 mod source_url;
 
@@ -18,8 +19,9 @@ use serde::Deserialize;
 
 pub use de::parse_duration;
 pub use load::{load, load_from_str, ConfigError};
-pub use secret::Secret;
-pub use source_url::PgUrl;
+pub use pg_tls::{PgTls, RootCert, SslMode};
+pub use secret::{redact, register as register_secret, Secret};
+pub use source_url::{PgUrl, PgUrlError};
 
 /// Default replication slot name prefix; the full default is `pgferry_<node_id>`.
 pub const DEFAULT_PUBLICATION: &str = "pgferry";
@@ -408,9 +410,14 @@ pub const DEFAULT_BATCH_MAX_CHANGES: u32 = 5_000;
 #[serde(transparent)]
 pub struct PropertyValue(#[serde(deserialize_with = "de::string")] pub String);
 
-/// True for librdkafka property names whose values are credentials.
+/// True for librdkafka property names whose values are credentials, or may be: names
+/// containing `password`, `secret`, `key`, `token` or `sasl.jaas`, and inline PEM
+/// (`*.pem`). `ssl.key.location` is only a path, but it is hidden too rather than guessed at.
 pub fn is_secret_property(name: &str) -> bool {
-    name.contains("password") || name.contains("secret") || name.ends_with(".pem")
+    ["password", "secret", "key", "token", "sasl.jaas"]
+        .iter()
+        .any(|word| name.contains(word))
+        || name.ends_with(".pem")
 }
 
 impl fmt::Debug for KafkaConfig {

@@ -1,4 +1,5 @@
-//! The source connection URL, parsed once by tokio-postgres and never printed with its password.
+//! A PostgreSQL connection string (source or target), parsed once (TLS parameters by
+//! [`super::pg_tls`], the rest by tokio-postgres) and never printed with its password.
 
 use std::fmt;
 use std::str::FromStr;
@@ -6,16 +7,24 @@ use std::str::FromStr;
 use serde::{Deserialize, Deserializer};
 use tokio_postgres::config::Host;
 
+use super::pg_tls::{self, PgTls, SslMode};
+
 /// A parsed libpq-style connection string (URL or `key=value` form).
 #[derive(Clone)]
 pub struct PgUrl {
     config: tokio_postgres::Config,
+    tls: PgTls,
 }
 
 impl PgUrl {
     /// The parsed connection settings, including any password.
     pub fn config(&self) -> &tokio_postgres::Config {
         &self.config
+    }
+
+    /// `sslmode` and the certificate files.
+    pub fn tls(&self) -> &PgTls {
+        &self.tls
     }
 
     /// Replaces the password (from `password`, `password_file` or the environment).
@@ -50,20 +59,40 @@ impl fmt::Debug for PgUrl {
     }
 }
 
+/// Why a connection string was refused; neither variant's message echoes the string.
+#[derive(Debug, thiserror::Error)]
+pub enum PgUrlError {
+    /// A TLS parameter is wrong.
+    #[error(transparent)]
+    Tls(#[from] pg_tls::TlsParamError),
+    /// tokio-postgres refused the rest.
+    #[error(transparent)]
+    Parse(#[from] tokio_postgres::Error),
+}
+
 impl FromStr for PgUrl {
-    type Err = tokio_postgres::Error;
+    type Err = PgUrlError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(PgUrl {
-            config: tokio_postgres::Config::from_str(s)?,
-        })
+        let (rest, tls) = pg_tls::split(s)?;
+        let mut config = tokio_postgres::Config::from_str(&rest)?;
+        // tokio-postgres's own mode only decides whether to ask for TLS; what to check is
+        // crate::pg::tls's business. `allow` starts plain (crate::pg retries with TLS).
+        config.ssl_mode(match tls.mode {
+            SslMode::Disable | SslMode::Allow => tokio_postgres::config::SslMode::Disable,
+            SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+                tokio_postgres::config::SslMode::Require
+            }
+        });
+        Ok(PgUrl { config, tls })
     }
 }
 
 impl<'de> Deserialize<'de> for PgUrl {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = super::de::string(d)?;
-        // The parser's message does not echo the input, so no password can leak through it.
+        // Neither parser's message echoes the input, so no password can leak through it.
         text.parse().map_err(|e| {
             serde::de::Error::custom(format_args!(
                 "not a PostgreSQL connection URL (postgres://user@host:port/db): {e}"

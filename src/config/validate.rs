@@ -263,6 +263,39 @@ impl Config {
     }
 }
 
+impl Config {
+    /// Registers every secret value for [`super::redact`]; runs before validation, so that
+    /// not even an error about the rest of the config can print one.
+    pub(super) fn register_secrets(&self) {
+        let register = super::register_secret;
+        let urls = self
+            .source
+            .iter()
+            .map(|s| (&s.url, s.password.as_ref()))
+            .chain(
+                self.apply
+                    .iter()
+                    .flat_map(|a| a.targets.iter().map(|t| (&t.url, t.password.as_ref()))),
+            );
+        for (url, password) in urls {
+            if let Some(p) = url.config().get_password() {
+                register(&String::from_utf8_lossy(p));
+            }
+            if let Some(p) = &url.tls().key_password {
+                register(p.expose());
+            }
+            if let Some(p) = password {
+                register(p.expose());
+            }
+        }
+        for (name, value) in &self.kafka.properties {
+            if super::is_secret_property(name) {
+                register(&value.0);
+            }
+        }
+    }
+}
+
 /// Moves a password from the config or a file into the connection settings.
 fn resolve_password(
     url: &mut super::PgUrl,
@@ -276,7 +309,9 @@ fn resolve_password(
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigError::invalid(file_key, format!("cannot read {}: {e}", path.display()))
         })?;
-        url.set_password(text.trim_end_matches(['\n', '\r']));
+        let password = text.trim_end_matches(['\n', '\r']);
+        super::register_secret(password);
+        url.set_password(password);
     }
     Ok(())
 }

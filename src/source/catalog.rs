@@ -8,9 +8,8 @@
 
 use std::collections::HashMap;
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
-use super::replication::session_options;
 use crate::lsn::Lsn;
 use crate::sql::{qualified, quote_ident};
 use crate::value::{builtin, PgType, TypeRegistry};
@@ -31,24 +30,6 @@ pub struct SlotInfo {
     pub invalidation: Option<String>,
     /// Whether it is a failover slot (`None` before PostgreSQL 17).
     pub failover: Option<bool>,
-}
-
-/// Opens a SQL session with the same pinned settings as the replication session.
-pub async fn connect(
-    config: &tokio_postgres::Config,
-    application_name: &str,
-) -> Result<Client, tokio_postgres::Error> {
-    let mut config = config.clone();
-    let options = session_options(config.get_options());
-    config.options(&options);
-    config.application_name(application_name);
-    let (client, connection) = config.connect(NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(%error, "source SQL connection closed");
-        }
-    });
-    Ok(client)
 }
 
 /// Creates the publication when missing: FOR ALL TABLES, or FOR TABLE the configured list.

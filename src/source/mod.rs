@@ -12,6 +12,4 @@ pub mod capture;
 #[cfg(feature = "runtime")]
 pub mod catalog;
 #[cfg(feature = "runtime")]
-pub mod replication;
-#[cfg(feature = "runtime")]
 pub mod snapshot;

@@ -62,6 +62,13 @@ pub struct Broker {
     storage: Storage,
     log: std::path::PathBuf,
     child: Mutex<Child>,
+    /// Where clients are told to connect (this broker's port unless a TLS terminator is in
+    /// front of it).
+    advertised: String,
+    /// tansu's `--authentication` (SASL required).
+    authentication: bool,
+    /// stunnel in front of it, for [`Broker::start_tls`].
+    terminator: Option<Mutex<Child>>,
 }
 
 impl Broker {
@@ -85,18 +92,80 @@ impl Broker {
 
     fn start_with(storage: Storage) -> Broker {
         let port = super::free_port();
+        Broker::start_listening(storage, port, format!("tcp://127.0.0.1:{port}"), false)
+    }
+
+    fn start_listening(
+        storage: Storage,
+        port: u16,
+        advertised: String,
+        authentication: bool,
+    ) -> Broker {
         let log = tempfile::NamedTempFile::new()
             .expect("log file")
             .keep()
             .expect("keep")
             .1;
-        let child = spawn(port, &storage, &log);
+        let child = spawn(port, &storage, &log, &advertised, authentication);
         Broker {
             port,
             storage,
             log,
             child: Mutex::new(child),
+            advertised,
+            authentication,
+            terminator: None,
         }
+    }
+
+    /// tansu (in-memory) behind stunnel, which terminates TLS with `cert`/`key` on
+    /// [`Broker::port`]. tansu 0.6.0 has `--cert`/`--key` flags, but the two conflict on its
+    /// command line and a certificate alone does not turn TLS on for its listener, so the
+    /// TLS end is Debian's stunnel4. tansu advertises `localhost:<TLS port>`, so clients come
+    /// back through the terminator and check the certificate against `localhost`.
+    /// `authentication`: tansu requires SASL (it offers SCRAM-SHA-512).
+    pub fn start_tls(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        authentication: bool,
+    ) -> Broker {
+        let tls_port = super::free_port();
+        let plain_port = super::free_port();
+        let mut broker = Broker::start_listening(
+            Storage::Memory,
+            plain_port,
+            format!("tcp://localhost:{tls_port}"),
+            authentication,
+        );
+        let dir = tempfile::tempdir().expect("stunnel dir").keep();
+        let conf = dir.join("stunnel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "foreground = yes\npid =\n[kafka]\naccept = 127.0.0.1:{tls_port}\n\
+                 connect = 127.0.0.1:{plain_port}\ncert = {}\nkey = {}\n",
+                cert.display(),
+                key.display()
+            ),
+        )
+        .expect("write stunnel.conf");
+        let child = Command::new("stunnel4")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start stunnel4 (run scripts/setup --test): {e}"));
+        on_test_exit(&format!("kill -9 {} 2>/dev/null", child.id()));
+        wait_listening("stunnel", tls_port);
+        broker.port = tls_port;
+        broker.terminator = Some(Mutex::new(child));
+        broker
+    }
+
+    /// The broker's own log (stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     fn child(&self) -> MutexGuard<'_, Child> {
@@ -110,7 +179,11 @@ impl Broker {
 
     /// `host:port` for clients.
     pub fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        if self.terminator.is_some() {
+            format!("localhost:{}", self.port)
+        } else {
+            format!("127.0.0.1:{}", self.port)
+        }
     }
 
     /// Freezes the broker process (SIGSTOP): connections stay open, nothing is answered.
@@ -134,12 +207,24 @@ impl Broker {
         let _ = child.kill();
         let _ = child.wait();
         std::thread::sleep(down);
-        *child = spawn(self.port, &self.storage, &self.log);
+        *child = spawn(
+            self.port,
+            &self.storage,
+            &self.log,
+            &self.advertised,
+            self.authentication,
+        );
     }
 }
 
 /// Starts tansu on `port` and waits until it listens.
-fn spawn(port: u16, storage: &Storage, log: &std::path::Path) -> Child {
+fn spawn(
+    port: u16,
+    storage: &Storage,
+    log: &std::path::Path,
+    advertised: &str,
+    authentication: bool,
+) -> Child {
     let url = format!("tcp://127.0.0.1:{port}");
     let mut command = Command::new(tansu_bin());
     command.args([
@@ -147,8 +232,11 @@ fn spawn(port: u16, storage: &Storage, log: &std::path::Path) -> Child {
         "--listener-url",
         &url,
         "--advertised-listener-url",
-        &url,
+        advertised,
     ]);
+    if authentication {
+        command.arg("--authentication");
+    }
     match storage {
         Storage::Memory => {
             command.args(["--storage-engine", "memory://tansu/"]);
@@ -184,5 +272,10 @@ impl Drop for Broker {
         let mut child = self.child();
         let _ = child.kill();
         let _ = child.wait();
+        if let Some(t) = &self.terminator {
+            let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = t.kill();
+            let _ = t.wait();
+        }
     }
 }

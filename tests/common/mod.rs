@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod certs;
 pub mod ferry;
 pub mod kafka;
 pub mod mesh;

@@ -79,6 +79,18 @@ impl PgCluster {
         Self::start_full(&pg15_bin_dir(), extra, hba, &[])
     }
 
+    /// Like [`PgCluster::start_with_hba`], after `prepare` has written files (certificates)
+    /// into the server's directory (paths in `extra` may name them relative to it).
+    pub fn start_prepared(
+        extra: &[(&str, &str)],
+        hba: &str,
+        prepare: impl FnOnce(&std::path::Path),
+    ) -> PgCluster {
+        let dir = server_dir();
+        prepare(&dir);
+        Self::start_in(dir, &pg15_bin_dir(), extra, hba, &[])
+    }
+
     /// Like [`PgCluster::start`] with the binaries in `bin_dir` (e.g. [`pg17_bin_dir`]).
     pub fn start_with_bin(bin_dir: &str, extra: &[(&str, &str)]) -> PgCluster {
         Self::start_full(bin_dir, extra, TRUST_LOOPBACK, &[])
@@ -330,9 +342,15 @@ impl PgCluster {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
     }
 
-    /// A connected client.
+    /// A connected superuser client, through the Unix socket (`local all all trust` in every
+    /// harness pg_hba.conf), so it works whatever the TCP rules are.
     pub async fn client(&self, db: &str) -> Client {
-        let (client, conn) = tokio_postgres::connect(&self.url(db), NoTls)
+        let socket = format!(
+            "host={} port={} user=postgres dbname={db}",
+            self.dir.display(),
+            self.port
+        );
+        let (client, conn) = tokio_postgres::connect(&socket, NoTls)
             .await
             .unwrap_or_else(|e| panic!("connect to {db}: {e}"));
         tokio::spawn(conn);

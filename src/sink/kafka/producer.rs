@@ -11,9 +11,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use prometheus::IntCounter;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::DeliveryResult;
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
@@ -22,6 +21,7 @@ use rdkafka::ClientContext;
 use super::encode::Record;
 use crate::config::KafkaConfig;
 use crate::error::{classify_kafka, Classify, ErrorClass};
+use crate::kafka::{client_config, new_topic, set_default};
 use crate::pipeline::progress::{Progress, Ticket};
 use crate::telemetry::Metrics;
 
@@ -145,54 +145,8 @@ pub struct KafkaSink {
     metrics: Arc<Metrics>,
 }
 
-/// librdkafka settings shared by the producer, consumers, the admin client and `check`.
-/// `message.max.bytes` comes from `kafka.max_message_bytes`: it bounds what a producer sends,
-/// and librdkafka raises a consumer's fetch limits to it, so a record that could be written
-/// can always be read.
-pub fn client_config(config: &KafkaConfig) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &config.brokers);
-    c.set("message.max.bytes", config.max_message_bytes.to_string());
-    for (k, v) in &config.properties {
-        c.set(k, &v.0);
-    }
-    c
-}
-
 /// The producer's default `linger.ms` (see [`KafkaSink::new`]); `kafka.properties` overrides it.
 pub const LINGER_MS: &str = "50";
-
-/// Lets go of a short-lived librdkafka client without waiting for it: destroying one takes
-/// about 100 ms (its threads wind down), which would otherwise be waited out once per client
-/// on a worker's start (topic creation, then the position check: 200 ms before the first
-/// record). The client is dropped on a thread of its own (inline if none can be started).
-pub fn dispose<T: Send + 'static>(client: T) {
-    let _ = std::thread::Builder::new()
-        .name("kafka-dispose".into())
-        .spawn(move || drop(client));
-}
-
-/// Sets a librdkafka property to pgferry's default unless `kafka.properties` gives it.
-pub fn set_default(c: &mut ClientConfig, config: &KafkaConfig, key: &str, value: &str) {
-    if !config.properties.contains_key(key) {
-        c.set(key, value);
-    }
-}
-
-/// A topic as pgferry creates it: `max.message.bytes` from `kafka.max_message_bytes`.
-fn new_topic<'a>(
-    config: &KafkaConfig,
-    topic: &'a str,
-    partitions: i32,
-    max_bytes: &'a str,
-) -> NewTopic<'a> {
-    NewTopic::new(
-        topic,
-        partitions,
-        TopicReplication::Fixed(config.topic_replication_factor),
-    )
-    .set("max.message.bytes", max_bytes)
-}
 
 impl KafkaSink {
     /// Builds the producer. `progress` is shared with the capture loop.
@@ -224,11 +178,10 @@ impl KafkaSink {
         // maximum rate rose by about a third, for ~8 ms more latency at a tenth of it.
         set_default(&mut producer_config, config, "linger.ms", LINGER_MS);
         metrics.kafka_in_flight.set(0);
-        let producer = producer_config
-            .create_with_context(tracker)
+        let producer = crate::kafka::create_with_context(&producer_config, tracker)
             .map_err(SinkError::Client)?;
         let admin = if config.create_topics {
-            Some(client_config(config).create().map_err(SinkError::Client)?)
+            Some(crate::kafka::create(&client_config(config)).map_err(SinkError::Client)?)
         } else {
             None
         };
@@ -340,29 +293,4 @@ impl KafkaSink {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
-}
-
-/// Creates the topics that do not exist yet, in one request (for topics the apply side reads
-/// or writes).
-pub async fn create_topics(
-    config: &KafkaConfig,
-    topics: &[&str],
-    partitions: i32,
-) -> Result<(), KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = client_config(config).create()?;
-    let max_bytes = config.max_message_bytes.to_string();
-    let new: Vec<NewTopic<'_>> = topics
-        .iter()
-        .map(|t| new_topic(config, t, partitions, &max_bytes))
-        .collect();
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    let results = admin.create_topics(&new, &opts).await;
-    dispose(admin);
-    for r in results? {
-        match r {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((_, code)) => return Err(KafkaError::AdminOp(code)),
-        }
-    }
-    Ok(())
 }

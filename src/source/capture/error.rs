@@ -4,10 +4,10 @@ use std::time::Duration;
 
 use crate::error::{classify_pg, Classify, ErrorClass};
 use crate::lsn::Lsn;
+use crate::pg::replication::ReplicationError;
 use crate::sink::kafka::producer::SinkError;
 use crate::source::assemble::AssembleError;
 use crate::source::pgoutput::DecodeError;
-use crate::source::replication::ReplicationError;
 
 /// A capture run failed.
 #[derive(Debug, thiserror::Error)]

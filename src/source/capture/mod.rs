@@ -29,12 +29,12 @@ pub use error::CaptureError;
 pub const COMPONENT: &str = "capture";
 
 use super::catalog;
-use super::replication::ReplicationConnection;
 use super::snapshot::{self, TableReader};
 use crate::config::{KafkaConfig, OnPoison, SourceConfig};
 use crate::error::ErrorChain;
 use crate::event::{Op, RelationMeta, RowChange, TxnMeta};
 use crate::lsn::Lsn;
+use crate::pg::replication::ReplicationConnection;
 use crate::pgtime::PgTimestamp;
 use crate::pipeline::progress::{Progress, Ticket};
 use crate::sink::kafka::dead_letter;
@@ -93,8 +93,7 @@ pub async fn run(
     let source = &settings.source;
     let slot = source.slot_name(&settings.node_id);
     let app_name = format!("pgferry-{}", settings.node_id);
-    let pg = source.url.config();
-    let sql = catalog::connect(pg, &app_name)
+    let sql = crate::pg::connect(&source.url, &app_name)
         .await
         .map_err(CaptureError::sql("connecting to the source"))?;
     catalog::ensure_internal_schema(&sql)
@@ -109,7 +108,7 @@ pub async fn run(
     {
         tracing::info!(publication = %source.publication, "created publication");
     }
-    let mut repl = ReplicationConnection::connect(pg, &app_name).await?;
+    let mut repl = ReplicationConnection::connect(&source.url, &app_name).await?;
     let progress = Arc::new(Mutex::new(Progress::default()));
     let sink = KafkaSink::new(&settings.kafka, progress.clone(), metrics.clone())?;
     let envelope = EnvelopeSource {
@@ -148,7 +147,7 @@ impl Capture {
     ) -> Result<(), CaptureError> {
         let source = &self.settings.source;
         let app_name = format!("pgferry-{}-snapshot", self.settings.node_id);
-        let snap = catalog::connect(source.url.config(), &app_name)
+        let snap = crate::pg::connect(&source.url, &app_name)
             .await
             .map_err(CaptureError::sql("connecting for the snapshot"))?;
         snapshot::begin(&snap, snapshot_name)

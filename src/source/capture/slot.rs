@@ -6,8 +6,8 @@ use super::slot_plan::{self, SlotLoss, SlotPlan};
 use super::{catalog, lock, Capture, CaptureError};
 use crate::config::SnapshotMode;
 use crate::lsn::Lsn;
+use crate::pg::replication::ReplicationConnection;
 use crate::pipeline::progress::Progress;
-use crate::source::replication::ReplicationConnection;
 
 impl Capture {
     /// Makes sure the slot exists and its initial snapshot is in Kafka. A slot that was lost

@@ -11,14 +11,14 @@ use tokio_util::sync::CancellationToken;
 use super::{lock, Capture, CaptureError, OpenTxn};
 use crate::lsn::Lsn;
 use crate::naming::is_pgferry_origin;
+use crate::pg::replication::wire::ReplicationMessage;
+use crate::pg::replication::ReplicationConnection;
 use crate::pgtime::PgTimestamp;
 use crate::pipeline::progress::Progress;
 use crate::sink::kafka::encode::TxnStamp;
 use crate::source::assemble::{Assembler, CaptureEvent};
 use crate::source::catalog;
 use crate::source::pgoutput::{ReplicaIdentity, StreamDecoder};
-use crate::source::replication::wire::ReplicationMessage;
-use crate::source::replication::ReplicationConnection;
 use crate::sql::{quote_ident, quote_literal};
 use crate::telemetry::Metrics;
 

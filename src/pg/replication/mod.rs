@@ -5,6 +5,4 @@
 mod conn;
 pub mod wire;
 
-pub use conn::{
-    session_options, QueryResult, ReplicationConnection, ReplicationError, PINNED_SESSION_SETTINGS,
-};
+pub use conn::{QueryResult, ReplicationConnection, ReplicationError};

@@ -2,8 +2,10 @@
 //! SCRAM-SHA-256 authentication, simple queries, and the CopyBoth stream.
 //!
 //! Built on `postgres-protocol` for frontend framing and SCRAM, with our own backend framing
-//! ([`super::wire`]). TLS is not implemented here yet: `sslmode=require` is refused with a
-//! clear error instead of silently connecting in plain text.
+//! ([`super::wire`]). TLS follows the connection string's `sslmode` exactly as SQL sessions
+//! do ([`crate::pg::tls`]): `SSLRequest` (or, with `sslnegotiation=direct`, a handshake
+//! straight away), and SCRAM-SHA-256-PLUS channel binding whenever TLS is on and the server
+//! offers it. In the modes that require TLS, a server that refuses it gets no password.
 
 use std::io;
 use std::time::Duration;
@@ -13,36 +15,16 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::config::{ChannelBinding as BindingMode, Host, SslNegotiation};
 use tokio_postgres::error::SqlState;
 
 use super::wire::{self, AuthRequest, Backend, ReplicationMessage, ServerNotice, WireError};
+use crate::config::{PgUrl, SslMode};
 use crate::error::{classify_sqlstate, Classify, ErrorClass};
 use crate::lsn::Lsn;
+use crate::pg::session_options;
+use crate::pg::tls::{self, TlsSetupError};
 use crate::pgtime::PgTimestamp;
-
-/// Session settings that make every type's text output unambiguous for [`crate::value`].
-/// The snapshot session pins the same ones, so snapshot rows and streamed rows render alike.
-pub const PINNED_SESSION_SETTINGS: &[(&str, &str)] = &[
-    ("DateStyle", "ISO"),
-    ("TimeZone", "UTC"),
-    ("IntervalStyle", "postgres"),
-    ("extra_float_digits", "3"),
-    ("bytea_output", "hex"),
-    // money's text depends on the locale; C gives one shape, `-$1,234.56`.
-    ("lc_monetary", "C"),
-];
-
-/// The `options` startup parameter: the pinned settings, then any the user configured (later
-/// `-c` settings win, so a user can still override one deliberately).
-pub fn session_options(user_options: Option<&str>) -> String {
-    let mut options: Vec<String> = PINNED_SESSION_SETTINGS
-        .iter()
-        .map(|(k, v)| format!("-c {k}={v}"))
-        .collect();
-    options.extend(user_options.map(str::to_owned));
-    options.join(" ")
-}
 
 /// Connection-level failures of the replication protocol.
 #[derive(Debug, thiserror::Error)]
@@ -89,9 +71,27 @@ pub enum ReplicationError {
     /// SCRAM exchange failed.
     #[error("SCRAM authentication failed")]
     Scram(#[source] io::Error),
-    /// TLS was required.
-    #[error("sslmode=require is not supported on the replication connection yet; use sslmode=disable or prefer")]
-    TlsUnsupported,
+    /// The server does not do TLS and the mode requires it.
+    #[error("the server does not accept TLS connections, and sslmode={0} requires TLS")]
+    TlsRefused(&'static str),
+    /// The TLS settings could not be used.
+    #[error(transparent)]
+    TlsSetup(#[from] TlsSetupError),
+    /// The TLS handshake failed (certificate not trusted, wrong host name, …).
+    #[error("TLS handshake with {host} failed")]
+    TlsHandshake {
+        /// The host name checked.
+        host: String,
+        /// OpenSSL's reason, naming the certificate problem.
+        #[source]
+        source: openssl::ssl::Error,
+    },
+    /// `sslnegotiation=direct` needs a mode that requires TLS.
+    #[error("sslnegotiation=direct needs sslmode=require, verify-ca or verify-full")]
+    DirectNeedsTls,
+    /// `channel_binding=require` and the exchange could not bind to TLS.
+    #[error("channel_binding=require, but the server offered no SCRAM-SHA-256-PLUS over TLS")]
+    ChannelBindingRequired,
 }
 
 impl Classify for ReplicationError {
@@ -99,7 +99,8 @@ impl Classify for ReplicationError {
         match self {
             ReplicationError::Connect { .. }
             | ReplicationError::Io(_)
-            | ReplicationError::Closed => ErrorClass::Transient,
+            | ReplicationError::Closed
+            | ReplicationError::TlsHandshake { .. } => ErrorClass::Transient,
             ReplicationError::Server { notice } => {
                 classify_sqlstate(&SqlState::from_code(&notice.code))
             }
@@ -133,9 +134,77 @@ pub struct ReplicationConnection {
     socket: Box<dyn Socket>,
     inbound: BytesMut,
     outbound: BytesMut,
+    /// `tls-server-end-point` of the TLS session, if there is one.
+    channel_binding: Option<Vec<u8>>,
 }
 
-async fn open_socket(config: &tokio_postgres::Config) -> Result<Box<dyn Socket>, ReplicationError> {
+/// Whether one connection attempt asks for TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    Plain,
+    /// TLS if the server accepts it.
+    TlsIfOffered,
+    /// TLS or fail.
+    TlsOnly,
+}
+
+const SSL_REQUEST_CODE: i32 = 80_877_103;
+
+/// Asks for TLS (`SSLRequest`, or directly) and does the handshake; `None` when the server
+/// declines and `attempt` lets the connection go on in plain text.
+async fn start_tls(
+    mut socket: Box<dyn Socket>,
+    host: &str,
+    url: &PgUrl,
+    attempt: Attempt,
+) -> Result<(Box<dyn Socket>, Option<Vec<u8>>), ReplicationError> {
+    if attempt == Attempt::Plain {
+        return Ok((socket, None));
+    }
+    let direct = url.config().get_ssl_negotiation() == SslNegotiation::Direct;
+    if direct && attempt != Attempt::TlsOnly {
+        return Err(ReplicationError::DirectNeedsTls);
+    }
+    if !direct {
+        let mut request = BytesMut::with_capacity(8);
+        request.put_i32(8);
+        request.put_i32(SSL_REQUEST_CODE);
+        socket.write_all(&request).await?;
+        socket.flush().await?;
+        match socket.read_u8().await? {
+            b'S' => {}
+            b'N' if attempt == Attempt::TlsIfOffered => return Ok((socket, None)),
+            b'N' => return Err(ReplicationError::TlsRefused(url.tls().mode.as_str())),
+            // An 'E' here is a pre-7.4 server's error; anything else breaks the protocol.
+            other => {
+                return Err(unexpected(
+                    &format!("byte {other:#04x}"),
+                    "the SSLRequest answer",
+                ))
+            }
+        }
+    }
+    let connector = tls::connector(url.tls())?;
+    let ssl = tls::configure(&connector, url.tls())
+        .and_then(|c| c.into_ssl(host))
+        .map_err(TlsSetupError::from)?;
+    let mut stream = tokio_openssl::SslStream::new(ssl, socket).map_err(TlsSetupError::from)?;
+    std::pin::Pin::new(&mut stream)
+        .connect()
+        .await
+        .map_err(|source| ReplicationError::TlsHandshake {
+            host: host.to_owned(),
+            source,
+        })?;
+    let binding = tls::server_end_point(stream.ssl());
+    Ok((Box::new(stream), binding))
+}
+
+/// Connects to the first host that answers; returns the socket and the host name (what
+/// `verify-full` checks the certificate against).
+async fn open_socket(
+    config: &tokio_postgres::Config,
+) -> Result<(Box<dyn Socket>, String), ReplicationError> {
     let timeout = config
         .get_connect_timeout()
         .copied()
@@ -144,7 +213,7 @@ async fn open_socket(config: &tokio_postgres::Config) -> Result<Box<dyn Socket>,
     let mut last = None;
     for (i, host) in config.get_hosts().iter().enumerate() {
         let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
-        let (target, attempt) = match host {
+        let (target, name, attempt) = match host {
             Host::Tcp(h) => {
                 let target = format!("{h}:{port}");
                 let connect = TcpStream::connect(target.clone());
@@ -154,7 +223,7 @@ async fn open_socket(config: &tokio_postgres::Config) -> Result<Box<dyn Socket>,
                         Box::new(s) as Box<dyn Socket>
                     })
                 });
-                (target, r)
+                (target, h.clone(), r)
             }
             #[cfg(unix)]
             Host::Unix(dir) => {
@@ -163,11 +232,11 @@ async fn open_socket(config: &tokio_postgres::Config) -> Result<Box<dyn Socket>,
                 let r = tokio::time::timeout(timeout, connect)
                     .await
                     .map(|r| r.map(|s| Box::new(s) as Box<dyn Socket>));
-                (path.display().to_string(), r)
+                (path.display().to_string(), "localhost".to_owned(), r)
             }
         };
         match attempt {
-            Ok(Ok(socket)) => return Ok(socket),
+            Ok(Ok(socket)) => return Ok((socket, name)),
             Ok(Err(source)) => last = Some(ReplicationError::Connect { target, source }),
             Err(_) => {
                 last = Some(ReplicationError::Connect {
@@ -184,18 +253,39 @@ async fn open_socket(config: &tokio_postgres::Config) -> Result<Box<dyn Socket>,
 }
 
 impl ReplicationConnection {
-    /// Connects and authenticates as a logical replication client.
-    pub async fn connect(
-        config: &tokio_postgres::Config,
-        application_name: &str,
-    ) -> Result<Self, ReplicationError> {
-        if config.get_ssl_mode() == SslMode::Require {
-            return Err(ReplicationError::TlsUnsupported);
+    /// Connects and authenticates as a logical replication client, over TLS as `url`'s
+    /// `sslmode` says (`allow`: plain first, then TLS if the plain attempt fails).
+    pub async fn connect(url: &PgUrl, application_name: &str) -> Result<Self, ReplicationError> {
+        match url.tls().mode {
+            SslMode::Disable => Self::connect_once(url, application_name, Attempt::Plain).await,
+            SslMode::Allow => {
+                match Self::connect_once(url, application_name, Attempt::Plain).await {
+                    Ok(conn) => Ok(conn),
+                    Err(_) => Self::connect_once(url, application_name, Attempt::TlsOnly).await,
+                }
+            }
+            SslMode::Prefer => {
+                Self::connect_once(url, application_name, Attempt::TlsIfOffered).await
+            }
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+                Self::connect_once(url, application_name, Attempt::TlsOnly).await
+            }
         }
+    }
+
+    async fn connect_once(
+        url: &PgUrl,
+        application_name: &str,
+        attempt: Attempt,
+    ) -> Result<Self, ReplicationError> {
+        let config = url.config();
+        let (socket, host) = open_socket(config).await?;
+        let (socket, channel_binding) = start_tls(socket, &host, url, attempt).await?;
         let mut conn = ReplicationConnection {
-            socket: open_socket(config).await?,
+            socket,
             inbound: BytesMut::with_capacity(64 * 1024),
             outbound: BytesMut::with_capacity(1024),
+            channel_binding,
         };
         let user = config.get_user().unwrap_or("postgres").to_owned();
         let dbname = config.get_dbname().unwrap_or(&user).to_owned();
@@ -210,7 +300,8 @@ impl ReplicationConnection {
         ];
         frontend::startup_message(params.iter().copied(), &mut conn.outbound)?;
         conn.flush().await?;
-        conn.authenticate(&user, config.get_password()).await?;
+        conn.authenticate(&user, config.get_password(), config.get_channel_binding())
+            .await?;
         Ok(conn)
     }
 
@@ -237,10 +328,23 @@ impl ReplicationConnection {
         &mut self,
         user: &str,
         password: Option<&[u8]>,
+        binding_mode: BindingMode,
     ) -> Result<(), ReplicationError> {
         let mut scram: Option<ScramSha256> = None;
         loop {
-            match self.next().await? {
+            let message = self.next().await?;
+            // libpq's rule: with channel_binding=require, only a bound SCRAM exchange may
+            // authenticate; a server asking for a plain password, or none, is refused.
+            if binding_mode == BindingMode::Require
+                && matches!(
+                    message,
+                    Backend::Auth(AuthRequest::Cleartext | AuthRequest::Md5(_) | AuthRequest::Ok)
+                )
+                && scram.is_none()
+            {
+                return Err(ReplicationError::ChannelBindingRequired);
+            }
+            match message {
                 Backend::Auth(AuthRequest::Ok) => {}
                 Backend::Auth(AuthRequest::Cleartext) => {
                     let pw = password.ok_or(ReplicationError::PasswordRequired)?;
@@ -256,15 +360,34 @@ impl ReplicationConnection {
                 }
                 Backend::Auth(AuthRequest::Sasl(mechanisms)) => {
                     let pw = password.ok_or(ReplicationError::PasswordRequired)?;
-                    if !mechanisms.iter().any(|m| m == "SCRAM-SHA-256") {
-                        return Err(ReplicationError::UnsupportedAuth(mechanisms.join(",")));
-                    }
-                    let s = ScramSha256::new(pw, ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(
-                        "SCRAM-SHA-256",
-                        s.message(),
-                        &mut self.outbound,
-                    )?;
+                    let offered = |name: &str| mechanisms.iter().any(|m| m == name);
+                    let (mechanism, binding) = match &self.channel_binding {
+                        Some(data)
+                            if binding_mode != BindingMode::Disable
+                                && offered("SCRAM-SHA-256-PLUS") =>
+                        {
+                            (
+                                "SCRAM-SHA-256-PLUS",
+                                ChannelBinding::tls_server_end_point(data.clone()),
+                            )
+                        }
+                        _ if binding_mode == BindingMode::Require => {
+                            return Err(ReplicationError::ChannelBindingRequired)
+                        }
+                        // Over TLS without PLUS the client says it could have bound
+                        // ("y"), so a server that strips PLUS from the list is detected.
+                        Some(_)
+                            if binding_mode != BindingMode::Disable && offered("SCRAM-SHA-256") =>
+                        {
+                            ("SCRAM-SHA-256", ChannelBinding::unrequested())
+                        }
+                        _ if offered("SCRAM-SHA-256") => {
+                            ("SCRAM-SHA-256", ChannelBinding::unsupported())
+                        }
+                        _ => return Err(ReplicationError::UnsupportedAuth(mechanisms.join(","))),
+                    };
+                    let s = ScramSha256::new(pw, binding);
+                    frontend::sasl_initial_response(mechanism, s.message(), &mut self.outbound)?;
                     self.flush().await?;
                     scram = Some(s);
                 }
