@@ -447,3 +447,235 @@ async fn kafka_sasl_scram_over_tls_is_negotiated() {
     );
     assert!(!ok && text.contains("SASL"), "{text}");
 }
+
+/// One failing run of the binary for the redaction test.
+struct Failing {
+    /// What it shows.
+    label: &'static str,
+    /// `check`, `status` or `run`.
+    command: &'static str,
+    yaml: String,
+    /// The marker secret somewhere in `yaml`.
+    marker: &'static str,
+    /// Text the output must contain, so the case fails the way it is meant to.
+    expect: &'static str,
+}
+
+/// Runs one case: `run` is stopped after a few seconds of retrying; the others run to the
+/// end. Returns (exit success, stdout + stderr).
+fn run_case(case: &Failing) -> (bool, String) {
+    let path = write_config(&case.yaml);
+    let mut child = Command::new(pgferry_bin())
+        .args([case.command, "--config", path.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run pgferry");
+    if case.command == "run" {
+        let pid = child.id();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(6));
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+        });
+    }
+    let out = child.wait_with_output().expect("wait for pgferry");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn secrets_never_reach_any_output_of_failing_configs() {
+    let pg = tls_pg();
+    let port = pg.cluster.port;
+    let (db, _) = pg.cluster.fresh_db("redact", DDL).await;
+    let (ca, cert, key) = (
+        pg.ca.display().to_string(),
+        pg.client_cert.display().to_string(),
+        pg.client_key.display().to_string(),
+    );
+    let (kca, kcert, kkey) = broker_certs();
+    let sasl_broker = Broker::start_tls(&kcert, &kkey, true);
+    let brokers = broker().address();
+    let tls = format!("sslmode=verify-full&sslrootcert={ca}");
+    let source = |url: String, password: &str| {
+        format!(
+            "node_id: redact\nsource:\n  url: {url}\n  password: {password}\n  slot: slot_{db}\n  \
+             publication: pub_{db}\nkafka:\n  brokers: {brokers}\n  topic_prefix: {db}\n\
+             metrics:\n  listen: 127.0.0.1:{}\nlog:\n  format: text\n  level: debug\n",
+            common::free_port()
+        )
+    };
+    let url =
+        |user: &str, extra: &str| format!("postgres://{user}@localhost:{port}/{db}?{tls}{extra}");
+    let kafka_only = |brokers: &str, properties: &str| {
+        format!(
+            "node_id: redact\nkafka:\n  brokers: {brokers}\n  properties:\n{properties}\
+             log:\n  format: text\n  level: debug\n"
+        )
+    };
+    let sasl = |password: &str, extra: &str| {
+        kafka_only(
+            &sasl_broker.address(),
+            &format!(
+                "    security.protocol: SASL_SSL\n    sasl.mechanism: SCRAM-SHA-512\n    \
+                 sasl.username: pgferry\n    sasl.password: {password}\n    \
+                 ssl.ca.location: {}\n    broker.address.family: v4\n{extra}",
+                kca.display()
+            ),
+        )
+    };
+    let password_file = tempfile::NamedTempFile::new().unwrap().keep().unwrap().1;
+    std::fs::write(&password_file, "marker-0004-pwfile\n").unwrap();
+    let cases = vec![
+        Failing {
+            label: "wrong source password, check",
+            command: "check",
+            yaml: source(url("ferry", ""), "marker-0001-srcpw"),
+            marker: "marker-0001-srcpw",
+            expect: "password authentication failed",
+        },
+        Failing {
+            label: "wrong source password, status",
+            command: "status",
+            yaml: source(url("ferry", ""), "marker-0002-status"),
+            marker: "marker-0002-status",
+            expect: "unreachable",
+        },
+        Failing {
+            label: "wrong source password, run (debug log)",
+            command: "run",
+            yaml: source(url("ferry", ""), "marker-0003-runpw"),
+            marker: "marker-0003-runpw",
+            expect: "password authentication failed",
+        },
+        Failing {
+            label: "wrong target password from a file",
+            command: "check",
+            yaml: format!(
+                "node_id: redact\nkafka:\n  brokers: {brokers}\n  topic_prefix: {db}\n\
+                 apply:\n  mode: replica\n  nodes: [x]\n  targets:\n    - url: {}\n      \
+                 password_file: {}\n",
+                url("ferry", ""),
+                password_file.display()
+            ),
+            marker: "marker-0004-pwfile",
+            expect: "password authentication failed",
+        },
+        Failing {
+            label: "wrong password inside the URL",
+            command: "check",
+            yaml: source(url("ferry:marker-0005-inurl", ""), "marker-0005-inurl"),
+            marker: "marker-0005-inurl",
+            expect: "password authentication failed",
+        },
+        Failing {
+            label: "wrong sslpassword for the client key",
+            command: "check",
+            yaml: source(
+                url(
+                    "ferry_cert",
+                    &format!("&sslcert={cert}&sslkey={key}&sslpassword=marker-0006-keypass"),
+                ),
+                PASSWORD,
+            ),
+            marker: "marker-0006-keypass",
+            expect: "sslkey",
+        },
+        Failing {
+            label: "wrong SASL password",
+            command: "check",
+            yaml: sasl("marker-0007-saslpw", ""),
+            marker: "marker-0007-saslpw",
+            expect: "SASL",
+        },
+        Failing {
+            label: "librdkafka rejects a property and quotes its value",
+            command: "check",
+            yaml: sasl(
+                "marker-0008-saslpw",
+                "    sasl.jaas.config: \"org.apache.kafka.common.security.scram.ScramLoginModule required password=marker-0008-jaas;\"\n",
+            ),
+            marker: "marker-0008-jaas",
+            expect: "sasl.jaas.config",
+        },
+        Failing {
+            label: "bad ssl.key.pem with a key password",
+            command: "check",
+            yaml: sasl(
+                "marker-0009-saslpw",
+                "    ssl.key.pem: \"marker-0009-notpem\"\n    ssl.certificate.pem: \"marker-0009-notpem\"\n    ssl.key.password: marker-0009-keypw\n",
+            ),
+            marker: "marker-0009",
+            expect: "ssl",
+        },
+        Failing {
+            label: "a keystore that does not exist, with its password",
+            command: "check",
+            yaml: sasl(
+                "marker-0010-saslpw",
+                "    ssl.keystore.location: /nonexistent/keystore.p12\n    ssl.keystore.password: marker-0010-kspw\n",
+            ),
+            marker: "marker-0010",
+            expect: "keystore",
+        },
+        Failing {
+            label: "an invalid protocol beside a SASL password",
+            command: "check",
+            yaml: kafka_only(
+                &brokers,
+                "    security.protocol: SASL_BOGUS\n    sasl.password: marker-0011-bogus\n",
+            ),
+            marker: "marker-0011-bogus",
+            expect: "security.protocol",
+        },
+        Failing {
+            label: "a config error elsewhere, with a password set",
+            command: "check",
+            yaml: source(url("ferry", ""), "marker-0012-cfgerr")
+                .replace("  slot:", "  heartbeat_interval: banana\n  slot:"),
+            marker: "marker-0012-cfgerr",
+            expect: "heartbeat_interval",
+        },
+        Failing {
+            label: "OAUTHBEARER client secret without a token endpoint, run",
+            command: "run",
+            yaml: source(url("ferry", ""), PASSWORD).replace(
+                "  topic_prefix:",
+                "  properties:\n    security.protocol: SASL_SSL\n    sasl.mechanism: OAUTHBEARER\n    \
+                 sasl.oauthbearer.method: oidc\n    sasl.oauthbearer.client.id: pgferry\n    \
+                 sasl.oauthbearer.client.secret: marker-0013-oidc\n  topic_prefix:",
+            ),
+            marker: "marker-0013-oidc",
+            expect: "oauthbearer",
+        },
+    ];
+    assert!(cases.len() >= 10);
+    // The cases wait on network timeouts, so they run side by side.
+    let results: Vec<(bool, String)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = cases
+            .iter()
+            .map(|case| scope.spawn(|| run_case(case)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (case, (ok, text)) in cases.iter().zip(&results) {
+        assert!(
+            text.to_lowercase().contains(&case.expect.to_lowercase()),
+            "{}: the output does not say {:?}:\n{text}",
+            case.label,
+            case.expect
+        );
+        if case.command == "check" {
+            assert!(!ok, "{}: check passed:\n{text}", case.label);
+        }
+        assert!(
+            !text.contains(case.marker),
+            "{}: a secret reached the output:\n{text}",
+            case.label
+        );
+    }
+}
