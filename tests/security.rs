@@ -465,7 +465,7 @@ struct Failing {
 /// end. Returns (exit success, stdout + stderr).
 fn run_case(case: &Failing) -> (bool, String) {
     let path = write_config(&case.yaml);
-    let mut child = Command::new(pgferry_bin())
+    let child = Command::new(pgferry_bin())
         .args([case.command, "--config", path.to_str().unwrap()])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -678,4 +678,157 @@ async fn secrets_never_reach_any_output_of_failing_configs() {
             case.label
         );
     }
+}
+
+/// `X/Y` text of an LSN.
+fn lsn_text(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn records_for_system_or_unannounced_tables_are_dead_lettered_never_applied() {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let cluster = PgCluster::shared();
+    let (master, source) = cluster.fresh_db("admit_m", DDL).await;
+    // `secret` exists only on the replica: the source never published it.
+    let (replica, target) = cluster
+        .fresh_db(
+            "admit_r",
+            &format!("{DDL} CREATE TABLE secret (id int PRIMARY KEY);"),
+        )
+        .await;
+    let capture = Ferry::capture(cluster, &master, &broker().address(), "");
+    capture.wait_ready().await;
+    let port = common::free_port();
+    let applier = Ferry::start(
+        &common::ferry::apply_config(
+            "node-a",
+            &master,
+            &[cluster.url(&replica)],
+            &broker().address(),
+            port,
+            "",
+        ),
+        port,
+    );
+    source
+        .batch_execute("INSERT INTO items VALUES (1, 'first')")
+        .await
+        .unwrap();
+    common::wait_for("the first row", Duration::from_secs(60), || async {
+        let rows = target.query("SELECT 1 FROM items", &[]).await.ok()?;
+        (rows.len() == 1).then_some(())
+    })
+    .await;
+
+    // A forged transaction on the node stream, ordered after everything applied so far.
+    let current: String = source
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let (hi, lo) = current.split_once('/').unwrap();
+    let lsn =
+        (u64::from_str_radix(hi, 16).unwrap() << 32) + u64::from_str_radix(lo, 16).unwrap() + 1;
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros();
+    let lsn = lsn_text(lsn);
+    let forged = [
+        format!(r#"{{"type":"begin","commit_lsn":"{lsn}","commit_ts_us":{now_us}}}"#),
+        r#"{"type":"relation","schema":"pg_catalog","table":"pg_authid","columns":[{"name":"rolname","type":"name","key":true},{"name":"rolsuper","type":"boolean"}]}"#.to_owned(),
+        r#"{"type":"change","op":"u","schema":"pg_catalog","table":"pg_authid","before":{"rolname":"postgres"},"after":{"rolname":"postgres","rolsuper":false}}"#.to_owned(),
+        r#"{"type":"change","op":"c","schema":"public","table":"secret","after":{"id":42}}"#.to_owned(),
+        r#"{"type":"change","op":"d","schema":"pgferry","table":"apply_progress","before":{"source_node":"node-a"}}"#.to_owned(),
+        format!(r#"{{"type":"commit","commit_lsn":"{lsn}","changes":3}}"#),
+    ];
+    let producer: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker().address())
+        .create()
+        .unwrap();
+    let node_topic = format!("{master}.__node.node-a");
+    for item in &forged {
+        producer
+            .send(BaseRecord::<(), str>::to(&node_topic).payload(item.as_str()))
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+    // Real changes after it still apply.
+    source
+        .batch_execute("INSERT INTO items VALUES (2, 'after')")
+        .await
+        .unwrap();
+    common::wait_for(
+        "the row after the forged records",
+        Duration::from_secs(60),
+        || async {
+            let rows = target
+                .query("SELECT 1 FROM items WHERE id = 2", &[])
+                .await
+                .ok()?;
+            (rows.len() == 1).then_some(())
+        },
+    )
+    .await;
+
+    let letters: Vec<(Option<String>, String)> = target
+        .query(
+            "SELECT table_name, error FROM pgferry.dead_letters ORDER BY kafka_offset, item",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let refused = |table: &str, why: &str| {
+        letters
+            .iter()
+            .any(|(t, e)| t.as_deref() == Some(table) && e.contains(why))
+    };
+    assert!(
+        refused("pg_catalog.pg_authid", "never announced"),
+        "{letters:?}"
+    );
+    assert!(
+        refused("pg_catalog.pg_authid", "never applied"),
+        "{letters:?}"
+    );
+    assert!(
+        refused("public.secret", "never announced on this node stream"),
+        "{letters:?}"
+    );
+    assert!(
+        refused("pgferry.apply_progress", "never applied"),
+        "{letters:?}"
+    );
+    assert_eq!(letters.len(), 4, "{letters:?}");
+    // Nothing of it was applied.
+    let superuser: bool = target
+        .query_one(
+            "SELECT rolsuper FROM pg_authid WHERE rolname = 'postgres'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(superuser);
+    let secret: i64 = target
+        .query_one("SELECT count(*) FROM secret", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(secret, 0);
+    let progress: i64 = target
+        .query_one("SELECT count(*) FROM pgferry.apply_progress", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(progress, 1);
+    assert_eq!(
+        applier.metric("pgferry_apply_dead_letters_total", ""),
+        Some(4.0)
+    );
 }

@@ -5,6 +5,7 @@
 //! are the record parser and exactly-once framer ([`stream`]), statement text ([`sql`]) and
 //! value rendering ([`params`]); [`target`] and [`worker`] do the I/O.
 
+pub mod admit;
 pub mod conflict;
 pub mod contention;
 pub mod dead_letters;

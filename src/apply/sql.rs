@@ -87,18 +87,137 @@ pub fn delete_one_matching(schema: &str, table: &str, columns: &[&str]) -> Strin
     )
 }
 
-/// True for type names as `format_type` prints them (`numeric(12,2)`, `timestamp with time
-/// zone`, `"MyType"[]`, `public.mood`): such text is the only part of DDL taken from the stream,
-/// so anything else (`;`, quotes in odd places, comments) is refused.
+/// Words that may stand beside the one type name in `format_type`'s output
+/// (`double precision`, `timestamp(3) with time zone`, `interval day to second`, …).
+const TYPE_KEYWORDS: &[&str] = &[
+    "double",
+    "precision",
+    "character",
+    "varying",
+    "bit",
+    "timestamp",
+    "time",
+    "with",
+    "without",
+    "zone",
+    "interval",
+    "year",
+    "month",
+    "day",
+    "hour",
+    "minute",
+    "second",
+    "to",
+    "national",
+    "char",
+];
+
+/// True for type names as `format_type` prints them, and nothing else: an optionally
+/// schema-qualified name (plain or double-quoted, no embedded quotes) or one of SQL's
+/// multi-word names, with an optional modifier `(n[,m])` and array brackets `[]`/`[n]`. This
+/// text is the only part of `apply.create_tables` DDL taken from the stream, so anything
+/// beyond a type name (`DEFAULT …`, `COLLATE`, `;`, comments, a second identifier) is refused;
+/// the applier then also checks that the name resolves in the target's `pg_type`.
 pub fn is_safe_type_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 200
-        && !name.contains("--")
-        && !name.contains("/*")
-        && name
-            .chars()
-            .all(|c| c.is_alphanumeric() || " _(),.[]\"".contains(c))
-        && name.matches('"').count() % 2 == 0
+    if name.is_empty() || name.len() > 200 {
+        return false;
+    }
+    let mut chars = name.chars().peekable();
+    let mut free_names = 0;
+    let mut keywords = 0;
+    let mut qualified = false;
+    let mut last_was_name = false;
+    let mut after_modifier = false;
+    let mut in_brackets = false;
+    while let Some(c) = chars.next() {
+        match c {
+            ' ' => last_was_name = false,
+            '"' => {
+                let mut quoted = String::new();
+                loop {
+                    match chars.next() {
+                        Some('"') => break,
+                        Some(c) => quoted.push(c),
+                        None => return false,
+                    }
+                }
+                if quoted.is_empty() || last_was_name || in_brackets || after_modifier {
+                    return false;
+                }
+                free_names += 1;
+                last_was_name = true;
+            }
+            c if c.is_alphabetic() || c == '_' => {
+                let mut word = String::from(c);
+                while let Some(c) = chars.next_if(|c| c.is_alphanumeric() || *c == '_' || *c == '$')
+                {
+                    word.push(c);
+                }
+                if last_was_name || in_brackets {
+                    return false;
+                }
+                if TYPE_KEYWORDS.contains(&word.to_ascii_lowercase().as_str()) && !qualified {
+                    keywords += 1;
+                } else if after_modifier {
+                    return false;
+                } else {
+                    free_names += 1;
+                }
+                last_was_name = true;
+            }
+            '.' => {
+                if !last_was_name || qualified || free_names != 1 || keywords > 0 {
+                    return false;
+                }
+                qualified = true;
+                free_names = 0;
+                last_was_name = false;
+                // The name after the dot must follow at once.
+                if !chars
+                    .peek()
+                    .is_some_and(|c| c.is_alphabetic() || *c == '_' || *c == '"')
+                {
+                    return false;
+                }
+            }
+            '(' => {
+                if after_modifier || in_brackets || (free_names + keywords) == 0 {
+                    return false;
+                }
+                let mut numbers = 0;
+                let mut digits = 0;
+                loop {
+                    match chars.next() {
+                        Some(d) if d.is_ascii_digit() => digits += 1,
+                        Some(',') if digits > 0 && numbers == 0 => {
+                            numbers += 1;
+                            digits = 0;
+                            while chars.next_if_eq(&' ').is_some() {}
+                        }
+                        Some(')') if digits > 0 => break,
+                        _ => return false,
+                    }
+                }
+                after_modifier = true;
+                last_was_name = false;
+            }
+            '[' => {
+                if (free_names + keywords) == 0 || in_brackets {
+                    return false;
+                }
+                in_brackets = true;
+            }
+            d if d.is_ascii_digit() && in_brackets => {}
+            ']' if in_brackets => in_brackets = false,
+            _ => return false,
+        }
+        if free_names > 1 {
+            return false;
+        }
+    }
+    !in_brackets
+        && (free_names == 1 || (free_names == 0 && keywords > 0))
+        && !(qualified && free_names == 0)
 }
 
 /// `CREATE TABLE IF NOT EXISTS` with the source's columns and key. `None` when a type name is
@@ -903,12 +1022,36 @@ mod tests {
         ] {
             assert!(is_safe_type_name(ok), "{ok}");
         }
+        for ok in [
+            "double precision",
+            "timestamp(3) with time zone",
+            "time without time zone",
+            "interval day to second(3)",
+            "bit varying(5)[]",
+            "integer[3][]",
+            "\"Schema\".\"Type\"",
+            "numeric(12, 2)",
+        ] {
+            assert!(is_safe_type_name(ok), "{ok}");
+        }
         for bad in [
             "int; DROP TABLE x",
             "int -- x",
             "text /* */",
             "\"unbalanced",
             "",
+            "int default 1",
+            "text collate \"C\"",
+            "int check (true)",
+            "int generated always as (1) stored",
+            "int not null",
+            "int references t",
+            "numeric(1,2,3)",
+            "text[x]",
+            "a.b.c",
+            "int)",
+            "(int)",
+            "\"\"",
         ] {
             assert!(!is_safe_type_name(bad), "{bad}");
         }

@@ -74,6 +74,13 @@ pub async fn prepare_session(
                  DROP CONSTRAINT IF EXISTS dead_letters_source_node_topic_kafka_offset_key;
              CREATE UNIQUE INDEX IF NOT EXISTS dead_letters_item
                  ON pgferry.dead_letters (source_node, topic, kafka_offset, item);
+             -- The tables each node's stream announced (apply::admit): its changes may write
+             -- only these.
+             CREATE TABLE IF NOT EXISTS pgferry.stream_tables (
+                 source_node text NOT NULL,
+                 table_name text NOT NULL,
+                 announced_at timestamptz NOT NULL DEFAULT now(),
+                 PRIMARY KEY (source_node, table_name));
              COMMIT",
         )
         .await?;
@@ -89,6 +96,53 @@ pub async fn prepare_session(
         .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
         .await
         .map(drop)
+}
+
+/// Records an announced table (`$1` node, `$2` `schema.table`); run in the target
+/// transaction of the data that follows the announcement.
+pub const RECORD_STREAM_TABLE: &str =
+    "INSERT INTO pgferry.stream_tables (source_node, table_name) \
+     VALUES ($1, $2) ON CONFLICT DO NOTHING";
+
+/// The tables `node`'s stream has announced. A worker that resumes (`resuming`) with none
+/// recorded was applying before pgferry kept the list, and the announcements it would need
+/// lie behind its position: the list is then seeded once from the target's own tables
+/// outside the protected schemas, which that worker has been applying to.
+pub async fn stream_tables(
+    client: &Client,
+    node: &str,
+    resuming: bool,
+) -> Result<std::collections::HashSet<String>, tokio_postgres::Error> {
+    let read = || async {
+        client
+            .query(
+                "SELECT table_name FROM pgferry.stream_tables WHERE source_node = $1",
+                &[&node],
+            )
+            .await
+            .map(|rows| rows.iter().map(|r| r.get::<_, String>(0)).collect())
+    };
+    let tables: std::collections::HashSet<String> = read().await?;
+    if !tables.is_empty() || !resuming {
+        return Ok(tables);
+    }
+    let seeded = client
+        .execute(
+            "INSERT INTO pgferry.stream_tables (source_node, table_name)
+             SELECT $1, n.nspname || '.' || c.relname
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.relkind IN ('r', 'p') AND n.nspname <> 'pgferry'
+                AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%'
+             ON CONFLICT DO NOTHING",
+            &[&node],
+        )
+        .await?;
+    tracing::info!(
+        node,
+        tables = seeded,
+        "no announced tables recorded for a resuming stream: seeded from the target's tables"
+    );
+    read().await
 }
 
 /// The stored progress for a source node, if any.

@@ -6,7 +6,7 @@
 //! progress row and the replication origin are written in the same target transaction as the
 //! data, so a crash at any point neither loses nor repeats a change.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -25,6 +25,7 @@ use serde_json::value::RawValue;
 use tokio_postgres::{Client, Statement};
 use tokio_util::sync::CancellationToken;
 
+use super::admit::{self, Admission};
 use super::contention::Contention;
 use super::dead_letters::StoredDeadLetter;
 use super::error::ApplyError;
@@ -130,6 +131,9 @@ struct Worker {
     dead_letter_topic: String,
     /// Target tables by `schema.table` (only those that exist on the target).
     tables: HashMap<String, Arc<TargetTable>>,
+    /// Tables this node's stream has announced (`pgferry.stream_tables`): the only ones its
+    /// changes may write ([`super::admit`]).
+    announced: HashSet<String>,
     /// Applied-changes counters by `schema.table`, indexed by op.
     counters: HashMap<String, [Option<prometheus::IntCounter>; 5]>,
     statements: HashMap<StatementKey, Statement>,
@@ -291,6 +295,9 @@ async fn open(
             next_offset: 0,
             commit_lsn: Lsn::ZERO,
         });
+    let announced = target::stream_tables(&client, &settings.node, committed.next_offset > 0)
+        .await
+        .map_err(ApplyError::sql("reading pgferry.stream_tables"))?;
     let commit_statements = CommitStatements {
         origin: client
             .prepare(target::ORIGIN_XACT_SETUP)
@@ -320,6 +327,7 @@ async fn open(
         dead_letters,
         dead_letter_topic,
         tables: HashMap::new(),
+        announced,
         counters: HashMap::new(),
         statements: HashMap::new(),
         rows: Coalescer::default(),
@@ -735,9 +743,14 @@ impl Worker {
                 self.bad_message(client, record, reason).await?;
             }
             Step::Relation(relation) => {
-                if self.settings.apply.create_tables {
-                    self.create_if_missing(client, pending, record, &relation)
-                        .await?;
+                if let Some(reason) = admit::admit_relation(&relation.schema, &relation.table) {
+                    self.bad_message(client, record, &reason).await?;
+                } else {
+                    self.announce(client, pending, &relation);
+                    if self.settings.apply.create_tables {
+                        self.create_if_missing(client, pending, record, &relation)
+                            .await?;
+                    }
                 }
             }
             Step::Ack(ack) => {
@@ -889,6 +902,25 @@ impl Worker {
         Ok(())
     }
 
+    /// Records a table the stream announced, in the open target transaction (so it commits
+    /// with the changes that follow it, or not at all).
+    fn announce<'c>(
+        &mut self,
+        client: &'c Client,
+        pending: &mut InFlight<'c>,
+        relation: &RelationItem,
+    ) {
+        let qualified = format!("{}.{}", relation.schema, relation.table);
+        if self.announced.insert(qualified.clone()) {
+            let node = self.settings.node.clone();
+            pending.send(Box::pin(async move {
+                client
+                    .execute(target::RECORD_STREAM_TABLE, &[&node, &qualified])
+                    .await
+            }));
+        }
+    }
+
     /// `apply.create_tables`: creates a table the target lacks, in the open target
     /// transaction, from the source's announced schema.
     async fn create_if_missing<'c>(
@@ -938,12 +970,63 @@ impl Worker {
                 )
                 .await;
         };
+        if let Some(unknown) = self.unresolved_type(client, pending, relation).await? {
+            return self
+                .bad_message(
+                    client,
+                    message,
+                    &format!("relation record for {qualified}: type {unknown:?} does not exist on the target"),
+                )
+                .await;
+        }
         tracing::info!(table = %qualified, "creating the table on the target (apply.create_tables)");
         pending.send(Box::pin(async move {
             client.batch_execute(&ddl).await.map(|_| 0)
         }));
         self.tables.remove(&qualified);
         Ok(())
+    }
+
+    /// The first column type of `relation` that does not resolve in the target's `pg_type`
+    /// (`to_regtype`), checked under a savepoint so that a name PostgreSQL's parser refuses
+    /// cannot abort the open target transaction.
+    async fn unresolved_type<'c>(
+        &mut self,
+        client: &'c Client,
+        pending: &mut InFlight<'c>,
+        relation: &RelationItem,
+    ) -> Result<Option<String>, ApplyError> {
+        pending
+            .drain()
+            .await
+            .map_err(ApplyError::sql("applying changes"))?;
+        client
+            .batch_execute("SAVEPOINT pgferry_types")
+            .await
+            .map_err(ApplyError::sql("checking column types"))?;
+        let mut unknown = None;
+        for column in &relation.columns {
+            let resolved = client
+                .query_one("SELECT to_regtype($1) IS NOT NULL", &[&column.type_name])
+                .await
+                .map(|r| r.get::<_, bool>(0));
+            if resolved.is_err() {
+                client
+                    .batch_execute("ROLLBACK TO SAVEPOINT pgferry_types")
+                    .await
+                    .map_err(ApplyError::sql("checking column types"))?;
+            }
+            if resolved.unwrap_or(false) {
+                continue;
+            }
+            unknown = Some(column.type_name.clone());
+            break;
+        }
+        client
+            .batch_execute("RELEASE SAVEPOINT pgferry_types")
+            .await
+            .map_err(ApplyError::sql("checking column types"))?;
+        Ok(unknown)
     }
 
     /// Stamps the origin, records progress and commits, all in the target transaction that
@@ -1109,9 +1192,18 @@ impl Worker {
         change: &ChangeItem,
         qualified: &str,
     ) -> Result<Option<Arc<TargetTable>>, ApplyError> {
-        let wanted = &self.settings.apply.tables;
-        if !wanted.is_empty() && !wanted.iter().any(|t| t == qualified) {
-            return Ok(None);
+        match admit::admit(
+            &change.schema,
+            &change.table,
+            &self.settings.apply.tables,
+            &self.announced,
+        ) {
+            Admission::Apply => {}
+            Admission::Filtered => return Ok(None),
+            Admission::Refused(reason) => {
+                self.bad_message(client, message, &reason).await?;
+                return Ok(None);
+            }
         }
         let names = (change.schema.as_str(), change.table.as_str());
         let Some(mut table) = self.table(client, qualified, names, false).await? else {

@@ -1,6 +1,6 @@
 //! Real PostgreSQL clusters in temporary directories, one database per test: PostgreSQL 15
-//! by default, PostgreSQL 17 (from `scripts/setup`) where a test needs it, and physical
-//! standbys of either.
+//! by default or the version `PG_BIN` names, PostgreSQL 17 (from `scripts/setup`) where a test
+//! needs it, and physical standbys of either.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -12,14 +12,15 @@ use tokio_postgres::{Client, NoTls};
 
 use super::process::{as_postgres, on_test_exit, running_as_root};
 
-/// Directory of the PostgreSQL 15 binaries.
-pub fn pg15_bin_dir() -> String {
+/// Directory of the server binaries the suite runs: `PG_BIN` (scripts/test points it at
+/// PostgreSQL 16, 17 and 18 for the version subset), else Debian's PostgreSQL 15.
+pub fn pg_bin_dir() -> String {
     std::env::var("PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into())
 }
 
-/// A PostgreSQL 15 tool.
+/// A tool of the suite's server version.
 pub fn pg_bin(tool: &str) -> String {
-    format!("{}/{tool}", pg15_bin_dir())
+    format!("{}/{tool}", pg_bin_dir())
 }
 
 /// Directory of the PostgreSQL 17 binaries: `PG17_BIN`, or where `scripts/setup` puts them.
@@ -76,7 +77,7 @@ impl PgCluster {
 
     /// Like [`PgCluster::start`] with a custom `pg_hba.conf`.
     pub fn start_with_hba(extra: &[(&str, &str)], hba: &str) -> PgCluster {
-        Self::start_full(&pg15_bin_dir(), extra, hba, &[])
+        Self::start_full(&pg_bin_dir(), extra, hba, &[])
     }
 
     /// Like [`PgCluster::start_with_hba`], after `prepare` has written files (certificates)
@@ -88,7 +89,7 @@ impl PgCluster {
     ) -> PgCluster {
         let dir = server_dir();
         prepare(&dir);
-        Self::start_in(dir, &pg15_bin_dir(), extra, hba, &[])
+        Self::start_in(dir, &pg_bin_dir(), extra, hba, &[])
     }
 
     /// Like [`PgCluster::start`] with the binaries in `bin_dir` (e.g. [`pg17_bin_dir`]).
@@ -106,7 +107,7 @@ impl PgCluster {
             "{lib} missing: scripts/setup installs the faketime package"
         );
         Self::start_full(
-            &pg15_bin_dir(),
+            &pg_bin_dir(),
             &[],
             TRUST_LOOPBACK,
             &[
@@ -131,7 +132,7 @@ impl PgCluster {
         std::fs::write(&file, offset).expect("write the faketime file");
         Self::start_in(
             dir,
-            &pg15_bin_dir(),
+            &pg_bin_dir(),
             &[],
             TRUST_LOOPBACK,
             &[
