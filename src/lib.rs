@@ -41,6 +41,8 @@ pub mod kafka;
 #[cfg(feature = "runtime")]
 pub mod pg;
 #[cfg(feature = "runtime")]
+pub mod roles;
+#[cfg(feature = "runtime")]
 pub mod status;
 #[cfg(feature = "runtime")]
 pub mod tail;

@@ -46,6 +46,13 @@ enum Command {
         #[arg(long)]
         idle_exit_secs: Option<u64>,
     },
+    /// Print the SQL that creates least-privilege roles for the config's connections (run it
+    /// as a superuser: `pgferry roles -c f.yaml | psql`); `check` verifies the result.
+    Roles {
+        /// Path to the YAML config.
+        #[arg(long, short, env = "PGFERRY_CONFIG")]
+        config: PathBuf,
+    },
     /// Print the slot, lag, last applied position per node, and recent conflicts.
     Status {
         /// Path to the YAML config.
@@ -192,6 +199,11 @@ async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
                  restart them one by one",
                 config.node_id
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Roles { config } => {
+            let config = load(&config)?;
+            print!("{}", redact(&pgferry::roles::script(&config)));
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { config } => {

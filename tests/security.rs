@@ -832,3 +832,135 @@ async fn records_for_system_or_unannounced_tables_are_dead_lettered_never_applie
         Some(4.0)
     );
 }
+
+/// Runs `pgferry <args>`; (exit success, stdout, stderr).
+fn pgferry(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(pgferry_bin())
+        .args(args)
+        .output()
+        .expect("run pgferry");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Executes `pgferry roles` output as a superuser: each `\connect <db>` section on its
+/// database.
+async fn run_roles_script(cluster: &PgCluster, script: &str) {
+    let mut db: Option<String> = None;
+    let mut chunk = String::new();
+    let mut sections = Vec::new();
+    for line in script.lines() {
+        if let Some(name) = line.strip_prefix("\\connect ") {
+            if let Some(db) = db.take() {
+                sections.push((db, std::mem::take(&mut chunk)));
+            }
+            db = Some(name.trim_matches('"').to_owned());
+        } else if db.is_some() {
+            chunk.push_str(line);
+            chunk.push('\n');
+        }
+    }
+    if let Some(db) = db {
+        sections.push((db, chunk));
+    }
+    assert!(!sections.is_empty(), "no \\connect section in:\n{script}");
+    for (db, sql) in sections {
+        cluster
+            .client(&db)
+            .await
+            .batch_execute(&sql)
+            .await
+            .unwrap_or_else(|e| panic!("roles script on {db}: {e:?}\n{sql}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn least_privilege_roles_from_pgferry_roles_capture_and_apply() {
+    let cluster = PgCluster::shared();
+    let (src, _) = cluster.fresh_db("lp_src", DDL).await;
+    let (dst, target) = cluster.fresh_db("lp_dst", DDL).await;
+    let (cap, app) = (format!("cap_{src}"), format!("app_{dst}"));
+    // The roles exist but hold nothing yet.
+    let admin = cluster.client("postgres").await;
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {cap} LOGIN; CREATE ROLE {app} LOGIN;"
+        ))
+        .await
+        .unwrap();
+    let port = cluster.port;
+    let url = |db: &str| {
+        let user = if db == src { &cap } else { &app };
+        format!("postgres://{user}@127.0.0.1:{port}/{db}")
+    };
+    let ((capture, cap_port), (apply, app_port)) =
+        pipeline_configs(&url, &src, &dst, &broker().address(), "");
+    // The password lines are for the TLS cluster; this one trusts loopback.
+    let (capture, apply) = (
+        capture.replace(&format!("  password: {PASSWORD}\n"), ""),
+        apply.replace(&format!("      password: {PASSWORD}\n"), ""),
+    );
+
+    let (ok, text) = check(&capture);
+    assert!(!ok, "{text}");
+    for named in [
+        format!("the source role {cap} has neither REPLICATION nor SUPERUSER"),
+        format!("role {cap} cannot SELECT public.items"),
+        format!("role {cap} may not create it FOR ALL TABLES"),
+    ] {
+        assert!(
+            text.contains(&named),
+            "check does not say {named:?}:\n{text}"
+        );
+    }
+    let (ok, text) = check(&apply);
+    assert!(!ok, "{text}");
+    for named in [
+        format!("role {app} on apply target"),
+        "may not SET session_replication_role".to_owned(),
+        "may not EXECUTE pg_replication_origin_".to_owned(),
+        "lacks SELECT, INSERT, UPDATE, DELETE or TRUNCATE on public.items".to_owned(),
+    ] {
+        assert!(
+            text.contains(&named),
+            "check does not say {named:?}:\n{text}"
+        );
+    }
+
+    for config in [&capture, &apply] {
+        let path = write_config(config);
+        let (ok, script, err) = pgferry(&["roles", "--config", path.to_str().unwrap()]);
+        assert!(ok, "pgferry roles failed: {err}");
+        run_roles_script(cluster, &script).await;
+    }
+    let (ok, text) = check(&capture);
+    assert!(ok, "capture config after pgferry roles:\n{text}");
+    let (ok, text) = check(&apply);
+    assert!(ok, "apply config after pgferry roles:\n{text}");
+    let supers: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_roles WHERE rolname IN ($1, $2) AND rolsuper",
+            &[&cap, &app],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(supers, 0);
+
+    let _running = replicate(
+        cluster,
+        &src,
+        &dst,
+        ((capture, cap_port), (apply, app_port)),
+    )
+    .await;
+    let rows: i64 = target
+        .query_one("SELECT count(*) FROM items", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(rows > 0);
+}

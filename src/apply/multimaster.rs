@@ -19,7 +19,9 @@ use crate::sql::{qualified, quote_literal};
 
 /// Tables shared by every multi-master node. Idempotent.
 const BOOKKEEPING_DDL: &str = r#"
-CREATE SCHEMA IF NOT EXISTS pgferry;
+-- Only when missing: CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when
+-- the schema exists (an administrator creates it for a least-privilege role).
+DO $$ BEGIN IF to_regnamespace('pgferry') IS NULL THEN CREATE SCHEMA pgferry; END IF; END $$;
 CREATE TABLE IF NOT EXISTS pgferry.origins (
     roname text PRIMARY KEY,
     node text NOT NULL);

@@ -45,7 +45,9 @@ pub async fn prepare_session(
              BEGIN;
              -- Workers start together; CREATE ... IF NOT EXISTS is not safe concurrently.
              SELECT pg_advisory_xact_lock(hashtext('pgferry.bookkeeping'));
-             CREATE SCHEMA IF NOT EXISTS pgferry;
+             -- Only when missing: CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when
+             -- the schema exists (an administrator creates it for a least-privilege role).
+             DO $$ BEGIN IF to_regnamespace('pgferry') IS NULL THEN CREATE SCHEMA pgferry; END IF; END $$;
              CREATE TABLE IF NOT EXISTS pgferry.apply_progress (
                  source_node text PRIMARY KEY,
                  next_offset bigint NOT NULL,

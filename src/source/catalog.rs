@@ -71,7 +71,9 @@ pub async fn ensure_internal_schema(client: &Client) -> Result<(), tokio_postgre
             "BEGIN;
              -- Apply workers may create the schema at the same moment.
              SELECT pg_advisory_xact_lock(hashtext('pgferry.bookkeeping'));
-             CREATE SCHEMA IF NOT EXISTS pgferry;
+             -- Only when missing: CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when
+             -- the schema exists (an administrator creates it for a least-privilege role).
+             DO $$ BEGIN IF to_regnamespace('pgferry') IS NULL THEN CREATE SCHEMA pgferry; END IF; END $$;
              CREATE TABLE IF NOT EXISTS pgferry.snapshot_state (
                  slot_name text PRIMARY KEY,
                  consistent_lsn pg_lsn NOT NULL,

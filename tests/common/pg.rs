@@ -175,10 +175,17 @@ impl PgCluster {
             "initdb",
         );
         let port = super::free_port();
+        // PostgreSQL 18 counts replication origins against their own limit (default 10);
+        // before 18, max_replication_slots is that limit too.
+        let origins = if server_major(bin_dir) >= 18 {
+            "max_active_replication_origins = 256\n"
+        } else {
+            ""
+        };
         let conf = format!(
             "wal_level = logical\ntrack_commit_timestamp = on\nmax_replication_slots = 256\n\
-             max_wal_senders = 32\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\n\
-             shared_buffers = 64MB\nmax_connections = 200\n{}",
+             {origins}max_wal_senders = 32\nfsync = off\nsynchronous_commit = off\n\
+             full_page_writes = off\nshared_buffers = 64MB\nmax_connections = 200\n{}",
             local_settings(port, &dir, extra)
         );
         let conf_path = data.join("postgresql.auto.conf");
@@ -443,6 +450,18 @@ fn local_settings(port: u16, dir: &std::path::Path, extra: &[(&str, &str)]) -> S
         conf.push_str(&format!("{k} = {v}\n"));
     }
     conf
+}
+
+/// The major version of the server in `bin_dir` (`postgres --version`).
+pub fn server_major(bin_dir: &str) -> u32 {
+    let out = Command::new(format!("{bin_dir}/postgres"))
+        .arg("--version")
+        .output()
+        .expect("postgres --version");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .find_map(|w| w.split('.').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("cannot read the version of {bin_dir}/postgres: {text}"))
 }
 
 /// Runs a server tool; panics with its stderr when it fails.

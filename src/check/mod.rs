@@ -1,6 +1,8 @@
 //! `pgferry check`: preflight of a config against the real servers. Each problem is one line
 //! saying what is wrong and how to fix it; the command exits 0 only when there are none.
 
+mod privileges;
+
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -76,6 +78,15 @@ async fn check_source(config: &Config, source: &SourceConfig, problems: &mut Vec
         problems.push(problem(
             format!(
                 "cannot list tables on source {target}: {}",
+                crate::error::ErrorChain(&e)
+            ),
+            "grant the pgferry role read access to pg_catalog (the default)",
+        ));
+    }
+    if let Err(e) = privileges::capture(&client, source, problems).await {
+        problems.push(problem(
+            format!(
+                "cannot read privileges on source {target}: {}",
                 crate::error::ErrorChain(&e)
             ),
             "grant the pgferry role read access to pg_catalog (the default)",
@@ -159,9 +170,10 @@ async fn check_server_settings(
         }
     }
     if !row.get::<_, Option<bool>>(5).unwrap_or(false) {
+        let role = source.url.config().get_user().unwrap_or("postgres");
         problems.push(problem(
-            "the source role has neither REPLICATION nor SUPERUSER",
-            "ALTER ROLE <user> REPLICATION",
+            format!("the source role {role} has neither REPLICATION nor SUPERUSER"),
+            format!("ALTER ROLE {} REPLICATION", crate::sql::quote_ident(role)),
         ));
     }
     check_slot_retention(client, &slot_name, problems).await
@@ -359,8 +371,8 @@ async fn check_origin_room(
     }
 }
 
-/// A target must accept the apply session (superuser: `session_replication_role` and
-/// replication origins need it) and hold every listed table, with a primary key.
+/// A target must accept the apply session (a superuser, or the privileges of
+/// [`crate::roles`]) and hold every listed table, with a primary key.
 async fn check_target(
     kafka: &KafkaConfig,
     apply: &ApplyConfig,
@@ -381,26 +393,14 @@ async fn check_target(
             return;
         }
     };
-    match client
-        .query_one(
-            "SELECT rolsuper FROM pg_roles WHERE rolname = current_user",
-            &[],
-        )
-        .await
-    {
-        Ok(row) if !row.get::<_, bool>(0) => problems.push(problem(
-            format!("the role on apply target {name} is not a superuser"),
-            "apply sets session_replication_role and uses replication origins, which need \
-             superuser: connect as a superuser role",
-        )),
-        Ok(_) => {}
-        Err(e) => problems.push(problem(
+    if let Err(e) = privileges::apply(&client, apply, &name, problems).await {
+        problems.push(problem(
             format!(
-                "cannot read roles on apply target {name}: {}",
+                "cannot read privileges on apply target {name}: {}",
                 crate::error::ErrorChain(&e)
             ),
             "grant read access to pg_catalog",
-        )),
+        ));
     }
     check_origin_room(apply, target, &client, &name, problems).await;
     for node in &apply.nodes {
