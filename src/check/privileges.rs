@@ -127,9 +127,10 @@ async fn schema(
         .query_one(
             "SELECT to_regnamespace('pgferry') IS NOT NULL,
                     has_database_privilege(current_database(), 'CREATE'),
-                    coalesce(has_schema_privilege('pgferry', 'USAGE')
-                             AND has_schema_privilege('pgferry', 'CREATE'), false)
-                      AND to_regnamespace('pgferry') IS NOT NULL,
+                    -- By OID: a missing schema gives NULL rather than an error.
+                    coalesce(has_schema_privilege(to_regnamespace('pgferry'), 'USAGE')
+                             AND has_schema_privilege(to_regnamespace('pgferry'), 'CREATE'),
+                             false),
                     (SELECT string_agg(c.relname, ', ' ORDER BY c.relname)
                        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                       WHERE n.nspname = 'pgferry' AND c.relkind = 'r'
