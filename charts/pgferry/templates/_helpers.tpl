@@ -53,10 +53,19 @@ add it to your own PostgreSQL pod:
     - secretRef:
         name: {{ . }}
   {{- end }}
+  {{- with .Values.pgferry.extraEnv }}
+  env:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
   volumeMounts:
     - name: pgferry-config
       mountPath: /etc/pgferry
       readOnly: true
+    {{- range .Values.pgferry.secretMounts }}
+    - name: secret-{{ .name }}
+      mountPath: /etc/pgferry/secrets/{{ .name }}
+      readOnly: true
+    {{- end }}
     {{- if .Values.postgres.enabled }}
     # The superuser password, for `password_file` in the config.
     - name: postgres-secret
@@ -78,6 +87,12 @@ add it to your own PostgreSQL pod:
 - name: pgferry-config
   configMap:
     name: {{ include "pgferry.fullname" . }}
+{{- range .Values.pgferry.secretMounts }}
+- name: secret-{{ .name }}
+  secret:
+    secretName: {{ .secretName }}
+    defaultMode: {{ .defaultMode | default 288 }}
+{{- end }}
 {{- if .Values.postgres.enabled }}
 - name: postgres-secret
   secret:
