@@ -131,6 +131,17 @@ fn pipeline_configs(
     ((capture, cap_port), (apply, app_port))
 }
 
+/// The capture config of [`pipeline_configs`].
+fn capture_yaml(
+    url: &dyn Fn(&str) -> String,
+    src: &str,
+    dst: &str,
+    brokers: &str,
+    kafka_extra: &str,
+) -> String {
+    pipeline_configs(url, src, dst, brokers, kafka_extra).0 .0
+}
+
 /// Starts capture and apply, writes rows to `src`, and waits until `dst` matches; returns
 /// both processes, still running.
 async fn replicate(
@@ -237,21 +248,25 @@ async fn verify_full_over_tls_only_server_and_every_connection_encrypted() {
     let wrong_ca = |db: &str| {
         format!("postgres://ferry@localhost:{port}/{db}?sslmode=verify-full&sslrootcert={wrong}")
     };
-    let (ok, text) = check(
-        &pipeline_configs(&wrong_ca, &src, &dst, &broker().address(), "")
-            .0
-             .0,
-    );
+    let (ok, text) = check(&capture_yaml(
+        &wrong_ca,
+        &src,
+        &dst,
+        &broker().address(),
+        "",
+    ));
     assert!(!ok && text.contains("certificate verify failed"), "{text}");
     // The right CA, but a host the certificate does not name.
     let wrong_host = |db: &str| {
         format!("postgres://ferry@127.0.0.1:{port}/{db}?sslmode=verify-full&sslrootcert={ca}")
     };
-    let (ok, text) = check(
-        &pipeline_configs(&wrong_host, &src, &dst, &broker().address(), "")
-            .0
-             .0,
-    );
+    let (ok, text) = check(&capture_yaml(
+        &wrong_host,
+        &src,
+        &dst,
+        &broker().address(),
+        "",
+    ));
     assert!(
         !ok && text.contains("certificate verify failed") && text.contains("address mismatch"),
         "{text}"
@@ -260,20 +275,43 @@ async fn verify_full_over_tls_only_server_and_every_connection_encrypted() {
     let verify_ca = |db: &str| {
         format!("postgres://ferry@127.0.0.1:{port}/{db}?sslmode=verify-ca&sslrootcert={ca}")
     };
-    let (ok, text) = check(
-        &pipeline_configs(&verify_ca, &src, &dst, &broker().address(), "")
-            .0
-             .0,
-    );
+    let (ok, text) = check(&capture_yaml(
+        &verify_ca,
+        &src,
+        &dst,
+        &broker().address(),
+        "",
+    ));
     assert!(ok, "verify-ca: {text}");
     // Without TLS the server has no rule for the connection.
     let plain = |db: &str| format!("postgres://ferry@localhost:{port}/{db}?sslmode=disable");
-    let (ok, text) = check(
-        &pipeline_configs(&plain, &src, &dst, &broker().address(), "")
-            .0
-             .0,
-    );
+    let (ok, text) = check(&capture_yaml(&plain, &src, &dst, &broker().address(), ""));
     assert!(!ok && text.contains("no encryption"), "{text}");
+    // PostgreSQL 17+: TLS without the SSLRequest round trip, on both connection kinds.
+    if common::pg::server_major(&cluster.bin_dir) >= 17 {
+        let direct = |db: &str| format!("{}&sslnegotiation=direct", url(db));
+        let (ok, text) = check(&capture_yaml(&direct, &src, &dst, &broker().address(), ""));
+        assert!(ok, "sslnegotiation=direct: {text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn require_refuses_a_server_without_tls() {
+    // The shared cluster has ssl off: sslmode=require must not fall back to plain text.
+    let cluster = PgCluster::shared();
+    let (db, _) = cluster.fresh_db("notls", DDL).await;
+    let port = cluster.port;
+    let url = |db: &str| format!("postgres://postgres@127.0.0.1:{port}/{db}?sslmode=require");
+    let (ok, text) = check(&capture_yaml(&url, &db, &db, &broker().address(), ""));
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("server does not support TLS") || text.contains("does not accept TLS"),
+        "{text}"
+    );
+    // prefer (the default) goes on in plain text with the same server.
+    let prefer = |db: &str| format!("postgres://postgres@127.0.0.1:{port}/{db}");
+    let (ok, text) = check(&capture_yaml(&prefer, &db, &db, &broker().address(), ""));
+    assert!(ok, "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -298,19 +336,17 @@ async fn client_certificate_with_encrypted_key_replicates() {
     let no_cert = |db: &str| {
         format!("postgres://ferry_cert@localhost:{port}/{db}?sslmode=verify-full&sslrootcert={ca}")
     };
-    let (ok, text) = check(
-        &pipeline_configs(&no_cert, &src, &dst, &broker().address(), "")
-            .0
-             .0,
-    );
+    let (ok, text) = check(&capture_yaml(&no_cert, &src, &dst, &broker().address(), ""));
     assert!(!ok && text.contains("certificate"), "{text}");
     // A wrong passphrase for the key is named as a key problem.
     let bad_pass = |db: &str| url(db).replace(KEY_PASSPHRASE, "not-the-passphrase");
-    let (ok, text) = check(
-        &pipeline_configs(&bad_pass, &src, &dst, &broker().address(), "")
-            .0
-             .0,
-    );
+    let (ok, text) = check(&capture_yaml(
+        &bad_pass,
+        &src,
+        &dst,
+        &broker().address(),
+        "",
+    ));
     assert!(!ok && text.contains("sslkey"), "{text}");
 
     let _running = replicate(
@@ -363,22 +399,20 @@ async fn kafka_over_tls_carries_capture_to_apply() {
         ca.display()
     );
     // Plaintext against the TLS port fails; a wrong CA fails on the certificate.
-    let (ok, text) = check(
-        &pipeline_configs(&url, &src, &dst, &tls_broker.address(), "")
-            .0
-             .0,
-    );
+    let (ok, text) = check(&capture_yaml(&url, &src, &dst, &tls_broker.address(), ""));
     assert!(!ok && text.contains("Kafka brokers"), "{text}");
     let wrong = Ca::new(&tempfile::tempdir().unwrap().keep(), "other");
     let wrong_props = props.replace(
         &ca.display().to_string(),
         &wrong.cert_path.display().to_string(),
     );
-    let (ok, text) = check(
-        &pipeline_configs(&url, &src, &dst, &tls_broker.address(), &wrong_props)
-            .0
-             .0,
-    );
+    let (ok, text) = check(&capture_yaml(
+        &url,
+        &src,
+        &dst,
+        &tls_broker.address(),
+        &wrong_props,
+    ));
     assert!(!ok && text.contains("certificate verify failed"), "{text}");
 
     let configs = pipeline_configs(&url, &src, &dst, &tls_broker.address(), &props);
@@ -409,28 +443,26 @@ async fn kafka_sasl_scram_over_tls_is_negotiated() {
          broker.address.family: v4\n",
         ca.display()
     );
-    let (ok, text) = check(
-        &pipeline_configs(&url, &src, &src, &sasl_broker.address(), &tls_only)
-            .0
-             .0,
-    );
+    let (ok, text) = check(&capture_yaml(
+        &url,
+        &src,
+        &src,
+        &sasl_broker.address(),
+        &tls_only,
+    ));
     assert!(!ok && text.contains("Kafka brokers"), "{text}");
     // SCRAM-SHA-512 runs to the broker's credential check over TLS. tansu 0.6.0 offers
     // SCRAM-SHA-512 but keeps SCRAM users only in the memory of a broker without
     // --authentication (its S3 engine does not store them, its postgres engine is not built
     // in), so no user can exist on a broker that requires SASL: the exchange ends in the
     // broker's `unknown-user`, which shows the client side of SCRAM working end to end.
-    let (ok, text) = check(
-        &pipeline_configs(
-            &url,
-            &src,
-            &src,
-            &sasl_broker.address(),
-            &sasl("SCRAM-SHA-512"),
-        )
-        .0
-         .0,
-    );
+    let (ok, text) = check(&capture_yaml(
+        &url,
+        &src,
+        &src,
+        &sasl_broker.address(),
+        &sasl("SCRAM-SHA-512"),
+    ));
     assert!(
         !ok && text.contains("SASL SCRAM authentication failed") && text.contains("unknown-user"),
         "{text}"
@@ -440,11 +472,13 @@ async fn kafka_sasl_scram_over_tls_is_negotiated() {
         "the SASL password was printed:\n{text}"
     );
     // A mechanism the broker does not offer is named as such.
-    let (ok, text) = check(
-        &pipeline_configs(&url, &src, &src, &sasl_broker.address(), &sasl("PLAIN"))
-            .0
-             .0,
-    );
+    let (ok, text) = check(&capture_yaml(
+        &url,
+        &src,
+        &src,
+        &sasl_broker.address(),
+        &sasl("PLAIN"),
+    ));
     assert!(!ok && text.contains("SASL"), "{text}");
 }
 
