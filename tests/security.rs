@@ -271,6 +271,21 @@ async fn verify_full_over_tls_only_server_and_every_connection_encrypted() {
         !ok && text.contains("certificate verify failed") && text.contains("address mismatch"),
         "{text}"
     );
+    // A CA file that is not there is named.
+    let missing_ca = |db: &str| {
+        format!("postgres://ferry@localhost:{port}/{db}?sslmode=verify-full&sslrootcert=/nonexistent/ca.crt")
+    };
+    let (ok, text) = check(&capture_yaml(
+        &missing_ca,
+        &src,
+        &dst,
+        &broker().address(),
+        "",
+    ));
+    assert!(
+        !ok && text.contains("cannot load sslrootcert /nonexistent/ca.crt"),
+        "{text}"
+    );
     // verify-ca checks the chain only, so the same host is accepted.
     let verify_ca = |db: &str| {
         format!("postgres://ferry@127.0.0.1:{port}/{db}?sslmode=verify-ca&sslrootcert={ca}")
