@@ -47,6 +47,23 @@ pub enum TlsSetupError {
         #[source]
         source: std::io::Error,
     },
+    /// The key file is readable by more than its owner (libpq's rule).
+    #[error("sslkey {} has group or world access (mode {mode:o}): it must be u=rw (0600) or less, or u=rw,g=r (0640) or less when owned by root", .path.display())]
+    KeyPermissions {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The key file's metadata could not be read.
+    #[error("cannot read sslkey {}", .path.display())]
+    KeyMetadata {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// `sslrootcert=system` and no trust store was found.
     #[error("sslrootcert=system: no system trust store found (set SSL_CERT_FILE, or give sslrootcert a CA file)")]
     NoSystemStore,
@@ -102,6 +119,7 @@ pub fn connector(tls: &PgTls) -> Result<SslConnector, TlsSetupError> {
         SslVerifyMode::NONE
     });
     if let (Some(cert), Some(key)) = (&tls.client_cert, &tls.client_key) {
+        check_key_permissions(key)?;
         builder
             .set_certificate_chain_file(cert)
             .map_err(file_error("sslcert", cert))?;
@@ -125,6 +143,31 @@ pub fn connector(tls: &PgTls) -> Result<SslConnector, TlsSetupError> {
             .map_err(file_error("sslkey (does it match sslcert?)", key))?;
     }
     Ok(builder.build())
+}
+
+/// libpq's rule for private key files: no group or world access, except group read when root
+/// owns the file (as Kubernetes mounts a Secret with `defaultMode: 0440`). Symlinks are
+/// followed, as Secret mounts use them.
+fn check_key_permissions(path: &Path) -> Result<(), TlsSetupError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|source| TlsSetupError::KeyMetadata {
+        path: path.to_owned(),
+        source,
+    })?;
+    if key_mode_allowed(meta.mode(), meta.uid()) {
+        Ok(())
+    } else {
+        Err(TlsSetupError::KeyPermissions {
+            path: path.to_owned(),
+            mode: meta.mode() & 0o777,
+        })
+    }
+}
+
+/// Whether a key file with these mode bits and owner passes libpq's check.
+fn key_mode_allowed(mode: u32, owner_uid: u32) -> bool {
+    let forbidden = if owner_uid == 0 { 0o037 } else { 0o077 };
+    mode & forbidden == 0
 }
 
 /// The per-connection settings: host name checking only in `verify-full`.
@@ -189,5 +232,39 @@ where
         let connector = connector(&self.tls)?;
         let config = configure(&connector, &self.tls)?;
         Ok(postgres_openssl::TlsConnector::new(config, domain))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_permissions_follow_libpq() {
+        assert!(key_mode_allowed(0o100600, 1000));
+        assert!(key_mode_allowed(0o100400, 1000));
+        assert!(!key_mode_allowed(0o100640, 1000));
+        assert!(!key_mode_allowed(0o100604, 1000));
+        // Owned by root: group read is fine (Kubernetes Secret mounts), more is not.
+        assert!(key_mode_allowed(0o100640, 0));
+        assert!(key_mode_allowed(0o100440, 0));
+        assert!(!key_mode_allowed(0o100660, 0));
+        assert!(!key_mode_allowed(0o100644, 0));
+    }
+
+    #[test]
+    fn a_world_readable_key_is_refused_by_name() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("client.key");
+        std::fs::write(&key, "not a key").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = check_key_permissions(&key).unwrap_err();
+        assert!(
+            err.to_string().contains("group or world access (mode 644)"),
+            "{err}"
+        );
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(check_key_permissions(&key).is_ok());
     }
 }
