@@ -386,6 +386,12 @@ async fn client_certificate_with_encrypted_key_replicates() {
 
 /// Certificates for the broker's TLS terminator: `localhost` and 127.0.0.1.
 fn broker_certs() -> (PathBuf, PathBuf, PathBuf) {
+    let (ca, _, cert, key) = broker_ca();
+    (ca.cert_path, cert, key)
+}
+
+/// [`broker_certs`] with the CA itself (to sign client certificates) and its directory.
+fn broker_ca() -> (Ca, PathBuf, PathBuf, PathBuf) {
     let dir = tempfile::tempdir().expect("cert dir").keep();
     let ca = Ca::new(&dir, "kafka-ca");
     let (cert, key) = ca.issue(
@@ -396,13 +402,13 @@ fn broker_certs() -> (PathBuf, PathBuf, PathBuf) {
         &["127.0.0.1"],
         None,
     );
-    (ca.cert_path, cert, key)
+    (ca, dir, cert, key)
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kafka_over_tls_carries_capture_to_apply() {
     let (ca, cert, key) = broker_certs();
-    let tls_broker = Broker::start_tls(&cert, &key, false);
+    let tls_broker = Broker::start_tls(&cert, &key, false, None);
     let cluster = PgCluster::shared();
     let (src, _) = cluster.fresh_db("ktls_src", DDL).await;
     let (dst, _) = cluster.fresh_db("ktls_dst", DDL).await;
@@ -439,7 +445,7 @@ async fn kafka_over_tls_carries_capture_to_apply() {
 #[tokio::test(flavor = "multi_thread")]
 async fn kafka_sasl_scram_over_tls_is_negotiated() {
     let (ca, cert, key) = broker_certs();
-    let sasl_broker = Broker::start_tls(&cert, &key, true);
+    let sasl_broker = Broker::start_tls(&cert, &key, true, None);
     let cluster = PgCluster::shared();
     let (src, _) = cluster.fresh_db("ksasl_src", DDL).await;
     let port = cluster.port;
@@ -547,7 +553,7 @@ async fn secrets_never_reach_any_output_of_failing_configs() {
         pg.client_key.display().to_string(),
     );
     let (kca, kcert, kkey) = broker_certs();
-    let sasl_broker = Broker::start_tls(&kcert, &kkey, true);
+    let sasl_broker = Broker::start_tls(&kcert, &kkey, true, None);
     let brokers = broker().address();
     let tls = format!("sslmode=verify-full&sslrootcert={ca}");
     let source = |url: String, password: &str| {
@@ -1012,4 +1018,59 @@ async fn least_privilege_roles_from_pgferry_roles_capture_and_apply() {
         .unwrap()
         .get(0);
     assert!(rows > 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kafka_mutual_tls_with_an_encrypted_client_key() {
+    let (ca, dir, cert, key) = broker_ca();
+    let (client_cert, client_key) = ca.issue(
+        &dir,
+        "client",
+        "pgferry",
+        &[],
+        &[],
+        Some("kafka-key-pass-771"),
+    );
+    let broker = Broker::start_tls(&cert, &key, false, Some(&ca.cert_path));
+    let cluster = PgCluster::shared();
+    let (src, _) = cluster.fresh_db("kmtls_src", DDL).await;
+    let (dst, _) = cluster.fresh_db("kmtls_dst", DDL).await;
+    let port = cluster.port;
+    let url = |db: &str| format!("postgres://postgres@127.0.0.1:{port}/{db}");
+    let props = |with_cert: bool| {
+        let mut p = format!(
+            "  properties:\n    security.protocol: SSL\n    ssl.ca.location: {}\n    \
+             broker.address.family: v4\n",
+            ca.cert_path.display()
+        );
+        if with_cert {
+            p.push_str(&format!(
+                "    ssl.certificate.location: {}\n    ssl.key.location: {}\n    \
+                 ssl.key.password: kafka-key-pass-771\n",
+                client_cert.display(),
+                client_key.display()
+            ));
+        }
+        p
+    };
+    // Without a client certificate the terminator ends the handshake.
+    let (ok, text) = check(&capture_yaml(
+        &url,
+        &src,
+        &dst,
+        &broker.address(),
+        &props(false),
+    ));
+    assert!(!ok && text.contains("certificate required"), "{text}");
+    let configs = pipeline_configs(&url, &src, &dst, &broker.address(), &props(true));
+    let (ok, text) = check(&capture_yaml(
+        &url,
+        &src,
+        &dst,
+        &broker.address(),
+        &props(true),
+    ));
+    assert!(ok, "check with the client certificate:\n{text}");
+    assert!(!text.contains("kafka-key-pass-771"), "{text}");
+    let _running = replicate(cluster, &src, &dst, configs).await;
 }

@@ -123,11 +123,13 @@ impl Broker {
     /// command line and a certificate alone does not turn TLS on for its listener, so the
     /// TLS end is Debian's stunnel4. tansu advertises `localhost:<TLS port>`, so clients come
     /// back through the terminator and check the certificate against `localhost`.
-    /// `authentication`: tansu requires SASL (it offers SCRAM-SHA-512).
+    /// `authentication`: tansu requires SASL (it offers SCRAM-SHA-512). `client_ca`: the
+    /// terminator requires a client certificate that this CA signed (mutual TLS).
     pub fn start_tls(
         cert: &std::path::Path,
         key: &std::path::Path,
         authentication: bool,
+        client_ca: Option<&std::path::Path>,
     ) -> Broker {
         let tls_port = super::free_port();
         let plain_port = super::free_port();
@@ -143,9 +145,15 @@ impl Broker {
             &conf,
             format!(
                 "foreground = yes\npid =\n[kafka]\naccept = 127.0.0.1:{tls_port}\n\
-                 connect = 127.0.0.1:{plain_port}\ncert = {}\nkey = {}\n",
+                 connect = 127.0.0.1:{plain_port}\ncert = {}\nkey = {}\n{}",
                 cert.display(),
-                key.display()
+                key.display(),
+                client_ca
+                    .map(|ca| format!(
+                        "requireCert = yes\nverifyChain = yes\nCAfile = {}\n",
+                        ca.display()
+                    ))
+                    .unwrap_or_default()
             ),
         )
         .expect("write stunnel.conf");
