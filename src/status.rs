@@ -22,16 +22,19 @@ pub async fn report(config: &Config) -> String {
             source.url.display_target()
         );
         match crate::pg::connect(&source.url, "pgferry-status").await {
-            Ok(client) => match slot_status(&client, &slot).await {
-                Ok(text) => out.push_str(&text),
-                Err(e) => {
-                    let _ = writeln!(
-                        out,
-                        "  cannot read the slot: {}",
-                        crate::error::ErrorChain(&e)
-                    );
+            Ok(client) => {
+                out.push_str(&connection(&client, &source.url).await);
+                match slot_status(&client, &slot).await {
+                    Ok(text) => out.push_str(&text),
+                    Err(e) => {
+                        let _ = writeln!(
+                            out,
+                            "  cannot read the slot: {}",
+                            crate::error::ErrorChain(&e)
+                        );
+                    }
                 }
-            },
+            }
             Err(e) => {
                 let _ = writeln!(out, "  unreachable: {}", crate::error::ErrorChain(&e));
             }
@@ -43,6 +46,38 @@ pub async fn report(config: &Config) -> String {
         }
     }
     out
+}
+
+/// How this session is connected: TLS (protocol, cipher, whether the server certificate was
+/// checked) or plain text, as the server's `pg_stat_ssl` sees it.
+async fn connection(client: &Client, url: &crate::config::PgUrl) -> String {
+    let row = client
+        .query_opt(
+            "SELECT ssl, version, cipher FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await;
+    let tls = url.tls();
+    let checked = if tls.verifies_host() {
+        "certificate and host name verified"
+    } else if tls.verifies_chain() {
+        "certificate verified, host name not checked"
+    } else {
+        "server certificate not verified"
+    };
+    match row {
+        Ok(Some(r)) if r.get::<_, bool>(0) => format!(
+            "  connection: TLS {} {} (sslmode {}: {checked})\n",
+            r.get::<_, Option<String>>(1).unwrap_or_default(),
+            r.get::<_, Option<String>>(2).unwrap_or_default(),
+            tls.mode.as_str()
+        ),
+        Ok(_) => format!(
+            "  connection: plain text, no TLS (sslmode {})\n",
+            tls.mode.as_str()
+        ),
+        Err(e) => format!("  connection: unknown ({})\n", crate::error::ErrorChain(&e)),
+    }
 }
 
 async fn slot_status(client: &Client, slot: &str) -> Result<String, tokio_postgres::Error> {
@@ -83,6 +118,7 @@ async fn target_status(target: &TargetConfig) -> String {
             return out;
         }
     };
+    out.push_str(&connection(&client, &target.url).await);
     match applied(&client).await {
         Ok(text) => out.push_str(&text),
         Err(e) => {

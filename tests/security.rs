@@ -222,6 +222,7 @@ async fn verify_full_over_tls_only_server_and_every_connection_encrypted() {
         )
     };
     let configs = pipeline_configs(&url, &src, &dst, &broker().address(), "");
+    let configs_text = (configs.0 .0.clone(), configs.1 .0.clone());
     let (ok, text) = check(&configs.0 .0);
     assert!(ok, "check of the capture config failed:\n{text}");
     let (ok, text) = check(&configs.1 .0);
@@ -270,6 +271,15 @@ async fn verify_full_over_tls_only_server_and_every_connection_encrypted() {
     assert!(
         !ok && text.contains("certificate verify failed") && text.contains("address mismatch"),
         "{text}"
+    );
+    // status says how it is connected.
+    let status_config = write_config(&configs_text.1);
+    let (ok, status, err) = pgferry(&["status", "--config", status_config.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(
+        status.contains("connection: TLS TLSv1.")
+            && status.contains("sslmode verify-full: certificate and host name verified"),
+        "{status}"
     );
     // A CA file that is not there is named.
     let missing_ca = |db: &str| {
