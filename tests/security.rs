@@ -754,12 +754,14 @@ fn lsn_text(lsn: u64) -> String {
 async fn records_for_system_or_unannounced_tables_are_dead_lettered_never_applied() {
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
     let cluster = PgCluster::shared();
-    let (master, source) = cluster.fresh_db("admit_m", DDL).await;
+    // `other` is published and announced, but apply.tables leaves it out: filtered.
+    let other = "CREATE TABLE other (id int PRIMARY KEY);";
+    let (master, source) = cluster.fresh_db("admit_m", &format!("{DDL} {other}")).await;
     // `secret` exists only on the replica: the source never published it.
     let (replica, target) = cluster
         .fresh_db(
             "admit_r",
-            &format!("{DDL} CREATE TABLE secret (id int PRIMARY KEY);"),
+            &format!("{DDL} CREATE TABLE secret (id int PRIMARY KEY); {other}"),
         )
         .await;
     let capture = Ferry::capture(cluster, &master, &broker().address(), "");
@@ -772,12 +774,12 @@ async fn records_for_system_or_unannounced_tables_are_dead_lettered_never_applie
             &[cluster.url(&replica)],
             &broker().address(),
             port,
-            "",
+            "  tables: [public.items]\n",
         ),
         port,
     );
     source
-        .batch_execute("INSERT INTO items VALUES (1, 'first')")
+        .batch_execute("INSERT INTO other VALUES (7); INSERT INTO items VALUES (1, 'first')")
         .await
         .unwrap();
     common::wait_for("the first row", Duration::from_secs(60), || async {
@@ -895,6 +897,17 @@ async fn records_for_system_or_unannounced_tables_are_dead_lettered_never_applie
     assert_eq!(
         applier.metric("pgferry_apply_dead_letters_total", ""),
         Some(4.0)
+    );
+    // The announced table outside apply.tables was skipped, not applied, not dead-lettered.
+    let others: i64 = target
+        .query_one("SELECT count(*) FROM other", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(others, 0);
+    assert_eq!(
+        applier.metric("pgferry_apply_filtered_total", ""),
+        Some(1.0)
     );
 }
 

@@ -1199,7 +1199,13 @@ impl Worker {
             &self.announced,
         ) {
             Admission::Apply => {}
-            Admission::Filtered => return Ok(None),
+            Admission::Filtered => {
+                self.metrics
+                    .apply_filtered
+                    .with_label_values(&[&self.settings.node])
+                    .inc();
+                return Ok(None);
+            }
             Admission::Refused(reason) => {
                 self.bad_message(client, message, &reason).await?;
                 return Ok(None);

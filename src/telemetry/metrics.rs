@@ -60,6 +60,9 @@ pub struct Metrics {
     /// Target transactions undone and replayed after a lock conflict (deadlock, serialization
     /// failure, lock timeout), by source node.
     pub apply_lock_conflicts: IntCounterVec,
+    /// Changes skipped because their (announced) table is not in `apply.tables`, by source
+    /// node.
+    pub apply_filtered: IntCounterVec,
     /// Seconds between the source commit and its apply commit, for the last batch.
     pub apply_lag_seconds: Gauge,
     /// Seconds from handing a message to the producer to Kafka's acknowledgement.
@@ -268,6 +271,13 @@ impl Metrics {
                 "pgferry_apply_lock_conflicts_total",
                 "Target transactions undone and replayed after a lock conflict (deadlock, \
                  serialization failure or lock timeout) with local writers or other workers.",
+                &["node"],
+            ),
+            apply_filtered: counter_vec(
+                r,
+                "pgferry_apply_filtered_total",
+                "Changes skipped because their table, announced by the node stream, is not in \
+                 apply.tables.",
                 &["node"],
             ),
             stage_restarts: counter_vec(
