@@ -215,9 +215,10 @@ pub fn is_safe_type_name(name: &str) -> bool {
             return false;
         }
     }
+    // One name, or SQL's multi-word keywords alone: never a name beside keywords ("default
+    // character" is neither).
     !in_brackets
-        && (free_names == 1 || (free_names == 0 && keywords > 0))
-        && !(qualified && free_names == 0)
+        && ((free_names == 1 && keywords == 0) || (free_names == 0 && keywords > 0 && !qualified))
 }
 
 /// `CREATE TABLE IF NOT EXISTS` with the source's columns and key. `None` when a type name is
@@ -1000,6 +1001,55 @@ mod tests {
         );
     }
 
+    use proptest::strategy::Strategy;
+
+    proptest::proptest! {
+        /// Whatever the stream sends, an accepted type name is one name (plus SQL's type
+        /// keywords, a numeric modifier and array brackets): nothing that could end the column
+        /// definition or add a clause to it.
+        #[test]
+        fn accepted_type_names_cannot_carry_sql(
+            name in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "int", "numeric", "character", "varying", "timestamp", "with", "time",
+                    "zone", "double", "precision", "public", ".", "(", ")", "12", ",", " ", "[",
+                    "]", "\"My Type\"", "\"a;b\"", "default", "collate", "not", "null", ";",
+                    "--", "'", "/*", "check", "x",
+                ]),
+                1..7,
+            ).prop_map(|tokens: Vec<&str>| tokens.concat())
+        ) {
+            if is_safe_type_name(&name) {
+                // A double-quoted identifier is one name whatever it holds: look outside them.
+                let mut bare = String::new();
+                for (i, part) in name.split('"').enumerate() {
+                    bare.push_str(if i % 2 == 0 { part } else { "q" });
+                }
+                for bad in [";", "--", "'", "/*"] {
+                    proptest::prop_assert!(!bare.contains(bad), "{name:?}");
+                }
+                let words: Vec<String> = bare
+                    .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                    .filter(|w| !w.is_empty() && !w.chars().all(|c| c.is_ascii_digit()))
+                    .map(str::to_ascii_lowercase)
+                    .collect();
+                let free = words
+                    .iter()
+                    .filter(|w| !TYPE_KEYWORDS.contains(&w.as_str()))
+                    .count();
+                let qualified = bare.contains('.');
+                // One name (two with a schema), or keywords alone: a clause word such as
+                // DEFAULT or COLLATE beside a type would be a second name or a name beside
+                // keywords.
+                proptest::prop_assert!(free <= 1 + usize::from(qualified), "{name:?}");
+                proptest::prop_assert!(
+                    free == 0 || free == words.len() || qualified,
+                    "{name:?}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn create_table_and_type_name_safety() {
         let ddl = create_table(
@@ -1052,6 +1102,8 @@ mod tests {
             "int)",
             "(int)",
             "\"\"",
+            "default character",
+            "int varying",
         ] {
             assert!(!is_safe_type_name(bad), "{bad}");
         }

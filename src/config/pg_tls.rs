@@ -355,6 +355,45 @@ mod tests {
         assert!(tls.verifies_chain() && !tls.verifies_host());
     }
 
+    proptest::proptest! {
+        /// Whatever order and spelling the parameters come in, the TLS ones are taken out with
+        /// their values, and every other parameter reaches tokio-postgres unchanged.
+        #[test]
+        fn tls_parameters_are_taken_out_and_the_rest_kept_verbatim(
+            mode in proptest::sample::select(vec!["disable", "allow", "prefer", "require"]),
+            cert in "[a-z/]{1,12}",
+            others in proptest::collection::vec(("(application_name|connect_timeout|options)", "[a-z0-9]{1,8}"), 0..4),
+            key_value_form in proptest::bool::ANY,
+            order in proptest::collection::vec(0usize..100, 0..8),
+        ) {
+            let mut params: Vec<(String, String)> = vec![
+                ("sslmode".into(), mode.to_owned()),
+                ("sslcert".into(), format!("/c/{cert}")),
+                ("sslkey".into(), format!("/k/{cert}")),
+            ];
+            params.extend(others.iter().map(|(k, v)| (k.clone(), v.clone())));
+            for (i, j) in order.iter().enumerate() {
+                let n = params.len();
+                params.swap(i % n, j % n);
+            }
+            let text = if key_value_form {
+                let pairs: Vec<String> = params.iter().map(|(k, v)| format!("{k}='{v}'")).collect();
+                format!("host=h dbname=d {}", pairs.join(" "))
+            } else {
+                let pairs: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                format!("postgres://u@h:5432/d?{}", pairs.join("&"))
+            };
+            let (rest, tls) = split(&text).unwrap();
+            proptest::prop_assert_eq!(tls.mode.as_str(), mode);
+            proptest::prop_assert_eq!(tls.client_cert, Some(PathBuf::from(format!("/c/{cert}"))));
+            proptest::prop_assert_eq!(tls.client_key, Some(PathBuf::from(format!("/k/{cert}"))));
+            proptest::prop_assert!(!rest.contains("sslmode") && !rest.contains("sslcert") && !rest.contains("sslkey"));
+            for (k, v) in &others {
+                proptest::prop_assert!(rest.contains(k.as_str()) && rest.contains(v.as_str()), "{} lost {}={}", rest, k, v);
+            }
+        }
+    }
+
     #[test]
     fn debug_never_shows_the_key_password() {
         let (_, tls) = split("postgres://h/d?sslpassword=s3cr3tkey").unwrap();
