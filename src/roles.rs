@@ -83,13 +83,13 @@ fn grant_tables(out: &mut String, tables: &Tables<'_>, privileges: &str, role: &
             let _ = writeln!(
                 out,
                 "DO $$ DECLARE s name; BEGIN\n  \
-                 FOR s IN SELECT nspname FROM pg_namespace WHERE nspname NOT LIKE 'pg\\_%' \
-                 AND nspname NOT IN ('information_schema', 'pgferry') LOOP\n    \
+                 FOR s IN SELECT nspname FROM pg_namespace WHERE {schemas} LOOP\n    \
                  EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', s, {l});\n    \
                  EXECUTE format('GRANT {privileges} ON ALL TABLES IN SCHEMA %I TO %I', s, {l});\n  \
                  END LOOP;\nEND $$;\n\
                  -- Tables created later need the same grant (or ALTER DEFAULT PRIVILEGES).",
-                l = quote_literal(role)
+                l = quote_literal(role),
+                schemas = crate::apply::admit::USER_SCHEMA_SQL
             );
         }
     }

@@ -23,6 +23,11 @@ pub fn is_protected_schema(schema: &str) -> bool {
     schema == PGFERRY_SCHEMA || schema == "information_schema" || schema.starts_with("pg_")
 }
 
+/// The same rule in SQL, as a condition on `pg_namespace.nspname`: true for the schemas
+/// [`is_protected_schema`] leaves to the user (the queries that list user tables share it).
+pub const USER_SCHEMA_SQL: &str =
+    "nspname NOT LIKE 'pg\\_%' AND nspname NOT IN ('information_schema', 'pgferry')";
+
 /// What to do with a change to a table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admission {
@@ -34,27 +39,27 @@ pub enum Admission {
     Refused(String),
 }
 
-/// Decides a change to `schema.table`. `wanted` is `apply.tables` (empty: every announced
-/// table); `announced` holds `schema.table` names.
+/// Decides a change to `qualified` (`schema.table`, as the applier already names it; `schema`
+/// is its first part). `wanted` is `apply.tables` (empty: every announced table); `announced`
+/// holds `schema.table` names.
 pub fn admit(
     schema: &str,
-    table: &str,
+    qualified: &str,
     wanted: &[String],
     announced: &HashSet<String>,
 ) -> Admission {
-    let qualified = format!("{schema}.{table}");
     if is_protected_schema(schema) {
         return Admission::Refused(format!(
             "{qualified} is in {schema}, a system schema or pgferry's own: never applied"
         ));
     }
-    if !announced.contains(&qualified) {
+    if !announced.contains(qualified) {
         return Admission::Refused(format!(
             "{qualified} was never announced on this node stream (no relation record): it is \
              not in the source's published set"
         ));
     }
-    if !wanted.is_empty() && !wanted.contains(&qualified) {
+    if !wanted.is_empty() && !wanted.iter().any(|t| t == qualified) {
         return Admission::Filtered;
     }
     Admission::Apply
@@ -82,24 +87,30 @@ mod tests {
     fn the_rules_in_order() {
         let announced = set(&["public.a", "public.b", "pg_catalog.pg_authid", "pgferry.x"]);
         let wanted = vec!["public.a".to_owned()];
-        assert_eq!(admit("public", "a", &wanted, &announced), Admission::Apply);
         assert_eq!(
-            admit("public", "b", &wanted, &announced),
+            admit("public", "public.a", &wanted, &announced),
+            Admission::Apply
+        );
+        assert_eq!(
+            admit("public", "public.b", &wanted, &announced),
             Admission::Filtered
         );
-        assert_eq!(admit("public", "b", &[], &announced), Admission::Apply);
+        assert_eq!(
+            admit("public", "public.b", &[], &announced),
+            Admission::Apply
+        );
         assert!(matches!(
-            admit("public", "c", &[], &announced),
+            admit("public", "public.c", &[], &announced),
             Admission::Refused(_)
         ));
         // Announced or wanted does not open a protected schema.
         let protected = vec!["pg_catalog.pg_authid".to_owned(), "pgferry.x".to_owned()];
         assert!(matches!(
-            admit("pg_catalog", "pg_authid", &protected, &announced),
+            admit("pg_catalog", "pg_catalog.pg_authid", &protected, &announced),
             Admission::Refused(r) if r.contains("system schema")
         ));
         assert!(matches!(
-            admit("pgferry", "x", &protected, &announced),
+            admit("pgferry", "pgferry.x", &protected, &announced),
             Admission::Refused(_)
         ));
         assert!(admit_relation("pg_toast", "t").is_some());
@@ -120,7 +131,7 @@ mod tests {
             wanted in proptest::collection::vec("(public|app)\\.[a-c]", 0..3),
         ) {
             let qualified = format!("{schema}.{table}");
-            if admit(&schema, &table, &wanted, &announced) == Admission::Apply {
+            if admit(&schema, &qualified, &wanted, &announced) == Admission::Apply {
                 prop_assert!(!is_protected_schema(&schema));
                 prop_assert!(announced.contains(&qualified));
                 prop_assert!(wanted.is_empty() || wanted.contains(&qualified));

@@ -109,12 +109,7 @@ pub async fn join(config: &Config, peer: &str, peer_url: &str) -> Result<Joined,
         .parse()
         .map_err(|e: crate::config::PgUrlError| JoinError::Refused(format!("--peer-url: {e}")))?;
     // Like the config's passwords: never printed, whatever an error or log line carries.
-    if let Some(password) = peer_url.config().get_password() {
-        crate::config::register_secret(&String::from_utf8_lossy(password));
-    }
-    if let Some(password) = &peer_url.tls().key_password {
-        crate::config::register_secret(password.expose());
-    }
+    peer_url.register_secrets();
     let local = crate::pg::connect(&apply.targets[0].url, "pgferry-join")
         .await
         .map_err(sql("connecting to this node's database"))?;

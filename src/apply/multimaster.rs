@@ -328,14 +328,16 @@ pub async fn prepare_node(
     }
     let rows = client
         .query(
-            "SELECT c.oid::int8, n.nspname::text, c.relname::text,
-                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
-               FROM pg_class c
-               JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
-                AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgferry')
-                AND n.nspname NOT LIKE 'pg\\_%'
-              ORDER BY 2, 3",
+            &format!(
+                "SELECT c.oid::int8, n.nspname::text, c.relname::text,
+                        EXISTS (SELECT 1 FROM pg_index i
+                                 WHERE i.indrelid = c.oid AND i.indisprimary)
+                   FROM pg_class c
+                   JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND {}
+                  ORDER BY 2, 3",
+                super::admit::USER_SCHEMA_SQL
+            ),
             &[],
         )
         .await?;

@@ -130,12 +130,14 @@ pub async fn stream_tables(
     }
     let seeded = client
         .execute(
-            "INSERT INTO pgferry.stream_tables (source_node, table_name)
-             SELECT $1, n.nspname || '.' || c.relname
-               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE c.relkind IN ('r', 'p') AND n.nspname <> 'pgferry'
-                AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%'
-             ON CONFLICT DO NOTHING",
+            &format!(
+                "INSERT INTO pgferry.stream_tables (source_node, table_name)
+                 SELECT $1, n.nspname || '.' || c.relname
+                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE c.relkind IN ('r', 'p') AND {}
+                 ON CONFLICT DO NOTHING",
+                super::admit::USER_SCHEMA_SQL
+            ),
             &[&node],
         )
         .await?;

@@ -970,7 +970,7 @@ impl Worker {
                 )
                 .await;
         };
-        if let Some(unknown) = self.unresolved_type(client, pending, relation).await? {
+        if let Some(unknown) = Self::unresolved_type(client, pending, relation).await? {
             return self
                 .bad_message(
                     client,
@@ -991,7 +991,6 @@ impl Worker {
     /// (`to_regtype`), checked under a savepoint so that a name PostgreSQL's parser refuses
     /// cannot abort the open target transaction.
     async fn unresolved_type<'c>(
-        &mut self,
         client: &'c Client,
         pending: &mut InFlight<'c>,
         relation: &RelationItem,
@@ -1194,7 +1193,7 @@ impl Worker {
     ) -> Result<Option<Arc<TargetTable>>, ApplyError> {
         match admit::admit(
             &change.schema,
-            &change.table,
+            qualified,
             &self.settings.apply.tables,
             &self.announced,
         ) {

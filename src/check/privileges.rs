@@ -8,13 +8,28 @@ use super::{problem, Problem};
 use crate::config::{ApplyConfig, SourceConfig};
 use crate::sql::quote_ident;
 
-/// `schema.table` names of the tables a list (or, when empty, the database's user tables)
-/// stands for, that exist.
-const TABLES: &str = "SELECT c.oid, n.nspname || '.' || c.relname
-       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-      WHERE c.relkind IN ('r', 'p')
-        AND n.nspname NOT LIKE 'pg\\_%' AND n.nspname NOT IN ('information_schema', 'pgferry')
-        AND (cardinality($1::text[]) = 0 OR n.nspname || '.' || c.relname = ANY($1))";
+/// The `schema.table` names of the existing tables in `tables` (or, when it is empty, of every
+/// user table) for which `condition` holds; `condition` is SQL over `c` (their `pg_class` row).
+async fn tables_where(
+    client: &Client,
+    condition: &str,
+    tables: &[String],
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let sql = format!(
+        "SELECT n.nspname || '.' || c.relname
+           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE c.relkind IN ('r', 'p') AND {}
+            AND (cardinality($1::text[]) = 0 OR n.nspname || '.' || c.relname = ANY($1))
+            AND {condition}",
+        crate::apply::admit::USER_SCHEMA_SQL
+    );
+    Ok(client
+        .query(&sql, &[&tables])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
 
 /// Capture: the publication (or the right to create it), `SELECT` for the snapshot, and the
 /// `pgferry` schema. Superusers have all of it.
@@ -55,16 +70,12 @@ pub async fn capture(
                 ),
             ));
         } else {
-            let not_owned: Vec<String> = client
-                .query(
-                    &format!("SELECT t.name FROM ({TABLES}) AS t(oid, name) JOIN pg_class c ON c.oid = t.oid \
-                              WHERE NOT pg_has_role(c.relowner, 'USAGE')"),
-                    &[&source.tables],
-                )
-                .await?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
+            let not_owned: Vec<String> = tables_where(
+                client,
+                "NOT pg_has_role(c.relowner, 'USAGE')",
+                &source.tables,
+            )
+            .await?;
             if !not_owned.is_empty() {
                 problems.push(problem(
                     format!(
@@ -92,18 +103,12 @@ pub async fn capture(
     } else {
         source.tables.clone()
     };
-    let unreadable: Vec<String> = client
-        .query(
-            &format!(
-                "SELECT t.name FROM ({TABLES}) AS t(oid, name) \
-                      WHERE NOT has_table_privilege(t.oid, 'SELECT')"
-            ),
-            &[&published],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let unreadable: Vec<String> = tables_where(
+        client,
+        "NOT has_table_privilege(c.oid, 'SELECT')",
+        &published,
+    )
+    .await?;
     if !unreadable.is_empty() {
         problems.push(problem(
             format!(
@@ -205,20 +210,14 @@ pub async fn apply(
             ),
         ));
     }
-    let missing: Vec<String> = client
-        .query(
-            &format!(
-                "SELECT t.name FROM ({TABLES}) AS t(oid, name) WHERE NOT (\
-                 has_table_privilege(t.oid, 'SELECT') AND has_table_privilege(t.oid, 'INSERT') \
-                 AND has_table_privilege(t.oid, 'UPDATE') AND has_table_privilege(t.oid, 'DELETE') \
-                 AND has_table_privilege(t.oid, 'TRUNCATE'))"
-            ),
-            &[&apply.tables],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let missing = tables_where(
+        client,
+        "NOT (has_table_privilege(c.oid, 'SELECT') AND has_table_privilege(c.oid, 'INSERT') \
+         AND has_table_privilege(c.oid, 'UPDATE') AND has_table_privilege(c.oid, 'DELETE') \
+         AND has_table_privilege(c.oid, 'TRUNCATE'))",
+        &apply.tables,
+    )
+    .await?;
     if !missing.is_empty() {
         problems.push(problem(
             format!(

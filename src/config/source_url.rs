@@ -27,6 +27,17 @@ impl PgUrl {
         &self.tls
     }
 
+    /// Registers the secrets this string holds (its password, `sslpassword`) for
+    /// [`super::redact`].
+    pub fn register_secrets(&self) {
+        if let Some(password) = self.config.get_password() {
+            super::register_secret(&String::from_utf8_lossy(password));
+        }
+        if let Some(password) = &self.tls.key_password {
+            super::register_secret(password.expose());
+        }
+    }
+
     /// Replaces the password (from `password`, `password_file` or the environment).
     pub fn set_password(&mut self, password: &str) {
         self.config.password(password);

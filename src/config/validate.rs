@@ -278,12 +278,7 @@ impl Config {
                     .flat_map(|a| a.targets.iter().map(|t| (&t.url, t.password.as_ref()))),
             );
         for (url, password) in urls {
-            if let Some(p) = url.config().get_password() {
-                register(&String::from_utf8_lossy(p));
-            }
-            if let Some(p) = &url.tls().key_password {
-                register(p.expose());
-            }
+            url.register_secrets();
             if let Some(p) = password {
                 register(p.expose());
             }
