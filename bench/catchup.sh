@@ -58,20 +58,7 @@ wait_until_equal "$dst" native 0 unsynced_tables
 psql_at "$dst" native "ALTER SUBSCRIPTION native_sub DISABLE" >/dev/null
 
 # pgferry: capture + apply in one process; snapshot and apply the initial data, then stop.
-cat >"$WORK/pgferry.yaml" <<YAML
-node_id: master
-source:
-  url: postgres://postgres@127.0.0.1:$src/bench
-  slot: ferry_slot
-  publication: ferry_pub
-  status_interval: 1s
-apply:
-  mode: replica
-  targets:
-    - url: postgres://postgres@127.0.0.1:$dst/ferry
-  nodes: [master]
-$(ferry_yaml_common bench)
-YAML
+replica_yaml "$src" bench "$dst" ferry bench "  status_interval: 1s" >"$WORK/pgferry.yaml"
 "$BIN" run --config "$WORK/pgferry.yaml" 2>"$WORK/ferry-initial.log" &
 ferry=$!
 wait_until_equal "$dst" ferry "$(accounts_count "$src" bench)" accounts_count

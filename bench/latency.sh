@@ -75,21 +75,8 @@ psql_at "$a" mm "CREATE SEQUENCE lat_mm_ids" >/dev/null
 psql_at "$a" src "CREATE PUBLICATION native_pub FOR TABLE lat_native" >/dev/null
 psql_at "$b" native "CREATE SUBSCRIPTION native_sub CONNECTION 'host=127.0.0.1 port=$a dbname=src user=postgres' PUBLICATION native_pub WITH (enabled = false)" >/dev/null
 
-cat >"$WORK/replica.yaml" <<YAML
-node_id: master
-source:
-  url: postgres://postgres@127.0.0.1:$a/src
-  slot: ferry_slot
-  publication: ferry_pub
-  snapshot: never
-  tables: [public.lat_ferry]
-apply:
-  mode: replica
-  nodes: [master]
-  targets:
-    - url: postgres://postgres@127.0.0.1:$b/ferry
-$(ferry_yaml_common lat)
-YAML
+replica_yaml "$a" src "$b" ferry lat "  snapshot: never
+  tables: [public.lat_ferry]" >"$WORK/replica.yaml"
 mm_yaml() { # self other port
   cat <<YAML
 node_id: $1

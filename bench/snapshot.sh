@@ -54,21 +54,8 @@ done
 native_secs=$(echo "$(now) - $t0" | bc -l)
 psql_at "$dst" native "ALTER SUBSCRIPTION native_sub DISABLE" >/dev/null
 
-cat >"$WORK/pgferry.yaml" <<YAML
-node_id: master
-source:
-  url: postgres://postgres@127.0.0.1:$src/bench
-  slot: ferry_slot
-  publication: ferry_pub
-  tables: [public.items]
-  status_interval: 1s
-apply:
-  mode: replica
-  targets:
-    - url: postgres://postgres@127.0.0.1:$dst/ferry
-  nodes: [master]
-$(ferry_yaml_common bench)
-YAML
+replica_yaml "$src" bench "$dst" ferry bench "  tables: [public.items]
+  status_interval: 1s" >"$WORK/pgferry.yaml"
 ferry_copied() { [[ "$(rows_at "$dst" ferry)" == "$ROWS" ]]; }
 broker_before=$(cpu_secs "$TANSU_PID")
 time_ferry_until "$WORK/pgferry.yaml" ferry_copied

@@ -89,6 +89,26 @@ log:
 YAML
 }
 
+# replica_yaml SRC_PORT SRC_DB DST_PORT DST_DB TOPIC_PREFIX [SOURCE_LINES]: a master -> replica
+# pgferry config, capture and apply in one process (node `master`, slot ferry_slot,
+# publication ferry_pub). SOURCE_LINES are more `source:` keys, each line indented by two.
+replica_yaml() {
+  cat <<YAML
+node_id: master
+source:
+  url: postgres://postgres@127.0.0.1:$1/$2
+  slot: ferry_slot
+  publication: ferry_pub
+${6:-}
+apply:
+  mode: replica
+  nodes: [master]
+  targets:
+    - url: postgres://postgres@127.0.0.1:$3/$4
+$(ferry_yaml_common "$5")
+YAML
+}
+
 # pgbench_at PORT DB ARGS...
 pgbench_at() { "$PG_BIN/pgbench" -h 127.0.0.1 -p "$1" -U postgres "${@:3}" "$2"; }
 
