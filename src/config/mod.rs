@@ -33,7 +33,7 @@ pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9187";
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 /// Default interval between standby status updates (like `wal_receiver_status_interval`).
 pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
-/// Default rows per snapshot fetch.
+/// Default rows per snapshot chunk (and per fetch of an exported snapshot).
 pub const DEFAULT_SNAPSHOT_BATCH_ROWS: u32 = 10_000;
 /// Default Kafka delivery timeout (librdkafka `message.timeout.ms`).
 pub const DEFAULT_DELIVERY_TIMEOUT: Duration = Duration::from_secs(300);
@@ -70,8 +70,14 @@ pub struct Config {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SnapshotMode {
-    /// Publish every existing row as `op: "r"`, then stream (consistent, no gap).
+    /// Publish every existing row as `op: "r"` in primary-key chunks read beside the stream
+    /// (short transactions, resumable, parallel; see [`crate::source::reconcile`]).
     Initial,
+    /// Publish every existing row as `op: "r"` from the slot's exported snapshot, in one
+    /// REPEATABLE READ transaction, before streaming starts. Not resumable; holds back vacuum
+    /// for its whole duration. For small databases, or consumers that need every snapshot row
+    /// before the first change.
+    Exported,
     /// Only stream changes from the slot's creation on.
     Never,
 }
@@ -120,6 +126,27 @@ pub struct SourceConfig {
         deserialize_with = "de::lenient"
     )]
     pub snapshot_batch_rows: u32,
+    /// Upper bound on one chunk's size in bytes (as text); a chunk that reaches it ends early
+    /// and the next chunks are read smaller.
+    #[serde(
+        default = "default_snapshot_chunk_bytes",
+        deserialize_with = "de::lenient"
+    )]
+    pub snapshot_chunk_bytes: u64,
+    /// Chunks read at once (each on its own connection): several tables, and key ranges of
+    /// one big table, in parallel.
+    #[serde(default = "default_snapshot_readers", deserialize_with = "de::lenient")]
+    pub snapshot_readers: u32,
+    /// Snapshot tables added to the publication after the slot was created, by themselves.
+    #[serde(default = "default_true", deserialize_with = "de::lenient")]
+    pub snapshot_new_tables: bool,
+    /// How often to look for snapshot requests (`pgferry snapshot`, `pgferry.snapshot_requests`)
+    /// and tables added to the publication.
+    #[serde(
+        default = "default_snapshot_poll_interval",
+        deserialize_with = "de::duration"
+    )]
+    pub snapshot_poll_interval: Duration,
     /// How often to write a heartbeat into the WAL.
     #[serde(default = "default_heartbeat", deserialize_with = "de::duration")]
     pub heartbeat_interval: Duration,
@@ -150,6 +177,7 @@ impl fmt::Debug for SourceConfig {
             .field("publication", &self.publication)
             .field("tables", &self.tables)
             .field("snapshot", &self.snapshot)
+            .field("snapshot_readers", &self.snapshot_readers)
             .field("on_slot_loss", &self.on_slot_loss)
             .field("failover_slot", &self.failover_slot)
             .finish_non_exhaustive()
@@ -514,6 +542,15 @@ fn default_on_slot_loss() -> OnSlotLoss {
 }
 fn default_snapshot_batch_rows() -> u32 {
     DEFAULT_SNAPSHOT_BATCH_ROWS
+}
+fn default_snapshot_chunk_bytes() -> u64 {
+    64 << 20
+}
+fn default_snapshot_readers() -> u32 {
+    2
+}
+fn default_snapshot_poll_interval() -> Duration {
+    Duration::from_secs(5)
 }
 fn default_heartbeat() -> Duration {
     DEFAULT_HEARTBEAT_INTERVAL

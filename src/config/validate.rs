@@ -54,6 +54,24 @@ impl Config {
                     "must be at least 1",
                 ));
             }
+            if !(1..=64).contains(&source.snapshot_readers) {
+                return Err(ConfigError::invalid(
+                    "source.snapshot_readers",
+                    "must be between 1 and 64 (each reader holds a connection)",
+                ));
+            }
+            if source.snapshot_chunk_bytes < 1 << 16 {
+                return Err(ConfigError::invalid(
+                    "source.snapshot_chunk_bytes",
+                    "must be at least 65536",
+                ));
+            }
+            if source.snapshot_poll_interval.is_zero() {
+                return Err(ConfigError::invalid(
+                    "source.snapshot_poll_interval",
+                    "must be greater than zero",
+                ));
+            }
             if source.heartbeat_interval.is_zero() {
                 return Err(ConfigError::invalid(
                     "source.heartbeat_interval",

@@ -6,6 +6,7 @@
 
 pub mod assemble;
 pub mod pgoutput;
+pub mod reconcile;
 
 #[cfg(feature = "runtime")]
 pub mod capture;

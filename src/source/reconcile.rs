@@ -1,0 +1,270 @@
+//! Reconciling snapshot chunks with the change stream: the watermark algorithm of Netflix's
+//! DBLog (as in Debezium's incremental snapshots), pure.
+//!
+//! A chunk of a table is read by a short `SELECT` that runs between two watermarks written into
+//! the WAL: *low* before the `SELECT`, *high* after it. The capture loop sees both watermarks in
+//! stream order. Every change it streams between them is newer than or as new as what the
+//! `SELECT` saw, so at the high watermark the chunk's rows whose key changed inside the window
+//! are dropped, and the rest are published right there, at the high watermark's place in the
+//! stream. A snapshot row therefore never overwrites a newer change, and a row deleted inside
+//! the window never comes back. No transaction stays open longer than one chunk's `SELECT`.
+//!
+//! One gap in the plain algorithm is closed here too: PostgreSQL writes a commit record before
+//! the transaction becomes visible, so a transaction can precede the low watermark in the
+//! stream and still be invisible to the chunk's `SELECT` (for as long as a synchronous standby
+//! makes its commit wait). The row version the `SELECT` read then carries that transaction as
+//! its `xmax`. The reconciler remembers which keys the most recent transactions changed
+//! ([`RECENT_CHANGES`]), and drops a chunk row whose `xmax` is a transaction that changed the
+//! same key before the window. (A row locked, not changed, by a transaction also carries its
+//! `xmax`; such a row is kept, because that transaction changed no key of it.)
+//!
+//! Tables without a key cannot be matched row by row. Their snapshot starts with a truncate
+//! on the stream (the target starts empty), and from there the reconciler collects the
+//! transactions that inserted into the table, or deleted from it, until the table is done. A
+//! chunk row created by one of those (its `xmin`) was streamed already, and one whose `xmax` is
+//! one of the deleters is gone. Such a table's snapshot restarts from its first chunk after a
+//! crash, since the collected transactions are not durable.
+//!
+//! An update whose new image lacks an unchanged TOASTed value cannot insert the row on a target
+//! that does not have it yet. When the last change of a dropped row inside the window was such
+//! an update, its key is returned for a re-read (a later chunk of just those keys).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use bytes::Bytes;
+
+use crate::event::{Op, RelationMeta, RowChange};
+use crate::source::pgoutput::{Datum, Tuple};
+
+/// How many (transaction, table, key) changes the reconciler remembers from before a window
+/// opens. A transaction whose commit record precedes a low watermark by more than this many
+/// changes while it is still invisible to the chunk's `SELECT` is not recognized.
+pub const RECENT_CHANGES: usize = 1 << 16;
+
+/// A row's key: its key columns' values in text form, in column order.
+pub type Key = Vec<Option<Bytes>>;
+
+/// The key of `tuple` in `relation`, or `None` when the relation has no key or a key value is
+/// missing from the image (an unchanged TOASTed key value cannot happen, but is not guessed).
+pub fn key_of(relation: &RelationMeta, tuple: &Tuple) -> Option<Key> {
+    if !relation.has_key() {
+        return None;
+    }
+    relation
+        .key_indices()
+        .map(|i| match tuple.get(i)? {
+            Datum::Null => Some(None),
+            Datum::Text(b) | Datum::Binary(b) => Some(Some(Bytes::copy_from_slice(b))),
+            Datum::UnchangedToast => None,
+        })
+        .collect()
+}
+
+/// One row a chunk's `SELECT` returned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChunkRow {
+    /// Column values, as the relation describes them.
+    pub tuple: Tuple,
+    /// The row version's `xmax` (0: not deleted, updated or locked by anyone).
+    pub xmax: u32,
+    /// The row version's `xmin` (the transaction that created it); read for tables without a
+    /// key only, 0 otherwise.
+    pub xmin: u32,
+}
+
+/// The outcome of closing a window.
+#[derive(Debug, Default, PartialEq)]
+pub struct Closed {
+    /// Rows to publish at the high watermark, in the order the chunk read them.
+    pub emit: Vec<Tuple>,
+    /// Rows dropped because the stream carried a newer state of them.
+    pub dropped: usize,
+    /// Keys to read again: dropped rows whose newest streamed image lacked a TOASTed value.
+    pub reread: Vec<Key>,
+}
+
+#[derive(Debug)]
+struct Window {
+    oid: u32,
+    /// Keys changed inside the window.
+    changed: HashSet<Key>,
+    /// Keys whose newest change inside the window was an update without its TOASTed values.
+    incomplete: HashSet<Key>,
+    /// The table was truncated inside the window.
+    truncated: bool,
+}
+
+/// The open windows and the recent-change memory of one capture run.
+#[derive(Debug, Default)]
+pub struct Reconciler {
+    windows: HashMap<u64, Window>,
+    recent: VecDeque<(u32, u32, Key)>,
+    /// How often each (transaction, table, key) is in `recent`, and whether its newest change
+    /// lacked a TOASTed value.
+    recent_set: HashMap<(u32, u32, Key), (usize, bool)>,
+    /// Tables without a key being snapshotted: transactions that created or removed rows.
+    keyless: HashMap<u32, Keyless>,
+}
+
+#[derive(Debug, Default)]
+struct Keyless {
+    creators: HashSet<u32>,
+    removers: HashSet<u32>,
+}
+
+impl Reconciler {
+    /// A low watermark of chunk `id` of table `oid` went by in the stream.
+    pub fn open(&mut self, id: u64, oid: u32) {
+        self.windows.insert(
+            id,
+            Window {
+                oid,
+                changed: HashSet::new(),
+                incomplete: HashSet::new(),
+                truncated: false,
+            },
+        );
+    }
+
+    /// Whether chunk `id`'s window is open (its low watermark was seen by this run).
+    pub fn is_open(&self, id: u64) -> bool {
+        self.windows.contains_key(&id)
+    }
+
+    /// Open windows.
+    pub fn open_windows(&self) -> usize {
+        self.windows.len()
+    }
+
+    /// The snapshot of table `oid`, which has no key, starts here (after the truncate that
+    /// empties its targets).
+    pub fn start_keyless(&mut self, oid: u32) {
+        self.keyless.insert(oid, Keyless::default());
+    }
+
+    /// The snapshot of table `oid`, which has no key, is done.
+    pub fn finish_keyless(&mut self, oid: u32) {
+        self.keyless.remove(&oid);
+    }
+
+    /// Whether the snapshot of table `oid` (without a key) started in this run.
+    pub fn is_keyless_started(&self, oid: u32) -> bool {
+        self.keyless.contains_key(&oid)
+    }
+
+    /// A change streamed by transaction `xid` (0 when unknown).
+    pub fn changed(&mut self, xid: u32, change: &RowChange) {
+        if let Some(track) = self.keyless.get_mut(&change.relation.oid) {
+            if change.after.is_some() {
+                track.creators.insert(xid);
+            }
+            if change.before.is_some() || change.op == Op::Update {
+                track.removers.insert(xid);
+            }
+        }
+        if change.op == Op::Truncate {
+            // A truncate removes every row: each open window of the table drops its whole
+            // chunk (the rows the chunk read are older than the truncate).
+            for w in self.windows.values_mut() {
+                if w.oid == change.relation.oid {
+                    w.truncated = true;
+                }
+            }
+            return;
+        }
+        let relation = &change.relation;
+        let before = change.before.as_ref().and_then(|t| key_of(relation, t));
+        let after = change.after.as_ref().and_then(|t| key_of(relation, t));
+        let incomplete = change.op == Op::Update
+            && change
+                .after
+                .as_ref()
+                .is_some_and(|t| t.iter().any(|d| matches!(d, Datum::UnchangedToast)));
+        for key in before.into_iter().chain(after) {
+            for w in self.windows.values_mut() {
+                if w.oid == relation.oid {
+                    if incomplete {
+                        w.incomplete.insert(key.clone());
+                    } else {
+                        w.incomplete.remove(&key);
+                    }
+                    w.changed.insert(key.clone());
+                }
+            }
+            if xid != 0 {
+                self.remember(xid, relation.oid, key, incomplete);
+            }
+        }
+    }
+
+    fn remember(&mut self, xid: u32, oid: u32, key: Key, incomplete: bool) {
+        let entry = (xid, oid, key);
+        let seen = self.recent_set.entry(entry.clone()).or_default();
+        *seen = (seen.0 + 1, incomplete);
+        self.recent.push_back(entry);
+        while self.recent.len() > RECENT_CHANGES {
+            if let Some(old) = self.recent.pop_front() {
+                if let Some((n, _)) = self.recent_set.get_mut(&old) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.recent_set.remove(&old);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The high watermark of chunk `id` went by: closes its window and returns the rows to
+    /// publish there. `None` when the window is not open (a watermark of an earlier run).
+    pub fn close(
+        &mut self,
+        id: u64,
+        relation: &RelationMeta,
+        rows: Vec<ChunkRow>,
+    ) -> Option<Closed> {
+        let window = self.windows.remove(&id)?;
+        let mut closed = Closed::default();
+        for row in rows {
+            let Some(key) = key_of(relation, &row.tuple) else {
+                let streamed = self.keyless.get(&relation.oid).is_some_and(|t| {
+                    t.creators.contains(&row.xmin)
+                        || (row.xmax != 0 && t.removers.contains(&row.xmax))
+                });
+                if window.truncated || streamed {
+                    closed.dropped += 1;
+                } else {
+                    closed.emit.push(row.tuple);
+                }
+                continue;
+            };
+            // Changed before the window by the transaction the SELECT could not see yet.
+            let hidden = (row.xmax != 0)
+                .then(|| self.recent_set.get(&(row.xmax, relation.oid, key.clone())))
+                .flatten();
+            if window.changed.contains(&key) {
+                closed.dropped += 1;
+                if window.incomplete.contains(&key) {
+                    closed.reread.push(key);
+                }
+            } else if let Some(&(_, incomplete)) = hidden {
+                closed.dropped += 1;
+                if incomplete {
+                    closed.reread.push(key);
+                }
+            } else if window.truncated {
+                closed.dropped += 1;
+            } else {
+                closed.emit.push(row.tuple);
+            }
+        }
+        Some(closed)
+    }
+
+    /// Forgets a window whose chunk was abandoned.
+    pub fn abandon(&mut self, id: u64) {
+        self.windows.remove(&id);
+    }
+}
+
+#[cfg(test)]
+mod tests;

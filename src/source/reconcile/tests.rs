@@ -1,0 +1,444 @@
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::lsn::Lsn;
+use crate::source::pgoutput::{Column, ReplicaIdentity};
+
+fn relation(keyed: bool) -> Arc<RelationMeta> {
+    let column = |name: &str, is_key: bool| Column {
+        is_key,
+        name: name.into(),
+        type_oid: 23,
+        type_modifier: -1,
+    };
+    Arc::new(RelationMeta {
+        oid: 42,
+        schema: "public".into(),
+        table: "t".into(),
+        replica_identity: ReplicaIdentity::Default,
+        columns: vec![
+            column("id", keyed),
+            column("v", false),
+            column("big", false),
+        ],
+    })
+}
+
+fn text(s: impl ToString) -> Datum {
+    Datum::Text(Bytes::from(s.to_string()))
+}
+
+/// A row of the model table: (v, big).
+type Row = (i64, i64);
+
+fn tuple(id: i64, row: Row) -> Tuple {
+    vec![text(id), text(row.0), text(row.1)]
+}
+
+fn change(op: Op, id: i64, after: Option<Tuple>) -> RowChange {
+    RowChange {
+        op,
+        relation: relation(true),
+        lsn: Lsn(0),
+        before: (op == Op::Delete).then(|| vec![text(id), Datum::Null, Datum::Null]),
+        before_is_key_only: true,
+        after,
+        version: None,
+    }
+}
+
+#[test]
+fn rows_changed_inside_the_window_are_dropped_and_the_rest_emitted() {
+    let rel = relation(true);
+    let mut r = Reconciler::default();
+    r.open(1, rel.oid);
+    r.changed(7, &change(Op::Update, 2, Some(tuple(2, (20, 0)))));
+    r.changed(8, &change(Op::Delete, 3, None));
+    let rows = (1..=4)
+        .map(|id| ChunkRow {
+            tuple: tuple(id, (id, 0)),
+            xmax: 0,
+            xmin: 0,
+        })
+        .collect();
+    let closed = r.close(1, &rel, rows).expect("open window");
+    assert_eq!(closed.emit, vec![tuple(1, (1, 0)), tuple(4, (4, 0))]);
+    assert_eq!(closed.dropped, 2);
+    assert!(closed.reread.is_empty());
+    assert!(
+        r.close(1, &rel, Vec::new()).is_none(),
+        "a window closes once"
+    );
+}
+
+#[test]
+fn a_watermark_of_another_run_is_ignored() {
+    let rel = relation(true);
+    let mut r = Reconciler::default();
+    assert!(r.close(5, &rel, Vec::new()).is_none());
+    assert!(!r.is_open(5));
+}
+
+#[test]
+fn other_tables_do_not_touch_the_window() {
+    let rel = relation(true);
+    let mut other = RelationMeta::clone(&rel);
+    other.oid = 43;
+    let mut r = Reconciler::default();
+    r.open(1, rel.oid);
+    let mut c = change(Op::Delete, 1, None);
+    c.relation = Arc::new(other);
+    r.changed(9, &c);
+    let closed = r
+        .close(
+            1,
+            &rel,
+            vec![ChunkRow {
+                tuple: tuple(1, (1, 0)),
+                xmax: 0,
+                xmin: 0,
+            }],
+        )
+        .unwrap();
+    assert_eq!(closed.emit.len(), 1);
+}
+
+#[test]
+fn an_xmax_that_only_locked_the_row_keeps_it() {
+    let rel = relation(true);
+    let mut r = Reconciler::default();
+    // Transaction 30 changed key 1 before the window, and locked key 2 (no change event).
+    r.changed(30, &change(Op::Update, 1, Some(tuple(1, (5, 0)))));
+    r.open(1, rel.oid);
+    let rows = vec![
+        ChunkRow {
+            tuple: tuple(1, (1, 0)),
+            xmax: 30,
+            xmin: 0,
+        },
+        ChunkRow {
+            tuple: tuple(2, (2, 0)),
+            xmax: 30,
+            xmin: 0,
+        },
+    ];
+    let closed = r.close(1, &rel, rows).unwrap();
+    assert_eq!(closed.emit, vec![tuple(2, (2, 0))]);
+}
+
+#[test]
+fn a_truncate_inside_the_window_drops_the_chunk() {
+    let rel = relation(true);
+    let mut r = Reconciler::default();
+    r.open(1, rel.oid);
+    r.changed(3, &change(Op::Truncate, 0, None));
+    let closed = r
+        .close(
+            1,
+            &rel,
+            vec![ChunkRow {
+                tuple: tuple(1, (1, 0)),
+                xmax: 0,
+                xmin: 0,
+            }],
+        )
+        .unwrap();
+    assert!(closed.emit.is_empty());
+}
+
+/// A simulated source: committed rows, a stream of transactions, and a replica that applies
+/// the stream and the emitted chunks the way pgferry's applier does (insert and complete
+/// update: upsert; update without its TOASTed value: update only if present; delete).
+struct Sim {
+    rng: u64,
+    source: BTreeMap<i64, Row>,
+    replica: BTreeMap<i64, Row>,
+    reconciler: Reconciler,
+    next_xid: u32,
+    keys: i64,
+}
+
+impl Sim {
+    fn rand(&mut self, n: u64) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng % n.max(1)
+    }
+
+    /// One random committed transaction: its changes (key, before, after, toast-unchanged).
+    fn transaction(&mut self) -> (u32, Vec<(i64, Option<Row>, Option<Row>, bool)>) {
+        self.next_xid += 1;
+        let xid = self.next_xid;
+        let mut changes = Vec::new();
+        for _ in 0..=self.rand(3) {
+            let id = self.rand(self.keys as u64) as i64;
+            let before = self.source.get(&id).copied();
+            let v = self.rand(1000) as i64;
+            let (after, unchanged) = match (before, self.rand(4)) {
+                (None, _) => (Some((v, v)), false),
+                (Some(_), 0) => (None, false),
+                (Some((_, big)), 1) => (Some((v, big)), true),
+                (Some(_), _) => (Some((v, v)), false),
+            };
+            match after {
+                Some(row) => self.source.insert(id, row),
+                None => self.source.remove(&id),
+            };
+            changes.push((id, before, after, unchanged));
+        }
+        (xid, changes)
+    }
+
+    /// Streams a committed transaction: the reconciler sees it, the replica applies it.
+    fn stream(&mut self, xid: u32, changes: &[(i64, Option<Row>, Option<Row>, bool)]) {
+        for &(id, before, after, unchanged) in changes {
+            let (op, image) = match (before, after) {
+                (_, None) => (Op::Delete, None),
+                (None, Some(row)) => (Op::Create, Some(tuple(id, row))),
+                (Some(_), Some(row)) => {
+                    let mut t = tuple(id, row);
+                    if unchanged {
+                        t[2] = Datum::UnchangedToast;
+                    }
+                    (Op::Update, Some(t))
+                }
+            };
+            self.reconciler.changed(xid, &change(op, id, image));
+            match (after, unchanged) {
+                (None, _) => {
+                    self.replica.remove(&id);
+                }
+                (Some(row), true) => {
+                    if let Some(present) = self.replica.get_mut(&id) {
+                        present.0 = row.0;
+                    }
+                }
+                (Some(row), false) => {
+                    self.replica.insert(id, row);
+                }
+            }
+        }
+    }
+
+    fn some_transactions(&mut self) {
+        for _ in 0..self.rand(4) {
+            let (xid, changes) = self.transaction();
+            self.stream(xid, &changes);
+        }
+    }
+
+    /// Reads one chunk of `ids` with the watermark protocol; returns keys to read again.
+    fn chunk(&mut self, id: u64, ids: &[i64], race: bool) -> Vec<Key> {
+        let rel = relation(true);
+        self.some_transactions();
+        // A transaction whose commit precedes the low watermark in the stream but is not yet
+        // visible to the SELECT (a synchronous standby holds it).
+        let invisible = race.then(|| {
+            let (xid, changes) = self.transaction();
+            self.stream(xid, &changes);
+            (xid, changes)
+        });
+        self.reconciler.open(id, rel.oid);
+        self.some_transactions();
+        let mut view = self.source.clone();
+        let mut xmax: BTreeMap<i64, u32> = BTreeMap::new();
+        if let Some((xid, changes)) = &invisible {
+            for &(key, before, _, _) in changes.iter().rev() {
+                match before {
+                    Some(row) => {
+                        view.insert(key, row);
+                        xmax.insert(key, *xid);
+                    }
+                    None => {
+                        view.remove(&key);
+                    }
+                }
+            }
+        }
+        // Rows locked (not changed) by a transaction carry it as xmax too.
+        self.next_xid += 1;
+        let locker = self.next_xid;
+        let rows: Vec<ChunkRow> = ids
+            .iter()
+            .filter_map(|k| view.get(k).map(|row| (*k, *row)))
+            .map(|(k, row)| ChunkRow {
+                tuple: tuple(k, row),
+                xmax: xmax
+                    .get(&k)
+                    .copied()
+                    .unwrap_or(if k % 3 == 0 { locker } else { 0 }),
+                xmin: 0,
+            })
+            .collect();
+        self.some_transactions();
+        let closed = self
+            .reconciler
+            .close(id, &rel, rows)
+            .expect("window is open");
+        for t in closed.emit {
+            let parse = |d: &Datum| match d {
+                Datum::Text(b) => std::str::from_utf8(b).unwrap().parse::<i64>().unwrap(),
+                _ => unreachable!("chunk rows are complete"),
+            };
+            self.replica
+                .insert(parse(&t[0]), (parse(&t[1]), parse(&t[2])));
+        }
+        closed.reread
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(400))]
+
+    /// Whatever the interleaving of chunks and transactions (including transactions that are
+    /// streamed before a low watermark but invisible to the chunk's SELECT, rows locked by a
+    /// transaction, and updates without their TOASTed values), the replica ends equal to the
+    /// source once every chunk and every re-read is done.
+    #[test]
+    fn replica_equals_source_after_every_chunk(seed in 1u64.., chunk in 1i64..8, keys in 1i64..40, race in any::<bool>()) {
+        let mut sim = Sim {
+            rng: seed,
+            source: BTreeMap::new(),
+            replica: BTreeMap::new(),
+            reconciler: Reconciler::default(),
+            next_xid: 100,
+            keys,
+        };
+        // Rows that existed before the slot: in the source only.
+        for id in 0..keys {
+            if sim.rand(3) > 0 {
+                sim.source.insert(id, (id, id));
+            }
+        }
+        let mut id = 0;
+        let mut start = 0;
+        while start < keys {
+            let ids: Vec<i64> = (start..(start + chunk).min(keys)).collect();
+            id += 1;
+            let racing = race && sim.rand(2) == 0;
+            let mut reread = sim.chunk(id, &ids, racing);
+            while !reread.is_empty() {
+                let ids: Vec<i64> = reread
+                    .iter()
+                    .map(|k| std::str::from_utf8(k[0].as_ref().unwrap()).unwrap().parse().unwrap())
+                    .collect();
+                id += 1;
+                reread = sim.chunk(id, &ids, false);
+            }
+            start += chunk;
+        }
+        sim.some_transactions();
+        prop_assert_eq!(&sim.replica, &sim.source);
+        prop_assert_eq!(sim.reconciler.open_windows(), 0);
+    }
+}
+
+/// A table without a key, as a list of row slots (its heap: a slot is a ctid, new rows go at the
+/// end). Values are distinct, as the documented contract asks.
+#[derive(Default)]
+struct Heap {
+    /// (value, xmin) per slot; None once deleted.
+    slots: Vec<Option<(i64, u32)>>,
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// A table without a key, snapshotted in slot (ctid) ranges while transactions insert and
+    /// delete rows (deletes carry the full old row, REPLICA IDENTITY FULL): after the starting
+    /// truncate, the stream and every chunk, the replica holds the source's rows exactly once.
+    #[test]
+    fn keyless_replica_equals_source(seed in 1u64.., pages in 1usize..6, initial in 0usize..30) {
+        let rel = relation(false);
+        let mut rng = seed;
+        let mut rand = move |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n.max(1)
+        };
+        let mut heap = Heap::default();
+        let mut next_value = 0i64;
+        for _ in 0..initial {
+            heap.slots.push(Some((next_value, 1)));
+            next_value += 1;
+        }
+        // The replica had stale rows; the snapshot's truncate empties it.
+        let mut replica: Vec<i64> = vec![-1, -2];
+        let mut r = Reconciler::default();
+        replica.clear();
+        r.start_keyless(rel.oid);
+        let mut xid = 10u32;
+        let mut transactions = |heap: &mut Heap, replica: &mut Vec<i64>, r: &mut Reconciler, rand: &mut dyn FnMut(u64) -> u64, hidden: Option<&mut Vec<(usize, u32)>>| {
+            let mut hidden = hidden;
+            // Writers stop after a while, so the snapshot reaches the end of the heap.
+            let writes = if xid > 60 { 0 } else { rand(3) };
+            for _ in 0..writes {
+                xid += 1;
+                let live: Vec<usize> = (0..heap.slots.len()).filter(|&i| heap.slots[i].is_some()).collect();
+                if rand(2) == 0 || live.is_empty() {
+                    heap.slots.push(Some((next_value, xid)));
+                    let t = vec![text(0), text(next_value), text(0)];
+                    r.changed(xid, &RowChange { op: Op::Create, relation: rel.clone(), lsn: Lsn(0), before: None, before_is_key_only: false, after: Some(t), version: None });
+                    replica.push(next_value);
+                    next_value += 1;
+                } else {
+                    let slot = live[rand(live.len() as u64) as usize];
+                    let (value, _) = heap.slots[slot].take().unwrap();
+                    if let Some(h) = hidden.as_deref_mut() {
+                        h.push((slot, xid));
+                    }
+                    let t = vec![text(0), text(value), text(0)];
+                    r.changed(xid, &RowChange { op: Op::Delete, relation: rel.clone(), lsn: Lsn(0), before: Some(t), before_is_key_only: false, after: None, version: None });
+                    if let Some(at) = replica.iter().position(|v| *v == value) {
+                        replica.remove(at);
+                    }
+                }
+            }
+        };
+        let mut start = 0;
+        let mut id = 0;
+        loop {
+            let end = start + pages;
+            id += 1;
+            transactions(&mut heap, &mut replica, &mut r, &mut rand, None);
+            r.open(id, rel.oid);
+            transactions(&mut heap, &mut replica, &mut r, &mut rand, None);
+            let read: Vec<(usize, ChunkRow)> = (start..end.min(heap.slots.len()))
+                .filter_map(|i| heap.slots[i].map(|(v, xmin)| (i, v, xmin)))
+                .map(|(i, v, xmin)| (i, ChunkRow { tuple: vec![text(0), text(v), text(0)], xmax: 0, xmin }))
+                .collect();
+            // Deletes after the SELECT: the chunk still holds those rows, their xmax set.
+            let mut later = Vec::new();
+            transactions(&mut heap, &mut replica, &mut r, &mut rand, Some(&mut later));
+            let rows: Vec<ChunkRow> = read
+                .into_iter()
+                .map(|(slot, mut row)| {
+                    if let Some((_, x)) = later.iter().find(|(s, _)| *s == slot) {
+                        row.xmax = *x;
+                    }
+                    row
+                })
+                .collect();
+            let closed = r.close(id, &rel, rows).unwrap();
+            for t in closed.emit {
+                if let Datum::Text(b) = &t[1] {
+                    replica.push(std::str::from_utf8(b).unwrap().parse().unwrap());
+                }
+            }
+            start = end;
+            if start >= heap.slots.len() {
+                break;
+            }
+        }
+        r.finish_keyless(rel.oid);
+        let mut source: Vec<i64> = heap.slots.iter().flatten().map(|(v, _)| *v).collect();
+        source.sort_unstable();
+        replica.sort_unstable();
+        prop_assert_eq!(replica, source);
+    }
+}
