@@ -53,6 +53,16 @@ enum Command {
         #[arg(long, short, env = "PGFERRY_CONFIG")]
         config: PathBuf,
     },
+    /// Re-snapshot tables while streaming goes on: queues a request the running capture picks
+    /// up (the same as `INSERT INTO pgferry.snapshot_requests (table_name) VALUES (...)`).
+    Snapshot {
+        /// Path to the YAML config.
+        #[arg(long, short, env = "PGFERRY_CONFIG")]
+        config: PathBuf,
+        /// A published table, `schema.table`; repeat for several.
+        #[arg(long, required = true)]
+        table: Vec<String>,
+    },
     /// Print the slot, lag, last applied position per node, and recent conflicts.
     Status {
         /// Path to the YAML config.
@@ -204,6 +214,21 @@ async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Roles { config } => {
             let config = load(&config)?;
             print!("{}", redact(&pgferry::roles::script(&config)));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Snapshot { config, table } => {
+            let config = load(&config)?;
+            let source = config
+                .source
+                .as_ref()
+                .context("the config has no source: snapshots are taken by capture")?;
+            for name in pgferry::source::snapshot::request(source, &table).await? {
+                println!(
+                    "requested a snapshot of {name}; the running capture starts it within {:?} \
+                     (source.snapshot_poll_interval); `pgferry status` shows its progress",
+                    source.snapshot_poll_interval
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { config } => {

@@ -34,6 +34,16 @@ pub async fn report(config: &Config) -> String {
                         );
                     }
                 }
+                match snapshot_status(&client, &slot).await {
+                    Ok(text) => out.push_str(&text),
+                    Err(e) => {
+                        let _ = writeln!(
+                            out,
+                            "  cannot read snapshot progress: {}",
+                            crate::error::ErrorChain(&e)
+                        );
+                    }
+                }
             }
             Err(e) => {
                 let _ = writeln!(out, "  unreachable: {}", crate::error::ErrorChain(&e));
@@ -107,6 +117,49 @@ async fn slot_status(client: &Client, slot: &str) -> Result<String, tokio_postgr
             .unwrap_or_default(),
     );
     Ok(text)
+}
+
+/// Snapshots of this slot: a progress bar with rate and ETA per running table (from
+/// `pgferry.snapshot_progress`, which records what Kafka holds), and how many are done.
+async fn snapshot_status(client: &Client, slot: &str) -> Result<String, tokio_postgres::Error> {
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass('pgferry.snapshot_progress') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(String::new());
+    }
+    let rows = client
+        .query(
+            "SELECT table_schema || '.' || table_name, sum(rows_done)::int8, max(rows_estimated),
+                    bool_and(done), count(*)::int8, count(*) FILTER (WHERE done)::int8,
+                    extract(epoch FROM max(updated_at) - min(started_at))::float8
+               FROM pgferry.snapshot_progress WHERE slot_name = $1
+              GROUP BY 1 ORDER BY 1",
+            &[&slot],
+        )
+        .await?;
+    let mut out = String::new();
+    let done = rows.iter().filter(|r| r.get::<_, bool>(3)).count();
+    let _ = writeln!(out, "  snapshots: {done} of {} tables done", rows.len());
+    for r in rows.iter().filter(|r| !r.get::<_, bool>(3)) {
+        let progress = crate::pipeline::snapshot_progress::SnapshotProgress {
+            rows: r.get(1),
+            estimated: r.get(2),
+            elapsed: std::time::Duration::from_secs_f64(r.get::<_, f64>(6).max(0.0)),
+        };
+        let _ = writeln!(
+            out,
+            "    {:<40} {progress}  (parts {}/{})",
+            r.get::<_, String>(0),
+            r.get::<_, i64>(5),
+            r.get::<_, i64>(4)
+        );
+    }
+    Ok(out)
 }
 
 async fn target_status(target: &TargetConfig) -> String {

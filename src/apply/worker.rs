@@ -1283,7 +1283,17 @@ impl Worker {
         let key: Vec<&str> = table.key.iter().map(String::as_str).collect();
         // Which image each bound value comes from, to honour its json_null list.
         let mut from_before = false;
-        let (kind, columns, values): (StatementKind, Vec<String>, Vec<Box<RawValue>>) = match change.op {
+        // An update carrying the whole row is applied as an upsert: on a target that lacks the
+        // row (a chunked snapshot has not reached it, or dropped its chunk row because this
+        // newer change went by) it inserts it; where the row exists it is the same UPDATE.
+        let whole_row = change.op == Op::Update
+            && !key.is_empty()
+            && change
+                .after
+                .as_ref()
+                .is_some_and(|a| table.columns.iter().all(|c| a.get(c).is_some()));
+        let op = if whole_row { Op::Create } else { change.op };
+        let (kind, columns, values): (StatementKind, Vec<String>, Vec<Box<RawValue>>) = match op {
             Op::Create | Op::Read => {
                 let after = change.after.unwrap_or_default();
                 (StatementKind::Upsert, after.keys().cloned().collect(), after.into_iter().map(|(_, v)| v).collect())

@@ -4,3 +4,4 @@
 //! changes to the sink directly and consults the watermark for standby status updates.
 
 pub mod progress;
+pub mod snapshot_progress;

@@ -19,6 +19,9 @@ pub use crate::naming::BOOKKEEPING_SCHEMA as INTERNAL_SCHEMA;
 /// Prefix of the `pg_logical_emit_message` heartbeats pgferry writes.
 pub const HEARTBEAT_PREFIX: &str = "pgferry.heartbeat";
 
+/// Prefix of the transactional messages that mark snapshot chunks (low and high watermarks).
+pub const SNAPSHOT_PREFIX: &str = "pgferry.snapshot";
+
 /// Prefix of the transactional messages that carry a multi-master node's acknowledgements.
 pub const ACK_PREFIX: &str = "pgferry.ack";
 
@@ -41,6 +44,9 @@ pub enum CaptureEvent {
     /// A multi-master acknowledgement (a transactional `pgferry.ack` message) inside the
     /// current transaction: its JSON content.
     Ack(bytes::Bytes),
+    /// A snapshot watermark (a transactional `pgferry.snapshot` message) inside the current
+    /// transaction: its JSON content.
+    Watermark(bytes::Bytes),
 }
 
 /// The stream broke a protocol rule; capture must stop rather than guess.
@@ -163,6 +169,9 @@ impl Assembler {
                 } else if m.transactional && m.prefix == ACK_PREFIX {
                     self.require_transaction("an ack message")?;
                     out.push(CaptureEvent::Ack(m.content));
+                } else if m.transactional && m.prefix == SNAPSHOT_PREFIX {
+                    self.require_transaction("a snapshot watermark")?;
+                    out.push(CaptureEvent::Watermark(m.content));
                 }
             }
             LogicalMessage::StreamStart { .. }

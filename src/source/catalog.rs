@@ -79,6 +79,29 @@ pub async fn ensure_internal_schema(client: &Client) -> Result<(), tokio_postgre
                  consistent_lsn pg_lsn NOT NULL,
                  completed_at timestamptz NOT NULL DEFAULT now());
              CREATE SEQUENCE IF NOT EXISTS pgferry.capture_run;
+             -- Snapshot progress: one row per key range (part) of a table, updated after Kafka
+             -- acknowledged each chunk; a restart resumes after last_key.
+             CREATE TABLE IF NOT EXISTS pgferry.snapshot_progress (
+                 slot_name text NOT NULL,
+                 table_schema text NOT NULL,
+                 table_name text NOT NULL,
+                 part int NOT NULL,
+                 lower_key text[],
+                 upper_key text[],
+                 last_key text[],
+                 keyed boolean NOT NULL,
+                 rows_done bigint NOT NULL DEFAULT 0,
+                 rows_estimated bigint NOT NULL DEFAULT 0,
+                 chunks bigint NOT NULL DEFAULT 0,
+                 done boolean NOT NULL DEFAULT false,
+                 started_at timestamptz NOT NULL DEFAULT now(),
+                 updated_at timestamptz NOT NULL DEFAULT now(),
+                 PRIMARY KEY (slot_name, table_schema, table_name, part));
+             -- Snapshot requests: `pgferry snapshot --table`, or an INSERT from SQL.
+             CREATE TABLE IF NOT EXISTS pgferry.snapshot_requests (
+                 id bigserial PRIMARY KEY,
+                 table_name text NOT NULL,
+                 requested_at timestamptz NOT NULL DEFAULT now());
              COMMIT",
         )
         .await
@@ -179,7 +202,8 @@ pub async fn mark_snapshot_completed(
         .map(drop)
 }
 
-/// Forgets any snapshot record for this slot (before creating the slot anew).
+/// Forgets any snapshot record and chunk progress for this slot (before creating the slot
+/// anew).
 pub async fn clear_snapshot_state(
     client: &Client,
     slot: &str,
@@ -187,6 +211,12 @@ pub async fn clear_snapshot_state(
     client
         .execute(
             "DELETE FROM pgferry.snapshot_state WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    client
+        .execute(
+            "DELETE FROM pgferry.snapshot_progress WHERE slot_name = $1",
             &[&slot],
         )
         .await

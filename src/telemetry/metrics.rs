@@ -30,8 +30,16 @@ pub struct Metrics {
     pub slot_retained_wal_bytes: IntGauge,
     /// Unix time of the last heartbeat written.
     pub heartbeat_timestamp: IntGauge,
-    /// Rows published by the initial snapshot, by table.
+    /// Rows published by snapshots, by table.
     pub snapshot_rows: IntCounterVec,
+    /// Rows a table's snapshot expects (the planner's estimate when it started), by table.
+    pub snapshot_rows_estimated: IntGaugeVec,
+    /// Snapshot rows left out because the stream carried a newer state, by table.
+    pub snapshot_rows_reconciled: IntCounterVec,
+    /// Snapshot chunks published, by table.
+    pub snapshot_chunks: IntCounterVec,
+    /// Tables whose snapshot is queued or running.
+    pub snapshot_tables_remaining: IntGauge,
     /// 1 when capture is streaming.
     pub ready: IntGauge,
     /// Capture restarts after transient errors.
@@ -207,8 +215,31 @@ impl Metrics {
             snapshot_rows: counter_vec(
                 r,
                 "pgferry_snapshot_rows_total",
-                "Rows published by the initial snapshot.",
+                "Rows published by snapshots.",
                 &["table"],
+            ),
+            snapshot_rows_estimated: gauge_vec(
+                r,
+                "pgferry_snapshot_rows_estimated",
+                "Rows a table's snapshot expects (the planner's estimate when it started).",
+                &["table"],
+            ),
+            snapshot_rows_reconciled: counter_vec(
+                r,
+                "pgferry_snapshot_rows_reconciled_total",
+                "Snapshot rows left out because the stream carried a newer state of them.",
+                &["table"],
+            ),
+            snapshot_chunks: counter_vec(
+                r,
+                "pgferry_snapshot_chunks_total",
+                "Snapshot chunks published.",
+                &["table"],
+            ),
+            snapshot_tables_remaining: gauge(
+                r,
+                "pgferry_snapshot_tables_remaining",
+                "Tables whose snapshot is queued or running.",
             ),
             ready: gauge(
                 r,

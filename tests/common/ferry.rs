@@ -115,8 +115,23 @@ impl Ferry {
         self.child = spawn(&self.config_path, &self.log_path);
     }
 
-    /// Waits until `/readyz` says capture is streaming.
+    /// Waits until `/readyz` says capture is streaming and every table's snapshot is in Kafka
+    /// (`pgferry_snapshot_tables_remaining` is 0), so that later writes reach the topics as
+    /// changes only.
     pub async fn wait_ready(&self) {
+        self.wait_streaming().await;
+        super::wait_for("snapshots to finish", Duration::from_secs(120), || async {
+            (self
+                .metric("pgferry_snapshot_tables_remaining", "")
+                .unwrap_or(0.0)
+                == 0.0)
+                .then_some(())
+        })
+        .await;
+    }
+
+    /// Waits until `/readyz` says capture is streaming (snapshot chunks may still be running).
+    pub async fn wait_streaming(&self) {
         super::wait_for("capture to be ready", Duration::from_secs(60), || async {
             self.http_get("/readyz")
                 .filter(|(s, _)| *s == 200)

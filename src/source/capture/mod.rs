@@ -29,6 +29,8 @@ pub use error::CaptureError;
 pub const COMPONENT: &str = "capture";
 
 use super::catalog;
+use super::reconcile::Reconciler;
+use super::snapshot::driver::{self, Mark, MarkKind, Published};
 use super::snapshot::{self, TableReader};
 use crate::config::{KafkaConfig, OnPoison, SourceConfig};
 use crate::error::ErrorChain;
@@ -77,6 +79,10 @@ struct Capture {
     schemas: HashMap<u32, Vec<ColumnSchema>>,
     /// Relations whose schema this run has already announced on the node stream.
     announced: HashSet<u32>,
+    /// Snapshot chunks' windows (see [`crate::source::reconcile`]).
+    reconciler: Reconciler,
+    /// The link to this run's snapshot driver.
+    snapshots: driver::Link,
 }
 
 fn lock(p: &Mutex<Progress>) -> std::sync::MutexGuard<'_, Progress> {
@@ -118,6 +124,7 @@ pub async fn run(
         tombstones: settings.kafka.tombstones,
         run,
     };
+    let (link, published) = driver::link(run);
     let mut capture = Capture {
         slot,
         sql: Arc::new(sql),
@@ -131,10 +138,12 @@ pub async fn run(
         counters: HashMap::new(),
         schemas: HashMap::new(),
         announced: HashSet::new(),
+        reconciler: Reconciler::default(),
+        snapshots: link,
         settings,
     };
     capture.prepare_slot(&mut repl).await?;
-    capture.stream(repl, shutdown).await
+    capture.stream(repl, published, shutdown).await
 }
 
 impl Capture {
@@ -209,6 +218,105 @@ impl Capture {
             .drain(self.settings.kafka.delivery_timeout + Duration::from_secs(30))
             .await?;
         tracing::info!("initial snapshot is in Kafka");
+        Ok(())
+    }
+
+    /// A snapshot watermark in the stream (see [`driver`]): opens a chunk's window, publishes
+    /// a chunk's reconciled rows in this transaction, or truncates the targets of a table
+    /// without a key before its chunks.
+    async fn watermark(
+        &mut self,
+        txn: &mut OpenTxn,
+        content: &[u8],
+        mut repl: Option<&mut stream::StreamState<'_>>,
+    ) -> Result<(), CaptureError> {
+        let Some(mark) = Mark::parse(content) else {
+            tracing::warn!(commit_lsn = %txn.stamp.commit_lsn(),
+                           "ignoring a pgferry.snapshot message pgferry did not write");
+            return Ok(());
+        };
+        if mark.run != self.snapshots.run {
+            // A watermark of an earlier run (replayed after a restart): its chunk is gone.
+            return Ok(());
+        }
+        let board = self.snapshots.board.clone();
+        let lsn: Lsn = txn.stamp.commit_lsn().parse().unwrap_or_default();
+        match mark.mark {
+            MarkKind::Low => {
+                if let Some(target) = board.target(mark.id) {
+                    self.reconciler.open(mark.id, target.chunk_relation.oid);
+                }
+            }
+            MarkKind::Start => {
+                let Some(deposit) = board.take(mark.id) else {
+                    return Ok(());
+                };
+                let relation = deposit.target.relation.clone();
+                self.describe_once(&relation).await?;
+                let truncate = RowChange {
+                    op: Op::Truncate,
+                    relation: relation.clone(),
+                    lsn,
+                    before: None,
+                    before_is_key_only: false,
+                    after: None,
+                    version: None,
+                };
+                self.publish(txn, &truncate, repl).await?;
+                self.reconciler.start_keyless(relation.oid);
+            }
+            MarkKind::High => {
+                let Some(deposit) = board.take(mark.id) else {
+                    return Ok(());
+                };
+                let target = deposit.target.clone();
+                let rows = deposit.rows.unwrap_or_default();
+                let Some(closed) = self.reconciler.close(mark.id, &target.chunk_relation, rows)
+                else {
+                    return Ok(());
+                };
+                if deposit.finishes_keyless {
+                    self.reconciler.finish_keyless(target.relation.oid);
+                }
+                self.describe_once(&target.relation).await?;
+                txn.snapshot = true;
+                let counter = self
+                    .metrics
+                    .snapshot_rows
+                    .with_label_values(&[&target.name()]);
+                let emitted = closed.emit.len();
+                for row in closed.emit {
+                    let change = RowChange {
+                        op: Op::Read,
+                        relation: target.relation.clone(),
+                        lsn,
+                        before: None,
+                        before_is_key_only: false,
+                        after: Some(row),
+                        version: None,
+                    };
+                    self.publish(txn, &change, repl.as_deref_mut()).await?;
+                    counter.inc();
+                }
+                self.health.beat();
+                txn.chunks.push(Published {
+                    id: mark.id,
+                    end_lsn: Lsn::default(),
+                    emitted,
+                    dropped: closed.dropped,
+                    reread: closed.reread,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Describes a snapshot table unless this run already has its schema.
+    async fn describe_once(&mut self, relation: &RelationMeta) -> Result<(), CaptureError> {
+        if !self.schemas.contains_key(&relation.oid) {
+            let sql = self.sql.clone();
+            self.relation_seen(&sql, relation).await?;
+        }
         Ok(())
     }
 
@@ -426,6 +534,11 @@ impl Capture {
             self.send_bundle(&mut txn, repl).await?;
         }
         lock(&self.progress).seal(txn.ticket, end_lsn);
+        for mut chunk in txn.chunks.drain(..) {
+            chunk.end_lsn = end_lsn;
+            // The driver is gone only when the run is ending.
+            let _ = self.snapshots.published.send(chunk);
+        }
         Ok(())
     }
 
@@ -491,6 +604,8 @@ const RECORD_OVERHEAD: usize = 512;
 /// A source transaction being published.
 pub(super) struct OpenTxn {
     stamp: TxnStamp,
+    /// Snapshot chunks published in this transaction, reported to the driver at its end.
+    chunks: Vec<Published>,
     ticket: Ticket,
     snapshot: bool,
     begun: bool,
@@ -507,6 +622,7 @@ impl OpenTxn {
     pub(super) fn new(stamp: TxnStamp, ticket: Ticket, snapshot: bool) -> Self {
         OpenTxn {
             stamp,
+            chunks: Vec::new(),
             ticket,
             snapshot,
             begun: false,

@@ -8,6 +8,7 @@ use crate::config::SnapshotMode;
 use crate::lsn::Lsn;
 use crate::pg::replication::ReplicationConnection;
 use crate::pipeline::progress::Progress;
+use crate::source::snapshot::chunk;
 
 impl Capture {
     /// Makes sure the slot exists and its initial snapshot is in Kafka. A slot that was lost
@@ -118,8 +119,9 @@ impl Capture {
         }
     }
 
-    /// Creates the slot, publishes the initial snapshot if configured, and records the
-    /// snapshot as completed.
+    /// Creates the slot and sets up its snapshot: chunked (every published table planned in
+    /// `pgferry.snapshot_progress`, read beside the stream), exported (published now, inside
+    /// the slot's snapshot), or none; then records the slot's snapshot state.
     async fn create_slot(
         &mut self,
         repl: &mut ReplicationConnection,
@@ -128,7 +130,8 @@ impl Capture {
         catalog::clear_snapshot_state(&self.sql, &self.slot)
             .await
             .map_err(CaptureError::sql("clearing pgferry.snapshot_state"))?;
-        let export = self.settings.source.snapshot == SnapshotMode::Initial;
+        let mode = self.settings.source.snapshot;
+        let export = mode == SnapshotMode::Exported;
         let created = repl
             .simple_query(&slot_plan::create_slot_command(
                 &self.slot, export, failover,
@@ -147,8 +150,39 @@ impl Capture {
                 .to_owned();
             self.publish_snapshot(&name, consistent).await?;
         }
+        let source = &self.settings.source;
+        let tables = catalog::published_tables(&self.sql, &source.publication)
+            .await
+            .map_err(CaptureError::sql("listing published tables"))?;
+        if mode == SnapshotMode::Initial {
+            for (schema, table) in &tables {
+                let Some(target) = chunk::target(&self.sql, schema, table)
+                    .await
+                    .map_err(CaptureError::sql("describing a snapshot table"))?
+                else {
+                    continue;
+                };
+                chunk::plan_table(
+                    &self.sql,
+                    &self.slot,
+                    &target,
+                    source.snapshot_readers,
+                    source.snapshot_batch_rows,
+                )
+                .await
+                .map_err(CaptureError::sql("planning the initial snapshot"))?;
+            }
+            tracing::info!(
+                tables = tables.len(),
+                "initial snapshot planned; its chunks are read beside the stream"
+            );
+        } else {
+            chunk::record_covered(&self.sql, &self.slot, &tables)
+                .await
+                .map_err(CaptureError::sql("recording the snapshot baseline"))?;
+        }
         catalog::mark_snapshot_completed(&self.sql, &self.slot, consistent)
             .await
-            .map_err(CaptureError::sql("recording the completed snapshot"))
+            .map_err(CaptureError::sql("recording the slot's snapshot state"))
     }
 }

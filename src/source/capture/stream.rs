@@ -19,6 +19,7 @@ use crate::sink::kafka::encode::TxnStamp;
 use crate::source::assemble::{Assembler, CaptureEvent};
 use crate::source::catalog;
 use crate::source::pgoutput::{ReplicaIdentity, StreamDecoder};
+use crate::source::snapshot::driver::{self, Published};
 use crate::sql::{quote_ident, quote_literal};
 use crate::telemetry::Metrics;
 
@@ -128,6 +129,7 @@ impl Capture {
     pub(super) async fn stream(
         &mut self,
         mut repl: ReplicationConnection,
+        published: tokio::sync::mpsc::UnboundedReceiver<Published>,
         shutdown: CancellationToken,
     ) -> Result<(), CaptureError> {
         let source = &self.settings.source;
@@ -146,6 +148,28 @@ impl Capture {
             source.heartbeat_interval,
             self.metrics.clone(),
         );
+        // The snapshot driver runs beside the stream; it stops with this run, and its failure
+        // ends the run.
+        let driver_stop = shutdown.child_token();
+        let _stop_driver = driver_stop.clone().drop_guard();
+        let (driver_failed_tx, mut driver_failed) = tokio::sync::mpsc::channel(1);
+        let driver = driver::Driver::start(
+            driver::DriverSettings {
+                source: source.clone(),
+                node_id: self.settings.node_id.clone(),
+                slot: self.slot.clone(),
+            },
+            &self.snapshots,
+            published,
+            self.progress.clone(),
+            self.metrics.clone(),
+        )
+        .await?;
+        let _driver = AbortOnDrop(tokio::spawn(async move {
+            if let Err(error) = driver.run(driver_stop).await {
+                let _ = driver_failed_tx.send(error).await;
+            }
+        }));
         let watermark = lock(&self.progress).watermark();
         let mut state = StreamState {
             repl: &mut repl,
@@ -154,7 +178,9 @@ impl Capture {
             interval: source.status_interval,
         };
         self.health.set_ready(super::COMPONENT, true);
-        let result = self.stream_loop(&mut state, &shutdown).await;
+        let result = self
+            .stream_loop(&mut state, &shutdown, &mut driver_failed)
+            .await;
         self.health.set_ready(super::COMPONENT, false);
         result?;
         // Graceful stop: intake has stopped; drain Kafka, confirm what it holds, leave.
@@ -173,6 +199,7 @@ impl Capture {
         &mut self,
         state: &mut StreamState<'_>,
         shutdown: &CancellationToken,
+        driver_failed: &mut tokio::sync::mpsc::Receiver<CaptureError>,
     ) -> Result<(), CaptureError> {
         let silence_limit = (state.interval * 6).max(Duration::from_secs(120));
         let mut tick = tokio::time::interval(state.interval);
@@ -188,6 +215,7 @@ impl Capture {
             let step = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => Step::Stop,
+                Some(error) = driver_failed.recv() => return Err(error),
                 _ = tick.tick() => Step::Status,
                 msg = state.repl.recv() => Step::Message(msg?),
             };
@@ -281,13 +309,19 @@ impl Capture {
                         ),
                     });
                 };
+                // pgferry's own bookkeeping is never replicated; a version stamped for a row
+                // change goes with that change (the next one of its table).
+                let bookkeeping = change.relation.schema == crate::naming::BOOKKEEPING_SCHEMA;
+                if !bookkeeping {
+                    // Applied changes too: they changed rows a snapshot chunk may hold.
+                    self.reconciler
+                        .changed(txn.stamp.xid().unwrap_or(0), &change);
+                }
                 if txn.echo {
                     self.metrics.capture_echoes_skipped.inc();
                     return Ok(());
                 }
-                // pgferry's own bookkeeping is never replicated; a version stamped for a row
-                // change goes with that change (the next one of its table).
-                if change.relation.schema == crate::naming::BOOKKEEPING_SCHEMA {
+                if bookkeeping {
                     if change.relation.table == crate::naming::VERSIONS_TABLE {
                         txn.versions
                             .stamped(&change.relation, change.after.as_ref());
@@ -303,6 +337,11 @@ impl Capture {
                 }
             }
             CaptureEvent::Position(lsn) => lock(&self.progress).position(lsn),
+            CaptureEvent::Watermark(content) => {
+                if let Some(txn) = current.as_mut() {
+                    self.watermark(txn, &content, Some(state)).await?;
+                }
+            }
             CaptureEvent::Ack(content) => {
                 if let Some(txn) = current.as_mut().filter(|t| !t.echo) {
                     self.publish_ack(txn, &content, Some(state)).await?;

@@ -34,6 +34,9 @@ fn text(s: impl ToString) -> Datum {
 /// A row of the model table: (v, big).
 type Row = (i64, i64);
 
+/// One change of a simulated transaction: key, before, after, TOASTed value left out.
+type SimChange = (i64, Option<Row>, Option<Row>, bool);
+
 fn tuple(id: i64, row: Row) -> Tuple {
     vec![text(id), text(row.0), text(row.1)]
 }
@@ -170,7 +173,7 @@ impl Sim {
     }
 
     /// One random committed transaction: its changes (key, before, after, toast-unchanged).
-    fn transaction(&mut self) -> (u32, Vec<(i64, Option<Row>, Option<Row>, bool)>) {
+    fn transaction(&mut self) -> (u32, Vec<SimChange>) {
         self.next_xid += 1;
         let xid = self.next_xid;
         let mut changes = Vec::new();
@@ -194,7 +197,7 @@ impl Sim {
     }
 
     /// Streams a committed transaction: the reconciler sees it, the replica applies it.
-    fn stream(&mut self, xid: u32, changes: &[(i64, Option<Row>, Option<Row>, bool)]) {
+    fn stream(&mut self, xid: u32, changes: &[SimChange]) {
         for &(id, before, after, unchanged) in changes {
             let (op, image) = match (before, after) {
                 (_, None) => (Op::Delete, None),

@@ -1,8 +1,12 @@
-//! The initial snapshot: every row that existed when the slot was created, read inside the
-//! slot's exported snapshot so that snapshot plus stream has neither gap nor overlap.
+//! Snapshots: publishing rows that existed before the stream saw them.
 //!
-//! Owns reading only; the capture loop publishes what it reads. Rows are fetched through a
-//! cursor in batches, so memory stays bounded for any table size.
+//! - Chunked (`source.snapshot: initial`, and every on-demand or added-table snapshot): tables
+//!   read in key-ordered chunks beside the stream, reconciled at watermarks ([`chunk`],
+//!   [`driver`], [`crate::source::reconcile`]).
+//! - Exported (`source.snapshot: exported`): this module's [`begin`] / [`TableReader`] read
+//!   every table inside the slot's exported snapshot, so that snapshot plus stream has neither
+//!   gap nor overlap, in one long transaction. Rows are fetched through a cursor in batches,
+//!   so memory stays bounded for any table size.
 
 use std::sync::Arc;
 
@@ -12,6 +16,78 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 use crate::event::RelationMeta;
 use crate::source::pgoutput::{Column, Datum, ReplicaIdentity, Tuple};
 use crate::sql::{qualified, quote_ident, quote_literal};
+
+pub mod chunk;
+pub mod driver;
+
+/// Why a snapshot request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The source could not be reached or written.
+    #[error("{context}")]
+    Sql {
+        /// What we were doing.
+        context: &'static str,
+        /// Why it failed.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The table is not one capture publishes.
+    #[error("{table} is not in publication {publication} (published: {published}); add it with ALTER PUBLICATION, and capture snapshots it by itself")]
+    NotPublished {
+        /// What was asked for.
+        table: String,
+        /// The publication.
+        publication: String,
+        /// What it holds.
+        published: String,
+    },
+}
+
+/// Queues snapshot requests for published tables (`pgferry snapshot --table`); returns the
+/// tables as `schema.table`. A name without a schema means `public`.
+pub async fn request(
+    source: &crate::config::SourceConfig,
+    tables: &[String],
+) -> Result<Vec<String>, RequestError> {
+    let sql = |context| move |source| RequestError::Sql { context, source };
+    let client = crate::pg::connect(&source.url, "pgferry-snapshot-request")
+        .await
+        .map_err(sql("connecting to the source"))?;
+    super::catalog::ensure_internal_schema(&client)
+        .await
+        .map_err(sql("creating the pgferry schema"))?;
+    let published = super::catalog::published_tables(&client, &source.publication)
+        .await
+        .map_err(sql("listing published tables"))?;
+    let names: Vec<String> = published.iter().map(|(s, t)| format!("{s}.{t}")).collect();
+    let mut requested = Vec::new();
+    for table in tables {
+        let wanted = if table.contains('.') {
+            table.clone()
+        } else {
+            format!("public.{table}")
+        };
+        if !names.contains(&wanted) {
+            return Err(RequestError::NotPublished {
+                table: table.clone(),
+                publication: source.publication.clone(),
+                published: if names.is_empty() {
+                    "nothing".into()
+                } else {
+                    names.join(", ")
+                },
+            });
+        }
+        requested.push(wanted);
+    }
+    for name in &requested {
+        chunk::request(&client, name)
+            .await
+            .map_err(sql("inserting into pgferry.snapshot_requests"))?;
+    }
+    Ok(requested)
+}
 
 /// Starts the read-only transaction that sees exactly the slot's consistent point.
 pub async fn begin(client: &Client, snapshot_name: &str) -> Result<(), tokio_postgres::Error> {

@@ -1,0 +1,596 @@
+//! Chunked snapshots on the source: the SQL that reads one chunk, the watermarks written around
+//! it, how a big table is split into key ranges, and the durable progress table
+//! (`pgferry.snapshot_progress`) a restart resumes from.
+//!
+//! The reconciliation itself is pure, in [`crate::source::reconcile`].
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+use super::describe_table;
+use crate::event::RelationMeta;
+use crate::source::pgoutput::Datum;
+use crate::source::reconcile::{ChunkRow, Key};
+use crate::sql::{qualified, quote_ident, quote_literal};
+
+/// Prefix of the transactional `pg_logical_emit_message` watermarks around each chunk.
+pub use crate::source::assemble::SNAPSHOT_PREFIX;
+
+/// A key column and its SQL type (`format_type`), to write key values back as literals.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyColumn {
+    /// Column name.
+    pub name: String,
+    /// Its type, as `format_type` spells it.
+    pub type_name: String,
+}
+
+/// A table to snapshot, as read from the catalog.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The table as pgoutput would describe it (what the records are encoded with).
+    pub relation: Arc<RelationMeta>,
+    /// The same with only the primary key or identity index as key: what the chunks are
+    /// ordered and reconciled by. No key columns (no primary key or identity index; REPLICA
+    /// IDENTITY FULL alone is not a key) means chunks by `ctid`.
+    pub chunk_relation: Arc<RelationMeta>,
+    /// The key columns, in order.
+    pub key: Vec<KeyColumn>,
+}
+
+impl Target {
+    /// Whether chunks go by key (else by `ctid` page ranges).
+    pub fn keyed(&self) -> bool {
+        !self.key.is_empty()
+    }
+
+    /// `schema.table`.
+    pub fn name(&self) -> String {
+        self.relation.qualified_name()
+    }
+}
+
+/// Reads a table's description and key; `None` when it no longer exists.
+pub async fn target(
+    client: &Client,
+    schema: &str,
+    table: &str,
+) -> Result<Option<Target>, tokio_postgres::Error> {
+    let Some(relation) = describe_table(client, schema, table).await? else {
+        return Ok(None);
+    };
+    let rows = client
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
+               FROM pg_index i
+               JOIN pg_class c ON c.oid = i.indrelid
+               JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) ON true
+               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+              WHERE i.indrelid = $1
+                AND ((c.relreplident IN ('d', 'f') AND i.indisprimary)
+                  OR (c.relreplident = 'i' AND i.indisreplident))
+              ORDER BY k.ord",
+            &[&relation.oid],
+        )
+        .await?;
+    let key: Vec<KeyColumn> = rows
+        .iter()
+        .map(|r| KeyColumn {
+            name: r.get(0),
+            type_name: r.get(1),
+        })
+        .collect();
+    let mut chunk_relation = relation.clone();
+    for c in &mut chunk_relation.columns {
+        c.is_key = key.iter().any(|k| k.name == c.name);
+    }
+    Ok(Some(Target {
+        relation: Arc::new(relation),
+        chunk_relation: Arc::new(chunk_relation),
+        key,
+    }))
+}
+
+/// The select list of every chunk query: the columns, then `xmax` and `xmin`.
+fn select_list(target: &Target) -> String {
+    let mut columns: Vec<String> = target
+        .relation
+        .columns
+        .iter()
+        .map(|c| quote_ident(&c.name))
+        .collect();
+    columns.push("xmax::text".into());
+    columns.push("xmin::text".into());
+    columns.join(", ")
+}
+
+/// `(k1, k2)` for the key columns.
+fn key_tuple(target: &Target) -> String {
+    let names: Vec<String> = target.key.iter().map(|k| quote_ident(&k.name)).collect();
+    format!("({})", names.join(", "))
+}
+
+/// `('v1'::t1, 'v2'::t2)` for key values in text form.
+fn key_literal(target: &Target, values: &[String]) -> String {
+    let literals: Vec<String> = target
+        .key
+        .iter()
+        .zip(values)
+        .map(|(k, v)| format!("{}::{}", quote_literal(v), k.type_name))
+        .collect();
+    format!("({})", literals.join(", "))
+}
+
+/// The next chunk of a key range: rows with key in `(after, upper]`, in key order, at most
+/// `limit`.
+pub fn chunk_query(
+    target: &Target,
+    after: Option<&[String]>,
+    upper: Option<&[String]>,
+    limit: u32,
+) -> String {
+    let key = key_tuple(target);
+    let mut conditions = Vec::new();
+    if let Some(after) = after {
+        conditions.push(format!("{key} > {}", key_literal(target, after)));
+    }
+    if let Some(upper) = upper {
+        conditions.push(format!("{key} <= {}", key_literal(target, upper)));
+    }
+    let filter = if conditions.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", conditions.join(" AND "))
+    };
+    let order: Vec<String> = target.key.iter().map(|k| quote_ident(&k.name)).collect();
+    format!(
+        "SELECT {} FROM ONLY {}{filter} ORDER BY {} LIMIT {limit}",
+        select_list(target),
+        qualified(&target.relation.schema, &target.relation.table),
+        order.join(", "),
+    )
+}
+
+/// The rows of the given keys (a re-read).
+pub fn keys_query(target: &Target, keys: &[Vec<String>]) -> String {
+    let lists: Vec<String> = keys.iter().map(|k| key_literal(target, k)).collect();
+    format!(
+        "SELECT {} FROM ONLY {} WHERE {} IN ({})",
+        select_list(target),
+        qualified(&target.relation.schema, &target.relation.table),
+        key_tuple(target),
+        lists.join(", ")
+    )
+}
+
+/// The rows of heap pages `[from, to)` (a table without a key).
+pub fn pages_query(target: &Target, from: u64, to: u64) -> String {
+    format!(
+        "SELECT {} FROM ONLY {} WHERE ctid >= '({from},0)'::tid AND ctid < '({to},0)'::tid",
+        select_list(target),
+        qualified(&target.relation.schema, &target.relation.table),
+    )
+}
+
+/// A chunk as read: its rows and their size in bytes (as text).
+#[derive(Debug, Default)]
+pub struct Read {
+    /// The rows, in the order the query returned them.
+    pub rows: Vec<ChunkRow>,
+    /// Bytes of text read.
+    pub bytes: u64,
+}
+
+/// Runs a chunk query (one statement: one snapshot, one short transaction).
+pub async fn read(client: &Client, sql: &str) -> Result<Read, tokio_postgres::Error> {
+    let mut read = Read::default();
+    for message in client.simple_query(sql).await? {
+        let SimpleQueryMessage::Row(row) = message else {
+            continue;
+        };
+        let width = row.len().saturating_sub(2);
+        let mut tuple = Vec::with_capacity(width);
+        for i in 0..width {
+            tuple.push(match row.get(i) {
+                Some(text) => {
+                    read.bytes += text.len() as u64;
+                    Datum::Text(Bytes::copy_from_slice(text.as_bytes()))
+                }
+                None => Datum::Null,
+            });
+        }
+        let xid = |i: usize| row.get(i).and_then(|t| t.parse().ok()).unwrap_or(0);
+        read.rows.push(ChunkRow {
+            tuple,
+            xmax: xid(width),
+            xmin: xid(width + 1),
+        });
+    }
+    Ok(read)
+}
+
+/// A key in text form (for literals and the progress table); `None` when a value is NULL or
+/// not UTF-8 (a key column never holds either).
+pub fn key_text(key: &Key) -> Option<Vec<String>> {
+    key.iter()
+        .map(|v| {
+            v.as_ref()
+                .and_then(|b| std::str::from_utf8(b).ok().map(str::to_owned))
+        })
+        .collect()
+}
+
+/// Writes a snapshot watermark into the WAL, in a transaction of its own (committed, so the
+/// WAL is flushed and the stream reaches it without waiting for other writes).
+pub async fn emit_watermark(client: &Client, content: &str) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "SELECT pg_logical_emit_message(true, $1, $2)",
+            &[&SNAPSHOT_PREFIX, &content],
+        )
+        .await
+        .map(drop)
+}
+
+/// Split points for `parts` key ranges of a table, from a sample of its keys. Fewer points
+/// come back when the sample holds fewer distinct keys.
+pub async fn split_points(
+    client: &Client,
+    target: &Target,
+    estimated_rows: i64,
+    parts: u32,
+) -> Result<Vec<Vec<String>>, tokio_postgres::Error> {
+    if parts < 2 || !target.keyed() || estimated_rows <= 0 {
+        return Ok(Vec::new());
+    }
+    // About 200 sampled keys per part; TABLESAMPLE SYSTEM picks whole pages.
+    let percent = (100.0 * f64::from(parts) * 200.0 / estimated_rows as f64).clamp(0.01, 100.0);
+    let keys: Vec<String> = target
+        .key
+        .iter()
+        .map(|k| format!("{}::text", quote_ident(&k.name)))
+        .collect();
+    let order: Vec<String> = target.key.iter().map(|k| quote_ident(&k.name)).collect();
+    let sql = format!(
+        "SELECT {} FROM ONLY {} TABLESAMPLE SYSTEM ({percent}) ORDER BY {}",
+        keys.join(", "),
+        qualified(&target.relation.schema, &target.relation.table),
+        order.join(", ")
+    );
+    let mut sample = Vec::new();
+    for message in client.simple_query(&sql).await? {
+        if let SimpleQueryMessage::Row(row) = message {
+            let key: Option<Vec<String>> = (0..row.len())
+                .map(|i| row.get(i).map(str::to_owned))
+                .collect();
+            sample.extend(key);
+        }
+    }
+    Ok(pick_split_points(&sample, parts))
+}
+
+/// Evenly spaced, distinct keys of a sorted sample: the upper bounds of all parts but the last.
+pub fn pick_split_points(sample: &[Vec<String>], parts: u32) -> Vec<Vec<String>> {
+    let mut points: Vec<Vec<String>> = Vec::new();
+    if sample.is_empty() {
+        return points;
+    }
+    for i in 1..parts as usize {
+        let at = i * sample.len() / parts as usize;
+        let Some(key) = sample.get(at) else { break };
+        if points.last() != Some(key) {
+            points.push(key.clone());
+        }
+    }
+    points
+}
+
+/// One key range of a table's snapshot, as stored in `pgferry.snapshot_progress`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    /// Schema.
+    pub schema: String,
+    /// Table.
+    pub table: String,
+    /// Range number within the table.
+    pub part: i32,
+    /// Exclusive lower bound (`None`: from the first row).
+    pub lower: Option<Vec<String>>,
+    /// Inclusive upper bound (`None`: to the last row).
+    pub upper: Option<Vec<String>>,
+    /// Last key Kafka holds (`None`: nothing yet).
+    pub last: Option<Vec<String>>,
+    /// Chunks go by key; else by pages, and the table restarts from its first page.
+    pub keyed: bool,
+    /// Rows published so far.
+    pub rows_done: i64,
+}
+
+impl Part {
+    /// `schema.table`.
+    pub fn table_name(&self) -> String {
+        format!("{}.{}", self.schema, self.table)
+    }
+}
+
+/// Parts of this slot's snapshots that are not done, in table order.
+pub async fn unfinished_parts(
+    client: &Client,
+    slot: &str,
+) -> Result<Vec<Part>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT table_schema, table_name, part, lower_key, upper_key, last_key, keyed, rows_done
+               FROM pgferry.snapshot_progress
+              WHERE slot_name = $1 AND NOT done
+              ORDER BY table_schema, table_name, part",
+            &[&slot],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| Part {
+            schema: r.get(0),
+            table: r.get(1),
+            part: r.get(2),
+            lower: r.get(3),
+            upper: r.get(4),
+            last: r.get(5),
+            keyed: r.get(6),
+            rows_done: r.get(7),
+        })
+        .collect())
+}
+
+/// Tables this slot has a snapshot record of (done or not).
+pub async fn known_tables(
+    client: &Client,
+    slot: &str,
+) -> Result<std::collections::HashSet<(String, String)>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT DISTINCT table_schema, table_name FROM pgferry.snapshot_progress WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Records tables as needing no snapshot (they were covered some other way: the exported
+/// snapshot, or `snapshot: never` when the slot was created).
+pub async fn record_covered(
+    client: &Client,
+    slot: &str,
+    tables: &[(String, String)],
+) -> Result<(), tokio_postgres::Error> {
+    for (schema, table) in tables {
+        client
+            .execute(
+                "INSERT INTO pgferry.snapshot_progress (slot_name, table_schema, table_name, part, keyed, done)
+                 VALUES ($1, $2, $3, 0, true, true) ON CONFLICT DO NOTHING",
+                &[&slot, schema, table],
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// Plans a table's snapshot anew: forgets its earlier parts, splits it into up to `parts` key
+/// ranges, and stores them. Returns the parts and the estimated row count.
+pub async fn plan_table(
+    client: &Client,
+    slot: &str,
+    target: &Target,
+    parts: u32,
+    chunk_rows: u32,
+) -> Result<(Vec<Part>, i64), tokio_postgres::Error> {
+    let estimated: i64 = client
+        .query_one(
+            "SELECT GREATEST(reltuples, 0)::int8 FROM pg_class WHERE oid = $1",
+            &[&target.relation.oid],
+        )
+        .await?
+        .get(0);
+    // Split only tables worth several chunks per part.
+    let wanted = (estimated / (i64::from(chunk_rows) * 4)).clamp(1, i64::from(parts)) as u32;
+    let points = split_points(client, target, estimated, wanted).await?;
+    let schema = &target.relation.schema;
+    let table = &target.relation.table;
+    let mut planned = Vec::new();
+    let mut lower: Option<Vec<String>> = None;
+    for (i, upper) in points.into_iter().map(Some).chain([None]).enumerate() {
+        planned.push(Part {
+            schema: schema.clone(),
+            table: table.clone(),
+            part: i as i32,
+            lower: lower.clone(),
+            upper: upper.clone(),
+            last: None,
+            keyed: target.keyed(),
+            rows_done: 0,
+        });
+        lower = upper;
+    }
+    let transaction = "BEGIN";
+    client.batch_execute(transaction).await?;
+    let written = async {
+        client
+            .execute(
+                "DELETE FROM pgferry.snapshot_progress WHERE slot_name = $1 AND table_schema = $2 AND table_name = $3",
+                &[&slot, schema, table],
+            )
+            .await?;
+        for p in &planned {
+            client
+                .execute(
+                    "INSERT INTO pgferry.snapshot_progress
+                         (slot_name, table_schema, table_name, part, lower_key, upper_key, keyed, rows_estimated)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    &[&slot, schema, table, &p.part, &p.lower, &p.upper, &p.keyed, &estimated],
+                )
+                .await?;
+        }
+        Ok::<_, tokio_postgres::Error>(())
+    }
+    .await;
+    match written {
+        Ok(()) => client.batch_execute("COMMIT").await?,
+        Err(e) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            return Err(e);
+        }
+    }
+    Ok((planned, estimated))
+}
+
+/// Records a chunk Kafka holds: the part's last key and row count, and whether it is done.
+pub async fn record_chunk(
+    client: &Client,
+    slot: &str,
+    part: &Part,
+    last: Option<&[String]>,
+    rows: i64,
+    done: bool,
+) -> Result<(), tokio_postgres::Error> {
+    let last: Option<Vec<String>> = last.map(<[String]>::to_vec);
+    client
+        .execute(
+            "UPDATE pgferry.snapshot_progress
+                SET last_key = COALESCE($5, last_key), rows_done = rows_done + $6, chunks = chunks + 1,
+                    done = $7, updated_at = now()
+              WHERE slot_name = $1 AND table_schema = $2 AND table_name = $3 AND part = $4",
+            &[&slot, &part.schema, &part.table, &part.part, &last, &rows, &done],
+        )
+        .await
+        .map(drop)
+}
+
+/// Starts a page-chunked (keyless) part over from its first page after a restart.
+pub async fn restart_part(
+    client: &Client,
+    slot: &str,
+    part: &Part,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "UPDATE pgferry.snapshot_progress SET last_key = NULL, rows_done = 0, chunks = 0, updated_at = now()
+              WHERE slot_name = $1 AND table_schema = $2 AND table_name = $3 AND part = $4",
+            &[&slot, &part.schema, &part.table, &part.part],
+        )
+        .await
+        .map(drop)
+}
+
+/// Takes the pending snapshot requests (`schema.table` names), oldest first.
+pub async fn take_requests(client: &Client) -> Result<Vec<String>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "WITH taken AS (DELETE FROM pgferry.snapshot_requests RETURNING id, table_name)
+             SELECT table_name FROM taken ORDER BY id",
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Requests a snapshot of `schema.table` (what `pgferry snapshot --table` does).
+pub async fn request(client: &Client, table: &str) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "INSERT INTO pgferry.snapshot_requests (table_name) VALUES ($1)",
+            &[&table],
+        )
+        .await
+        .map(drop)
+}
+
+/// Heap pages of a table now, and rows per page by the planner's statistics.
+pub async fn heap_pages(client: &Client, oid: u32) -> Result<(u64, f64), tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT (pg_relation_size($1::oid::regclass) / current_setting('block_size')::int8)::int8,
+                    CASE WHEN relpages > 0 THEN reltuples / relpages ELSE 0 END::float8
+               FROM pg_class WHERE oid = $1",
+            &[&oid],
+        )
+        .await?;
+    Ok((row.get::<_, i64>(0).max(0) as u64, row.get(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::pgoutput::{Column, ReplicaIdentity};
+
+    fn target(key: &[(&str, &str)]) -> Target {
+        let columns = ["id", "sub", "v"]
+            .iter()
+            .map(|n| Column {
+                is_key: key.iter().any(|(k, _)| k == n),
+                name: (*n).into(),
+                type_oid: 23,
+                type_modifier: -1,
+            })
+            .collect();
+        let relation = Arc::new(RelationMeta {
+            oid: 1,
+            schema: "s".into(),
+            table: "t".into(),
+            replica_identity: ReplicaIdentity::Default,
+            columns,
+        });
+        Target {
+            relation: relation.clone(),
+            chunk_relation: relation,
+            key: key
+                .iter()
+                .map(|(n, t)| KeyColumn {
+                    name: (*n).into(),
+                    type_name: (*t).into(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn chunk_queries_compare_whole_keys_with_typed_literals() {
+        let t = target(&[("id", "bigint"), ("sub", "text")]);
+        let after = vec!["5".to_owned(), "o'k".to_owned()];
+        assert_eq!(
+            chunk_query(&t, Some(&after), None, 100),
+            r#"SELECT "id", "sub", "v", xmax::text, xmin::text FROM ONLY "s"."t" WHERE ("id", "sub") > ('5'::bigint, 'o''k'::text) ORDER BY "id", "sub" LIMIT 100"#
+        );
+        let upper = vec!["9".to_owned(), "z".to_owned()];
+        assert!(chunk_query(&t, None, Some(&upper), 7)
+            .contains(r#"WHERE ("id", "sub") <= ('9'::bigint, 'z'::text) ORDER BY"#));
+        assert!(keys_query(&t, &[after.clone(), upper]).ends_with(
+            r#"WHERE ("id", "sub") IN (('5'::bigint, 'o''k'::text), ('9'::bigint, 'z'::text))"#
+        ));
+        assert!(pages_query(&t, 3, 8).ends_with("ctid >= '(3,0)'::tid AND ctid < '(8,0)'::tid"));
+    }
+
+    #[test]
+    fn split_points_are_distinct_and_ordered() {
+        let sample: Vec<Vec<String>> = [1, 1, 1, 2, 3, 4, 5, 6, 7, 8]
+            .iter()
+            .map(|n| vec![n.to_string()])
+            .collect();
+        let points = pick_split_points(&sample, 4);
+        assert_eq!(
+            points,
+            vec![
+                vec!["1".to_owned()],
+                vec!["4".to_owned()],
+                vec!["6".to_owned()]
+            ]
+        );
+        assert_eq!(
+            pick_split_points(&sample[..1], 4),
+            vec![vec!["1".to_owned()]]
+        );
+        assert!(pick_split_points(&[], 4).is_empty());
+        assert!(pick_split_points(&sample, 1).is_empty());
+    }
+}

@@ -1,0 +1,756 @@
+//! The chunked snapshot's I/O side, beside the stream: finds what to snapshot (unfinished
+//! parts, requests, tables added to the publication), reads chunks between watermarks on
+//! `source.snapshot_readers` connections, and records each chunk's progress once Kafka holds
+//! it.
+//!
+//! Division of work with the capture loop, which owns the stream: a reader leaves each chunk
+//! on the [`Board`] before writing its high watermark; the capture loop takes it there when the
+//! stream reaches that watermark, reconciles it ([`crate::source::reconcile`]), publishes it in
+//! the watermark's transaction, and reports back a [`Published`] with that transaction's end.
+//! Once the delivery watermark has passed that end, the chunk's progress is written to
+//! `pgferry.snapshot_progress`, so a restart resumes after the last chunk Kafka holds.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use super::chunk::{self, Part, Target};
+use crate::config::{SnapshotMode, SourceConfig};
+use crate::lsn::Lsn;
+use crate::pipeline::progress::Progress;
+use crate::source::capture::CaptureError;
+use crate::source::catalog;
+use crate::source::reconcile::{key_of, ChunkRow, Key};
+use crate::telemetry::Metrics;
+
+/// Chunks each reader may have read and not yet seen published.
+const CHUNKS_IN_FLIGHT_PER_READER: usize = 2;
+
+/// How often Kafka's progress is checked against published chunks.
+const ACK_POLL: Duration = Duration::from_millis(100);
+
+/// How often each running table's progress is logged.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// What a watermark says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MarkKind {
+    /// Before a chunk's SELECT.
+    Low,
+    /// After it: the chunk is published here.
+    High,
+    /// A table without a key starts: its targets are truncated here.
+    Start,
+}
+
+/// A watermark's content (JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mark {
+    /// The capture run that wrote it; marks of other runs are ignored.
+    pub run: u64,
+    /// The chunk.
+    pub id: u64,
+    /// Which watermark.
+    pub mark: MarkKind,
+}
+
+impl Mark {
+    /// Parses a watermark's content; `None` when it is not one pgferry wrote.
+    pub fn parse(content: &[u8]) -> Option<Mark> {
+        serde_json::from_slice(content).ok()
+    }
+}
+
+/// A chunk left for the capture loop.
+pub struct Deposit {
+    /// The table.
+    pub target: Arc<Target>,
+    /// Its rows; `None` for a start mark (and until the SELECT returns).
+    pub rows: Option<Vec<ChunkRow>>,
+    /// The last chunk of a table without a key: its reconciliation ends here.
+    pub finishes_keyless: bool,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Chunks between their SELECT and the capture loop's high watermark.
+#[derive(Default)]
+pub struct Board {
+    chunks: Mutex<HashMap<u64, Deposit>>,
+}
+
+impl Board {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Deposit>> {
+        self.chunks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The table of chunk `id`, if this run has it.
+    pub fn target(&self, id: u64) -> Option<Arc<Target>> {
+        self.lock().get(&id).map(|d| d.target.clone())
+    }
+
+    /// Takes chunk `id` (at its high watermark or start mark).
+    pub fn take(&self, id: u64) -> Option<Deposit> {
+        self.lock().remove(&id)
+    }
+}
+
+/// A chunk the capture loop published, reported back to the driver.
+#[derive(Debug)]
+pub struct Published {
+    /// The chunk.
+    pub id: u64,
+    /// End of the transaction it was published in: Kafka holds it once the delivery watermark
+    /// passes this.
+    pub end_lsn: Lsn,
+    /// Rows published.
+    pub emitted: usize,
+    /// Rows left out (the stream carried a newer state).
+    pub dropped: usize,
+    /// Keys to read again.
+    pub reread: Vec<Key>,
+}
+
+/// The link between the capture loop and the driver.
+pub struct Link {
+    /// This capture run.
+    pub run: u64,
+    /// Chunks waiting for their high watermark.
+    pub board: Arc<Board>,
+    /// Published chunks, back to the driver.
+    pub published: mpsc::UnboundedSender<Published>,
+}
+
+/// Work for a reader.
+enum Work {
+    /// A key range (or the pages of a table without a key).
+    Part(Arc<Target>, Part),
+    /// Keys to read again.
+    Reread(Arc<Target>, Vec<Vec<String>>),
+}
+
+/// What the driver remembers of a chunk until Kafka holds it.
+struct InFlight {
+    table: String,
+    part: Option<Part>,
+    last: Option<Vec<String>>,
+    done: bool,
+}
+
+struct Shared {
+    run: u64,
+    board: Arc<Board>,
+    queue: Mutex<VecDeque<Work>>,
+    wake: Notify,
+    next_id: AtomicU64,
+    in_flight: Mutex<HashMap<u64, InFlight>>,
+    permits: Arc<Semaphore>,
+    batch_rows: u32,
+    chunk_bytes: u64,
+}
+
+impl Shared {
+    fn push(&self, work: Work) {
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(work);
+        self.wake.notify_waiters();
+    }
+
+    fn pop(&self) -> Option<Work> {
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()
+    }
+}
+
+/// Everything the driver needs.
+pub struct DriverSettings {
+    /// `source:`.
+    pub source: SourceConfig,
+    /// This node's id (for connection names).
+    pub node_id: String,
+    /// The slot (progress rows are per slot).
+    pub slot: String,
+}
+
+/// Creates the link for a capture run, and the driver's end of it.
+pub fn link(run: u64) -> (Link, mpsc::UnboundedReceiver<Published>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (
+        Link {
+            run,
+            board: Arc::new(Board::default()),
+            published: tx,
+        },
+        rx,
+    )
+}
+
+/// A driver that has resumed its unfinished work and is ready to run.
+pub struct Driver {
+    settings: DriverSettings,
+    control: Client,
+    shared: Arc<Shared>,
+    tables: Tables,
+    published: mpsc::UnboundedReceiver<Published>,
+    progress: Arc<Mutex<Progress>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Driver {
+    /// Connects and queues the unfinished parts of this slot's snapshots (so that metrics show
+    /// them before capture reports ready).
+    pub async fn start(
+        settings: DriverSettings,
+        link: &Link,
+        published: mpsc::UnboundedReceiver<Published>,
+        progress: Arc<Mutex<Progress>>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Driver, CaptureError> {
+        let source = &settings.source;
+        let app_name = format!("pgferry-{}-snapshot", settings.node_id);
+        let control = crate::pg::connect(&source.url, &app_name)
+            .await
+            .map_err(CaptureError::sql("connecting for snapshots"))?;
+        let readers = source.snapshot_readers as usize;
+        let shared = Arc::new(Shared {
+            run: link.run,
+            board: link.board.clone(),
+            queue: Mutex::new(VecDeque::new()),
+            wake: Notify::new(),
+            next_id: AtomicU64::new(1),
+            in_flight: Mutex::new(HashMap::new()),
+            permits: Arc::new(Semaphore::new(readers * CHUNKS_IN_FLIGHT_PER_READER)),
+            batch_rows: source.snapshot_batch_rows,
+            chunk_bytes: source.snapshot_chunk_bytes,
+        });
+        let mut tables = Tables::default();
+        resume(&control, &settings, &shared, &mut tables, &metrics).await?;
+        metrics
+            .snapshot_tables_remaining
+            .set(tables.running.len() as i64);
+        Ok(Driver {
+            settings,
+            control,
+            shared,
+            tables,
+            published,
+            progress,
+            metrics,
+        })
+    }
+
+    /// Runs until `shutdown`, or until a reader fails (the capture run then restarts).
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), CaptureError> {
+        let Driver {
+            settings,
+            control,
+            shared,
+            mut tables,
+            mut published,
+            progress,
+            metrics,
+        } = self;
+        let source = &settings.source;
+        let app_name = format!("pgferry-{}-snapshot", settings.node_id);
+        let readers = source.snapshot_readers as usize;
+        let (failed_tx, mut failed) = mpsc::channel::<CaptureError>(readers);
+        let mut reader_tasks = tokio::task::JoinSet::new();
+        for _ in 0..readers {
+            let shared = shared.clone();
+            let url = source.url.clone();
+            let name = app_name.clone();
+            let failed = failed_tx.clone();
+            let stop = shutdown.clone();
+            reader_tasks.spawn(async move {
+                let result = async {
+                    let client = crate::pg::connect(&url, &name)
+                        .await
+                        .map_err(CaptureError::sql("connecting a snapshot reader"))?;
+                    reader(&client, &shared, &stop).await
+                }
+                .await;
+                if let Err(e) = result {
+                    let _ = failed.send(e).await;
+                }
+            });
+        }
+
+        let mut poll = tokio::time::interval(source.snapshot_poll_interval);
+        let mut ack = tokio::time::interval(ACK_POLL);
+        let mut waiting: VecDeque<Published> = VecDeque::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                Some(error) = failed.recv() => return Err(error),
+                _ = poll.tick() => {
+                    discover(&control, &settings, &shared, &mut tables, &metrics).await?;
+                }
+                Some(p) = published.recv() => {
+                    if !p.reread.is_empty() {
+                        let target = shared.in_flight.lock().unwrap_or_else(|e| e.into_inner())
+                            .get(&p.id).and_then(|f| tables.targets.get(&f.table).cloned());
+                        if let Some(target) = target {
+                            let keys = p.reread.iter().filter_map(chunk::key_text).collect();
+                            shared.push(Work::Reread(target, keys));
+                        }
+                    }
+                    waiting.push_back(p);
+                }
+                _ = ack.tick() => {
+                    let held = progress.lock().unwrap_or_else(|e| e.into_inner()).watermark();
+                    while waiting.front().is_some_and(|p| p.end_lsn <= held) {
+                        let Some(p) = waiting.pop_front() else { break };
+                        let flight = shared.in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&p.id);
+                        let Some(InFlight { part: Some(part), last, done, .. }) = flight else { continue };
+                        chunk::record_chunk(&control, &settings.slot, &part, last.as_deref(), p.emitted as i64, done)
+                            .await
+                            .map_err(CaptureError::sql("recording snapshot progress"))?;
+                        tables.chunk(&part, p.emitted, p.dropped, done, &metrics);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Per-table bookkeeping for metrics and the log.
+#[derive(Default)]
+struct Tables {
+    targets: HashMap<String, Arc<Target>>,
+    running: HashMap<String, TableRun>,
+}
+
+struct TableRun {
+    parts_left: usize,
+    rows: i64,
+    estimated: i64,
+    started: Instant,
+    logged: Instant,
+}
+
+impl Tables {
+    fn start(&mut self, target: Arc<Target>, parts: &[Part], estimated: i64, metrics: &Metrics) {
+        let name = target.name();
+        metrics
+            .snapshot_rows_estimated
+            .with_label_values(&[&name])
+            .set(estimated);
+        self.running.insert(
+            name.clone(),
+            TableRun {
+                parts_left: parts.len(),
+                rows: parts.iter().map(|p| p.rows_done).sum(),
+                estimated,
+                started: Instant::now(),
+                logged: Instant::now(),
+            },
+        );
+        self.targets.insert(name, target);
+        metrics
+            .snapshot_tables_remaining
+            .set(self.running.len() as i64);
+    }
+
+    fn chunk(
+        &mut self,
+        part: &Part,
+        emitted: usize,
+        dropped: usize,
+        done: bool,
+        metrics: &Metrics,
+    ) {
+        let name = part.table_name();
+        metrics.snapshot_chunks.with_label_values(&[&name]).inc();
+        metrics
+            .snapshot_rows_reconciled
+            .with_label_values(&[&name])
+            .inc_by(dropped as u64);
+        let Some(run) = self.running.get_mut(&name) else {
+            return;
+        };
+        run.rows += emitted as i64;
+        if done {
+            run.parts_left = run.parts_left.saturating_sub(1);
+        }
+        if run.parts_left == 0 {
+            tracing::info!(table = %name, rows = run.rows, seconds = run.started.elapsed().as_secs(),
+                           "snapshot of table finished; Kafka holds every chunk");
+            self.running.remove(&name);
+            metrics
+                .snapshot_tables_remaining
+                .set(self.running.len() as i64);
+        } else if run.logged.elapsed() >= LOG_EVERY {
+            run.logged = Instant::now();
+            let progress = crate::pipeline::snapshot_progress::SnapshotProgress {
+                rows: run.rows,
+                estimated: run.estimated,
+                elapsed: run.started.elapsed(),
+            };
+            tracing::info!(table = %name, rows = run.rows, estimated = run.estimated,
+                           progress = %progress, "snapshotting");
+        }
+    }
+}
+
+/// At the start of a run: queues unfinished parts (a keyless table restarts from its first
+/// page), and records the baseline for slots created before chunked snapshots existed.
+async fn resume(
+    control: &Client,
+    settings: &DriverSettings,
+    shared: &Shared,
+    tables: &mut Tables,
+    metrics: &Metrics,
+) -> Result<(), CaptureError> {
+    let slot = &settings.slot;
+    let known = chunk::known_tables(control, slot)
+        .await
+        .map_err(CaptureError::sql("reading pgferry.snapshot_progress"))?;
+    if known.is_empty() {
+        // A slot from before chunked snapshots: what it published so far is its baseline.
+        let published = catalog::published_tables(control, &settings.source.publication)
+            .await
+            .map_err(CaptureError::sql("listing published tables"))?;
+        chunk::record_covered(control, slot, &published)
+            .await
+            .map_err(CaptureError::sql("recording the snapshot baseline"))?;
+    }
+    let parts = chunk::unfinished_parts(control, slot)
+        .await
+        .map_err(CaptureError::sql("reading pgferry.snapshot_progress"))?;
+    let mut by_table: HashMap<String, Vec<Part>> = HashMap::new();
+    for part in parts {
+        by_table.entry(part.table_name()).or_default().push(part);
+    }
+    for (name, mut parts) in by_table {
+        let (schema, table) = (parts[0].schema.clone(), parts[0].table.clone());
+        let Some(target) = chunk::target(control, &schema, &table)
+            .await
+            .map_err(CaptureError::sql("describing a snapshot table"))?
+        else {
+            tracing::warn!(table = %name, "a table with an unfinished snapshot no longer exists; forgetting it");
+            continue;
+        };
+        for part in parts.iter_mut().filter(|p| !p.keyed && p.last.is_some()) {
+            chunk::restart_part(control, slot, part)
+                .await
+                .map_err(CaptureError::sql("restarting a snapshot without a key"))?;
+            part.last = None;
+            part.rows_done = 0;
+        }
+        let done: i64 = parts.iter().map(|p| p.rows_done).sum();
+        tracing::info!(table = %name, parts = parts.len(), rows_done = done, "resuming snapshot");
+        let target = Arc::new(target);
+        tables.start(
+            target.clone(),
+            &parts,
+            estimate(control, &target).await?,
+            metrics,
+        );
+        for part in parts {
+            shared.push(Work::Part(target.clone(), part));
+        }
+    }
+    Ok(())
+}
+
+async fn estimate(control: &Client, target: &Target) -> Result<i64, CaptureError> {
+    control
+        .query_one(
+            "SELECT COALESCE(max(rows_estimated), 0) FROM pgferry.snapshot_progress
+              WHERE table_schema = $1 AND table_name = $2",
+            &[&target.relation.schema, &target.relation.table],
+        )
+        .await
+        .map(|r| r.get(0))
+        .map_err(CaptureError::sql("reading snapshot estimates"))
+}
+
+/// Every poll: snapshot requests, and tables added to the publication.
+async fn discover(
+    control: &Client,
+    settings: &DriverSettings,
+    shared: &Shared,
+    tables: &mut Tables,
+    metrics: &Metrics,
+) -> Result<(), CaptureError> {
+    let source = &settings.source;
+    let mut wanted: Vec<(String, String)> = Vec::new();
+    let requests = chunk::take_requests(control)
+        .await
+        .map_err(CaptureError::sql("reading pgferry.snapshot_requests"))?;
+    let published = catalog::published_tables(control, &source.publication)
+        .await
+        .map_err(CaptureError::sql("listing published tables"))?;
+    for request in requests {
+        let found = published
+            .iter()
+            .find(|(s, t)| format!("{s}.{t}") == request || (s == "public" && *t == request));
+        match found {
+            Some(name) => {
+                tracing::info!(table = %request, "snapshot requested");
+                wanted.push(name.clone());
+            }
+            None => tracing::warn!(table = %request,
+                publication = %source.publication,
+                "ignoring a snapshot request: the table is not in the publication"),
+        }
+    }
+    if source.snapshot_new_tables && source.snapshot != SnapshotMode::Never {
+        let known = chunk::known_tables(control, &settings.slot)
+            .await
+            .map_err(CaptureError::sql("reading pgferry.snapshot_progress"))?;
+        for table in published.iter().filter(|t| !known.contains(t)) {
+            tracing::info!(table = %format!("{}.{}", table.0, table.1), "table added to the publication; snapshotting it");
+            wanted.push(table.clone());
+        }
+    }
+    for (schema, table) in wanted {
+        let name = format!("{schema}.{table}");
+        if tables.running.contains_key(&name) {
+            tracing::info!(table = %name, "a snapshot of this table is already running; request ignored");
+            continue;
+        }
+        plan(control, settings, shared, tables, metrics, &schema, &table).await?;
+    }
+    Ok(())
+}
+
+/// Plans one table's snapshot and queues its parts.
+async fn plan(
+    control: &Client,
+    settings: &DriverSettings,
+    shared: &Shared,
+    tables: &mut Tables,
+    metrics: &Metrics,
+    schema: &str,
+    table: &str,
+) -> Result<(), CaptureError> {
+    let Some(target) = chunk::target(control, schema, table)
+        .await
+        .map_err(CaptureError::sql("describing a snapshot table"))?
+    else {
+        return Ok(());
+    };
+    let source = &settings.source;
+    let (parts, estimated) = chunk::plan_table(
+        control,
+        &settings.slot,
+        &target,
+        source.snapshot_readers,
+        source.snapshot_batch_rows,
+    )
+    .await
+    .map_err(CaptureError::sql("planning a table's snapshot"))?;
+    if !target.keyed() {
+        tracing::warn!(table = %target.name(),
+            "table has no primary key or identity index: snapshotting it by ctid pages, after a \
+             truncate on its targets; exact when its rows are distinct or only inserted, and \
+             restarted from the first page after a crash");
+    }
+    tracing::info!(table = %target.name(), parts = parts.len(), estimated, "snapshot planned");
+    let target = Arc::new(target);
+    tables.start(target.clone(), &parts, estimated, metrics);
+    for part in parts {
+        shared.push(Work::Part(target.clone(), part));
+    }
+    Ok(())
+}
+
+/// One reader: takes work off the queue until shutdown.
+async fn reader(
+    client: &Client,
+    shared: &Shared,
+    shutdown: &CancellationToken,
+) -> Result<(), CaptureError> {
+    loop {
+        let Some(work) = shared.pop() else {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = shared.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+            continue;
+        };
+        match work {
+            Work::Part(target, part) if part.keyed => {
+                read_range(client, shared, &target, part, shutdown).await?
+            }
+            Work::Part(target, part) => read_pages(client, shared, &target, part, shutdown).await?,
+            Work::Reread(target, keys) => {
+                let sql = chunk::keys_query(&target, &keys);
+                chunk_between_marks(client, shared, &target, &sql, None, false).await?;
+            }
+        }
+    }
+}
+
+/// Reads a key range chunk by chunk, from where Kafka's copy ends.
+async fn read_range(
+    client: &Client,
+    shared: &Shared,
+    target: &Arc<Target>,
+    part: Part,
+    shutdown: &CancellationToken,
+) -> Result<(), CaptureError> {
+    let mut after = part.last.clone().or_else(|| part.lower.clone());
+    let mut limit = shared.batch_rows;
+    while !shutdown.is_cancelled() {
+        let sql = chunk::chunk_query(target, after.as_deref(), part.upper.as_deref(), limit);
+        let (read, last) =
+            chunk_between_marks(client, shared, target, &sql, Some((&part, limit)), false).await?;
+        // Rows per chunk adapt to snapshot_chunk_bytes: halve after a chunk over it, grow back
+        // after one under half of it.
+        if read.bytes > shared.chunk_bytes {
+            limit = (limit / 2).max(1);
+        } else if read.bytes < shared.chunk_bytes / 2 {
+            limit = (limit.saturating_mul(2)).min(shared.batch_rows);
+        }
+        if read.done {
+            return Ok(());
+        }
+        after = last;
+    }
+    Ok(())
+}
+
+/// Reads a table without a key by heap pages, after a start mark that truncates its targets.
+async fn read_pages(
+    client: &Client,
+    shared: &Shared,
+    target: &Arc<Target>,
+    part: Part,
+    shutdown: &CancellationToken,
+) -> Result<(), CaptureError> {
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let permit = acquire(shared).await;
+    shared.board.lock().insert(
+        id,
+        Deposit {
+            target: target.clone(),
+            rows: None,
+            finishes_keyless: false,
+            _permit: permit,
+        },
+    );
+    mark(client, shared.run, id, MarkKind::Start).await?;
+    // Pages that exist now; rows added later are streamed.
+    let (pages, per_page) = chunk::heap_pages(client, target.relation.oid)
+        .await
+        .map_err(CaptureError::sql("reading the table's size"))?;
+    let step = ((f64::from(shared.batch_rows) / per_page.max(1.0)) as u64).max(1);
+    let mut from = 0;
+    while !shutdown.is_cancelled() {
+        let to = from + step;
+        let last = to >= pages;
+        let sql = chunk::pages_query(target, from, to);
+        let mut page_part = part.clone();
+        page_part.last = Some(vec![to.to_string()]);
+        chunk_between_marks(
+            client,
+            shared,
+            target,
+            &sql,
+            Some((&page_part, u32::MAX)),
+            last,
+        )
+        .await?;
+        if last {
+            return Ok(());
+        }
+        from = to;
+    }
+    Ok(())
+}
+
+/// What one chunk read.
+struct ChunkRead {
+    bytes: u64,
+    done: bool,
+}
+
+async fn acquire(shared: &Shared) -> OwnedSemaphorePermit {
+    // The semaphore is never closed.
+    shared
+        .permits
+        .clone()
+        .acquire_owned()
+        .await
+        .unwrap_or_else(|_| unreachable!("the snapshot semaphore is never closed"))
+}
+
+async fn mark(client: &Client, run: u64, id: u64, mark: MarkKind) -> Result<(), CaptureError> {
+    let content = serde_json::to_string(&Mark { run, id, mark }).unwrap_or_default();
+    chunk::emit_watermark(client, &content)
+        .await
+        .map_err(CaptureError::sql("writing a snapshot watermark"))
+}
+
+/// One chunk: low watermark, SELECT, deposit, high watermark. `part` is `Some((part, limit))`
+/// for range and page chunks (progress is recorded for them); `finishes_keyless` marks a
+/// keyless table's last chunk. Returns what was read and the last key read.
+async fn chunk_between_marks(
+    client: &Client,
+    shared: &Shared,
+    target: &Arc<Target>,
+    sql: &str,
+    part: Option<(&Part, u32)>,
+    finishes_keyless: bool,
+) -> Result<(ChunkRead, Option<Vec<String>>), CaptureError> {
+    let permit = acquire(shared).await;
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    shared.board.lock().insert(
+        id,
+        Deposit {
+            target: target.clone(),
+            rows: None,
+            finishes_keyless,
+            _permit: permit,
+        },
+    );
+    mark(client, shared.run, id, MarkKind::Low).await?;
+    let read = chunk::read(client, sql)
+        .await
+        .map_err(CaptureError::sql("reading a snapshot chunk"))?;
+    let last_key = read
+        .rows
+        .last()
+        .and_then(|r| key_of(&target.chunk_relation, &r.tuple))
+        .and_then(|k| chunk::key_text(&k));
+    let done = match part {
+        Some((_, limit)) if target.keyed() => (read.rows.len() as u64) < u64::from(limit),
+        _ => finishes_keyless,
+    };
+    let last = match part {
+        Some((part, _)) if !target.keyed() => part.last.clone(),
+        _ => last_key.clone(),
+    };
+    shared
+        .in_flight
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(
+            id,
+            InFlight {
+                table: target.name(),
+                part: part.map(|(p, _)| p.clone()),
+                last,
+                done,
+            },
+        );
+    let bytes = read.bytes;
+    if let Some(deposit) = shared.board.lock().get_mut(&id) {
+        deposit.rows = Some(read.rows);
+    }
+    mark(client, shared.run, id, MarkKind::High).await?;
+    Ok((ChunkRead { bytes, done }, last_key))
+}
