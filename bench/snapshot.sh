@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# Initial-snapshot benchmark: PostgreSQL's own initial table synchronization
-# (CREATE SUBSCRIPTION ... copy_data = true) against pgferry's initial snapshot (master ->
-# Kafka -> replica), copying the same table, measured in the same run.
+# Snapshot benchmark: PostgreSQL's own initial table synchronization (CREATE SUBSCRIPTION ...
+# copy_data = true) against pgferry's snapshot (master -> Kafka -> replica) of the same table,
+# measured in the same run: the chunked snapshot with 1, 2 and 4 readers, and the exported
+# (single-transaction) mode for reference.
 #
 #   bench/snapshot.sh           10,000,000 rows, release build
-#   bench/snapshot.sh --smoke   100,000 rows, debug build (CI: keeps the script working; its
-#                               figures are not representative)
-#   ROWS=2000000 bench/snapshot.sh
+#   bench/snapshot.sh --smoke   100,000 rows, debug build, 2 readers and exported (CI: keeps
+#                               the script working; its figures are not representative)
+#   ROWS=2000000 READERS="1 4" bench/snapshot.sh
 #
 # The table has a bigint key, an int, a timestamptz and a 40-character text (about 100 bytes a
 # row on disk). Native is timed from CREATE SUBSCRIPTION until the table is synchronized
 # (pg_subscription_rel state 'r'); pgferry from start until the replica holds every row, so
-# both include their setup (slot, snapshot) and the writes to the replica. Prints both rates
-# (rows/s), the ratio pgferry / native (1.0 = as fast), pgferry's peak RSS and CPU time and the
-# broker's CPU time. This is the baseline issue 13's chunked, parallel snapshots are measured
-# against: today pgferry reads the table in one exported-snapshot transaction.
+# both include their setup (slot, snapshot) and the writes to the replica. Each pgferry run
+# starts from scratch (new slot, empty replica database, own topics). Prints each rate
+# (rows/s), the ratio pgferry / native (1.0 = as fast), pgferry's peak RSS and CPU time and
+# the broker's CPU time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -28,10 +29,9 @@ start_tansu
 src=$PGPORT_src; dst=$PGPORT_dst
 psql_at "$src" postgres "CREATE DATABASE bench" >/dev/null
 psql_at "$dst" postgres "CREATE DATABASE native" >/dev/null
-psql_at "$dst" postgres "CREATE DATABASE ferry" >/dev/null
 ddl="CREATE TABLE items (id bigint PRIMARY KEY, n int NOT NULL, at timestamptz NOT NULL, note text NOT NULL)"
-for target in "$src bench" "$dst native" "$dst ferry"; do
-  # shellcheck disable=SC2086  # "port db" pairs
+for target in "$src bench" "$dst native"; do
+  # shellcheck disable=SC2206  # "port db" pairs
   psql_at $target "$ddl" >/dev/null
 done
 
@@ -54,21 +54,32 @@ done
 native_secs=$(echo "$(now) - $t0" | bc -l)
 psql_at "$dst" native "ALTER SUBSCRIPTION native_sub DISABLE" >/dev/null
 
-replica_yaml "$src" bench "$dst" ferry bench "  tables: [public.items]
-  status_interval: 1s" >"$WORK/pgferry.yaml"
-ferry_copied() { [[ "$(rows_at "$dst" ferry)" == "$ROWS" ]]; }
-broker_before=$(cpu_secs "$TANSU_PID")
-time_ferry_until "$WORK/pgferry.yaml" ferry_copied
-broker_cpu=$(echo "$(cpu_secs "$TANSU_PID") - $broker_before" | bc -l)
-[[ "$(psql_at "$dst" ferry "SELECT sum(n)::text || max(note) FROM items")" == \
-   "$(psql_at "$src" bench "SELECT sum(n)::text || max(note) FROM items")" ]] \
-  || { echo "the pgferry replica differs from the source" >&2; exit 1; }
-
 printf '\nsnapshot benchmark (%s build): %d rows, %.1f MB on disk\n' \
   "$PROFILE" "$ROWS" "$(echo "$size / 1048576" | bc -l)"
 printf '  native initial sync (copy_data)  %8.2f s  %10.0f rows/s\n' "$native_secs" "$(echo "$ROWS / $native_secs" | bc -l)"
-printf '  pgferry snapshot (via Kafka)     %8.2f s  %10.0f rows/s\n' "$FERRY_SECS" "$(echo "$ROWS / $FERRY_SECS" | bc -l)"
-printf '  ratio pgferry / native: %.3f   (pgferry peak RSS %s MB, %s CPU s; the broker %.2f CPU s)\n' \
-  "$(echo "$native_secs / $FERRY_SECS" | bc -l)" "$FERRY_RSS" "$FERRY_CPU" "$broker_cpu"
-printf 'result snapshot_ratio=%.3f snapshot_rows=%d snapshot_rss_mb=%s snapshot_cpu_s=%s broker_cpu_s=%.2f\n' \
-  "$(echo "$native_secs / $FERRY_SECS" | bc -l)" "$ROWS" "$FERRY_RSS" "$FERRY_CPU" "$broker_cpu"
+result="result snapshot_rows=$ROWS native_rows_per_s=$(echo "$ROWS / $native_secs" | bc -l | xargs printf '%.0f')"
+for readers in ${READERS:-$(smoke_or "2 exported" "exported 1 2 4")}; do
+  db="ferry_$readers"
+  psql_at "$dst" postgres "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1
+  psql_at "$dst" postgres "CREATE DATABASE $db" >/dev/null
+  psql_at "$dst" "$db" "$ddl" >/dev/null
+  psql_at "$src" bench "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'ferry_slot'" >/dev/null
+  psql_at "$src" bench "DROP SCHEMA IF EXISTS pgferry CASCADE" >/dev/null 2>&1
+  if [[ "$readers" == exported ]]; then mode="snapshot: exported"; else mode="snapshot_readers: $readers"; fi
+  replica_yaml "$src" bench "$dst" "$db" "bench_$readers" "  tables: [public.items]
+  status_interval: 1s
+  $mode" >"$WORK/pgferry-$readers.yaml"
+  ferry_copied() { [[ "$(rows_at "$dst" "$db")" == "$ROWS" ]]; }
+  broker_before=$(cpu_secs "$TANSU_PID")
+  time_ferry_until "$WORK/pgferry-$readers.yaml" ferry_copied
+  broker_cpu=$(echo "$(cpu_secs "$TANSU_PID") - $broker_before" | bc -l)
+  [[ "$(psql_at "$dst" "$db" "SELECT sum(n)::text || max(note) FROM items")" == \
+     "$(psql_at "$src" bench "SELECT sum(n)::text || max(note) FROM items")" ]] \
+    || { echo "the pgferry replica ($readers) differs from the source" >&2; exit 1; }
+  ratio=$(echo "$native_secs / $FERRY_SECS" | bc -l)
+  if [[ "$readers" == exported ]]; then label="pgferry exported snapshot"; else label="pgferry chunked, $readers reader(s)"; fi
+  printf '  %-32s %8.2f s  %10.0f rows/s  ratio %.3f  (peak RSS %s MB, %s CPU s; broker %.2f CPU s)\n' \
+    "$label" "$FERRY_SECS" "$(echo "$ROWS / $FERRY_SECS" | bc -l)" "$ratio" "$FERRY_RSS" "$FERRY_CPU" "$broker_cpu"
+  result+=" snapshot_ratio_$readers=$(printf '%.3f' "$ratio")"
+done
+echo "$result"

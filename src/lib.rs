@@ -16,6 +16,7 @@
 //! Everything that does I/O sits behind the `runtime` feature, so the pure core (decoder,
 //! value encoding, watermark) builds alone for fuzzing.
 
+pub mod ddl;
 pub mod event;
 pub mod lsn;
 pub mod naming;

@@ -73,6 +73,20 @@ impl RowImage {
         self.0.is_empty()
     }
 
+    /// Renames a column (a change written before the column was renamed on this target).
+    pub fn rename_column(&mut self, from: &str, to: &str) {
+        for (c, _) in &mut self.0 {
+            if c == from {
+                *c = to.to_owned();
+            }
+        }
+    }
+
+    /// Removes a column (a change written before the column was dropped on this target).
+    pub fn remove_column(&mut self, name: &str) {
+        self.0.retain(|(c, _)| c != name);
+    }
+
     /// The image as a JSON object text.
     pub fn to_json_text(&self) -> String {
         object_text(self.0.iter().map(|(c, v)| (c.as_str(), v.get())))
@@ -155,6 +169,28 @@ pub struct ChangeItem {
     pub version: Option<crate::event::Version>,
 }
 
+impl ChangeItem {
+    /// Follows a column's rename (`to: Some`) or drop (`to: None`) made on the target after the
+    /// change was written (multi-master nodes change schemas while changes are in flight).
+    pub fn follow_column(&mut self, from: &str, to: Option<&str>) {
+        for image in [&mut self.before, &mut self.after].into_iter().flatten() {
+            match to {
+                Some(to) => image.rename_column(from, to),
+                None => image.remove_column(from),
+            }
+        }
+        for list in [&mut self.json_null_before, &mut self.json_null_after] {
+            match to {
+                Some(to) => list
+                    .iter_mut()
+                    .filter(|c| *c == from)
+                    .for_each(|c| *c = to.to_owned()),
+                None => list.retain(|c| c != from),
+            }
+        }
+    }
+}
+
 /// Closes a source transaction.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CommitMarker {
@@ -206,6 +242,19 @@ pub enum StreamItem {
     Skipped(Box<SkippedItem>),
     /// `type: ack`: a multi-master node's acknowledgement of what it has applied.
     Ack(Box<AckItem>),
+    /// `type: ddl`: a schema change of one table (see [`crate::ddl`]).
+    Ddl(Box<DdlItem>),
+}
+
+/// The `ddl` record: schema changes of one table, at their place in the transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DdlItem {
+    /// Schema (before the change).
+    pub schema: String,
+    /// Table (before the change).
+    pub table: String,
+    /// The changes, in order.
+    pub ops: Vec<crate::ddl::DdlOp>,
 }
 
 /// The `ack` record: what the node that wrote the stream had applied from every other node
@@ -268,6 +317,8 @@ struct RawRecord<'a> {
     error: Option<Cow<'a, str>>,
     #[serde(default)]
     ack: Option<AckItem>,
+    #[serde(default)]
+    ops: Option<Vec<crate::ddl::DdlOp>>,
     // A change item's own members (records before compact items wrap the envelope instead,
     // in `change`).
     #[serde(default, borrow)]
@@ -410,6 +461,11 @@ pub fn parse_framed(bytes: Option<&[u8]>) -> Result<(Option<u64>, StreamItem), M
         "ack" => Ok(StreamItem::Ack(Box::new(
             raw.ack.ok_or_else(|| missing("ack"))?,
         ))),
+        "ddl" => Ok(StreamItem::Ddl(Box::new(DdlItem {
+            schema: raw.schema.ok_or_else(|| missing("schema"))?.into_owned(),
+            table: raw.table.ok_or_else(|| missing("table"))?.into_owned(),
+            ops: raw.ops.ok_or_else(|| missing("ops"))?,
+        }))),
         other => Err(MalformedMessage(format!("unknown record type {other:?}"))),
     }?;
     Ok((run, item))
@@ -428,6 +484,8 @@ pub enum Step {
     Skipped(Box<SkippedItem>),
     /// A multi-master acknowledgement, inside its source transaction.
     Ack(Box<AckItem>),
+    /// Schema changes to apply at this place in the transaction.
+    Ddl(Box<DdlItem>),
     /// The source transaction is complete; its records up to `offset` may be committed.
     End(CommitMarker),
     /// Nothing to do (a replayed or orphaned transaction).
@@ -566,6 +624,15 @@ impl Framer {
                     Step::Stray("an ack record outside any transaction")
                 } else {
                     Step::Ack(ack)
+                }
+            }
+            StreamItem::Ddl(ddl) => {
+                if self.skipping {
+                    Step::Ignore
+                } else if self.open.is_none() {
+                    Step::Stray("a ddl record outside any transaction")
+                } else {
+                    Step::Ddl(ddl)
                 }
             }
             StreamItem::Commit(commit) => {

@@ -6,6 +6,7 @@
 //!   stamps the applied rows with the source commit timestamp and keeps `remote_lsn`;
 //! - `pgferry.apply_progress`, which also records the Kafka offset to resume from.
 
+use std::collections::HashMap;
 use std::error::Error;
 
 use bytes::BytesMut;
@@ -312,4 +313,95 @@ impl ToSql for TextParam {
     }
 
     to_sql_checked!();
+}
+
+/// Columns renamed (`Some(new name)`) or dropped (`None`) on a target, by old name: written by
+/// pgferry's event trigger for schema changes made on a multi-master node, and by apply for
+/// those it applies. Changes written before such a change reach the target later (another
+/// node's stream); the applier follows the history instead of stopping on a missing column.
+const DDL_HISTORY: &str = "CREATE TABLE IF NOT EXISTS pgferry.ddl_history (
+    table_name text NOT NULL,
+    old_name text NOT NULL,
+    new_name text,
+    at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (table_name, old_name))";
+
+/// The column history of `schema.table` (empty when none was recorded).
+pub async fn column_history(
+    client: &Client,
+    qualified: &str,
+) -> Result<HashMap<String, Option<String>>, tokio_postgres::Error> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('pgferry.ddl_history') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(HashMap::new());
+    }
+    let rows = client
+        .query(
+            "SELECT old_name, new_name FROM pgferry.ddl_history WHERE table_name = $1",
+            &[&qualified],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Where `column` went: `Some(Some(name))` renamed (following chains), `Some(None)` dropped,
+/// `None` unknown.
+pub fn follow(history: &HashMap<String, Option<String>>, column: &str) -> Option<Option<String>> {
+    let mut at = history.get(column)?.clone();
+    for _ in 0..history.len() {
+        match at.as_deref().and_then(|name| history.get(name)) {
+            Some(next) => at = next.clone(),
+            None => break,
+        }
+    }
+    Some(at)
+}
+
+/// Records a rename or drop applied to `schema.table` on this target.
+pub async fn record_column_history(
+    client: &Client,
+    qualified: &str,
+    old_name: &str,
+    new_name: Option<&str>,
+) -> Result<(), tokio_postgres::Error> {
+    client.batch_execute(DDL_HISTORY).await?;
+    client
+        .execute(
+            "INSERT INTO pgferry.ddl_history (table_name, old_name, new_name) VALUES ($1, $2, $3)
+             ON CONFLICT (table_name, old_name) DO UPDATE SET new_name = EXCLUDED.new_name, at = now()",
+            &[&qualified, &old_name, &new_name],
+        )
+        .await
+        .map(drop)
+}
+
+#[cfg(test)]
+mod history_tests {
+    use super::*;
+
+    #[test]
+    fn renames_are_followed_to_the_end_and_drops_end_them() {
+        let h: HashMap<String, Option<String>> = [
+            ("a".to_owned(), Some("b".to_owned())),
+            ("b".to_owned(), Some("c".to_owned())),
+            ("x".to_owned(), None),
+            ("p".to_owned(), Some("q".to_owned())),
+            ("q".to_owned(), None),
+        ]
+        .into();
+        assert_eq!(follow(&h, "a"), Some(Some("c".to_owned())));
+        assert_eq!(follow(&h, "x"), Some(None));
+        assert_eq!(follow(&h, "p"), Some(None));
+        assert_eq!(follow(&h, "zz"), None);
+        // A cycle (renamed back and forth) ends.
+        let cycle: HashMap<String, Option<String>> = [
+            ("a".to_owned(), Some("b".to_owned())),
+            ("b".to_owned(), Some("a".to_owned())),
+        ]
+        .into();
+        assert!(follow(&cycle, "a").is_some());
+    }
 }

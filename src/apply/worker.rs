@@ -61,6 +61,9 @@ const PIPELINE_DEPTH: usize = 512;
 const ROWS_PER_STATEMENT: usize = 5000;
 /// The lock timeout of every connection of a worker with lanes (see `Worker::open_lanes`).
 const LANE_LOCK_TIMEOUT: &str = "SET lock_timeout = '2s'";
+/// How long a schema change waits for its lock on a target table before the transaction is
+/// replayed (a worker with lanes otherwise waits 2 s, see [`LANE_LOCK_TIMEOUT`]).
+const DDL_LOCK_TIMEOUT: &str = "60s";
 /// How often a worker re-reads which of its target tables have unresolved dead letters.
 const DIVERGED_RECHECK: Duration = Duration::from_secs(10);
 /// How often an idle worker wakes to report liveness.
@@ -145,6 +148,11 @@ struct Worker {
     /// Multi-master: the extra connections (`apply.lanes` - 1) that write a batch's keys in
     /// parallel with this worker's own; lane `i` is `lanes[i - 1]`.
     lanes: Vec<Arc<Client>>,
+    /// The open target transaction ran a schema change: it holds the table's ACCESS
+    /// EXCLUSIVE lock, so the rest of the source transaction goes through the worker's own
+    /// connection (a lane would wait for that lock) and the target transaction commits at its
+    /// end.
+    ddl_open: bool,
     /// Whether each extra lane has an open transaction.
     lane_open: Vec<bool>,
     /// Statements prepared on each extra lane.
@@ -333,6 +341,7 @@ async fn open(
         rows: Coalescer::default(),
         lww_rows: Waves::default(),
         lanes: Vec::new(),
+        ddl_open: false,
         lane_open: Vec::new(),
         lane_statements: Vec::new(),
         lww_rows_sent: 0,
@@ -756,6 +765,9 @@ impl Worker {
             Step::Ack(ack) => {
                 self.record_ack(client, pending, &ack).await?;
             }
+            Step::Ddl(ddl) => {
+                self.apply_ddl(client, pending, record, &ddl).await?;
+            }
             Step::Skipped(skipped) => {
                 self.record_capture_letter(client, pending, record, &skipped)
                     .await?;
@@ -813,6 +825,7 @@ impl Worker {
                 // a change that goes alone.)
                 if self.batch_changes >= u64::from(self.settings.apply.batch_max_changes)
                     || self.lww_rows_sent >= ROWS_PER_STATEMENT
+                    || std::mem::take(&mut self.ddl_open)
                 {
                     self.commit_batch(client, pending).await?;
                 }
@@ -884,6 +897,7 @@ impl Worker {
             }
         }
         self.lane_statements.iter_mut().for_each(HashMap::clear);
+        self.ddl_open = false;
         self.in_target_txn = false;
         self.last_completed = None;
         self.lww_rows_sent = 0;
@@ -911,13 +925,155 @@ impl Worker {
         relation: &RelationItem,
     ) {
         let qualified = format!("{}.{}", relation.schema, relation.table);
-        if self.announced.insert(qualified.clone()) {
+        self.announced_table(client, pending, &qualified);
+    }
+
+    /// Schema changes of one table, at their place in the source transaction: everything
+    /// before them is written first, then each op runs under a savepoint. An op the target
+    /// refuses (or an unacceptable type name) is dead-lettered with the statement and the
+    /// server's reason; the transaction goes on.
+    async fn apply_ddl<'c>(
+        &mut self,
+        client: &'c Client,
+        pending: &mut InFlight<'c>,
+        message: &RecordRef<'_>,
+        ddl: &super::stream::DdlItem,
+    ) -> Result<(), ApplyError> {
+        let qualified = format!("{}.{}", ddl.schema, ddl.table);
+        if let Some(reason) = admit::admit_relation(&ddl.schema, &ddl.table) {
+            return self.bad_message(client, message, &reason).await;
+        }
+        let wanted = &self.settings.apply.tables;
+        if !wanted.is_empty() && !wanted.contains(&qualified) {
+            return Ok(());
+        }
+        self.send_rows(client, pending).await?;
+        self.send_lww_rows(client, pending).await?;
+        pending
+            .drain()
+            .await
+            .map_err(ApplyError::sql("applying changes"))?;
+        // A lane holding rows of the table would block the DDL's lock until it commits.
+        self.commit_lanes().await?;
+        self.ddl_open = true;
+        let mut table = ddl.table.clone();
+        for op in &ddl.ops {
+            let name = format!("{}.{table}", ddl.schema);
+            if let Some(bad) = crate::ddl::type_names(op)
+                .into_iter()
+                .find(|t| !sql::is_safe_type_name(t))
+            {
+                let reason = format!("schema change of {name}: unacceptable type name {bad:?}");
+                self.bad_message(client, message, &reason).await?;
+                continue;
+            }
+            if matches!(op, crate::ddl::DdlOp::DropTable) && !self.settings.apply.drop_tables {
+                tracing::warn!(table = %name, "the source dropped this table; keeping it on the target (apply.drop_tables: false)");
+                continue;
+            }
+            let statement = crate::ddl::to_sql(&ddl.schema, &table, op);
+            // The DDL's ACCESS EXCLUSIVE lock waits for other sessions' transactions on the
+            // table (local writers, other nodes' workers) longer than a row change would; a
+            // lock conflict or deadlock replays the transaction like any other.
+            let run = async {
+                client
+                    .batch_execute(&format!(
+                        "SAVEPOINT pgferry_ddl; SELECT set_config('lock_timeout', '{DDL_LOCK_TIMEOUT}', true)"
+                    ))
+                    .await?;
+                let result = client.batch_execute(&statement).await;
+                if let Err(e) = &result {
+                    if is_lock_conflict(e) {
+                        return Err(result.unwrap_err());
+                    }
+                }
+                client
+                    .batch_execute(&format!(
+                        "{} SAVEPOINT pgferry_ddl; SET LOCAL lock_timeout TO DEFAULT",
+                        if result.is_ok() {
+                            "RELEASE"
+                        } else {
+                            "ROLLBACK TO SAVEPOINT pgferry_ddl; RELEASE"
+                        }
+                    ))
+                    .await?;
+                Ok(result.err())
+            };
+            let refused = run
+                .await
+                .map_err(ApplyError::sql("applying a schema change"))?;
+            let outcome = if refused.is_some() {
+                "failed"
+            } else {
+                "applied"
+            };
+            self.metrics
+                .schema_changes_applied
+                .with_label_values(&[&name, outcome])
+                .inc();
+            match refused {
+                None => {
+                    tracing::info!(table = %name, %statement, "schema change applied");
+                    let followed = match op {
+                        crate::ddl::DdlOp::RenameColumn { from, to } => {
+                            Some((from.clone(), Some(to.clone())))
+                        }
+                        crate::ddl::DdlOp::DropColumn { name } => Some((name.clone(), None)),
+                        _ => None,
+                    };
+                    if let Some((from, to)) = followed {
+                        target::record_column_history(client, &name, &from, to.as_deref())
+                            .await
+                            .map_err(ApplyError::sql("recording pgferry.ddl_history"))?;
+                    }
+                    if let crate::ddl::DdlOp::CreateTable { .. } = op {
+                        self.announced_table(client, pending, &name);
+                    }
+                    if let crate::ddl::DdlOp::RenameTable { to } = op {
+                        let new_name = format!("{}.{to}", ddl.schema);
+                        self.announced_table(client, pending, &new_name);
+                        table = to.clone();
+                    }
+                }
+                Some(e) => {
+                    let reason = format!(
+                        "schema change of {name} refused by the target: {statement}: {}",
+                        crate::error::ErrorChain(&e)
+                    );
+                    self.bad_message(client, message, &reason).await?;
+                }
+            }
+            self.forget_table(&ddl.schema, &table);
+        }
+        self.forget_table(&ddl.schema, &ddl.table);
+        Ok(())
+    }
+
+    /// Records a table as written by this stream (see [`Worker::announce`]).
+    fn announced_table<'c>(
+        &mut self,
+        client: &'c Client,
+        pending: &mut InFlight<'c>,
+        qualified: &str,
+    ) {
+        if self.announced.insert(qualified.to_owned()) {
             let node = self.settings.node.clone();
+            let qualified = qualified.to_owned();
             pending.send(Box::pin(async move {
                 client
                     .execute(target::RECORD_STREAM_TABLE, &[&node, &qualified])
                     .await
             }));
+        }
+    }
+
+    /// Forgets what the worker knows of a table's shape (its columns changed).
+    fn forget_table(&mut self, schema: &str, table: &str) {
+        self.tables.remove(&format!("{schema}.{table}"));
+        self.statements
+            .retain(|k, _| !(k.schema == schema && k.table == table));
+        for statements in &mut self.lane_statements {
+            statements.retain(|k, _| !(k.schema == schema && k.table == table));
         }
     }
 
@@ -1188,7 +1344,7 @@ impl Worker {
         &mut self,
         client: &Client,
         message: &RecordRef<'_>,
-        change: &ChangeItem,
+        change: &mut ChangeItem,
         qualified: &str,
     ) -> Result<Option<Arc<TargetTable>>, ApplyError> {
         match admit::admit(
@@ -1233,10 +1389,34 @@ impl Worker {
                 .await?
                 .unwrap_or(table);
             if !table.columns.contains(&missing) {
-                return Err(ApplyError::ColumnMissing {
-                    table: qualified.to_owned(),
-                    column: missing,
-                });
+                // Renamed or dropped here after the change was written?
+                let history = target::column_history(client, qualified)
+                    .await
+                    .map_err(ApplyError::sql("reading pgferry.ddl_history"))?;
+                let columns: Vec<String> = [&change.after, &change.before]
+                    .into_iter()
+                    .flatten()
+                    .flat_map(RowImage::keys)
+                    .filter(|c| !table.columns.contains(c))
+                    .cloned()
+                    .collect();
+                for column in columns {
+                    match target::follow(&history, &column) {
+                        Some(to)
+                            if to
+                                .as_deref()
+                                .is_none_or(|t| table.columns.iter().any(|c| c == t)) =>
+                        {
+                            change.follow_column(&column, to.as_deref());
+                        }
+                        _ => {
+                            return Err(ApplyError::ColumnMissing {
+                                table: qualified.to_owned(),
+                                column,
+                            })
+                        }
+                    }
+                }
             }
         }
         Ok(Some(table))
@@ -1272,10 +1452,10 @@ impl Worker {
         message: &RecordRef<'_>,
         change: Box<ChangeItem>,
     ) -> Result<(), ApplyError> {
-        let change = *change;
+        let mut change = *change;
         let qualified = format!("{}.{}", change.schema, change.table);
         let Some(table) = self
-            .target_table(client, message, &change, &qualified)
+            .target_table(client, message, &mut change, &qualified)
             .await?
         else {
             return Ok(());

@@ -147,6 +147,11 @@ pub struct SourceConfig {
         deserialize_with = "de::duration"
     )]
     pub snapshot_poll_interval: Duration,
+    /// Capture schema changes (CREATE/ALTER/DROP TABLE) with an event trigger and publish
+    /// them in order with the data. Event triggers need a superuser; without one capture warns
+    /// and goes on without schema changes.
+    #[serde(default = "default_true", deserialize_with = "de::lenient")]
+    pub capture_ddl: bool,
     /// How often to write a heartbeat into the WAL.
     #[serde(default = "default_heartbeat", deserialize_with = "de::duration")]
     pub heartbeat_interval: Duration,
@@ -336,6 +341,10 @@ pub struct ApplyConfig {
     /// NOT NULL, primary key; not indexes, defaults, constraints or user-defined types).
     #[serde(default, deserialize_with = "de::lenient")]
     pub create_tables: bool,
+    /// Drop a target table when the source drops it (schema changes). Off by default: a
+    /// dropped table's data stays on the targets.
+    #[serde(default, deserialize_with = "de::lenient")]
+    pub drop_tables: bool,
     /// Multi-master conflict handling.
     #[serde(default)]
     pub conflict: ConflictConfig,

@@ -22,6 +22,9 @@ pub const HEARTBEAT_PREFIX: &str = "pgferry.heartbeat";
 /// Prefix of the transactional messages that mark snapshot chunks (low and high watermarks).
 pub const SNAPSHOT_PREFIX: &str = "pgferry.snapshot";
 
+/// Prefix of the transactional messages pgferry's event trigger writes for schema changes.
+pub const DDL_PREFIX: &str = "pgferry.ddl";
+
 /// Prefix of the transactional messages that carry a multi-master node's acknowledgements.
 pub const ACK_PREFIX: &str = "pgferry.ack";
 
@@ -47,6 +50,9 @@ pub enum CaptureEvent {
     /// A snapshot watermark (a transactional `pgferry.snapshot` message) inside the current
     /// transaction: its JSON content.
     Watermark(bytes::Bytes),
+    /// A schema change (a transactional `pgferry.ddl` message from pgferry's event trigger)
+    /// inside the current transaction: its JSON content.
+    Ddl(bytes::Bytes),
 }
 
 /// The stream broke a protocol rule; capture must stop rather than guess.
@@ -169,6 +175,9 @@ impl Assembler {
                 } else if m.transactional && m.prefix == ACK_PREFIX {
                     self.require_transaction("an ack message")?;
                     out.push(CaptureEvent::Ack(m.content));
+                } else if m.transactional && m.prefix == DDL_PREFIX {
+                    self.require_transaction("a schema change message")?;
+                    out.push(CaptureEvent::Ddl(m.content));
                 } else if m.transactional && m.prefix == SNAPSHOT_PREFIX {
                     self.require_transaction("a snapshot watermark")?;
                     out.push(CaptureEvent::Watermark(m.content));

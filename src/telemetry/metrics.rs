@@ -40,6 +40,10 @@ pub struct Metrics {
     pub snapshot_chunks: IntCounterVec,
     /// Tables whose snapshot is queued or running.
     pub snapshot_tables_remaining: IntGauge,
+    /// Schema changes captured from the source, by table.
+    pub schema_changes: IntCounterVec,
+    /// Schema changes applied to targets, by table and outcome (`applied`, `failed`).
+    pub schema_changes_applied: IntCounterVec,
     /// 1 when capture is streaming.
     pub ready: IntGauge,
     /// Capture restarts after transient errors.
@@ -240,6 +244,18 @@ impl Metrics {
                 r,
                 "pgferry_snapshot_tables_remaining",
                 "Tables whose snapshot is queued or running.",
+            ),
+            schema_changes: counter_vec(
+                r,
+                "pgferry_schema_changes_total",
+                "Schema changes captured from the source.",
+                &["table"],
+            ),
+            schema_changes_applied: counter_vec(
+                r,
+                "pgferry_schema_changes_applied_total",
+                "Schema changes applied to targets, by outcome (applied, failed).",
+                &["table", "outcome"],
             ),
             ready: gauge(
                 r,

@@ -42,6 +42,7 @@ fn kinds(steps: &[Step]) -> String {
             Step::Orphaned(_) => 'X',
             Step::Relation(_) => 'R',
             Step::Skipped(_) => 's',
+            Step::Ddl(_) => 'D',
             Step::Stray(_) => '!',
         })
         .collect()
@@ -424,4 +425,26 @@ mod compact_items {
             }
         }
     }
+}
+
+#[test]
+fn a_ddl_record_parses_and_applies_inside_its_transaction() {
+    let (_, item) = parse_framed(Some(
+        br#"{"type":"ddl","run":1,"schema":"public","table":"t","ops":[{"op":"rename_column","from":"a","to":"b"},{"op":"add_column","column":{"attnum":3,"name":"c","type":"integer","not_null":false,"default":null}}]}"#,
+    ))
+    .expect("parses");
+    let StreamItem::Ddl(ddl) = item.clone() else {
+        panic!("{item:?}")
+    };
+    assert_eq!(ddl.ops.len(), 2);
+    assert_eq!(
+        ddl.ops[0],
+        crate::ddl::DdlOp::RenameColumn {
+            from: "a".into(),
+            to: "b".into()
+        }
+    );
+    // Outside a transaction it is stray, never applied.
+    let mut framer = Framer::new(Lsn(0));
+    assert!(matches!(framer.step(0, item), Step::Stray(_)));
 }

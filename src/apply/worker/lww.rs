@@ -223,6 +223,7 @@ impl Worker {
         change: Box<ChangeItem>,
         commit_ts_us: i64,
     ) -> Result<(), ApplyError> {
+        let mut change = change;
         let qualified = format!("{}.{}", change.schema, change.table);
         if change.op == Op::Truncate {
             self.metrics.truncates_refused.inc();
@@ -233,7 +234,7 @@ impl Worker {
             return self.bad_message(client, message, &reason).await;
         }
         let Some(table) = self
-            .target_table(client, message, &change, &qualified)
+            .target_table(client, message, &mut change, &qualified)
             .await?
         else {
             return Ok(());

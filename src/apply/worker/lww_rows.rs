@@ -148,7 +148,13 @@ impl Worker {
             }
         };
         let row_key = plan::row_key(&qualified, key.iter().map(Option::as_deref));
-        let lane = plan::lane_of(&row_key, self.lanes.len() + 1);
+        // After a schema change in the open target transaction, only the worker's own
+        // connection may write the table (it holds its lock).
+        let lane = if self.ddl_open {
+            0
+        } else {
+            plan::lane_of(&row_key, self.lanes.len() + 1)
+        };
         let group = ProbeGroup {
             schema: change.schema.clone(),
             table: change.table.clone(),

@@ -455,3 +455,62 @@ pub fn encode_change_for_stream(
 
 #[cfg(test)]
 mod tests;
+
+#[derive(Serialize)]
+struct SchemaChangeEnvelope<'a> {
+    schema_change: SchemaChange<'a>,
+    source: SchemaChangeSource<'a>,
+    ts_ms: i64,
+}
+
+#[derive(Serialize)]
+struct SchemaChange<'a> {
+    /// The changes, as targets apply them.
+    ops: &'a [crate::ddl::DdlOp],
+    /// The table's columns after the change.
+    columns: &'a [crate::ddl::DdlColumn],
+}
+
+#[derive(Serialize)]
+struct SchemaChangeSource<'a> {
+    node: &'a str,
+    db: &'a str,
+    schema: &'a str,
+    table: &'a str,
+    commit_lsn: &'a str,
+    commit_ts: &'a str,
+    xid: Option<u32>,
+}
+
+/// The schema-change record on a table's topic, written at the DDL's place among the table's
+/// changes: key `null`, value `{"schema_change":{"ops":[...],"columns":[...]},"source":{...},
+/// "ts_ms"}`. It has no `op` field, so Debezium-style consumers that dispatch on `op` skip it.
+pub fn schema_change_record(
+    source: &EnvelopeSource,
+    txn: &TxnStamp,
+    schema: &str,
+    table: &str,
+    ops: &[crate::ddl::DdlOp],
+    columns: &[crate::ddl::DdlColumn],
+    now_ms: i64,
+) -> Record {
+    let envelope = SchemaChangeEnvelope {
+        schema_change: SchemaChange { ops, columns },
+        source: SchemaChangeSource {
+            node: &source.node,
+            db: &source.database,
+            schema,
+            table,
+            commit_lsn: txn.commit_lsn(),
+            commit_ts: txn.commit_ts(),
+            xid: txn.xid(),
+        },
+        ts_ms: now_ms,
+    };
+    Record {
+        topic: topic_name(&source.topic_prefix, schema, table),
+        key: None,
+        value: Some(serde_json::to_vec(&envelope).unwrap_or_default()),
+        single_partition: false,
+    }
+}

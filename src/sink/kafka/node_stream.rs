@@ -410,3 +410,31 @@ mod tests {
         );
     }
 }
+
+#[derive(Serialize)]
+struct Ddl<'a> {
+    r#type: &'static str,
+    run: u64,
+    schema: &'a str,
+    table: &'a str,
+    ops: &'a [crate::ddl::DdlOp],
+}
+
+/// A schema change of one table, applied by targets at its place in the transaction:
+/// `{"type":"ddl","run","schema","table","ops":[{"op":"add_column",...},...]}`. `schema` and
+/// `table` name the table as it was before the change (a rename op gives the new name).
+pub fn ddl_record(
+    source: &EnvelopeSource,
+    schema: &str,
+    table: &str,
+    ops: &[crate::ddl::DdlOp],
+) -> Record {
+    let ddl = Ddl {
+        r#type: "ddl",
+        run: source.run,
+        schema,
+        table,
+        ops,
+    };
+    record(source, serde_json::to_vec(&ddl).unwrap_or_default())
+}

@@ -114,6 +114,14 @@ pub async fn run(
     {
         tracing::info!(publication = %source.publication, "created publication");
     }
+    if source.capture_ddl {
+        if let Err(e) = catalog::ensure_ddl_capture(&sql).await {
+            tracing::warn!(error = %ErrorChain(&e),
+                "schema changes are NOT replicated: installing pgferry's event trigger failed \
+                 (event triggers need a superuser). Run capture once as a superuser to install \
+                 it, or set source.capture_ddl: false to silence this");
+        }
+    }
     let mut repl = ReplicationConnection::connect(&source.url, &app_name).await?;
     let progress = Arc::new(Mutex::new(Progress::default()));
     let sink = KafkaSink::new(&settings.kafka, progress.clone(), metrics.clone())?;
@@ -309,6 +317,50 @@ impl Capture {
             }
         }
         Ok(())
+    }
+
+    /// A schema change from pgferry's event trigger (see [`crate::ddl`]): published on the
+    /// table's topic and on the node stream, in this transaction, at this place.
+    async fn schema_change(
+        &mut self,
+        txn: &mut OpenTxn,
+        content: &[u8],
+        mut repl: Option<&mut stream::StreamState<'_>>,
+    ) -> Result<(), CaptureError> {
+        let message: crate::ddl::TriggerMessage = match serde_json::from_slice(content) {
+            Ok(m) => m,
+            Err(error) => {
+                tracing::warn!(commit_lsn = %txn.stamp.commit_lsn(), %error,
+                               "ignoring a pgferry.ddl message that pgferry's trigger did not write");
+                return Ok(());
+            }
+        };
+        let ops = crate::ddl::diff(&message);
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let schema = message.old_schema.as_deref().unwrap_or(&message.schema);
+        let table = message.old_table.as_deref().unwrap_or(&message.table);
+        tracing::info!(table = %format!("{schema}.{table}"), tag = %message.tag, ?ops,
+                       "schema change captured");
+        self.metrics
+            .schema_changes
+            .with_label_values(&[&format!("{schema}.{table}")])
+            .inc();
+        self.begin_if_needed(txn, repl.as_deref_mut()).await?;
+        let on_topic = crate::sink::kafka::encode::schema_change_record(
+            &self.envelope,
+            &txn.stamp,
+            &message.schema,
+            &message.table,
+            &ops,
+            &message.new,
+            PgTimestamp::now().unix_millis(),
+        );
+        self.send(txn.ticket, &on_topic, None, repl.as_deref_mut())
+            .await?;
+        let item = node_stream::ddl_record(&self.envelope, schema, table, &ops);
+        self.stage(txn, &item, repl).await
     }
 
     /// Describes a snapshot table unless this run already has its schema.

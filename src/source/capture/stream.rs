@@ -337,6 +337,12 @@ impl Capture {
                 }
             }
             CaptureEvent::Position(lsn) => lock(&self.progress).position(lsn),
+            CaptureEvent::Ddl(content) => {
+                // DDL pgferry applied (an echo) came from another node, which published it.
+                if let Some(txn) = current.as_mut().filter(|t| !t.echo) {
+                    self.schema_change(txn, &content, Some(state)).await?;
+                }
+            }
             CaptureEvent::Watermark(content) => {
                 if let Some(txn) = current.as_mut() {
                     self.watermark(txn, &content, Some(state)).await?;

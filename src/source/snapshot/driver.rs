@@ -30,7 +30,7 @@ use crate::source::reconcile::{key_of, ChunkRow, Key};
 use crate::telemetry::Metrics;
 
 /// Chunks each reader may have read and not yet seen published.
-const CHUNKS_IN_FLIGHT_PER_READER: usize = 2;
+const CHUNKS_IN_FLIGHT_PER_READER: usize = 4;
 
 /// How often Kafka's progress is checked against published chunks.
 const ACK_POLL: Duration = Duration::from_millis(100);

@@ -1,0 +1,438 @@
+//! Schema changes (DDL) as they travel from a source to its targets, pure.
+//!
+//! On the source, pgferry's event trigger (`pgferry.capture_ddl`, see
+//! [`crate::source::catalog`]) runs at the end of every `CREATE TABLE` / `ALTER TABLE` and at
+//! every `DROP TABLE`, inside the DDL's transaction. It writes a transactional
+//! `pgferry.ddl` message with the table's columns before (from its shadow table
+//! `pgferry.ddl_tables`) and after the command, so the message is decoded in the stream at
+//! the DDL's commit, in order with the data. Capture turns it into [`DdlOp`]s with [`diff`]:
+//! columns are matched by attribute number, so a rename is told apart from a drop and an add.
+//! The ops travel on the node stream (`{"type":"ddl",...}`) and as a schema-change record on
+//! the table's topic; apply renders them with [`to_sql`] and runs them in the target
+//! transaction at the same place in the source's transaction order.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::sql::{qualified, quote_ident};
+
+/// A column as the trigger reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DdlColumn {
+    /// `pg_attribute.attnum`: stable across renames and type changes.
+    #[serde(default)]
+    pub attnum: i32,
+    /// Column name.
+    pub name: String,
+    /// `format_type(atttypid, atttypmod)`.
+    #[serde(rename = "type")]
+    pub type_name: String,
+    /// `attnotnull`.
+    #[serde(default)]
+    pub not_null: bool,
+    /// The default expression (`pg_get_expr`), if any.
+    #[serde(default)]
+    pub default: Option<String>,
+}
+
+/// What the event trigger wrote.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct TriggerMessage {
+    /// `CREATE TABLE`, `ALTER TABLE`, `DROP TABLE`, …
+    pub tag: String,
+    /// Schema after the command.
+    pub schema: String,
+    /// Table after the command.
+    pub table: String,
+    /// Schema and table before the command (`None` for a new table).
+    #[serde(default)]
+    pub old_schema: Option<String>,
+    /// Table name before the command.
+    #[serde(default)]
+    pub old_table: Option<String>,
+    /// Columns before (`None` for a new table, or a table the shadow did not know).
+    #[serde(default)]
+    pub old: Option<Vec<DdlColumn>>,
+    /// Columns after (empty for a dropped table).
+    #[serde(default)]
+    pub new: Vec<DdlColumn>,
+    /// Primary-key columns after.
+    #[serde(default)]
+    pub key: Vec<String>,
+}
+
+/// One schema change of one table, as targets apply it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum DdlOp {
+    /// A new table.
+    CreateTable {
+        /// Its columns.
+        columns: Vec<DdlColumn>,
+        /// Its primary key.
+        key: Vec<String>,
+    },
+    /// A new column.
+    AddColumn {
+        /// The column.
+        column: DdlColumn,
+    },
+    /// A column removed.
+    DropColumn {
+        /// Its name.
+        name: String,
+    },
+    /// A column renamed.
+    RenameColumn {
+        /// Old name.
+        from: String,
+        /// New name.
+        to: String,
+    },
+    /// A column's type changed.
+    AlterColumnType {
+        /// The column (its new name).
+        name: String,
+        /// The new type.
+        #[serde(rename = "type")]
+        type_name: String,
+    },
+    /// NOT NULL set or dropped.
+    SetNotNull {
+        /// The column.
+        name: String,
+        /// Whether it is NOT NULL now.
+        not_null: bool,
+    },
+    /// The table was renamed (within its schema).
+    RenameTable {
+        /// New name.
+        to: String,
+    },
+    /// The table was dropped.
+    DropTable,
+}
+
+/// The ops that turn the table as it was into the table as it is. Drops come first, then
+/// renames, type and NOT NULL changes, then additions (so a name dropped and added again in one
+/// command works), the table's rename last. A new table is one `CreateTable`.
+pub fn diff(message: &TriggerMessage) -> Vec<DdlOp> {
+    if message.tag == "DROP TABLE" {
+        return vec![DdlOp::DropTable];
+    }
+    let Some(old) = &message.old else {
+        return vec![DdlOp::CreateTable {
+            columns: message.new.clone(),
+            key: message.key.clone(),
+        }];
+    };
+    let before: BTreeMap<i32, &DdlColumn> = old.iter().map(|c| (c.attnum, c)).collect();
+    let after: BTreeMap<i32, &DdlColumn> = message.new.iter().map(|c| (c.attnum, c)).collect();
+    let mut ops = Vec::new();
+    for (attnum, c) in &before {
+        if !after.contains_key(attnum) {
+            ops.push(DdlOp::DropColumn {
+                name: c.name.clone(),
+            });
+        }
+    }
+    for (attnum, new) in &after {
+        let Some(old) = before.get(attnum) else {
+            continue;
+        };
+        if old.name != new.name {
+            ops.push(DdlOp::RenameColumn {
+                from: old.name.clone(),
+                to: new.name.clone(),
+            });
+        }
+        if old.type_name != new.type_name {
+            ops.push(DdlOp::AlterColumnType {
+                name: new.name.clone(),
+                type_name: new.type_name.clone(),
+            });
+        }
+        if old.not_null != new.not_null {
+            ops.push(DdlOp::SetNotNull {
+                name: new.name.clone(),
+                not_null: new.not_null,
+            });
+        }
+    }
+    for (attnum, new) in &after {
+        if !before.contains_key(attnum) {
+            ops.push(DdlOp::AddColumn {
+                column: (*new).clone(),
+            });
+        }
+    }
+    if message
+        .old_table
+        .as_deref()
+        .is_some_and(|t| t != message.table)
+    {
+        ops.push(DdlOp::RenameTable {
+            to: message.table.clone(),
+        });
+    }
+    ops
+}
+
+/// Whether a default expression is a constant pgferry may copy to targets: a quoted literal
+/// (optionally cast to a type name), a number, or a boolean / NULL. Anything else (function
+/// calls, volatile defaults) is not copied: the column is added without it.
+pub fn is_constant_default(expr: &str) -> bool {
+    let e = expr.trim();
+    if e.eq_ignore_ascii_case("true")
+        || e.eq_ignore_ascii_case("false")
+        || e.eq_ignore_ascii_case("null")
+    {
+        return true;
+    }
+    let number = e.strip_prefix('-').unwrap_or(e);
+    if !number.is_empty() && number.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return true;
+    }
+    // 'text' [::type]
+    let Some(rest) = e.strip_prefix('\'') else {
+        return false;
+    };
+    let mut chars = rest.char_indices().peekable();
+    let mut end = None;
+    while let Some((i, c)) = chars.next() {
+        if c == '\'' {
+            if chars.peek().map(|&(_, n)| n) == Some('\'') {
+                chars.next();
+            } else {
+                end = Some(i + 1);
+                break;
+            }
+        }
+    }
+    let Some(end) = end else { return false };
+    let cast = &rest[end..];
+    cast.is_empty()
+        || cast.strip_prefix("::").is_some_and(|t| {
+            !t.is_empty()
+                && t.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || " _.\"[](),".contains(c))
+                && !t.contains("--")
+        })
+}
+
+/// A column definition: name, type, constant default, NOT NULL. A column whose default is
+/// not copied is added without NOT NULL (the target's existing rows would have no value).
+fn column_sql(c: &DdlColumn) -> String {
+    let mut sql = format!("{} {}", quote_ident(&c.name), c.type_name);
+    let default = c.default.as_deref();
+    if let Some(d) = default.filter(|d| is_constant_default(d)) {
+        sql.push_str(&format!(" DEFAULT {d}"));
+    }
+    if c.not_null && default.is_none_or(is_constant_default) {
+        sql.push_str(" NOT NULL");
+    }
+    sql
+}
+
+/// The SQL that applies `op` to `schema.table` on a target. Type names must have been checked
+/// by the caller (see `apply::sql::is_safe_type_name`).
+pub fn to_sql(schema: &str, table: &str, op: &DdlOp) -> String {
+    let t = qualified(schema, table);
+    match op {
+        DdlOp::CreateTable { columns, key } => {
+            let mut defs: Vec<String> = columns.iter().map(column_sql).collect();
+            if !key.is_empty() {
+                let key: Vec<String> = key.iter().map(|k| quote_ident(k)).collect();
+                defs.push(format!("PRIMARY KEY ({})", key.join(", ")));
+            }
+            format!("CREATE TABLE IF NOT EXISTS {t} ({})", defs.join(", "))
+        }
+        DdlOp::AddColumn { column } => {
+            format!(
+                "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {}",
+                column_sql(column)
+            )
+        }
+        DdlOp::DropColumn { name } => {
+            format!(
+                "ALTER TABLE {t} DROP COLUMN IF EXISTS {}",
+                quote_ident(name)
+            )
+        }
+        DdlOp::RenameColumn { from, to } => format!(
+            "ALTER TABLE {t} RENAME COLUMN {} TO {}",
+            quote_ident(from),
+            quote_ident(to)
+        ),
+        DdlOp::AlterColumnType { name, type_name } => format!(
+            "ALTER TABLE {t} ALTER COLUMN {c} TYPE {type_name} USING {c}::{type_name}",
+            c = quote_ident(name)
+        ),
+        DdlOp::SetNotNull { name, not_null } => format!(
+            "ALTER TABLE {t} ALTER COLUMN {} {} NOT NULL",
+            quote_ident(name),
+            if *not_null { "SET" } else { "DROP" }
+        ),
+        DdlOp::RenameTable { to } => format!("ALTER TABLE {t} RENAME TO {}", quote_ident(to)),
+        DdlOp::DropTable => format!("DROP TABLE IF EXISTS {t}"),
+    }
+}
+
+/// Type names an op asks the target to resolve.
+pub fn type_names(op: &DdlOp) -> Vec<&str> {
+    match op {
+        DdlOp::CreateTable { columns, .. } => {
+            columns.iter().map(|c| c.type_name.as_str()).collect()
+        }
+        DdlOp::AddColumn { column } => vec![column.type_name.as_str()],
+        DdlOp::AlterColumnType { type_name, .. } => vec![type_name.as_str()],
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn col(attnum: i32, name: &str, ty: &str) -> DdlColumn {
+        DdlColumn {
+            attnum,
+            name: name.into(),
+            type_name: ty.into(),
+            not_null: false,
+            default: None,
+        }
+    }
+
+    fn alter(old: Vec<DdlColumn>, new: Vec<DdlColumn>) -> TriggerMessage {
+        TriggerMessage {
+            tag: "ALTER TABLE".into(),
+            schema: "public".into(),
+            table: "t".into(),
+            old_schema: Some("public".into()),
+            old_table: Some("t".into()),
+            old: Some(old),
+            new,
+            key: vec!["id".into()],
+        }
+    }
+
+    #[test]
+    fn columns_are_matched_by_attnum() {
+        let old = vec![
+            col(1, "id", "bigint"),
+            col(2, "a", "integer"),
+            col(3, "b", "text"),
+            col(4, "c", "text"),
+        ];
+        let mut c = col(4, "c", "text");
+        c.not_null = true;
+        let new = vec![
+            col(1, "id", "bigint"),
+            col(2, "a2", "bigint"),
+            c,
+            col(5, "b", "text"),
+        ];
+        assert_eq!(
+            diff(&alter(old, new)),
+            vec![
+                DdlOp::DropColumn { name: "b".into() },
+                DdlOp::RenameColumn {
+                    from: "a".into(),
+                    to: "a2".into()
+                },
+                DdlOp::AlterColumnType {
+                    name: "a2".into(),
+                    type_name: "bigint".into()
+                },
+                DdlOp::SetNotNull {
+                    name: "c".into(),
+                    not_null: true
+                },
+                DdlOp::AddColumn {
+                    column: col(5, "b", "text")
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn new_dropped_and_renamed_tables() {
+        let mut m = alter(vec![], vec![col(1, "id", "int")]);
+        m.old = None;
+        m.tag = "CREATE TABLE".into();
+        assert!(matches!(diff(&m)[..], [DdlOp::CreateTable { .. }]));
+        m.tag = "DROP TABLE".into();
+        assert_eq!(diff(&m), vec![DdlOp::DropTable]);
+        let mut r = alter(vec![col(1, "id", "int")], vec![col(1, "id", "int")]);
+        r.table = "t2".into();
+        assert_eq!(diff(&r), vec![DdlOp::RenameTable { to: "t2".into() }]);
+        assert!(diff(&alter(vec![col(1, "id", "int")], vec![col(1, "id", "int")])).is_empty());
+    }
+
+    #[test]
+    fn only_constant_defaults_are_copied() {
+        for ok in [
+            "0",
+            "-1.5",
+            "true",
+            "NULL",
+            "'x'::text",
+            "'it''s'::character varying",
+            "'{}'::jsonb",
+            "'2026-01-01'::date",
+        ] {
+            assert!(is_constant_default(ok), "{ok}");
+        }
+        for no in [
+            "now()",
+            "nextval('s'::regclass)",
+            "'x'::text || current_user",
+            "random()",
+            "'x'; DROP TABLE t; --",
+            "'x'::text; select 1",
+            "1 + 1",
+        ] {
+            assert!(!is_constant_default(no), "{no}");
+        }
+        let mut c = col(3, "n", "integer");
+        c.default = Some("now()".into());
+        c.not_null = true;
+        assert_eq!(
+            to_sql("s", "t", &DdlOp::AddColumn { column: c.clone() }),
+            r#"ALTER TABLE "s"."t" ADD COLUMN IF NOT EXISTS "n" integer"#
+        );
+        c.default = Some("7".into());
+        assert_eq!(
+            to_sql("s", "t", &DdlOp::AddColumn { column: c }),
+            r#"ALTER TABLE "s"."t" ADD COLUMN IF NOT EXISTS "n" integer DEFAULT 7 NOT NULL"#
+        );
+    }
+
+    #[test]
+    fn statements_quote_names() {
+        assert_eq!(
+            to_sql(
+                "s",
+                "t",
+                &DdlOp::AlterColumnType {
+                    name: "we\"ird".into(),
+                    type_name: "bigint".into()
+                }
+            ),
+            r#"ALTER TABLE "s"."t" ALTER COLUMN "we""ird" TYPE bigint USING "we""ird"::bigint"#
+        );
+        assert_eq!(
+            to_sql(
+                "s",
+                "t",
+                &DdlOp::CreateTable {
+                    columns: vec![col(1, "id", "int"), col(2, "v", "text")],
+                    key: vec!["id".into()]
+                }
+            ),
+            r#"CREATE TABLE IF NOT EXISTS "s"."t" ("id" int, "v" text, PRIMARY KEY ("id"))"#
+        );
+    }
+}
