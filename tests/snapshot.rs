@@ -218,6 +218,19 @@ async fn killed_snapshot_resumes_and_reconciles_concurrent_writes() {
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
     capture.restart();
+    // `pgferry status` shows the running snapshot with a bar, its rate and an ETA.
+    let status = std::process::Command::new(common::ferry::pgferry_bin())
+        .args(["status", "--config", capture.config_path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("snapshots: 0 of 1 tables done")
+            && status.contains("public.items")
+            && status.contains("% ")
+            && status.contains("ETA"),
+        "{status}"
+    );
     wait_for(
         "the snapshot to finish",
         Duration::from_secs(900),

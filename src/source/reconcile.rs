@@ -16,7 +16,10 @@
 //! its `xmax`. The reconciler remembers which keys the most recent transactions changed
 //! ([`RECENT_CHANGES`]), and drops a chunk row whose `xmax` is a transaction that changed the
 //! same key before the window. (A row locked, not changed, by a transaction also carries its
-//! `xmax`; such a row is kept, because that transaction changed no key of it.)
+//! `xmax`; such a row is kept, because that transaction changed no key of it.) The capture
+//! loop feeds it changes only while a snapshot is planned or running, so a transaction that
+//! stayed invisible from before its table's snapshot was planned until after a chunk's
+//! `SELECT` is not recognized either.
 //!
 //! Tables without a key cannot be matched row by row. Their snapshot starts with a truncate
 //! on the stream (the target starts empty), and from there the reconciler collects the
@@ -134,6 +137,11 @@ impl Reconciler {
     /// Open windows.
     pub fn open_windows(&self) -> usize {
         self.windows.len()
+    }
+
+    /// Whether a window is open or a table without a key is being snapshotted.
+    pub fn is_busy(&self) -> bool {
+        !self.windows.is_empty() || !self.keyless.is_empty()
     }
 
     /// The snapshot of table `oid`, which has no key, starts here (after the truncate that

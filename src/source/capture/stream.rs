@@ -312,8 +312,15 @@ impl Capture {
                 // pgferry's own bookkeeping is never replicated; a version stamped for a row
                 // change goes with that change (the next one of its table).
                 let bookkeeping = change.relation.schema == crate::naming::BOOKKEEPING_SCHEMA;
-                if !bookkeeping {
-                    // Applied changes too: they changed rows a snapshot chunk may hold.
+                // Applied changes too: they changed rows a snapshot chunk may hold. Only while
+                // a snapshot is planned or running (or a window is still open).
+                if !bookkeeping
+                    && (self
+                        .snapshots
+                        .active
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                        || self.reconciler.is_busy())
+                {
                     self.reconciler
                         .changed(txn.stamp.xid().unwrap_or(0), &change);
                 }

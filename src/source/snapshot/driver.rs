@@ -121,6 +121,9 @@ pub struct Published {
 pub struct Link {
     /// This capture run.
     pub run: u64,
+    /// A snapshot is planned or running: the capture loop remembers recent changes for the
+    /// reconciler only then (see [`crate::source::reconcile::RECENT_CHANGES`]).
+    pub active: Arc<std::sync::atomic::AtomicBool>,
     /// Chunks waiting for their high watermark.
     pub board: Arc<Board>,
     /// Published chunks, back to the driver.
@@ -188,6 +191,7 @@ pub fn link(run: u64) -> (Link, mpsc::UnboundedReceiver<Published>) {
     (
         Link {
             run,
+            active: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             board: Arc::new(Board::default()),
             published: tx,
         },
@@ -233,11 +237,12 @@ impl Driver {
             batch_rows: source.snapshot_batch_rows,
             chunk_bytes: source.snapshot_chunk_bytes,
         });
-        let mut tables = Tables::default();
+        let mut tables = Tables {
+            active: link.active.clone(),
+            ..Tables::default()
+        };
         resume(&control, &settings, &shared, &mut tables, &metrics).await?;
-        metrics
-            .snapshot_tables_remaining
-            .set(tables.running.len() as i64);
+        tables.running_changed(&metrics);
         Ok(Driver {
             settings,
             control,
@@ -328,6 +333,7 @@ impl Driver {
 struct Tables {
     targets: HashMap<String, Arc<Target>>,
     running: HashMap<String, TableRun>,
+    active: Arc<std::sync::atomic::AtomicBool>,
 }
 
 struct TableRun {
@@ -356,9 +362,15 @@ impl Tables {
             },
         );
         self.targets.insert(name, target);
+        self.running_changed(metrics);
+    }
+
+    fn running_changed(&self, metrics: &Metrics) {
         metrics
             .snapshot_tables_remaining
             .set(self.running.len() as i64);
+        self.active
+            .store(!self.running.is_empty(), Ordering::Relaxed);
     }
 
     fn chunk(
@@ -386,9 +398,7 @@ impl Tables {
             tracing::info!(table = %name, rows = run.rows, seconds = run.started.elapsed().as_secs(),
                            "snapshot of table finished; Kafka holds every chunk");
             self.running.remove(&name);
-            metrics
-                .snapshot_tables_remaining
-                .set(self.running.len() as i64);
+            self.running_changed(metrics);
         } else if run.logged.elapsed() >= LOG_EVERY {
             run.logged = Instant::now();
             let progress = crate::pipeline::snapshot_progress::SnapshotProgress {
