@@ -152,7 +152,8 @@ fn spawn_writer(
     })
 }
 
-/// Acceptance 1–3: a multi-million-row table's chunked snapshot, killed with `kill -9` at
+/// Acceptance 1–3: a multi-million-row table's chunked snapshot (3 readers, so the table is
+/// split into 3 key ranges at sampled keys of 1 to 7 digits), killed with `kill -9` at
 /// about half, resumes after the last chunk Kafka holds: the table topic ends with at most
 /// 1.1 × the rows as snapshot reads, and the replica is exact although a writer updated,
 /// deleted and inserted random rows throughout. No pgferry session on the source kept a
@@ -201,7 +202,7 @@ async fn killed_snapshot_resumes_and_reconciles_concurrent_writes() {
     let applier = start_applier(&master, &replica);
     let mut capture = start_capture(
         &master,
-        "  snapshot_readers: 2\n  snapshot_batch_rows: 5000\n",
+        "  snapshot_readers: 3\n  snapshot_batch_rows: 5000\n",
     );
     let writer = spawn_writer(master.clone(), rows, seed, stop.clone());
 

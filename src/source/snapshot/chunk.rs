@@ -247,17 +247,14 @@ pub async fn split_points(
     }
     // About 200 sampled keys per part; TABLESAMPLE SYSTEM picks whole pages.
     let percent = (100.0 * f64::from(parts) * 200.0 / estimated_rows as f64).clamp(0.01, 100.0);
-    let keys: Vec<String> = target
-        .key
-        .iter()
-        .map(|k| format!("{}::text", quote_ident(&k.name)))
-        .collect();
-    let order: Vec<String> = target.key.iter().map(|k| quote_ident(&k.name)).collect();
+    // The key columns themselves (the simple protocol returns them as text), ordered by their
+    // own type: ordering by a `::text` output column would sort 10 before 9 and make ranges
+    // overlap.
+    let keys: Vec<String> = target.key.iter().map(|k| quote_ident(&k.name)).collect();
     let sql = format!(
-        "SELECT {} FROM ONLY {} TABLESAMPLE SYSTEM ({percent}) ORDER BY {}",
-        keys.join(", "),
+        "SELECT {keys} FROM ONLY {} TABLESAMPLE SYSTEM ({percent}) ORDER BY {keys}",
         qualified(&target.relation.schema, &target.relation.table),
-        order.join(", ")
+        keys = keys.join(", "),
     );
     let mut sample = Vec::new();
     for message in client.simple_query(&sql).await? {

@@ -757,6 +757,8 @@ async fn chunk_between_marks(
                 done,
             },
         );
+    tracing::debug!(table = %target.name(), id, rows = read.rows.len(), bytes = read.bytes, done, %sql,
+                    "snapshot chunk read");
     let bytes = read.bytes;
     if let Some(deposit) = shared.board.lock().get_mut(&id) {
         deposit.rows = Some(read.rows);
