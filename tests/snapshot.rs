@@ -295,7 +295,8 @@ async fn snapshots_on_request_and_of_added_tables_while_streaming() {
     eprintln!("seed {seed} (SNAPSHOT_SEED)");
     let ddl = "CREATE TABLE items (id bigint PRIMARY KEY, v int NOT NULL, note text NOT NULL);
                CREATE TABLE added (id int PRIMARY KEY, v text);
-               CREATE TABLE added_keyless (n int, v text);";
+               CREATE TABLE added_keyless (n int, v text);
+               CREATE TABLE private (id int PRIMARY KEY);";
     let (master, c) = pg.fresh_db("resnap", ddl).await;
     let (replica, r) = pg.fresh_db("resnap_r", ddl).await;
     let rows = 20_000;
@@ -385,6 +386,27 @@ async fn snapshots_on_request_and_of_added_tables_while_streaming() {
     assert!(capture
         .log()
         .contains("table added to the publication; snapshotting it"));
+
+    // A schema change of a table outside the publication stays on the source: a later change
+    // of a published table arrives, the private table's new column does not.
+    c.batch_execute(
+        "ALTER TABLE private ADD COLUMN secret text; UPDATE items SET v = -1 WHERE id = 1",
+    )
+    .await
+    .unwrap();
+    wait_equal(&master, &replica, "items", Duration::from_secs(60)).await;
+    let private_columns: Vec<String> = r
+        .query("SELECT attname::text FROM pg_attribute WHERE attrelid = 'private'::regclass AND attnum > 0 AND NOT attisdropped", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(
+        private_columns,
+        ["id"],
+        "a table outside the publication was altered on the replica"
+    );
 
     // A request from SQL, for a replica that lost rows of the added table.
     r.batch_execute("DELETE FROM added WHERE id < 100")

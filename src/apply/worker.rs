@@ -947,6 +947,17 @@ impl Worker {
         if !wanted.is_empty() && !wanted.contains(&qualified) {
             return Ok(());
         }
+        // Like changes, schema changes only touch tables this stream announced; a new table
+        // announces itself.
+        let creates = ddl
+            .ops
+            .iter()
+            .any(|op| matches!(op, crate::ddl::DdlOp::CreateTable { .. }));
+        if !creates && !self.announced.contains(&qualified) {
+            let reason =
+                format!("schema change of {qualified}, a table this node stream never announced");
+            return self.bad_message(client, message, &reason).await;
+        }
         self.send_rows(client, pending).await?;
         self.send_lww_rows(client, pending).await?;
         pending

@@ -268,6 +268,20 @@ pub async fn column_types(
         .collect())
 }
 
+/// Whether the publication is `FOR ALL TABLES`.
+pub async fn publishes_all_tables(
+    client: &Client,
+    publication: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT puballtables FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await?;
+    Ok(row.is_some_and(|r| r.get(0)))
+}
+
 /// Tables in the publication, excluding pgferry's own schema.
 pub async fn published_tables(
     client: &Client,

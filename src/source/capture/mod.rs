@@ -341,6 +341,26 @@ impl Capture {
         }
         let schema = message.old_schema.as_deref().unwrap_or(&message.schema);
         let table = message.old_table.as_deref().unwrap_or(&message.table);
+        // Only tables this capture publishes (the trigger sees every table of the database).
+        // A dropped table is gone from the catalog: its drop travels under FOR ALL TABLES.
+        let publication = &self.settings.source.publication;
+        let published = if message.tag == "DROP TABLE" {
+            catalog::publishes_all_tables(&self.sql, publication).await
+        } else {
+            catalog::published_tables(&self.sql, publication)
+                .await
+                .map(|tables| {
+                    tables
+                        .iter()
+                        .any(|(s, t)| *s == message.schema && *t == message.table)
+                })
+        }
+        .map_err(CaptureError::sql("reading the publication's tables"))?;
+        if !published {
+            tracing::debug!(table = %format!("{schema}.{table}"), tag = %message.tag,
+                            "schema change of a table outside the publication; not published");
+            return Ok(());
+        }
         tracing::info!(table = %format!("{schema}.{table}"), tag = %message.tag, ?ops,
                        "schema change captured");
         self.metrics
@@ -348,6 +368,25 @@ impl Capture {
             .with_label_values(&[&format!("{schema}.{table}")])
             .inc();
         self.begin_if_needed(txn, repl.as_deref_mut()).await?;
+        // Appliers change only tables the stream announced: announce an altered table that
+        // this run has not published a change of yet (under its name before the change).
+        let creates = ops
+            .iter()
+            .any(|op| matches!(op, crate::ddl::DdlOp::CreateTable { .. }));
+        if message.tag != "DROP TABLE" && !creates {
+            let described = snapshot::describe_table(&self.sql, &message.schema, &message.table)
+                .await
+                .map_err(CaptureError::sql("describing an altered table"))?;
+            if let Some(relation) = described.filter(|r| !self.announced.contains(&r.oid)) {
+                self.describe_once(&relation).await?;
+                if let Some(columns) = self.schemas.get(&relation.oid).cloned() {
+                    let record =
+                        node_stream::relation_record(&self.envelope, schema, table, &columns);
+                    self.stage(txn, &record, repl.as_deref_mut()).await?;
+                }
+                self.announced.insert(relation.oid);
+            }
+        }
         let on_topic = crate::sink::kafka::encode::schema_change_record(
             &self.envelope,
             &txn.stamp,
