@@ -303,6 +303,8 @@ pub struct Part {
     pub keyed: bool,
     /// Rows published so far.
     pub rows_done: i64,
+    /// Rows the table's snapshot expected when it was planned.
+    pub estimated: i64,
 }
 
 impl Part {
@@ -319,7 +321,8 @@ pub async fn unfinished_parts(
 ) -> Result<Vec<Part>, tokio_postgres::Error> {
     let rows = client
         .query(
-            "SELECT table_schema, table_name, part, lower_key, upper_key, last_key, keyed, rows_done
+            "SELECT table_schema, table_name, part, lower_key, upper_key, last_key, keyed, rows_done,
+                    rows_estimated
                FROM pgferry.snapshot_progress
               WHERE slot_name = $1 AND NOT done
               ORDER BY table_schema, table_name, part",
@@ -337,6 +340,7 @@ pub async fn unfinished_parts(
             last: r.get(5),
             keyed: r.get(6),
             rows_done: r.get(7),
+            estimated: r.get(8),
         })
         .collect())
 }
@@ -407,6 +411,7 @@ pub async fn plan_table(
             last: None,
             keyed: target.keyed(),
             rows_done: 0,
+            estimated,
         });
         lower = upper;
     }

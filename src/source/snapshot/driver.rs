@@ -460,29 +460,13 @@ async fn resume(
         let done: i64 = parts.iter().map(|p| p.rows_done).sum();
         tracing::info!(table = %name, parts = parts.len(), rows_done = done, "resuming snapshot");
         let target = Arc::new(target);
-        tables.start(
-            target.clone(),
-            &parts,
-            estimate(control, &target).await?,
-            metrics,
-        );
+        let estimated = parts.iter().map(|p| p.estimated).max().unwrap_or(0);
+        tables.start(target.clone(), &parts, estimated, metrics);
         for part in parts {
             shared.push(Work::Part(target.clone(), part));
         }
     }
     Ok(())
-}
-
-async fn estimate(control: &Client, target: &Target) -> Result<i64, CaptureError> {
-    control
-        .query_one(
-            "SELECT COALESCE(max(rows_estimated), 0) FROM pgferry.snapshot_progress
-              WHERE table_schema = $1 AND table_name = $2",
-            &[&target.relation.schema, &target.relation.table],
-        )
-        .await
-        .map(|r| r.get(0))
-        .map_err(CaptureError::sql("reading snapshot estimates"))
 }
 
 /// Every poll: snapshot requests, and tables added to the publication.
