@@ -44,6 +44,7 @@ psql_at "$src" bench "CREATE PUBLICATION native_pub FOR TABLE items" >/dev/null
 rows_at() { psql_at "$1" "$2" "SELECT count(*) FROM items"; }
 synchronized() { [[ "$(psql_at "$dst" native "SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'")" == 0 ]]; }
 
+src_before=$(cluster_cpu src); dst_before=$(cluster_cpu dst)
 t0=$(now)
 psql_at "$dst" native "CREATE SUBSCRIPTION native_sub CONNECTION 'host=127.0.0.1 port=$src dbname=bench user=postgres' PUBLICATION native_pub WITH (copy_data = true)" >/dev/null
 deadline=$((SECONDS + ${BENCH_TIMEOUT:-1800}))
@@ -53,10 +54,14 @@ until synchronized && [[ "$(rows_at "$dst" native)" == "$ROWS" ]]; do
 done
 native_secs=$(echo "$(now) - $t0" | bc -l)
 psql_at "$dst" native "ALTER SUBSCRIPTION native_sub DISABLE" >/dev/null
+sleep 0.5  # the subscription's workers exit, so their CPU is counted
+native_src_cpu=$(echo "$(cluster_cpu src) - $src_before" | bc -l)
+native_dst_cpu=$(echo "$(cluster_cpu dst) - $dst_before" | bc -l)
 
 printf '\nsnapshot benchmark (%s build): %d rows, %.1f MB on disk\n' \
   "$PROFILE" "$ROWS" "$(echo "$size / 1048576" | bc -l)"
-printf '  native initial sync (copy_data)  %8.2f s  %10.0f rows/s\n' "$native_secs" "$(echo "$ROWS / $native_secs" | bc -l)"
+printf '  native initial sync (copy_data)  %8.2f s  %10.0f rows/s  (CPU s: source %.2f, replica %.2f)\n' \
+  "$native_secs" "$(echo "$ROWS / $native_secs" | bc -l)" "$native_src_cpu" "$native_dst_cpu"
 result="result snapshot_rows=$ROWS native_rows_per_s=$(echo "$ROWS / $native_secs" | bc -l | xargs printf '%.0f')"
 for readers in ${READERS:-$(smoke_or "2 exported" "exported 1 2 4")}; do
   db="ferry_$readers"
@@ -69,17 +74,26 @@ for readers in ${READERS:-$(smoke_or "2 exported" "exported 1 2 4")}; do
   replica_yaml "$src" bench "$dst" "$db" "bench_$readers" "  tables: [public.items]
   status_interval: 1s
   $mode" >"$WORK/pgferry-$readers.yaml"
-  ferry_copied() { [[ "$(rows_at "$dst" "$db")" == "$ROWS" ]]; }
-  broker_before=$(cpu_secs "$TANSU_PID")
+  # count(*) of the replica only once pgferry has applied as many snapshot rows: polled every
+  # 50 ms from the start, the count of a growing table took about a fifth of the machine's
+  # CPU during pgferry's run (native's wait counts only after pg_subscription_rel says done).
+  ferry_copied() {
+    (( $(ferry_metric "$WORK/pgferry-$readers.yaml" '^pgferry_apply_changes_total[{].*op="r"') >= ROWS )) \
+      && [[ "$(rows_at "$dst" "$db")" == "$ROWS" ]]
+  }
+  broker_before=$(cpu_secs "$TANSU_PID"); src_before=$(cluster_cpu src); dst_before=$(cluster_cpu dst)
   time_ferry_until "$WORK/pgferry-$readers.yaml" ferry_copied
   broker_cpu=$(echo "$(cpu_secs "$TANSU_PID") - $broker_before" | bc -l)
+  sleep 0.5  # pgferry's sessions end, so their CPU is counted
+  src_cpu=$(echo "$(cluster_cpu src) - $src_before" | bc -l)
+  dst_cpu=$(echo "$(cluster_cpu dst) - $dst_before" | bc -l)
   [[ "$(psql_at "$dst" "$db" "SELECT sum(n)::text || max(note) FROM items")" == \
      "$(psql_at "$src" bench "SELECT sum(n)::text || max(note) FROM items")" ]] \
     || { echo "the pgferry replica ($readers) differs from the source" >&2; exit 1; }
   ratio=$(echo "$native_secs / $FERRY_SECS" | bc -l)
   if [[ "$readers" == exported ]]; then label="pgferry exported snapshot"; else label="pgferry chunked, $readers reader(s)"; fi
-  printf '  %-32s %8.2f s  %10.0f rows/s  ratio %.3f  (peak RSS %s MB, %s CPU s; broker %.2f CPU s)\n' \
-    "$label" "$FERRY_SECS" "$(echo "$ROWS / $FERRY_SECS" | bc -l)" "$ratio" "$FERRY_RSS" "$FERRY_CPU" "$broker_cpu"
+  printf '  %-32s %8.2f s  %10.0f rows/s  ratio %.3f  (peak RSS %s MB; CPU s: pgferry %s, broker %.2f, source %.2f, replica %.2f)\n' \
+    "$label" "$FERRY_SECS" "$(echo "$ROWS / $FERRY_SECS" | bc -l)" "$ratio" "$FERRY_RSS" "$FERRY_CPU" "$broker_cpu" "$src_cpu" "$dst_cpu"
   result+=" snapshot_ratio_$readers=$(printf '%.3f' "$ratio")"
 done
 echo "$result"

@@ -119,9 +119,24 @@ cpu_secs() {
   awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat" 2>/dev/null || echo "?"
 }
 
+# cluster_cpu NAME: CPU seconds the cluster started as NAME (start_pg) has used so far: its
+# postmaster and every backend that has exited (a live backend counts once it ends).
+cluster_cpu() {
+  awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15 + $16 + $17) / hz}' \
+    "/proc/$(head -1 "$WORK/pg-$1/data/postmaster.pid")/stat" 2>/dev/null || echo "?"
+}
+
 # peak_rss_mb PID
 peak_rss_mb() {
   awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status" 2>/dev/null || echo "?"
+}
+
+# ferry_metric CONFIG REGEX: the sum of the samples of the running pgferry's /metrics whose
+# line matches REGEX (0 when none does or pgferry does not answer yet). A cheap gate before an
+# exact check that costs the machine more (a count(*) of a big table).
+ferry_metric() {
+  curl -s "http://$(awk '/^  listen:/ {print $2; exit}' "$1")/metrics" 2>/dev/null \
+    | awk -v re="$2" '$0 ~ re && !/^#/ {n += $NF} END {printf "%d", n}'
 }
 
 # time_ferry_until CONFIG CONDITION...: starts `$BIN run --config CONFIG` (under perf when

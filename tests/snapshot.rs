@@ -301,7 +301,7 @@ async fn snapshots_on_request_and_of_added_tables_while_streaming() {
     let (replica, r) = pg.fresh_db("resnap_r", ddl).await;
     let rows = 20_000;
     c.batch_execute(&format!(
-        "INSERT INTO items SELECT g, 0, 'x' FROM generate_series(1, {rows}) g;
+        "INSERT INTO items SELECT g, 0, E'x\\\\t\\t\\\\N\\n\\r\\\\' || g FROM generate_series(1, {rows}) g;
          INSERT INTO added SELECT g, md5(g::text) FROM generate_series(1, 5000) g;
          INSERT INTO added_keyless SELECT g, md5(g::text) FROM generate_series(1, 3000) g;"
     ))
@@ -314,6 +314,18 @@ async fn snapshots_on_request_and_of_added_tables_while_streaming() {
     );
     capture.wait_ready().await;
     wait_equal(&master, &replica, "items", Duration::from_secs(120)).await;
+    // The snapshot filled the empty replica with COPY (its notes hold tabs, newlines,
+    // backslashes and a literal \N, which arrived as they were); nothing fell back yet.
+    let copies = |outcome: &str| {
+        applier
+            .metric(
+                "pgferry_apply_copy_batches_total",
+                &format!("outcome=\"{outcome}\""),
+            )
+            .unwrap_or(0.0)
+    };
+    assert!(copies("written") >= 1.0, "no batch was written with COPY");
+    assert_eq!(copies("conflict") + copies("refused"), 0.0);
 
     // The replica loses rows (a restored backup, a mistaken delete); re-snapshot the table
     // while a writer keeps changing it.
@@ -372,6 +384,10 @@ async fn snapshots_on_request_and_of_added_tables_while_streaming() {
     stop.store(true, Ordering::Relaxed);
     writer.await.unwrap();
     wait_equal(&master, &replica, "items", Duration::from_secs(120)).await;
+    // Two thirds of the re-snapshot's rows were still there: COPY met them and those batches
+    // went as upserts (the replica is exact all the same).
+    assert!(copies("conflict") >= 1.0, "COPY never met an existing row");
+    assert_eq!(copies("refused"), 0.0);
 
     // Tables added to the publication: snapshotted by themselves, with rows written meanwhile.
     c.batch_execute(&format!(

@@ -8,6 +8,7 @@
 pub mod admit;
 pub mod conflict;
 pub mod contention;
+pub mod copy;
 pub mod dead_letters;
 pub mod error;
 pub mod join;

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::admit::{self, Admission};
 use super::contention::Contention;
+use super::copy;
 use super::dead_letters::StoredDeadLetter;
 use super::error::ApplyError;
 use super::multimaster;
@@ -143,6 +144,8 @@ struct Worker {
     /// Replica mode: rows gathered for multi-row statements (one change per key, coalesced),
     /// not yet sent.
     rows: Coalescer,
+    /// Replica mode: which tables' batches of upserts try COPY first.
+    copy: copy::CopyChoice,
     /// Multi-master: changes gathered to be decided and written together, not yet sent.
     lww_rows: Waves<lww_rows::ProbeGroup, lww_rows::LwwRow>,
     /// Multi-master: the extra connections (`apply.lanes` - 1) that write a batch's keys in
@@ -339,6 +342,7 @@ async fn open(
         counters: HashMap::new(),
         statements: HashMap::new(),
         rows: Coalescer::default(),
+        copy: copy::CopyChoice::default(),
         lww_rows: Waves::default(),
         lanes: Vec::new(),
         ddl_open: false,
@@ -1642,6 +1646,23 @@ impl Worker {
                     column: group.columns.first().cloned().unwrap_or_default(),
                 });
             };
+            if group.write == RowWrite::Upsert && self.copy.try_copy(&qualified, rows.len()) {
+                // The statements before the COPY must have succeeded: a failure of theirs
+                // would otherwise be taken for the COPY's.
+                pending
+                    .drain()
+                    .await
+                    .map_err(ApplyError::sql("applying changes"))?;
+                let outcome = copy_rows(client, &group, &rows).await?;
+                self.metrics
+                    .apply_copy_batches
+                    .with_label_values(&[outcome.label()])
+                    .inc();
+                self.copy.record(&qualified, outcome);
+                if outcome == copy::Outcome::Written {
+                    continue;
+                }
+            }
             let typed = lww::typed(&table, &group.columns);
             let text = match group.write {
                 RowWrite::Upsert => {
@@ -1998,6 +2019,60 @@ fn is_lock_conflict(e: &tokio_postgres::Error) -> bool {
             || *c == tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE
             || *c == tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE
     })
+}
+
+/// Writes a batch of upserts with COPY inside a savepoint (see [`copy`]). A refusal of the
+/// rows (an existing key, a value, row-level security) rolls back to the savepoint and is
+/// returned as its [`copy::Outcome`], for the batch to go as an upsert; any other failure
+/// (the connection, a lock conflict) is the caller's error.
+async fn copy_rows(
+    client: &Client,
+    group: &plan::WriteGroup,
+    rows: &[Vec<Option<String>>],
+) -> Result<copy::Outcome, ApplyError> {
+    use futures_util::SinkExt;
+    client
+        .batch_execute("SAVEPOINT pgferry_copy")
+        .await
+        .map_err(ApplyError::sql("starting a COPY"))?;
+    let statement = copy::statement(&group.schema, &group.table, &group.columns);
+    let written = async {
+        let sink = client.copy_in::<_, bytes::Bytes>(&statement).await?;
+        futures_util::pin_mut!(sink);
+        for piece in copy::encode(rows) {
+            sink.feed(bytes::Bytes::from(piece)).await?;
+        }
+        sink.finish().await
+    }
+    .await;
+    let source = match written {
+        Ok(_) => {
+            client
+                .batch_execute("RELEASE SAVEPOINT pgferry_copy")
+                .await
+                .map_err(ApplyError::sql("finishing a COPY"))?;
+            return Ok(copy::Outcome::Written);
+        }
+        Err(source) => source,
+    };
+    let conflict = source.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION);
+    let error = ApplyError::Sql {
+        context: "copying rows",
+        source,
+    };
+    if !error.is_rejection() {
+        return Err(error);
+    }
+    client
+        .batch_execute("ROLLBACK TO SAVEPOINT pgferry_copy; RELEASE SAVEPOINT pgferry_copy")
+        .await
+        .map_err(ApplyError::sql("undoing a refused COPY"))?;
+    if conflict {
+        return Ok(copy::Outcome::Conflict);
+    }
+    tracing::info!(table = %format!("{}.{}", group.schema, group.table), error = %ErrorChain(&error),
+                   "COPY refused; this table's batches go as multi-row upserts from now on");
+    Ok(copy::Outcome::Refused)
 }
 
 /// Statements sent to the target and not yet answered, in send order. Each is polled as soon

@@ -50,6 +50,9 @@ pub struct Metrics {
     pub restarts: IntCounter,
     /// Changes applied to targets, by table and op.
     pub apply_changes: IntCounterVec,
+    /// Batches of inserted rows apply tried to write with COPY, by outcome (`written`,
+    /// `conflict`, `refused`: the last two went as upserts).
+    pub apply_copy_batches: IntCounterVec,
     /// Source transactions applied.
     pub apply_transactions: IntCounter,
     /// Target transactions committed (each holds one or more source transactions).
@@ -272,6 +275,12 @@ impl Metrics {
                 "pgferry_apply_changes_total",
                 "Changes applied to target databases.",
                 &["table", "op"],
+            ),
+            apply_copy_batches: counter_vec(
+                r,
+                "pgferry_apply_copy_batches_total",
+                "Batches of inserted rows written with COPY (written), or sent as upserts after COPY met an existing key (conflict) or another refusal (refused).",
+                &["outcome"],
             ),
             apply_transactions: counter(
                 r,
