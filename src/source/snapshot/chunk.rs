@@ -13,7 +13,7 @@ use super::describe_table;
 use crate::event::RelationMeta;
 use crate::source::pgoutput::Datum;
 use crate::source::reconcile::{ChunkRow, Key};
-use crate::sql::{qualified, quote_ident, quote_literal};
+use crate::sql::{quote_ident, quote_literal};
 
 /// Prefix of the transactional `pg_logical_emit_message` watermarks around each chunk.
 pub use crate::source::assemble::SNAPSHOT_PREFIX;
@@ -38,6 +38,8 @@ pub struct Target {
     pub chunk_relation: Arc<RelationMeta>,
     /// The key columns, in order.
     pub key: Vec<KeyColumn>,
+    /// A partitioned table: read with its partitions (see [`super::scan_source`]).
+    pub partitioned: bool,
 }
 
 impl Target {
@@ -49,6 +51,11 @@ impl Target {
     /// `schema.table`.
     pub fn name(&self) -> String {
         self.relation.qualified_name()
+    }
+
+    /// What the chunk queries read from.
+    fn source(&self) -> String {
+        super::scan_source(&self.relation, self.partitioned)
     }
 }
 
@@ -82,6 +89,7 @@ pub async fn target(
             type_name: r.get(1),
         })
         .collect();
+    let partitioned = super::is_partitioned(client, relation.oid).await?;
     let mut chunk_relation = relation.clone();
     for c in &mut chunk_relation.columns {
         c.is_key = key.iter().any(|k| k.name == c.name);
@@ -90,6 +98,7 @@ pub async fn target(
         relation: Arc::new(relation),
         chunk_relation: Arc::new(chunk_relation),
         key,
+        partitioned,
     }))
 }
 
@@ -146,9 +155,9 @@ pub fn chunk_query(
     };
     let order: Vec<String> = target.key.iter().map(|k| quote_ident(&k.name)).collect();
     format!(
-        "SELECT {} FROM ONLY {}{filter} ORDER BY {} LIMIT {limit}",
+        "SELECT {} FROM {}{filter} ORDER BY {} LIMIT {limit}",
         select_list(target),
-        qualified(&target.relation.schema, &target.relation.table),
+        target.source(),
         order.join(", "),
     )
 }
@@ -157,9 +166,9 @@ pub fn chunk_query(
 pub fn keys_query(target: &Target, keys: &[Vec<String>]) -> String {
     let lists: Vec<String> = keys.iter().map(|k| key_literal(target, k)).collect();
     format!(
-        "SELECT {} FROM ONLY {} WHERE {} IN ({})",
+        "SELECT {} FROM {} WHERE {} IN ({})",
         select_list(target),
-        qualified(&target.relation.schema, &target.relation.table),
+        target.source(),
         key_tuple(target),
         lists.join(", ")
     )
@@ -168,9 +177,9 @@ pub fn keys_query(target: &Target, keys: &[Vec<String>]) -> String {
 /// The rows of heap pages `[from, to)` (a table without a key).
 pub fn pages_query(target: &Target, from: u64, to: u64) -> String {
     format!(
-        "SELECT {} FROM ONLY {} WHERE ctid >= '({from},0)'::tid AND ctid < '({to},0)'::tid",
+        "SELECT {} FROM {} WHERE ctid >= '({from},0)'::tid AND ctid < '({to},0)'::tid",
         select_list(target),
-        qualified(&target.relation.schema, &target.relation.table),
+        target.source(),
     )
 }
 
@@ -252,8 +261,8 @@ pub async fn split_points(
     // overlap.
     let keys: Vec<String> = target.key.iter().map(|k| quote_ident(&k.name)).collect();
     let sql = format!(
-        "SELECT {keys} FROM ONLY {} TABLESAMPLE SYSTEM ({percent}) ORDER BY {keys}",
-        qualified(&target.relation.schema, &target.relation.table),
+        "SELECT {keys} FROM {} TABLESAMPLE SYSTEM ({percent}) ORDER BY {keys}",
+        target.source(),
         keys = keys.join(", "),
     );
     let mut sample = Vec::new();
@@ -389,7 +398,11 @@ pub async fn plan_table(
 ) -> Result<(Vec<Part>, i64), tokio_postgres::Error> {
     let estimated: i64 = client
         .query_one(
-            "SELECT GREATEST(reltuples, 0)::int8 FROM pg_class WHERE oid = $1",
+            // A partitioned table's rows are in its leaf partitions (a plain table is its
+            // own only leaf).
+            "SELECT COALESCE(sum(GREATEST(c.reltuples, 0)), 0)::int8
+               FROM pg_partition_tree($1::oid::regclass) t JOIN pg_class c ON c.oid = t.relid
+              WHERE t.isleaf",
             &[&target.relation.oid],
         )
         .await?
@@ -508,13 +521,16 @@ pub async fn request(client: &Client, table: &str) -> Result<(), tokio_postgres:
         .map(drop)
 }
 
-/// Heap pages of a table now, and rows per page by the planner's statistics.
+/// Heap pages of a table now, and rows per page by the planner's statistics. For a
+/// partitioned table, the pages of its largest partition: a page range read through the
+/// partitioned table reads those pages of every partition.
 pub async fn heap_pages(client: &Client, oid: u32) -> Result<(u64, f64), tokio_postgres::Error> {
     let row = client
         .query_one(
-            "SELECT (pg_relation_size($1::oid::regclass) / current_setting('block_size')::int8)::int8,
-                    CASE WHEN relpages > 0 THEN reltuples / relpages ELSE 0 END::float8
-               FROM pg_class WHERE oid = $1",
+            "SELECT COALESCE(max(pg_relation_size(c.oid) / current_setting('block_size')::int8), 0)::int8,
+                    CASE WHEN sum(c.relpages) > 0 THEN sum(GREATEST(c.reltuples, 0)) / sum(c.relpages) ELSE 0 END::float8
+               FROM pg_partition_tree($1::oid::regclass) t JOIN pg_class c ON c.oid = t.relid
+              WHERE t.isleaf",
             &[&oid],
         )
         .await?;
@@ -553,6 +569,7 @@ mod tests {
                     type_name: (*t).into(),
                 })
                 .collect(),
+            partitioned: false,
         }
     }
 

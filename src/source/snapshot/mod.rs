@@ -158,6 +158,27 @@ pub async fn describe_table(
     }))
 }
 
+/// Whether a table is partitioned (its rows are all in its partitions).
+pub async fn is_partitioned(client: &Client, oid: u32) -> Result<bool, tokio_postgres::Error> {
+    let row = client
+        .query_opt("SELECT relkind = 'p' FROM pg_class WHERE oid = $1", &[&oid])
+        .await?;
+    Ok(row.is_some_and(|r| r.get(0)))
+}
+
+/// What a snapshot reads a table from: `ONLY schema.table` for a plain table (an inheritance
+/// child is a table of its own, published and read by itself), the bare name for a partitioned
+/// table, which holds no rows itself: a publication with `publish_via_partition_root` lists
+/// the partitioned table instead of its partitions, and its changes come under its name.
+pub fn scan_source(relation: &RelationMeta, partitioned: bool) -> String {
+    let name = qualified(&relation.schema, &relation.table);
+    if partitioned {
+        name
+    } else {
+        format!("ONLY {name}")
+    }
+}
+
 /// Reads one table in batches through a server-side cursor.
 pub struct TableReader<'a> {
     client: &'a Client,
@@ -193,11 +214,12 @@ impl<'a> TableReader<'a> {
                 .iter()
                 .map(|c| quote_ident(&c.name))
                 .collect();
+            let partitioned = is_partitioned(self.client, self.relation.oid).await?;
             self.client
                 .batch_execute(&format!(
-                    "DECLARE {CURSOR} NO SCROLL CURSOR FOR SELECT {} FROM ONLY {}",
+                    "DECLARE {CURSOR} NO SCROLL CURSOR FOR SELECT {} FROM {}",
                     columns.join(", "),
-                    qualified(&self.relation.schema, &self.relation.table)
+                    scan_source(&self.relation, partitioned)
                 ))
                 .await?;
             self.opened = true;
