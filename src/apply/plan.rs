@@ -188,8 +188,8 @@ pub enum RowChange {
 }
 
 impl RowChange {
-    /// The statement group of this change, and its row of values.
-    fn into_group(self, schema: &str, table: &str) -> (WriteGroup, Vec<Option<String>>) {
+    /// How this change is written, its columns (in parameter order) and its row of values.
+    fn into_parts(self) -> (RowWrite, Vec<String>, Vec<Option<String>>) {
         let (write, values) = match self {
             RowChange::Upsert(values) => (RowWrite::Upsert, values),
             RowChange::Update { set, key } => {
@@ -202,13 +202,7 @@ impl RowChange {
             RowChange::Delete(key) => (RowWrite::Delete, key),
         };
         let (columns, row) = values.into_iter().unzip();
-        let group = WriteGroup {
-            schema: schema.to_owned(),
-            table: table.to_owned(),
-            write,
-            columns,
-        };
-        (group, row)
+        (write, columns, row)
     }
 }
 
@@ -315,15 +309,38 @@ impl Coalescer {
         self.index.clear();
         let mut groups: Vec<(WriteGroup, Vec<Vec<Option<String>>>)> = Vec::new();
         let mut at: HashMap<WriteGroup, usize> = HashMap::new();
+        // The group of the row before, which most rows share (a snapshot's, a bulk load's):
+        // compared in place, without building and hashing a group per row.
+        let mut last: Option<usize> = None;
         for (schema, table, change) in std::mem::take(&mut self.entries).into_iter().flatten() {
-            let (group, row) = change.into_group(&schema, &table);
-            match at.get(&group) {
-                Some(&i) => groups[i].1.push(row),
-                None => {
-                    at.insert(group.clone(), groups.len());
-                    groups.push((group, vec![row]));
+            let (write, columns, row) = change.into_parts();
+            if let Some(i) = last {
+                let group = &groups[i].0;
+                if group.write == write
+                    && group.table == table
+                    && group.schema == schema
+                    && group.columns == columns
+                {
+                    groups[i].1.push(row);
+                    continue;
                 }
             }
+            let group = WriteGroup {
+                schema,
+                table,
+                write,
+                columns,
+            };
+            let i = match at.get(&group) {
+                Some(&i) => i,
+                None => {
+                    at.insert(group.clone(), groups.len());
+                    groups.push((group, Vec::new()));
+                    groups.len() - 1
+                }
+            };
+            groups[i].1.push(row);
+            last = Some(i);
         }
         groups
     }

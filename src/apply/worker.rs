@@ -141,6 +141,8 @@ struct Worker {
     /// Applied-changes counters by `schema.table`, indexed by op.
     counters: HashMap<String, [Option<prometheus::IntCounter>; 5]>,
     statements: HashMap<StatementKey, Statement>,
+    /// The statement of the last change `apply_change` sent (also in `statements`).
+    last_statement: Option<(StatementKey, Statement)>,
     /// Replica mode: rows gathered for multi-row statements (one change per key, coalesced),
     /// not yet sent.
     rows: Coalescer,
@@ -341,6 +343,7 @@ async fn open(
         announced,
         counters: HashMap::new(),
         statements: HashMap::new(),
+        last_statement: None,
         rows: Coalescer::default(),
         copy: copy::CopyChoice::default(),
         lww_rows: Waves::default(),
@@ -916,6 +919,7 @@ impl Worker {
         // A rolled-back transaction may have created tables: forget what we learned in it.
         self.tables.clear();
         self.statements.clear();
+        self.last_statement = None;
         self.column_types.clear();
         Ok(())
     }
@@ -1087,6 +1091,7 @@ impl Worker {
         self.tables.remove(&format!("{schema}.{table}"));
         self.statements
             .retain(|k, _| !(k.schema == schema && k.table == table));
+        self.last_statement = None;
         for statements in &mut self.lane_statements {
             statements.retain(|k, _| !(k.schema == schema && k.table == table));
         }
@@ -1544,25 +1549,40 @@ impl Worker {
         } else {
             &change.json_null_after
         };
-        let (schema, name) = (change.schema.clone(), change.table.clone());
-        let cols: Vec<&str> = columns.iter().map(String::as_str).collect();
-        let text = || match kind {
-            StatementKind::Upsert => sql::upsert(&schema, &name, &cols, &key),
-            StatementKind::Update => {
-                sql::update(&schema, &name, &cols[..cols.len() - key.len()], &key)
+        // Runs of changes share their statement (a snapshot's rows, a bulk load): compared
+        // in place, without building and hashing a key per change.
+        let last = self.last_statement.as_ref().filter(|(k, _)| {
+            k.kind == kind
+                && k.table == change.table
+                && k.schema == change.schema
+                && k.columns == columns
+        });
+        let stmt = match last {
+            Some((_, stmt)) => stmt.clone(),
+            None => {
+                let (schema, name) = (change.schema.as_str(), change.table.as_str());
+                let cols: Vec<&str> = columns.iter().map(String::as_str).collect();
+                let text = || match kind {
+                    StatementKind::Upsert => sql::upsert(schema, name, &cols, &key),
+                    StatementKind::Update => {
+                        sql::update(schema, name, &cols[..cols.len() - key.len()], &key)
+                    }
+                    StatementKind::Delete => sql::delete(schema, name, &key),
+                    StatementKind::DeleteMatching => sql::delete_one_matching(schema, name, &cols),
+                    _ => sql::truncate(schema, name),
+                };
+                let stmt_key = StatementKey {
+                    schema: change.schema.clone(),
+                    table: change.table.clone(),
+                    kind,
+                    columns: columns.clone(),
+                    compared: Vec::new(),
+                };
+                let stmt = self.statement(client, stmt_key.clone(), text).await?;
+                self.last_statement = Some((stmt_key, stmt.clone()));
+                stmt
             }
-            StatementKind::Delete => sql::delete(&schema, &name, &key),
-            StatementKind::DeleteMatching => sql::delete_one_matching(&schema, &name, &cols),
-            _ => sql::truncate(&schema, &name),
         };
-        let stmt_key = StatementKey {
-            schema: change.schema.clone(),
-            table: change.table.clone(),
-            kind,
-            columns: columns.clone(),
-            compared: Vec::new(),
-        };
-        let stmt = self.statement(client, stmt_key, text).await?;
         let params =
             match Self::render_params(stmt.params(), &columns, &values, json_nulls, &qualified) {
                 Ok(params) => params,
