@@ -9,15 +9,6 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use pgferry::config::redact;
 
-/// mimalloc (its v2 line) instead of glibc's malloc. Apply frees each batch's rows (tens of
-/// thousands of small strings) at once on its thread while capture allocates on others; with
-/// glibc, once batches went out as COPY (the worker waits for the target between them),
-/// pgferry spent about a third more CPU in the snapshot benchmark, most of it in glibc's chunk
-/// consolidation; with mimalloc none, for 20-30 MB more peak RSS. mimalloc's v3 line kept
-/// freed memory for a second by default and doubled the peak.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Change-data-capture sidecar: PostgreSQL logical replication -> Kafka.
 #[derive(Parser)]
 #[command(name = "pgferry", version, about)]

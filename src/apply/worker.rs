@@ -1666,23 +1666,28 @@ impl Worker {
                     column: group.columns.first().cloned().unwrap_or_default(),
                 });
             };
-            if group.write == RowWrite::Upsert && self.copy.try_copy(&qualified, rows.len()) {
-                // The statements before the COPY must have succeeded: a failure of theirs
-                // would otherwise be taken for the COPY's.
-                pending
-                    .drain()
-                    .await
-                    .map_err(ApplyError::sql("applying changes"))?;
-                let outcome = copy_rows(client, &group, &rows).await?;
-                self.metrics
-                    .apply_copy_batches
-                    .with_label_values(&[outcome.label()])
-                    .inc();
-                self.copy.record(&qualified, outcome);
-                if outcome == copy::Outcome::Written {
-                    continue;
-                }
-            }
+            let rows =
+                if group.write == RowWrite::Upsert && self.copy.try_copy(&qualified, rows.len()) {
+                    // The statements before the COPY must have succeeded: a failure of theirs
+                    // would otherwise be taken for the COPY's.
+                    pending
+                        .drain()
+                        .await
+                        .map_err(ApplyError::sql("applying changes"))?;
+                    let pieces = copy::encode(rows);
+                    let outcome = copy_rows(client, &group, &pieces).await?;
+                    self.metrics
+                        .apply_copy_batches
+                        .with_label_values(&[outcome.label()])
+                        .inc();
+                    self.copy.record(&qualified, outcome);
+                    if outcome == copy::Outcome::Written {
+                        continue;
+                    }
+                    copy::decode(&pieces)
+                } else {
+                    rows
+                };
             let typed = lww::typed(&table, &group.columns);
             let text = match group.write {
                 RowWrite::Upsert => {
@@ -2041,14 +2046,14 @@ fn is_lock_conflict(e: &tokio_postgres::Error) -> bool {
     })
 }
 
-/// Writes a batch of upserts with COPY inside a savepoint (see [`copy`]). A refusal of the
-/// rows (an existing key, a value, row-level security) rolls back to the savepoint and is
+/// Writes a batch of upserts ([`copy::encode`]d) with COPY inside a savepoint (see [`copy`]).
+/// A refusal of the rows (an existing key, a value, row-level security) rolls back to the savepoint and is
 /// returned as its [`copy::Outcome`], for the batch to go as an upsert; any other failure
 /// (the connection, a lock conflict) is the caller's error.
 async fn copy_rows(
     client: &Client,
     group: &plan::WriteGroup,
-    rows: &[Vec<Option<String>>],
+    pieces: &[bytes::Bytes],
 ) -> Result<copy::Outcome, ApplyError> {
     use futures_util::SinkExt;
     client
@@ -2059,8 +2064,8 @@ async fn copy_rows(
     let written = async {
         let sink = client.copy_in::<_, bytes::Bytes>(&statement).await?;
         futures_util::pin_mut!(sink);
-        for piece in copy::encode(rows) {
-            sink.feed(bytes::Bytes::from(piece)).await?;
+        for piece in pieces {
+            sink.feed(piece.clone()).await?;
         }
         sink.finish().await
     }
