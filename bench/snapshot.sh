@@ -14,8 +14,9 @@
 # (pg_subscription_rel state 'r'); pgferry from start until the replica holds every row, so
 # both include their setup (slot, snapshot) and the writes to the replica. Each pgferry run
 # starts from scratch (new slot, empty replica database, own topics). Prints each rate
-# (rows/s), the ratio pgferry / native (1.0 = as fast), pgferry's peak RSS and CPU time and
-# the broker's CPU time.
+# (rows/s), the ratio pgferry / native (1.0 = as fast), pgferry's peak RSS, and the CPU
+# seconds of pgferry, the broker and both clusters (their backends' included) during each
+# run, to show where the time goes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -63,7 +64,15 @@ printf '\nsnapshot benchmark (%s build): %d rows, %.1f MB on disk\n' \
 printf '  native initial sync (copy_data)  %8.2f s  %10.0f rows/s  (CPU s: source %.2f, replica %.2f)\n' \
   "$native_secs" "$(echo "$ROWS / $native_secs" | bc -l)" "$native_src_cpu" "$native_dst_cpu"
 result="result snapshot_rows=$ROWS native_rows_per_s=$(echo "$ROWS / $native_secs" | bc -l | xargs printf '%.0f')"
+first_run=1
 for readers in ${READERS:-$(smoke_or "2 exported" "exported 1 2 4")}; do
+  # A fresh broker for each run: tansu's memory storage keeps every record of every run, and
+  # at 10M rows the fourth run's broker had filled the machine's 24 GB.
+  if (( ! first_run )); then
+    kill -9 "$TANSU_PID" 2>/dev/null || true
+    start_tansu
+  fi
+  first_run=0
   db="ferry_$readers"
   psql_at "$dst" postgres "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1
   psql_at "$dst" postgres "CREATE DATABASE $db" >/dev/null

@@ -398,11 +398,10 @@ pub async fn plan_table(
 ) -> Result<(Vec<Part>, i64), tokio_postgres::Error> {
     let estimated: i64 = client
         .query_one(
-            // A partitioned table's rows are in its leaf partitions (a plain table is its
-            // own only leaf).
-            "SELECT COALESCE(sum(GREATEST(c.reltuples, 0)), 0)::int8
-               FROM pg_partition_tree($1::oid::regclass) t JOIN pg_class c ON c.oid = t.relid
-              WHERE t.isleaf",
+            &format!(
+                "SELECT COALESCE(sum(GREATEST(c.reltuples, 0)), 0)::int8 FROM pg_class c
+                  WHERE {STORAGE}"
+            ),
             &[&target.relation.oid],
         )
         .await?
@@ -521,16 +520,24 @@ pub async fn request(client: &Client, table: &str) -> Result<(), tokio_postgres:
         .map(drop)
 }
 
+/// The relations that hold the rows of table `$1`: the table itself, or a partitioned table's
+/// leaf partitions (`pg_partition_tree` lists nothing for a plain table).
+const STORAGE: &str = "c.relkind <> 'p'
+    AND c.oid IN (SELECT $1::oid
+                  UNION SELECT relid::oid FROM pg_partition_tree($1::oid::regclass) WHERE isleaf)";
+
 /// Heap pages of a table now, and rows per page by the planner's statistics. For a
 /// partitioned table, the pages of its largest partition: a page range read through the
 /// partitioned table reads those pages of every partition.
 pub async fn heap_pages(client: &Client, oid: u32) -> Result<(u64, f64), tokio_postgres::Error> {
     let row = client
         .query_one(
-            "SELECT COALESCE(max(pg_relation_size(c.oid) / current_setting('block_size')::int8), 0)::int8,
-                    CASE WHEN sum(c.relpages) > 0 THEN sum(GREATEST(c.reltuples, 0)) / sum(c.relpages) ELSE 0 END::float8
-               FROM pg_partition_tree($1::oid::regclass) t JOIN pg_class c ON c.oid = t.relid
-              WHERE t.isleaf",
+            &format!(
+                "SELECT COALESCE(max(pg_relation_size(c.oid) / current_setting('block_size')::int8), 0)::int8,
+                        CASE WHEN sum(c.relpages) > 0 THEN sum(GREATEST(c.reltuples, 0)) / sum(c.relpages) ELSE 0 END::float8
+                   FROM pg_class c
+                  WHERE {STORAGE}"
+            ),
             &[&oid],
         )
         .await?;
