@@ -131,12 +131,16 @@ peak_rss_mb() {
   awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status" 2>/dev/null || echo "?"
 }
 
-# ferry_metric CONFIG REGEX: the sum of the samples of the running pgferry's /metrics whose
-# line matches REGEX (0 when none does or pgferry does not answer yet). A cheap gate before an
-# exact check that costs the machine more (a count(*) of a big table).
+# ferry_metrics CONFIG: the /metrics page of the pgferry running with CONFIG (its `listen:`).
+ferry_metrics() {
+  curl -s "http://$(awk '/^  listen:/ {print $2; exit}' "$1")/metrics" 2>/dev/null
+}
+
+# ferry_metric CONFIG REGEX: the sum of the samples of ferry_metrics whose line matches REGEX
+# (0 when none does or pgferry does not answer yet). A cheap gate before an exact check that
+# costs the machine more (a count(*) of a big table).
 ferry_metric() {
-  curl -s "http://$(awk '/^  listen:/ {print $2; exit}' "$1")/metrics" 2>/dev/null \
-    | awk -v re="$2" '$0 ~ re && !/^#/ {n += $NF} END {printf "%d", n}'
+  ferry_metrics "$1" | awk -v re="$2" '$0 ~ re && !/^#/ {n += $NF} END {printf "%d", n}'
 }
 
 # time_ferry_until CONFIG CONDITION...: starts `$BIN run --config CONFIG` (under perf when
@@ -175,7 +179,7 @@ time_ferry_until() {
   FERRY_CPU=$(cpu_secs "$pid")
   if [[ -n "${METRICS_OUT:-}" ]]; then
     sleep 1  # counters move just after the commit that the condition saw
-    curl -s "http://$(awk '/^  listen:/ {print $2; exit}' "$config")/metrics" >"$METRICS_OUT" || true
+    ferry_metrics "$config" >"$METRICS_OUT" || true
   fi
   kill -TERM "$pid"; wait "$pid" || true
 }
