@@ -36,25 +36,43 @@ fn valid_date(date: &str) -> bool {
     digits(y, 4, 7) && digits(m, 2, 2) && digits(d, 2, 2)
 }
 
-/// `HH:MM:SS[.f{1,6}]` → `HH:MM:SS.ffffff`.
-fn time_micros(time: &str) -> Option<String> {
+/// An envelope form as pieces borrowed from the server's text: concatenated, they are the
+/// form. Converting builds nothing, so the envelope writer copies the pieces straight into
+/// its output.
+pub type Pieces<'a> = [&'a str; 8];
+
+/// Zeros that pad a fraction to six digits.
+const ZEROS: &str = "000000";
+
+/// `text` alone.
+fn whole(text: &str) -> Pieces<'_> {
+    [text, "", "", "", "", "", "", ""]
+}
+
+/// `HH:MM:SS[.f{1,6}]` → (`HH:MM:SS`, the fraction's digits).
+fn time_parts(time: &str) -> Option<(&str, &str)> {
     let (whole, fraction) = time.split_once('.').unwrap_or((time, ""));
-    let hms: Vec<&str> = whole.split(':').collect();
-    let two_digits = |s: &&str| s.len() == 2 && s.bytes().all(|b| b.is_ascii_digit());
-    if hms.len() != 3 || !hms.iter().all(two_digits) {
+    let b = whole.as_bytes();
+    let shaped = b.len() == 8
+        && b[2] == b':'
+        && b[5] == b':'
+        && [0, 1, 3, 4, 6, 7].iter().all(|&i| b[i].is_ascii_digit());
+    if !shaped || fraction.len() > 6 || !fraction.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    if fraction.len() > 6 || !fraction.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    Some(format!("{whole}.{fraction:0<6}"))
+    Some((whole, fraction))
 }
 
 /// `date` output → envelope form (validated, unchanged).
 pub fn date(text: &str) -> Result<String, ValueError> {
+    date_pieces(text).map(|p| p.concat())
+}
+
+/// [`date`] as [`Pieces`].
+pub fn date_pieces(text: &str) -> Result<Pieces<'_>, ValueError> {
     let core = text.strip_suffix(BC).unwrap_or(text);
     if is_special(text) || valid_date(core) {
-        Ok(text.to_owned())
+        Ok(whole(text))
     } else {
         Err(invalid("date", "expected ISO output YYYY-MM-DD [BC]"))
     }
@@ -62,46 +80,64 @@ pub fn date(text: &str) -> Result<String, ValueError> {
 
 /// `timestamp` output → `YYYY-MM-DDTHH:MM:SS.ffffff[ BC]`.
 pub fn timestamp(text: &str) -> Result<String, ValueError> {
-    if is_special(text) {
-        return Ok(text.to_owned());
-    }
-    let (core, era) = split_era(text);
-    let shape = || {
+    timestamp_pieces(text).map(|p| p.concat())
+}
+
+/// [`timestamp`] as [`Pieces`].
+pub fn timestamp_pieces(text: &str) -> Result<Pieces<'_>, ValueError> {
+    stamp_pieces(text, "", "", || {
         invalid(
             "timestamp",
             "expected ISO output YYYY-MM-DD HH:MM:SS[.ffffff] [BC]",
         )
-    };
-    let (date, time) = core.split_once(' ').ok_or_else(shape)?;
-    if !valid_date(date) {
-        return Err(shape());
-    }
-    let time = time_micros(time).ok_or_else(shape)?;
-    Ok(format!("{date}T{time}{era}"))
+    })
 }
 
 /// `timestamptz` output in UTC → `YYYY-MM-DDTHH:MM:SS.ffffffZ[ BC]`.
 pub fn timestamptz(text: &str) -> Result<String, ValueError> {
-    if is_special(text) {
-        return Ok(text.to_owned());
-    }
-    let (core, era) = split_era(text);
-    let shape = || {
+    timestamptz_pieces(text).map(|p| p.concat())
+}
+
+/// [`timestamptz`] as [`Pieces`].
+pub fn timestamptz_pieces(text: &str) -> Result<Pieces<'_>, ValueError> {
+    stamp_pieces(text, "+00", "Z", || {
         invalid(
             "timestamptz",
             "expected ISO output in UTC, YYYY-MM-DD HH:MM:SS[.ffffff]+00 [BC] (pgferry pins TimeZone=UTC on its sessions)",
         )
-    };
-    let local = core.strip_suffix("+00").ok_or_else(shape)?;
-    let (date, time) = local.split_once(' ').ok_or_else(shape)?;
+    })
+}
+
+/// `YYYY-MM-DD HH:MM:SS[.f]<zone_in>[ BC]` → `YYYY-MM-DDTHH:MM:SS.ffffff<zone_out>[ BC]`.
+fn stamp_pieces<'a>(
+    text: &'a str,
+    zone_in: &str,
+    zone_out: &'static str,
+    shape: impl Fn() -> ValueError,
+) -> Result<Pieces<'a>, ValueError> {
+    if is_special(text) {
+        return Ok(whole(text));
+    }
+    let (core, era) = split_era(text);
+    let local = core.strip_suffix(zone_in).ok_or_else(&shape)?;
+    let (date, time) = local.split_once(' ').ok_or_else(&shape)?;
     if !valid_date(date) {
         return Err(shape());
     }
-    let time = time_micros(time).ok_or_else(shape)?;
-    Ok(format!("{date}T{time}Z{era}"))
+    let (hms, fraction) = time_parts(time).ok_or_else(&shape)?;
+    Ok([
+        date,
+        "T",
+        hms,
+        ".",
+        fraction,
+        &ZEROS[fraction.len()..],
+        zone_out,
+        era,
+    ])
 }
 
-fn split_era(text: &str) -> (&str, &str) {
+fn split_era(text: &str) -> (&str, &'static str) {
     match text.strip_suffix(BC) {
         Some(core) => (core, BC),
         None => (text, ""),

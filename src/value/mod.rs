@@ -11,7 +11,7 @@ mod json;
 use std::collections::HashMap;
 
 pub use array::{parse_array, ArrayNode, ArrayParseError};
-pub use json::{text_to_json, ColumnJson, ValueError};
+pub use json::{push_json_str, text_to_json, write_json, ColumnJson, ValueError};
 
 /// How a column's text form is rendered in JSON.
 #[derive(Debug, Clone, PartialEq, Eq)]

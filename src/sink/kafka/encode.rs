@@ -14,14 +14,11 @@
 //! placeholder string can collide with real data. Consumers that apply the change must leave
 //! those columns as they are.
 
-use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
-use serde_json::value::RawValue;
-use serde_json::Value;
 
-use crate::event::{Op, RelationMeta, RowChange, TxnMeta};
+use crate::event::{Op, RelationMeta, RowChange, TxnMeta, Version};
 use crate::source::pgoutput::{Datum, Tuple};
-use crate::value::{text_to_json, ColumnJson, TypeRegistry, ValueError};
+use crate::value::{push_json_str, write_json, TypeRegistry, ValueError};
 
 /// Names the envelope key that lists unchanged TOAST columns.
 pub const UNCHANGED_TOAST_FIELD: &str = "unchanged_toast";
@@ -150,23 +147,15 @@ impl TxnStamp {
 /// Names the envelope key that lists json/jsonb columns holding the JSON literal `null`.
 pub const JSON_NULL_FIELD: &str = "json_null";
 
-/// A row as an ordered JSON object, borrowing column names from the relation.
+/// A row image rendered once as a JSON object, placed as-is in both the envelope and the
+/// node-stream item.
 struct RowJson<'a> {
-    fields: Vec<(&'a str, ColumnJson)>,
+    /// `{"column":value,...}`, in column order.
+    text: Vec<u8>,
     unchanged: Vec<&'a str>,
     /// json/jsonb columns whose value is the JSON literal `null`, which would otherwise be
     /// indistinguishable from SQL NULL in the envelope.
     json_nulls: Vec<&'a str>,
-}
-
-impl Serialize for RowJson<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut map = serializer.serialize_map(Some(self.fields.len()))?;
-        for (name, value) in &self.fields {
-            map.serialize_entry(name, value)?;
-        }
-        map.end()
-    }
 }
 
 /// Renders a tuple as a JSON object. `only_keys` limits it to key columns (for key-only old
@@ -177,40 +166,18 @@ fn row_json<'a>(
     types: &TypeRegistry,
     only_keys: bool,
 ) -> Result<RowJson<'a>, EncodeError> {
-    let mut fields = Vec::with_capacity(relation.columns.len());
+    let mut text = Vec::with_capacity(2 + 32 * relation.columns.len());
     let mut unchanged = Vec::new();
     let mut json_nulls = Vec::new();
+    text.push(b'{');
     for (column, datum) in relation.columns.iter().zip(tuple) {
         if only_keys && !column.is_key {
             continue;
         }
         let value = match datum {
-            Datum::Null => ColumnJson::Value(Value::Null),
             Datum::UnchangedToast => {
                 unchanged.push(column.name.as_str());
                 continue;
-            }
-            Datum::Text(bytes) => {
-                let ty = types.resolve(column.type_oid);
-                let value_error = |source| EncodeError::Value {
-                    table: relation.qualified_name(),
-                    column: column.name.clone(),
-                    source,
-                };
-                // Never lossy: bytes that are not UTF-8 (a database whose encoding is not
-                // UTF8) are an error, not replacement characters.
-                let text = std::str::from_utf8(bytes).map_err(|_| {
-                    value_error(ValueError {
-                        ty: "text",
-                        reason: "the value is not valid UTF-8 (pgferry needs a UTF8 database)"
-                            .into(),
-                    })
-                })?;
-                let value = text_to_json(&ty, text).map_err(value_error)?;
-                if value.is_null() {
-                    json_nulls.push(column.name.as_str());
-                }
-                value
             }
             Datum::Binary(_) => {
                 return Err(EncodeError::Binary {
@@ -218,11 +185,38 @@ fn row_json<'a>(
                     column: column.name.clone(),
                 })
             }
+            Datum::Null => None,
+            Datum::Text(bytes) => Some(bytes),
         };
-        fields.push((column.name.as_str(), value));
+        if text.len() > 1 {
+            text.push(b',');
+        }
+        push_json_str(&mut text, &column.name);
+        text.push(b':');
+        let Some(bytes) = value else {
+            text.extend_from_slice(b"null");
+            continue;
+        };
+        let value_error = |source| EncodeError::Value {
+            table: relation.qualified_name(),
+            column: column.name.clone(),
+            source,
+        };
+        // Never lossy: bytes that are not UTF-8 (a database whose encoding is not UTF8) are
+        // an error, not replacement characters.
+        let value = std::str::from_utf8(bytes).map_err(|_| {
+            value_error(ValueError {
+                ty: "text",
+                reason: "the value is not valid UTF-8 (pgferry needs a UTF8 database)".into(),
+            })
+        })?;
+        if write_json(&types.resolve(column.type_oid), value, &mut text).map_err(value_error)? {
+            json_nulls.push(column.name.as_str());
+        }
     }
+    text.push(b'}');
     Ok(RowJson {
-        fields,
+        text,
         unchanged,
         json_nulls,
     })
@@ -248,82 +242,100 @@ fn key_json(change: &RowChange, types: &TypeRegistry) -> Result<Option<Vec<u8>>,
     let Some(image) = image else {
         return Ok(None);
     };
-    let row = row_json(relation, image, types, true)?;
-    Ok(Some(to_json(&row)))
+    Ok(Some(row_json(relation, image, types, true)?.text))
 }
 
-#[derive(Serialize)]
-struct SourceBlock<'a> {
-    node: &'a str,
-    db: &'a str,
-    schema: &'a str,
-    table: &'a str,
-    lsn: String,
-    commit_lsn: &'a str,
-    commit_ts: &'a str,
-    commit_ts_us: i64,
-    xid: Option<u32>,
-    origin: Option<&'a str>,
-    snapshot: bool,
-    /// Multi-master: the row version the change was made with.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    version: Option<VersionJson<'a>>,
+/// A JSON object written field by field, in order. Keys are pgferry's own ASCII names, so
+/// they need no escaping; values are escaped or already JSON. Envelopes are written this way,
+/// not through `serde`, so the row images rendered once go in as they are.
+struct Object<'a> {
+    out: &'a mut Vec<u8>,
+    empty: bool,
 }
 
-/// `source.version`: `{"t_us": 1700000000000000, "node": "a"}`.
-#[derive(Serialize)]
-struct VersionJson<'a> {
-    t_us: i64,
-    node: &'a str,
-}
-
-#[derive(Serialize, Clone, Copy)]
-struct JsonNulls<'a> {
-    #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    before: &'a [&'a str],
-    #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    after: &'a [&'a str],
-}
-
-impl JsonNulls<'_> {
-    fn is_empty(&self) -> bool {
-        self.before.is_empty() && self.after.is_empty()
+impl<'a> Object<'a> {
+    fn open(out: &'a mut Vec<u8>) -> Self {
+        out.push(b'{');
+        Object { out, empty: true }
     }
-}
 
-#[derive(Serialize)]
-struct Envelope<'a> {
-    op: &'static str,
-    before: Option<&'a RawValue>,
-    after: Option<&'a RawValue>,
-    source: SourceBlock<'a>,
-    ts_ms: i64,
-    #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    unchanged_toast: &'a [&'a str],
-    #[serde(skip_serializing_if = "JsonNulls::is_empty")]
-    json_null: JsonNulls<'a>,
-}
+    /// Writes `"key":` and returns the output for the value.
+    fn key(&mut self, key: &str) -> &mut Vec<u8> {
+        if !self.empty {
+            self.out.push(b',');
+        }
+        self.empty = false;
+        self.out.push(b'"');
+        self.out.extend_from_slice(key.as_bytes());
+        self.out.extend_from_slice(b"\":");
+        self.out
+    }
 
-/// What an applier reads of a change on the node stream (see [`super::node_stream`]): the
-/// envelope without its `source` block, which would double the stream's bytes and the
-/// applier's parsing for facts its transaction markers already carry.
-#[derive(Serialize)]
-struct StreamChange<'a> {
-    op: &'static str,
-    schema: &'a str,
-    table: &'a str,
-    before: Option<&'a RawValue>,
-    after: Option<&'a RawValue>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    version: Option<VersionJson<'a>>,
-    /// The source commit time, for changes without a version only: a multi-master applier
-    /// replaying a dead letter of such a change takes it as the version.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    commit_ts_us: Option<i64>,
-    #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    unchanged_toast: &'a [&'a str],
-    #[serde(skip_serializing_if = "JsonNulls::is_empty")]
-    json_null: JsonNulls<'a>,
+    fn raw(&mut self, key: &str, json: &[u8]) {
+        self.key(key).extend_from_slice(json);
+    }
+
+    fn str(&mut self, key: &str, value: &str) {
+        push_json_str(self.key(key), value);
+    }
+
+    fn opt_str(&mut self, key: &str, value: Option<&str>) {
+        match value {
+            Some(v) => self.str(key, v),
+            None => self.raw(key, b"null"),
+        }
+    }
+
+    fn int(&mut self, key: &str, value: impl itoa::Integer) {
+        self.raw(key, itoa::Buffer::new().format(value).as_bytes());
+    }
+
+    fn row(&mut self, key: &str, row: Option<&RowJson<'_>>) {
+        self.raw(key, row.map_or(&b"null"[..], |r| &r.text));
+    }
+
+    /// `"key":["a","b"]`, left out when empty.
+    fn names(&mut self, key: &str, names: &[&str]) {
+        if names.is_empty() {
+            return;
+        }
+        let out = self.key(key);
+        out.push(b'[');
+        for (i, name) in names.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            push_json_str(out, name);
+        }
+        out.push(b']');
+    }
+
+    /// `"version":{"t_us","node"}`, left out without a version.
+    fn version(&mut self, version: Option<&Version>) {
+        if let Some(v) = version {
+            let mut object = Object::open(self.key("version"));
+            object.int("t_us", v.ts_us);
+            object.str("node", &v.node);
+            object.close();
+        }
+    }
+
+    /// `"json_null":{"before":[..],"after":[..]}`, left out when both are empty.
+    fn json_nulls(&mut self, before: Option<&RowJson<'_>>, after: Option<&RowJson<'_>>) {
+        let before = before.map_or(&[][..], |r| &r.json_nulls[..]);
+        let after = after.map_or(&[][..], |r| &r.json_nulls[..]);
+        if before.is_empty() && after.is_empty() {
+            return;
+        }
+        let mut object = Object::open(self.key(JSON_NULL_FIELD));
+        object.names("before", before);
+        object.names("after", after);
+        object.close();
+    }
+
+    fn close(self) {
+        self.out.push(b'}');
+    }
 }
 
 /// One change rendered for Kafka.
@@ -334,18 +346,11 @@ pub struct EncodedChange {
     /// The change as its node-stream item carries it: a JSON object of `op`, `schema`,
     /// `table`, `before`, `after`, then `version` or (without one) `commit_ts_us`, and when
     /// present `unchanged_toast` and `json_null`, with the same row images as the envelope
-    /// (rendered once for both).
+    /// (rendered once for both). The applier reads the envelope without its `source` block,
+    /// which would double the stream's bytes and its parsing for facts the transaction
+    /// markers already carry; `commit_ts_us` lets a multi-master applier replaying a dead
+    /// letter of a change without a version take the commit time as its version.
     pub stream: Vec<u8>,
-}
-
-/// Serializes a value made of strings, numbers and maps with string keys, which cannot fail.
-fn to_json(value: &impl Serialize) -> Vec<u8> {
-    serde_json::to_vec(value).unwrap_or_default()
-}
-
-/// A row image as raw JSON, to place in both the envelope and the node-stream item.
-fn raw_row(row: &RowJson<'_>) -> Option<Box<RawValue>> {
-    serde_json::value::to_raw_value(row).ok()
 }
 
 /// Renders one change into its record, plus a tombstone after deletes when configured.
@@ -376,77 +381,80 @@ pub fn encode_change_for_stream(
         Some(t) => Some(row_json(relation, t, types, false)?),
         None => None,
     };
-    let before_raw = before.as_ref().and_then(raw_row);
-    let after_raw = after.as_ref().and_then(raw_row);
-    let unchanged: Vec<&str> = after
-        .as_ref()
-        .map(|a| a.unchanged.clone())
-        .unwrap_or_default();
-    let json_nulls_before: Vec<&str> = before
-        .as_ref()
-        .map(|b| b.json_nulls.clone())
-        .unwrap_or_default();
-    let json_nulls_after: Vec<&str> = after
-        .as_ref()
-        .map(|a| a.json_nulls.clone())
-        .unwrap_or_default();
-    let version = || {
-        change.version.as_ref().map(|v| VersionJson {
-            t_us: v.ts_us,
-            node: &v.node,
-        })
-    };
-    let json_null = JsonNulls {
-        before: &json_nulls_before,
-        after: &json_nulls_after,
-    };
-    let envelope = Envelope {
-        op: change.op.code(),
-        before: before_raw.as_deref(),
-        after: after_raw.as_deref(),
-        source: SourceBlock {
-            node: &source.node,
-            db: &source.database,
-            schema: &relation.schema,
-            table: &relation.table,
-            lsn: change.lsn.to_string(),
-            commit_lsn: &txn.commit_lsn,
-            commit_ts: &txn.commit_ts,
-            commit_ts_us: txn.commit_ts_us,
-            xid: txn.xid,
-            origin: txn.origin.as_deref(),
-            snapshot: change.op == Op::Read,
-            version: version(),
+    let unchanged = after.as_ref().map_or(&[][..], |a| &a.unchanged[..]);
+    let rows_len =
+        before.as_ref().map_or(0, |r| r.text.len()) + after.as_ref().map_or(0, |r| r.text.len());
+
+    let mut value = Vec::with_capacity(rows_len + 320);
+    let mut envelope = Object::open(&mut value);
+    envelope.str("op", change.op.code());
+    envelope.row("before", before.as_ref());
+    envelope.row("after", after.as_ref());
+    let mut block = Object::open(envelope.key("source"));
+    block.str("node", &source.node);
+    block.str("db", &source.database);
+    block.str("schema", &relation.schema);
+    block.str("table", &relation.table);
+    block.raw("lsn", format!("\"{}\"", change.lsn).as_bytes());
+    block.str("commit_lsn", &txn.commit_lsn);
+    block.str("commit_ts", &txn.commit_ts);
+    block.int("commit_ts_us", txn.commit_ts_us);
+    match txn.xid {
+        Some(xid) => block.int("xid", xid),
+        None => block.raw("xid", b"null"),
+    }
+    block.opt_str("origin", txn.origin.as_deref());
+    block.raw(
+        "snapshot",
+        if change.op == Op::Read {
+            b"true"
+        } else {
+            b"false"
         },
-        ts_ms,
-        unchanged_toast: &unchanged,
-        json_null,
-    };
-    let stream = to_json(&StreamChange {
-        op: change.op.code(),
-        schema: &relation.schema,
-        table: &relation.table,
-        before: before_raw.as_deref(),
-        after: after_raw.as_deref(),
-        version: version(),
-        commit_ts_us: change.version.is_none().then_some(txn.commit_ts_us),
-        unchanged_toast: &unchanged,
-        json_null,
-    });
+    );
+    block.version(change.version.as_ref());
+    block.close();
+    envelope.int("ts_ms", ts_ms);
+    envelope.names(UNCHANGED_TOAST_FIELD, unchanged);
+    envelope.json_nulls(before.as_ref(), after.as_ref());
+    envelope.close();
+
+    let mut stream = Vec::with_capacity(rows_len + 96);
+    let mut item = Object::open(&mut stream);
+    item.str("op", change.op.code());
+    item.str("schema", &relation.schema);
+    item.str("table", &relation.table);
+    item.row("before", before.as_ref());
+    item.row("after", after.as_ref());
+    item.version(change.version.as_ref());
+    if change.version.is_none() {
+        item.int("commit_ts_us", txn.commit_ts_us);
+    }
+    item.names(UNCHANGED_TOAST_FIELD, unchanged);
+    item.json_nulls(before.as_ref(), after.as_ref());
+    item.close();
+
     let topic = topic_name(&source.topic_prefix, &relation.schema, &relation.table);
     let key = key_json(change, types)?;
-    let value = to_json(&envelope);
-    let mut records = vec![Record {
-        topic: topic.clone(),
-        key: key.clone(),
-        value: Some(value),
-        single_partition: false,
-    }];
+    let mut records = Vec::with_capacity(2);
     if change.op == Op::Delete && source.tombstones && key.is_some() {
+        records.push(Record {
+            topic: topic.clone(),
+            key: key.clone(),
+            value: Some(value),
+            single_partition: false,
+        });
         records.push(Record {
             topic,
             key,
             value: None,
+            single_partition: false,
+        });
+    } else {
+        records.push(Record {
+            topic,
+            key,
+            value: Some(value),
             single_partition: false,
         });
     }

@@ -264,3 +264,142 @@ fn json_null_literal_is_distinguished_from_sql_null() {
     assert_eq!(v["after"], json!({"id": 1, "doc": null, "other": null}));
     assert_eq!(v[JSON_NULL_FIELD], json!({"after": ["doc"]}));
 }
+
+/// Column types the envelope property draws from: (oid, a value's server text by seed).
+const TYPES: [(u32, &[&str]); 6] = [
+    (23, &["0", "-2147483648", "42"]),
+    (20, &["9007199254740993", "-7", "0"]),
+    (25, &["", "a\"b\\c\n\t", "Ünï ✓", "\u{1}"]),
+    (3802, &["null", "{\"a\": [1, 2.50]}", "\"s\"", "3"]),
+    (
+        1184,
+        &[
+            "2024-02-29 23:59:59.12+00",
+            "infinity",
+            "0044-03-15 12:00:00+00 BC",
+        ],
+    ),
+    (16, &["t", "f"]),
+];
+
+proptest::proptest! {
+    /// The hand-written envelope and node-stream item are what an independent rendering of the
+    /// same change says, for any mix of ops, types, NULLs, unchanged TOAST, JSON nulls,
+    /// versions, names that need escaping, and transactions with or without xid and origin.
+    #[test]
+    fn envelope_and_stream_item_match_an_independent_rendering(
+        columns in proptest::collection::vec((0usize..TYPES.len(), proptest::bool::ANY, "[a-z\"\\\\Ü ]{1,4}"), 1..5),
+        cells in proptest::collection::vec((0usize..8, 0usize..4), 8),
+        op in 0usize..5,
+        versioned: bool,
+        xid: Option<u32>,
+        origin in proptest::option::of("[a-z\"]{0,5}"),
+        node in "[a-z\"\\\\-]{1,6}",
+        lsn: u64,
+    ) {
+        let relation = Arc::new(RelationMeta {
+            oid: 9,
+            schema: "s\"chema".into(),
+            table: "t".into(),
+            replica_identity: ReplicaIdentity::Default,
+            columns: columns
+                .iter()
+                .enumerate()
+                .map(|(i, (ty, key, name))| col(&format!("{i}{name}"), TYPES[*ty].0, *key))
+                .collect(),
+        });
+        let op = [Op::Create, Op::Update, Op::Delete, Op::Read, Op::Update][op];
+        // A datum per column from a seed: 0 NULL, 1 unchanged TOAST (new images of updates
+        // only, never a key), else a value of the column's type.
+        let tuple = |shift: usize, toast_ok: bool| -> Tuple {
+            columns
+                .iter()
+                .enumerate()
+                .map(|(i, (ty, key, _))| {
+                    let (kind, pick) = cells[(i + shift) % cells.len()];
+                    let values = TYPES[*ty].1;
+                    match kind {
+                        0 if !key => Datum::Null,
+                        1 if toast_ok && !key => Datum::UnchangedToast,
+                        _ => t(values[pick % values.len()]),
+                    }
+                })
+                .collect()
+        };
+        let before = matches!(op, Op::Update | Op::Delete).then(|| tuple(3, false));
+        let after = (op != Op::Delete).then(|| tuple(0, op == Op::Update));
+        let version = versioned.then(|| crate::event::Version { ts_us: 17, node: "n\"1".into() });
+        let change = RowChange { op, relation: relation.clone(), lsn: Lsn(lsn), before: before.clone(),
+                                 before_is_key_only: false, after: after.clone(), version: version.clone() };
+        let txn = TxnMeta { xid, commit_lsn: Lsn(0x2_0000_0001), commit_ts: PgTimestamp(5), origin: origin.clone() };
+        let mut source = src(false);
+        source.node = node.clone();
+        let types = TypeRegistry::default();
+        let encoded = encode_change_for_stream(&source, &TxnStamp::new(&txn), &change, &types, 1234).unwrap();
+
+        // The independent rendering: serde_json values of each column's conversion.
+        let image = |tuple: &Option<Tuple>, only_keys: bool| -> (Value, Vec<String>, Vec<String>) {
+            let Some(tuple) = tuple else { return (Value::Null, vec![], vec![]) };
+            let (mut object, mut toast, mut nulls) = (serde_json::Map::new(), vec![], vec![]);
+            for (c, d) in relation.columns.iter().zip(tuple) {
+                if only_keys && !c.is_key { continue; }
+                match d {
+                    Datum::Null => { object.insert(c.name.clone(), Value::Null); }
+                    Datum::UnchangedToast => toast.push(c.name.clone()),
+                    Datum::Text(b) => {
+                        let v = serde_json::to_value(crate::value::text_to_json(
+                            &types.resolve(c.type_oid), std::str::from_utf8(b).unwrap()).unwrap()).unwrap();
+                        if v.is_null() { nulls.push(c.name.clone()); }
+                        object.insert(c.name.clone(), v);
+                    }
+                    Datum::Binary(_) => unreachable!(),
+                }
+            }
+            (Value::Object(object), toast, nulls)
+        };
+        let (before_json, _, before_nulls) = image(&before, false);
+        let (after_json, toast, after_nulls) = image(&after, false);
+        let mut envelope = json!({
+            "op": op.code(), "before": before_json, "after": after_json,
+            "source": {"node": node, "db": "db", "schema": "s\"chema", "table": "t",
+                       "lsn": Lsn(lsn).to_string(), "commit_lsn": "2/1",
+                       "commit_ts": "2000-01-01T00:00:00.000005Z", "commit_ts_us": 946684800000005i64,
+                       "xid": xid, "origin": origin, "snapshot": op == Op::Read},
+            "ts_ms": 1234,
+        });
+        let mut item = json!({"op": op.code(), "schema": "s\"chema", "table": "t",
+                              "before": before_json, "after": after_json});
+        match &version {
+            Some(v) => {
+                envelope["source"]["version"] = json!({"t_us": v.ts_us, "node": v.node});
+                item["version"] = json!({"t_us": v.ts_us, "node": v.node});
+            }
+            None => item["commit_ts_us"] = json!(946684800000005i64),
+        }
+        for out in [&mut envelope, &mut item] {
+            if !toast.is_empty() { out[UNCHANGED_TOAST_FIELD] = json!(toast); }
+            let mut nulls = serde_json::Map::new();
+            if !before_nulls.is_empty() { nulls.insert("before".into(), json!(before_nulls)); }
+            if !after_nulls.is_empty() { nulls.insert("after".into(), json!(after_nulls)); }
+            if !nulls.is_empty() { out[JSON_NULL_FIELD] = Value::Object(nulls); }
+        }
+        proptest::prop_assert_eq!(value(&encoded.records[0]), envelope.clone());
+        proptest::prop_assert_eq!(serde_json::from_slice::<Value>(&encoded.stream).unwrap(), item);
+        // Field order is part of the format (preserve_order keeps it when printed again).
+        proptest::prop_assert_eq!(
+            serde_json::to_string(&value(&encoded.records[0])).unwrap(),
+            serde_json::to_string(&envelope).unwrap()
+        );
+        let key = if relation.has_key() {
+            let usable = |t: &Option<Tuple>| t.as_ref().is_some_and(|t| relation.key_indices().all(|i| !matches!(t[i], Datum::UnchangedToast)));
+            let image_of = if usable(&after) { &after } else { &before };
+            Some(image(image_of, true).0)
+        } else {
+            None
+        };
+        proptest::prop_assert_eq!(
+            encoded.records[0].key.as_ref().map(|k| serde_json::from_slice::<Value>(k).unwrap()),
+            key
+        );
+    }
+}
