@@ -259,7 +259,7 @@ pub struct Coalescer {
 }
 
 impl Coalescer {
-    /// Adds a change of `row_key` ([`row_key`]) of `schema.table`. `Err(change)`: it cannot
+    /// Adds a change of `row_key` ([`row_key`]) of `schema.table`. `Err((row_key, change))`: it cannot
     /// be folded into the change the batch holds for its key; send the batch, then add it.
     pub fn push(
         &mut self,
@@ -267,7 +267,7 @@ impl Coalescer {
         table: &str,
         row_key: String,
         change: RowChange,
-    ) -> Result<(), RowChange> {
+    ) -> Result<(), (String, RowChange)> {
         match self.index.get(&row_key) {
             Some(&i) => {
                 let held = self.entries[i].as_mut().expect("indexed entries are held");
@@ -276,7 +276,7 @@ impl Coalescer {
                         held.2 = merged;
                         Ok(())
                     }
-                    None => Err(change),
+                    None => Err((row_key, change)),
                 }
             }
             None => {
@@ -583,9 +583,10 @@ mod tests {
             };
             for (key, change) in changes {
                 let row_key = row_key("s.t", [Some(key.to_string().as_str())]);
-                if let Err(change) = batch.push("s", "t", row_key.clone(), change) {
+                if let Err((returned, change)) = batch.push("s", "t", row_key.clone(), change) {
+                    assert_eq!(returned, row_key);
                     send(&mut batch, &mut held, &mut batched);
-                    batch.add("s", "t", row_key.clone(), change);
+                    batch.add("s", "t", returned, change);
                 }
                 held.insert(row_key, key);
             }

@@ -1331,7 +1331,14 @@ impl Worker {
             Op::Truncate => 4,
         };
         let metrics = &self.metrics;
-        let counters = self.counters.entry(qualified.to_owned()).or_default();
+        // Looked up before inserting: an entry() would allocate the name for every change.
+        if !self.counters.contains_key(qualified) {
+            self.counters
+                .insert(qualified.to_owned(), Default::default());
+        }
+        let Some(counters) = self.counters.get_mut(qualified) else {
+            return;
+        };
         counters[slot]
             .get_or_insert_with(|| {
                 metrics
@@ -1495,8 +1502,8 @@ impl Worker {
         let op = if whole_row { Op::Create } else { change.op };
         let (kind, columns, values): (StatementKind, Vec<String>, Vec<Box<RawValue>>) = match op {
             Op::Create | Op::Read => {
-                let after = change.after.unwrap_or_default();
-                (StatementKind::Upsert, after.keys().cloned().collect(), after.into_iter().map(|(_, v)| v).collect())
+                let (columns, values) = change.after.unwrap_or_default().into_iter().unzip();
+                (StatementKind::Upsert, columns, values)
             }
             Op::Update if !key.is_empty() => {
                 let after = change.after.unwrap_or_default();
@@ -1529,7 +1536,8 @@ impl Worker {
             Op::Delete => match change.before {
                 Some(before) if before.len() == table.columns.len() => {
                     from_before = true;
-                    (StatementKind::DeleteMatching, before.keys().cloned().collect(), before.into_iter().map(|(_, v)| v).collect())
+                    let (columns, values) = before.into_iter().unzip();
+                    (StatementKind::DeleteMatching, columns, values)
                 }
                 _ => {
                     return self
@@ -1627,9 +1635,8 @@ impl Worker {
                     }
                     RowWrite::Delete => RowChange::Delete(values),
                 };
-                if let Err(row) =
-                    self.rows
-                        .push(&change.schema, &change.table, row_key.clone(), row)
+                if let Err((row_key, row)) =
+                    self.rows.push(&change.schema, &change.table, row_key, row)
                 {
                     // The key's changes cannot fold into one: send the batch, start anew.
                     self.send_rows(client, pending).await?;

@@ -14,6 +14,8 @@
 //! placeholder string can collide with real data. Consumers that apply the change must leave
 //! those columns as they are.
 
+use std::io::Write as _;
+
 use serde::Serialize;
 
 use crate::event::{Op, RelationMeta, RowChange, TxnMeta, Version};
@@ -395,7 +397,8 @@ pub fn encode_change_for_stream(
     block.str("db", &source.database);
     block.str("schema", &relation.schema);
     block.str("table", &relation.table);
-    block.raw("lsn", format!("\"{}\"", change.lsn).as_bytes());
+    // `X/Y` needs no escaping; written in place (a Vec takes any write).
+    let _ = write!(block.key("lsn"), "\"{}\"", change.lsn);
     block.str("commit_lsn", &txn.commit_lsn);
     block.str("commit_ts", &txn.commit_ts);
     block.int("commit_ts_us", txn.commit_ts_us);
