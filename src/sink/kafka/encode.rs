@@ -261,6 +261,18 @@ impl<'a> Object<'a> {
         Object { out, empty: true }
     }
 
+    /// Fields that continue an object written elsewhere (each starts with a comma); not
+    /// closed.
+    fn resume(out: &'a mut Vec<u8>) -> Self {
+        Object { out, empty: false }
+    }
+
+    /// Fields written by [`Object::resume`] (nothing, or fields each starting with a comma).
+    fn fragment(&mut self, fields: &[u8]) {
+        self.empty &= fields.is_empty();
+        self.out.extend_from_slice(fields);
+    }
+
     /// Writes `"key":` and returns the output for the value.
     fn key(&mut self, key: &str) -> &mut Vec<u8> {
         if !self.empty {
@@ -374,94 +386,138 @@ pub fn encode_change_for_stream(
     types: &TypeRegistry,
     ts_ms: i64,
 ) -> Result<EncodedChange, EncodeError> {
-    let relation = &change.relation;
-    let before = match &change.before {
-        Some(t) => Some(row_json(relation, t, types, change.before_is_key_only)?),
-        None => None,
-    };
-    let after = match &change.after {
-        Some(t) => Some(row_json(relation, t, types, false)?),
-        None => None,
-    };
-    let unchanged = after.as_ref().map_or(&[][..], |a| &a.unchanged[..]);
-    let rows_len =
-        before.as_ref().map_or(0, |r| r.text.len()) + after.as_ref().map_or(0, |r| r.text.len());
+    Frame::new(source, txn, change, ts_ms).encode(change, types)
+}
 
-    let mut value = Vec::with_capacity(rows_len + 320);
-    let mut envelope = Object::open(&mut value);
-    envelope.str("op", change.op.code());
-    envelope.row("before", before.as_ref());
-    envelope.row("after", after.as_ref());
-    let mut block = Object::open(envelope.key("source"));
-    block.str("node", &source.node);
-    block.str("db", &source.database);
-    block.str("schema", &relation.schema);
-    block.str("table", &relation.table);
-    // `X/Y` needs no escaping; written in place (a Vec takes any write).
-    let _ = write!(block.key("lsn"), "\"{}\"", change.lsn);
-    block.str("commit_lsn", &txn.commit_lsn);
-    block.str("commit_ts", &txn.commit_ts);
-    block.int("commit_ts_us", txn.commit_ts_us);
-    match txn.xid {
-        Some(xid) => block.int("xid", xid),
-        None => block.raw("xid", b"null"),
-    }
-    block.opt_str("origin", txn.origin.as_deref());
-    block.raw(
-        "snapshot",
-        if change.op == Op::Read {
+/// What a change's envelope and node-stream item hold besides its row images: its table, op,
+/// position, transaction, version and time. Written once per change, or once for all the rows
+/// of a snapshot chunk, which share every one of them, so that each row then costs only its
+/// own images.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    op: Op,
+    /// `,"source":{...},"ts_ms":N`.
+    source: Vec<u8>,
+    /// `,"schema":S,"table":T`.
+    names: Vec<u8>,
+    /// `,"version":{...}` or `,"commit_ts_us":N`.
+    stamp: Vec<u8>,
+    topic: String,
+    tombstones: bool,
+}
+
+impl Frame {
+    /// The frame of `change` (its relation, op, LSN and version), in transaction `txn`.
+    pub fn new(source: &EnvelopeSource, txn: &TxnStamp, change: &RowChange, ts_ms: i64) -> Self {
+        let relation = &change.relation;
+        let mut block = Vec::with_capacity(320);
+        let mut envelope = Object::resume(&mut block);
+        let mut object = Object::open(envelope.key("source"));
+        object.str("node", &source.node);
+        object.str("db", &source.database);
+        object.str("schema", &relation.schema);
+        object.str("table", &relation.table);
+        // `X/Y` needs no escaping; written in place (a Vec takes any write).
+        let _ = write!(object.key("lsn"), "\"{}\"", change.lsn);
+        object.str("commit_lsn", &txn.commit_lsn);
+        object.str("commit_ts", &txn.commit_ts);
+        object.int("commit_ts_us", txn.commit_ts_us);
+        match txn.xid {
+            Some(xid) => object.int("xid", xid),
+            None => object.raw("xid", b"null"),
+        }
+        object.opt_str("origin", txn.origin.as_deref());
+        let snapshot: &[u8] = if change.op == Op::Read {
             b"true"
         } else {
             b"false"
-        },
-    );
-    block.version(change.version.as_ref());
-    block.close();
-    envelope.int("ts_ms", ts_ms);
-    envelope.names(UNCHANGED_TOAST_FIELD, unchanged);
-    envelope.json_nulls(before.as_ref(), after.as_ref());
-    envelope.close();
+        };
+        object.raw("snapshot", snapshot);
+        object.version(change.version.as_ref());
+        object.close();
+        envelope.int("ts_ms", ts_ms);
 
-    let mut stream = Vec::with_capacity(rows_len + 96);
-    let mut item = Object::open(&mut stream);
-    item.str("op", change.op.code());
-    item.str("schema", &relation.schema);
-    item.str("table", &relation.table);
-    item.row("before", before.as_ref());
-    item.row("after", after.as_ref());
-    item.version(change.version.as_ref());
-    if change.version.is_none() {
-        item.int("commit_ts_us", txn.commit_ts_us);
+        let mut names = Vec::with_capacity(16 + relation.schema.len() + relation.table.len());
+        let mut item = Object::resume(&mut names);
+        item.str("schema", &relation.schema);
+        item.str("table", &relation.table);
+        let mut stamp = Vec::new();
+        let mut item = Object::resume(&mut stamp);
+        item.version(change.version.as_ref());
+        if change.version.is_none() {
+            item.int("commit_ts_us", txn.commit_ts_us);
+        }
+        Frame {
+            op: change.op,
+            source: block,
+            names,
+            stamp,
+            topic: topic_name(&source.topic_prefix, &relation.schema, &relation.table),
+            tombstones: source.tombstones,
+        }
     }
-    item.names(UNCHANGED_TOAST_FIELD, unchanged);
-    item.json_nulls(before.as_ref(), after.as_ref());
-    item.close();
 
-    let topic = topic_name(&source.topic_prefix, &relation.schema, &relation.table);
-    let key = key_json(change, types)?;
-    let mut records = Vec::with_capacity(2);
-    if change.op == Op::Delete && source.tombstones && key.is_some() {
+    /// Renders `change`, which must have the frame's relation, op, LSN and version (a row of
+    /// the frame's snapshot chunk): its record, a tombstone after a delete when configured,
+    /// and its node-stream item.
+    pub fn encode(
+        &self,
+        change: &RowChange,
+        types: &TypeRegistry,
+    ) -> Result<EncodedChange, EncodeError> {
+        debug_assert_eq!(change.op, self.op, "a change encoded in another op's frame");
+        let relation = &change.relation;
+        let before = match &change.before {
+            Some(t) => Some(row_json(relation, t, types, change.before_is_key_only)?),
+            None => None,
+        };
+        let after = match &change.after {
+            Some(t) => Some(row_json(relation, t, types, false)?),
+            None => None,
+        };
+        let (before, after) = (before.as_ref(), after.as_ref());
+        let unchanged = after.map_or(&[][..], |a| &a.unchanged[..]);
+        let rows_len = before.map_or(0, |r| r.text.len()) + after.map_or(0, |r| r.text.len());
+
+        let mut value = Vec::with_capacity(rows_len + self.source.len() + 48);
+        let mut envelope = Object::open(&mut value);
+        envelope.str("op", self.op.code());
+        envelope.row("before", before);
+        envelope.row("after", after);
+        envelope.fragment(&self.source);
+        envelope.names(UNCHANGED_TOAST_FIELD, unchanged);
+        envelope.json_nulls(before, after);
+        envelope.close();
+
+        let mut stream = Vec::with_capacity(rows_len + self.names.len() + self.stamp.len() + 48);
+        let mut item = Object::open(&mut stream);
+        item.str("op", self.op.code());
+        item.fragment(&self.names);
+        item.row("before", before);
+        item.row("after", after);
+        item.fragment(&self.stamp);
+        item.names(UNCHANGED_TOAST_FIELD, unchanged);
+        item.json_nulls(before, after);
+        item.close();
+
+        let key = key_json(change, types)?;
+        let tombstone =
+            (self.op == Op::Delete && self.tombstones && key.is_some()).then(|| Record {
+                topic: self.topic.clone(),
+                key: key.clone(),
+                value: None,
+                single_partition: false,
+            });
+        let mut records = Vec::with_capacity(2);
         records.push(Record {
-            topic: topic.clone(),
-            key: key.clone(),
+            topic: self.topic.clone(),
+            key,
             value: Some(value),
             single_partition: false,
         });
-        records.push(Record {
-            topic,
-            key,
-            value: None,
-            single_partition: false,
-        });
-    } else {
-        records.push(Record {
-            topic,
-            key,
-            value: Some(value),
-            single_partition: false,
-        });
+        records.extend(tombstone);
+        Ok(EncodedChange { records, stream })
     }
-    Ok(EncodedChange { records, stream })
 }
 
 #[cfg(test)]

@@ -40,7 +40,9 @@ use crate::pg::replication::ReplicationConnection;
 use crate::pgtime::PgTimestamp;
 use crate::pipeline::progress::{Progress, Ticket};
 use crate::sink::kafka::dead_letter;
-use crate::sink::kafka::encode::{encode_change_for_stream, EnvelopeSource, Record, TxnStamp};
+use crate::sink::kafka::encode::{
+    encode_change_for_stream, EncodeError, EncodedChange, EnvelopeSource, Frame, Record, TxnStamp,
+};
 use crate::sink::kafka::node_stream::{self, ColumnSchema};
 use crate::sink::kafka::producer::{KafkaSink, Queued};
 use crate::telemetry::{Health, Metrics};
@@ -202,6 +204,7 @@ impl Capture {
                 .await
                 .map_err(CaptureError::sql("reading snapshot rows"))?
             {
+                let mut frame = None;
                 for row in rows {
                     let change = RowChange {
                         op: Op::Read,
@@ -212,7 +215,14 @@ impl Capture {
                         after: Some(row),
                         version: None,
                     };
-                    self.publish(&mut txn, &change, None).await?;
+                    // A batch's rows share everything but their images.
+                    let frame = frame.get_or_insert_with(|| {
+                        let now_ms = PgTimestamp::now().unix_millis();
+                        Frame::new(&self.envelope, &txn.stamp, &change, now_ms)
+                    });
+                    let encoded = frame.encode(&change, &self.types);
+                    self.publish_encoded(&mut txn, &change, encoded, None)
+                        .await?;
                     counter.inc();
                 }
                 self.health.beat();
@@ -293,6 +303,7 @@ impl Capture {
                     .snapshot_rows
                     .with_label_values(&[&target.name()]);
                 let emitted = closed.emit.len();
+                let mut frame = None;
                 for row in closed.emit {
                     let change = RowChange {
                         op: Op::Read,
@@ -303,7 +314,14 @@ impl Capture {
                         after: Some(row),
                         version: None,
                     };
-                    self.publish(txn, &change, repl.as_deref_mut()).await?;
+                    // The chunk's rows share everything but their images.
+                    let frame = frame.get_or_insert_with(|| {
+                        let now_ms = PgTimestamp::now().unix_millis();
+                        Frame::new(&self.envelope, &txn.stamp, &change, now_ms)
+                    });
+                    let encoded = frame.encode(&change, &self.types);
+                    self.publish_encoded(txn, &change, encoded, repl.as_deref_mut())
+                        .await?;
                     counter.inc();
                 }
                 self.health.beat();
@@ -465,6 +483,21 @@ impl Capture {
         &mut self,
         txn: &mut OpenTxn,
         change: &RowChange,
+        repl: Option<&mut stream::StreamState<'_>>,
+    ) -> Result<(), CaptureError> {
+        let now_ms = PgTimestamp::now().unix_millis();
+        let encoded =
+            encode_change_for_stream(&self.envelope, &txn.stamp, change, &self.types, now_ms);
+        self.publish_encoded(txn, change, encoded, repl).await
+    }
+
+    /// [`Capture::publish`] of a change already encoded (snapshot rows: encoded in their
+    /// chunk's [`Frame`]).
+    async fn publish_encoded(
+        &mut self,
+        txn: &mut OpenTxn,
+        change: &RowChange,
+        encoded: Result<EncodedChange, EncodeError>,
         mut repl: Option<&mut stream::StreamState<'_>>,
     ) -> Result<(), CaptureError> {
         let metrics = &self.metrics;
@@ -483,16 +516,13 @@ impl Capture {
             })
             .clone();
         captured.inc();
-        let now_ms = PgTimestamp::now().unix_millis();
-        let encoded =
-            match encode_change_for_stream(&self.envelope, &txn.stamp, change, &self.types, now_ms)
-            {
-                Ok(encoded) => encoded,
-                Err(e) => {
-                    let error = format!("cannot encode: {}", ErrorChain(&e));
-                    return self.poison(txn, change, None, error, repl).await;
-                }
-            };
+        let encoded = match encoded {
+            Ok(encoded) => encoded,
+            Err(e) => {
+                let error = format!("cannot encode: {}", ErrorChain(&e));
+                return self.poison(txn, change, None, error, repl).await;
+            }
+        };
         let node_record = node_stream::change_record(&self.envelope, &encoded);
         let records = encoded.records;
         let size = record_size(&records[0]).max(record_size(&node_record));

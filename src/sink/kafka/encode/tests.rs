@@ -390,6 +390,15 @@ proptest::proptest! {
             serde_json::to_string(&value(&encoded.records[0])).unwrap(),
             serde_json::to_string(&envelope).unwrap()
         );
+        // Another row of the same table, op, position and version through the same frame
+        // (as a snapshot chunk's rows are) comes out as if encoded on its own.
+        let stamp = TxnStamp::new(&txn);
+        let frame = Frame::new(&source, &stamp, &change, 1234);
+        let other = RowChange { after: after.as_ref().map(|_| tuple(5, op == Op::Update)), ..change.clone() };
+        proptest::prop_assert_eq!(
+            frame.encode(&other, &types).unwrap(),
+            encode_change_for_stream(&source, &stamp, &other, &types, 1234).unwrap()
+        );
         let key = if relation.has_key() {
             let usable = |t: &Option<Tuple>| t.as_ref().is_some_and(|t| relation.key_indices().all(|i| !matches!(t[i], Datum::UnchangedToast)));
             let image_of = if usable(&after) { &after } else { &before };
