@@ -12,6 +12,9 @@
 //!   rows, as in native subscriptions), `EXECUTE` on the `pg_replication_origin_*` functions
 //!   (every overload the server has), `SELECT, INSERT, UPDATE, DELETE, TRUNCATE` on the applied
 //!   tables, and the `pgferry` schema, owned by it.
+//! - schema changes (`source.capture_ddl`): the event triggers, which only a superuser may
+//!   create; the script installs them (their functions run as their owner, so any role's DDL
+//!   is captured), and capture finds them in place.
 //! - multi-master nodes install triggers on their replicated tables, which PostgreSQL allows
 //!   only to the tables' owner: the node's role must own them (`ALTER TABLE … OWNER TO`).
 //!
@@ -127,6 +130,17 @@ fn capture_section(out: &mut String, config: &Config) {
         Tables::Listed(&source.tables)
     };
     grant_tables(out, &tables, "SELECT", role);
+    if source.capture_ddl {
+        let _ = writeln!(
+            out,
+            "-- source.capture_ddl: pgferry's event triggers, which need a superuser. Their\n\
+             -- functions run as their owner (this superuser), so any role's DDL is captured.{}\n\
+             GRANT SELECT ON pgferry.ddl_tables TO {r};\n\
+             GRANT SELECT, INSERT, UPDATE ON pgferry.ddl_history TO {r};",
+            crate::ddl::CAPTURE_SQL.trim_end(),
+            r = quote_ident(role)
+        );
+    }
 }
 
 fn apply_section(out: &mut String, config: &Config, target: &PgUrl, with_capture: bool) {

@@ -988,6 +988,8 @@ async fn least_privilege_roles_from_pgferry_roles_capture_and_apply() {
         format!("the source role {cap} has neither REPLICATION nor SUPERUSER"),
         format!("role {cap} cannot SELECT public.items"),
         format!("role {cap} may not create it FOR ALL TABLES"),
+        "schema changes would not be replicated: pgferry's event triggers are not installed"
+            .to_owned(),
     ] {
         assert!(
             text.contains(&named),
@@ -1028,6 +1030,11 @@ async fn least_privilege_roles_from_pgferry_roles_capture_and_apply() {
         .get(0);
     assert_eq!(supers, 0);
 
+    // Applied schema changes alter the target's tables, which only their owner may do.
+    target
+        .batch_execute(&format!("ALTER TABLE items OWNER TO {app}"))
+        .await
+        .unwrap();
     let _running = replicate(
         cluster,
         &src,
@@ -1041,6 +1048,39 @@ async fn least_privilege_roles_from_pgferry_roles_capture_and_apply() {
         .unwrap()
         .get(0);
     assert!(rows > 0);
+
+    // DDL by an application role that owns its table and has nothing in schema pgferry: the
+    // administrator's event triggers capture it (before they ran as the invoking role, and
+    // every such CREATE or ALTER TABLE failed with "permission denied for schema pgferry").
+    let owner = format!("own_{src}");
+    admin
+        .batch_execute(&format!("CREATE ROLE {owner} LOGIN"))
+        .await
+        .unwrap();
+    let source = cluster.client(&src).await;
+    source
+        .batch_execute(&format!(
+            "ALTER TABLE items OWNER TO {owner}; GRANT SELECT ON items TO {cap}"
+        ))
+        .await
+        .unwrap();
+    source
+        .batch_execute(&format!(
+            "SET ROLE {owner}; ALTER TABLE items ADD COLUMN extra int; \
+             UPDATE items SET extra = id WHERE id % 10 = 0; \
+             CREATE TEMP TABLE scratch (id int); RESET ROLE"
+        ))
+        .await
+        .expect("DDL by a table owner without rights in schema pgferry");
+    let want = table_checksum(&source, "items").await;
+    common::wait_for(
+        "the added column on the replica",
+        Duration::from_secs(60),
+        || async {
+            (try_table_checksum(&target, "items").await.as_ref() == Some(&want)).then_some(())
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -31,8 +31,9 @@ async fn tables_where(
         .collect())
 }
 
-/// Capture: the publication (or the right to create it), `SELECT` for the snapshot, and the
-/// `pgferry` schema. Superusers have all of it.
+/// Capture: the publication (or the right to create it), `SELECT` for the snapshot, the
+/// `pgferry` schema, and the DDL capture triggers (installed, since creating them needs a
+/// superuser). Superusers have all of it.
 pub async fn capture(
     client: &Client,
     source: &SourceConfig,
@@ -118,6 +119,16 @@ pub async fn capture(
             format!("GRANT SELECT ON {} TO {role_sql}", unreadable.join(", ")),
         ));
     }
+    if source.capture_ddl && !crate::source::catalog::ddl_capture_installed(client).await? {
+        problems.push(problem(
+            format!(
+                "schema changes would not be replicated: pgferry's event triggers are not \
+                 installed, and role {role} may not install them (that needs a superuser)"
+            ),
+            "run the output of pgferry roles as a superuser (it installs them), or set \
+             source.capture_ddl: false",
+        ));
+    }
     schema(client, &role, problems).await
 }
 
@@ -139,7 +150,9 @@ async fn schema(
                     (SELECT string_agg(c.relname, ', ' ORDER BY c.relname)
                        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                       WHERE n.nspname = 'pgferry' AND c.relkind = 'r'
-                        AND NOT pg_has_role(c.relowner, 'USAGE'))",
+                        AND NOT pg_has_role(c.relowner, 'USAGE')
+                        -- DDL capture's, owned by the administrator who installed it.
+                        AND c.relname NOT IN ('ddl_tables', 'ddl_history'))",
             &[],
         )
         .await?;

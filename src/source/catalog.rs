@@ -413,120 +413,26 @@ pub async fn resolve_types(
 /// Prefix of the transactional messages pgferry's event trigger writes for schema changes.
 pub use crate::source::assemble::DDL_PREFIX;
 
-/// pgferry's DDL capture on the source: a shadow of every user table's columns
-/// (`pgferry.ddl_tables`, so that the trigger knows each table's columns *before* a command),
-/// and the event triggers that write a `pgferry.ddl` message in the DDL's own transaction (see
-/// [`crate::ddl`]). `ENABLE ALWAYS`: they also fire for DDL pgferry applies on a multi-master
-/// node, which keeps that node's shadow current (capture skips those messages as echoes).
-const DDL_CAPTURE: &str = r#"
-BEGIN;
-SELECT pg_advisory_xact_lock(hashtext('pgferry.ddl'));
-CREATE TABLE IF NOT EXISTS pgferry.ddl_history (
-    table_name text NOT NULL,
-    old_name text NOT NULL,
-    new_name text,
-    at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (table_name, old_name));
-CREATE TABLE IF NOT EXISTS pgferry.ddl_tables (
-    relid oid PRIMARY KEY,
-    schema_name text NOT NULL,
-    table_name text NOT NULL,
-    columns jsonb NOT NULL);
-CREATE OR REPLACE FUNCTION pgferry.ddl_columns(rel oid) RETURNS jsonb LANGUAGE sql STABLE AS $f$
-    SELECT COALESCE(jsonb_agg(jsonb_build_object(
-               'attnum', a.attnum, 'name', a.attname, 'type', format_type(a.atttypid, a.atttypmod),
-               'not_null', a.attnotnull, 'default', pg_get_expr(d.adbin, d.adrelid)) ORDER BY a.attnum), '[]')
-      FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-     WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
-$f$;
-CREATE OR REPLACE FUNCTION pgferry.ddl_key(rel oid) RETURNS jsonb LANGUAGE sql STABLE AS $f$
-    SELECT COALESCE(jsonb_agg(a.attname ORDER BY k.ord), '[]')
-      FROM pg_index i, unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord), pg_attribute a
-     WHERE i.indrelid = rel AND i.indisprimary AND a.attrelid = rel AND a.attnum = k.attnum
-$f$;
-CREATE OR REPLACE FUNCTION pgferry.capture_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $f$
-DECLARE
-    r record;
-    shadow pgferry.ddl_tables;
-    cols jsonb;
-BEGIN
-    FOR r IN SELECT DISTINCT c.objid, n.nspname::text AS nsp, k.relname::text AS rel, c.command_tag
-               FROM pg_event_trigger_ddl_commands() c
-               JOIN pg_class k ON k.oid = c.objid AND k.relkind IN ('r', 'p')
-               JOIN pg_namespace n ON n.oid = k.relnamespace
-              WHERE c.object_type IN ('table', 'table column')
-                AND n.nspname NOT IN ('pgferry', 'pg_catalog', 'information_schema')
-                AND n.nspname NOT LIKE 'pg\_%' AND NOT k.relpersistence = 't'
-    LOOP
-        SELECT * INTO shadow FROM pgferry.ddl_tables WHERE relid = r.objid;
-        cols := pgferry.ddl_columns(r.objid);
-        IF shadow.relid IS NOT NULL AND shadow.columns = cols
-           AND shadow.schema_name = r.nsp AND shadow.table_name = r.rel THEN
-            CONTINUE;
-        END IF;
-        -- Renamed and dropped columns, for changes written before this command that arrive
-        -- later from other nodes (see apply's target::column_history).
-        IF shadow.relid IS NOT NULL THEN
-            INSERT INTO pgferry.ddl_history (table_name, old_name, new_name)
-            SELECT r.nsp || '.' || r.rel, o->>'name', n->>'name'
-              FROM jsonb_array_elements(shadow.columns) o
-              LEFT JOIN jsonb_array_elements(cols) n ON (n->>'attnum') = (o->>'attnum')
-             WHERE n IS NULL OR (n->>'name') <> (o->>'name')
-            ON CONFLICT (table_name, old_name) DO UPDATE SET new_name = EXCLUDED.new_name, at = now();
-        END IF;
-        PERFORM pg_logical_emit_message(true, 'pgferry.ddl', jsonb_build_object(
-            'tag', r.command_tag, 'schema', r.nsp, 'table', r.rel,
-            'old_schema', shadow.schema_name, 'old_table', shadow.table_name,
-            'old', shadow.columns, 'new', cols, 'key', pgferry.ddl_key(r.objid))::text);
-        INSERT INTO pgferry.ddl_tables VALUES (r.objid, r.nsp, r.rel, cols)
-            ON CONFLICT (relid) DO UPDATE SET schema_name = EXCLUDED.schema_name,
-                table_name = EXCLUDED.table_name, columns = EXCLUDED.columns;
-    END LOOP;
-END
-$f$;
-CREATE OR REPLACE FUNCTION pgferry.capture_drop() RETURNS event_trigger LANGUAGE plpgsql AS $f$
-DECLARE
-    r record;
-BEGIN
-    FOR r IN SELECT d.objid, d.schema_name, d.object_name FROM pg_event_trigger_dropped_objects() d
-              WHERE d.object_type = 'table' AND d.original
-                AND d.schema_name NOT IN ('pgferry', 'pg_catalog', 'information_schema')
-                AND d.schema_name NOT LIKE 'pg\_%'
-    LOOP
-        DELETE FROM pgferry.ddl_tables WHERE relid = r.objid;
-        PERFORM pg_logical_emit_message(true, 'pgferry.ddl', jsonb_build_object(
-            'tag', 'DROP TABLE', 'schema', r.schema_name, 'table', r.object_name)::text);
-    END LOOP;
-END
-$f$;
-DO $d$ BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'pgferry_ddl') THEN
-        CREATE EVENT TRIGGER pgferry_ddl ON ddl_command_end
-            WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE', 'CREATE TABLE AS', 'SELECT INTO')
-            EXECUTE FUNCTION pgferry.capture_ddl();
-        ALTER EVENT TRIGGER pgferry_ddl ENABLE ALWAYS;
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'pgferry_drop') THEN
-        CREATE EVENT TRIGGER pgferry_drop ON sql_drop WHEN TAG IN ('DROP TABLE')
-            EXECUTE FUNCTION pgferry.capture_drop();
-        ALTER EVENT TRIGGER pgferry_drop ENABLE ALWAYS;
-    END IF;
-END $d$;
-INSERT INTO pgferry.ddl_tables
-SELECT c.oid, n.nspname, c.relname, pgferry.ddl_columns(c.oid)
-  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
- WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't'
-   AND n.nspname NOT IN ('pgferry', 'pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\_%'
-ON CONFLICT (relid) DO NOTHING;
-COMMIT
-"#;
-
-/// Installs DDL capture (see [`DDL_CAPTURE`]). Event triggers need a superuser: without one
-/// this returns the server's refusal, and capture goes on without replicating DDL.
+/// Installs DDL capture (see [`crate::ddl::CAPTURE_SQL`]). Event triggers need a superuser:
+/// without one this returns the server's refusal, and capture goes on without replicating DDL
+/// unless an administrator installed it (see [`ddl_capture_installed`]).
 pub async fn ensure_ddl_capture(client: &Client) -> Result<(), tokio_postgres::Error> {
-    let result = client.batch_execute(DDL_CAPTURE).await;
+    let result = client.batch_execute(crate::ddl::CAPTURE_SQL).await;
     if result.is_err() {
         let _ = client.batch_execute("ROLLBACK").await;
     }
     result
+}
+
+/// Whether pgferry's DDL capture triggers are installed and enabled (by this pgferry or, for a
+/// role that may not create event triggers, by an administrator running `pgferry roles`).
+pub async fn ddl_capture_installed(client: &Client) -> Result<bool, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT count(*) = 2 FROM pg_event_trigger
+              WHERE evtname IN ('pgferry_ddl', 'pgferry_drop') AND evtenabled = 'A'",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
 }

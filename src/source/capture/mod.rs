@@ -118,10 +118,20 @@ pub async fn run(
     }
     if source.capture_ddl {
         if let Err(e) = catalog::ensure_ddl_capture(&sql).await {
-            tracing::warn!(error = %ErrorChain(&e),
-                "schema changes are NOT replicated: installing pgferry's event trigger failed \
-                 (event triggers need a superuser). Run capture once as a superuser to install \
-                 it, or set source.capture_ddl: false to silence this");
+            // A role that may not create event triggers cannot update them either: fine when
+            // an administrator installed them (`pgferry roles`).
+            if catalog::ddl_capture_installed(&sql).await.unwrap_or(false) {
+                tracing::info!(error = %ErrorChain(&e),
+                    "schema changes are captured by the event triggers an administrator \
+                     installed; this role may not update them (after a pgferry upgrade, run \
+                     `pgferry roles` output again as a superuser)");
+            } else {
+                tracing::warn!(error = %ErrorChain(&e),
+                    "schema changes are NOT replicated: installing pgferry's event triggers \
+                     failed (event triggers need a superuser). Run `pgferry roles` output as a \
+                     superuser, or capture once as a superuser, to install them; or set \
+                     source.capture_ddl: false to silence this");
+            }
         }
     }
     let mut repl = ReplicationConnection::connect(&source.url, &app_name).await?;
