@@ -262,10 +262,17 @@ async fn schema_changes_reach_every_multi_master_node_once() {
         .await
         .unwrap();
     has(&clients[2], "extra", "bigint").await;
+    // The third change by the table's owner, a role with no rights in schema pgferry: the
+    // node's event triggers (schema-change capture, new-table protection) run as their owner,
+    // so they neither refuse its DDL nor miss it.
     clients[2]
-        .batch_execute("ALTER TABLE kv RENAME COLUMN extra TO extra2")
+        .batch_execute(
+            "DO $$ BEGIN CREATE ROLE kv_owner; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+             ALTER TABLE kv OWNER TO kv_owner;
+             SET ROLE kv_owner; ALTER TABLE kv RENAME COLUMN extra TO extra2; RESET ROLE",
+        )
         .await
-        .unwrap();
+        .expect("DDL by the table's owner");
     let writes = join_writers(writers).await;
     wait_converged(&nodes, &writes, Duration::from_secs(120)).await;
     // Values only the changed type holds, written under the new name, reach every node.

@@ -249,10 +249,13 @@ $fn$;
 "#;
 
 /// The event trigger that protects tables as they are created or altered (a primary key
-/// added later), including tables pgferry's appliers create (`ENABLE ALWAYS`).
+/// added later), including tables pgferry's appliers create (`ENABLE ALWAYS`). It runs as its
+/// owner (`SECURITY DEFINER`): it fires for every role's DDL, and run as the invoking role it
+/// failed every CREATE or ALTER TABLE of a role without rights in schema pgferry (an
+/// application role owning its tables).
 const NEW_TABLES_TRIGGER: &str = r#"
 CREATE OR REPLACE FUNCTION pgferry.protect_new_tables() RETURNS event_trigger
-LANGUAGE plpgsql AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER @SETTINGS@ AS $fn$
 DECLARE
     r record;
 BEGIN
