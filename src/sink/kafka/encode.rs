@@ -386,39 +386,41 @@ pub fn encode_change_for_stream(
     types: &TypeRegistry,
     ts_ms: i64,
 ) -> Result<EncodedChange, EncodeError> {
-    Frame::new(source, txn, change, ts_ms).encode(change, types)
+    Frame::new(source, txn, &change.relation, change.op).encode(change, types, ts_ms)
 }
 
-/// What a change's envelope and node-stream item hold besides its row images: its table, op,
-/// position, transaction, version and time. Written once per change, or once for all the rows
-/// of a snapshot chunk, which share every one of them, so that each row then costs only its
-/// own images.
+/// What the envelopes and node-stream items of one table's changes of one kind in one
+/// transaction share: the table, op, transaction, and topic. Written once and reused for
+/// each such change (a streamed transaction's run of changes to a table, a snapshot chunk's
+/// rows), so that each change then costs only its own images, LSN, version and time.
 #[derive(Debug, Clone)]
 pub struct Frame {
     op: Op,
-    /// `,"source":{...},"ts_ms":N`.
-    source: Vec<u8>,
+    /// `,"source":{"node":N,"db":D,"schema":S,"table":T,"lsn":`; the change's LSN follows.
+    source_head: Vec<u8>,
+    /// `,"commit_lsn":...,"snapshot":B`; the change's version and `}` follow.
+    source_tail: Vec<u8>,
     /// `,"schema":S,"table":T`.
     names: Vec<u8>,
-    /// `,"version":{...}` or `,"commit_ts_us":N`.
-    stamp: Vec<u8>,
+    commit_ts_us: i64,
     topic: String,
     tombstones: bool,
 }
 
 impl Frame {
-    /// The frame of `change` (its relation, op, LSN and version), in transaction `txn`.
-    pub fn new(source: &EnvelopeSource, txn: &TxnStamp, change: &RowChange, ts_ms: i64) -> Self {
-        let relation = &change.relation;
-        let mut block = Vec::with_capacity(320);
-        let mut envelope = Object::resume(&mut block);
+    /// The frame of changes of kind `op` to `relation` in transaction `txn`.
+    pub fn new(source: &EnvelopeSource, txn: &TxnStamp, relation: &RelationMeta, op: Op) -> Self {
+        let mut source_head = Vec::with_capacity(96);
+        let mut envelope = Object::resume(&mut source_head);
         let mut object = Object::open(envelope.key("source"));
         object.str("node", &source.node);
         object.str("db", &source.database);
         object.str("schema", &relation.schema);
         object.str("table", &relation.table);
-        // `X/Y` needs no escaping; written in place (a Vec takes any write).
-        let _ = write!(object.key("lsn"), "\"{}\"", change.lsn);
+        object.key("lsn");
+
+        let mut source_tail = Vec::with_capacity(192);
+        let mut object = Object::resume(&mut source_tail);
         object.str("commit_lsn", &txn.commit_lsn);
         object.str("commit_ts", &txn.commit_ts);
         object.int("commit_ts_us", txn.commit_ts_us);
@@ -427,43 +429,37 @@ impl Frame {
             None => object.raw("xid", b"null"),
         }
         object.opt_str("origin", txn.origin.as_deref());
-        let snapshot: &[u8] = if change.op == Op::Read {
-            b"true"
-        } else {
-            b"false"
-        };
+        let snapshot: &[u8] = if op == Op::Read { b"true" } else { b"false" };
         object.raw("snapshot", snapshot);
-        object.version(change.version.as_ref());
-        object.close();
-        envelope.int("ts_ms", ts_ms);
 
         let mut names = Vec::with_capacity(16 + relation.schema.len() + relation.table.len());
         let mut item = Object::resume(&mut names);
         item.str("schema", &relation.schema);
         item.str("table", &relation.table);
-        let mut stamp = Vec::new();
-        let mut item = Object::resume(&mut stamp);
-        item.version(change.version.as_ref());
-        if change.version.is_none() {
-            item.int("commit_ts_us", txn.commit_ts_us);
-        }
         Frame {
-            op: change.op,
-            source: block,
+            op,
+            source_head,
+            source_tail,
             names,
-            stamp,
+            commit_ts_us: txn.commit_ts_us,
             topic: topic_name(&source.topic_prefix, &relation.schema, &relation.table),
             tombstones: source.tombstones,
         }
     }
 
-    /// Renders `change`, which must have the frame's relation, op, LSN and version (a row of
-    /// the frame's snapshot chunk): its record, a tombstone after a delete when configured,
-    /// and its node-stream item.
+    /// The op of the changes this frame is for.
+    pub fn op(&self) -> Op {
+        self.op
+    }
+
+    /// Renders `change`, which must have the frame's relation and op: its record, a tombstone
+    /// after a delete when configured, and its node-stream item. `ts_ms` is the envelope's
+    /// processing time.
     pub fn encode(
         &self,
         change: &RowChange,
         types: &TypeRegistry,
+        ts_ms: i64,
     ) -> Result<EncodedChange, EncodeError> {
         debug_assert_eq!(change.op, self.op, "a change encoded in another op's frame");
         let relation = &change.relation;
@@ -478,24 +474,36 @@ impl Frame {
         let (before, after) = (before.as_ref(), after.as_ref());
         let unchanged = after.map_or(&[][..], |a| &a.unchanged[..]);
         let rows_len = before.map_or(0, |r| r.text.len()) + after.map_or(0, |r| r.text.len());
+        let version = change.version.as_ref();
 
-        let mut value = Vec::with_capacity(rows_len + self.source.len() + 48);
+        let source_len = self.source_head.len() + self.source_tail.len() + 96;
+        let mut value = Vec::with_capacity(rows_len + source_len);
         let mut envelope = Object::open(&mut value);
         envelope.str("op", self.op.code());
         envelope.row("before", before);
         envelope.row("after", after);
-        envelope.fragment(&self.source);
+        envelope.fragment(&self.source_head);
+        // `X/Y` needs no escaping; written in place (a Vec takes any write).
+        let _ = write!(envelope.out, "\"{}\"", change.lsn);
+        envelope.fragment(&self.source_tail);
+        let mut object = Object::resume(envelope.out);
+        object.version(version);
+        object.close();
+        envelope.int("ts_ms", ts_ms);
         envelope.names(UNCHANGED_TOAST_FIELD, unchanged);
         envelope.json_nulls(before, after);
         envelope.close();
 
-        let mut stream = Vec::with_capacity(rows_len + self.names.len() + self.stamp.len() + 48);
+        let mut stream = Vec::with_capacity(rows_len + self.names.len() + 96);
         let mut item = Object::open(&mut stream);
         item.str("op", self.op.code());
         item.fragment(&self.names);
         item.row("before", before);
         item.row("after", after);
-        item.fragment(&self.stamp);
+        item.version(version);
+        if version.is_none() {
+            item.int("commit_ts_us", self.commit_ts_us);
+        }
         item.names(UNCHANGED_TOAST_FIELD, unchanged);
         item.json_nulls(before, after);
         item.close();

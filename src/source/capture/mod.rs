@@ -41,7 +41,7 @@ use crate::pgtime::PgTimestamp;
 use crate::pipeline::progress::{Progress, Ticket};
 use crate::sink::kafka::dead_letter;
 use crate::sink::kafka::encode::{
-    encode_change_for_stream, EncodeError, EncodedChange, EnvelopeSource, Frame, Record, TxnStamp,
+    EncodeError, EncodedChange, EnvelopeSource, Frame, Record, TxnStamp,
 };
 use crate::sink::kafka::node_stream::{self, ColumnSchema};
 use crate::sink::kafka::producer::{KafkaSink, Queued};
@@ -226,11 +226,12 @@ impl Capture {
                         version: None,
                     };
                     // A batch's rows share everything but their images.
-                    let frame = frame.get_or_insert_with(|| {
-                        let now_ms = PgTimestamp::now().unix_millis();
-                        Frame::new(&self.envelope, &txn.stamp, &change, now_ms)
+                    let (frame, now_ms) = frame.get_or_insert_with(|| {
+                        let frame =
+                            Frame::new(&self.envelope, &txn.stamp, &change.relation, Op::Read);
+                        (frame, PgTimestamp::now().unix_millis())
                     });
-                    let encoded = frame.encode(&change, &self.types);
+                    let encoded = frame.encode(&change, &self.types, *now_ms);
                     self.publish_encoded(&mut txn, &change, encoded, None)
                         .await?;
                     counter.inc();
@@ -325,11 +326,12 @@ impl Capture {
                         version: None,
                     };
                     // The chunk's rows share everything but their images.
-                    let frame = frame.get_or_insert_with(|| {
-                        let now_ms = PgTimestamp::now().unix_millis();
-                        Frame::new(&self.envelope, &txn.stamp, &change, now_ms)
+                    let (frame, now_ms) = frame.get_or_insert_with(|| {
+                        let frame =
+                            Frame::new(&self.envelope, &txn.stamp, &change.relation, Op::Read);
+                        (frame, PgTimestamp::now().unix_millis())
                     });
-                    let encoded = frame.encode(&change, &self.types);
+                    let encoded = frame.encode(&change, &self.types, *now_ms);
                     self.publish_encoded(txn, &change, encoded, repl.as_deref_mut())
                         .await?;
                     counter.inc();
@@ -496,8 +498,9 @@ impl Capture {
         repl: Option<&mut stream::StreamState<'_>>,
     ) -> Result<(), CaptureError> {
         let now_ms = PgTimestamp::now().unix_millis();
-        let encoded =
-            encode_change_for_stream(&self.envelope, &txn.stamp, change, &self.types, now_ms);
+        let encoded = txn
+            .frame(&self.envelope, change)
+            .encode(change, &self.types, now_ms);
         self.publish_encoded(txn, change, encoded, repl).await
     }
 
@@ -747,6 +750,10 @@ pub(super) struct OpenTxn {
     versions: versions::Pending,
     /// Node-stream items not yet sent.
     bundle: node_stream::Bundle,
+    /// The frames of this transaction's streamed changes so far, by relation and op (a
+    /// transaction touches few tables; a new relation message replaces the relation, and so
+    /// misses here).
+    frames: Vec<(Arc<RelationMeta>, Frame)>,
 }
 
 impl OpenTxn {
@@ -761,6 +768,24 @@ impl OpenTxn {
             echo: false,
             versions: versions::Pending::default(),
             bundle: node_stream::Bundle::default(),
+            frames: Vec::new(),
         }
+    }
+
+    /// The frame of `change`, written on its first use in the transaction.
+    fn frame(&mut self, source: &EnvelopeSource, change: &RowChange) -> &Frame {
+        let found = self
+            .frames
+            .iter()
+            .position(|(r, f)| Arc::ptr_eq(r, &change.relation) && f.op() == change.op);
+        let i = match found {
+            Some(i) => i,
+            None => {
+                let frame = Frame::new(source, &self.stamp, &change.relation, change.op);
+                self.frames.push((change.relation.clone(), frame));
+                self.frames.len() - 1
+            }
+        };
+        &self.frames[i].1
     }
 }

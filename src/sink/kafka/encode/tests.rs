@@ -390,14 +390,22 @@ proptest::proptest! {
             serde_json::to_string(&value(&encoded.records[0])).unwrap(),
             serde_json::to_string(&envelope).unwrap()
         );
-        // Another row of the same table, op, position and version through the same frame
-        // (as a snapshot chunk's rows are) comes out as if encoded on its own.
+        // Another change to the same table with the same op in the same transaction, with
+        // its own row, position, version and time, through the same frame (as a transaction's
+        // run of changes to a table and a snapshot chunk's rows are) comes out as if encoded
+        // on its own; so does the first.
         let stamp = TxnStamp::new(&txn);
-        let frame = Frame::new(&source, &stamp, &change, 1234);
-        let other = RowChange { after: after.as_ref().map(|_| tuple(5, op == Op::Update)), ..change.clone() };
+        let frame = Frame::new(&source, &stamp, &relation, op);
+        let other = RowChange {
+            after: after.as_ref().map(|_| tuple(5, op == Op::Update)),
+            lsn: Lsn(lsn.wrapping_add(40)),
+            version: (!versioned).then(|| crate::event::Version { ts_us: 18, node: "n2".into() }),
+            ..change.clone()
+        };
+        proptest::prop_assert_eq!(&frame.encode(&change, &types, 1234).unwrap(), &encoded);
         proptest::prop_assert_eq!(
-            frame.encode(&other, &types).unwrap(),
-            encode_change_for_stream(&source, &stamp, &other, &types, 1234).unwrap()
+            frame.encode(&other, &types, 99).unwrap(),
+            encode_change_for_stream(&source, &stamp, &other, &types, 99).unwrap()
         );
         let key = if relation.has_key() {
             let usable = |t: &Option<Tuple>| t.as_ref().is_some_and(|t| relation.key_indices().all(|i| !matches!(t[i], Datum::UnchangedToast)));
