@@ -335,7 +335,7 @@ impl Capture {
                     }
                     return Ok(());
                 }
-                change.version = txn.versions.take(&change.relation.qualified_name());
+                change.version = txn.versions.take(&change.relation);
                 self.publish(txn, &change, Some(state)).await?;
             }
             CaptureEvent::Commit { end_lsn } => {

@@ -21,9 +21,13 @@ impl Pending {
         }
     }
 
-    /// The version stamped for the next change of `table`, if any.
-    pub(super) fn take(&mut self, table: &str) -> Option<Version> {
-        self.0.remove(table)
+    /// The version stamped for the next change of `relation`, if any (a transaction that
+    /// stamped none, as every transaction outside multi-master, pays no lookup).
+    pub(super) fn take(&mut self, relation: &RelationMeta) -> Option<Version> {
+        if self.0.is_empty() {
+            return None;
+        }
+        self.0.remove(&relation.qualified_name())
     }
 }
 
@@ -69,6 +73,15 @@ mod tests {
         }
     }
 
+    fn table(schema: &str, table: &str) -> RelationMeta {
+        RelationMeta {
+            schema: schema.into(),
+            table: table.into(),
+            columns: Vec::new(),
+            ..versions_relation()
+        }
+    }
+
     fn image(table: &str, t: &str, node: &str) -> Tuple {
         [table, "{\"id\": 1}", t, node, "f"]
             .into_iter()
@@ -84,15 +97,17 @@ mod tests {
         pending.stamped(&rel, Some(&image("public.b", "5", "n1")));
         // A later stamp of the same table (INSERT … ON CONFLICT DO UPDATE) replaces the first.
         pending.stamped(&rel, Some(&image("public.a", "18", "n1")));
+        let (a, b) = (table("public", "a"), table("public", "b"));
         assert_eq!(
-            pending.take("public.a"),
+            pending.take(&a),
             Some(Version {
                 ts_us: 18,
                 node: "n1".into()
             })
         );
-        assert_eq!(pending.take("public.a"), None);
-        assert_eq!(pending.take("public.b").map(|v| v.ts_us), Some(5));
+        assert_eq!(pending.take(&a), None);
+        assert_eq!(pending.take(&b).map(|v| v.ts_us), Some(5));
+        assert_eq!(pending.take(&b), None);
     }
 
     #[test]
@@ -107,6 +122,6 @@ mod tests {
         let mut binary = image("public.a", "1", "n1");
         binary[2] = Datum::Binary(Bytes::from_static(&[0, 1]));
         pending.stamped(&rel, Some(&binary));
-        assert_eq!(pending.take("public.a"), None);
+        assert_eq!(pending.take(&table("public", "a")), None);
     }
 }
