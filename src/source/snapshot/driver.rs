@@ -281,6 +281,15 @@ impl Driver {
                     let client = crate::pg::connect(&url, &name)
                         .await
                         .map_err(CaptureError::sql("connecting a snapshot reader"))?;
+                    // A chunk is published when its high watermark comes back through the
+                    // slot, and the walsender sends only flushed WAL: under an asynchronous
+                    // commit the watermark waited for the WAL writer (up to
+                    // wal_writer_delay, 200 ms by default) while the source was otherwise
+                    // quiet. Watermarks flush at commit instead.
+                    client
+                        .batch_execute("SET synchronous_commit = on")
+                        .await
+                        .map_err(CaptureError::sql("setting up a snapshot reader"))?;
                     reader(&client, &shared, &stop).await
                 }
                 .await;
