@@ -285,9 +285,11 @@ impl Driver {
                     // slot, and the walsender sends only flushed WAL: under an asynchronous
                     // commit the watermark waited for the WAL writer (up to
                     // wal_writer_delay, 200 ms by default) while the source was otherwise
-                    // quiet. Watermarks flush at commit instead.
+                    // quiet. Watermarks flush at commit instead (`local`: a synchronous
+                    // standby's answer is not needed, and one that is down must not stop the
+                    // snapshot).
                     client
-                        .batch_execute("SET synchronous_commit = on")
+                        .batch_execute("SET synchronous_commit = local")
                         .await
                         .map_err(CaptureError::sql("setting up a snapshot reader"))?;
                     reader(&client, &shared, &stop).await
