@@ -40,9 +40,7 @@ use crate::pg::replication::ReplicationConnection;
 use crate::pgtime::PgTimestamp;
 use crate::pipeline::progress::{Progress, Ticket};
 use crate::sink::kafka::dead_letter;
-use crate::sink::kafka::encode::{
-    EncodeError, EncodedChange, EnvelopeSource, Frame, Record, TxnStamp,
-};
+use crate::sink::kafka::encode::{EnvelopeSource, Frame, Record, TxnStamp};
 use crate::sink::kafka::node_stream::{self, ColumnSchema};
 use crate::sink::kafka::producer::{KafkaSink, Queued};
 use crate::telemetry::{Health, Metrics};
@@ -214,7 +212,6 @@ impl Capture {
                 .await
                 .map_err(CaptureError::sql("reading snapshot rows"))?
             {
-                let mut frame = None;
                 for row in rows {
                     let change = RowChange {
                         op: Op::Read,
@@ -225,15 +222,7 @@ impl Capture {
                         after: Some(row),
                         version: None,
                     };
-                    // A batch's rows share everything but their images.
-                    let (frame, now_ms) = frame.get_or_insert_with(|| {
-                        let frame =
-                            Frame::new(&self.envelope, &txn.stamp, &change.relation, Op::Read);
-                        (frame, PgTimestamp::now().unix_millis())
-                    });
-                    let encoded = frame.encode(&change, &self.types, *now_ms);
-                    self.publish_encoded(&mut txn, &change, encoded, None)
-                        .await?;
+                    self.publish(&mut txn, &change, None).await?;
                     counter.inc();
                 }
                 self.health.beat();
@@ -314,7 +303,6 @@ impl Capture {
                     .snapshot_rows
                     .with_label_values(&[&target.name()]);
                 let emitted = closed.emit.len();
-                let mut frame = None;
                 for row in closed.emit {
                     let change = RowChange {
                         op: Op::Read,
@@ -325,15 +313,7 @@ impl Capture {
                         after: Some(row),
                         version: None,
                     };
-                    // The chunk's rows share everything but their images.
-                    let (frame, now_ms) = frame.get_or_insert_with(|| {
-                        let frame =
-                            Frame::new(&self.envelope, &txn.stamp, &change.relation, Op::Read);
-                        (frame, PgTimestamp::now().unix_millis())
-                    });
-                    let encoded = frame.encode(&change, &self.types, *now_ms);
-                    self.publish_encoded(txn, &change, encoded, repl.as_deref_mut())
-                        .await?;
+                    self.publish(txn, &change, repl.as_deref_mut()).await?;
                     counter.inc();
                 }
                 self.health.beat();
@@ -495,22 +475,6 @@ impl Capture {
         &mut self,
         txn: &mut OpenTxn,
         change: &RowChange,
-        repl: Option<&mut stream::StreamState<'_>>,
-    ) -> Result<(), CaptureError> {
-        let now_ms = PgTimestamp::now().unix_millis();
-        let encoded = txn
-            .frame(&self.envelope, change)
-            .encode(change, &self.types, now_ms);
-        self.publish_encoded(txn, change, encoded, repl).await
-    }
-
-    /// [`Capture::publish`] of a change already encoded (snapshot rows: encoded in their
-    /// chunk's [`Frame`]).
-    async fn publish_encoded(
-        &mut self,
-        txn: &mut OpenTxn,
-        change: &RowChange,
-        encoded: Result<EncodedChange, EncodeError>,
         mut repl: Option<&mut stream::StreamState<'_>>,
     ) -> Result<(), CaptureError> {
         let metrics = &self.metrics;
@@ -529,7 +493,11 @@ impl Capture {
             })
             .clone();
         captured.inc();
-        let encoded = match encoded {
+        let now_ms = PgTimestamp::now().unix_millis();
+        let encoded = match txn
+            .frame(&self.envelope, change)
+            .encode(change, &self.types, now_ms)
+        {
             Ok(encoded) => encoded,
             Err(e) => {
                 let error = format!("cannot encode: {}", ErrorChain(&e));
@@ -750,9 +718,9 @@ pub(super) struct OpenTxn {
     versions: versions::Pending,
     /// Node-stream items not yet sent.
     bundle: node_stream::Bundle,
-    /// The frames of this transaction's streamed changes so far, by relation and op (a
-    /// transaction touches few tables; a new relation message replaces the relation, and so
-    /// misses here).
+    /// The frames of this transaction's changes so far, by relation and op, the latest
+    /// last (a transaction touches few tables, and a snapshot's rows come table by table); a
+    /// new relation message replaces the relation, and so misses here.
     frames: Vec<(Arc<RelationMeta>, Frame)>,
 }
 
@@ -777,7 +745,7 @@ impl OpenTxn {
         let found = self
             .frames
             .iter()
-            .position(|(r, f)| Arc::ptr_eq(r, &change.relation) && f.op() == change.op);
+            .rposition(|(r, f)| Arc::ptr_eq(r, &change.relation) && f.op() == change.op);
         let i = match found {
             Some(i) => i,
             None => {
