@@ -114,6 +114,7 @@ async fn randomized(
 /// disturbed scenarios below add three more.
 #[tokio::test(flavor = "multi_thread")]
 async fn three_nodes_converge_to_last_writer_wins() {
+    let mut echoes_checked = 0;
     for seed in [1, 5] {
         let label = format!("mmplain{seed}n");
         let clusters = [cluster(0), cluster(1), cluster(2)];
@@ -126,16 +127,36 @@ async fn three_nodes_converge_to_last_writer_wins() {
                 "{} captured {captured} changes but wrote {own}",
                 node.name
             );
-            // The node's capture decodes the transactions its workers applied after they
-            // commit: convergence of the data can be seen before the echoes are counted.
-            common::wait_for(
-                &format!("{} to skip the echoes of what it applied", node.name),
-                Duration::from_secs(30),
-                || async {
-                    (node.metric("pgferry_capture_echoes_skipped_total", "") > 0.0).then_some(())
-                },
+            // Loop prevention at work: the node's capture decoded what its workers applied and
+            // skipped it. Only a node that applied a remote write has echoes to skip: when a
+            // node's own writes ended up newest for every key it received (its writers were
+            // held back, for example), its workers applied nothing but conflict-log rows. A
+            // version stamped by a peer is written only by apply, in the same transaction as
+            // the row, so it proves that echoes exist.
+            let applied = count(
+                &node.client().await,
+                &format!(
+                    "SELECT count(*) FROM pgferry.versions WHERE node <> '{}'",
+                    node.name
+                ),
             )
             .await;
+            if applied > 0 {
+                echoes_checked += 1;
+                // Capture decodes the applied transactions after they commit: convergence
+                // of the data can be seen before the echoes are counted.
+                let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                while node.metric("pgferry_capture_echoes_skipped_total", "") == 0.0 {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "timed out after 30 s waiting for {} to skip the echoes of the {applied} \
+                         remote versions it applied\n{}",
+                        node.name,
+                        node.diagnose().await
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
             assert!(
                 node.metric("pgferry_conflicts_total", "") > 0.0,
                 "{}: a small key space must conflict",
@@ -143,6 +164,11 @@ async fn three_nodes_converge_to_last_writer_wins() {
             );
         }
     }
+    assert!(
+        echoes_checked >= 2,
+        "only {echoes_checked} of 6 nodes applied a remote write: the check of loop prevention \
+         means nothing"
+    );
 }
 
 /// Readiness means every stage runs: from the first `/readyz` 200 on, the node's slot exists

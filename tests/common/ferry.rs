@@ -194,7 +194,8 @@ impl Drop for Ferry {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if std::thread::panicking() {
+        // On failure, or always with FERRY_TEST_LOGS set (to compare with a failing run).
+        if std::thread::panicking() || std::env::var_os("FERRY_TEST_LOGS").is_some() {
             eprintln!(
                 "---- pgferry log ({}) ----\n{}",
                 self.log_path.display(),

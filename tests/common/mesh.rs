@@ -28,6 +28,65 @@ impl Node {
         self.ferry.metric(name, labels).unwrap_or(0.0)
     }
 
+    /// What a failed wait should show: the node's capture metrics beside what its server says
+    /// about WAL, the slot, the walsender and open transactions.
+    pub async fn diagnose(&self) -> String {
+        let metrics = self
+            .ferry
+            .http_get("/metrics")
+            .map(|(_, text)| {
+                text.lines()
+                    .filter(|l| {
+                        !l.starts_with('#')
+                            && (l.starts_with("pgferry_source_")
+                                || l.starts_with("pgferry_capture")
+                                || l.starts_with("pgferry_changes_captured")
+                                || l.starts_with("pgferry_apply_lock"))
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .unwrap_or_else(|| "(no /metrics answer)".into());
+        let client = self.client().await;
+        let mut server = String::new();
+        for sql in [
+            "SELECT pg_current_wal_lsn()::text, pg_current_wal_flush_lsn()::text",
+            "SELECT slot_name || ' active=' || active || ' confirmed=' || \
+             coalesce(confirmed_flush_lsn::text, '-') FROM pg_replication_slots",
+            "SELECT external_id || ' remote=' || remote_lsn || ' local=' || local_lsn \
+             FROM pg_replication_origin_status",
+            "SELECT slot_name || ' txns=' || total_txns || ' bytes=' || total_bytes \
+             FROM pg_stat_replication_slots",
+            "SELECT application_name || ' ' || state || ' sent=' || coalesce(sent_lsn::text, '-') \
+             || ' flush=' || coalesce(flush_lsn::text, '-') FROM pg_stat_replication",
+            "SELECT pid || ' ' || coalesce(application_name, '') || ' ' || \
+             coalesce(backend_type, '') || ' ' || coalesce(state, '') || ' ' || \
+             coalesce(wait_event_type || ':' || wait_event, '') || ' xact_start=' || \
+             coalesce(xact_start::text, '-') || ' ' || left(coalesce(query, ''), 80) \
+             FROM pg_stat_activity WHERE datname = current_database() \
+             AND pid <> pg_backend_pid()",
+        ] {
+            match client.simple_query(sql).await {
+                Ok(rows) => {
+                    for row in rows {
+                        if let tokio_postgres::SimpleQueryMessage::Row(row) = row {
+                            let cells: Vec<&str> = (0..row.len())
+                                .map(|i| row.get(i).unwrap_or("NULL"))
+                                .collect();
+                            server.push_str(&cells.join(" "));
+                            server.push('\n');
+                        }
+                    }
+                }
+                Err(e) => server.push_str(&format!("{sql}: {e}\n")),
+            }
+        }
+        format!(
+            "{} metrics:\n{metrics}\n{} server:\n{server}",
+            self.name, self.name
+        )
+    }
+
     /// Stops pgferry with SIGTERM and waits for it to exit.
     pub fn stop(&mut self) {
         self.ferry.terminate();
