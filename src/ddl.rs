@@ -41,6 +41,8 @@ CREATE TABLE IF NOT EXISTS pgferry.ddl_tables (
     schema_name text NOT NULL,
     table_name text NOT NULL,
     columns jsonb NOT NULL);
+-- Where a partition hangs (its parent's oid and name, and its bound); NULL for other tables.
+ALTER TABLE pgferry.ddl_tables ADD COLUMN IF NOT EXISTS partition_of jsonb;
 CREATE OR REPLACE FUNCTION pgferry.ddl_columns(rel oid) RETURNS jsonb LANGUAGE sql STABLE AS $f$
     SELECT COALESCE(jsonb_agg(jsonb_build_object(
                'attnum', a.attnum, 'name', a.attname, 'type', format_type(a.atttypid, a.atttypmod),
@@ -53,26 +55,73 @@ CREATE OR REPLACE FUNCTION pgferry.ddl_key(rel oid) RETURNS jsonb LANGUAGE sql S
       FROM pg_index i, unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord), pg_attribute a
      WHERE i.indrelid = rel AND i.indisprimary AND a.attrelid = rel AND a.attnum = k.attnum
 $f$;
+CREATE OR REPLACE FUNCTION pgferry.ddl_partition(rel oid) RETURNS jsonb LANGUAGE sql STABLE AS $f$
+    SELECT jsonb_build_object('relid', p.oid::int8, 'schema', pn.nspname::text, 'table', p.relname::text,
+                              'bound', pg_get_expr(c.relpartbound, c.oid))
+      FROM pg_class c JOIN pg_inherits i ON i.inhrelid = c.oid
+      JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace pn ON pn.oid = p.relnamespace
+     WHERE c.oid = rel AND c.relispartition
+$f$;
 CREATE OR REPLACE FUNCTION pgferry.capture_ddl() RETURNS event_trigger LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
 DECLARE
     r record;
     shadow pgferry.ddl_tables;
     cols jsonb;
+    part jsonb;
+    moved bool;
 BEGIN
-    FOR r IN SELECT DISTINCT c.objid, n.nspname::text AS nsp, k.relname::text AS rel, c.command_tag
-               FROM pg_event_trigger_ddl_commands() c
-               JOIN pg_class k ON k.oid = c.objid AND k.relkind IN ('r', 'p')
+    -- The tables the command reports, then (not reported: an ALTER TABLE of a partitioned
+    -- table reports only that table) its partitions, whose columns changed with it or which
+    -- it attached, and the tables its partitions were, which it may have detached.
+    FOR r IN WITH reported AS (
+                 SELECT c.objid, max(c.command_tag) AS command_tag
+                   FROM pg_event_trigger_ddl_commands() c
+                  WHERE c.object_type IN ('table', 'table column')
+                  GROUP BY c.objid),
+             examined AS (
+                 SELECT objid, command_tag, true AS reported FROM reported
+                 UNION ALL
+                 SELECT t.relid, 'ALTER TABLE', false
+                   FROM reported, pg_partition_tree(reported.objid) t
+                  WHERE t.relid <> reported.objid
+                 UNION ALL
+                 SELECT s.relid, 'ALTER TABLE', false
+                   FROM reported JOIN pgferry.ddl_tables s
+                     ON (s.partition_of->>'relid')::oid = reported.objid)
+             SELECT e.objid, n.nspname::text AS nsp, k.relname::text AS rel, k.relkind,
+                    max(e.command_tag) AS command_tag, bool_or(e.reported) AS reported
+               FROM examined e
+               JOIN pg_class k ON k.oid = e.objid AND k.relkind IN ('r', 'p')
                JOIN pg_namespace n ON n.oid = k.relnamespace
-              WHERE c.object_type IN ('table', 'table column')
-                AND n.nspname NOT IN ('pgferry', 'pg_catalog', 'information_schema')
+              WHERE n.nspname NOT IN ('pgferry', 'pg_catalog', 'information_schema')
                 AND n.nspname NOT LIKE 'pg\_%' AND NOT k.relpersistence = 't'
+              GROUP BY e.objid, n.nspname, k.relname, k.relkind
+              ORDER BY bool_or(e.reported) DESC, e.objid
     LOOP
         SELECT * INTO shadow FROM pgferry.ddl_tables WHERE relid = r.objid;
         cols := pgferry.ddl_columns(r.objid);
-        IF shadow.relid IS NOT NULL AND shadow.columns = cols
-           AND shadow.schema_name = r.nsp AND shadow.table_name = r.rel THEN
+        part := pgferry.ddl_partition(r.objid);
+        -- Attached to another parent, detached, or given another bound; not a rename.
+        moved := (shadow.partition_of->>'relid') IS DISTINCT FROM (part->>'relid')
+              OR (shadow.partition_of->>'bound') IS DISTINCT FROM (part->>'bound');
+        IF shadow.relid IS NOT NULL AND shadow.columns = cols AND NOT moved
+           AND shadow.schema_name = r.nsp AND shadow.table_name = r.rel
+           AND shadow.partition_of IS NOT DISTINCT FROM part THEN
             CONTINUE;
+        END IF;
+        IF NOT r.reported AND (shadow.relid IS NULL OR NOT moved) THEN
+            -- Columns a partition follows from its parent (or the parent's new name): they
+            -- travel with the parent's own message, which targets apply to their parent.
+            INSERT INTO pgferry.ddl_tables VALUES (r.objid, r.nsp, r.rel, cols, part)
+                ON CONFLICT (relid) DO UPDATE SET schema_name = EXCLUDED.schema_name,
+                    table_name = EXCLUDED.table_name, columns = EXCLUDED.columns,
+                    partition_of = EXCLUDED.partition_of;
+            CONTINUE;
+        END IF;
+        IF NOT r.reported THEN
+            -- Attached or detached by its parent's command: no column of its own changed.
+            shadow.columns := cols;
         END IF;
         -- Renamed and dropped columns, for changes written before this command that arrive
         -- later from other nodes (see apply's target::column_history).
@@ -87,10 +136,13 @@ BEGIN
         PERFORM pg_logical_emit_message(true, 'pgferry.ddl', jsonb_build_object(
             'tag', r.command_tag, 'schema', r.nsp, 'table', r.rel,
             'old_schema', shadow.schema_name, 'old_table', shadow.table_name,
-            'old', shadow.columns, 'new', cols, 'key', pgferry.ddl_key(r.objid))::text);
-        INSERT INTO pgferry.ddl_tables VALUES (r.objid, r.nsp, r.rel, cols)
+            'old', shadow.columns, 'new', cols, 'key', pgferry.ddl_key(r.objid),
+            'old_partition', shadow.partition_of, 'partition', part,
+            'partition_by', CASE WHEN r.relkind = 'p' THEN pg_get_partkeydef(r.objid) END)::text);
+        INSERT INTO pgferry.ddl_tables VALUES (r.objid, r.nsp, r.rel, cols, part)
             ON CONFLICT (relid) DO UPDATE SET schema_name = EXCLUDED.schema_name,
-                table_name = EXCLUDED.table_name, columns = EXCLUDED.columns;
+                table_name = EXCLUDED.table_name, columns = EXCLUDED.columns,
+                partition_of = EXCLUDED.partition_of;
     END LOOP;
 END
 $f$;
@@ -124,11 +176,14 @@ DO $d$ BEGIN
     END IF;
 END $d$;
 INSERT INTO pgferry.ddl_tables
-SELECT c.oid, n.nspname, c.relname, pgferry.ddl_columns(c.oid)
+SELECT c.oid, n.nspname, c.relname, pgferry.ddl_columns(c.oid), pgferry.ddl_partition(c.oid)
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't'
    AND n.nspname NOT IN ('pgferry', 'pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\_%'
 ON CONFLICT (relid) DO NOTHING;
+-- Shadows written before partitions were tracked.
+UPDATE pgferry.ddl_tables SET partition_of = pgferry.ddl_partition(relid)
+ WHERE partition_of IS NULL AND pgferry.ddl_partition(relid) IS NOT NULL;
 COMMIT;
 "#;
 
@@ -175,6 +230,42 @@ pub struct TriggerMessage {
     /// Primary-key columns after.
     #[serde(default)]
     pub key: Vec<String>,
+    /// The parent and bound before, if the table was a partition.
+    #[serde(default)]
+    pub old_partition: Option<PartitionOf>,
+    /// The parent and bound after, if the table is a partition.
+    #[serde(default)]
+    pub partition: Option<PartitionOf>,
+    /// `pg_get_partkeydef` of a partitioned table (`RANGE (at)`, `LIST (region)`, …).
+    #[serde(default)]
+    pub partition_by: Option<String>,
+}
+
+/// Where a partition hangs: its parent and its bound.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionOf {
+    /// The parent's oid on the source: tells a move to another parent from a parent's rename.
+    /// Not sent on.
+    #[serde(default, skip_serializing)]
+    pub relid: Option<u32>,
+    /// The parent's schema.
+    pub schema: String,
+    /// The parent's name.
+    pub table: String,
+    /// `pg_get_expr(relpartbound)`: `FOR VALUES …` or `DEFAULT`.
+    pub bound: String,
+}
+
+impl PartitionOf {
+    /// Whether `other` hangs the table somewhere else (another parent or another bound), as
+    /// opposed to under the same parent by a new name.
+    fn moved(old: Option<&Self>, new: Option<&Self>) -> bool {
+        match (old, new) {
+            (None, None) => false,
+            (Some(a), Some(b)) => a.bound != b.bound || a.relid != b.relid,
+            _ => true,
+        }
+    }
 }
 
 /// One schema change of one table, as targets apply it.
@@ -187,6 +278,13 @@ pub enum DdlOp {
         columns: Vec<DdlColumn>,
         /// Its primary key.
         key: Vec<String>,
+        /// A partition: created `PARTITION OF` its parent (its columns and key are the
+        /// parent's).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        partition_of: Option<PartitionOf>,
+        /// A partitioned table: its partition key (`RANGE (at)`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        partition_by: Option<String>,
     },
     /// A new column.
     AddColumn {
@@ -220,6 +318,16 @@ pub enum DdlOp {
         /// Whether it is NOT NULL now.
         not_null: bool,
     },
+    /// The table was attached as a partition of `parent`.
+    AttachPartition {
+        /// The parent and the bound.
+        parent: PartitionOf,
+    },
+    /// The table was detached from its parent (`parent.bound` is the bound it had).
+    DetachPartition {
+        /// The parent it was a partition of.
+        parent: PartitionOf,
+    },
     /// The table was renamed (within its schema).
     RenameTable {
         /// New name.
@@ -231,7 +339,8 @@ pub enum DdlOp {
 
 /// The ops that turn the table as it was into the table as it is. Drops come first, then
 /// renames, type and NOT NULL changes, then additions (so a name dropped and added again in one
-/// command works), the table's rename last. A new table is one `CreateTable`.
+/// command works), then a detach from the old parent and an attach to the new one, the table's
+/// rename last. A new table is one `CreateTable`.
 pub fn diff(message: &TriggerMessage) -> Vec<DdlOp> {
     if message.tag == "DROP TABLE" {
         return vec![DdlOp::DropTable];
@@ -240,6 +349,8 @@ pub fn diff(message: &TriggerMessage) -> Vec<DdlOp> {
         return vec![DdlOp::CreateTable {
             columns: message.new.clone(),
             key: message.key.clone(),
+            partition_of: message.partition.clone(),
+            partition_by: message.partition_by.clone(),
         }];
     };
     let before: BTreeMap<i32, &DdlColumn> = old.iter().map(|c| (c.attnum, c)).collect();
@@ -279,6 +390,19 @@ pub fn diff(message: &TriggerMessage) -> Vec<DdlOp> {
         if !before.contains_key(attnum) {
             ops.push(DdlOp::AddColumn {
                 column: (*new).clone(),
+            });
+        }
+    }
+    let (was, is) = (message.old_partition.as_ref(), message.partition.as_ref());
+    if PartitionOf::moved(was, is) {
+        if let Some(parent) = was {
+            ops.push(DdlOp::DetachPartition {
+                parent: parent.clone(),
+            });
+        }
+        if let Some(parent) = is {
+            ops.push(DdlOp::AttachPartition {
+                parent: parent.clone(),
             });
         }
     }
@@ -355,13 +479,31 @@ fn column_sql(c: &DdlColumn) -> String {
 pub fn to_sql(schema: &str, table: &str, op: &DdlOp) -> String {
     let t = qualified(schema, table);
     match op {
-        DdlOp::CreateTable { columns, key } => {
-            let mut defs: Vec<String> = columns.iter().map(column_sql).collect();
-            if !key.is_empty() {
-                let key: Vec<String> = key.iter().map(|k| quote_ident(k)).collect();
-                defs.push(format!("PRIMARY KEY ({})", key.join(", ")));
+        DdlOp::CreateTable {
+            columns,
+            key,
+            partition_of,
+            partition_by,
+        } => {
+            let mut sql = match partition_of {
+                Some(p) => format!(
+                    "CREATE TABLE IF NOT EXISTS {t} PARTITION OF {} {}",
+                    qualified(&p.schema, &p.table),
+                    p.bound
+                ),
+                None => {
+                    let mut defs: Vec<String> = columns.iter().map(column_sql).collect();
+                    if !key.is_empty() {
+                        let key: Vec<String> = key.iter().map(|k| quote_ident(k)).collect();
+                        defs.push(format!("PRIMARY KEY ({})", key.join(", ")));
+                    }
+                    format!("CREATE TABLE IF NOT EXISTS {t} ({})", defs.join(", "))
+                }
+            };
+            if let Some(by) = partition_by {
+                sql.push_str(&format!(" PARTITION BY {by}"));
             }
-            format!("CREATE TABLE IF NOT EXISTS {t} ({})", defs.join(", "))
+            sql
         }
         DdlOp::AddColumn { column } => {
             format!(
@@ -389,9 +531,102 @@ pub fn to_sql(schema: &str, table: &str, op: &DdlOp) -> String {
             quote_ident(name),
             if *not_null { "SET" } else { "DROP" }
         ),
+        DdlOp::AttachPartition { parent } => format!(
+            "ALTER TABLE {} ATTACH PARTITION {t} {}",
+            qualified(&parent.schema, &parent.table),
+            parent.bound
+        ),
+        DdlOp::DetachPartition { parent } => format!(
+            "ALTER TABLE {} DETACH PARTITION {t}",
+            qualified(&parent.schema, &parent.table)
+        ),
         DdlOp::RenameTable { to } => format!("ALTER TABLE {t} RENAME TO {}", quote_ident(to)),
         DdlOp::DropTable => format!("DROP TABLE IF EXISTS {t}"),
     }
+}
+
+/// Partition clauses an op copies into its statement (bounds, partition keys): the caller
+/// checks them with [`is_safe_partition_clause`], as it checks type names.
+pub fn partition_clauses(op: &DdlOp) -> Vec<&str> {
+    match op {
+        DdlOp::CreateTable {
+            partition_of,
+            partition_by,
+            ..
+        } => partition_of
+            .iter()
+            .map(|p| p.bound.as_str())
+            .chain(partition_by.as_deref())
+            .collect(),
+        DdlOp::AttachPartition { parent } => vec![parent.bound.as_str()],
+        _ => Vec::new(),
+    }
+}
+
+/// The other table an op names: the parent of a partition it creates, attaches or detaches.
+pub fn parent_table(op: &DdlOp) -> Option<&PartitionOf> {
+    match op {
+        DdlOp::CreateTable { partition_of, .. } => partition_of.as_ref(),
+        DdlOp::AttachPartition { parent } | DdlOp::DetachPartition { parent } => Some(parent),
+        _ => None,
+    }
+}
+
+/// Whether a partition bound or key, as the source's server printed it, is one pgferry copies
+/// into a target's statement: words, numbers, quoted literals (with a `::type` cast), quoted
+/// identifiers, parentheses, commas and dots, and nothing else. No statement separator,
+/// comment or operator can get through; a clause that needs one (a key expression such as
+/// `(a + b)`) is refused, and the schema change dead-lettered with the reason.
+pub fn is_safe_partition_clause(clause: &str) -> bool {
+    let mut chars = clause.chars().peekable();
+    let mut any = false;
+    while let Some(c) = chars.next() {
+        any = true;
+        match c {
+            ' ' | '(' | ')' | ',' | '.' => {}
+            '\'' => {
+                // A literal; '' is a quote inside it.
+                loop {
+                    match chars.next() {
+                        Some('\'') if chars.peek() == Some(&'\'') => {
+                            chars.next();
+                        }
+                        Some('\'') => break,
+                        Some(_) => {}
+                        None => return false,
+                    }
+                }
+                if chars.peek() == Some(&':') {
+                    chars.next();
+                    if chars.next() != Some(':') {
+                        return false;
+                    }
+                    // A type name: words, spaces, dots, brackets, quoted parts.
+                    while let Some(&t) = chars.peek() {
+                        if t.is_ascii_alphanumeric() || " _.\"[]".contains(t) {
+                            chars.next();
+                        } else {
+                            break;
+                        }
+                    }
+                }
+            }
+            '"' => loop {
+                match chars.next() {
+                    Some('"') if chars.peek() == Some(&'"') => {
+                        chars.next();
+                    }
+                    Some('"') => break,
+                    Some(_) => {}
+                    None => return false,
+                }
+            },
+            '-' if chars.peek().is_some_and(char::is_ascii_digit) => {}
+            c if c.is_ascii_alphanumeric() || c == '_' => {}
+            _ => return false,
+        }
+    }
+    any
 }
 
 /// Type names an op asks the target to resolve.
@@ -430,6 +665,9 @@ mod tests {
             old: Some(old),
             new,
             key: vec!["id".into()],
+            old_partition: None,
+            partition: None,
+            partition_by: None,
         }
     }
 
@@ -544,10 +782,154 @@ mod tests {
                 "t",
                 &DdlOp::CreateTable {
                     columns: vec![col(1, "id", "int"), col(2, "v", "text")],
-                    key: vec!["id".into()]
+                    key: vec!["id".into()],
+                    partition_of: None,
+                    partition_by: None,
                 }
             ),
             r#"CREATE TABLE IF NOT EXISTS "s"."t" ("id" int, "v" text, PRIMARY KEY ("id"))"#
         );
+    }
+
+    fn part(relid: u32, table: &str, bound: &str) -> PartitionOf {
+        PartitionOf {
+            relid: Some(relid),
+            schema: "public".into(),
+            table: table.into(),
+            bound: bound.into(),
+        }
+    }
+
+    #[test]
+    fn partitions_are_created_attached_and_detached() {
+        let range = "FOR VALUES FROM (200) TO (300)";
+        // CREATE TABLE ev_3 PARTITION OF ev …: the parent's columns, created under it.
+        let mut m = alter(vec![], vec![col(1, "id", "int")]);
+        m.old = None;
+        m.tag = "CREATE TABLE".into();
+        m.partition = Some(part(7, "ev", range));
+        let ops = diff(&m);
+        assert_eq!(
+            to_sql("public", "ev_3", &ops[0]),
+            r#"CREATE TABLE IF NOT EXISTS "public"."ev_3" PARTITION OF "public"."ev" FOR VALUES FROM (200) TO (300)"#
+        );
+        assert_eq!(partition_clauses(&ops[0]), vec![range]);
+        assert_eq!(parent_table(&ops[0]).map(|p| p.table.as_str()), Some("ev"));
+        // A partitioned table: its columns and key, then its partition key.
+        m.partition = None;
+        m.partition_by = Some("RANGE (at)".into());
+        assert_eq!(
+            to_sql("public", "ev", &diff(&m)[0]),
+            r#"CREATE TABLE IF NOT EXISTS "public"."ev" ("id" int, PRIMARY KEY ("id")) PARTITION BY RANGE (at)"#
+        );
+        // A partition of a partitioned table that is itself partitioned.
+        m.partition = Some(part(7, "ev", range));
+        assert!(
+            to_sql("public", "ev_3", &diff(&m)[0]).ends_with(" TO (300) PARTITION BY RANGE (at)")
+        );
+        // ATTACH, DETACH, and a move to another bound: detach first, then attach.
+        let same = vec![col(1, "id", "int")];
+        let mut a = alter(same.clone(), same.clone());
+        a.partition = Some(part(7, "ev", range));
+        let attach = diff(&a);
+        assert_eq!(
+            attach,
+            vec![DdlOp::AttachPartition {
+                parent: part(7, "ev", range)
+            }]
+        );
+        assert_eq!(
+            to_sql("public", "t", &attach[0]),
+            r#"ALTER TABLE "public"."ev" ATTACH PARTITION "public"."t" FOR VALUES FROM (200) TO (300)"#
+        );
+        let mut d = alter(same.clone(), same.clone());
+        d.old_partition = Some(part(7, "ev", range));
+        assert_eq!(
+            to_sql("public", "t", &diff(&d)[0]),
+            r#"ALTER TABLE "public"."ev" DETACH PARTITION "public"."t""#
+        );
+        let mut moved = d.clone();
+        moved.partition = Some(part(7, "ev", "DEFAULT"));
+        assert!(matches!(
+            diff(&moved)[..],
+            [DdlOp::DetachPartition { .. }, DdlOp::AttachPartition { .. }]
+        ));
+        // The parent renamed: the same parent (by oid) under a new name moves nothing.
+        let mut renamed_parent = d;
+        renamed_parent.partition = Some(part(7, "events", range));
+        assert!(diff(&renamed_parent).is_empty());
+    }
+
+    #[test]
+    fn partition_clauses_pgferry_copies() {
+        for ok in [
+            "FOR VALUES FROM (200) TO (300)",
+            "FOR VALUES FROM (MINVALUE) TO ('2026-01-01')",
+            "FOR VALUES FROM ('2026-01-01 00:00:00+00'::timestamp with time zone) TO (MAXVALUE)",
+            "FOR VALUES IN ('a', 'it''s', NULL)",
+            "FOR VALUES IN (-1, 2.5)",
+            "FOR VALUES WITH (modulus 4, remainder 0)",
+            "DEFAULT",
+            "RANGE (at)",
+            "LIST (\"Region\", lower(name))",
+            "HASH (id)",
+        ] {
+            assert!(is_safe_partition_clause(ok), "{ok}");
+        }
+        for no in [
+            "",
+            "FOR VALUES IN (1); DROP TABLE t",
+            "FOR VALUES IN (1) -- x",
+            "FOR VALUES IN (1) /* x */",
+            "FOR VALUES IN ('unterminated)",
+            "RANGE ((a + b))",
+            "FOR VALUES IN ('x'::text; DROP TABLE t)",
+            "FOR VALUES IN ($1)",
+        ] {
+            assert!(!is_safe_partition_clause(no), "{no}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever the stream sends, an accepted partition clause holds nothing that could
+        /// end the statement or hide the rest of it: outside its quoted literals and
+        /// identifiers, no `;`, no comment, no operator, and every quote is closed.
+        #[test]
+        fn accepted_partition_clauses_cannot_carry_sql(
+            tokens in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "FOR", "VALUES", "FROM", "TO", "IN", "(", ")", ",", " ", "'a'", "'", "''",
+                    "\"", "\"x;y\"", "::", "::text", ";", "--", "/*", "-", "1", "+", "$1", ".",
+                    "MINVALUE", "DROP", "TABLE",
+                ]),
+                1..10,
+            )
+        ) {
+            let clause = tokens.concat();
+            if is_safe_partition_clause(&clause) {
+                // An independent reading: blank out quoted parts ('' and "" inside them).
+                let mut bare = String::new();
+                let mut quote: Option<char> = None;
+                let mut chars = clause.chars().peekable();
+                while let Some(c) = chars.next() {
+                    match quote {
+                        Some(q) if c == q && chars.peek() == Some(&q) => {
+                            chars.next();
+                        }
+                        Some(q) if c == q => quote = None,
+                        Some(_) => {}
+                        None if c == '\'' || c == '"' => {
+                            quote = Some(c);
+                            bare.push('q');
+                        }
+                        None => bare.push(c),
+                    }
+                }
+                proptest::prop_assert!(quote.is_none(), "unclosed quote in {clause:?}");
+                for bad in [";", "--", "/*", "+", "$"] {
+                    proptest::prop_assert!(!bare.contains(bad), "{clause:?}");
+                }
+            }
+        }
     }
 }

@@ -11,10 +11,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use common::broker::Broker;
-use common::ferry::{apply_config, capture_config, Ferry};
+use common::ferry::Ferry;
 use common::kafka::TopicReader;
 use common::mesh::{join_writers, mesh, spawn_writers, wait_converged, Budget, KV_DDL};
-use common::pg::{table_checksum, try_table_checksum, PgCluster};
+use common::pg::{try_table_checksum, PgCluster};
 use common::Rng;
 use tokio_postgres::Client;
 
@@ -63,21 +63,62 @@ async fn has(c: &Client, column: &str, ty: &str) {
     .await
 }
 
-async fn wait_same(m: &Client, r: &Client, table: &str, timeout: Duration) {
+/// Polls `read` (what the master and the replica show) until both agree, or fails after
+/// `timeout` with both.
+async fn wait_agree<T, F, Fut>(what: &str, timeout: Duration, mut read: F)
+where
+    T: PartialEq + std::fmt::Debug,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = (T, T)>,
+{
     let deadline = std::time::Instant::now() + timeout;
     loop {
-        let (mc, rc) = (columns(m, table).await, columns(r, table).await);
-        let want = table_checksum(m, table).await;
-        let got = try_table_checksum(r, table).await;
-        if mc == rc && got.as_ref() == Some(&want) {
+        let (master, replica) = read().await;
+        if master == replica {
             return;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "{table} after {timeout:?}: master columns {mc:?}, replica {rc:?}; rows {want:?} vs {got:?}"
+            "{what} after {timeout:?}: master {master:?}, replica {replica:?}"
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+}
+
+/// Waits until the replica's `table` has the master's columns and rows.
+async fn wait_same(m: &Client, r: &Client, table: &str, timeout: Duration) {
+    assert!(
+        try_table_checksum(m, table).await.is_some(),
+        "the master has no {table}"
+    );
+    wait_agree(&format!("{table} columns and rows"), timeout, || async {
+        (
+            (columns(m, table).await, try_table_checksum(m, table).await),
+            (columns(r, table).await, try_table_checksum(r, table).await),
+        )
+    })
+    .await
+}
+
+/// Runs the statements `next` makes (from a random source seeded with `seed`) against `db`,
+/// one every 3 ms, until `stop`; returns how many ran.
+fn spawn_writer(
+    db: String,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+    mut next: impl FnMut(&mut Rng) -> String + Send + 'static,
+) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let c = PgCluster::shared().client(&db).await;
+        let mut rng = Rng::new(seed);
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            c.batch_execute(&next(&mut rng)).await.unwrap();
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        n
+    })
 }
 
 /// Acceptance 5 (replica): a writer inserts and updates `items` (only `id` and `v`) while the
@@ -98,51 +139,26 @@ async fn schema_changes_reach_the_replica_under_writes() {
     )
     .await
     .unwrap();
-    let port = common::free_port();
-    let capture = Ferry::start(
-        &capture_config("node-a", pg.port, &master, &broker().address(), port, ""),
-        port,
-    );
-    let port = common::free_port();
-    let applier = Ferry::start(
-        &apply_config(
-            "node-a",
-            &master,
-            &[pg.url(&replica)],
-            &broker().address(),
-            port,
-            "",
-        ),
-        port,
-    );
+    let capture = Ferry::capture(pg, &master, &broker().address(), "");
+    let applier = Ferry::applier(&master, &[pg.url(&replica)], &broker().address(), "");
     capture.wait_ready().await;
     wait_same(&m, &r, "items", Duration::from_secs(60)).await;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (stop, master) = (stop.clone(), master.clone());
-        tokio::spawn(async move {
-            let c = PgCluster::shared().client(&master).await;
-            let mut rng = Rng::new(seed);
-            let mut next = 100_000i64;
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let sql = if rng.chance(0.3) {
-                    next += 1;
-                    format!("INSERT INTO items (id, v) VALUES ({next}, 1)")
-                } else {
-                    format!(
-                        "UPDATE items SET v = v + 1 WHERE id = {}",
-                        rng.range(1, 1000)
-                    )
-                };
-                c.batch_execute(&sql).await.unwrap();
-                n += 1;
-                tokio::time::sleep(Duration::from_millis(3)).await;
+    let writer = spawn_writer(master.clone(), seed, stop.clone(), {
+        let mut next = 100_000i64;
+        move |rng| {
+            if rng.chance(0.3) {
+                next += 1;
+                format!("INSERT INTO items (id, v) VALUES ({next}, 1)")
+            } else {
+                format!(
+                    "UPDATE items SET v = v + 1 WHERE id = {}",
+                    rng.range(1, 1000)
+                )
             }
-            n
-        })
-    };
+        }
+    });
     let steps = [
         "ALTER TABLE items ADD COLUMN extra text DEFAULT 'd'",
         "UPDATE items SET extra = 'x' || id WHERE id % 10 = 0",
@@ -331,5 +347,177 @@ async fn schema_changes_reach_every_multi_master_node_once() {
             node.metric("pgferry_schema_changes_applied_total", "outcome=\"failed\""),
             0.0
         );
+    }
+}
+
+/// Partitions of `table` with their bounds, and partitions of partitions, as `(partition,
+/// parent, bound)`.
+async fn partitions(c: &Client, table: &str) -> Vec<(String, String, String)> {
+    c.query(
+        "SELECT t.relid::regclass::text, t.parentrelid::regclass::text,
+                pg_get_expr(k.relpartbound, k.oid)
+           FROM pg_partition_tree($1::text::regclass) t JOIN pg_class k ON k.oid = t.relid
+          WHERE t.parentrelid IS NOT NULL ORDER BY 1",
+        &[&table],
+    )
+    .await
+    .map(|rows| {
+        rows.iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+/// Waits until the replica's partitions of `table` are the master's.
+async fn same_partitions(m: &Client, r: &Client, table: &str) {
+    wait_agree(
+        &format!("{table} partitions"),
+        Duration::from_secs(60),
+        || async { (partitions(m, table).await, partitions(r, table).await) },
+    )
+    .await
+}
+
+/// Schema changes of partitioned tables, for both ways a publication carries them: FOR ALL
+/// TABLES as pgferry creates it (rows travel under each partition's name) and with
+/// `publish_via_partition_root` (under the partitioned table's). While a writer inserts into
+/// every range, updates rows and moves some to another partition, the master adds, renames,
+/// retypes and drops a column of the partitioned table (its partitions follow), creates a
+/// range partition and a DEFAULT one and writes into them, detaches a partition and attaches
+/// it again, and creates a new partitioned table with list partitions and rows. The replica
+/// ends with the same partitions (same bounds), columns and rows, and nothing fails or is
+/// dead-lettered. (Before, a partition created on the master became a plain table on the
+/// replica, so rows of its range went missing from the partitioned table there.)
+#[tokio::test(flavor = "multi_thread")]
+async fn partitioned_tables_follow_their_schema_changes() {
+    let pg = PgCluster::shared();
+    let seed = seed();
+    eprintln!("seed {seed} (DDL_SEED)");
+    let ddl = "CREATE TABLE ev (id bigint NOT NULL, at int NOT NULL, v int NOT NULL, note text,
+                                drop_me text, n int, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
+               CREATE TABLE ev_1 PARTITION OF ev FOR VALUES FROM (0) TO (100);
+               CREATE TABLE ev_2 PARTITION OF ev FOR VALUES FROM (100) TO (200);";
+    for via_root in [false, true] {
+        let (master, m) = pg.fresh_db("ddlpart", ddl).await;
+        let (replica, r) = pg.fresh_db("ddlpart_r", ddl).await;
+        m.batch_execute(
+            "INSERT INTO ev SELECT g, g % 200, 0, 'n' || g, 'x', g FROM generate_series(1, 1000) g",
+        )
+        .await
+        .unwrap();
+        if via_root {
+            m.batch_execute(&format!(
+                "CREATE PUBLICATION pub_{master} FOR ALL TABLES WITH (publish_via_partition_root = true)"
+            ))
+            .await
+            .unwrap();
+        }
+        let capture = Ferry::capture(pg, &master, &broker().address(), "");
+        let applier = Ferry::applier(&master, &[pg.url(&replica)], &broker().address(), "");
+        capture.wait_ready().await;
+        wait_same(&m, &r, "ev", Duration::from_secs(60)).await;
+
+        // The writer's range of `at`: [low, high).
+        let (low, high) = (
+            Arc::new(std::sync::atomic::AtomicI64::new(0)),
+            Arc::new(std::sync::atomic::AtomicI64::new(200)),
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = spawn_writer(master.clone(), seed, stop.clone(), {
+            let (low, high) = (low.clone(), high.clone());
+            let mut next = 100_000i64;
+            move |rng| {
+                let (lo, hi) = (low.load(Ordering::Relaxed), high.load(Ordering::Relaxed));
+                let at = rng.range(lo, hi);
+                if rng.chance(0.4) {
+                    next += 1;
+                    format!("INSERT INTO ev (id, at, v) VALUES ({next}, {at}, 1)")
+                } else if rng.chance(0.2) {
+                    // To another partition: a delete and an insert, or an update of the root.
+                    format!(
+                        "UPDATE ev SET at = {at} WHERE id = {} AND at >= {lo}",
+                        rng.range(1, 1000)
+                    )
+                } else {
+                    format!("UPDATE ev SET v = v + 1 WHERE id = {}", rng.range(1, 1000))
+                }
+            }
+        });
+        let pause = || tokio::time::sleep(Duration::from_millis(300));
+        for step in [
+            "ALTER TABLE ev ADD COLUMN extra text DEFAULT 'd'",
+            "UPDATE ev SET extra = 'x' || id WHERE id % 10 = 0",
+            "CREATE TABLE ev_3 PARTITION OF ev FOR VALUES FROM (200) TO (300)",
+        ] {
+            m.batch_execute(step).await.unwrap();
+            pause().await;
+        }
+        high.store(300, Ordering::Relaxed);
+        for step in [
+            "ALTER TABLE ev RENAME COLUMN note TO remark",
+            "ALTER TABLE ev ALTER COLUMN n TYPE bigint",
+            "UPDATE ev SET n = 5000000000 + id WHERE id % 7 = 0",
+            "ALTER TABLE ev DROP COLUMN drop_me",
+            "CREATE TABLE ev_rest PARTITION OF ev DEFAULT",
+        ] {
+            m.batch_execute(step).await.unwrap();
+            pause().await;
+        }
+        high.store(1000, Ordering::Relaxed);
+        pause().await;
+        // ev_1 leaves ev (its rows with it) and comes back.
+        low.store(100, Ordering::Relaxed);
+        pause().await;
+        m.batch_execute("ALTER TABLE ev DETACH PARTITION ev_1")
+            .await
+            .unwrap();
+        pause().await;
+        m.batch_execute("UPDATE ev_1 SET v = -1 WHERE id % 3 = 0; ALTER TABLE ev ATTACH PARTITION ev_1 FOR VALUES FROM (0) TO (100)")
+            .await
+            .unwrap();
+        low.store(0, Ordering::Relaxed);
+        m.batch_execute(
+            "CREATE TABLE logs (id int NOT NULL, k text NOT NULL, PRIMARY KEY (id, k))
+                 PARTITION BY LIST (k);
+             CREATE TABLE logs_a PARTITION OF logs FOR VALUES IN ('a');
+             CREATE TABLE logs_bc PARTITION OF logs FOR VALUES IN ('b', 'c');
+             INSERT INTO logs SELECT g, (ARRAY['a', 'b', 'c'])[1 + g % 3] FROM generate_series(1, 300) g",
+        )
+        .await
+        .unwrap();
+        pause().await;
+        stop.store(true, Ordering::Relaxed);
+        let writes = writer.await.unwrap();
+        assert!(
+            writes > 50,
+            "the writer must run during the changes ({writes})"
+        );
+        let mode = if via_root { "via root" } else { "by partition" };
+        eprintln!("{mode}: {writes} writes during the changes");
+        same_partitions(&m, &r, "ev").await;
+        same_partitions(&m, &r, "logs").await;
+        wait_same(&m, &r, "ev", Duration::from_secs(60)).await;
+        wait_same(&m, &r, "logs", Duration::from_secs(60)).await;
+        // Rows in every partition, the ones added on the way included.
+        for part in ["ev_1", "ev_3", "ev_rest", "logs_bc"] {
+            let count: i64 = r
+                .query_one(&format!("SELECT count(*) FROM {part}"), &[])
+                .await
+                .unwrap()
+                .get(0);
+            assert!(count > 0, "{mode}: no rows in the replica's {part}");
+        }
+        assert_eq!(
+            applier.metric("pgferry_schema_changes_applied_total", "outcome=\"failed\""),
+            None,
+            "{mode}: no schema change may fail on the replica"
+        );
+        assert_eq!(
+            applier.metric("pgferry_apply_dead_letters_total", ""),
+            Some(0.0),
+            "{mode}: nothing may be dead-lettered"
+        );
+        drop(capture);
     }
 }

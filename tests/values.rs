@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::broker::Broker;
-use common::ferry::{apply_config, Ferry};
+use common::ferry::Ferry;
 use common::pg::PgCluster;
 use pgferry::apply::params::json_to_text;
 use pgferry::apply::target::TextParam;
@@ -220,18 +220,7 @@ async fn every_type_family_replicates_exactly() {
     let (replica, _) = pg.fresh_db("valuesr", &ddl).await;
     let capture = Ferry::capture(pg, &master, &broker().address(), "");
     capture.wait_ready().await;
-    let port = common::free_port();
-    let _applier = Ferry::start(
-        &apply_config(
-            "node-a",
-            &master,
-            &[pg.url(&replica)],
-            &broker().address(),
-            port,
-            "",
-        ),
-        port,
-    );
+    let _applier = Ferry::applier(&master, &[pg.url(&replica)], &broker().address(), "");
     let generators: Vec<String> = FAMILIES
         .iter()
         .map(|(ty, _, g)| format!("({g})::{ty}"))

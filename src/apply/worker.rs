@@ -986,6 +986,33 @@ impl Worker {
                 self.bad_message(client, message, &reason).await?;
                 continue;
             }
+            if let Some(bad) = crate::ddl::partition_clauses(op)
+                .into_iter()
+                .find(|c| !crate::ddl::is_safe_partition_clause(c))
+            {
+                let reason = format!(
+                    "schema change of {name}: partition clause {bad:?} is not one pgferry copies \
+                     (words, literals, parentheses and commas only); make the change on the \
+                     target by hand"
+                );
+                self.bad_message(client, message, &reason).await?;
+                continue;
+            }
+            if let Some(parent) = crate::ddl::parent_table(op) {
+                let parent_name = format!("{}.{}", parent.schema, parent.table);
+                let refused = admit::admit_relation(&parent.schema, &parent.table).or_else(|| {
+                    (!self.announced.contains(&parent_name)).then(|| {
+                        format!(
+                            "its parent {parent_name} is a table this node stream never announced"
+                        )
+                    })
+                });
+                if let Some(why) = refused {
+                    let reason = format!("schema change of {name}: {why}");
+                    self.bad_message(client, message, &reason).await?;
+                    continue;
+                }
+            }
             if matches!(op, crate::ddl::DdlOp::DropTable) && !self.settings.apply.drop_tables {
                 tracing::warn!(table = %name, "the source dropped this table; keeping it on the target (apply.drop_tables: false)");
                 continue;
@@ -1062,9 +1089,8 @@ impl Worker {
                     self.bad_message(client, message, &reason).await?;
                 }
             }
-            self.forget_table(&ddl.schema, &table);
         }
-        self.forget_table(&ddl.schema, &ddl.table);
+        self.forget_tables();
         Ok(())
     }
 
@@ -1086,14 +1112,17 @@ impl Worker {
         }
     }
 
-    /// Forgets what the worker knows of a table's shape (its columns changed).
-    fn forget_table(&mut self, schema: &str, table: &str) {
-        self.tables.remove(&format!("{schema}.{table}"));
-        self.statements
-            .retain(|k, _| !(k.schema == schema && k.table == table));
+    /// Forgets what the worker knows of its tables' shapes after a schema change: not only
+    /// of the table it named, since a change to a partitioned table changes its partitions
+    /// too (rows of those may travel under their own names), and attaching or detaching a
+    /// partition changes two tables. Schema changes are rare; describing again is cheap.
+    fn forget_tables(&mut self) {
+        self.tables.clear();
+        self.statements.clear();
         self.last_statement = None;
+        self.column_types.clear();
         for statements in &mut self.lane_statements {
-            statements.retain(|k, _| !(k.schema == schema && k.table == table));
+            statements.clear();
         }
     }
 

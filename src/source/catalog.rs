@@ -282,6 +282,42 @@ pub async fn publishes_all_tables(
     Ok(row.is_some_and(|r| r.get(0)))
 }
 
+/// Whether the publication carries `schema.table`'s rows, or those of a table in its partition
+/// tree (a partitioned table's partitions without `publish_via_partition_root`, a partition's
+/// root with it), or those of `also` or its partitions (`also`: the parent a partition was
+/// detached from). A schema change of any of these matters to the publication's targets.
+pub async fn publishes_table_tree(
+    client: &Client,
+    publication: &str,
+    schema: &str,
+    table: &str,
+    also: Option<(&str, &str)>,
+) -> Result<bool, tokio_postgres::Error> {
+    let name = qualified(schema, table);
+    let also = also.map(|(s, t)| qualified(s, t));
+    let row = client
+        .query_one(
+            "SELECT EXISTS (
+                 SELECT 1 FROM pg_publication_tables p
+                   JOIN pg_namespace n ON n.nspname = p.schemaname
+                   JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename
+                  WHERE p.pubname = $1
+                    -- (Both functions return nothing for a table outside any partition tree.)
+                    AND c.oid IN (SELECT to_regclass($2)::oid
+                                  UNION ALL
+                                  SELECT relid FROM pg_partition_tree(to_regclass($2))
+                                  UNION ALL
+                                  SELECT relid FROM pg_partition_ancestors(to_regclass($2))
+                                  UNION ALL
+                                  SELECT to_regclass($3)::oid
+                                  UNION ALL
+                                  SELECT relid FROM pg_partition_tree(to_regclass($3))))",
+            &[&publication, &name, &also],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
 /// Tables in the publication, excluding pgferry's own schema.
 pub async fn published_tables(
     client: &Client,

@@ -81,6 +81,16 @@ impl Ferry {
         )
     }
 
+    /// `pgferry run` applying the stream of `master` (as [`Ferry::capture`] publishes it)
+    /// to `replicas` (database URLs).
+    pub fn applier(master: &str, replicas: &[String], brokers: &str, extra_apply: &str) -> Ferry {
+        let port = super::free_port();
+        Ferry::start(
+            &apply_config("node-a", master, replicas, brokers, port, extra_apply),
+            port,
+        )
+    }
+
     /// Starts `pgferry run` with this config text.
     pub fn start(yaml: &str, metrics_port: u16) -> Ferry {
         let config_path = write_config(yaml);

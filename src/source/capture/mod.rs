@@ -357,13 +357,18 @@ impl Capture {
         let published = if message.tag == "DROP TABLE" {
             catalog::publishes_all_tables(&self.sql, publication).await
         } else {
-            catalog::published_tables(&self.sql, publication)
-                .await
-                .map(|tables| {
-                    tables
-                        .iter()
-                        .any(|(s, t)| *s == message.schema && *t == message.table)
-                })
+            let detached_from = message
+                .old_partition
+                .as_ref()
+                .map(|p| (p.schema.as_str(), p.table.as_str()));
+            catalog::publishes_table_tree(
+                &self.sql,
+                publication,
+                &message.schema,
+                &message.table,
+                detached_from,
+            )
+            .await
         }
         .map_err(CaptureError::sql("reading the publication's tables"))?;
         if !published {
@@ -379,23 +384,23 @@ impl Capture {
             .inc();
         self.begin_if_needed(txn, repl.as_deref_mut()).await?;
         // Appliers change only tables the stream announced: announce an altered table that
-        // this run has not published a change of yet (under its name before the change).
+        // this run has not published a change of yet (under its name before the change), and
+        // the parent a partition is created in, attached to or detached from.
         let creates = ops
             .iter()
             .any(|op| matches!(op, crate::ddl::DdlOp::CreateTable { .. }));
         if message.tag != "DROP TABLE" && !creates {
-            let described = snapshot::describe_table(&self.sql, &message.schema, &message.table)
-                .await
-                .map_err(CaptureError::sql("describing an altered table"))?;
-            if let Some(relation) = described.filter(|r| !self.announced.contains(&r.oid)) {
-                self.describe_once(&relation).await?;
-                if let Some(columns) = self.schemas.get(&relation.oid).cloned() {
-                    let record =
-                        node_stream::relation_record(&self.envelope, schema, table, &columns);
-                    self.stage(txn, &record, repl.as_deref_mut()).await?;
-                }
-                self.announced.insert(relation.oid);
-            }
+            self.announce(
+                txn,
+                (&message.schema, &message.table),
+                (schema, table),
+                repl.as_deref_mut(),
+            )
+            .await?;
+        }
+        for parent in ops.iter().filter_map(crate::ddl::parent_table) {
+            let name = (parent.schema.as_str(), parent.table.as_str());
+            self.announce(txn, name, name, repl.as_deref_mut()).await?;
         }
         let on_topic = crate::sink::kafka::encode::schema_change_record(
             &self.envelope,
@@ -410,6 +415,36 @@ impl Capture {
             .await?;
         let item = node_stream::ddl_record(&self.envelope, schema, table, &ops);
         self.stage(txn, &item, repl).await
+    }
+
+    /// Announces a table on the node stream (a relation record under `announced_as`) unless
+    /// this run already did; `now` is its name in today's catalog. A table that is gone is
+    /// not announced.
+    async fn announce(
+        &mut self,
+        txn: &mut OpenTxn,
+        now: (&str, &str),
+        announced_as: (&str, &str),
+        repl: Option<&mut stream::StreamState<'_>>,
+    ) -> Result<(), CaptureError> {
+        let described = snapshot::describe_table(&self.sql, now.0, now.1)
+            .await
+            .map_err(CaptureError::sql("describing a table of a schema change"))?;
+        let Some(relation) = described.filter(|r| !self.announced.contains(&r.oid)) else {
+            return Ok(());
+        };
+        self.describe_once(&relation).await?;
+        if let Some(columns) = self.schemas.get(&relation.oid).cloned() {
+            let record = node_stream::relation_record(
+                &self.envelope,
+                announced_as.0,
+                announced_as.1,
+                &columns,
+            );
+            self.stage(txn, &record, repl).await?;
+        }
+        self.announced.insert(relation.oid);
+        Ok(())
     }
 
     /// Describes a snapshot table unless this run already has its schema.
