@@ -333,6 +333,11 @@ pub enum DdlOp {
         /// New name.
         to: String,
     },
+    /// The table was moved to another schema (`ALTER TABLE … SET SCHEMA`).
+    SetSchema {
+        /// The schema it is in now (targets need it).
+        to: String,
+    },
     /// The table was dropped.
     DropTable,
 }
@@ -340,7 +345,7 @@ pub enum DdlOp {
 /// The ops that turn the table as it was into the table as it is. Drops come first, then
 /// renames, type and NOT NULL changes, then additions (so a name dropped and added again in one
 /// command works), then a detach from the old parent and an attach to the new one, the table's
-/// rename last. A new table is one `CreateTable`.
+/// rename and its move to another schema last. A new table is one `CreateTable`.
 pub fn diff(message: &TriggerMessage) -> Vec<DdlOp> {
     if message.tag == "DROP TABLE" {
         return vec![DdlOp::DropTable];
@@ -413,6 +418,15 @@ pub fn diff(message: &TriggerMessage) -> Vec<DdlOp> {
     {
         ops.push(DdlOp::RenameTable {
             to: message.table.clone(),
+        });
+    }
+    if message
+        .old_schema
+        .as_deref()
+        .is_some_and(|s| s != message.schema)
+    {
+        ops.push(DdlOp::SetSchema {
+            to: message.schema.clone(),
         });
     }
     ops
@@ -541,6 +555,7 @@ pub fn to_sql(schema: &str, table: &str, op: &DdlOp) -> String {
             qualified(&parent.schema, &parent.table)
         ),
         DdlOp::RenameTable { to } => format!("ALTER TABLE {t} RENAME TO {}", quote_ident(to)),
+        DdlOp::SetSchema { to } => format!("ALTER TABLE {t} SET SCHEMA {}", quote_ident(to)),
         DdlOp::DropTable => format!("DROP TABLE IF EXISTS {t}"),
     }
 }
@@ -855,6 +870,20 @@ mod tests {
             [DdlOp::DetachPartition { .. }, DdlOp::AttachPartition { .. }]
         ));
         // The parent renamed: the same parent (by oid) under a new name moves nothing.
+        // Moved to another schema.
+        let mut moved_schema = alter(same.clone(), same.clone());
+        moved_schema.schema = "archive".into();
+        let ops = diff(&moved_schema);
+        assert_eq!(
+            ops,
+            vec![DdlOp::SetSchema {
+                to: "archive".into()
+            }]
+        );
+        assert_eq!(
+            to_sql("public", "t", &ops[0]),
+            r#"ALTER TABLE "public"."t" SET SCHEMA "archive""#
+        );
         let mut renamed_parent = d;
         renamed_parent.partition = Some(part(7, "events", range));
         assert!(diff(&renamed_parent).is_empty());

@@ -123,15 +123,18 @@ fn spawn_writer(
 
 /// Acceptance 5 (replica): a writer inserts and updates `items` (only `id` and `v`) while the
 /// master adds a column with a default, fills it, renames one, changes one's type (and writes
-/// values only the new type holds), drops one, creates a table with rows, and adds a column
-/// and uses it in one transaction. The replica ends with the master's columns and rows, nothing
+/// values only the new type holds), drops one, creates a table with rows, adds a column
+/// and uses it in one transaction, and moves the new table to another schema and writes to it
+/// there. The replica ends with the master's columns and rows, nothing
 /// is dead-lettered, and the table topic carries the schema-change records.
 #[tokio::test(flavor = "multi_thread")]
 async fn schema_changes_reach_the_replica_under_writes() {
     let pg = PgCluster::shared();
     let seed = seed();
     eprintln!("seed {seed} (DDL_SEED)");
-    let ddl = "CREATE TABLE items (id bigint PRIMARY KEY, v int NOT NULL, note text, drop_me text, n int)";
+    // The target needs a schema a table moves to (schemas are not replicated).
+    let ddl = "CREATE TABLE items (id bigint PRIMARY KEY, v int NOT NULL, note text, drop_me text, n int);
+               CREATE SCHEMA archive";
     let (master, m) = pg.fresh_db("ddl", ddl).await;
     let (replica, r) = pg.fresh_db("ddl_r", ddl).await;
     m.batch_execute(
@@ -170,6 +173,8 @@ async fn schema_changes_reach_the_replica_under_writes() {
          INSERT INTO fresh SELECT g, 'f' || g FROM generate_series(1, 500) g",
         "BEGIN; ALTER TABLE items ADD COLUMN late int; UPDATE items SET late = 1 WHERE id < 50; COMMIT",
         "UPDATE fresh SET label = label || '!' WHERE id % 3 = 0",
+        "ALTER TABLE fresh SET SCHEMA archive",
+        "UPDATE archive.fresh SET label = label || '?' WHERE id % 5 = 0",
     ];
     for step in steps {
         m.batch_execute(step).await.unwrap();
@@ -182,7 +187,7 @@ async fn schema_changes_reach_the_replica_under_writes() {
         "the writer must run during the changes ({writes})"
     );
     wait_same(&m, &r, "items", Duration::from_secs(60)).await;
-    wait_same(&m, &r, "fresh", Duration::from_secs(60)).await;
+    wait_same(&m, &r, "archive.fresh", Duration::from_secs(60)).await;
     assert_eq!(
         columns(&r, "items")
             .await

@@ -975,9 +975,9 @@ impl Worker {
         // A lane holding rows of the table would block the DDL's lock until it commits.
         self.commit_lanes().await?;
         self.ddl_open = true;
-        let mut table = ddl.table.clone();
+        let (mut schema, mut table) = (ddl.schema.clone(), ddl.table.clone());
         for op in &ddl.ops {
-            let name = format!("{}.{table}", ddl.schema);
+            let name = format!("{schema}.{table}");
             if let Some(bad) = crate::ddl::type_names(op)
                 .into_iter()
                 .find(|t| !sql::is_safe_type_name(t))
@@ -1017,7 +1017,14 @@ impl Worker {
                 tracing::warn!(table = %name, "the source dropped this table; keeping it on the target (apply.drop_tables: false)");
                 continue;
             }
-            let statement = crate::ddl::to_sql(&ddl.schema, &table, op);
+            if let crate::ddl::DdlOp::SetSchema { to } = op {
+                if let Some(reason) = admit::admit_relation(to, &table) {
+                    let reason = format!("schema change of {name}: {reason}");
+                    self.bad_message(client, message, &reason).await?;
+                    continue;
+                }
+            }
+            let statement = crate::ddl::to_sql(&schema, &table, op);
             // The DDL's ACCESS EXCLUSIVE lock waits for other sessions' transactions on the
             // table (local writers, other nodes' workers) longer than a row change would; a
             // lock conflict or deadlock replays the transaction like any other.
@@ -1076,9 +1083,14 @@ impl Worker {
                         self.announced_table(client, pending, &name);
                     }
                     if let crate::ddl::DdlOp::RenameTable { to } = op {
-                        let new_name = format!("{}.{to}", ddl.schema);
+                        let new_name = format!("{schema}.{to}");
                         self.announced_table(client, pending, &new_name);
                         table = to.clone();
+                    }
+                    if let crate::ddl::DdlOp::SetSchema { to } = op {
+                        let new_name = format!("{to}.{table}");
+                        self.announced_table(client, pending, &new_name);
+                        schema = to.clone();
                     }
                 }
                 Some(e) => {
