@@ -43,6 +43,8 @@ CREATE TABLE IF NOT EXISTS pgferry.ddl_tables (
     columns jsonb NOT NULL);
 -- Where a partition hangs (its parent's oid and name, and its bound); NULL for other tables.
 ALTER TABLE pgferry.ddl_tables ADD COLUMN IF NOT EXISTS partition_of jsonb;
+-- The primary key's constraint name and columns; NULL without one.
+ALTER TABLE pgferry.ddl_tables ADD COLUMN IF NOT EXISTS primary_key jsonb;
 CREATE OR REPLACE FUNCTION pgferry.ddl_columns(rel oid) RETURNS jsonb LANGUAGE sql STABLE AS $f$
     SELECT COALESCE(jsonb_agg(jsonb_build_object(
                'attnum', a.attnum, 'name', a.attname, 'type', format_type(a.atttypid, a.atttypmod),
@@ -54,6 +56,10 @@ CREATE OR REPLACE FUNCTION pgferry.ddl_key(rel oid) RETURNS jsonb LANGUAGE sql S
     SELECT COALESCE(jsonb_agg(a.attname ORDER BY k.ord), '[]')
       FROM pg_index i, unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord), pg_attribute a
      WHERE i.indrelid = rel AND i.indisprimary AND a.attrelid = rel AND a.attnum = k.attnum
+$f$;
+CREATE OR REPLACE FUNCTION pgferry.ddl_primary_key(rel oid) RETURNS jsonb LANGUAGE sql STABLE AS $f$
+    SELECT jsonb_build_object('name', c.conname::text, 'columns', pgferry.ddl_key(rel))
+      FROM pg_constraint c WHERE c.conrelid = rel AND c.contype = 'p'
 $f$;
 CREATE OR REPLACE FUNCTION pgferry.ddl_partition(rel oid) RETURNS jsonb LANGUAGE sql STABLE AS $f$
     SELECT jsonb_build_object('relid', p.oid::int8, 'schema', pn.nspname::text, 'table', p.relname::text,
@@ -69,6 +75,7 @@ DECLARE
     shadow pgferry.ddl_tables;
     cols jsonb;
     part jsonb;
+    pkey jsonb;
     moved bool;
 BEGIN
     -- The tables the command reports, then (not reported: an ALTER TABLE of a partitioned
@@ -102,26 +109,30 @@ BEGIN
         SELECT * INTO shadow FROM pgferry.ddl_tables WHERE relid = r.objid;
         cols := pgferry.ddl_columns(r.objid);
         part := pgferry.ddl_partition(r.objid);
+        pkey := pgferry.ddl_primary_key(r.objid);
         -- Attached to another parent, detached, or given another bound; not a rename.
         moved := (shadow.partition_of->>'relid') IS DISTINCT FROM (part->>'relid')
               OR (shadow.partition_of->>'bound') IS DISTINCT FROM (part->>'bound');
         IF shadow.relid IS NOT NULL AND shadow.columns = cols AND NOT moved
            AND shadow.schema_name = r.nsp AND shadow.table_name = r.rel
-           AND shadow.partition_of IS NOT DISTINCT FROM part THEN
+           AND shadow.partition_of IS NOT DISTINCT FROM part
+           AND shadow.primary_key IS NOT DISTINCT FROM pkey THEN
             CONTINUE;
         END IF;
         IF NOT r.reported AND (shadow.relid IS NULL OR NOT moved) THEN
             -- Columns a partition follows from its parent (or the parent's new name): they
             -- travel with the parent's own message, which targets apply to their parent.
-            INSERT INTO pgferry.ddl_tables VALUES (r.objid, r.nsp, r.rel, cols, part)
+            INSERT INTO pgferry.ddl_tables VALUES (r.objid, r.nsp, r.rel, cols, part, pkey)
                 ON CONFLICT (relid) DO UPDATE SET schema_name = EXCLUDED.schema_name,
                     table_name = EXCLUDED.table_name, columns = EXCLUDED.columns,
-                    partition_of = EXCLUDED.partition_of;
+                    partition_of = EXCLUDED.partition_of, primary_key = EXCLUDED.primary_key;
             CONTINUE;
         END IF;
         IF NOT r.reported THEN
-            -- Attached or detached by its parent's command: no column of its own changed.
+            -- Attached or detached by its parent's command: no column or key of its own
+            -- changed.
             shadow.columns := cols;
+            shadow.primary_key := pkey;
         END IF;
         -- Renamed and dropped columns, for changes written before this command that arrive
         -- later from other nodes (see apply's target::column_history).
@@ -138,11 +149,12 @@ BEGIN
             'old_schema', shadow.schema_name, 'old_table', shadow.table_name,
             'old', shadow.columns, 'new', cols, 'key', pgferry.ddl_key(r.objid),
             'old_partition', shadow.partition_of, 'partition', part,
+            'old_primary_key', shadow.primary_key, 'primary_key', pkey,
             'partition_by', CASE WHEN r.relkind = 'p' THEN pg_get_partkeydef(r.objid) END)::text);
-        INSERT INTO pgferry.ddl_tables VALUES (r.objid, r.nsp, r.rel, cols, part)
+        INSERT INTO pgferry.ddl_tables VALUES (r.objid, r.nsp, r.rel, cols, part, pkey)
             ON CONFLICT (relid) DO UPDATE SET schema_name = EXCLUDED.schema_name,
                 table_name = EXCLUDED.table_name, columns = EXCLUDED.columns,
-                partition_of = EXCLUDED.partition_of;
+                partition_of = EXCLUDED.partition_of, primary_key = EXCLUDED.primary_key;
     END LOOP;
 END
 $f$;
@@ -176,14 +188,17 @@ DO $d$ BEGIN
     END IF;
 END $d$;
 INSERT INTO pgferry.ddl_tables
-SELECT c.oid, n.nspname, c.relname, pgferry.ddl_columns(c.oid), pgferry.ddl_partition(c.oid)
+SELECT c.oid, n.nspname, c.relname, pgferry.ddl_columns(c.oid), pgferry.ddl_partition(c.oid),
+       pgferry.ddl_primary_key(c.oid)
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't'
    AND n.nspname NOT IN ('pgferry', 'pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\_%'
 ON CONFLICT (relid) DO NOTHING;
--- Shadows written before partitions were tracked.
+-- Shadows written before partitions and keys were tracked.
 UPDATE pgferry.ddl_tables SET partition_of = pgferry.ddl_partition(relid)
  WHERE partition_of IS NULL AND pgferry.ddl_partition(relid) IS NOT NULL;
+UPDATE pgferry.ddl_tables SET primary_key = pgferry.ddl_primary_key(relid)
+ WHERE primary_key IS NULL AND pgferry.ddl_primary_key(relid) IS NOT NULL;
 COMMIT;
 "#;
 
@@ -239,6 +254,21 @@ pub struct TriggerMessage {
     /// `pg_get_partkeydef` of a partitioned table (`RANGE (at)`, `LIST (region)`, …).
     #[serde(default)]
     pub partition_by: Option<String>,
+    /// The primary key before (`None`: none, or a trigger that did not track keys).
+    #[serde(default)]
+    pub old_primary_key: Option<PrimaryKey>,
+    /// The primary key after.
+    #[serde(default)]
+    pub primary_key: Option<PrimaryKey>,
+}
+
+/// A primary key: its constraint's name and its columns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrimaryKey {
+    /// The constraint's name (`items_pkey`).
+    pub name: String,
+    /// Its columns, in key order.
+    pub columns: Vec<String>,
 }
 
 /// Where a partition hangs: its parent and its bound.
@@ -278,6 +308,9 @@ pub enum DdlOp {
         columns: Vec<DdlColumn>,
         /// Its primary key.
         key: Vec<String>,
+        /// The primary key constraint's name, so that a later key change finds it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key_name: Option<String>,
         /// A partition: created `PARTITION OF` its parent (its columns and key are the
         /// parent's).
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -318,6 +351,16 @@ pub enum DdlOp {
         /// Whether it is NOT NULL now.
         not_null: bool,
     },
+    /// The primary key was added, dropped or changed: targets drop the constraint named
+    /// `drop` (if they have it) and add `add`.
+    SetPrimaryKey {
+        /// The key before, if there was one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        drop: Option<PrimaryKey>,
+        /// The key after, if there is one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        add: Option<PrimaryKey>,
+    },
     /// The table was attached as a partition of `parent`.
     AttachPartition {
         /// The parent and the bound.
@@ -344,8 +387,9 @@ pub enum DdlOp {
 
 /// The ops that turn the table as it was into the table as it is. Drops come first, then
 /// renames, type and NOT NULL changes, then additions (so a name dropped and added again in one
-/// command works), then a detach from the old parent and an attach to the new one, the table's
-/// rename and its move to another schema last. A new table is one `CreateTable`.
+/// command works), then the primary key (a new one may use an added column), a detach from
+/// the old parent and an attach to the new one, the table's rename and its move to another
+/// schema last. A new table is one `CreateTable`.
 pub fn diff(message: &TriggerMessage) -> Vec<DdlOp> {
     if message.tag == "DROP TABLE" {
         return vec![DdlOp::DropTable];
@@ -354,6 +398,7 @@ pub fn diff(message: &TriggerMessage) -> Vec<DdlOp> {
         return vec![DdlOp::CreateTable {
             columns: message.new.clone(),
             key: message.key.clone(),
+            key_name: message.primary_key.as_ref().map(|k| k.name.clone()),
             partition_of: message.partition.clone(),
             partition_by: message.partition_by.clone(),
         }];
@@ -397,6 +442,13 @@ pub fn diff(message: &TriggerMessage) -> Vec<DdlOp> {
                 column: (*new).clone(),
             });
         }
+    }
+    let key_columns = |k: &Option<PrimaryKey>| k.as_ref().map(|k| k.columns.clone());
+    if key_columns(&message.old_primary_key) != key_columns(&message.primary_key) {
+        ops.push(DdlOp::SetPrimaryKey {
+            drop: message.old_primary_key.clone(),
+            add: message.primary_key.clone(),
+        });
     }
     let (was, is) = (message.old_partition.as_ref(), message.partition.as_ref());
     if PartitionOf::moved(was, is) {
@@ -496,6 +548,7 @@ pub fn to_sql(schema: &str, table: &str, op: &DdlOp) -> String {
         DdlOp::CreateTable {
             columns,
             key,
+            key_name,
             partition_of,
             partition_by,
         } => {
@@ -509,7 +562,11 @@ pub fn to_sql(schema: &str, table: &str, op: &DdlOp) -> String {
                     let mut defs: Vec<String> = columns.iter().map(column_sql).collect();
                     if !key.is_empty() {
                         let key: Vec<String> = key.iter().map(|k| quote_ident(k)).collect();
-                        defs.push(format!("PRIMARY KEY ({})", key.join(", ")));
+                        let name = key_name
+                            .as_deref()
+                            .map(|n| format!("CONSTRAINT {} ", quote_ident(n)))
+                            .unwrap_or_default();
+                        defs.push(format!("{name}PRIMARY KEY ({})", key.join(", ")));
                     }
                     format!("CREATE TABLE IF NOT EXISTS {t} ({})", defs.join(", "))
                 }
@@ -545,6 +602,24 @@ pub fn to_sql(schema: &str, table: &str, op: &DdlOp) -> String {
             quote_ident(name),
             if *not_null { "SET" } else { "DROP" }
         ),
+        DdlOp::SetPrimaryKey { drop, add } => {
+            let mut actions = Vec::new();
+            if let Some(k) = drop {
+                actions.push(format!(
+                    "DROP CONSTRAINT IF EXISTS {}",
+                    quote_ident(&k.name)
+                ));
+            }
+            if let Some(k) = add {
+                let columns: Vec<String> = k.columns.iter().map(|c| quote_ident(c)).collect();
+                actions.push(format!(
+                    "ADD CONSTRAINT {} PRIMARY KEY ({})",
+                    quote_ident(&k.name),
+                    columns.join(", ")
+                ));
+            }
+            format!("ALTER TABLE {t} {}", actions.join(", "))
+        }
         DdlOp::AttachPartition { parent } => format!(
             "ALTER TABLE {} ATTACH PARTITION {t} {}",
             qualified(&parent.schema, &parent.table),
@@ -683,6 +758,8 @@ mod tests {
             old_partition: None,
             partition: None,
             partition_by: None,
+            old_primary_key: None,
+            primary_key: None,
         }
     }
 
@@ -798,11 +875,22 @@ mod tests {
                 &DdlOp::CreateTable {
                     columns: vec![col(1, "id", "int"), col(2, "v", "text")],
                     key: vec!["id".into()],
+                    key_name: None,
                     partition_of: None,
                     partition_by: None,
                 }
             ),
             r#"CREATE TABLE IF NOT EXISTS "s"."t" ("id" int, "v" text, PRIMARY KEY ("id"))"#
+        );
+        let mut created = alter(vec![], vec![col(1, "id", "int")]);
+        created.old = None;
+        created.primary_key = Some(PrimaryKey {
+            name: "my \"pk\"".into(),
+            columns: vec!["id".into()],
+        });
+        assert_eq!(
+            to_sql("s", "t", &diff(&created)[0]),
+            r#"CREATE TABLE IF NOT EXISTS "s"."t" ("id" int, CONSTRAINT "my ""pk""" PRIMARY KEY ("id"))"#
         );
     }
 
@@ -884,6 +972,31 @@ mod tests {
             to_sql("public", "t", &ops[0]),
             r#"ALTER TABLE "public"."t" SET SCHEMA "archive""#
         );
+        // A primary key added, then changed: drop the old constraint, add the new one.
+        let pk = |name: &str, columns: &[&str]| PrimaryKey {
+            name: name.into(),
+            columns: columns.iter().map(|c| c.to_string()).collect(),
+        };
+        let mut keyed = alter(same.clone(), same.clone());
+        keyed.primary_key = Some(pk("t_pkey", &["id"]));
+        assert_eq!(
+            to_sql("public", "t", &diff(&keyed)[0]),
+            r#"ALTER TABLE "public"."t" ADD CONSTRAINT "t_pkey" PRIMARY KEY ("id")"#
+        );
+        keyed.old_primary_key = Some(pk("t_pkey", &["id"]));
+        keyed.primary_key = Some(pk("t_key2", &["id", "v"]));
+        assert_eq!(
+            to_sql("public", "t", &diff(&keyed)[0]),
+            r#"ALTER TABLE "public"."t" DROP CONSTRAINT IF EXISTS "t_pkey", ADD CONSTRAINT "t_key2" PRIMARY KEY ("id", "v")"#
+        );
+        keyed.primary_key = None;
+        assert_eq!(
+            to_sql("public", "t", &diff(&keyed)[0]),
+            r#"ALTER TABLE "public"."t" DROP CONSTRAINT IF EXISTS "t_pkey""#
+        );
+        // Only the constraint's name changed: nothing to do.
+        keyed.primary_key = Some(pk("renamed", &["id"]));
+        assert!(diff(&keyed).is_empty());
         let mut renamed_parent = d;
         renamed_parent.partition = Some(part(7, "events", range));
         assert!(diff(&renamed_parent).is_empty());

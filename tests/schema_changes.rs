@@ -47,6 +47,20 @@ async fn columns(c: &Client, table: &str) -> Vec<(String, String)> {
     .unwrap_or_default()
 }
 
+/// A table's primary-key columns, in key order (empty without one).
+async fn primary_key(c: &Client, table: &str) -> Vec<String> {
+    c.query(
+        "SELECT a.attname::text FROM pg_index i,
+                unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord), pg_attribute a
+          WHERE i.indrelid = $1::text::regclass AND i.indisprimary
+            AND a.attrelid = i.indrelid AND a.attnum = k.attnum ORDER BY k.ord",
+        &[&table],
+    )
+    .await
+    .map(|rows| rows.iter().map(|r| r.get(0)).collect())
+    .unwrap_or_default()
+}
+
 /// Waits until `c`'s `kv` has `column` of type `ty`.
 async fn has(c: &Client, column: &str, ty: &str) {
     common::wait_for(
@@ -85,18 +99,26 @@ where
     }
 }
 
-/// Waits until the replica's `table` has the master's columns and rows.
+/// Waits until the replica's `table` has the master's columns, primary key and rows.
 async fn wait_same(m: &Client, r: &Client, table: &str, timeout: Duration) {
     assert!(
         try_table_checksum(m, table).await.is_some(),
         "the master has no {table}"
     );
-    wait_agree(&format!("{table} columns and rows"), timeout, || async {
-        (
-            (columns(m, table).await, try_table_checksum(m, table).await),
-            (columns(r, table).await, try_table_checksum(r, table).await),
-        )
-    })
+    wait_agree(
+        &format!("{table} columns, key and rows"),
+        timeout,
+        || async {
+            let side = |c| async move {
+                (
+                    columns(c, table).await,
+                    primary_key(c, table).await,
+                    try_table_checksum(c, table).await,
+                )
+            };
+            (side(m).await, side(r).await)
+        },
+    )
     .await
 }
 
@@ -124,8 +146,9 @@ fn spawn_writer(
 /// Acceptance 5 (replica): a writer inserts and updates `items` (only `id` and `v`) while the
 /// master adds a column with a default, fills it, renames one, changes one's type (and writes
 /// values only the new type holds), drops one, creates a table with rows, adds a column
-/// and uses it in one transaction, and moves the new table to another schema and writes to it
-/// there. The replica ends with the master's columns and rows, nothing
+/// and uses it in one transaction, moves the new table to another schema and writes to it
+/// there, and gives a table without a key one, then another. The replica ends with the
+/// master's columns, keys and rows, nothing
 /// is dead-lettered, and the table topic carries the schema-change records.
 #[tokio::test(flavor = "multi_thread")]
 async fn schema_changes_reach_the_replica_under_writes() {
@@ -174,6 +197,14 @@ async fn schema_changes_reach_the_replica_under_writes() {
         "BEGIN; ALTER TABLE items ADD COLUMN late int; UPDATE items SET late = 1 WHERE id < 50; COMMIT",
         "UPDATE fresh SET label = label || '!' WHERE id % 3 = 0",
         "ALTER TABLE fresh SET SCHEMA archive",
+        // A table without a key gets one (what pgferry's warning about it asks for), then
+        // another one.
+        "CREATE TABLE loose (id int NOT NULL, v text NOT NULL);
+         INSERT INTO loose SELECT g, 'a' FROM generate_series(1, 100) g",
+        "ALTER TABLE loose ADD PRIMARY KEY (id)",
+        "UPDATE loose SET v = 'b' WHERE id % 2 = 0; INSERT INTO loose VALUES (101, 'c')",
+        "ALTER TABLE loose DROP CONSTRAINT loose_pkey, ADD CONSTRAINT loose_key PRIMARY KEY (id, v)",
+        "UPDATE loose SET v = 'z' WHERE id % 3 = 0; DELETE FROM loose WHERE id % 7 = 0",
         "UPDATE archive.fresh SET label = label || '?' WHERE id % 5 = 0",
     ];
     for step in steps {
@@ -188,6 +219,8 @@ async fn schema_changes_reach_the_replica_under_writes() {
     );
     wait_same(&m, &r, "items", Duration::from_secs(60)).await;
     wait_same(&m, &r, "archive.fresh", Duration::from_secs(60)).await;
+    wait_same(&m, &r, "loose", Duration::from_secs(60)).await;
+    assert_eq!(primary_key(&r, "loose").await, ["id", "v"]);
     assert_eq!(
         columns(&r, "items")
             .await
