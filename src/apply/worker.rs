@@ -18,7 +18,7 @@ use futures_util::FutureExt;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -327,6 +327,8 @@ async fn open(
             .set("acks", "all"),
     )
     .map_err(ApplyError::Kafka)?;
+    let asking = dead_letters.clone();
+    crate::kafka::request_producer_id(move |t| asking.client().fetch_metadata(None, t));
     let dead_letter_topic = settings
         .apply
         .dead_letter_topic

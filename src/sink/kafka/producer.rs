@@ -134,32 +134,6 @@ impl ProducerContext for DeliveryTracker {
     }
 }
 
-/// Has the idempotent producer ask for its producer id now rather than after its retry timer.
-///
-/// librdkafka asks when a metadata response arrives or its 500 ms timer fires. The first
-/// response comes over the bootstrap connection, which librdkafka drops as soon as it learns
-/// the brokers' advertised addresses, so that ask finds no broker up; the timer then only
-/// starts a connection, and the id came with the next tick. Up to a second passed before the
-/// first record could be sent while capture filled librdkafka's queue: in the catch-up
-/// benchmark, 100,000 records, ~90 MB of RSS and most of the run. Two metadata requests, one
-/// after the other, end on an advertised broker's connection, whose answer lets the producer
-/// ask. They run on a thread of their own; a broker that does not answer is reported by the
-/// producer itself.
-fn request_producer_id(producer: Arc<ThreadedProducer<DeliveryTracker>>) {
-    let _ = std::thread::Builder::new()
-        .name("kafka-producer-id".into())
-        .spawn(move || {
-            for _ in 0..2 {
-                if let Err(error) = producer
-                    .client()
-                    .fetch_metadata(None, Duration::from_secs(5))
-                {
-                    tracing::debug!(%error, "metadata request at producer start");
-                }
-            }
-        });
-}
-
 /// Produces records and tracks their acknowledgement.
 pub struct KafkaSink {
     producer: Arc<ThreadedProducer<DeliveryTracker>>,
@@ -222,7 +196,8 @@ impl KafkaSink {
             crate::kafka::create_with_context(&producer_config, tracker)
                 .map_err(SinkError::Client)?,
         );
-        request_producer_id(producer.clone());
+        let asking = producer.clone();
+        crate::kafka::request_producer_id(move |t| asking.client().fetch_metadata(None, t));
         let admin = if config.create_topics {
             Some(crate::kafka::create(&client_config(config)).map_err(SinkError::Client)?)
         } else {
