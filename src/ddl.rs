@@ -113,7 +113,7 @@ BEGIN
         -- Attached to another parent, detached, or given another bound; not a rename.
         moved := (shadow.partition_of->>'relid') IS DISTINCT FROM (part->>'relid')
               OR (shadow.partition_of->>'bound') IS DISTINCT FROM (part->>'bound');
-        IF shadow.relid IS NOT NULL AND shadow.columns = cols AND NOT moved
+        IF shadow.relid IS NOT NULL AND shadow.columns = cols
            AND shadow.schema_name = r.nsp AND shadow.table_name = r.rel
            AND shadow.partition_of IS NOT DISTINCT FROM part
            AND shadow.primary_key IS NOT DISTINCT FROM pkey THEN
@@ -147,7 +147,7 @@ BEGIN
         PERFORM pg_logical_emit_message(true, 'pgferry.ddl', jsonb_build_object(
             'tag', r.command_tag, 'schema', r.nsp, 'table', r.rel,
             'old_schema', shadow.schema_name, 'old_table', shadow.table_name,
-            'old', shadow.columns, 'new', cols, 'key', pgferry.ddl_key(r.objid),
+            'old', shadow.columns, 'new', cols, 'key', COALESCE(pkey->'columns', '[]'),
             'old_partition', shadow.partition_of, 'partition', part,
             'old_primary_key', shadow.primary_key, 'primary_key', pkey,
             'partition_by', CASE WHEN r.relkind = 'p' THEN pg_get_partkeydef(r.objid) END)::text);

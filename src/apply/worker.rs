@@ -905,7 +905,6 @@ impl Worker {
                 *open = false;
             }
         }
-        self.lane_statements.iter_mut().for_each(HashMap::clear);
         self.ddl_open = false;
         self.in_target_txn = false;
         self.last_completed = None;
@@ -919,10 +918,7 @@ impl Worker {
         self.batch_changes = 0;
         self.batch_txns = 0;
         // A rolled-back transaction may have created tables: forget what we learned in it.
-        self.tables.clear();
-        self.statements.clear();
-        self.last_statement = None;
-        self.column_types.clear();
+        self.forget_tables();
         Ok(())
     }
 
@@ -980,51 +976,14 @@ impl Worker {
         let (mut schema, mut table) = (ddl.schema.clone(), ddl.table.clone());
         for op in &ddl.ops {
             let name = format!("{schema}.{table}");
-            if let Some(bad) = crate::ddl::type_names(op)
-                .into_iter()
-                .find(|t| !sql::is_safe_type_name(t))
-            {
-                let reason = format!("schema change of {name}: unacceptable type name {bad:?}");
+            if let Some(why) = self.ddl_refusal(&table, op) {
+                let reason = format!("schema change of {name}: {why}");
                 self.bad_message(client, message, &reason).await?;
                 continue;
-            }
-            if let Some(bad) = crate::ddl::partition_clauses(op)
-                .into_iter()
-                .find(|c| !crate::ddl::is_safe_partition_clause(c))
-            {
-                let reason = format!(
-                    "schema change of {name}: partition clause {bad:?} is not one pgferry copies \
-                     (words, literals, parentheses and commas only); make the change on the \
-                     target by hand"
-                );
-                self.bad_message(client, message, &reason).await?;
-                continue;
-            }
-            if let Some(parent) = crate::ddl::parent_table(op) {
-                let parent_name = format!("{}.{}", parent.schema, parent.table);
-                let refused = admit::admit_relation(&parent.schema, &parent.table).or_else(|| {
-                    (!self.announced.contains(&parent_name)).then(|| {
-                        format!(
-                            "its parent {parent_name} is a table this node stream never announced"
-                        )
-                    })
-                });
-                if let Some(why) = refused {
-                    let reason = format!("schema change of {name}: {why}");
-                    self.bad_message(client, message, &reason).await?;
-                    continue;
-                }
             }
             if matches!(op, crate::ddl::DdlOp::DropTable) && !self.settings.apply.drop_tables {
                 tracing::warn!(table = %name, "the source dropped this table; keeping it on the target (apply.drop_tables: false)");
                 continue;
-            }
-            if let crate::ddl::DdlOp::SetSchema { to } = op {
-                if let Some(reason) = admit::admit_relation(to, &table) {
-                    let reason = format!("schema change of {name}: {reason}");
-                    self.bad_message(client, message, &reason).await?;
-                    continue;
-                }
             }
             let statement = crate::ddl::to_sql(&schema, &table, op);
             // The DDL's ACCESS EXCLUSIVE lock waits for other sessions' transactions on the
@@ -1106,6 +1065,39 @@ impl Worker {
         }
         self.forget_tables();
         Ok(())
+    }
+
+    /// Why one op of a schema change of `table` must not run here, if so: a type name or a
+    /// partition clause pgferry does not copy, a parent table the stream never announced (or
+    /// in a protected schema), or a move into a protected schema.
+    fn ddl_refusal(&self, table: &str, op: &crate::ddl::DdlOp) -> Option<String> {
+        if let Some(bad) = crate::ddl::type_names(op)
+            .into_iter()
+            .find(|t| !sql::is_safe_type_name(t))
+        {
+            return Some(format!("unacceptable type name {bad:?}"));
+        }
+        if let Some(bad) = crate::ddl::partition_clauses(op)
+            .into_iter()
+            .find(|c| !crate::ddl::is_safe_partition_clause(c))
+        {
+            return Some(format!(
+                "partition clause {bad:?} is not one pgferry copies (words, literals, \
+                 parentheses and commas only); make the change on the target by hand"
+            ));
+        }
+        if let Some(parent) = crate::ddl::parent_table(op) {
+            let parent_name = format!("{}.{}", parent.schema, parent.table);
+            return admit::admit_relation(&parent.schema, &parent.table).or_else(|| {
+                (!self.announced.contains(&parent_name)).then(|| {
+                    format!("its parent {parent_name} is a table this node stream never announced")
+                })
+            });
+        }
+        if let crate::ddl::DdlOp::SetSchema { to } = op {
+            return admit::admit_relation(to, table);
+        }
+        None
     }
 
     /// Records a table as written by this stream (see [`Worker::announce`]).
