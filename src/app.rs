@@ -162,6 +162,10 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             node_id: config.node_id.clone(),
             source,
             kafka: config.kafka.clone(),
+            compact_snapshot_rows: config
+                .apply
+                .as_ref()
+                .is_none_or(|apply| apply.mode != ApplyMode::MultiMaster),
         };
         let sup = supervisor.clone();
         stages.spawn(async move {

@@ -229,12 +229,33 @@ async fn rejected_changes_are_dead_lettered_then_replayed() {
                 &format!("{ddl} ALTER TABLE items ADD CONSTRAINT small CHECK (v < 100);"),
             )
             .await;
+        let mut rng = common::Rng::new(seed);
+        // Rows there before capture starts reach the replica through the snapshot, many to
+        // a node-stream item (COPY text, tried as one COPY): each rejected one is still
+        // dead-lettered alone, and replayed alone.
+        let before = rng.range(600, 1500);
+        let values: Vec<String> = (1..=before)
+            .map(|id| {
+                let v = if rng.chance(0.02) {
+                    rng.range(100, 130)
+                } else {
+                    rng.range(0, 100)
+                };
+                format!("({id}, {v})")
+            })
+            .collect();
+        m.batch_execute(&format!("INSERT INTO items VALUES {}", values.join(",")))
+            .await
+            .unwrap();
+        let mut rejected = m
+            .query_one("SELECT count(*) FROM items WHERE v >= 100", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0) as usize;
         let cap = capture(pg, &master, "", "");
         cap.wait_ready().await;
         let apply = applier(&master, &replica, "", "");
-        let mut rng = common::Rng::new(seed);
-        let mut id = 0;
-        let mut rejected = 0;
+        let mut id = before as i32;
         for _ in 0..rng.range(5, 15) {
             let mut sql = String::from("BEGIN;");
             for _ in 0..rng.range(1, 20) {
@@ -277,6 +298,14 @@ async fn rejected_changes_are_dead_lettered_then_replayed() {
             .unwrap()
             .get(0);
         assert_eq!(on_replica, accepted, "seed {seed}: every valid row applied");
+        // The snapshot's rows were tried as one COPY, which the constraint refused.
+        assert!(
+            apply
+                .metric("pgferry_apply_copy_batches_total", "outcome=\"refused\"")
+                .unwrap_or(0.0)
+                >= 1.0,
+            "seed {seed}: a COPY of snapshot rows was tried"
+        );
         let letters: Vec<(String, i64, String)> = r
             .query(
                 "SELECT table_name, kafka_offset, error FROM pgferry.dead_letters WHERE resolved_at IS NULL",

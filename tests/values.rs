@@ -218,13 +218,23 @@ async fn every_type_family_replicates_exactly() {
     );
     let (master, m) = pg.fresh_db("valuesm", &ddl).await;
     let (replica, _) = pg.fresh_db("valuesr", &ddl).await;
-    let capture = Ferry::capture(pg, &master, &broker().address(), "");
-    capture.wait_ready().await;
-    let _applier = Ferry::applier(&master, &[pg.url(&replica)], &broker().address(), "");
     let generators: Vec<String> = FAMILIES
         .iter()
         .map(|(ty, _, g)| format!("({g})::{ty}"))
         .collect();
+    // Rows there before capture starts arrive by the snapshot, in `rows` items (the source's
+    // text output in COPY's format, written with COPY), the rest by the stream.
+    m.batch_execute(&format!(
+        "SELECT setseed(0.31);
+         INSERT INTO wide SELECT i, {} FROM generate_series(100, 700) AS i;
+         INSERT INTO wide (id) VALUES (99);",
+        generators.join(", ")
+    ))
+    .await
+    .expect("write extreme rows for the snapshot");
+    let capture = Ferry::capture(pg, &master, &broker().address(), "");
+    capture.wait_ready().await;
+    let applier = Ferry::applier(&master, &[pg.url(&replica)], &broker().address(), "");
     let rows = 40;
     m.batch_execute(&format!(
         "SELECT setseed(0.29);
@@ -299,4 +309,11 @@ async fn every_type_family_replicates_exactly() {
         assert_eq!(differing, 0, "column c{i} ({ty}) differs on the replica");
     }
     assert_eq!(copied.len() as i64, expected);
+    assert!(
+        applier
+            .metric("pgferry_apply_copy_batches_total", "outcome=\"written\"")
+            .unwrap_or(0.0)
+            >= 1.0,
+        "snapshot rows went to the replica with COPY"
+    );
 }

@@ -17,10 +17,20 @@ use std::collections::HashMap;
 use bytes::Bytes;
 
 use crate::sql::{qualified, quote_ident};
+use crate::value::copy_text;
 
 /// The fewest rows worth a COPY: it costs the pipeline (the worker waits for the statements
 /// before it) and two more round trips (the savepoint), which a big batch pays back.
 pub const MIN_ROWS: usize = 500;
+
+/// Fewer rows are worth a COPY when they are this many bytes (wide rows: a snapshot's `rows`
+/// item of a table with many columns holds fewer than [`MIN_ROWS`]).
+pub const MIN_BYTES: usize = 64 * 1024;
+
+/// Whether `rows` rows of `bytes` bytes in all are worth a COPY.
+pub fn worth_copying(rows: usize, bytes: usize) -> bool {
+    rows >= MIN_ROWS || bytes >= MIN_BYTES
+}
 
 /// After a COPY of a table hit existing keys, the number of its batches that go as upserts
 /// before COPY is tried again doubles, up to this many.
@@ -40,27 +50,20 @@ pub fn statement(schema: &str, table: &str, columns: &[String]) -> String {
 /// few messages, small enough that no buffer of a batch's size is ever allocated.
 pub const PIECE_BYTES: usize = 64 * 1024;
 
-/// Rows in COPY's text format: a tab between values, a newline after each row, `\N` for NULL,
-/// and backslash, tab, newline and carriage return escaped, so any text arrives as it was. In
-/// pieces of about [`PIECE_BYTES`] (whole rows; a row larger than that is a piece of its own),
-/// to be sent one after the other. Each row is dropped once written: its values are freed in
-/// the order they were made, before the worker waits for the target (held across that wait,
-/// tens of thousands of small strings fragmented glibc's heap for everything else), and
-/// [`decode`] gives the rows back if the batch must go as an upsert.
+/// Rows in COPY's text format ([`copy_text`]), in pieces of about [`PIECE_BYTES`] (whole
+/// rows; a row larger than that is a piece of its own), to be sent one after the other. Each
+/// row is dropped once written: its values are freed in the order they were made, before the
+/// worker waits for the target (held across that wait, tens of thousands of small strings
+/// fragmented glibc's heap for everything else), and [`decode`] gives the rows back if the
+/// batch must go as an upsert.
 pub fn encode(rows: Vec<Vec<Option<String>>>) -> Vec<Bytes> {
     let mut pieces = Vec::new();
     let mut out = Vec::with_capacity(PIECE_BYTES + PIECE_BYTES / 8);
     for row in rows {
-        for (i, value) in row.iter().enumerate() {
-            if i > 0 {
-                out.push(b'\t');
-            }
-            match value {
-                None => out.extend_from_slice(b"\\N"),
-                Some(text) => escape_into(&mut out, text),
-            }
-        }
-        out.push(b'\n');
+        copy_text::push_row(
+            &mut out,
+            row.iter().map(|v| v.as_deref().map(str::as_bytes)),
+        );
         if out.len() >= PIECE_BYTES {
             let full =
                 std::mem::replace(&mut out, Vec::with_capacity(PIECE_BYTES + PIECE_BYTES / 8));
@@ -75,59 +78,7 @@ pub fn encode(rows: Vec<Vec<Option<String>>>) -> Vec<Bytes> {
 
 /// The rows [`encode`] wrote, read back as PostgreSQL reads COPY's text format.
 pub fn decode(pieces: &[Bytes]) -> Vec<Vec<Option<String>>> {
-    let mut rows = Vec::new();
-    for piece in pieces {
-        // Every row ends with a newline; an empty line is a row of one empty string.
-        let Some(lines) = piece.strip_suffix(b"\n") else {
-            continue;
-        };
-        for line in lines.split(|&b| b == b'\n') {
-            let row = line
-                .split(|&b| b == b'\t')
-                .map(|field| (field != b"\\N").then(|| unescape(field)))
-                .collect();
-            rows.push(row);
-        }
-    }
-    rows
-}
-
-fn unescape(field: &[u8]) -> String {
-    let mut out = Vec::with_capacity(field.len());
-    let mut bytes = field.iter();
-    while let Some(&b) = bytes.next() {
-        if b != b'\\' {
-            out.push(b);
-            continue;
-        }
-        out.push(match bytes.next() {
-            Some(b't') => b'\t',
-            Some(b'n') => b'\n',
-            Some(b'r') => b'\r',
-            Some(&other) => other,
-            None => break,
-        });
-    }
-    // Always UTF-8: `encode` wrote Strings and ASCII escapes.
-    String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
-}
-
-fn escape_into(out: &mut Vec<u8>, text: &str) {
-    let bytes = text.as_bytes();
-    let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let escaped: &[u8] = match b {
-            b'\\' => b"\\\\",
-            b'\t' => b"\\t",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            _ => continue,
-        };
-        out.extend_from_slice(&bytes[start..i]);
-        out.extend_from_slice(escaped);
-        start = i + 1;
-    }
-    out.extend_from_slice(&bytes[start..]);
+    pieces.iter().flat_map(|p| copy_text::decode(p)).collect()
 }
 
 /// How a COPY of a batch ended.
@@ -168,10 +119,10 @@ pub struct CopyChoice {
 }
 
 impl CopyChoice {
-    /// Whether to try COPY for a batch of `rows` upserts of `table` (counts the batch when
-    /// it is one to skip).
-    pub fn try_copy(&mut self, table: &str, rows: usize) -> bool {
-        if rows < MIN_ROWS {
+    /// Whether to try COPY for a batch of upserts of `table` that is `worth` it (see
+    /// [`worth_copying`]; counts the batch when it is one to skip).
+    pub fn try_copy(&mut self, table: &str, worth: bool) -> bool {
+        if !worth {
             return false;
         }
         match self.tables.get_mut(table) {
@@ -259,14 +210,16 @@ mod tests {
     #[test]
     fn conflicts_back_off_and_refusals_stop_copy() {
         let mut choice = CopyChoice::default();
-        assert!(!choice.try_copy("t", MIN_ROWS - 1));
-        assert!(choice.try_copy("t", MIN_ROWS));
+        assert!(!worth_copying(MIN_ROWS - 1, MIN_BYTES - 1));
+        assert!(worth_copying(MIN_ROWS, 0) && worth_copying(1, MIN_BYTES));
+        assert!(!choice.try_copy("t", false));
+        assert!(choice.try_copy("t", true));
         // Each conflict in a row doubles the batches skipped after it: 1, 2, 4, ...
         let mut skipped = Vec::new();
         for _ in 0..5 {
             choice.record("t", Outcome::Conflict);
             let mut n = 0;
-            while !choice.try_copy("t", MIN_ROWS) {
+            while !choice.try_copy("t", true) {
                 n += 1;
             }
             skipped.push(n);
@@ -275,11 +228,11 @@ mod tests {
         // A COPY that wrote its rows starts over.
         choice.record("t", Outcome::Written);
         choice.record("t", Outcome::Conflict);
-        assert!(!choice.try_copy("t", MIN_ROWS));
-        assert!(choice.try_copy("t", MIN_ROWS));
+        assert!(!choice.try_copy("t", true));
+        assert!(choice.try_copy("t", true));
         // Other tables are not affected; a refusal is final.
         choice.record("u", Outcome::Refused);
-        assert!((0..1000).all(|_| !choice.try_copy("u", MIN_ROWS)));
-        assert!(choice.try_copy("v", MIN_ROWS));
+        assert!((0..1000).all(|_| !choice.try_copy("u", true)));
+        assert!(choice.try_copy("v", true));
     }
 }

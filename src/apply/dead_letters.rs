@@ -40,6 +40,8 @@ pub struct StoredDeadLetter {
     pub offset: i64,
     /// The item's place in that record (a bundle of items, one per line), 0 for the first.
     pub item: i32,
+    /// A snapshot row's place in its `rows` item, 0 for the first (and for other items).
+    pub item_row: i32,
     /// WAL position (capture-stage letters).
     pub lsn: Option<String>,
     /// Why it was dead-lettered.
@@ -80,10 +82,11 @@ pub async fn read(
     }
     let rows = client
         .query(
-            // `item` through to_jsonb: a target whose table predates the column (no apply
-            // worker of this version has started there yet) reads as item 0.
+            // `item` and `item_row` through to_jsonb: a target whose table predates the
+            // columns (no apply worker of this version has started there yet) reads as 0.
             "SELECT id, source_node, stage, table_name, topic, kafka_offset, lsn, error, payload,
-                    created_at::text, resolution, coalesce((to_jsonb(d) ->> 'item')::int, 0)
+                    created_at::text, resolution, coalesce((to_jsonb(d) ->> 'item')::int, 0),
+                    coalesce((to_jsonb(d) ->> 'item_row')::int, 0)
                FROM pgferry.dead_letters AS d
               WHERE ($1 OR resolved_at IS NULL)
                 AND (cardinality($2::int8[]) = 0 OR id = ANY($2))
@@ -111,6 +114,7 @@ pub async fn read(
             created_at: r.get(9),
             resolution: r.get(10),
             item: r.get(11),
+            item_row: r.get(12),
         })
         .collect())
 }
@@ -142,6 +146,10 @@ pub async fn list(config: &Config, selection: &Selection) -> Result<String, Appl
         for l in letters {
             let position = match &l.lsn {
                 Some(lsn) => format!("lsn {lsn}"),
+                None if l.item_row > 0 => format!(
+                    "{}@{} item {} row {}",
+                    l.topic, l.offset, l.item, l.item_row
+                ),
                 None => format!("{}@{} item {}", l.topic, l.offset, l.item),
             };
             let _ = writeln!(

@@ -169,10 +169,36 @@ pub struct ChangeItem {
     pub version: Option<crate::event::Version>,
 }
 
-impl ChangeItem {
+/// An item that writes named columns of one table: a change (its images), snapshot rows.
+pub trait WritesColumns {
+    /// Source schema.
+    fn schema(&self) -> &str;
+    /// Source table.
+    fn table(&self) -> &str;
+    /// The columns it writes (a column may appear more than once).
+    fn column_names(&self) -> impl Iterator<Item = &String>;
     /// Follows a column's rename (`to: Some`) or drop (`to: None`) made on the target after the
-    /// change was written (multi-master nodes change schemas while changes are in flight).
-    pub fn follow_column(&mut self, from: &str, to: Option<&str>) {
+    /// item was written (multi-master nodes change schemas while changes are in flight).
+    fn follow_column(&mut self, from: &str, to: Option<&str>);
+}
+
+impl WritesColumns for ChangeItem {
+    fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    fn table(&self) -> &str {
+        &self.table
+    }
+
+    fn column_names(&self) -> impl Iterator<Item = &String> {
+        [&self.after, &self.before]
+            .into_iter()
+            .flatten()
+            .flat_map(RowImage::keys)
+    }
+
+    fn follow_column(&mut self, from: &str, to: Option<&str>) {
         for image in [&mut self.before, &mut self.after].into_iter().flatten() {
             match to {
                 Some(to) => image.rename_column(from, to),
@@ -244,6 +270,97 @@ pub enum StreamItem {
     Ack(Box<AckItem>),
     /// `type: ddl`: a schema change of one table (see [`crate::ddl`]).
     Ddl(Box<DdlItem>),
+    /// `type: rows`: snapshot rows of one table in COPY's text format.
+    Rows(Box<RowsItem>),
+}
+
+/// The `rows` record: snapshot rows (`op: "r"`) of one table, many to an item, in COPY's
+/// text format (see `sink::kafka::node_stream`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowsItem {
+    /// Source schema.
+    pub schema: String,
+    /// Source table.
+    pub table: String,
+    /// The columns of each row, in order.
+    pub names: Vec<String>,
+    /// The rows: values as the source's text output, tab-separated, `\N` for NULL, each row
+    /// ended by a newline (see [`crate::value::copy_text`]).
+    pub copy: String,
+}
+
+impl RowsItem {
+    /// The number of rows.
+    pub fn len(&self) -> usize {
+        crate::value::copy_text::rows_in(self.copy.as_bytes())
+    }
+
+    /// Whether it holds no row.
+    pub fn is_empty(&self) -> bool {
+        self.copy.is_empty()
+    }
+
+    /// Each row as an item of its own (to apply, and dead-letter, one by one).
+    pub fn split(&self) -> impl Iterator<Item = RowsItem> + '_ {
+        self.copy.split_inclusive('\n').map(|row| RowsItem {
+            schema: self.schema.clone(),
+            table: self.table.clone(),
+            names: self.names.clone(),
+            copy: row.to_owned(),
+        })
+    }
+
+    /// The item as the node stream carries it (a dead letter's payload, replayable).
+    pub fn to_json(&self) -> String {
+        serde_json::json!({
+            "type": "rows",
+            "schema": self.schema,
+            "table": self.table,
+            "names": self.names,
+            "copy": self.copy,
+        })
+        .to_string()
+    }
+}
+
+impl WritesColumns for RowsItem {
+    fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    fn table(&self) -> &str {
+        &self.table
+    }
+
+    fn column_names(&self) -> impl Iterator<Item = &String> {
+        self.names.iter()
+    }
+
+    fn follow_column(&mut self, from: &str, to: Option<&str>) {
+        let Some(at) = self.names.iter().position(|c| c == from) else {
+            return;
+        };
+        match to {
+            Some(to) => self.names[at] = to.to_owned(),
+            None => {
+                self.names.remove(at);
+                // A raw tab is always a separator (COPY escapes the ones inside values).
+                let mut copy = String::with_capacity(self.copy.len());
+                for row in self.copy.split_inclusive('\n') {
+                    let row = row.strip_suffix('\n').unwrap_or(row);
+                    let kept: Vec<&str> = row
+                        .split('\t')
+                        .enumerate()
+                        .filter(|&(i, _)| i != at)
+                        .map(|(_, field)| field)
+                        .collect();
+                    copy.push_str(&kept.join("\t"));
+                    copy.push('\n');
+                }
+                self.copy = copy;
+            }
+        }
+    }
 }
 
 /// The `ddl` record: schema changes of one table, at their place in the transaction.
@@ -319,6 +436,10 @@ struct RawRecord<'a> {
     ack: Option<AckItem>,
     #[serde(default)]
     ops: Option<Vec<crate::ddl::DdlOp>>,
+    #[serde(default)]
+    names: Option<Vec<String>>,
+    #[serde(default, borrow)]
+    copy: Option<Cow<'a, str>>,
     // A change item's own members (records before compact items wrap the envelope instead,
     // in `change`).
     #[serde(default, borrow)]
@@ -461,6 +582,12 @@ pub fn parse_framed(bytes: Option<&[u8]>) -> Result<(Option<u64>, StreamItem), M
         "ack" => Ok(StreamItem::Ack(Box::new(
             raw.ack.ok_or_else(|| missing("ack"))?,
         ))),
+        "rows" => Ok(StreamItem::Rows(Box::new(RowsItem {
+            schema: raw.schema.ok_or_else(|| missing("schema"))?.into_owned(),
+            table: raw.table.ok_or_else(|| missing("table"))?.into_owned(),
+            names: raw.names.ok_or_else(|| missing("names"))?,
+            copy: raw.copy.ok_or_else(|| missing("copy"))?.into_owned(),
+        }))),
         "ddl" => Ok(StreamItem::Ddl(Box::new(DdlItem {
             schema: raw.schema.ok_or_else(|| missing("schema"))?.into_owned(),
             table: raw.table.ok_or_else(|| missing("table"))?.into_owned(),
@@ -478,6 +605,8 @@ pub enum Step {
     Start(BeginMarker),
     /// Apply this change.
     Apply(Box<ChangeItem>),
+    /// Snapshot rows, applied like `op: "r"` changes.
+    Rows(Box<RowsItem>),
     /// A table's schema (to create it on the target when configured).
     Relation(Box<RelationItem>),
     /// Record that capture dead-lettered a change of this table.
@@ -597,6 +726,17 @@ impl Framer {
                     Step::Stray("a change outside any transaction (its begin record is missing)")
                 } else {
                     Step::Apply(change)
+                }
+            }
+            StreamItem::Rows(rows) => {
+                if self.skipping {
+                    Step::Ignore
+                } else if self.open.is_none() {
+                    Step::Stray(
+                        "snapshot rows outside any transaction (their begin record is missing)",
+                    )
+                } else {
+                    Step::Rows(rows)
                 }
             }
             StreamItem::Relation(relation) => {

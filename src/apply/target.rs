@@ -75,8 +75,12 @@ pub async fn prepare_session(
              ALTER TABLE pgferry.dead_letters ADD COLUMN IF NOT EXISTS item int NOT NULL DEFAULT 0;
              ALTER TABLE pgferry.dead_letters
                  DROP CONSTRAINT IF EXISTS dead_letters_source_node_topic_kafka_offset_key;
-             CREATE UNIQUE INDEX IF NOT EXISTS dead_letters_item
-                 ON pgferry.dead_letters (source_node, topic, kafka_offset, item);
+             -- And one per row of a `rows` item (snapshot rows, many to an item): the
+             -- row's place in the item, 0 for other items.
+             ALTER TABLE pgferry.dead_letters ADD COLUMN IF NOT EXISTS item_row int NOT NULL DEFAULT 0;
+             DROP INDEX IF EXISTS pgferry.dead_letters_item;
+             CREATE UNIQUE INDEX IF NOT EXISTS dead_letters_item_row
+                 ON pgferry.dead_letters (source_node, topic, kafka_offset, item, item_row);
              -- The tables each node's stream announced (apply::admit): its changes may write
              -- only these.
              CREATE TABLE IF NOT EXISTS pgferry.stream_tables (
@@ -171,10 +175,10 @@ pub async fn read_progress(
 /// progress that skips the change). Parameters: node, stage, table, topic, offset, lsn, error,
 /// payload, item. A replay of the same item (after a crash before commit) records nothing new.
 pub const RECORD_DEAD_LETTER: &str = "INSERT INTO pgferry.dead_letters
-        (source_node, stage, table_name, topic, kafka_offset, lsn, error, payload, item)
+        (source_node, stage, table_name, topic, kafka_offset, lsn, error, payload, item, item_row)
      VALUES ($1::text, $2::text, $3::text, $4::text, $5::text::bigint, $6::text, $7::text, $8::text,
-             $9::text::int)
-     ON CONFLICT (source_node, topic, kafka_offset, item) DO NOTHING";
+             $9::text::int, $10::text::int)
+     ON CONFLICT (source_node, topic, kafka_offset, item, item_row) DO NOTHING";
 
 /// Tables with unresolved dead letters from `node`: the target misses changes to them.
 pub async fn diverged_tables(

@@ -35,7 +35,8 @@ use super::params::json_to_text;
 use super::plan::{self, Coalescer, RowChange, RowWrite, StatementKind, Waves};
 use super::sql;
 use super::stream::{
-    parse_framed, ChangeItem, Framer, RelationItem, RowImage, SkippedItem, Step, StreamItem,
+    parse_framed, ChangeItem, Framer, RelationItem, RowsItem, SkippedItem, Step, StreamItem,
+    WritesColumns,
 };
 use super::target::{self, param_kind, TargetTable, TextParam};
 use crate::config::{ApplyConfig, ApplyMode, KafkaConfig, OnPoison, TargetConfig};
@@ -47,6 +48,7 @@ use crate::pgtime::PgTimestamp;
 use crate::sink::kafka::dead_letter::{self, DeadLetter};
 use crate::sink::kafka::node_stream::{items_of, node_stream_topic};
 use crate::telemetry::{Health, Metrics};
+use crate::value::copy_text;
 
 mod horizon;
 mod lww;
@@ -201,6 +203,12 @@ struct Worker {
     diverged_checked: std::time::Instant,
 }
 
+/// What [`Worker::apply_carefully`] applies: one change, or snapshot rows.
+enum Work {
+    Change(Box<ChangeItem>),
+    Rows(Box<RowsItem>),
+}
+
 /// Where a record came from, and its bytes: a Kafka message, or a stored dead letter being
 /// replayed.
 pub(crate) struct RecordRef<'a> {
@@ -209,6 +217,8 @@ pub(crate) struct RecordRef<'a> {
     offset: i64,
     /// The item's place in its record (a bundle, see `node_stream`), 0 for the first.
     item: u32,
+    /// The row's place in a `rows` item, for a letter of one snapshot row.
+    row: Option<u32>,
     payload: Option<&'a [u8]>,
 }
 
@@ -219,6 +229,7 @@ impl<'a> RecordRef<'a> {
             partition: message.partition(),
             offset: message.offset(),
             item: 0,
+            row: None,
             payload: message.payload(),
         }
     }
@@ -783,8 +794,33 @@ impl Worker {
             }
             Step::Apply(change) if self.careful => {
                 let commit_ts = framer.open_commit_ts_us().unwrap_or_default();
-                self.apply_carefully(client, pending, record, change, commit_ts)
+                self.apply_carefully(client, pending, record, Work::Change(change), commit_ts)
                     .await?;
+            }
+            Step::Rows(rows) if self.careful && self.lww.is_none() => {
+                // Row by row, so that a row the target rejects is dead-lettered alone (as a
+                // `rows` item of its own, which can be replayed).
+                let commit_ts = framer.open_commit_ts_us().unwrap_or_default();
+                for (at, row) in rows.split().enumerate() {
+                    let payload = row.to_json();
+                    let one = RecordRef {
+                        row: u32::try_from(at).ok(),
+                        payload: Some(payload.as_bytes()),
+                        ..*record
+                    };
+                    self.apply_carefully(
+                        client,
+                        pending,
+                        &one,
+                        Work::Rows(Box::new(row)),
+                        commit_ts,
+                    )
+                    .await?;
+                }
+            }
+            Step::Rows(rows) => {
+                self.apply_rows(client, pending, record, rows).await?;
+                pending.throttle().await?;
             }
             Step::Start(begin) => {
                 if let Some(lww) = &mut self.lww {
@@ -812,12 +848,7 @@ impl Worker {
             }
             Step::Apply(change) => {
                 self.apply_change(client, pending, record, change).await?;
-                if pending.len() >= PIPELINE_DEPTH {
-                    pending
-                        .wait_below(PIPELINE_DEPTH / 2)
-                        .await
-                        .map_err(ApplyError::sql("applying changes"))?;
-                }
+                pending.throttle().await?;
             }
             Step::End(commit) => {
                 self.batch_txns += 1;
@@ -1357,7 +1388,7 @@ impl Worker {
         Ok(self.tables.get(qualified).cloned())
     }
 
-    fn count_applied(&mut self, qualified: &str, op: Op) {
+    fn count_applied(&mut self, qualified: &str, op: Op, rows: u64) {
         let slot = match op {
             Op::Read => 0,
             Op::Create => 1,
@@ -1380,7 +1411,7 @@ impl Worker {
                     .apply_changes
                     .with_label_values(&[qualified, op.code()])
             })
-            .inc();
+            .inc_by(rows);
     }
 
     async fn statement(
@@ -1400,17 +1431,18 @@ impl Worker {
         Ok(stmt)
     }
 
-    /// The target table a change goes to, with every column the change names. `None`: the
-    /// table is filtered out by `apply.tables`, or missing and the record was dead-lettered.
+    /// The target table a change (or snapshot rows) goes to, with every column the item names
+    /// (renames and drops made on the target since are followed). `None`: the table is
+    /// filtered out by `apply.tables`, or missing and the record was dead-lettered.
     async fn target_table(
         &mut self,
         client: &Client,
         message: &RecordRef<'_>,
-        change: &mut ChangeItem,
+        change: &mut impl WritesColumns,
         qualified: &str,
     ) -> Result<Option<Arc<TargetTable>>, ApplyError> {
         match admit::admit(
-            &change.schema,
+            change.schema(),
             qualified,
             &self.settings.apply.tables,
             &self.announced,
@@ -1428,7 +1460,7 @@ impl Worker {
                 return Ok(None);
             }
         }
-        let names = (change.schema.as_str(), change.table.as_str());
+        let names = (change.schema(), change.table());
         let Some(mut table) = self.table(client, qualified, names, false).await? else {
             self.bad_message(
                 client,
@@ -1438,10 +1470,8 @@ impl Worker {
             .await?;
             return Ok(None);
         };
-        let missing = [&change.after, &change.before]
-            .into_iter()
-            .flatten()
-            .flat_map(RowImage::keys)
+        let missing = change
+            .column_names()
             .find(|c| !table.columns.contains(c))
             .cloned();
         if let Some(missing) = missing {
@@ -1455,10 +1485,8 @@ impl Worker {
                 let history = target::column_history(client, qualified)
                     .await
                     .map_err(ApplyError::sql("reading pgferry.ddl_history"))?;
-                let columns: Vec<String> = [&change.after, &change.before]
-                    .into_iter()
-                    .flatten()
-                    .flat_map(RowImage::keys)
+                let columns: Vec<String> = change
+                    .column_names()
                     .filter(|c| !table.columns.contains(c))
                     .cloned()
                     .collect();
@@ -1592,47 +1620,169 @@ impl Worker {
         } else {
             &change.json_null_after
         };
-        // Runs of changes share their statement (a snapshot's rows, a bulk load): compared
-        // in place, without building and hashing a key per change.
-        let last = self.last_statement.as_ref().filter(|(k, _)| {
-            k.kind == kind
-                && k.table == change.table
-                && k.schema == change.schema
-                && k.columns == columns
-        });
-        let stmt = match last {
-            Some((_, stmt)) => stmt.clone(),
-            None => {
-                let (schema, name) = (change.schema.as_str(), change.table.as_str());
-                let cols: Vec<&str> = columns.iter().map(String::as_str).collect();
-                let text = || match kind {
-                    StatementKind::Upsert => sql::upsert(schema, name, &cols, &key),
-                    StatementKind::Update => {
-                        sql::update(schema, name, &cols[..cols.len() - key.len()], &key)
-                    }
-                    StatementKind::Delete => sql::delete(schema, name, &key),
-                    StatementKind::DeleteMatching => sql::delete_one_matching(schema, name, &cols),
-                    _ => sql::truncate(schema, name),
-                };
-                let stmt_key = StatementKey {
-                    schema: change.schema.clone(),
-                    table: change.table.clone(),
-                    kind,
-                    columns: columns.clone(),
-                    compared: Vec::new(),
-                };
-                let stmt = self.statement(client, stmt_key.clone(), text).await?;
-                self.last_statement = Some((stmt_key, stmt.clone()));
-                stmt
-            }
-        };
+        let (schema, name) = (change.schema.as_str(), change.table.as_str());
+        let stmt = self
+            .change_statement(client, (schema, name), kind, &columns, &key)
+            .await?;
         let params =
             match Self::render_params(stmt.params(), &columns, &values, json_nulls, &qualified) {
                 Ok(params) => params,
                 Err(reason) => return self.bad_message(client, message, &reason).await,
             };
-        // Rows of keyed tables without secondary unique indexes go into the set batch (see
-        // [`super::plan`]); anything else is sent alone, after the batch.
+        self.write_row(
+            client,
+            pending,
+            &table,
+            (schema, name),
+            &qualified,
+            kind,
+            stmt,
+            columns,
+            params,
+        )
+        .await?;
+        self.batch_changes += 1;
+        self.count_applied(&qualified, change.op, 1);
+        Ok(())
+    }
+
+    /// Applies snapshot rows (a `rows` item) as `op: "r"` changes: with one `COPY` when they
+    /// are many and the table takes batches (see [`copy`]; a COPY that meets an existing key
+    /// gives way to upserts, same outcome), else each as an upsert.
+    async fn apply_rows<'c>(
+        &mut self,
+        client: &'c Client,
+        pending: &mut InFlight<'c>,
+        message: &RecordRef<'_>,
+        rows: Box<RowsItem>,
+    ) -> Result<(), ApplyError> {
+        if self.lww.is_some() {
+            let reason = "snapshot rows in COPY form (a `rows` item) reached a multi-master \
+                          applier, which needs each row's version: the node that wrote this \
+                          stream is not configured as multi-master";
+            return self.bad_message(client, message, reason).await;
+        }
+        let mut rows = *rows;
+        let qualified = format!("{}.{}", rows.schema, rows.table);
+        let Some(table) = self
+            .target_table(client, message, &mut rows, &qualified)
+            .await?
+        else {
+            return Ok(());
+        };
+        let count = rows.len();
+        let text = bytes::Bytes::from(std::mem::take(&mut rows.copy));
+        let names = (rows.schema.as_str(), rows.table.as_str());
+        self.batch_changes += count as u64;
+        self.count_applied(&qualified, Op::Read, count as u64);
+        let worth = copy::worth_copying(count, text.len());
+        if !self.careful && table.uniques.is_empty() && self.copy.try_copy(&qualified, worth) {
+            // The changes before must be written first, and must have succeeded: a failure
+            // of theirs would otherwise be taken for the COPY's.
+            self.send_rows(client, pending).await?;
+            pending
+                .drain()
+                .await
+                .map_err(ApplyError::sql("applying changes"))?;
+            let outcome =
+                copy_rows(client, names, &rows.names, std::slice::from_ref(&text)).await?;
+            self.metrics
+                .apply_copy_batches
+                .with_label_values(&[outcome.label()])
+                .inc();
+            self.copy.record(&qualified, outcome);
+            if outcome == copy::Outcome::Written {
+                return Ok(());
+            }
+        }
+        let key: Vec<&str> = table.key.iter().map(String::as_str).collect();
+        let stmt = self
+            .change_statement(client, names, StatementKind::Upsert, &rows.names, &key)
+            .await?;
+        for values in copy_text::decode(&text) {
+            if values.len() != rows.names.len() {
+                let reason = format!(
+                    "snapshot rows of {qualified}: a row has {} values for {} columns",
+                    values.len(),
+                    rows.names.len()
+                );
+                return self.bad_message(client, message, &reason).await;
+            }
+            let params = values.into_iter().map(TextParam).collect();
+            let (kind, columns) = (StatementKind::Upsert, rows.names.clone());
+            self.write_row(
+                client,
+                pending,
+                &table,
+                names,
+                &qualified,
+                kind,
+                stmt.clone(),
+                columns,
+                params,
+            )
+            .await?;
+            pending.throttle().await?;
+        }
+        Ok(())
+    }
+
+    /// The prepared statement of `kind` for `columns` of a table. Runs of changes share their
+    /// statement (a snapshot's rows, a bulk load): compared in place, without building and
+    /// hashing a key per change.
+    async fn change_statement(
+        &mut self,
+        client: &Client,
+        (schema, name): (&str, &str),
+        kind: StatementKind,
+        columns: &[String],
+        key: &[&str],
+    ) -> Result<Statement, ApplyError> {
+        let last = self.last_statement.as_ref().filter(|(k, _)| {
+            k.kind == kind && k.table == name && k.schema == schema && k.columns == columns
+        });
+        if let Some((_, stmt)) = last {
+            return Ok(stmt.clone());
+        }
+        let cols: Vec<&str> = columns.iter().map(String::as_str).collect();
+        let text = || match kind {
+            StatementKind::Upsert => sql::upsert(schema, name, &cols, key),
+            StatementKind::Update => {
+                sql::update(schema, name, &cols[..cols.len() - key.len()], key)
+            }
+            StatementKind::Delete => sql::delete(schema, name, key),
+            StatementKind::DeleteMatching => sql::delete_one_matching(schema, name, &cols),
+            _ => sql::truncate(schema, name),
+        };
+        let stmt_key = StatementKey {
+            schema: schema.to_owned(),
+            table: name.to_owned(),
+            kind,
+            columns: columns.to_vec(),
+            compared: Vec::new(),
+        };
+        let stmt = self.statement(client, stmt_key.clone(), text).await?;
+        self.last_statement = Some((stmt_key, stmt.clone()));
+        Ok(stmt)
+    }
+
+    /// Writes one row change, its values as text parameters of `stmt`: rows of keyed tables
+    /// without secondary unique indexes go into the set batch (see [`super::plan`]); anything
+    /// else is sent alone, after the batch.
+    #[allow(clippy::too_many_arguments)]
+    async fn write_row<'c>(
+        &mut self,
+        client: &'c Client,
+        pending: &mut InFlight<'c>,
+        table: &TargetTable,
+        (schema, name): (&str, &str),
+        qualified: &str,
+        kind: StatementKind,
+        stmt: Statement,
+        columns: Vec<String>,
+        params: Vec<TextParam>,
+    ) -> Result<(), ApplyError> {
+        let key: Vec<&str> = table.key.iter().map(String::as_str).collect();
         let write = match kind {
             StatementKind::Upsert => Some(RowWrite::Upsert),
             StatementKind::Update => Some(RowWrite::Update {
@@ -1654,9 +1804,9 @@ impl Worker {
                 // A keyless table's inserts commute with each other (its deletes are sent
                 // alone, after the batch): each row gets a key of its own.
                 let row_key = if key.is_empty() {
-                    plan::row_key(&qualified, [Some(self.rows.len().to_string().as_str())])
+                    plan::row_key(qualified, [Some(self.rows.len().to_string().as_str())])
                 } else {
-                    plan::row_key(&qualified, key_at.iter().map(|&i| params[i].0.as_deref()))
+                    plan::row_key(qualified, key_at.iter().map(|&i| params[i].0.as_deref()))
                 };
                 let mut values: plan::Values = columns
                     .into_iter()
@@ -1670,12 +1820,10 @@ impl Worker {
                     }
                     RowWrite::Delete => RowChange::Delete(values),
                 };
-                if let Err((row_key, row)) =
-                    self.rows.push(&change.schema, &change.table, row_key, row)
-                {
+                if let Err((row_key, row)) = self.rows.push(schema, name, row_key, row) {
                     // The key's changes cannot fold into one: send the batch, start anew.
                     self.send_rows(client, pending).await?;
-                    self.rows.add(&change.schema, &change.table, row_key, row);
+                    self.rows.add(schema, name, row_key, row);
                 }
                 if self.rows.len() >= ROWS_PER_STATEMENT {
                     self.send_rows(client, pending).await?;
@@ -1688,8 +1836,6 @@ impl Worker {
                 ));
             }
         }
-        self.batch_changes += 1;
-        self.count_applied(&qualified, change.op);
         Ok(())
     }
 
@@ -1708,28 +1854,30 @@ impl Worker {
                     column: group.columns.first().cloned().unwrap_or_default(),
                 });
             };
-            let rows =
-                if group.write == RowWrite::Upsert && self.copy.try_copy(&qualified, rows.len()) {
-                    // The statements before the COPY must have succeeded: a failure of theirs
-                    // would otherwise be taken for the COPY's.
-                    pending
-                        .drain()
-                        .await
-                        .map_err(ApplyError::sql("applying changes"))?;
-                    let pieces = copy::encode(rows);
-                    let outcome = copy_rows(client, &group, &pieces).await?;
-                    self.metrics
-                        .apply_copy_batches
-                        .with_label_values(&[outcome.label()])
-                        .inc();
-                    self.copy.record(&qualified, outcome);
-                    if outcome == copy::Outcome::Written {
-                        continue;
-                    }
-                    copy::decode(&pieces)
-                } else {
-                    rows
-                };
+            let rows = if group.write == RowWrite::Upsert
+                && self.copy.try_copy(&qualified, rows.len() >= copy::MIN_ROWS)
+            {
+                // The statements before the COPY must have succeeded: a failure of theirs
+                // would otherwise be taken for the COPY's.
+                pending
+                    .drain()
+                    .await
+                    .map_err(ApplyError::sql("applying changes"))?;
+                let pieces = copy::encode(rows);
+                let names = (group.schema.as_str(), group.table.as_str());
+                let outcome = copy_rows(client, names, &group.columns, &pieces).await?;
+                self.metrics
+                    .apply_copy_batches
+                    .with_label_values(&[outcome.label()])
+                    .inc();
+                self.copy.record(&qualified, outcome);
+                if outcome == copy::Outcome::Written {
+                    continue;
+                }
+                copy::decode(&pieces)
+            } else {
+                rows
+            };
             let typed = lww::typed(&table, &group.columns);
             let text = match group.write {
                 RowWrite::Upsert => {
@@ -1770,10 +1918,13 @@ impl Worker {
         reason: &str,
     ) -> Result<(), ApplyError> {
         self.metrics.apply_dead_letters.inc();
-        let location = format!(
+        let mut location = format!(
             "{}[{}]@{} item {}",
             message.topic, message.partition, message.offset, message.item
         );
+        if let Some(row) = message.row {
+            location.push_str(&format!(" row {row}"));
+        }
         if self.settings.apply.on_poison == OnPoison::Stop {
             return Err(ApplyError::BadMessage {
                 location,
@@ -1795,6 +1946,7 @@ impl Worker {
             partition: Some(message.partition),
             offset: Some(message.offset),
             item: Some(message.item),
+            row: message.row,
             target: Some(target),
             error: reason,
             payload: payload
@@ -1833,7 +1985,7 @@ impl Worker {
         message: &RecordRef<'_>,
         letter: StoredLetter<'_>,
     ) -> Result<(), ApplyError> {
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 10] = [
             &self.settings.node,
             &letter.stage,
             &letter.table,
@@ -1843,6 +1995,7 @@ impl Worker {
             &letter.reason,
             &letter.payload,
             &message.item.to_string(),
+            &message.row.unwrap_or(0).to_string(),
         ];
         client
             .execute(target::RECORD_DEAD_LETTER, &params)
@@ -1887,16 +2040,23 @@ impl Worker {
         client: &'c Client,
         pending: &mut InFlight<'c>,
         message: &RecordRef<'_>,
-        change: Box<ChangeItem>,
+        work: Work,
         commit_ts_us: i64,
     ) -> Result<(), ApplyError> {
-        if self.lww.is_some() {
-            self.apply_change_lww(client, pending, message, change, commit_ts_us)
-                .await?;
-            self.send_lww_rows(client, pending).await?;
-        } else {
-            self.apply_change(client, pending, message, change).await?;
-            self.send_rows(client, pending).await?;
+        match work {
+            Work::Change(change) if self.lww.is_some() => {
+                self.apply_change_lww(client, pending, message, change, commit_ts_us)
+                    .await?;
+                self.send_lww_rows(client, pending).await?;
+            }
+            Work::Change(change) => {
+                self.apply_change(client, pending, message, change).await?;
+                self.send_rows(client, pending).await?;
+            }
+            Work::Rows(rows) => {
+                self.apply_rows(client, pending, message, rows).await?;
+                self.send_rows(client, pending).await?;
+            }
         }
         pending
             .drain()
@@ -1912,7 +2072,7 @@ impl Worker {
         client: &'c Client,
         pending: &mut InFlight<'c>,
         message: &RecordRef<'_>,
-        change: Box<ChangeItem>,
+        work: Work,
         commit_ts_us: i64,
     ) -> Result<(), ApplyError> {
         pending
@@ -1926,7 +2086,7 @@ impl Worker {
             .await
             .map_err(ApplyError::sql("setting a savepoint"))?;
         let applied = self
-            .apply_and_wait(client, pending, message, change, commit_ts_us)
+            .apply_and_wait(client, pending, message, work, commit_ts_us)
             .await;
         match applied {
             Ok(()) => client
@@ -1998,8 +2158,10 @@ impl Worker {
         };
         let (_, item) = parse_framed(Some(payload.as_bytes()))
             .map_err(|e| refuse(&format!("its record does not parse: {e}")))?;
-        let StreamItem::Change(change) = item else {
-            return Err(refuse("its record is not a change"));
+        let work = match item {
+            StreamItem::Change(change) => Work::Change(change),
+            StreamItem::Rows(rows) => Work::Rows(rows),
+            _ => return Err(refuse("its record is not a change")),
         };
         let commit_ts_us = commit_ts_of(payload.as_bytes()).unwrap_or_default();
         let record = RecordRef {
@@ -2007,6 +2169,7 @@ impl Worker {
             partition: 0,
             offset: letter.offset,
             item: u32::try_from(letter.item).unwrap_or_default(),
+            row: None,
             payload: Some(payload.as_bytes()),
         };
         client
@@ -2017,7 +2180,7 @@ impl Worker {
             client,
             &mut InFlight::default(),
             &record,
-            change,
+            work,
             commit_ts_us,
         )
         .await?;
@@ -2094,7 +2257,8 @@ fn is_lock_conflict(e: &tokio_postgres::Error) -> bool {
 /// (the connection, a lock conflict) is the caller's error.
 async fn copy_rows(
     client: &Client,
-    group: &plan::WriteGroup,
+    (schema, table): (&str, &str),
+    columns: &[String],
     pieces: &[bytes::Bytes],
 ) -> Result<copy::Outcome, ApplyError> {
     use futures_util::SinkExt;
@@ -2102,7 +2266,7 @@ async fn copy_rows(
         .batch_execute("SAVEPOINT pgferry_copy")
         .await
         .map_err(ApplyError::sql("starting a COPY"))?;
-    let statement = copy::statement(&group.schema, &group.table, &group.columns);
+    let statement = copy::statement(schema, table, columns);
     let written = async {
         let sink = client.copy_in::<_, bytes::Bytes>(&statement).await?;
         futures_util::pin_mut!(sink);
@@ -2137,7 +2301,7 @@ async fn copy_rows(
     if conflict {
         return Ok(copy::Outcome::Conflict);
     }
-    tracing::info!(table = %format!("{}.{}", group.schema, group.table), error = %ErrorChain(&error),
+    tracing::info!(table = %format!("{schema}.{table}"), error = %ErrorChain(&error),
                    "COPY refused; this table's batches go as multi-row upserts from now on");
     Ok(copy::Outcome::Refused)
 }
@@ -2158,6 +2322,16 @@ struct InFlight<'a> {
 impl<'a> InFlight<'a> {
     fn len(&self) -> usize {
         self.open.queue.len()
+    }
+
+    /// Waits for answers while [`PIPELINE_DEPTH`] statements are unanswered, down to half.
+    async fn throttle(&mut self) -> Result<(), ApplyError> {
+        if self.len() >= PIPELINE_DEPTH {
+            self.wait_below(PIPELINE_DEPTH / 2)
+                .await
+                .map_err(ApplyError::sql("applying changes"))?;
+        }
+        Ok(())
     }
 
     /// Sends a statement (polls it once) and collects any results already back.

@@ -5,6 +5,7 @@
 //! the mapping and does the conversion.
 
 mod array;
+pub mod copy_text;
 mod datetime;
 mod json;
 

@@ -234,7 +234,7 @@ impl Worker {
             return self.bad_message(client, message, &reason).await;
         }
         let Some(table) = self
-            .target_table(client, message, &mut change, &qualified)
+            .target_table(client, message, &mut *change, &qualified)
             .await?
         else {
             return Ok(());
@@ -428,7 +428,7 @@ impl Worker {
             }
         }
         self.batch_changes += 1;
-        self.count_applied(&p.qualified, op);
+        self.count_applied(&p.qualified, op, 1);
     }
 
     /// The fast path of an insert ([`sql::insert_fresh`]): true when the key had no version

@@ -288,7 +288,7 @@ impl Worker {
     fn applied(&mut self, qualified: &str, row: &LwwRow) {
         self.note_newest_version(&row.remote);
         self.batch_changes += 1;
-        self.count_applied(qualified, row.change.op);
+        self.count_applied(qualified, row.change.op, 1);
     }
 
     /// Probes, decides and writes `rows` (one table, distinct keys); returns the changes

@@ -8,10 +8,18 @@
 //! {"type":"begin","run","node","xid","commit_lsn","commit_ts","commit_ts_us","origin","snapshot"}
 //! {"type":"change","run","op","schema","table","before","after","version"|"commit_ts_us","unchanged_toast"?,"json_null"?}   (repeated)
 //! {"type":"commit","run","node","commit_lsn","end_lsn","changes"}
+//! {"type":"rows","run","schema","table","names":[…],"copy":"<rows in COPY text format>"}  (repeated)
 //! {"type":"relation","run","schema","table","columns":[{"name","type","not_null","key"}]}
 //! {"type":"skipped","run","schema","table","lsn","error"}
 //! {"type":"ack","run","ack":{"node","applied":{"<node>":"<lsn>",…},"bypassed":["<node>",…]}}
 //! ```
+//!
+//! A `rows` item carries snapshot rows (`op: "r"`) of one table, many to an item, in
+//! PostgreSQL's COPY text format (the source's text output of each value, tab-separated,
+//! `\N` for NULL) under the column `names`: an applier hands them to `COPY … FROM STDIN` as they
+//! are, instead of decoding one JSON item per row. Capture writes them on nodes that are not
+//! multi-master (whose appliers need each row's version, so read change items); the per-table
+//! topics carry every snapshot row as its own envelope either way.
 //!
 //! An `ack` record (multi-master only) stands inside its own source transaction, so it sits in
 //! the stream after every earlier commit of that node: an applier that has applied it has
@@ -261,6 +269,44 @@ pub fn skipped_record(
         error,
     };
     record(source, serde_json::to_vec(&skipped).unwrap_or_default())
+}
+
+/// The start of a `rows` item for `names` of one table, up to the opening quote of its `copy`
+/// string: [`rows_record`] appends the rows (escaped by
+/// [`crate::value::copy_text::push_row_json`]) and the closing `"}`.
+pub fn rows_head(source: &EnvelopeSource, schema: &str, table: &str, names: &[&str]) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Head<'a> {
+        r#type: &'static str,
+        run: u64,
+        schema: &'a str,
+        table: &'a str,
+        names: &'a [&'a str],
+    }
+    let head = Head {
+        r#type: "rows",
+        run: source.run,
+        schema,
+        table,
+        names,
+    };
+    let mut value = serde_json::to_vec(&head).unwrap_or_default();
+    value.pop(); // the closing brace
+    value.extend_from_slice(b",\"copy\":\"");
+    value
+}
+
+/// Bytes a `rows` item adds to its head and rows.
+pub const ROWS_TAIL_BYTES: usize = 2;
+
+/// A `rows` item: snapshot rows of one table in COPY's text format, one item for many rows
+/// (see the module docs). `rows` is the inside of the JSON string.
+pub fn rows_record(source: &EnvelopeSource, head: &[u8], rows: &[u8]) -> Record {
+    let mut value = Vec::with_capacity(head.len() + rows.len() + ROWS_TAIL_BYTES);
+    value.extend_from_slice(head);
+    value.extend_from_slice(rows);
+    value.extend_from_slice(b"\"}");
+    record(source, value)
 }
 
 /// The marker that closes a transaction after `changes` change records.

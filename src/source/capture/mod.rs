@@ -43,8 +43,9 @@ use crate::sink::kafka::dead_letter;
 use crate::sink::kafka::encode::{EnvelopeSource, Frame, Record, TxnStamp};
 use crate::sink::kafka::node_stream::{self, ColumnSchema};
 use crate::sink::kafka::producer::{KafkaSink, Queued};
+use crate::source::pgoutput::{Datum, Tuple};
 use crate::telemetry::{Health, Metrics};
-use crate::value::TypeRegistry;
+use crate::value::{copy_text, TypeRegistry};
 
 /// How long to wait between offers of a record to a full producer queue.
 const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(5);
@@ -58,6 +59,9 @@ pub struct CaptureSettings {
     pub source: SourceConfig,
     /// `kafka:`.
     pub kafka: KafkaConfig,
+    /// Snapshot rows go to the node stream as `rows` items (COPY text), not one change item
+    /// each: every node but a multi-master one, whose appliers need a version per row.
+    pub compact_snapshot_rows: bool,
 }
 
 /// State of one capture run (one connection lifetime).
@@ -202,29 +206,14 @@ impl Capture {
             let relation = Arc::new(meta);
             self.relation_seen(&snap, &relation).await?;
             tracing::info!(table = %relation.qualified_name(), "snapshotting table");
-            let counter = self
-                .metrics
-                .snapshot_rows
-                .with_label_values(&[&relation.qualified_name()]);
             let mut reader = TableReader::new(&snap, relation.clone(), batch_rows);
             while let Some(rows) = reader
                 .next_batch()
                 .await
                 .map_err(CaptureError::sql("reading snapshot rows"))?
             {
-                for row in rows {
-                    let change = RowChange {
-                        op: Op::Read,
-                        relation: relation.clone(),
-                        lsn: consistent,
-                        before: None,
-                        before_is_key_only: false,
-                        after: Some(row),
-                        version: None,
-                    };
-                    self.publish(&mut txn, &change, None).await?;
-                    counter.inc();
-                }
+                self.publish_snapshot_rows(&mut txn, &relation, consistent, rows, None)
+                    .await?;
                 self.health.beat();
             }
         }
@@ -246,7 +235,7 @@ impl Capture {
         &mut self,
         txn: &mut OpenTxn,
         content: &[u8],
-        mut repl: Option<&mut stream::StreamState<'_>>,
+        repl: Option<&mut stream::StreamState<'_>>,
     ) -> Result<(), CaptureError> {
         let Some(mark) = Mark::parse(content) else {
             tracing::warn!(commit_lsn = %txn.stamp.commit_lsn(),
@@ -298,24 +287,9 @@ impl Capture {
                 }
                 self.describe_once(&target.relation).await?;
                 txn.snapshot = true;
-                let counter = self
-                    .metrics
-                    .snapshot_rows
-                    .with_label_values(&[&target.name()]);
                 let emitted = closed.emit.len();
-                for row in closed.emit {
-                    let change = RowChange {
-                        op: Op::Read,
-                        relation: target.relation.clone(),
-                        lsn,
-                        before: None,
-                        before_is_key_only: false,
-                        after: Some(row),
-                        version: None,
-                    };
-                    self.publish(txn, &change, repl.as_deref_mut()).await?;
-                    counter.inc();
-                }
+                self.publish_snapshot_rows(txn, &target.relation, lsn, closed.emit, repl)
+                    .await?;
                 self.health.beat();
                 txn.chunks.push(Published {
                     id: mark.id,
@@ -512,6 +486,27 @@ impl Capture {
         change: &RowChange,
         mut repl: Option<&mut stream::StreamState<'_>>,
     ) -> Result<(), CaptureError> {
+        if let Some(Some(item)) = self
+            .publish_envelope(txn, change, None, repl.as_deref_mut())
+            .await?
+        {
+            self.stage(txn, &item, repl).await?;
+        }
+        Ok(())
+    }
+
+    /// Publishes a change's table-topic records and announces its table on the node stream;
+    /// returns the change's node-stream item for the caller to stage, or `None` when the
+    /// change became poison (dead-lettered) instead. With `row_item_bytes` (the size of a
+    /// `rows` item holding only this row), the row goes to the node stream in a `rows` item
+    /// (see [`Self::publish_snapshot_rows`]) and no change item is made.
+    async fn publish_envelope(
+        &mut self,
+        txn: &mut OpenTxn,
+        change: &RowChange,
+        row_item_bytes: Option<usize>,
+        mut repl: Option<&mut stream::StreamState<'_>>,
+    ) -> Result<Option<Option<Record>>, CaptureError> {
         let metrics = &self.metrics;
         let (captured, published) = self
             .counters
@@ -536,21 +531,29 @@ impl Capture {
             Ok(encoded) => encoded,
             Err(e) => {
                 let error = format!("cannot encode: {}", ErrorChain(&e));
-                return self.poison(txn, change, None, error, repl).await;
+                self.poison(txn, change, None, error, repl).await?;
+                return Ok(None);
             }
         };
-        let node_record = node_stream::change_record(&self.envelope, &encoded);
+        let (node_record, node_size) = match row_item_bytes {
+            Some(bytes) => (None, bytes + RECORD_OVERHEAD),
+            None => {
+                let item = node_stream::change_record(&self.envelope, &encoded);
+                let size = record_size(&item);
+                (Some(item), size)
+            }
+        };
         let records = encoded.records;
-        let size = record_size(&records[0]).max(record_size(&node_record));
+        let size = record_size(&records[0]).max(node_size);
         let limit = self.settings.kafka.max_message_bytes;
         if size > limit as usize {
             let error = format!(
                 "the change is {size} bytes as a Kafka record, over kafka.max_message_bytes \
                  ({limit}); raise it (and the broker's limit) to publish rows this large"
             );
-            return self
-                .poison(txn, change, Some(&records[0]), error, repl)
-                .await;
+            self.poison(txn, change, Some(&records[0]), error, repl)
+                .await?;
+            return Ok(None);
         }
         self.begin_if_needed(txn, repl.as_deref_mut()).await?;
         for (i, record) in records.iter().enumerate() {
@@ -568,13 +571,95 @@ impl Capture {
                     &change.relation.table,
                     columns,
                 );
-                self.stage(txn, &relation, repl.as_deref_mut()).await?;
+                self.stage(txn, &relation, repl).await?;
             }
             self.announced.insert(oid);
         }
-        self.stage(txn, &node_record, repl).await?;
         txn.changes += 1;
-        Ok(())
+        Ok(Some(node_record))
+    }
+
+    /// Publishes snapshot rows of one table (`op: "r"`, at `lsn`): each as its own envelope on
+    /// the table topic, and on the node stream in `rows` items (COPY text, many rows to an
+    /// item, see [`node_stream`]) unless this node is multi-master, else as one change item
+    /// each. Returns how many were published (the rest became poison).
+    async fn publish_snapshot_rows(
+        &mut self,
+        txn: &mut OpenTxn,
+        relation: &Arc<RelationMeta>,
+        lsn: Lsn,
+        rows: Vec<Tuple>,
+        mut repl: Option<&mut stream::StreamState<'_>>,
+    ) -> Result<usize, CaptureError> {
+        let counter = self
+            .metrics
+            .snapshot_rows
+            .with_label_values(&[&relation.qualified_name()]);
+        let mut published = 0;
+        let read = |row: Tuple| RowChange {
+            op: Op::Read,
+            relation: relation.clone(),
+            lsn,
+            before: None,
+            before_is_key_only: false,
+            after: Some(row),
+            version: None,
+        };
+        if !self.settings.compact_snapshot_rows {
+            for row in rows {
+                let change = read(row);
+                if let Some(Some(item)) = self
+                    .publish_envelope(txn, &change, None, repl.as_deref_mut())
+                    .await?
+                {
+                    self.stage(txn, &item, repl.as_deref_mut()).await?;
+                    published += 1;
+                    counter.inc();
+                }
+            }
+            return Ok(published);
+        }
+        let names: Vec<&str> = relation.columns.iter().map(|c| c.name.as_str()).collect();
+        let head =
+            node_stream::rows_head(&self.envelope, &relation.schema, &relation.table, &names);
+        let item_bytes = |rows: usize| head.len() + rows + node_stream::ROWS_TAIL_BYTES;
+        let limit = (self.settings.kafka.max_message_bytes as usize)
+            .saturating_sub(RECORD_OVERHEAD)
+            .min(node_stream::BUNDLE_BYTES);
+        let mut pending = Vec::with_capacity(limit);
+        let mut line = Vec::new();
+        for row in rows {
+            line.clear();
+            copy_text::push_row_json(
+                &mut line,
+                row.iter().map(|datum| match datum {
+                    Datum::Text(bytes) => Some(&bytes[..]),
+                    _ => None,
+                }),
+            );
+            let change = read(row);
+            let bytes = item_bytes(line.len());
+            if self
+                .publish_envelope(txn, &change, Some(bytes), repl.as_deref_mut())
+                .await?
+                .is_none()
+            {
+                continue;
+            }
+            if !pending.is_empty() && item_bytes(pending.len() + line.len()) > limit {
+                let item = node_stream::rows_record(&self.envelope, &head, &pending);
+                self.stage(txn, &item, repl.as_deref_mut()).await?;
+                pending.clear();
+            }
+            pending.extend_from_slice(&line);
+            published += 1;
+            counter.inc();
+        }
+        if !pending.is_empty() {
+            let item = node_stream::rows_record(&self.envelope, &head, &pending);
+            self.stage(txn, &item, repl).await?;
+        }
+        Ok(published)
     }
 
     /// Publishes a multi-master acknowledgement in its transaction; one whose content is not
