@@ -461,6 +461,27 @@ impl Frame {
         types: &TypeRegistry,
         ts_ms: i64,
     ) -> Result<EncodedChange, EncodeError> {
+        self.render(change, types, ts_ms, true)
+    }
+
+    /// [`Self::encode`] without the node-stream item (`stream` is empty): for a snapshot row
+    /// that travels on the node stream in a `rows` item.
+    pub fn encode_envelope(
+        &self,
+        change: &RowChange,
+        types: &TypeRegistry,
+        ts_ms: i64,
+    ) -> Result<EncodedChange, EncodeError> {
+        self.render(change, types, ts_ms, false)
+    }
+
+    fn render(
+        &self,
+        change: &RowChange,
+        types: &TypeRegistry,
+        ts_ms: i64,
+        with_item: bool,
+    ) -> Result<EncodedChange, EncodeError> {
         debug_assert_eq!(change.op, self.op, "a change encoded in another op's frame");
         let relation = &change.relation;
         let before = match &change.before {
@@ -494,19 +515,10 @@ impl Frame {
         envelope.json_nulls(before, after);
         envelope.close();
 
-        let mut stream = Vec::with_capacity(rows_len + self.names.len() + 96);
-        let mut item = Object::open(&mut stream);
-        item.str("op", self.op.code());
-        item.fragment(&self.names);
-        item.row("before", before);
-        item.row("after", after);
-        item.version(version);
-        if version.is_none() {
-            item.int("commit_ts_us", self.commit_ts_us);
+        let mut stream = Vec::new();
+        if with_item {
+            self.write_item(&mut stream, before, after, version, unchanged);
         }
-        item.names(UNCHANGED_TOAST_FIELD, unchanged);
-        item.json_nulls(before, after);
-        item.close();
 
         let key = key_json(change, types)?;
         let tombstone =
@@ -525,6 +537,31 @@ impl Frame {
         });
         records.extend(tombstone);
         Ok(EncodedChange { records, stream })
+    }
+
+    /// The node-stream item of a change (see [`EncodedChange::stream`]).
+    fn write_item(
+        &self,
+        stream: &mut Vec<u8>,
+        before: Option<&RowJson<'_>>,
+        after: Option<&RowJson<'_>>,
+        version: Option<&Version>,
+        unchanged: &[&str],
+    ) {
+        let rows_len = before.map_or(0, |r| r.text.len()) + after.map_or(0, |r| r.text.len());
+        stream.reserve(rows_len + self.names.len() + 96);
+        let mut item = Object::open(stream);
+        item.str("op", self.op.code());
+        item.fragment(&self.names);
+        item.row("before", before);
+        item.row("after", after);
+        item.version(version);
+        if version.is_none() {
+            item.int("commit_ts_us", self.commit_ts_us);
+        }
+        item.names(UNCHANGED_TOAST_FIELD, unchanged);
+        item.json_nulls(before, after);
+        item.close();
     }
 }
 

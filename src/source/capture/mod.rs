@@ -524,10 +524,12 @@ impl Capture {
             .clone();
         captured.inc();
         let now_ms = PgTimestamp::now().unix_millis();
-        let encoded = match txn
-            .frame(&self.envelope, change)
-            .encode(change, &self.types, now_ms)
-        {
+        let frame = txn.frame(&self.envelope, change);
+        let encoded = match row_item_bytes {
+            Some(_) => frame.encode_envelope(change, &self.types, now_ms),
+            None => frame.encode(change, &self.types, now_ms),
+        };
+        let encoded = match encoded {
             Ok(encoded) => encoded,
             Err(e) => {
                 let error = format!("cannot encode: {}", ErrorChain(&e));

@@ -403,6 +403,10 @@ proptest::proptest! {
             ..change.clone()
         };
         proptest::prop_assert_eq!(&frame.encode(&change, &types, 1234).unwrap(), &encoded);
+        // Without the item, the same records.
+        let alone = frame.encode_envelope(&change, &types, 1234).unwrap();
+        proptest::prop_assert_eq!(&alone.records, &encoded.records);
+        proptest::prop_assert!(alone.stream.is_empty());
         proptest::prop_assert_eq!(
             frame.encode(&other, &types, 99).unwrap(),
             encode_change_for_stream(&source, &stamp, &other, &types, 99).unwrap()
