@@ -104,27 +104,86 @@ pub fn rows_in(text: &[u8]) -> usize {
 }
 
 fn unescape(field: &[u8]) -> String {
-    let mut out = Vec::with_capacity(field.len());
-    let mut bytes = field.iter();
-    while let Some(&b) = bytes.next() {
-        if b != b'\\' {
-            out.push(b);
-            continue;
-        }
-        out.push(match bytes.next() {
-            Some(b't') => b'\t',
-            Some(b'n') => b'\n',
-            Some(b'r') => b'\r',
-            Some(&other) => other,
-            None => break,
-        });
-    }
+    let out = unescape_bytes(field);
     // UTF-8 whenever the values were: the escapes are ASCII.
     String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
+/// A field's value with COPY's backslash sequences read as PostgreSQL reads them: `\b`, `\f`,
+/// `\n`, `\r`, `\t`, `\v`, octal `\ddd` and hex `\xhh`, any other character after a backslash
+/// as itself. (`COPY … TO` writes the first six and `\\`; [`push_row`] only `\\`, `\t`, `\n`
+/// and `\r`.)
+pub fn unescape_bytes(field: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(field.len());
+    let mut at = 0;
+    while at < field.len() {
+        let b = field[at];
+        at += 1;
+        if b != b'\\' {
+            out.push(b);
+            continue;
+        }
+        let Some(&next) = field.get(at) else { break };
+        at += 1;
+        let digits = |at: usize, radix: u32, max: usize| {
+            field[at..]
+                .iter()
+                .take(max)
+                .take_while(|d| char::from(**d).is_digit(radix))
+                .count()
+        };
+        out.push(match next {
+            b'b' => 0x08,
+            b'f' => 0x0c,
+            b'n' => b'\n',
+            b'r' => b'\r',
+            b't' => b'\t',
+            b'v' => 0x0b,
+            b'0'..=b'7' => {
+                let n = digits(at - 1, 8, 3);
+                let value = field[at - 1..at - 1 + n]
+                    .iter()
+                    .fold(0u32, |v, d| v * 8 + u32::from(d - b'0'));
+                at += n - 1;
+                value as u8
+            }
+            b'x' if digits(at, 16, 2) > 0 => {
+                let n = digits(at, 16, 2);
+                let text = std::str::from_utf8(&field[at..at + n]).unwrap_or("0");
+                at += n;
+                u8::from_str_radix(text, 16).unwrap_or(0)
+            }
+            other => other,
+        });
+    }
+    out
+}
+
+/// Test helpers.
+#[cfg(test)]
+pub mod testing {
+    /// A value as `COPY … TO` writes it (PostgreSQL's CopyAttributeOutText).
+    pub fn server_escaped(value: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for &b in value {
+            match b {
+                0x08 => out.extend_from_slice(b"\\b"),
+                0x0c => out.extend_from_slice(b"\\f"),
+                b'\n' => out.extend_from_slice(b"\\n"),
+                b'\r' => out.extend_from_slice(b"\\r"),
+                b'\t' => out.extend_from_slice(b"\\t"),
+                0x0b => out.extend_from_slice(b"\\v"),
+                b'\\' => out.extend_from_slice(b"\\\\"),
+                _ => out.push(b),
+            }
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::testing::server_escaped;
     use super::*;
     use proptest::prelude::*;
 
@@ -147,7 +206,17 @@ mod tests {
         row.iter().map(|v| v.as_deref().map(str::as_bytes))
     }
 
+    #[test]
+    fn octal_and_hex_sequences_read_as_postgresql_reads_them() {
+        assert_eq!(unescape_bytes(b"a\\101\\x41\\7z\\xg\\q\\"), b"aAA\x07zxgq");
+    }
+
     proptest! {
+        #[test]
+        fn what_the_server_writes_reads_back(value in prop::collection::vec(any::<u8>(), 0..40)) {
+            prop_assert_eq!(unescape_bytes(&server_escaped(&value)), value);
+        }
+
         #[test]
         fn rows_read_back_as_they_were(rows in rows_strategy()) {
             let mut text = Vec::new();
