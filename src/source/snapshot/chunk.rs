@@ -208,9 +208,16 @@ pub struct Read {
 pub async fn read(client: &Client, sql: &str) -> Result<Read, tokio_postgres::Error> {
     let stream = client.copy_out(&format!("COPY ({sql}) TO STDOUT")).await?;
     futures_util::pin_mut!(stream);
-    let mut buffer = BytesMut::new();
+    // One message per row, each a slice of the connection's read buffer: gathered, then
+    // copied into a buffer of the chunk's exact size (one grown by doubling held up to twice
+    // the chunk, for as long as any of its values lived).
+    let mut pieces = Vec::new();
     while let Some(piece) = stream.next().await {
-        buffer.extend_from_slice(&piece?);
+        pieces.push(piece?);
+    }
+    let mut buffer = BytesMut::with_capacity(pieces.iter().map(Bytes::len).sum());
+    for piece in pieces {
+        buffer.extend_from_slice(&piece);
     }
     Ok(parse_rows(buffer.freeze()))
 }
