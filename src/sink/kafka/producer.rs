@@ -150,7 +150,7 @@ pub const LINGER_MS: &str = "50";
 
 /// The producer's default queue bound in KiB (`queue.buffering.max.kbytes`, see
 /// [`KafkaSink::new`]); `kafka.properties` overrides it.
-const QUEUE_KBYTES: u64 = 32 * 1024;
+const QUEUE_KBYTES: u64 = 16 * 1024;
 
 /// The producer's default `compression.type` (see [`KafkaSink::new`]); `kafka.properties`
 /// overrides it (`none` turns it off).
@@ -195,10 +195,11 @@ impl KafkaSink {
             "compression.type",
             COMPRESSION,
         );
-        // librdkafka queues up to 1 GB (and 100,000 records) not yet acknowledged; a capture
-        // that outruns the broker (a snapshot) filled that to 150–250 MB of peak RSS in the
-        // snapshot benchmark where 32 MB held it under 100 MB at the same rate. At least
-        // two of the largest records, so that one always fits.
+        // librdkafka queues up to 1 GB (and 100,000 records) not yet acknowledged, and a
+        // capture that outruns the broker (a snapshot) fills what it may: with 4 snapshot
+        // readers on a 10M-row table, capture's peak RSS was 232–261 MB with a 32 MB bound,
+        // 197 MB with 16 MB, 179 MB with 8 MB, at about the same rate. At least two of the
+        // largest records, so that one always fits.
         let queue_kbytes = QUEUE_KBYTES.max(2 * u64::from(config.max_message_bytes) / 1024 + 1);
         set_default(
             &mut producer_config,

@@ -225,41 +225,40 @@ pub async fn read(client: &Client, sql: &str) -> Result<Read, tokio_postgres::Er
 /// The rows of a chunk query's `COPY` output: the row's values, then `xmax` and `xmin`.
 fn parse_rows(text: Bytes) -> Read {
     let mut read = Read {
-        rows: Vec::with_capacity(text.len() / 64),
+        rows: Vec::with_capacity(memchr::memchr_iter(b'\n', &text).count()),
         bytes: text.len() as u64,
     };
     let mut start = 0;
     while start < text.len() {
         let end = memchr(b'\n', &text[start..]).map_or(text.len(), |n| start + n);
-        let mut tuple: Vec<Datum> = Vec::new();
-        let mut at = start;
-        loop {
-            let stop = memchr(b'\t', &text[at..end]).map_or(end, |n| at + n);
-            let field = &text[at..stop];
-            tuple.push(if field == b"\\N" {
-                Datum::Null
-            } else if field.contains(&b'\\') {
-                Datum::Text(Bytes::from(copy_text::unescape_bytes(field)))
-            } else {
-                Datum::Text(text.slice(at..stop))
-            });
-            if stop == end {
-                break;
-            }
-            at = stop + 1;
-        }
-        // The last two columns are xmax and xmin, not the row's.
-        let mut xid = || match tuple.pop() {
-            Some(Datum::Text(t)) => std::str::from_utf8(&t)
-                .ok()
-                .and_then(|t| t.parse().ok())
-                .unwrap_or(0),
-            _ => 0,
-        };
-        let xmin = xid();
-        let xmax = xid();
-        read.rows.push(ChunkRow { tuple, xmax, xmin });
+        let line = start..end;
         start = end + 1;
+        // The last two columns are xmax and xmin, not the row's. The values are allocated at
+        // the row's width: the chunks in flight hold every row's.
+        let tabs = || memchr::memchr_iter(b'\t', &text[line.clone()]).map(|n| line.start + n);
+        let width = tabs().count() + 1;
+        let mut tuple = Vec::with_capacity(width.saturating_sub(2));
+        let mut xids = [0u32; 2];
+        let mut at = line.start;
+        for (i, stop) in tabs().chain([end]).enumerate() {
+            let range = at..stop;
+            at = stop + 1;
+            let value = &text[range.clone()];
+            if i + 2 >= width {
+                xids[i + 2 - width] = std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or(0);
+            } else if value == b"\\N" {
+                tuple.push(Datum::Null);
+            } else if value.contains(&b'\\') {
+                tuple.push(Datum::Text(Bytes::from(copy_text::unescape_bytes(value))));
+            } else {
+                tuple.push(Datum::Text(text.slice(range)));
+            }
+        }
+        let [xmax, xmin] = xids;
+        read.rows.push(ChunkRow { tuple, xmax, xmin });
     }
     read
 }
