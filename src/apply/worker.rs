@@ -1633,6 +1633,7 @@ impl Worker {
             client,
             pending,
             &table,
+            &key,
             (schema, name),
             &qualified,
             kind,
@@ -1677,20 +1678,12 @@ impl Worker {
         self.count_applied(&qualified, Op::Read, count as u64);
         let worth = copy::worth_copying(count, text.len());
         if !self.careful && table.uniques.is_empty() && self.copy.try_copy(&qualified, worth) {
-            // The changes before must be written first, and must have succeeded: a failure
-            // of theirs would otherwise be taken for the COPY's.
+            // The changes before the rows are written first.
             self.send_rows(client, pending).await?;
-            pending
-                .drain()
-                .await
-                .map_err(ApplyError::sql("applying changes"))?;
-            let outcome =
-                copy_rows(client, names, &rows.names, std::slice::from_ref(&text)).await?;
-            self.metrics
-                .apply_copy_batches
-                .with_label_values(&[outcome.label()])
-                .inc();
-            self.copy.record(&qualified, outcome);
+            let pieces = std::slice::from_ref(&text);
+            let outcome = self
+                .copy_after(client, pending, names, &rows.names, pieces)
+                .await?;
             if outcome == copy::Outcome::Written {
                 return Ok(());
             }
@@ -1714,6 +1707,7 @@ impl Worker {
                 client,
                 pending,
                 &table,
+                &key,
                 names,
                 &qualified,
                 kind,
@@ -1775,6 +1769,7 @@ impl Worker {
         client: &'c Client,
         pending: &mut InFlight<'c>,
         table: &TargetTable,
+        key: &[&str],
         (schema, name): (&str, &str),
         qualified: &str,
         kind: StatementKind,
@@ -1782,7 +1777,6 @@ impl Worker {
         columns: Vec<String>,
         params: Vec<TextParam>,
     ) -> Result<(), ApplyError> {
-        let key: Vec<&str> = table.key.iter().map(String::as_str).collect();
         let write = match kind {
             StatementKind::Upsert => Some(RowWrite::Upsert),
             StatementKind::Update => Some(RowWrite::Update {
@@ -1839,6 +1833,30 @@ impl Worker {
         Ok(())
     }
 
+    /// Writes rows with COPY ([`copy_rows`]) once the statements sent before have answered (a
+    /// failure of theirs would otherwise be taken for the COPY's), and records the outcome for
+    /// the table's next batches ([`copy::CopyChoice`]) and the metric.
+    async fn copy_after<'c>(
+        &mut self,
+        client: &'c Client,
+        pending: &mut InFlight<'c>,
+        (schema, table): (&str, &str),
+        columns: &[String],
+        pieces: &[bytes::Bytes],
+    ) -> Result<copy::Outcome, ApplyError> {
+        pending
+            .drain()
+            .await
+            .map_err(ApplyError::sql("applying changes"))?;
+        let outcome = copy_rows(client, (schema, table), columns, pieces).await?;
+        self.metrics
+            .apply_copy_batches
+            .with_label_values(&[outcome.label()])
+            .inc();
+        self.copy.record(&format!("{schema}.{table}"), outcome);
+        Ok(outcome)
+    }
+
     /// Sends the set batch of replica mode: one multi-row statement per group.
     async fn send_rows<'c>(
         &mut self,
@@ -1857,20 +1875,11 @@ impl Worker {
             let rows = if group.write == RowWrite::Upsert
                 && self.copy.try_copy(&qualified, rows.len() >= copy::MIN_ROWS)
             {
-                // The statements before the COPY must have succeeded: a failure of theirs
-                // would otherwise be taken for the COPY's.
-                pending
-                    .drain()
-                    .await
-                    .map_err(ApplyError::sql("applying changes"))?;
                 let pieces = copy::encode(rows);
                 let names = (group.schema.as_str(), group.table.as_str());
-                let outcome = copy_rows(client, names, &group.columns, &pieces).await?;
-                self.metrics
-                    .apply_copy_batches
-                    .with_label_values(&[outcome.label()])
-                    .inc();
-                self.copy.record(&qualified, outcome);
+                let outcome = self
+                    .copy_after(client, pending, names, &group.columns, &pieces)
+                    .await?;
                 if outcome == copy::Outcome::Written {
                     continue;
                 }

@@ -92,10 +92,36 @@ pub fn decode(text: &[u8]) -> Vec<Vec<Option<String>>> {
         .split(|&b| b == b'\n')
         .map(|line| {
             line.split(|&b| b == b'\t')
-                .map(|field| (field != b"\\N").then(|| unescape(field)))
+                .map(|raw| match field(raw) {
+                    Field::Null => None,
+                    Field::Plain(value) => Some(string(value.to_vec())),
+                    Field::Unescaped(value) => Some(string(value)),
+                })
                 .collect()
         })
         .collect()
+}
+
+/// What one field of a row (the bytes between tabs) holds, read as PostgreSQL reads it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Field<'a> {
+    /// `\N`: SQL NULL.
+    Null,
+    /// A value without backslash sequences: the field's bytes as they are.
+    Plain(&'a [u8]),
+    /// A value with backslash sequences, read ([`unescape_bytes`]).
+    Unescaped(Vec<u8>),
+}
+
+/// Reads one field of a row.
+pub fn field(raw: &[u8]) -> Field<'_> {
+    if raw == b"\\N" {
+        Field::Null
+    } else if raw.contains(&b'\\') {
+        Field::Unescaped(unescape_bytes(raw))
+    } else {
+        Field::Plain(raw)
+    }
 }
 
 /// The number of rows in `text`.
@@ -103,17 +129,16 @@ pub fn rows_in(text: &[u8]) -> usize {
     text.iter().filter(|&&b| b == b'\n').count()
 }
 
-fn unescape(field: &[u8]) -> String {
-    let out = unescape_bytes(field);
+fn string(value: Vec<u8>) -> String {
     // UTF-8 whenever the values were: the escapes are ASCII.
-    String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+    String::from_utf8(value).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// A field's value with COPY's backslash sequences read as PostgreSQL reads them: `\b`, `\f`,
 /// `\n`, `\r`, `\t`, `\v`, octal `\ddd` and hex `\xhh`, any other character after a backslash
 /// as itself. (`COPY … TO` writes the first six and `\\`; [`push_row`] only `\\`, `\t`, `\n`
 /// and `\r`.)
-pub fn unescape_bytes(field: &[u8]) -> Vec<u8> {
+fn unescape_bytes(field: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(field.len());
     let mut at = 0;
     while at < field.len() {

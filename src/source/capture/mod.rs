@@ -479,20 +479,23 @@ impl Capture {
 
     /// Encodes one change and hands its records to the sink: the per-table record(s), then
     /// the node-stream record (preceded by the transaction's begin marker if this is its first
-    /// change).
+    /// change). `false`: it became poison (dead-lettered) instead.
     async fn publish(
         &mut self,
         txn: &mut OpenTxn,
         change: &RowChange,
         mut repl: Option<&mut stream::StreamState<'_>>,
-    ) -> Result<(), CaptureError> {
-        if let Some(Some(item)) = self
+    ) -> Result<bool, CaptureError> {
+        match self
             .publish_envelope(txn, change, None, repl.as_deref_mut())
             .await?
         {
-            self.stage(txn, &item, repl).await?;
+            Some(Some(item)) => {
+                self.stage(txn, &item, repl).await?;
+                Ok(true)
+            }
+            _ => Ok(false),
         }
-        Ok(())
     }
 
     /// Publishes a change's table-topic records and announces its table on the node stream;
@@ -584,7 +587,7 @@ impl Capture {
     /// Publishes snapshot rows of one table (`op: "r"`, at `lsn`): each as its own envelope on
     /// the table topic, and on the node stream in `rows` items (COPY text, many rows to an
     /// item, see [`node_stream`]) unless this node is multi-master, else as one change item
-    /// each. Returns how many were published (the rest became poison).
+    /// each. Rows that became poison are not counted in `pgferry_snapshot_rows_total`.
     async fn publish_snapshot_rows(
         &mut self,
         txn: &mut OpenTxn,
@@ -592,12 +595,11 @@ impl Capture {
         lsn: Lsn,
         rows: Vec<Tuple>,
         mut repl: Option<&mut stream::StreamState<'_>>,
-    ) -> Result<usize, CaptureError> {
+    ) -> Result<(), CaptureError> {
         let counter = self
             .metrics
             .snapshot_rows
             .with_label_values(&[&relation.qualified_name()]);
-        let mut published = 0;
         let read = |row: Tuple| RowChange {
             op: Op::Read,
             relation: relation.clone(),
@@ -609,17 +611,11 @@ impl Capture {
         };
         if !self.settings.compact_snapshot_rows {
             for row in rows {
-                let change = read(row);
-                if let Some(Some(item)) = self
-                    .publish_envelope(txn, &change, None, repl.as_deref_mut())
-                    .await?
-                {
-                    self.stage(txn, &item, repl.as_deref_mut()).await?;
-                    published += 1;
+                if self.publish(txn, &read(row), repl.as_deref_mut()).await? {
                     counter.inc();
                 }
             }
-            return Ok(published);
+            return Ok(());
         }
         let names: Vec<&str> = relation.columns.iter().map(|c| c.name.as_str()).collect();
         let head =
@@ -654,14 +650,13 @@ impl Capture {
                 pending.clear();
             }
             pending.extend_from_slice(&line);
-            published += 1;
             counter.inc();
         }
         if !pending.is_empty() {
             let item = node_stream::rows_record(&self.envelope, &head, &pending);
             self.stage(txn, &item, repl).await?;
         }
-        Ok(published)
+        Ok(())
     }
 
     /// Publishes a multi-master acknowledgement in its transaction; one whose content is not

@@ -16,7 +16,7 @@ use crate::event::RelationMeta;
 use crate::source::pgoutput::Datum;
 use crate::source::reconcile::{ChunkRow, Key};
 use crate::sql::{quote_ident, quote_literal};
-use crate::value::copy_text;
+use crate::value::copy_text::{self, Field};
 
 /// Prefix of the transactional `pg_logical_emit_message` watermarks around each chunk.
 pub use crate::source::assemble::SNAPSHOT_PREFIX;
@@ -249,12 +249,12 @@ fn parse_rows(text: Bytes) -> Read {
                     .ok()
                     .and_then(|t| t.parse().ok())
                     .unwrap_or(0);
-            } else if value == b"\\N" {
-                tuple.push(Datum::Null);
-            } else if value.contains(&b'\\') {
-                tuple.push(Datum::Text(Bytes::from(copy_text::unescape_bytes(value))));
             } else {
-                tuple.push(Datum::Text(text.slice(range)));
+                tuple.push(match copy_text::field(value) {
+                    Field::Null => Datum::Null,
+                    Field::Plain(_) => Datum::Text(text.slice(range)),
+                    Field::Unescaped(value) => Datum::Text(Bytes::from(value)),
+                });
             }
         }
         let [xmax, xmin] = xids;
