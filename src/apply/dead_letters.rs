@@ -40,7 +40,7 @@ pub struct StoredDeadLetter {
     pub offset: i64,
     /// The item's place in that record (a bundle of items, one per line), 0 for the first.
     pub item: i32,
-    /// A snapshot row's place in its `rows` item, 0 for the first (and for other items).
+    /// A snapshot row's place in its `rows` item, 1 for the first; 0 for other items.
     pub item_row: i32,
     /// WAL position (capture-stage letters).
     pub lsn: Option<String>,

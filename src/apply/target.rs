@@ -76,7 +76,7 @@ pub async fn prepare_session(
              ALTER TABLE pgferry.dead_letters
                  DROP CONSTRAINT IF EXISTS dead_letters_source_node_topic_kafka_offset_key;
              -- And one per row of a `rows` item (snapshot rows, many to an item): the
-             -- row's place in the item, 0 for other items.
+             -- row's place in the item (1 for the first), 0 for other items.
              ALTER TABLE pgferry.dead_letters ADD COLUMN IF NOT EXISTS item_row int NOT NULL DEFAULT 0;
              DROP INDEX IF EXISTS pgferry.dead_letters_item;
              CREATE UNIQUE INDEX IF NOT EXISTS dead_letters_item_row
@@ -173,7 +173,8 @@ pub async fn read_progress(
 
 /// Records a dead letter in the target (in the open transaction, so it commits with the
 /// progress that skips the change). Parameters: node, stage, table, topic, offset, lsn, error,
-/// payload, item. A replay of the same item (after a crash before commit) records nothing new.
+/// payload, item, item_row. A replay of the same item (after a crash before commit) records
+/// nothing new.
 pub const RECORD_DEAD_LETTER: &str = "INSERT INTO pgferry.dead_letters
         (source_node, stage, table_name, topic, kafka_offset, lsn, error, payload, item, item_row)
      VALUES ($1::text, $2::text, $3::text, $4::text, $5::text::bigint, $6::text, $7::text, $8::text,

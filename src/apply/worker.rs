@@ -217,7 +217,7 @@ pub(crate) struct RecordRef<'a> {
     offset: i64,
     /// The item's place in its record (a bundle, see `node_stream`), 0 for the first.
     item: u32,
-    /// The row's place in a `rows` item, for a letter of one snapshot row.
+    /// The row's place in a `rows` item (1 for the first), for a letter of one snapshot row.
     row: Option<u32>,
     payload: Option<&'a [u8]>,
 }
@@ -804,7 +804,7 @@ impl Worker {
                 for (at, row) in rows.split().enumerate() {
                     let payload = row.to_json();
                     let one = RecordRef {
-                        row: u32::try_from(at).ok(),
+                        row: u32::try_from(at + 1).ok(),
                         payload: Some(payload.as_bytes()),
                         ..*record
                     };

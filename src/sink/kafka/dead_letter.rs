@@ -12,8 +12,8 @@
 //!
 //! - `item` (apply) is the item's place in its node-stream record, which holds a bundle of
 //!   items one per line (see [`super::node_stream`]); 0 for the first. `row` (apply) is a
-//!   snapshot row's place in its `rows` item, which holds many rows: each is its own letter
-//!   (its `payload` a `rows` item of that row alone).
+//!   snapshot row's place in its `rows` item, 1 for the first (an item holds many rows: each
+//!   is its own letter, its `payload` a `rows` item of that row alone).
 //! - `payload` is the record as text: the per-table envelope (capture) or the node-stream
 //!   item (apply), when it fits under `kafka.max_message_bytes`; `payload_bytes` is
 //!   its full size either way. `pgferry dead-letters replay` re-applies apply-stage letters
@@ -58,7 +58,7 @@ pub struct DeadLetter<'a> {
     /// The item's place in that record (apply), 0 for the first.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub item: Option<u32>,
-    /// The row's place in its `rows` item (apply, a snapshot row), 0 for the first.
+    /// The row's place in its `rows` item (apply, a snapshot row), 1 for the first.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub row: Option<u32>,
     /// The target database (apply), as `host:port/db`.
