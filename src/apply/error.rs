@@ -104,8 +104,11 @@ impl ApplyError {
     /// The target refused a change for what it holds, not for a passing condition: bad data
     /// (SQLSTATE class 22), a constraint (23), an unsupported operation such as TRUNCATE of a
     /// table a foreign key references (0A000), a mismatched type or missing operator (42804,
-    /// 42883), or a statement sent after such a failure in the same pipelined transaction
-    /// (25P02). Such a change is dead-lettered (`apply.on_poison`); retrying cannot help.
+    /// 42883), a generated column the statement may not set (428C9: a target column that is
+    /// `GENERATED ALWAYS AS (…) STORED` where the source's is a plain one), or a statement sent
+    /// after such a failure in the same pipelined
+    /// transaction (25P02). Such a change is dead-lettered (`apply.on_poison`); retrying
+    /// cannot help.
     pub fn is_rejection(&self) -> bool {
         let ApplyError::Sql { source, .. } = self else {
             return false;
@@ -114,7 +117,7 @@ impl ApplyError {
             let code = code.code();
             code.starts_with("22")
                 || code.starts_with("23")
-                || matches!(code, "0A000" | "42804" | "42883" | "25P02")
+                || matches!(code, "0A000" | "42804" | "42883" | "428C9" | "25P02")
         })
     }
 }

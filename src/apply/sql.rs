@@ -20,10 +20,16 @@ fn key_predicate(key: &[&str], first_param: usize) -> String {
 
 /// `INSERT … ON CONFLICT (key) DO UPDATE` (or a plain INSERT for keyless tables).
 /// Parameters: `columns` in order.
-pub fn upsert(schema: &str, table: &str, columns: &[&str], key: &[&str]) -> String {
+///
+/// Every insert into a target table says `OVERRIDING SYSTEM VALUE`: the source's value of a
+/// `GENERATED ALWAYS AS IDENTITY` column is the row's value (PostgreSQL refuses it otherwise),
+/// and the clause changes nothing for other columns. Such a column outside the key (`fixed`)
+/// is left out of the `DO UPDATE SET` list: PostgreSQL lets no UPDATE set it (the statement
+/// would be refused even for inserts), so it keeps the value the row was inserted with.
+pub fn upsert(schema: &str, table: &str, columns: &[&str], key: &[&str], fixed: &[&str]) -> String {
     let cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
     let mut sql = format!(
-        "INSERT INTO {} ({}) VALUES ({})",
+        "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE VALUES ({})",
         qualified(schema, table),
         cols.join(", "),
         placeholders(1, columns.len()).join(", ")
@@ -32,7 +38,7 @@ pub fn upsert(schema: &str, table: &str, columns: &[&str], key: &[&str]) -> Stri
         let keys: Vec<String> = key.iter().map(|k| quote_ident(k)).collect();
         let updates: Vec<String> = columns
             .iter()
-            .filter(|c| !key.contains(c))
+            .filter(|c| !key.contains(c) && !fixed.contains(c))
             .map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(c)))
             .collect();
         if updates.is_empty() {
@@ -266,6 +272,14 @@ pub struct Typed<'a> {
     pub name: &'a str,
     /// Type name.
     pub ty: &'a str,
+    /// Written by inserts only: `GENERATED ALWAYS AS IDENTITY` outside the key on the target,
+    /// which PostgreSQL lets no UPDATE set (see [`upsert`]); left out of every SET list.
+    pub fixed: bool,
+}
+
+/// The names of `columns` that are [`Typed::fixed`].
+fn fixed_names<'a>(columns: &[Typed<'a>]) -> Vec<&'a str> {
+    columns.iter().filter(|c| c.fixed).map(|c| c.name).collect()
 }
 
 /// `"k1" = $n::type AND …` over a table alias.
@@ -435,14 +449,14 @@ fn versioned_upsert(
         .enumerate()
         .map(|(i, c)| format!("${}::{}", i + 1, c.ty))
         .collect();
-    let conflict = upsert(schema, table, &names, key);
+    let conflict = upsert(schema, table, &names, key, &fixed_names(columns));
     let on_conflict = conflict
         .find(" ON CONFLICT")
         .map(|i| &conflict[i..])
         .unwrap_or_default();
     format!(
         "WITH s AS ({} RETURNING 1), \
-              w AS (INSERT INTO {} ({}) SELECT {} WHERE EXISTS (SELECT 1 FROM s){on_conflict} RETURNING 1) \
+              w AS (INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} WHERE EXISTS (SELECT 1 FROM s){on_conflict} RETURNING 1) \
          SELECT (SELECT count(*) FROM s)::int8, (SELECT count(*) FROM w)::int8",
         stamp(&key_expr, n + 1, "false", n + 4, only_new),
         qualified(schema, table),
@@ -620,7 +634,7 @@ fn key_positions<'a>(columns: &[Typed<'a>], key: &[&str]) -> Vec<(usize, Typed<'
 /// typed values, and the `ON CONFLICT` clause of [`upsert`].
 fn row_upsert_parts(columns: &[Typed<'_>], key: &[&str]) -> (String, String, String) {
     let names: Vec<&str> = columns.iter().map(|c| c.name).collect();
-    let single = upsert("s", "t", &names, key);
+    let single = upsert("s", "t", &names, key, &fixed_names(columns));
     let on_conflict = single
         .find(" ON CONFLICT")
         .map(|i| single[i..].to_owned())
@@ -638,7 +652,7 @@ fn row_upsert_parts(columns: &[Typed<'_>], key: &[&str]) -> (String, String, Str
 pub fn upsert_rows(schema: &str, table: &str, columns: &[Typed<'_>], key: &[&str]) -> String {
     let (cols, values, on_conflict) = row_upsert_parts(columns, key);
     format!(
-        "INSERT INTO {} ({cols}) SELECT {values} FROM {}{on_conflict}",
+        "INSERT INTO {} ({cols}) OVERRIDING SYSTEM VALUE SELECT {values} FROM {}{on_conflict}",
         qualified(schema, table),
         unnest_rows(columns.len(), 1, &[]),
     )
@@ -650,18 +664,24 @@ pub fn update_rows(schema: &str, table: &str, set: &[Typed<'_>], key: &[Typed<'_
     let sets: Vec<String> = set
         .iter()
         .enumerate()
+        .filter(|(_, c)| !c.fixed)
         .map(|(i, c)| format!("{} = {}", quote_ident(c.name), row_value(i, c.ty)))
         .collect();
+    let rows = unnest_rows(set.len() + key.len(), 1, &[]);
+    if sets.is_empty() {
+        // Only columns no UPDATE may set: nothing to write (the arrays are still read, so
+        // that every parameter has a type).
+        return format!("SELECT count(*) FROM {rows}");
+    }
     let key: Vec<(usize, Typed<'_>)> = key
         .iter()
         .enumerate()
         .map(|(i, k)| (set.len() + i, *k))
         .collect();
     format!(
-        "UPDATE {} AS t SET {} FROM {} WHERE {}",
+        "UPDATE {} AS t SET {} FROM {rows} WHERE {}",
         qualified(schema, table),
         sets.join(", "),
-        unnest_rows(set.len() + key.len(), 1, &[]),
         row_key_predicate("t", &key),
     )
 }
@@ -745,7 +765,7 @@ pub fn stamp_and_upsert_rows(
     format!(
         "WITH u AS (SELECT * FROM {rows}), \
               s AS ({stamp}), \
-              w AS (INSERT INTO {t} ({cols}) SELECT {values} FROM u \
+              w AS (INSERT INTO {t} ({cols}) OVERRIDING SYSTEM VALUE SELECT {values} FROM u \
                      WHERE {vkey} IN (SELECT key FROM s){on_conflict}) \
          SELECT u.ord FROM u WHERE {vkey} IN (SELECT key FROM s)",
         rows = unnest_rows(n, 1, &[("int8", "t"), ("text", "node")]),
@@ -778,18 +798,26 @@ pub fn clean_update_rows(
     let sets: Vec<String> = columns
         .iter()
         .enumerate()
-        .filter(|(_, c)| !key.contains(&c.name))
+        .filter(|(_, c)| !key.contains(&c.name) && !c.fixed)
         .map(|(i, c)| format!("{} = {}", quote_ident(c.name), row_value(i, c.ty)))
         .collect();
     let t = qualified(schema, table);
     let key_pred = row_key_predicate("t", &keyed);
+    // Only columns no UPDATE may set: the versions are stamped, the rows stay as they are.
+    let write = if sets.is_empty() {
+        String::new()
+    } else {
+        format!(
+            ", w AS (UPDATE ONLY {t} AS t SET {} FROM u \
+                      WHERE {key_pred} AND {vkey} IN (SELECT key FROM s))",
+            sets.join(", ")
+        )
+    };
     format!(
         "WITH u AS (SELECT * FROM {rows}), \
               r AS (SELECT u.* FROM u CROSS JOIN LATERAL (\
                       SELECT 1 FROM ONLY {t} AS t WHERE {key_pred} AND {matches} FOR UPDATE) AS l), \
-              s AS ({stamp}), \
-              w AS (UPDATE ONLY {t} AS t SET {sets} FROM u \
-                     WHERE {key_pred} AND {vkey} IN (SELECT key FROM s)) \
+              s AS ({stamp}){write} \
          SELECT u.ord FROM u WHERE {vkey} IN (SELECT key FROM s)",
         rows = unnest_rows(n + before.len(), 1, &[("int8", "t"), ("text", "node")]),
         stamp = stamp_rows(
@@ -799,7 +827,6 @@ pub fn clean_update_rows(
             "false",
             ("NULL::text", "NULL::pg_lsn")
         ),
-        sets = sets.join(", "),
     )
 }
 
@@ -837,16 +864,16 @@ mod tests {
     #[test]
     fn statements() {
         assert_eq!(
-            upsert("s", "t", &["id", "v"], &["id"]),
-            r#"INSERT INTO "s"."t" ("id", "v") VALUES ($1, $2) ON CONFLICT ("id") DO UPDATE SET "v" = EXCLUDED."v""#
+            upsert("s", "t", &["id", "v"], &["id"], &[]),
+            r#"INSERT INTO "s"."t" ("id", "v") OVERRIDING SYSTEM VALUE VALUES ($1, $2) ON CONFLICT ("id") DO UPDATE SET "v" = EXCLUDED."v""#
         );
         assert_eq!(
-            upsert("s", "t", &["id"], &["id"]),
-            r#"INSERT INTO "s"."t" ("id") VALUES ($1) ON CONFLICT ("id") DO NOTHING"#
+            upsert("s", "t", &["id"], &["id"], &[]),
+            r#"INSERT INTO "s"."t" ("id") OVERRIDING SYSTEM VALUE VALUES ($1) ON CONFLICT ("id") DO NOTHING"#
         );
         assert_eq!(
-            upsert("s", "h", &["a"], &[]),
-            r#"INSERT INTO "s"."h" ("a") VALUES ($1)"#
+            upsert("s", "h", &["a"], &[], &[]),
+            r#"INSERT INTO "s"."h" ("a") OVERRIDING SYSTEM VALUE VALUES ($1)"#
         );
         assert_eq!(
             update("s", "t", &["v"], &["id", "k"]),
@@ -866,15 +893,17 @@ mod tests {
             Typed {
                 name: "id",
                 ty: "integer",
+                fixed: false,
             },
             Typed {
                 name: "v",
                 ty: "text",
+                fixed: false,
             },
         ];
         assert_eq!(
             upsert_rows("s", "t", &cols, &["id"]),
-            r#"INSERT INTO "s"."t" ("id", "v") SELECT u.c1::integer, u.c2::text FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(c1, c2, ord) ON CONFLICT ("id") DO UPDATE SET "v" = EXCLUDED."v""#
+            r#"INSERT INTO "s"."t" ("id", "v") OVERRIDING SYSTEM VALUE SELECT u.c1::integer, u.c2::text FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(c1, c2, ord) ON CONFLICT ("id") DO UPDATE SET "v" = EXCLUDED."v""#
         );
         assert_eq!(
             update_rows("s", "t", &cols[1..], &cols[..1]),
@@ -917,11 +946,65 @@ mod tests {
         assert!(probe.contains("v.table_name = $3::text"));
     }
 
+    /// A GENERATED ALWAYS identity outside the key (`fixed`) is inserted but never set by an
+    /// update: PostgreSQL refuses any statement that would, even an upsert that only inserts.
+    #[test]
+    fn fixed_columns_are_inserted_and_never_set() {
+        assert_eq!(
+            upsert("s", "t", &["id", "n", "v"], &["id"], &["n"]),
+            r#"INSERT INTO "s"."t" ("id", "n", "v") OVERRIDING SYSTEM VALUE VALUES ($1, $2, $3) ON CONFLICT ("id") DO UPDATE SET "v" = EXCLUDED."v""#
+        );
+        assert!(upsert("s", "t", &["id", "n"], &["id"], &["n"])
+            .ends_with(r#"ON CONFLICT ("id") DO NOTHING"#));
+        let typed = |name, fixed| Typed {
+            name,
+            ty: "integer",
+            fixed,
+        };
+        let cols = [typed("id", false), typed("n", true), typed("v", false)];
+        for text in [
+            upsert_rows("s", "t", &cols, &["id"]),
+            stamp_and_upsert_rows("s", "t", &cols, &["id"]),
+            stamp_and_upsert("s", "t", &cols, &["id"]),
+            insert_fresh("s", "t", &cols, &["id"]),
+        ] {
+            assert!(
+                text.contains(
+                    r#"INSERT INTO "s"."t" ("id", "n", "v") OVERRIDING SYSTEM VALUE SELECT"#
+                ) && text.contains(r#"DO UPDATE SET "v" = EXCLUDED."v""#)
+                    && !text.contains(r#""n" = "#),
+                "{text}"
+            );
+        }
+        let update = update_rows("s", "t", &cols[1..], &cols[..1]);
+        assert!(
+            update.contains(r#"SET "v" = u.c2::integer FROM"#) && !update.contains(r#""n" ="#),
+            "{update}"
+        );
+        // Nothing left to set: the rows are read, nothing is written.
+        assert_eq!(
+            update_rows("s", "t", &cols[1..2], &cols[..1]),
+            "SELECT count(*) FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(c1, c2, ord)"
+        );
+        let clean = clean_update_rows("s", "t", &cols, &["id"], &cols);
+        assert!(
+            clean.contains(r#"SET "v" = u.c3::integer FROM u"#) && !clean.contains(r#""n" = u"#),
+            "{clean}"
+        );
+        let stamp_only = clean_update_rows("s", "t", &cols[..2], &["id"], &cols[..2]);
+        assert!(
+            !stamp_only.contains("UPDATE ONLY")
+                && stamp_only.contains("s AS (INSERT INTO pgferry.versions"),
+            "{stamp_only}"
+        );
+    }
+
     #[test]
     fn multi_master_statements() {
         let key = [Typed {
             name: "id",
             ty: "integer",
+            fixed: false,
         }];
         let stamp = stamp_version(&key);
         assert!(
@@ -934,16 +1017,18 @@ mod tests {
             Typed {
                 name: "v",
                 ty: "text",
+                fixed: false,
             },
             Typed {
                 name: "id",
                 ty: "integer",
+                fixed: false,
             },
         ];
         let write = stamp_and_upsert("s", "t", &row, &["id"]);
         assert!(
             write.contains("jsonb_build_object('id', $2::integer)::text, $4::int8, $5::text, false")
-                && write.contains(r#"INSERT INTO "s"."t" ("v", "id") SELECT $1::text, $2::integer WHERE EXISTS (SELECT 1 FROM s) ON CONFLICT ("id") DO UPDATE SET "v" = EXCLUDED."v" RETURNING 1"#)
+                && write.contains(r#"INSERT INTO "s"."t" ("v", "id") OVERRIDING SYSTEM VALUE SELECT $1::text, $2::integer WHERE EXISTS (SELECT 1 FROM s) ON CONFLICT ("id") DO UPDATE SET "v" = EXCLUDED."v" RETURNING 1"#)
                 && write.contains("OR ($6::bool AND"),
             "{write}"
         );
@@ -978,6 +1063,7 @@ mod tests {
         let before = [Typed {
             name: "v",
             ty: "numeric(9,2)",
+            fixed: false,
         }];
         let probe = probe("s", "t", &key, &before);
         assert!(

@@ -217,6 +217,11 @@ pub struct TargetTable {
     pub types: Vec<String>,
     /// Unique indexes other than the primary key (plain columns, no predicate): their columns.
     pub uniques: Vec<Vec<String>>,
+    /// Columns outside the key that are `GENERATED ALWAYS AS IDENTITY`. Inserts write them
+    /// (`OVERRIDING SYSTEM VALUE`), but PostgreSQL lets an UPDATE set them only to DEFAULT, so
+    /// updates leave them out ([`crate::apply::sql::Typed::fixed`]) and they keep the value
+    /// their row was inserted with; `pgferry check` and the applier's log name them.
+    pub always_identity: Vec<String>,
 }
 
 impl TargetTable {
@@ -237,7 +242,8 @@ pub async fn describe(
         .query(
             "SELECT a.attname::text,
                     COALESCE(a.attnum = ANY(i.indkey::int2[]), false),
-                    format_type(a.atttypid, a.atttypmod)
+                    format_type(a.atttypid, a.atttypmod),
+                    a.attidentity = 'a'
                FROM pg_class c
                JOIN pg_namespace n ON n.oid = c.relnamespace
                JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
@@ -277,6 +283,11 @@ pub async fn describe(
             .map(|r| r.get(0))
             .collect(),
         types: rows.iter().map(|r| r.get(2)).collect(),
+        always_identity: rows
+            .iter()
+            .filter(|r| r.get::<_, bool>(3) && !r.get::<_, bool>(1))
+            .map(|r| r.get(0))
+            .collect(),
     }))
 }
 

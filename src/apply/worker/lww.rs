@@ -144,6 +144,7 @@ pub(super) fn typed<'t>(table: &'t TargetTable, columns: &'t [String]) -> Vec<Ty
         .map(|c| Typed {
             name: c,
             ty: table.type_of(c).unwrap_or("text"),
+            fixed: table.always_identity.contains(c),
         })
         .collect()
 }
@@ -855,7 +856,7 @@ impl Worker {
             .table
             .columns
             .iter()
-            .filter(|c| !p.table.key.contains(c))
+            .filter(|c| !p.table.key.contains(c) && !p.table.always_identity.contains(c))
             .cloned()
             .collect();
         if columns.is_empty() {
