@@ -105,7 +105,9 @@ impl ApplyError {
     /// (SQLSTATE class 22), a constraint (23), an unsupported operation such as TRUNCATE of a
     /// table a foreign key references (0A000), a mismatched type or missing operator (42804,
     /// 42883), a generated column the statement may not set (428C9: a target column that is
-    /// `GENERATED ALWAYS AS (…) STORED` where the source's is a plain one), or a statement sent
+    /// `GENERATED ALWAYS AS (…) STORED` where the source's is a plain one), a multi-row
+    /// statement that met one row twice (21000: two spellings of one key in a batch; the
+    /// change-by-change replay writes them one after the other), or a statement sent
     /// after such a failure in the same pipelined
     /// transaction (25P02). Such a change is dead-lettered (`apply.on_poison`); retrying
     /// cannot help.
@@ -117,7 +119,10 @@ impl ApplyError {
             let code = code.code();
             code.starts_with("22")
                 || code.starts_with("23")
-                || matches!(code, "0A000" | "42804" | "42883" | "428C9" | "25P02")
+                || matches!(
+                    code,
+                    "0A000" | "21000" | "42804" | "42883" | "428C9" | "25P02"
+                )
         })
     }
 }

@@ -1711,6 +1711,11 @@ impl Worker {
                 return Ok(());
             }
         }
+        // The rows go into a set batch of their own: the batch folds a key's changes by the
+        // spelling of the key's values, and COPY's text spells some values (a timestamptz,
+        // say) other than the changes' JSON does, so one row could otherwise sit in a batch
+        // twice, and its two writes would not be ordered (or the upsert would meet it twice).
+        self.send_rows(client, pending).await?;
         let key: Vec<&str> = table.key.iter().map(String::as_str).collect();
         let stmt = self
             .change_statement(
@@ -1748,7 +1753,7 @@ impl Worker {
             .await?;
             pending.throttle().await?;
         }
-        Ok(())
+        self.send_rows(client, pending).await
     }
 
     /// The prepared statement of `kind` for `columns` of a table (`fixed`: its columns no
