@@ -100,6 +100,14 @@ pub enum CaptureError {
     /// Nothing arrived from the server for too long (not even keepalives).
     #[error("no message from the source for {0:?}; reconnecting")]
     SourceSilent(Duration),
+    /// A table changed under its running snapshot in a way a chunk cannot follow.
+    #[error("the snapshot of {table} cannot go on: {detail}")]
+    SnapshotTableChanged {
+        /// `schema.table`, as planned.
+        table: String,
+        /// What changed.
+        detail: String,
+    },
 }
 
 impl CaptureError {
@@ -115,7 +123,9 @@ impl Classify for CaptureError {
             CaptureError::Replication(e) => e.class(),
             CaptureError::Sql { source, .. } => classify_pg(source),
             CaptureError::Sink(e) => e.class(),
-            CaptureError::SourceSilent(_) => ErrorClass::Transient,
+            CaptureError::SourceSilent(_) | CaptureError::SnapshotTableChanged { .. } => {
+                ErrorClass::Transient
+            }
             CaptureError::Decode { .. }
             | CaptureError::Assemble { .. }
             | CaptureError::Poison { .. }

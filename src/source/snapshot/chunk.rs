@@ -9,13 +9,14 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use memchr::memchr;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 use super::describe_table;
 use crate::event::RelationMeta;
 use crate::source::pgoutput::Datum;
 use crate::source::reconcile::{ChunkRow, Key};
-use crate::sql::{quote_ident, quote_literal};
+use crate::sql::{qualified, quote_ident, quote_literal};
 use crate::value::copy_text::{self, Field};
 
 /// Prefix of the transactional `pg_logical_emit_message` watermarks around each chunk.
@@ -220,6 +221,118 @@ pub async fn read(client: &Client, sql: &str) -> Result<Read, tokio_postgres::Er
         buffer.extend_from_slice(&piece);
     }
     Ok(parse_rows(buffer.freeze()))
+}
+
+/// How [`read_locked`] found a chunk's table.
+#[derive(Debug)]
+pub enum Locked {
+    /// Read as the table is now.
+    Read {
+        /// The table as described under the lock: what the rows are laid out by.
+        target: Target,
+        /// The chunk.
+        read: Read,
+        /// The query that read it.
+        sql: String,
+    },
+    /// The table no longer exists.
+    Gone,
+    /// The table's key is not the planned one any more, or it was renamed again each time it
+    /// was looked up: `detail` says which.
+    Changed {
+        /// What changed.
+        detail: String,
+    },
+}
+
+/// Reads one chunk in a transaction of its own that first locks the table in `ACCESS SHARE`
+/// mode (as the chunk's `SELECT` would) and describes it again, then runs the query `query`
+/// builds from that description. A schema change committed since the table was planned (a
+/// column added, dropped, renamed or given another type, the table renamed) is read as the
+/// table now is, and none can commit between the description and the read. The table is
+/// found by its oid: a renamed one is locked under its new name.
+pub async fn read_locked(
+    client: &Client,
+    planned: &Target,
+    query: impl Fn(&Target) -> String,
+) -> Result<Locked, tokio_postgres::Error> {
+    let oid = planned.relation.oid;
+    let mut name = (
+        planned.relation.schema.clone(),
+        planned.relation.table.clone(),
+    );
+    for _ in 0..3 {
+        let lock = format!(
+            "BEGIN; LOCK TABLE {} IN ACCESS SHARE MODE",
+            qualified(&name.0, &name.1)
+        );
+        let described = match client.batch_execute(&lock).await {
+            Ok(()) => target(client, &name.0, &name.1).await,
+            Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => Ok(None),
+            Err(e) => Err(e),
+        };
+        let fresh = match described {
+            Ok(Some(fresh)) if fresh.relation.oid == oid => fresh,
+            Ok(_) => {
+                // Renamed, or gone: its name now, by its oid.
+                client.batch_execute("ROLLBACK").await?;
+                match name_of(client, oid).await? {
+                    Some(now) => {
+                        name = now;
+                        continue;
+                    }
+                    None => return Ok(Locked::Gone),
+                }
+            }
+            Err(e) => {
+                let _ = client.batch_execute("ROLLBACK").await;
+                return Err(e);
+            }
+        };
+        if fresh.key.len() != planned.key.len() {
+            client.batch_execute("ROLLBACK").await?;
+            return Ok(Locked::Changed {
+                detail: format!(
+                    "its key has {} columns, the snapshot was planned with {}",
+                    fresh.key.len(),
+                    planned.key.len()
+                ),
+            });
+        }
+        let sql = query(&fresh);
+        let chunk = match read(client, &sql).await {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                let _ = client.batch_execute("ROLLBACK").await;
+                return Err(e);
+            }
+        };
+        client.batch_execute("COMMIT").await?;
+        return Ok(Locked::Read {
+            target: fresh,
+            read: chunk,
+            sql,
+        });
+    }
+    Ok(Locked::Changed {
+        detail: "it was renamed each time it was looked up".into(),
+    })
+}
+
+/// A table's schema and name now; `None` when no table has the oid.
+async fn name_of(
+    client: &Client,
+    oid: u32,
+) -> Result<Option<(String, String)>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT n.nspname::text, c.relname::text
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.oid = $1",
+            &[&oid],
+        )
+        .await?;
+    Ok(row.map(|r| (r.get(0), r.get(1))))
 }
 
 /// The rows of a chunk query's `COPY` output: the row's values, then `xmax` and `xmin`.

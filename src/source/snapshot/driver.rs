@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use super::chunk::{self, Part, Target};
+use super::chunk::{self, Locked, Part, Target};
 use crate::config::{SnapshotMode, SourceConfig};
 use crate::lsn::Lsn;
 use crate::pipeline::progress::Progress;
@@ -461,6 +461,18 @@ async fn resume(
             tracing::warn!(table = %name, "a table with an unfinished snapshot no longer exists; forgetting it");
             continue;
         };
+        // A key with other columns than the one the parts were planned by (changed while the
+        // snapshot ran): their bounds mean nothing any more; the table is planned again.
+        let arity = target.key.len();
+        let stale = |k: &Option<Vec<String>>| k.as_ref().is_some_and(|k| k.len() != arity);
+        if parts.iter().any(|p| {
+            p.keyed != target.keyed()
+                || (p.keyed && (stale(&p.lower) || stale(&p.upper) || stale(&p.last)))
+        }) {
+            tracing::warn!(table = %name, "the table's key changed since its snapshot was planned; planning it again");
+            plan(control, settings, shared, tables, metrics, &schema, &table).await?;
+            continue;
+        }
         for part in parts.iter_mut().filter(|p| !p.keyed && p.last.is_some()) {
             chunk::restart_part(control, slot, part)
                 .await
@@ -592,8 +604,8 @@ async fn reader(
             }
             Work::Part(target, part) => read_pages(client, shared, &target, part, shutdown).await?,
             Work::Reread(target, keys) => {
-                let sql = chunk::keys_query(&target, &keys);
-                chunk_between_marks(client, shared, &target, &sql, None, false).await?;
+                let query = |t: &Target| chunk::keys_query(t, &keys);
+                chunk_between_marks(client, shared, &target, &query, None, false).await?;
             }
         }
     }
@@ -610,9 +622,11 @@ async fn read_range(
     let mut after = part.last.clone().or_else(|| part.lower.clone());
     let mut limit = shared.batch_rows;
     while !shutdown.is_cancelled() {
-        let sql = chunk::chunk_query(target, after.as_deref(), part.upper.as_deref(), limit);
+        let query =
+            |t: &Target| chunk::chunk_query(t, after.as_deref(), part.upper.as_deref(), limit);
         let (read, last) =
-            chunk_between_marks(client, shared, target, &sql, Some((&part, limit)), false).await?;
+            chunk_between_marks(client, shared, target, &query, Some((&part, limit)), false)
+                .await?;
         // Rows per chunk adapt to snapshot_chunk_bytes: halve after a chunk over it, grow back
         // after one under half of it.
         if read.bytes > shared.chunk_bytes {
@@ -657,14 +671,14 @@ async fn read_pages(
     while !shutdown.is_cancelled() {
         let to = from + step;
         let last = to >= pages;
-        let sql = chunk::pages_query(target, from, to);
+        let query = |t: &Target| chunk::pages_query(t, from, to);
         let mut page_part = part.clone();
         page_part.last = Some(vec![to.to_string()]);
         chunk_between_marks(
             client,
             shared,
             target,
-            &sql,
+            &query,
             Some((&page_part, u32::MAX)),
             last,
         )
@@ -700,14 +714,17 @@ async fn mark(client: &Client, run: u64, id: u64, mark: MarkKind) -> Result<(), 
         .map_err(CaptureError::sql("writing a snapshot watermark"))
 }
 
-/// One chunk: low watermark, SELECT, deposit, high watermark. `part` is `Some((part, limit))`
-/// for range and page chunks (progress is recorded for them); `finishes_keyless` marks a
-/// keyless table's last chunk. Returns what was read and the last key read.
+/// One chunk: low watermark, SELECT, deposit, high watermark. The SELECT is `query` of the
+/// table as described under its lock ([`chunk::read_locked`]): rows are read, reconciled and
+/// published by the table's schema at the time of the read, so a schema change committed
+/// since the table was planned is followed. `part` is `Some((part, limit))` for range and page
+/// chunks (progress is recorded for them); `finishes_keyless` marks a keyless table's last
+/// chunk. Returns what was read and the last key read.
 async fn chunk_between_marks(
     client: &Client,
     shared: &Shared,
     target: &Arc<Target>,
-    sql: &str,
+    query: &(dyn Fn(&Target) -> String + Sync),
     part: Option<(&Part, u32)>,
     finishes_keyless: bool,
 ) -> Result<(ChunkRead, Option<Vec<String>>), CaptureError> {
@@ -723,13 +740,26 @@ async fn chunk_between_marks(
         },
     );
     mark(client, shared.run, id, MarkKind::Low).await?;
-    let read = chunk::read(client, sql)
+    let (read, read_as, sql) = match chunk::read_locked(client, target, query)
         .await
-        .map_err(CaptureError::sql("reading a snapshot chunk"))?;
+        .map_err(CaptureError::sql("reading a snapshot chunk"))?
+    {
+        Locked::Read { target, read, sql } => (read, Arc::new(target), sql),
+        Locked::Gone => {
+            tracing::info!(table = %target.name(), "the table was dropped while its snapshot ran; its snapshot ends");
+            (chunk::Read::default(), target.clone(), String::new())
+        }
+        Locked::Changed { detail } => {
+            return Err(CaptureError::SnapshotTableChanged {
+                table: target.name(),
+                detail,
+            })
+        }
+    };
     let last_key = read
         .rows
         .last()
-        .and_then(|r| key_of(&target.chunk_relation, &r.tuple))
+        .and_then(|r| key_of(&read_as.chunk_relation, &r.tuple))
         .and_then(|k| chunk::key_text(&k));
     let done = match part {
         Some((_, limit)) if target.keyed() => (read.rows.len() as u64) < u64::from(limit),
@@ -756,6 +786,7 @@ async fn chunk_between_marks(
                     "snapshot chunk read");
     let bytes = read.bytes;
     if let Some(deposit) = shared.board.lock().get_mut(&id) {
+        deposit.target = read_as;
         deposit.rows = Some(read.rows);
     }
     mark(client, shared.run, id, MarkKind::High).await?;
