@@ -208,7 +208,7 @@ async fn schema_changes_reach_the_replica_under_writes() {
         "UPDATE archive.fresh SET label = label || '?' WHERE id % 5 = 0",
     ];
     for step in steps {
-        m.batch_execute(step).await.unwrap();
+        run_step(&m, step).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     stop.store(true, Ordering::Relaxed);
@@ -488,7 +488,7 @@ async fn partitioned_tables_follow_their_schema_changes() {
             "UPDATE ev SET extra = 'x' || id WHERE id % 10 = 0",
             "CREATE TABLE ev_3 PARTITION OF ev FOR VALUES FROM (200) TO (300)",
         ] {
-            m.batch_execute(step).await.unwrap();
+            run_step(&m, step).await;
             pause().await;
         }
         high.store(300, Ordering::Relaxed);
@@ -499,7 +499,7 @@ async fn partitioned_tables_follow_their_schema_changes() {
             "ALTER TABLE ev DROP COLUMN drop_me",
             "CREATE TABLE ev_rest PARTITION OF ev DEFAULT",
         ] {
-            m.batch_execute(step).await.unwrap();
+            run_step(&m, step).await;
             pause().await;
         }
         high.store(1000, Ordering::Relaxed);
@@ -557,5 +557,28 @@ async fn partitioned_tables_follow_their_schema_changes() {
             "{mode}: nothing may be dead-lettered"
         );
         drop(capture);
+    }
+}
+
+/// Runs one of a test's own statements on the master beside its writer: an update that meets
+/// a row the writer just moved to another partition, or a deadlock with it, is PostgreSQL
+/// asking the client to try again (40001, 40P01), as any application would.
+async fn run_step(m: &Client, step: &str) {
+    for attempt in 1.. {
+        match m.batch_execute(step).await {
+            Ok(()) => return,
+            Err(e)
+                if attempt < 10
+                    && [
+                        tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE,
+                        tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED,
+                    ]
+                    .iter()
+                    .any(|c| e.code() == Some(c)) =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("{step}: {e}"),
+        }
     }
 }
