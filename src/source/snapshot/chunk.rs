@@ -262,61 +262,68 @@ pub async fn read_locked(
         planned.relation.table.clone(),
     );
     for _ in 0..3 {
-        let lock = format!(
-            "BEGIN; LOCK TABLE {} IN ACCESS SHARE MODE",
-            qualified(&name.0, &name.1)
-        );
-        let described = match client.batch_execute(&lock).await {
-            Ok(()) => target(client, &name.0, &name.1).await,
-            Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => Ok(None),
-            Err(e) => Err(e),
+        let attempt = locked_attempt(client, &name, planned, &query).await;
+        let end = match &attempt {
+            Ok(Some(Locked::Read { .. })) => "COMMIT",
+            _ => "ROLLBACK",
         };
-        let fresh = match described {
-            Ok(Some(fresh)) if fresh.relation.oid == oid => fresh,
-            Ok(_) => {
-                // Renamed, or gone: its name now, by its oid.
-                client.batch_execute("ROLLBACK").await?;
-                match name_of(client, oid).await? {
-                    Some(now) => {
-                        name = now;
-                        continue;
-                    }
-                    None => return Ok(Locked::Gone),
-                }
-            }
-            Err(e) => {
-                let _ = client.batch_execute("ROLLBACK").await;
-                return Err(e);
-            }
-        };
-        if fresh.key.len() != planned.key.len() {
-            client.batch_execute("ROLLBACK").await?;
-            return Ok(Locked::Changed {
-                detail: format!(
-                    "its key has {} columns, the snapshot was planned with {}",
-                    fresh.key.len(),
-                    planned.key.len()
-                ),
-            });
+        let ended = client.batch_execute(end).await;
+        let attempt = attempt?;
+        ended?;
+        match attempt {
+            Some(found) => return Ok(found),
+            // Renamed, or gone: its name now, by its oid.
+            None => match name_of(client, oid).await? {
+                Some(now) => name = now,
+                None => return Ok(Locked::Gone),
+            },
         }
-        let sql = query(&fresh);
-        let chunk = match read(client, &sql).await {
-            Ok(chunk) => chunk,
-            Err(e) => {
-                let _ = client.batch_execute("ROLLBACK").await;
-                return Err(e);
-            }
-        };
-        client.batch_execute("COMMIT").await?;
-        return Ok(Locked::Read {
-            target: fresh,
-            read: chunk,
-            sql,
-        });
     }
     Ok(Locked::Changed {
         detail: "it was renamed each time it was looked up".into(),
     })
+}
+
+/// One try of [`read_locked`]: begins the transaction (the caller ends it), locks `name`,
+/// describes it and, when it is still the planned table (same oid) with a key of as many
+/// columns, reads the chunk. `None`: no table of that name is the planned one (renamed or
+/// dropped).
+async fn locked_attempt(
+    client: &Client,
+    (schema, table): &(String, String),
+    planned: &Target,
+    query: &impl Fn(&Target) -> String,
+) -> Result<Option<Locked>, tokio_postgres::Error> {
+    let lock = format!(
+        "BEGIN; LOCK TABLE {} IN ACCESS SHARE MODE",
+        qualified(schema, table)
+    );
+    match client.batch_execute(&lock).await {
+        Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => return Ok(None),
+        locked => locked?,
+    }
+    let Some(fresh) = target(client, schema, table)
+        .await?
+        .filter(|t| t.relation.oid == planned.relation.oid)
+    else {
+        return Ok(None);
+    };
+    if fresh.key.len() != planned.key.len() {
+        return Ok(Some(Locked::Changed {
+            detail: format!(
+                "its key has {} columns, the snapshot was planned with {}",
+                fresh.key.len(),
+                planned.key.len()
+            ),
+        }));
+    }
+    let sql = query(&fresh);
+    let read = read(client, &sql).await?;
+    Ok(Some(Locked::Read {
+        target: fresh,
+        read,
+        sql,
+    }))
 }
 
 /// A table's schema and name now; `None` when no table has the oid.
