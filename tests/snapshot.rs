@@ -122,6 +122,32 @@ async fn progress(c: &tokio_postgres::Client, slot: &str, table: &str) -> (i64, 
     (row.get(0), row.get(1), row.get(2))
 }
 
+/// Waits until every part of this slot's snapshot of `table` (named without its schema, as
+/// `pgferry.snapshot_progress` names it) is done; fails after `timeout` with how far it got
+/// and `log` (capture's, where it helps).
+async fn wait_snapshot_done(
+    c: &tokio_postgres::Client,
+    slot: &str,
+    table: &str,
+    timeout: Duration,
+    log: impl Fn() -> String,
+) {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let (done_rows, parts, done) = progress(c, slot, table).await;
+        if parts > 0 && parts == done {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the snapshot of {table} did not finish in {timeout:?}: {done_rows} rows, {done} of \
+             {parts} ranges done\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// A writer on `items` until `stop`: updates, deletes and inserts random rows, one statement
 /// per transaction. Returns how many changes it committed.
 fn spawn_writer(
@@ -235,15 +261,7 @@ async fn killed_snapshot_resumes_and_reconciles_concurrent_writes() {
             && status.contains("ETA"),
         "{status}"
     );
-    wait_for(
-        "the snapshot to finish",
-        Duration::from_secs(900),
-        || async {
-            let (_, parts, done) = progress(&c, &slot, "items").await;
-            (parts > 0 && parts == done).then_some(())
-        },
-    )
-    .await;
+    wait_snapshot_done(&c, &slot, "items", Duration::from_secs(900), String::new).await;
     assert!(
         capture.log().contains("resuming snapshot"),
         "the restarted capture must resume, not start over"
@@ -631,19 +649,7 @@ async fn every_key_shape_snapshots_exactly_under_writes() {
     for (table, _, _, _) in &tables {
         // pgferry.snapshot_progress names the table without its schema.
         let name = table.rsplit('.').next().unwrap().replace('"', "");
-        let deadline = std::time::Instant::now() + Duration::from_secs(300);
-        loop {
-            let (done_rows, parts, done) = progress(&c, &slot, &name).await;
-            if parts > 0 && parts == done {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the snapshot of {name} did not finish: {done_rows} rows, {done} of {parts} \
-                 ranges done"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        wait_snapshot_done(&c, &slot, &name, Duration::from_secs(300), String::new).await;
     }
     let during = committed.load(Ordering::Relaxed) - before;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -786,19 +792,10 @@ async fn schema_changes_during_a_chunked_snapshot() {
         eprintln!("at {done} snapshot rows: {step}");
         c.batch_execute(step).await.unwrap();
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(300);
-    loop {
-        let (done_rows, parts, done) = progress(&c, &slot, "items").await;
-        if parts > 0 && parts == done {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the snapshot did not finish: {done_rows} rows, {done} of {parts} ranges done\n{}",
-            capture.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_snapshot_done(&c, &slot, "items", Duration::from_secs(300), || {
+        capture.log()
+    })
+    .await;
     stop.store(true, Ordering::Relaxed);
     let changes = writer.await.unwrap();
     eprintln!("{changes} writer changes");
@@ -885,15 +882,7 @@ async fn unchanged_toast_during_a_snapshot_is_read_again() {
         "  snapshot_readers: 2\n  snapshot_batch_rows: 50\n",
     );
     let before = committed.load(Ordering::Relaxed);
-    wait_for(
-        "the snapshot to finish",
-        Duration::from_secs(300),
-        || async {
-            let (_, parts, done) = progress(&c, &slot, "docs").await;
-            (parts > 0 && parts == done).then_some(())
-        },
-    )
-    .await;
+    wait_snapshot_done(&c, &slot, "docs", Duration::from_secs(300), String::new).await;
     let during = committed.load(Ordering::Relaxed) - before;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
