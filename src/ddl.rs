@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::lsn::Lsn;
 use crate::sql::{qualified, quote_ident};
 
 /// pgferry's DDL capture on the source: a shadow of every user table's columns
@@ -68,6 +69,25 @@ CREATE OR REPLACE FUNCTION pgferry.ddl_partition(rel oid) RETURNS jsonb LANGUAGE
       JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace pn ON pn.oid = p.relnamespace
      WHERE c.oid = rel AND c.relispartition
 $f$;
+-- What this database has applied from every other node (multi-master: the commit LSN of each
+-- peer's last transaction applied here; empty where pgferry applies nothing): a schema change
+-- carries it, so that a node receiving it first applies the changes this one had applied
+-- before it (see apply's `Worker::apply_ddl`). Dynamic SQL: a source only (no apply) has no
+-- such table. Never fails the user's DDL: without the right to read it, nothing is ordered.
+CREATE OR REPLACE FUNCTION pgferry.ddl_applied() RETURNS jsonb LANGUAGE plpgsql STABLE AS $f$
+DECLARE
+    applied jsonb;
+BEGIN
+    IF to_regclass('pgferry.apply_progress') IS NULL THEN
+        RETURN '{}';
+    END IF;
+    EXECUTE 'SELECT coalesce(jsonb_object_agg(source_node, commit_lsn::text), ''{}'')
+               FROM pgferry.apply_progress' INTO applied;
+    RETURN applied;
+EXCEPTION WHEN insufficient_privilege OR undefined_table OR undefined_column THEN
+    RETURN '{}';
+END
+$f$;
 CREATE OR REPLACE FUNCTION pgferry.capture_ddl() RETURNS event_trigger LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
 DECLARE
@@ -77,6 +97,7 @@ DECLARE
     part jsonb;
     pkey jsonb;
     moved bool;
+    applied jsonb := pgferry.ddl_applied();
 BEGIN
     -- The tables the command reports, then (not reported: an ALTER TABLE of a partitioned
     -- table reports only that table) its partitions, whose columns changed with it or which
@@ -150,7 +171,8 @@ BEGIN
             'old', shadow.columns, 'new', cols, 'key', COALESCE(pkey->'columns', '[]'),
             'old_partition', shadow.partition_of, 'partition', part,
             'old_primary_key', shadow.primary_key, 'primary_key', pkey,
-            'partition_by', CASE WHEN r.relkind = 'p' THEN pg_get_partkeydef(r.objid) END)::text);
+            'partition_by', CASE WHEN r.relkind = 'p' THEN pg_get_partkeydef(r.objid) END,
+            'applied', applied)::text);
         INSERT INTO pgferry.ddl_tables VALUES (r.objid, r.nsp, r.rel, cols, part, pkey)
             ON CONFLICT (relid) DO UPDATE SET schema_name = EXCLUDED.schema_name,
                 table_name = EXCLUDED.table_name, columns = EXCLUDED.columns,
@@ -162,6 +184,7 @@ CREATE OR REPLACE FUNCTION pgferry.capture_drop() RETURNS event_trigger LANGUAGE
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
 DECLARE
     r record;
+    applied jsonb := pgferry.ddl_applied();
 BEGIN
     FOR r IN SELECT d.objid, d.schema_name, d.object_name FROM pg_event_trigger_dropped_objects() d
               WHERE d.object_type = 'table' AND d.original
@@ -170,7 +193,8 @@ BEGIN
     LOOP
         DELETE FROM pgferry.ddl_tables WHERE relid = r.objid;
         PERFORM pg_logical_emit_message(true, 'pgferry.ddl', jsonb_build_object(
-            'tag', 'DROP TABLE', 'schema', r.schema_name, 'table', r.object_name)::text);
+            'tag', 'DROP TABLE', 'schema', r.schema_name, 'table', r.object_name,
+            'applied', applied)::text);
     END LOOP;
 END
 $f$;
@@ -260,6 +284,10 @@ pub struct TriggerMessage {
     /// The primary key after.
     #[serde(default)]
     pub primary_key: Option<PrimaryKey>,
+    /// What the database had applied from each other node when the command ran (node → the
+    /// commit LSN of its last transaction applied there); empty where nothing is applied.
+    #[serde(default)]
+    pub applied: BTreeMap<String, Lsn>,
 }
 
 /// A primary key: its constraint's name and its columns.
@@ -760,7 +788,33 @@ mod tests {
             partition_by: None,
             old_primary_key: None,
             primary_key: None,
+            applied: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn the_trigger_message_says_what_its_node_had_applied() {
+        let with: TriggerMessage = serde_json::from_str(
+            r#"{"tag":"ALTER TABLE","schema":"public","table":"t","applied":{"b":"0/1A2B4F0","c":"1/0"}}"#,
+        )
+        .expect("parses");
+        assert_eq!(
+            with.applied.into_iter().collect::<Vec<_>>(),
+            vec![
+                ("b".to_owned(), Lsn(0x1A2B4F0)),
+                ("c".to_owned(), Lsn(1 << 32))
+            ]
+        );
+        // A trigger installed before this version writes none: nothing to wait for.
+        let without: TriggerMessage =
+            serde_json::from_str(r#"{"tag":"DROP TABLE","schema":"public","table":"t"}"#)
+                .expect("parses");
+        assert!(without.applied.is_empty());
+        // A malformed position is not taken for no position.
+        assert!(serde_json::from_str::<TriggerMessage>(
+            r#"{"tag":"ALTER TABLE","schema":"public","table":"t","applied":{"b":"zz"}}"#
+        )
+        .is_err());
     }
 
     #[test]

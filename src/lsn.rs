@@ -38,6 +38,13 @@ impl FromStr for Lsn {
     }
 }
 
+/// Serialized in the `X/Y` text form.
+impl serde::Serialize for Lsn {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 /// Deserialized from the `X/Y` text form.
 impl<'de> serde::Deserialize<'de> for Lsn {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {

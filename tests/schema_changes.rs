@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::broker::Broker;
 use common::ferry::Ferry;
 use common::kafka::TopicReader;
-use common::mesh::{join_writers, mesh, spawn_writers, wait_converged, Budget, KV_DDL};
+use common::mesh::{join_writers, mesh, spawn_writers, wait_converged, Budget, Committed, KV_DDL};
 use common::pg::{try_table_checksum, PgCluster};
 use common::Rng;
 use tokio_postgres::Client;
@@ -362,11 +362,223 @@ async fn schema_changes_reach_every_multi_master_node_once() {
         sums.iter().all(|s| *s == sums[0]),
         "extra2 differs across nodes: {sums:?}"
     );
-    for node in &nodes {
+    each_change_applied_once(&nodes, &[1.0, 1.0, 1.0]).await;
+}
+
+/// The columns of `kv` with the extra ones of `model` after the test's own.
+fn kv_columns(model: &[(String, &'static str)]) -> Vec<(String, String)> {
+    [("k", "integer"), ("v", "integer"), ("note", "text")]
+        .into_iter()
+        .map(|(n, t)| (n.to_owned(), t.to_owned()))
+        .chain(model.iter().map(|(n, t)| (n.clone(), (*t).to_owned())))
+        .collect()
+}
+
+/// One random schema change of `kv`'s extra columns (never the writers' `k`, `v`, `note`),
+/// applied to `model`: ADD COLUMN (with a constant default or none), ALTER COLUMN TYPE
+/// (integer → bigint → numeric), RENAME COLUMN, DROP COLUMN. Returns the statement and the
+/// column it changed, unless it dropped it.
+fn random_schema_change(
+    rng: &mut Rng,
+    model: &mut Vec<(String, &'static str)>,
+    step: usize,
+) -> (String, Option<usize>) {
+    let new_name = format!("c{step}");
+    let pick = if model.is_empty() { 0 } else { rng.range(0, 4) };
+    let at = if model.is_empty() {
+        0
+    } else {
+        rng.range(0, model.len() as i64) as usize
+    };
+    match pick {
+        1 if model[at].1 != "numeric" => {
+            let wider = if model[at].1 == "integer" {
+                "bigint"
+            } else {
+                "numeric"
+            };
+            model[at].1 = wider;
+            let sql = format!("ALTER TABLE kv ALTER COLUMN {} TYPE {wider}", model[at].0);
+            (sql, Some(at))
+        }
+        2 => {
+            let old = std::mem::replace(&mut model[at].0, new_name.clone());
+            (
+                format!("ALTER TABLE kv RENAME COLUMN {old} TO {new_name}"),
+                Some(at),
+            )
+        }
+        3 if model.len() > 1 => {
+            let (old, _) = model.remove(at);
+            (format!("ALTER TABLE kv DROP COLUMN {old}"), None)
+        }
+        _ => {
+            model.push((new_name.clone(), "integer"));
+            let default = if rng.chance(0.5) {
+                format!(" DEFAULT {step}")
+            } else {
+                String::new()
+            };
+            let sql = format!("ALTER TABLE kv ADD COLUMN {new_name} int{default}");
+            (sql, Some(model.len() - 1))
+        }
+    }
+}
+
+/// Random chains of schema changes, each made on another node than the one before, as soon
+/// as the one before has reached that node (so each may act on it: a column another node
+/// added, renamed or widened), and then, on the same node, values only the changed column
+/// holds, all under writers on every node. The third node learns of each link from two
+/// streams in either order. Every node ends with the chain's columns and the same rows,
+/// nothing dead-lettered, no schema change refused, each change applied once on every other
+/// node.
+#[tokio::test(flavor = "multi_thread")]
+async fn chains_of_schema_changes_across_nodes_converge() {
+    let seed = seed();
+    eprintln!("seed {seed} (DDL_SEED)");
+    let mut rng = Rng::new(seed);
+    let clusters = [
+        PgCluster::shared_of_three(0),
+        PgCluster::shared_of_three(1),
+        PgCluster::shared_of_three(2),
+    ];
+    let ddl = format!("{KV_DDL}; CREATE TABLE gate (id int PRIMARY KEY, n int NOT NULL)");
+    let nodes = mesh("mmchain", &clusters, &ddl, "", &broker().address()).await;
+    let clients = [
+        nodes[0].client().await,
+        nodes[1].client().await,
+        nodes[2].client().await,
+    ];
+    // Rows the writers never touch (their keys are below 50), for the chain's own values,
+    // which would otherwise be writes the writers' oracle does not know.
+    clients[0]
+        .batch_execute(
+            "INSERT INTO kv SELECT g, g, 'still' FROM generate_series(1000, 1099) g;
+             INSERT INTO gate VALUES (1, 0)",
+        )
+        .await
+        .unwrap();
+    let still: Vec<Committed> = (1000..1100)
+        .map(|key| Committed {
+            ts_us: 0,
+            node: String::new(),
+            key,
+            row: Some((key, Some("still".to_owned()))),
+        })
+        .collect();
+    for c in &clients {
+        common::wait_for(
+            "the still rows on every node",
+            Duration::from_secs(60),
+            || async {
+                let n: Option<i64> = c
+                    .query_one(
+                        "SELECT count(*) + (SELECT count(*) FROM gate) FROM kv WHERE k >= 1000",
+                        &[],
+                    )
+                    .await
+                    .ok()
+                    .map(|r| r.get(0));
+                (n == Some(101)).then_some(())
+            },
+        )
+        .await;
+    }
+    let writers = spawn_writers(
+        &nodes,
+        seed,
+        Budget::Until(std::time::Instant::now() + Duration::from_secs(20)),
+        50,
+    );
+    let mut model: Vec<(String, &'static str)> = Vec::new();
+    let mut made = [0.0f64; 3];
+    let mut at = rng.range(0, 3) as usize;
+    let mut chain = Vec::new();
+    // A connection per node that holds up its worker of one other node's stream (below).
+    let gates = [
+        nodes[0].client().await,
+        nodes[1].client().await,
+        nodes[2].client().await,
+    ];
+    for step in 0..7 {
+        let next = (at + 1 + rng.range(0, 2) as usize) % 3;
+        let third = 3 - at - next;
+        // The third node applies this change late: a row it holds locked is written just
+        // before the change, so its worker of this stream waits there while the next node's
+        // stream, with what depends on the change, goes on arriving.
+        gates[third]
+            .batch_execute("BEGIN; SELECT n FROM gate WHERE id = 1 FOR UPDATE")
+            .await
+            .unwrap();
+        run_step(&clients[at], "UPDATE gate SET n = n + 1 WHERE id = 1").await;
+        let (change, changed) = random_schema_change(&mut rng, &mut model, step);
+        run_step(&clients[at], &change).await;
+        made[at] += 1.0;
+        chain.push(format!("{}: {change}", nodes[at].name));
+        let want = kv_columns(&model);
+        common::wait_for(
+            &format!("{chain:?} to reach {}", nodes[next].name),
+            Duration::from_secs(60),
+            || async { (columns(&clients[next], "kv").await == want).then_some(()) },
+        )
+        .await;
+        // Values that need the change (the widened type, the new name), written where it
+        // just arrived.
+        if let Some((column, ty)) = changed.map(|i| &model[i]).filter(|_| rng.chance(0.7)) {
+            let factor = if *ty == "integer" {
+                1000
+            } else {
+                10_000_000_000i64
+            };
+            let fill = format!(
+                "UPDATE kv SET {column} = k * {factor} + {step} WHERE k >= 1000 AND k % 4 = {}",
+                step % 4
+            );
+            run_step(&clients[next], &fill).await;
+            chain.push(format!("{}: {fill}", nodes[next].name));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        gates[third].batch_execute("COMMIT").await.unwrap();
+        at = next;
+    }
+    eprintln!("chain: {chain:#?}");
+    let mut writes = join_writers(writers).await;
+    writes.extend(still);
+    wait_converged(&nodes, &writes, Duration::from_secs(120)).await;
+    let want = kv_columns(&model);
+    for (node, c) in nodes.iter().zip(&clients) {
+        common::wait_for(
+            &format!("{} to have the chain's columns {want:?}", node.name),
+            Duration::from_secs(60),
+            || async { (columns(c, "kv").await == want).then_some(()) },
+        )
+        .await;
+    }
+    // The same rows everywhere, the extra columns included.
+    common::wait_for(
+        "every node's kv to be equal",
+        Duration::from_secs(60),
+        || async {
+            let mut sums = Vec::new();
+            for c in &clients {
+                sums.push(try_table_checksum(c, "kv").await?);
+            }
+            sums.iter().all(|s| *s == sums[0]).then_some(())
+        },
+    )
+    .await;
+    each_change_applied_once(&nodes, &made).await;
+}
+
+/// Each node published the schema changes it made (`made[i]` for node `i`), applied every
+/// other node's exactly once, refused none, and dead-lettered nothing.
+async fn each_change_applied_once(nodes: &[common::mesh::Node], made: &[f64]) {
+    let total: f64 = made.iter().sum();
+    for (i, node) in nodes.iter().enumerate() {
         assert_eq!(
             node.metric("pgferry_schema_changes_total", ""),
-            1.0,
-            "{} must publish only its own schema change",
+            made[i],
+            "{} publishes its own schema changes only",
             node.name
         );
         common::wait_for(
@@ -376,14 +588,22 @@ async fn schema_changes_reach_every_multi_master_node_once() {
                 (node.metric(
                     "pgferry_schema_changes_applied_total",
                     "outcome=\"applied\"",
-                ) == 2.0)
+                ) == total - made[i])
                     .then_some(())
             },
         )
         .await;
         assert_eq!(
             node.metric("pgferry_schema_changes_applied_total", "outcome=\"failed\""),
-            0.0
+            0.0,
+            "{}: no schema change may be refused",
+            node.name
+        );
+        assert_eq!(
+            node.metric("pgferry_apply_dead_letters_total", ""),
+            0.0,
+            "{}: nothing may be dead-lettered",
+            node.name
         );
     }
 }

@@ -83,6 +83,20 @@ pub enum ApplyError {
     /// is rolled back and replayed.
     #[error("the target answered unexpectedly: {0}")]
     UnexpectedAnswer(String),
+    /// Multi-master: changes from node `from` depend on `node`'s changes up to `lsn`, and the
+    /// target has not applied that far yet: a schema change `from` made after applying them
+    /// (it may act on a column `node` added or renamed), or `from`'s writes after it applied
+    /// `node`'s schema change (a value only the new type holds). The transaction is rolled
+    /// back and replayed once the target's worker for `node` has applied that far.
+    #[error("changes from {from} depend on {node}'s changes up to {lsn} (a schema change), which this target has not applied yet")]
+    SchemaChangeWaits {
+        /// The node that made the schema change.
+        from: String,
+        /// The node whose changes come first.
+        node: String,
+        /// Its commit LSN the target must have applied.
+        lsn: crate::lsn::Lsn,
+    },
     /// A change carries a column the target table does not have.
     #[error("column {column} of {table} does not exist on the target: add it there (ALTER TABLE {table} ADD COLUMN ...) and pgferry resumes")]
     ColumnMissing {
@@ -127,6 +141,22 @@ impl ApplyError {
     }
 }
 
+impl ApplyError {
+    /// The target lacks a column or table a statement named (42703, 42P01): most likely the
+    /// worker's cached table shapes predate a schema change made by another session (a user,
+    /// or the worker applying another node's stream to the same target). The caller replays
+    /// the transaction with shapes described again; only the same error after that is a real
+    /// one.
+    pub fn is_stale_shape(&self) -> bool {
+        let ApplyError::Sql { source, .. } = self else {
+            return false;
+        };
+        source
+            .code()
+            .is_some_and(|code| matches!(code.code(), "42703" | "42P01"))
+    }
+}
+
 impl Classify for ApplyError {
     fn class(&self) -> ErrorClass {
         match self {
@@ -138,6 +168,7 @@ impl Classify for ApplyError {
             | ApplyError::Gap { .. }
             | ApplyError::HorizonPassed { .. } => ErrorClass::Fatal,
             ApplyError::Contention { .. }
+            | ApplyError::SchemaChangeWaits { .. }
             | ApplyError::Stalled { .. }
             | ApplyError::UnexpectedAnswer(_) => ErrorClass::Transient,
         }

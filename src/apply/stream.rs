@@ -270,6 +270,8 @@ pub enum StreamItem {
     Ack(Box<AckItem>),
     /// `type: ddl`: a schema change of one table (see [`crate::ddl`]).
     Ddl(Box<DdlItem>),
+    /// `type: after`: the node applied other nodes' schema changes here.
+    After(Box<AfterItem>),
     /// `type: rows`: snapshot rows of one table in COPY's text format.
     Rows(Box<RowsItem>),
 }
@@ -372,6 +374,38 @@ pub struct DdlItem {
     pub table: String,
     /// The changes, in order.
     pub ops: Vec<crate::ddl::DdlOp>,
+    /// Multi-master: what the node that made the change had applied from each other node then
+    /// (node → commit LSN); a target applies the change only after it has applied as much.
+    pub applied: BTreeMap<String, Lsn>,
+}
+
+/// The `after` record (multi-master): the node that wrote the stream applied other nodes'
+/// schema changes here (node → commit LSN of the change's source transaction), so what it
+/// writes from here on may depend on them (a value only the widened type holds, a column
+/// only the new name finds). Its own worker writes it as a transactional `pgferry.after`
+/// message in the target transaction that applied the change.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+pub struct AfterItem {
+    /// Node → the commit LSN a target must have applied from it first.
+    pub applied: BTreeMap<String, Lsn>,
+}
+
+/// The first node of `applied` (node → commit LSN) whose changes a target has not applied as
+/// far yet (`here`: node → commit LSN applied there), with the LSN to reach. Only nodes in
+/// `applies` count (a target that does not apply a node cannot wait for it), and not `skip`
+/// (the stream's own node, whose order the stream keeps, and the target's node, whose
+/// changes it holds).
+pub fn first_unapplied(
+    applied: &BTreeMap<String, Lsn>,
+    here: &BTreeMap<String, Lsn>,
+    applies: &[String],
+    skip: &[&str],
+) -> Option<(String, Lsn)> {
+    applied
+        .iter()
+        .filter(|(node, _)| applies.contains(node) && !skip.contains(&node.as_str()))
+        .find(|(node, lsn)| here.get(*node).is_none_or(|have| have < lsn))
+        .map(|(node, lsn)| (node.clone(), *lsn))
 }
 
 /// The `ack` record: what the node that wrote the stream had applied from every other node
@@ -436,6 +470,8 @@ struct RawRecord<'a> {
     ack: Option<AckItem>,
     #[serde(default)]
     ops: Option<Vec<crate::ddl::DdlOp>>,
+    #[serde(default)]
+    applied: Option<BTreeMap<String, Lsn>>,
     #[serde(default)]
     names: Option<Vec<String>>,
     #[serde(default, borrow)]
@@ -588,10 +624,14 @@ pub fn parse_framed(bytes: Option<&[u8]>) -> Result<(Option<u64>, StreamItem), M
             names: raw.names.ok_or_else(|| missing("names"))?,
             copy: raw.copy.ok_or_else(|| missing("copy"))?.into_owned(),
         }))),
+        "after" => Ok(StreamItem::After(Box::new(AfterItem {
+            applied: raw.applied.ok_or_else(|| missing("applied"))?,
+        }))),
         "ddl" => Ok(StreamItem::Ddl(Box::new(DdlItem {
             schema: raw.schema.ok_or_else(|| missing("schema"))?.into_owned(),
             table: raw.table.ok_or_else(|| missing("table"))?.into_owned(),
             ops: raw.ops.ok_or_else(|| missing("ops"))?,
+            applied: raw.applied.unwrap_or_default(),
         }))),
         other => Err(MalformedMessage(format!("unknown record type {other:?}"))),
     }?;
@@ -615,6 +655,8 @@ pub enum Step {
     Ack(Box<AckItem>),
     /// Schema changes to apply at this place in the transaction.
     Ddl(Box<DdlItem>),
+    /// What follows depends on other nodes' changes the target must have applied first.
+    After(Box<AfterItem>),
     /// The source transaction is complete; its records up to `offset` may be committed.
     End(CommitMarker),
     /// Nothing to do (a replayed or orphaned transaction).
@@ -667,6 +709,16 @@ impl Framer {
     /// Commit time (µs since the Unix epoch) of the open transaction, if one is open.
     pub fn open_commit_ts_us(&self) -> Option<i64> {
         self.open.map(|(_, _, ts)| ts)
+    }
+
+    /// Commit LSN of the open transaction, if one is open.
+    pub fn open_commit_lsn(&self) -> Option<Lsn> {
+        self.open.map(|(_, lsn, _)| lsn)
+    }
+
+    /// Offset of the open transaction's begin record, if one is open.
+    pub fn open_begin_offset(&self) -> Option<i64> {
+        self.open.map(|(offset, _, _)| offset)
     }
 
     /// The last source commit LSN this framer let through.
@@ -773,6 +825,15 @@ impl Framer {
                     Step::Stray("a ddl record outside any transaction")
                 } else {
                     Step::Ddl(ddl)
+                }
+            }
+            StreamItem::After(after) => {
+                if self.skipping {
+                    Step::Ignore
+                } else if self.open.is_none() {
+                    Step::Stray("an after record outside any transaction")
+                } else {
+                    Step::After(after)
                 }
             }
             StreamItem::Commit(commit) => {

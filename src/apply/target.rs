@@ -171,6 +171,23 @@ pub async fn read_progress(
     }))
 }
 
+/// The commit LSN applied from each source node, as committed in the target.
+pub async fn applied_lsns(
+    client: &Client,
+) -> Result<std::collections::BTreeMap<String, Lsn>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT source_node, commit_lsn::text FROM pgferry.apply_progress",
+            &[],
+        )
+        .await?;
+    // pg_lsn's text form always parses.
+    Ok(rows
+        .iter()
+        .filter_map(|r| Some((r.get(0), r.get::<_, String>(1).parse().ok()?)))
+        .collect())
+}
+
 /// Records a dead letter in the target (in the open transaction, so it commits with the
 /// progress that skips the change). Parameters: node, stage, table, topic, offset, lsn, error,
 /// payload, item, item_row. A replay of the same item (after a crash before commit) records

@@ -186,6 +186,10 @@ struct Worker {
     lww: Option<lww::LwwState>,
     /// `apply:<node>:<target>`: this worker's name in readiness and metrics.
     component: String,
+    /// The begin offset of a source transaction whose schema change had to wait for another
+    /// node's changes ([`ApplyError::SchemaChangeWaits`]): the replay commits the target
+    /// transaction before it, so a waiting worker holds nothing the other one may need.
+    commit_before: Option<i64>,
     /// After the target rejected a change somewhere in a batch: until the replayed batch
     /// commits, changes are applied one at a time under a savepoint, so the rejected one is
     /// found and dead-lettered while the rest apply.
@@ -377,6 +381,7 @@ async fn open(
         batch_started: std::time::Instant::now(),
         lww,
         component,
+        commit_before: None,
         careful: false,
         letters_pending: true,
         next_read: 0,
@@ -459,6 +464,9 @@ pub async fn run(
     worker.refresh_diverged(&client).await?;
     worker.health.set_ready(&worker.component, true);
     let mut assigned = true;
+    // The committed offset of the last replay for stale table shapes: the same error again
+    // from there is not a stale cache.
+    let mut stale_replayed_at = None;
     let result = loop {
         let mut framer = Framer::new(worker.committed.commit_lsn);
         if !std::mem::take(&mut assigned) {
@@ -486,6 +494,32 @@ pub async fn run(
                     // at once: replay after a random pause so they do not meet again.
                     tokio::time::sleep(replay_pause()).await;
                 }
+            }
+            Err(ApplyError::SchemaChangeWaits { from, node, lsn }) => {
+                // Nothing of the transaction is kept while waiting: its row locks could hold
+                // up the very worker it waits for.
+                worker.rollback(&client, &mut InFlight::default()).await?;
+                // With source transactions before it in the batch, the replay commits those
+                // first and meets the dependency again; then it waits.
+                if worker.commit_before.is_none()
+                    && !worker
+                        .wait_applied(&client, &from, &node, lsn, &shutdown)
+                        .await?
+                {
+                    break Ok(());
+                }
+            }
+            Err(e)
+                if e.is_stale_shape()
+                    && stale_replayed_at != Some(worker.committed.next_offset) =>
+            {
+                tracing::info!(node = %worker.settings.node, error = %ErrorChain(&e),
+                               "the target lacks a column or table this worker had described \
+                                (a schema change by another session); describing again and \
+                                replaying the transaction");
+                stale_replayed_at = Some(worker.committed.next_offset);
+                // Rolling back forgets every table shape and prepared statement.
+                worker.rollback(&client, &mut InFlight::default()).await?;
             }
             Err(e) if e.is_rejection() && !worker.careful => {
                 // Pipelined statements do not say which change the target rejected: undo the
@@ -786,7 +820,17 @@ impl Worker {
                 self.record_ack(client, pending, &ack).await?;
             }
             Step::Ddl(ddl) => {
-                self.apply_ddl(client, pending, record, &ddl).await?;
+                let commit_lsn = framer.open_commit_lsn().unwrap_or_default();
+                let applied = self
+                    .apply_ddl(client, pending, record, &ddl, commit_lsn)
+                    .await;
+                self.note_wait(&applied, framer);
+                applied?;
+            }
+            Step::After(after) => {
+                let applied = self.require_applied(client, &after.applied).await;
+                self.note_wait(&applied, framer);
+                applied?;
             }
             Step::Skipped(skipped) => {
                 self.record_capture_letter(client, pending, record, &skipped)
@@ -823,6 +867,12 @@ impl Worker {
                 pending.throttle().await?;
             }
             Step::Start(begin) => {
+                if self.commit_before == Some(offset) {
+                    // A schema change in this transaction waited for another node's changes:
+                    // commit the transactions before it (see `Step::Ddl`).
+                    self.commit_before = None;
+                    self.commit_batch(client, pending).await?;
+                }
                 if let Some(lww) = &mut self.lww {
                     lww.fallback_written.clear();
                     lww.commit_lsn = begin.commit_lsn;
@@ -873,6 +923,15 @@ impl Worker {
             Step::Orphaned(begin_offset) => return Ok(Some(begin_offset)),
         }
         Ok(None)
+    }
+
+    /// After [`ApplyError::SchemaChangeWaits`]: the replay commits everything before this
+    /// source transaction first, so that the waiting worker holds nothing (no row lock, no
+    /// uncommitted progress) the worker it waits for may need.
+    fn note_wait(&mut self, result: &Result<(), ApplyError>, framer: &Framer) {
+        if let Err(ApplyError::SchemaChangeWaits { .. }) = result {
+            self.commit_before = framer.open_begin_offset().filter(|_| self.batch_txns > 0);
+        }
     }
 
     /// After [`STALL_AFTER`] without a record, asks the broker for the high watermark (at most
@@ -953,6 +1012,75 @@ impl Worker {
         Ok(())
     }
 
+    /// Multi-master: fails with [`ApplyError::SchemaChangeWaits`] unless the target has
+    /// applied every node's changes up to `applied` (see [`super::stream::first_unapplied`]).
+    async fn require_applied(
+        &self,
+        client: &Client,
+        applied: &std::collections::BTreeMap<String, Lsn>,
+    ) -> Result<(), ApplyError> {
+        if applied.is_empty() {
+            return Ok(());
+        }
+        let here = target::applied_lsns(client)
+            .await
+            .map_err(ApplyError::sql("reading pgferry.apply_progress"))?;
+        let skip = [
+            self.settings.node.as_str(),
+            self.settings.local_node.as_str(),
+        ];
+        match super::stream::first_unapplied(applied, &here, &self.settings.apply.nodes, &skip) {
+            None => Ok(()),
+            Some((node, lsn)) => Err(ApplyError::SchemaChangeWaits {
+                from: self.settings.node.clone(),
+                node,
+                lsn,
+            }),
+        }
+    }
+
+    /// Waits, outside any transaction, until the target has applied `node`'s changes up to
+    /// `lsn` (see [`ApplyError::SchemaChangeWaits`]); `false` on shutdown. Another worker
+    /// applies them: this one stays live meanwhile and says what it waits for.
+    async fn wait_applied(
+        &self,
+        client: &Client,
+        from: &str,
+        node: &str,
+        lsn: Lsn,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, ApplyError> {
+        const POLL: Duration = Duration::from_millis(200);
+        const REMIND: Duration = Duration::from_secs(60);
+        let started = std::time::Instant::now();
+        let mut reminded = started;
+        tracing::info!(node = %self.settings.node, waits_for = %node, %lsn,
+                       "changes from {from} wait until this target has applied {node}'s \
+                        changes as far as {from} had (schema changes order them)");
+        loop {
+            let here = target::applied_lsns(client)
+                .await
+                .map_err(ApplyError::sql("reading pgferry.apply_progress"))?;
+            if here.get(node).is_some_and(|have| *have >= lsn) {
+                tracing::info!(node = %self.settings.node, waited_ms = started.elapsed().as_millis() as u64,
+                               "applying the changes from {from} again");
+                return Ok(true);
+            }
+            if reminded.elapsed() >= REMIND {
+                reminded = std::time::Instant::now();
+                tracing::warn!(node = %self.settings.node, waits_for = %node, %lsn,
+                               waited_s = started.elapsed().as_secs(),
+                               "changes from {from} still wait for {node}'s changes (is \
+                                this target's worker for {node} running?)");
+            }
+            self.health.beat();
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(false),
+                _ = tokio::time::sleep(POLL) => {}
+            }
+        }
+    }
+
     /// Records a table the stream announced, in the open target transaction (so it commits
     /// with the changes that follow it, or not at all).
     fn announce<'c>(
@@ -975,6 +1103,7 @@ impl Worker {
         pending: &mut InFlight<'c>,
         message: &RecordRef<'_>,
         ddl: &super::stream::DdlItem,
+        commit_lsn: Lsn,
     ) -> Result<(), ApplyError> {
         let qualified = format!("{}.{}", ddl.schema, ddl.table);
         if let Some(reason) = admit::admit_relation(&ddl.schema, &ddl.table) {
@@ -1001,10 +1130,14 @@ impl Worker {
             .drain()
             .await
             .map_err(ApplyError::sql("applying changes"))?;
+        // Multi-master: the node made the change after applying other nodes' changes it may
+        // act on (a column one of them added or renamed); this target applies it after them.
+        self.require_applied(client, &ddl.applied).await?;
         // A lane holding rows of the table would block the DDL's lock until it commits.
         self.commit_lanes().await?;
         self.ddl_open = true;
         let (mut schema, mut table) = (ddl.schema.clone(), ddl.table.clone());
+        let mut any_applied = false;
         for op in &ddl.ops {
             let name = format!("{schema}.{table}");
             if let Some(why) = self.ddl_refusal(&table, op) {
@@ -1058,6 +1191,7 @@ impl Worker {
                 .inc();
             match refused {
                 None => {
+                    any_applied = true;
                     tracing::info!(table = %name, %statement, "schema change applied");
                     let followed = match op {
                         crate::ddl::DdlOp::RenameColumn { from, to } => {
@@ -1093,6 +1227,18 @@ impl Worker {
                     self.bad_message(client, message, &reason).await?;
                 }
             }
+        }
+        if any_applied && self.lww.is_some() {
+            // What this node writes from now on may depend on the change (a value only the
+            // new type holds, the new name): its stream says so (see `stream::AfterItem`).
+            let applied = serde_json::json!({ &self.settings.node: commit_lsn.to_string() });
+            client
+                .execute(
+                    "SELECT pg_logical_emit_message(true, 'pgferry.after', $1::text)",
+                    &[&applied.to_string()],
+                )
+                .await
+                .map_err(ApplyError::sql("marking an applied schema change"))?;
         }
         self.forget_tables();
         Ok(())

@@ -28,6 +28,10 @@ pub const DDL_PREFIX: &str = "pgferry.ddl";
 /// Prefix of the transactional messages that carry a multi-master node's acknowledgements.
 pub const ACK_PREFIX: &str = "pgferry.ack";
 
+/// Prefix of the transactional messages a multi-master worker writes where it applied
+/// another node's schema change (see apply's `AfterItem`).
+pub const AFTER_PREFIX: &str = "pgferry.after";
+
 /// What the capture pipeline acts on.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CaptureEvent {
@@ -53,6 +57,9 @@ pub enum CaptureEvent {
     /// A schema change (a transactional `pgferry.ddl` message from pgferry's event trigger)
     /// inside the current transaction: its JSON content.
     Ddl(bytes::Bytes),
+    /// Where a multi-master worker applied other nodes' schema changes (a transactional
+    /// `pgferry.after` message, in pgferry's own transaction): its JSON content.
+    After(bytes::Bytes),
 }
 
 /// The stream broke a protocol rule; capture must stop rather than guess.
@@ -178,6 +185,9 @@ impl Assembler {
                 } else if m.transactional && m.prefix == DDL_PREFIX {
                     self.require_transaction("a schema change message")?;
                     out.push(CaptureEvent::Ddl(m.content));
+                } else if m.transactional && m.prefix == AFTER_PREFIX {
+                    self.require_transaction("an after message")?;
+                    out.push(CaptureEvent::After(m.content));
                 } else if m.transactional && m.prefix == SNAPSHOT_PREFIX {
                     self.require_transaction("a snapshot watermark")?;
                     out.push(CaptureEvent::Watermark(m.content));

@@ -44,6 +44,7 @@ fn kinds(steps: &[Step]) -> String {
             Step::Relation(_) => 'R',
             Step::Skipped(_) => 's',
             Step::Ddl(_) => 'D',
+            Step::After(_) => 'A',
             Step::Stray(_) => '!',
         })
         .collect()
@@ -448,6 +449,71 @@ fn a_ddl_record_parses_and_applies_inside_its_transaction() {
     // Outside a transaction it is stray, never applied.
     let mut framer = Framer::new(Lsn(0));
     assert!(matches!(framer.step(0, item), Step::Stray(_)));
+}
+
+mod ddl_order {
+    use super::*;
+    use crate::sink::kafka::encode::EnvelopeSource;
+    use crate::sink::kafka::node_stream::{after_record, ddl_record};
+    use proptest::prelude::*;
+
+    fn lsns() -> impl Strategy<Value = BTreeMap<String, Lsn>> {
+        prop::collection::btree_map("n[0-4]", (0u64..5).prop_map(|l| Lsn(l << 32 | 0x10)), 0..5)
+    }
+
+    proptest! {
+        /// What the node had applied travels with its schema change.
+        #[test]
+        fn applied_round_trips(applied in lsns()) {
+            let source = EnvelopeSource {
+                node: "n0".into(),
+                database: "d".into(),
+                topic_prefix: "p".into(),
+                tombstones: true,
+                run: 2,
+            };
+            let ops = [crate::ddl::DdlOp::DropColumn { name: "c".into() }];
+            let record = ddl_record(&source, "public", "t", &ops, &applied);
+            let payload = record.value.expect("a value");
+            let (_, item) = parse_framed(Some(&payload)).expect("parses");
+            let StreamItem::Ddl(ddl) = item else { panic!("{item:?}") };
+            prop_assert_eq!(&ddl.applied, &applied);
+            let payload = after_record(&source, &applied).value.expect("a value");
+            let (_, item) = parse_framed(Some(&payload)).expect("parses");
+            let StreamItem::After(after) = item.clone() else { panic!("{item:?}") };
+            prop_assert_eq!(&after.applied, &applied);
+            // Only inside a transaction.
+            let mut framer = Framer::new(Lsn(0));
+            prop_assert!(matches!(framer.step(0, item.clone()), Step::Stray(_)));
+            prop_assert!(matches!(framer.step(1, begin(30)), Step::Start(_)));
+            prop_assert!(matches!(framer.step(2, item), Step::After(_)));
+        }
+
+        /// A schema change waits for exactly the nodes a target applies (not skipped) and
+        /// holds less of than the change's node had applied; the one named is such a node.
+        #[test]
+        fn waits_for_what_the_target_has_not_applied(
+            applied in lsns(),
+            here in lsns(),
+            applies in prop::collection::vec("n[0-4]", 0..5),
+            skip in "n[0-4]",
+        ) {
+            let behind: Vec<&String> = applied
+                .iter()
+                .filter(|(n, lsn)| {
+                    applies.contains(n) && **n != skip && here.get(*n).is_none_or(|h| h < lsn)
+                })
+                .map(|(n, _)| n)
+                .collect();
+            match first_unapplied(&applied, &here, &applies, &[skip.as_str()]) {
+                None => prop_assert!(behind.is_empty(), "{behind:?}"),
+                Some((node, lsn)) => {
+                    prop_assert!(behind.contains(&&node));
+                    prop_assert_eq!(Some(&lsn), applied.get(&node));
+                }
+            }
+        }
+    }
 }
 
 mod rows_items {

@@ -53,6 +53,8 @@
 //! hold a begin without its commit, followed by the replay of the same transaction; appliers
 //! discard such orphans. Pure: this module only renders bytes.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use super::encode::{topic_name, EncodedChange, EnvelopeSource, Record, TxnStamp};
@@ -200,6 +202,25 @@ pub fn ack_record(source: &EnvelopeSource, content: &[u8]) -> Option<Record> {
     value.extend_from_slice(object.get().as_bytes());
     value.push(b'}');
     Some(record(source, value))
+}
+
+#[derive(Serialize)]
+struct After<'a> {
+    r#type: &'static str,
+    run: u64,
+    applied: &'a BTreeMap<String, Lsn>,
+}
+
+/// Multi-master: `{"type":"after","run","applied":{node: commit LSN}}`, inside the transaction
+/// in which this node applied those nodes' schema changes. A target applies what follows in
+/// this stream only once it has applied as much from them (see apply's `AfterItem`).
+pub fn after_record(source: &EnvelopeSource, applied: &BTreeMap<String, Lsn>) -> Record {
+    let after = After {
+        r#type: "after",
+        run: source.run,
+        applied,
+    };
+    record(source, serde_json::to_vec(&after).unwrap_or_default())
 }
 
 /// One column of a `relation` record.
@@ -464,16 +485,22 @@ struct Ddl<'a> {
     schema: &'a str,
     table: &'a str,
     ops: &'a [crate::ddl::DdlOp],
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    applied: &'a BTreeMap<String, Lsn>,
 }
 
 /// A schema change of one table, applied by targets at its place in the transaction:
-/// `{"type":"ddl","run","schema","table","ops":[{"op":"add_column",...},...]}`. `schema` and
-/// `table` name the table as it was before the change (a rename op gives the new name).
+/// `{"type":"ddl","run","schema","table","ops":[{"op":"add_column",...},...],"applied":{…}}`.
+/// `schema` and `table` name the table as it was before the change (a rename op gives the new
+/// name). `applied` (multi-master; left out when empty) is what the node had applied from each
+/// other node when the change ran: a node applies the change only after it has applied as
+/// much (see apply's `Worker::apply_ddl`).
 pub fn ddl_record(
     source: &EnvelopeSource,
     schema: &str,
     table: &str,
     ops: &[crate::ddl::DdlOp],
+    applied: &BTreeMap<String, Lsn>,
 ) -> Record {
     let ddl = Ddl {
         r#type: "ddl",
@@ -481,6 +508,7 @@ pub fn ddl_record(
         schema,
         table,
         ops,
+        applied,
     };
     record(source, serde_json::to_vec(&ddl).unwrap_or_default())
 }

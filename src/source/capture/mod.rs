@@ -387,7 +387,7 @@ impl Capture {
         );
         self.send(txn.ticket, &on_topic, None, repl.as_deref_mut())
             .await?;
-        let item = node_stream::ddl_record(&self.envelope, schema, table, &ops);
+        let item = node_stream::ddl_record(&self.envelope, schema, table, &ops, &message.applied);
         self.stage(txn, &item, repl).await
     }
 
@@ -672,6 +672,28 @@ impl Capture {
                            "ignoring a pgferry.ack message that is not a JSON object");
             return Ok(());
         };
+        self.begin_if_needed(txn, repl.as_deref_mut()).await?;
+        self.stage(txn, &record, repl).await
+    }
+
+    /// Publishes where this node's worker applied other nodes' schema changes (see
+    /// [`node_stream::after_record`]).
+    async fn publish_after(
+        &mut self,
+        txn: &mut OpenTxn,
+        content: &[u8],
+        mut repl: Option<&mut stream::StreamState<'_>>,
+    ) -> Result<(), CaptureError> {
+        let applied: std::collections::BTreeMap<String, crate::lsn::Lsn> =
+            match serde_json::from_slice(content) {
+                Ok(applied) => applied,
+                Err(error) => {
+                    tracing::warn!(commit_lsn = %txn.stamp.commit_lsn(), %error,
+                                   "ignoring a pgferry.after message that pgferry did not write");
+                    return Ok(());
+                }
+            };
+        let record = node_stream::after_record(&self.envelope, &applied);
         self.begin_if_needed(txn, repl.as_deref_mut()).await?;
         self.stage(txn, &record, repl).await
     }

@@ -355,6 +355,14 @@ impl Capture {
                     self.watermark(txn, &content, Some(state)).await?;
                 }
             }
+            CaptureEvent::After(content) => {
+                // Written by pgferry's own worker, so in an echo transaction: published anyway
+                // (alone in its transaction), since what this node writes next may depend on
+                // the schema change the worker applied.
+                if let Some(txn) = current.as_mut() {
+                    self.publish_after(txn, &content, Some(state)).await?;
+                }
+            }
             CaptureEvent::Ack(content) => {
                 if let Some(txn) = current.as_mut().filter(|t| !t.echo) {
                     self.publish_ack(txn, &content, Some(state)).await?;
