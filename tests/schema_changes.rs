@@ -500,6 +500,50 @@ async fn chains_of_schema_changes_across_nodes_converge() {
         nodes[1].client().await,
         nodes[2].client().await,
     ];
+    // First link: a table made and filled on one node, changed and filled further on the
+    // next (the third held back as below).
+    {
+        let next = (at + 1 + rng.range(0, 2) as usize) % 3;
+        let third = 3 - at - next;
+        gates[third]
+            .batch_execute("BEGIN; SELECT n FROM gate WHERE id = 1 FOR UPDATE")
+            .await
+            .unwrap();
+        run_step(&clients[at], "UPDATE gate SET n = n + 1 WHERE id = 1").await;
+        run_step(
+            &clients[at],
+            "CREATE TABLE side (id int PRIMARY KEY, x int NOT NULL);
+             INSERT INTO side SELECT g, g FROM generate_series(1, 50) g",
+        )
+        .await;
+        made[at] += 1.0;
+        common::wait_for(
+            "side and its rows on the next node",
+            Duration::from_secs(60),
+            || async {
+                let n: Option<i64> = clients[next]
+                    .query_one("SELECT count(*) FROM side", &[])
+                    .await
+                    .ok()
+                    .map(|r| r.get(0));
+                (n == Some(50)).then_some(())
+            },
+        )
+        .await;
+        run_step(
+            &clients[next],
+            "ALTER TABLE side ADD COLUMN y bigint; UPDATE side SET y = id * 10000000000",
+        )
+        .await;
+        made[next] += 1.0;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        gates[third].batch_execute("COMMIT").await.unwrap();
+        chain.push(format!(
+            "{} creates and fills side, {} adds side.y and fills it",
+            nodes[at].name, nodes[next].name
+        ));
+        at = next;
+    }
     for step in 0..7 {
         let next = (at + 1 + rng.range(0, 2) as usize) % 3;
         let third = 3 - at - next;
@@ -554,19 +598,27 @@ async fn chains_of_schema_changes_across_nodes_converge() {
         )
         .await;
     }
-    // The same rows everywhere, the extra columns included.
-    common::wait_for(
-        "every node's kv to be equal",
-        Duration::from_secs(60),
-        || async {
-            let mut sums = Vec::new();
-            for c in &clients {
-                sums.push(try_table_checksum(c, "kv").await?);
-            }
-            sums.iter().all(|s| *s == sums[0]).then_some(())
-        },
-    )
-    .await;
+    // The same rows everywhere, the extra columns included; side whole, with its column.
+    for table in ["kv", "side"] {
+        common::wait_for(
+            &format!("every node's {table} to be equal"),
+            Duration::from_secs(60),
+            || async {
+                let mut sums = Vec::new();
+                for c in &clients {
+                    sums.push(try_table_checksum(c, table).await?);
+                }
+                sums.iter().all(|s| *s == sums[0]).then_some(())
+            },
+        )
+        .await;
+    }
+    let side: i64 = clients[0]
+        .query_one("SELECT count(*) FROM side WHERE y = id * 10000000000", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(side, 50, "side's rows with their y");
     each_change_applied_once(&nodes, &made).await;
 }
 

@@ -145,8 +145,8 @@ impl ApplyError {
     /// The target lacks a column or table a statement named (42703, 42P01): most likely the
     /// worker's cached table shapes predate a schema change made by another session (a user,
     /// or the worker applying another node's stream to the same target). The caller replays
-    /// the transaction with shapes described again; only the same error after that is a real
-    /// one.
+    /// the transaction with shapes described again (a few times from one position: schema
+    /// changes may come one after another); past that, the error is a real one.
     pub fn is_stale_shape(&self) -> bool {
         let ApplyError::Sql { source, .. } = self else {
             return false;

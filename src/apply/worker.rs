@@ -464,9 +464,10 @@ pub async fn run(
     worker.refresh_diverged(&client).await?;
     worker.health.set_ready(&worker.component, true);
     let mut assigned = true;
-    // The committed offset of the last replay for stale table shapes: the same error again
-    // from there is not a stale cache.
-    let mut stale_replayed_at = None;
+    // Replays for stale table shapes from one committed offset: schema changes may come one
+    // after another (each replay can meet the next), but past a few the error is a real one.
+    const STALE_REPLAYS: u32 = 5;
+    let mut stale_replays: (i64, u32) = (-1, 0);
     let result = loop {
         let mut framer = Framer::new(worker.committed.commit_lsn);
         if !std::mem::take(&mut assigned) {
@@ -511,15 +512,24 @@ pub async fn run(
             }
             Err(e)
                 if e.is_stale_shape()
-                    && stale_replayed_at != Some(worker.committed.next_offset) =>
+                    && (stale_replays.0 != worker.committed.next_offset
+                        || stale_replays.1 < STALE_REPLAYS) =>
             {
                 tracing::info!(node = %worker.settings.node, error = %ErrorChain(&e),
                                "the target lacks a column or table this worker had described \
                                 (a schema change by another session); describing again and \
                                 replaying the transaction");
-                stale_replayed_at = Some(worker.committed.next_offset);
+                let again = stale_replays.0 == worker.committed.next_offset;
+                stale_replays = (
+                    worker.committed.next_offset,
+                    if again { stale_replays.1 + 1 } else { 1 },
+                );
                 // Rolling back forgets every table shape and prepared statement.
                 worker.rollback(&client, &mut InFlight::default()).await?;
+                if again {
+                    // Another session's schema change may still be on its way in.
+                    tokio::time::sleep(replay_pause()).await;
+                }
             }
             Err(e) if e.is_rejection() && !worker.careful => {
                 // Pipelined statements do not say which change the target rejected: undo the

@@ -286,18 +286,20 @@ pub async fn publishes_all_tables(
 /// tree (a partitioned table's partitions without `publish_via_partition_root`, a partition's
 /// root with it), or those of `also` or its partitions (`also`: the parent a partition was
 /// detached from). A schema change of any of these matters to the publication's targets.
+/// `None` while this session does not see `schema.table` yet: the walsender may decode a
+/// commit a moment before the committing session has made it visible to others.
 pub async fn publishes_table_tree(
     client: &Client,
     publication: &str,
     schema: &str,
     table: &str,
     also: Option<(&str, &str)>,
-) -> Result<bool, tokio_postgres::Error> {
+) -> Result<Option<bool>, tokio_postgres::Error> {
     let name = qualified(schema, table);
     let also = also.map(|(s, t)| qualified(s, t));
     let row = client
         .query_one(
-            "SELECT EXISTS (
+            "SELECT CASE WHEN to_regclass($2) IS NOT NULL THEN EXISTS (
                  SELECT 1 FROM pg_publication_tables p
                    JOIN pg_namespace n ON n.nspname = p.schemaname
                    JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename
@@ -311,7 +313,7 @@ pub async fn publishes_table_tree(
                                   UNION ALL
                                   SELECT to_regclass($3)::oid
                                   UNION ALL
-                                  SELECT relid FROM pg_partition_tree(to_regclass($3))))",
+                                  SELECT relid FROM pg_partition_tree(to_regclass($3)))) END",
             &[&publication, &name, &also],
         )
         .await?;

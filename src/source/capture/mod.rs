@@ -335,14 +335,28 @@ impl Capture {
                 .old_partition
                 .as_ref()
                 .map(|p| (p.schema.as_str(), p.table.as_str()));
-            catalog::publishes_table_tree(
-                &self.sql,
-                publication,
-                &message.schema,
-                &message.table,
-                detached_from,
-            )
-            .await
+            // The DDL's transaction is decoded at its commit, which other sessions may see a
+            // moment later (a CREATE TABLE decoded before the table is visible here was
+            // taken for one outside the publication, and its rows reached no target). A
+            // table still unseen after a second was dropped again.
+            let mut unseen = 0;
+            loop {
+                let published = catalog::publishes_table_tree(
+                    &self.sql,
+                    publication,
+                    &message.schema,
+                    &message.table,
+                    detached_from,
+                )
+                .await;
+                match published {
+                    Ok(None) if unseen < 50 => {
+                        unseen += 1;
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    }
+                    other => break other.map(|p| p.unwrap_or(false)),
+                }
+            }
         }
         .map_err(CaptureError::sql("reading the publication's tables"))?;
         if !published {
