@@ -942,3 +942,71 @@ async fn run_step(m: &Client, step: &str) {
         }
     }
 }
+
+/// DROP TABLE on the source (a `FOR ALL TABLES` publication) reaches targets at its place in
+/// the stream: a target with `apply.drop_tables: true` drops the table after the rows written
+/// before the drop, one with the default keeps the table and every row; the stream goes on
+/// after it on both, and nothing is dead-lettered.
+#[tokio::test(flavor = "multi_thread")]
+async fn dropped_tables_follow_apply_drop_tables() {
+    let pg = PgCluster::shared();
+    let ddl = "CREATE TABLE after_drop (id int PRIMARY KEY, v int NOT NULL)";
+    let (master, m) = pg.fresh_db("dropt", ddl).await;
+    let (dropping, d) = pg.fresh_db("dropt_d", ddl).await;
+    let (keeping, k) = pg.fresh_db("dropt_k", ddl).await;
+    let capture = Ferry::capture(pg, &master, &broker().address(), "");
+    let drops = Ferry::applier(
+        &master,
+        &[pg.url(&dropping)],
+        &broker().address(),
+        "  drop_tables: true\n",
+    );
+    let keeps = Ferry::applier(&master, &[pg.url(&keeping)], &broker().address(), "");
+    capture.wait_ready().await;
+    run_step(
+        &m,
+        "CREATE TABLE gone (id int PRIMARY KEY, v text NOT NULL);
+         INSERT INTO gone SELECT g, 'v' || g FROM generate_series(1, 100) g",
+    )
+    .await;
+    for r in [&d, &k] {
+        wait_same(&m, r, "gone", Duration::from_secs(60)).await;
+    }
+    run_step(&m, "UPDATE gone SET v = 'last' WHERE id < 10").await;
+    run_step(&m, "DROP TABLE gone").await;
+    run_step(&m, "INSERT INTO after_drop VALUES (1, 1)").await;
+    for r in [&d, &k] {
+        wait_same(&m, r, "after_drop", Duration::from_secs(60)).await;
+    }
+    let exists = "SELECT to_regclass('public.gone') IS NOT NULL";
+    let on_dropping: bool = d.query_one(exists, &[]).await.unwrap().get(0);
+    assert!(!on_dropping, "apply.drop_tables: true drops the table");
+    let on_keeping: bool = k.query_one(exists, &[]).await.unwrap().get(0);
+    assert!(on_keeping, "by default the target keeps the table");
+    let kept: (i64, i64) = k
+        .query_one(
+            "SELECT count(*), count(*) FILTER (WHERE v = 'last') FROM gone",
+            &[],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(
+        kept,
+        (100, 9),
+        "the kept table has every row, the last writes included"
+    );
+    for applier in [&drops, &keeps] {
+        assert_eq!(
+            applier.metric("pgferry_schema_changes_applied_total", "outcome=\"failed\""),
+            None,
+            "no schema change may fail"
+        );
+        assert_eq!(
+            applier.metric("pgferry_apply_dead_letters_total", ""),
+            Some(0.0),
+            "nothing may be dead-lettered"
+        );
+    }
+    drop(capture);
+}
