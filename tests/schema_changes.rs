@@ -522,6 +522,22 @@ async fn random_schema_changes_reach_the_replica() {
 /// node.
 #[tokio::test(flavor = "multi_thread")]
 async fn chains_of_schema_changes_across_nodes_converge() {
+    schema_change_chain("mmchain", false).await;
+}
+
+/// The same while one node is away (its pgferry killed before the first change, its
+/// application writing on): the chain runs between the other two, and the returning node
+/// catches up on both streams (each waiting for the other where the chain crossed) while its
+/// own writes, made under the old columns, reach the others (renamed and dropped columns
+/// followed by name).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_away_during_schema_changes_catches_up() {
+    schema_change_chain("mmaway", true).await;
+}
+
+/// See [`chains_of_schema_changes_across_nodes_converge`]; `away`: one node's pgferry is down
+/// during the chain.
+async fn schema_change_chain(label: &str, away: bool) {
     let seed = seed();
     eprintln!("seed {seed} (DDL_SEED)");
     let mut rng = Rng::new(seed);
@@ -531,7 +547,7 @@ async fn chains_of_schema_changes_across_nodes_converge() {
         PgCluster::shared_of_three(2),
     ];
     let ddl = format!("{KV_DDL}; CREATE TABLE gate (id int PRIMARY KEY, n int NOT NULL)");
-    let nodes = mesh("mmchain", &clusters, &ddl, "", &broker().address()).await;
+    let mut nodes = mesh(label, &clusters, &ddl, "", &broker().address()).await;
     let clients = [
         nodes[0].client().await,
         nodes[1].client().await,
@@ -578,9 +594,22 @@ async fn chains_of_schema_changes_across_nodes_converge() {
         Budget::Until(std::time::Instant::now() + Duration::from_secs(20)),
         50,
     );
+    let away = away.then(|| rng.range(0, 3) as usize);
+    if let Some(z) = away {
+        nodes[z].ferry.kill9();
+        eprintln!("{} is away during the chain", nodes[z].name);
+    }
+    // The next node to make a change: the other one while a node is away.
+    let pick_next = |rng: &mut Rng, at: usize| match away {
+        Some(z) => 3 - at - z,
+        None => (at + 1 + rng.range(0, 2) as usize) % 3,
+    };
     let mut model: Vec<(String, &'static str)> = Vec::new();
     let mut made = [0.0f64; 3];
-    let mut at = rng.range(0, 3) as usize;
+    let mut at = match away {
+        Some(z) => (z + 1 + rng.range(0, 2) as usize) % 3,
+        None => rng.range(0, 3) as usize,
+    };
     let mut chain = Vec::new();
     // A connection per node that holds up its worker of one other node's stream (below).
     let gates = [
@@ -591,7 +620,7 @@ async fn chains_of_schema_changes_across_nodes_converge() {
     // First link: a table made and filled on one node, changed and filled further on the
     // next (the third held back as below).
     {
-        let next = (at + 1 + rng.range(0, 2) as usize) % 3;
+        let next = pick_next(&mut rng, at);
         let third = 3 - at - next;
         gates[third]
             .batch_execute("BEGIN; SELECT n FROM gate WHERE id = 1 FOR UPDATE")
@@ -633,7 +662,7 @@ async fn chains_of_schema_changes_across_nodes_converge() {
         at = next;
     }
     for step in 0..7 {
-        let next = (at + 1 + rng.range(0, 2) as usize) % 3;
+        let next = pick_next(&mut rng, at);
         let third = 3 - at - next;
         // The third node applies this change late: a row it holds locked is written just
         // before the change, so its worker of this stream waits there while the next node's
@@ -674,6 +703,10 @@ async fn chains_of_schema_changes_across_nodes_converge() {
         at = next;
     }
     eprintln!("chain: {chain:#?}");
+    if let Some(z) = away {
+        nodes[z].ferry.restart();
+        nodes[z].ferry.wait_streaming().await;
+    }
     let mut writes = join_writers(writers).await;
     writes.extend(still);
     wait_converged(&nodes, &writes, Duration::from_secs(120)).await;
