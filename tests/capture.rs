@@ -374,3 +374,32 @@ async fn keyless_table_inserts_flow_with_warning() {
         ferry.log()
     );
 }
+
+/// `catalog::sees_transaction`, with which capture waits before it looks up a decoded
+/// transaction's tables: a transaction still open is not seen, a committed one is.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_decoded_transaction_is_looked_up_only_once_visible() {
+    let pg = PgCluster::shared();
+    let (db, observer) = pg.fresh_db("visible", "CREATE TABLE t (id int)").await;
+    let writer = pg.client(&db).await;
+    writer
+        .batch_execute("BEGIN; INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    let full: i64 = writer
+        .query_one("SELECT pg_current_xact_id()::text::int8", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let xid = (full & 0xFFFF_FFFF) as u32;
+    let sees = |c| pgferry::source::catalog::sees_transaction(c, xid);
+    assert!(
+        !sees(&observer).await.unwrap(),
+        "an open transaction is not seen"
+    );
+    writer.batch_execute("COMMIT").await.unwrap();
+    assert!(
+        sees(&observer).await.unwrap(),
+        "a committed transaction is seen"
+    );
+}

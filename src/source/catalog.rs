@@ -286,20 +286,19 @@ pub async fn publishes_all_tables(
 /// tree (a partitioned table's partitions without `publish_via_partition_root`, a partition's
 /// root with it), or those of `also` or its partitions (`also`: the parent a partition was
 /// detached from). A schema change of any of these matters to the publication's targets.
-/// `None` while this session does not see `schema.table` yet: the walsender may decode a
-/// commit a moment before the committing session has made it visible to others.
+/// Ask only once the change's transaction is visible here ([`sees_transaction`]).
 pub async fn publishes_table_tree(
     client: &Client,
     publication: &str,
     schema: &str,
     table: &str,
     also: Option<(&str, &str)>,
-) -> Result<Option<bool>, tokio_postgres::Error> {
+) -> Result<bool, tokio_postgres::Error> {
     let name = qualified(schema, table);
     let also = also.map(|(s, t)| qualified(s, t));
     let row = client
         .query_one(
-            "SELECT CASE WHEN to_regclass($2) IS NOT NULL THEN EXISTS (
+            "SELECT EXISTS (
                  SELECT 1 FROM pg_publication_tables p
                    JOIN pg_namespace n ON n.nspname = p.schemaname
                    JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename
@@ -313,8 +312,29 @@ pub async fn publishes_table_tree(
                                   UNION ALL
                                   SELECT to_regclass($3)::oid
                                   UNION ALL
-                                  SELECT relid FROM pg_partition_tree(to_regclass($3)))) END",
+                                  SELECT relid FROM pg_partition_tree(to_regclass($3))))",
             &[&publication, &name, &also],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Whether this session sees transaction `xid` (as pgoutput reports it, 32 bits) as finished.
+/// The walsender may decode a commit a moment before the committing backend has made it
+/// visible to other sessions; catalog lookups about that transaction wait for this. The
+/// 64-bit id takes the epoch of the current snapshot's xmax (the previous one for an xid
+/// above xmax's low half, which must have come before the wrap).
+pub async fn sees_transaction(client: &Client, xid: u32) -> Result<bool, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT pg_visible_in_snapshot(
+                        ((GREATEST(0, (m.x >> 32)
+                                      - CASE WHEN $1::int8 > (m.x & 4294967295) THEN 1 ELSE 0 END)
+                          << 32) | $1::int8)::text::xid8,
+                        s.snap)
+               FROM (SELECT pg_current_snapshot() AS snap) s,
+                    LATERAL (SELECT pg_snapshot_xmax(s.snap)::text::int8 AS x) m",
+            &[&i64::from(xid)],
         )
         .await?;
     Ok(row.get(0))

@@ -335,28 +335,18 @@ impl Capture {
                 .old_partition
                 .as_ref()
                 .map(|p| (p.schema.as_str(), p.table.as_str()));
-            // The DDL's transaction is decoded at its commit, which other sessions may see a
-            // moment later (a CREATE TABLE decoded before the table is visible here was
-            // taken for one outside the publication, and its rows reached no target). A
-            // table still unseen after a second was dropped again.
-            let mut unseen = 0;
-            loop {
-                let published = catalog::publishes_table_tree(
-                    &self.sql,
-                    publication,
-                    &message.schema,
-                    &message.table,
-                    detached_from,
-                )
-                .await;
-                match published {
-                    Ok(None) if unseen < 50 => {
-                        unseen += 1;
-                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                    }
-                    other => break other.map(|p| p.unwrap_or(false)),
-                }
-            }
+            // The DDL's transaction is decoded at its commit, which this session may see a
+            // moment later: a CREATE TABLE decoded before it was visible here was taken for a
+            // table outside the publication, and its rows reached no target.
+            self.await_visible(txn).await?;
+            catalog::publishes_table_tree(
+                &self.sql,
+                publication,
+                &message.schema,
+                &message.table,
+                detached_from,
+            )
+            .await
         }
         .map_err(CaptureError::sql("reading the publication's tables"))?;
         if !published {
@@ -403,6 +393,27 @@ impl Capture {
             .await?;
         let item = node_stream::ddl_record(&self.envelope, schema, table, &ops, &message.applied);
         self.stage(txn, &item, repl).await
+    }
+
+    /// Waits until capture's SQL session sees the open transaction as committed (see
+    /// [`catalog::sees_transaction`]): a moment at most; past 10 s it warns and goes on.
+    async fn await_visible(&self, txn: &OpenTxn) -> Result<(), CaptureError> {
+        let Some(xid) = txn.stamp.xid() else {
+            return Ok(());
+        };
+        let started = std::time::Instant::now();
+        while !catalog::sees_transaction(&self.sql, xid)
+            .await
+            .map_err(CaptureError::sql("checking a transaction's visibility"))?
+        {
+            if started.elapsed() > std::time::Duration::from_secs(10) {
+                tracing::warn!(xid, commit_lsn = %txn.stamp.commit_lsn(),
+                               "a decoded transaction is still not visible to capture's session after 10 s; going on");
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        Ok(())
     }
 
     /// Announces a table on the node stream (a relation record under `announced_as`) unless
