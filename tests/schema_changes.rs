@@ -734,6 +734,20 @@ async fn schema_change_chain(label: &str, away: bool) {
         )
         .await;
     }
+    // Some worker waited for another stream (the held-back third node of the first link at
+    // least), and none waits any more.
+    let exported = |node: &common::mesh::Node| {
+        node.ferry
+            .http_get("/metrics")
+            .is_some_and(|(_, text)| text.contains("pgferry_apply_waiting_for_node{"))
+    };
+    assert!(
+        nodes.iter().any(exported),
+        "no worker waited for another stream: the chain did not test causal order"
+    );
+    for node in &nodes {
+        assert_eq!(node.metric("pgferry_apply_waiting_for_node", ""), 0.0);
+    }
     let side: i64 = clients[0]
         .query_one("SELECT count(*) FROM side WHERE y = id * 10000000000", &[])
         .await

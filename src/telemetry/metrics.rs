@@ -75,6 +75,9 @@ pub struct Metrics {
     /// Target transactions undone and replayed after a lock conflict (deadlock, serialization
     /// failure, lock timeout), by source node.
     pub apply_lock_conflicts: IntCounterVec,
+    /// Multi-master: 1 while the worker of `node` waits for this target to apply `waits_for`'s
+    /// changes that a schema change (or what followed one) depends on.
+    pub apply_waiting_for: IntGaugeVec,
     /// Changes skipped because their (announced) table is not in `apply.tables`, by source
     /// node.
     pub apply_filtered: IntCounterVec,
@@ -321,6 +324,13 @@ impl Metrics {
                 "Records between the oldest kept in the node stream and the next to apply; \
                  near 0, retention is about to delete unapplied records.",
                 &["node"],
+            ),
+            apply_waiting_for: gauge_vec(
+                r,
+                "pgferry_apply_waiting_for_node",
+                "1 while the worker of node waits for this target to apply waits_for's changes \
+                 that a schema change, or what followed one, depends on (multi-master).",
+                &["node", "waits_for"],
             ),
             apply_lock_conflicts: counter_vec(
                 r,
