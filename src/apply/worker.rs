@@ -1060,30 +1060,19 @@ impl Worker {
         lsn: Lsn,
         shutdown: &CancellationToken,
     ) -> Result<bool, ApplyError> {
-        let started = std::time::Instant::now();
-        let waiting = self
-            .metrics
-            .apply_waiting_for
-            .with_label_values(&[&self.settings.node, node]);
-        waiting.set(1);
-        let waited = self.poll_applied(client, from, node, lsn, shutdown).await;
-        waiting.set(0);
-        if let Ok(true) = waited {
-            tracing::info!(node = %self.settings.node, waited_ms = started.elapsed().as_millis() as u64,
-                           "applying the changes from {from} again");
+        /// Sets the waiting gauge back to 0 however the wait ends.
+        struct Waiting(prometheus::IntGauge);
+        impl Drop for Waiting {
+            fn drop(&mut self) {
+                self.0.set(0);
+            }
         }
-        waited
-    }
-
-    /// The loop of [`Worker::wait_applied`].
-    async fn poll_applied(
-        &self,
-        client: &Client,
-        from: &str,
-        node: &str,
-        lsn: Lsn,
-        shutdown: &CancellationToken,
-    ) -> Result<bool, ApplyError> {
+        let waiting = Waiting(
+            self.metrics
+                .apply_waiting_for
+                .with_label_values(&[&self.settings.node, node]),
+        );
+        waiting.0.set(1);
         const POLL: Duration = Duration::from_millis(200);
         const REMIND: Duration = Duration::from_secs(60);
         let started = std::time::Instant::now();
@@ -1096,6 +1085,8 @@ impl Worker {
                 .await
                 .map_err(ApplyError::sql("reading pgferry.apply_progress"))?;
             if here.get(node).is_some_and(|have| *have >= lsn) {
+                tracing::info!(node = %self.settings.node, waited_ms = started.elapsed().as_millis() as u64,
+                               "applying the changes from {from} again");
                 return Ok(true);
             }
             if reminded.elapsed() >= REMIND {
