@@ -404,8 +404,13 @@ pub fn first_unapplied(
     applied
         .iter()
         .filter(|(node, _)| applies.contains(node) && !skip.contains(&node.as_str()))
-        .find(|(node, lsn)| here.get(*node).is_none_or(|have| have < lsn))
+        .find(|(node, lsn)| !has_applied(here, node, **lsn))
         .map(|(node, lsn)| (node.clone(), *lsn))
+}
+
+/// Whether `here` (node → commit LSN applied) holds `node`'s changes up to `lsn`.
+pub fn has_applied(here: &BTreeMap<String, Lsn>, node: &str, lsn: Lsn) -> bool {
+    here.get(node).is_some_and(|have| *have >= lsn)
 }
 
 /// The `ack` record: what the node that wrote the stream had applied from every other node

@@ -1084,7 +1084,7 @@ impl Worker {
             let here = target::applied_lsns(client)
                 .await
                 .map_err(ApplyError::sql("reading pgferry.apply_progress"))?;
-            if here.get(node).is_some_and(|have| *have >= lsn) {
+            if super::stream::has_applied(&here, node, lsn) {
                 tracing::info!(node = %self.settings.node, waited_ms = started.elapsed().as_millis() as u64,
                                "applying the changes from {from} again");
                 return Ok(true);

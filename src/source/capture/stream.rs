@@ -357,8 +357,8 @@ impl Capture {
             }
             CaptureEvent::After(content) => {
                 // Written by pgferry's own worker, so in an echo transaction: published anyway
-                // (alone in its transaction), since what this node writes next may depend on
-                // the schema change the worker applied.
+                // (the only items of that transaction capture publishes), since what this node
+                // writes next may depend on the schema change the worker applied.
                 if let Some(txn) = current.as_mut() {
                     self.publish_after(txn, &content, Some(state)).await?;
                 }
