@@ -437,6 +437,38 @@ fn random_schema_change(
     }
 }
 
+/// `UPDATE` of `column` (of type `ty`) with values only that type holds, `step` apart from
+/// other fills, in the rows above the writers' keys (`k >= 1000`) whose key is `step` modulo
+/// `every`.
+fn fill_statement(column: &str, ty: &str, step: usize, every: usize) -> String {
+    let factor = if ty == "integer" {
+        1000
+    } else {
+        10_000_000_000i64
+    };
+    format!(
+        "UPDATE kv SET {column} = k * {factor} + {step} WHERE k >= 1000 AND k % {every} = {}",
+        step % every
+    )
+}
+
+/// Makes the node of `gate` apply the writer's next change late: a row it holds locked (in a
+/// transaction on `gate`) is written on `writer` just before, so that node's worker of the
+/// writer's stream waits there while other streams, with what depends on the change, go on
+/// arriving. [`let_go`] ends it.
+async fn hold_back(gate: &Client, writer: &Client) {
+    gate.batch_execute("BEGIN; SELECT n FROM gate WHERE id = 1 FOR UPDATE")
+        .await
+        .unwrap();
+    run_step(writer, "UPDATE gate SET n = n + 1 WHERE id = 1").await;
+}
+
+/// Ends [`hold_back`] a second after the change's dependents were written.
+async fn let_go(gate: &Client) {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    gate.batch_execute("COMMIT").await.unwrap();
+}
+
 /// Random chains of schema changes of a table under writes reach a replica exactly: ADD
 /// COLUMN (with a constant default or none), ALTER COLUMN TYPE, RENAME and DROP COLUMN, new
 /// and renamed columns taking names dropped or renamed away before, each change followed by
@@ -477,15 +509,7 @@ async fn random_schema_changes_reach_the_replica() {
         run_step(&m, &change).await;
         chain.push(change);
         if let Some((column, ty)) = changed.map(|i| &model[i]).filter(|_| rng.chance(0.7)) {
-            let factor = if *ty == "integer" {
-                1000
-            } else {
-                10_000_000_000i64
-            };
-            let fill = format!(
-                "UPDATE kv SET {column} = k * {factor} + {step} WHERE k >= 1000 AND k % 3 = {}",
-                step % 3
-            );
+            let fill = fill_statement(column, ty, step, 3);
             run_step(&m, &fill).await;
             chain.push(fill);
         }
@@ -622,11 +646,7 @@ async fn schema_change_chain(label: &str, away: bool) {
     {
         let next = pick_next(&mut rng, at);
         let third = 3 - at - next;
-        gates[third]
-            .batch_execute("BEGIN; SELECT n FROM gate WHERE id = 1 FOR UPDATE")
-            .await
-            .unwrap();
-        run_step(&clients[at], "UPDATE gate SET n = n + 1 WHERE id = 1").await;
+        hold_back(&gates[third], &clients[at]).await;
         run_step(
             &clients[at],
             "CREATE TABLE side (id int PRIMARY KEY, x int NOT NULL);
@@ -653,8 +673,7 @@ async fn schema_change_chain(label: &str, away: bool) {
         )
         .await;
         made[next] += 1.0;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        gates[third].batch_execute("COMMIT").await.unwrap();
+        let_go(&gates[third]).await;
         chain.push(format!(
             "{} creates and fills side, {} adds side.y and fills it",
             nodes[at].name, nodes[next].name
@@ -664,14 +683,7 @@ async fn schema_change_chain(label: &str, away: bool) {
     for step in 0..7 {
         let next = pick_next(&mut rng, at);
         let third = 3 - at - next;
-        // The third node applies this change late: a row it holds locked is written just
-        // before the change, so its worker of this stream waits there while the next node's
-        // stream, with what depends on the change, goes on arriving.
-        gates[third]
-            .batch_execute("BEGIN; SELECT n FROM gate WHERE id = 1 FOR UPDATE")
-            .await
-            .unwrap();
-        run_step(&clients[at], "UPDATE gate SET n = n + 1 WHERE id = 1").await;
+        hold_back(&gates[third], &clients[at]).await;
         let (change, changed) = random_schema_change(&mut rng, &mut model, None, step);
         run_step(&clients[at], &change).await;
         made[at] += 1.0;
@@ -686,20 +698,11 @@ async fn schema_change_chain(label: &str, away: bool) {
         // Values that need the change (the widened type, the new name), written where it
         // just arrived.
         if let Some((column, ty)) = changed.map(|i| &model[i]).filter(|_| rng.chance(0.7)) {
-            let factor = if *ty == "integer" {
-                1000
-            } else {
-                10_000_000_000i64
-            };
-            let fill = format!(
-                "UPDATE kv SET {column} = k * {factor} + {step} WHERE k >= 1000 AND k % 4 = {}",
-                step % 4
-            );
+            let fill = fill_statement(column, ty, step, 4);
             run_step(&clients[next], &fill).await;
             chain.push(format!("{}: {fill}", nodes[next].name));
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        gates[third].batch_execute("COMMIT").await.unwrap();
+        let_go(&gates[third]).await;
         at = next;
     }
     eprintln!("chain: {chain:#?}");

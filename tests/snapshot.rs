@@ -148,8 +148,8 @@ async fn wait_snapshot_done(
     }
 }
 
-/// A writer on `items` until `stop`: updates, deletes and inserts random rows, one statement
-/// per transaction. Returns how many changes it committed.
+/// A writer on `table` (`id`, `v`, `note`) until `stop`: updates, deletes and inserts random
+/// rows, one statement per transaction. Returns how many changes it committed.
 fn spawn_writer(
     db: String,
     table: &'static str,
@@ -157,21 +157,45 @@ fn spawn_writer(
     seed: u64,
     stop: Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<u64> {
+    spawn_statements(db, seed, stop, (rows, rows + 1), move |id, next| match id {
+        Some((id, Write::Update)) => {
+            format!("UPDATE {table} SET v = v + 1, note = note || 'u' WHERE id = {id}")
+        }
+        Some((id, Write::Delete)) => format!("DELETE FROM {table} WHERE id = {id}"),
+        None => format!("INSERT INTO {table} VALUES ({next}, 1, 'new')"),
+    })
+}
+
+/// What [`spawn_statements`] asks for: an update or a delete of an existing row.
+enum Write {
+    Update,
+    Delete,
+}
+
+/// Random writes until `stop`, one statement per transaction every 2 ms: 6 in 9 an update
+/// and 2 in 9 a delete of a random id below `rows` (`statement(Some((id, kind)), _)`), 1 in 9
+/// an insert of the next new id after `last` (`statement(None, id)`), for `(rows, last)`.
+/// Returns how many rows the statements changed.
+fn spawn_statements(
+    db: String,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+    (rows, last): (i64, i64),
+    mut statement: impl FnMut(Option<(i64, Write)>, i64) -> String + Send + 'static,
+) -> tokio::task::JoinHandle<u64> {
     tokio::spawn(async move {
         let c = PgCluster::shared().client(&db).await;
         let mut rng = Rng::new(seed);
-        let mut next = rows + 1;
+        let mut next = last;
         let mut changes = 0u64;
         while !stop.load(Ordering::Relaxed) {
             let id = rng.range(1, rows);
             let sql = match rng.range(0, 9) {
-                0..=5 => {
-                    format!("UPDATE {table} SET v = v + 1, note = note || 'u' WHERE id = {id}")
-                }
-                6 | 7 => format!("DELETE FROM {table} WHERE id = {id}"),
+                0..=5 => statement(Some((id, Write::Update)), next),
+                6 | 7 => statement(Some((id, Write::Delete)), next),
                 _ => {
                     next += 1;
-                    format!("INSERT INTO {table} VALUES ({next}, 1, 'new')")
+                    statement(None, next)
                 }
             };
             changes += c.execute(&sql, &[]).await.unwrap();
@@ -732,29 +756,18 @@ async fn schema_changes_during_a_chunked_snapshot() {
         "  snapshot_readers: 2\n  snapshot_batch_rows: 200\n",
     );
     // The writer names only the columns no step changes but the type of `v`.
-    let writer = {
-        let (stop, master) = (stop.clone(), master.clone());
-        tokio::spawn(async move {
-            let c = PgCluster::shared().client(&master).await;
-            let mut rng = Rng::new(seed ^ 1);
-            let mut next = rows;
-            let mut changes = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let id = rng.range(1, rows);
-                let sql = match rng.range(0, 9) {
-                    0..=5 => format!("UPDATE items SET v = v + 1 WHERE id = {id}"),
-                    6 | 7 => format!("DELETE FROM items WHERE id = {id}"),
-                    _ => {
-                        next += 1;
-                        format!("INSERT INTO items (id, v) VALUES ({next}, 1)")
-                    }
-                };
-                changes += c.execute(&sql, &[]).await.unwrap();
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            changes
-        })
-    };
+    // Only columns no step changes.
+    let writer = spawn_statements(
+        master.clone(),
+        seed ^ 1,
+        stop.clone(),
+        (rows, rows),
+        |id, next| match id {
+            Some((id, Write::Update)) => format!("UPDATE items SET v = v + 1 WHERE id = {id}"),
+            Some((id, Write::Delete)) => format!("DELETE FROM items WHERE id = {id}"),
+            None => format!("INSERT INTO items (id, v) VALUES ({next}, 1)"),
+        },
+    );
     let mut rng = Rng::new(seed);
     // Each statement once the snapshot is further along, all before it ends.
     let steps = [
