@@ -452,6 +452,15 @@ fn fill_statement(column: &str, ty: &str, step: usize, every: usize) -> String {
     )
 }
 
+/// Waits until `query` (a count) gives `want` on `c`.
+async fn wait_count(what: &str, c: &Client, query: &str, want: i64) {
+    common::wait_for(what, Duration::from_secs(60), || async {
+        let n: Option<i64> = c.query_one(query, &[]).await.ok().map(|r| r.get(0));
+        (n == Some(want)).then_some(())
+    })
+    .await;
+}
+
 /// Makes the node of `gate` apply the writer's next change late: a row it holds locked (in a
 /// transaction on `gate`) is written on `writer` just before, so that node's worker of the
 /// writer's stream waits there while other streams, with what depends on the change, go on
@@ -553,10 +562,137 @@ async fn chains_of_schema_changes_across_nodes_converge() {
 /// application writing on): the chain runs between the other two, and the returning node
 /// catches up on both streams (each waiting for the other where the chain crossed) while its
 /// own writes, made under the old columns, reach the others (renamed and dropped columns
-/// followed by name).
+/// followed by name; where its write wins, the columns it never had at their DEFAULT on every
+/// node).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_away_during_schema_changes_catches_up() {
     schema_change_chain("mmaway", true).await;
+}
+
+/// A column one node adds and fills while another node, away, updates some of the same rows
+/// knowing nothing of the column: on every node each row ends as its last write made it,
+/// whole. Where the away node's write is the later one, the new column is at its DEFAULT
+/// everywhere (the away node's own row got the DEFAULT when the column reached it), also on
+/// nodes whose workers described the table before the column existed; where the fill is
+/// later, its row, old note included, wins on the away node too. Random rows, DEFAULT (or
+/// none) and order of the two writes.
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_written_without_a_new_column_win_whole() {
+    let seed = seed();
+    eprintln!("seed {seed} (DDL_SEED)");
+    let mut rng = Rng::new(seed);
+    let clusters = [
+        PgCluster::shared_of_three(0),
+        PgCluster::shared_of_three(1),
+        PgCluster::shared_of_three(2),
+    ];
+    let mut nodes = mesh("mmwhole", &clusters, KV_DDL, "", &broker().address()).await;
+    let clients = [
+        nodes[0].client().await,
+        nodes[1].client().await,
+        nodes[2].client().await,
+    ];
+    const ROWS: i32 = 60;
+    // (v, note, extra) of each key, as the oracle sees it; `extra` None is its DEFAULT.
+    let mut model: BTreeMap<i32, (i32, String, Option<i64>)> = (1..=ROWS)
+        .map(|k| (k, (k, "init".to_owned(), None)))
+        .collect();
+    run_step(
+        &clients[0],
+        &format!("INSERT INTO kv SELECT g, g, 'init' FROM generate_series(1, {ROWS}) g"),
+    )
+    .await;
+    // Every node writes a row, so that every worker has described kv before the column exists.
+    for (i, c) in clients.iter().enumerate() {
+        let k = i as i32 + 1;
+        wait_count(
+            "the rows on every node",
+            c,
+            "SELECT count(*) FROM kv",
+            ROWS.into(),
+        )
+        .await;
+        run_step(c, &format!("UPDATE kv SET note = 'n{i}' WHERE k = {k}")).await;
+        model.get_mut(&k).unwrap().1 = format!("n{i}");
+    }
+    for c in &clients {
+        let nodes_rows = "SELECT count(*) FROM kv WHERE note LIKE 'n%'";
+        wait_count("each node's row everywhere", c, nodes_rows, 3).await;
+    }
+    let away = rng.range(0, 3) as usize;
+    let adder = (away + 1 + rng.range(0, 2) as usize) % 3;
+    nodes[away].ferry.kill9();
+    let default = rng.chance(0.5).then(|| rng.range(1, 100));
+    let (fill_mod, away_mod) = (rng.range(0, 3) as i32, rng.range(0, 2) as i32);
+    let add = format!(
+        "ALTER TABLE kv ADD COLUMN extra bigint{}",
+        default.map_or(String::new(), |d| format!(" DEFAULT {d}"))
+    );
+    let fill = format!("UPDATE kv SET extra = k * 100 WHERE k % 3 = {fill_mod}");
+    let away_write = format!("UPDATE kv SET note = 'away' WHERE k % 2 = {away_mod}");
+    let away_first = rng.chance(0.5);
+    eprintln!(
+        "{} away, {} adds: {add}; {fill}; {} writes first: {away_write}",
+        nodes[away].name,
+        nodes[adder].name,
+        if away_first {
+            "the away node"
+        } else {
+            "the adder"
+        }
+    );
+    // The away node's rows as it wrote them (it knows no `extra`: DEFAULT), and the adder's
+    // fill over the rows as the adder had them (it has not seen the away node's write).
+    let away_rows: BTreeMap<i32, (i32, String, Option<i64>)> = model
+        .iter()
+        .filter(|(k, _)| *k % 2 == away_mod)
+        .map(|(k, (v, _, _))| (*k, (*v, "away".to_owned(), None)))
+        .collect();
+    let fill_rows: BTreeMap<i32, (i32, String, Option<i64>)> = model
+        .iter()
+        .filter(|(k, _)| *k % 3 == fill_mod)
+        .map(|(k, (v, note, _))| (*k, (*v, note.clone(), Some(i64::from(*k) * 100))))
+        .collect();
+    if away_first {
+        run_step(&clients[away], &away_write).await;
+    }
+    run_step(&clients[adder], &format!("{add}; {fill}")).await;
+    if !away_first {
+        run_step(&clients[away], &away_write).await;
+    }
+    let (first, last) = if away_first {
+        (away_rows, fill_rows)
+    } else {
+        (fill_rows, away_rows)
+    };
+    model.extend(first);
+    model.extend(last);
+    nodes[away].ferry.restart();
+    nodes[away].ferry.wait_streaming().await;
+    let want: Vec<(i32, i32, String, Option<i64>)> = model
+        .iter()
+        .map(|(k, (v, note, extra))| (*k, *v, note.clone(), extra.or(default)))
+        .collect();
+    for (node, c) in nodes.iter().zip(&clients) {
+        common::wait_for(
+            &format!("{}'s kv to be each row's last write, whole", node.name),
+            Duration::from_secs(90),
+            || async {
+                let rows: Vec<(i32, i32, String, Option<i64>)> = c
+                    .query("SELECT k, v, note, extra FROM kv ORDER BY k", &[])
+                    .await
+                    .ok()?
+                    .iter()
+                    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+                    .collect();
+                (rows == want).then_some(())
+            },
+        )
+        .await;
+    }
+    let mut made = [0.0; 3];
+    made[adder] = 1.0;
+    each_change_applied_once(&nodes, &made).await;
 }
 
 /// See [`chains_of_schema_changes_across_nodes_converge`]; `away`: one node's pgferry is down
@@ -586,7 +722,7 @@ async fn schema_change_chain(label: &str, away: bool) {
         )
         .await
         .unwrap();
-    let still: Vec<Committed> = (1000..1100)
+    let mut still: Vec<Committed> = (1000..1100)
         .map(|key| Committed {
             ts_us: 0,
             node: String::new(),
@@ -595,22 +731,9 @@ async fn schema_change_chain(label: &str, away: bool) {
         })
         .collect();
     for c in &clients {
-        common::wait_for(
-            "the still rows on every node",
-            Duration::from_secs(60),
-            || async {
-                let n: Option<i64> = c
-                    .query_one(
-                        "SELECT count(*) + (SELECT count(*) FROM gate) FROM kv WHERE k >= 1000",
-                        &[],
-                    )
-                    .await
-                    .ok()
-                    .map(|r| r.get(0));
-                (n == Some(101)).then_some(())
-            },
-        )
-        .await;
+        let still_and_gate =
+            "SELECT count(*) + (SELECT count(*) FROM gate) FROM kv WHERE k >= 1000";
+        wait_count("the still rows on every node", c, still_and_gate, 101).await;
     }
     let writers = spawn_writers(
         &nodes,
@@ -654,17 +777,12 @@ async fn schema_change_chain(label: &str, away: bool) {
         )
         .await;
         made[at] += 1.0;
-        common::wait_for(
+        let side_rows = "SELECT count(*) FROM side";
+        wait_count(
             "side and its rows on the next node",
-            Duration::from_secs(60),
-            || async {
-                let n: Option<i64> = clients[next]
-                    .query_one("SELECT count(*) FROM side", &[])
-                    .await
-                    .ok()
-                    .map(|r| r.get(0));
-                (n == Some(50)).then_some(())
-            },
+            &clients[next],
+            side_rows,
+            50,
         )
         .await;
         run_step(
@@ -707,6 +825,19 @@ async fn schema_change_chain(label: &str, away: bool) {
     }
     eprintln!("chain: {chain:#?}");
     if let Some(z) = away {
+        // The away node's application updates rows the chain filled, knowing none of the
+        // chain's columns: the last write of those rows, so its row wins everywhere, columns
+        // it never had at their DEFAULT (as its own rows got them when the columns arrived).
+        run_step(
+            &clients[z],
+            "UPDATE kv SET note = 'away' WHERE k >= 1000 AND k % 2 = 0",
+        )
+        .await;
+        for w in still.iter_mut().filter(|w| w.key % 2 == 0) {
+            w.ts_us = 1;
+            w.node = nodes[z].name.clone();
+            w.row = Some((w.key, Some("away".to_owned())));
+        }
         nodes[z].ferry.restart();
         nodes[z].ferry.wait_streaming().await;
     }

@@ -142,18 +142,21 @@ impl ApplyError {
 }
 
 impl ApplyError {
-    /// The target lacks a column or table a statement named (42703, 42P01): most likely the
-    /// worker's cached table shapes predate a schema change made by another session (a user,
-    /// or the worker applying another node's stream to the same target). The caller replays
+    /// The target lacks a column or table a statement named (42703, 42P01), or a table gained
+    /// a column since a multi-master write statement was prepared
+    /// ([`crate::apply::multimaster::SHAPE_CHANGED`]): most likely the worker's cached table
+    /// shapes predate a schema change made by another session (a user, or the worker applying
+    /// another node's stream to the same target). The caller replays
     /// the transaction with shapes described again (a few times from one position: schema
     /// changes may come one after another); past that, the error is a real one.
     pub fn is_stale_shape(&self) -> bool {
         let ApplyError::Sql { source, .. } = self else {
             return false;
         };
-        source
-            .code()
-            .is_some_and(|code| matches!(code.code(), "42703" | "42P01"))
+        source.code().is_some_and(|code| {
+            matches!(code.code(), "42703" | "42P01")
+                || code.code() == crate::apply::multimaster::SHAPE_CHANGED
+        })
     }
 }
 

@@ -115,6 +115,27 @@ END
 $fn$;
 "#;
 
+/// SQLSTATE of [`SAME_SHAPE_FUNCTION`]'s error: the statement is prepared again from a new description
+/// of the table, like one that names a column renamed or dropped since.
+pub const SHAPE_CHANGED: &str = "PF001";
+
+/// `pgferry.same_shape(table, natts)`: true when the table still has the `relnatts` it was
+/// described with, else raises [`SHAPE_CHANGED`]. Run by each multi-master write statement
+/// ([`crate::apply::sql::WholeRow`]) after it locked the table (so no ADD COLUMN commits between the check and the write).
+pub const SAME_SHAPE_FUNCTION: &str = r#"
+CREATE OR REPLACE FUNCTION pgferry.same_shape(rel regclass, natts int2) RETURNS bool
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF (SELECT c.relnatts FROM pg_class c WHERE c.oid = rel) IS DISTINCT FROM natts THEN
+        RAISE EXCEPTION 'pgferry: % gained a column since its apply statements were prepared', rel
+            USING ERRCODE = 'PF001';
+    END IF;
+    RETURN true;
+END
+$fn$;
+"#;
+
 /// `pgferry.protect(table, node)`: makes one table safe for multi-master, in the caller's
 /// transaction. Tables without a primary key are left alone (false). Otherwise: `REPLICA
 /// IDENTITY FULL` (changes carry their whole old row), a version row for every existing row
@@ -324,7 +345,7 @@ pub async fn prepare_node(
     client
         .batch_execute(&format!(
             "BEGIN; SELECT pg_advisory_xact_lock(hashtext('pgferry.bookkeeping')); \
-             {BOOKKEEPING_DDL}; {} {}; COMMIT",
+             {BOOKKEEPING_DDL}; {} {} {SAME_SHAPE_FUNCTION}; COMMIT",
             with_node(TRUNCATE_GUARD_FUNCTION, node),
             with_node(PROTECT_FUNCTION, node),
         ))
@@ -668,5 +689,16 @@ pub async fn maintain(
             _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(conflict.maintenance_interval) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{SAME_SHAPE_FUNCTION, SHAPE_CHANGED};
+
+    /// The error the shape check raises is the one the applier recognizes.
+    #[test]
+    fn the_shape_check_raises_the_recognized_code() {
+        assert!(SAME_SHAPE_FUNCTION.contains(&format!("ERRCODE = '{SHAPE_CHANGED}'")));
     }
 }

@@ -27,6 +27,19 @@ fn key_predicate(key: &[&str], first_param: usize) -> String {
 /// is left out of the `DO UPDATE SET` list: PostgreSQL lets no UPDATE set it (the statement
 /// would be refused even for inserts), so it keeps the value the row was inserted with.
 pub fn upsert(schema: &str, table: &str, columns: &[&str], key: &[&str], fixed: &[&str]) -> String {
+    upsert_with(schema, table, columns, key, fixed, &[])
+}
+
+/// [`upsert`] whose `DO UPDATE` also sets `defaults` (columns it does not insert, so an
+/// inserted row gets their DEFAULT as well) to their DEFAULT.
+fn upsert_with(
+    schema: &str,
+    table: &str,
+    columns: &[&str],
+    key: &[&str],
+    fixed: &[&str],
+    defaults: &[String],
+) -> String {
     let cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
     let mut sql = format!(
         "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE VALUES ({})",
@@ -40,6 +53,11 @@ pub fn upsert(schema: &str, table: &str, columns: &[&str], key: &[&str], fixed: 
             .iter()
             .filter(|c| !key.contains(c) && !fixed.contains(c))
             .map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(c)))
+            .chain(
+                defaults
+                    .iter()
+                    .map(|c| format!("{} = DEFAULT", quote_ident(c))),
+            )
             .collect();
         if updates.is_empty() {
             sql.push_str(&format!(" ON CONFLICT ({}) DO NOTHING", keys.join(", ")));
@@ -282,6 +300,29 @@ fn fixed_names<'a>(columns: &[Typed<'a>]) -> Vec<&'a str> {
     columns.iter().filter(|c| c.fixed).map(|c| c.name).collect()
 }
 
+/// What a multi-master write of a remote row sets besides the columns the row carries: a
+/// remote row is the whole row, so every target column it does not carry (`defaults`: its
+/// node did not have the column when it wrote) is set to its DEFAULT, as that node's own row
+/// got it when the column reached it. The statement first checks that the table has not
+/// gained a column since it was described (`natts`, see [`same_shape`]), so that no column
+/// escapes `defaults`.
+#[derive(Debug, Clone, Copy)]
+pub struct WholeRow<'a> {
+    /// Target columns set to their DEFAULT.
+    pub defaults: &'a [String],
+    /// The table's `pg_class.relnatts` as described.
+    pub natts: i16,
+}
+
+/// The check of [`crate::apply::multimaster::SAME_SHAPE_FUNCTION`] as a condition, evaluated
+/// once per statement.
+fn same_shape(schema: &str, table: &str, natts: i16) -> String {
+    format!(
+        "(SELECT pgferry.same_shape({}::regclass, {natts}::int2))",
+        crate::sql::quote_literal(&qualified(schema, table))
+    )
+}
+
 /// `"k1" = $n::type AND …` over a table alias.
 fn typed_key_predicate(alias: &str, key: &[Typed<'_>], first_param: usize) -> String {
     key.iter()
@@ -417,8 +458,14 @@ fn stamp(key: &str, p: usize, deleted: &str, a: usize, only_new: bool) -> String
 /// one row: 1 if the version won (and the row was written), 0 if a newer version was stamped
 /// since the probe. Parameters: `columns` (typed), then table name, `t`, node, allow-equal,
 /// seen node, seen LSN (the last two unused: a live version has none).
-pub fn stamp_and_upsert(schema: &str, table: &str, columns: &[Typed<'_>], key: &[&str]) -> String {
-    versioned_upsert(schema, table, columns, key, false)
+pub fn stamp_and_upsert(
+    schema: &str,
+    table: &str,
+    columns: &[Typed<'_>],
+    key: &[&str],
+    whole: WholeRow<'_>,
+) -> String {
+    versioned_upsert(schema, table, columns, key, whole, false)
 }
 
 fn versioned_upsert(
@@ -426,6 +473,7 @@ fn versioned_upsert(
     table: &str,
     columns: &[Typed<'_>],
     key: &[&str],
+    whole: WholeRow<'_>,
     only_new: bool,
 ) -> String {
     let n = columns.len();
@@ -449,19 +497,27 @@ fn versioned_upsert(
         .enumerate()
         .map(|(i, c)| format!("${}::{}", i + 1, c.ty))
         .collect();
-    let conflict = upsert(schema, table, &names, key, &fixed_names(columns));
+    let conflict = upsert_with(
+        schema,
+        table,
+        &names,
+        key,
+        &fixed_names(columns),
+        whole.defaults,
+    );
     let on_conflict = conflict
         .find(" ON CONFLICT")
         .map(|i| &conflict[i..])
         .unwrap_or_default();
     format!(
         "WITH s AS ({} RETURNING 1), \
-              w AS (INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} WHERE EXISTS (SELECT 1 FROM s){on_conflict} RETURNING 1) \
+              w AS (INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} WHERE EXISTS (SELECT 1 FROM s) AND {}{on_conflict} RETURNING 1) \
          SELECT (SELECT count(*) FROM s)::int8, (SELECT count(*) FROM w)::int8",
         stamp(&key_expr, n + 1, "false", n + 4, only_new),
         qualified(schema, table),
         cols.join(", "),
         values.join(", "),
+        same_shape(schema, table, whole.natts),
     )
 }
 
@@ -469,8 +525,14 @@ fn versioned_upsert(
 /// writes the row, in one statement; returns 1 when it did, 0 when the key has a version (the
 /// change then goes the full way: probe, decide, stamp). Same parameters as
 /// [`stamp_and_upsert`].
-pub fn insert_fresh(schema: &str, table: &str, columns: &[Typed<'_>], key: &[&str]) -> String {
-    versioned_upsert(schema, table, columns, key, true)
+pub fn insert_fresh(
+    schema: &str,
+    table: &str,
+    columns: &[Typed<'_>],
+    key: &[&str],
+    whole: WholeRow<'_>,
+) -> String {
+    versioned_upsert(schema, table, columns, key, whole, true)
 }
 
 /// Stamps the remote tombstone and, only if it won, deletes the row, in one statement;
@@ -632,9 +694,13 @@ fn key_positions<'a>(columns: &[Typed<'a>], key: &[&str]) -> Vec<(usize, Typed<'
 
 /// The parts of a multi-row upsert of `columns` from `u`: the quoted column list, the
 /// typed values, and the `ON CONFLICT` clause of [`upsert`].
-fn row_upsert_parts(columns: &[Typed<'_>], key: &[&str]) -> (String, String, String) {
+fn row_upsert_parts(
+    columns: &[Typed<'_>],
+    key: &[&str],
+    defaults: &[String],
+) -> (String, String, String) {
     let names: Vec<&str> = columns.iter().map(|c| c.name).collect();
-    let single = upsert("s", "t", &names, key, &fixed_names(columns));
+    let single = upsert_with("s", "t", &names, key, &fixed_names(columns), defaults);
     let on_conflict = single
         .find(" ON CONFLICT")
         .map(|i| single[i..].to_owned())
@@ -650,7 +716,7 @@ fn row_upsert_parts(columns: &[Typed<'_>], key: &[&str]) -> (String, String, Str
 
 /// Many rows of [`upsert`] in one statement. Parameters: one text array per column.
 pub fn upsert_rows(schema: &str, table: &str, columns: &[Typed<'_>], key: &[&str]) -> String {
-    let (cols, values, on_conflict) = row_upsert_parts(columns, key);
+    let (cols, values, on_conflict) = row_upsert_parts(columns, key, &[]);
     format!(
         "INSERT INTO {} ({cols}) OVERRIDING SYSTEM VALUE SELECT {values} FROM {}{on_conflict}",
         qualified(schema, table),
@@ -757,20 +823,22 @@ pub fn stamp_and_upsert_rows(
     table: &str,
     columns: &[Typed<'_>],
     key: &[&str],
+    whole: WholeRow<'_>,
 ) -> String {
     let n = columns.len();
     let keyed = key_positions(columns, key);
     let vkey = row_version_key(&keyed);
-    let (cols, values, on_conflict) = row_upsert_parts(columns, key);
+    let (cols, values, on_conflict) = row_upsert_parts(columns, key, whole.defaults);
     format!(
         "WITH u AS (SELECT * FROM {rows}), \
               s AS ({stamp}), \
               w AS (INSERT INTO {t} ({cols}) OVERRIDING SYSTEM VALUE SELECT {values} FROM u \
-                     WHERE {vkey} IN (SELECT key FROM s){on_conflict}) \
+                     WHERE {vkey} IN (SELECT key FROM s) AND {guard}{on_conflict}) \
          SELECT u.ord FROM u WHERE {vkey} IN (SELECT key FROM s)",
         rows = unnest_rows(n, 1, &[("int8", "t"), ("text", "node")]),
         stamp = stamp_rows("u", &vkey, n + 3, "false", ("NULL::text", "NULL::pg_lsn")),
         t = qualified(schema, table),
+        guard = same_shape(schema, table, whole.natts),
     )
 }
 
@@ -790,6 +858,7 @@ pub fn clean_update_rows(
     columns: &[Typed<'_>],
     key: &[&str],
     before: &[Typed<'_>],
+    whole: WholeRow<'_>,
 ) -> String {
     let n = columns.len();
     let keyed = key_positions(columns, key);
@@ -800,6 +869,12 @@ pub fn clean_update_rows(
         .enumerate()
         .filter(|(_, c)| !key.contains(&c.name) && !c.fixed)
         .map(|(i, c)| format!("{} = {}", quote_ident(c.name), row_value(i, c.ty)))
+        .chain(
+            whole
+                .defaults
+                .iter()
+                .map(|c| format!("{} = DEFAULT", quote_ident(c))),
+        )
         .collect();
     let t = qualified(schema, table);
     let key_pred = row_key_predicate("t", &keyed);
@@ -810,7 +885,7 @@ pub fn clean_update_rows(
         format!(
             ", w AS (UPDATE ONLY {t} AS t SET {} FROM u \
                       WHERE {key_pred} AND {vkey} IN (SELECT key FROM s))",
-            sets.join(", ")
+            sets.join(", "),
         )
     };
     format!(
@@ -818,7 +893,7 @@ pub fn clean_update_rows(
               r AS (SELECT u.* FROM u CROSS JOIN LATERAL (\
                       SELECT 1 FROM ONLY {t} AS t WHERE {key_pred} AND {matches} FOR UPDATE) AS l), \
               s AS ({stamp}){write} \
-         SELECT u.ord FROM u WHERE {vkey} IN (SELECT key FROM s)",
+         SELECT u.ord FROM u WHERE {vkey} IN (SELECT key FROM s) AND {guard}",
         rows = unnest_rows(n + before.len(), 1, &[("int8", "t"), ("text", "node")]),
         stamp = stamp_rows(
             "r AS u",
@@ -827,6 +902,7 @@ pub fn clean_update_rows(
             "false",
             ("NULL::text", "NULL::pg_lsn")
         ),
+        guard = same_shape(schema, table, whole.natts),
     )
 }
 
@@ -860,6 +936,65 @@ pub fn stamp_and_delete_rows(schema: &str, table: &str, key: &[Typed<'_>]) -> St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// No column to default, a table of three attributes.
+    const NONE: WholeRow<'static> = WholeRow {
+        defaults: &[],
+        natts: 3,
+    };
+
+    /// A multi-master write sets every column the remote row does not carry to its DEFAULT
+    /// (and never inserts it, so a new row gets it too), and checks the table's shape.
+    #[test]
+    fn remote_rows_are_written_whole() {
+        let typed = |name| Typed {
+            name,
+            ty: "integer",
+            fixed: false,
+        };
+        let cols = [typed("id"), typed("v")];
+        let defaults = ["extra".to_owned(), "Odd \"one\"".to_owned()];
+        let whole = WholeRow {
+            defaults: &defaults,
+            natts: 7,
+        };
+        let guard = r#"(SELECT pgferry.same_shape('"s"."t"'::regclass, 7::int2))"#;
+        for text in [
+            stamp_and_upsert("s", "t", &cols, &["id"], whole),
+            insert_fresh("s", "t", &cols, &["id"], whole),
+            stamp_and_upsert_rows("s", "t", &cols, &["id"], whole),
+        ] {
+            assert!(
+                text.contains(r#"INSERT INTO "s"."t" ("id", "v") OVERRIDING SYSTEM VALUE SELECT"#)
+                    && text.contains(
+                        r#"DO UPDATE SET "v" = EXCLUDED."v", "extra" = DEFAULT, "Odd ""one""" = DEFAULT"#
+                    )
+                    && text.contains(guard),
+                "{text}"
+            );
+        }
+        // A row of only its key still resets the others: DO UPDATE, not DO NOTHING.
+        let key_only = stamp_and_upsert("s", "t", &cols[..1], &["id"], whole);
+        assert!(
+            key_only.contains(
+                r#"ON CONFLICT ("id") DO UPDATE SET "extra" = DEFAULT, "Odd ""one""" = DEFAULT"#
+            ),
+            "{key_only}"
+        );
+        let clean = clean_update_rows("s", "t", &cols, &["id"], &cols, whole);
+        assert!(
+            clean.contains(
+                r#"SET "v" = u.c2::integer, "extra" = DEFAULT, "Odd ""one""" = DEFAULT FROM u"#
+            ) && clean.ends_with(&format!("IN (SELECT key FROM s) AND {guard}")),
+            "{clean}"
+        );
+        // Without a column to default, the statements are as before, the guard included.
+        let plain = stamp_and_upsert("s", "t", &cols, &["id"], NONE);
+        assert!(
+            !plain.contains("DEFAULT") && plain.contains("same_shape"),
+            "{plain}"
+        );
+    }
 
     #[test]
     fn statements() {
@@ -914,13 +1049,14 @@ mod tests {
             r#"DELETE FROM "s"."t" AS t USING unnest($1::text[]) WITH ORDINALITY AS u(c1, ord) WHERE t."id" = u.c1::integer"#
         );
         // Versions and rows: two column arrays, then t, node, and the table name ($5).
-        let write = stamp_and_upsert_rows("s", "t", &cols, &["id"]);
+        let write = stamp_and_upsert_rows("s", "t", &cols, &["id"], NONE);
         assert!(write.contains("unnest($1::text[], $2::text[], $3::int8[], $4::text[])"));
         assert!(write.contains(
             "SELECT $5::text, jsonb_build_object('id', u.c1::integer)::text, u.t, u.node, false"
         ));
         assert!(write.contains("WHERE (v.t, v.node) < (EXCLUDED.t, EXCLUDED.node)"));
         assert!(write.ends_with("SELECT u.ord FROM u WHERE jsonb_build_object('id', u.c1::integer)::text IN (SELECT key FROM s)"));
+        assert!(write.contains(r#"IN (SELECT key FROM s) AND (SELECT pgferry.same_shape('"s"."t"'::regclass, 3::int2)) ON CONFLICT"#), "{write}");
         // Tombstones: the key array, t, node, LSN, then the table name ($5) and stream node ($6).
         let delete = stamp_and_delete_rows("s", "t", &cols[..1]);
         assert!(delete.contains("unnest($1::text[], $2::int8[], $3::text[], $4::text[])"));
@@ -928,7 +1064,7 @@ mod tests {
         // Clean updates: the after arrays, the old-image arrays, t, node, the table name ($7);
         // rows are locked (matching their old image) before their versions are stamped, and
         // only stamped rows are updated, key columns left out of SET.
-        let clean = clean_update_rows("s", "t", &cols, &["id"], &cols);
+        let clean = clean_update_rows("s", "t", &cols, &["id"], &cols, NONE);
         assert!(clean.contains(
             "unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[]) WITH ORDINALITY AS u(c1, c2, c3, c4, t, node, ord)"
         ), "{clean}");
@@ -964,9 +1100,9 @@ mod tests {
         let cols = [typed("id", false), typed("n", true), typed("v", false)];
         for text in [
             upsert_rows("s", "t", &cols, &["id"]),
-            stamp_and_upsert_rows("s", "t", &cols, &["id"]),
-            stamp_and_upsert("s", "t", &cols, &["id"]),
-            insert_fresh("s", "t", &cols, &["id"]),
+            stamp_and_upsert_rows("s", "t", &cols, &["id"], NONE),
+            stamp_and_upsert("s", "t", &cols, &["id"], NONE),
+            insert_fresh("s", "t", &cols, &["id"], NONE),
         ] {
             assert!(
                 text.contains(
@@ -986,12 +1122,12 @@ mod tests {
             update_rows("s", "t", &cols[1..2], &cols[..1]),
             "SELECT count(*) FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(c1, c2, ord)"
         );
-        let clean = clean_update_rows("s", "t", &cols, &["id"], &cols);
+        let clean = clean_update_rows("s", "t", &cols, &["id"], &cols, NONE);
         assert!(
             clean.contains(r#"SET "v" = u.c3::integer FROM u"#) && !clean.contains(r#""n" = u"#),
             "{clean}"
         );
-        let stamp_only = clean_update_rows("s", "t", &cols[..2], &["id"], &cols[..2]);
+        let stamp_only = clean_update_rows("s", "t", &cols[..2], &["id"], &cols[..2], NONE);
         assert!(
             !stamp_only.contains("UPDATE ONLY")
                 && stamp_only.contains("s AS (INSERT INTO pgferry.versions"),
@@ -1025,14 +1161,14 @@ mod tests {
                 fixed: false,
             },
         ];
-        let write = stamp_and_upsert("s", "t", &row, &["id"]);
+        let write = stamp_and_upsert("s", "t", &row, &["id"], NONE);
         assert!(
             write.contains("jsonb_build_object('id', $2::integer)::text, $4::int8, $5::text, false")
-                && write.contains(r#"INSERT INTO "s"."t" ("v", "id") OVERRIDING SYSTEM VALUE SELECT $1::text, $2::integer WHERE EXISTS (SELECT 1 FROM s) ON CONFLICT ("id") DO UPDATE SET "v" = EXCLUDED."v" RETURNING 1"#)
+                && write.contains(r#"INSERT INTO "s"."t" ("v", "id") OVERRIDING SYSTEM VALUE SELECT $1::text, $2::integer WHERE EXISTS (SELECT 1 FROM s) AND (SELECT pgferry.same_shape('"s"."t"'::regclass, 3::int2)) ON CONFLICT ("id") DO UPDATE SET "v" = EXCLUDED."v" RETURNING 1"#)
                 && write.contains("OR ($6::bool AND"),
             "{write}"
         );
-        let fresh = insert_fresh("s", "t", &row, &["id"]);
+        let fresh = insert_fresh("s", "t", &row, &["id"], NONE);
         assert!(
             fresh.contains("END) ON CONFLICT (table_name, key) DO NOTHING RETURNING 1), w AS")
                 && fresh.contains("false AND $6::bool")

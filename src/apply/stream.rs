@@ -165,6 +165,9 @@ pub struct ChangeItem {
     pub json_null_before: Vec<String>,
     /// Columns of `after` holding the JSON literal `null` (not SQL NULL).
     pub json_null_after: Vec<String>,
+    /// Columns the new row keeps from the old one, unsent (unchanged TOASTed values): absent
+    /// from `after` without being absent from the row.
+    pub unchanged_toast: Vec<String>,
     /// `source.version`: the multi-master row version the change was made with.
     pub version: Option<crate::event::Version>,
 }
@@ -205,7 +208,11 @@ impl WritesColumns for ChangeItem {
                 None => image.remove_column(from),
             }
         }
-        for list in [&mut self.json_null_before, &mut self.json_null_after] {
+        for list in [
+            &mut self.json_null_before,
+            &mut self.json_null_after,
+            &mut self.unchanged_toast,
+        ] {
             match to {
                 Some(to) => list
                     .iter_mut()
@@ -493,6 +500,8 @@ struct RawRecord<'a> {
     version: Option<RawVersion>,
     #[serde(default)]
     json_null: Option<RawJsonNull>,
+    #[serde(default)]
+    unchanged_toast: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -507,6 +516,8 @@ struct RawChange<'a> {
     source: RawSource<'a>,
     #[serde(default)]
     json_null: Option<RawJsonNull>,
+    #[serde(default)]
+    unchanged_toast: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -584,6 +595,7 @@ pub fn parse_framed(bytes: Option<&[u8]>) -> Result<(Option<u64>, StreamItem), M
                         version: raw.version,
                     },
                     json_null: raw.json_null,
+                    unchanged_toast: raw.unchanged_toast,
                 },
             };
             let op = match change.op.as_ref() {
@@ -603,6 +615,7 @@ pub fn parse_framed(bytes: Option<&[u8]>) -> Result<(Option<u64>, StreamItem), M
                 after: change.after,
                 json_null_before: json_null.before,
                 json_null_after: json_null.after,
+                unchanged_toast: change.unchanged_toast.unwrap_or_default(),
                 version: change.source.version.map(|v| crate::event::Version {
                     ts_us: v.t_us,
                     node: v.node,

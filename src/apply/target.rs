@@ -239,6 +239,12 @@ pub struct TargetTable {
     /// updates leave them out ([`crate::apply::sql::Typed::fixed`]) and they keep the value
     /// their row was inserted with; `pgferry check` and the applier's log name them.
     pub always_identity: Vec<String>,
+    /// Generated (stored) columns: computed by the target, never written.
+    pub generated: Vec<String>,
+    /// `pg_class.relnatts` when described: every ADD COLUMN raises it (attribute numbers are
+    /// never reused), so a table that gained a column since is told apart
+    /// ([`crate::apply::sql::same_shape`]).
+    pub natts: i16,
 }
 
 impl TargetTable {
@@ -260,7 +266,9 @@ pub async fn describe(
             "SELECT a.attname::text,
                     COALESCE(a.attnum = ANY(i.indkey::int2[]), false),
                     format_type(a.atttypid, a.atttypmod),
-                    a.attidentity = 'a'
+                    a.attidentity = 'a',
+                    a.attgenerated <> '',
+                    c.relnatts
                FROM pg_class c
                JOIN pg_namespace n ON n.oid = c.relnamespace
                JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
@@ -305,6 +313,12 @@ pub async fn describe(
             .filter(|r| r.get::<_, bool>(3) && !r.get::<_, bool>(1))
             .map(|r| r.get(0))
             .collect(),
+        generated: rows
+            .iter()
+            .filter(|r| r.get::<_, bool>(4))
+            .map(|r| r.get(0))
+            .collect(),
+        natts: rows[0].get(5),
     }))
 }
 

@@ -103,6 +103,9 @@ struct StatementKey {
     /// Old-image columns the statement compares with the live row, where that is apart from
     /// `columns` ([`StatementKind::LwwCleanUpdateRows`]); empty otherwise.
     compared: Vec<String>,
+    /// Columns the statement sets to their DEFAULT (multi-master writes of remote rows, see
+    /// [`crate::apply::sql::WholeRow`]); empty otherwise.
+    defaults: Vec<String>,
 }
 
 /// A source transaction boundary that is complete in the open target transaction.
@@ -516,9 +519,9 @@ pub async fn run(
                         || stale_replays.1 < STALE_REPLAYS) =>
             {
                 tracing::info!(node = %worker.settings.node, error = %ErrorChain(&e),
-                               "the target lacks a column or table this worker had described \
-                                (a schema change by another session); describing again and \
-                                replaying the transaction");
+                               "a table changed since this worker described it (a schema \
+                                change by another session); describing again and replaying \
+                                the transaction");
                 let again = stale_replays.0 == worker.committed.next_offset;
                 stale_replays = (
                     worker.committed.next_offset,
@@ -1963,6 +1966,7 @@ impl Worker {
             kind,
             columns: columns.to_vec(),
             compared: Vec::new(),
+            defaults: Vec::new(),
         };
         let stmt = self.statement(client, stmt_key.clone(), text).await?;
         self.last_statement = Some((stmt_key, stmt.clone()));
@@ -2114,6 +2118,7 @@ impl Worker {
                 kind: StatementKind::Rows(group.write),
                 columns: group.columns,
                 compared: Vec::new(),
+                defaults: Vec::new(),
             };
             let stmt = self.statement(client, key, || text).await?;
             let arrays = plan::columns_of(rows, width);

@@ -19,6 +19,7 @@ fn change(n: i64) -> StreamItem {
         after: serde_json::from_value(json!({"id": n})).ok(),
         json_null_before: vec![],
         json_null_after: vec![],
+        unchanged_toast: vec![],
         version: None,
     }))
 }
@@ -420,10 +421,20 @@ mod compact_items {
             prop_assert_eq!(&item.schema, &change.relation.schema);
             prop_assert_eq!(&item.table, &change.relation.table);
             prop_assert_eq!(item.version, change.version);
-            // Withheld (unchanged TOAST) columns are absent, every other column present.
+            // Withheld (unchanged TOAST) columns are absent from the new row and listed, every
+            // other column present.
             if let Some(after) = &change.after {
                 let sent = after.iter().filter(|d| !matches!(d, Datum::UnchangedToast)).count();
-                prop_assert_eq!(item.after.map_or(0, |a| a.len()), sent);
+                prop_assert_eq!(item.after.as_ref().map_or(0, |a| a.len()), sent);
+                let withheld: Vec<String> = change
+                    .relation
+                    .columns
+                    .iter()
+                    .zip(after)
+                    .filter(|(_, d)| matches!(d, Datum::UnchangedToast))
+                    .map(|(c, _)| c.name.clone())
+                    .collect();
+                prop_assert_eq!(&item.unchanged_toast, &withheld);
             }
         }
     }

@@ -136,6 +136,12 @@ impl Prepared<'_> {
     fn full_after(&self) -> (Vec<String>, Vec<Box<RawValue>>) {
         super::lww_rows::full_after(self.change, &self.table, &self.key_values)
     }
+
+    /// The target columns the full new row (`columns`) does not carry, written as their
+    /// DEFAULT ([`sql::WholeRow`]).
+    fn not_carried(&self, columns: &[String]) -> Vec<String> {
+        super::lww_rows::not_carried(&self.table, columns, &self.change.unchanged_toast)
+    }
 }
 
 pub(super) fn typed<'t>(table: &'t TargetTable, columns: &'t [String]) -> Vec<Typed<'t>> {
@@ -460,19 +466,30 @@ impl Worker {
         only_new: bool,
     ) -> Result<Result<VersionedWrite, String>, ApplyError> {
         let (columns, values) = p.full_after();
+        let defaults = p.not_carried(&columns);
         let key: Vec<&str> = p.table.key.iter().map(String::as_str).collect();
         let typed_columns = typed(&p.table, &columns);
+        let whole = sql::WholeRow {
+            defaults: &defaults,
+            natts: p.table.natts,
+        };
+        let (schema, table) = (&p.change.schema, &p.change.table);
         let (kind, text) = if only_new {
-            let text = sql::insert_fresh(&p.change.schema, &p.change.table, &typed_columns, &key);
+            let text = sql::insert_fresh(schema, table, &typed_columns, &key, whole);
             (StatementKind::LwwInsertFresh, text)
         } else {
-            let text =
-                sql::stamp_and_upsert(&p.change.schema, &p.change.table, &typed_columns, &key);
+            let text = sql::stamp_and_upsert(schema, table, &typed_columns, &key, whole);
             (StatementKind::LwwWrite, text)
         };
-        let stmt = self
-            .cached(client, p, kind, columns.clone(), || text)
-            .await?;
+        let key = StatementKey {
+            schema: schema.clone(),
+            table: table.clone(),
+            kind,
+            columns: columns.clone(),
+            compared: Vec::new(),
+            defaults,
+        };
+        let stmt = self.statement(client, key, || text).await?;
         // Columns taken from the old image keep its JSON-null marks.
         let mut json_nulls = p.change.json_null_after.clone();
         json_nulls.extend(
@@ -516,6 +533,7 @@ impl Worker {
             kind,
             columns,
             compared: Vec::new(),
+            defaults: Vec::new(),
         };
         self.statement(client, key, text).await
     }

@@ -58,10 +58,30 @@ pub(super) struct LwwRow {
     /// The full new row (columns, values); empty for deletes.
     after_columns: Vec<String>,
     after: Vec<Option<String>>,
+    /// The target columns the new row does not carry, written as their DEFAULT
+    /// ([`sql::WholeRow`]); empty for deletes.
+    defaults: Vec<String>,
     /// Commit LSN of its source transaction: where a delete sits in the stream.
     commit_lsn: Lsn,
     /// The lane (connection) that writes its key: always the same one for a key.
     lane: usize,
+}
+
+/// The column set of a batch statement's rows: the columns they write, and those they set
+/// to their DEFAULT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Columns {
+    written: Vec<String>,
+    defaults: Vec<String>,
+}
+
+impl LwwRow {
+    fn columns(&self) -> Columns {
+        Columns {
+            written: self.after_columns.clone(),
+            defaults: self.defaults.clone(),
+        }
+    }
 }
 
 /// A change decided to be written, with what the probe found and the conflict to log if
@@ -147,6 +167,11 @@ impl Worker {
                 Err(reason) => return Ok(Err(reason)),
             }
         };
+        let defaults = if change.op == Op::Delete {
+            Vec::new()
+        } else {
+            not_carried(table, &after_columns, &change.unchanged_toast)
+        };
         let row_key = plan::row_key(&qualified, key.iter().map(Option::as_deref));
         // After a schema change in the open target transaction, only the worker's own
         // connection may write the table (it holds its lock).
@@ -168,6 +193,7 @@ impl Worker {
             before,
             after_columns,
             after,
+            defaults,
             commit_lsn: self.open_commit_lsn(),
             lane,
         };
@@ -242,7 +268,7 @@ impl Worker {
         let lane_client = |lane: usize| lane_connection(client, &lanes, lane);
         let mut rest = Vec::new();
         // One statement per lane and column set (one column set per table, normally).
-        let mut batches: Vec<(usize, Vec<String>, Vec<LwwRow>)> = Vec::new();
+        let mut batches: Vec<(usize, Columns, Vec<LwwRow>)> = Vec::new();
         for row in rows {
             let clean = row.change.op == Op::Update
                 && row.after_columns.iter().any(|c| !table.key.contains(c));
@@ -250,12 +276,13 @@ impl Worker {
                 rest.push(row);
                 continue;
             }
+            let columns = row.columns();
             match batches
                 .iter_mut()
-                .find(|(lane, columns, _)| *lane == row.lane && *columns == row.after_columns)
+                .find(|(lane, c, _)| *lane == row.lane && *c == columns)
             {
                 Some((_, _, batch)) => batch.push(row),
-                None => batches.push((row.lane, row.after_columns.clone(), vec![row])),
+                None => batches.push((row.lane, columns, vec![row])),
             }
         }
         let mut runs = Vec::new();
@@ -356,16 +383,16 @@ impl Worker {
             }
         }
         // One statement per lane and column set (one column set per table, normally).
-        let mut batches: Vec<(usize, bool, Vec<String>, Vec<Decided>)> = Vec::new();
+        let mut batches: Vec<(usize, bool, Columns, Vec<Decided>)> = Vec::new();
         for (deleting, list) in [(false, writes), (true, deletes)] {
             for (lane, d) in list {
-                let columns = &d.row.after_columns;
+                let columns = d.row.columns();
                 match batches
                     .iter_mut()
-                    .find(|(l, del, c, _)| *l == lane && *del == deleting && c == columns)
+                    .find(|(l, del, c, _)| *l == lane && *del == deleting && *c == columns)
                 {
                     Some((_, _, _, ds)) => ds.push(d),
-                    None => batches.push((lane, deleting, columns.clone(), vec![d])),
+                    None => batches.push((lane, deleting, columns, vec![d])),
                 }
             }
         }
@@ -518,6 +545,7 @@ impl Worker {
             kind: StatementKind::LwwProbeRows,
             columns: group.before.clone(),
             compared: Vec::new(),
+            defaults: Vec::new(),
         };
         self.lane_statement(lane, client, statement_key, text).await
     }
@@ -530,7 +558,7 @@ impl Worker {
         client: &Client,
         group: &ProbeGroup,
         table: &TargetTable,
-        columns: &[String],
+        columns: &Columns,
         deleting: bool,
     ) -> Result<Statement, ApplyError> {
         let (kind, text) = if deleting {
@@ -539,17 +567,27 @@ impl Worker {
             (StatementKind::LwwDeleteRows, text)
         } else {
             let key: Vec<&str> = table.key.iter().map(String::as_str).collect();
-            let typed_columns = typed(table, columns);
-            let text =
-                sql::stamp_and_upsert_rows(&group.schema, &group.table, &typed_columns, &key);
+            let typed_columns = typed(table, &columns.written);
+            let whole = sql::WholeRow {
+                defaults: &columns.defaults,
+                natts: table.natts,
+            };
+            let text = sql::stamp_and_upsert_rows(
+                &group.schema,
+                &group.table,
+                &typed_columns,
+                &key,
+                whole,
+            );
             (StatementKind::LwwWriteRows, text)
         };
         let statement_key = StatementKey {
             schema: group.schema.clone(),
             table: group.table.clone(),
             kind,
-            columns: columns.to_vec(),
+            columns: columns.written.clone(),
             compared: Vec::new(),
+            defaults: columns.defaults.clone(),
         };
         self.lane_statement(lane, client, statement_key, || text)
             .await
@@ -563,19 +601,30 @@ impl Worker {
         client: &Client,
         group: &ProbeGroup,
         table: &TargetTable,
-        columns: &[String],
+        columns: &Columns,
     ) -> Result<Statement, ApplyError> {
         let key: Vec<&str> = table.key.iter().map(String::as_str).collect();
-        let typed_columns = typed(table, columns);
+        let typed_columns = typed(table, &columns.written);
         let before = typed(table, &group.before);
-        let text =
-            sql::clean_update_rows(&group.schema, &group.table, &typed_columns, &key, &before);
+        let whole = sql::WholeRow {
+            defaults: &columns.defaults,
+            natts: table.natts,
+        };
+        let text = sql::clean_update_rows(
+            &group.schema,
+            &group.table,
+            &typed_columns,
+            &key,
+            &before,
+            whole,
+        );
         let statement_key = StatementKey {
             schema: group.schema.clone(),
             table: group.table.clone(),
             kind: StatementKind::LwwCleanUpdateRows,
-            columns: columns.to_vec(),
+            columns: columns.written.clone(),
             compared: group.before.clone(),
+            defaults: columns.defaults.clone(),
         };
         self.lane_statement(lane, client, statement_key, || text)
             .await
@@ -798,6 +847,29 @@ pub(super) fn full_after(
         }
     }
     (columns, values)
+}
+
+/// The target columns a remote row does not carry ([`sql::WholeRow::defaults`]): every column
+/// of the table but those its full new row writes (`written`), those it keeps from the old
+/// row without sending them (`unchanged_toast`, should the old image lack one), and those no
+/// write sets (generated, and `GENERATED ALWAYS AS IDENTITY` outside the key).
+pub(super) fn not_carried(
+    table: &TargetTable,
+    written: &[String],
+    unchanged_toast: &[String],
+) -> Vec<String> {
+    table
+        .columns
+        .iter()
+        .filter(|c| {
+            !written.contains(c)
+                && !unchanged_toast.contains(c)
+                && !table.key.contains(c)
+                && !table.generated.contains(c)
+                && !table.always_identity.contains(c)
+        })
+        .cloned()
+        .collect()
 }
 
 /// A conflict to log in `pgferry.conflicts`.
