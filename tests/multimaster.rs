@@ -458,7 +458,8 @@ async fn update_delete_races_and_the_conflict_log() {
 }
 
 const COUNTERS_DDL: &str = r#"
-CREATE TABLE counters (id int PRIMARY KEY, per_node jsonb NOT NULL DEFAULT '{}', total int NOT NULL DEFAULT 0);
+CREATE TABLE counters (id int PRIMARY KEY, per_node jsonb NOT NULL DEFAULT '{}', total int NOT NULL DEFAULT 0,
+                       doubled int GENERATED ALWAYS AS (total * 2) STORED);
 -- A grow-only counter: each node increments its own entry; merging takes the larger count
 -- per node, so the merge is commutative, associative and idempotent.
 CREATE FUNCTION public.merge_counters(tbl text, l jsonb, r jsonb, lv jsonb, rv jsonb)
@@ -473,7 +474,8 @@ RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$
 $$;
 "#;
 
-/// Acceptance 6: a counter-merging resolver gives the merged value on every node.
+/// Acceptance 6: a counter-merging resolver gives the merged value on every node (a generated
+/// column computed from it, which the merged row leaves to the target).
 #[tokio::test(flavor = "multi_thread")]
 async fn custom_resolver_merges_counters() {
     let mut nodes = mesh(
@@ -509,6 +511,7 @@ async fn custom_resolver_merges_counters() {
     }
     for client in [&a, &b] {
         wait_row(client, "SELECT total FROM counters WHERE id = 1", Some(8)).await;
+        wait_row(client, "SELECT doubled FROM counters WHERE id = 1", Some(16)).await;
     }
     // The merged row's version is just above the greater input (it never moves back), and
     // the same on both nodes however many merges each made: (t, node + "+").

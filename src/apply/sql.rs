@@ -619,8 +619,16 @@ pub fn call_resolver(function: &str, schema: &str, table: &str) -> String {
     )
 }
 
-/// Writes a resolver's merged row over the live row. Parameters: the merged jsonb, then `key`.
-pub fn write_merged(schema: &str, table: &str, columns: &[&str], key: &[Typed<'_>]) -> String {
+/// Writes a resolver's merged row over the live row: `columns`, every column an update may
+/// set, from the table's description as of `natts` (checked, see [`same_shape`]). Parameters:
+/// the merged jsonb, then `key`.
+pub fn write_merged(
+    schema: &str,
+    table: &str,
+    columns: &[&str],
+    key: &[Typed<'_>],
+    natts: i16,
+) -> String {
     let cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
     let picked: Vec<String> = columns
         .iter()
@@ -628,10 +636,11 @@ pub fn write_merged(schema: &str, table: &str, columns: &[&str], key: &[Typed<'_
         .collect();
     let t = qualified(schema, table);
     format!(
-        "UPDATE ONLY {t} AS t SET ({}) = (SELECT {} FROM jsonb_populate_record(NULL::{t}, $1::jsonb) AS m) WHERE {}",
+        "UPDATE ONLY {t} AS t SET ({}) = (SELECT {} FROM jsonb_populate_record(NULL::{t}, $1::jsonb) AS m) WHERE {} AND {}",
         cols.join(", "),
         picked.join(", "),
-        typed_key_predicate("t", key, 2)
+        typed_key_predicate("t", key, 2),
+        same_shape(schema, table, natts),
     )
 }
 
@@ -1218,8 +1227,8 @@ mod tests {
             r#"SELECT ("app"."merge"($1::text, $2::jsonb, to_jsonb(jsonb_populate_record(NULL::"s"."t", $3::jsonb)), $4::jsonb, $5::jsonb))::text"#
         );
         assert_eq!(
-            write_merged("s", "t", &["v"], &key),
-            r#"UPDATE ONLY "s"."t" AS t SET ("v") = (SELECT m."v" FROM jsonb_populate_record(NULL::"s"."t", $1::jsonb) AS m) WHERE t."id" = $2::integer"#
+            write_merged("s", "t", &["v"], &key, 2),
+            r#"UPDATE ONLY "s"."t" AS t SET ("v") = (SELECT m."v" FROM jsonb_populate_record(NULL::"s"."t", $1::jsonb) AS m) WHERE t."id" = $2::integer AND (SELECT pgferry.same_shape('"s"."t"'::regclass, 2::int2))"#
         );
     }
 

@@ -874,7 +874,11 @@ impl Worker {
             .table
             .columns
             .iter()
-            .filter(|c| !p.table.key.contains(c) && !p.table.always_identity.contains(c))
+            .filter(|c| {
+                !p.table.key.contains(c)
+                    && !p.table.always_identity.contains(c)
+                    && !p.table.generated.contains(c)
+            })
             .cloned()
             .collect();
         if columns.is_empty() {
@@ -882,7 +886,13 @@ impl Worker {
         }
         let cols: Vec<&str> = columns.iter().map(String::as_str).collect();
         let key = p.key_typed();
-        let text = sql::write_merged(&p.change.schema, &p.change.table, &cols, &key);
+        let text = sql::write_merged(
+            &p.change.schema,
+            &p.change.table,
+            &cols,
+            &key,
+            p.table.natts,
+        );
         let stmt = self
             .cached(client, p, StatementKind::LwwMerged, Vec::new(), || text)
             .await?;
