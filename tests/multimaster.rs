@@ -511,7 +511,12 @@ async fn custom_resolver_merges_counters() {
     }
     for client in [&a, &b] {
         wait_row(client, "SELECT total FROM counters WHERE id = 1", Some(8)).await;
-        wait_row(client, "SELECT doubled FROM counters WHERE id = 1", Some(16)).await;
+        wait_row(
+            client,
+            "SELECT doubled FROM counters WHERE id = 1",
+            Some(16),
+        )
+        .await;
     }
     // The merged row's version is just above the greater input (it never moves back), and
     // the same on both nodes however many merges each made: (t, node + "+").

@@ -82,6 +82,11 @@ impl LwwRow {
             defaults: self.defaults.clone(),
         }
     }
+
+    /// Whether the row has the column set `c` (compared without copying it).
+    fn has_columns(&self, c: &Columns) -> bool {
+        self.after_columns == c.written && self.defaults == c.defaults
+    }
 }
 
 /// A change decided to be written, with what the probe found and the conflict to log if
@@ -276,13 +281,12 @@ impl Worker {
                 rest.push(row);
                 continue;
             }
-            let columns = row.columns();
             match batches
                 .iter_mut()
-                .find(|(lane, c, _)| *lane == row.lane && *c == columns)
+                .find(|(lane, c, _)| *lane == row.lane && row.has_columns(c))
             {
                 Some((_, _, batch)) => batch.push(row),
-                None => batches.push((row.lane, columns, vec![row])),
+                None => batches.push((row.lane, row.columns(), vec![row])),
             }
         }
         let mut runs = Vec::new();
@@ -386,13 +390,12 @@ impl Worker {
         let mut batches: Vec<(usize, bool, Columns, Vec<Decided>)> = Vec::new();
         for (deleting, list) in [(false, writes), (true, deletes)] {
             for (lane, d) in list {
-                let columns = d.row.columns();
                 match batches
                     .iter_mut()
-                    .find(|(l, del, c, _)| *l == lane && *del == deleting && *c == columns)
+                    .find(|(l, del, c, _)| *l == lane && *del == deleting && d.row.has_columns(c))
                 {
                     Some((_, _, _, ds)) => ds.push(d),
-                    None => batches.push((lane, deleting, columns, vec![d])),
+                    None => batches.push((lane, deleting, d.row.columns(), vec![d])),
                 }
             }
         }
@@ -858,6 +861,10 @@ pub(super) fn not_carried(
     written: &[String],
     unchanged_toast: &[String],
 ) -> Vec<String> {
+    if written.len() >= table.columns.len() {
+        // Every column (a change's columns are the table's, once admitted).
+        return Vec::new();
+    }
     table
         .columns
         .iter()
