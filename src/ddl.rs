@@ -88,6 +88,11 @@ EXCEPTION WHEN insufficient_privilege OR undefined_table OR undefined_column THE
     RETURN '{}';
 END
 $f$;
+-- `SET pgferry.capture_ddl = off` in a session: its schema changes stay on this database
+-- (the shadow still follows them, so later messages describe the table as it is).
+CREATE OR REPLACE FUNCTION pgferry.ddl_stays_local() RETURNS bool LANGUAGE sql STABLE AS $f$
+    SELECT lower(coalesce(current_setting('pgferry.capture_ddl', true), 'on')) IN ('off', 'false', '0', 'no')
+$f$;
 CREATE OR REPLACE FUNCTION pgferry.capture_ddl() RETURNS event_trigger LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
 DECLARE
@@ -165,6 +170,7 @@ BEGIN
              WHERE n IS NULL OR (n->>'name') <> (o->>'name')
             ON CONFLICT (table_name, old_name) DO UPDATE SET new_name = EXCLUDED.new_name, at = now();
         END IF;
+        IF NOT pgferry.ddl_stays_local() THEN
         PERFORM pg_logical_emit_message(true, 'pgferry.ddl', jsonb_build_object(
             'tag', r.command_tag, 'schema', r.nsp, 'table', r.rel,
             'old_schema', shadow.schema_name, 'old_table', shadow.table_name,
@@ -173,6 +179,7 @@ BEGIN
             'old_primary_key', shadow.primary_key, 'primary_key', pkey,
             'partition_by', CASE WHEN r.relkind = 'p' THEN pg_get_partkeydef(r.objid) END,
             'applied', applied)::text);
+        END IF;
         INSERT INTO pgferry.ddl_tables VALUES (r.objid, r.nsp, r.rel, cols, part, pkey)
             ON CONFLICT (relid) DO UPDATE SET schema_name = EXCLUDED.schema_name,
                 table_name = EXCLUDED.table_name, columns = EXCLUDED.columns,
@@ -192,9 +199,11 @@ BEGIN
                 AND d.schema_name NOT LIKE 'pg\_%'
     LOOP
         DELETE FROM pgferry.ddl_tables WHERE relid = r.objid;
-        PERFORM pg_logical_emit_message(true, 'pgferry.ddl', jsonb_build_object(
-            'tag', 'DROP TABLE', 'schema', r.schema_name, 'table', r.object_name,
-            'applied', applied)::text);
+        IF NOT pgferry.ddl_stays_local() THEN
+            PERFORM pg_logical_emit_message(true, 'pgferry.ddl', jsonb_build_object(
+                'tag', 'DROP TABLE', 'schema', r.schema_name, 'table', r.object_name,
+                'applied', applied)::text);
+        END IF;
     END LOOP;
 END
 $f$;
@@ -568,6 +577,78 @@ fn column_sql(c: &DdlColumn) -> String {
     sql
 }
 
+/// A target table as [`on_target`] sees it: its columns with their types (as `format_type`
+/// prints them, like the source's in a [`DdlColumn`]) and its primary key.
+#[derive(Debug, Clone, Copy)]
+pub struct TableShape<'a> {
+    /// Column names.
+    pub columns: &'a [String],
+    /// Their types, by column.
+    pub types: &'a [String],
+    /// Primary-key columns, in key order.
+    pub key: &'a [String],
+}
+
+impl TableShape<'_> {
+    fn type_of(&self, column: &str) -> Option<&str> {
+        let i = self.columns.iter().position(|c| c == column)?;
+        self.types.get(i).map(String::as_str)
+    }
+}
+
+/// What a target holds of one op, before it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OnTarget {
+    /// Run it.
+    Apply,
+    /// The target already is as the op makes it (the same change made there too: by hand on a
+    /// replica, or on two multi-master nodes while they were apart): skipped.
+    Already,
+    /// The target holds something the op cannot turn into what the source has: refused with
+    /// this reason, nothing changed.
+    Differs(String),
+}
+
+/// Whether the target table (`None`: it does not exist) already is as `op` makes it. Only
+/// what the table's shape shows for certain counts: a column already added with the same
+/// type, already dropped, already renamed (the old name gone, the new one there), already of
+/// the new type; a primary key already on the new columns; a table already there, or already
+/// gone. A column the op adds that exists with another type is a difference, reported rather
+/// than skipped (`ADD COLUMN IF NOT EXISTS` would leave the two schemas apart in silence).
+/// Everything else runs as before, and fails as before where it cannot.
+pub fn on_target(op: &DdlOp, table: Option<TableShape<'_>>) -> OnTarget {
+    let Some(t) = table else {
+        return match op {
+            DdlOp::DropTable => OnTarget::Already,
+            _ => OnTarget::Apply,
+        };
+    };
+    let has = |c: &str| t.columns.iter().any(|x| x == c);
+    match op {
+        DdlOp::CreateTable { .. } => OnTarget::Already,
+        DdlOp::AddColumn { column } => match t.type_of(&column.name) {
+            None => OnTarget::Apply,
+            Some(ty) if ty == column.type_name => OnTarget::Already,
+            Some(ty) => OnTarget::Differs(format!(
+                "column {} exists here as {ty}, and this change adds it as {}: the schemas \
+                 differ (the column added on two nodes at once, or by hand on the target); \
+                 make them agree by hand",
+                column.name, column.type_name
+            )),
+        },
+        DdlOp::DropColumn { name } if !has(name) => OnTarget::Already,
+        DdlOp::RenameColumn { from, to } if !has(from) && has(to) => OnTarget::Already,
+        DdlOp::AlterColumnType { name, type_name } if t.type_of(name) == Some(type_name) => {
+            OnTarget::Already
+        }
+        DdlOp::SetPrimaryKey { add: Some(k), .. } if k.columns.as_slice() == t.key => {
+            OnTarget::Already
+        }
+        DdlOp::SetPrimaryKey { add: None, .. } if t.key.is_empty() => OnTarget::Already,
+        _ => OnTarget::Apply,
+    }
+}
+
 /// The SQL that applies `op` to `schema.table` on a target. Type names must have been checked
 /// by the caller (see `apply::sql::is_safe_type_name`).
 pub fn to_sql(schema: &str, table: &str, op: &DdlOp) -> String {
@@ -762,6 +843,172 @@ pub fn type_names(op: &DdlOp) -> Vec<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A table of the model in [`ops_are_recognized_once_made`]: columns with types, key.
+    #[derive(Debug, Clone)]
+    struct Model {
+        columns: Vec<String>,
+        types: Vec<String>,
+        key: Vec<String>,
+    }
+
+    impl Model {
+        fn shape(&self) -> TableShape<'_> {
+            TableShape {
+                columns: &self.columns,
+                types: &self.types,
+                key: &self.key,
+            }
+        }
+
+        /// What the op does to the table, as PostgreSQL would.
+        fn apply(&mut self, op: &DdlOp) {
+            match op {
+                DdlOp::AddColumn { column } => {
+                    self.columns.push(column.name.clone());
+                    self.types.push(column.type_name.clone());
+                }
+                DdlOp::DropColumn { name } => {
+                    let i = self.columns.iter().position(|c| c == name).unwrap();
+                    self.columns.remove(i);
+                    self.types.remove(i);
+                    self.key.retain(|k| k != name);
+                }
+                DdlOp::RenameColumn { from, to } => {
+                    for c in self.columns.iter_mut().chain(self.key.iter_mut()) {
+                        if c == from {
+                            *c = to.clone();
+                        }
+                    }
+                }
+                DdlOp::AlterColumnType { name, type_name } => {
+                    let i = self.columns.iter().position(|c| c == name).unwrap();
+                    self.types[i] = type_name.clone();
+                }
+                DdlOp::SetPrimaryKey { add, .. } => {
+                    self.key = add.as_ref().map(|k| k.columns.clone()).unwrap_or_default();
+                }
+                _ => unreachable!("the model makes column and key changes only"),
+            }
+        }
+    }
+
+    const TYPES: [&str; 4] = ["integer", "bigint", "numeric(9,2)", "text"];
+
+    /// A random table and a random column or key change that changes it.
+    fn model_and_op() -> impl proptest::strategy::Strategy<Value = (Model, DdlOp)> {
+        use proptest::prelude::*;
+        (
+            proptest::collection::btree_map("[a-e]", 0..TYPES.len(), 1..5),
+            any::<u8>(),
+            any::<u8>(),
+            0..5u8,
+        )
+            .prop_map(|(columns, pick, ty, kind)| {
+                let (columns, types): (Vec<String>, Vec<String>) = columns
+                    .into_iter()
+                    .map(|(c, t)| (c, TYPES[t].to_owned()))
+                    .unzip();
+                let model = Model {
+                    key: vec![columns[0].clone()],
+                    columns,
+                    types,
+                };
+                let i = usize::from(pick) % model.columns.len();
+                let name = model.columns[i].clone();
+                let other_type = TYPES
+                    .iter()
+                    .find(|t| **t != model.types[i] && usize::from(ty) % 2 == 0)
+                    .or_else(|| TYPES.iter().rev().find(|t| **t != model.types[i]))
+                    .unwrap()
+                    .to_string();
+                let op = match kind {
+                    0 => DdlOp::AddColumn {
+                        column: DdlColumn {
+                            attnum: 9,
+                            name: format!("{name}_new"),
+                            type_name: TYPES[usize::from(ty) % TYPES.len()].to_owned(),
+                            not_null: false,
+                            default: None,
+                        },
+                    },
+                    1 => DdlOp::DropColumn { name },
+                    2 => DdlOp::RenameColumn {
+                        to: format!("{name}_renamed"),
+                        from: name,
+                    },
+                    3 => DdlOp::AlterColumnType {
+                        name,
+                        type_name: other_type,
+                    },
+                    _ => DdlOp::SetPrimaryKey {
+                        drop: Some(PrimaryKey {
+                            name: "t_pkey".into(),
+                            columns: model.key.clone(),
+                        }),
+                        // Another key: on the column, on all of them, or none at all.
+                        add: if model.key != [name.clone()] {
+                            Some(PrimaryKey {
+                                name: "t_pkey".into(),
+                                columns: vec![name],
+                            })
+                        } else if model.columns.len() > 1 {
+                            Some(PrimaryKey {
+                                name: "t_pkey".into(),
+                                columns: model.columns.clone(),
+                            })
+                        } else {
+                            None
+                        },
+                    },
+                };
+                (model, op)
+            })
+    }
+
+    proptest::proptest! {
+        /// A column or key change is applied where the target is as the source was before it,
+        /// and recognized as already made where the target is as the source is after it (the
+        /// same change made there too), so making it twice changes nothing.
+        #[test]
+        fn ops_are_recognized_once_made((before, op) in model_and_op()) {
+            proptest::prop_assert_eq!(on_target(&op, Some(before.shape())), OnTarget::Apply);
+            let mut after = before.clone();
+            after.apply(&op);
+            proptest::prop_assert_eq!(on_target(&op, Some(after.shape())), OnTarget::Already);
+        }
+    }
+
+    #[test]
+    fn a_column_added_with_another_type_is_a_difference() {
+        let model = Model {
+            columns: vec!["id".into(), "x".into()],
+            types: vec!["integer".into(), "text".into()],
+            key: vec!["id".into()],
+        };
+        let add = DdlOp::AddColumn {
+            column: col(3, "x", "integer"),
+        };
+        match on_target(&add, Some(model.shape())) {
+            OnTarget::Differs(why) => assert!(
+                why.contains("column x exists here as text") && why.contains("adds it as integer"),
+                "{why}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        // Missing tables: only a drop is already made; the rest runs (and fails as before).
+        assert_eq!(on_target(&DdlOp::DropTable, None), OnTarget::Already);
+        assert_eq!(on_target(&add, None), OnTarget::Apply);
+        let create = DdlOp::CreateTable {
+            columns: vec![col(1, "id", "integer")],
+            key: vec!["id".into()],
+            key_name: None,
+            partition_of: None,
+            partition_by: None,
+        };
+        assert_eq!(on_target(&create, Some(model.shape())), OnTarget::Already);
+        assert_eq!(on_target(&create, None), OnTarget::Apply);
+    }
 
     fn col(attnum: i32, name: &str, ty: &str) -> DdlColumn {
         DdlColumn {

@@ -122,6 +122,106 @@ async fn wait_same(m: &Client, r: &Client, table: &str, timeout: Duration) {
     .await
 }
 
+/// A master and its replica, both made from `ddl`, the master filled by `rows`, with capture
+/// and an applier running and the replica's `table` caught up.
+struct Pipeline {
+    master: String,
+    m: Client,
+    r: Client,
+    capture: Ferry,
+    applier: Ferry,
+}
+
+async fn replica_pipeline(label: &str, ddl: &str, rows: &str, table: &str) -> Pipeline {
+    let pg = PgCluster::shared();
+    let (master, m) = pg.fresh_db(label, ddl).await;
+    let (replica, r) = pg.fresh_db(&format!("{label}_r"), ddl).await;
+    m.batch_execute(rows).await.unwrap();
+    let capture = Ferry::capture(pg, &master, &broker().address(), "");
+    let applier = Ferry::applier(&master, &[pg.url(&replica)], &broker().address(), "");
+    capture.wait_ready().await;
+    wait_same(&m, &r, table, Duration::from_secs(60)).await;
+    Pipeline {
+        master,
+        m,
+        r,
+        capture,
+        applier,
+    }
+}
+
+/// `SET pgferry.capture_ddl = off` keeps a session's schema changes on the source (made on
+/// each database by hand instead, as with PGD's `bdr.ddl_replication = off`); the next
+/// captured change carries only itself (the trigger's shadow followed the local one). A
+/// change made by hand on the replica before the source makes it is recognized as already
+/// there and skipped; nothing is refused or dead-lettered, and the rows, values of the local
+/// column included, arrive.
+#[tokio::test(flavor = "multi_thread")]
+async fn local_and_hand_made_schema_changes() {
+    let Pipeline {
+        m,
+        r,
+        capture,
+        applier,
+        ..
+    } = replica_pipeline(
+        "ddllocal",
+        "CREATE TABLE items (id bigint PRIMARY KEY, v int NOT NULL)",
+        "INSERT INTO items SELECT g, g FROM generate_series(1, 100) g",
+        "items",
+    )
+    .await;
+    // Made on each database, kept local on the source.
+    let mine = "ALTER TABLE items ADD COLUMN mine text DEFAULT 'm'";
+    m.batch_execute(&format!(
+        "SET pgferry.capture_ddl = off; {mine}; RESET pgferry.capture_ddl"
+    ))
+    .await
+    .unwrap();
+    r.batch_execute(mine).await.unwrap();
+    // Made by hand on the replica first, then on the source (captured).
+    r.batch_execute("ALTER TABLE items ADD COLUMN shared int")
+        .await
+        .unwrap();
+    m.batch_execute(
+        "ALTER TABLE items ADD COLUMN shared int;
+         UPDATE items SET mine = 'x' || id, shared = id WHERE id % 2 = 0",
+    )
+    .await
+    .unwrap();
+    // Made on the source only.
+    m.batch_execute(
+        "ALTER TABLE items ADD COLUMN later bigint; UPDATE items SET later = id * 10000000000",
+    )
+    .await
+    .unwrap();
+    wait_same(&m, &r, "items", Duration::from_secs(60)).await;
+    assert_eq!(
+        capture.metric("pgferry_schema_changes_total", ""),
+        Some(2.0),
+        "only the captured changes are published"
+    );
+    let outcome = |o: &str| {
+        applier
+            .metric(
+                "pgferry_schema_changes_applied_total",
+                &format!("outcome=\"{o}\""),
+            )
+            .unwrap_or(0.0)
+    };
+    assert_eq!(
+        (outcome("applied"), outcome("already"), outcome("failed")),
+        (1.0, 1.0, 0.0),
+        "`later` applied, `shared` found already made, nothing refused"
+    );
+    assert_eq!(
+        applier
+            .metric("pgferry_apply_dead_letters_total", "")
+            .unwrap_or(0.0),
+        0.0
+    );
+}
+
 /// Runs the statements `next` makes (from a random source seeded with `seed`) against `db`,
 /// one every 3 ms, until `stop`; returns how many ran.
 fn spawn_writer(
@@ -288,23 +388,13 @@ async fn schema_changes_reach_the_replica_under_writes() {
 async fn schema_changes_reach_every_multi_master_node_once() {
     let seed = seed();
     eprintln!("seed {seed} (DDL_SEED)");
-    let clusters = [
-        PgCluster::shared_of_three(0),
-        PgCluster::shared_of_three(1),
-        PgCluster::shared_of_three(2),
-    ];
-    let nodes = mesh("mmddl", &clusters, KV_DDL, "", &broker().address()).await;
+    let (nodes, clients) = three_nodes("mmddl", KV_DDL).await;
     let writers = spawn_writers(
         &nodes,
         seed,
         Budget::Until(std::time::Instant::now() + Duration::from_secs(8)),
         50,
     );
-    let clients = [
-        nodes[0].client().await,
-        nodes[1].client().await,
-        nodes[2].client().await,
-    ];
     // Each change waits until it has reached the node that makes the next one.
     clients[0]
         .batch_execute("ALTER TABLE kv ADD COLUMN extra int")
@@ -344,24 +434,24 @@ async fn schema_changes_reach_every_multi_master_node_once() {
         seen.values().all(|c| *c == first),
         "columns differ: {seen:?}"
     );
-    // The filled values converged too.
-    let mut sums = Vec::new();
-    for c in &clients {
-        let sum = common::wait_for("extra2 filled", Duration::from_secs(60), || async {
-            let s: Option<i64> = c
-                .query_one("SELECT sum(extra2)::int8 FROM kv", &[])
-                .await
-                .ok()
-                .and_then(|r| r.get(0));
-            s.filter(|s| *s > 0)
-        })
-        .await;
-        sums.push(sum);
+    // The filled values reach every node (as the node that wrote them has them; with apply
+    // lanes, parts of one source transaction may become visible a moment apart).
+    async fn sum(c: &Client) -> Option<i64> {
+        c.query_one("SELECT sum(extra2)::int8 FROM kv", &[])
+            .await
+            .ok()
+            .and_then(|r| r.get(0))
     }
-    assert!(
-        sums.iter().all(|s| *s == sums[0]),
-        "extra2 differs across nodes: {sums:?}"
-    );
+    let written = sum(&clients[2]).await.filter(|s| *s > 0);
+    assert!(written.is_some(), "node 2 filled extra2");
+    for (node, c) in nodes.iter().zip(&clients) {
+        common::wait_for(
+            &format!("{}'s extra2 to sum to {written:?}", node.name),
+            Duration::from_secs(60),
+            || async { (sum(c).await == written).then_some(()) },
+        )
+        .await;
+    }
     each_change_applied_once(&nodes, &[1.0, 1.0, 1.0]).await;
 }
 
@@ -452,6 +542,22 @@ fn fill_statement(column: &str, ty: &str, step: usize, every: usize) -> String {
     )
 }
 
+/// Three multi-master nodes (the binary's shared clusters) with `ddl`, and a client of each.
+async fn three_nodes(label: &str, ddl: &str) -> (Vec<common::mesh::Node>, [Client; 3]) {
+    let clusters = [
+        PgCluster::shared_of_three(0),
+        PgCluster::shared_of_three(1),
+        PgCluster::shared_of_three(2),
+    ];
+    let nodes = mesh(label, &clusters, ddl, "", &broker().address()).await;
+    let clients = [
+        nodes[0].client().await,
+        nodes[1].client().await,
+        nodes[2].client().await,
+    ];
+    (nodes, clients)
+}
+
 /// Waits until `query` (a count) gives `want` on `c`.
 async fn wait_count(what: &str, c: &Client, query: &str, want: i64) {
     common::wait_for(what, Duration::from_secs(60), || async {
@@ -486,19 +592,22 @@ async fn let_go(gate: &Client) {
 /// refused, nothing dead-lettered.
 #[tokio::test(flavor = "multi_thread")]
 async fn random_schema_changes_reach_the_replica() {
-    let pg = PgCluster::shared();
     let seed = seed();
     eprintln!("seed {seed} (DDL_SEED)");
     let mut rng = Rng::new(seed ^ 0x5eed);
-    let (master, m) = pg.fresh_db("rddl", KV_DDL).await;
-    let (replica, r) = pg.fresh_db("rddl_r", KV_DDL).await;
-    m.batch_execute("INSERT INTO kv SELECT g, g, 'n' FROM generate_series(1, 1099) g")
-        .await
-        .unwrap();
-    let capture = Ferry::capture(pg, &master, &broker().address(), "");
-    let applier = Ferry::applier(&master, &[pg.url(&replica)], &broker().address(), "");
-    capture.wait_ready().await;
-    wait_same(&m, &r, "kv", Duration::from_secs(60)).await;
+    let Pipeline {
+        master,
+        m,
+        r,
+        capture,
+        applier,
+    } = replica_pipeline(
+        "rddl",
+        KV_DDL,
+        "INSERT INTO kv SELECT g, g, 'n' FROM generate_series(1, 1099) g",
+        "kv",
+    )
+    .await;
     let stop = Arc::new(AtomicBool::new(false));
     // The writer keeps to keys below 1000; the chain's values go to the rows above.
     let writer = spawn_writer(master.clone(), seed, stop.clone(), |rng| {
@@ -581,17 +690,7 @@ async fn rows_written_without_a_new_column_win_whole() {
     let seed = seed();
     eprintln!("seed {seed} (DDL_SEED)");
     let mut rng = Rng::new(seed);
-    let clusters = [
-        PgCluster::shared_of_three(0),
-        PgCluster::shared_of_three(1),
-        PgCluster::shared_of_three(2),
-    ];
-    let mut nodes = mesh("mmwhole", &clusters, KV_DDL, "", &broker().address()).await;
-    let clients = [
-        nodes[0].client().await,
-        nodes[1].client().await,
-        nodes[2].client().await,
-    ];
+    let (mut nodes, clients) = three_nodes("mmwhole", KV_DDL).await;
     const ROWS: i32 = 60;
     // (v, note, extra) of each key, as the oracle sees it; `extra` None is its DEFAULT.
     let mut model: BTreeMap<i32, (i32, String, Option<i64>)> = (1..=ROWS)
@@ -695,24 +794,187 @@ async fn rows_written_without_a_new_column_win_whole() {
     each_change_applied_once(&nodes, &made).await;
 }
 
+/// The same schema changes made on several multi-master nodes while they were apart (each
+/// device running the app's migration offline): each change is applied once on every node,
+/// recognized as already made where it was made too, and nothing is refused or
+/// dead-lettered. A random migration: per existing column kept, dropped, renamed or widened,
+/// new columns with and without a DEFAULT, filled by the migration too, in random order, one
+/// transaction or one per statement; run on a random two or three of the three nodes, all
+/// pgferrys down meanwhile and writers on every node. Every node ends with the migration's
+/// columns and the same rows; a node that did not run it applied each change exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_changes_made_on_nodes_apart_apply_once() {
+    let seed = seed();
+    eprintln!("seed {seed} (DDL_SEED)");
+    let mut rng = Rng::new(seed);
+    let ddl = format!(
+        "{KV_DDL}; ALTER TABLE kv ADD COLUMN c0 int, ADD COLUMN c1 int, ADD COLUMN c2 int, \
+         ADD COLUMN c3 int"
+    );
+    let (mut nodes, clients) = three_nodes("mmsame", &ddl).await;
+    run_step(
+        &clients[0],
+        "INSERT INTO kv (k, v, note, c0, c1, c2, c3)
+         SELECT g, g, 'still', g, g, g, g FROM generate_series(1000, 1049) g",
+    )
+    .await;
+    for c in &clients {
+        let still = "SELECT count(*) FROM kv WHERE k >= 1000";
+        wait_count("the still rows on every node", c, still, 50).await;
+    }
+    // The migration, and the columns it leaves.
+    let mut model: Vec<(String, &'static str)> = Vec::new();
+    let (mut steps, mut fills) = (Vec::new(), Vec::new());
+    for i in 0..4 {
+        let c = format!("c{i}");
+        match rng.range(0, 4) {
+            0 => model.push((c, "integer")),
+            1 => steps.push(format!("ALTER TABLE kv DROP COLUMN {c}")),
+            2 => {
+                steps.push(format!("ALTER TABLE kv RENAME COLUMN {c} TO r{i}"));
+                fills.push(format!("UPDATE kv SET r{i} = k + {i} WHERE k >= 1000"));
+                model.push((format!("r{i}"), "integer"));
+            }
+            _ => {
+                steps.push(format!("ALTER TABLE kv ALTER COLUMN {c} TYPE bigint"));
+                fills.push(format!(
+                    "UPDATE kv SET {c} = k * 10000000000 + {i} WHERE k >= 1000"
+                ));
+                model.push((c, "bigint"));
+            }
+        }
+    }
+    for j in 0..rng.range(1, 3) {
+        let default = if rng.chance(0.5) {
+            format!(" DEFAULT {}", j + 5)
+        } else {
+            String::new()
+        };
+        steps.push(format!("ALTER TABLE kv ADD COLUMN n{j} int{default}"));
+        if rng.chance(0.5) {
+            fills.push(format!("UPDATE kv SET n{j} = k * 7 + {j} WHERE k >= 1000"));
+        }
+    }
+    for i in (1..steps.len()).rev() {
+        steps.swap(i, rng.range(0, i as i64 + 1) as usize);
+    }
+    // New columns come last, in the order the migration adds them.
+    for step in &steps {
+        if let Some(rest) = step.strip_prefix("ALTER TABLE kv ADD COLUMN ") {
+            let name = rest.split(' ').next().unwrap_or_default();
+            model.push((name.to_owned(), "integer"));
+        }
+    }
+    let made_by = steps.len() as f64;
+    steps.extend(fills);
+    let mut runners: Vec<usize> = (0..3).filter(|_| rng.chance(0.5)).collect();
+    while runners.len() < 2 {
+        let n = rng.range(0, 3) as usize;
+        if !runners.contains(&n) {
+            runners.push(n);
+        }
+    }
+    let one_transaction = rng.chance(0.5);
+    eprintln!("migration on nodes {runners:?} (one transaction: {one_transaction}): {steps:#?}");
+    for node in nodes.iter_mut() {
+        node.ferry.kill9();
+    }
+    let writers = spawn_writers(
+        &nodes,
+        seed,
+        Budget::Until(std::time::Instant::now() + Duration::from_secs(6)),
+        50,
+    );
+    for &n in &runners {
+        tokio::time::sleep(Duration::from_millis(rng.range(0, 1500) as u64)).await;
+        if one_transaction {
+            run_step(&clients[n], &format!("BEGIN; {}; COMMIT", steps.join("; "))).await;
+        } else {
+            for step in &steps {
+                run_step(&clients[n], step).await;
+            }
+        }
+    }
+    let writes = join_writers(writers).await;
+    for node in nodes.iter_mut() {
+        node.ferry.restart();
+    }
+    for node in &nodes {
+        node.ferry.wait_streaming().await;
+    }
+    let mut writes = writes;
+    writes.extend((1000..1050).map(|key| Committed {
+        ts_us: 0,
+        node: String::new(),
+        key,
+        row: Some((key, Some("still".to_owned()))),
+    }));
+    wait_converged(&nodes, &writes, Duration::from_secs(120)).await;
+    let want = kv_columns(&model);
+    for (node, c) in nodes.iter().zip(&clients) {
+        common::wait_for(
+            &format!("{} to have the migration's columns {want:?}", node.name),
+            Duration::from_secs(60),
+            || async { (columns(c, "kv").await == want).then_some(()) },
+        )
+        .await;
+    }
+    common::wait_for(
+        "every node's kv to be equal",
+        Duration::from_secs(60),
+        || async {
+            let mut sums = Vec::new();
+            for c in &clients {
+                sums.push(try_table_checksum(c, "kv").await?);
+            }
+            sums.iter().all(|s| *s == sums[0]).then_some(())
+        },
+    )
+    .await;
+    // Each change applied exactly once everywhere: where it was made too, always already
+    // there; elsewhere, applied on its first arrival and already there on every other.
+    let runs = runners.len() as f64;
+    for (i, node) in nodes.iter().enumerate() {
+        let ran = runners.contains(&i);
+        let published = node.metric("pgferry_schema_changes_total", "");
+        assert_eq!(published, if ran { made_by } else { 0.0 }, "{}", node.name);
+        let from_others = made_by * (runs - if ran { 1.0 } else { 0.0 });
+        let count = |outcome: &str| {
+            node.metric(
+                "pgferry_schema_changes_applied_total",
+                &format!("outcome=\"{outcome}\""),
+            )
+        };
+        common::wait_for(
+            &format!("{} to take the others' changes", node.name),
+            Duration::from_secs(30),
+            || async { (count("applied") + count("already") == from_others).then_some(()) },
+        )
+        .await;
+        assert_eq!(
+            count("applied"),
+            if ran { 0.0 } else { made_by },
+            "{}: each change applied once",
+            node.name
+        );
+        assert_eq!(count("failed"), 0.0, "{}: nothing refused", node.name);
+        assert_eq!(
+            node.metric("pgferry_apply_dead_letters_total", ""),
+            0.0,
+            "{}: nothing dead-lettered",
+            node.name
+        );
+    }
+}
+
 /// See [`chains_of_schema_changes_across_nodes_converge`]; `away`: one node's pgferry is down
 /// during the chain.
 async fn schema_change_chain(label: &str, away: bool) {
     let seed = seed();
     eprintln!("seed {seed} (DDL_SEED)");
     let mut rng = Rng::new(seed);
-    let clusters = [
-        PgCluster::shared_of_three(0),
-        PgCluster::shared_of_three(1),
-        PgCluster::shared_of_three(2),
-    ];
     let ddl = format!("{KV_DDL}; CREATE TABLE gate (id int PRIMARY KEY, n int NOT NULL)");
-    let mut nodes = mesh(label, &clusters, &ddl, "", &broker().address()).await;
-    let clients = [
-        nodes[0].client().await,
-        nodes[1].client().await,
-        nodes[2].client().await,
-    ];
+    let (mut nodes, clients) = three_nodes(label, &ddl).await;
     // Rows the writers never touch (their keys are below 50), for the chain's own values,
     // which would otherwise be writes the writers' oracle does not know.
     clients[0]

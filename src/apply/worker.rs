@@ -1178,38 +1178,90 @@ impl Worker {
             let statement = crate::ddl::to_sql(&schema, &table, op);
             // The DDL's ACCESS EXCLUSIVE lock waits for other sessions' transactions on the
             // table (local writers, other nodes' workers) longer than a row change would; a
-            // lock conflict or deadlock replays the transaction like any other.
+            // lock conflict or deadlock replays the transaction like any other. The lock is
+            // taken before the table is looked at: another worker making the same change (the
+            // same schema change made on two nodes) has then committed it, and this one finds
+            // it made instead of making it a second time.
+            let target_name = crate::sql::qualified(&schema, &table);
             let run = async {
                 client
                     .batch_execute(&format!(
                         "SAVEPOINT pgferry_ddl; SELECT set_config('lock_timeout', '{DDL_LOCK_TIMEOUT}', true)"
                     ))
                     .await?;
-                let result = client.batch_execute(&statement).await;
-                if let Err(e) = &result {
+                let attempt = async {
+                    // Workers making a change to one table take turns (a table two of them
+                    // create is not there to lock yet).
+                    client
+                        .execute(
+                            "SELECT pg_advisory_xact_lock(hashtext('pgferry.ddl ' || $1))",
+                            &[&target_name],
+                        )
+                        .await?;
+                    let exists: bool = client
+                        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&target_name])
+                        .await?
+                        .get(0);
+                    if exists {
+                        client
+                            .batch_execute(&format!(
+                                "LOCK TABLE {target_name} IN ACCESS EXCLUSIVE MODE"
+                            ))
+                            .await?;
+                    }
+                    let described = target::describe(client, &schema, &table).await?;
+                    let shape = described.as_ref().map(|t| crate::ddl::TableShape {
+                        columns: &t.columns,
+                        types: &t.types,
+                        key: &t.key,
+                    });
+                    let present = crate::ddl::on_target(op, shape);
+                    if present == crate::ddl::OnTarget::Apply {
+                        client.batch_execute(&statement).await?;
+                    }
+                    Ok::<_, tokio_postgres::Error>(present)
+                }
+                .await;
+                if let Err(e) = &attempt {
                     if is_lock_conflict(e) {
-                        return Err(result.unwrap_err());
+                        return Err(attempt.unwrap_err());
                     }
                 }
+                let made = matches!(
+                    attempt,
+                    Ok(crate::ddl::OnTarget::Apply | crate::ddl::OnTarget::Already)
+                );
                 client
                     .batch_execute(&format!(
                         "{} SAVEPOINT pgferry_ddl; SET LOCAL lock_timeout TO DEFAULT",
-                        if result.is_ok() {
+                        if made {
                             "RELEASE"
                         } else {
                             "ROLLBACK TO SAVEPOINT pgferry_ddl; RELEASE"
                         }
                     ))
                     .await?;
-                Ok(result.err())
+                Ok(attempt)
             };
-            let refused = run
+            let attempt = run
                 .await
                 .map_err(ApplyError::sql("applying a schema change"))?;
-            let outcome = if refused.is_some() {
-                "failed"
-            } else {
-                "applied"
+            let (refused, already) = match attempt {
+                Ok(crate::ddl::OnTarget::Apply) => (None, false),
+                Ok(crate::ddl::OnTarget::Already) => (None, true),
+                Ok(crate::ddl::OnTarget::Differs(why)) => (Some(why), false),
+                Err(e) => (
+                    Some(format!(
+                        "refused by the target: {}",
+                        crate::error::ErrorChain(&e)
+                    )),
+                    false,
+                ),
+            };
+            let outcome = match (&refused, already) {
+                (Some(_), _) => "failed",
+                (None, true) => "already",
+                (None, false) => "applied",
             };
             self.metrics
                 .schema_changes_applied
@@ -1217,8 +1269,13 @@ impl Worker {
                 .inc();
             match refused {
                 None => {
-                    any_applied = true;
-                    tracing::info!(table = %name, %statement, "schema change applied");
+                    if already {
+                        tracing::info!(table = %name, %statement,
+                                       "schema change already made on the target; skipped");
+                    } else {
+                        any_applied = true;
+                        tracing::info!(table = %name, %statement, "schema change applied");
+                    }
                     let followed = match op {
                         crate::ddl::DdlOp::RenameColumn { from, to } => {
                             Some((from.clone(), Some(to.clone())))
@@ -1245,11 +1302,8 @@ impl Worker {
                         schema = to.clone();
                     }
                 }
-                Some(e) => {
-                    let reason = format!(
-                        "schema change of {name} refused by the target: {statement}: {}",
-                        crate::error::ErrorChain(&e)
-                    );
+                Some(why) => {
+                    let reason = format!("schema change of {name}: {statement}: {why}");
                     self.bad_message(client, message, &reason).await?;
                 }
             }

@@ -260,7 +260,7 @@ impl Metrics {
             schema_changes_applied: counter_vec(
                 r,
                 "pgferry_schema_changes_applied_total",
-                "Schema changes applied to targets, by outcome (applied, failed).",
+                "Schema changes applied to targets, by outcome (applied; already: the target had it; failed: dead-lettered).",
                 &["table", "outcome"],
             ),
             ready: gauge(
