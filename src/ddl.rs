@@ -388,6 +388,15 @@ pub enum DdlOp {
         /// Whether it is NOT NULL now.
         not_null: bool,
     },
+    /// A column's default set or dropped. Targets copy a constant one only (see
+    /// [`is_constant_default`]).
+    SetDefault {
+        /// The column.
+        name: String,
+        /// The default expression (`pg_get_expr`); none: dropped.
+        #[serde(default)]
+        default: Option<String>,
+    },
     /// The primary key was added, dropped or changed: targets drop the constraint named
     /// `drop` (if they have it) and add `add`.
     SetPrimaryKey {
@@ -470,6 +479,12 @@ pub fn diff(message: &TriggerMessage) -> Vec<DdlOp> {
             ops.push(DdlOp::SetNotNull {
                 name: new.name.clone(),
                 not_null: new.not_null,
+            });
+        }
+        if old.default != new.default {
+            ops.push(DdlOp::SetDefault {
+                name: new.name.clone(),
+                default: new.default.clone(),
             });
         }
     }
@@ -706,6 +721,16 @@ pub fn to_sql(schema: &str, table: &str, op: &DdlOp) -> String {
             "ALTER TABLE {t} ALTER COLUMN {c} TYPE {type_name} USING {c}::{type_name}",
             c = quote_ident(name)
         ),
+        DdlOp::SetDefault { name, default } => match default {
+            Some(d) => format!(
+                "ALTER TABLE {t} ALTER COLUMN {} SET DEFAULT {d}",
+                quote_ident(name)
+            ),
+            None => format!(
+                "ALTER TABLE {t} ALTER COLUMN {} DROP DEFAULT",
+                quote_ident(name)
+            ),
+        },
         DdlOp::SetNotNull { name, not_null } => format!(
             "ALTER TABLE {t} ALTER COLUMN {} {} NOT NULL",
             quote_ident(name),
@@ -826,6 +851,17 @@ pub fn is_safe_partition_clause(clause: &str) -> bool {
         }
     }
     any
+}
+
+/// A default an op would set that targets do not copy: anything but a constant (see
+/// [`is_constant_default`]), so that no expression from the stream runs on a target.
+pub fn uncopied_default(op: &DdlOp) -> Option<&str> {
+    match op {
+        DdlOp::SetDefault {
+            default: Some(d), ..
+        } if !is_constant_default(d) => Some(d),
+        _ => None,
+    }
 }
 
 /// Type names an op asks the target to resolve.
@@ -977,6 +1013,52 @@ mod tests {
             after.apply(&op);
             proptest::prop_assert_eq!(on_target(&op, Some(after.shape())), OnTarget::Already);
         }
+    }
+
+    #[test]
+    fn a_default_set_or_dropped_travels_and_only_a_constant_is_copied() {
+        let with = |default: Option<&str>| DdlColumn {
+            default: default.map(str::to_owned),
+            ..col(2, "n", "integer")
+        };
+        let set = diff(&alter(vec![with(None)], vec![with(Some("5"))]));
+        assert_eq!(
+            set,
+            [DdlOp::SetDefault {
+                name: "n".into(),
+                default: Some("5".into())
+            }]
+        );
+        assert_eq!(
+            to_sql("s", "t", &set[0]),
+            r#"ALTER TABLE "s"."t" ALTER COLUMN "n" SET DEFAULT 5"#
+        );
+        assert_eq!(uncopied_default(&set[0]), None);
+        let dropped = diff(&alter(vec![with(Some("5"))], vec![with(None)]));
+        assert_eq!(
+            to_sql("s", "t", &dropped[0]),
+            r#"ALTER TABLE "s"."t" ALTER COLUMN "n" DROP DEFAULT"#
+        );
+        let clock = diff(&alter(vec![with(None)], vec![with(Some("now()"))]));
+        assert_eq!(uncopied_default(&clock[0]), Some("now()"));
+        // On the stream as `{"op":"set_default","name","default"}`.
+        let json = serde_json::to_value(&set[0]).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"op": "set_default", "name": "n", "default": "5"})
+        );
+        // A rename keeps its default: no op for it.
+        let renamed = DdlColumn {
+            name: "m".into(),
+            ..with(Some("5"))
+        };
+        assert_eq!(
+            diff(&alter(vec![with(Some("5"))], vec![renamed])),
+            [DdlOp::RenameColumn {
+                from: "n".into(),
+                to: "m".into()
+            }]
+        );
     }
 
     #[test]

@@ -35,6 +35,23 @@ fn seed() -> u64 {
         })
 }
 
+/// Column names and their defaults (as `pg_get_expr` prints them) of a table, in order.
+async fn defaults(c: &Client, table: &str) -> Vec<(String, Option<String>)> {
+    c.query(
+        "SELECT a.attname::text, pg_get_expr(d.adbin, d.adrelid)
+           FROM pg_attribute a
+           LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+          WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped
+          ORDER BY a.attnum",
+        &[&table],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
 /// Column names and types of a table, in order.
 async fn columns(c: &Client, table: &str) -> Vec<(String, String)> {
     c.query(
@@ -452,7 +469,26 @@ async fn schema_changes_reach_every_multi_master_node_once() {
         )
         .await;
     }
-    each_change_applied_once(&nodes, &[1.0, 1.0, 1.0]).await;
+    // A DEFAULT set on one node is every node's DEFAULT.
+    run_step(
+        &clients[0],
+        "ALTER TABLE kv ALTER COLUMN extra2 SET DEFAULT 7",
+    )
+    .await;
+    let want = defaults(&clients[0], "kv").await;
+    assert!(
+        want.contains(&("extra2".to_owned(), Some("7".to_owned()))),
+        "{want:?}"
+    );
+    for (node, c) in nodes.iter().zip(&clients) {
+        common::wait_for(
+            &format!("{}'s defaults to be {want:?}", node.name),
+            Duration::from_secs(60),
+            || async { (defaults(c, "kv").await == want).then_some(()) },
+        )
+        .await;
+    }
+    each_change_applied_once(&nodes, &[2.0, 1.0, 1.0]).await;
 }
 
 /// The columns of `kv` with the extra ones of `model` after the test's own.
@@ -466,7 +502,9 @@ fn kv_columns(model: &[(String, &'static str)]) -> Vec<(String, String)> {
 
 /// One random schema change of `kv`'s extra columns (never the writers' `k`, `v`, `note`),
 /// applied to `model`: ADD COLUMN (with a constant default or none), ALTER COLUMN TYPE
-/// (integer → bigint → numeric), RENAME COLUMN, DROP COLUMN. With `retired` (names dropped
+/// (integer → bigint → numeric), RENAME COLUMN, DROP COLUMN, SET or DROP DEFAULT (defaults
+/// are not in the model: compare them with [`defaults`]; only with `with_defaults`, see
+/// [`schema_change_chain`]). With `retired` (names dropped
 /// or renamed away so far), a new or renamed column sometimes takes one of those names again.
 /// Returns the statement and the column it changed, unless it dropped it.
 fn random_schema_change(
@@ -474,6 +512,7 @@ fn random_schema_change(
     model: &mut Vec<(String, &'static str)>,
     mut retired: Option<&mut Vec<String>>,
     step: usize,
+    with_defaults: bool,
 ) -> (String, Option<usize>) {
     let new_name = match retired.as_deref_mut() {
         Some(names) if !names.is_empty() && rng.chance(0.4) => {
@@ -481,7 +520,11 @@ fn random_schema_change(
         }
         _ => format!("c{step}"),
     };
-    let pick = if model.is_empty() { 0 } else { rng.range(0, 4) };
+    let pick = match (model.is_empty(), with_defaults) {
+        (true, _) => 0,
+        (false, true) => rng.range(0, 5),
+        (false, false) => rng.range(0, 4),
+    };
     let at = if model.is_empty() {
         0
     } else {
@@ -504,6 +547,15 @@ fn random_schema_change(
             if let Some(names) = retired {
                 names.push(old);
             }
+            (sql, Some(at))
+        }
+        4 => {
+            let default = if rng.chance(0.6) {
+                format!("SET DEFAULT {step}")
+            } else {
+                "DROP DEFAULT".to_owned()
+            };
+            let sql = format!("ALTER TABLE kv ALTER COLUMN {} {default}", model[at].0);
             (sql, Some(at))
         }
         3 if model.len() > 1 => {
@@ -623,7 +675,7 @@ async fn random_schema_changes_reach_the_replica() {
     let mut chain = Vec::new();
     for step in 0..12 {
         let (change, changed) =
-            random_schema_change(&mut rng, &mut model, Some(&mut retired), step);
+            random_schema_change(&mut rng, &mut model, Some(&mut retired), step, true);
         run_step(&m, &change).await;
         chain.push(change);
         if let Some((column, ty)) = changed.map(|i| &model[i]).filter(|_| rng.chance(0.7)) {
@@ -642,6 +694,7 @@ async fn random_schema_changes_reach_the_replica() {
     );
     wait_same(&m, &r, "kv", Duration::from_secs(60)).await;
     assert_eq!(columns(&r, "kv").await, kv_columns(&model));
+    assert_eq!(defaults(&r, "kv").await, defaults(&m, "kv").await);
     assert_eq!(
         applier.metric("pgferry_schema_changes_applied_total", "outcome=\"failed\""),
         None,
@@ -968,7 +1021,9 @@ async fn the_same_changes_made_on_nodes_apart_apply_once() {
 }
 
 /// See [`chains_of_schema_changes_across_nodes_converge`]; `away`: one node's pgferry is down
-/// during the chain.
+/// during the chain. The chain changes no DEFAULT: a row written without a column takes the
+/// column's DEFAULT where it is applied, which is not what the ADD COLUMN gave it on its own
+/// node once the DEFAULT changed since (a known limit, in the README).
 async fn schema_change_chain(label: &str, away: bool) {
     let seed = seed();
     eprintln!("seed {seed} (DDL_SEED)");
@@ -1064,7 +1119,7 @@ async fn schema_change_chain(label: &str, away: bool) {
         let next = pick_next(&mut rng, at);
         let third = 3 - at - next;
         hold_back(&gates[third], &clients[at]).await;
-        let (change, changed) = random_schema_change(&mut rng, &mut model, None, step);
+        let (change, changed) = random_schema_change(&mut rng, &mut model, None, step, false);
         run_step(&clients[at], &change).await;
         made[at] += 1.0;
         chain.push(format!("{}: {change}", nodes[at].name));

@@ -1354,6 +1354,13 @@ impl Worker {
         if let crate::ddl::DdlOp::SetSchema { to } = op {
             return admit::admit_relation(to, table);
         }
+        if let Some(default) = crate::ddl::uncopied_default(op) {
+            return Some(format!(
+                "the default {default:?} is not a constant, and pgferry copies constant \
+                 defaults only (no expression from the stream runs here); set it on the \
+                 target by hand"
+            ));
+        }
         None
     }
 
