@@ -761,13 +761,19 @@ async fn partitioned_tables_are_refused_not_left_to_diverge() {
                CREATE TABLE kv_all PARTITION OF kv DEFAULT;";
     let label = "mmpartstart";
     let (db, _) = cluster(0).fresh_db(label, ddl).await;
+    refused_at_start(label, &db, "public.kv is a partitioned table").await;
+}
+
+/// Starts a node of `label` on database `db` (of cluster 0) and waits for `said` in its log;
+/// it must not report ready.
+async fn refused_at_start(label: &str, db: &str, said: &str) {
     let port = common::free_port();
     let yaml = common::mesh::node_config(
         label,
         &format!("{label}0"),
         &[format!("{label}1")],
         cluster(0),
-        &db,
+        db,
         port,
         "",
         &broker().address(),
@@ -776,18 +782,28 @@ async fn partitioned_tables_are_refused_not_left_to_diverge() {
     wait_for(
         "the refusal in the log",
         Duration::from_secs(60),
-        || async {
-            ferry
-                .log()
-                .contains("public.kv is a partitioned table")
-                .then_some(())
-        },
+        || async { ferry.log().contains(said).then_some(()) },
     )
     .await;
     assert!(
         !matches!(ferry.http_get("/readyz"), Some((200, _))),
-        "a node refusing its tables must not report ready"
+        "a node refusing to start must not report ready"
     );
+}
+
+/// A multi-master node whose publication lists columns (PostgreSQL 15 column lists) is
+/// refused at start, naming the publication and the tables: its rows would travel without
+/// some columns, and the other nodes, which write each row whole, would reset those.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publication_with_column_lists_is_refused() {
+    let label = "mmcollist";
+    let (db, client) = cluster(0).fresh_db(label, KV_DDL).await;
+    client
+        .batch_execute(&format!("CREATE PUBLICATION pub_{db} FOR TABLE kv (k, v)"))
+        .await
+        .unwrap();
+    let said = format!("publication pub_{db} publishes only some columns of public.kv");
+    refused_at_start(label, &db, &said).await;
 }
 
 /// Identity keys in multi-master: on every node the table's key is `GENERATED ALWAYS AS

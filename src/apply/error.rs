@@ -97,6 +97,15 @@ pub enum ApplyError {
         /// Its commit LSN the target must have applied.
         lsn: crate::lsn::Lsn,
     },
+    /// A multi-master node's publication lists columns (PostgreSQL 15 column lists): its rows
+    /// would travel without some columns, and the other nodes write each row whole.
+    #[error("publication {publication} publishes only some columns of {tables}: multi-master writes each row whole, so the other nodes would reset the columns it leaves out to their DEFAULT; publish whole tables (ALTER PUBLICATION {publication} SET TABLE … without column lists) and restart pgferry")]
+    ColumnList {
+        /// The node's publication.
+        publication: String,
+        /// The tables it publishes with column lists, comma-separated.
+        tables: String,
+    },
     /// A change carries a column the target table does not have.
     #[error("column {column} of {table} does not exist on the target: add it there (ALTER TABLE {table} ADD COLUMN ...) and pgferry resumes")]
     ColumnMissing {
@@ -169,7 +178,8 @@ impl Classify for ApplyError {
             ApplyError::ColumnMissing { .. } => ErrorClass::Transient,
             ApplyError::BadMessage { .. }
             | ApplyError::Gap { .. }
-            | ApplyError::HorizonPassed { .. } => ErrorClass::Fatal,
+            | ApplyError::HorizonPassed { .. }
+            | ApplyError::ColumnList { .. } => ErrorClass::Fatal,
             ApplyError::Contention { .. }
             | ApplyError::SchemaChangeWaits { .. }
             | ApplyError::Stalled { .. }

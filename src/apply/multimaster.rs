@@ -627,8 +627,18 @@ pub async fn collect(
     })
 }
 
+/// Tables a publication publishes with a column list (`$1`: its name).
+const PARTIAL_TABLES: &str = "SELECT n.nspname || '.' || c.relname
+       FROM pg_publication p
+       JOIN pg_publication_rel r ON r.prpubid = p.oid
+       JOIN pg_class c ON c.oid = r.prrelid
+       JOIN pg_namespace n ON n.oid = c.relnamespace
+      WHERE p.pubname = $1 AND r.prattrs IS NOT NULL
+      ORDER BY 1";
+
 /// Connects to a multi-master node's database, prepares it ([`prepare_node`]) and adds the
-/// version store to the node's publication.
+/// version store to the node's publication. Refuses a publication with column lists
+/// ([`ApplyError::ColumnList`]): the other nodes write each row whole.
 pub async fn setup(
     target: &TargetConfig,
     node: &str,
@@ -647,6 +657,19 @@ pub async fn setup(
         .map_err(ApplyError::sql(
             "adding pgferry.versions to the node's publication",
         ))?;
+    let partial: Vec<String> = client
+        .query(PARTIAL_TABLES, &[&publication])
+        .await
+        .map_err(ApplyError::sql("reading the publication's column lists"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if !partial.is_empty() {
+        return Err(ApplyError::ColumnList {
+            publication: publication.to_owned(),
+            tables: partial.join(", "),
+        });
+    }
     tracing::info!(tables = ?prepared, "multi-master tables prepared");
     if !keyless.is_empty() {
         tracing::warn!(tables = ?keyless,
