@@ -364,7 +364,8 @@ async fn check_warns_before_an_idle_slot_loses_wal() {
 
 /// Issue 11 (lanes): a multi-master target whose cluster cannot track every replication origin
 /// the workers would use (one per source node, plus one per extra lane, beside those that
-/// exist) is reported with the number needed; with lanes that fit, it is not.
+/// exist) is reported with the number needed; with lanes that fit, it is not. A multi-master
+/// node's publication with column lists is reported too.
 #[tokio::test(flavor = "multi_thread")]
 async fn check_reports_too_few_origin_states_for_lanes() {
     let pg = PgCluster::start(&[("max_replication_slots", "5")]);
@@ -394,4 +395,18 @@ async fn check_reports_too_few_origin_states_for_lanes() {
     // 2 nodes x 2 lanes = 4, with the existing one 5: fits.
     let report = text(&check(&yaml(2), &[]));
     assert!(!report.contains("replication origins"), "{report}");
+    assert!(!report.contains("column lists"), "{report}");
+    // A publication that leaves columns out (the node would refuse it at start).
+    c.batch_execute(
+        "ALTER TABLE kv ADD COLUMN v int, ADD COLUMN w int;
+         CREATE PUBLICATION pgferry FOR TABLE kv (k, v)",
+    )
+    .await
+    .unwrap();
+    let report = text(&check(&yaml(2), &[]));
+    assert!(
+        report.contains("publication pgferry publishes only some columns of public.kv")
+            && report.contains(r#"ALTER PUBLICATION "pgferry" SET TABLE"#),
+        "{report}"
+    );
 }

@@ -628,7 +628,7 @@ pub async fn collect(
 }
 
 /// Tables a publication publishes with a column list (`$1`: its name).
-const PARTIAL_TABLES: &str = "SELECT n.nspname || '.' || c.relname
+pub const PARTIAL_TABLES: &str = "SELECT n.nspname || '.' || c.relname
        FROM pg_publication p
        JOIN pg_publication_rel r ON r.prpubid = p.oid
        JOIN pg_class c ON c.oid = r.prrelid

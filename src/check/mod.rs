@@ -74,7 +74,7 @@ async fn check_source(config: &Config, source: &SourceConfig, problems: &mut Vec
             "grant the pgferry role read access to pg_catalog (the default)",
         ));
     }
-    if let Err(e) = check_tables(&client, source, problems).await {
+    if let Err(e) = check_tables(&client, config, source, problems).await {
         problems.push(problem(
             format!(
                 "cannot list tables on source {target}: {}",
@@ -274,9 +274,11 @@ async fn check_slot_retention(
 }
 
 /// Tables that will be published: the publication's, if it exists; else the configured list;
-/// else every user table (FOR ALL TABLES).
+/// else every user table (FOR ALL TABLES). In multi-master, also a publication that lists
+/// columns (the node refuses it at start).
 async fn check_tables(
     client: &Client,
+    config: &Config,
     source: &SourceConfig,
     problems: &mut Vec<Problem>,
 ) -> Result<(), tokio_postgres::Error> {
@@ -302,6 +304,34 @@ async fn check_tables(
             &[&source.publication, &source.tables],
         )
         .await?;
+    let multi_master = config
+        .apply
+        .as_ref()
+        .is_some_and(|a| a.mode == ApplyMode::MultiMaster);
+    if multi_master {
+        let partial: Vec<String> = client
+            .query(
+                crate::apply::multimaster::PARTIAL_TABLES,
+                &[&source.publication],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if !partial.is_empty() {
+            let publication = crate::sql::quote_ident(&source.publication);
+            problems.push(problem(
+                format!(
+                    "publication {} publishes only some columns of {} (column lists): \
+                     multi-master writes each row whole, so the other nodes would reset the \
+                     columns left out, and the node refuses to start",
+                    source.publication,
+                    partial.join(", ")
+                ),
+                format!("publish whole tables: ALTER PUBLICATION {publication} SET TABLE … without column lists"),
+            ));
+        }
+    }
     for r in rows {
         let (schema, table, ident): (String, String, String) = (r.get(0), r.get(1), r.get(2));
         let (has_pk, has_index): (bool, bool) = (r.get(3), r.get(4));
