@@ -627,14 +627,26 @@ pub async fn collect(
     })
 }
 
-/// Tables a publication publishes with a column list (`$1`: its name).
-pub const PARTIAL_TABLES: &str = "SELECT n.nspname || '.' || c.relname
-       FROM pg_publication p
-       JOIN pg_publication_rel r ON r.prpubid = p.oid
-       JOIN pg_class c ON c.oid = r.prrelid
-       JOIN pg_namespace n ON n.oid = c.relnamespace
-      WHERE p.pubname = $1 AND r.prattrs IS NOT NULL
-      ORDER BY 1";
+/// The tables `publication` publishes with a column list (`schema.table`), which a
+/// multi-master node refuses ([`ApplyError::ColumnList`]; `pgferry check` reports them).
+pub async fn partial_tables(
+    client: &Client,
+    publication: &str,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT n.nspname || '.' || c.relname
+               FROM pg_publication p
+               JOIN pg_publication_rel r ON r.prpubid = p.oid
+               JOIN pg_class c ON c.oid = r.prrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE p.pubname = $1 AND r.prattrs IS NOT NULL
+              ORDER BY 1",
+            &[&publication],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
 
 /// Connects to a multi-master node's database, prepares it ([`prepare_node`]) and adds the
 /// version store to the node's publication. Refuses a publication with column lists
@@ -657,13 +669,9 @@ pub async fn setup(
         .map_err(ApplyError::sql(
             "adding pgferry.versions to the node's publication",
         ))?;
-    let partial: Vec<String> = client
-        .query(PARTIAL_TABLES, &[&publication])
+    let partial = partial_tables(&client, publication)
         .await
-        .map_err(ApplyError::sql("reading the publication's column lists"))?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .map_err(ApplyError::sql("reading the publication's column lists"))?;
     if !partial.is_empty() {
         return Err(ApplyError::ColumnList {
             publication: publication.to_owned(),

@@ -108,6 +108,26 @@ struct StatementKey {
     defaults: Vec<String>,
 }
 
+impl StatementKey {
+    /// The key of a statement that writes or reads `columns` of a table, comparing and
+    /// defaulting none besides.
+    fn new(
+        schema: impl Into<String>,
+        table: impl Into<String>,
+        kind: StatementKind,
+        columns: Vec<String>,
+    ) -> StatementKey {
+        StatementKey {
+            schema: schema.into(),
+            table: table.into(),
+            kind,
+            columns,
+            compared: Vec::new(),
+            defaults: Vec::new(),
+        }
+    }
+}
+
 /// A source transaction boundary that is complete in the open target transaction.
 #[derive(Debug, Clone, Copy)]
 struct Completed {
@@ -1246,22 +1266,17 @@ impl Worker {
             let attempt = run
                 .await
                 .map_err(ApplyError::sql("applying a schema change"))?;
-            let (refused, already) = match attempt {
-                Ok(crate::ddl::OnTarget::Apply) => (None, false),
-                Ok(crate::ddl::OnTarget::Already) => (None, true),
-                Ok(crate::ddl::OnTarget::Differs(why)) => (Some(why), false),
+            let (outcome, refused) = match attempt {
+                Ok(crate::ddl::OnTarget::Apply) => ("applied", None),
+                Ok(crate::ddl::OnTarget::Already) => ("already", None),
+                Ok(crate::ddl::OnTarget::Differs(why)) => ("failed", Some(why)),
                 Err(e) => (
+                    "failed",
                     Some(format!(
                         "refused by the target: {}",
                         crate::error::ErrorChain(&e)
                     )),
-                    false,
                 ),
-            };
-            let outcome = match (&refused, already) {
-                (Some(_), _) => "failed",
-                (None, true) => "already",
-                (None, false) => "applied",
             };
             self.metrics
                 .schema_changes_applied
@@ -1269,7 +1284,7 @@ impl Worker {
                 .inc();
             match refused {
                 None => {
-                    if already {
+                    if outcome == "already" {
                         tracing::info!(table = %name, %statement,
                                        "schema change already made on the target; skipped");
                     } else {
@@ -2021,14 +2036,7 @@ impl Worker {
             StatementKind::DeleteMatching => sql::delete_one_matching(schema, name, &cols),
             _ => sql::truncate(schema, name),
         };
-        let stmt_key = StatementKey {
-            schema: schema.to_owned(),
-            table: name.to_owned(),
-            kind,
-            columns: columns.to_vec(),
-            compared: Vec::new(),
-            defaults: Vec::new(),
-        };
+        let stmt_key = StatementKey::new(schema, name, kind, columns.to_vec());
         let stmt = self.statement(client, stmt_key.clone(), text).await?;
         self.last_statement = Some((stmt_key, stmt.clone()));
         Ok(stmt)
@@ -2173,14 +2181,12 @@ impl Worker {
                 RowWrite::Delete => sql::delete_rows(&group.schema, &group.table, &typed),
             };
             let width = group.columns.len();
-            let key = StatementKey {
-                schema: group.schema,
-                table: group.table,
-                kind: StatementKind::Rows(group.write),
-                columns: group.columns,
-                compared: Vec::new(),
-                defaults: Vec::new(),
-            };
+            let key = StatementKey::new(
+                group.schema,
+                group.table,
+                StatementKind::Rows(group.write),
+                group.columns,
+            );
             let stmt = self.statement(client, key, || text).await?;
             let arrays = plan::columns_of(rows, width);
             pending.send(Box::pin(

@@ -309,15 +309,8 @@ async fn check_tables(
         .as_ref()
         .is_some_and(|a| a.mode == ApplyMode::MultiMaster);
     if multi_master {
-        let partial: Vec<String> = client
-            .query(
-                crate::apply::multimaster::PARTIAL_TABLES,
-                &[&source.publication],
-            )
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let partial =
+            crate::apply::multimaster::partial_tables(client, &source.publication).await?;
         if !partial.is_empty() {
             let publication = crate::sql::quote_ident(&source.publication);
             problems.push(problem(

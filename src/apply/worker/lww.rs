@@ -482,12 +482,8 @@ impl Worker {
             (StatementKind::LwwWrite, text)
         };
         let key = StatementKey {
-            schema: schema.clone(),
-            table: table.clone(),
-            kind,
-            columns: columns.clone(),
-            compared: Vec::new(),
             defaults,
+            ..StatementKey::new(schema.as_str(), table.as_str(), kind, columns.clone())
         };
         let stmt = self.statement(client, key, || text).await?;
         // Columns taken from the old image keep its JSON-null marks.
@@ -527,14 +523,12 @@ impl Worker {
         columns: Vec<String>,
         text: impl FnOnce() -> String,
     ) -> Result<Statement, ApplyError> {
-        let key = StatementKey {
-            schema: p.change.schema.clone(),
-            table: p.change.table.clone(),
+        let key = StatementKey::new(
+            p.change.schema.as_str(),
+            p.change.table.as_str(),
             kind,
             columns,
-            compared: Vec::new(),
-            defaults: Vec::new(),
-        };
+        );
         self.statement(client, key, text).await
     }
 

@@ -542,14 +542,12 @@ impl Worker {
         let key = typed(table, &table.key);
         let before = typed(table, &group.before);
         let text = || sql::probe_rows(&group.schema, &group.table, &key, &before);
-        let statement_key = StatementKey {
-            schema: group.schema.clone(),
-            table: group.table.clone(),
-            kind: StatementKind::LwwProbeRows,
-            columns: group.before.clone(),
-            compared: Vec::new(),
-            defaults: Vec::new(),
-        };
+        let statement_key = StatementKey::new(
+            group.schema.as_str(),
+            group.table.as_str(),
+            StatementKind::LwwProbeRows,
+            group.before.clone(),
+        );
         self.lane_statement(lane, client, statement_key, text).await
     }
 
@@ -585,12 +583,13 @@ impl Worker {
             (StatementKind::LwwWriteRows, text)
         };
         let statement_key = StatementKey {
-            schema: group.schema.clone(),
-            table: group.table.clone(),
-            kind,
-            columns: columns.written.clone(),
-            compared: Vec::new(),
             defaults: columns.defaults.clone(),
+            ..StatementKey::new(
+                group.schema.as_str(),
+                group.table.as_str(),
+                kind,
+                columns.written.clone(),
+            )
         };
         self.lane_statement(lane, client, statement_key, || text)
             .await
@@ -622,12 +621,14 @@ impl Worker {
             whole,
         );
         let statement_key = StatementKey {
-            schema: group.schema.clone(),
-            table: group.table.clone(),
-            kind: StatementKind::LwwCleanUpdateRows,
-            columns: columns.written.clone(),
             compared: group.before.clone(),
             defaults: columns.defaults.clone(),
+            ..StatementKey::new(
+                group.schema.as_str(),
+                group.table.as_str(),
+                StatementKind::LwwCleanUpdateRows,
+                columns.written.clone(),
+            )
         };
         self.lane_statement(lane, client, statement_key, || text)
             .await
