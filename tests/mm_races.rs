@@ -246,6 +246,119 @@ async fn remote_delete_races_a_local_insert() {
     }
 }
 
+/// A remote delete of keys that have no live row here but a version (a tombstone of a local
+/// delete), while a local transaction re-inserts them: the applier reads the keys before the
+/// re-insert commits, and its version stamp waits for the re-insert's version lock. Node B's
+/// clock is 30 s behind, so the re-insert is older than A's delete, and the keys end deleted
+/// on both. Before, the stamp won after the wait while the delete, blind to rows its snapshot
+/// did not hold, left B's rows in place: B alone kept them. Both ways a change is applied:
+/// `kv` in batches, `ku` (a secondary unique index) one change at a time. Each node's worker
+/// of the other's stream is held back where the case needs it by a `gate` row locked on that
+/// node.
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_delete_meets_a_reinsert_in_flight() {
+    let ddl = format!(
+        "{KV_DDL}; CREATE TABLE ku (k int PRIMARY KEY, u int UNIQUE);
+         CREATE TABLE gate (id int PRIMARY KEY, n int NOT NULL)"
+    );
+    let nodes = mesh(
+        "mmredel",
+        &[cluster(), behind()],
+        &ddl,
+        "",
+        &broker().address(),
+    )
+    .await;
+    let (a, b) = (nodes[0].client().await, nodes[1].client().await);
+    let (a_gate, b_gate) = (nodes[0].client().await, nodes[1].client().await);
+    a.batch_execute(
+        "INSERT INTO kv SELECT g, 1, 'a' FROM generate_series(1, 20) g;
+         INSERT INTO ku SELECT g, g FROM generate_series(1, 20) g;
+         INSERT INTO gate VALUES (1, 0), (2, 0)",
+    )
+    .await
+    .unwrap();
+    let all = "SELECT ((SELECT count(*) FROM kv) + (SELECT count(*) FROM ku)
+                       + (SELECT count(*) FROM gate))::text";
+    wait_value(&b, all, Some("42".to_owned())).await;
+    // A's worker of B's stream waits at gate 2: B's delete of the even keys stays away from A,
+    // which still has the rows to delete.
+    a_gate
+        .batch_execute("BEGIN; SELECT n FROM gate WHERE id = 2 FOR UPDATE")
+        .await
+        .unwrap();
+    b.batch_execute(
+        "UPDATE gate SET n = n + 1 WHERE id = 2;
+         DELETE FROM kv WHERE k % 2 = 0; DELETE FROM ku WHERE k % 2 = 0",
+    )
+    .await
+    .unwrap();
+    // B's worker of A's stream waits at gate 1 until B's re-insert is open.
+    b_gate
+        .batch_execute("BEGIN; SELECT n FROM gate WHERE id = 1 FOR UPDATE")
+        .await
+        .unwrap();
+    a.batch_execute(
+        "UPDATE gate SET n = n + 1 WHERE id = 1;
+         DELETE FROM kv WHERE k % 2 = 0; DELETE FROM ku WHERE k % 2 = 0;
+         INSERT INTO kv VALUES (100, 1, 'marker')",
+    )
+    .await
+    .unwrap();
+    b.batch_execute(
+        "BEGIN;
+         INSERT INTO kv SELECT g, 2, 'b' FROM generate_series(2, 20, 2) g;
+         INSERT INTO ku SELECT g, g FROM generate_series(2, 20, 2) g",
+    )
+    .await
+    .unwrap();
+    b_gate.batch_execute("COMMIT").await.unwrap();
+    wait_for(
+        "B's worker to wait for the open re-insert in its version stamp",
+        Duration::from_secs(60),
+        || async {
+            let waiting: i64 = b_gate
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                      WHERE datname = current_database() AND wait_event_type = 'Lock'
+                        AND query LIKE '%INSERT INTO pgferry.versions%'",
+                    &[],
+                )
+                .await
+                .ok()?
+                .get(0);
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
+    b.batch_execute("COMMIT").await.unwrap();
+    a_gate.batch_execute("COMMIT").await.unwrap();
+    let mut expected: BTreeMap<i32, (i32, Option<String>)> = (1..=20)
+        .filter(|k| k % 2 == 1)
+        .map(|k| (k, (1, Some("a".to_owned()))))
+        .collect();
+    expected.insert(100, (1, Some("marker".to_owned())));
+    wait_all_equal(&nodes, &expected, Duration::from_secs(90)).await;
+    let odd: Vec<i32> = (1..=20).filter(|k| k % 2 == 1).collect();
+    for (name, c) in [("A", &a), ("B", &b)] {
+        wait_for(
+            &format!("{name}'s ku to hold the odd keys only"),
+            Duration::from_secs(60),
+            || async {
+                let keys: Vec<i32> = c
+                    .query("SELECT k FROM ku ORDER BY k", &[])
+                    .await
+                    .ok()?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                (keys == odd).then_some(())
+            },
+        )
+        .await;
+    }
+}
+
 /// TRUNCATE: refused locally with a clear message (so is a primary-key update); a remote one
 /// (from a node whose guard was removed) is dead-lettered and counted, and the stream goes on.
 #[tokio::test(flavor = "multi_thread")]

@@ -418,14 +418,27 @@ pub fn probe(schema: &str, table: &str, key: &[Typed<'_>], before: &[Typed<'_>])
 pub fn stamp_version(key: &[Typed<'_>]) -> String {
     format!(
         "{} RETURNING 1",
-        stamp(&version_key(key, 8), 1, "$4::bool", 5, false)
+        stamp(&version_key(key, 8), 1, "$4::bool", 5, false, false)
     )
 }
+
+/// The extra guard of a tombstone stamp (after `WHERE` of the version upsert, `v` the stored
+/// version): the stored version must be the one the statement's snapshot holds. A delete
+/// statement deletes the rows its snapshot sees, but a version stamp waits for a writer that
+/// holds the key and then sees its commit: had that writer inserted the row (a local INSERT,
+/// another node's worker), the stamp would win over its version while the DELETE, blind to
+/// the row, left it in place, and this node alone would keep it. With the guard such a stamp
+/// does not happen, and the change is decided again with a new snapshot.
+const UNCHANGED_SINCE_SNAPSHOT: &str = " AND EXISTS (SELECT 1 FROM pgferry.versions AS seen \
+     WHERE seen.table_name = v.table_name AND seen.key = v.key \
+       AND (seen.t, seen.node) = (v.t, v.node))";
 
 /// The guarded upsert of a key's version: `key` the version-store key expression, `$p..$p+2` table
 /// name, `t`, node; `deleted` an expression; `$a` allow-equal, `$a+1`/`$a+2` seen node and
 /// LSN. `only_new`: stamp only a key without any version (allow-equal then plays no part).
-fn stamp(key: &str, p: usize, deleted: &str, a: usize, only_new: bool) -> String {
+/// `deleting`: a tombstone stamp whose statement also deletes the row
+/// ([`UNCHANGED_SINCE_SNAPSHOT`]).
+fn stamp(key: &str, p: usize, deleted: &str, a: usize, only_new: bool, deleting: bool) -> String {
     if only_new {
         return format!(
             "INSERT INTO pgferry.versions AS v (table_name, key, t, node, deleted, seen_node, seen_lsn) \
@@ -445,8 +458,9 @@ fn stamp(key: &str, p: usize, deleted: &str, a: usize, only_new: bool) -> String
          ON CONFLICT (table_name, key) DO UPDATE \
             SET t = EXCLUDED.t, node = EXCLUDED.node, deleted = EXCLUDED.deleted, \
                 seen_node = EXCLUDED.seen_node, seen_lsn = EXCLUDED.seen_lsn \
-          WHERE (v.t, v.node) < (EXCLUDED.t, EXCLUDED.node) \
-             OR (${a}::bool AND (v.t, v.node) = (EXCLUDED.t, EXCLUDED.node))",
+          WHERE ((v.t, v.node) < (EXCLUDED.t, EXCLUDED.node) \
+             OR (${a}::bool AND (v.t, v.node) = (EXCLUDED.t, EXCLUDED.node))){}",
+        if deleting { UNCHANGED_SINCE_SNAPSHOT } else { "" },
         t = p + 1,
         n = p + 2,
         sn = a + 1,
@@ -513,7 +527,7 @@ fn versioned_upsert(
         "WITH s AS ({} RETURNING 1), \
               w AS (INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} WHERE EXISTS (SELECT 1 FROM s) AND {}{on_conflict} RETURNING 1) \
          SELECT (SELECT count(*) FROM s)::int8, (SELECT count(*) FROM w)::int8",
-        stamp(&key_expr, n + 1, "false", n + 4, only_new),
+        stamp(&key_expr, n + 1, "false", n + 4, only_new, false),
         qualified(schema, table),
         cols.join(", "),
         values.join(", "),
@@ -544,7 +558,7 @@ pub fn stamp_and_delete(schema: &str, table: &str, key: &[Typed<'_>]) -> String 
         "WITH s AS ({} RETURNING 1), \
               d AS (DELETE FROM ONLY {} AS t WHERE {} AND EXISTS (SELECT 1 FROM s) RETURNING 1) \
          SELECT (SELECT count(*) FROM s)::int8, (SELECT count(*) FROM d)::int8",
-        stamp(&version_key(key, 1), n + 1, "true", n + 4, false),
+        stamp(&version_key(key, 1), n + 1, "true", n + 4, false, true),
         qualified(schema, table),
         typed_key_predicate("t", key, 1),
     )
@@ -802,12 +816,13 @@ pub fn probe_rows(schema: &str, table: &str, key: &[Typed<'_>], before: &[Typed<
 
 /// The guarded version upsert of [`stamp`] for every row of `from` (a relation of `u`'s
 /// columns, named `u`): `deleted` and the seen node and LSN are expressions over `u` and
-/// parameters.
+/// parameters. `deleting`: tombstones of a statement that also deletes the rows
+/// ([`UNCHANGED_SINCE_SNAPSHOT`]).
 fn stamp_rows(
     from: &str,
     vkey: &str,
     table_param: usize,
-    deleted: &str,
+    (deleted, deleting): (&str, bool),
     seen: (&str, &str),
 ) -> String {
     format!(
@@ -816,9 +831,11 @@ fn stamp_rows(
          ON CONFLICT (table_name, key) DO UPDATE \
             SET t = EXCLUDED.t, node = EXCLUDED.node, deleted = EXCLUDED.deleted, \
                 seen_node = EXCLUDED.seen_node, seen_lsn = EXCLUDED.seen_lsn \
-          WHERE (v.t, v.node) < (EXCLUDED.t, EXCLUDED.node) \
+          WHERE (v.t, v.node) < (EXCLUDED.t, EXCLUDED.node){} \
          RETURNING v.key",
-        seen.0, seen.1
+        seen.0,
+        seen.1,
+        if deleting { UNCHANGED_SINCE_SNAPSHOT } else { "" }
     )
 }
 
@@ -845,7 +862,13 @@ pub fn stamp_and_upsert_rows(
                      WHERE {vkey} IN (SELECT key FROM s) AND {guard}{on_conflict}) \
          SELECT u.ord FROM u WHERE {vkey} IN (SELECT key FROM s)",
         rows = unnest_rows(n, 1, &[("int8", "t"), ("text", "node")]),
-        stamp = stamp_rows("u", &vkey, n + 3, "false", ("NULL::text", "NULL::pg_lsn")),
+        stamp = stamp_rows(
+            "u",
+            &vkey,
+            n + 3,
+            ("false", false),
+            ("NULL::text", "NULL::pg_lsn")
+        ),
         t = qualified(schema, table),
         guard = same_shape(schema, table, whole.natts),
     )
@@ -908,7 +931,7 @@ pub fn clean_update_rows(
             "r AS u",
             &vkey,
             n + before.len() + 3,
-            "false",
+            ("false", false),
             ("NULL::text", "NULL::pg_lsn")
         ),
         guard = same_shape(schema, table, whole.natts),
@@ -934,7 +957,7 @@ pub fn stamp_and_delete_rows(schema: &str, table: &str, key: &[Typed<'_>]) -> St
             "u",
             &vkey,
             n + 4,
-            "true",
+            ("true", true),
             (&format!("${}::text", n + 5), "u.lsn::pg_lsn")
         ),
         t = qualified(schema, table),
@@ -1070,6 +1093,9 @@ mod tests {
         let delete = stamp_and_delete_rows("s", "t", &cols[..1]);
         assert!(delete.contains("unnest($1::text[], $2::int8[], $3::text[], $4::text[])"));
         assert!(delete.contains("SELECT $5::text, jsonb_build_object('id', u.c1::integer)::text, u.t, u.node, true, $6::text, u.lsn::pg_lsn"));
+        // Only a tombstone stamp also requires the stored version its snapshot holds.
+        assert!(delete.contains(UNCHANGED_SINCE_SNAPSHOT), "{delete}");
+        assert!(!write.contains(UNCHANGED_SINCE_SNAPSHOT), "{write}");
         // Clean updates: the after arrays, the old-image arrays, t, node, the table name ($7);
         // rows are locked (matching their old image) before their versions are stamped, and
         // only stamped rows are updated, key columns left out of SET.
@@ -1155,7 +1181,8 @@ mod tests {
         assert!(
             stamp.contains(
                 "VALUES ($1::text, jsonb_build_object('id', $8::integer)::text, $2::int8, $3::text, $4::bool,"
-            ) && stamp.contains("WHERE (v.t, v.node) < (EXCLUDED.t, EXCLUDED.node)"),
+            ) && stamp.contains("WHERE ((v.t, v.node) < (EXCLUDED.t, EXCLUDED.node)")
+                && !stamp.contains("seen.t"),
             "{stamp}"
         );
         let row = [
@@ -1187,7 +1214,8 @@ mod tests {
         let delete = stamp_and_delete("s", "t", &key);
         assert!(
             delete.contains(r#"DELETE FROM ONLY "s"."t" AS t WHERE t."id" = $1::integer AND EXISTS (SELECT 1 FROM s)"#)
-                && delete.contains("CASE WHEN true THEN $6::text END, CASE WHEN true THEN $7::pg_lsn END"),
+                && delete.contains("CASE WHEN true THEN $6::text END, CASE WHEN true THEN $7::pg_lsn END")
+                && delete.contains(UNCHANGED_SINCE_SNAPSHOT),
             "{delete}"
         );
         assert!(
