@@ -377,6 +377,97 @@ async fn rejected_changes_are_dead_lettered_then_replayed() {
     }
 }
 
+/// A table announced in a batch the target rejected a change of stays announced: the batch is
+/// replayed change by change (the rejected change dead-lettered), and the announcement is
+/// recorded with it, so a restarted applier still takes the table's later changes (capture
+/// announces a table once per run). Before, the replay skipped the record it believed made,
+/// and after a restart every later change of the table was dead-lettered as "never
+/// announced". Random tables first written beside the rejected change.
+#[tokio::test(flavor = "multi_thread")]
+async fn announcements_in_a_replayed_batch_outlive_a_restart() {
+    for seed in [1u64, 2] {
+        announced_in_a_replayed_batch(seed).await;
+    }
+}
+
+async fn announced_in_a_replayed_batch(seed: u64) {
+    let mut rng = common::Rng::new(seed);
+    let pg = PgCluster::shared();
+    let tables = rng.range(1, 4);
+    let mut ddl = String::from("CREATE TABLE items (id int PRIMARY KEY, v int);");
+    for t in 0..tables {
+        ddl.push_str(&format!("CREATE TABLE fresh{t} (id int PRIMARY KEY);"));
+    }
+    let (master, m) = pg.fresh_db(&format!("announce{seed}_m"), &ddl).await;
+    let (replica, r) = pg
+        .fresh_db(
+            &format!("announce{seed}_r"),
+            &format!("{ddl} ALTER TABLE items ADD CONSTRAINT small CHECK (v < 100);"),
+        )
+        .await;
+    let cap = capture(pg, &master, "", "");
+    cap.wait_ready().await;
+    let mut apply = applier(&master, &replica, "", "");
+    m.batch_execute("INSERT INTO items VALUES (1, 1)")
+        .await
+        .unwrap();
+    wait_equal(&m, &r, "items", Duration::from_secs(60)).await;
+    // The tables' first changes, in the transaction of a change the target rejects (at a
+    // random place among them).
+    let bad_at = rng.range(0, tables + 1);
+    let mut sql = String::from("BEGIN;");
+    for t in 0..=tables {
+        if t == bad_at {
+            sql.push_str("INSERT INTO items VALUES (2, 500);");
+        }
+        if t < tables {
+            sql.push_str(&format!("INSERT INTO fresh{t} VALUES (1);"));
+        }
+    }
+    sql.push_str("COMMIT;");
+    m.batch_execute(&sql).await.unwrap();
+    for t in 0..tables {
+        wait_equal(&m, &r, &format!("fresh{t}"), Duration::from_secs(60)).await;
+    }
+    apply.kill9();
+    apply.restart();
+    for t in 0..tables {
+        m.batch_execute(&format!("INSERT INTO fresh{t} VALUES (2)"))
+            .await
+            .unwrap();
+    }
+    m.batch_execute("INSERT INTO items VALUES (3, 3)")
+        .await
+        .unwrap();
+    common::wait_for(
+        "the last item on the replica",
+        Duration::from_secs(90),
+        || async {
+            let n: i64 = r
+                .query_one("SELECT count(*) FROM items WHERE id = 3", &[])
+                .await
+                .ok()?
+                .get(0);
+            (n == 1).then_some(())
+        },
+    )
+    .await;
+    for t in 0..tables {
+        wait_equal(&m, &r, &format!("fresh{t}"), Duration::from_secs(30)).await;
+    }
+    let letters: Vec<String> = first_column(
+        &r,
+        "SELECT coalesce(table_name, '') || ': ' || error FROM pgferry.dead_letters ORDER BY id",
+    )
+    .await;
+    assert_eq!(
+        letters.len(),
+        1,
+        "seed {seed}: only the rejected item is dead-lettered: {letters:?}"
+    );
+    drop(cap);
+}
+
 /// A COMMIT the target refuses (a deferred constraint trigger raises at commit) holds the
 /// stream there. Replica mode sends each COMMIT without waiting for it and reads on, yet no
 /// later batch commits past a refused one: the replica only ever holds a prefix of the

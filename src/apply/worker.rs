@@ -142,6 +142,8 @@ struct Committing {
     txns: u64,
     changes: u64,
     started: std::time::Instant,
+    /// Tables first announced in it ([`Worker::announcing`]).
+    announced: Vec<String>,
 }
 
 /// The statements that end every target transaction, prepared once per connection.
@@ -163,6 +165,10 @@ struct Worker {
     /// Tables this node's stream has announced (`pgferry.stream_tables`): the only ones its
     /// changes may write ([`super::admit`]).
     announced: HashSet<String>,
+    /// Those of `announced` recorded in the open target transaction: a rollback forgets
+    /// them, since their rows in `pgferry.stream_tables` go with it (kept, a replay would not
+    /// record them again, and the worker would refuse their changes after a restart).
+    announcing: Vec<String>,
     /// Applied-changes counters by `schema.table`, indexed by op.
     counters: HashMap<String, [Option<prometheus::IntCounter>; 5]>,
     statements: HashMap<StatementKey, Statement>,
@@ -381,6 +387,7 @@ async fn open(
         dead_letter_topic,
         tables: HashMap::new(),
         announced,
+        announcing: Vec::new(),
         counters: HashMap::new(),
         statements: HashMap::new(),
         last_statement: None,
@@ -1013,6 +1020,9 @@ impl Worker {
         pending: &mut InFlight<'_>,
     ) -> Result<(), ApplyError> {
         let _ = pending.drain().await;
+        for table in self.announcing.drain(..) {
+            self.announced.remove(&table);
+        }
         // The replay starts from the committed position: the last COMMIT's answer first.
         self.confirm_commit(pending).await?;
         if self.in_target_txn {
@@ -1387,6 +1397,7 @@ impl Worker {
         qualified: &str,
     ) {
         if self.announced.insert(qualified.to_owned()) {
+            self.announcing.push(qualified.to_owned());
             let node = self.settings.node.clone();
             let qualified = qualified.to_owned();
             pending.send(Box::pin(async move {
@@ -1569,6 +1580,7 @@ impl Worker {
             txns: self.batch_txns,
             changes: self.batch_changes,
             started: self.batch_started,
+            announced: std::mem::take(&mut self.announcing),
         });
         self.in_target_txn = false;
         self.batch_changes = 0;
@@ -1591,10 +1603,12 @@ impl Worker {
         let Some(sent) = self.committing.take() else {
             return Ok(());
         };
-        pending
-            .settle()
-            .await
-            .map_err(ApplyError::sql("committing applied transactions"))?;
+        if let Err(e) = pending.settle().await {
+            for table in &sent.announced {
+                self.announced.remove(table);
+            }
+            return Err(ApplyError::sql("committing applied transactions")(e));
+        }
         let done = sent.done;
         self.committed = target::Progress {
             next_offset: done.offset + 1,
@@ -1731,26 +1745,29 @@ impl Worker {
             .await?;
             return Ok(None);
         };
-        let missing = change
-            .column_names()
-            .find(|c| !table.columns.contains(c))
-            .cloned();
-        if let Some(missing) = missing {
-            // The source may have gained a column: look again before giving up.
-            table = self
-                .table(client, qualified, names, true)
-                .await?
-                .unwrap_or(table);
-            if !table.columns.contains(&missing) {
-                // Renamed or dropped here after the change was written?
-                let history = target::column_history(client, qualified)
-                    .await
-                    .map_err(ApplyError::sql("reading pgferry.ddl_history"))?;
+        if change.column_names().any(|c| !table.columns.contains(c)) {
+            // The source may have gained a column, or a column was renamed or dropped here
+            // after the change was written (`pgferry.ddl_history`). A rename committing while
+            // this looks may show in one of the table and the history and not yet in the
+            // other: both are read again once before giving up.
+            for attempt in 0..2 {
+                let names = (change.schema(), change.table());
+                table = self
+                    .table(client, qualified, names, true)
+                    .await?
+                    .unwrap_or(table);
                 let columns: Vec<String> = change
                     .column_names()
                     .filter(|c| !table.columns.contains(c))
                     .cloned()
                     .collect();
+                if columns.is_empty() {
+                    break;
+                }
+                let history = target::column_history(client, qualified)
+                    .await
+                    .map_err(ApplyError::sql("reading pgferry.ddl_history"))?;
+                let mut unresolved = None;
                 for column in columns {
                     match target::follow(&history, &column) {
                         Some(to)
@@ -1761,12 +1778,20 @@ impl Worker {
                             change.follow_column(&column, to.as_deref());
                         }
                         _ => {
-                            return Err(ApplyError::ColumnMissing {
-                                table: qualified.to_owned(),
-                                column,
-                            })
+                            unresolved = Some(column);
+                            break;
                         }
                     }
+                }
+                match unresolved {
+                    None => break,
+                    Some(column) if attempt == 1 => {
+                        return Err(ApplyError::ColumnMissing {
+                            table: qualified.to_owned(),
+                            column,
+                        })
+                    }
+                    Some(_) => {}
                 }
             }
         }
