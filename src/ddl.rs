@@ -42,6 +42,16 @@ CREATE TABLE IF NOT EXISTS pgferry.ddl_tables (
     schema_name text NOT NULL,
     table_name text NOT NULL,
     columns jsonb NOT NULL);
+-- Columns added by ALTER TABLE (by relid and attnum, which renames keep), with the value the
+-- table's existing rows got: a constant DEFAULT's value, or NULL without a DEFAULT (none is
+-- kept for a volatile DEFAULT, whose rows each got their own). Multi-master writes it into a
+-- column a remote row lacks, written by a node that did not have the column yet: that is
+-- what the node's own row got when the column reached it, whatever the DEFAULT is by then.
+CREATE TABLE IF NOT EXISTS pgferry.added_columns (
+    relid oid NOT NULL,
+    attnum int2 NOT NULL,
+    value text,
+    PRIMARY KEY (relid, attnum));
 -- Where a partition hangs (its parent's oid and name, and its bound); NULL for other tables.
 ALTER TABLE pgferry.ddl_tables ADD COLUMN IF NOT EXISTS partition_of jsonb;
 -- The primary key's constraint name and columns; NULL without one.
@@ -68,6 +78,39 @@ CREATE OR REPLACE FUNCTION pgferry.ddl_partition(rel oid) RETURNS jsonb LANGUAGE
       FROM pg_class c JOIN pg_inherits i ON i.inhrelid = c.oid
       JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace pn ON pn.oid = p.relnamespace
      WHERE c.oid = rel AND c.relispartition
+$f$;
+-- Records the columns of `new` that `old` lacks (pgferry.added_columns); never fails the DDL.
+CREATE OR REPLACE FUNCTION pgferry.record_added_columns(rel oid, old jsonb, new jsonb)
+RETURNS void LANGUAGE plpgsql AS $f$
+DECLARE
+    c record;
+    val text;
+BEGIN
+    FOR c IN SELECT a.attnum, a.atthasmissing, pg_get_expr(d.adbin, d.adrelid) AS expr,
+                    format_type(a.atttypid, a.atttypmod) AS ty
+               FROM jsonb_array_elements(new) AS n
+               JOIN pg_attribute a ON a.attrelid = rel AND a.attnum = (n->>'attnum')::int2
+               LEFT JOIN pg_attrdef d ON d.adrelid = rel AND d.adnum = a.attnum
+              WHERE NOT EXISTS (SELECT 1 FROM jsonb_array_elements(old) AS o
+                                 WHERE (o->>'attnum') = (n->>'attnum'))
+    LOOP
+        IF c.expr IS NOT NULL AND NOT c.atthasmissing THEN
+            -- A volatile DEFAULT: each row got its own value.
+            CONTINUE;
+        END IF;
+        BEGIN
+            val := NULL;
+            IF c.expr IS NOT NULL THEN
+                -- Non-volatile, evaluated once by the ADD in this transaction: the same value.
+                EXECUTE format('SELECT (%s)::%s::text', c.expr, c.ty) INTO val;
+            END IF;
+            INSERT INTO pgferry.added_columns VALUES (rel, c.attnum, val)
+                ON CONFLICT (relid, attnum) DO UPDATE SET value = EXCLUDED.value;
+        EXCEPTION WHEN OTHERS THEN
+            NULL;
+        END;
+    END LOOP;
+END
 $f$;
 -- What this database has applied from every other node (multi-master: the commit LSN of each
 -- peer's last transaction applied here; empty where pgferry applies nothing): a schema change
@@ -159,6 +202,13 @@ BEGIN
             -- changed.
             shadow.columns := cols;
             shadow.primary_key := pkey;
+        END IF;
+        -- Added columns and their rows' value (a table new here, maybe under a reused oid,
+        -- has none).
+        IF shadow.relid IS NULL THEN
+            DELETE FROM pgferry.added_columns WHERE relid = r.objid;
+        ELSE
+            PERFORM pgferry.record_added_columns(r.objid, shadow.columns, cols);
         END IF;
         -- Renamed and dropped columns, for changes written before this command that arrive
         -- later from other nodes (see apply's target::column_history).

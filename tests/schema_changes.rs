@@ -708,13 +708,13 @@ async fn random_schema_changes_reach_the_replica() {
     drop(capture);
 }
 
-/// Random chains of schema changes, each made on another node than the one before, as soon
-/// as the one before has reached that node (so each may act on it: a column another node
-/// added, renamed or widened), and then, on the same node, values only the changed column
-/// holds, all under writers on every node. The third node learns of each link from two
-/// streams in either order. Every node ends with the chain's columns and the same rows,
-/// nothing dead-lettered, no schema change refused, each change applied once on every other
-/// node.
+/// Random chains of schema changes (ADD, DROP, RENAME, widen, SET and DROP DEFAULT), each made
+/// on another node than the one before, as soon as the one before has reached that node (so
+/// each may act on it: a column another node added, renamed, widened or defaulted), and then,
+/// on the same node, values only the changed column holds, all under writers on every node.
+/// The third node learns of each link from two streams in either order. Every node ends with
+/// the chain's columns and DEFAULTs and the same rows, nothing dead-lettered, no schema change
+/// refused, each change applied once on every other node.
 #[tokio::test(flavor = "multi_thread")]
 async fn chains_of_schema_changes_across_nodes_converge() {
     schema_change_chain("mmchain", false).await;
@@ -733,11 +733,12 @@ async fn a_node_away_during_schema_changes_catches_up() {
 
 /// A column one node adds and fills while another node, away, updates some of the same rows
 /// knowing nothing of the column: on every node each row ends as its last write made it,
-/// whole. Where the away node's write is the later one, the new column is at its DEFAULT
-/// everywhere (the away node's own row got the DEFAULT when the column reached it), also on
-/// nodes whose workers described the table before the column existed; where the fill is
-/// later, its row, old note included, wins on the away node too. Random rows, DEFAULT (or
-/// none) and order of the two writes.
+/// whole. Where the away node's write is the later one, the new column holds everywhere the
+/// value the ADD gave existing rows (as the away node's own row got it when the column reached
+/// it), even where the DEFAULT was changed or dropped after the ADD, and also on nodes whose
+/// workers described the table before the column existed; where the fill is later, its row,
+/// old note included, wins on the away node too. Random rows, DEFAULT (or none), later
+/// DEFAULT change and order of the two writes.
 #[tokio::test(flavor = "multi_thread")]
 async fn rows_written_without_a_new_column_win_whole() {
     let seed = seed();
@@ -781,10 +782,21 @@ async fn rows_written_without_a_new_column_win_whole() {
         default.map_or(String::new(), |d| format!(" DEFAULT {d}"))
     );
     let fill = format!("UPDATE kv SET extra = k * 100 WHERE k % 3 = {fill_mod}");
+    // The DEFAULT changed after the ADD (before the away node's rows arrive): rows that lack
+    // the column still get the value the ADD gave existing rows, as the away node's own did.
+    // (Dropping a DEFAULT the column never had changes nothing, and publishes nothing.)
+    let later_default = match rng.range(0, 3) {
+        0 => String::new(),
+        2 if default.is_some() => "; ALTER TABLE kv ALTER COLUMN extra DROP DEFAULT".to_owned(),
+        _ => format!(
+            "; ALTER TABLE kv ALTER COLUMN extra SET DEFAULT {}",
+            rng.range(100, 200)
+        ),
+    };
     let away_write = format!("UPDATE kv SET note = 'away' WHERE k % 2 = {away_mod}");
     let away_first = rng.chance(0.5);
     eprintln!(
-        "{} away, {} adds: {add}; {fill}; {} writes first: {away_write}",
+        "{} away, {} adds: {add}; {fill}{later_default}; {} writes first: {away_write}",
         nodes[away].name,
         nodes[adder].name,
         if away_first {
@@ -808,7 +820,7 @@ async fn rows_written_without_a_new_column_win_whole() {
     if away_first {
         run_step(&clients[away], &away_write).await;
     }
-    run_step(&clients[adder], &format!("{add}; {fill}")).await;
+    run_step(&clients[adder], &format!("{add}; {fill}{later_default}")).await;
     if !away_first {
         run_step(&clients[away], &away_write).await;
     }
@@ -843,7 +855,7 @@ async fn rows_written_without_a_new_column_win_whole() {
         .await;
     }
     let mut made = [0.0; 3];
-    made[adder] = 1.0;
+    made[adder] = if later_default.is_empty() { 1.0 } else { 2.0 };
     each_change_applied_once(&nodes, &made).await;
 }
 
@@ -1021,9 +1033,8 @@ async fn the_same_changes_made_on_nodes_apart_apply_once() {
 }
 
 /// See [`chains_of_schema_changes_across_nodes_converge`]; `away`: one node's pgferry is down
-/// during the chain. The chain changes no DEFAULT: a row written without a column takes the
-/// column's DEFAULT where it is applied, which is not what the ADD COLUMN gave it on its own
-/// node once the DEFAULT changed since (a known limit, in the README).
+/// during the chain. The chain also sets and drops DEFAULTs: a row written without a column
+/// gets on every node the value the ADD COLUMN gave existing rows, not the DEFAULT of the day.
 async fn schema_change_chain(label: &str, away: bool) {
     let seed = seed();
     eprintln!("seed {seed} (DDL_SEED)");
@@ -1119,15 +1130,28 @@ async fn schema_change_chain(label: &str, away: bool) {
         let next = pick_next(&mut rng, at);
         let third = 3 - at - next;
         hold_back(&gates[third], &clients[at]).await;
-        let (change, changed) = random_schema_change(&mut rng, &mut model, None, step, false);
+        let (change, changed) = random_schema_change(&mut rng, &mut model, None, step, true);
+        let shape = || async {
+            (
+                columns(&clients[at], "kv").await,
+                defaults(&clients[at], "kv").await,
+            )
+        };
+        let before = shape().await;
         run_step(&clients[at], &change).await;
-        made[at] += 1.0;
+        // Dropping a DEFAULT the column never had changes nothing, and publishes nothing.
+        if shape().await != before {
+            made[at] += 1.0;
+        }
         chain.push(format!("{}: {change}", nodes[at].name));
-        let want = kv_columns(&model);
+        let want = (kv_columns(&model), defaults(&clients[at], "kv").await);
         common::wait_for(
             &format!("{chain:?} to reach {}", nodes[next].name),
             Duration::from_secs(60),
-            || async { (columns(&clients[next], "kv").await == want).then_some(()) },
+            || async {
+                let next = &clients[next];
+                ((columns(next, "kv").await, defaults(next, "kv").await) == want).then_some(())
+            },
         )
         .await;
         // Values that need the change (the widened type, the new name), written where it
@@ -1170,6 +1194,20 @@ async fn schema_change_chain(label: &str, away: bool) {
         )
         .await;
     }
+    common::wait_for(
+        "the same DEFAULTs on every node",
+        Duration::from_secs(60),
+        || async {
+            let first = defaults(&clients[0], "kv").await;
+            for c in &clients[1..] {
+                if defaults(c, "kv").await != first {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
     // The same rows everywhere, the extra columns included; side whole, with its column.
     for table in ["kv", "side"] {
         common::wait_for(

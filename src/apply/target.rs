@@ -241,6 +241,11 @@ pub struct TargetTable {
     pub always_identity: Vec<String>,
     /// Generated (stored) columns: computed by the target, never written.
     pub generated: Vec<String>,
+    /// Columns added by ALTER TABLE with the value the table's existing rows got
+    /// (`pgferry.added_columns`, kept by DDL capture; `None` is NULL): multi-master writes it
+    /// into such a column a remote row does not carry, rather than the column's DEFAULT of the
+    /// day (see `apply::worker::lww_rows::not_carried`).
+    pub added: Vec<(String, Option<String>)>,
     /// `pg_class.relnatts` when described: every ADD COLUMN raises it (attribute numbers are
     /// never reused), so a table that gained a column since is told apart
     /// ([`crate::apply::sql::same_shape`]).
@@ -268,7 +273,11 @@ pub async fn describe(
                     format_type(a.atttypid, a.atttypmod),
                     a.attidentity = 'a',
                     a.attgenerated <> '',
-                    c.relnatts
+                    c.relnatts,
+                    c.oid,
+                    -- DDL capture's record, where there is one and this role may read it.
+                    coalesce(has_table_privilege(to_regclass('pgferry.added_columns'), 'SELECT'),
+                             false)
                FROM pg_class c
                JOIN pg_namespace n ON n.oid = c.relnamespace
                JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
@@ -299,8 +308,27 @@ pub async fn describe(
         .iter()
         .map(|r| r.get(0))
         .collect();
+    let added = if rows[0].get::<_, bool>(7) {
+        let relid: u32 = rows[0].get(6);
+        client
+            .query(
+                "SELECT a.attname::text, ac.value
+                   FROM pgferry.added_columns ac
+                   JOIN pg_attribute a ON a.attrelid = ac.relid AND a.attnum = ac.attnum
+                  WHERE ac.relid = $1 AND NOT a.attisdropped
+                  ORDER BY a.attnum",
+                &[&relid],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    } else {
+        Vec::new()
+    };
     Ok(Some(TargetTable {
         uniques,
+        added,
         columns: rows.iter().map(|r| r.get(0)).collect(),
         key: rows
             .iter()

@@ -152,7 +152,7 @@ async fn schema(
                       WHERE n.nspname = 'pgferry' AND c.relkind = 'r'
                         AND NOT pg_has_role(c.relowner, 'USAGE')
                         -- DDL capture's, owned by the administrator who installed it.
-                        AND c.relname NOT IN ('ddl_tables', 'ddl_history'))",
+                        AND c.relname NOT IN ('ddl_tables', 'ddl_history', 'added_columns'))",
             &[],
         )
         .await?;

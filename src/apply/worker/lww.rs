@@ -137,9 +137,9 @@ impl Prepared<'_> {
         super::lww_rows::full_after(self.change, &self.table, &self.key_values)
     }
 
-    /// The target columns the full new row (`columns`) does not carry, written as their
-    /// DEFAULT ([`sql::WholeRow`]).
-    fn not_carried(&self, columns: &[String]) -> Vec<String> {
+    /// The target columns the full new row (`columns`) does not carry
+    /// ([`super::lww_rows::not_carried`]).
+    fn not_carried(&self, columns: &[String]) -> super::lww_rows::NotCarried {
         super::lww_rows::not_carried(&self.table, columns, &self.change.unchanged_toast)
     }
 }
@@ -465,8 +465,14 @@ impl Worker {
         p: &Prepared<'_>,
         only_new: bool,
     ) -> Result<Result<VersionedWrite, String>, ApplyError> {
-        let (columns, values) = p.full_after();
-        let defaults = p.not_carried(&columns);
+        let (mut columns, values) = p.full_after();
+        let not = p.not_carried(&columns);
+        let defaults = not.defaults;
+        // Columns written with their ADD COLUMN's value follow the row's own, as text.
+        let (added, added_values): (Vec<String>, Vec<Option<String>>) =
+            not.added.into_iter().unzip();
+        let n = columns.len();
+        columns.extend(added);
         let key: Vec<&str> = p.table.key.iter().map(String::as_str).collect();
         let typed_columns = typed(&p.table, &columns);
         let whole = sql::WholeRow {
@@ -495,10 +501,9 @@ impl Worker {
                 .filter(|c| p.change.after.as_ref().is_none_or(|a| a.get(c).is_none()))
                 .cloned(),
         );
-        let n = columns.len();
         let mut params = match Self::render_params(
             &stmt.params()[..n],
-            &columns,
+            &columns[..n],
             &values,
             &json_nulls,
             &p.qualified,
@@ -506,6 +511,7 @@ impl Worker {
             Ok(params) => params,
             Err(reason) => return Ok(Err(reason)),
         };
+        params.extend(added_values.into_iter().map(TextParam));
         params.extend(self.stamp_params(p, &p.remote));
         Ok(Ok(VersionedWrite {
             stmt,

@@ -154,7 +154,7 @@ impl Worker {
             Ok(before) => before,
             Err(reason) => return Ok(Err(reason)),
         };
-        let (after_columns, after) = if change.op == Op::Delete {
+        let (mut after_columns, mut after) = if change.op == Op::Delete {
             (Vec::new(), Vec::new())
         } else {
             let (columns, values) = full_after(&change, table, &key_json);
@@ -175,7 +175,12 @@ impl Worker {
         let defaults = if change.op == Op::Delete {
             Vec::new()
         } else {
-            not_carried(table, &after_columns, &change.unchanged_toast)
+            let not = not_carried(table, &after_columns, &change.unchanged_toast);
+            for (column, value) in not.added {
+                after_columns.push(column);
+                after.push(value);
+            }
+            not.defaults
         };
         let row_key = plan::row_key(&qualified, key.iter().map(Option::as_deref));
         // After a schema change in the open target transaction, only the worker's own
@@ -853,31 +858,46 @@ pub(super) fn full_after(
     (columns, values)
 }
 
-/// The target columns a remote row does not carry ([`sql::WholeRow::defaults`]): every column
-/// of the table but those its full new row writes (`written`), those it keeps from the old
-/// row without sending them (`unchanged_toast`, should the old image lack one), and those no
-/// write sets (generated, and `GENERATED ALWAYS AS IDENTITY` outside the key).
+/// The target columns a remote row does not carry: every column of the table but those its
+/// full new row writes (`written`), those it keeps from the old row without sending them
+/// (`unchanged_toast`, should the old image lack one), and those no write sets (generated, and
+/// `GENERATED ALWAYS AS IDENTITY` outside the key). The row's node did not have them when it
+/// wrote it; its own row got, when each reached it, the value the ADD COLUMN gave existing
+/// rows. Where that value is known ([`TargetTable::added`]) the row is written with it, else
+/// with the column's DEFAULT ([`sql::WholeRow::defaults`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct NotCarried {
+    /// Columns written as their DEFAULT.
+    pub(super) defaults: Vec<String>,
+    /// Columns written with the value their ADD COLUMN gave existing rows (`None`: NULL).
+    pub(super) added: Vec<(String, Option<String>)>,
+}
+
 pub(super) fn not_carried(
     table: &TargetTable,
     written: &[String],
     unchanged_toast: &[String],
-) -> Vec<String> {
+) -> NotCarried {
+    let mut out = NotCarried::default();
     if written.len() >= table.columns.len() {
         // Every column (a change's columns are the table's, once admitted).
-        return Vec::new();
+        return out;
     }
-    table
-        .columns
-        .iter()
-        .filter(|c| {
-            !written.contains(c)
-                && !unchanged_toast.contains(c)
-                && !table.key.contains(c)
-                && !table.generated.contains(c)
-                && !table.always_identity.contains(c)
-        })
-        .cloned()
-        .collect()
+    for c in &table.columns {
+        if written.contains(c)
+            || unchanged_toast.contains(c)
+            || table.key.contains(c)
+            || table.generated.contains(c)
+            || table.always_identity.contains(c)
+        {
+            continue;
+        }
+        match table.added.iter().find(|(name, _)| name == c) {
+            Some(added) => out.added.push(added.clone()),
+            None => out.defaults.push(c.clone()),
+        }
+    }
+    out
 }
 
 /// A conflict to log in `pgferry.conflicts`.
@@ -936,7 +956,81 @@ impl Worker {
 
 #[cfg(test)]
 mod tests {
-    use super::won_flags;
+    use super::{not_carried, won_flags, NotCarried};
+    use crate::apply::target::TargetTable;
+    use proptest::prelude::*;
+
+    fn table(added: Vec<(String, Option<String>)>) -> TargetTable {
+        let names = ["k", "v", "note", "extra", "later", "gen", "ident"];
+        TargetTable {
+            columns: names.iter().map(|c| (*c).to_owned()).collect(),
+            key: vec!["k".to_owned()],
+            types: vec!["integer".to_owned(); names.len()],
+            uniques: Vec::new(),
+            always_identity: vec!["ident".to_owned()],
+            generated: vec!["gen".to_owned()],
+            added,
+            natts: names.len() as i16,
+        }
+    }
+
+    #[test]
+    fn columns_a_row_lacks_get_their_add_value_where_known() {
+        let t = table(vec![
+            ("extra".to_owned(), Some("5".to_owned())),
+            ("later".to_owned(), None),
+        ]);
+        let written = ["k".to_owned(), "v".to_owned()];
+        assert_eq!(
+            not_carried(&t, &written, &["note".to_owned()]),
+            NotCarried {
+                defaults: Vec::new(),
+                added: vec![
+                    ("extra".to_owned(), Some("5".to_owned())),
+                    ("later".to_owned(), None)
+                ],
+            }
+        );
+        // Without a record, the DEFAULT; never the key, generated or identity columns.
+        let t = table(vec![("later".to_owned(), None)]);
+        assert_eq!(
+            not_carried(&t, &written, &[]),
+            NotCarried {
+                defaults: vec!["note".to_owned(), "extra".to_owned()],
+                added: vec![("later".to_owned(), None)],
+            }
+        );
+    }
+
+    proptest! {
+        /// Every column of the table is exactly one of: written, kept (unchanged TOAST), never
+        /// written (key, generated, identity), or not carried (its ADD value or its DEFAULT).
+        #[test]
+        fn not_carried_columns_are_the_rest(
+            written in proptest::sample::subsequence(vec!["k", "v", "note", "extra", "later"], 0..=5),
+            toast in proptest::sample::subsequence(vec!["note", "extra"], 0..=2),
+            recorded in proptest::sample::subsequence(vec!["note", "extra", "later"], 0..=3),
+        ) {
+            let t = table(recorded.iter().map(|c| ((*c).to_owned(), Some(format!("{c}!")))).collect());
+            let written: Vec<String> = written.iter().map(|c| (*c).to_owned()).collect();
+            let toast: Vec<String> = toast.iter().map(|c| (*c).to_owned()).collect();
+            let not = not_carried(&t, &written, &toast);
+            for c in &t.columns {
+                let fixed = t.key.contains(c) || t.generated.contains(c) || t.always_identity.contains(c);
+                let kept = written.contains(c) || toast.contains(c) || fixed;
+                let as_added = not.added.iter().filter(|(n, _)| n == c).count();
+                let as_default = not.defaults.iter().filter(|n| *n == c).count();
+                prop_assert_eq!(as_added + as_default, usize::from(!kept), "column {}", c);
+                if as_added == 1 {
+                    prop_assert!(recorded.contains(&c.as_str()));
+                    let value = Some(format!("{c}!"));
+                    prop_assert!(not.added.contains(&(c.clone(), value)));
+                } else if as_default == 1 {
+                    prop_assert!(!recorded.contains(&c.as_str()));
+                }
+            }
+        }
+    }
 
     #[test]
     fn won_flags_mark_returned_ordinals_only() {
