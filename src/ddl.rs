@@ -37,6 +37,11 @@ CREATE TABLE IF NOT EXISTS pgferry.ddl_history (
     new_name text,
     at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (table_name, old_name));
+-- Where the rename or drop came from: the node whose change pgferry applied and its commit LSN
+-- (the apply records them), or NULL and the WAL position here for a change made here. Tells
+-- apart a node that had seen the change from one that made the same change while apart.
+ALTER TABLE pgferry.ddl_history ADD COLUMN IF NOT EXISTS origin text,
+    ADD COLUMN IF NOT EXISTS origin_lsn pg_lsn;
 CREATE TABLE IF NOT EXISTS pgferry.ddl_tables (
     relid oid PRIMARY KEY,
     schema_name text NOT NULL,
@@ -213,12 +218,13 @@ BEGIN
         -- Renamed and dropped columns, for changes written before this command that arrive
         -- later from other nodes (see apply's target::column_history).
         IF shadow.relid IS NOT NULL THEN
-            INSERT INTO pgferry.ddl_history (table_name, old_name, new_name)
-            SELECT r.nsp || '.' || r.rel, o->>'name', n->>'name'
+            INSERT INTO pgferry.ddl_history (table_name, old_name, new_name, origin, origin_lsn)
+            SELECT r.nsp || '.' || r.rel, o->>'name', n->>'name', NULL, pg_current_wal_insert_lsn()
               FROM jsonb_array_elements(shadow.columns) o
               LEFT JOIN jsonb_array_elements(cols) n ON (n->>'attnum') = (o->>'attnum')
              WHERE n IS NULL OR (n->>'name') <> (o->>'name')
-            ON CONFLICT (table_name, old_name) DO UPDATE SET new_name = EXCLUDED.new_name, at = now();
+            ON CONFLICT (table_name, old_name) DO UPDATE SET new_name = EXCLUDED.new_name, at = now(),
+                origin = EXCLUDED.origin, origin_lsn = EXCLUDED.origin_lsn;
         END IF;
         IF NOT pgferry.ddl_stays_local() THEN
         PERFORM pg_logical_emit_message(true, 'pgferry.ddl', jsonb_build_object(
@@ -681,7 +687,17 @@ pub enum OnTarget {
 /// gone. A column the op adds that exists with another type is a difference, reported rather
 /// than skipped (`ADD COLUMN IF NOT EXISTS` would leave the two schemas apart in silence).
 /// Everything else runs as before, and fails as before where it cannot.
-pub fn on_target(op: &DdlOp, table: Option<TableShape<'_>>) -> OnTarget {
+///
+/// `moved`: where the column the op names, missing here, went in a rename or drop made here
+/// that the op's node had not seen (`Some(None)` dropped, `Some(Some(name))` renamed), if so:
+/// the op is then the first step of a migration both nodes ran while apart (add a column,
+/// then rename or drop it; widen it, then rename it), already made here with the later steps.
+/// A change the op's node had seen is a new column that reuses the name, and runs.
+pub fn on_target(
+    op: &DdlOp,
+    table: Option<TableShape<'_>>,
+    moved: Option<Option<&str>>,
+) -> OnTarget {
     let Some(t) = table else {
         return match op {
             DdlOp::DropTable => OnTarget::Already,
@@ -689,8 +705,24 @@ pub fn on_target(op: &DdlOp, table: Option<TableShape<'_>>) -> OnTarget {
         };
     };
     let has = |c: &str| t.columns.iter().any(|x| x == c);
+    // The op's column, missing here, is already here under its later name (or gone) with
+    // this type.
+    let moved_with = |name: &str, ty: &str| {
+        !has(name)
+            && match moved {
+                Some(None) => true,
+                Some(Some(to)) => t.type_of(to) == Some(ty),
+                None => false,
+            }
+    };
     match op {
         DdlOp::CreateTable { .. } => OnTarget::Already,
+        DdlOp::AddColumn { column } if moved_with(&column.name, &column.type_name) => {
+            OnTarget::Already
+        }
+        DdlOp::AlterColumnType { name, type_name } if moved_with(name, type_name) => {
+            OnTarget::Already
+        }
         DdlOp::AddColumn { column } => match t.type_of(&column.name) {
             None => OnTarget::Apply,
             Some(ty) if ty == column.type_name => OnTarget::Already,
@@ -1058,10 +1090,10 @@ mod tests {
         /// same change made there too), so making it twice changes nothing.
         #[test]
         fn ops_are_recognized_once_made((before, op) in model_and_op()) {
-            proptest::prop_assert_eq!(on_target(&op, Some(before.shape())), OnTarget::Apply);
+            proptest::prop_assert_eq!(on_target(&op, Some(before.shape()), None), OnTarget::Apply);
             let mut after = before.clone();
             after.apply(&op);
-            proptest::prop_assert_eq!(on_target(&op, Some(after.shape())), OnTarget::Already);
+            proptest::prop_assert_eq!(on_target(&op, Some(after.shape()), None), OnTarget::Already);
         }
     }
 
@@ -1112,6 +1144,39 @@ mod tests {
     }
 
     #[test]
+    fn the_first_steps_of_a_migration_made_here_too_are_already_made() {
+        let model = Model {
+            columns: vec!["id".into(), "m".into(), "w".into()],
+            types: vec!["integer".into(), "integer".into(), "bigint".into()],
+            key: vec!["id".into()],
+        };
+        let add = DdlOp::AddColumn {
+            column: col(4, "n", "integer"),
+        };
+        let on = |op: &DdlOp, moved| on_target(op, Some(model.shape()), moved);
+        // Added, then renamed (or dropped) here, unseen by the op's node: already made.
+        assert_eq!(on(&add, Some(Some("m"))), OnTarget::Already);
+        assert_eq!(on(&add, Some(None)), OnTarget::Already);
+        // Renamed to a column of another type (the op's is not that column), or not moved:
+        // a column to add.
+        assert_eq!(on(&add, Some(Some("w"))), OnTarget::Apply);
+        assert_eq!(on(&add, None), OnTarget::Apply);
+        // Widened, then renamed here.
+        let widen = DdlOp::AlterColumnType {
+            name: "c".into(),
+            type_name: "bigint".into(),
+        };
+        assert_eq!(on(&widen, Some(Some("w"))), OnTarget::Already);
+        assert_eq!(on(&widen, Some(Some("m"))), OnTarget::Apply);
+        assert_eq!(on(&widen, None), OnTarget::Apply);
+        // A column that is here is judged by what it is, wherever a name went.
+        let add_m = DdlOp::AddColumn {
+            column: col(4, "m", "integer"),
+        };
+        assert_eq!(on(&add_m, Some(Some("w"))), OnTarget::Already);
+    }
+
+    #[test]
     fn a_column_added_with_another_type_is_a_difference() {
         let model = Model {
             columns: vec!["id".into(), "x".into()],
@@ -1121,7 +1186,7 @@ mod tests {
         let add = DdlOp::AddColumn {
             column: col(3, "x", "integer"),
         };
-        match on_target(&add, Some(model.shape())) {
+        match on_target(&add, Some(model.shape()), None) {
             OnTarget::Differs(why) => assert!(
                 why.contains("column x exists here as text") && why.contains("adds it as integer"),
                 "{why}"
@@ -1129,8 +1194,8 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // Missing tables: only a drop is already made; the rest runs (and fails as before).
-        assert_eq!(on_target(&DdlOp::DropTable, None), OnTarget::Already);
-        assert_eq!(on_target(&add, None), OnTarget::Apply);
+        assert_eq!(on_target(&DdlOp::DropTable, None, None), OnTarget::Already);
+        assert_eq!(on_target(&add, None, None), OnTarget::Apply);
         let create = DdlOp::CreateTable {
             columns: vec![col(1, "id", "integer")],
             key: vec!["id".into()],
@@ -1138,8 +1203,11 @@ mod tests {
             partition_of: None,
             partition_by: None,
         };
-        assert_eq!(on_target(&create, Some(model.shape())), OnTarget::Already);
-        assert_eq!(on_target(&create, None), OnTarget::Apply);
+        assert_eq!(
+            on_target(&create, Some(model.shape()), None),
+            OnTarget::Already
+        );
+        assert_eq!(on_target(&create, None, None), OnTarget::Apply);
     }
 
     fn col(attnum: i32, name: &str, ty: &str) -> DdlColumn {

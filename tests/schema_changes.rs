@@ -995,8 +995,10 @@ async fn rows_written_without_a_new_column_win_whole() {
 /// The same schema changes made on several multi-master nodes while they were apart (each
 /// device running the app's migration offline): each change is applied once on every node,
 /// recognized as already made where it was made too, and nothing is refused or
-/// dead-lettered. A random migration: per existing column kept, dropped, renamed or widened,
-/// new columns with and without a DEFAULT, filled by the migration too, in random order, one
+/// dead-lettered. A random migration: per existing column kept, dropped, renamed, widened, or
+/// widened and then renamed, new columns with and without a DEFAULT (some renamed after they
+/// were added: a node that made the same two steps recognizes the first as made, its column
+/// under the later name), filled by the migration too, in random order, one
 /// transaction or one per statement; run on a random two or three of the three nodes, all
 /// pgferrys down meanwhile and writers on every node. Every node ends with the migration's
 /// columns and the same rows; a node that did not run it applied each change exactly once.
@@ -1025,7 +1027,7 @@ async fn the_same_changes_made_on_nodes_apart_apply_once() {
     let (mut steps, mut fills) = (Vec::new(), Vec::new());
     for i in 0..4 {
         let c = format!("c{i}");
-        match rng.range(0, 4) {
+        match rng.range(0, 5) {
             0 => model.push((c, "integer")),
             1 => steps.push(format!("ALTER TABLE kv DROP COLUMN {c}")),
             2 => {
@@ -1033,12 +1035,23 @@ async fn the_same_changes_made_on_nodes_apart_apply_once() {
                 fills.push(format!("UPDATE kv SET r{i} = k + {i} WHERE k >= 1000"));
                 model.push((format!("r{i}"), "integer"));
             }
-            _ => {
+            3 => {
                 steps.push(format!("ALTER TABLE kv ALTER COLUMN {c} TYPE bigint"));
                 fills.push(format!(
                     "UPDATE kv SET {c} = k * 10000000000 + {i} WHERE k >= 1000"
                 ));
                 model.push((c, "bigint"));
+            }
+            _ => {
+                // Two steps on one column: widened, then renamed.
+                steps.push(format!(
+                    "ALTER TABLE kv ALTER COLUMN {c} TYPE bigint; \
+                     ALTER TABLE kv RENAME COLUMN {c} TO w{i}"
+                ));
+                fills.push(format!(
+                    "UPDATE kv SET w{i} = k * 10000000000 + {i} WHERE k >= 1000"
+                ));
+                model.push((format!("w{i}"), "bigint"));
             }
         }
     }
@@ -1048,9 +1061,26 @@ async fn the_same_changes_made_on_nodes_apart_apply_once() {
         } else {
             String::new()
         };
-        steps.push(format!("ALTER TABLE kv ADD COLUMN n{j} int{default}"));
+        // Sometimes two steps on one new column: added, then renamed.
+        let (step, name) = if rng.chance(0.5) {
+            (
+                format!(
+                    "ALTER TABLE kv ADD COLUMN n{j} int{default}; \
+                     ALTER TABLE kv RENAME COLUMN n{j} TO m{j}"
+                ),
+                format!("m{j}"),
+            )
+        } else {
+            (
+                format!("ALTER TABLE kv ADD COLUMN n{j} int{default}"),
+                format!("n{j}"),
+            )
+        };
+        steps.push(step);
         if rng.chance(0.5) {
-            fills.push(format!("UPDATE kv SET n{j} = k * 7 + {j} WHERE k >= 1000"));
+            fills.push(format!(
+                "UPDATE kv SET {name} = k * 7 + {j} WHERE k >= 1000"
+            ));
         }
     }
     for i in (1..steps.len()).rev() {
@@ -1060,10 +1090,19 @@ async fn the_same_changes_made_on_nodes_apart_apply_once() {
     for step in &steps {
         if let Some(rest) = step.strip_prefix("ALTER TABLE kv ADD COLUMN ") {
             let name = rest.split(' ').next().unwrap_or_default();
+            let renamed = format!("RENAME COLUMN {name} TO ");
+            let name = match step.split_once(&renamed) {
+                Some((_, to)) => to.trim(),
+                None => name,
+            };
             model.push((name.to_owned(), "integer"));
         }
     }
-    let made_by = steps.len() as f64;
+    // Each statement is a schema change.
+    let made_by = steps
+        .iter()
+        .map(|s| s.matches("ALTER TABLE").count())
+        .sum::<usize>() as f64;
     steps.extend(fills);
     let mut runners: Vec<usize> = (0..3).filter(|_| rng.chance(0.5)).collect();
     while runners.len() < 2 {

@@ -399,7 +399,72 @@ const DDL_HISTORY: &str = "CREATE TABLE IF NOT EXISTS pgferry.ddl_history (
     old_name text NOT NULL,
     new_name text,
     at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (table_name, old_name))";
+    origin text,
+    origin_lsn pg_lsn,
+    PRIMARY KEY (table_name, old_name));
+DO $$ BEGIN
+    -- A table of an earlier pgferry (added only where missing: DDL capture's own table is
+    -- not this role's to alter, and capture adds them there).
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                    WHERE attrelid = 'pgferry.ddl_history'::regclass AND attname = 'origin_lsn') THEN
+        ALTER TABLE pgferry.ddl_history ADD COLUMN origin text, ADD COLUMN origin_lsn pg_lsn;
+    END IF;
+END $$";
+
+/// A rename or drop recorded in `pgferry.ddl_history`, with where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnMove {
+    /// The new name; `None`: dropped.
+    pub to: Option<String>,
+    /// The node whose change it was; `None`: made on this database.
+    pub origin: Option<String>,
+    /// Its commit LSN on that node (for a change made here, the WAL position when it was
+    /// made); `None` when an earlier pgferry recorded it.
+    pub lsn: Option<Lsn>,
+}
+
+/// Renames and drops of `schema.table`'s columns recorded here, by old name, with their
+/// origins (empty when none were recorded).
+pub async fn column_moves(
+    client: &Client,
+    qualified: &str,
+) -> Result<HashMap<String, ColumnMove>, tokio_postgres::Error> {
+    let with_origin: Option<bool> = client
+        .query_one(
+            "SELECT CASE WHEN to_regclass('pgferry.ddl_history') IS NOT NULL THEN
+                    EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'pgferry.ddl_history'::regclass
+                               AND attname = 'origin_lsn' AND NOT attisdropped) END",
+            &[],
+        )
+        .await?
+        .get(0);
+    let sql = match with_origin {
+        None => return Ok(HashMap::new()),
+        Some(true) => {
+            "SELECT old_name, new_name, origin, origin_lsn::text FROM pgferry.ddl_history
+              WHERE table_name = $1"
+        }
+        Some(false) => {
+            "SELECT old_name, new_name, NULL::text, NULL::text FROM pgferry.ddl_history
+              WHERE table_name = $1"
+        }
+    };
+    let rows = client.query(sql, &[&qualified]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let lsn: Option<String> = r.get(3);
+            (
+                r.get(0),
+                ColumnMove {
+                    to: r.get(1),
+                    origin: r.get(2),
+                    lsn: lsn.and_then(|l| l.parse().ok()),
+                },
+            )
+        })
+        .collect())
+}
 
 /// The column history of `schema.table` (empty when none was recorded).
 pub async fn column_history(
@@ -435,19 +500,28 @@ pub fn follow(history: &HashMap<String, Option<String>>, column: &str) -> Option
     Some(at)
 }
 
-/// Records a rename or drop applied to `schema.table` on this target.
+/// Records a rename or drop applied to `schema.table` on this target: the change of node
+/// `origin` committed at `origin_lsn` there.
 pub async fn record_column_history(
     client: &Client,
     qualified: &str,
-    old_name: &str,
-    new_name: Option<&str>,
+    (old_name, new_name): (&str, Option<&str>),
+    (origin, origin_lsn): (&str, Lsn),
 ) -> Result<(), tokio_postgres::Error> {
     client.batch_execute(DDL_HISTORY).await?;
     client
         .execute(
-            "INSERT INTO pgferry.ddl_history (table_name, old_name, new_name) VALUES ($1, $2, $3)
-             ON CONFLICT (table_name, old_name) DO UPDATE SET new_name = EXCLUDED.new_name, at = now()",
-            &[&qualified, &old_name, &new_name],
+            "INSERT INTO pgferry.ddl_history (table_name, old_name, new_name, origin, origin_lsn)
+             VALUES ($1, $2, $3, $4, $5::text::pg_lsn)
+             ON CONFLICT (table_name, old_name) DO UPDATE SET new_name = EXCLUDED.new_name,
+                at = now(), origin = EXCLUDED.origin, origin_lsn = EXCLUDED.origin_lsn",
+            &[
+                &qualified,
+                &old_name,
+                &new_name,
+                &origin,
+                &origin_lsn.to_string(),
+            ],
         )
         .await
         .map(drop)

@@ -1213,6 +1213,11 @@ impl Worker {
             // same schema change made on two nodes) has then committed it, and this one finds
             // it made instead of making it a second time.
             let target_name = crate::sql::qualified(&schema, &table);
+            // The node the change came from, and this one.
+            let nodes = (
+                self.settings.node.as_str(),
+                self.settings.local_node.as_str(),
+            );
             let run = async {
                 client
                     .batch_execute(&format!(
@@ -1245,7 +1250,21 @@ impl Worker {
                         types: &t.types,
                         key: &t.key,
                     });
-                    let present = crate::ddl::on_target(op, shape);
+                    let moved = match (op, &described) {
+                        (
+                            crate::ddl::DdlOp::AddColumn {
+                                column: crate::ddl::DdlColumn { name: column, .. },
+                            }
+                            | crate::ddl::DdlOp::AlterColumnType { name: column, .. },
+                            Some(t),
+                        ) if !t.columns.contains(column) => {
+                            let moves = target::column_moves(client, &name).await?;
+                            unseen_move(&moves, column, &ddl.applied, nodes)
+                        }
+                        _ => None,
+                    };
+                    let present =
+                        crate::ddl::on_target(op, shape, moved.as_ref().map(Option::as_deref));
                     if present == crate::ddl::OnTarget::Apply {
                         client.batch_execute(&statement).await?;
                     }
@@ -1309,9 +1328,14 @@ impl Worker {
                         _ => None,
                     };
                     if let Some((from, to)) = followed {
-                        target::record_column_history(client, &name, &from, to.as_deref())
-                            .await
-                            .map_err(ApplyError::sql("recording pgferry.ddl_history"))?;
+                        target::record_column_history(
+                            client,
+                            &name,
+                            (&from, to.as_deref()),
+                            (&self.settings.node, commit_lsn),
+                        )
+                        .await
+                        .map_err(ApplyError::sql("recording pgferry.ddl_history"))?;
                     }
                     if let crate::ddl::DdlOp::CreateTable { .. } = op {
                         self.announced_table(client, pending, &name);
@@ -2551,6 +2575,31 @@ impl Worker {
 
 /// Deadlock or serialisation failure: the transaction can simply be replayed.
 /// A random pause of up to half a second.
+/// Where `column` (missing on the target) went in a rename or drop recorded here that the
+/// node of a schema change had not seen when it made the change, followed to its latest name
+/// (`Some(None)`: dropped): what [`crate::ddl::on_target`] takes as `moved`. `applied` is what
+/// that node had applied from each node then; `nodes` is (that node, this target's node). A
+/// move made by that node itself, or by a node whose change it had applied, or recorded
+/// without an origin (by an earlier pgferry), was seen: the change then reuses the name.
+fn unseen_move(
+    moves: &HashMap<String, target::ColumnMove>,
+    column: &str,
+    applied: &std::collections::BTreeMap<String, Lsn>,
+    (source, local): (&str, &str),
+) -> Option<Option<String>> {
+    let first = moves.get(column)?;
+    let lsn = first.lsn?;
+    let origin = first.origin.as_deref().unwrap_or(local);
+    if origin == source || applied.get(origin).is_some_and(|had| *had >= lsn) {
+        return None;
+    }
+    let history: HashMap<String, Option<String>> = moves
+        .iter()
+        .map(|(old, m)| (old.clone(), m.to.clone()))
+        .collect();
+    target::follow(&history, column)
+}
+
 fn replay_pause() -> Duration {
     use std::hash::{BuildHasher, Hasher};
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
@@ -2720,6 +2769,75 @@ impl Answers<'_> {
 #[cfg(test)]
 mod tests {
     use super::{commit_ts_of, named_table};
+
+    #[test]
+    fn a_move_counts_only_where_the_changes_node_had_not_seen_it() {
+        use super::{target::ColumnMove, unseen_move};
+        use std::collections::{BTreeMap, HashMap};
+        let lsn = |s: &str| s.parse::<crate::lsn::Lsn>().unwrap();
+        let moves = |origin: Option<&str>, at: Option<&str>| -> HashMap<String, ColumnMove> {
+            [
+                (
+                    "n".to_owned(),
+                    ColumnMove {
+                        to: Some("m".to_owned()),
+                        origin: origin.map(str::to_owned),
+                        lsn: at.map(lsn),
+                    },
+                ),
+                (
+                    "m".to_owned(),
+                    ColumnMove {
+                        to: Some("z".to_owned()),
+                        origin: None,
+                        lsn: Some(lsn("0/500")),
+                    },
+                ),
+            ]
+            .into_iter()
+            .collect()
+        };
+        let applied = |pairs: &[(&str, &str)]| -> BTreeMap<String, crate::lsn::Lsn> {
+            pairs
+                .iter()
+                .map(|(n, l)| ((*n).to_owned(), lsn(l)))
+                .collect()
+        };
+        let nodes = ("b", "a");
+        // Renamed here (n → m → z), b had not applied it: followed to the end.
+        let here = moves(None, Some("0/100"));
+        assert_eq!(
+            unseen_move(&here, "n", &applied(&[]), nodes),
+            Some(Some("z".to_owned()))
+        );
+        assert_eq!(
+            unseen_move(&here, "n", &applied(&[("a", "0/99")]), nodes),
+            Some(Some("z".to_owned()))
+        );
+        // b had applied it: b's change reuses the name.
+        assert_eq!(
+            unseen_move(&here, "n", &applied(&[("a", "0/100")]), nodes),
+            None
+        );
+        // Made by b itself, or recorded without an origin: seen.
+        assert_eq!(
+            unseen_move(&moves(Some("b"), Some("0/100")), "n", &applied(&[]), nodes),
+            None
+        );
+        assert_eq!(
+            unseen_move(&moves(None, None), "n", &applied(&[]), nodes),
+            None
+        );
+        // A third node's change, by what b had applied from it.
+        let third = moves(Some("c"), Some("0/100"));
+        assert!(unseen_move(&third, "n", &applied(&[("c", "0/50")]), nodes).is_some());
+        assert_eq!(
+            unseen_move(&third, "n", &applied(&[("c", "0/200")]), nodes),
+            None
+        );
+        // A name never moved here.
+        assert_eq!(unseen_move(&here, "q", &applied(&[]), nodes), None);
+    }
 
     #[test]
     fn item_facts_read_both_item_shapes() {
