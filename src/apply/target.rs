@@ -431,8 +431,11 @@ pub async fn column_moves(
 ) -> Result<HashMap<String, ColumnMove>, tokio_postgres::Error> {
     let with_origin: Option<bool> = client
         .query_one(
+            // to_regclass, not a ::regclass literal: a literal is resolved when the query is
+            // planned, and fails where the table does not exist (a replica without renames).
             "SELECT CASE WHEN to_regclass('pgferry.ddl_history') IS NOT NULL THEN
-                    EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'pgferry.ddl_history'::regclass
+                    EXISTS (SELECT 1 FROM pg_attribute
+                             WHERE attrelid = to_regclass('pgferry.ddl_history')
                                AND attname = 'origin_lsn' AND NOT attisdropped) END",
             &[],
         )
