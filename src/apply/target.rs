@@ -469,25 +469,21 @@ pub async fn column_moves(
         .collect())
 }
 
-/// The column history of `schema.table` (empty when none was recorded).
+/// The column history of `schema.table`: old name → new name (`None`: dropped), empty when
+/// none was recorded ([`column_moves`] without the origins).
 pub async fn column_history(
     client: &Client,
     qualified: &str,
 ) -> Result<HashMap<String, Option<String>>, tokio_postgres::Error> {
-    let exists: bool = client
-        .query_one("SELECT to_regclass('pgferry.ddl_history') IS NOT NULL", &[])
-        .await?
-        .get(0);
-    if !exists {
-        return Ok(HashMap::new());
-    }
-    let rows = client
-        .query(
-            "SELECT old_name, new_name FROM pgferry.ddl_history WHERE table_name = $1",
-            &[&qualified],
-        )
-        .await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    Ok(renames(&column_moves(client, qualified).await?))
+}
+
+/// The old name → new name map of `moves`, as [`follow`] walks it.
+pub fn renames(moves: &HashMap<String, ColumnMove>) -> HashMap<String, Option<String>> {
+    moves
+        .iter()
+        .map(|(old, m)| (old.clone(), m.to.clone()))
+        .collect()
 }
 
 /// Where `column` went: `Some(Some(name))` renamed (following chains), `Some(None)` dropped,

@@ -2573,8 +2573,6 @@ impl Worker {
     }
 }
 
-/// Deadlock or serialisation failure: the transaction can simply be replayed.
-/// A random pause of up to half a second.
 /// Where `column` (missing on the target) went in a rename or drop recorded here that the
 /// node of a schema change had not seen when it made the change, followed to its latest name
 /// (`Some(None)`: dropped): what [`crate::ddl::on_target`] takes as `moved`. `applied` is what
@@ -2593,13 +2591,10 @@ fn unseen_move(
     if origin == source || applied.get(origin).is_some_and(|had| *had >= lsn) {
         return None;
     }
-    let history: HashMap<String, Option<String>> = moves
-        .iter()
-        .map(|(old, m)| (old.clone(), m.to.clone()))
-        .collect();
-    target::follow(&history, column)
+    target::follow(&target::renames(moves), column)
 }
 
+/// A random pause of up to half a second.
 fn replay_pause() -> Duration {
     use std::hash::{BuildHasher, Hasher};
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
@@ -2607,6 +2602,7 @@ fn replay_pause() -> Duration {
     Duration::from_millis(hasher.finish() % 500)
 }
 
+/// Deadlock or serialisation failure: the transaction can simply be replayed.
 fn is_lock_conflict(e: &tokio_postgres::Error) -> bool {
     e.code().is_some_and(|c| {
         *c == tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED

@@ -858,13 +858,8 @@ pub(super) fn full_after(
     (columns, values)
 }
 
-/// The target columns a remote row does not carry: every column of the table but those its
-/// full new row writes (`written`), those it keeps from the old row without sending them
-/// (`unchanged_toast`, should the old image lack one), and those no write sets (generated, and
-/// `GENERATED ALWAYS AS IDENTITY` outside the key). The row's node did not have them when it
-/// wrote it; its own row got, when each reached it, the value the ADD COLUMN gave existing
-/// rows. Where that value is known ([`TargetTable::added`]) the row is written with it, else
-/// with the column's DEFAULT ([`sql::WholeRow::defaults`]).
+/// The target columns a remote row does not carry, by what is written into them
+/// ([`not_carried`]).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(super) struct NotCarried {
     /// Columns written as their DEFAULT.
@@ -873,6 +868,13 @@ pub(super) struct NotCarried {
     pub(super) added: Vec<(String, Option<String>)>,
 }
 
+/// The target columns a remote row does not carry: every column of the table but those its
+/// full new row writes (`written`), those it keeps from the old row without sending them
+/// (`unchanged_toast`, should the old image lack one), and those no write sets (generated, and
+/// `GENERATED ALWAYS AS IDENTITY` outside the key). The row's node did not have them when it
+/// wrote it; its own row got, when each reached it, the value the ADD COLUMN gave existing
+/// rows. Where that value is known ([`TargetTable::added`]) the row is written with it, else
+/// with the column's DEFAULT ([`sql::WholeRow::defaults`]).
 pub(super) fn not_carried(
     table: &TargetTable,
     written: &[String],
