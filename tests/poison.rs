@@ -4,12 +4,11 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::broker::Broker;
-use common::ferry::{apply_config, capture_config, pgferry_bin, Ferry};
+use common::ferry::{apply_config, capture_config, cli, Ferry};
 use common::kafka::TopicReader;
 use common::pg::{first_column, table_checksum, PgCluster};
 use tokio_postgres::Client;
@@ -66,22 +65,6 @@ async fn wait_equal(master: &Client, replica: &Client, table: &str, timeout: Dur
         },
     )
     .await;
-}
-
-/// Runs `pgferry <args>` and returns (exit code, stdout).
-fn cli(args: &[&str]) -> (i32, String) {
-    let out = Command::new(pgferry_bin())
-        .args(args)
-        .output()
-        .expect("run pgferry");
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
 }
 
 /// Acceptance 2: a 16 MB row (text, and bytea whose base64 is 21 MB) replicates with the

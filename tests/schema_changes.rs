@@ -1718,3 +1718,168 @@ async fn dropped_tables_follow_apply_drop_tables() {
     }
     drop(capture);
 }
+
+/// A schema change the replica refuses (an ADD COLUMN of a type the replica lacks) parks its
+/// table only: the change and every later change of that table are dead-lettered, in order,
+/// while the other tables (one with a schema change of its own) keep replicating under the
+/// writer. Once the operator creates the type on the replica, `pgferry dead-letters replay`
+/// applies the schema change and the parked rows, and the table is exact. Before, the first
+/// row carrying the new column stopped every table's changes until someone added it by hand.
+/// Random tables, rows, writes and parked table, by seed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_schema_change_parks_its_table_only() {
+    let pg = PgCluster::shared();
+    let seed = seed();
+    eprintln!("seed {seed} (DDL_SEED)");
+    let mut rng = Rng::new(seed ^ 0xbad);
+    let tables = rng.range(3, 6) as usize;
+    let parked = rng.range(0, tables as i64) as usize;
+    let changed = (parked + rng.range(1, tables as i64) as usize) % tables;
+    let ddl: String = (0..tables)
+        .map(|t| format!("CREATE TABLE t{t} (k int PRIMARY KEY, v int NOT NULL, note text);"))
+        .collect();
+    let (master, m) = pg.fresh_db("park", &ddl).await;
+    let (replica, r) = pg.fresh_db("park_r", &ddl).await;
+    for t in 0..tables {
+        let rows = rng.range(50, 300);
+        m.batch_execute(&format!(
+            "INSERT INTO t{t} SELECT g, g, 'n' FROM generate_series(1, {rows}) g"
+        ))
+        .await
+        .unwrap();
+    }
+    let capture = Ferry::capture(pg, &master, &broker().address(), "");
+    let applier = Ferry::applier(&master, &[pg.url(&replica)], &broker().address(), "");
+    capture.wait_ready().await;
+    for t in 0..tables {
+        wait_same(&m, &r, &format!("t{t}"), Duration::from_secs(60)).await;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = spawn_writer(master.clone(), seed, stop.clone(), move |rng| {
+        let (t, k) = (rng.range(0, tables as i64), rng.range(1, 400));
+        match rng.range(0, 10) {
+            0 => format!("DELETE FROM t{t} WHERE k = {k}"),
+            1 => format!("INSERT INTO t{t} (k, v) VALUES ({k}, 0) ON CONFLICT (k) DO NOTHING"),
+            _ => format!("UPDATE t{t} SET v = v + 1, note = 'w' WHERE k = {k}"),
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let label = rng.range(0, 1000);
+    run_step(
+        &m,
+        &format!(
+            "CREATE TYPE mood AS ENUM ('calm', 'glad', 'm{label}');
+             ALTER TABLE t{parked} ADD COLUMN mood mood DEFAULT 'calm'"
+        ),
+    )
+    .await;
+    run_step(
+        &m,
+        &format!(
+            "UPDATE t{parked} SET mood = 'm{label}' WHERE k % 3 = {}",
+            label % 3
+        ),
+    )
+    .await;
+    run_step(
+        &m,
+        &format!("ALTER TABLE t{changed} ADD COLUMN extra int DEFAULT {label}"),
+    )
+    .await;
+    // The other tables follow while the writer goes on: a row written to each after the
+    // refused change (and after rows of the parked table) reaches the replica.
+    let others: Vec<usize> = (0..tables).filter(|&t| t != parked).collect();
+    for t in &others {
+        run_step(
+            &m,
+            &format!("INSERT INTO t{t} (k, v) VALUES (100000, {label})"),
+        )
+        .await;
+    }
+    common::wait_for(
+        "the tables beside the parked one to follow the writer",
+        Duration::from_secs(60),
+        || async {
+            for t in &others {
+                let sql = format!("SELECT 1 FROM t{t} WHERE k = 100000");
+                r.query_opt(&sql, &[]).await.ok()??;
+            }
+            Some(())
+        },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let writes = writer.await.unwrap();
+    assert!(writes > 20, "the writer must run ({writes})");
+    for t in &others {
+        wait_same(&m, &r, &format!("t{t}"), Duration::from_secs(60)).await;
+    }
+    let parked_table = format!("t{parked}");
+    assert_ne!(
+        try_table_checksum(&m, &parked_table).await,
+        try_table_checksum(&r, &parked_table).await,
+        "the parked table cannot be exact before the replay"
+    );
+    let letters: i64 = r
+        .query_one(
+            "SELECT count(*) FROM pgferry.dead_letters WHERE table_name = $1 AND resolved_at IS NULL",
+            &[&format!("public.{parked_table}")],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        letters >= 2,
+        "the schema change and the rows after it ({letters})"
+    );
+    let elsewhere: i64 = r
+        .query_one(
+            "SELECT count(*) FROM pgferry.dead_letters WHERE table_name <> $1",
+            &[&format!("public.{parked_table}")],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        elsewhere, 0,
+        "only the parked table's changes are dead-lettered"
+    );
+    // The operator's fix. Then either the next change of the table finds it fixed (the worker
+    // tries the parked letters again every few seconds), or the operator replays them.
+    r.batch_execute(&format!(
+        "CREATE TYPE mood AS ENUM ('calm', 'glad', 'm{label}')"
+    ))
+    .await
+    .unwrap();
+    if rng.chance(0.5) {
+        eprintln!("the worker unparks the table");
+        m.batch_execute(&format!(
+            "UPDATE {parked_table} SET mood = 'glad' WHERE k = (SELECT min(k) FROM {parked_table})"
+        ))
+        .await
+        .unwrap();
+    } else {
+        eprintln!("the operator replays");
+        let config = applier.config_path.to_str().unwrap();
+        let (code, out) =
+            common::ferry::cli(&["dead-letters", "replay", "--config", config, "--all"]);
+        assert_eq!(code, 0, "{out}");
+        assert_eq!(out.lines().count(), letters as usize, "{out}");
+    }
+    wait_same(&m, &r, &parked_table, Duration::from_secs(60)).await;
+    let unresolved: i64 = r
+        .query_one(
+            "SELECT count(*) FROM pgferry.dead_letters WHERE resolved_at IS NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(unresolved, 0, "every parked letter is replayed");
+    // The table follows again.
+    m.batch_execute(&format!("DELETE FROM {parked_table} WHERE k % 2 = 0"))
+        .await
+        .unwrap();
+    wait_same(&m, &r, &parked_table, Duration::from_secs(60)).await;
+    drop(capture);
+}

@@ -82,16 +82,12 @@ pub async fn read(
     }
     let rows = client
         .query(
-            // `item` and `item_row` through to_jsonb: a target whose table predates the
-            // columns (no apply worker of this version has started there yet) reads as 0.
-            "SELECT id, source_node, stage, table_name, topic, kafka_offset, lsn, error, payload,
-                    created_at::text, resolution, coalesce((to_jsonb(d) ->> 'item')::int, 0),
-                    coalesce((to_jsonb(d) ->> 'item_row')::int, 0)
-               FROM pgferry.dead_letters AS d
-              WHERE ($1 OR resolved_at IS NULL)
-                AND (cardinality($2::int8[]) = 0 OR id = ANY($2))
-                AND ($3::text IS NULL OR table_name = $3)
-              ORDER BY id",
+            &format!(
+                "{COLUMNS} WHERE ($1 OR resolved_at IS NULL)
+                   AND (cardinality($2::int8[]) = 0 OR id = ANY($2))
+                   AND ($3::text IS NULL OR table_name = $3)
+                 ORDER BY id"
+            ),
             &[
                 &selection.include_resolved,
                 &selection.ids,
@@ -99,24 +95,77 @@ pub async fn read(
             ],
         )
         .await?;
-    Ok(rows
-        .iter()
-        .map(|r| StoredDeadLetter {
-            id: r.get(0),
-            node: r.get(1),
-            stage: r.get(2),
-            table: r.get(3),
-            topic: r.get(4),
-            offset: r.get(5),
-            lsn: r.get(6),
-            error: r.get(7),
-            payload: r.get(8),
-            created_at: r.get(9),
-            resolution: r.get(10),
-            item: r.get(11),
-            item_row: r.get(12),
-        })
-        .collect())
+    Ok(rows.iter().map(letter).collect())
+}
+
+/// What [`read`] and [`parked`] select. `item` and `item_row` through to_jsonb: a target
+/// whose table predates the columns (no apply worker of this version has started there yet)
+/// reads as 0.
+const COLUMNS: &str = "SELECT id, source_node, stage, table_name, topic, kafka_offset, lsn, error,
+        payload, created_at::text, resolution, coalesce((to_jsonb(d) ->> 'item')::int, 0),
+        coalesce((to_jsonb(d) ->> 'item_row')::int, 0)
+   FROM pgferry.dead_letters AS d";
+
+fn letter(r: &tokio_postgres::Row) -> StoredDeadLetter {
+    StoredDeadLetter {
+        id: r.get(0),
+        node: r.get(1),
+        stage: r.get(2),
+        table: r.get(3),
+        topic: r.get(4),
+        offset: r.get(5),
+        lsn: r.get(6),
+        error: r.get(7),
+        payload: r.get(8),
+        created_at: r.get(9),
+        resolution: r.get(10),
+        item: r.get(11),
+        item_row: r.get(12),
+    }
+}
+
+/// The reason of a change dead-lettered because its table is parked (see [`PARKED_LETTERS`]).
+pub const PARKED: &str = "parked behind a schema change of its table that the target refused";
+
+/// Unresolved apply-stage letters of node `$1` that park their table: a schema change the
+/// target refused, and every change of the table after it ([`PARKED`]). While a table has
+/// one, each later change of it is parked too, so that nothing of the table applies out of
+/// order; the apply worker tries the letters again now and then, and once they all apply,
+/// the table resumes (apply's `Worker::unpark_due`).
+const PARKED_LETTERS: &str = "source_node = $1 AND stage = 'apply' AND resolved_at IS NULL
+    AND (error LIKE 'schema change of %' OR error LIKE 'parked behind %')";
+
+/// Tables with letters that park them (see [`PARKED`]).
+pub async fn parked_tables(
+    client: &Client,
+    node: &str,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT DISTINCT table_name FROM pgferry.dead_letters
+                  WHERE {PARKED_LETTERS} AND table_name IS NOT NULL"
+            ),
+            &[&node],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// The letters that park `table`, oldest first, locked until the transaction ends (a
+/// `pgferry dead-letters replay` of the same letters waits, then finds them resolved).
+pub async fn parked(
+    client: &Client,
+    node: &str,
+    table: &str,
+) -> Result<Vec<StoredDeadLetter>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            &format!("{COLUMNS} WHERE {PARKED_LETTERS} AND table_name = $2 ORDER BY id FOR UPDATE"),
+            &[&node, &table],
+        )
+        .await?;
+    Ok(rows.iter().map(letter).collect())
 }
 
 async fn connect(target: &TargetConfig) -> Result<Client, ApplyError> {
@@ -230,7 +279,8 @@ pub async fn replay(config: &Config, selection: &Selection) -> Result<(String, u
             };
             for (id, outcome) in worker::replay(settings, &letters).await? {
                 let _ = match outcome {
-                    Ok(()) => writeln!(out, "#{id}: replayed"),
+                    Ok(true) => writeln!(out, "#{id}: replayed"),
+                    Ok(false) => writeln!(out, "#{id}: resolved meanwhile (nothing to do)"),
                     Err(e) => {
                         failed += 1;
                         writeln!(out, "#{id}: not replayed: {}", ErrorChain(&e))

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use super::admit::{self, Admission};
 use super::contention::Contention;
 use super::copy;
-use super::dead_letters::StoredDeadLetter;
+use super::dead_letters::{self, StoredDeadLetter};
 use super::error::ApplyError;
 use super::multimaster;
 use super::params::json_to_text;
@@ -69,6 +69,9 @@ const LANE_LOCK_TIMEOUT: &str = "SET lock_timeout = '2s'";
 const DDL_LOCK_TIMEOUT: &str = "60s";
 /// How often a worker re-reads which of its target tables have unresolved dead letters.
 const DIVERGED_RECHECK: Duration = Duration::from_secs(10);
+/// How often a worker tries again the letters of a table parked behind a schema change the
+/// target refused ([`Worker::unpark_due`]).
+const PARK_RETRY: Duration = Duration::from_secs(5);
 /// How often an idle worker wakes to report liveness.
 const IDLE_BEAT: Duration = Duration::from_secs(1);
 /// How long a worker waits without a record, while the broker says there are more, before it
@@ -234,6 +237,11 @@ struct Worker {
     diverged: Vec<String>,
     /// When they were last read.
     diverged_checked: std::time::Instant,
+    /// Tables parked behind a schema change the target refused ([`dead_letters::PARKED`]),
+    /// as the target's open transaction has them, with when the worker last tried to unpark
+    /// each: every change of such a table is dead-lettered after it, so that none applies out
+    /// of order, until [`Worker::unpark_due`] applies them all.
+    parked: HashMap<String, std::time::Instant>,
 }
 
 /// What [`Worker::apply_carefully`] applies: one change, or snapshot rows.
@@ -419,7 +427,10 @@ async fn open(
         stall_checked: std::time::Instant::now(),
         diverged: Vec::new(),
         diverged_checked: std::time::Instant::now(),
+        parked: HashMap::new(),
     };
+    let mut worker = worker;
+    worker.reload_parked(&client).await?;
     Ok((worker, client))
 }
 
@@ -579,11 +590,13 @@ pub async fn run(
 /// Re-applies stored dead letters of one source node (`pgferry dead-letters replay`), each in
 /// its own target transaction that also marks it resolved. Any failure (the cause is still
 /// there) leaves that letter unresolved and is returned with it; `apply.on_poison` is `stop`
-/// here, so nothing is dead-lettered again.
+/// here, so nothing is dead-lettered again. `Ok(false)`: the letter was resolved meanwhile.
+/// Letters of a parked table apply here like the rest, oldest first (the apply worker, which
+/// tries them itself too, waits for each, then finds it resolved).
 pub async fn replay(
     mut settings: WorkerSettings,
     letters: &[StoredDeadLetter],
-) -> Result<Vec<(i64, Result<(), ApplyError>)>, ApplyError> {
+) -> Result<Vec<(i64, Result<bool, ApplyError>)>, ApplyError> {
     settings.apply.on_poison = OnPoison::Stop;
     let origin = target::origin_name(
         &format!("{}_replay", settings.node),
@@ -591,6 +604,7 @@ pub async fn replay(
     );
     let metrics = Arc::new(Metrics::new(&settings.local_node));
     let (mut worker, client) = open(settings, metrics, Health::default(), &origin).await?;
+    worker.parked.clear();
     let mut outcomes = Vec::with_capacity(letters.len());
     for letter in letters {
         let outcome = worker.replay_one(&client, letter).await;
@@ -729,6 +743,7 @@ impl Worker {
                         _ = tokio::time::sleep(IDLE_BEAT) => {
                             if !self.in_target_txn {
                                 self.refresh_diverged(client).await?;
+                                self.unpark_idle(client, pending).await?;
                             }
                             self.check_stall(consumer, topic)?;
                             continue;
@@ -924,6 +939,7 @@ impl Worker {
                         client.batch_execute("BEGIN").await.map(|_| 0)
                     }));
                     self.in_target_txn = true;
+                    self.unpark_due(client, pending).await?;
                 }
             }
             Step::Apply(change) if self.lww.is_some() => {
@@ -1030,6 +1046,8 @@ impl Worker {
                 .batch_execute("ROLLBACK")
                 .await
                 .map_err(ApplyError::sql("rolling back"))?;
+            // Tables parked in the rolled-back transaction are parked again by its replay.
+            self.reload_parked(client).await?;
         }
         for (lane, open) in self.lanes.iter().zip(self.lane_open.iter_mut()) {
             if *open {
@@ -1180,6 +1198,11 @@ impl Worker {
                 format!("schema change of {qualified}, a table this node stream never announced");
             return self.bad_message(client, message, &reason).await;
         }
+        if self.parked.contains_key(&qualified) {
+            return self
+                .bad_message(client, message, dead_letters::PARKED)
+                .await;
+        }
         self.send_rows(client, pending).await?;
         self.send_lww_rows(client, pending).await?;
         pending
@@ -1199,7 +1222,10 @@ impl Worker {
             if let Some(why) = self.ddl_refusal(&table, op) {
                 let reason = format!("schema change of {name}: {why}");
                 self.bad_message(client, message, &reason).await?;
-                continue;
+                // The table waits for it (its later ops are in the letter).
+                self.parked
+                    .insert(qualified.clone(), std::time::Instant::now());
+                break;
             }
             if matches!(op, crate::ddl::DdlOp::DropTable) && !self.settings.apply.drop_tables {
                 tracing::warn!(table = %name, "the source dropped this table; keeping it on the target (apply.drop_tables: false)");
@@ -1354,6 +1380,9 @@ impl Worker {
                 Some(why) => {
                     let reason = format!("schema change of {name}: {statement}: {why}");
                     self.bad_message(client, message, &reason).await?;
+                    self.parked
+                        .insert(qualified.clone(), std::time::Instant::now());
+                    break;
                 }
             }
         }
@@ -1758,6 +1787,11 @@ impl Worker {
                 self.bad_message(client, message, &reason).await?;
                 return Ok(None);
             }
+        }
+        if self.parked.contains_key(qualified) {
+            self.bad_message(client, message, dead_letters::PARKED)
+                .await?;
+            return Ok(None);
         }
         let names = (change.schema(), change.table());
         let Some(mut table) = self.table(client, qualified, names, false).await? else {
@@ -2476,8 +2510,38 @@ impl Worker {
         }
     }
 
-    /// One letter of [`replay`]: its change and the resolution, in one transaction.
+    /// Replays one letter in its own target transaction (`pgferry dead-letters replay`).
+    /// `false`: the letter was resolved meanwhile (by the apply worker, which applies a
+    /// parked table's letters itself, see [`Worker::unpark_due`]): nothing to do.
     async fn replay_one(
+        &mut self,
+        client: &Client,
+        letter: &StoredDeadLetter,
+    ) -> Result<bool, ApplyError> {
+        client
+            .batch_execute("BEGIN")
+            .await
+            .map_err(ApplyError::sql("beginning the replay"))?;
+        let open = client
+            .query_opt(
+                "SELECT 1 FROM pgferry.dead_letters WHERE id = $1 AND resolved_at IS NULL FOR UPDATE",
+                &[&letter.id],
+            )
+            .await
+            .map_err(ApplyError::sql("locking the letter"))?
+            .is_some();
+        if open {
+            self.replay_letter(client, letter).await?;
+        }
+        client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(ApplyError::sql("committing the replay"))?;
+        Ok(open)
+    }
+
+    /// Applies one letter's record in the open target transaction and marks it replayed.
+    async fn replay_letter(
         &mut self,
         client: &Client,
         letter: &StoredDeadLetter,
@@ -2497,11 +2561,6 @@ impl Worker {
         };
         let (_, item) = parse_framed(Some(payload.as_bytes()))
             .map_err(|e| refuse(&format!("its record does not parse: {e}")))?;
-        let work = match item {
-            StreamItem::Change(change) => Work::Change(change),
-            StreamItem::Rows(rows) => Work::Rows(rows),
-            _ => return Err(refuse("its record is not a change")),
-        };
         let commit_ts_us = commit_ts_of(payload.as_bytes()).unwrap_or_default();
         let record = RecordRef {
             topic: &letter.topic,
@@ -2511,18 +2570,31 @@ impl Worker {
             row: None,
             payload: Some(payload.as_bytes()),
         };
-        client
-            .batch_execute("BEGIN")
-            .await
-            .map_err(ApplyError::sql("beginning the replay"))?;
-        self.apply_and_wait(
-            client,
-            &mut InFlight::default(),
-            &record,
-            work,
-            commit_ts_us,
-        )
-        .await?;
+        let mut pending = InFlight::default();
+        match item {
+            StreamItem::Change(change) => {
+                let work = Work::Change(change);
+                self.apply_and_wait(client, &mut pending, &record, work, commit_ts_us)
+                    .await?
+            }
+            StreamItem::Rows(rows) => {
+                let work = Work::Rows(rows);
+                self.apply_and_wait(client, &mut pending, &record, work, commit_ts_us)
+                    .await?
+            }
+            // A schema change the target refused (a type it lacked, …): its ops again, each
+            // made or found made. Its commit LSN is not kept with the letter, so the move it
+            // records (multi-master) counts as seen by every node.
+            StreamItem::Ddl(ddl) => {
+                self.apply_ddl(client, &mut pending, &record, &ddl, Lsn::default())
+                    .await?;
+                pending
+                    .drain()
+                    .await
+                    .map_err(ApplyError::sql("replaying a schema change"))?;
+            }
+            _ => return Err(refuse("its record is neither a change nor a schema change")),
+        }
         client
             .execute(
                 "UPDATE pgferry.dead_letters SET resolved_at = now(), resolution = 'replayed'
@@ -2530,11 +2602,119 @@ impl Worker {
                 &[&letter.id],
             )
             .await
-            .map_err(ApplyError::sql("marking the letter resolved"))?;
+            .map_err(ApplyError::sql("marking the letter resolved"))
+            .map(drop)
+    }
+
+    /// Reads which tables are parked ([`Worker::parked`]) from the target.
+    async fn reload_parked(&mut self, client: &Client) -> Result<(), ApplyError> {
+        let tables = dead_letters::parked_tables(client, &self.settings.node)
+            .await
+            .map_err(ApplyError::sql("reading pgferry.dead_letters"))?;
+        let now = std::time::Instant::now();
+        let mut parked = HashMap::with_capacity(tables.len());
+        for table in tables {
+            // A table parked before keeps its last try; one newly read is tried at once.
+            let tried = self.parked.get(&table).copied().unwrap_or(now - PARK_RETRY);
+            parked.insert(table, tried);
+        }
+        self.parked = parked;
+        Ok(())
+    }
+
+    /// While the stream is idle, between target transactions: [`Worker::unpark_due`] in a
+    /// transaction of its own, so that a parked table resumes once its cause is fixed, not
+    /// only when the next change arrives.
+    async fn unpark_idle<'c>(
+        &mut self,
+        client: &'c Client,
+        pending: &mut InFlight<'c>,
+    ) -> Result<(), ApplyError> {
+        if !self.parked.values().any(|t| t.elapsed() >= PARK_RETRY) {
+            return Ok(());
+        }
+        client
+            .batch_execute("BEGIN")
+            .await
+            .map_err(ApplyError::sql("beginning a transaction"))?;
+        self.unpark_due(client, pending).await?;
+        self.commit_lanes().await?;
         client
             .batch_execute("COMMIT")
             .await
-            .map_err(ApplyError::sql("committing the replay"))
+            .map_err(ApplyError::sql("committing a parked table's letters"))?;
+        self.ddl_open = false;
+        self.refresh_diverged(client).await
+    }
+
+    /// At the start of a target transaction: for each parked table not tried for
+    /// [`PARK_RETRY`], applies its letters again, oldest first (the refused schema change,
+    /// then the changes parked behind it), under a savepoint. If they all apply (the operator
+    /// fixed the cause: created the type, freed the name, …), they are marked replayed and
+    /// the table resumes, its changes in their order; if one fails, everything of the attempt
+    /// is undone and the table stays parked.
+    async fn unpark_due<'c>(
+        &mut self,
+        client: &'c Client,
+        pending: &mut InFlight<'c>,
+    ) -> Result<(), ApplyError> {
+        let due: Vec<String> = self
+            .parked
+            .iter()
+            .filter(|(_, tried)| tried.elapsed() >= PARK_RETRY)
+            .map(|(table, _)| table.clone())
+            .collect();
+        if due.is_empty() {
+            return Ok(());
+        }
+        pending
+            .drain()
+            .await
+            .map_err(ApplyError::sql("beginning a transaction"))?;
+        for table in due {
+            self.parked.remove(&table);
+            client
+                .batch_execute("SAVEPOINT pgferry_unpark")
+                .await
+                .map_err(ApplyError::sql("setting a savepoint"))?;
+            // A letter that fails again fails the attempt rather than being dead-lettered.
+            let on_poison = std::mem::replace(&mut self.settings.apply.on_poison, OnPoison::Stop);
+            let attempt = async {
+                let letters = dead_letters::parked(client, &self.settings.node, &table)
+                    .await
+                    .map_err(ApplyError::sql("reading the parked letters"))?;
+                for letter in &letters {
+                    self.replay_letter(client, letter).await?;
+                }
+                Ok::<_, ApplyError>(letters.len())
+            }
+            .await;
+            self.settings.apply.on_poison = on_poison;
+            match attempt {
+                Ok(letters) => {
+                    client
+                        .batch_execute("RELEASE SAVEPOINT pgferry_unpark")
+                        .await
+                        .map_err(ApplyError::sql("releasing a savepoint"))?;
+                    tracing::info!(node = %self.settings.node, %table, letters,
+                                   "parked table resumes: the schema change the target refused, and the table's changes since, applied in order");
+                    self.letters_pending = true;
+                }
+                Err(e) => {
+                    tracing::debug!(%table, error = %ErrorChain(&e), "table still parked");
+                    client
+                        .batch_execute(
+                            "ROLLBACK TO SAVEPOINT pgferry_unpark; RELEASE SAVEPOINT pgferry_unpark",
+                        )
+                        .await
+                        .map_err(ApplyError::sql("undoing an attempt to unpark a table"))?;
+                    // Shapes and statements may describe what the savepoint undid.
+                    self.forget_tables();
+                    self.parked.insert(table, std::time::Instant::now());
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Reads which tables have unresolved dead letters, for readiness and the metric.

@@ -12,6 +12,22 @@ pub fn pgferry_bin() -> &'static str {
     env!("CARGO_BIN_EXE_pgferry")
 }
 
+/// Runs `pgferry <args>` to its end; returns its exit code and output (stdout, then stderr).
+pub fn cli(args: &[&str]) -> (i32, String) {
+    let out = Command::new(pgferry_bin())
+        .args(args)
+        .output()
+        .expect("run pgferry");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 /// A running pgferry; killed on drop.
 pub struct Ferry {
     child: Child,
