@@ -158,14 +158,16 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         });
     }
     if let Some(source) = config.source.clone() {
+        let multi_master = config
+            .apply
+            .as_ref()
+            .is_some_and(|apply| apply.mode == ApplyMode::MultiMaster);
         let settings = CaptureSettings {
             node_id: config.node_id.clone(),
             source,
             kafka: config.kafka.clone(),
-            compact_snapshot_rows: config
-                .apply
-                .as_ref()
-                .is_none_or(|apply| apply.mode != ApplyMode::MultiMaster),
+            compact_snapshot_rows: !multi_master,
+            resnapshot_rewritten: !multi_master,
         };
         let sup = supervisor.clone();
         stages.spawn(async move {

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::lsn::Lsn;
-use crate::sql::{qualified, quote_ident};
+use crate::sql::{qualified, quote_ident, quote_value};
 
 /// pgferry's DDL capture on the source: a shadow of every user table's columns
 /// (`pgferry.ddl_tables`, so that the trigger knows each table's columns *before* a command),
@@ -64,7 +64,9 @@ ALTER TABLE pgferry.ddl_tables ADD COLUMN IF NOT EXISTS primary_key jsonb;
 CREATE OR REPLACE FUNCTION pgferry.ddl_columns(rel oid) RETURNS jsonb LANGUAGE sql STABLE AS $f$
     SELECT COALESCE(jsonb_agg(jsonb_build_object(
                'attnum', a.attnum, 'name', a.attname, 'type', format_type(a.atttypid, a.atttypmod),
-               'not_null', a.attnotnull, 'default', pg_get_expr(d.adbin, d.adrelid)) ORDER BY a.attnum), '[]')
+               'not_null', a.attnotnull, 'default', pg_get_expr(d.adbin, d.adrelid))
+               || CASE WHEN a.attidentity <> '' THEN '{"identity": true}'::jsonb ELSE '{}' END
+               ORDER BY a.attnum), '[]')
       FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
      WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
 $f$;
@@ -92,15 +94,15 @@ DECLARE
     val text;
 BEGIN
     FOR c IN SELECT a.attnum, a.atthasmissing, pg_get_expr(d.adbin, d.adrelid) AS expr,
-                    format_type(a.atttypid, a.atttypmod) AS ty
+                    format_type(a.atttypid, a.atttypmod) AS ty, a.attidentity <> '' AS identity
                FROM jsonb_array_elements(new) AS n
                JOIN pg_attribute a ON a.attrelid = rel AND a.attnum = (n->>'attnum')::int2
                LEFT JOIN pg_attrdef d ON d.adrelid = rel AND d.adnum = a.attnum
               WHERE NOT EXISTS (SELECT 1 FROM jsonb_array_elements(old) AS o
                                  WHERE (o->>'attnum') = (n->>'attnum'))
     LOOP
-        IF c.expr IS NOT NULL AND NOT c.atthasmissing THEN
-            -- A volatile DEFAULT: each row got its own value.
+        IF (c.expr IS NOT NULL AND NOT c.atthasmissing) OR c.identity THEN
+            -- A volatile DEFAULT, or an identity: each row got its own value.
             CONTINUE;
         END IF;
         BEGIN
@@ -150,6 +152,7 @@ DECLARE
     part jsonb;
     pkey jsonb;
     moved bool;
+    added jsonb;
     applied jsonb := pgferry.ddl_applied();
 BEGIN
     -- The tables the command reports, then (not reported: an ALTER TABLE of a partitioned
@@ -210,10 +213,18 @@ BEGIN
         END IF;
         -- Added columns and their rows' value (a table new here, maybe under a reused oid,
         -- has none).
+        added := NULL;
         IF shadow.relid IS NULL THEN
             DELETE FROM pgferry.added_columns WHERE relid = r.objid;
         ELSE
             PERFORM pgferry.record_added_columns(r.objid, shadow.columns, cols);
+            -- What the existing rows got in each column this command added (attnum -> text,
+            -- null for NULL); a column without an entry got a value of its own in each row.
+            SELECT coalesce(jsonb_object_agg(a.attnum::text, a.value), '{}') INTO added
+              FROM pgferry.added_columns a
+             WHERE a.relid = r.objid
+               AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements(shadow.columns) o
+                                WHERE (o->>'attnum')::int2 = a.attnum);
         END IF;
         -- Renamed and dropped columns, for changes written before this command that arrive
         -- later from other nodes (see apply's target::column_history).
@@ -234,7 +245,9 @@ BEGIN
             'old_partition', shadow.partition_of, 'partition', part,
             'old_primary_key', shadow.primary_key, 'primary_key', pkey,
             'partition_by', CASE WHEN r.relkind = 'p' THEN pg_get_partkeydef(r.objid) END,
-            'applied', applied)::text);
+            'added', added, 'applied', applied,
+            -- An ALTER TABLE … USING may give rows values targets cannot compute.
+            'using', r.command_tag = 'ALTER TABLE' AND current_query() ~* E'\\mUSING\\M')::text);
         END IF;
         INSERT INTO pgferry.ddl_tables VALUES (r.objid, r.nsp, r.rel, cols, part, pkey)
             ON CONFLICT (relid) DO UPDATE SET schema_name = EXCLUDED.schema_name,
@@ -308,6 +321,18 @@ pub struct DdlColumn {
     /// The default expression (`pg_get_expr`), if any.
     #[serde(default)]
     pub default: Option<String>,
+    /// An identity column (`GENERATED … AS IDENTITY`): its values come from a sequence, which
+    /// pgferry does not copy; targets get a plain column.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub identity: bool,
+}
+
+impl DdlColumn {
+    /// Whether a target gets the column's DEFAULT as the source has it (none, or a constant,
+    /// see [`is_constant_default`]); otherwise its rows' values must come from the source.
+    pub fn default_copied(&self) -> bool {
+        !self.identity && self.default.as_deref().is_none_or(is_constant_default)
+    }
 }
 
 /// What the event trigger wrote.
@@ -353,6 +378,29 @@ pub struct TriggerMessage {
     /// commit LSN of its last transaction applied there); empty where nothing is applied.
     #[serde(default)]
     pub applied: BTreeMap<String, Lsn>,
+    /// For each column the command added (by attnum), the value the table's existing rows got,
+    /// as text (`None`: NULL); a column missing here got a value of its own in each row (a
+    /// volatile DEFAULT). `None` from a trigger that did not say.
+    #[serde(default)]
+    pub added: Option<BTreeMap<i32, Option<String>>>,
+    /// The command's text has a `USING` (an `ALTER COLUMN … TYPE … USING expr` may compute
+    /// values a plain cast on the target would not).
+    #[serde(default)]
+    pub using: bool,
+}
+
+/// What the source table's existing rows got in a column an `ALTER TABLE` added, where the
+/// target cannot get the same from the column definition it is sent (the DEFAULT is an
+/// expression pgferry does not copy, see [`is_constant_default`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Existing {
+    /// Every row got this value (its text form; `None`: NULL): a non-volatile DEFAULT such as
+    /// `now()` or `CURRENT_DATE`, evaluated once by the ADD.
+    Value(Option<String>),
+    /// Each row got its own (a volatile DEFAULT: `gen_random_uuid()`, a sequence): the target
+    /// leaves the column empty, and capture re-snapshots the table on replicas.
+    PerRow,
 }
 
 /// A primary key: its constraint's name and its columns.
@@ -416,6 +464,9 @@ pub enum DdlOp {
     AddColumn {
         /// The column.
         column: DdlColumn,
+        /// What the source's existing rows got in it, when its DEFAULT is not copied.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        existing: Option<Existing>,
     },
     /// A column removed.
     DropColumn {
@@ -546,8 +597,18 @@ pub fn diff(message: &TriggerMessage) -> Vec<DdlOp> {
     }
     for (attnum, new) in &after {
         if !before.contains_key(attnum) {
+            let existing = match &message.added {
+                _ if new.default_copied() => None,
+                _ if new.identity => Some(Existing::PerRow),
+                Some(added) => Some(match added.get(attnum) {
+                    Some(value) => Existing::Value(value.clone()),
+                    None => Existing::PerRow,
+                }),
+                None => None,
+            };
             ops.push(DdlOp::AddColumn {
                 column: (*new).clone(),
+                existing,
             });
         }
     }
@@ -638,14 +699,25 @@ pub fn is_constant_default(expr: &str) -> bool {
 /// not copied is added without NOT NULL (the target's existing rows would have no value).
 fn column_sql(c: &DdlColumn) -> String {
     let mut sql = format!("{} {}", quote_ident(&c.name), c.type_name);
-    let default = c.default.as_deref();
-    if let Some(d) = default.filter(|d| is_constant_default(d)) {
+    if let Some(d) = c.default.as_deref().filter(|d| is_constant_default(d)) {
         sql.push_str(&format!(" DEFAULT {d}"));
     }
-    if c.not_null && default.is_none_or(is_constant_default) {
+    if c.not_null && c.default_copied() {
         sql.push_str(" NOT NULL");
     }
     sql
+}
+
+/// Whether a schema change gave the table's existing rows values a target cannot compute
+/// from the ops: a column added with a volatile DEFAULT or as an identity
+/// ([`Existing::PerRow`]), or a type changed by a command with a `USING` expression. Capture
+/// then re-snapshots the table for replicas, so that theirs get the source's values.
+pub fn rewrites_rows(message: &TriggerMessage, ops: &[DdlOp]) -> bool {
+    ops.iter().any(|op| match op {
+        DdlOp::AddColumn { existing, .. } => existing == &Some(Existing::PerRow),
+        DdlOp::AlterColumnType { .. } => message.using,
+        _ => false,
+    })
 }
 
 /// A target table as [`on_target`] sees it: its columns with their types (as `format_type`
@@ -717,13 +789,13 @@ pub fn on_target(
     };
     match op {
         DdlOp::CreateTable { .. } => OnTarget::Already,
-        DdlOp::AddColumn { column } if moved_with(&column.name, &column.type_name) => {
+        DdlOp::AddColumn { column, .. } if moved_with(&column.name, &column.type_name) => {
             OnTarget::Already
         }
         DdlOp::AlterColumnType { name, type_name } if moved_with(name, type_name) => {
             OnTarget::Already
         }
-        DdlOp::AddColumn { column } => match t.type_of(&column.name) {
+        DdlOp::AddColumn { column, .. } => match t.type_of(&column.name) {
             None => OnTarget::Apply,
             Some(ty) if ty == column.type_name => OnTarget::Already,
             Some(ty) => OnTarget::Differs(format!(
@@ -782,7 +854,29 @@ pub fn to_sql(schema: &str, table: &str, op: &DdlOp) -> String {
             }
             sql
         }
-        DdlOp::AddColumn { column } => {
+        DdlOp::AddColumn {
+            column,
+            existing: Some(Existing::Value(value)),
+        } => {
+            // The value the source's rows got, as the column's DEFAULT for the ADD (so the
+            // target's rows get it too), then dropped: the source's expression is not copied.
+            let value = value.as_deref().map_or("NULL".to_owned(), quote_value);
+            let mut sql = format!(
+                "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {} {} DEFAULT {value}::{}",
+                quote_ident(&column.name),
+                column.type_name,
+                column.type_name
+            );
+            if column.not_null {
+                sql.push_str(" NOT NULL");
+            }
+            sql.push_str(&format!(
+                "; ALTER TABLE {t} ALTER COLUMN {} DROP DEFAULT",
+                quote_ident(&column.name)
+            ));
+            sql
+        }
+        DdlOp::AddColumn { column, .. } => {
             format!(
                 "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {}",
                 column_sql(column)
@@ -952,7 +1046,7 @@ pub fn type_names(op: &DdlOp) -> Vec<&str> {
         DdlOp::CreateTable { columns, .. } => {
             columns.iter().map(|c| c.type_name.as_str()).collect()
         }
-        DdlOp::AddColumn { column } => vec![column.type_name.as_str()],
+        DdlOp::AddColumn { column, .. } => vec![column.type_name.as_str()],
         DdlOp::AlterColumnType { type_name, .. } => vec![type_name.as_str()],
         _ => Vec::new(),
     }
@@ -982,7 +1076,7 @@ mod tests {
         /// What the op does to the table, as PostgreSQL would.
         fn apply(&mut self, op: &DdlOp) {
             match op {
-                DdlOp::AddColumn { column } => {
+                DdlOp::AddColumn { column, .. } => {
                     self.columns.push(column.name.clone());
                     self.types.push(column.type_name.clone());
                 }
@@ -1048,7 +1142,9 @@ mod tests {
                             type_name: TYPES[usize::from(ty) % TYPES.len()].to_owned(),
                             not_null: false,
                             default: None,
+                            identity: false,
                         },
+                        existing: None,
                     },
                     1 => DdlOp::DropColumn { name },
                     2 => DdlOp::RenameColumn {
@@ -1152,6 +1248,7 @@ mod tests {
         };
         let add = DdlOp::AddColumn {
             column: col(4, "n", "integer"),
+            existing: None,
         };
         let on = |op: &DdlOp, moved| on_target(op, Some(model.shape()), moved);
         // Added, then renamed (or dropped) here, unseen by the op's node: already made.
@@ -1172,6 +1269,7 @@ mod tests {
         // A column that is here is judged by what it is, wherever a name went.
         let add_m = DdlOp::AddColumn {
             column: col(4, "m", "integer"),
+            existing: None,
         };
         assert_eq!(on(&add_m, Some(Some("w"))), OnTarget::Already);
     }
@@ -1185,6 +1283,7 @@ mod tests {
         };
         let add = DdlOp::AddColumn {
             column: col(3, "x", "integer"),
+            existing: None,
         };
         match on_target(&add, Some(model.shape()), None) {
             OnTarget::Differs(why) => assert!(
@@ -1217,6 +1316,7 @@ mod tests {
             type_name: ty.into(),
             not_null: false,
             default: None,
+            identity: false,
         }
     }
 
@@ -1236,7 +1336,114 @@ mod tests {
             old_primary_key: None,
             primary_key: None,
             applied: BTreeMap::new(),
+            added: None,
+            using: false,
         }
+    }
+
+    #[test]
+    fn added_columns_say_what_existing_rows_got_when_the_default_is_not_copied() {
+        let with_default = |attnum, name, default: &str| {
+            let mut c = col(attnum, name, "timestamp with time zone");
+            c.default = Some(default.into());
+            c
+        };
+        let mut m = alter(
+            vec![col(1, "id", "integer")],
+            vec![
+                col(1, "id", "integer"),
+                with_default(2, "at", "now()"),
+                with_default(3, "u", "gen_random_uuid()"),
+                with_default(4, "k", "'2020-01-01'::timestamp with time zone"),
+                col(5, "n", "integer"),
+            ],
+        );
+        let existing = |m: &TriggerMessage| -> Vec<Option<Existing>> {
+            diff(m)
+                .into_iter()
+                .map(|op| match op {
+                    DdlOp::AddColumn { existing, .. } => existing,
+                    other => panic!("{other:?}"),
+                })
+                .collect()
+        };
+        // A trigger that does not say: nothing is claimed.
+        assert_eq!(existing(&m), vec![None, None, None, None]);
+        let at = "2026-12-06 03:50:00+00";
+        m.added = Some(BTreeMap::from([
+            (2, Some(at.to_owned())),
+            (4, Some("2020-01-01 00:00:00+00".to_owned())),
+            (5, None),
+        ]));
+        // Copied defaults (a constant, none) need nothing; now() got one value, the volatile
+        // default one per row.
+        assert_eq!(
+            existing(&m),
+            vec![
+                Some(Existing::Value(Some(at.to_owned()))),
+                Some(Existing::PerRow),
+                None,
+                None
+            ]
+        );
+        // Written as the ADD's default, then dropped; quotes and backslashes stay values.
+        let mut c = with_default(2, "at", "now()");
+        c.not_null = true;
+        let add = |c: &DdlColumn, value: Option<&str>| {
+            to_sql(
+                "s",
+                "t",
+                &DdlOp::AddColumn {
+                    column: c.clone(),
+                    existing: Some(Existing::Value(value.map(str::to_owned))),
+                },
+            )
+        };
+        assert_eq!(
+            add(&c, Some(at)),
+            format!(
+                r#"ALTER TABLE "s"."t" ADD COLUMN IF NOT EXISTS "at" timestamp with time zone DEFAULT E'{at}'::timestamp with time zone NOT NULL; ALTER TABLE "s"."t" ALTER COLUMN "at" DROP DEFAULT"#
+            )
+        );
+        c.not_null = false;
+        c.type_name = "text".into();
+        assert_eq!(
+            add(&c, Some(r"it's \x'; DROP TABLE t; --")),
+            r#"ALTER TABLE "s"."t" ADD COLUMN IF NOT EXISTS "at" text DEFAULT E'it''s \\x''; DROP TABLE t; --'::text; ALTER TABLE "s"."t" ALTER COLUMN "at" DROP DEFAULT"#
+        );
+        assert!(add(&c, None).contains("DEFAULT NULL::text;"));
+    }
+
+    #[test]
+    fn rows_a_target_cannot_compute_ask_for_a_snapshot() {
+        let mut identity = col(2, "i", "integer");
+        identity.identity = true;
+        identity.not_null = true;
+        let mut m = alter(
+            vec![col(1, "id", "integer")],
+            vec![col(1, "id", "integer"), identity],
+        );
+        m.added = Some(BTreeMap::new());
+        let ops = diff(&m);
+        // An identity is added as a plain column: the target's rows are filled by the snapshot.
+        assert_eq!(
+            to_sql("s", "t", &ops[0]),
+            r#"ALTER TABLE "s"."t" ADD COLUMN IF NOT EXISTS "i" integer"#
+        );
+        assert!(rewrites_rows(&m, &ops));
+        // A constant default: the target computes the same.
+        let mut constant = col(2, "c", "integer");
+        constant.default = Some("7".into());
+        let m = alter(
+            vec![col(1, "id", "integer")],
+            vec![col(1, "id", "integer"), constant],
+        );
+        assert!(!rewrites_rows(&m, &diff(&m)));
+        // A type change: only with USING.
+        let mut m = alter(vec![col(1, "id", "integer")], vec![col(1, "id", "bigint")]);
+        assert!(!rewrites_rows(&m, &diff(&m)));
+        m.using = true;
+        assert!(rewrites_rows(&m, &diff(&m)));
     }
 
     #[test]
@@ -1297,7 +1504,8 @@ mod tests {
                     not_null: true
                 },
                 DdlOp::AddColumn {
-                    column: col(5, "b", "text")
+                    column: col(5, "b", "text"),
+                    existing: None,
                 },
             ]
         );
@@ -1346,12 +1554,26 @@ mod tests {
         c.default = Some("now()".into());
         c.not_null = true;
         assert_eq!(
-            to_sql("s", "t", &DdlOp::AddColumn { column: c.clone() }),
+            to_sql(
+                "s",
+                "t",
+                &DdlOp::AddColumn {
+                    column: c.clone(),
+                    existing: None,
+                }
+            ),
             r#"ALTER TABLE "s"."t" ADD COLUMN IF NOT EXISTS "n" integer"#
         );
         c.default = Some("7".into());
         assert_eq!(
-            to_sql("s", "t", &DdlOp::AddColumn { column: c }),
+            to_sql(
+                "s",
+                "t",
+                &DdlOp::AddColumn {
+                    column: c,
+                    existing: None,
+                }
+            ),
             r#"ALTER TABLE "s"."t" ADD COLUMN IF NOT EXISTS "n" integer DEFAULT 7 NOT NULL"#
         );
     }

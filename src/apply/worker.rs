@@ -1219,6 +1219,17 @@ impl Worker {
         let mut any_applied = false;
         for op in &ddl.ops {
             let name = format!("{schema}.{table}");
+            if let Some(default) = crate::ddl::uncopied_default(op) {
+                // Rows carry their values, so the table does not wait for it (not parked);
+                // the letter keeps the difference visible.
+                let reason = format!(
+                    "default not copied to {name}: {default:?} is not a constant, and pgferry \
+                     copies constant defaults only (no expression from the stream runs here); \
+                     set it on the target by hand"
+                );
+                self.bad_message(client, message, &reason).await?;
+                continue;
+            }
             if let Some(why) = self.ddl_refusal(&table, op) {
                 let reason = format!("schema change of {name}: {why}");
                 self.bad_message(client, message, &reason).await?;
@@ -1280,6 +1291,7 @@ impl Worker {
                         (
                             crate::ddl::DdlOp::AddColumn {
                                 column: crate::ddl::DdlColumn { name: column, .. },
+                                ..
                             }
                             | crate::ddl::DdlOp::AlterColumnType { name: column, .. },
                             Some(t),
@@ -1431,13 +1443,6 @@ impl Worker {
         }
         if let crate::ddl::DdlOp::SetSchema { to } = op {
             return admit::admit_relation(to, table);
-        }
-        if let Some(default) = crate::ddl::uncopied_default(op) {
-            return Some(format!(
-                "the default {default:?} is not a constant, and pgferry copies constant \
-                 defaults only (no expression from the stream runs here); set it on the \
-                 target by hand"
-            ));
         }
         None
     }

@@ -62,6 +62,10 @@ pub struct CaptureSettings {
     /// Snapshot rows go to the node stream as `rows` items (COPY text), not one change item
     /// each: every node but a multi-master one, whose appliers need a version per row.
     pub compact_snapshot_rows: bool,
+    /// Re-snapshot a table whose schema change gave its rows values targets cannot compute
+    /// ([`crate::ddl::rewrites_rows`]): every node but a multi-master one, whose peers made
+    /// values of their own (a snapshot row never wins over a version they hold).
+    pub resnapshot_rewritten: bool,
 }
 
 /// State of one capture run (one connection lifetime).
@@ -392,7 +396,18 @@ impl Capture {
         self.send(txn.ticket, &on_topic, None, repl.as_deref_mut())
             .await?;
         let item = node_stream::ddl_record(&self.envelope, schema, table, &ops, &message.applied);
-        self.stage(txn, &item, repl).await
+        self.stage(txn, &item, repl).await?;
+        if self.settings.resnapshot_rewritten && crate::ddl::rewrites_rows(&message, &ops) {
+            // Requested before the change's position can be acknowledged: a crash in between
+            // decodes the change again and requests once more, never not at all. The snapshot
+            // reads the table after this commit, and its rows follow the change in the stream.
+            let name = format!("{}.{}", message.schema, message.table);
+            tracing::info!(table = %name, "the schema change gave existing rows values targets cannot compute (a volatile DEFAULT, an identity, USING); re-snapshotting the table");
+            crate::source::snapshot::chunk::request(&self.sql, &name)
+                .await
+                .map_err(CaptureError::sql("requesting a snapshot"))?;
+        }
+        Ok(())
     }
 
     /// Waits until capture's SQL session sees the open transaction as committed (see
