@@ -340,6 +340,24 @@ pub async fn sees_transaction(client: &Client, xid: u32) -> Result<bool, tokio_p
     Ok(row.get(0))
 }
 
+/// Whether transaction `xid` created table `oid`: the xmin of the table's `ctid` attribute
+/// row, which no later command rewrites (an ALTER TABLE rewrites the table's `pg_class` row
+/// and the rows of the columns it changes, not those of system columns). Call once the
+/// transaction is visible ([`sees_transaction`]).
+pub async fn created_by(
+    client: &Client,
+    oid: u32,
+    xid: u32,
+) -> Result<bool, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT xmin::text::int8 FROM pg_attribute WHERE attrelid = $1 AND attnum = -1",
+            &[&oid],
+        )
+        .await?;
+    Ok(row.is_some_and(|r| r.get::<_, i64>(0) == i64::from(xid)))
+}
+
 /// Tables in the publication, excluding pgferry's own schema.
 pub async fn published_tables(
     client: &Client,

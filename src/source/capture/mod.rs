@@ -68,6 +68,12 @@ pub struct CaptureSettings {
     pub resnapshot_rewritten: bool,
 }
 
+/// Whether schema-change ops create a table.
+fn creates_table(ops: &[crate::ddl::DdlOp]) -> bool {
+    ops.iter()
+        .any(|op| matches!(op, crate::ddl::DdlOp::CreateTable { .. }))
+}
+
 /// State of one capture run (one connection lifetime).
 struct Capture {
     settings: CaptureSettings,
@@ -360,6 +366,10 @@ impl Capture {
         }
         tracing::info!(table = %format!("{schema}.{table}"), tag = %message.tag, ?ops,
                        "schema change captured");
+        if creates_table(&ops) {
+            txn.created
+                .insert(format!("{}.{}", message.schema, message.table));
+        }
         self.metrics
             .schema_changes
             .with_label_values(&[&format!("{schema}.{table}")])
@@ -368,10 +378,7 @@ impl Capture {
         // Appliers change only tables the stream announced: announce an altered table that
         // this run has not published a change of yet (under its name before the change), and
         // the parent a partition is created in, attached to or detached from.
-        let creates = ops
-            .iter()
-            .any(|op| matches!(op, crate::ddl::DdlOp::CreateTable { .. }));
-        if message.tag != "DROP TABLE" && !creates {
+        if message.tag != "DROP TABLE" && !creates_table(&ops) {
             self.announce(
                 txn,
                 (&message.schema, &message.table),
@@ -403,6 +410,43 @@ impl Capture {
             // reads the table after this commit, and its rows follow the change in the stream.
             let name = format!("{}.{}", message.schema, message.table);
             tracing::info!(table = %name, "the schema change gave existing rows values targets cannot compute (a volatile DEFAULT, an identity, USING); re-snapshotting the table");
+            crate::source::snapshot::chunk::request(&self.sql, &name)
+                .await
+                .map_err(CaptureError::sql("requesting a snapshot"))?;
+        }
+        Ok(())
+    }
+
+    /// A relation first seen by this run, in `txn`: whether the transaction created the table
+    /// before its schema change said so (rows of `CREATE TABLE … AS` / `SELECT … INTO` come
+    /// before the trigger's message). If so, its rows in this transaction are withheld (see
+    /// [`OpenTxn::unborn`]) and a snapshot of the table is requested, before the
+    /// transaction's position can be acknowledged: the snapshot reads the committed table,
+    /// and its rows follow the creation in the stream. Only with DDL capture, on nodes other
+    /// than multi-master ones.
+    async fn born_unannounced(
+        &mut self,
+        txn: &mut OpenTxn,
+        relation: &RelationMeta,
+    ) -> Result<(), CaptureError> {
+        let name = relation.qualified_name();
+        if !self.settings.source.capture_ddl
+            || !self.settings.resnapshot_rewritten
+            || txn.echo
+            || txn.created.contains(&name)
+        {
+            return Ok(());
+        }
+        let Some(xid) = txn.stamp.xid() else {
+            return Ok(());
+        };
+        self.await_visible(txn).await?;
+        let born = catalog::created_by(&self.sql, relation.oid, xid)
+            .await
+            .map_err(CaptureError::sql("reading when a table was created"))?;
+        if born {
+            tracing::info!(table = %name, "rows of a table created by the same command (CREATE TABLE … AS, SELECT … INTO) come before its creation reaches targets; snapshotting the table instead");
+            txn.unborn.insert(relation.oid);
             crate::source::snapshot::chunk::request(&self.sql, &name)
                 .await
                 .map_err(CaptureError::sql("requesting a snapshot"))?;
@@ -901,6 +945,13 @@ pub(super) struct OpenTxn {
     /// last (a transaction touches few tables, and a snapshot's rows come table by table); a
     /// new relation message replaces the relation, and so misses here.
     frames: Vec<(Arc<RelationMeta>, Frame)>,
+    /// Tables this transaction's schema changes created (`schema.table`), so far.
+    created: HashSet<String>,
+    /// Tables this transaction created whose rows came before their creation's schema change
+    /// (`CREATE TABLE … AS`, `SELECT … INTO`: the trigger fires once the rows are written):
+    /// targets would get rows of a table they do not have yet, so these rows are not
+    /// published and the table is snapshotted instead ([`Capture::born_unannounced`]).
+    unborn: HashSet<u32>,
 }
 
 impl OpenTxn {
@@ -916,6 +967,8 @@ impl OpenTxn {
             versions: versions::Pending::default(),
             bundle: node_stream::Bundle::default(),
             frames: Vec::new(),
+            created: HashSet::new(),
+            unborn: HashSet::new(),
         }
     }
 

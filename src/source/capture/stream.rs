@@ -290,7 +290,11 @@ impl Capture {
                         .map_err(CaptureError::sql("reading primary key columns"))?;
                     relation = assembler.rekey(relation.oid, &pk).unwrap_or(relation);
                 }
+                let first = !self.schemas.contains_key(&relation.oid);
                 self.relation_seen(&sql, &relation).await?;
+                if let Some(txn) = current.as_mut().filter(|_| first) {
+                    self.born_unannounced(txn, &relation).await?;
+                }
             }
             CaptureEvent::Begin(meta) => {
                 let ticket = lock(&self.progress).open();
@@ -336,6 +340,10 @@ impl Capture {
                     return Ok(());
                 }
                 change.version = txn.versions.take(&change.relation);
+                if txn.unborn.contains(&change.relation.oid) {
+                    // Its table's snapshot carries it (see `Capture::born_unannounced`).
+                    return Ok(());
+                }
                 self.publish(txn, &change, Some(state)).await?;
             }
             CaptureEvent::Commit { end_lsn } => {
