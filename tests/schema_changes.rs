@@ -1997,3 +1997,78 @@ async fn computed_defaults_and_using_keep_the_replica_exact() {
     wait_same(&m, &r, "kv", Duration::from_secs(60)).await;
     drop(capture);
 }
+
+/// Multi-master: an ADD COLUMN of a type the other nodes lack (types are not replicated)
+/// parks the table on each of them, while the writers go on on every node; once the type is
+/// created there (at different moments), each resumes by itself, the parked changes applied
+/// in order, and all nodes converge with every letter replayed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_type_missing_on_peers_parks_the_table_until_created() {
+    let seed = seed();
+    eprintln!("seed {seed} (DDL_SEED)");
+    let mut rng = Rng::new(seed ^ 0x9a7c);
+    let (nodes, clients) = three_nodes("mmpark", KV_DDL).await;
+    let writers = spawn_writers(
+        &nodes,
+        seed,
+        Budget::Until(std::time::Instant::now() + Duration::from_secs(10)),
+        50,
+    );
+    let origin = rng.range(0, 3) as usize;
+    let label = rng.range(0, 1000);
+    let create_type = format!("CREATE TYPE mood AS ENUM ('calm', 'glad', 'm{label}')");
+    run_step(
+        &clients[origin],
+        &format!("{create_type}; ALTER TABLE kv ADD COLUMN mood mood DEFAULT 'calm'"),
+    )
+    .await;
+    run_step(
+        &clients[origin],
+        &format!(
+            "UPDATE kv SET mood = 'm{label}' WHERE k % 3 = {}",
+            label % 3
+        ),
+    )
+    .await;
+    let peers: Vec<usize> = (0..3).filter(|&i| i != origin).collect();
+    for &p in &peers {
+        wait_count(
+            &format!("{} to park kv", nodes[p].name),
+            &clients[p],
+            "SELECT count(*) FROM (SELECT 1 FROM pgferry.dead_letters
+              WHERE error LIKE 'schema change of public.kv%' AND resolved_at IS NULL LIMIT 1) s",
+            1,
+        )
+        .await;
+    }
+    for &p in &peers {
+        tokio::time::sleep(Duration::from_millis(rng.range(0, 3000) as u64)).await;
+        clients[p].batch_execute(&create_type).await.unwrap();
+    }
+    let writes = join_writers(writers).await;
+    wait_converged(&nodes, &writes, Duration::from_secs(120)).await;
+    common::wait_for(
+        "every node's kv to be the same, mood included",
+        Duration::from_secs(60),
+        || async {
+            let mut sums = Vec::new();
+            for c in &clients {
+                sums.push(try_table_checksum(c, "kv").await?);
+            }
+            sums.windows(2).all(|w| w[0] == w[1]).then_some(())
+        },
+    )
+    .await;
+    for (node, c) in nodes.iter().zip(&clients) {
+        let open: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pgferry.dead_letters WHERE resolved_at IS NULL",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(open, 0, "{}: every parked letter is replayed", node.name);
+        has(c, "mood", "mood").await;
+    }
+}

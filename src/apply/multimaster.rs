@@ -504,9 +504,18 @@ const UNACKNOWLEDGED: &str = r#"
                             '0/0'::pg_lsn) < v.seen_lsn))
 "#;
 
+/// Tombstones of a table with unresolved dead letters here stay, acknowledged or not: a letter
+/// replayed later (a table parked behind a refused schema change, `pgferry dead-letters
+/// replay`) may be an older change of a key deleted since, which the tombstone makes lose;
+/// without it, the replay brought the row back on this node only (seen in
+/// `schema_changes::a_type_missing_on_peers_parks_the_table_until_created`). Acknowledgements
+/// cannot tell: the worker's position moves past the letters.
+const HELD: &str = "AND v.table_name NOT IN (SELECT d.table_name FROM pgferry.dead_letters AS d
+                                  WHERE d.resolved_at IS NULL AND d.table_name IS NOT NULL)";
+
 /// The retention backstop: removes tombstones older than `$2` µs, acknowledged or not;
 /// returns, per node whose acknowledgement was missing, how many went (and a total row with
-/// a NULL node). `$1`: every node but this one.
+/// a NULL node). `$1`: every node but this one. `{held}`: [`HELD`], where letters are kept.
 const BACKSTOP: &str = r#"
 WITH old AS (
      SELECT v.table_name, v.key, v.t,
@@ -519,6 +528,7 @@ WITH old AS (
        FROM pgferry.versions AS v
       WHERE v.deleted
         AND v.t < (extract(epoch FROM clock_timestamp()) * 1000000)::int8 - $2::int8
+        {held}
       LIMIT 50000 FOR UPDATE SKIP LOCKED),
  gone AS (
      DELETE FROM pgferry.versions AS v USING old
@@ -568,13 +578,21 @@ pub async fn collect(
         client.execute(EMIT_ACK, &[&node, &peers]).await?;
     }
     client.execute(SEAL_LOCAL_TOMBSTONES, &[&node]).await?;
+    let letters = client
+        .query_one(
+            "SELECT to_regclass('pgferry.dead_letters') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get::<_, bool>(0);
+    let held = if letters { HELD } else { "" };
     let micros = |age: Duration| i64::try_from(age.as_micros()).unwrap_or(i64::MAX);
     let acknowledged = client
         .query_one(
             &format!(
                 "WITH safe AS (
                      SELECT v.table_name, v.key, v.t FROM pgferry.versions AS v
-                      WHERE v.deleted AND NOT {UNACKNOWLEDGED}
+                      WHERE v.deleted AND NOT {UNACKNOWLEDGED} {held}
                       LIMIT 50000 FOR UPDATE SKIP LOCKED),
                  gone AS (
                      DELETE FROM pgferry.versions AS v USING safe
@@ -591,7 +609,10 @@ pub async fn collect(
         .await?
         .get::<_, i64>(0);
     let bypassed = client
-        .query(BACKSTOP, &[&peers, &micros(tombstone_retention)])
+        .query(
+            &BACKSTOP.replace("{held}", held),
+            &[&peers, &micros(tombstone_retention)],
+        )
         .await?;
     let mut backstop = 0;
     for row in &bypassed {
