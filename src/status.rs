@@ -257,23 +257,34 @@ async fn diverged(client: &Client) -> Result<String, tokio_postgres::Error> {
     let letters =
         crate::apply::dead_letters::read(client, &crate::apply::dead_letters::Selection::default())
             .await?;
-    let mut by_table: std::collections::BTreeMap<String, usize> = Default::default();
+    // Per table: unresolved letters, and how many of them park it.
+    let mut by_table: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
     for letter in &letters {
-        *by_table
+        let entry = by_table
             .entry(
                 letter
                     .table
                     .clone()
                     .unwrap_or_else(|| "(unknown table)".into()),
             )
-            .or_default() += 1;
+            .or_default();
+        entry.0 += 1;
+        entry.1 += usize::from(crate::apply::dead_letters::parks(letter));
     }
     let mut out = String::new();
-    for (table, n) in by_table {
-        let _ = writeln!(
+    for (table, (n, parked)) in by_table {
+        let _ = write!(
             out,
             "  DIVERGED {table}: {n} unresolved dead letter(s); see `pgferry dead-letters list`"
         );
+        if parked > 0 {
+            let _ = write!(
+                out,
+                "; PARKED behind a schema change the target refused ({parked} waiting): fix \
+                 its cause here, and the table resumes by itself"
+            );
+        }
+        out.push('\n');
     }
     Ok(out)
 }

@@ -1844,6 +1844,16 @@ async fn a_refused_schema_change_parks_its_table_only() {
         elsewhere, 0,
         "only the parked table's changes are dead-lettered"
     );
+    let (_, status) =
+        common::ferry::cli(&["status", "--config", applier.config_path.to_str().unwrap()]);
+    assert!(
+        status.contains(&format!(
+            "DIVERGED public.{parked_table}: {letters} unresolved dead letter(s)"
+        )) && status.contains(&format!(
+            "PARKED behind a schema change the target refused ({letters} waiting)"
+        )),
+        "{status}"
+    );
     // The operator's fix. Then either the next change of the table finds it fixed (the worker
     // tries the parked letters again every few seconds), or the operator replays them.
     r.batch_execute(&format!(

@@ -124,16 +124,34 @@ fn letter(r: &tokio_postgres::Row) -> StoredDeadLetter {
     }
 }
 
-/// The reason of a change dead-lettered because its table is parked (see [`PARKED_LETTERS`]).
+/// The reason of a change dead-lettered because its table is parked (see [`PARKING`]).
 pub const PARKED: &str = "parked behind a schema change of its table that the target refused";
 
-/// Unresolved apply-stage letters of node `$1` that park their table: a schema change the
-/// target refused, and every change of the table after it ([`PARKED`]). While a table has
-/// one, each later change of it is parked too, so that nothing of the table applies out of
-/// order; the apply worker tries the letters again now and then, and once they all apply,
-/// the table resumes (apply's `Worker::unpark_due`).
-const PARKED_LETTERS: &str = "source_node = $1 AND stage = 'apply' AND resolved_at IS NULL
-    AND (error LIKE 'schema change of %' OR error LIKE 'parked behind %')";
+/// How the reasons of letters that park their table begin: a schema change the target
+/// refused, and every change of the table after it ([`PARKED`]). While a table has an
+/// unresolved apply-stage one, each later change of it is parked too, so that nothing of the
+/// table applies out of order; the apply worker tries the letters again now and then, and
+/// once they all apply, the table resumes (apply's `Worker::unpark_due`).
+const PARKING: [&str; 2] = ["schema change of ", "parked behind "];
+
+/// Whether a letter parks its table (see [`PARKING`]).
+pub fn parks(letter: &StoredDeadLetter) -> bool {
+    letter.stage == "apply"
+        && letter.resolution.is_none()
+        && PARKING.iter().any(|p| letter.error.starts_with(p))
+}
+
+/// [`parks`] in SQL, for the letters of node `$1`.
+fn parked_letters() -> String {
+    let reasons: Vec<String> = PARKING
+        .iter()
+        .map(|p| format!("error LIKE '{p}%'"))
+        .collect();
+    format!(
+        "source_node = $1 AND stage = 'apply' AND resolved_at IS NULL AND ({})",
+        reasons.join(" OR ")
+    )
+}
 
 /// Tables with letters that park them (see [`PARKED`]).
 pub async fn parked_tables(
@@ -144,7 +162,8 @@ pub async fn parked_tables(
         .query(
             &format!(
                 "SELECT DISTINCT table_name FROM pgferry.dead_letters
-                  WHERE {PARKED_LETTERS} AND table_name IS NOT NULL"
+                  WHERE {} AND table_name IS NOT NULL",
+                parked_letters()
             ),
             &[&node],
         )
@@ -161,7 +180,10 @@ pub async fn parked(
 ) -> Result<Vec<StoredDeadLetter>, tokio_postgres::Error> {
     let rows = client
         .query(
-            &format!("{COLUMNS} WHERE {PARKED_LETTERS} AND table_name = $2 ORDER BY id FOR UPDATE"),
+            &format!(
+                "{COLUMNS} WHERE {} AND table_name = $2 ORDER BY id FOR UPDATE",
+                parked_letters()
+            ),
             &[&node, &table],
         )
         .await?;
