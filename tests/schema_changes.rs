@@ -372,6 +372,28 @@ async fn local_and_hand_made_schema_changes() {
     );
 }
 
+/// A random write of one row of `table` (`k int PRIMARY KEY, v int, note text`) with a key
+/// below `keys`: a delete, an insert of a missing key, or (mostly) an update.
+fn row_write(rng: &mut Rng, table: &str, keys: i64) -> String {
+    let k = rng.range(1, keys);
+    match rng.range(0, 10) {
+        0 => format!("DELETE FROM {table} WHERE k = {k}"),
+        1 => format!("INSERT INTO {table} (k, v) VALUES ({k}, 0) ON CONFLICT (k) DO NOTHING"),
+        _ => format!("UPDATE {table} SET v = v + 1, note = 'w' WHERE k = {k}"),
+    }
+}
+
+/// Unresolved dead letters of a target.
+async fn unresolved_letters(c: &Client) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM pgferry.dead_letters WHERE resolved_at IS NULL",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
 /// Runs the statements `next` makes (from a random source seeded with `seed`) against `db`,
 /// one every 3 ms, until `stop`; returns how many ran.
 fn spawn_writer(
@@ -796,12 +818,7 @@ async fn random_schema_changes_reach_the_replica() {
     let stop = Arc::new(AtomicBool::new(false));
     // The writer keeps to keys below 1000; the chain's values go to the rows above.
     let writer = spawn_writer(master.clone(), seed, stop.clone(), |rng| {
-        let k = rng.range(1, 1000);
-        match rng.range(0, 10) {
-            0 => format!("DELETE FROM kv WHERE k = {k}"),
-            1 => format!("INSERT INTO kv (k, v) VALUES ({k}, 0) ON CONFLICT (k) DO NOTHING"),
-            _ => format!("UPDATE kv SET v = v + 1, note = 'w' WHERE k = {k}"),
-        }
+        row_write(rng, "kv", 1000)
     });
     let mut model: Vec<(String, &'static str)> = Vec::new();
     let mut retired = Vec::new();
@@ -1756,12 +1773,8 @@ async fn a_refused_schema_change_parks_its_table_only() {
     }
     let stop = Arc::new(AtomicBool::new(false));
     let writer = spawn_writer(master.clone(), seed, stop.clone(), move |rng| {
-        let (t, k) = (rng.range(0, tables as i64), rng.range(1, 400));
-        match rng.range(0, 10) {
-            0 => format!("DELETE FROM t{t} WHERE k = {k}"),
-            1 => format!("INSERT INTO t{t} (k, v) VALUES ({k}, 0) ON CONFLICT (k) DO NOTHING"),
-            _ => format!("UPDATE t{t} SET v = v + 1, note = 'w' WHERE k = {k}"),
-        }
+        let t = rng.range(0, tables as i64);
+        row_write(rng, &format!("t{t}"), 400)
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let label = rng.range(0, 1000);
@@ -1877,15 +1890,11 @@ async fn a_refused_schema_change_parks_its_table_only() {
         assert_eq!(out.lines().count(), letters as usize, "{out}");
     }
     wait_same(&m, &r, &parked_table, Duration::from_secs(60)).await;
-    let unresolved: i64 = r
-        .query_one(
-            "SELECT count(*) FROM pgferry.dead_letters WHERE resolved_at IS NULL",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(unresolved, 0, "every parked letter is replayed");
+    assert_eq!(
+        unresolved_letters(&r).await,
+        0,
+        "every parked letter is replayed"
+    );
     // The table follows again.
     m.batch_execute(&format!("DELETE FROM {parked_table} WHERE k % 2 = 0"))
         .await
@@ -1925,12 +1934,7 @@ async fn computed_defaults_and_using_keep_the_replica_exact() {
     .await;
     let stop = Arc::new(AtomicBool::new(false));
     let writer = spawn_writer(master.clone(), seed, stop.clone(), |rng| {
-        let k = rng.range(1, 500);
-        match rng.range(0, 10) {
-            0 => format!("DELETE FROM kv WHERE k = {k}"),
-            1 => format!("INSERT INTO kv (k, v) VALUES ({k}, 0) ON CONFLICT (k) DO NOTHING"),
-            _ => format!("UPDATE kv SET v = v + 1, note = 'w' WHERE k = {k}"),
-        }
+        row_write(rng, "kv", 500)
     });
     let pool = [
         "ADD COLUMN {c} timestamptz NOT NULL DEFAULT now()",
@@ -2070,15 +2074,12 @@ async fn a_type_missing_on_peers_parks_the_table_until_created() {
     )
     .await;
     for (node, c) in nodes.iter().zip(&clients) {
-        let open: i64 = c
-            .query_one(
-                "SELECT count(*) FROM pgferry.dead_letters WHERE resolved_at IS NULL",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(open, 0, "{}: every parked letter is replayed", node.name);
+        assert_eq!(
+            unresolved_letters(c).await,
+            0,
+            "{}: every parked letter is replayed",
+            node.name
+        );
         has(c, "mood", "mood").await;
     }
 }

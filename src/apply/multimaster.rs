@@ -567,24 +567,18 @@ pub async fn collect(
     log_retention: Duration,
 ) -> Result<Collected, tokio_postgres::Error> {
     client.batch_execute("SET lock_timeout = '5s'").await?;
-    let progress = client
+    let tables = client
         .query_one(
-            "SELECT to_regclass('pgferry.apply_progress') IS NOT NULL",
+            "SELECT to_regclass('pgferry.apply_progress') IS NOT NULL,
+                    to_regclass('pgferry.dead_letters') IS NOT NULL",
             &[],
         )
-        .await?
-        .get::<_, bool>(0);
+        .await?;
+    let (progress, letters): (bool, bool) = (tables.get(0), tables.get(1));
     if progress {
         client.execute(EMIT_ACK, &[&node, &peers]).await?;
     }
     client.execute(SEAL_LOCAL_TOMBSTONES, &[&node]).await?;
-    let letters = client
-        .query_one(
-            "SELECT to_regclass('pgferry.dead_letters') IS NOT NULL",
-            &[],
-        )
-        .await?
-        .get::<_, bool>(0);
     let held = if letters { HELD } else { "" };
     let micros = |age: Duration| i64::try_from(age.as_micros()).unwrap_or(i64::MAX);
     let acknowledged = client

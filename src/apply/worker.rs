@@ -387,7 +387,7 @@ async fn open(
         .clone()
         .unwrap_or_else(|| settings.kafka.dead_letter_topic());
     let component = component_name(&settings.node, &settings.target.url.display_target());
-    let worker = Worker {
+    let mut worker = Worker {
         settings,
         metrics,
         health,
@@ -429,7 +429,6 @@ async fn open(
         diverged_checked: std::time::Instant::now(),
         parked: HashMap::new(),
     };
-    let mut worker = worker;
     worker.reload_parked(&client).await?;
     Ok((worker, client))
 }
@@ -1198,10 +1197,8 @@ impl Worker {
                 format!("schema change of {qualified}, a table this node stream never announced");
             return self.bad_message(client, message, &reason).await;
         }
-        if self.parked.contains_key(&qualified) {
-            return self
-                .bad_message(client, message, dead_letters::PARKED)
-                .await;
+        if self.held_back(client, message, &qualified).await? {
+            return Ok(());
         }
         self.send_rows(client, pending).await?;
         self.send_lww_rows(client, pending).await?;
@@ -1793,9 +1790,7 @@ impl Worker {
                 return Ok(None);
             }
         }
-        if self.parked.contains_key(qualified) {
-            self.bad_message(client, message, dead_letters::PARKED)
-                .await?;
+        if self.held_back(client, message, qualified).await? {
             return Ok(None);
         }
         let names = (change.schema(), change.table());
@@ -2576,17 +2571,9 @@ impl Worker {
             payload: Some(payload.as_bytes()),
         };
         let mut pending = InFlight::default();
-        match item {
-            StreamItem::Change(change) => {
-                let work = Work::Change(change);
-                self.apply_and_wait(client, &mut pending, &record, work, commit_ts_us)
-                    .await?
-            }
-            StreamItem::Rows(rows) => {
-                let work = Work::Rows(rows);
-                self.apply_and_wait(client, &mut pending, &record, work, commit_ts_us)
-                    .await?
-            }
+        let work = match item {
+            StreamItem::Change(change) => Some(Work::Change(change)),
+            StreamItem::Rows(rows) => Some(Work::Rows(rows)),
             // A schema change the target refused (a type it lacked, …): its ops again, each
             // made or found made. Its commit LSN is not kept with the letter, so the move it
             // records (multi-master) counts as seen by every node.
@@ -2597,8 +2584,13 @@ impl Worker {
                     .drain()
                     .await
                     .map_err(ApplyError::sql("replaying a schema change"))?;
+                None
             }
             _ => return Err(refuse("its record is neither a change nor a schema change")),
+        };
+        if let Some(work) = work {
+            self.apply_and_wait(client, &mut pending, &record, work, commit_ts_us)
+                .await?;
         }
         client
             .execute(
@@ -2609,6 +2601,22 @@ impl Worker {
             .await
             .map_err(ApplyError::sql("marking the letter resolved"))
             .map(drop)
+    }
+
+    /// Whether `table` is parked ([`Worker::parked`]): if so, the record is dead-lettered
+    /// behind the schema change it waits for.
+    async fn held_back(
+        &mut self,
+        client: &Client,
+        message: &RecordRef<'_>,
+        table: &str,
+    ) -> Result<bool, ApplyError> {
+        if !self.parked.contains_key(table) {
+            return Ok(false);
+        }
+        self.bad_message(client, message, dead_letters::PARKED)
+            .await?;
+        Ok(true)
     }
 
     /// Reads which tables are parked ([`Worker::parked`]) from the target.
@@ -2635,14 +2643,15 @@ impl Worker {
         client: &'c Client,
         pending: &mut InFlight<'c>,
     ) -> Result<(), ApplyError> {
-        if !self.parked.values().any(|t| t.elapsed() >= PARK_RETRY) {
+        let due = self.parked_due();
+        if due.is_empty() {
             return Ok(());
         }
         client
             .batch_execute("BEGIN")
             .await
             .map_err(ApplyError::sql("beginning a transaction"))?;
-        self.unpark_due(client, pending).await?;
+        self.unpark(client, pending, due).await?;
         self.commit_lanes().await?;
         client
             .batch_execute("COMMIT")
@@ -2663,15 +2672,29 @@ impl Worker {
         client: &'c Client,
         pending: &mut InFlight<'c>,
     ) -> Result<(), ApplyError> {
-        let due: Vec<String> = self
-            .parked
-            .iter()
-            .filter(|(_, tried)| tried.elapsed() >= PARK_RETRY)
-            .map(|(table, _)| table.clone())
-            .collect();
+        let due = self.parked_due();
         if due.is_empty() {
             return Ok(());
         }
+        self.unpark(client, pending, due).await
+    }
+
+    /// Parked tables not tried for [`PARK_RETRY`].
+    fn parked_due(&self) -> Vec<String> {
+        self.parked
+            .iter()
+            .filter(|(_, tried)| tried.elapsed() >= PARK_RETRY)
+            .map(|(table, _)| table.clone())
+            .collect()
+    }
+
+    /// [`Worker::unpark_due`] of the tables `due`.
+    async fn unpark<'c>(
+        &mut self,
+        client: &'c Client,
+        pending: &mut InFlight<'c>,
+        due: Vec<String>,
+    ) -> Result<(), ApplyError> {
         pending
             .drain()
             .await

@@ -405,25 +405,29 @@ impl Capture {
         let item = node_stream::ddl_record(&self.envelope, schema, table, &ops, &message.applied);
         self.stage(txn, &item, repl).await?;
         if self.settings.resnapshot_rewritten && crate::ddl::rewrites_rows(&message, &ops) {
-            // Requested before the change's position can be acknowledged: a crash in between
-            // decodes the change again and requests once more, never not at all. The snapshot
-            // reads the table after this commit, and its rows follow the change in the stream.
             let name = format!("{}.{}", message.schema, message.table);
-            tracing::info!(table = %name, "the schema change gave existing rows values targets cannot compute (a volatile DEFAULT, an identity, USING); re-snapshotting the table");
-            crate::source::snapshot::chunk::request(&self.sql, &name)
-                .await
-                .map_err(CaptureError::sql("requesting a snapshot"))?;
+            self.resnapshot(&name, "the schema change gave existing rows values targets cannot compute (a volatile DEFAULT, an identity, USING); re-snapshotting the table").await?;
         }
         Ok(())
+    }
+
+    /// Requests a snapshot of table `name` (`schema.table`), logging `why`, while the open
+    /// transaction is decoded: before its position can be acknowledged, so a crash in between
+    /// decodes it again and requests once more, never not at all. The snapshot reads the
+    /// table after the transaction's commit, and its rows follow the transaction's in the
+    /// stream.
+    async fn resnapshot(&self, name: &str, why: &str) -> Result<(), CaptureError> {
+        tracing::info!(table = %name, "{why}");
+        crate::source::snapshot::chunk::request(&self.sql, name)
+            .await
+            .map_err(CaptureError::sql("requesting a snapshot"))
     }
 
     /// A relation first seen by this run, in `txn`: whether the transaction created the table
     /// before its schema change said so (rows of `CREATE TABLE … AS` / `SELECT … INTO` come
     /// before the trigger's message). If so, its rows in this transaction are withheld (see
-    /// [`OpenTxn::unborn`]) and a snapshot of the table is requested, before the
-    /// transaction's position can be acknowledged: the snapshot reads the committed table,
-    /// and its rows follow the creation in the stream. Only with DDL capture, on nodes other
-    /// than multi-master ones.
+    /// [`OpenTxn::unborn`]) and the table is snapshotted ([`Capture::resnapshot`]). Only with
+    /// DDL capture, on nodes other than multi-master ones.
     async fn born_unannounced(
         &mut self,
         txn: &mut OpenTxn,
@@ -445,11 +449,8 @@ impl Capture {
             .await
             .map_err(CaptureError::sql("reading when a table was created"))?;
         if born {
-            tracing::info!(table = %name, "rows of a table created by the same command (CREATE TABLE … AS, SELECT … INTO) come before its creation reaches targets; snapshotting the table instead");
             txn.unborn.insert(relation.oid);
-            crate::source::snapshot::chunk::request(&self.sql, &name)
-                .await
-                .map_err(CaptureError::sql("requesting a snapshot"))?;
+            self.resnapshot(&name, "rows of a table created by the same command (CREATE TABLE … AS, SELECT … INTO) come before its creation reaches targets; snapshotting the table instead").await?;
         }
         Ok(())
     }
