@@ -1001,9 +1001,14 @@ pub fn is_safe_partition_clause(clause: &str) -> bool {
                     if chars.next() != Some(':') {
                         return false;
                     }
-                    // A type name: words, spaces, dots, brackets, quoted parts.
+                    // A type name: words, spaces, dots, brackets, quoted parts (each closed).
                     while let Some(&t) = chars.peek() {
-                        if t.is_ascii_alphanumeric() || " _.\"[]".contains(t) {
+                        if t == '"' {
+                            chars.next();
+                            if !quoted_identifier(&mut chars) {
+                                return false;
+                            }
+                        } else if t.is_ascii_alphanumeric() || " _.[]".contains(t) {
                             chars.next();
                         } else {
                             break;
@@ -1011,22 +1016,32 @@ pub fn is_safe_partition_clause(clause: &str) -> bool {
                     }
                 }
             }
-            '"' => loop {
-                match chars.next() {
-                    Some('"') if chars.peek() == Some(&'"') => {
-                        chars.next();
-                    }
-                    Some('"') => break,
-                    Some(_) => {}
-                    None => return false,
+            '"' => {
+                if !quoted_identifier(&mut chars) {
+                    return false;
                 }
-            },
+            }
             '-' if chars.peek().is_some_and(char::is_ascii_digit) => {}
             c if c.is_ascii_alphanumeric() || c == '_' => {}
             _ => return false,
         }
     }
     any
+}
+
+/// Reads a quoted identifier's rest, after its opening `"` (`""` is a quote inside it);
+/// `false` when it is not closed.
+fn quoted_identifier(chars: &mut std::iter::Peekable<std::str::Chars<'_>>) -> bool {
+    loop {
+        match chars.next() {
+            Some('"') if chars.peek() == Some(&'"') => {
+                chars.next();
+            }
+            Some('"') => return true,
+            Some(_) => {}
+            None => return false,
+        }
+    }
 }
 
 /// A default an op would set that targets do not copy: anything but a constant (see
@@ -1750,6 +1765,7 @@ mod tests {
             "RANGE ((a + b))",
             "FOR VALUES IN ('x'::text; DROP TABLE t)",
             "FOR VALUES IN ($1)",
+            "FOR VALUES IN ('a'::\")",
         ] {
             assert!(!is_safe_partition_clause(no), "{no}");
         }
