@@ -186,3 +186,28 @@ mod tests {
         assert_eq!(full.clone().keyed_by(&[]), full);
     }
 }
+
+/// A snapshot chunk's key range, published with its rows on the node stream (`prune` of a
+/// `rows` item) when a re-snapshot makes targets exact: a target deletes the rows of the
+/// range whose key is neither a row of the item nor in `keep`. Items of one chunk split its
+/// range at their last rows' keys, so each names the part its rows cover.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PruneRange {
+    /// The key columns, in key order.
+    pub key: Vec<String>,
+    /// Their types, as the source's `format_type` spells them (a target prunes only when its
+    /// key columns have the same types: the range is ordered by them).
+    pub types: Vec<String>,
+    /// The rows were read through a partitioned table (a target deletes through it; from a
+    /// plain table it deletes `ONLY` there, as the source read it).
+    #[serde(default)]
+    pub partitioned: bool,
+    /// Exclusive lower bound, the key's values in text form; `None`: from the first key.
+    pub after: Option<Vec<String>>,
+    /// Inclusive upper bound; `None`: to the last key.
+    pub through: Option<Vec<String>>,
+    /// Keys that stay besides the item's rows (see
+    /// [`crate::source::reconcile::Closed::keep`]).
+    #[serde(default)]
+    pub keep: Vec<Vec<String>>,
+}

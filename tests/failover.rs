@@ -77,13 +77,27 @@ async fn slot_exists(pg: &PgCluster, db: &str, slot: &str) -> bool {
 /// A slot dropped behind pgferry's back is reported, not re-created: with the default
 /// `on_slot_loss: stop` capture exits with an error naming the slot and the fix, and creates
 /// nothing; with `on_slot_loss: recreate` it re-creates the slot, re-publishes the snapshot and
-/// streams on.
+/// streams on. A replica that missed the changes made while no slot existed (deletes among
+/// them) ends exact: the new slot's snapshot prunes what the source no longer has.
 #[tokio::test(flavor = "multi_thread")]
 async fn dropped_slot_is_reported_not_recreated() {
     let pg = PgCluster::shared();
     let (db, c) = pg.fresh_db("droppedslot", TABLE).await;
+    let (replica, r) = pg.fresh_db("droppedslot_r", TABLE).await;
     let slot = format!("slot_{db}");
     let topic = format!("{db}.public.t");
+    let port = common::free_port();
+    let applier = Ferry::start(
+        &common::ferry::apply_config(
+            "node-a",
+            &db,
+            &[pg.url(&replica)],
+            &broker().address(),
+            port,
+            "",
+        ),
+        port,
+    );
     let mut ferry = Ferry::capture(pg, &db, &broker().address(), "");
     ferry.wait_ready().await;
     assert!(
@@ -112,6 +126,11 @@ async fn dropped_slot_is_reported_not_recreated() {
     .await;
     // Changes made while no slot exists are the ones a silent re-creation would lose.
     insert_range(&c, 101, 150).await;
+    c.batch_execute(
+        "DELETE FROM t WHERE id BETWEEN 81 AND 100; UPDATE t SET payload = 'gap' WHERE id <= 10",
+    )
+    .await
+    .unwrap();
 
     ferry.restart();
     // Capture stops (and retries every minute) without re-creating the slot; the process
@@ -173,7 +192,23 @@ async fn dropped_slot_is_reported_not_recreated() {
     );
     assert!(
         seen[&1] >= 2,
-        "rows 1..=100 arrive again from the new snapshot"
+        "rows 1..=80 arrive again from the new snapshot"
+    );
+    // The replica lost the gap's changes with the slot; the new snapshot brings them, and
+    // deletes the rows the source deleted meanwhile.
+    common::wait_for(
+        "the replica to equal the source",
+        Duration::from_secs(60),
+        || async {
+            let want = common::pg::table_checksum(&c, "t").await;
+            (common::pg::try_table_checksum(&r, "t").await == Some(want)).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        applier.metric("pgferry_apply_rows_pruned_total", ""),
+        Some(20.0),
+        "rows 81..=100, and only they, were pruned"
     );
 }
 

@@ -73,6 +73,16 @@ fn start_applier(master: &str, replica: &str) -> Ferry {
     )
 }
 
+/// Runs `pgferry snapshot --table` with capture's config.
+fn request_snapshot(capture: &Ferry, table: &str) -> std::process::Output {
+    std::process::Command::new(pgferry_bin())
+        .args(["snapshot", "--config"])
+        .arg(&capture.config_path)
+        .args(["--table", table])
+        .output()
+        .unwrap()
+}
+
 /// Waits until `table` has the same checksum on the replica as on the master.
 async fn wait_equal(master: &str, replica: &str, table: &str, timeout: Duration) {
     eprintln!("waiting for {table} to converge");
@@ -379,16 +389,7 @@ async fn snapshots_on_request_and_of_added_tables_while_streaming() {
         .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let writer = spawn_writer(master.clone(), "items", rows, seed, stop.clone());
-    let out = std::process::Command::new(pgferry_bin())
-        .args([
-            "snapshot",
-            "--config",
-            capture.config_path.to_str().unwrap(),
-            "--table",
-            "public.items",
-        ])
-        .output()
-        .unwrap();
+    let out = request_snapshot(&capture, "public.items");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -400,16 +401,7 @@ async fn snapshots_on_request_and_of_added_tables_while_streaming() {
         "{stdout}"
     );
     // A table outside the publication is refused by name.
-    let refused = std::process::Command::new(pgferry_bin())
-        .args([
-            "snapshot",
-            "--config",
-            capture.config_path.to_str().unwrap(),
-            "--table",
-            "public.added",
-        ])
-        .output()
-        .unwrap();
+    let refused = request_snapshot(&capture, "public.added");
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success());
     assert!(
@@ -484,6 +476,191 @@ async fn snapshots_on_request_and_of_added_tables_while_streaming() {
             .get::<_, i64>(0),
         3100,
         "the table without a key holds each row once"
+    );
+    drop(applier);
+}
+
+/// Waits until a snapshot of `table` planned at or after `since` (the source's clock) is done.
+async fn wait_resnapshot_done(
+    c: &tokio_postgres::Client,
+    slot: &str,
+    table: &str,
+    since: std::time::SystemTime,
+    timeout: Duration,
+) {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let row = c
+            .query_one(
+                "SELECT count(*), count(*) FILTER (WHERE done AND started_at >= $3)
+                   FROM pgferry.snapshot_progress WHERE slot_name = $1 AND table_name = $2",
+                &[&slot, &table, &since],
+            )
+            .await
+            .unwrap();
+        let (parts, done): (i64, i64) = (row.get(0), row.get(1));
+        if parts > 0 && parts == done {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the re-snapshot of {table} did not finish in {timeout:?} ({done} of {parts} parts)"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A replica restored from an old backup holds rows the source deleted since, lacks rows and
+/// has old values of others. A re-snapshot (`pgferry snapshot --table`, and requests from
+/// SQL) makes it exact while a writer changes the source: each chunk's key range is pruned
+/// of the rows the source does not have (before the first key, between keys, past the last),
+/// with keys of one column, of two (an int and a timestamptz, compared as a row) and uuids,
+/// over two readers' key ranges and chunks of several items. Exactly the rows the replica
+/// had and the source did not are pruned.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resnapshot_makes_a_restored_replica_exact() {
+    let pg = PgCluster::shared();
+    let seed = seed();
+    let mut rng = Rng::new(seed);
+    let rows = rng.range(3_000, 8_000);
+    let batch = rng.range(300, 1_500);
+    // Notes of up to ~1 KiB: a chunk's rows take several items (256 KiB each).
+    let width = rng.range(1, 32);
+    let (gone, lost, stale) = (rng.range(2, 9), rng.range(2, 9), rng.range(2, 9));
+    eprintln!(
+        "seed {seed} (SNAPSHOT_SEED): {rows} rows, chunks of {batch}, notes of {width} × 32, \
+         1 in {gone} gone, 1 in {lost} lost, 1 in {stale} stale"
+    );
+    let ddl = "CREATE TABLE items (id bigint PRIMARY KEY, v int NOT NULL, note text NOT NULL);
+               CREATE TABLE pairs (a int, b timestamptz, v text, PRIMARY KEY (a, b));
+               CREATE TABLE tokens (id uuid PRIMARY KEY, v int);";
+    let (master, c) = pg.fresh_db("prune", ddl).await;
+    let (replica, r) = pg.fresh_db("prune_r", ddl).await;
+    // Each table's rows, as (table, SELECT of row g, the rows gone from the source since the
+    // backup, of row g).
+    let generated = [
+        (
+            "items",
+            format!("g::bigint, 0, repeat(md5(g::text), {width})"),
+            format!("g % {gone} = 1"),
+        ),
+        (
+            "pairs",
+            "g % 50, timestamptz '2026-01-01 00:00+00' + g * interval '1 hour', md5(g::text)"
+                .to_owned(),
+            format!("(g % 50) % {gone} = 1 AND md5(g::text) < '8'"),
+        ),
+        (
+            "tokens",
+            "md5(g::text)::uuid, g::int".to_owned(),
+            format!("g % {gone} = 0"),
+        ),
+    ];
+    for (table, row, _) in &generated {
+        c.batch_execute(&format!(
+            "INSERT INTO {table} SELECT {row} FROM generate_series(1, {rows}) g"
+        ))
+        .await
+        .unwrap();
+    }
+    let applier = start_applier(&master, &replica);
+    let capture = start_capture(
+        &master,
+        &format!(
+            "  snapshot_readers: 2\n  snapshot_batch_rows: {batch}\n  snapshot_poll_interval: 1s\n"
+        ),
+    );
+    capture.wait_ready().await;
+    for (table, _, gone_rows) in &generated {
+        wait_equal(&master, &replica, table, Duration::from_secs(120)).await;
+        // Rows deleted on the source since the backup was taken.
+        c.batch_execute(&format!(
+            "DELETE FROM {table} WHERE ({}) IN (SELECT {} FROM generate_series(1, {rows}) g WHERE {gone_rows})",
+            if *table == "pairs" { "a, b" } else { "id" },
+            if *table == "pairs" {
+                "g % 50, timestamptz '2026-01-01 00:00+00' + g * interval '1 hour'"
+            } else if *table == "items" {
+                "g::bigint"
+            } else {
+                "md5(g::text)::uuid"
+            },
+        ))
+        .await
+        .unwrap();
+    }
+    for (table, _, _) in &generated {
+        wait_equal(&master, &replica, table, Duration::from_secs(60)).await;
+    }
+    // The replica restored from the backup: the deleted rows are back, some rows are lost,
+    // some hold old values, and rows the source never had sit before its first key and past
+    // its last (and anywhere, for uuids).
+    r.batch_execute(&format!(
+        "DELETE FROM items WHERE id % {lost} = 2;
+         DELETE FROM pairs WHERE a % {lost} = 3;
+         DELETE FROM tokens WHERE v % {lost} = 4;
+         UPDATE items SET v = -5, note = 'stale' WHERE id % {stale} = 3;
+         UPDATE pairs SET v = 'stale' WHERE a % {stale} = 4;
+         UPDATE tokens SET v = -v WHERE v % {stale} = 5;"
+    ))
+    .await
+    .unwrap();
+    let mut extras = 0u64;
+    for (table, row, gone_rows) in &generated {
+        extras += r
+            .execute(
+                &format!("INSERT INTO {table} SELECT {row} FROM generate_series(1, {rows}) g WHERE {gone_rows}"),
+                &[],
+            )
+            .await
+            .unwrap();
+    }
+    for outside in [
+        "INSERT INTO items SELECT -g, 7, 'never' FROM generate_series(1, 20) g",
+        "INSERT INTO items SELECT 1000000000 + g, 7, 'never' FROM generate_series(1, 20) g",
+        "INSERT INTO pairs SELECT -1, now() + g * interval '1 s', 'never' FROM generate_series(1, 20) g",
+        "INSERT INTO pairs SELECT 49, timestamptz '2026-01-01 00:00+00' + g * interval '1 minute', 'never' FROM generate_series(1, 20) g",
+        "INSERT INTO pairs SELECT 1000, now(), 'never'",
+        "INSERT INTO tokens SELECT gen_random_uuid(), -g FROM generate_series(1, 30) g",
+    ] {
+        extras += r.execute(outside, &[]).await.unwrap();
+    }
+
+    // Re-snapshot all three while a writer changes items (inserting past the source's last
+    // key only, so that no extra row of the replica is written by the stream).
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = spawn_writer(master.clone(), "items", rows, seed, stop.clone());
+    let since: std::time::SystemTime = c.query_one("SELECT now()", &[]).await.unwrap().get(0);
+    let out = request_snapshot(&capture, "public.items");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.batch_execute(
+        "INSERT INTO pgferry.snapshot_requests (table_name) VALUES ('public.pairs'), ('tokens')",
+    )
+    .await
+    .unwrap();
+    let slot = format!("slot_{master}");
+    for (table, _, _) in &generated {
+        wait_resnapshot_done(&c, &slot, table, since, Duration::from_secs(180)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    for (table, _, _) in &generated {
+        wait_equal(&master, &replica, table, Duration::from_secs(120)).await;
+    }
+    let pruned = applier
+        .metric("pgferry_apply_rows_pruned_total", "")
+        .unwrap_or(0.0);
+    assert_eq!(
+        pruned, extras as f64,
+        "the rows pruned are the replica's rows the source does not have"
+    );
+    assert_eq!(
+        capture.metric("pgferry_snapshot_ranges_unpruned_total", ""),
+        None,
+        "every range was pruned"
     );
     drop(applier);
 }

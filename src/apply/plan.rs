@@ -59,6 +59,15 @@ pub enum StatementKind {
     LwwResolver,
     /// Multi-master: write a resolver's merged row.
     LwwMerged,
+    /// A re-snapshot's range: delete its rows that are not kept (bounded below, above; `ONLY`).
+    Prune {
+        /// Has a lower bound.
+        after: bool,
+        /// Has an upper bound.
+        through: bool,
+        /// Deletes from the table without its inheritance children.
+        only: bool,
+    },
 }
 
 /// How the rows of a group are written.

@@ -786,6 +786,63 @@ pub fn delete_rows(schema: &str, table: &str, key: &[Typed<'_>]) -> String {
     )
 }
 
+/// Deletes the rows of a key range that are not among given keys: a re-snapshot's pruning
+/// (see [`crate::event::PruneRange`]). Parameters: the exclusive lower bound's values when
+/// `after`, the inclusive upper bound's when `through` (one text per key column each), then
+/// one text array per key column of the keys that stay. The bounds compare the key as a row,
+/// as the source's chunk query did; `only`: the table is read without its inheritance
+/// children (a partitioned table is not, its rows are in its partitions).
+pub fn prune_range(
+    schema: &str,
+    table: &str,
+    key: &[Typed<'_>],
+    after: bool,
+    through: bool,
+    only: bool,
+) -> String {
+    let columns: Vec<String> = key
+        .iter()
+        .map(|k| format!("t.{}", quote_ident(k.name)))
+        .collect();
+    let columns = format!("({})", columns.join(", "));
+    let mut next = 1;
+    let mut bound = || {
+        let values: Vec<String> = key
+            .iter()
+            .map(|k| {
+                let value = format!("${next}::text::{}", k.ty);
+                next += 1;
+                value
+            })
+            .collect();
+        format!("({})", values.join(", "))
+    };
+    let mut conditions = Vec::new();
+    if after {
+        conditions.push(format!("{columns} > {}", bound()));
+    }
+    if through {
+        conditions.push(format!("{columns} <= {}", bound()));
+    }
+    let keyed: Vec<(usize, Typed<'_>)> = key.iter().copied().enumerate().collect();
+    let arrays: Vec<String> = (0..key.len())
+        .map(|i| format!("${}::text[]", next + i))
+        .collect();
+    let names: Vec<String> = (1..=key.len()).map(|i| format!("c{i}")).collect();
+    conditions.push(format!(
+        "NOT EXISTS (SELECT 1 FROM unnest({}) AS u({}) WHERE {})",
+        arrays.join(", "),
+        names.join(", "),
+        row_key_predicate("t", &keyed)
+    ));
+    format!(
+        "DELETE FROM {}{} AS t WHERE {}",
+        if only { "ONLY " } else { "" },
+        qualified(schema, table),
+        conditions.join(" AND ")
+    )
+}
+
 /// [`probe`] for many keys in one statement: one row per key, in input order, of its
 /// ordinal (1-based), whether a live row exists, the row as jsonb text (only when it does not
 /// equal the old image: a conflict may need it), whether it equals the old image (NULL when
@@ -977,6 +1034,31 @@ mod tests {
 
     /// A multi-master write sets every column the remote row does not carry to its DEFAULT
     /// (and never inserts it, so a new row gets it too), and checks the table's shape.
+    #[test]
+    fn a_pruned_range_compares_the_key_as_a_row_and_keeps_the_given_keys() {
+        let key = [
+            Typed {
+                name: "id",
+                ty: "bigint",
+                fixed: false,
+            },
+            Typed {
+                name: "At",
+                ty: "timestamp with time zone",
+                fixed: false,
+            },
+        ];
+        assert_eq!(
+            prune_range("s", "t", &key, true, true, true),
+            r#"DELETE FROM ONLY "s"."t" AS t WHERE (t."id", t."At") > ($1::text::bigint, $2::text::timestamp with time zone) AND (t."id", t."At") <= ($3::text::bigint, $4::text::timestamp with time zone) AND NOT EXISTS (SELECT 1 FROM unnest($5::text[], $6::text[]) AS u(c1, c2) WHERE t."id" = u.c1::bigint AND t."At" = u.c2::timestamp with time zone)"#
+        );
+        // Unbounded below (the first chunk) and above (the last), through a partitioned table.
+        assert_eq!(
+            prune_range("s", "t", &key[..1], false, false, false),
+            r#"DELETE FROM "s"."t" AS t WHERE NOT EXISTS (SELECT 1 FROM unnest($1::text[]) AS u(c1) WHERE t."id" = u.c1::bigint)"#
+        );
+    }
+
     #[test]
     fn remote_rows_are_written_whole() {
         let typed = |name| Typed {

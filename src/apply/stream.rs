@@ -296,6 +296,8 @@ pub struct RowsItem {
     /// The rows: values as the source's text output, tab-separated, `\N` for NULL, each row
     /// ended by a newline (see [`crate::value::copy_text`]).
     pub copy: String,
+    /// A re-snapshot's key range these rows cover: the target deletes its other rows there.
+    pub prune: Option<crate::event::PruneRange>,
 }
 
 impl RowsItem {
@@ -309,26 +311,60 @@ impl RowsItem {
         self.copy.is_empty()
     }
 
-    /// Each row as an item of its own (to apply, and dead-letter, one by one).
+    /// Each row as an item of its own (to apply, and dead-letter, one by one), without the
+    /// range: the caller prunes it once all rows are written.
     pub fn split(&self) -> impl Iterator<Item = RowsItem> + '_ {
         self.copy.split_inclusive('\n').map(|row| RowsItem {
             schema: self.schema.clone(),
             table: self.table.clone(),
             names: self.names.clone(),
             copy: row.to_owned(),
+            prune: None,
         })
     }
 
     /// The item as the node stream carries it (a dead letter's payload, replayable).
     pub fn to_json(&self) -> String {
-        serde_json::json!({
+        let mut item = serde_json::json!({
             "type": "rows",
             "schema": self.schema,
             "table": self.table,
             "names": self.names,
             "copy": self.copy,
+        });
+        if let Some(prune) = &self.prune {
+            item["prune"] = serde_json::to_value(prune).unwrap_or_default();
+        }
+        item.to_string()
+    }
+
+    /// The keys of the rows, by the range's key columns; `None` without a range, or when a key
+    /// column is not among the item's columns or a row has no value for it.
+    pub fn row_keys(&self) -> Option<Vec<Vec<String>>> {
+        let prune = self.prune.as_ref()?;
+        let at: Vec<usize> = prune
+            .key
+            .iter()
+            .map(|k| self.names.iter().position(|n| n == k))
+            .collect::<Option<_>>()?;
+        crate::value::copy_text::decode(self.copy.as_bytes())
+            .into_iter()
+            .map(|row| at.iter().map(|&i| row.get(i).cloned().flatten()).collect())
+            .collect()
+    }
+
+    /// The range alone, as an item without rows whose kept keys include the rows' (applied
+    /// after the rows were written one by one); `None` without a range.
+    pub fn range_only(&self) -> Option<RowsItem> {
+        let mut prune = self.prune.clone()?;
+        prune.keep.extend(self.row_keys()?);
+        Some(RowsItem {
+            schema: self.schema.clone(),
+            table: self.table.clone(),
+            names: self.names.clone(),
+            copy: String::new(),
+            prune: Some(prune),
         })
-        .to_string()
     }
 }
 
@@ -488,6 +524,8 @@ struct RawRecord<'a> {
     names: Option<Vec<String>>,
     #[serde(default, borrow)]
     copy: Option<Cow<'a, str>>,
+    #[serde(default)]
+    prune: Option<crate::event::PruneRange>,
     // A change item's own members (records before compact items wrap the envelope instead,
     // in `change`).
     #[serde(default, borrow)]
@@ -641,6 +679,7 @@ pub fn parse_framed(bytes: Option<&[u8]>) -> Result<(Option<u64>, StreamItem), M
             table: raw.table.ok_or_else(|| missing("table"))?.into_owned(),
             names: raw.names.ok_or_else(|| missing("names"))?,
             copy: raw.copy.ok_or_else(|| missing("copy"))?.into_owned(),
+            prune: raw.prune,
         }))),
         "after" => Ok(StreamItem::After(Box::new(AfterItem {
             applied: raw.applied.ok_or_else(|| missing("applied"))?,

@@ -242,6 +242,8 @@ struct Worker {
     /// each: every change of such a table is dead-lettered after it, so that none applies out
     /// of order, until [`Worker::unpark_due`] applies them all.
     parked: HashMap<String, std::time::Instant>,
+    /// Tables whose re-snapshot ranges cannot be pruned here (logged once each).
+    unpruned: HashSet<String>,
 }
 
 /// What [`Worker::apply_carefully`] applies: one change, or snapshot rows.
@@ -428,6 +430,7 @@ async fn open(
         diverged: Vec::new(),
         diverged_checked: std::time::Instant::now(),
         parked: HashMap::new(),
+        unpruned: HashSet::new(),
     };
     worker.reload_parked(&client).await?;
     Ok((worker, client))
@@ -899,7 +902,17 @@ impl Worker {
                 // Row by row, so that a row the target rejects is dead-lettered alone (as a
                 // `rows` item of its own, which can be replayed).
                 let commit_ts = framer.open_commit_ts_us().unwrap_or_default();
-                for (at, row) in rows.split().enumerate() {
+                // A re-snapshot's range goes last, alone, keeping the rows' keys.
+                let range = rows.range_only();
+                if range.is_none() && rows.prune.is_some() {
+                    let qualified = format!("{}.{}", rows.schema, rows.table);
+                    if self.unpruned.insert(qualified.clone()) {
+                        tracing::warn!(table = %qualified,
+                            "a re-snapshot does not delete this table's rows the source no longer \
+                             has: its rows' key values cannot be read");
+                    }
+                }
+                for (at, row) in rows.split().map(Some).chain([range]).flatten().enumerate() {
                     let payload = row.to_json();
                     let one = RecordRef {
                         row: u32::try_from(at + 1).ok(),
@@ -2019,6 +2032,9 @@ impl Worker {
         }
         let mut rows = *rows;
         let qualified = format!("{}.{}", rows.schema, rows.table);
+        // Read before columns are followed to the target's names (the range names the
+        // source's key).
+        let row_keys = rows.row_keys();
         let Some(table) = self
             .target_table(client, message, &mut rows, &qualified)
             .await?
@@ -2039,7 +2055,7 @@ impl Worker {
                 .copy_after(client, pending, names, &rows.names, pieces)
                 .await?;
             if outcome == copy::Outcome::Written {
-                return Ok(());
+                return self.prune(client, pending, &table, &rows, row_keys).await;
             }
         }
         // The rows go into a set batch of their own: the batch folds a key's changes by the
@@ -2084,7 +2100,103 @@ impl Worker {
             .await?;
             pending.throttle().await?;
         }
-        self.send_rows(client, pending).await
+        self.send_rows(client, pending).await?;
+        self.prune(client, pending, &table, &rows, row_keys).await
+    }
+
+    /// A re-snapshot's range ([`crate::event::PruneRange`]): deletes the target's rows in it
+    /// whose key is neither one of the item's rows (`row_keys`, written just before) nor
+    /// kept. Skipped, and logged once per table, when the target's key is not the range's
+    /// (other columns or types, so not ordered as the source's chunk was) or the rows' keys
+    /// cannot be read.
+    async fn prune<'c>(
+        &mut self,
+        client: &'c Client,
+        pending: &mut InFlight<'c>,
+        table: &TargetTable,
+        rows: &RowsItem,
+        row_keys: Option<Vec<Vec<String>>>,
+    ) -> Result<(), ApplyError> {
+        let Some(range) = &rows.prune else {
+            return Ok(());
+        };
+        let qualified = format!("{}.{}", rows.schema, rows.table);
+        let same_key = table.key == range.key
+            && range.types.len() == range.key.len()
+            && range
+                .key
+                .iter()
+                .zip(&range.types)
+                .all(|(k, t)| table.type_of(k) == Some(t.as_str()));
+        let (Some(row_keys), true) = (row_keys, same_key) else {
+            if self.unpruned.insert(qualified.clone()) {
+                tracing::warn!(table = %qualified, source_key = ?range.key, target_key = ?table.key,
+                    "a re-snapshot does not delete this table's rows the source no longer has: \
+                     the target's key columns or their types are not the source's");
+            }
+            return Ok(());
+        };
+        self.send_rows(client, pending).await?;
+        pending
+            .drain()
+            .await
+            .map_err(ApplyError::sql("applying changes"))?;
+        let typed: Vec<sql::Typed<'_>> = range
+            .key
+            .iter()
+            .zip(&range.types)
+            .map(|(name, ty)| sql::Typed {
+                name,
+                ty,
+                fixed: false,
+            })
+            .collect();
+        let (after, through, only) = (
+            range.after.is_some(),
+            range.through.is_some(),
+            !range.partitioned,
+        );
+        let text = || sql::prune_range(&rows.schema, &rows.table, &typed, after, through, only);
+        let key = StatementKey::new(
+            rows.schema.as_str(),
+            rows.table.as_str(),
+            StatementKind::Prune {
+                after,
+                through,
+                only,
+            },
+            range.key.iter().chain(&range.types).cloned().collect(),
+        );
+        let stmt = self.statement(client, key, text).await?;
+        let mut params: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> = Vec::new();
+        for bound in [&range.after, &range.through].into_iter().flatten() {
+            params.extend(bound.iter().map(|v| {
+                Box::new(v.clone()) as Box<dyn tokio_postgres::types::ToSql + Sync + Send>
+            }));
+        }
+        let keys = row_keys.iter().chain(&range.keep);
+        let columns = plan::columns_of(
+            keys.map(|k| k.iter().cloned().map(Some).collect())
+                .collect(),
+            range.key.len(),
+        );
+        params.extend(
+            columns
+                .into_iter()
+                .map(|c| Box::new(c) as Box<dyn tokio_postgres::types::ToSql + Sync + Send>),
+        );
+        let deleted = client
+            .execute_raw(&stmt, params)
+            .await
+            .map_err(ApplyError::sql("deleting rows a re-snapshot did not find"))?;
+        if deleted > 0 {
+            self.metrics
+                .apply_rows_pruned
+                .with_label_values(&[&qualified])
+                .inc_by(deleted);
+            tracing::debug!(table = %qualified, deleted, "re-snapshot removed rows the source no longer has");
+        }
+        Ok(())
     }
 
     /// The prepared statement of `kind` for `columns` of a table (`fixed`: its columns no
@@ -2571,23 +2683,36 @@ impl Worker {
             payload: Some(payload.as_bytes()),
         };
         let mut pending = InFlight::default();
-        let work = match item {
-            StreamItem::Change(change) => Some(Work::Change(change)),
-            StreamItem::Rows(rows) => Some(Work::Rows(rows)),
-            // A schema change the target refused (a type it lacked, …): its ops again, each
-            // made or found made. Its commit LSN is not kept with the letter, so the move it
-            // records (multi-master) counts as seen by every node.
-            StreamItem::Ddl(ddl) => {
-                self.apply_ddl(client, &mut pending, &record, &ddl, Lsn::default())
-                    .await?;
-                pending
-                    .drain()
-                    .await
-                    .map_err(ApplyError::sql("replaying a schema change"))?;
-                None
-            }
-            _ => return Err(refuse("its record is neither a change nor a schema change")),
-        };
+        let work =
+            match item {
+                StreamItem::Change(change) => Some(Work::Change(change)),
+                // A re-snapshot's range is pruned only where nothing of the table applied after
+                // it: behind a parking schema change (every later change of the table is a letter
+                // after it). Elsewhere the stream went on, and the range would remove rows written
+                // since; the rows are upserted alone.
+                StreamItem::Rows(mut rows) => {
+                    if rows.prune.is_some() && !dead_letters::parks(letter) {
+                        tracing::info!(letter = letter.id,
+                        "replaying a re-snapshot's rows without pruning their range: the table's \
+                         later changes were applied meanwhile");
+                        rows.prune = None;
+                    }
+                    Some(Work::Rows(rows))
+                }
+                // A schema change the target refused (a type it lacked, …): its ops again, each
+                // made or found made. Its commit LSN is not kept with the letter, so the move it
+                // records (multi-master) counts as seen by every node.
+                StreamItem::Ddl(ddl) => {
+                    self.apply_ddl(client, &mut pending, &record, &ddl, Lsn::default())
+                        .await?;
+                    pending
+                        .drain()
+                        .await
+                        .map_err(ApplyError::sql("replaying a schema change"))?;
+                    None
+                }
+                _ => return Err(refuse("its record is neither a change nor a schema change")),
+            };
         if let Some(work) = work {
             self.apply_and_wait(client, &mut pending, &record, work, commit_ts_us)
                 .await?;

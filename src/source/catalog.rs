@@ -97,6 +97,15 @@ pub async fn ensure_internal_schema(client: &Client) -> Result<(), tokio_postgre
                  started_at timestamptz NOT NULL DEFAULT now(),
                  updated_at timestamptz NOT NULL DEFAULT now(),
                  PRIMARY KEY (slot_name, table_schema, table_name, part));
+             -- Chunks of a re-snapshot carry their key range, which targets prune (a column
+             -- added by a later version: only when missing, as ALTER needs ownership).
+             DO $$ BEGIN
+               IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                               WHERE attrelid = 'pgferry.snapshot_progress'::regclass
+                                 AND attname = 'prune' AND NOT attisdropped) THEN
+                 ALTER TABLE pgferry.snapshot_progress ADD COLUMN prune boolean NOT NULL DEFAULT false;
+               END IF;
+             END $$;
              -- Snapshot requests: `pgferry snapshot --table`, or an INSERT from SQL.
              CREATE TABLE IF NOT EXISTS pgferry.snapshot_requests (
                  id bigserial PRIMARY KEY,
@@ -203,24 +212,25 @@ pub async fn mark_snapshot_completed(
 }
 
 /// Forgets any snapshot record and chunk progress for this slot (before creating the slot
-/// anew).
+/// anew). Returns whether there was any: the slot existed before (it was lost, or its
+/// exported snapshot never finished), so its targets may hold rows.
 pub async fn clear_snapshot_state(
     client: &Client,
     slot: &str,
-) -> Result<(), tokio_postgres::Error> {
-    client
+) -> Result<bool, tokio_postgres::Error> {
+    let state = client
         .execute(
             "DELETE FROM pgferry.snapshot_state WHERE slot_name = $1",
             &[&slot],
         )
         .await?;
-    client
+    let progress = client
         .execute(
             "DELETE FROM pgferry.snapshot_progress WHERE slot_name = $1",
             &[&slot],
         )
-        .await
-        .map(drop)
+        .await?;
+    Ok(state + progress > 0)
 }
 
 /// Drops a slot (whose snapshot never completed, or that was invalidated).

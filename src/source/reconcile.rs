@@ -31,6 +31,17 @@
 //! An update whose new image lacks an unchanged TOASTed value cannot insert the row on a target
 //! that does not have it yet. When the last change of a dropped row inside the window was such
 //! an update, its key is returned for a re-read (a later chunk of just those keys).
+//!
+//! **Pruning.** A re-snapshot also removes target rows the source no longer has: the chunk's
+//! key range is published with the keys that may stay in it besides the rows emitted
+//! ([`Closed::keep`]), and a target deletes the other rows of the range. The keys that may
+//! stay are the rows the chunk read and dropped, every key changed inside the window, and
+//! the keys changed by a transaction the chunk's `SELECT` could not see yet (its snapshot's
+//! in-progress list, `pg_current_snapshot()`) that the stream already carried: an invisible
+//! insert leaves no row version with an `xmax` behind, so only the snapshot names it. A
+//! transaction the stream carried whose changes are not all remembered (streamed while no
+//! snapshot ran, or pushed out of [`RECENT_CHANGES`]) makes the chunk's range unsafe to prune
+//! ([`Closed::unsure`]); the capture loop then publishes it without its range.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -43,6 +54,10 @@ use crate::source::pgoutput::{Datum, Tuple};
 /// opens. A transaction whose commit record precedes a low watermark by more than this many
 /// changes while it is still invisible to the chunk's `SELECT` is not recognized.
 pub const RECENT_CHANGES: usize = 1 << 16;
+
+/// How many committed transactions the reconciler remembers (whether each one's changes are
+/// all in the recent-change memory), to tell whether a chunk's range may be pruned.
+pub const RECENT_COMMITS: usize = 1 << 16;
 
 /// A row's key: its key columns' values in text form, in column order.
 pub type Key = Vec<Option<Bytes>>;
@@ -84,6 +99,13 @@ pub struct Closed {
     pub dropped: usize,
     /// Keys to read again: dropped rows whose newest streamed image lacked a TOASTed value.
     pub reread: Vec<Key>,
+    /// When the chunk is to be pruned: keys a target keeps in the chunk's range besides the
+    /// emitted rows (rows read and dropped, keys changed inside the window, keys changed by a
+    /// committed transaction the `SELECT` could not see). Unordered, possibly repeated.
+    pub keep: Vec<Key>,
+    /// A committed transaction the `SELECT` could not see whose changes are not all
+    /// remembered: the range must not be pruned.
+    pub unsure: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -107,6 +129,12 @@ pub struct Reconciler {
     recent_set: HashMap<(u32, u32, Key), (usize, bool)>,
     /// Tables without a key being snapshotted: transactions that created or removed rows.
     keyless: HashMap<u32, Keyless>,
+    /// The most recent committed transactions, oldest first, and whether all of each one's
+    /// changes are in `recent` (`commit_state`).
+    commits: VecDeque<u32>,
+    commit_state: HashMap<u32, bool>,
+    /// Transactions not committed yet that lost remembered changes to the memory's bound.
+    evicted_open: HashSet<u32>,
 }
 
 #[derive(Debug, Default)]
@@ -212,6 +240,12 @@ impl Reconciler {
         self.recent.push_back(entry);
         while self.recent.len() > RECENT_CHANGES {
             if let Some(old) = self.recent.pop_front() {
+                match self.commit_state.get_mut(&old.0) {
+                    Some(complete) => *complete = false,
+                    None => {
+                        self.evicted_open.insert(old.0);
+                    }
+                }
                 if let Some((n, _)) = self.recent_set.get_mut(&old) {
                     *n -= 1;
                     if *n == 0 {
@@ -222,16 +256,58 @@ impl Reconciler {
         }
     }
 
+    /// Transaction `xid` committed in the stream; `complete`: every change it streamed was
+    /// given to [`Reconciler::changed`] (the capture loop gives them only while a snapshot is
+    /// planned or running).
+    pub fn committed(&mut self, xid: u32, complete: bool) {
+        if xid == 0 {
+            return;
+        }
+        let complete = complete && !self.evicted_open.remove(&xid);
+        if self.commit_state.insert(xid, complete).is_none() {
+            self.commits.push_back(xid);
+        }
+        while self.commits.len() > RECENT_COMMITS {
+            if let Some(old) = self.commits.pop_front() {
+                self.commit_state.remove(&old);
+            }
+        }
+    }
+
     /// The high watermark of chunk `id` went by: closes its window and returns the rows to
     /// publish there. `None` when the window is not open (a watermark of an earlier run).
+    /// `invisible`: for a chunk to be pruned, the transactions in progress for its `SELECT`
+    /// (its snapshot's `xip`); [`Closed::keep`] and [`Closed::unsure`] are filled then.
     pub fn close(
         &mut self,
         id: u64,
         relation: &RelationMeta,
         rows: Vec<ChunkRow>,
+        invisible: Option<&[u32]>,
     ) -> Option<Closed> {
         let window = self.windows.remove(&id)?;
         let mut closed = Closed::default();
+        let pruned = invisible.is_some();
+        if let Some(invisible) = invisible {
+            closed.keep.extend(window.changed.iter().cloned());
+            let hidden: HashSet<u32> = invisible
+                .iter()
+                .copied()
+                .filter(|x| self.commit_state.contains_key(x))
+                .collect();
+            closed.unsure = hidden
+                .iter()
+                .copied()
+                .find(|x| self.commit_state.get(x) == Some(&false));
+            if !hidden.is_empty() {
+                closed.keep.extend(
+                    self.recent_set
+                        .keys()
+                        .filter(|(x, oid, _)| *oid == relation.oid && hidden.contains(x))
+                        .map(|(_, _, key)| key.clone()),
+                );
+            }
+        }
         for row in rows {
             let Some(key) = key_of(relation, &row.tuple) else {
                 let streamed = self.keyless.get(&relation.oid).is_some_and(|t| {
@@ -249,20 +325,26 @@ impl Reconciler {
             let hidden = (row.xmax != 0)
                 .then(|| self.recent_set.get(&(row.xmax, relation.oid, key.clone())))
                 .flatten();
-            if window.changed.contains(&key) {
-                closed.dropped += 1;
+            let emit = if window.changed.contains(&key) {
                 if window.incomplete.contains(&key) {
-                    closed.reread.push(key);
+                    closed.reread.push(key.clone());
                 }
+                false
             } else if let Some(&(_, incomplete)) = hidden {
-                closed.dropped += 1;
                 if incomplete {
-                    closed.reread.push(key);
+                    closed.reread.push(key.clone());
                 }
-            } else if window.truncated {
-                closed.dropped += 1;
+                false
             } else {
+                !window.truncated
+            };
+            if emit {
                 closed.emit.push(row.tuple);
+            } else {
+                closed.dropped += 1;
+                if pruned {
+                    closed.keep.push(key);
+                }
             }
         }
         Some(closed)

@@ -38,6 +38,11 @@ pub struct Metrics {
     pub snapshot_rows_reconciled: IntCounterVec,
     /// Snapshot chunks published, by table.
     pub snapshot_chunks: IntCounterVec,
+    /// Re-snapshot chunks published without their key range (targets keep rows the source
+    /// deleted there), by table.
+    pub snapshot_ranges_unpruned: IntCounterVec,
+    /// Target rows a re-snapshot deleted because the source no longer has them, by table.
+    pub apply_rows_pruned: IntCounterVec,
     /// Tables whose snapshot is queued or running.
     pub snapshot_tables_remaining: IntGauge,
     /// Schema changes captured from the source, by table.
@@ -244,6 +249,19 @@ impl Metrics {
                 r,
                 "pgferry_snapshot_chunks_total",
                 "Snapshot chunks published.",
+                &["table"],
+            ),
+            snapshot_ranges_unpruned: counter_vec(
+                r,
+                "pgferry_snapshot_ranges_unpruned_total",
+                "Re-snapshot chunks published without their key range: targets keep rows the \
+                 source deleted in it.",
+                &["table"],
+            ),
+            apply_rows_pruned: counter_vec(
+                r,
+                "pgferry_apply_rows_pruned_total",
+                "Target rows a re-snapshot deleted because the source no longer has them.",
                 &["table"],
             ),
             snapshot_tables_remaining: gauge(

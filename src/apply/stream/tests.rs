@@ -529,8 +529,9 @@ mod ddl_order {
 
 mod rows_items {
     use super::*;
+    use crate::event::PruneRange;
     use crate::sink::kafka::encode::EnvelopeSource;
-    use crate::sink::kafka::node_stream::{rows_head, rows_record};
+    use crate::sink::kafka::node_stream::{rows_head, rows_record, rows_tail};
     use crate::value::copy_text;
     use proptest::prelude::*;
 
@@ -555,6 +556,10 @@ mod rows_items {
     }
 
     fn item_of(rows: &[Vec<Option<String>>]) -> RowsItem {
+        item_with(rows, None)
+    }
+
+    fn item_with(rows: &[Vec<Option<String>>], prune: Option<&PruneRange>) -> RowsItem {
         let mut escaped = Vec::new();
         for row in rows {
             copy_text::push_row_json(
@@ -563,7 +568,8 @@ mod rows_items {
             );
         }
         let head = rows_head(&source(), "public", "t\"x", &["id", "a b", "c"]);
-        let record = rows_record(&source(), &head, &escaped);
+        let tail = prune.map(|p| rows_tail(Some(p)));
+        let record = rows_record(&source(), &head, &escaped, tail.as_deref());
         let (run, item) = parse_framed(record.value.as_deref()).expect("a rows record parses");
         assert_eq!(run, Some(4));
         let StreamItem::Rows(item) = item else {
@@ -592,6 +598,48 @@ mod rows_items {
                 })
                 .collect();
             prop_assert_eq!(one_by_one, rows);
+        }
+
+        /// A re-snapshot's range travels with the rows and back through the dead-letter form;
+        /// the rows' keys read back by the range's key columns, and the range alone keeps them.
+        #[test]
+        fn a_range_reads_back_with_the_rows_keys(
+            rows in values(),
+            keep in prop::collection::vec(prop::collection::vec("[a-z0-9\\\\\t\"]{0,4}", 2), 0..4),
+            after in prop::option::of(prop::collection::vec("[0-9]{1,3}", 2)),
+            through in prop::option::of(prop::collection::vec("[0-9]{1,3}", 2)),
+        ) {
+            // The key is (c, id): not in column order.
+            let range = PruneRange {
+                key: vec!["c".into(), "id".into()],
+                types: vec!["text".into(), "bigint".into()],
+                partitioned: false,
+                after,
+                through,
+                keep: keep.clone(),
+            };
+            let item = item_with(&rows, Some(&range));
+            prop_assert_eq!(item.prune.as_ref(), Some(&range));
+            prop_assert_eq!(copy_text::decode(item.copy.as_bytes()), rows.clone());
+            let again = parse(Some(item.to_json().as_bytes())).expect("a dead letter parses");
+            prop_assert_eq!(&again, &StreamItem::Rows(Box::new(item.clone())));
+            let keys: Option<Vec<Vec<String>>> = rows
+                .iter()
+                .map(|r| Some(vec![r[2].clone()?, r[0].clone()?]))
+                .collect();
+            prop_assert_eq!(item.row_keys(), keys.clone());
+            match (item.range_only(), keys) {
+                (Some(alone), Some(keys)) => {
+                    prop_assert!(alone.is_empty());
+                    let kept = alone.prune.unwrap().keep;
+                    prop_assert_eq!(kept, keep.into_iter().chain(keys).collect::<Vec<_>>());
+                }
+                (None, None) => {}
+                (alone, keys) => prop_assert!(false, "range alone {alone:?} for keys {keys:?}"),
+            }
+            prop_assert!(item.split().all(|one| one.prune.is_none()));
+            // Without a range there are no keys to read.
+            prop_assert_eq!(item_of(&rows).row_keys(), None);
         }
 
         /// A column dropped on the target since: its values leave every row, the rest stay.

@@ -320,13 +320,32 @@ pub fn rows_head(source: &EnvelopeSource, schema: &str, table: &str, names: &[&s
 /// Bytes a `rows` item adds to its head and rows.
 pub const ROWS_TAIL_BYTES: usize = 2;
 
+/// The end of a `rows` item: the JSON string's close, the range it prunes (see
+/// [`crate::event::PruneRange`]) and the object's close.
+pub fn rows_tail(prune: Option<&crate::event::PruneRange>) -> Vec<u8> {
+    let mut tail = b"\"".to_vec();
+    if let Some(prune) = prune {
+        tail.extend_from_slice(b",\"prune\":");
+        tail.extend(serde_json::to_vec(prune).unwrap_or_default());
+    }
+    tail.push(b'}');
+    tail
+}
+
 /// A `rows` item: snapshot rows of one table in COPY's text format, one item for many rows
-/// (see the module docs). `rows` is the inside of the JSON string.
-pub fn rows_record(source: &EnvelopeSource, head: &[u8], rows: &[u8]) -> Record {
-    let mut value = Vec::with_capacity(head.len() + rows.len() + ROWS_TAIL_BYTES);
+/// (see the module docs). `rows` is the inside of the JSON string; `tail` is
+/// [`rows_tail`]'s (`None`: without a range).
+pub fn rows_record(
+    source: &EnvelopeSource,
+    head: &[u8],
+    rows: &[u8],
+    tail: Option<&[u8]>,
+) -> Record {
+    let tail = tail.unwrap_or(b"\"}");
+    let mut value = Vec::with_capacity(head.len() + rows.len() + tail.len());
     value.extend_from_slice(head);
     value.extend_from_slice(rows);
-    value.extend_from_slice(b"\"}");
+    value.extend_from_slice(tail);
     record(source, value)
 }
 

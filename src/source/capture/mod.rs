@@ -29,12 +29,12 @@ pub use error::CaptureError;
 pub const COMPONENT: &str = "capture";
 
 use super::catalog;
-use super::reconcile::Reconciler;
+use super::reconcile::{key_of, Reconciler};
 use super::snapshot::driver::{self, Mark, MarkKind, Published};
-use super::snapshot::{self, TableReader};
+use super::snapshot::{self, chunk, TableReader};
 use crate::config::{KafkaConfig, OnPoison, SourceConfig};
 use crate::error::ErrorChain;
-use crate::event::{Op, RelationMeta, RowChange, TxnMeta};
+use crate::event::{Op, PruneRange, RelationMeta, RowChange, TxnMeta};
 use crate::lsn::Lsn;
 use crate::pg::replication::ReplicationConnection;
 use crate::pgtime::PgTimestamp;
@@ -69,6 +69,13 @@ pub struct CaptureSettings {
 }
 
 /// Whether schema-change ops create a table.
+/// A chunk's range as it is being published: the relation its key is read by, and what is
+/// left of the range (its lower bound moves up with each item).
+struct Pruning {
+    relation: Arc<RelationMeta>,
+    range: PruneRange,
+}
+
 fn creates_table(ops: &[crate::ddl::DdlOp]) -> bool {
     ops.iter()
         .any(|op| matches!(op, crate::ddl::DdlOp::CreateTable { .. }))
@@ -222,7 +229,7 @@ impl Capture {
                 .await
                 .map_err(CaptureError::sql("reading snapshot rows"))?
             {
-                self.publish_snapshot_rows(&mut txn, &relation, consistent, rows, None)
+                self.publish_snapshot_rows(&mut txn, &relation, consistent, rows, None, None)
                     .await?;
                 self.health.beat();
             }
@@ -288,17 +295,51 @@ impl Capture {
                 };
                 let target = deposit.target.clone();
                 let rows = deposit.rows.unwrap_or_default();
-                let Some(closed) = self.reconciler.close(mark.id, &target.chunk_relation, rows)
+                // Ranges are pruned through `rows` items (multi-master nodes publish change
+                // items, and never prune: a peer may hold a newer version than the source).
+                let range = deposit
+                    .prune
+                    .filter(|_| self.settings.compact_snapshot_rows);
+                let running = range.as_ref().map(|r| &r.running[..]);
+                let Some(closed) =
+                    self.reconciler
+                        .close(mark.id, &target.chunk_relation, rows, running)
                 else {
                     return Ok(());
                 };
                 if deposit.finishes_keyless {
                     self.reconciler.finish_keyless(target.relation.oid);
                 }
+                let prune = match (range, closed.unsure) {
+                    (Some(_), Some(xid)) => {
+                        tracing::warn!(table = %target.name(), xid,
+                            "a snapshot chunk's range is not pruned: a transaction the stream \
+                             already carried was not visible to the chunk's read, and its \
+                             changes are not all remembered; rows the source deleted may stay \
+                             on targets in this range until the table is snapshotted again");
+                        self.metrics
+                            .snapshot_ranges_unpruned
+                            .with_label_values(&[&target.name()])
+                            .inc();
+                        None
+                    }
+                    (Some(range), None) => Some(Pruning {
+                        relation: target.chunk_relation.clone(),
+                        range: PruneRange {
+                            key: target.key.iter().map(|k| k.name.clone()).collect(),
+                            types: target.key.iter().map(|k| k.type_name.clone()).collect(),
+                            partitioned: target.partitioned,
+                            after: range.after,
+                            through: range.through,
+                            keep: closed.keep.iter().filter_map(chunk::key_text).collect(),
+                        },
+                    }),
+                    (None, _) => None,
+                };
                 self.describe_once(&target.relation).await?;
                 txn.snapshot = true;
                 let emitted = closed.emit.len();
-                self.publish_snapshot_rows(txn, &target.relation, lsn, closed.emit, repl)
+                self.publish_snapshot_rows(txn, &target.relation, lsn, closed.emit, repl, prune)
                     .await?;
                 self.health.beat();
                 txn.chunks.push(Published {
@@ -673,6 +714,8 @@ impl Capture {
     /// the table topic, and on the node stream in `rows` items (COPY text, many rows to an
     /// item, see [`node_stream`]) unless this node is multi-master, else as one change item
     /// each. Rows that became poison are not counted in `pgferry_snapshot_rows_total`.
+    /// `prune`: the chunk's key range, split among the items at their last rows' keys (an
+    /// empty item carries it when no row is published).
     async fn publish_snapshot_rows(
         &mut self,
         txn: &mut OpenTxn,
@@ -680,6 +723,7 @@ impl Capture {
         lsn: Lsn,
         rows: Vec<Tuple>,
         mut repl: Option<&mut stream::StreamState<'_>>,
+        mut prune: Option<Pruning>,
     ) -> Result<(), CaptureError> {
         let counter = self
             .metrics
@@ -709,8 +753,42 @@ impl Capture {
         let limit = (self.settings.kafka.max_message_bytes as usize)
             .saturating_sub(RECORD_OVERHEAD)
             .min(node_stream::BUNDLE_BYTES);
+        // The range's part an item covers ends at its last row's key; the last item's at the
+        // chunk's end.
+        let tail = |prune: &mut Option<Pruning>, last: Option<&Tuple>| {
+            prune.as_mut().map(|p| {
+                let through = match last {
+                    Some(row) => key_of(&p.relation, row).as_ref().and_then(chunk::key_text),
+                    None => p.range.through.clone(),
+                };
+                let part = PruneRange {
+                    through: through.clone(),
+                    ..p.range.clone()
+                };
+                p.range.after = through;
+                node_stream::rows_tail(Some(&part))
+            })
+        };
+        // Room for the range (twice: its bounds grow by a key), unless the keys that stay
+        // would crowd out the rows: then the range is not pruned.
+        let tail_room = prune
+            .as_ref()
+            .map_or(0, |p| node_stream::rows_tail(Some(&p.range)).len() * 2);
+        if tail_room > limit / 2 {
+            tracing::warn!(table = %relation.qualified_name(), bytes = tail_room,
+                "a snapshot chunk's range is not pruned: the keys changed while it was read \
+                 do not fit in a record beside its rows");
+            self.metrics
+                .snapshot_ranges_unpruned
+                .with_label_values(&[&relation.qualified_name()])
+                .inc();
+            prune = None;
+        }
+        let limit = limit.saturating_sub(tail_room);
         let mut pending = Vec::with_capacity(limit);
         let mut line = Vec::new();
+        let mut last_row: Option<Tuple> = None;
+        let mut sent = false;
         for row in rows {
             line.clear();
             copy_text::push_row_json(
@@ -727,18 +805,33 @@ impl Capture {
                 .await?
                 .is_none()
             {
+                // Dead-lettered: the source has the row, so a target keeps its copy.
+                if let (Some(p), Some(row)) = (prune.as_mut(), change.after.as_ref()) {
+                    p.range
+                        .keep
+                        .extend(key_of(&p.relation, row).as_ref().and_then(chunk::key_text));
+                }
                 continue;
             }
             if !pending.is_empty() && item_bytes(pending.len() + line.len()) > limit {
-                let item = node_stream::rows_record(&self.envelope, &head, &pending);
+                let tail = tail(&mut prune, last_row.as_ref());
+                let item =
+                    node_stream::rows_record(&self.envelope, &head, &pending, tail.as_deref());
                 self.stage(txn, &item, repl.as_deref_mut()).await?;
                 pending.clear();
+                sent = true;
             }
             pending.extend_from_slice(&line);
+            if prune.is_some() {
+                last_row = change.after;
+            }
             counter.inc();
         }
-        if !pending.is_empty() {
-            let item = node_stream::rows_record(&self.envelope, &head, &pending);
+        if !pending.is_empty() || (prune.is_some() && !sent) {
+            // A range without rows still opens the transaction on the node stream.
+            self.begin_if_needed(txn, repl.as_deref_mut()).await?;
+            let tail = tail(&mut prune, None);
+            let item = node_stream::rows_record(&self.envelope, &head, &pending, tail.as_deref());
             self.stage(txn, &item, repl).await?;
         }
         Ok(())
@@ -953,6 +1046,8 @@ pub(super) struct OpenTxn {
     /// targets would get rows of a table they do not have yet, so these rows are not
     /// published and the table is snapshotted instead ([`Capture::born_unannounced`]).
     unborn: HashSet<u32>,
+    /// Some of its changes were not given to the reconciler (no snapshot was running).
+    pub(super) unreconciled: bool,
 }
 
 impl OpenTxn {
@@ -970,6 +1065,7 @@ impl OpenTxn {
             frames: Vec::new(),
             created: HashSet::new(),
             unborn: HashSet::new(),
+            unreconciled: false,
         }
     }
 

@@ -127,7 +127,9 @@ impl Capture {
         repl: &mut ReplicationConnection,
         failover: bool,
     ) -> Result<(), CaptureError> {
-        catalog::clear_snapshot_state(&self.sql, &self.slot)
+        // A slot created before (lost since): its targets hold rows, which the new snapshot
+        // prunes to the source's.
+        let again = catalog::clear_snapshot_state(&self.sql, &self.slot)
             .await
             .map_err(CaptureError::sql("clearing pgferry.snapshot_state"))?;
         let mode = self.settings.source.snapshot;
@@ -168,6 +170,7 @@ impl Capture {
                     &target,
                     source.snapshot_readers,
                     source.snapshot_batch_rows,
+                    again,
                 )
                 .await
                 .map_err(CaptureError::sql("planning the initial snapshot"))?;

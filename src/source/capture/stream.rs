@@ -318,16 +318,16 @@ impl Capture {
                 let bookkeeping = change.relation.schema == crate::naming::BOOKKEEPING_SCHEMA;
                 // Applied changes too: they changed rows a snapshot chunk may hold. Only while
                 // a snapshot is planned or running (or a window is still open).
-                if !bookkeeping
-                    && (self
-                        .snapshots
-                        .active
-                        .load(std::sync::atomic::Ordering::Relaxed)
-                        || self.reconciler.is_busy())
-                {
+                let reconciled = self
+                    .snapshots
+                    .active
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    || self.reconciler.is_busy();
+                if !bookkeeping && reconciled {
                     self.reconciler
                         .changed(txn.stamp.xid().unwrap_or(0), &change);
                 }
+                txn.unreconciled |= !bookkeeping && !reconciled;
                 if txn.echo {
                     self.metrics.capture_echoes_skipped.inc();
                     return Ok(());
@@ -348,6 +348,9 @@ impl Capture {
             }
             CaptureEvent::Commit { end_lsn } => {
                 if let Some(txn) = current.take() {
+                    // Whether a chunk that could not see it may prune (see `reconcile`).
+                    self.reconciler
+                        .committed(txn.stamp.xid().unwrap_or(0), !txn.unreconciled);
                     self.finish_txn(txn, end_lsn, Some(state)).await?;
                 }
             }

@@ -67,12 +67,12 @@ fn rows_changed_inside_the_window_are_dropped_and_the_rest_emitted() {
             xmin: 0,
         })
         .collect();
-    let closed = r.close(1, &rel, rows).expect("open window");
+    let closed = r.close(1, &rel, rows, None).expect("open window");
     assert_eq!(closed.emit, vec![tuple(1, (1, 0)), tuple(4, (4, 0))]);
     assert_eq!(closed.dropped, 2);
     assert!(closed.reread.is_empty());
     assert!(
-        r.close(1, &rel, Vec::new()).is_none(),
+        r.close(1, &rel, Vec::new(), None).is_none(),
         "a window closes once"
     );
 }
@@ -81,7 +81,7 @@ fn rows_changed_inside_the_window_are_dropped_and_the_rest_emitted() {
 fn a_watermark_of_another_run_is_ignored() {
     let rel = relation(true);
     let mut r = Reconciler::default();
-    assert!(r.close(5, &rel, Vec::new()).is_none());
+    assert!(r.close(5, &rel, Vec::new(), None).is_none());
     assert!(!r.is_open(5));
 }
 
@@ -104,6 +104,7 @@ fn other_tables_do_not_touch_the_window() {
                 xmax: 0,
                 xmin: 0,
             }],
+            None,
         )
         .unwrap();
     assert_eq!(closed.emit.len(), 1);
@@ -128,7 +129,7 @@ fn an_xmax_that_only_locked_the_row_keeps_it() {
             xmin: 0,
         },
     ];
-    let closed = r.close(1, &rel, rows).unwrap();
+    let closed = r.close(1, &rel, rows, None).unwrap();
     assert_eq!(closed.emit, vec![tuple(2, (2, 0))]);
 }
 
@@ -147,6 +148,7 @@ fn a_truncate_inside_the_window_drops_the_chunk() {
                 xmax: 0,
                 xmin: 0,
             }],
+            None,
         )
         .unwrap();
     assert!(closed.emit.is_empty());
@@ -162,6 +164,8 @@ struct Sim {
     reconciler: Reconciler,
     next_xid: u32,
     keys: i64,
+    /// Chunks carry their key range and the replica prunes it (a re-snapshot).
+    prune: bool,
 }
 
 impl Sim {
@@ -225,6 +229,7 @@ impl Sim {
                 }
             }
         }
+        self.reconciler.committed(xid, true);
     }
 
     fn some_transactions(&mut self) {
@@ -235,7 +240,15 @@ impl Sim {
     }
 
     /// Reads one chunk of `ids` with the watermark protocol; returns keys to read again.
-    fn chunk(&mut self, id: u64, ids: &[i64], race: bool) -> Vec<Key> {
+    /// `range`: the chunk is the key range `(after, through]` (`None`: unbounded), which the
+    /// replica prunes when the simulation prunes.
+    fn chunk(
+        &mut self,
+        id: u64,
+        ids: &[i64],
+        race: bool,
+        range: Option<(Option<i64>, Option<i64>)>,
+    ) -> Vec<Key> {
         let rel = relation(true);
         self.some_transactions();
         // A transaction whose commit precedes the low watermark in the stream but is not yet
@@ -278,17 +291,42 @@ impl Sim {
             })
             .collect();
         self.some_transactions();
+        // The SELECT's snapshot: the invisible transaction, and one that has not committed.
+        let running: Vec<u32> = invisible
+            .iter()
+            .map(|(xid, _)| *xid)
+            .chain([self.next_xid + 1000])
+            .collect();
+        let range = range.filter(|_| self.prune);
         let closed = self
             .reconciler
-            .close(id, &rel, rows)
+            .close(id, &rel, rows, range.map(|_| &running[..]))
             .expect("window is open");
+        let parse = |d: &Datum| match d {
+            Datum::Text(b) => std::str::from_utf8(b).unwrap().parse::<i64>().unwrap(),
+            _ => unreachable!("chunk rows are complete"),
+        };
+        let mut kept: std::collections::HashSet<i64> = closed
+            .keep
+            .iter()
+            .map(|k| {
+                std::str::from_utf8(k[0].as_ref().unwrap())
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(closed.unsure, None, "every streamed change was remembered");
         for t in closed.emit {
-            let parse = |d: &Datum| match d {
-                Datum::Text(b) => std::str::from_utf8(b).unwrap().parse::<i64>().unwrap(),
-                _ => unreachable!("chunk rows are complete"),
-            };
+            kept.insert(parse(&t[0]));
             self.replica
                 .insert(parse(&t[0]), (parse(&t[1]), parse(&t[2])));
+        }
+        if let Some((after, through)) = range {
+            self.replica.retain(|k, _| {
+                let inside = after.is_none_or(|a| *k > a) && through.is_none_or(|t| *k <= t);
+                !inside || kept.contains(k)
+            });
         }
         closed.reread
     }
@@ -301,8 +339,13 @@ proptest! {
     /// streamed before a low watermark but invisible to the chunk's SELECT, rows locked by a
     /// transaction, and updates without their TOASTed values), the replica ends equal to the
     /// source once every chunk and every re-read is done.
+    ///
+    /// A pruning snapshot (a re-snapshot) starts from a replica holding stale rows too: rows
+    /// the source deleted (inside its key space and past it) and old values. Pruning each
+    /// chunk's range removes exactly the rows the source does not have; in particular a row
+    /// inserted by a transaction the chunk's `SELECT` could not see survives.
     #[test]
-    fn replica_equals_source_after_every_chunk(seed in 1u64.., chunk in 1i64..8, keys in 1i64..40, race in any::<bool>()) {
+    fn replica_equals_source_after_every_chunk(seed in 1u64.., chunk in 1i64..8, keys in 1i64..40, race in any::<bool>(), prune in any::<bool>()) {
         let mut sim = Sim {
             rng: seed,
             source: BTreeMap::new(),
@@ -310,11 +353,29 @@ proptest! {
             reconciler: Reconciler::default(),
             next_xid: 100,
             keys,
+            prune,
         };
         // Rows that existed before the slot: in the source only.
         for id in 0..keys {
             if sim.rand(3) > 0 {
                 sim.source.insert(id, (id, id));
+            }
+        }
+        if prune {
+            // A restored replica: some rows the source has (some stale), rows it deleted.
+            for id in 0..keys + 5 {
+                match (sim.source.get(&id).copied(), sim.rand(3)) {
+                    (Some(row), 0) => {
+                        sim.replica.insert(id, row);
+                    }
+                    (Some(row), 1) => {
+                        sim.replica.insert(id, (row.0 + 1, row.1));
+                    }
+                    (None, 0) => {
+                        sim.replica.insert(id, (-1, -1));
+                    }
+                    _ => {}
+                }
             }
         }
         let mut id = 0;
@@ -323,14 +384,16 @@ proptest! {
             let ids: Vec<i64> = (start..(start + chunk).min(keys)).collect();
             id += 1;
             let racing = race && sim.rand(2) == 0;
-            let mut reread = sim.chunk(id, &ids, racing);
+            let end = start + chunk;
+            let range = ((start > 0).then_some(start - 1), (end < keys).then_some(end - 1));
+            let mut reread = sim.chunk(id, &ids, racing, Some(range));
             while !reread.is_empty() {
                 let ids: Vec<i64> = reread
                     .iter()
                     .map(|k| std::str::from_utf8(k[0].as_ref().unwrap()).unwrap().parse().unwrap())
                     .collect();
                 id += 1;
-                reread = sim.chunk(id, &ids, false);
+                reread = sim.chunk(id, &ids, false, None);
             }
             start += chunk;
         }
@@ -427,7 +490,7 @@ proptest! {
                     row
                 })
                 .collect();
-            let closed = r.close(id, &rel, rows).unwrap();
+            let closed = r.close(id, &rel, rows, None).unwrap();
             for t in closed.emit {
                 if let Datum::Text(b) = &t[1] {
                     replica.push(std::str::from_utf8(b).unwrap().parse().unwrap());
@@ -444,4 +507,34 @@ proptest! {
         replica.sort_unstable();
         prop_assert_eq!(replica, source);
     }
+}
+
+#[test]
+fn a_hidden_transaction_with_forgotten_changes_makes_the_range_unsure() {
+    let rel = relation(true);
+    let mut r = Reconciler::default();
+    // Committed while no snapshot ran: its changes were not given to the reconciler.
+    r.committed(50, false);
+    // Committed with every change remembered.
+    r.changed(51, &change(Op::Create, 7, Some(tuple(7, (1, 1)))));
+    r.committed(51, true);
+    r.open(1, rel.oid);
+    let closed = r.close(1, &rel, Vec::new(), Some(&[51])).unwrap();
+    assert_eq!(closed.unsure, None);
+    assert_eq!(closed.keep, vec![vec![Some(Bytes::from("7"))]]);
+    r.open(2, rel.oid);
+    let closed = r.close(2, &rel, Vec::new(), Some(&[51, 50])).unwrap();
+    assert_eq!(closed.unsure, Some(50));
+    // A transaction whose changes outgrew the memory while it streamed.
+    for id in 0..=RECENT_CHANGES as i64 {
+        r.changed(60, &change(Op::Create, id, Some(tuple(id, (1, 1)))));
+    }
+    r.committed(60, true);
+    r.open(3, rel.oid);
+    let closed = r.close(3, &rel, Vec::new(), Some(&[60])).unwrap();
+    assert_eq!(closed.unsure, Some(60));
+    // Without a range to prune nothing is collected.
+    r.open(4, rel.oid);
+    let closed = r.close(4, &rel, Vec::new(), None).unwrap();
+    assert!(closed.keep.is_empty() && closed.unsure.is_none());
 }

@@ -29,6 +29,10 @@ pub struct KeyColumn {
     pub name: String,
     /// Its type, as `format_type` spells it.
     pub type_name: String,
+    /// Its values are ordered the same way by every server: a built-in base type without a
+    /// collation (no text under a locale, enum, domain or array), so a target compares a key
+    /// range as the source's chunk query did.
+    pub portable: bool,
 }
 
 /// A table to snapshot, as read from the catalog.
@@ -50,6 +54,12 @@ impl Target {
     /// Whether chunks go by key (else by `ctid` page ranges).
     pub fn keyed(&self) -> bool {
         !self.key.is_empty()
+    }
+
+    /// Whether targets can prune a chunk's key range (see [`crate::event::PruneRange`]): a key
+    /// of [`KeyColumn::portable`] columns.
+    pub fn prunable(&self) -> bool {
+        self.keyed() && self.key.iter().all(|k| k.portable)
     }
 
     /// `schema.table`.
@@ -74,11 +84,14 @@ pub async fn target(
     };
     let rows = client
         .query(
-            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
+                    a.atttypid < 16384 AND t.typtype = 'b' AND t.typcategory <> 'A'
+                    AND a.attcollation = 0
                FROM pg_index i
                JOIN pg_class c ON c.oid = i.indrelid
                JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) ON true
                JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+               JOIN pg_type t ON t.oid = a.atttypid
               WHERE i.indrelid = $1
                 AND ((c.relreplident IN ('d', 'f') AND i.indisprimary)
                   OR (c.relreplident = 'i' AND i.indisreplident))
@@ -91,6 +104,7 @@ pub async fn target(
         .map(|r| KeyColumn {
             name: r.get(0),
             type_name: r.get(1),
+            portable: r.get(2),
         })
         .collect();
     let partitioned = super::is_partitioned(client, relation.oid).await?;
@@ -194,6 +208,23 @@ pub struct Read {
     pub rows: Vec<ChunkRow>,
     /// Bytes of text read.
     pub bytes: u64,
+    /// When asked for: the transactions in progress for the read's snapshot (the low 32 bits
+    /// of `pg_current_snapshot()`'s `xip`, as the stream numbers transactions).
+    pub running: Option<Vec<u32>>,
+}
+
+/// The in-progress transactions of a `pg_snapshot`'s text form (`xmin:xmax:xip,…`), as the
+/// stream numbers them (the low 32 bits of each `xid8`); `None` when it is not that form.
+pub fn running_of(snapshot: &str) -> Option<Vec<u32>> {
+    let mut fields = snapshot.split(':');
+    let (_, _, xip) = (fields.next()?, fields.next()?, fields.next()?);
+    if fields.next().is_some() {
+        return None;
+    }
+    xip.split(',')
+        .filter(|x| !x.is_empty())
+        .map(|x| x.parse::<u64>().ok().map(|x| x as u32))
+        .collect()
 }
 
 /// Runs a chunk query (one statement: one snapshot, one short transaction) as `COPY (query) TO
@@ -250,10 +281,12 @@ pub enum Locked {
 /// builds from that description. A schema change committed since the table was planned (a
 /// column added, dropped, renamed or given another type, the table renamed) is read as the
 /// table now is, and none can commit between the description and the read. The table is
-/// found by its oid: a renamed one is locked under its new name.
+/// found by its oid: a renamed one is locked under its new name. The transaction is
+/// `REPEATABLE READ`, so with `running` the read's snapshot is known ([`Read::running`]).
 pub async fn read_locked(
     client: &Client,
     planned: &Target,
+    running: bool,
     query: impl Fn(&Target) -> String,
 ) -> Result<Locked, tokio_postgres::Error> {
     let oid = planned.relation.oid;
@@ -262,7 +295,7 @@ pub async fn read_locked(
         planned.relation.table.clone(),
     );
     for _ in 0..3 {
-        let attempt = locked_attempt(client, &name, planned, &query).await;
+        let attempt = locked_attempt(client, &name, planned, running, &query).await;
         let end = match &attempt {
             Ok(Some(Locked::Read { .. })) => "COMMIT",
             _ => "ROLLBACK",
@@ -292,16 +325,27 @@ async fn locked_attempt(
     client: &Client,
     (schema, table): &(String, String),
     planned: &Target,
+    running: bool,
     query: &impl Fn(&Target) -> String,
 ) -> Result<Option<Locked>, tokio_postgres::Error> {
+    // LOCK takes no snapshot: the transaction's is taken after the lock is held.
     let lock = format!(
-        "BEGIN; LOCK TABLE {} IN ACCESS SHARE MODE",
+        "BEGIN ISOLATION LEVEL REPEATABLE READ; LOCK TABLE {} IN ACCESS SHARE MODE",
         qualified(schema, table)
     );
     match client.batch_execute(&lock).await {
         Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => return Ok(None),
         locked => locked?,
     }
+    let running = if running {
+        let snapshot: String = client
+            .query_one("SELECT pg_current_snapshot()::text", &[])
+            .await?
+            .get(0);
+        running_of(&snapshot)
+    } else {
+        None
+    };
     let Some(fresh) = target(client, schema, table)
         .await?
         .filter(|t| t.relation.oid == planned.relation.oid)
@@ -318,7 +362,8 @@ async fn locked_attempt(
         }));
     }
     let sql = query(&fresh);
-    let read = read(client, &sql).await?;
+    let mut read = read(client, &sql).await?;
+    read.running = running;
     Ok(Some(Locked::Read {
         target: fresh,
         read,
@@ -347,6 +392,7 @@ fn parse_rows(text: Bytes) -> Read {
     let mut read = Read {
         rows: Vec::with_capacity(memchr::memchr_iter(b'\n', &text).count()),
         bytes: text.len() as u64,
+        running: None,
     };
     let mut start = 0;
     while start < text.len() {
@@ -478,6 +524,9 @@ pub struct Part {
     pub rows_done: i64,
     /// Rows the table's snapshot expected when it was planned.
     pub estimated: i64,
+    /// Chunks carry their key range, and targets delete the rows of it the source does not
+    /// have (a re-snapshot; not the first snapshot of a new slot, whose targets start empty).
+    pub prune: bool,
 }
 
 impl Part {
@@ -495,7 +544,7 @@ pub async fn unfinished_parts(
     let rows = client
         .query(
             "SELECT table_schema, table_name, part, lower_key, upper_key, last_key, keyed, rows_done,
-                    rows_estimated
+                    rows_estimated, prune
                FROM pgferry.snapshot_progress
               WHERE slot_name = $1 AND NOT done
               ORDER BY table_schema, table_name, part",
@@ -514,6 +563,7 @@ pub async fn unfinished_parts(
             keyed: r.get(6),
             rows_done: r.get(7),
             estimated: r.get(8),
+            prune: r.get(9),
         })
         .collect())
 }
@@ -552,13 +602,15 @@ pub async fn record_covered(
 }
 
 /// Plans a table's snapshot anew: forgets its earlier parts, splits it into up to `parts` key
-/// ranges, and stores them. Returns the parts and the estimated row count.
+/// ranges, and stores them. Returns the parts and the estimated row count. `prune`: see
+/// [`Part::prune`].
 pub async fn plan_table(
     client: &Client,
     slot: &str,
     target: &Target,
     parts: u32,
     chunk_rows: u32,
+    prune: bool,
 ) -> Result<(Vec<Part>, i64), tokio_postgres::Error> {
     let estimated: i64 = client
         .query_one(
@@ -588,6 +640,7 @@ pub async fn plan_table(
             keyed: target.keyed(),
             rows_done: 0,
             estimated,
+            prune,
         });
         lower = upper;
     }
@@ -604,9 +657,10 @@ pub async fn plan_table(
             client
                 .execute(
                     "INSERT INTO pgferry.snapshot_progress
-                         (slot_name, table_schema, table_name, part, lower_key, upper_key, keyed, rows_estimated)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                    &[&slot, schema, table, &p.part, &p.lower, &p.upper, &p.keyed, &estimated],
+                         (slot_name, table_schema, table_name, part, lower_key, upper_key, keyed, rows_estimated,
+                          prune)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    &[&slot, schema, table, &p.part, &p.lower, &p.upper, &p.keyed, &estimated, &p.prune],
                 )
                 .await?;
         }
@@ -786,6 +840,7 @@ mod tests {
                 .map(|(n, t)| KeyColumn {
                     name: (*n).into(),
                     type_name: (*t).into(),
+                    portable: *t != "text",
                 })
                 .collect(),
             partitioned: false,
@@ -807,6 +862,19 @@ mod tests {
             r#"WHERE ("id", "sub") IN (('5'::bigint, 'o''k'::text), ('9'::bigint, 'z'::text))"#
         ));
         assert!(pages_query(&t, 3, 8).ends_with("ctid >= '(3,0)'::tid AND ctid < '(8,0)'::tid"));
+    }
+
+    #[test]
+    fn a_snapshots_running_transactions_in_stream_numbering() {
+        assert_eq!(running_of("10:20:"), Some(vec![]));
+        assert_eq!(running_of("10:20:12,15"), Some(vec![12, 15]));
+        // An xid8 past the first epoch: the stream numbers it by its low 32 bits.
+        assert_eq!(
+            running_of("4294967300:4294967310:4294967301"),
+            Some(vec![5])
+        );
+        assert_eq!(running_of("10:20"), None);
+        assert_eq!(running_of("10:20:x"), None);
     }
 
     #[test]

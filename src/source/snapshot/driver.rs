@@ -76,7 +76,20 @@ pub struct Deposit {
     pub rows: Option<Vec<ChunkRow>>,
     /// The last chunk of a table without a key: its reconciliation ends here.
     pub finishes_keyless: bool,
+    /// A chunk whose key range targets prune.
+    pub prune: Option<ChunkRange>,
     _permit: OwnedSemaphorePermit,
+}
+
+/// The key range a chunk covered, for targets to prune (see [`crate::event::PruneRange`]).
+#[derive(Debug, Clone, Default)]
+pub struct ChunkRange {
+    /// Exclusive lower bound (`None`: from the first key).
+    pub after: Option<Vec<String>>,
+    /// Inclusive upper bound (`None`: to the last key).
+    pub through: Option<Vec<String>>,
+    /// The transactions in progress for the chunk's `SELECT`.
+    pub running: Vec<u32>,
 }
 
 /// Chunks between their SELECT and the capture loop's high watermark.
@@ -565,9 +578,16 @@ async fn plan(
         &target,
         source.snapshot_readers,
         source.snapshot_batch_rows,
+        true,
     )
     .await
     .map_err(CaptureError::sql("planning a table's snapshot"))?;
+    if target.keyed() && !target.prunable() {
+        tracing::warn!(table = %target.name(),
+            "this snapshot upserts rows but does not delete target rows the source no longer \
+             has: the table's key has a column whose order may differ between servers (text \
+             under a collation, an enum, domain, array or extension type)");
+    }
     if !target.keyed() {
         tracing::warn!(table = %target.name(),
             "table has no primary key or identity index: snapshotting it by ctid pages, after a \
@@ -605,7 +625,7 @@ async fn reader(
             Work::Part(target, part) => read_pages(client, shared, &target, part, shutdown).await?,
             Work::Reread(target, keys) => {
                 let query = |t: &Target| chunk::keys_query(t, &keys);
-                chunk_between_marks(client, shared, &target, &query, None, false).await?;
+                chunk_between_marks(client, shared, &target, &query, None, false, None).await?;
             }
         }
     }
@@ -624,9 +644,17 @@ async fn read_range(
     while !shutdown.is_cancelled() {
         let query =
             |t: &Target| chunk::chunk_query(t, after.as_deref(), part.upper.as_deref(), limit);
-        let (read, last) =
-            chunk_between_marks(client, shared, target, &query, Some((&part, limit)), false)
-                .await?;
+        let prune_from = part.prune.then(|| after.clone());
+        let (read, last) = chunk_between_marks(
+            client,
+            shared,
+            target,
+            &query,
+            Some((&part, limit)),
+            false,
+            prune_from,
+        )
+        .await?;
         // Rows per chunk adapt to snapshot_chunk_bytes: halve after a chunk over it, grow back
         // after one under half of it.
         if read.bytes > shared.chunk_bytes {
@@ -658,6 +686,7 @@ async fn read_pages(
             target: target.clone(),
             rows: None,
             finishes_keyless: false,
+            prune: None,
             _permit: permit,
         },
     );
@@ -681,6 +710,7 @@ async fn read_pages(
             &query,
             Some((&page_part, u32::MAX)),
             last,
+            None,
         )
         .await?;
         if last {
@@ -719,7 +749,8 @@ async fn mark(client: &Client, run: u64, id: u64, mark: MarkKind) -> Result<(), 
 /// published by the table's schema at the time of the read, so a schema change committed
 /// since the table was planned is followed. `part` is `Some((part, limit))` for range and page
 /// chunks (progress is recorded for them); `finishes_keyless` marks a keyless table's last
-/// chunk. Returns what was read and the last key read.
+/// chunk; `prune_from` is `Some(after)` for a range chunk whose targets prune the range it
+/// covers, from the exclusive bound `after`. Returns what was read and the last key read.
 async fn chunk_between_marks(
     client: &Client,
     shared: &Shared,
@@ -727,6 +758,7 @@ async fn chunk_between_marks(
     query: &(dyn Fn(&Target) -> String + Sync),
     part: Option<(&Part, u32)>,
     finishes_keyless: bool,
+    prune_from: Option<Option<Vec<String>>>,
 ) -> Result<(ChunkRead, Option<Vec<String>>), CaptureError> {
     let permit = acquire(shared).await;
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
@@ -736,13 +768,19 @@ async fn chunk_between_marks(
             target: target.clone(),
             rows: None,
             finishes_keyless,
+            prune: None,
             _permit: permit,
         },
     );
     mark(client, shared.run, id, MarkKind::Low).await?;
-    let (read, read_as, sql) = match chunk::read_locked(client, target, query)
-        .await
-        .map_err(CaptureError::sql("reading a snapshot chunk"))?
+    let (mut read, read_as, sql) = match chunk::read_locked(
+        client,
+        target,
+        prune_from.is_some(),
+        query,
+    )
+    .await
+    .map_err(CaptureError::sql("reading a snapshot chunk"))?
     {
         Locked::Read { target, read, sql } => (read, Arc::new(target), sql),
         Locked::Gone => {
@@ -784,10 +822,24 @@ async fn chunk_between_marks(
         );
     tracing::debug!(table = %target.name(), id, rows = read.rows.len(), bytes = read.bytes, done, %sql,
                     "snapshot chunk read");
+    // The range this chunk covered: up to the part's end once the part is done.
+    let prune = match (prune_from, part, read.running.take()) {
+        (Some(after), Some((part, _)), Some(running)) if read_as.prunable() => Some(ChunkRange {
+            after,
+            through: if done {
+                part.upper.clone()
+            } else {
+                last_key.clone()
+            },
+            running,
+        }),
+        _ => None,
+    };
     let bytes = read.bytes;
     if let Some(deposit) = shared.board.lock().get_mut(&id) {
         deposit.target = read_as;
         deposit.rows = Some(read.rows);
+        deposit.prune = prune;
     }
     mark(client, shared.run, id, MarkKind::High).await?;
     Ok((ChunkRead { bytes, done }, last_key))
