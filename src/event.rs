@@ -198,6 +198,10 @@ pub struct PruneRange {
     /// Their types, as the source's `format_type` spells them (a target prunes only when its
     /// key columns have the same types: the range is ordered by them).
     pub types: Vec<String>,
+    /// How the source orders each ([`crate::sql::COLUMN_ORDER`]: `""` for a type without a
+    /// collation, else its collation); a target prunes only when its columns order alike.
+    #[serde(default)]
+    pub orders: Vec<String>,
     /// The rows were read through a partitioned table (a target deletes through it; from a
     /// plain table it deletes `ONLY` there, as the source read it).
     #[serde(default)]

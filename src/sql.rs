@@ -1,6 +1,7 @@
 //! Quoting for the few places where names must appear in SQL text (identifiers from the
 //! catalog, replication commands that take no parameters). Values are always bound as
-//! parameters instead.
+//! parameters instead. Also the catalog expression both ends use to tell whether they order a
+//! key column's values alike ([`COLUMN_ORDER`]).
 
 /// `"name"` with embedded quotes doubled; safe for any identifier.
 pub fn quote_ident(name: &str) -> String {
@@ -24,6 +25,41 @@ pub fn quote_value(text: &str) -> String {
 pub fn qualified(schema: &str, table: &str) -> String {
     format!("{}.{}", quote_ident(schema), quote_ident(table))
 }
+
+/// A catalog expression over `pg_attribute a` and `pg_type t` (the column's type): how the
+/// server orders the column's values, as text two servers compare. `''` for a built-in base
+/// type without a collation (ordered the same everywhere); for a collatable one its
+/// collation's provider, locale, library version and determinism (the database's for the
+/// default collation), or `C` for the C and POSIX locales; NULL for what may order otherwise
+/// elsewhere (an enum, domain, array, range or extension type). The same provider, locale and
+/// version order text alike: PostgreSQL's collation versions exist to say so. Catalog columns
+/// that not every version has are read through `to_jsonb` (`datlocale` and `colllocale` since
+/// PostgreSQL 17, `daticulocale` and `colliculocale` in 15 and 16).
+pub const COLUMN_ORDER: &str = "CASE
+  WHEN t.oid >= 16384 OR t.typtype <> 'b' OR t.typcategory = 'A' THEN NULL
+  WHEN a.attcollation = 0 THEN ''
+  ELSE (SELECT CASE WHEN o->>'provider' = 'c' AND o->>'locale' IN ('C', 'POSIX') THEN 'C'
+                    ELSE concat_ws(':', o->>'provider', o->>'locale', o->>'version',
+                                   o->>'deterministic') END
+          FROM (SELECT CASE WHEN c.oid = 100 THEN
+                         (SELECT jsonb_build_object(
+                                   'provider', coalesce(d->>'datlocprovider', 'c'),
+                                   'locale', CASE coalesce(d->>'datlocprovider', 'c')
+                                               WHEN 'c' THEN d->>'datcollate'
+                                               ELSE coalesce(d->>'datlocale', d->>'daticulocale') END,
+                                   'version', d->>'datcollversion', 'deterministic', 'true')
+                            FROM (SELECT to_jsonb(db) AS d FROM pg_database db
+                                   WHERE db.datname = current_database()) AS dd)
+                       ELSE jsonb_build_object(
+                              'provider', c.collprovider,
+                              'locale', CASE c.collprovider WHEN 'c' THEN c.collcollate
+                                          ELSE coalesce(to_jsonb(c)->>'colllocale',
+                                                        to_jsonb(c)->>'colliculocale') END,
+                              'version', c.collversion,
+                              'deterministic', c.collisdeterministic::text)
+                       END AS o
+                  FROM pg_collation c WHERE c.oid = a.attcollation) AS co)
+END";
 
 #[cfg(test)]
 mod tests {

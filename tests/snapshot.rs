@@ -514,8 +514,9 @@ async fn wait_resnapshot_done(
 /// has old values of others. A re-snapshot (`pgferry snapshot --table`, and requests from
 /// SQL) makes it exact while a writer changes the source: each chunk's key range is pruned
 /// of the rows the source does not have (before the first key, between keys, past the last),
-/// with keys of one column, of two (an int and a timestamptz, compared as a row) and uuids,
-/// over two readers' key ranges and chunks of several items. Exactly the rows the replica
+/// with keys of one column, of two (an int and a timestamptz, compared as a row), uuids and
+/// text under the database's collation (the same on both ends here), over two readers' key
+/// ranges and chunks of several items. Exactly the rows the replica
 /// had and the source did not are pruned.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_resnapshot_makes_a_restored_replica_exact() {
@@ -533,32 +534,51 @@ async fn a_resnapshot_makes_a_restored_replica_exact() {
     );
     let ddl = "CREATE TABLE items (id bigint PRIMARY KEY, v int NOT NULL, note text NOT NULL);
                CREATE TABLE pairs (a int, b timestamptz, v text, PRIMARY KEY (a, b));
-               CREATE TABLE tokens (id uuid PRIMARY KEY, v int);";
+               CREATE TABLE tokens (id uuid PRIMARY KEY, v int);
+               CREATE TABLE named (k text PRIMARY KEY, v int);";
     let (master, c) = pg.fresh_db("prune", ddl).await;
     let (replica, r) = pg.fresh_db("prune_r", ddl).await;
     // Each table's rows, as (table, SELECT of row g, the rows gone from the source since the
     // backup, of row g).
+    // (table, its key columns, the key of row g, the rest of row g, the rows gone from the
+    // source since the backup, of row g).
     let generated = [
         (
             "items",
-            format!("g::bigint, 0, repeat(md5(g::text), {width})"),
+            "id",
+            "g::bigint".to_owned(),
+            format!("0, repeat(md5(g::text), {width})"),
             format!("g % {gone} = 1"),
         ),
         (
             "pairs",
-            "g % 50, timestamptz '2026-01-01 00:00+00' + g * interval '1 hour', md5(g::text)"
-                .to_owned(),
+            "a, b",
+            "g % 50, timestamptz '2026-01-01 00:00+00' + g * interval '1 hour'".to_owned(),
+            "md5(g::text)".to_owned(),
             format!("(g % 50) % {gone} = 1 AND md5(g::text) < '8'"),
         ),
         (
             "tokens",
-            "md5(g::text)::uuid, g::int".to_owned(),
+            "id",
+            "md5(g::text)::uuid".to_owned(),
+            "g::int".to_owned(),
+            format!("g % {gone} = 0"),
+        ),
+        (
+            "named",
+            "k",
+            "(ARRAY['a b', 'Zé', 'q''uote', 'B', '', 'é'])[g % 6 + 1] || md5(g::text)".to_owned(),
+            "g::int".to_owned(),
             format!("g % {gone} = 0"),
         ),
     ];
-    for (table, row, _) in &generated {
+    let rows_of = |key: &str, rest: &str, filter: &str| {
+        format!("SELECT {key}, {rest} FROM generate_series(1, {rows}) g WHERE {filter}")
+    };
+    for (table, _, key, rest, _) in &generated {
         c.batch_execute(&format!(
-            "INSERT INTO {table} SELECT {row} FROM generate_series(1, {rows}) g"
+            "INSERT INTO {table} {}",
+            rows_of(key, rest, "true")
         ))
         .await
         .unwrap();
@@ -571,24 +591,17 @@ async fn a_resnapshot_makes_a_restored_replica_exact() {
         ),
     );
     capture.wait_ready().await;
-    for (table, _, gone_rows) in &generated {
+    for (table, columns, key, _, gone_rows) in &generated {
         wait_equal(&master, &replica, table, Duration::from_secs(120)).await;
         // Rows deleted on the source since the backup was taken.
         c.batch_execute(&format!(
-            "DELETE FROM {table} WHERE ({}) IN (SELECT {} FROM generate_series(1, {rows}) g WHERE {gone_rows})",
-            if *table == "pairs" { "a, b" } else { "id" },
-            if *table == "pairs" {
-                "g % 50, timestamptz '2026-01-01 00:00+00' + g * interval '1 hour'"
-            } else if *table == "items" {
-                "g::bigint"
-            } else {
-                "md5(g::text)::uuid"
-            },
+            "DELETE FROM {table} WHERE ({columns}) IN \
+             (SELECT {key} FROM generate_series(1, {rows}) g WHERE {gone_rows})"
         ))
         .await
         .unwrap();
     }
-    for (table, _, _) in &generated {
+    for (table, ..) in &generated {
         wait_equal(&master, &replica, table, Duration::from_secs(60)).await;
     }
     // The replica restored from the backup: the deleted rows are back, some rows are lost,
@@ -598,17 +611,19 @@ async fn a_resnapshot_makes_a_restored_replica_exact() {
         "DELETE FROM items WHERE id % {lost} = 2;
          DELETE FROM pairs WHERE a % {lost} = 3;
          DELETE FROM tokens WHERE v % {lost} = 4;
+         DELETE FROM named WHERE v % {lost} = 1;
          UPDATE items SET v = -5, note = 'stale' WHERE id % {stale} = 3;
          UPDATE pairs SET v = 'stale' WHERE a % {stale} = 4;
-         UPDATE tokens SET v = -v WHERE v % {stale} = 5;"
+         UPDATE tokens SET v = -v WHERE v % {stale} = 5;
+         UPDATE named SET v = -v WHERE v % {stale} = 2;"
     ))
     .await
     .unwrap();
     let mut extras = 0u64;
-    for (table, row, gone_rows) in &generated {
+    for (table, _, key, rest, gone_rows) in &generated {
         extras += r
             .execute(
-                &format!("INSERT INTO {table} SELECT {row} FROM generate_series(1, {rows}) g WHERE {gone_rows}"),
+                &format!("INSERT INTO {table} {}", rows_of(key, rest, gone_rows)),
                 &[],
             )
             .await
@@ -621,6 +636,8 @@ async fn a_resnapshot_makes_a_restored_replica_exact() {
         "INSERT INTO pairs SELECT 49, timestamptz '2026-01-01 00:00+00' + g * interval '1 minute', 'never' FROM generate_series(1, 20) g",
         "INSERT INTO pairs SELECT 1000, now(), 'never'",
         "INSERT INTO tokens SELECT gen_random_uuid(), -g FROM generate_series(1, 30) g",
+        "INSERT INTO named SELECT md5(g::text) || ' never', -g FROM generate_series(1, 30) g",
+        "INSERT INTO named VALUES ('', -1), ('~~~', -2), (' ', -3)",
     ] {
         extras += r.execute(outside, &[]).await.unwrap();
     }
@@ -637,17 +654,17 @@ async fn a_resnapshot_makes_a_restored_replica_exact() {
         String::from_utf8_lossy(&out.stderr)
     );
     c.batch_execute(
-        "INSERT INTO pgferry.snapshot_requests (table_name) VALUES ('public.pairs'), ('tokens')",
+        "INSERT INTO pgferry.snapshot_requests (table_name) VALUES ('public.pairs'), ('tokens'), ('named')",
     )
     .await
     .unwrap();
     let slot = format!("slot_{master}");
-    for (table, _, _) in &generated {
+    for (table, ..) in &generated {
         wait_resnapshot_done(&c, &slot, table, since, Duration::from_secs(180)).await;
     }
     stop.store(true, Ordering::Relaxed);
     writer.await.unwrap();
-    for (table, _, _) in &generated {
+    for (table, ..) in &generated {
         wait_equal(&master, &replica, table, Duration::from_secs(120)).await;
     }
     let pruned = applier

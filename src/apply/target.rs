@@ -232,6 +232,8 @@ pub struct TargetTable {
     pub key: Vec<String>,
     /// Column types as `format_type` prints them, by column.
     pub types: Vec<String>,
+    /// How the target orders each column's values ([`crate::sql::COLUMN_ORDER`]), by column.
+    pub orders: Vec<Option<String>>,
     /// Unique indexes other than the primary key (plain columns, no predicate): their columns.
     pub uniques: Vec<Vec<String>>,
     /// Columns outside the key that are `GENERATED ALWAYS AS IDENTITY`. Inserts write them
@@ -258,6 +260,13 @@ impl TargetTable {
         let i = self.columns.iter().position(|c| c == column)?;
         self.types.get(i).map(String::as_str)
     }
+
+    /// How the target orders a column's values (`None`: unknown, or a type that may order
+    /// otherwise elsewhere).
+    pub fn order_of(&self, column: &str) -> Option<&str> {
+        let i = self.columns.iter().position(|c| c == column)?;
+        self.orders.get(i)?.as_deref()
+    }
 }
 
 /// Describes a target table; `None` when it does not exist.
@@ -268,7 +277,8 @@ pub async fn describe(
 ) -> Result<Option<TargetTable>, tokio_postgres::Error> {
     let rows = client
         .query(
-            "SELECT a.attname::text,
+            &format!(
+                "SELECT a.attname::text,
                     COALESCE(a.attnum = ANY(i.indkey::int2[]), false),
                     format_type(a.atttypid, a.atttypmod),
                     a.attidentity = 'a',
@@ -277,13 +287,17 @@ pub async fn describe(
                     c.oid,
                     -- DDL capture's record, where there is one and this role may read it.
                     coalesce(has_table_privilege(to_regclass('pgferry.added_columns'), 'SELECT'),
-                             false)
+                             false),
+                    {}
                FROM pg_class c
                JOIN pg_namespace n ON n.oid = c.relnamespace
                JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+               JOIN pg_type t ON t.oid = a.atttypid
                LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
               WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')
               ORDER BY a.attnum",
+                crate::sql::COLUMN_ORDER
+            ),
             &[&schema, &table],
         )
         .await?;
@@ -336,6 +350,7 @@ pub async fn describe(
             .map(|r| r.get(0))
             .collect(),
         types: rows.iter().map(|r| r.get(2)).collect(),
+        orders: rows.iter().map(|r| r.get(8)).collect(),
         always_identity: rows
             .iter()
             .filter(|r| r.get::<_, bool>(3) && !r.get::<_, bool>(1))

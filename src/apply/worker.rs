@@ -2121,18 +2121,21 @@ impl Worker {
             return Ok(());
         };
         let qualified = format!("{}.{}", rows.schema, rows.table);
+        // Ordered alike: the same key columns, of the same types, under the same collations.
         let same_key = table.key == range.key
             && range.types.len() == range.key.len()
-            && range
-                .key
-                .iter()
-                .zip(&range.types)
-                .all(|(k, t)| table.type_of(k) == Some(t.as_str()));
+            && range.orders.len() == range.key.len()
+            && range.key.iter().enumerate().all(|(i, k)| {
+                table.type_of(k) == Some(range.types[i].as_str())
+                    && table.order_of(k) == Some(range.orders[i].as_str())
+            });
         let (Some(row_keys), true) = (row_keys, same_key) else {
             if self.unpruned.insert(qualified.clone()) {
                 tracing::warn!(table = %qualified, source_key = ?range.key, target_key = ?table.key,
+                    source_types = ?range.types, source_orders = ?range.orders,
                     "a re-snapshot does not delete this table's rows the source no longer has: \
-                     the target's key columns or their types are not the source's");
+                     the target's key columns, their types or their collations are not the \
+                     source's, so a key range may hold other rows here");
             }
             return Ok(());
         };

@@ -613,6 +613,7 @@ mod rows_items {
             let range = PruneRange {
                 key: vec!["c".into(), "id".into()],
                 types: vec!["text".into(), "bigint".into()],
+                orders: vec!["c:en_US.UTF-8:2.36:true".into(), String::new()],
                 partitioned: false,
                 after,
                 through,

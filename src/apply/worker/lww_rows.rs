@@ -968,6 +968,7 @@ mod tests {
             columns: names.iter().map(|c| (*c).to_owned()).collect(),
             key: vec!["k".to_owned()],
             types: vec!["integer".to_owned(); names.len()],
+            orders: vec![Some(String::new()); names.len()],
             uniques: Vec::new(),
             always_identity: vec!["ident".to_owned()],
             generated: vec!["gen".to_owned()],

@@ -328,6 +328,11 @@ impl Capture {
                         range: PruneRange {
                             key: target.key.iter().map(|k| k.name.clone()).collect(),
                             types: target.key.iter().map(|k| k.type_name.clone()).collect(),
+                            orders: target
+                                .key
+                                .iter()
+                                .map(|k| k.order.clone().unwrap_or_default())
+                                .collect(),
                             partitioned: target.partitioned,
                             after: range.after,
                             through: range.through,

@@ -29,10 +29,10 @@ pub struct KeyColumn {
     pub name: String,
     /// Its type, as `format_type` spells it.
     pub type_name: String,
-    /// Its values are ordered the same way by every server: a built-in base type without a
-    /// collation (no text under a locale, enum, domain or array), so a target compares a key
+    /// How the source orders its values ([`crate::sql::COLUMN_ORDER`]; `None`: a type that
+    /// may order otherwise elsewhere): a target whose key column orders alike compares a key
     /// range as the source's chunk query did.
-    pub portable: bool,
+    pub order: Option<String>,
 }
 
 /// A table to snapshot, as read from the catalog.
@@ -56,10 +56,10 @@ impl Target {
         !self.key.is_empty()
     }
 
-    /// Whether targets can prune a chunk's key range (see [`crate::event::PruneRange`]): a key
-    /// of [`KeyColumn::portable`] columns.
+    /// Whether targets can prune a chunk's key range (see [`crate::event::PruneRange`]): each
+    /// key column has a [`KeyColumn::order`] a target can match.
     pub fn prunable(&self) -> bool {
-        self.keyed() && self.key.iter().all(|k| k.portable)
+        self.keyed() && self.key.iter().all(|k| k.order.is_some())
     }
 
     /// `schema.table`.
@@ -84,9 +84,8 @@ pub async fn target(
     };
     let rows = client
         .query(
-            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
-                    a.atttypid < 16384 AND t.typtype = 'b' AND t.typcategory <> 'A'
-                    AND a.attcollation = 0
+            &format!(
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), {}
                FROM pg_index i
                JOIN pg_class c ON c.oid = i.indrelid
                JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) ON true
@@ -96,6 +95,8 @@ pub async fn target(
                 AND ((c.relreplident IN ('d', 'f') AND i.indisprimary)
                   OR (c.relreplident = 'i' AND i.indisreplident))
               ORDER BY k.ord",
+                crate::sql::COLUMN_ORDER
+            ),
             &[&relation.oid],
         )
         .await?;
@@ -104,7 +105,7 @@ pub async fn target(
         .map(|r| KeyColumn {
             name: r.get(0),
             type_name: r.get(1),
-            portable: r.get(2),
+            order: r.get(2),
         })
         .collect();
     let partitioned = super::is_partitioned(client, relation.oid).await?;
@@ -840,7 +841,7 @@ mod tests {
                 .map(|(n, t)| KeyColumn {
                     name: (*n).into(),
                     type_name: (*t).into(),
-                    portable: *t != "text",
+                    order: (*t != "text").then(String::new),
                 })
                 .collect(),
             partitioned: false,

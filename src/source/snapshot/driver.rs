@@ -585,8 +585,8 @@ async fn plan(
     if target.keyed() && !target.prunable() {
         tracing::warn!(table = %target.name(),
             "this snapshot upserts rows but does not delete target rows the source no longer \
-             has: the table's key has a column whose order may differ between servers (text \
-             under a collation, an enum, domain, array or extension type)");
+             has: the table's key has a column whose order may differ between servers (an \
+             enum, domain, array, range or extension type)");
     }
     if !target.keyed() {
         tracing::warn!(table = %target.name(),
