@@ -679,7 +679,7 @@ pub fn parse_framed(bytes: Option<&[u8]>) -> Result<(Option<u64>, StreamItem), M
             table: raw.table.ok_or_else(|| missing("table"))?.into_owned(),
             names: raw.names.ok_or_else(|| missing("names"))?,
             copy: raw.copy.ok_or_else(|| missing("copy"))?.into_owned(),
-            prune: raw.prune,
+            prune: raw.prune.map(checked_range).transpose()?,
         }))),
         "after" => Ok(StreamItem::After(Box::new(AfterItem {
             applied: raw.applied.ok_or_else(|| missing("applied"))?,
@@ -693,6 +693,26 @@ pub fn parse_framed(bytes: Option<&[u8]>) -> Result<(Option<u64>, StreamItem), M
         other => Err(MalformedMessage(format!("unknown record type {other:?}"))),
     }?;
     Ok((run, item))
+}
+
+/// A `rows` item's range, refused unless every key in it has one value per key column (a
+/// shorter key would match no row, and its rows would be deleted).
+fn checked_range(
+    range: crate::event::PruneRange,
+) -> Result<crate::event::PruneRange, MalformedMessage> {
+    let width = range.key.len();
+    let bounds = [&range.after, &range.through].into_iter().flatten();
+    if width == 0
+        || range.types.len() != width
+        || range.orders.len() != width
+        || bounds.chain(&range.keep).any(|key| key.len() != width)
+    {
+        return Err(MalformedMessage(format!(
+            "field `prune`: every key needs one value for each of its {width} key columns \
+             (and a type and an order each)"
+        )));
+    }
+    Ok(range)
 }
 
 /// What the applier does with a record.

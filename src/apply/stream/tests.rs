@@ -639,6 +639,14 @@ mod rows_items {
                 (alone, keys) => prop_assert!(false, "range alone {alone:?} for keys {keys:?}"),
             }
             prop_assert!(item.split().all(|one| one.prune.is_none()));
+            // A key of another width is refused: it would match no row.
+            let mut short = range.clone();
+            short.keep.push(vec!["1".into()]);
+            let refused = parse(Some(item_with(&rows, None).to_json().replace(
+                "\"type\":\"rows\"",
+                &format!("\"type\":\"rows\",\"prune\":{}", serde_json::to_string(&short).unwrap()),
+            ).as_bytes()));
+            prop_assert!(matches!(refused, Err(ref e) if e.0.contains("field `prune`")), "{refused:?}");
             // Without a range there are no keys to read.
             prop_assert_eq!(item_of(&rows).row_keys(), None);
         }

@@ -68,7 +68,6 @@ pub struct CaptureSettings {
     pub resnapshot_rewritten: bool,
 }
 
-/// Whether schema-change ops create a table.
 /// A chunk's range as it is being published: the relation its key is read by, and what is
 /// left of the range (its lower bound moves up with each item).
 struct Pruning {
@@ -76,6 +75,7 @@ struct Pruning {
     range: PruneRange,
 }
 
+/// Whether schema-change ops create a table.
 fn creates_table(ops: &[crate::ddl::DdlOp]) -> bool {
     ops.iter()
         .any(|op| matches!(op, crate::ddl::DdlOp::CreateTable { .. }))
@@ -759,20 +759,26 @@ impl Capture {
             .saturating_sub(RECORD_OVERHEAD)
             .min(node_stream::BUNDLE_BYTES);
         // The range's part an item covers ends at its last row's key; the last item's at the
-        // chunk's end.
+        // chunk's end. A key that has no text form (never for a key column) ends the pruning
+        // of the chunk: the item's part would have no upper bound.
         let tail = |prune: &mut Option<Pruning>, last: Option<&Tuple>| {
-            prune.as_mut().map(|p| {
-                let through = match last {
-                    Some(row) => key_of(&p.relation, row).as_ref().and_then(chunk::key_text),
-                    None => p.range.through.clone(),
-                };
-                let part = PruneRange {
-                    through: through.clone(),
-                    ..p.range.clone()
-                };
-                p.range.after = through;
-                node_stream::rows_tail(Some(&part))
-            })
+            let p = prune.as_mut()?;
+            let through = match last {
+                Some(row) => match key_of(&p.relation, row).as_ref().and_then(chunk::key_text) {
+                    Some(key) => Some(key),
+                    None => {
+                        *prune = None;
+                        return None;
+                    }
+                },
+                None => p.range.through.clone(),
+            };
+            let part = PruneRange {
+                through: through.clone(),
+                ..p.range.clone()
+            };
+            p.range.after = through;
+            Some(node_stream::rows_tail(Some(&part)))
         };
         // Room for the range (twice: its bounds grow by a key), unless the keys that stay
         // would crowd out the rows: then the range is not pruned.
