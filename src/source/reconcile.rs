@@ -29,8 +29,13 @@
 //! crash, since the collected transactions are not durable.
 //!
 //! An update whose new image lacks an unchanged TOASTed value cannot insert the row on a target
-//! that does not have it yet. When the last change of a dropped row inside the window was such
-//! an update, its key is returned for a re-read (a later chunk of just those keys).
+//! that does not have it yet. When every change of a dropped row inside the window was such an
+//! update, none changed a TOASTed value, so the chunk's row holds the values they left out:
+//! the newest image completed with them is the row as the stream left it, and it is published
+//! in the chunk's place. Otherwise (a complete change came first, or the row was hidden from
+//! the `SELECT`), when the newest change lacked a TOASTed value its key is returned for a
+//! re-read (a later chunk of just those keys). Re-reading alone never ended for a row updated
+//! more often than a chunk takes: each re-read's window caught another such update.
 //!
 //! **Pruning.** A re-snapshot also removes target rows the source no longer has: the chunk's
 //! key range is published with the keys that may stay in it besides the rows emitted
@@ -99,6 +104,9 @@ pub struct Closed {
     pub dropped: usize,
     /// Keys to read again: dropped rows whose newest streamed image lacked a TOASTed value.
     pub reread: Vec<Key>,
+    /// Rows of `emit` that are the window's newest image completed with the chunk's TOASTed
+    /// values.
+    pub completed: usize,
     /// When the chunk is to be pruned: keys a target keeps in the chunk's range besides the
     /// emitted rows (rows read and dropped, keys changed inside the window, keys changed by a
     /// committed transaction the `SELECT` could not see). Unordered, possibly repeated.
@@ -111,10 +119,16 @@ pub struct Closed {
 #[derive(Debug)]
 struct Window {
     oid: u32,
+    /// Commits seen when it opened: later ones are inside it.
+    opened: u64,
     /// Keys changed inside the window.
     changed: HashSet<Key>,
-    /// Keys whose newest change inside the window was an update without its TOASTed values.
-    incomplete: HashSet<Key>,
+    /// Keys whose newest change inside the window was an update without its TOASTed values,
+    /// with that change's new image.
+    incomplete: HashMap<Key, Tuple>,
+    /// Keys with a complete change inside the window (an insert, a delete, an update with
+    /// every value): the chunk's row may hold other TOASTed values than the stream's.
+    complete: HashSet<Key>,
     /// The table was truncated inside the window.
     truncated: bool,
 }
@@ -129,10 +143,12 @@ pub struct Reconciler {
     recent_set: HashMap<(u32, u32, Key), (usize, bool)>,
     /// Tables without a key being snapshotted: transactions that created or removed rows.
     keyless: HashMap<u32, Keyless>,
-    /// The most recent committed transactions, oldest first, and whether all of each one's
-    /// changes are in `recent` (`commit_state`).
+    /// The most recent committed transactions, oldest first, and for each whether all of its
+    /// changes are in `recent` and its place in commit order (`commit_state`).
     commits: VecDeque<u32>,
-    commit_state: HashMap<u32, bool>,
+    commit_state: HashMap<u32, (bool, u64)>,
+    /// Commits seen so far.
+    committed: u64,
     /// Transactions not committed yet that lost remembered changes to the memory's bound.
     evicted_open: HashSet<u32>,
 }
@@ -150,8 +166,10 @@ impl Reconciler {
             id,
             Window {
                 oid,
+                opened: self.committed,
                 changed: HashSet::new(),
-                incomplete: HashSet::new(),
+                incomplete: HashMap::new(),
+                complete: HashSet::new(),
                 truncated: false,
             },
         );
@@ -219,10 +237,14 @@ impl Reconciler {
         for key in before.into_iter().chain(after) {
             for w in self.windows.values_mut() {
                 if w.oid == relation.oid {
-                    if incomplete {
-                        w.incomplete.insert(key.clone());
-                    } else {
-                        w.incomplete.remove(&key);
+                    match change.after.as_ref().filter(|_| incomplete) {
+                        Some(image) => {
+                            w.incomplete.insert(key.clone(), image.clone());
+                        }
+                        None => {
+                            w.incomplete.remove(&key);
+                            w.complete.insert(key.clone());
+                        }
                     }
                     w.changed.insert(key.clone());
                 }
@@ -241,7 +263,7 @@ impl Reconciler {
         while self.recent.len() > RECENT_CHANGES {
             if let Some(old) = self.recent.pop_front() {
                 match self.commit_state.get_mut(&old.0) {
-                    Some(complete) => *complete = false,
+                    Some((complete, _)) => *complete = false,
                     None => {
                         self.evicted_open.insert(old.0);
                     }
@@ -264,7 +286,12 @@ impl Reconciler {
             return;
         }
         let complete = complete && !self.evicted_open.remove(&xid);
-        if self.commit_state.insert(xid, complete).is_none() {
+        self.committed += 1;
+        if self
+            .commit_state
+            .insert(xid, (complete, self.committed))
+            .is_none()
+        {
             self.commits.push_back(xid);
         }
         while self.commits.len() > RECENT_COMMITS {
@@ -295,10 +322,11 @@ impl Reconciler {
                 .copied()
                 .filter(|x| self.commit_state.contains_key(x))
                 .collect();
-            closed.unsure = hidden
-                .iter()
-                .copied()
-                .find(|x| self.commit_state.get(x) == Some(&false));
+            closed.unsure = hidden.iter().copied().find(|x| {
+                self.commit_state
+                    .get(x)
+                    .is_some_and(|(complete, _)| !complete)
+            });
             if !hidden.is_empty() {
                 closed.keep.extend(
                     self.recent_set
@@ -326,8 +354,29 @@ impl Reconciler {
                 .then(|| self.recent_set.get(&(row.xmax, relation.oid, key.clone())))
                 .flatten();
             let emit = if window.changed.contains(&key) {
-                if window.incomplete.contains(&key) {
-                    closed.reread.push(key.clone());
+                // The chunk's row holds the TOASTed values of the stream's newest image when
+                // no change of the window, nor a hidden one before it, could have changed them.
+                // (The row version's xmax, when set, committed inside the window: one that
+                // committed before it, hidden from the `SELECT`, may have changed them.)
+                let inside = |x: u32| {
+                    self.commit_state
+                        .get(&x)
+                        .is_some_and(|&(_, at)| at > window.opened)
+                };
+                let mergeable = !window.complete.contains(&key)
+                    && !window.truncated
+                    && (row.xmax == 0 || inside(row.xmax));
+                match window.incomplete.get(&key) {
+                    Some(newest) if mergeable => match completed(newest, &row.tuple) {
+                        Some(tuple) => {
+                            closed.emit.push(tuple);
+                            closed.completed += 1;
+                            continue;
+                        }
+                        None => closed.reread.push(key.clone()),
+                    },
+                    Some(_) => closed.reread.push(key.clone()),
+                    None => {}
                 }
                 false
             } else if let Some(&(_, incomplete)) = hidden {
@@ -354,6 +403,24 @@ impl Reconciler {
     pub fn abandon(&mut self, id: u64) {
         self.windows.remove(&id);
     }
+}
+
+/// `newest` (an update's new image without some TOASTed values) with the values it left out
+/// taken from `row`, the chunk's row of the same key; `None` when the two are not laid out
+/// alike (a schema change between them) or `row` lacks one of the values.
+fn completed(newest: &Tuple, row: &Tuple) -> Option<Tuple> {
+    if newest.len() != row.len() {
+        return None;
+    }
+    newest
+        .iter()
+        .zip(row)
+        .map(|(new, old)| match (new, old) {
+            (Datum::UnchangedToast, Datum::UnchangedToast) => None,
+            (Datum::UnchangedToast, old) => Some(old.clone()),
+            (new, _) => Some(new.clone()),
+        })
+        .collect()
 }
 
 #[cfg(test)]

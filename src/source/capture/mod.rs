@@ -341,6 +341,11 @@ impl Capture {
                     }),
                     (None, _) => None,
                 };
+                if closed.completed > 0 {
+                    tracing::debug!(table = %target.name(), rows = closed.completed,
+                        "chunk rows updated without their TOASTed values inside the window, \
+                         completed with the chunk's");
+                }
                 self.describe_once(&target.relation).await?;
                 txn.snapshot = true;
                 let emitted = closed.emit.len();

@@ -538,3 +538,40 @@ fn a_hidden_transaction_with_forgotten_changes_makes_the_range_unsure() {
     let closed = r.close(4, &rel, Vec::new(), None).unwrap();
     assert!(closed.keep.is_empty() && closed.unsure.is_none());
 }
+
+#[test]
+fn a_row_whose_window_left_out_its_toasted_value_is_completed_from_the_chunk() {
+    let rel = relation(true);
+    let without_big = |id: i64, v: i64| vec![text(id), text(v), Datum::UnchangedToast];
+    let row = |id: i64, xmax: u32| ChunkRow {
+        tuple: tuple(id, (1, 99)),
+        xmax,
+        xmin: 0,
+    };
+    let mut r = Reconciler::default();
+    // Before the window: transaction 5 changed key 3 (committed, hidden from the SELECT).
+    r.changed(5, &change(Op::Update, 3, Some(tuple(3, (2, 50)))));
+    r.committed(5, true);
+    r.open(1, rel.oid);
+    // Inside it: keys 1, 2 and 3 are updated without their TOASTed value; key 2 had a
+    // complete update first.
+    r.changed(7, &change(Op::Update, 1, Some(without_big(1, 5))));
+    r.changed(7, &change(Op::Update, 2, Some(tuple(2, (4, 40)))));
+    r.changed(7, &change(Op::Update, 2, Some(without_big(2, 6))));
+    r.changed(7, &change(Op::Update, 3, Some(without_big(3, 8))));
+    r.committed(7, true);
+    let closed = r
+        .close(1, &rel, vec![row(1, 7), row(2, 7), row(3, 5)], None)
+        .unwrap();
+    // Key 1: the window's image with the chunk's big value, in the chunk's place.
+    assert_eq!(closed.emit, vec![tuple(1, (5, 99))]);
+    assert_eq!(closed.completed, 1);
+    // Key 2: the complete update may have changed the big value; key 3: so may the hidden
+    // transaction. Both are read again.
+    let reread: Vec<Key> = closed.reread;
+    assert_eq!(
+        reread,
+        vec![vec![Some(Bytes::from("2"))], vec![Some(Bytes::from("3"))]]
+    );
+    assert_eq!(closed.dropped, 2);
+}
