@@ -49,6 +49,7 @@
 //! ([`Closed::unsure`]); the capture loop then publishes it without its range.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -124,8 +125,8 @@ struct Window {
     /// Keys changed inside the window.
     changed: HashSet<Key>,
     /// Keys whose newest change inside the window was an update without its TOASTed values,
-    /// with that change's new image.
-    incomplete: HashMap<Key, Tuple>,
+    /// with that change's relation and new image.
+    incomplete: HashMap<Key, (Arc<RelationMeta>, Tuple)>,
     /// Keys with a complete change inside the window (an insert, a delete, an update with
     /// every value): the chunk's row may hold other TOASTed values than the stream's.
     complete: HashSet<Key>,
@@ -239,7 +240,8 @@ impl Reconciler {
                 if w.oid == relation.oid {
                     match change.after.as_ref().filter(|_| incomplete) {
                         Some(image) => {
-                            w.incomplete.insert(key.clone(), image.clone());
+                            w.incomplete
+                                .insert(key.clone(), (relation.clone(), image.clone()));
                         }
                         None => {
                             w.incomplete.remove(&key);
@@ -367,14 +369,16 @@ impl Reconciler {
                     && !window.truncated
                     && (row.xmax == 0 || inside(row.xmax));
                 match window.incomplete.get(&key) {
-                    Some(newest) if mergeable => match completed(newest, &row.tuple) {
-                        Some(tuple) => {
-                            closed.emit.push(tuple);
-                            closed.completed += 1;
-                            continue;
+                    Some((laid_out, newest)) if mergeable => {
+                        match completed((laid_out, newest), (relation, &row.tuple)) {
+                            Some(tuple) => {
+                                closed.emit.push(tuple);
+                                closed.completed += 1;
+                                continue;
+                            }
+                            None => closed.reread.push(key.clone()),
                         }
-                        None => closed.reread.push(key.clone()),
-                    },
+                    }
                     Some(_) => closed.reread.push(key.clone()),
                     None => {}
                 }
@@ -406,10 +410,21 @@ impl Reconciler {
 }
 
 /// `newest` (an update's new image without some TOASTed values) with the values it left out
-/// taken from `row`, the chunk's row of the same key; `None` when the two are not laid out
-/// alike (a schema change between them) or `row` lacks one of the values.
-fn completed(newest: &Tuple, row: &Tuple) -> Option<Tuple> {
-    if newest.len() != row.len() {
+/// taken from `row`, the chunk's row of the same key, each with the relation it is laid out
+/// by; `None` when the two are not laid out alike (a schema change between them: columns
+/// are matched by position) or `row` lacks one of the values.
+fn completed(
+    (newest_by, newest): (&RelationMeta, &Tuple),
+    (row_by, row): (&RelationMeta, &Tuple),
+) -> Option<Tuple> {
+    let alike = |a: &RelationMeta, b: &RelationMeta| {
+        a.columns.len() == b.columns.len()
+            && a.columns
+                .iter()
+                .zip(&b.columns)
+                .all(|(x, y)| x.name == y.name && x.type_oid == y.type_oid)
+    };
+    if newest.len() != row.len() || !alike(newest_by, row_by) {
         return None;
     }
     newest

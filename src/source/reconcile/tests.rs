@@ -559,19 +559,31 @@ fn a_row_whose_window_left_out_its_toasted_value_is_completed_from_the_chunk() {
     r.changed(7, &change(Op::Update, 2, Some(tuple(2, (4, 40)))));
     r.changed(7, &change(Op::Update, 2, Some(without_big(2, 6))));
     r.changed(7, &change(Op::Update, 3, Some(without_big(3, 8))));
+    // Key 4's update came after a schema change that moved the columns (a column dropped
+    // before the TOASTed one, another added): positions do not match the chunk's row.
+    let mut moved = change(Op::Update, 4, Some(without_big(4, 9)));
+    let mut relation = (*moved.relation).clone();
+    relation.columns.swap(1, 2);
+    moved.relation = Arc::new(relation);
+    r.changed(7, &moved);
     r.committed(7, true);
     let closed = r
-        .close(1, &rel, vec![row(1, 7), row(2, 7), row(3, 5)], None)
+        .close(
+            1,
+            &rel,
+            vec![row(1, 7), row(2, 7), row(3, 5), row(4, 7)],
+            None,
+        )
         .unwrap();
     // Key 1: the window's image with the chunk's big value, in the chunk's place.
     assert_eq!(closed.emit, vec![tuple(1, (5, 99))]);
     assert_eq!(closed.completed, 1);
     // Key 2: the complete update may have changed the big value; key 3: so may the hidden
-    // transaction. Both are read again.
+    // transaction; key 4: laid out otherwise. All are read again.
     let reread: Vec<Key> = closed.reread;
     assert_eq!(
         reread,
-        vec![vec![Some(Bytes::from("2"))], vec![Some(Bytes::from("3"))]]
+        ["2", "3", "4"].map(|k| vec![Some(Bytes::from(k))]).to_vec()
     );
-    assert_eq!(closed.dropped, 2);
+    assert_eq!(closed.dropped, 3);
 }
