@@ -202,10 +202,6 @@ pub struct PruneRange {
     /// collation, else its collation); a target prunes only when its columns order alike.
     #[serde(default)]
     pub orders: Vec<String>,
-    /// The rows were read through a partitioned table (a target deletes through it; from a
-    /// plain table it deletes `ONLY` there, as the source read it).
-    #[serde(default)]
-    pub partitioned: bool,
     /// Exclusive lower bound, the key's values in text form; `None`: from the first key.
     pub after: Option<Vec<String>>,
     /// Inclusive upper bound; `None`: to the last key.

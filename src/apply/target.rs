@@ -234,6 +234,8 @@ pub struct TargetTable {
     pub types: Vec<String>,
     /// How the target orders each column's values ([`crate::sql::COLUMN_ORDER`]), by column.
     pub orders: Vec<Option<String>>,
+    /// A partitioned table (its rows are in its partitions).
+    pub partitioned: bool,
     /// Unique indexes other than the primary key (plain columns, no predicate): their columns.
     pub uniques: Vec<Vec<String>>,
     /// Columns outside the key that are `GENERATED ALWAYS AS IDENTITY`. Inserts write them
@@ -288,7 +290,8 @@ pub async fn describe(
                     -- DDL capture's record, where there is one and this role may read it.
                     coalesce(has_table_privilege(to_regclass('pgferry.added_columns'), 'SELECT'),
                              false),
-                    {}
+                    {},
+                    c.relkind = 'p'
                FROM pg_class c
                JOIN pg_namespace n ON n.oid = c.relnamespace
                JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
@@ -351,6 +354,7 @@ pub async fn describe(
             .collect(),
         types: rows.iter().map(|r| r.get(2)).collect(),
         orders: rows.iter().map(|r| r.get(8)).collect(),
+        partitioned: rows[0].get(9),
         always_identity: rows
             .iter()
             .filter(|r| r.get::<_, bool>(3) && !r.get::<_, bool>(1))

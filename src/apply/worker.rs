@@ -2157,7 +2157,9 @@ impl Worker {
         let (after, through, only) = (
             range.after.is_some(),
             range.through.is_some(),
-            !range.partitioned,
+            // A partitioned table holds no rows itself; a plain one is pruned without its
+            // inheritance children, as the source read it.
+            !table.partitioned,
         );
         let text = || sql::prune_range(&rows.schema, &rows.table, &typed, after, through, only);
         let key = StatementKey::new(

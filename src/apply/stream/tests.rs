@@ -614,7 +614,6 @@ mod rows_items {
                 key: vec!["c".into(), "id".into()],
                 types: vec!["text".into(), "bigint".into()],
                 orders: vec!["c:en_US.UTF-8:2.36:true".into(), String::new()],
-                partitioned: false,
                 after,
                 through,
                 keep: keep.clone(),

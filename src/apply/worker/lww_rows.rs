@@ -969,6 +969,7 @@ mod tests {
             key: vec!["k".to_owned()],
             types: vec!["integer".to_owned(); names.len()],
             orders: vec![Some(String::new()); names.len()],
+            partitioned: false,
             uniques: Vec::new(),
             always_identity: vec!["ident".to_owned()],
             generated: vec!["gen".to_owned()],

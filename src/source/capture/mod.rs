@@ -333,7 +333,6 @@ impl Capture {
                                 .iter()
                                 .map(|k| k.order.clone().unwrap_or_default())
                                 .collect(),
-                            partitioned: target.partitioned,
                             after: range.after,
                             through: range.through,
                             keep: closed.keep.iter().filter_map(chunk::key_text).collect(),
