@@ -516,8 +516,9 @@ async fn wait_resnapshot_done(
 /// of the rows the source does not have (before the first key, between keys, past the last),
 /// with keys of one column, of two (an int and a timestamptz, compared as a row), uuids and
 /// text under the database's collation (the same on both ends here), over two readers' key
-/// ranges and chunks of several items. Exactly the rows the replica
-/// had and the source did not are pruned.
+/// ranges and chunks of several items. Exactly the rows the replica had and the source did not
+/// are pruned. A table keyed by an enum (ordered by its type, which a target may define
+/// otherwise) is re-snapshotted by upserts only: the log says why, and nothing is deleted.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_resnapshot_makes_a_restored_replica_exact() {
     let pg = PgCluster::shared();
@@ -535,7 +536,9 @@ async fn a_resnapshot_makes_a_restored_replica_exact() {
     let ddl = "CREATE TABLE items (id bigint PRIMARY KEY, v int NOT NULL, note text NOT NULL);
                CREATE TABLE pairs (a int, b timestamptz, v text, PRIMARY KEY (a, b));
                CREATE TABLE tokens (id uuid PRIMARY KEY, v int);
-               CREATE TABLE named (k text PRIMARY KEY, v int);";
+               CREATE TABLE named (k text PRIMARY KEY, v int);
+               CREATE TYPE mood AS ENUM ('sad', 'ok', 'glad');
+               CREATE TABLE moods (m mood, id int, v int, PRIMARY KEY (m, id));";
     let (master, c) = pg.fresh_db("prune", ddl).await;
     let (replica, r) = pg.fresh_db("prune_r", ddl).await;
     // Each table's rows, as (table, SELECT of row g, the rows gone from the source since the
@@ -583,6 +586,13 @@ async fn a_resnapshot_makes_a_restored_replica_exact() {
         .await
         .unwrap();
     }
+    // A key an enum orders (its order is the type's, which a target may define otherwise).
+    c.batch_execute(
+        "INSERT INTO moods SELECT (ARRAY['sad', 'ok', 'glad']::mood[])[g % 3 + 1], g, g
+           FROM generate_series(1, 600) g",
+    )
+    .await
+    .unwrap();
     let applier = start_applier(&master, &replica);
     let capture = start_capture(
         &master,
@@ -653,8 +663,21 @@ async fn a_resnapshot_makes_a_restored_replica_exact() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The enum-keyed table's replica holds rows the source never had.
+    wait_equal(&master, &replica, "moods", Duration::from_secs(60)).await;
+    let enum_extras = r
+        .execute(
+            "INSERT INTO moods SELECT 'ok', -g, 0 FROM generate_series(1, 10) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    r.batch_execute("UPDATE moods SET v = -v WHERE id % 7 = 0")
+        .await
+        .unwrap();
     c.batch_execute(
-        "INSERT INTO pgferry.snapshot_requests (table_name) VALUES ('public.pairs'), ('tokens'), ('named')",
+        "INSERT INTO pgferry.snapshot_requests (table_name)
+           VALUES ('public.pairs'), ('tokens'), ('named'), ('moods')",
     )
     .await
     .unwrap();
@@ -678,6 +701,43 @@ async fn a_resnapshot_makes_a_restored_replica_exact() {
         capture.metric("pgferry_snapshot_ranges_unpruned_total", ""),
         None,
         "every range was pruned"
+    );
+    // The enum-keyed table is re-snapshotted by upserts only, and says so: its rows are the
+    // source's (stale values fixed) plus the rows the source never had, none of the source's
+    // deleted.
+    wait_resnapshot_done(&c, &slot, "moods", since, Duration::from_secs(120)).await;
+    assert!(
+        capture
+            .log()
+            .contains("does not delete target rows the source no longer has"),
+        "the log says why the enum-keyed table is not pruned"
+    );
+    let m = PgCluster::shared().client(&master).await;
+    let digest = |filter: &'static str| {
+        format!(
+            "SELECT count(*), coalesce(md5(string_agg(t::text, ',' ORDER BY t::text)), '')
+               FROM moods t WHERE {filter}"
+        )
+    };
+    wait_for(
+        "moods' source rows on the replica",
+        Duration::from_secs(60),
+        || async {
+            let want = m.query_one(&digest("true"), &[]).await.unwrap();
+            let here = r.query_one(&digest("id > 0"), &[]).await.unwrap();
+            let pair = |row: &tokio_postgres::Row| (row.get::<_, i64>(0), row.get::<_, String>(1));
+            (pair(&want) == pair(&here)).then_some(())
+        },
+    )
+    .await;
+    let kept: i64 = r
+        .query_one("SELECT count(*) FROM moods WHERE id < 0", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        kept as u64, enum_extras,
+        "an upsert-only re-snapshot deletes nothing"
     );
     drop(applier);
 }

@@ -833,6 +833,12 @@ async fn chunk_between_marks(
             },
             running,
         }),
+        (Some(_), Some(_), None) if read_as.prunable() && !sql.is_empty() => {
+            tracing::warn!(table = %target.name(),
+                "a snapshot chunk's range is not pruned: the server's pg_current_snapshot() \
+                 could not be read");
+            None
+        }
         _ => None,
     };
     let bytes = read.bytes;
