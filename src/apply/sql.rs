@@ -825,14 +825,9 @@ pub fn prune_range(
         conditions.push(format!("{columns} <= {}", bound()));
     }
     let keyed: Vec<(usize, Typed<'_>)> = key.iter().copied().enumerate().collect();
-    let arrays: Vec<String> = (0..key.len())
-        .map(|i| format!("${}::text[]", next + i))
-        .collect();
-    let names: Vec<String> = (1..=key.len()).map(|i| format!("c{i}")).collect();
     conditions.push(format!(
-        "NOT EXISTS (SELECT 1 FROM unnest({}) AS u({}) WHERE {})",
-        arrays.join(", "),
-        names.join(", "),
+        "NOT EXISTS (SELECT 1 FROM {} WHERE {})",
+        unnest_rows(key.len(), next, &[]),
         row_key_predicate("t", &keyed)
     ));
     format!(
@@ -1050,12 +1045,12 @@ mod tests {
         ];
         assert_eq!(
             prune_range("s", "t", &key, true, true, true),
-            r#"DELETE FROM ONLY "s"."t" AS t WHERE (t."id", t."At") > ($1::text::bigint, $2::text::timestamp with time zone) AND (t."id", t."At") <= ($3::text::bigint, $4::text::timestamp with time zone) AND NOT EXISTS (SELECT 1 FROM unnest($5::text[], $6::text[]) AS u(c1, c2) WHERE t."id" = u.c1::bigint AND t."At" = u.c2::timestamp with time zone)"#
+            r#"DELETE FROM ONLY "s"."t" AS t WHERE (t."id", t."At") > ($1::text::bigint, $2::text::timestamp with time zone) AND (t."id", t."At") <= ($3::text::bigint, $4::text::timestamp with time zone) AND NOT EXISTS (SELECT 1 FROM unnest($5::text[], $6::text[]) WITH ORDINALITY AS u(c1, c2, ord) WHERE t."id" = u.c1::bigint AND t."At" = u.c2::timestamp with time zone)"#
         );
         // Unbounded below (the first chunk) and above (the last), through a partitioned table.
         assert_eq!(
             prune_range("s", "t", &key[..1], false, false, false),
-            r#"DELETE FROM "s"."t" AS t WHERE NOT EXISTS (SELECT 1 FROM unnest($1::text[]) AS u(c1) WHERE t."id" = u.c1::bigint)"#
+            r#"DELETE FROM "s"."t" AS t WHERE NOT EXISTS (SELECT 1 FROM unnest($1::text[]) WITH ORDINALITY AS u(c1, ord) WHERE t."id" = u.c1::bigint)"#
         );
     }
 

@@ -905,12 +905,7 @@ impl Worker {
                 // A re-snapshot's range goes last, alone, keeping the rows' keys.
                 let range = rows.range_only();
                 if range.is_none() && rows.prune.is_some() {
-                    let qualified = format!("{}.{}", rows.schema, rows.table);
-                    if self.unpruned.insert(qualified.clone()) {
-                        tracing::warn!(table = %qualified,
-                            "a re-snapshot does not delete this table's rows the source no longer \
-                             has: its rows' key values cannot be read");
-                    }
+                    self.unpruned(&rows, "its rows' key values cannot be read");
                 }
                 for (at, row) in rows.split().map(Some).chain([range]).flatten().enumerate() {
                     let payload = row.to_json();
@@ -2120,7 +2115,6 @@ impl Worker {
         let Some(range) = &rows.prune else {
             return Ok(());
         };
-        let qualified = format!("{}.{}", rows.schema, rows.table);
         // Ordered alike: the same key columns, of the same types, under the same collations.
         let same_key = table.key == range.key
             && range.types.len() == range.key.len()
@@ -2129,16 +2123,19 @@ impl Worker {
                 table.type_of(k) == Some(range.types[i].as_str())
                     && table.order_of(k) == Some(range.orders[i].as_str())
             });
-        let (Some(row_keys), true) = (row_keys, same_key) else {
-            if self.unpruned.insert(qualified.clone()) {
-                tracing::warn!(table = %qualified, source_key = ?range.key, target_key = ?table.key,
-                    source_types = ?range.types, source_orders = ?range.orders,
-                    "a re-snapshot does not delete this table's rows the source no longer has: \
-                     the target's key columns, their types or their collations are not the \
-                     source's, so a key range may hold other rows here");
-            }
+        let Some(row_keys) = row_keys else {
+            self.unpruned(rows, "its rows' key values cannot be read");
             return Ok(());
         };
+        if !same_key {
+            let why = format!(
+                "the target's key columns, their types or their collations are not the \
+                 source's ({:?} {:?} {:?} here), so a key range may hold other rows here",
+                range.key, range.types, range.orders
+            );
+            self.unpruned(rows, &why);
+            return Ok(());
+        }
         self.send_rows(client, pending).await?;
         pending
             .drain()
@@ -2194,6 +2191,7 @@ impl Worker {
             .execute_raw(&stmt, params)
             .await
             .map_err(ApplyError::sql("deleting rows a re-snapshot did not find"))?;
+        let qualified = format!("{}.{}", rows.schema, rows.table);
         if deleted > 0 {
             self.metrics
                 .apply_rows_pruned
@@ -2731,6 +2729,15 @@ impl Worker {
             .await
             .map_err(ApplyError::sql("marking the letter resolved"))
             .map(drop)
+    }
+
+    /// The table of `rows` cannot be pruned here (`why`): logged once per table.
+    fn unpruned(&mut self, rows: &RowsItem, why: &str) {
+        let qualified = format!("{}.{}", rows.schema, rows.table);
+        if self.unpruned.insert(qualified.clone()) {
+            tracing::warn!(table = %qualified,
+                "a re-snapshot does not delete this table's rows the source no longer has: {why}");
+        }
     }
 
     /// Whether `table` is parked ([`Worker::parked`]): if so, the record is dead-lettered

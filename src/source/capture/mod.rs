@@ -295,11 +295,8 @@ impl Capture {
                 };
                 let target = deposit.target.clone();
                 let rows = deposit.rows.unwrap_or_default();
-                // Ranges are pruned through `rows` items (multi-master nodes publish change
-                // items, and never prune: a peer may hold a newer version than the source).
-                let range = deposit
-                    .prune
-                    .filter(|_| self.settings.compact_snapshot_rows);
+                // Only where ranges are pruned (`DriverSettings::prune`).
+                let range = deposit.prune;
                 let running = range.as_ref().map(|r| &r.running[..]);
                 let Some(closed) =
                     self.reconciler
@@ -312,15 +309,14 @@ impl Capture {
                 }
                 let prune = match (range, closed.unsure) {
                     (Some(_), Some(xid)) => {
-                        tracing::warn!(table = %target.name(), xid,
-                            "a snapshot chunk's range is not pruned: a transaction the stream \
-                             already carried was not visible to the chunk's read, and its \
-                             changes are not all remembered; rows the source deleted may stay \
-                             on targets in this range until the table is snapshotted again");
-                        self.metrics
-                            .snapshot_ranges_unpruned
-                            .with_label_values(&[&target.name()])
-                            .inc();
+                        self.unpruned(
+                            &target.name(),
+                            &format!(
+                                "transaction {xid}, which the stream already carried, was not \
+                                 visible to the chunk's read, and its changes are not all \
+                                 remembered"
+                            ),
+                        );
                         None
                     }
                     (Some(range), None) => Some(Pruning {
@@ -790,13 +786,13 @@ impl Capture {
             .as_ref()
             .map_or(0, |p| node_stream::rows_tail(Some(&p.range)).len() * 2);
         if tail_room > limit / 2 {
-            tracing::warn!(table = %relation.qualified_name(), bytes = tail_room,
-                "a snapshot chunk's range is not pruned: the keys changed while it was read \
-                 do not fit in a record beside its rows");
-            self.metrics
-                .snapshot_ranges_unpruned
-                .with_label_values(&[&relation.qualified_name()])
-                .inc();
+            self.unpruned(
+                &relation.qualified_name(),
+                &format!(
+                    "the keys changed while it was read ({tail_room} bytes) do not fit in a \
+                     record beside its rows"
+                ),
+            );
             prune = None;
         }
         let limit = limit.saturating_sub(tail_room);
@@ -850,6 +846,20 @@ impl Capture {
             self.stage(txn, &item, repl).await?;
         }
         Ok(())
+    }
+
+    /// A chunk of `table` published without its key range (`why`): logged and counted, since
+    /// targets may keep rows the source deleted in it.
+    fn unpruned(&self, table: &str, why: &str) {
+        tracing::warn!(
+            table,
+            "a snapshot chunk's range is not pruned: {why}; rows the source \
+            deleted may stay on targets in this range until the table is snapshotted again"
+        );
+        self.metrics
+            .snapshot_ranges_unpruned
+            .with_label_values(&[table])
+            .inc();
     }
 
     /// Publishes a multi-master acknowledgement in its transaction; one whose content is not

@@ -128,7 +128,7 @@ impl Capture {
         failover: bool,
     ) -> Result<(), CaptureError> {
         // A slot created before (lost since): its targets hold rows, which the new snapshot
-        // prunes to the source's.
+        // prunes to the source's (where ranges are pruned, see `DriverSettings::prune`).
         let again = catalog::clear_snapshot_state(&self.sql, &self.slot)
             .await
             .map_err(CaptureError::sql("clearing pgferry.snapshot_state"))?;
@@ -170,7 +170,7 @@ impl Capture {
                     &target,
                     source.snapshot_readers,
                     source.snapshot_batch_rows,
-                    again,
+                    again && self.settings.compact_snapshot_rows,
                 )
                 .await
                 .map_err(CaptureError::sql("planning the initial snapshot"))?;

@@ -158,6 +158,7 @@ impl Capture {
                 source: source.clone(),
                 node_id: self.settings.node_id.clone(),
                 slot: self.slot.clone(),
+                prune: self.settings.compact_snapshot_rows,
             },
             &self.snapshots,
             published,

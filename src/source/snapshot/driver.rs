@@ -82,7 +82,7 @@ pub struct Deposit {
 }
 
 /// The key range a chunk covered, for targets to prune (see [`crate::event::PruneRange`]).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug)]
 pub struct ChunkRange {
     /// Exclusive lower bound (`None`: from the first key).
     pub after: Option<Vec<String>>,
@@ -196,6 +196,10 @@ pub struct DriverSettings {
     pub node_id: String,
     /// The slot (progress rows are per slot).
     pub slot: String,
+    /// Re-snapshots publish their chunks' key ranges for targets to prune ([`Part::prune`]):
+    /// every node but a multi-master one, whose snapshot rows go as change items and whose
+    /// peers may hold newer versions than the source's rows.
+    pub prune: bool,
 }
 
 /// Creates the link for a capture run, and the driver's end of it.
@@ -578,11 +582,11 @@ async fn plan(
         &target,
         source.snapshot_readers,
         source.snapshot_batch_rows,
-        true,
+        settings.prune,
     )
     .await
     .map_err(CaptureError::sql("planning a table's snapshot"))?;
-    if target.keyed() && !target.prunable() {
+    if settings.prune && target.keyed() && !target.prunable() {
         tracing::warn!(table = %target.name(),
             "this snapshot upserts rows but does not delete target rows the source no longer \
              has: the table's key has a column whose order may differ between servers (an \
