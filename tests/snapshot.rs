@@ -8,7 +8,7 @@ mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::broker::Broker;
 use common::ferry::{apply_config, capture_config, pgferry_bin, Ferry};
@@ -116,14 +116,22 @@ async fn wait_equal(master: &str, replica: &str, table: &str, timeout: Duration)
     }
 }
 
-/// (rows published and acknowledged, parts, parts done) of this slot's snapshot of `table`.
-async fn progress(c: &tokio_postgres::Client, slot: &str, table: &str) -> (i64, i64, i64) {
+/// (rows published and acknowledged, parts, parts done) of this slot's snapshot of `table`;
+/// a part counts as done only when it was planned at or after `since` (the source's clock;
+/// `UNIX_EPOCH`: any), so that a re-snapshot is not taken for the one before it.
+async fn progress(
+    c: &tokio_postgres::Client,
+    slot: &str,
+    table: &str,
+    since: SystemTime,
+) -> (i64, i64, i64) {
     // Missing until capture has created pgferry's schema.
     let Ok(row) = c
         .query_one(
-            "SELECT COALESCE(sum(rows_done), 0)::int8, count(*), count(*) FILTER (WHERE done)
+            "SELECT COALESCE(sum(rows_done), 0)::int8, count(*),
+                    count(*) FILTER (WHERE done AND started_at >= $3)
                FROM pgferry.snapshot_progress WHERE slot_name = $1 AND table_name = $2",
-            &[&slot, &table],
+            &[&slot, &table, &since],
         )
         .await
     else {
@@ -133,18 +141,19 @@ async fn progress(c: &tokio_postgres::Client, slot: &str, table: &str) -> (i64, 
 }
 
 /// Waits until every part of this slot's snapshot of `table` (named without its schema, as
-/// `pgferry.snapshot_progress` names it) is done; fails after `timeout` with how far it got
-/// and `log` (capture's, where it helps).
+/// `pgferry.snapshot_progress` names it) planned at or after `since` is done (see
+/// [`progress`]); fails after `timeout` with how far it got and `log` (capture's, where it
+/// helps).
 async fn wait_snapshot_done(
     c: &tokio_postgres::Client,
     slot: &str,
-    table: &str,
+    (table, since): (&str, SystemTime),
     timeout: Duration,
     log: impl Fn() -> String,
 ) {
     let deadline = std::time::Instant::now() + timeout;
     loop {
-        let (done_rows, parts, done) = progress(c, slot, table).await;
+        let (done_rows, parts, done) = progress(c, slot, table, since).await;
         if parts > 0 && parts == done {
             return;
         }
@@ -271,7 +280,7 @@ async fn killed_snapshot_resumes_and_reconciles_concurrent_writes() {
 
     // Kill capture once Kafka holds about half the table.
     let at_kill = wait_for("half the snapshot", Duration::from_secs(600), || async {
-        let (done, _, _) = progress(&c, &slot, "items").await;
+        let (done, _, _) = progress(&c, &slot, "items", UNIX_EPOCH).await;
         (done >= rows / 2).then_some(done)
     })
     .await;
@@ -295,7 +304,14 @@ async fn killed_snapshot_resumes_and_reconciles_concurrent_writes() {
             && status.contains("ETA"),
         "{status}"
     );
-    wait_snapshot_done(&c, &slot, "items", Duration::from_secs(900), String::new).await;
+    wait_snapshot_done(
+        &c,
+        &slot,
+        ("items", UNIX_EPOCH),
+        Duration::from_secs(900),
+        String::new,
+    )
+    .await;
     assert!(
         capture.log().contains("resuming snapshot"),
         "the restarted capture must resume, not start over"
@@ -480,36 +496,6 @@ async fn snapshots_on_request_and_of_added_tables_while_streaming() {
     drop(applier);
 }
 
-/// Waits until a snapshot of `table` planned at or after `since` (the source's clock) is done.
-async fn wait_resnapshot_done(
-    c: &tokio_postgres::Client,
-    slot: &str,
-    table: &str,
-    since: std::time::SystemTime,
-    timeout: Duration,
-) {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        let row = c
-            .query_one(
-                "SELECT count(*), count(*) FILTER (WHERE done AND started_at >= $3)
-                   FROM pgferry.snapshot_progress WHERE slot_name = $1 AND table_name = $2",
-                &[&slot, &table, &since],
-            )
-            .await
-            .unwrap();
-        let (parts, done): (i64, i64) = (row.get(0), row.get(1));
-        if parts > 0 && parts == done {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the re-snapshot of {table} did not finish in {timeout:?} ({done} of {parts} parts)"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// A replica restored from an old backup holds rows the source deleted since, lacks rows and
 /// has old values of others. A re-snapshot (`pgferry snapshot --table`, and requests from
 /// SQL) makes it exact while a writer changes the source: each chunk's key range is pruned
@@ -656,7 +642,7 @@ async fn a_resnapshot_makes_a_restored_replica_exact() {
     // key only, so that no extra row of the replica is written by the stream).
     let stop = Arc::new(AtomicBool::new(false));
     let writer = spawn_writer(master.clone(), "items", rows, seed, stop.clone());
-    let since: std::time::SystemTime = c.query_one("SELECT now()", &[]).await.unwrap().get(0);
+    let since: SystemTime = c.query_one("SELECT now()", &[]).await.unwrap().get(0);
     let out = request_snapshot(&capture, "public.items");
     assert!(
         out.status.success(),
@@ -683,7 +669,14 @@ async fn a_resnapshot_makes_a_restored_replica_exact() {
     .unwrap();
     let slot = format!("slot_{master}");
     for (table, ..) in &generated {
-        wait_resnapshot_done(&c, &slot, table, since, Duration::from_secs(180)).await;
+        wait_snapshot_done(
+            &c,
+            &slot,
+            (table, since),
+            Duration::from_secs(180),
+            String::new,
+        )
+        .await;
     }
     stop.store(true, Ordering::Relaxed);
     writer.await.unwrap();
@@ -705,7 +698,14 @@ async fn a_resnapshot_makes_a_restored_replica_exact() {
     // The enum-keyed table is re-snapshotted by upserts only, and says so: its rows are the
     // source's (stale values fixed) plus the rows the source never had, none of the source's
     // deleted.
-    wait_resnapshot_done(&c, &slot, "moods", since, Duration::from_secs(120)).await;
+    wait_snapshot_done(
+        &c,
+        &slot,
+        ("moods", since),
+        Duration::from_secs(120),
+        String::new,
+    )
+    .await;
     assert!(
         capture
             .log()
@@ -820,10 +820,17 @@ async fn partitioned_tables_published_through_their_root() {
         )
         .await
         .unwrap();
-    let since: std::time::SystemTime = c.query_one("SELECT now()", &[]).await.unwrap().get(0);
+    let since: SystemTime = c.query_one("SELECT now()", &[]).await.unwrap().get(0);
     assert!(request_snapshot(&capture, "public.parts").status.success());
     let slot = format!("slot_{master}");
-    wait_resnapshot_done(&c, &slot, "parts", since, Duration::from_secs(120)).await;
+    wait_snapshot_done(
+        &c,
+        &slot,
+        ("parts", since),
+        Duration::from_secs(120),
+        String::new,
+    )
+    .await;
     wait_equal(&master, &replica, "parts", Duration::from_secs(120)).await;
     assert_eq!(
         applier.metric("pgferry_apply_rows_pruned_total", ""),
@@ -952,7 +959,14 @@ async fn every_key_shape_snapshots_exactly_under_writes() {
     for (table, _, _, _) in &tables {
         // pgferry.snapshot_progress names the table without its schema.
         let name = table.rsplit('.').next().unwrap().replace('"', "");
-        wait_snapshot_done(&c, &slot, &name, Duration::from_secs(300), String::new).await;
+        wait_snapshot_done(
+            &c,
+            &slot,
+            (&name, UNIX_EPOCH),
+            Duration::from_secs(300),
+            String::new,
+        )
+        .await;
     }
     let during = committed.load(Ordering::Relaxed) - before;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1072,7 +1086,7 @@ async fn schema_changes_during_a_chunked_snapshot() {
             "the snapshot to move on",
             Duration::from_secs(300),
             || async {
-                let (done, _, _) = progress(&c, &slot, "items").await;
+                let (done, _, _) = progress(&c, &slot, "items", UNIX_EPOCH).await;
                 (done >= at).then_some(done)
             },
         )
@@ -1084,9 +1098,13 @@ async fn schema_changes_during_a_chunked_snapshot() {
         eprintln!("at {done} snapshot rows: {step}");
         c.batch_execute(step).await.unwrap();
     }
-    wait_snapshot_done(&c, &slot, "items", Duration::from_secs(300), || {
-        capture.log()
-    })
+    wait_snapshot_done(
+        &c,
+        &slot,
+        ("items", UNIX_EPOCH),
+        Duration::from_secs(300),
+        || capture.log(),
+    )
     .await;
     stop.store(true, Ordering::Relaxed);
     let changes = writer.await.unwrap();
@@ -1175,7 +1193,14 @@ async fn unchanged_toast_during_a_snapshot_is_completed_from_the_chunk() {
         "  snapshot_readers: 2\n  snapshot_batch_rows: 50\n",
     );
     let before = committed.load(Ordering::Relaxed);
-    wait_snapshot_done(&c, &slot, "docs", Duration::from_secs(300), String::new).await;
+    wait_snapshot_done(
+        &c,
+        &slot,
+        ("docs", UNIX_EPOCH),
+        Duration::from_secs(300),
+        String::new,
+    )
+    .await;
     let during = committed.load(Ordering::Relaxed) - before;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
