@@ -167,6 +167,22 @@ async fn replica_pipeline(label: &str, ddl: &str, rows: &str, table: &str) -> Pi
     }
 }
 
+/// Waits (up to 60 s) until `table` has the same checksum on every node.
+async fn wait_same_everywhere(clients: &[tokio_postgres::Client], table: &str) {
+    common::wait_for(
+        &format!("every node's {table} to be equal"),
+        Duration::from_secs(60),
+        || async {
+            let mut sums = Vec::new();
+            for c in clients {
+                sums.push(try_table_checksum(c, table).await?);
+            }
+            sums.iter().all(|s| *s == sums[0]).then_some(())
+        },
+    )
+    .await;
+}
+
 /// DDL capture records, for each column an ALTER TABLE adds, the value the table's existing
 /// rows got (`pgferry.added_columns`, what multi-master writes into a column a remote row
 /// lacks; multi-master nodes, each a source, record the changes they apply too). The oracle is
@@ -1173,18 +1189,7 @@ async fn the_same_changes_made_on_nodes_apart_apply_once() {
         )
         .await;
     }
-    common::wait_for(
-        "every node's kv to be equal",
-        Duration::from_secs(60),
-        || async {
-            let mut sums = Vec::new();
-            for c in &clients {
-                sums.push(try_table_checksum(c, "kv").await?);
-            }
-            sums.iter().all(|s| *s == sums[0]).then_some(())
-        },
-    )
-    .await;
+    wait_same_everywhere(&clients, "kv").await;
     // Each change applied exactly once everywhere: where it was made too, always already
     // there; elsewhere, applied on its first arrival and already there on every other.
     let runs = runners.len() as f64;
@@ -1399,18 +1404,7 @@ async fn schema_change_chain(label: &str, away: bool) {
     .await;
     // The same rows everywhere, the extra columns included; side whole, with its column.
     for table in ["kv", "side"] {
-        common::wait_for(
-            &format!("every node's {table} to be equal"),
-            Duration::from_secs(60),
-            || async {
-                let mut sums = Vec::new();
-                for c in &clients {
-                    sums.push(try_table_checksum(c, table).await?);
-                }
-                sums.iter().all(|s| *s == sums[0]).then_some(())
-            },
-        )
-        .await;
+        wait_same_everywhere(&clients, table).await;
     }
     // Some worker waited for another stream (the held-back third node of the first link at
     // least), and none waits any more.
@@ -2061,18 +2055,8 @@ async fn a_type_missing_on_peers_parks_the_table_until_created() {
     }
     let writes = join_writers(writers).await;
     wait_converged(&nodes, &writes, Duration::from_secs(120)).await;
-    common::wait_for(
-        "every node's kv to be the same, mood included",
-        Duration::from_secs(60),
-        || async {
-            let mut sums = Vec::new();
-            for c in &clients {
-                sums.push(try_table_checksum(c, "kv").await?);
-            }
-            sums.windows(2).all(|w| w[0] == w[1]).then_some(())
-        },
-    )
-    .await;
+    // kv's mood column included.
+    wait_same_everywhere(&clients, "kv").await;
     for (node, c) in nodes.iter().zip(&clients) {
         assert_eq!(
             unresolved_letters(c).await,
