@@ -64,11 +64,18 @@ ALTER TABLE pgferry.ddl_tables ADD COLUMN IF NOT EXISTS primary_key jsonb;
 CREATE OR REPLACE FUNCTION pgferry.ddl_columns(rel oid) RETURNS jsonb LANGUAGE sql STABLE AS $f$
     SELECT COALESCE(jsonb_agg(jsonb_build_object(
                'attnum', a.attnum, 'name', a.attname, 'type', format_type(a.atttypid, a.atttypmod),
-               'not_null', a.attnotnull, 'default', pg_get_expr(d.adbin, d.adrelid))
+               'not_null', a.attnotnull,
+               'default', CASE WHEN a.attgenerated = '' THEN pg_get_expr(d.adbin, d.adrelid) END)
                || CASE WHEN a.attidentity <> '' THEN '{"identity": true}'::jsonb ELSE '{}' END
+               -- A generated column: its expression (pg_attrdef holds it, not a default), and
+               -- whether it is computed on read (PostgreSQL 18's VIRTUAL).
+               || CASE WHEN a.attgenerated <> '' THEN jsonb_build_object('generated',
+                      jsonb_build_object('expression', pg_get_expr(d.adbin, d.adrelid),
+                                         'virtual', a.attgenerated = 'v'))
+                  ELSE '{}' END
                ORDER BY a.attnum), '[]')
       FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-     WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+     WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
 $f$;
 CREATE OR REPLACE FUNCTION pgferry.ddl_key(rel oid) RETURNS jsonb LANGUAGE sql STABLE AS $f$
     SELECT COALESCE(jsonb_agg(a.attname ORDER BY k.ord), '[]')
@@ -325,6 +332,26 @@ pub struct DdlColumn {
     /// pgferry does not copy; targets get a plain column.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub identity: bool,
+    /// A generated column (`GENERATED ALWAYS AS (…) STORED`, or `VIRTUAL`): targets get the
+    /// same definition and compute its values themselves (the stream does not carry them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generated: Option<Generated>,
+}
+
+/// How a generated column computes its value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Generated {
+    /// The expression, as `pg_get_expr` prints it. Immutable (PostgreSQL requires it), so a
+    /// target computes what the source did; checked with [`is_safe_expression`] before it
+    /// runs there.
+    pub expression: String,
+    /// Computed on read (PostgreSQL 18's `VIRTUAL`) rather than stored.
+    #[serde(
+        default,
+        rename = "virtual",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    pub is_virtual: bool,
 }
 
 impl DdlColumn {
@@ -487,6 +514,19 @@ pub enum DdlOp {
         /// The new type.
         #[serde(rename = "type")]
         type_name: String,
+        /// A generated column: its values are computed again in the new type (PostgreSQL
+        /// allows no `USING` for it).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        generated: bool,
+    },
+    /// A generated column's expression changed (`ALTER COLUMN … SET EXPRESSION`, PostgreSQL
+    /// 17), or was dropped (`DROP EXPRESSION`: a plain column now, keeping its values).
+    SetExpression {
+        /// The column.
+        name: String,
+        /// The new expression; none: dropped.
+        #[serde(default)]
+        expression: Option<String>,
     },
     /// NOT NULL set or dropped.
     SetNotNull {
@@ -540,7 +580,7 @@ pub enum DdlOp {
 
 /// The ops that turn the table as it was into the table as it is. Drops come first, then
 /// renames, type and NOT NULL changes, then additions (so a name dropped and added again in one
-/// command works), then the primary key (a new one may use an added column), a detach from
+/// command works), then generation expressions (which may name renamed or added columns), then the primary key (a new one may use an added column), a detach from
 /// the old parent and an attach to the new one, the table's rename and its move to another
 /// schema last. A new table is one `CreateTable`.
 pub fn diff(message: &TriggerMessage) -> Vec<DdlOp> {
@@ -580,6 +620,7 @@ pub fn diff(message: &TriggerMessage) -> Vec<DdlOp> {
             ops.push(DdlOp::AlterColumnType {
                 name: new.name.clone(),
                 type_name: new.type_name.clone(),
+                generated: new.generated.is_some(),
             });
         }
         if old.not_null != new.not_null {
@@ -610,6 +651,20 @@ pub fn diff(message: &TriggerMessage) -> Vec<DdlOp> {
                 column: (*new).clone(),
                 existing,
             });
+        }
+    }
+    // After the renames and additions: an expression may name the new names. (A rename alone
+    // changes how the source prints every expression that names the column; targets see
+    // their own already changed alike, see `on_target`.)
+    let expression = |c: &DdlColumn| c.generated.as_ref().map(|g| g.expression.clone());
+    for (attnum, new) in &after {
+        if let Some(old) = before.get(attnum) {
+            if expression(old) != expression(new) {
+                ops.push(DdlOp::SetExpression {
+                    name: new.name.clone(),
+                    expression: expression(new),
+                });
+            }
         }
     }
     let key_columns = |k: &Option<PrimaryKey>| k.as_ref().map(|k| k.columns.clone());
@@ -695,11 +750,15 @@ pub fn is_constant_default(expr: &str) -> bool {
         })
 }
 
-/// A column definition: name, type, constant default, NOT NULL. A column whose default is
-/// not copied is added without NOT NULL (the target's existing rows would have no value).
+/// A column definition: name, type, constant default or generation expression, NOT NULL. A
+/// column whose default is not copied is added without NOT NULL (the target's existing rows
+/// would have no value).
 fn column_sql(c: &DdlColumn) -> String {
     let mut sql = format!("{} {}", quote_ident(&c.name), c.type_name);
-    if let Some(d) = c.default.as_deref().filter(|d| is_constant_default(d)) {
+    if let Some(g) = &c.generated {
+        let kind = if g.is_virtual { "VIRTUAL" } else { "STORED" };
+        sql.push_str(&format!(" GENERATED ALWAYS AS ({}) {kind}", g.expression));
+    } else if let Some(d) = c.default.as_deref().filter(|d| is_constant_default(d)) {
         sql.push_str(&format!(" DEFAULT {d}"));
     }
     if c.not_null && c.default_copied() {
@@ -730,12 +789,21 @@ pub struct TableShape<'a> {
     pub types: &'a [String],
     /// Primary-key columns, in key order.
     pub key: &'a [String],
+    /// Generation expressions (`None`: a plain column), by column.
+    pub expressions: &'a [Option<String>],
 }
 
 impl TableShape<'_> {
     fn type_of(&self, column: &str) -> Option<&str> {
         let i = self.columns.iter().position(|c| c == column)?;
         self.types.get(i).map(String::as_str)
+    }
+
+    /// The column's generation expression: `Some(None)` for a plain column, `None` for a
+    /// column the table lacks.
+    fn expression_of(&self, column: &str) -> Option<Option<&str>> {
+        let i = self.columns.iter().position(|c| c == column)?;
+        Some(self.expressions.get(i).and_then(Option::as_deref))
     }
 }
 
@@ -792,9 +860,9 @@ pub fn on_target(
         DdlOp::AddColumn { column, .. } if moved_with(&column.name, &column.type_name) => {
             OnTarget::Already
         }
-        DdlOp::AlterColumnType { name, type_name } if moved_with(name, type_name) => {
-            OnTarget::Already
-        }
+        DdlOp::AlterColumnType {
+            name, type_name, ..
+        } if moved_with(name, type_name) => OnTarget::Already,
         DdlOp::AddColumn { column, .. } => match t.type_of(&column.name) {
             None => OnTarget::Apply,
             Some(ty) if ty == column.type_name => OnTarget::Already,
@@ -807,13 +875,21 @@ pub fn on_target(
         },
         DdlOp::DropColumn { name } if !has(name) => OnTarget::Already,
         DdlOp::RenameColumn { from, to } if !has(from) && has(to) => OnTarget::Already,
-        DdlOp::AlterColumnType { name, type_name } if t.type_of(name) == Some(type_name) => {
-            OnTarget::Already
-        }
+        DdlOp::AlterColumnType {
+            name, type_name, ..
+        } if t.type_of(name) == Some(type_name) => OnTarget::Already,
         DdlOp::SetPrimaryKey { add: Some(k), .. } if k.columns.as_slice() == t.key => {
             OnTarget::Already
         }
         DdlOp::SetPrimaryKey { add: None, .. } if t.key.is_empty() => OnTarget::Already,
+        // A rename of a column the expression names changes how the source prints it, and
+        // the target's own rename changed its expression alike: nothing to set (PostgreSQL
+        // would rewrite the table).
+        DdlOp::SetExpression { name, expression }
+            if t.expression_of(name) == Some(expression.as_deref()) =>
+        {
+            OnTarget::Already
+        }
         _ => OnTarget::Apply,
     }
 }
@@ -893,10 +969,30 @@ pub fn to_sql(schema: &str, table: &str, op: &DdlOp) -> String {
             quote_ident(from),
             quote_ident(to)
         ),
-        DdlOp::AlterColumnType { name, type_name } => format!(
+        DdlOp::AlterColumnType {
+            name,
+            type_name,
+            generated: true,
+        } => format!(
+            "ALTER TABLE {t} ALTER COLUMN {} TYPE {type_name}",
+            quote_ident(name)
+        ),
+        DdlOp::AlterColumnType {
+            name, type_name, ..
+        } => format!(
             "ALTER TABLE {t} ALTER COLUMN {c} TYPE {type_name} USING {c}::{type_name}",
             c = quote_ident(name)
         ),
+        DdlOp::SetExpression { name, expression } => match expression {
+            Some(e) => format!(
+                "ALTER TABLE {t} ALTER COLUMN {} SET EXPRESSION AS ({e})",
+                quote_ident(name)
+            ),
+            None => format!(
+                "ALTER TABLE {t} ALTER COLUMN {} DROP EXPRESSION IF EXISTS",
+                quote_ident(name)
+            ),
+        },
         DdlOp::SetDefault { name, default } => match default {
             Some(d) => format!(
                 "ALTER TABLE {t} ALTER COLUMN {} SET DEFAULT {d}",
@@ -1044,6 +1140,64 @@ fn quoted_identifier(chars: &mut std::iter::Peekable<std::str::Chars<'_>>) -> bo
     }
 }
 
+/// Generation expressions an op copies into its statement: the caller checks them with
+/// [`is_safe_expression`], as it checks type names.
+pub fn expressions(op: &DdlOp) -> Vec<&str> {
+    fn of(c: &DdlColumn) -> Option<&str> {
+        c.generated.as_ref().map(|g| g.expression.as_str())
+    }
+    match op {
+        DdlOp::CreateTable { columns, .. } => columns.iter().filter_map(of).collect(),
+        DdlOp::AddColumn { column, .. } => of(column).into_iter().collect(),
+        DdlOp::SetExpression {
+            expression: Some(e),
+            ..
+        } => vec![e.as_str()],
+        _ => Vec::new(),
+    }
+}
+
+/// Whether a generation expression from the stream stays one expression where [`to_sql`]
+/// puts it, between `AS (` and `)`: its parentheses balance and never close more than they
+/// opened, its literals and quoted identifiers are closed, and it has no statement separator,
+/// comment, backslash (whose meaning in a literal depends on `standard_conforming_strings`)
+/// or dollar sign (dollar quoting). `pg_get_expr` prints none of these outside literals and
+/// quoted identifiers, where only the backslash matters; an expression that has one is
+/// refused and the schema change dead-lettered with the reason.
+pub fn is_safe_expression(expr: &str) -> bool {
+    let mut chars = expr.chars().peekable();
+    let mut depth = 0usize;
+    let mut any = false;
+    while let Some(c) = chars.next() {
+        match c {
+            '(' => depth += 1,
+            ')' => match depth.checked_sub(1) {
+                Some(d) => depth = d,
+                None => return false,
+            },
+            '\'' => loop {
+                match chars.next() {
+                    Some('\'') if chars.peek() == Some(&'\'') => {
+                        chars.next();
+                    }
+                    Some('\'') => break,
+                    Some('\\') | None => return false,
+                    Some(_) => {}
+                }
+            },
+            // Reads the identifier to its closing quote; an unclosed one refuses.
+            '"' if !quoted_identifier(&mut chars) => return false,
+            ';' | '\\' | '$' => return false,
+            '-' if chars.peek() == Some(&'-') => return false,
+            '/' if chars.peek() == Some(&'*') => return false,
+            c if c.is_control() && !c.is_whitespace() => return false,
+            _ => {}
+        }
+        any |= !c.is_whitespace();
+    }
+    any && depth == 0
+}
+
 /// A default an op would set that targets do not copy: anything but a constant (see
 /// [`is_constant_default`]), so that no expression from the stream runs on a target.
 pub fn uncopied_default(op: &DdlOp) -> Option<&str> {
@@ -1071,20 +1225,33 @@ pub fn type_names(op: &DdlOp) -> Vec<&str> {
 mod tests {
     use super::*;
 
-    /// A table of the model in [`ops_are_recognized_once_made`]: columns with types, key.
+    /// A table of the model in [`ops_are_recognized_once_made`]: columns with types and
+    /// generation expressions, key.
     #[derive(Debug, Clone)]
     struct Model {
         columns: Vec<String>,
         types: Vec<String>,
         key: Vec<String>,
+        expressions: Vec<Option<String>>,
     }
 
     impl Model {
+        fn new(columns: Vec<String>, types: Vec<String>, key: Vec<String>) -> Self {
+            let expressions = vec![None; columns.len()];
+            Model {
+                columns,
+                types,
+                key,
+                expressions,
+            }
+        }
+
         fn shape(&self) -> TableShape<'_> {
             TableShape {
                 columns: &self.columns,
                 types: &self.types,
                 key: &self.key,
+                expressions: &self.expressions,
             }
         }
 
@@ -1094,12 +1261,19 @@ mod tests {
                 DdlOp::AddColumn { column, .. } => {
                     self.columns.push(column.name.clone());
                     self.types.push(column.type_name.clone());
+                    self.expressions
+                        .push(column.generated.as_ref().map(|g| g.expression.clone()));
                 }
                 DdlOp::DropColumn { name } => {
                     let i = self.columns.iter().position(|c| c == name).unwrap();
                     self.columns.remove(i);
                     self.types.remove(i);
+                    self.expressions.remove(i);
                     self.key.retain(|k| k != name);
+                }
+                DdlOp::SetExpression { name, expression } => {
+                    let i = self.columns.iter().position(|c| c == name).unwrap();
+                    self.expressions[i] = expression.clone();
                 }
                 DdlOp::RenameColumn { from, to } => {
                     for c in self.columns.iter_mut().chain(self.key.iter_mut()) {
@@ -1108,7 +1282,9 @@ mod tests {
                         }
                     }
                 }
-                DdlOp::AlterColumnType { name, type_name } => {
+                DdlOp::AlterColumnType {
+                    name, type_name, ..
+                } => {
                     let i = self.columns.iter().position(|c| c == name).unwrap();
                     self.types[i] = type_name.clone();
                 }
@@ -1129,18 +1305,22 @@ mod tests {
             proptest::collection::btree_map("[a-e]", 0..TYPES.len(), 1..5),
             any::<u8>(),
             any::<u8>(),
-            0..5u8,
+            0..6u8,
+            any::<u8>(),
         )
-            .prop_map(|(columns, pick, ty, kind)| {
+            .prop_map(|(columns, pick, ty, kind, generated)| {
                 let (columns, types): (Vec<String>, Vec<String>) = columns
                     .into_iter()
                     .map(|(c, t)| (c, TYPES[t].to_owned()))
                     .unzip();
-                let model = Model {
-                    key: vec![columns[0].clone()],
-                    columns,
-                    types,
-                };
+                let key = vec![columns[0].clone()];
+                let mut model = Model::new(columns, types, key);
+                // Some columns generated (bit i of `generated`), never the key.
+                for (i, e) in model.expressions.iter_mut().enumerate().skip(1) {
+                    if generated & (1 << i) != 0 {
+                        *e = Some(format!("(a * {i})"));
+                    }
+                }
                 let i = usize::from(pick) % model.columns.len();
                 let name = model.columns[i].clone();
                 let other_type = TYPES
@@ -1158,10 +1338,23 @@ mod tests {
                             not_null: false,
                             default: None,
                             identity: false,
+                            generated: (ty % 3 == 0).then(|| Generated {
+                                expression: "(a + 1)".into(),
+                                is_virtual: false,
+                            }),
                         },
                         existing: None,
                     },
                     1 => DdlOp::DropColumn { name },
+                    5 => DdlOp::SetExpression {
+                        expression: match &model.expressions[i] {
+                            // Another expression, or none (DROP EXPRESSION).
+                            Some(e) if ty % 2 == 0 => Some(format!("({e} + 1)")),
+                            Some(_) => None,
+                            None => Some("(a - 1)".into()),
+                        },
+                        name,
+                    },
                     2 => DdlOp::RenameColumn {
                         to: format!("{name}_renamed"),
                         from: name,
@@ -1169,6 +1362,7 @@ mod tests {
                     3 => DdlOp::AlterColumnType {
                         name,
                         type_name: other_type,
+                        generated: false,
                     },
                     _ => DdlOp::SetPrimaryKey {
                         drop: Some(PrimaryKey {
@@ -1256,11 +1450,11 @@ mod tests {
 
     #[test]
     fn the_first_steps_of_a_migration_made_here_too_are_already_made() {
-        let model = Model {
-            columns: vec!["id".into(), "m".into(), "w".into()],
-            types: vec!["integer".into(), "integer".into(), "bigint".into()],
-            key: vec!["id".into()],
-        };
+        let model = Model::new(
+            vec!["id".into(), "m".into(), "w".into()],
+            vec!["integer".into(), "integer".into(), "bigint".into()],
+            vec!["id".into()],
+        );
         let add = DdlOp::AddColumn {
             column: col(4, "n", "integer"),
             existing: None,
@@ -1277,6 +1471,7 @@ mod tests {
         let widen = DdlOp::AlterColumnType {
             name: "c".into(),
             type_name: "bigint".into(),
+            generated: false,
         };
         assert_eq!(on(&widen, Some(Some("w"))), OnTarget::Already);
         assert_eq!(on(&widen, Some(Some("m"))), OnTarget::Apply);
@@ -1291,11 +1486,11 @@ mod tests {
 
     #[test]
     fn a_column_added_with_another_type_is_a_difference() {
-        let model = Model {
-            columns: vec!["id".into(), "x".into()],
-            types: vec!["integer".into(), "text".into()],
-            key: vec!["id".into()],
-        };
+        let model = Model::new(
+            vec!["id".into(), "x".into()],
+            vec!["integer".into(), "text".into()],
+            vec!["id".into()],
+        );
         let add = DdlOp::AddColumn {
             column: col(3, "x", "integer"),
             existing: None,
@@ -1332,6 +1527,7 @@ mod tests {
             not_null: false,
             default: None,
             identity: false,
+            generated: None,
         }
     }
 
@@ -1512,7 +1708,8 @@ mod tests {
                 },
                 DdlOp::AlterColumnType {
                     name: "a2".into(),
-                    type_name: "bigint".into()
+                    type_name: "bigint".into(),
+                    generated: false
                 },
                 DdlOp::SetNotNull {
                     name: "c".into(),
@@ -1601,7 +1798,8 @@ mod tests {
                 "t",
                 &DdlOp::AlterColumnType {
                     name: "we\"ird".into(),
-                    type_name: "bigint".into()
+                    type_name: "bigint".into(),
+                    generated: false
                 }
             ),
             r#"ALTER TABLE "s"."t" ALTER COLUMN "we""ird" TYPE bigint USING "we""ird"::bigint"#
@@ -1740,6 +1938,175 @@ mod tests {
         assert!(diff(&renamed_parent).is_empty());
     }
 
+    /// Generated columns travel with their expression as the trigger reports them (the
+    /// expression, not a default): created, added, retyped (without `USING`, which
+    /// PostgreSQL refuses for them), given another expression, made plain.
+    #[test]
+    fn generated_columns_travel_with_their_expression() {
+        let created: TriggerMessage = serde_json::from_str(
+            r#"{"tag":"CREATE TABLE","schema":"s","table":"t","key":["id"],"new":[
+                {"attnum":1,"name":"id","type":"integer","not_null":true,"default":null},
+                {"attnum":2,"name":"twice","type":"bigint","not_null":false,"default":null,
+                 "generated":{"expression":"(id * 2)","virtual":false}},
+                {"attnum":3,"name":"v","type":"text","not_null":true,"default":null,
+                 "generated":{"expression":"('it''s '::text || (id)::text)","virtual":true}}]}"#,
+        )
+        .unwrap();
+        let ops = diff(&created);
+        assert_eq!(
+            to_sql("s", "t", &ops[0]),
+            r#"CREATE TABLE IF NOT EXISTS "s"."t" ("id" integer NOT NULL, "twice" bigint GENERATED ALWAYS AS ((id * 2)) STORED, "v" text GENERATED ALWAYS AS (('it''s '::text || (id)::text)) VIRTUAL NOT NULL, PRIMARY KEY ("id"))"#
+        );
+        assert_eq!(
+            expressions(&ops[0]),
+            vec!["(id * 2)", "('it''s '::text || (id)::text)"]
+        );
+        let generated = |attnum, name: &str, ty: &str, expr: &str| {
+            let mut c = col(attnum, name, ty);
+            c.generated = Some(Generated {
+                expression: expr.into(),
+                is_virtual: false,
+            });
+            c
+        };
+        let id = col(1, "id", "integer");
+        // Added: computed by the target, so no value of existing rows is claimed.
+        let mut m = alter(
+            vec![id.clone()],
+            vec![id.clone(), generated(2, "g", "integer", "(id + 1)")],
+        );
+        m.added = Some(BTreeMap::new());
+        let ops = diff(&m);
+        assert_eq!(
+            ops,
+            vec![DdlOp::AddColumn {
+                column: generated(2, "g", "integer", "(id + 1)"),
+                existing: None
+            }]
+        );
+        assert!(!rewrites_rows(&m, &ops));
+        assert_eq!(
+            to_sql("s", "t", &ops[0]),
+            r#"ALTER TABLE "s"."t" ADD COLUMN IF NOT EXISTS "g" integer GENERATED ALWAYS AS ((id + 1)) STORED"#
+        );
+        // Retyped, with a new expression.
+        let m = alter(
+            vec![id.clone(), generated(2, "g", "integer", "(id + 1)")],
+            vec![id.clone(), generated(2, "g", "bigint", "(id + 2)")],
+        );
+        let ops = diff(&m);
+        let sql: Vec<String> = ops.iter().map(|op| to_sql("s", "t", op)).collect();
+        assert_eq!(
+            sql,
+            vec![
+                r#"ALTER TABLE "s"."t" ALTER COLUMN "g" TYPE bigint"#,
+                r#"ALTER TABLE "s"."t" ALTER COLUMN "g" SET EXPRESSION AS ((id + 2))"#,
+            ]
+        );
+        assert_eq!(expressions(&ops[1]), vec!["(id + 2)"]);
+        // DROP EXPRESSION: a plain column keeping its values; nothing to compute.
+        let m = alter(
+            vec![id.clone(), generated(2, "g", "bigint", "(id + 2)")],
+            vec![id.clone(), col(2, "g", "bigint")],
+        );
+        let ops = diff(&m);
+        assert_eq!(
+            ops.iter()
+                .map(|op| to_sql("s", "t", op))
+                .collect::<Vec<_>>(),
+            vec![r#"ALTER TABLE "s"."t" ALTER COLUMN "g" DROP EXPRESSION IF EXISTS"#]
+        );
+        assert!(expressions(&ops[0]).is_empty());
+        // A rename of a column the expression names: the source prints the expression anew,
+        // after the rename; a target whose own rename changed it alike has nothing to set.
+        let m = alter(
+            vec![
+                col(1, "id", "integer"),
+                generated(2, "g", "bigint", "(x * 2)"),
+                col(3, "x", "integer"),
+            ],
+            vec![
+                col(1, "id", "integer"),
+                generated(2, "g", "bigint", "(y * 2)"),
+                col(3, "y", "integer"),
+            ],
+        );
+        let ops = diff(&m);
+        assert_eq!(
+            ops,
+            vec![
+                DdlOp::RenameColumn {
+                    from: "x".into(),
+                    to: "y".into()
+                },
+                DdlOp::SetExpression {
+                    name: "g".into(),
+                    expression: Some("(y * 2)".into())
+                }
+            ]
+        );
+        let columns = ["id".to_owned(), "g".to_owned(), "y".to_owned()];
+        let types = [
+            "integer".to_owned(),
+            "bigint".to_owned(),
+            "integer".to_owned(),
+        ];
+        let shape = |expr: &str| {
+            on_target(
+                &ops[1],
+                Some(TableShape {
+                    columns: &columns,
+                    types: &types,
+                    key: &columns[..1],
+                    expressions: &[None, Some(expr.to_owned()), None],
+                }),
+                None,
+            )
+        };
+        assert_eq!(shape("(y * 2)"), OnTarget::Already);
+        assert_eq!(shape("(y * 3)"), OnTarget::Apply);
+        // A plain column's type change keeps its USING.
+        let m = alter(
+            vec![id.clone(), col(2, "n", "integer")],
+            vec![id, col(2, "n", "bigint")],
+        );
+        assert_eq!(
+            to_sql("s", "t", &diff(&m)[0]),
+            r#"ALTER TABLE "s"."t" ALTER COLUMN "n" TYPE bigint USING "n"::bigint"#
+        );
+    }
+
+    #[test]
+    fn generation_expressions_pgferry_copies() {
+        for ok in [
+            "(id * 2)",
+            "((('x'::text || (a)::text) || '\n'::text) || 'it''s'::text)",
+            "to_tsvector('english'::regconfig, (title || ' '::text) || body)",
+            "CASE WHEN (n > 0) THEN 'a;b'::text ELSE \"Odd)Name\" END",
+            "(a -> 'k'::text) ->> 'x'::text",
+            "lower(\"naïve\")",
+            "(a / b)",
+        ] {
+            assert!(is_safe_expression(ok), "{ok}");
+        }
+        for no in [
+            "",
+            "   ",
+            "(1)) STORED, ADD COLUMN x int GENERATED ALWAYS AS ((1)",
+            "1); DROP TABLE t; --",
+            "1 -- hidden",
+            "1 /* hidden */",
+            "'unterminated",
+            "\"unterminated",
+            "E'\\''",
+            "$$x$$",
+            "(1",
+            "a\u{0}b",
+        ] {
+            assert!(!is_safe_expression(no), "{no:?}");
+        }
+    }
+
     #[test]
     fn partition_clauses_pgferry_copies() {
         for ok in [
@@ -1771,7 +2138,65 @@ mod tests {
         }
     }
 
+    /// `text` with each quoted literal and identifier replaced by `q` (`''` and `""` inside
+    /// them are quotes), whether every quote closed, and whether a literal held a backslash.
+    fn outside_quotes(text: &str) -> (String, bool, bool) {
+        let mut bare = String::new();
+        let mut quote: Option<char> = None;
+        let mut backslash = false;
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            match quote {
+                Some(q) if c == q && chars.peek() == Some(&q) => {
+                    chars.next();
+                }
+                Some(q) if c == q => quote = None,
+                Some(q) => backslash |= q == '\'' && c == '\\',
+                None if c == '\'' || c == '"' => {
+                    quote = Some(c);
+                    bare.push('q');
+                }
+                None => bare.push(c),
+            }
+        }
+        (bare, quote.is_none(), backslash)
+    }
+
     proptest::proptest! {
+        /// Whatever the stream sends, an accepted generation expression stays one expression
+        /// between the parentheses it is put in: outside its quoted literals and
+        /// identifiers, no `;`, comment, `$` or backslash, parentheses balanced and never
+        /// closing more than they opened; no backslash inside its literals either (inside a
+        /// quoted identifier, one is only a character).
+        #[test]
+        fn accepted_expressions_stay_inside_their_parentheses(
+            tokens in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "(", ")", "'", "''", "'a'", "\"", "\"x)y\"", "a", " ", "+", "-", "*", "/",
+                    ";", "--", "/*", "*/", "$", "\\", "::text", ",", "E", "\n",
+                ]),
+                1..12,
+            )
+        ) {
+            let expr = tokens.concat();
+            if is_safe_expression(&expr) {
+                // An independent reading: blank out quoted parts, then follow the
+                // parentheses of the rest.
+                let (bare, closed, backslash) = outside_quotes(&expr);
+                proptest::prop_assert!(closed, "unclosed quote in {expr:?}");
+                proptest::prop_assert!(!backslash, "a backslash in a literal of {expr:?}");
+                for bad in [";", "--", "/*", "$", "\\"] {
+                    proptest::prop_assert!(!bare.contains(bad), "{expr:?}");
+                }
+                let mut depth = 0i64;
+                for c in bare.chars() {
+                    depth += match c { '(' => 1, ')' => -1, _ => 0 };
+                    proptest::prop_assert!(depth >= 0, "closes more than it opens: {expr:?}");
+                }
+                proptest::prop_assert_eq!(depth, 0, "{:?}", expr);
+            }
+        }
+
         /// Whatever the stream sends, an accepted partition clause holds nothing that could
         /// end the statement or hide the rest of it: outside its quoted literals and
         /// identifiers, no `;`, no comment, no operator, and every quote is closed.
@@ -1789,24 +2214,8 @@ mod tests {
             let clause = tokens.concat();
             if is_safe_partition_clause(&clause) {
                 // An independent reading: blank out quoted parts ('' and "" inside them).
-                let mut bare = String::new();
-                let mut quote: Option<char> = None;
-                let mut chars = clause.chars().peekable();
-                while let Some(c) = chars.next() {
-                    match quote {
-                        Some(q) if c == q && chars.peek() == Some(&q) => {
-                            chars.next();
-                        }
-                        Some(q) if c == q => quote = None,
-                        Some(_) => {}
-                        None if c == '\'' || c == '"' => {
-                            quote = Some(c);
-                            bare.push('q');
-                        }
-                        None => bare.push(c),
-                    }
-                }
-                proptest::prop_assert!(quote.is_none(), "unclosed quote in {clause:?}");
+                let (bare, closed, _) = outside_quotes(&clause);
+                proptest::prop_assert!(closed, "unclosed quote in {clause:?}");
                 for bad in [";", "--", "/*", "+", "$"] {
                     proptest::prop_assert!(!bare.contains(bad), "{clause:?}");
                 }

@@ -570,8 +570,9 @@ async fn schema_changes_reach_the_replica_under_writes() {
 /// Acceptance 5 (multi-master): three nodes write random rows of `kv` while node 0 adds a
 /// column, node 1 changes its type and node 2 renames it (changes written under the old name
 /// still arrive from the other nodes), then node 2 fills it with values only the new type
-/// holds. Every node ends with the same columns and rows, each node applied exactly the other
-/// nodes' changes (two each) and published only its own (no echo).
+/// holds; node 0 then sets a DEFAULT and node 1 adds a generated column, which every node
+/// computes itself. Every node ends with the same columns and rows, each node applied exactly
+/// the other nodes' changes and published only its own (no echo).
 #[tokio::test(flavor = "multi_thread")]
 async fn schema_changes_reach_every_multi_master_node_once() {
     let seed = seed();
@@ -659,7 +660,30 @@ async fn schema_changes_reach_every_multi_master_node_once() {
         )
         .await;
     }
-    each_change_applied_once(&nodes, &[2.0, 1.0, 1.0]).await;
+    // A generated column added on one node is a generated column on every node, each
+    // computing its values (the stream does not carry them), also for rows written after.
+    run_step(
+        &clients[1],
+        "ALTER TABLE kv ADD COLUMN twice bigint GENERATED ALWAYS AS (v::bigint * 2 + k) STORED",
+    )
+    .await;
+    let want = generation(&clients[1], "kv").await;
+    assert!(
+        want.iter()
+            .any(|(name, kind, _)| name == "twice" && kind == "s"),
+        "{want:?}"
+    );
+    for (node, c) in nodes.iter().zip(&clients) {
+        common::wait_for(
+            &format!("{}'s generated columns to be {want:?}", node.name),
+            Duration::from_secs(60),
+            || async { (generation(c, "kv").await == want).then_some(()) },
+        )
+        .await;
+    }
+    run_step(&clients[2], "UPDATE kv SET v = v + 3 WHERE k % 5 = 0").await;
+    wait_same_everywhere(&clients, "kv").await;
+    each_change_applied_once(&nodes, &[2.0, 2.0, 1.0]).await;
 }
 
 /// The columns of `kv` with the extra ones of `model` after the test's own.
@@ -2003,6 +2027,123 @@ async fn computed_defaults_and_using_keep_the_replica_exact() {
         .await
         .unwrap();
     wait_same(&m, &r, "kv", Duration::from_secs(60)).await;
+    drop(capture);
+}
+
+/// Each column's name, kind (`attgenerated`: '' plain, 's' stored, 'v' virtual) and
+/// generation expression, in order.
+async fn generation(c: &Client, table: &str) -> Vec<(String, String, Option<String>)> {
+    c.query(
+        "SELECT a.attname::text, a.attgenerated::text,
+                CASE WHEN a.attgenerated <> '' THEN pg_get_expr(d.adbin, d.adrelid) END
+           FROM pg_attribute a
+           LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+          WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped
+          ORDER BY a.attnum",
+        &[&table],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
+    .collect()
+}
+
+/// Generated columns reach the replica as generated columns with the source's expression,
+/// and the replica computes their values (pgoutput does not send them): a table created with
+/// two, under a writer, then a random chain of ADD COLUMN … GENERATED (literals with quotes
+/// and a semicolon, a function with a regconfig, PostgreSQL 18's VIRTUAL), ALTER TYPE of a
+/// generated column (no `USING` allowed), SET EXPRESSION (PostgreSQL 17+), DROP EXPRESSION,
+/// and a rename of a column the expressions name (which changes how the source prints them,
+/// and must not make the replica rewrite its table). The replica ends with the master's
+/// columns, kinds, expressions and rows; nothing is dead-lettered or refused. Before, the
+/// columns were left out of CREATE and ADD, and the replica lacked them.
+#[tokio::test(flavor = "multi_thread")]
+async fn generated_columns_are_computed_on_the_replica() {
+    let seed = seed();
+    eprintln!("seed {seed} (DDL_SEED)");
+    let mut rng = Rng::new(seed ^ 0x6e7);
+    let Pipeline {
+        master,
+        m,
+        r,
+        capture,
+        applier,
+    } = replica_pipeline("gen", KV_DDL, "INSERT INTO kv VALUES (1, 1, 'a')", "kv").await;
+    let version: i32 = m
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .unwrap()
+        .get(0);
+    run_step(
+        &m,
+        "CREATE TABLE gen (k int PRIMARY KEY, v int NOT NULL, note text,
+                           twice bigint GENERATED ALWAYS AS (v * 2 + k) STORED,
+                           label text GENERATED ALWAYS AS (upper(note) || '-' || v::text) STORED);
+         INSERT INTO gen (k, v, note) SELECT g, g, 'n' || g FROM generate_series(1, 300) g",
+    )
+    .await;
+    wait_same(&m, &r, "gen", Duration::from_secs(60)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = spawn_writer(master.clone(), seed, stop.clone(), |rng| {
+        row_write(rng, "gen", 400)
+    });
+    // Which of the two first columns are still generated, for the changes that need one.
+    let (mut twice, mut label) = (true, true);
+    let mut chain = Vec::new();
+    for step in 0..rng.range(4, 8) {
+        let c = format!("c{step}");
+        let change = match rng.range(0, 8) {
+            1 => format!(
+                "ADD COLUMN {c} text GENERATED ALWAYS AS (coalesce(note, 'it''s') || ';' || (v * 3)::text) STORED"
+            ),
+            2 => format!(
+                "ADD COLUMN {c} tsvector GENERATED ALWAYS AS (to_tsvector('simple', coalesce(note, ''))) STORED"
+            ),
+            3 if version >= 180000 => {
+                format!("ADD COLUMN {c} bigint GENERATED ALWAYS AS (v::bigint * 1000 + k) VIRTUAL")
+            }
+            4 if twice => "ALTER COLUMN twice TYPE numeric".to_owned(),
+            5 if twice && version >= 170000 => {
+                format!("ALTER COLUMN twice SET EXPRESSION AS (v * 3 + {step})")
+            }
+            6 if label => {
+                label = false;
+                "ALTER COLUMN label DROP EXPRESSION".to_owned()
+            }
+            7 => {
+                twice = false;
+                "ALTER COLUMN twice DROP EXPRESSION IF EXISTS".to_owned()
+            }
+            // And where the change drawn needs what the table no longer has.
+            _ => format!("ADD COLUMN {c} int GENERATED ALWAYS AS (v % 7 + k) STORED"),
+        };
+        let change = format!("ALTER TABLE gen {change}");
+        run_step(&m, &change).await;
+        chain.push(change);
+        tokio::time::sleep(Duration::from_millis(rng.range(50, 400) as u64)).await;
+    }
+    eprintln!("chain: {chain:#?}");
+    stop.store(true, Ordering::Relaxed);
+    let writes = writer.await.unwrap();
+    assert!(writes > 20, "the writer must run ({writes})");
+    // A rename of the column the expressions name, then rows written under the new name.
+    run_step(&m, "ALTER TABLE gen RENAME COLUMN v TO amount").await;
+    run_step(&m, "UPDATE gen SET amount = amount + 5 WHERE k % 3 = 0").await;
+    wait_same(&m, &r, "gen", Duration::from_secs(90)).await;
+    let want = generation(&m, "gen").await;
+    assert!(
+        want.iter()
+            .any(|(_, _, e)| e.as_deref().is_some_and(|e| e.contains("amount"))),
+        "the master's expressions follow the rename: {want:?}"
+    );
+    assert_eq!(generation(&r, "gen").await, want);
+    assert_eq!(unresolved_letters(&r).await, 0);
+    assert_eq!(
+        applier.metric("pgferry_schema_changes_applied_total", "outcome=\"failed\""),
+        None,
+        "no schema change may fail on the replica"
+    );
     drop(capture);
 }
 

@@ -243,8 +243,12 @@ pub struct TargetTable {
     /// updates leave them out ([`crate::apply::sql::Typed::fixed`]) and they keep the value
     /// their row was inserted with; `pgferry check` and the applier's log name them.
     pub always_identity: Vec<String>,
-    /// Generated (stored) columns: computed by the target, never written.
+    /// Generated columns (stored, or PostgreSQL 18's virtual): computed by the target, never
+    /// written.
     pub generated: Vec<String>,
+    /// Each column's generation expression as `pg_get_expr` prints it (`None`: a plain
+    /// column), by column: a schema change that sets the one it has is not run again.
+    pub expressions: Vec<Option<String>>,
     /// Columns added by ALTER TABLE with the value the table's existing rows got
     /// (`pgferry.added_columns`, kept by DDL capture; `None` is NULL): multi-master writes it
     /// into such a column a remote row does not carry, rather than the column's DEFAULT of the
@@ -291,11 +295,13 @@ pub async fn describe(
                     coalesce(has_table_privilege(to_regclass('pgferry.added_columns'), 'SELECT'),
                              false),
                     {},
-                    c.relkind = 'p'
+                    c.relkind = 'p',
+                    CASE WHEN a.attgenerated <> '' THEN pg_get_expr(d.adbin, d.adrelid) END
                FROM pg_class c
                JOIN pg_namespace n ON n.oid = c.relnamespace
                JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
                JOIN pg_type t ON t.oid = a.atttypid
+               LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
                LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
               WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')
               ORDER BY a.attnum",
@@ -365,6 +371,7 @@ pub async fn describe(
             .filter(|r| r.get::<_, bool>(4))
             .map(|r| r.get(0))
             .collect(),
+        expressions: rows.iter().map(|r| r.get(10)).collect(),
         natts: rows[0].get(5),
     }))
 }

@@ -1291,6 +1291,7 @@ impl Worker {
                         columns: &t.columns,
                         types: &t.types,
                         key: &t.key,
+                        expressions: &t.expressions,
                     });
                     let moved = match (op, &described) {
                         (
@@ -1419,8 +1420,8 @@ impl Worker {
         Ok(())
     }
 
-    /// Why one op of a schema change of `table` must not run here, if so: a type name or a
-    /// partition clause pgferry does not copy, a parent table the stream never announced (or
+    /// Why one op of a schema change of `table` must not run here, if so: a type name, a
+    /// partition clause or a generation expression pgferry does not copy, a parent table the stream never announced (or
     /// in a protected schema), or a move into a protected schema.
     fn ddl_refusal(&self, table: &str, op: &crate::ddl::DdlOp) -> Option<String> {
         if let Some(bad) = crate::ddl::type_names(op)
@@ -1436,6 +1437,16 @@ impl Worker {
             return Some(format!(
                 "partition clause {bad:?} is not one pgferry copies (words, literals, \
                  parentheses and commas only); make the change on the target by hand"
+            ));
+        }
+        if let Some(bad) = crate::ddl::expressions(op)
+            .into_iter()
+            .find(|e| !crate::ddl::is_safe_expression(e))
+        {
+            return Some(format!(
+                "generation expression {bad:?} is not one pgferry copies (a backslash, dollar \
+                 sign, comment, semicolon or unbalanced parenthesis); make the change on the \
+                 target by hand"
             ));
         }
         if let Some(parent) = crate::ddl::parent_table(op) {

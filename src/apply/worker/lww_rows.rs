@@ -973,6 +973,7 @@ mod tests {
             uniques: Vec::new(),
             always_identity: vec!["ident".to_owned()],
             generated: vec!["gen".to_owned()],
+            expressions: Vec::new(),
             added,
             natts: names.len() as i16,
         }
