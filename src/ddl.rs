@@ -246,7 +246,7 @@ BEGIN
         END IF;
         IF NOT pgferry.ddl_stays_local() THEN
         PERFORM pg_logical_emit_message(true, 'pgferry.ddl', jsonb_build_object(
-            'tag', r.command_tag, 'schema', r.nsp, 'table', r.rel,
+            'tag', r.command_tag, 'relid', r.objid::int8, 'schema', r.nsp, 'table', r.rel,
             'old_schema', shadow.schema_name, 'old_table', shadow.table_name,
             'old', shadow.columns, 'new', cols, 'key', COALESCE(pkey->'columns', '[]'),
             'old_partition', shadow.partition_of, 'partition', part,
@@ -367,6 +367,10 @@ impl DdlColumn {
 pub struct TriggerMessage {
     /// `CREATE TABLE`, `ALTER TABLE`, `DROP TABLE`, …
     pub tag: String,
+    /// The table's oid on the source: capture finds the table by it, whatever its name is by
+    /// the time the change is decoded (`None` from a trigger that did not say). Not sent on.
+    #[serde(default)]
+    pub relid: Option<u32>,
     /// Schema after the command.
     pub schema: String,
     /// Table after the command.
@@ -1534,6 +1538,7 @@ mod tests {
     fn alter(old: Vec<DdlColumn>, new: Vec<DdlColumn>) -> TriggerMessage {
         TriggerMessage {
             tag: "ALTER TABLE".into(),
+            relid: Some(16384),
             schema: "public".into(),
             table: "t".into(),
             old_schema: Some("public".into()),

@@ -2030,6 +2030,163 @@ async fn computed_defaults_and_using_keep_the_replica_exact() {
     drop(capture);
 }
 
+/// Schema changes that capture decodes only after later ones were made: capture is killed,
+/// then tables are created and renamed, moved to another schema, altered and renamed, a
+/// partitioned table is created in a transaction of its own and its partitions in later ones
+/// (the usual order of a migration), each statement its own transaction, the stories
+/// interleaved at random; then capture starts again and decodes them all, when the names
+/// they were made under are gone. Every table reaches the replica under its final name with
+/// the master's columns and rows, nothing dead-lettered. Before, capture looked tables up by
+/// the name in the change and found none: a table created and then renamed, or altered and
+/// then renamed, was taken for one outside the publication (the replica never got it, or
+/// stopped at rows with the column it never added), and so was a partitioned table without
+/// partitions yet. Random names and order.
+#[tokio::test(flavor = "multi_thread")]
+async fn changes_decoded_after_later_renames_reach_the_replica() {
+    let seed = seed();
+    eprintln!("seed {seed} (DDL_SEED)");
+    let mut rng = Rng::new(seed ^ 0x1a7e);
+    let schema = "CREATE SCHEMA side";
+    let Pipeline {
+        m,
+        r,
+        mut capture,
+        applier,
+        ..
+    } = replica_pipeline(
+        "late",
+        &format!("{KV_DDL}; {schema}"),
+        "INSERT INTO kv SELECT g, g, 'n' FROM generate_series(1, 50) g",
+        "kv",
+    )
+    .await;
+    capture.kill9();
+    // Each story: its statements in order, and the table it leaves.
+    let n = rng.range(0, 1000);
+    let stories: Vec<(Vec<String>, String)> = vec![
+        (
+            vec![
+                format!("CREATE TABLE a{n} (k int PRIMARY KEY, v int)"),
+                format!("INSERT INTO a{n} SELECT g, g FROM generate_series(1, 20) g"),
+                format!("ALTER TABLE a{n} RENAME TO b{n}"),
+                format!("INSERT INTO b{n} VALUES (21, 21)"),
+                format!("ALTER TABLE b{n} ADD COLUMN w int DEFAULT 3"),
+                format!("UPDATE b{n} SET w = k WHERE k % 2 = 0"),
+                format!("ALTER TABLE b{n} RENAME TO c{n}"),
+            ],
+            format!("c{n}"),
+        ),
+        (
+            vec![
+                format!("CREATE TABLE d{n} (k int PRIMARY KEY, v text)"),
+                format!("INSERT INTO d{n} VALUES (1, 'one')"),
+                format!("ALTER TABLE d{n} SET SCHEMA side"),
+                format!("INSERT INTO side.d{n} VALUES (2, 'two')"),
+            ],
+            format!("side.d{n}"),
+        ),
+        (
+            vec![
+                "ALTER TABLE kv ADD COLUMN x int DEFAULT 5".to_owned(),
+                "INSERT INTO kv VALUES (1000, 1, 'late', 6)".to_owned(),
+                "ALTER TABLE kv RENAME TO kv_renamed".to_owned(),
+                "UPDATE kv_renamed SET x = x + k WHERE k % 3 = 0".to_owned(),
+            ],
+            "kv_renamed".to_owned(),
+        ),
+        (
+            vec![
+                format!(
+                    "CREATE TABLE p{n} (k int, at date, PRIMARY KEY (k, at)) PARTITION BY RANGE (at)"
+                ),
+                format!(
+                    "CREATE TABLE p{n}_2025 PARTITION OF p{n} FOR VALUES FROM ('2025-01-01') TO ('2026-01-01')"
+                ),
+                format!("INSERT INTO p{n} VALUES (1, '2025-05-05'), (2, '2025-06-06')"),
+                format!(
+                    "CREATE TABLE p{n}_2026 PARTITION OF p{n} FOR VALUES FROM ('2026-01-01') TO ('2027-01-01')"
+                ),
+                format!("INSERT INTO p{n} VALUES (3, '2026-07-07')"),
+            ],
+            format!("p{n}"),
+        ),
+    ];
+    // Interleaved at random, each story's statements in their order.
+    let mut next = vec![0usize; stories.len()];
+    let mut ran = Vec::new();
+    while let Some(open) = {
+        let open: Vec<usize> = (0..stories.len())
+            .filter(|&i| next[i] < stories[i].0.len())
+            .collect();
+        (!open.is_empty()).then_some(open)
+    } {
+        let i = open[rng.range(0, open.len() as i64) as usize];
+        let statement = &stories[i].0[next[i]];
+        run_step(&m, statement).await;
+        ran.push(statement.clone());
+        next[i] += 1;
+    }
+    eprintln!("ran while capture was down: {ran:#?}");
+    capture.restart();
+    for (_, table) in &stories {
+        wait_same(&m, &r, table, Duration::from_secs(60)).await;
+    }
+    assert_eq!(unresolved_letters(&r).await, 0);
+    assert_eq!(
+        applier.metric("pgferry_schema_changes_applied_total", "outcome=\"failed\""),
+        None,
+        "no schema change may fail on the replica"
+    );
+}
+
+/// With a publication that lists tables and a schema (`FOR TABLE t, TABLES IN SCHEMA s`),
+/// only its tables' schema changes travel, by oid whatever their later names: a change of a
+/// listed table, also after its rename, and a table created in the listed schema reach the
+/// replica; an unlisted table's changes do not (its replica keeps its columns and name).
+#[tokio::test(flavor = "multi_thread")]
+async fn only_the_publications_tables_changes_travel() {
+    let pg = PgCluster::shared();
+    let ddl =
+        "CREATE TABLE t (k int PRIMARY KEY, v int); CREATE TABLE u (k int PRIMARY KEY, v int);
+               CREATE SCHEMA s; CREATE TABLE s.w (k int PRIMARY KEY)";
+    let (master, m) = pg.fresh_db("listed", ddl).await;
+    let (replica, r) = pg.fresh_db("listed_r", ddl).await;
+    m.batch_execute(&format!(
+        "CREATE PUBLICATION pub_{master} FOR TABLE t, TABLES IN SCHEMA s"
+    ))
+    .await
+    .unwrap();
+    let capture = Ferry::capture(pg, &master, &broker().address(), "");
+    let applier = Ferry::applier(&master, &[pg.url(&replica)], &broker().address(), "");
+    capture.wait_ready().await;
+    for step in [
+        "ALTER TABLE u ADD COLUMN b int",
+        "ALTER TABLE t ADD COLUMN a int DEFAULT 7",
+        "CREATE TABLE s.x (k int PRIMARY KEY, y text)",
+        "INSERT INTO s.x VALUES (1, 'one')",
+        "ALTER TABLE u RENAME TO u2",
+        "INSERT INTO t VALUES (1, 1, 1)",
+        "ALTER TABLE t RENAME TO t2",
+        "INSERT INTO t2 VALUES (2, 2, 2)",
+    ] {
+        run_step(&m, step).await;
+    }
+    wait_same(&m, &r, "t2", Duration::from_secs(60)).await;
+    wait_same(&m, &r, "s.x", Duration::from_secs(60)).await;
+    assert_eq!(
+        columns(&r, "u").await,
+        [("k", "integer"), ("v", "integer")].map(|(c, t)| (c.to_owned(), t.to_owned())),
+        "the unlisted table keeps its columns and name on the replica"
+    );
+    assert_eq!(unresolved_letters(&r).await, 0);
+    assert_eq!(
+        capture.metric("pgferry_schema_changes_total", ""),
+        Some(3.0),
+        "t's two changes and s.x's creation"
+    );
+    drop(applier);
+}
+
 /// Each column's name, kind (`attgenerated`: '' plain, 's' stored, 'v' virtual) and
 /// generation expression, in order.
 async fn generation(c: &Client, table: &str) -> Vec<(String, String, Option<String>)> {

@@ -292,38 +292,54 @@ pub async fn publishes_all_tables(
     Ok(row.is_some_and(|r| r.get(0)))
 }
 
-/// Whether the publication carries `schema.table`'s rows, or those of a table in its partition
-/// tree (a partitioned table's partitions without `publish_via_partition_root`, a partition's
-/// root with it), or those of `also` or its partitions (`also`: the parent a partition was
-/// detached from). A schema change of any of these matters to the publication's targets.
-/// Ask only once the change's transaction is visible here ([`sees_transaction`]).
+/// Whether the publication covers a table a schema change is about, or a table of its
+/// partition tree (its partitions, its ancestors), or `also` or its partitions (`also`: the
+/// parent a partition was detached from): a `FOR ALL TABLES` publication every permanent
+/// table, a `FOR TABLE` one the tables it lists, a `FOR TABLES IN SCHEMA` one the tables of
+/// its schemas. A schema change of any of these matters to the publication's targets.
+///
+/// Each table is found by its oid when the trigger's message has one (`relid`), else by its
+/// name: capture decodes a change after its commit, maybe long after, when the table may
+/// have a new name, a new schema, or be gone. By name, a table created or altered and then
+/// renamed before capture decoded the change was taken for a table outside the publication.
+/// Membership is read from the publication's own catalogs, not `pg_publication_tables`,
+/// which lists a partitioned table's leaves only (none for a partitioned table without
+/// partitions yet, whose creation was then not published). A table gone since is covered by
+/// a `FOR ALL TABLES` publication (its drop follows). Ask only once the change's transaction
+/// is visible here ([`sees_transaction`]).
 pub async fn publishes_table_tree(
     client: &Client,
     publication: &str,
-    schema: &str,
-    table: &str,
-    also: Option<(&str, &str)>,
+    table: (Option<u32>, &str, &str),
+    also: Option<(Option<u32>, &str, &str)>,
 ) -> Result<bool, tokio_postgres::Error> {
-    let name = qualified(schema, table);
-    let also = also.map(|(s, t)| qualified(s, t));
+    let oid = |relid: Option<u32>| relid.map(i64::from);
+    let (relid, name) = (oid(table.0), qualified(table.1, table.2));
+    let also_relid = also.and_then(|a| oid(a.0));
+    let also_name = also.map(|(_, s, t)| qualified(s, t));
     let row = client
         .query_one(
-            "SELECT EXISTS (
-                 SELECT 1 FROM pg_publication_tables p
-                   JOIN pg_namespace n ON n.nspname = p.schemaname
-                   JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename
+            "WITH rel AS (SELECT coalesce($2::int8::oid, to_regclass($3)::oid) AS oid),
+                  also AS (SELECT coalesce($4::int8::oid, to_regclass($5)::oid) AS oid),
+                  tree AS (SELECT oid FROM rel
+                           UNION SELECT t.relid FROM rel, pg_partition_tree(rel.oid::regclass) t
+                           UNION SELECT a.relid FROM rel, pg_partition_ancestors(rel.oid::regclass) a
+                           UNION SELECT oid FROM also
+                           UNION SELECT t.relid FROM also, pg_partition_tree(also.oid::regclass) t)
+             SELECT EXISTS (
+                 SELECT 1 FROM pg_publication p
                   WHERE p.pubname = $1
-                    -- (Both functions return nothing for a table outside any partition tree.)
-                    AND c.oid IN (SELECT to_regclass($2)::oid
-                                  UNION ALL
-                                  SELECT relid FROM pg_partition_tree(to_regclass($2))
-                                  UNION ALL
-                                  SELECT relid FROM pg_partition_ancestors(to_regclass($2))
-                                  UNION ALL
-                                  SELECT to_regclass($3)::oid
-                                  UNION ALL
-                                  SELECT relid FROM pg_partition_tree(to_regclass($3))))",
-            &[&publication, &name, &also],
+                    AND ((p.puballtables
+                          AND NOT EXISTS (SELECT 1 FROM rel JOIN pg_class c ON c.oid = rel.oid
+                                           WHERE c.relpersistence <> 'p'))
+                         OR EXISTS (SELECT 1 FROM tree
+                                      JOIN pg_publication_rel r ON r.prrelid = tree.oid
+                                     WHERE r.prpubid = p.oid)
+                         OR EXISTS (SELECT 1 FROM tree
+                                      JOIN pg_class c ON c.oid = tree.oid
+                                      JOIN pg_publication_namespace n ON n.pnnspid = c.relnamespace
+                                     WHERE n.pnpubid = p.oid)))",
+            &[&publication, &relid, &name, &also_relid, &also_name],
         )
         .await?;
     Ok(row.get(0))

@@ -390,7 +390,7 @@ impl Capture {
             let detached_from = message
                 .old_partition
                 .as_ref()
-                .map(|p| (p.schema.as_str(), p.table.as_str()));
+                .map(|p| (p.relid, p.schema.as_str(), p.table.as_str()));
             // The DDL's transaction is decoded at its commit, which this session may see a
             // moment later: a CREATE TABLE decoded before it was visible here was taken for a
             // table outside the publication, and its rows reached no target.
@@ -398,8 +398,7 @@ impl Capture {
             catalog::publishes_table_tree(
                 &self.sql,
                 publication,
-                &message.schema,
-                &message.table,
+                (message.relid, &message.schema, &message.table),
                 detached_from,
             )
             .await
@@ -427,6 +426,7 @@ impl Capture {
         if message.tag != "DROP TABLE" && !creates_table(&ops) {
             self.announce(
                 txn,
+                message.relid,
                 (&message.schema, &message.table),
                 (schema, table),
                 repl.as_deref_mut(),
@@ -435,7 +435,8 @@ impl Capture {
         }
         for parent in ops.iter().filter_map(crate::ddl::parent_table) {
             let name = (parent.schema.as_str(), parent.table.as_str());
-            self.announce(txn, name, name, repl.as_deref_mut()).await?;
+            self.announce(txn, parent.relid, name, name, repl.as_deref_mut())
+                .await?;
         }
         let on_topic = crate::sink::kafka::encode::schema_change_record(
             &self.envelope,
@@ -523,18 +524,22 @@ impl Capture {
     }
 
     /// Announces a table on the node stream (a relation record under `announced_as`) unless
-    /// this run already did; `now` is its name in today's catalog. A table that is gone is
-    /// not announced.
+    /// this run already did. The table is found by its oid where the trigger gave one (it may
+    /// have been renamed since the change, which capture decodes later), else by `now`, its
+    /// name after the change. A table that is gone is not announced.
     async fn announce(
         &mut self,
         txn: &mut OpenTxn,
+        relid: Option<u32>,
         now: (&str, &str),
         announced_as: (&str, &str),
         repl: Option<&mut stream::StreamState<'_>>,
     ) -> Result<(), CaptureError> {
-        let described = snapshot::describe_table(&self.sql, now.0, now.1)
-            .await
-            .map_err(CaptureError::sql("describing a table of a schema change"))?;
+        let described = match relid {
+            Some(oid) => snapshot::describe_table_by_oid(&self.sql, oid, now.0, now.1).await,
+            None => snapshot::describe_table(&self.sql, now.0, now.1).await,
+        }
+        .map_err(CaptureError::sql("describing a table of a schema change"))?;
         let Some(relation) = described.filter(|r| !self.announced.contains(&r.oid)) else {
             return Ok(());
         };

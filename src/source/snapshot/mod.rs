@@ -112,20 +112,48 @@ pub async fn describe_table(
     schema: &str,
     table: &str,
 ) -> Result<Option<RelationMeta>, tokio_postgres::Error> {
+    describe_where(
+        client,
+        "n.nspname = $1 AND c.relname = $2",
+        &[&schema, &table],
+        (schema, table),
+    )
+    .await
+}
+
+/// [`describe_table`] of the table with this oid, whatever its name is now, named
+/// `schema.table` in what it returns (the name a change decoded late knew it by).
+pub async fn describe_table_by_oid(
+    client: &Client,
+    oid: u32,
+    schema: &str,
+    table: &str,
+) -> Result<Option<RelationMeta>, tokio_postgres::Error> {
+    describe_where(client, "c.oid = $1", &[&oid], (schema, table)).await
+}
+
+async fn describe_where(
+    client: &Client,
+    which: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    (schema, table): (&str, &str),
+) -> Result<Option<RelationMeta>, tokio_postgres::Error> {
     let rows = client
         .query(
-            "SELECT c.oid, c.relreplident, a.attname::text, a.atttypid, a.atttypmod,
-                    COALESCE(a.attnum = ANY(i.indkey::int2[]), false)
-               FROM pg_class c
-               JOIN pg_namespace n ON n.oid = c.relnamespace
-               JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0
-                                  AND NOT a.attisdropped AND a.attgenerated = ''
-               LEFT JOIN pg_index i ON i.indrelid = c.oid
-                    AND ((c.relreplident IN ('d', 'f') AND i.indisprimary)
-                      OR (c.relreplident = 'i' AND i.indisreplident))
-              WHERE n.nspname = $1 AND c.relname = $2
-              ORDER BY a.attnum",
-            &[&schema, &table],
+            &format!(
+                "SELECT c.oid, c.relreplident, a.attname::text, a.atttypid, a.atttypmod,
+                        COALESCE(a.attnum = ANY(i.indkey::int2[]), false)
+                   FROM pg_class c
+                   JOIN pg_namespace n ON n.oid = c.relnamespace
+                   JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0
+                                      AND NOT a.attisdropped AND a.attgenerated = ''
+                   LEFT JOIN pg_index i ON i.indrelid = c.oid
+                        AND ((c.relreplident IN ('d', 'f') AND i.indisprimary)
+                          OR (c.relreplident = 'i' AND i.indisreplident))
+                  WHERE {which}
+                  ORDER BY a.attnum"
+            ),
+            params,
         )
         .await?;
     let Some(first) = rows.first() else {
