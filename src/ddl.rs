@@ -99,6 +99,7 @@ RETURNS void LANGUAGE plpgsql AS $f$
 DECLARE
     c record;
     val text;
+    digits text := current_setting('extra_float_digits');
 BEGIN
     FOR c IN SELECT a.attnum, a.atthasmissing, pg_get_expr(d.adbin, d.adrelid) AS expr,
                     format_type(a.atttypid, a.atttypmod) AS ty, a.attidentity <> '' AS identity
@@ -115,8 +116,14 @@ BEGIN
         BEGIN
             val := NULL;
             IF c.expr IS NOT NULL THEN
-                -- Non-volatile, evaluated once by the ADD in this transaction: the same value.
+                -- Non-volatile, evaluated once by the ADD in this transaction: the same value,
+                -- under this session's settings (targets parse it under them too). A float is
+                -- written with every digit, whatever the session shows.
+                IF c.ty IN ('double precision', 'real', 'double precision[]', 'real[]') THEN
+                    PERFORM set_config('extra_float_digits', '3', true);
+                END IF;
                 EXECUTE format('SELECT (%s)::%s::text', c.expr, c.ty) INTO val;
+                PERFORM set_config('extra_float_digits', digits, true);
             END IF;
             INSERT INTO pgferry.added_columns VALUES (rel, c.attnum, val)
                 ON CONFLICT (relid, attnum) DO UPDATE SET value = EXCLUDED.value;
@@ -253,6 +260,12 @@ BEGIN
             'old_primary_key', shadow.primary_key, 'primary_key', pkey,
             'partition_by', CASE WHEN r.relkind = 'p' THEN pg_get_partkeydef(r.objid) END,
             'added', added, 'applied', applied,
+            -- The session's settings that decide what a type change computes (see
+            -- SESSION_SETTINGS in ddl.rs).
+            'settings', jsonb_build_object('TimeZone', current_setting('TimeZone'),
+                'DateStyle', current_setting('DateStyle'),
+                'IntervalStyle', current_setting('IntervalStyle'),
+                'extra_float_digits', current_setting('extra_float_digits')),
             -- An ALTER TABLE … USING may give rows values targets cannot compute.
             'using', r.command_tag = 'ALTER TABLE' AND current_query() ~* E'\\mUSING\\M')::text);
         END IF;
@@ -418,6 +431,34 @@ pub struct TriggerMessage {
     /// values a plain cast on the target would not).
     #[serde(default)]
     pub using: bool,
+    /// The session settings the command ran under, of [`SESSION_SETTINGS`]: name → value.
+    #[serde(default)]
+    pub settings: BTreeMap<String, String>,
+}
+
+/// Session settings that decide the values a schema change computes, which targets run the
+/// change under as the source's session had them: a type change's cast from `timestamptz` to
+/// `timestamp`, `date` or `time` (`TimeZone`), from a date or time type or an interval to text
+/// (`DateStyle`, `IntervalStyle`, `TimeZone`), from text to a date type (`DateStyle`'s field
+/// order), from a float to text (`extra_float_digits`); and the value an added column's
+/// existing rows got, written as text under them. Run under the target session's own, a
+/// timestamptz column made `timestamp` in a New York session held UTC wall-clock times on
+/// the target and New York ones on the source.
+pub const SESSION_SETTINGS: [&str; 4] = [
+    "TimeZone",
+    "DateStyle",
+    "IntervalStyle",
+    "extra_float_digits",
+];
+
+/// The settings of [`SESSION_SETTINGS`] in `settings` (others are ignored: a stream names no
+/// other setting a target would take), as (name, value).
+pub fn session_settings(settings: &BTreeMap<String, String>) -> Vec<(&str, &str)> {
+    settings
+        .iter()
+        .filter(|(name, _)| SESSION_SETTINGS.contains(&name.as_str()))
+        .map(|(name, value)| (name.as_str(), value.as_str()))
+        .collect()
 }
 
 /// What the source table's existing rows got in a column an `ALTER TABLE` added, where the
@@ -1554,6 +1595,7 @@ mod tests {
             applied: BTreeMap::new(),
             added: None,
             using: false,
+            settings: BTreeMap::new(),
         }
     }
 

@@ -2139,6 +2139,106 @@ async fn changes_decoded_after_later_renames_reach_the_replica() {
     );
 }
 
+/// A schema change computes values under the session settings of the session that ran it:
+/// a type change from `timestamptz` to `timestamp`, `date` or `time` by the session's time
+/// zone, to text by its `DateStyle` and `IntervalStyle` (and a float's by
+/// `extra_float_digits`), text to `date` by its field order, and the value an added column's
+/// existing rows got (`existing`, written as text) too, a float's with every digit. The replica runs each change under
+/// the source session's settings, so it computes the same values. Random settings (time
+/// zones east and west of UTC, day-first and month-first date styles), random changes under
+/// a writer. Before, the replica computed them under its own session's settings: a
+/// `timestamptz` made `timestamp` in a New York session held UTC wall-clock times there.
+#[tokio::test(flavor = "multi_thread")]
+async fn schema_changes_compute_under_the_sources_session_settings() {
+    let seed = seed();
+    eprintln!("seed {seed} (DDL_SEED)");
+    let mut rng = Rng::new(seed ^ 0x7153);
+    let ddl = "CREATE TABLE tz (k int PRIMARY KEY, v int NOT NULL, note text, at timestamptz,
+                                at2 timestamptz, at3 timestamptz, span interval, f float8,
+                                day text, stamp timestamp)";
+    let Pipeline {
+        master,
+        m,
+        r,
+        capture,
+        applier,
+    } = replica_pipeline(
+        "tzs",
+        ddl,
+        "INSERT INTO tz SELECT g, g, 'n', timestamptz '2026-03-08 01:30:00+00' + g * interval '37 minutes',
+                timestamptz '2026-11-01 23:59:00+00' - g * interval '1 hour',
+                timestamptz '2026-06-30 22:00:00+00' + g * interval '3 hours',
+                g * interval '1 day 2 hours 3.5 seconds', g / 3.0,
+                to_char(date '2026-01-01' + g, 'DD/MM/YYYY'),
+                timestamp '2026-03-29 00:30:00' + g * interval '20 minutes'
+           FROM generate_series(1, 200) g",
+        "tz",
+    )
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = spawn_writer(master.clone(), seed, stop.clone(), |rng| {
+        row_write(rng, "tz", 250)
+    });
+    let zones = [
+        "America/New_York",
+        "Asia/Kolkata",
+        "Pacific/Chatham",
+        "Europe/Berlin",
+    ];
+    let zone = zones[rng.range(0, zones.len() as i64) as usize];
+    let date_style = if rng.chance(0.5) {
+        "SQL, DMY"
+    } else {
+        "German, DMY"
+    };
+    let interval_style = if rng.chance(0.5) {
+        "postgres_verbose"
+    } else {
+        "sql_standard"
+    };
+    let digits = rng.range(-3, 1);
+    // For the change's transaction only: the checksums read in the client's own settings.
+    let session = format!(
+        "SET LOCAL TimeZone = '{zone}'; SET LOCAL DateStyle = '{date_style}'; \
+         SET LOCAL IntervalStyle = '{interval_style}'; SET LOCAL extra_float_digits = {digits}; "
+    );
+    let mut pool = vec![
+        "ALTER TABLE tz ALTER COLUMN at TYPE timestamp",
+        "ALTER TABLE tz ALTER COLUMN at2 TYPE date",
+        "ALTER TABLE tz ALTER COLUMN at3 TYPE time",
+        "ALTER TABLE tz ALTER COLUMN span TYPE text",
+        "ALTER TABLE tz ALTER COLUMN f TYPE text",
+        "ALTER TABLE tz ALTER COLUMN stamp TYPE timestamptz",
+        "ALTER TABLE tz ADD COLUMN born date DEFAULT to_date('2026-12-06', 'YYYY-MM-DD')",
+        "ALTER TABLE tz ADD COLUMN seen timestamp DEFAULT timestamptz '2026-07-04 12:00:00+00'",
+        "ALTER TABLE tz ADD COLUMN pie float8 DEFAULT pi() / 7",
+    ];
+    if date_style.ends_with("DMY") {
+        // Day-first text the source reads as such.
+        pool.push("ALTER TABLE tz ALTER COLUMN day TYPE date USING day::date");
+    }
+    let mut chain = Vec::new();
+    while chain.len() < 4 {
+        let i = rng.range(0, pool.len() as i64) as usize;
+        let change = pool.swap_remove(i);
+        run_step(&m, &format!("{session}{change}")).await;
+        chain.push(change);
+        tokio::time::sleep(Duration::from_millis(rng.range(50, 300) as u64)).await;
+    }
+    eprintln!("under {session:?}: {chain:#?}");
+    stop.store(true, Ordering::Relaxed);
+    let writes = writer.await.unwrap();
+    assert!(writes > 20, "the writer must run ({writes})");
+    wait_same(&m, &r, "tz", Duration::from_secs(90)).await;
+    assert_eq!(unresolved_letters(&r).await, 0);
+    assert_eq!(
+        applier.metric("pgferry_schema_changes_applied_total", "outcome=\"failed\""),
+        None,
+        "no schema change may fail on the replica"
+    );
+    drop(capture);
+}
+
 /// With a publication that lists tables and a schema (`FOR TABLE t, TABLES IN SCHEMA s`),
 /// only its tables' schema changes travel, by oid whatever their later names: a change of a
 /// listed table, also after its rename, and a table created in the listed schema reach the

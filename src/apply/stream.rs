@@ -420,6 +420,9 @@ pub struct DdlItem {
     /// Multi-master: what the node that made the change had applied from each other node then
     /// (node → commit LSN); a target applies the change only after it has applied as much.
     pub applied: BTreeMap<String, Lsn>,
+    /// The source session's settings the change ran under (see
+    /// [`crate::ddl::SESSION_SETTINGS`]); empty from a capture that did not send them.
+    pub settings: BTreeMap<String, String>,
 }
 
 /// The `after` record (multi-master): the node that wrote the stream applied other nodes'
@@ -520,6 +523,8 @@ struct RawRecord<'a> {
     ops: Option<Vec<crate::ddl::DdlOp>>,
     #[serde(default)]
     applied: Option<BTreeMap<String, Lsn>>,
+    #[serde(default)]
+    settings: Option<BTreeMap<String, String>>,
     #[serde(default)]
     names: Option<Vec<String>>,
     #[serde(default, borrow)]
@@ -689,6 +694,7 @@ pub fn parse_framed(bytes: Option<&[u8]>) -> Result<(Option<u64>, StreamItem), M
             table: raw.table.ok_or_else(|| missing("table"))?.into_owned(),
             ops: raw.ops.ok_or_else(|| missing("ops"))?,
             applied: raw.applied.unwrap_or_default(),
+            settings: raw.settings.unwrap_or_default(),
         }))),
         other => Err(MalformedMessage(format!("unknown record type {other:?}"))),
     }?;

@@ -275,6 +275,34 @@ impl TargetTable {
     }
 }
 
+/// Sets session settings (name, value) for the rest of the open transaction
+/// (`set_config(…, true)`); returns each one's value before, to set back.
+pub async fn set_settings(
+    client: &Client,
+    settings: &[(&str, &str)],
+) -> Result<Vec<(String, String)>, tokio_postgres::Error> {
+    if settings.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (names, values): (Vec<&str>, Vec<&str>) = settings.iter().copied().unzip();
+    let before = client
+        .query(
+            "SELECT name, current_setting(name) FROM unnest($1::text[]) AS s(name)",
+            &[&names],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    client
+        .execute(
+            "SELECT set_config(name, value, true) FROM unnest($1::text[], $2::text[]) AS s(name, value)",
+            &[&names, &values],
+        )
+        .await?;
+    Ok(before)
+}
+
 /// Describes a target table; `None` when it does not exist.
 pub async fn describe(
     client: &Client,

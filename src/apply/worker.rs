@@ -1310,7 +1310,14 @@ impl Worker {
                     let present =
                         crate::ddl::on_target(op, shape, moved.as_ref().map(Option::as_deref));
                     if present == crate::ddl::OnTarget::Apply {
+                        // Under the source session's settings, then the worker's own again
+                        // (a refused statement's savepoint undoes them by itself).
+                        let settings = crate::ddl::session_settings(&ddl.settings);
+                        let own = target::set_settings(client, &settings).await?;
                         client.batch_execute(&statement).await?;
+                        let own: Vec<(&str, &str)> =
+                            own.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+                        target::set_settings(client, &own).await?;
                     }
                     Ok::<_, tokio_postgres::Error>(present)
                 }

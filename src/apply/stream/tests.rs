@@ -473,9 +473,13 @@ mod ddl_order {
     }
 
     proptest! {
-        /// What the node had applied travels with its schema change.
+        /// What the node had applied, and the settings the change ran under, travel with
+        /// its schema change.
         #[test]
-        fn applied_round_trips(applied in lsns()) {
+        fn applied_round_trips(
+            applied in lsns(),
+            settings in prop::collection::btree_map("[A-Za-z_]{1,12}", "[ -~]{0,20}", 0..4),
+        ) {
             let source = EnvelopeSource {
                 node: "n0".into(),
                 database: "d".into(),
@@ -484,11 +488,12 @@ mod ddl_order {
                 run: 2,
             };
             let ops = [crate::ddl::DdlOp::DropColumn { name: "c".into() }];
-            let record = ddl_record(&source, "public", "t", &ops, &applied);
+            let record = ddl_record(&source, "public", "t", &ops, &applied, &settings);
             let payload = record.value.expect("a value");
             let (_, item) = parse_framed(Some(&payload)).expect("parses");
             let StreamItem::Ddl(ddl) = item else { panic!("{item:?}") };
             prop_assert_eq!(&ddl.applied, &applied);
+            prop_assert_eq!(&ddl.settings, &settings);
             let payload = after_record(&source, &applied).value.expect("a value");
             let (_, item) = parse_framed(Some(&payload)).expect("parses");
             let StreamItem::After(after) = item.clone() else { panic!("{item:?}") };

@@ -506,20 +506,25 @@ struct Ddl<'a> {
     ops: &'a [crate::ddl::DdlOp],
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     applied: &'a BTreeMap<String, Lsn>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    settings: &'a BTreeMap<String, String>,
 }
 
 /// A schema change of one table, applied by targets at its place in the transaction:
-/// `{"type":"ddl","run","schema","table","ops":[{"op":"add_column",...},...],"applied":{…}}`.
-/// `schema` and `table` name the table as it was before the change (a rename op gives the new
-/// name). `applied` (multi-master; left out when empty) is what the node had applied from each
-/// other node when the change ran: a node applies the change only after it has applied as
-/// much (see apply's `Worker::apply_ddl`).
+/// `{"type":"ddl","run","schema","table","ops":[{"op":"add_column",...},...],"applied":{…},
+/// "settings":{…}}`. `schema` and `table` name the table as it was before the change (a
+/// rename op gives the new name). `applied` (multi-master; left out when empty) is what the
+/// node had applied from each other node when the change ran: a node applies the change only
+/// after it has applied as much (see apply's `Worker::apply_ddl`). `settings` are the source
+/// session's settings the change ran under ([`crate::ddl::SESSION_SETTINGS`]), which targets
+/// run it under too.
 pub fn ddl_record(
     source: &EnvelopeSource,
     schema: &str,
     table: &str,
     ops: &[crate::ddl::DdlOp],
     applied: &BTreeMap<String, Lsn>,
+    settings: &BTreeMap<String, String>,
 ) -> Record {
     let ddl = Ddl {
         r#type: "ddl",
@@ -528,6 +533,7 @@ pub fn ddl_record(
         table,
         ops,
         applied,
+        settings,
     };
     record(source, serde_json::to_vec(&ddl).unwrap_or_default())
 }

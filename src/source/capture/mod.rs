@@ -449,7 +449,14 @@ impl Capture {
         );
         self.send(txn.ticket, &on_topic, None, repl.as_deref_mut())
             .await?;
-        let item = node_stream::ddl_record(&self.envelope, schema, table, &ops, &message.applied);
+        let item = node_stream::ddl_record(
+            &self.envelope,
+            schema,
+            table,
+            &ops,
+            &message.applied,
+            &message.settings,
+        );
         self.stage(txn, &item, repl).await?;
         if self.settings.resnapshot_rewritten && crate::ddl::rewrites_rows(&message, &ops) {
             let name = format!("{}.{}", message.schema, message.table);
