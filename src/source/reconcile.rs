@@ -76,12 +76,17 @@ pub fn key_of(relation: &RelationMeta, tuple: &Tuple) -> Option<Key> {
     }
     relation
         .key_indices()
-        .map(|i| match tuple.get(i)? {
-            Datum::Null => Some(None),
-            Datum::Text(b) | Datum::Binary(b) => Some(Some(Bytes::copy_from_slice(b))),
-            Datum::UnchangedToast => None,
-        })
+        .map(|i| value_of(tuple.get(i)?))
         .collect()
+}
+
+/// A value as text (`Some(None)`: NULL), or `None` for an unchanged TOASTed value (not sent).
+fn value_of(d: &Datum) -> Option<Option<Bytes>> {
+    match d {
+        Datum::Null => Some(None),
+        Datum::Text(b) | Datum::Binary(b) => Some(Some(Bytes::copy_from_slice(b))),
+        Datum::UnchangedToast => None,
+    }
 }
 
 /// One row a chunk's `SELECT` returned.
@@ -91,9 +96,26 @@ pub struct ChunkRow {
     pub tuple: Tuple,
     /// The row version's `xmax` (0: not deleted, updated or locked by anyone).
     pub xmax: u32,
-    /// The row version's `xmin` (the transaction that created it); read for tables without a
-    /// key only, 0 otherwise.
+    /// The row version's `xmin` (the transaction that created it).
     pub xmin: u32,
+}
+
+impl ChunkRow {
+    /// The transaction that may have replaced or deleted this row version unseen by the
+    /// `SELECT` (its `xmax`), or 0. Not the transaction that created it: a version its own
+    /// creator replaced or deleted is invisible to every later `SELECT`, so an `xmax` equal to
+    /// the `xmin` is a lock that transaction kept. `INSERT … ON CONFLICT DO UPDATE`, and an
+    /// update of a row the transaction had locked (`SELECT … FOR UPDATE`, then `UPDATE`),
+    /// leave exactly that. Taken for a replacement, the row was dropped as hidden from the
+    /// `SELECT`, and the stream's image of the change (without its unchanged TOASTed
+    /// values) could not stand in for it: the row never reached a target.
+    pub fn replacer(&self) -> u32 {
+        if self.xmax == self.xmin {
+            0
+        } else {
+            self.xmax
+        }
+    }
 }
 
 /// The outcome of closing a window.
@@ -132,6 +154,11 @@ struct Window {
     complete: HashSet<Key>,
     /// The table was truncated inside the window.
     truncated: bool,
+    /// Tables without a key: the rows deleted or updated away inside the window (their old
+    /// images, `REPLICA IDENTITY FULL`), each with how often. A chunk row equal to one was
+    /// read before the change removed it, and the stream carried the removal before the
+    /// chunk: it is dropped, or it would come back.
+    removed: HashMap<Vec<Option<Bytes>>, usize>,
 }
 
 /// The open windows and the recent-change memory of one capture run.
@@ -172,6 +199,7 @@ impl Reconciler {
                 incomplete: HashMap::new(),
                 complete: HashSet::new(),
                 truncated: false,
+                removed: HashMap::new(),
             },
         );
     }
@@ -215,6 +243,13 @@ impl Reconciler {
             }
             if change.before.is_some() || change.op == Op::Update {
                 track.removers.insert(xid);
+            }
+            if let Some(image) = change.before.as_ref().and_then(|t| whole_image(t)) {
+                for w in self.windows.values_mut() {
+                    if w.oid == change.relation.oid {
+                        *w.removed.entry(image.clone()).or_default() += 1;
+                    }
+                }
             }
         }
         if change.op == Op::Truncate {
@@ -314,7 +349,7 @@ impl Reconciler {
         rows: Vec<ChunkRow>,
         invisible: Option<&[u32]>,
     ) -> Option<Closed> {
-        let window = self.windows.remove(&id)?;
+        let mut window = self.windows.remove(&id)?;
         let mut closed = Closed::default();
         let pruned = invisible.is_some();
         if let Some(invisible) = invisible {
@@ -339,12 +374,22 @@ impl Reconciler {
             }
         }
         for row in rows {
+            let replacer = row.replacer();
             let Some(key) = key_of(relation, &row.tuple) else {
                 let streamed = self.keyless.get(&relation.oid).is_some_and(|t| {
                     t.creators.contains(&row.xmin)
-                        || (row.xmax != 0 && t.removers.contains(&row.xmax))
+                        || (replacer != 0 && t.removers.contains(&replacer))
                 });
-                if window.truncated || streamed {
+                let removed = whole_image(&row.tuple).is_some_and(|image| {
+                    match window.removed.get_mut(&image) {
+                        Some(n) if *n > 0 => {
+                            *n -= 1;
+                            true
+                        }
+                        _ => false,
+                    }
+                });
+                if window.truncated || streamed || removed {
                     closed.dropped += 1;
                 } else {
                     closed.emit.push(row.tuple);
@@ -352,8 +397,8 @@ impl Reconciler {
                 continue;
             };
             // Changed before the window by the transaction the SELECT could not see yet.
-            let hidden = (row.xmax != 0)
-                .then(|| self.recent_set.get(&(row.xmax, relation.oid, key.clone())))
+            let hidden = (replacer != 0)
+                .then(|| self.recent_set.get(&(replacer, relation.oid, key.clone())))
                 .flatten();
             let emit = if window.changed.contains(&key) {
                 // The chunk's row holds the TOASTed values of the stream's newest image when
@@ -367,7 +412,7 @@ impl Reconciler {
                 };
                 let mergeable = !window.complete.contains(&key)
                     && !window.truncated
-                    && (row.xmax == 0 || inside(row.xmax));
+                    && (replacer == 0 || inside(replacer));
                 match window.incomplete.get(&key) {
                     Some((laid_out, newest)) if mergeable => {
                         match completed((laid_out, newest), (relation, &row.tuple)) {
@@ -407,6 +452,12 @@ impl Reconciler {
     pub fn abandon(&mut self, id: u64) {
         self.windows.remove(&id);
     }
+}
+
+/// Every value of a row image as text (`None`: NULL), or `None` when it lacks one (an unchanged
+/// TOASTed value): how a table without a key tells one row from another.
+fn whole_image(tuple: &Tuple) -> Option<Vec<Option<Bytes>>> {
+    tuple.iter().map(value_of).collect()
 }
 
 /// `newest` (an update's new image without some TOASTed values) with the values it left out
