@@ -244,7 +244,7 @@ impl Reconciler {
             if change.before.is_some() || change.op == Op::Update {
                 track.removers.insert(xid);
             }
-            if let Some(image) = change.before.as_ref().and_then(|t| whole_image(t)) {
+            if let Some(image) = change.before.as_ref().and_then(whole_image) {
                 for w in self.windows.values_mut() {
                     if w.oid == change.relation.oid {
                         *w.removed.entry(image.clone()).or_default() += 1;
