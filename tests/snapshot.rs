@@ -500,7 +500,8 @@ async fn snapshots_on_request_and_of_added_tables_while_streaming() {
 /// has old values of others. A re-snapshot (`pgferry snapshot --table`, and requests from
 /// SQL) makes it exact while a writer changes the source: each chunk's key range is pruned
 /// of the rows the source does not have (before the first key, between keys, past the last),
-/// with keys of one column, of two (an int and a timestamptz, compared as a row), uuids and
+/// with keys of one column, of two (an int and a timestamptz, compared as a row, declared in
+/// another order than the columns on the source and in theirs on the replica), uuids and
 /// text under the database's collation (the same on both ends here), over two readers' key
 /// ranges and chunks of several items. Exactly the rows the replica had and the source did not
 /// are pruned. A table keyed by an enum (ordered by its type, which a target may define
@@ -520,13 +521,15 @@ async fn a_resnapshot_makes_a_restored_replica_exact() {
          1 in {gone} gone, 1 in {lost} lost, 1 in {stale} stale"
     );
     let ddl = "CREATE TABLE items (id bigint PRIMARY KEY, v int NOT NULL, note text NOT NULL);
-               CREATE TABLE pairs (a int, b timestamptz, v text, PRIMARY KEY (a, b));
+               CREATE TABLE pairs (a int, b timestamptz, v text, PRIMARY KEY (b, a));
                CREATE TABLE tokens (id uuid PRIMARY KEY, v int);
                CREATE TABLE named (k text PRIMARY KEY, v int);
                CREATE TYPE mood AS ENUM ('sad', 'ok', 'glad');
                CREATE TABLE moods (m mood, id int, v int, PRIMARY KEY (m, id));";
     let (master, c) = pg.fresh_db("prune", ddl).await;
-    let (replica, r) = pg.fresh_db("prune_r", ddl).await;
+    // The replica declares pairs' key in its columns' order, the source in another.
+    let replica_ddl = ddl.replace("PRIMARY KEY (b, a)", "PRIMARY KEY (a, b)");
+    let (replica, r) = pg.fresh_db("prune_r", &replica_ddl).await;
     // Each table's rows, as (table, SELECT of row g, the rows gone from the source since the
     // backup, of row g).
     // (table, its key columns, the key of row g, the rest of row g, the rows gone from the
@@ -845,7 +848,9 @@ async fn partitioned_tables_published_through_their_root() {
 /// from a range not yet read to one already read, and back): a composite key under quoted
 /// mixed-case schema, table and column names; text keys with spaces, quotes, backslashes,
 /// accents and mixed case (ordered by the column's collation); uuid; timestamptz with numeric;
-/// bytea. Every table ends on the replica exactly as on the master. Seeded (SNAPSHOT_SEED,
+/// bytea; a key declared in another order than its columns (`tenant, day, PRIMARY KEY (day,
+/// tenant)`: before, each chunk's last key was taken in the columns' order, and the next chunk
+/// skipped rows). Every table ends on the replica exactly as on the master. Seeded (SNAPSHOT_SEED,
 /// printed).
 #[tokio::test(flavor = "multi_thread")]
 async fn every_key_shape_snapshots_exactly_under_writes() {
@@ -854,7 +859,7 @@ async fn every_key_shape_snapshots_exactly_under_writes() {
     let rows: i64 = 20_000;
     eprintln!("seed {seed} (SNAPSHOT_SEED), {rows} rows a table");
     // (table, DDL of its key columns, key of row g, key change of a row)
-    let tables: [(&str, &str, &str, &str); 5] = [
+    let tables: [(&str, &str, &str, &str); 6] = [
         (
             r#""Mixed Case"."Order Lines""#,
             r#""Order Id" int, "line No" smallint, PRIMARY KEY ("Order Id", "line No")"#,
@@ -884,6 +889,12 @@ async fn every_key_shape_snapshots_exactly_under_writes() {
             "b bytea PRIMARY KEY",
             "decode(md5(g::text), 'hex') || '\\x00'::bytea",
             "b = b || '\\xff'::bytea",
+        ),
+        (
+            "by_day_then_tenant",
+            "tenant int, day date, PRIMARY KEY (day, tenant)",
+            "g % 13, date '2026-01-01' + g / 13",
+            "tenant = tenant + 1000",
         ),
     ];
     let mut ddl = String::from(r#"CREATE SCHEMA "Mixed Case";"#);

@@ -2134,7 +2134,9 @@ impl Worker {
             return Ok(());
         };
         // Ordered alike: the same key columns, of the same types, under the same collations.
-        let same_key = table.key == range.key
+        // (Whatever order the target declares them in: the range compares them in its own.)
+        let same_key = table.key.len() == range.key.len()
+            && range.key.iter().all(|k| table.key.contains(k))
             && range.types.len() == range.key.len()
             && range.orders.len() == range.key.len()
             && range.key.iter().enumerate().all(|(i, k)| {

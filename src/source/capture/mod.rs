@@ -29,7 +29,7 @@ pub use error::CaptureError;
 pub const COMPONENT: &str = "capture";
 
 use super::catalog;
-use super::reconcile::{key_of, Reconciler};
+use super::reconcile::Reconciler;
 use super::snapshot::driver::{self, Mark, MarkKind, Published};
 use super::snapshot::{self, chunk, TableReader};
 use crate::config::{KafkaConfig, OnPoison, SourceConfig};
@@ -71,7 +71,7 @@ pub struct CaptureSettings {
 /// A chunk's range as it is being published: the relation its key is read by, and what is
 /// left of the range (its lower bound moves up with each item).
 struct Pruning {
-    relation: Arc<RelationMeta>,
+    target: Arc<chunk::Target>,
     range: PruneRange,
 }
 
@@ -320,7 +320,7 @@ impl Capture {
                         None
                     }
                     (Some(range), None) => Some(Pruning {
-                        relation: target.chunk_relation.clone(),
+                        target: target.clone(),
                         range: PruneRange {
                             key: target.key.iter().map(|k| k.name.clone()).collect(),
                             types: target.key.iter().map(|k| k.type_name.clone()).collect(),
@@ -331,7 +331,11 @@ impl Capture {
                                 .collect(),
                             after: range.after,
                             through: range.through,
-                            keep: closed.keep.iter().filter_map(chunk::key_text).collect(),
+                            keep: closed
+                                .keep
+                                .iter()
+                                .filter_map(|k| chunk::key_text(&target.in_key_order(k)))
+                                .collect(),
                         },
                     }),
                     (None, _) => None,
@@ -776,7 +780,7 @@ impl Capture {
         let tail = |prune: &mut Option<Pruning>, last: Option<&Tuple>| {
             let p = prune.as_mut()?;
             let through = match last {
-                Some(row) => match key_of(&p.relation, row).as_ref().and_then(chunk::key_text) {
+                Some(row) => match p.target.key_text_of(row) {
                     Some(key) => Some(key),
                     None => {
                         *prune = None;
@@ -830,9 +834,7 @@ impl Capture {
             {
                 // Dead-lettered: the source has the row, so a target keeps its copy.
                 if let (Some(p), Some(row)) = (prune.as_mut(), change.after.as_ref()) {
-                    p.range
-                        .keep
-                        .extend(key_of(&p.relation, row).as_ref().and_then(chunk::key_text));
+                    p.range.keep.extend(p.target.key_text_of(row));
                 }
                 continue;
             }

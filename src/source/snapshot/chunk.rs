@@ -56,6 +56,35 @@ impl Target {
         !self.key.is_empty()
     }
 
+    /// A key as [`key_of`](crate::source::reconcile::key_of) reads it from a row of
+    /// [`Target::chunk_relation`] (its values in the table's column order), in the key's own
+    /// order (the index's): the order chunk queries sort and compare by, and targets prune by.
+    /// The two differ for a key declared in another order than its columns (`PRIMARY KEY (b,
+    /// a)`, or a key changed to such while the snapshot ran). In the table's order, a chunk's
+    /// last key was compared as if it were the index's: the next chunk started past rows it
+    /// never read, and the snapshot ended short.
+    pub fn in_key_order(&self, key: &Key) -> Key {
+        let in_table_order: Vec<&str> = self
+            .chunk_relation
+            .columns
+            .iter()
+            .filter(|c| c.is_key)
+            .map(|c| c.name.as_str())
+            .collect();
+        self.key
+            .iter()
+            .filter_map(|k| in_table_order.iter().position(|n| *n == k.name))
+            .filter_map(|i| key.get(i).cloned())
+            .collect()
+    }
+
+    /// The key of a row of [`Target::chunk_relation`] in text form, in the key's order (see
+    /// [`Target::in_key_order`]); `None` for a table without a key.
+    pub fn key_text_of(&self, row: &crate::source::pgoutput::Tuple) -> Option<Vec<String>> {
+        let key = crate::source::reconcile::key_of(&self.chunk_relation, row)?;
+        key_text(&self.in_key_order(&key))
+    }
+
     /// Whether targets can prune a chunk's key range (see [`crate::event::PruneRange`]): each
     /// key column has a [`KeyColumn::order`] a target can match.
     pub fn prunable(&self) -> bool {

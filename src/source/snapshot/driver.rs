@@ -26,7 +26,7 @@ use crate::lsn::Lsn;
 use crate::pipeline::progress::Progress;
 use crate::source::capture::CaptureError;
 use crate::source::catalog;
-use crate::source::reconcile::{key_of, ChunkRow, Key};
+use crate::source::reconcile::{ChunkRow, Key};
 use crate::telemetry::Metrics;
 
 /// Chunks each reader may have read and not yet seen published.
@@ -333,7 +333,11 @@ impl Driver {
                         let target = shared.in_flight.lock().unwrap_or_else(|e| e.into_inner())
                             .get(&p.id).and_then(|f| tables.targets.get(&f.table).cloned());
                         if let Some(target) = target {
-                            let keys = p.reread.iter().filter_map(chunk::key_text).collect();
+                            let keys = p
+                                .reread
+                                .iter()
+                                .filter_map(|k| chunk::key_text(&target.in_key_order(k)))
+                                .collect();
                             shared.push(Work::Reread(target, keys));
                         }
                     }
@@ -798,11 +802,7 @@ async fn chunk_between_marks(
             })
         }
     };
-    let last_key = read
-        .rows
-        .last()
-        .and_then(|r| key_of(&read_as.chunk_relation, &r.tuple))
-        .and_then(|k| chunk::key_text(&k));
+    let last_key = read.rows.last().and_then(|r| read_as.key_text_of(&r.tuple));
     let done = match part {
         Some((_, limit)) if target.keyed() => (read.rows.len() as u64) < u64::from(limit),
         _ => finishes_keyless,
