@@ -266,8 +266,11 @@ BEGIN
                 'DateStyle', current_setting('DateStyle'),
                 'IntervalStyle', current_setting('IntervalStyle'),
                 'extra_float_digits', current_setting('extra_float_digits')),
-            -- An ALTER TABLE … USING may give rows values targets cannot compute.
-            'using', r.command_tag = 'ALTER TABLE' AND current_query() ~* E'\\mUSING\\M')::text);
+            -- An ALTER TABLE … USING may give rows values targets cannot compute. The
+            -- command's text is the client's: one run by a function (`SELECT migrate()`) is
+            -- not in it, and is taken to have a USING.
+            'using', r.command_tag = 'ALTER TABLE'
+                     AND (current_query() ~* E'\\mUSING\\M' OR current_query() !~* E'\\mALTER\\M'))::text);
         END IF;
         INSERT INTO pgferry.ddl_tables VALUES (r.objid, r.nsp, r.rel, cols, part, pkey)
             ON CONFLICT (relid) DO UPDATE SET schema_name = EXCLUDED.schema_name,
@@ -428,7 +431,8 @@ pub struct TriggerMessage {
     #[serde(default)]
     pub added: Option<BTreeMap<i32, Option<String>>>,
     /// The command's text has a `USING` (an `ALTER COLUMN … TYPE … USING expr` may compute
-    /// values a plain cast on the target would not).
+    /// values a plain cast on the target would not), or is not in the client's query text (a
+    /// function ran it), so it may have one.
     #[serde(default)]
     pub using: bool,
     /// The session settings the command ran under, of [`SESSION_SETTINGS`]: name → value.
@@ -796,9 +800,11 @@ pub fn is_constant_default(expr: &str) -> bool {
 }
 
 /// A column definition: name, type, constant default or generation expression, NOT NULL. A
-/// column whose default is not copied is added without NOT NULL (the target's existing rows
-/// would have no value).
-fn column_sql(c: &DdlColumn) -> String {
+/// column whose default is not copied is added to an existing table without NOT NULL (the
+/// target's existing rows would have no value); a new table (`new_table`) has no rows but
+/// those the stream writes, each with its value, so it keeps NOT NULL (a `serial` key stays
+/// NOT NULL).
+fn column_sql(c: &DdlColumn, new_table: bool) -> String {
     let mut sql = format!("{} {}", quote_ident(&c.name), c.type_name);
     if let Some(g) = &c.generated {
         let kind = if g.is_virtual { "VIRTUAL" } else { "STORED" };
@@ -806,7 +812,7 @@ fn column_sql(c: &DdlColumn) -> String {
     } else if let Some(d) = c.default.as_deref().filter(|d| is_constant_default(d)) {
         sql.push_str(&format!(" DEFAULT {d}"));
     }
-    if c.not_null && c.default_copied() {
+    if c.not_null && (new_table || c.default_copied()) {
         sql.push_str(" NOT NULL");
     }
     sql
@@ -901,7 +907,26 @@ pub fn on_target(
             }
     };
     match op {
-        DdlOp::CreateTable { .. } => OnTarget::Already,
+        // A table of the name is here: already made if it has the new table's columns (made
+        // by hand, or on two nodes apart); otherwise it is another table (kept after the
+        // source dropped its own, with apply.drop_tables off), and the new one cannot be made.
+        DdlOp::CreateTable { columns, .. } => {
+            let missing: Vec<String> = columns
+                .iter()
+                .filter(|c| t.type_of(&c.name) != Some(c.type_name.as_str()))
+                .map(|c| format!("{} {}", c.name, c.type_name))
+                .collect();
+            if missing.is_empty() {
+                OnTarget::Already
+            } else {
+                OnTarget::Differs(format!(
+                    "a table of this name exists here without the new table's columns {} (kept \
+                     after the source dropped its table, with apply.drop_tables off, or made \
+                     by hand): drop or rename it here and the table resumes",
+                    missing.join(", ")
+                ))
+            }
+        }
         DdlOp::AddColumn { column, .. } if moved_with(&column.name, &column.type_name) => {
             OnTarget::Already
         }
@@ -958,7 +983,8 @@ pub fn to_sql(schema: &str, table: &str, op: &DdlOp) -> String {
                     p.bound
                 ),
                 None => {
-                    let mut defs: Vec<String> = columns.iter().map(column_sql).collect();
+                    let mut defs: Vec<String> =
+                        columns.iter().map(|c| column_sql(c, true)).collect();
                     if !key.is_empty() {
                         let key: Vec<String> = key.iter().map(|k| quote_ident(k)).collect();
                         let name = key_name
@@ -1000,7 +1026,7 @@ pub fn to_sql(schema: &str, table: &str, op: &DdlOp) -> String {
         DdlOp::AddColumn { column, .. } => {
             format!(
                 "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {}",
-                column_sql(column)
+                column_sql(column, false)
             )
         }
         DdlOp::DropColumn { name } => {
@@ -1527,6 +1553,56 @@ mod tests {
             existing: None,
         };
         assert_eq!(on(&add_m, Some(Some("w"))), OnTarget::Already);
+    }
+
+    /// A new table whose name a target already uses: already made when the target's table
+    /// has its columns (with more of its own, or in another order), another table otherwise;
+    /// and a new table keeps the NOT NULL of a column whose DEFAULT is not copied (`serial`),
+    /// which an added column cannot.
+    #[test]
+    fn a_new_table_over_another_of_its_name_is_a_difference() {
+        let model = Model::new(
+            vec!["extra".into(), "id".into(), "v".into()],
+            vec!["text".into(), "integer".into(), "text".into()],
+            vec!["id".into()],
+        );
+        let create = |columns: Vec<DdlColumn>| DdlOp::CreateTable {
+            columns,
+            key: vec!["id".into()],
+            key_name: None,
+            partition_of: None,
+            partition_by: None,
+        };
+        let same = create(vec![col(1, "id", "integer"), col(2, "v", "text")]);
+        assert_eq!(
+            on_target(&same, Some(model.shape()), None),
+            OnTarget::Already
+        );
+        let other = create(vec![col(1, "id", "integer"), col(2, "v", "bigint")]);
+        match on_target(&other, Some(model.shape()), None) {
+            OnTarget::Differs(why) => assert!(why.contains("v bigint"), "{why}"),
+            x => panic!("{x:?}"),
+        }
+        let serial = DdlColumn {
+            not_null: true,
+            default: Some("nextval('t_n_seq'::regclass)".into()),
+            ..col(1, "n", "integer")
+        };
+        assert_eq!(
+            to_sql("s", "t", &create(vec![serial.clone()])),
+            r#"CREATE TABLE IF NOT EXISTS "s"."t" ("n" integer NOT NULL, PRIMARY KEY ("id"))"#
+        );
+        assert_eq!(
+            to_sql(
+                "s",
+                "t",
+                &DdlOp::AddColumn {
+                    column: serial,
+                    existing: Some(Existing::PerRow)
+                }
+            ),
+            r#"ALTER TABLE "s"."t" ADD COLUMN IF NOT EXISTS "n" integer"#
+        );
     }
 
     #[test]

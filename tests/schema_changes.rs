@@ -1689,7 +1689,9 @@ async fn run_step(m: &Client, step: &str) {
 /// DROP TABLE on the source (a `FOR ALL TABLES` publication) reaches targets at its place in
 /// the stream: a target with `apply.drop_tables: true` drops the table after the rows written
 /// before the drop, one with the default keeps the table and every row; the stream goes on
-/// after it on both, and nothing is dead-lettered.
+/// after it on both, and nothing is dead-lettered. A table then created under the same name
+/// with other columns reaches the dropping target; the keeping one refuses it with the
+/// reason, and only that table waits.
 #[tokio::test(flavor = "multi_thread")]
 async fn dropped_tables_follow_apply_drop_tables() {
     let pg = PgCluster::shared();
@@ -1751,6 +1753,34 @@ async fn dropped_tables_follow_apply_drop_tables() {
             "nothing may be dead-lettered"
         );
     }
+    // The name again, for a table of other columns. The target that kept the old table
+    // cannot create it: the change is refused with the reason, and only that table waits
+    // (before, the CREATE was taken as made, and the new table's first row stopped every
+    // table); the other target creates it; the rest flows on both.
+    run_step(
+        &m,
+        "CREATE TABLE gone (id int PRIMARY KEY, label text NOT NULL, at date);
+         INSERT INTO gone VALUES (1, 'new', '2026-12-06')",
+    )
+    .await;
+    run_step(&m, "INSERT INTO after_drop VALUES (2, 2)").await;
+    wait_same(&m, &d, "gone", Duration::from_secs(60)).await;
+    for r in [&d, &k] {
+        wait_same(&m, r, "after_drop", Duration::from_secs(60)).await;
+    }
+    let letters: Vec<String> = k
+        .query("SELECT error FROM pgferry.dead_letters", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        letters
+            .first()
+            .is_some_and(|l| l.contains("exists here without the new table's columns")),
+        "{letters:#?}"
+    );
     drop(capture);
 }
 
@@ -1930,7 +1960,9 @@ async fn a_refused_schema_change_parks_its_table_only() {
 /// table. A table made by `CREATE TABLE … AS` or `SELECT … INTO` (whose rows come before
 /// its creation's schema change) arrives whole, by a snapshot, with nothing dead-lettered.
 /// Before, existing rows of such a column stayed NULL on the replica (an identity one was
-/// refused), `USING` values differed, and the rows of a created-as table were dead-lettered.
+/// refused), `USING` values differed (also those of a type change a function made, whose
+/// `USING` the client's query text does not show), and the rows of a created-as table were
+/// dead-lettered.
 /// Random migrations and order.
 #[tokio::test(flavor = "multi_thread")]
 async fn computed_defaults_and_using_keep_the_replica_exact() {
@@ -1981,6 +2013,17 @@ async fn computed_defaults_and_using_keep_the_replica_exact() {
         run_step(&m, &change).await;
         chain.push(change);
         tokio::time::sleep(Duration::from_millis(rng.range(50, 400) as u64)).await;
+    }
+    if rng.chance(0.5) {
+        // A type change a function makes: the client's query text does not show its USING.
+        run_step(
+            &m,
+            "CREATE FUNCTION migrate_kv() RETURNS void LANGUAGE plpgsql AS $f$
+             BEGIN EXECUTE 'ALTER TABLE kv ALTER COLUMN v TYPE numeric USING v * 2 + 1'; END $f$",
+        )
+        .await;
+        run_step(&m, "SELECT migrate_kv()").await;
+        chain.push("SELECT migrate_kv()".to_owned());
     }
     let born = rng.chance(0.7);
     if born {
