@@ -127,12 +127,17 @@ fn letter(r: &tokio_postgres::Row) -> StoredDeadLetter {
 /// The reason of a change dead-lettered because its table is parked (see [`PARKING`]).
 pub const PARKED: &str = "parked behind a schema change of its table that the target refused";
 
+/// How the reason of a change naming a column the target table lacks begins (DDL capture
+/// off, or a column dropped there by hand): it parks its table like a refused schema change.
+pub const MISSING_COLUMN: &str = "column missing on the target: ";
+
 /// How the reasons of letters that park their table begin: a schema change the target
-/// refused, and every change of the table after it ([`PARKED`]). While a table has an
+/// refused, a change naming a column the target lacks ([`MISSING_COLUMN`]), and every change
+/// of the table after either ([`PARKED`]). While a table has an
 /// unresolved apply-stage one, each later change of it is parked too, so that nothing of the
 /// table applies out of order; the apply worker tries the letters again now and then, and
 /// once they all apply, the table resumes (apply's `Worker::unpark_due`).
-const PARKING: [&str; 2] = ["schema change of ", "parked behind "];
+const PARKING: [&str; 3] = ["schema change of ", "parked behind ", MISSING_COLUMN];
 
 /// Whether a letter parks its table (see [`PARKING`]).
 pub fn parks(letter: &StoredDeadLetter) -> bool {

@@ -1870,10 +1870,18 @@ impl Worker {
                 match unresolved {
                     None => break,
                     Some(column) if attempt == 1 => {
-                        return Err(ApplyError::ColumnMissing {
-                            table: qualified.to_owned(),
-                            column,
-                        })
+                        // Parks the table, as a refused schema change does: its changes wait
+                        // in order while every other table goes on, and it resumes by itself
+                        // once the column exists here. (It stopped every table before.)
+                        let reason = format!(
+                            "{}{column} of {qualified}; add it there (ALTER TABLE {qualified} \
+                             ADD COLUMN …) and the table resumes",
+                            dead_letters::MISSING_COLUMN
+                        );
+                        self.bad_message(client, message, &reason).await?;
+                        self.parked
+                            .insert(qualified.to_owned(), std::time::Instant::now());
+                        return Ok(None);
                     }
                     Some(_) => {}
                 }
