@@ -157,6 +157,13 @@ $f$;
 CREATE OR REPLACE FUNCTION pgferry.ddl_stays_local() RETURNS bool LANGUAGE sql STABLE AS $f$
     SELECT lower(coalesce(current_setting('pgferry.capture_ddl', true), 'on')) IN ('off', 'false', '0', 'no')
 $f$;
+-- Every table that inherits from rel, at any depth (a partitioned table's partitions too).
+CREATE OR REPLACE FUNCTION pgferry.ddl_inheritors(rel oid) RETURNS SETOF oid LANGUAGE sql STABLE AS $f$
+    WITH RECURSIVE d(relid) AS (
+        SELECT inhrelid FROM pg_inherits WHERE inhparent = rel
+        UNION SELECT i.inhrelid FROM pg_inherits i JOIN d ON i.inhparent = d.relid)
+    SELECT relid FROM d
+$f$;
 CREATE OR REPLACE FUNCTION pgferry.capture_ddl() RETURNS event_trigger LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
 DECLARE
@@ -171,7 +178,8 @@ DECLARE
 BEGIN
     -- The tables the command reports, then (not reported: an ALTER TABLE of a partitioned
     -- table reports only that table) its partitions, whose columns changed with it or which
-    -- it attached, and the tables its partitions were, which it may have detached.
+    -- it attached, the tables its partitions were, which it may have detached, and the
+    -- tables that inherit from it (INHERITS), whose inherited columns changed with it.
     FOR r IN WITH reported AS (
                  SELECT c.objid, max(c.command_tag) AS command_tag
                    FROM pg_event_trigger_ddl_commands() c
@@ -186,15 +194,19 @@ BEGIN
                  UNION ALL
                  SELECT s.relid, 'ALTER TABLE', false
                    FROM reported JOIN pgferry.ddl_tables s
-                     ON (s.partition_of->>'relid')::oid = reported.objid)
+                     ON (s.partition_of->>'relid')::oid = reported.objid
+                 UNION ALL
+                 SELECT d, 'ALTER TABLE', false
+                   FROM reported, pgferry.ddl_inheritors(reported.objid) d)
              SELECT e.objid, n.nspname::text AS nsp, k.relname::text AS rel, k.relkind,
-                    max(e.command_tag) AS command_tag, bool_or(e.reported) AS reported
+                    k.relispartition, max(e.command_tag) AS command_tag,
+                    bool_or(e.reported) AS reported
                FROM examined e
                JOIN pg_class k ON k.oid = e.objid AND k.relkind IN ('r', 'p')
                JOIN pg_namespace n ON n.oid = k.relnamespace
               WHERE n.nspname NOT IN ('pgferry', 'pg_catalog', 'information_schema')
                 AND n.nspname NOT LIKE 'pg\_%' AND NOT k.relpersistence = 't'
-              GROUP BY e.objid, n.nspname, k.relname, k.relkind
+              GROUP BY e.objid, n.nspname, k.relname, k.relkind, k.relispartition
               ORDER BY bool_or(e.reported) DESC, e.objid
     LOOP
         SELECT * INTO shadow FROM pgferry.ddl_tables WHERE relid = r.objid;
@@ -210,16 +222,18 @@ BEGIN
            AND shadow.primary_key IS NOT DISTINCT FROM pkey THEN
             CONTINUE;
         END IF;
-        IF NOT r.reported AND (shadow.relid IS NULL OR NOT moved) THEN
+        IF NOT r.reported AND r.relispartition AND (shadow.relid IS NULL OR NOT moved) THEN
             -- Columns a partition follows from its parent (or the parent's new name): they
-            -- travel with the parent's own message, which targets apply to their parent.
+            -- travel with the parent's own message, which targets apply to their parent. (A
+            -- table that inherits without being a partition is a table of its own on targets:
+            -- its message carries what it inherited.)
             INSERT INTO pgferry.ddl_tables VALUES (r.objid, r.nsp, r.rel, cols, part, pkey)
                 ON CONFLICT (relid) DO UPDATE SET schema_name = EXCLUDED.schema_name,
                     table_name = EXCLUDED.table_name, columns = EXCLUDED.columns,
                     partition_of = EXCLUDED.partition_of, primary_key = EXCLUDED.primary_key;
             CONTINUE;
         END IF;
-        IF NOT r.reported THEN
+        IF NOT r.reported AND (r.relispartition OR shadow.partition_of IS NOT NULL) THEN
             -- Attached or detached by its parent's command: no column or key of its own
             -- changed.
             shadow.columns := cols;

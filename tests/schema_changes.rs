@@ -2282,6 +2282,47 @@ async fn schema_changes_compute_under_the_sources_session_settings() {
     drop(capture);
 }
 
+/// A table that inherits from another (`INHERITS`, not a partition) is a table of its own on
+/// targets, and a change of its parent's columns, which PostgreSQL makes to it too, reaches
+/// it: ADD, RENAME and ALTER TYPE on the parent under writes to both; each table's own rows
+/// and the child's columns end as on the source. Before, the trigger reported the parent
+/// only, and the child's first row with the new column stopped every table.
+#[tokio::test(flavor = "multi_thread")]
+async fn tables_inheriting_columns_follow_their_parent() {
+    // (Every member bound: one left out would be dropped here, its process stopped.)
+    let Pipeline {
+        m,
+        r,
+        capture,
+        applier,
+        ..
+    } = replica_pipeline("inherit", KV_DDL, "INSERT INTO kv VALUES (1, 1, 'a')", "kv").await;
+    for step in [
+        "CREATE TABLE par (id int PRIMARY KEY, v text); CREATE TABLE kid (extra int, PRIMARY KEY (id)) INHERITS (par)",
+        "INSERT INTO kid VALUES (1, 'k', 5); INSERT INTO par VALUES (100, 'p')",
+        "ALTER TABLE par ADD COLUMN added text DEFAULT 'p'",
+        "INSERT INTO kid VALUES (2, 'k2', 6, 'kid-added'); INSERT INTO par VALUES (101, 'q', 'x')",
+        "ALTER TABLE par RENAME COLUMN v TO w",
+        "ALTER TABLE par ALTER COLUMN added TYPE varchar(20)",
+        "INSERT INTO kid VALUES (3, 'k3', 7, 'y'); UPDATE kid SET w = 'moved' WHERE id = 1",
+        "INSERT INTO kv VALUES (2, 2, 'after')",
+    ] {
+        run_step(&m, step).await;
+    }
+    wait_same(&m, &r, "kid", Duration::from_secs(60)).await;
+    wait_same(&m, &r, "kv", Duration::from_secs(60)).await;
+    wait_agree("par's own rows", Duration::from_secs(60), || async {
+        (
+            try_table_checksum(&m, "ONLY par").await,
+            try_table_checksum(&r, "ONLY par").await,
+        )
+    })
+    .await;
+    assert_eq!(columns(&r, "par").await, columns(&m, "par").await);
+    assert_eq!(unresolved_letters(&r).await, 0);
+    drop((capture, applier));
+}
+
 /// With a publication that lists tables and a schema (`FOR TABLE t, TABLES IN SCHEMA s`),
 /// only its tables' schema changes travel, by oid whatever their later names: a change of a
 /// listed table, also after its rename, and a table created in the listed schema reach the
