@@ -26,6 +26,39 @@ pub fn qualified(schema: &str, table: &str) -> String {
     format!("{}.{}", quote_ident(schema), quote_ident(table))
 }
 
+/// The (schema, table) pairs a table name given by a user may mean: parts split at dots
+/// outside double quotes, a quoted part unquoted (`""` is a quote) and an unquoted one taken
+/// as written (not folded to lower case); one part means a table in `public`, several may
+/// split between any two of them (`a.b.c`: `a` and `b.c`, or `a.b` and `c`; quotes say which,
+/// `"a.b".c`). `None` for an empty part or an unclosed quote.
+pub fn table_name_readings(name: &str) -> Option<Vec<(String, String)>> {
+    let mut parts = vec![String::new()];
+    let mut quoted = false;
+    let mut chars = name.trim().chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' if quoted && chars.peek() == Some(&'"') => {
+                chars.next();
+                parts.last_mut()?.push('"');
+            }
+            '"' => quoted = !quoted,
+            '.' if !quoted => parts.push(String::new()),
+            c => parts.last_mut()?.push(c),
+        }
+    }
+    if quoted || parts.iter().any(String::is_empty) {
+        return None;
+    }
+    if parts.len() == 1 {
+        return Some(vec![("public".to_owned(), parts.remove(0))]);
+    }
+    Some(
+        (1..parts.len())
+            .map(|at| (parts[..at].join("."), parts[at..].join(".")))
+            .collect(),
+    )
+}
+
 /// A catalog expression over `pg_attribute a` and `pg_type t` (the column's type): how the
 /// server orders the column's values, as text two servers compare. `''` for a built-in base
 /// type without a collation (ordered the same everywhere); for a collatable one its
@@ -70,5 +103,34 @@ mod tests {
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
         assert_eq!(quote_literal("it's"), "'it''s'");
         assert_eq!(qualified("s", "T x"), "\"s\".\"T x\"");
+    }
+
+    #[test]
+    fn table_names_users_give() {
+        let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(s, t)| (s.to_string(), t.to_string()))
+                .collect()
+        };
+        let read = table_name_readings;
+        assert_eq!(read("items"), Some(pairs(&[("public", "items")])));
+        assert_eq!(read("s.Items"), Some(pairs(&[("s", "Items")])));
+        assert_eq!(
+            read(r#""My Schema"."Weird ""Name""""#),
+            Some(pairs(&[("My Schema", r#"Weird "Name""#)]))
+        );
+        assert_eq!(read(r#""a.b".c"#), Some(pairs(&[("a.b", "c")])));
+        assert_eq!(read(r#"a."b.c""#), Some(pairs(&[("a", "b.c")])));
+        assert_eq!(read("a.b.c"), Some(pairs(&[("a", "b.c"), ("a.b", "c")])));
+        for bad in ["", " ", ".t", "s.", r#""open"#, "a..b"] {
+            assert_eq!(read(bad), None, "{bad:?}");
+        }
+        // What `qualified` writes reads back as itself.
+        proptest::proptest!(|(schema in "[ -~]{1,12}", table in "[ -~]{1,12}")| {
+            proptest::prop_assert_eq!(
+                read(&qualified(&schema, &table)),
+                Some(vec![(schema.clone(), table.clone())])
+            );
+        });
     }
 }

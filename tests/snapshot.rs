@@ -424,6 +424,14 @@ async fn snapshots_on_request_and_of_added_tables_while_streaming() {
         stderr.contains("public.added is not in publication"),
         "{stderr}"
     );
+    // A table that does not exist is named as such (quoted parts read as SQL reads them).
+    let missing = request_snapshot(&capture, r#""public"."No Such""#);
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(!missing.status.success());
+    assert!(
+        stderr.contains(r#"table "public"."No Such" does not exist on the source"#),
+        "{stderr}"
+    );
 
     wait_for(
         "the re-snapshot to finish",

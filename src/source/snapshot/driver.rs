@@ -530,17 +530,21 @@ async fn discover(
         .await
         .map_err(CaptureError::sql("listing published tables"))?;
     for request in requests {
-        let found = published
-            .iter()
-            .find(|(s, t)| format!("{s}.{t}") == request || (s == "public" && *t == request));
-        match found {
-            Some(name) => {
+        let readings = crate::sql::table_name_readings(&request).unwrap_or_default();
+        let found: Vec<&(String, String)> =
+            published.iter().filter(|p| readings.contains(p)).collect();
+        match found.as_slice() {
+            [name] => {
                 tracing::info!(table = %request, "snapshot requested");
-                wanted.push(name.clone());
+                wanted.push((*name).clone());
             }
-            None => tracing::warn!(table = %request,
+            [] => tracing::warn!(table = %request,
                 publication = %source.publication,
-                "ignoring a snapshot request: the table is not in the publication"),
+                "ignoring a snapshot request: no table of the publication has this name \
+                 (schema.table, quoted like SQL where a part has dots; without a schema, public)"),
+            _ => tracing::warn!(table = %request,
+                "ignoring a snapshot request: the name reads as more than one published table; \
+                 quote its parts (\"schema\".\"table\")"),
         }
     }
     if source.snapshot_new_tables && source.snapshot != SnapshotMode::Never {

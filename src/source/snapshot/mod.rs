@@ -42,10 +42,25 @@ pub enum RequestError {
         /// What it holds.
         published: String,
     },
+    /// No table has that name.
+    #[error("table {table} does not exist on the source (a name is schema.table, quoted like SQL where a part has dots, capitals or spaces: \"My Schema\".\"Orders\"; without a schema, public)")]
+    NoSuchTable {
+        /// What was asked for.
+        table: String,
+    },
+    /// The name reads as more than one published table.
+    #[error("{table} names more than one published table ({candidates}); quote its parts")]
+    Ambiguous {
+        /// What was asked for.
+        table: String,
+        /// The tables it may mean.
+        candidates: String,
+    },
 }
 
 /// Queues snapshot requests for published tables (`pgferry snapshot --table`); returns the
-/// tables as `schema.table`. A name without a schema means `public`.
+/// tables as `schema.table` (the requests name them quoted, `"schema"."table"`). Names are read by [`crate::sql::table_name_readings`]: a
+/// name without a schema means `public`, quoted parts may hold dots.
 pub async fn request(
     source: &crate::config::SourceConfig,
     tables: &[String],
@@ -60,33 +75,54 @@ pub async fn request(
     let published = super::catalog::published_tables(&client, &source.publication)
         .await
         .map_err(sql("listing published tables"))?;
-    let names: Vec<String> = published.iter().map(|(s, t)| format!("{s}.{t}")).collect();
+    let names: Vec<String> = published.iter().map(|(s, t)| qualified(s, t)).collect();
     let mut requested = Vec::new();
     for table in tables {
-        let wanted = if table.contains('.') {
-            table.clone()
-        } else {
-            format!("public.{table}")
+        let no_such = || RequestError::NoSuchTable {
+            table: table.clone(),
         };
-        if !names.contains(&wanted) {
-            return Err(RequestError::NotPublished {
-                table: table.clone(),
-                publication: source.publication.clone(),
-                published: if names.is_empty() {
-                    "nothing".into()
-                } else {
-                    names.join(", ")
-                },
-            });
+        let readings = crate::sql::table_name_readings(table).ok_or_else(no_such)?;
+        let found: Vec<&(String, String)> =
+            published.iter().filter(|p| readings.contains(p)).collect();
+        match found.as_slice() {
+            [one] => requested.push((*one).clone()),
+            [] => {
+                let mut exists = false;
+                for (s, t) in &readings {
+                    exists |= client
+                        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&qualified(s, t)])
+                        .await
+                        .map_err(sql("looking the table up"))?
+                        .get::<_, bool>(0);
+                }
+                if !exists {
+                    return Err(no_such());
+                }
+                return Err(RequestError::NotPublished {
+                    table: table.clone(),
+                    publication: source.publication.clone(),
+                    published: if names.is_empty() {
+                        "nothing".into()
+                    } else {
+                        names.join(", ")
+                    },
+                });
+            }
+            many => {
+                let candidates: Vec<String> = many.iter().map(|(s, t)| qualified(s, t)).collect();
+                return Err(RequestError::Ambiguous {
+                    table: table.clone(),
+                    candidates: candidates.join(", "),
+                });
+            }
         }
-        requested.push(wanted);
     }
-    for name in &requested {
-        chunk::request(&client, name)
+    for (schema, table) in &requested {
+        chunk::request(&client, &qualified(schema, table))
             .await
             .map_err(sql("inserting into pgferry.snapshot_requests"))?;
     }
-    Ok(requested)
+    Ok(requested.iter().map(|(s, t)| format!("{s}.{t}")).collect())
 }
 
 /// Starts the read-only transaction that sees exactly the slot's consistent point.
