@@ -10,7 +10,7 @@
 //! Once the delivery watermark has passed that end, the chunk's progress is written to
 //! `pgferry.snapshot_progress`, so a restart resumes after the last chunk Kafka holds.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -365,6 +365,8 @@ impl Driver {
 struct Tables {
     targets: HashMap<String, Arc<Target>>,
     running: HashMap<String, TableRun>,
+    /// Tables with a request waiting for their running snapshot to end (logged once).
+    waiting: HashSet<String>,
     active: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -522,7 +524,8 @@ async fn discover(
     metrics: &Metrics,
 ) -> Result<(), CaptureError> {
     let source = &settings.source;
-    let mut wanted: Vec<(String, String)> = Vec::new();
+    // (table, whether a request asked for it)
+    let mut wanted: Vec<((String, String), bool)> = Vec::new();
     let requests = chunk::take_requests(control)
         .await
         .map_err(CaptureError::sql("reading pgferry.snapshot_requests"))?;
@@ -534,10 +537,7 @@ async fn discover(
         let found: Vec<&(String, String)> =
             published.iter().filter(|p| readings.contains(p)).collect();
         match found.as_slice() {
-            [name] => {
-                tracing::info!(table = %request, "snapshot requested");
-                wanted.push((*name).clone());
-            }
+            [name] => wanted.push(((*name).clone(), true)),
             [] => tracing::warn!(table = %request,
                 publication = %source.publication,
                 "ignoring a snapshot request: no table of the publication has this name \
@@ -553,14 +553,27 @@ async fn discover(
             .map_err(CaptureError::sql("reading pgferry.snapshot_progress"))?;
         for table in published.iter().filter(|t| !known.contains(t)) {
             tracing::info!(table = %format!("{}.{}", table.0, table.1), "table added to the publication; snapshotting it");
-            wanted.push(table.clone());
+            wanted.push((table.clone(), false));
         }
     }
-    for (schema, table) in wanted {
+    for ((schema, table), requested) in wanted {
         let name = format!("{schema}.{table}");
         if tables.running.contains_key(&name) {
-            tracing::info!(table = %name, "a snapshot of this table is already running; request ignored");
+            if requested {
+                // Its run may have passed key ranges a target changed since: the request
+                // waits in the table (durably) and starts once the running one ends.
+                chunk::request(control, &crate::sql::qualified(&schema, &table))
+                    .await
+                    .map_err(CaptureError::sql("queueing a snapshot request"))?;
+                if tables.waiting.insert(name.clone()) {
+                    tracing::info!(table = %name, "a snapshot of this table is running; the requested one starts when it ends");
+                }
+            }
             continue;
+        }
+        if requested {
+            tables.waiting.remove(&name);
+            tracing::info!(table = %name, "snapshot requested");
         }
         plan(control, settings, shared, tables, metrics, &schema, &table).await?;
     }
