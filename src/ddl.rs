@@ -61,7 +61,11 @@ CREATE TABLE IF NOT EXISTS pgferry.added_columns (
 ALTER TABLE pgferry.ddl_tables ADD COLUMN IF NOT EXISTS partition_of jsonb;
 -- The primary key's constraint name and columns; NULL without one.
 ALTER TABLE pgferry.ddl_tables ADD COLUMN IF NOT EXISTS primary_key jsonb;
-CREATE OR REPLACE FUNCTION pgferry.ddl_columns(rel oid) RETURNS jsonb LANGUAGE sql STABLE AS $f$
+-- Expressions and values are printed in ISO form, whatever the session's DateStyle: a
+-- timestamp printed in another style carries a zone abbreviation (`IST`), which a target may
+-- read as another zone (PostgreSQL's default abbreviations take IST for Israel).
+CREATE OR REPLACE FUNCTION pgferry.ddl_columns(rel oid) RETURNS jsonb LANGUAGE sql STABLE
+SET DateStyle = 'ISO, YMD' SET IntervalStyle = 'postgres' AS $f$
     SELECT COALESCE(jsonb_agg(jsonb_build_object(
                'attnum', a.attnum, 'name', a.attname, 'type', format_type(a.atttypid, a.atttypmod),
                'not_null', a.attnotnull,
@@ -86,7 +90,8 @@ CREATE OR REPLACE FUNCTION pgferry.ddl_primary_key(rel oid) RETURNS jsonb LANGUA
     SELECT jsonb_build_object('name', c.conname::text, 'columns', pgferry.ddl_key(rel))
       FROM pg_constraint c WHERE c.conrelid = rel AND c.contype = 'p'
 $f$;
-CREATE OR REPLACE FUNCTION pgferry.ddl_partition(rel oid) RETURNS jsonb LANGUAGE sql STABLE AS $f$
+CREATE OR REPLACE FUNCTION pgferry.ddl_partition(rel oid) RETURNS jsonb LANGUAGE sql STABLE
+SET DateStyle = 'ISO, YMD' SET IntervalStyle = 'postgres' AS $f$
     SELECT jsonb_build_object('relid', p.oid::int8, 'schema', pn.nspname::text, 'table', p.relname::text,
                               'bound', pg_get_expr(c.relpartbound, c.oid))
       FROM pg_class c JOIN pg_inherits i ON i.inhrelid = c.oid
@@ -95,7 +100,7 @@ CREATE OR REPLACE FUNCTION pgferry.ddl_partition(rel oid) RETURNS jsonb LANGUAGE
 $f$;
 -- Records the columns of `new` that `old` lacks (pgferry.added_columns); never fails the DDL.
 CREATE OR REPLACE FUNCTION pgferry.record_added_columns(rel oid, old jsonb, new jsonb)
-RETURNS void LANGUAGE plpgsql AS $f$
+RETURNS void LANGUAGE plpgsql SET DateStyle = 'ISO, YMD' SET IntervalStyle = 'postgres' AS $f$
 DECLARE
     c record;
     val text;
@@ -117,8 +122,9 @@ BEGIN
             val := NULL;
             IF c.expr IS NOT NULL THEN
                 -- Non-volatile, evaluated once by the ADD in this transaction: the same value,
-                -- under this session's settings (targets parse it under them too). A float is
-                -- written with every digit, whatever the session shows.
+                -- under this session's time zone, written in ISO form (this function's
+                -- DateStyle, which targets read under any). A float is written with every
+                -- digit, whatever the session shows.
                 IF c.ty IN ('double precision', 'real', 'double precision[]', 'real[]') THEN
                     PERFORM set_config('extra_float_digits', '3', true);
                 END IF;
