@@ -1172,16 +1172,8 @@ pub fn is_safe_partition_clause(clause: &str) -> bool {
         match c {
             ' ' | '(' | ')' | ',' | '.' => {}
             '\'' => {
-                // A literal; '' is a quote inside it.
-                loop {
-                    match chars.next() {
-                        Some('\'') if chars.peek() == Some(&'\'') => {
-                            chars.next();
-                        }
-                        Some('\'') => break,
-                        Some(_) => {}
-                        None => return false,
-                    }
+                if !quoted_literal(&mut chars, true) {
+                    return false;
                 }
                 if chars.peek() == Some(&':') {
                     chars.next();
@@ -1214,6 +1206,22 @@ pub fn is_safe_partition_clause(clause: &str) -> bool {
         }
     }
     any
+}
+
+/// Reads a literal's rest, after its opening `'` (`''` is a quote inside it); `false` when it
+/// is not closed, or holds a backslash and `backslash` does not allow one.
+fn quoted_literal(chars: &mut std::iter::Peekable<std::str::Chars<'_>>, backslash: bool) -> bool {
+    loop {
+        match chars.next() {
+            Some('\'') if chars.peek() == Some(&'\'') => {
+                chars.next();
+            }
+            Some('\'') => return true,
+            Some('\\') if !backslash => return false,
+            Some(_) => {}
+            None => return false,
+        }
+    }
 }
 
 /// Reads a quoted identifier's rest, after its opening `"` (`""` is a quote inside it);
@@ -1266,17 +1274,9 @@ pub fn is_safe_expression(expr: &str) -> bool {
                 Some(d) => depth = d,
                 None => return false,
             },
-            '\'' => loop {
-                match chars.next() {
-                    Some('\'') if chars.peek() == Some(&'\'') => {
-                        chars.next();
-                    }
-                    Some('\'') => break,
-                    Some('\\') | None => return false,
-                    Some(_) => {}
-                }
-            },
-            // Reads the identifier to its closing quote; an unclosed one refuses.
+            // Each reads its literal or identifier to the closing quote; an unclosed one (or a
+            // backslash in a literal) refuses.
+            '\'' if !quoted_literal(&mut chars, false) => return false,
             '"' if !quoted_identifier(&mut chars) => return false,
             ';' | '\\' | '$' => return false,
             '-' if chars.peek() == Some(&'-') => return false,

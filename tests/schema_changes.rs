@@ -399,6 +399,16 @@ fn row_write(rng: &mut Rng, table: &str, keys: i64) -> String {
     }
 }
 
+/// The reasons of a target's dead letters, oldest first.
+async fn letters(c: &Client) -> Vec<String> {
+    c.query("SELECT error FROM pgferry.dead_letters ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
 /// Unresolved dead letters of a target.
 async fn unresolved_letters(c: &Client) -> i64 {
     c.query_one(
@@ -1768,13 +1778,7 @@ async fn dropped_tables_follow_apply_drop_tables() {
     for r in [&d, &k] {
         wait_same(&m, r, "after_drop", Duration::from_secs(60)).await;
     }
-    let letters: Vec<String> = k
-        .query("SELECT error FROM pgferry.dead_letters", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let letters = letters(&k).await;
     assert!(
         letters
             .first()
@@ -2048,13 +2052,7 @@ async fn computed_defaults_and_using_keep_the_replica_exact() {
     if born {
         wait_same(&m, &r, "born", Duration::from_secs(60)).await;
     }
-    let letters: Vec<String> = r
-        .query("SELECT error FROM pgferry.dead_letters", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let letters = letters(&r).await;
     assert_eq!(letters.len(), uncopied, "{letters:#?}");
     assert!(
         letters.iter().all(|l| l.starts_with("default not copied")),

@@ -1237,10 +1237,8 @@ impl Worker {
             }
             if let Some(why) = self.ddl_refusal(&table, op) {
                 let reason = format!("schema change of {name}: {why}");
-                self.bad_message(client, message, &reason).await?;
                 // The table waits for it (its later ops are in the letter).
-                self.parked
-                    .insert(qualified.clone(), std::time::Instant::now());
+                self.park(client, message, &qualified, &reason).await?;
                 break;
             }
             if matches!(op, crate::ddl::DdlOp::DropTable) && !self.settings.apply.drop_tables {
@@ -1404,9 +1402,7 @@ impl Worker {
                 }
                 Some(why) => {
                     let reason = format!("schema change of {name}: {statement}: {why}");
-                    self.bad_message(client, message, &reason).await?;
-                    self.parked
-                        .insert(qualified.clone(), std::time::Instant::now());
+                    self.park(client, message, &qualified, &reason).await?;
                     break;
                 }
             }
@@ -1878,9 +1874,7 @@ impl Worker {
                              ADD COLUMN …) and the table resumes",
                             dead_letters::MISSING_COLUMN
                         );
-                        self.bad_message(client, message, &reason).await?;
-                        self.parked
-                            .insert(qualified.to_owned(), std::time::Instant::now());
+                        self.park(client, message, qualified, &reason).await?;
                         return Ok(None);
                     }
                     Some(_) => {}
@@ -2419,6 +2413,22 @@ impl Worker {
                 async move { client.execute_raw(&stmt, arrays).await },
             ));
         }
+        Ok(())
+    }
+
+    /// Dead-letters a record whose table must wait for it (`reason` begins as one of
+    /// [`dead_letters`]' parking reasons), and parks the table: its later changes are
+    /// dead-lettered behind it, in order, until they all apply ([`Worker::unpark_due`]).
+    async fn park(
+        &mut self,
+        client: &Client,
+        message: &RecordRef<'_>,
+        table: &str,
+        reason: &str,
+    ) -> Result<(), ApplyError> {
+        self.bad_message(client, message, reason).await?;
+        self.parked
+            .insert(table.to_owned(), std::time::Instant::now());
         Ok(())
     }
 
