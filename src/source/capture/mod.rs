@@ -463,20 +463,26 @@ impl Capture {
         );
         self.stage(txn, &item, repl).await?;
         if self.settings.resnapshot_rewritten && crate::ddl::rewrites_rows(&message, &ops) {
-            let name = format!("{}.{}", message.schema, message.table);
-            self.resnapshot(&name, "the schema change gave existing rows values targets cannot compute (a volatile DEFAULT, an identity, USING); re-snapshotting the table").await?;
+            let name = (message.schema.as_str(), message.table.as_str());
+            self.resnapshot(name, "the schema change gave existing rows values targets cannot compute (a volatile DEFAULT, an identity, USING); re-snapshotting the table").await?;
         }
         Ok(())
     }
 
-    /// Requests a snapshot of table `name` (`schema.table`), logging `why`, while the open
+    /// Requests a snapshot of table `(schema, table)`, logging `why`, while the open
     /// transaction is decoded: before its position can be acknowledged, so a crash in between
     /// decodes it again and requests once more, never not at all. The snapshot reads the
     /// table after the transaction's commit, and its rows follow the transaction's in the
     /// stream.
-    async fn resnapshot(&self, name: &str, why: &str) -> Result<(), CaptureError> {
-        tracing::info!(table = %name, "{why}");
-        crate::source::snapshot::chunk::request(&self.sql, name)
+    async fn resnapshot(
+        &self,
+        (schema, table): (&str, &str),
+        why: &str,
+    ) -> Result<(), CaptureError> {
+        tracing::info!(table = %format!("{schema}.{table}"), "{why}");
+        // Quoted as SQL reads it: the driver reads requests so, and a name holding a quote,
+        // a dot or an outer space is otherwise another name or none.
+        crate::source::snapshot::chunk::request(&self.sql, &crate::sql::qualified(schema, table))
             .await
             .map_err(CaptureError::sql("requesting a snapshot"))
     }
@@ -508,7 +514,8 @@ impl Capture {
             .map_err(CaptureError::sql("reading when a table was created"))?;
         if born {
             txn.unborn.insert(relation.oid);
-            self.resnapshot(&name, "rows of a table created by the same command (CREATE TABLE … AS, SELECT … INTO) come before its creation reaches targets; snapshotting the table instead").await?;
+            let name = (relation.schema.as_str(), relation.table.as_str());
+            self.resnapshot(name, "rows of a table created by the same command (CREATE TABLE … AS, SELECT … INTO) come before its creation reaches targets; snapshotting the table instead").await?;
         }
         Ok(())
     }
