@@ -312,9 +312,21 @@ async fn killed_snapshot_resumes_and_reconciles_concurrent_writes() {
         String::new,
     )
     .await;
+    let log = capture.log();
     assert!(
-        capture.log().contains("resuming snapshot"),
+        log.contains("resuming snapshot"),
         "the restarted capture must resume, not start over"
+    );
+    // The resumed run counts the rows both runs read (parts finished before the kill too).
+    let finished = log
+        .lines()
+        .rfind(|l| l.contains("snapshot of table finished") && l.contains("public.items"))
+        .and_then(|l| l.split("rows=").nth(1))
+        .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|v| v.parse::<i64>().ok());
+    assert!(
+        finished.is_some_and(|n| n as f64 >= rows as f64 * 0.9),
+        "the finish line must count the table's rows ({rows}), not only the resumed run's: {finished:?}"
     );
     stop.store(true, Ordering::Relaxed);
     let changes = writer.await.unwrap();

@@ -598,6 +598,30 @@ pub async fn unfinished_parts(
         .collect())
 }
 
+/// Rows the finished parts of this slot's unfinished table snapshots read, per table: a
+/// resumed table's count starts from them, not from zero.
+pub async fn finished_rows(
+    client: &Client,
+    slot: &str,
+) -> Result<std::collections::HashMap<(String, String), i64>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT table_schema, table_name, sum(rows_done)::bigint
+               FROM pgferry.snapshot_progress p
+              WHERE slot_name = $1 AND done
+                AND EXISTS (SELECT 1 FROM pgferry.snapshot_progress u
+                             WHERE u.slot_name = p.slot_name AND NOT u.done
+                               AND u.table_schema = p.table_schema AND u.table_name = p.table_name)
+              GROUP BY table_schema, table_name",
+            &[&slot],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect())
+}
+
 /// Tables this slot has a snapshot record of (done or not).
 pub async fn known_tables(
     client: &Client,

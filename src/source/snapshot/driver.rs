@@ -379,7 +379,14 @@ struct TableRun {
 }
 
 impl Tables {
-    fn start(&mut self, target: Arc<Target>, parts: &[Part], estimated: i64, metrics: &Metrics) {
+    /// `finished`: rows that parts finished before a restart read.
+    fn start(
+        &mut self,
+        target: Arc<Target>,
+        parts: &[Part],
+        (estimated, finished): (i64, i64),
+        metrics: &Metrics,
+    ) {
         let name = target.name();
         metrics
             .snapshot_rows_estimated
@@ -389,7 +396,7 @@ impl Tables {
             name.clone(),
             TableRun {
                 parts_left: parts.len(),
-                rows: parts.iter().map(|p| p.rows_done).sum(),
+                rows: finished + parts.iter().map(|p| p.rows_done).sum::<i64>(),
                 estimated,
                 started: Instant::now(),
                 logged: Instant::now(),
@@ -471,6 +478,9 @@ async fn resume(
     let parts = chunk::unfinished_parts(control, slot)
         .await
         .map_err(CaptureError::sql("reading pgferry.snapshot_progress"))?;
+    let finished = chunk::finished_rows(control, slot)
+        .await
+        .map_err(CaptureError::sql("reading pgferry.snapshot_progress"))?;
     let mut by_table: HashMap<String, Vec<Part>> = HashMap::new();
     for part in parts {
         by_table.entry(part.table_name()).or_default().push(part);
@@ -503,11 +513,12 @@ async fn resume(
             part.last = None;
             part.rows_done = 0;
         }
-        let done: i64 = parts.iter().map(|p| p.rows_done).sum();
+        let finished = finished.get(&(schema, table)).copied().unwrap_or(0);
+        let done = finished + parts.iter().map(|p| p.rows_done).sum::<i64>();
         tracing::info!(table = %name, parts = parts.len(), rows_done = done, "resuming snapshot");
         let target = Arc::new(target);
         let estimated = parts.iter().map(|p| p.estimated).max().unwrap_or(0);
-        tables.start(target.clone(), &parts, estimated, metrics);
+        tables.start(target.clone(), &parts, (estimated, finished), metrics);
         for part in parts {
             shared.push(Work::Part(target.clone(), part));
         }
@@ -621,7 +632,7 @@ async fn plan(
     }
     tracing::info!(table = %target.name(), parts = parts.len(), estimated, "snapshot planned");
     let target = Arc::new(target);
-    tables.start(target.clone(), &parts, estimated, metrics);
+    tables.start(target.clone(), &parts, (estimated, 0), metrics);
     for part in parts {
         shared.push(Work::Part(target.clone(), part));
     }
