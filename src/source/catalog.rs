@@ -105,6 +105,12 @@ pub async fn ensure_internal_schema(client: &Client) -> Result<(), tokio_postgre
                                  AND attname = 'prune' AND NOT attisdropped) THEN
                  ALTER TABLE pgferry.snapshot_progress ADD COLUMN prune boolean NOT NULL DEFAULT false;
                END IF;
+               -- What the part's key bounds were planned by (see chunk::Target::key_signature).
+               IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                               WHERE attrelid = 'pgferry.snapshot_progress'::regclass
+                                 AND attname = 'key_signature' AND NOT attisdropped) THEN
+                 ALTER TABLE pgferry.snapshot_progress ADD COLUMN key_signature text;
+               END IF;
              END $$;
              -- Snapshot requests: `pgferry snapshot --table`, or an INSERT from SQL.
              CREATE TABLE IF NOT EXISTS pgferry.snapshot_requests (

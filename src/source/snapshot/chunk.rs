@@ -27,6 +27,8 @@ pub use crate::source::assemble::SNAPSHOT_PREFIX;
 pub struct KeyColumn {
     /// Column name.
     pub name: String,
+    /// Its number in the table (`attnum`): a key column renamed is the same column.
+    pub attnum: i16,
     /// Its type, as `format_type` spells it.
     pub type_name: String,
     /// How the source orders its values ([`crate::sql::COLUMN_ORDER`]; `None`: a type that
@@ -51,6 +53,28 @@ pub struct Target {
 }
 
 impl Target {
+    /// What a part's key bounds mean: per key column, in key order, its number, the family of
+    /// its type and how its values sort ([`KeyColumn::order`]). Bounds planned under one
+    /// signature are meaningless under another: a key of other columns (as many of them), or
+    /// a key column given a type or collation that sorts otherwise (`int` to `text`: `'15000'`
+    /// then sorts after `'100000'`), would make a part skip rows it never read. A renamed key
+    /// column keeps its signature, and so does a type change within a family whose values and
+    /// order stay (`integer` to `bigint`, `varchar(n)` to `text`).
+    pub fn key_signature(&self) -> String {
+        self.key
+            .iter()
+            .map(|k| {
+                format!(
+                    "{}:{}:{}",
+                    k.attnum,
+                    order_family(&k.type_name),
+                    k.order.as_deref().unwrap_or("?")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     /// Whether chunks go by key (else by `ctid` page ranges).
     pub fn keyed(&self) -> bool {
         !self.key.is_empty()
@@ -114,7 +138,7 @@ pub async fn target(
     let rows = client
         .query(
             &format!(
-                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), {}
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), {}, a.attnum
                FROM pg_index i
                JOIN pg_class c ON c.oid = i.indrelid
                JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) ON true
@@ -135,6 +159,7 @@ pub async fn target(
             name: r.get(0),
             type_name: r.get(1),
             order: r.get(2),
+            attnum: r.get(3),
         })
         .collect();
     let partitioned = super::is_partitioned(client, relation.oid).await?;
@@ -148,6 +173,18 @@ pub async fn target(
         key,
         partitioned,
     }))
+}
+
+/// The types whose values keep their text and order when a column changes among them (a
+/// bound's text then reads as the same value, in the same place): the integers and
+/// `numeric`, and `text` with `varchar`; any other type is its own family.
+fn order_family(type_name: &str) -> &str {
+    let base = type_name.split('(').next().unwrap_or(type_name).trim();
+    match base {
+        "smallint" | "integer" | "bigint" | "numeric" => "number",
+        "text" | "character varying" => "text",
+        _ => type_name,
+    }
 }
 
 /// The select list of every chunk query: the columns, then `xmax` and `xmin`.
@@ -382,12 +419,20 @@ async fn locked_attempt(
     else {
         return Ok(None);
     };
-    if fresh.key.len() != planned.key.len() {
+    if fresh.key_signature() != planned.key_signature() {
+        let names = |t: &Target| {
+            let k: Vec<String> = t
+                .key
+                .iter()
+                .map(|k| format!("{} {}", k.name, k.type_name))
+                .collect();
+            format!("({})", k.join(", "))
+        };
         return Ok(Some(Locked::Changed {
             detail: format!(
-                "its key has {} columns, the snapshot was planned with {}",
-                fresh.key.len(),
-                planned.key.len()
+                "its key is {} now, the snapshot was planned with {}, which orders otherwise",
+                names(&fresh),
+                names(planned)
             ),
         }));
     }
@@ -557,6 +602,9 @@ pub struct Part {
     /// Chunks carry their key range, and targets delete the rows of it the source does not
     /// have (a re-snapshot; not the first snapshot of a new slot, whose targets start empty).
     pub prune: bool,
+    /// The table's [`Target::key_signature`] when the part was planned (`None`: planned by a
+    /// version that did not record it).
+    pub key_signature: Option<String>,
 }
 
 impl Part {
@@ -574,7 +622,7 @@ pub async fn unfinished_parts(
     let rows = client
         .query(
             "SELECT table_schema, table_name, part, lower_key, upper_key, last_key, keyed, rows_done,
-                    rows_estimated, prune
+                    rows_estimated, prune, key_signature
                FROM pgferry.snapshot_progress
               WHERE slot_name = $1 AND NOT done
               ORDER BY table_schema, table_name, part",
@@ -594,6 +642,7 @@ pub async fn unfinished_parts(
             rows_done: r.get(7),
             estimated: r.get(8),
             prune: r.get(9),
+            key_signature: r.get(10),
         })
         .collect())
 }
@@ -695,6 +744,7 @@ pub async fn plan_table(
             rows_done: 0,
             estimated,
             prune,
+            key_signature: Some(target.key_signature()),
         });
         lower = upper;
     }
@@ -712,9 +762,10 @@ pub async fn plan_table(
                 .execute(
                     "INSERT INTO pgferry.snapshot_progress
                          (slot_name, table_schema, table_name, part, lower_key, upper_key, keyed, rows_estimated,
-                          prune)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                    &[&slot, schema, table, &p.part, &p.lower, &p.upper, &p.keyed, &estimated, &p.prune],
+                          prune, key_signature)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                    &[&slot, schema, table, &p.part, &p.lower, &p.upper, &p.keyed, &estimated, &p.prune,
+                      &p.key_signature],
                 )
                 .await?;
         }
@@ -893,6 +944,7 @@ mod tests {
                 .iter()
                 .map(|(n, t)| KeyColumn {
                     name: (*n).into(),
+                    attnum: ["id", "sub", "v"].iter().position(|c| c == n).unwrap_or(9) as i16 + 1,
                     type_name: (*t).into(),
                     order: (*t != "text").then(String::new),
                 })
@@ -916,6 +968,38 @@ mod tests {
             r#"WHERE ("id", "sub") IN (('5'::bigint, 'o''k'::text), ('9'::bigint, 'z'::text))"#
         ));
         assert!(pages_query(&t, 3, 8).ends_with("ctid >= '(3,0)'::tid AND ctid < '(8,0)'::tid"));
+    }
+
+    #[test]
+    fn key_signatures_change_with_what_orders_the_bounds() {
+        let sig = |key: &[(&str, &str)]| target(key).key_signature();
+        let planned = sig(&[("id", "integer")]);
+        // The same order: a wider integer, numeric; text and varchar alike.
+        assert_eq!(planned, sig(&[("id", "bigint")]));
+        assert_eq!(planned, sig(&[("id", "numeric(20,0)")]));
+        let collated = |ty: &str, order: &str| {
+            let mut t = target(&[("sub", ty)]);
+            t.key[0].order = Some(order.into());
+            t.key_signature()
+        };
+        assert_eq!(
+            collated("text", "C"),
+            collated("character varying(40)", "C")
+        );
+        assert_ne!(collated("text", "C"), collated("text", "i:und:153.1:true"));
+        // Another order: a type that sorts otherwise, another column as many, another order
+        // of the same columns, more columns.
+        assert_ne!(planned, sig(&[("id", "text")]));
+        assert_ne!(planned, sig(&[("v", "integer")]));
+        assert_ne!(
+            sig(&[("id", "integer"), ("sub", "text")]),
+            sig(&[("sub", "text"), ("id", "integer")])
+        );
+        assert_ne!(planned, sig(&[("id", "integer"), ("sub", "text")]));
+        // A renamed key column is the same column.
+        let mut renamed = target(&[("id", "integer")]);
+        renamed.key[0].name = "ident".into();
+        assert_eq!(planned, renamed.key_signature());
     }
 
     #[test]

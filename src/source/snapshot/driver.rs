@@ -494,13 +494,19 @@ async fn resume(
             tracing::warn!(table = %name, "a table with an unfinished snapshot no longer exists; forgetting it");
             continue;
         };
-        // A key with other columns than the one the parts were planned by (changed while the
-        // snapshot ran): their bounds mean nothing any more; the table is planned again.
+        // A key other than the one the parts were planned by (other columns, or a type or
+        // collation that sorts otherwise, changed while the snapshot ran): their bounds mean
+        // nothing any more; the table is planned again.
         let arity = target.key.len();
+        let signature = target.key_signature();
         let stale = |k: &Option<Vec<String>>| k.as_ref().is_some_and(|k| k.len() != arity);
         if parts.iter().any(|p| {
             p.keyed != target.keyed()
-                || (p.keyed && (stale(&p.lower) || stale(&p.upper) || stale(&p.last)))
+                || (p.keyed
+                    && (stale(&p.lower)
+                        || stale(&p.upper)
+                        || stale(&p.last)
+                        || p.key_signature.as_ref().is_some_and(|s| *s != signature)))
         }) {
             tracing::warn!(table = %name, "the table's key changed since its snapshot was planned; planning it again");
             plan(control, settings, shared, tables, metrics, &schema, &table).await?;
