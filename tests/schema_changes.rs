@@ -1059,6 +1059,200 @@ async fn rows_written_without_a_new_column_win_whole() {
     each_change_applied_once(&nodes, &made).await;
 }
 
+/// A key column renamed on one node while another node, away, updates rows under the old
+/// name: each row ends, on every node, as its last write made it. Before, the version store
+/// keyed rows by their key columns' names: the renaming node's writes were stamped under the
+/// new name, the away node's under the old, neither found the other's version, and an older
+/// write won over a newer one on the away node (the nodes stayed apart, with no conflict
+/// logged). Random rows, order of the writes, renaming and away node.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_renamed_key_column_keeps_its_rows_versions() {
+    let seed = seed();
+    eprintln!("seed {seed} (DDL_SEED)");
+    let mut rng = Rng::new(seed);
+    let (mut nodes, clients) = three_nodes("mmkeyname", KV_DDL).await;
+    const ROWS: i32 = 40;
+    run_step(
+        &clients[0],
+        &format!("INSERT INTO kv SELECT g, g, 'init' FROM generate_series(1, {ROWS}) g"),
+    )
+    .await;
+    for c in &clients {
+        wait_count(
+            "the rows on every node",
+            c,
+            "SELECT count(*) FROM kv",
+            ROWS.into(),
+        )
+        .await;
+    }
+    let away = rng.range(0, 3) as usize;
+    let renamer = (away + 1 + rng.range(0, 2) as usize) % 3;
+    nodes[away].ferry.kill9();
+    let mut model: BTreeMap<i32, String> = (1..=ROWS).map(|k| (k, "init".to_owned())).collect();
+    let renamer_rows: Vec<i32> = (1..=ROWS).filter(|_| rng.chance(0.6)).collect();
+    let away_rows: Vec<i32> = (1..=ROWS).filter(|_| rng.chance(0.6)).collect();
+    let list = |rows: &[i32]| {
+        let keys: Vec<String> = rows.iter().map(i32::to_string).collect();
+        format!("({})", keys.join(", "))
+    };
+    let rename = "ALTER TABLE kv RENAME COLUMN k TO kid";
+    let renamer_write = format!(
+        "UPDATE kv SET note = 'renamer' WHERE kid IN {}",
+        list(&renamer_rows)
+    );
+    let away_write = format!(
+        "UPDATE kv SET note = 'away' WHERE k IN {}",
+        list(&away_rows)
+    );
+    let away_first = rng.chance(0.5);
+    eprintln!(
+        "{} away, {} renames; {} writes first",
+        nodes[away].name,
+        nodes[renamer].name,
+        if away_first {
+            "the away node"
+        } else {
+            "the renamer"
+        }
+    );
+    run_step(&clients[renamer], rename).await;
+    if away_first {
+        run_step(&clients[away], &away_write).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        run_step(&clients[renamer], &renamer_write).await;
+    } else {
+        run_step(&clients[renamer], &renamer_write).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        run_step(&clients[away], &away_write).await;
+    }
+    let (first, last) = if away_first {
+        ((&away_rows, "away"), (&renamer_rows, "renamer"))
+    } else {
+        ((&renamer_rows, "renamer"), (&away_rows, "away"))
+    };
+    for (rows, note) in [first, last] {
+        for k in rows {
+            model.insert(*k, note.to_owned());
+        }
+    }
+    nodes[away].ferry.restart();
+    nodes[away].ferry.wait_streaming().await;
+    let want: Vec<(i32, String)> = model.into_iter().collect();
+    for (node, c) in nodes.iter().zip(&clients) {
+        common::wait_for(
+            &format!("{}'s kv to hold each row's last write", node.name),
+            Duration::from_secs(90),
+            || async {
+                let rows: Vec<(i32, String)> = c
+                    .query("SELECT kid, note FROM kv ORDER BY kid", &[])
+                    .await
+                    .ok()?
+                    .iter()
+                    .map(|r| (r.get(0), r.get(1)))
+                    .collect();
+                (rows == want).then_some(())
+            },
+        )
+        .await;
+    }
+}
+
+/// A primary key replaced on one node (by columns of the rows' own, `(k, v)`) while another
+/// node goes on writing rows of the table: every node ends with the new key and the same rows,
+/// and no apply stage stops. Before, the node that changed its key had its statements for the
+/// writer's stream prepared with `ON CONFLICT (k)`, which the target refused (42P10, no
+/// constraint matches) and the whole stage for that stream stopped, every table with it.
+/// Random rows and writes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_primary_key_replaced_under_writes_converges() {
+    let seed = seed();
+    eprintln!("seed {seed} (DDL_SEED)");
+    let mut rng = Rng::new(seed);
+    let (nodes, clients) = three_nodes("mmpkey", KV_DDL).await;
+    const ROWS: i32 = 30;
+    run_step(
+        &clients[0],
+        &format!("INSERT INTO kv SELECT g, g, 'init' FROM generate_series(1, {ROWS}) g"),
+    )
+    .await;
+    for c in &clients {
+        wait_count(
+            "the rows on every node",
+            c,
+            "SELECT count(*) FROM kv",
+            ROWS.into(),
+        )
+        .await;
+    }
+    let changer = rng.range(0, 3) as usize;
+    let writer = (changer + 1 + rng.range(0, 2) as usize) % 3;
+    // The changer's worker of the writer's stream prepares its statements for kv.
+    run_step(&clients[writer], "UPDATE kv SET note = 'w0' WHERE k = 1").await;
+    wait_count(
+        "the first write on the changer",
+        &clients[changer],
+        "SELECT count(*) FROM kv WHERE note = 'w0'",
+        1,
+    )
+    .await;
+    run_step(
+        &clients[changer],
+        "ALTER TABLE kv DROP CONSTRAINT kv_pkey, ADD PRIMARY KEY (k, v)",
+    )
+    .await;
+    let mut next = 1000;
+    for step in 0..rng.range(3, 8) {
+        let write = if rng.chance(0.5) {
+            next += 1;
+            format!("INSERT INTO kv VALUES ({next}, {next}, 'new{step}')")
+        } else {
+            format!(
+                "UPDATE kv SET note = 'w{step}' WHERE k % {} = 0",
+                rng.range(2, 6)
+            )
+        };
+        run_step(&clients[writer], &write).await;
+    }
+    async fn read(c: &Client) -> Option<Vec<(i32, i32, String)>> {
+        let rows = c
+            .query("SELECT k, v, note FROM kv ORDER BY k, v", &[])
+            .await
+            .ok()?;
+        Some(
+            rows.iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect(),
+        )
+    }
+    common::wait_for(
+        "every node to hold the writer's rows and key",
+        Duration::from_secs(90),
+        || async {
+            let want = (
+                read(&clients[writer]).await?,
+                primary_key(&clients[writer], "kv").await,
+            );
+            for c in &clients {
+                let have = (read(c).await?, primary_key(c, "kv").await);
+                if have != want {
+                    return None;
+                }
+            }
+            (want.1 == ["k", "v"]).then_some(())
+        },
+    )
+    .await;
+    for node in &nodes {
+        let log = node.ferry.log();
+        assert!(
+            !log.contains("stage stopped"),
+            "{} stopped a stage:\n{log}",
+            node.name
+        );
+    }
+}
+
 /// The same schema changes made on several multi-master nodes while they were apart (each
 /// device running the app's migration offline): each change is applied once on every node,
 /// recognized as already made where it was made too, and nothing is refused or

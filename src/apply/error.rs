@@ -151,8 +151,9 @@ impl ApplyError {
 }
 
 impl ApplyError {
-    /// The target lacks a column or table a statement named (42703, 42P01), or a table gained
-    /// a column since a multi-master write statement was prepared
+    /// The target lacks a column or table a statement named (42703, 42P01), has no unique
+    /// index for an `ON CONFLICT` key any more (42P10: its primary key was replaced), or a
+    /// table gained a column since a multi-master write statement was prepared
     /// ([`crate::apply::multimaster::SHAPE_CHANGED`]): most likely the worker's cached table
     /// shapes predate a schema change made by another session (a user, or the worker applying
     /// another node's stream to the same target). The caller replays
@@ -163,7 +164,7 @@ impl ApplyError {
             return false;
         };
         source.code().is_some_and(|code| {
-            matches!(code.code(), "42703" | "42P01")
+            matches!(code.code(), "42703" | "42P01" | "42P10")
                 || code.code() == crate::apply::multimaster::SHAPE_CHANGED
         })
     }

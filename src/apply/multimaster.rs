@@ -170,7 +170,9 @@ BEGIN
     IF current_setting('pgferry.protecting', true) = 'on' THEN
         RETURN false;
     END IF;
-    SELECT array_agg(a.attname::text ORDER BY k.ord) INTO keys
+    -- In the columns' table order: the version key is an array of their values in that
+    -- order, as apply builds it from the table's description.
+    SELECT array_agg(a.attname::text ORDER BY a.attnum) INTO keys
       FROM pg_index i
       CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
       JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
@@ -197,8 +199,8 @@ BEGIN
     -- The table's own version function: its key columns by name, so that stamping builds the
     -- key from them alone (no whole-row jsonb). Replaced on every pass (the node id may change).
     fname := format('pgferry.%I', 'stamp_' || rel::oid);
-    SELECT string_agg(format('%L, OLD.%I', k, k), ', '),
-           string_agg(format('%L, NEW.%I', k, k), ', '),
+    SELECT string_agg(format('OLD.%I', k), ', '),
+           string_agg(format('NEW.%I', k), ', '),
            string_agg(format('NEW.%I IS DISTINCT FROM OLD.%I', k, k), ' OR ')
       INTO old_key, new_key, key_moved FROM unnest(keys) AS k;
     EXECUTE format($tpl$
@@ -211,9 +213,9 @@ DECLARE
                             (SELECT f.t + 1 FROM pgferry.version_floor AS f));
 BEGIN
     IF TG_OP = 'DELETE' THEN
-        k := jsonb_build_object(%2$s)::text;
+        k := jsonb_build_array(%2$s)::text;
     ELSE
-        k := jsonb_build_object(%3$s)::text;
+        k := jsonb_build_array(%3$s)::text;
     END IF;
     IF TG_OP = 'UPDATE' AND (%4$s) THEN
         RAISE EXCEPTION USING ERRCODE = 'feature_not_supported', MESSAGE = %5$L,
@@ -242,11 +244,11 @@ $tpl$, fname, old_key, new_key, key_moved,
        tbl, local_node);
     IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'zz_pgferry_version') THEN
         EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', q);
-        SELECT string_agg(format('%L, r.%I', k, k), ', ') INTO key_expr FROM unnest(keys) AS k;
+        SELECT string_agg(format('r.%I', k), ', ') INTO key_expr FROM unnest(keys) AS k;
         IF ts_known THEN
             EXECUTE format(
                 'INSERT INTO pgferry.versions (table_name, key, t, node, deleted)
-                 SELECT %L, jsonb_build_object(%s)::text,
+                 SELECT %L, jsonb_build_array(%s)::text,
                         coalesce((extract(epoch FROM c.timestamp) * 1000000)::int8, %s),
                         coalesce(CASE WHEN c.roident = 0 THEN %L
                                       ELSE (SELECT o.node FROM pgferry.origins o
@@ -260,7 +262,7 @@ $tpl$, fname, old_key, new_key, key_moved,
         ELSE
             EXECUTE format(
                 'INSERT INTO pgferry.versions (table_name, key, t, node, deleted)
-                 SELECT %L, jsonb_build_object(%s)::text, %s, %L, false FROM ONLY %s AS r
+                 SELECT %L, jsonb_build_array(%s)::text, %s, %L, false FROM ONLY %s AS r
                  ON CONFLICT (table_name, key) DO NOTHING',
                 tbl, key_expr, -9223372036854775808, '', q);
         END IF;
@@ -324,6 +326,37 @@ SELECT d.table_name, d.key::text,
   LEFT JOIN LATERAL pg_xact_commit_timestamp_origin((d.xid::text::int8 % 4294967296)::text::xid) AS c
     ON d.commit_ts IS NULL
 ON CONFLICT (table_name, key) DO NOTHING
+"#;
+
+/// Converts version keys of the second layout (a jsonb object of the key columns by name,
+/// `{"id": 1}`) to the third (an array of their values in the columns' table order, `[1]`; see
+/// `apply::sql::version_key_of`), for tables whose key still has those columns; `@ONLY@` is
+/// replaced by a condition on `v.table_name`. A key that already has a version of the new
+/// layout keeps the greater version. [`prepare_node`] converts each table's keys under a lock
+/// that keeps its writers out, before the table's trigger is replaced (and before its rows
+/// without a version are stamped, which would otherwise make a guessed version the greater);
+/// then those of tables it did not protect.
+const KEYS_TO_ARRAYS: &str = r#"
+WITH old AS (
+    DELETE FROM pgferry.versions AS v
+     USING (SELECT n.nspname || '.' || c.relname AS table_name,
+                   array_agg(a.attname::text ORDER BY a.attnum) AS keys
+              FROM pg_class c
+              JOIN pg_namespace n ON n.oid = c.relnamespace
+              JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
+              JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY (i.indkey::int2[])
+             GROUP BY 1) AS k
+     WHERE v.table_name = k.table_name AND v.key LIKE '{%' AND v.key::jsonb ?& k.keys @ONLY@
+ RETURNING v.table_name,
+           (SELECT jsonb_agg(v.key::jsonb -> x.name ORDER BY x.ord)
+              FROM unnest(k.keys) WITH ORDINALITY AS x(name, ord))::text AS key,
+           v.t, v.node, v.deleted, v.seen_node, v.seen_lsn)
+INSERT INTO pgferry.versions AS v (table_name, key, t, node, deleted, seen_node, seen_lsn)
+SELECT table_name, key, t, node, deleted, seen_node, seen_lsn FROM old
+ON CONFLICT (table_name, key) DO UPDATE
+   SET t = EXCLUDED.t, node = EXCLUDED.node, deleted = EXCLUDED.deleted,
+       seen_node = EXCLUDED.seen_node, seen_lsn = EXCLUDED.seen_lsn
+ WHERE (EXCLUDED.t, EXCLUDED.node) > (v.t, v.node)
 "#;
 
 fn with_node(sql: &str, node: &str) -> String {
@@ -390,6 +423,26 @@ pub async fn prepare_node(
         }
         let t = qualified(&schema, &table);
         client.batch_execute("BEGIN").await?;
+        let old_keys: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pgferry.versions
+                                 WHERE table_name = $1 AND key LIKE '{%')",
+                &[&name],
+            )
+            .await?
+            .get(0);
+        if old_keys {
+            // Writers wait: none stamps a key of the old layout once it is converted.
+            client
+                .batch_execute(&format!("LOCK TABLE {t} IN SHARE ROW EXCLUSIVE MODE"))
+                .await?;
+            client
+                .execute(
+                    &KEYS_TO_ARRAYS.replace("@ONLY@", "AND v.table_name = $1"),
+                    &[&name],
+                )
+                .await?;
+        }
         if legacy {
             client
                 .batch_execute(&format!("DROP TRIGGER IF EXISTS pgferry_tombstone ON {t}"))
@@ -415,6 +468,13 @@ pub async fn prepare_node(
             .await?;
         tracing::info!("upgraded the node's tombstones to the version store");
     }
+    client
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock(hashtext('pgferry.bookkeeping')); \
+             {}; COMMIT",
+            KEYS_TO_ARRAYS.replace("@ONLY@", "")
+        ))
+        .await?;
     Ok((prepared, keyless))
 }
 

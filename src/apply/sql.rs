@@ -339,30 +339,25 @@ fn typed_key_predicate(alias: &str, key: &[Typed<'_>], first_param: usize) -> St
         .join(" AND ")
 }
 
-/// The version-store key of `pairs` (`'column', value` each): the text of a jsonb object of
-/// the key columns, built from typed values so that it equals what the version trigger
-/// builds. jsonb prints one canonical text per value, and `pgferry.versions.key` is `text
-/// COLLATE "C"`: its index compares bytes, about twice as fast per stamped row as comparing
-/// jsonb values was.
-fn version_key_of(pairs: &[String]) -> String {
-    format!("jsonb_build_object({})::text", pairs.join(", "))
+/// The version-store key of the key columns' `values` (typed SQL expressions, in the
+/// columns' table order): the text of a jsonb array of them, built from typed values so that
+/// it equals what the version trigger builds. jsonb prints one canonical text per value, and
+/// `pgferry.versions.key` is `text COLLATE "C"`: its index compares bytes, about twice as fast
+/// per stamped row as comparing jsonb values was. Values only, not the columns' names: a key
+/// column renamed on one node keeps its rows' versions (an object keyed by names orphaned
+/// them, and an older write from a node that had not seen the rename won over a newer one).
+fn version_key_of(values: &[String]) -> String {
+    format!("jsonb_build_array({})::text", values.join(", "))
 }
 
 /// The version-store key of a change's key, from parameters `$first_param…`.
 fn version_key(key: &[Typed<'_>], first_param: usize) -> String {
-    let pairs: Vec<String> = key
+    let values: Vec<String> = key
         .iter()
         .enumerate()
-        .map(|(i, k)| {
-            format!(
-                "{}, ${}::{}",
-                crate::sql::quote_literal(k.name),
-                first_param + i,
-                k.ty
-            )
-        })
+        .map(|(i, k)| format!("${}::{}", first_param + i, k.ty))
         .collect();
-    version_key_of(&pairs)
+    version_key_of(&values)
 }
 
 /// Whether the live row `t` equals the old image, column by column as text (`NULL::bool`
@@ -495,12 +490,7 @@ fn versioned_upsert(
         &key.iter()
             .filter_map(|k| {
                 let i = columns.iter().position(|c| c.name == *k)?;
-                Some(format!(
-                    "{}, ${}::{}",
-                    crate::sql::quote_literal(k),
-                    i + 1,
-                    columns[i].ty
-                ))
+                Some(format!("${}::{}", i + 1, columns[i].ty))
             })
             .collect::<Vec<_>>(),
     );
@@ -566,7 +556,9 @@ pub fn stamp_and_delete(schema: &str, table: &str, key: &[Typed<'_>]) -> String 
 
 /// The local rows that hold, in one of the unique indexes `uniques` (column lists), the values
 /// of the remote row `$1` (jsonb) under another key: each row's key (as the version store
-/// spells it) and version. Parameters: the remote row, the table name.
+/// spells it), version, and key as a jsonb object of its columns (what
+/// [`drop_unique_loser`] deletes by, and the conflict log shows). Parameters: the remote row,
+/// the table name.
 pub fn unique_holders(schema: &str, table: &str, key: &[&str], uniques: &[Vec<String>]) -> String {
     let t = qualified(schema, table);
     let same = |cols: &[&str]| -> String {
@@ -582,26 +574,32 @@ pub fn unique_holders(schema: &str, table: &str, key: &[&str], uniques: &[Vec<St
             format!("({})", same(&cols))
         })
         .collect();
+    let values: Vec<String> = key
+        .iter()
+        .map(|k| format!("t.{}", quote_ident(k)))
+        .collect();
     let pairs: Vec<String> = key
         .iter()
         .map(|k| format!("{}, t.{}", crate::sql::quote_literal(k), quote_ident(k)))
         .collect();
     format!(
-        "SELECT k.key::text, v.t, v.node::text \
+        "SELECT k.key::text, v.t, v.node::text, jsonb_build_object({pairs})::text \
            FROM ONLY {t} AS t \
            CROSS JOIN jsonb_populate_record(NULL::{t}, $1::text::jsonb) AS m \
            CROSS JOIN LATERAL (SELECT {key} AS key) AS k \
            LEFT JOIN pgferry.versions AS v ON v.table_name = $2::text AND v.key = k.key \
           WHERE ({any}) AND NOT ({same_key})",
-        key = version_key_of(&pairs),
+        key = version_key_of(&values),
+        pairs = pairs.join(", "),
         any = any_unique.join(" OR "),
         same_key = same(key),
     )
 }
 
-/// Deletes the row with the version-store key `$1` (jsonb) and marks its version deleted,
-/// keeping the version (the row lost a unique-key contest; it is not a new write), seen in
-/// stream `$3` at `$4`. Parameters: key jsonb, table name, seen node, seen LSN.
+/// Deletes the row whose key columns are those of `$5` (a jsonb object) and marks its
+/// version (version-store key `$1`) deleted, keeping the version (the row lost a unique-key
+/// contest; it is not a new write), seen in stream `$3` at `$4`. Parameters: version key,
+/// table name, seen node, seen LSN, key object (see [`unique_holders`]).
 pub fn drop_unique_loser(schema: &str, table: &str, key: &[&str]) -> String {
     let t = qualified(schema, table);
     let cols: Vec<String> = key.iter().map(|k| quote_ident(k)).collect();
@@ -611,9 +609,9 @@ pub fn drop_unique_loser(schema: &str, table: &str, key: &[&str]) -> String {
         .collect();
     format!(
         "WITH gone AS (DELETE FROM ONLY {t} AS t WHERE ({cols}) = \
-             (SELECT {picked} FROM jsonb_populate_record(NULL::{t}, $1::text::jsonb) AS m) RETURNING 1) \
+             (SELECT {picked} FROM jsonb_populate_record(NULL::{t}, $5::text::jsonb) AS m) RETURNING 1) \
          INSERT INTO pgferry.versions AS v (table_name, key, t, node, deleted, seen_node, seen_lsn) \
-         VALUES ($2::text, $1::text::jsonb::text, -9223372036854775808, '', true, $3::text, $4::text::pg_lsn) \
+         VALUES ($2::text, $1::text, -9223372036854775808, '', true, $3::text, $4::text::pg_lsn) \
          ON CONFLICT (table_name, key) DO UPDATE \
             SET deleted = true, seen_node = EXCLUDED.seen_node, seen_lsn = EXCLUDED.seen_lsn",
         cols = cols.join(", "),
@@ -692,17 +690,8 @@ fn row_key_predicate(alias: &str, key: &[(usize, Typed<'_>)]) -> String {
 
 /// The version-store key of each row of `u` (see [`version_key`]).
 fn row_version_key(key: &[(usize, Typed<'_>)]) -> String {
-    let pairs: Vec<String> = key
-        .iter()
-        .map(|(i, k)| {
-            format!(
-                "{}, {}",
-                crate::sql::quote_literal(k.name),
-                row_value(*i, k.ty)
-            )
-        })
-        .collect();
-    version_key_of(&pairs)
+    let values: Vec<String> = key.iter().map(|(i, k)| row_value(*i, k.ty)).collect();
+    version_key_of(&values)
 }
 
 /// Where each key column sits among `columns`.
@@ -1161,15 +1150,15 @@ mod tests {
         let write = stamp_and_upsert_rows("s", "t", &cols, &["id"], NONE);
         assert!(write.contains("unnest($1::text[], $2::text[], $3::int8[], $4::text[])"));
         assert!(write.contains(
-            "SELECT $5::text, jsonb_build_object('id', u.c1::integer)::text, u.t, u.node, false"
+            "SELECT $5::text, jsonb_build_array(u.c1::integer)::text, u.t, u.node, false"
         ));
         assert!(write.contains("WHERE (v.t, v.node) < (EXCLUDED.t, EXCLUDED.node)"));
-        assert!(write.ends_with("SELECT u.ord FROM u WHERE jsonb_build_object('id', u.c1::integer)::text IN (SELECT key FROM s)"));
+        assert!(write.ends_with("SELECT u.ord FROM u WHERE jsonb_build_array(u.c1::integer)::text IN (SELECT key FROM s)"));
         assert!(write.contains(r#"IN (SELECT key FROM s) AND (SELECT pgferry.same_shape('"s"."t"'::regclass, 3::int2)) ON CONFLICT"#), "{write}");
         // Tombstones: the key array, t, node, LSN, then the table name ($5) and stream node ($6).
         let delete = stamp_and_delete_rows("s", "t", &cols[..1]);
         assert!(delete.contains("unnest($1::text[], $2::int8[], $3::text[], $4::text[])"));
-        assert!(delete.contains("SELECT $5::text, jsonb_build_object('id', u.c1::integer)::text, u.t, u.node, true, $6::text, u.lsn::pg_lsn"));
+        assert!(delete.contains("SELECT $5::text, jsonb_build_array(u.c1::integer)::text, u.t, u.node, true, $6::text, u.lsn::pg_lsn"));
         // Only a tombstone stamp also requires the stored version its snapshot holds.
         assert!(delete.contains(UNCHANGED_SINCE_SNAPSHOT), "{delete}");
         assert!(!write.contains(UNCHANGED_SINCE_SNAPSHOT), "{write}");
@@ -1184,10 +1173,10 @@ mod tests {
             r#"r AS (SELECT u.* FROM u CROSS JOIN LATERAL (SELECT 1 FROM ONLY "s"."t" AS t WHERE t."id" = u.c1::integer AND t."id"::text IS NOT DISTINCT FROM u.c3::integer::text AND t."v"::text IS NOT DISTINCT FROM u.c4::text::text FOR UPDATE) AS l)"#
         ), "{clean}");
         assert!(clean.contains(
-            "SELECT $7::text, jsonb_build_object('id', u.c1::integer)::text, u.t, u.node, false, NULL::text, NULL::pg_lsn FROM r AS u ON CONFLICT"
+            "SELECT $7::text, jsonb_build_array(u.c1::integer)::text, u.t, u.node, false, NULL::text, NULL::pg_lsn FROM r AS u ON CONFLICT"
         ), "{clean}");
         assert!(clean.contains(
-            r#"w AS (UPDATE ONLY "s"."t" AS t SET "v" = u.c2::text FROM u WHERE t."id" = u.c1::integer AND jsonb_build_object('id', u.c1::integer)::text IN (SELECT key FROM s))"#
+            r#"w AS (UPDATE ONLY "s"."t" AS t SET "v" = u.c2::text FROM u WHERE t."id" = u.c1::integer AND jsonb_build_array(u.c1::integer)::text IN (SELECT key FROM s))"#
         ), "{clean}");
         let probe = probe_rows("s", "t", &cols[..1], &cols[1..]);
         assert!(probe.contains("t.\"v\"::text IS NOT DISTINCT FROM u.c2::text::text"));
@@ -1257,7 +1246,7 @@ mod tests {
         let stamp = stamp_version(&key);
         assert!(
             stamp.contains(
-                "VALUES ($1::text, jsonb_build_object('id', $8::integer)::text, $2::int8, $3::text, $4::bool,"
+                "VALUES ($1::text, jsonb_build_array($8::integer)::text, $2::int8, $3::text, $4::bool,"
             ) && stamp.contains("WHERE ((v.t, v.node) < (EXCLUDED.t, EXCLUDED.node)")
                 && !stamp.contains("seen.t"),
             "{stamp}"
@@ -1276,7 +1265,7 @@ mod tests {
         ];
         let write = stamp_and_upsert("s", "t", &row, &["id"], NONE);
         assert!(
-            write.contains("jsonb_build_object('id', $2::integer)::text, $4::int8, $5::text, false")
+            write.contains("jsonb_build_array($2::integer)::text, $4::int8, $5::text, false")
                 && write.contains(r#"INSERT INTO "s"."t" ("v", "id") OVERRIDING SYSTEM VALUE SELECT $1::text, $2::integer WHERE EXISTS (SELECT 1 FROM s) AND (SELECT pgferry.same_shape('"s"."t"'::regclass, 3::int2)) ON CONFLICT ("id") DO UPDATE SET "v" = EXCLUDED."v" RETURNING 1"#)
                 && write.contains("OR ($6::bool AND"),
             "{write}"
@@ -1322,7 +1311,7 @@ mod tests {
         );
         assert!(
             probe.contains(
-                "v.table_name = $3::text AND v.key = jsonb_build_object('id', $1::integer)::text"
+                "v.table_name = $3::text AND v.key = jsonb_build_array($1::integer)::text"
             ),
             "{probe}"
         );

@@ -173,7 +173,7 @@ pub struct Committed {
 
 /// The version the node stamped for `kv` key `$1` (its clock value, µs).
 pub const VERSION_OF_KEY: &str = "SELECT t FROM pgferry.versions \
-     WHERE table_name = 'public.kv' AND key = jsonb_build_object('k', $1::int4)::text";
+     WHERE table_name = 'public.kv' AND key = jsonb_build_array($1::int4)::text";
 
 /// How long random writers run.
 #[derive(Debug, Clone, Copy)]
@@ -476,7 +476,7 @@ async fn row_version(node: &Node, key: i32) -> String {
                FROM (SELECT $1::int4 AS k) AS one
                LEFT JOIN kv ON kv.k = one.k
                LEFT JOIN pgferry.versions v
-                 ON v.table_name = 'public.kv' AND v.key = jsonb_build_object('k', one.k)::text",
+                 ON v.table_name = 'public.kv' AND v.key = jsonb_build_array(one.k)::text",
             &[&key],
         )
         .await;

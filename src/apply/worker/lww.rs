@@ -774,7 +774,11 @@ impl Worker {
             if version > p.remote {
                 return Ok(false);
             }
-            losers.push((holder.get::<_, String>(0), version));
+            losers.push((
+                holder.get::<_, String>(0),
+                version,
+                holder.get::<_, String>(3),
+            ));
         }
         if losers.is_empty() {
             // The violation was not on the values of a plain unique index (an expression or
@@ -797,14 +801,14 @@ impl Worker {
             self.settings.node.clone(),
             self.open_commit_lsn().to_string(),
         );
-        for (loser, version) in losers {
+        for (loser, version, key) in losers {
             client
-                .execute(&drop, &[&loser, &p.qualified, &node, &lsn])
+                .execute(&drop, &[&loser, &p.qualified, &node, &lsn, &key])
                 .await
                 .map_err(ApplyError::sql(
                     "removing a row that lost a unique-key contest",
                 ))?;
-            self.log_unique_loser(client, p, &loser, &version).await?;
+            self.log_unique_loser(client, p, &key, &version).await?;
         }
         Ok(true)
     }
