@@ -297,7 +297,7 @@ async fn stamped(client: &Client) -> (i64, String) {
     let r = client
         .query_one(
             "SELECT t, node FROM pgferry.versions \
-              WHERE table_name = 'public.counters' AND key = '{\"id\": 1}'",
+              WHERE table_name = 'public.counters' AND key = '[1]'",
             &[],
         )
         .await
@@ -450,7 +450,7 @@ async fn update_delete_races_and_the_conflict_log() {
         count(
             &b,
             "SELECT count(*) FROM pgferry.versions \
-              WHERE key = '{\"k\": 1}' AND deleted AND node = 'mmrace0'"
+              WHERE key = '[1]' AND deleted AND node = 'mmrace0'"
         )
         .await,
         1
