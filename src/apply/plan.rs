@@ -24,6 +24,9 @@ pub enum StatementKind {
     Upsert,
     /// One row: `UPDATE … SET … WHERE key`.
     Update,
+    /// An update that moves its row to another key (`WHERE` the old key, the new key among
+    /// the `SET` columns): sent alone, never batched by key.
+    UpdateKey,
     /// One row: `DELETE … WHERE key`.
     Delete,
     /// One row of a keyless table: delete one row equal to the old image.

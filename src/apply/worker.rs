@@ -1942,16 +1942,32 @@ impl Worker {
             }
             Op::Update if !key.is_empty() => {
                 let after = change.after.unwrap_or_default();
+                // An update that moves its row to another key (capture sends one as an update,
+                // not a delete and a create, when it left a TOASTed value out: the value stays
+                // with the row): found by its old key, the new one set with the rest.
+                let old_key: Option<Vec<Box<RawValue>>> = change
+                    .before
+                    .as_ref()
+                    .and_then(|b| key.iter().map(|k| b.get(k).map(RawValue::to_owned)).collect());
+                let moved = old_key.as_ref().is_some_and(|old| {
+                    key.iter()
+                        .zip(old)
+                        .any(|(k, o)| after.get(k).is_some_and(|n| n.get() != o.get()))
+                });
                 let key_source = |k: &str| {
                     after.get(k).or_else(|| change.before.as_ref().and_then(|b| b.get(k))).map(RawValue::to_owned)
                 };
-                let key_values: Option<Vec<Box<RawValue>>> = key.iter().map(|k| key_source(k)).collect();
+                let key_values: Option<Vec<Box<RawValue>>> = if moved {
+                    old_key
+                } else {
+                    key.iter().map(|k| key_source(k)).collect()
+                };
                 let Some(key_values) = key_values else {
                     return self.bad_message(client, message, &format!("update on {qualified} lacks key columns")).await;
                 };
                 let sets: Vec<(String, Box<RawValue>)> = after
                     .into_iter()
-                    .filter(|(c, _)| !table.key.contains(c) && !table.always_identity.contains(c))
+                    .filter(|(c, _)| (moved || !table.key.contains(c)) && !table.always_identity.contains(c))
                     .collect();
                 if sets.is_empty() {
                     return Ok(());
@@ -1960,7 +1976,8 @@ impl Worker {
                 let mut values: Vec<Box<RawValue>> = sets.into_iter().map(|(_, v)| v).collect();
                 columns.extend(table.key.iter().cloned());
                 values.extend(key_values);
-                (StatementKind::Update, columns, values)
+                let kind = if moved { StatementKind::UpdateKey } else { StatementKind::Update };
+                (kind, columns, values)
             }
             Op::Delete if !key.is_empty() => {
                 let before = change.before.unwrap_or_default();
@@ -2249,7 +2266,7 @@ impl Worker {
                 let fixed: Vec<&str> = fixed.iter().map(String::as_str).collect();
                 sql::upsert(schema, name, &cols, key, &fixed)
             }
-            StatementKind::Update => {
+            StatementKind::Update | StatementKind::UpdateKey => {
                 sql::update(schema, name, &cols[..cols.len() - key.len()], key)
             }
             StatementKind::Delete => sql::delete(schema, name, key),

@@ -264,7 +264,12 @@ impl Assembler {
         let before = match old {
             OldTuple::Key(t) | OldTuple::Full(t) => t,
         };
-        if key_changed(&relation, &before, &new) {
+        // An update to another key that left a TOASTed value out stays one update: that value
+        // is in no WAL record of the change, only in the row, which a delete and a create would
+        // not carry over (the target's new row got NULL). Capture still publishes it on the
+        // table topic as a delete and a create (see `Capture::publish_envelope`).
+        let toast_left_out = new.iter().any(|d| matches!(d, Datum::UnchangedToast));
+        if key_changed(&relation, &before, &new) && !toast_left_out {
             emit(
                 out,
                 Op::Delete,
@@ -313,6 +318,15 @@ fn emit(
         after,
         version: None,
     }));
+}
+
+/// Whether an update moves its row to another key (see [`key_changed`]).
+pub fn moves_key(change: &RowChange) -> bool {
+    change.op == Op::Update
+        && match (&change.before, &change.after) {
+            (Some(before), Some(after)) => key_changed(&change.relation, before, after),
+            _ => false,
+        }
 }
 
 /// True when any key column differs between the old and new image. An unchanged-TOAST key

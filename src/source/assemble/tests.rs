@@ -72,6 +72,29 @@ fn key_change_becomes_delete_and_create() {
 }
 
 #[test]
+fn key_change_that_left_toast_out_stays_an_update() {
+    // The value left out is only in the row: a delete and a create would lose it.
+    let mut a = Assembler::default();
+    let mut out = Vec::new();
+    a.push(relation("public"), Lsn(1), &mut out).unwrap();
+    a.push(begin(), Lsn(2), &mut out).unwrap();
+    let old = vec![text("1"), Datum::Null];
+    let new = vec![text("2"), Datum::UnchangedToast];
+    let upd = LogicalMessage::Update(Update {
+        stream_xid: None,
+        relation_oid: 10,
+        old: Some(OldTuple::Key(old.clone())),
+        new: new.clone(),
+    });
+    a.push(upd, Lsn(3), &mut out).unwrap();
+    assert_eq!(changes(&out), vec![(Op::Update, Some(old), Some(new))]);
+    let CaptureEvent::Change(change) = &out[out.len() - 1] else {
+        panic!("{out:?}")
+    };
+    assert!(moves_key(change));
+}
+
+#[test]
 fn same_key_update_stays_an_update() {
     let mut a = Assembler::default();
     let mut out = Vec::new();

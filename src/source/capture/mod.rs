@@ -687,6 +687,44 @@ impl Capture {
             None => frame.encode(change, &self.types, now_ms),
         };
         let encoded = match encoded {
+            Ok(mut encoded) if crate::source::assemble::moves_key(change) => {
+                // An update to another key (one that left a TOASTed value out, see
+                // `assemble`): the node stream carries the update, the table topic a delete
+                // (and tombstone) and a create, as for any change of key.
+                let moved = [
+                    RowChange {
+                        op: Op::Delete,
+                        after: None,
+                        ..change.clone()
+                    },
+                    RowChange {
+                        op: Op::Create,
+                        before: None,
+                        before_is_key_only: false,
+                        ..change.clone()
+                    },
+                ];
+                let mut records = Vec::new();
+                let mut failed = None;
+                for part in &moved {
+                    match txn
+                        .frame(&self.envelope, part)
+                        .encode_envelope(part, &self.types, now_ms)
+                    {
+                        Ok(e) => records.extend(e.records),
+                        Err(e) => failed = Some(e),
+                    }
+                }
+                encoded.records = records;
+                match failed {
+                    None => encoded,
+                    Some(e) => {
+                        let error = format!("cannot encode: {}", ErrorChain(&e));
+                        self.poison(txn, change, None, error, repl).await?;
+                        return Ok(None);
+                    }
+                }
+            }
             Ok(encoded) => encoded,
             Err(e) => {
                 let error = format!("cannot encode: {}", ErrorChain(&e));
@@ -703,7 +741,12 @@ impl Capture {
             }
         };
         let records = encoded.records;
-        let size = record_size(&records[0]).max(node_size);
+        let size = records
+            .iter()
+            .map(record_size)
+            .max()
+            .unwrap_or(0)
+            .max(node_size);
         let limit = self.settings.kafka.max_message_bytes;
         if size > limit as usize {
             let error = format!(
@@ -715,9 +758,9 @@ impl Capture {
             return Ok(None);
         }
         self.begin_if_needed(txn, repl.as_deref_mut()).await?;
-        for (i, record) in records.iter().enumerate() {
-            // Tombstones are not changes; only the envelope counts as published.
-            let counter = (i == 0).then(|| published.clone());
+        for record in &records {
+            // Tombstones are not changes; only envelopes count as published.
+            let counter = record.value.is_some().then(|| published.clone());
             self.send(txn.ticket, record, counter, repl.as_deref_mut())
                 .await?;
         }
