@@ -9,6 +9,16 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use pgferry::config::redact;
 
+/// `println!` through [`write_out`].
+macro_rules! say {
+    ($($arg:tt)*) => { write_out(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// `print!` through [`write_out`].
+macro_rules! say_raw {
+    ($($arg:tt)*) => { write_out(format_args!($($arg)*)) };
+}
+
 /// Change-data-capture sidecar: PostgreSQL logical replication -> Kafka.
 #[derive(Parser)]
 #[command(name = "pgferry", version, about)]
@@ -179,13 +189,13 @@ async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
             pgferry::telemetry::init_logging(&config.log);
             let problems = pgferry::check::run(&config).await;
             for p in &problems {
-                println!("{}", redact(&p.to_string()));
+                say!("{}", redact(&p.to_string()));
             }
             if problems.is_empty() {
-                println!("ready: config valid, source and broker checks passed");
+                say!("ready: config valid, source and broker checks passed");
                 Ok(ExitCode::SUCCESS)
             } else {
-                println!("{} problem(s) found", problems.len());
+                say!("{} problem(s) found", problems.len());
                 Ok(ExitCode::FAILURE)
             }
         }
@@ -198,13 +208,15 @@ async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
             pgferry::telemetry::init_logging(&config.log);
             let joined = pgferry::apply::join::join(&config, &peer, &peer_url).await?;
             for (table, rows) in &joined.tables {
-                println!("copied {table}: {rows} rows");
+                say!("copied {table}: {rows} rows");
             }
-            println!(
+            say!(
                 "copied {} versions; {peer}'s stream starts at offset {} after LSN {}",
-                joined.versions, joined.peer_offset, joined.consistent
+                joined.versions,
+                joined.peer_offset,
+                joined.consistent
             );
-            println!(
+            say!(
                 "next: start this node's pgferry, then add {:?} to apply.nodes on every peer and \
                  restart them one by one",
                 config.node_id
@@ -213,7 +225,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Roles { config } => {
             let config = load(&config)?;
-            print!("{}", redact(&pgferry::roles::script(&config)));
+            say_raw!("{}", redact(&pgferry::roles::script(&config)));
             Ok(ExitCode::SUCCESS)
         }
         Command::Snapshot { config, table } => {
@@ -223,7 +235,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 .as_ref()
                 .context("the config has no source: snapshots are taken by capture")?;
             for name in pgferry::source::snapshot::request(source, &table).await? {
-                println!(
+                say!(
                     "requested a snapshot of {name}; the running capture starts it within {:?} \
                      (source.snapshot_poll_interval); `pgferry status` shows its progress",
                     source.snapshot_poll_interval
@@ -233,7 +245,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Status { config } => {
             let config = load(&config)?;
-            print!("{}", redact(&pgferry::status::report(&config).await));
+            say_raw!("{}", redact(&pgferry::status::report(&config).await));
             Ok(ExitCode::SUCCESS)
         }
         Command::DeadLetters { action } => {
@@ -246,7 +258,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
                         table,
                         include_resolved: all,
                     };
-                    print!(
+                    say_raw!(
                         "{}",
                         redact(&dead_letters::list(&config, &selection).await?)
                     );
@@ -255,7 +267,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 DeadLetterAction::Replay { config, which } => {
                     let config = load(&config)?;
                     let (text, failed) = dead_letters::replay(&config, &which.selection()).await?;
-                    print!("{}", redact(&text));
+                    say_raw!("{}", redact(&text));
                     // Exit 1 when a letter could not be replayed, so scripts notice.
                     Ok(if failed > 0 {
                         ExitCode::FAILURE
@@ -270,7 +282,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 } => {
                     let config = load(&config)?;
                     let n = dead_letters::resolve(&config, &which.selection(), &note).await?;
-                    println!("{n} dead letter(s) resolved");
+                    say!("{n} dead letter(s) resolved");
                     Ok(ExitCode::SUCCESS)
                 }
             }
@@ -304,6 +316,20 @@ async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 .await??;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// Writes to standard output. A reader that went away (`pgferry status | head`) ends the
+/// command quietly: `println!` panics on a closed pipe.
+fn write_out(text: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(text).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write to standard output: {e}");
+        std::process::exit(2);
     }
 }
 

@@ -66,7 +66,10 @@ pub fn run(kafka: &KafkaConfig, options: &TailOptions) -> Result<(), KafkaError>
                     .payload()
                     .map(String::from_utf8_lossy)
                     .unwrap_or("null".into());
-                let _ = writeln!(stdout.lock(), "{}\t{key}\t{value}", m.topic());
+                if writeln!(stdout.lock(), "{}\t{key}\t{value}", m.topic()).is_err() {
+                    // The reader went away (`| head`): nothing more to show.
+                    return Ok(());
+                }
                 // Keep the assignment's resume points current so a re-assign does not rewind.
                 let _ = list.set_partition_offset(
                     m.topic(),

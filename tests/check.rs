@@ -410,3 +410,27 @@ async fn check_reports_too_few_origin_states_for_lanes() {
         "{report}"
     );
 }
+
+/// A command whose reader went away (`pgferry roles … | head -0`) ends quietly: exit 0, no
+/// panic. Before, `println!` panicked with a backtrace ("failed printing to stdout").
+#[test]
+fn output_to_a_closed_pipe_ends_quietly() {
+    let path = write_config(
+        "node_id: n1\nkafka:\n  brokers: 127.0.0.1:1\nsource:\n  url: postgres://u@h/db\n",
+    );
+    let mut child = Command::new(pgferry_bin())
+        .args(["roles", "--config", path.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run pgferry roles");
+    // The read end closes before pgferry has written anything.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait for pgferry roles");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !err.contains("panicked"),
+        "{:?}: {err}",
+        out.status
+    );
+}
