@@ -523,6 +523,57 @@ async fn snapshots_on_request_and_of_added_tables_while_streaming() {
         3100,
         "the table without a key holds each row once"
     );
+
+    // A renamed table keeps its snapshot record: it is not snapshotted again as new.
+    c.batch_execute("ALTER TABLE added RENAME TO added_renamed")
+        .await
+        .unwrap();
+    wait_for(
+        "the record to follow the rename",
+        Duration::from_secs(60),
+        || async {
+            capture
+                .log()
+                .contains("table renamed; its snapshot record follows it")
+                .then_some(())
+        },
+    )
+    .await;
+    // A table taken out of the publication, changed meanwhile (nothing of which is
+    // streamed) and published again is snapshotted again: the replica ends exact, the rows
+    // deleted meanwhile pruned. Before, its record kept it from being seen as new.
+    c.batch_execute(&format!(
+        "ALTER PUBLICATION pub_{master} DROP TABLE added_renamed"
+    ))
+    .await
+    .unwrap();
+    wait_for(
+        "the record to be forgotten",
+        Duration::from_secs(60),
+        || async {
+            capture
+                .log()
+                .contains("table no longer published; its snapshot record is forgotten")
+                .then_some(())
+        },
+    )
+    .await;
+    c.batch_execute(&format!(
+        "DELETE FROM added_renamed WHERE id % 10 = 0;
+         UPDATE added_renamed SET v = 'while out' WHERE id % 10 = 1;
+         INSERT INTO added_renamed SELECT g, 'new' FROM generate_series(20001, 20100) g;
+         ALTER PUBLICATION pub_{master} ADD TABLE added_renamed"
+    ))
+    .await
+    .unwrap();
+    wait_equal(&master, &replica, "added_renamed", Duration::from_secs(120)).await;
+    let log = capture.log();
+    assert_eq!(
+        log.matches("table added to the publication; snapshotting it")
+            .count(),
+        3,
+        "added and added_keyless once, added_renamed once more when published again:\n{log}"
+    );
     drop(applier);
 }
 

@@ -111,6 +111,12 @@ pub async fn ensure_internal_schema(client: &Client) -> Result<(), tokio_postgre
                                  AND attname = 'key_signature' AND NOT attisdropped) THEN
                  ALTER TABLE pgferry.snapshot_progress ADD COLUMN key_signature text;
                END IF;
+               -- The table's oid: a record follows its table's renames (chunk::follow_publication).
+               IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                               WHERE attrelid = 'pgferry.snapshot_progress'::regclass
+                                 AND attname = 'table_oid' AND NOT attisdropped) THEN
+                 ALTER TABLE pgferry.snapshot_progress ADD COLUMN table_oid oid;
+               END IF;
              END $$;
              -- Snapshot requests: `pgferry snapshot --table`, or an INSERT from SQL.
              CREATE TABLE IF NOT EXISTS pgferry.snapshot_requests (

@@ -685,6 +685,87 @@ pub async fn known_tables(
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
+/// Keeps this slot's snapshot records in step with the publication, before new tables are
+/// looked for: a record of a table renamed (or moved to another schema) takes its new name,
+/// found by the table's oid, so the table is not snapshotted again as new; a record of a
+/// table no longer published is forgotten, so that the table, published again, is
+/// snapshotted again (its changes while it was out never reached the stream). Returns the
+/// tables renamed (`old → new`) and forgotten, for the log. Nothing is forgotten while the
+/// publication itself is missing.
+pub async fn follow_publication(
+    client: &Client,
+    slot: &str,
+    publication: &str,
+) -> Result<(Vec<String>, Vec<String>), tokio_postgres::Error> {
+    const PUBLISHED: &str = "SELECT c.oid, pt.schemaname::text AS s, pt.tablename::text AS t
+               FROM pg_publication_tables pt
+               JOIN pg_namespace n ON n.nspname = pt.schemaname
+               JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
+              WHERE pt.pubname = $2";
+    client.batch_execute("BEGIN").await?;
+    let done = async {
+        // Records already under the new name (planned as new meanwhile) win.
+        client
+            .execute(
+                &format!(
+                    "WITH pub AS ({PUBLISHED})
+                     DELETE FROM pgferry.snapshot_progress p USING pub
+                      WHERE p.slot_name = $1 AND p.table_oid = pub.oid
+                        AND (p.table_schema, p.table_name) <> (pub.s, pub.t)
+                        AND EXISTS (SELECT 1 FROM pgferry.snapshot_progress q
+                                     WHERE q.slot_name = $1 AND q.table_schema = pub.s
+                                       AND q.table_name = pub.t)"
+                ),
+                &[&slot, &publication],
+            )
+            .await?;
+        let renamed = client
+            .query(
+                &format!(
+                    "WITH pub AS ({PUBLISHED}),
+                          moved AS (
+                         UPDATE pgferry.snapshot_progress p SET table_schema = pub.s, table_name = pub.t
+                           FROM pub
+                          WHERE p.slot_name = $1 AND p.table_oid = pub.oid
+                            AND (p.table_schema, p.table_name) <> (pub.s, pub.t)
+                      RETURNING p.table_oid)
+                     SELECT DISTINCT pub.s || '.' || pub.t FROM moved JOIN pub ON pub.oid = moved.table_oid"
+                ),
+                &[&slot, &publication],
+            )
+            .await?;
+        let forgotten = client
+            .query(
+                "WITH gone AS (
+                     DELETE FROM pgferry.snapshot_progress p
+                      WHERE p.slot_name = $1
+                        AND EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $2)
+                        AND NOT EXISTS (SELECT 1 FROM pg_publication_tables pt
+                                         WHERE pt.pubname = $2 AND pt.schemaname = p.table_schema
+                                           AND pt.tablename = p.table_name)
+                  RETURNING p.table_schema, p.table_name)
+                 SELECT DISTINCT table_schema || '.' || table_name FROM gone",
+                &[&slot, &publication],
+            )
+            .await?;
+        Ok::<_, tokio_postgres::Error>((
+            renamed.iter().map(|r| r.get(0)).collect(),
+            forgotten.iter().map(|r| r.get(0)).collect(),
+        ))
+    }
+    .await;
+    match done {
+        Ok(found) => {
+            client.batch_execute("COMMIT").await?;
+            Ok(found)
+        }
+        Err(e) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            Err(e)
+        }
+    }
+}
+
 /// Records tables as needing no snapshot (they were covered some other way: the exported
 /// snapshot, or `snapshot: never` when the slot was created).
 pub async fn record_covered(
@@ -695,8 +776,11 @@ pub async fn record_covered(
     for (schema, table) in tables {
         client
             .execute(
-                "INSERT INTO pgferry.snapshot_progress (slot_name, table_schema, table_name, part, keyed, done)
-                 VALUES ($1, $2, $3, 0, true, true) ON CONFLICT DO NOTHING",
+                "INSERT INTO pgferry.snapshot_progress
+                     (slot_name, table_schema, table_name, part, keyed, done, table_oid)
+                 VALUES ($1, $2, $3, 0, true, true,
+                         to_regclass(quote_ident($2) || '.' || quote_ident($3)))
+                 ON CONFLICT DO NOTHING",
                 &[&slot, schema, table],
             )
             .await?;
@@ -762,10 +846,10 @@ pub async fn plan_table(
                 .execute(
                     "INSERT INTO pgferry.snapshot_progress
                          (slot_name, table_schema, table_name, part, lower_key, upper_key, keyed, rows_estimated,
-                          prune, key_signature)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                          prune, key_signature, table_oid)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                     &[&slot, schema, table, &p.part, &p.lower, &p.upper, &p.keyed, &estimated, &p.prune,
-                      &p.key_signature],
+                      &p.key_signature, &target.relation.oid],
                 )
                 .await?;
         }

@@ -564,6 +564,16 @@ async fn discover(
                  quote its parts (\"schema\".\"table\")"),
         }
     }
+    let (renamed, forgotten) =
+        chunk::follow_publication(control, &settings.slot, &source.publication)
+            .await
+            .map_err(CaptureError::sql("following the publication's tables"))?;
+    for name in renamed {
+        tracing::info!(table = %name, "table renamed; its snapshot record follows it");
+    }
+    for name in forgotten {
+        tracing::info!(table = %name, "table no longer published; its snapshot record is forgotten (published again, it is snapshotted again)");
+    }
     if source.snapshot_new_tables && source.snapshot != SnapshotMode::Never {
         let known = chunk::known_tables(control, &settings.slot)
             .await
