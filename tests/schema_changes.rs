@@ -1253,6 +1253,45 @@ async fn a_primary_key_replaced_under_writes_converges() {
     }
 }
 
+/// DROP TABLE on a multi-master node of a table its stream never carried a row of (made
+/// before pgferry started, never written since): with `apply.drop_tables: true` every node
+/// drops it, nothing is dead-lettered. Before, the peers refused the change as one of a
+/// table "this node stream never announced" and reported the table diverged.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_never_written_is_dropped_everywhere() {
+    let clusters = [
+        PgCluster::shared_of_three(0),
+        PgCluster::shared_of_three(1),
+        PgCluster::shared_of_three(2),
+    ];
+    let ddl = format!("{KV_DDL}; CREATE TABLE idle (id int PRIMARY KEY)");
+    let nodes = mesh(
+        "mmidle",
+        &clusters,
+        &ddl,
+        "  drop_tables: true\n",
+        &broker().address(),
+    )
+    .await;
+    let mut clients = Vec::new();
+    for node in &nodes {
+        clients.push(node.client().await);
+    }
+    run_step(&clients[0], "DROP TABLE idle").await;
+    // A later write of node 0 reaches every node after the drop.
+    run_step(&clients[0], "INSERT INTO kv VALUES (1, 1, 'after')").await;
+    for c in &clients {
+        wait_count("the write after the drop", c, "SELECT count(*) FROM kv", 1).await;
+        let idle: bool = c
+            .query_one("SELECT to_regclass('public.idle') IS NULL", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(idle, "every node drops the table");
+        assert!(letters(c).await.is_empty(), "{:?}", letters(c).await);
+    }
+}
+
 /// The same schema changes made on several multi-master nodes while they were apart (each
 /// device running the app's migration offline): each change is applied once on every node,
 /// recognized as already made where it was made too, and nothing is refused or

@@ -1195,12 +1195,15 @@ impl Worker {
             return Ok(());
         }
         // Like changes, schema changes only touch tables this stream announced; a new table
-        // announces itself.
-        let creates = ddl
-            .ops
-            .iter()
-            .any(|op| matches!(op, crate::ddl::DdlOp::CreateTable { .. }));
-        if !creates && !self.announced.contains(&qualified) {
+        // announces itself, and a dropped one cannot be (capture finds it in no catalog any
+        // more): a multi-master node drops a table its stream never carried a row of.
+        let creates_or_drops = ddl.ops.iter().any(|op| {
+            matches!(
+                op,
+                crate::ddl::DdlOp::CreateTable { .. } | crate::ddl::DdlOp::DropTable
+            )
+        });
+        if !creates_or_drops && !self.announced.contains(&qualified) {
             let reason =
                 format!("schema change of {qualified}, a table this node stream never announced");
             return self.bad_message(client, message, &reason).await;
