@@ -222,10 +222,14 @@ BEGIN
         -- Attached to another parent, detached, or given another bound; not a rename.
         moved := (shadow.partition_of->>'relid') IS DISTINCT FROM (part->>'relid')
               OR (shadow.partition_of->>'bound') IS DISTINCT FROM (part->>'bound');
+        -- Nothing changed shape: nothing to say, unless the command rewrote values in place
+        -- (`ALTER COLUMN c TYPE <its own type> USING expr`), which capture re-snapshots.
         IF shadow.relid IS NOT NULL AND shadow.columns = cols
            AND shadow.schema_name = r.nsp AND shadow.table_name = r.rel
            AND shadow.partition_of IS NOT DISTINCT FROM part
-           AND shadow.primary_key IS NOT DISTINCT FROM pkey THEN
+           AND shadow.primary_key IS NOT DISTINCT FROM pkey
+           AND NOT (r.command_tag = 'ALTER TABLE'
+                    AND current_query() ~* E'\\mTYPE\\M.*\\mUSING\\M') THEN
             CONTINUE;
         END IF;
         IF NOT r.reported AND r.relispartition AND (shadow.relid IS NULL OR NOT moved) THEN

@@ -380,7 +380,13 @@ impl Capture {
             }
         };
         let ops = crate::ddl::diff(&message);
-        if ops.is_empty() {
+        // No op, yet rows may have been rewritten: `ALTER COLUMN … TYPE <the same type> USING
+        // expr` (`lower(email)`) changes values and no column's shape.
+        let rewritten_in_place = ops.is_empty()
+            && message.using
+            && message.tag == "ALTER TABLE"
+            && self.settings.resnapshot_rewritten;
+        if ops.is_empty() && !rewritten_in_place {
             return Ok(());
         }
         let schema = message.old_schema.as_deref().unwrap_or(&message.schema);
@@ -412,6 +418,12 @@ impl Capture {
             tracing::debug!(table = %format!("{schema}.{table}"), tag = %message.tag,
                             "schema change of a table outside the publication; not published");
             return Ok(());
+        }
+        if rewritten_in_place {
+            let name = (message.schema.as_str(), message.table.as_str());
+            return self
+                .resnapshot(name, "an ALTER TABLE with USING (or run by a function) that changed no column's shape may have rewritten values (a type changed to itself USING an expression); re-snapshotting the table")
+                .await;
         }
         tracing::info!(table = %format!("{schema}.{table}"), tag = %message.tag, ?ops,
                        "schema change captured");
