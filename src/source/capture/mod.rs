@@ -137,6 +137,12 @@ pub async fn run(
     }
     if source.capture_ddl {
         if let Err(e) = catalog::ensure_ddl_capture(&sql).await {
+            // A deadlock with DDL running at the same moment, a lock or connection lost: not
+            // a refusal, so the run starts again (left alone, triggers of an earlier version
+            // stayed in place, reported as an administrator's).
+            if crate::error::classify_pg(&e) == crate::error::ErrorClass::Transient {
+                return Err(CaptureError::sql("installing the schema-change event triggers")(e));
+            }
             // A role that may not create event triggers cannot update them either: fine when
             // an administrator installed them (`pgferry roles`).
             if catalog::ddl_capture_installed(&sql).await.unwrap_or(false) {
