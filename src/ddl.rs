@@ -315,6 +315,13 @@ BEGIN
                 AND d.schema_name NOT LIKE 'pg\_%'
     LOOP
         DELETE FROM pgferry.ddl_tables WHERE relid = r.objid;
+        -- The table dropped here (by a user, or by apply from another node): rows of it other
+        -- nodes wrote before they saw the drop still arrive, and apply skips them (an old
+        -- name of '' stands for the table; no column has that name).
+        INSERT INTO pgferry.ddl_history (table_name, old_name, new_name, origin, origin_lsn)
+        VALUES (r.schema_name || '.' || r.object_name, '', NULL, NULL, pg_current_wal_insert_lsn())
+        ON CONFLICT (table_name, old_name) DO UPDATE SET at = now(),
+            origin_lsn = EXCLUDED.origin_lsn;
         IF NOT pgferry.ddl_stays_local() THEN
             PERFORM pg_logical_emit_message(true, 'pgferry.ddl', jsonb_build_object(
                 'tag', 'DROP TABLE', 'schema', r.schema_name, 'table', r.object_name,

@@ -1292,6 +1292,53 @@ async fn a_table_never_written_is_dropped_everywhere() {
     }
 }
 
+/// A table one multi-master node drops (`apply.drop_tables: true`) while another, away,
+/// goes on writing rows of it: every node drops the table, and the away node's rows, which
+/// reach the others after their drop, are skipped, not dead-lettered (before, each was a dead
+/// letter and the table was reported diverged for good, although no node had it any more).
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_of_a_table_dropped_meanwhile_are_skipped() {
+    let clusters = [
+        PgCluster::shared_of_three(0),
+        PgCluster::shared_of_three(1),
+        PgCluster::shared_of_three(2),
+    ];
+    let ddl = format!("{KV_DDL}; CREATE TABLE doomed (id int PRIMARY KEY, v text)");
+    let mut nodes = mesh(
+        "mmdoomed",
+        &clusters,
+        &ddl,
+        "  drop_tables: true\n",
+        &broker().address(),
+    )
+    .await;
+    let mut clients = Vec::new();
+    for node in &nodes {
+        clients.push(node.client().await);
+    }
+    nodes[1].ferry.kill9();
+    run_step(
+        &clients[1],
+        "INSERT INTO doomed SELECT g, 'away' FROM generate_series(1, 20) g",
+    )
+    .await;
+    run_step(&clients[0], "DROP TABLE doomed").await;
+    nodes[1].ferry.restart();
+    nodes[1].ferry.wait_streaming().await;
+    // A later write of the away node reaches every node after its rows of doomed.
+    run_step(&clients[1], "INSERT INTO kv VALUES (1, 1, 'after')").await;
+    for c in &clients {
+        wait_count("the write after the drop", c, "SELECT count(*) FROM kv", 1).await;
+        let gone: bool = c
+            .query_one("SELECT to_regclass('public.doomed') IS NULL", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(gone, "every node drops the table");
+        assert!(letters(c).await.is_empty(), "{:?}", letters(c).await);
+    }
+}
+
 /// The same schema changes made on several multi-master nodes while they were apart (each
 /// device running the app's migration offline): each change is applied once on every node,
 /// recognized as already made where it was made too, and nothing is refused or

@@ -477,6 +477,27 @@ pub struct ColumnMove {
     pub lsn: Option<Lsn>,
 }
 
+/// Whether `schema.table` was dropped here by a `DROP TABLE` the DDL capture trigger saw (a
+/// user's, or one applied from another node): `pgferry.ddl_history` holds it under the old
+/// name `''`.
+pub async fn dropped_here(client: &Client, qualified: &str) -> Result<bool, tokio_postgres::Error> {
+    let history: bool = client
+        .query_one("SELECT to_regclass('pgferry.ddl_history') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if !history {
+        return Ok(false);
+    }
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pgferry.ddl_history
+                             WHERE table_name = $1 AND old_name = '')",
+            &[&qualified],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
 /// Renames and drops of `schema.table`'s columns recorded here, by old name, with their
 /// origins (empty when none were recorded).
 pub async fn column_moves(

@@ -1820,6 +1820,19 @@ impl Worker {
         }
         let names = (change.schema(), change.table());
         let Some(mut table) = self.table(client, qualified, names, false).await? else {
+            // Dropped here (multi-master: the writer had not seen the drop yet): every node
+            // drops it, so the row has nowhere to be, and nothing diverges.
+            if target::dropped_here(client, qualified)
+                .await
+                .map_err(ApplyError::sql("reading pgferry.ddl_history"))?
+            {
+                self.metrics
+                    .apply_filtered
+                    .with_label_values(&[&self.settings.node])
+                    .inc();
+                tracing::debug!(table = %qualified, "a change of a table dropped here; skipped");
+                return Ok(None);
+            }
             self.bad_message(
                 client,
                 message,

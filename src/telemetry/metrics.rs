@@ -361,7 +361,8 @@ impl Metrics {
                 r,
                 "pgferry_apply_filtered_total",
                 "Changes skipped because their table, announced by the node stream, is not in \
-                 apply.tables.",
+                 apply.tables, or was dropped on the target by a DROP TABLE (multi-master: \
+                 written before the writer saw the drop).",
                 &["node"],
             ),
             stage_restarts: counter_vec(

@@ -141,7 +141,9 @@ pub async fn run(
             // a refusal, so the run starts again (left alone, triggers of an earlier version
             // stayed in place, reported as an administrator's).
             if crate::error::classify_pg(&e) == crate::error::ErrorClass::Transient {
-                return Err(CaptureError::sql("installing the schema-change event triggers")(e));
+                return Err(CaptureError::sql(
+                    "installing the schema-change event triggers",
+                )(e));
             }
             // A role that may not create event triggers cannot update them either: fine when
             // an administrator installed them (`pgferry roles`).
