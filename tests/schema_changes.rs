@@ -574,6 +574,23 @@ async fn schema_changes_reach_the_replica_under_writes() {
             "add_column"
         ]
     );
+    // A renamed table's old topic says where it went, under the old name (before, only the
+    // new name's topic had the record, already under the new name).
+    run_step(&m, "ALTER TABLE items RENAME TO goods").await;
+    let renamed = TopicReader::new(&broker().address()).read_until(
+        std::slice::from_ref(&topic),
+        Duration::from_secs(60),
+        |recs| {
+            recs.iter().any(|r| {
+                r.value.as_ref().is_some_and(|v| {
+                    v["schema_change"]["ops"][0]["op"] == "rename_table"
+                        && v["schema_change"]["ops"][0]["to"] == "goods"
+                        && v["source"]["table"] == "items"
+                })
+            })
+        },
+    );
+    assert!(!renamed.is_empty());
     drop(capture);
 }
 

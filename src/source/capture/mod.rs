@@ -473,6 +473,21 @@ impl Capture {
         );
         self.send(txn.ticket, &on_topic, None, repl.as_deref_mut())
             .await?;
+        if (schema, table) != (message.schema.as_str(), message.table.as_str()) {
+            // Renamed or moved to another schema: the old name's topic learns where its table
+            // went (its records stop there), under the old name.
+            let on_old_topic = crate::sink::kafka::encode::schema_change_record(
+                &self.envelope,
+                &txn.stamp,
+                schema,
+                table,
+                &ops,
+                &message.new,
+                PgTimestamp::now().unix_millis(),
+            );
+            self.send(txn.ticket, &on_old_topic, None, repl.as_deref_mut())
+                .await?;
+        }
         let item = node_stream::ddl_record(
             &self.envelope,
             schema,
