@@ -1270,20 +1270,17 @@ async fn a_primary_key_replaced_under_writes_converges() {
     }
 }
 
-/// DROP TABLE on a multi-master node of a table its stream never carried a row of (made
-/// before pgferry started, never written since): with `apply.drop_tables: true` every node
-/// drops it, nothing is dead-lettered. Before, the peers refused the change as one of a
-/// table "this node stream never announced" and reported the table diverged.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_table_never_written_is_dropped_everywhere() {
+/// Three multi-master nodes with `apply.drop_tables: true`, each database made from
+/// `KV_DDL` and `ddl`, and a client of each.
+async fn dropping_nodes(label: &str, ddl: &str) -> (Vec<common::mesh::Node>, Vec<Client>) {
     let clusters = [
         PgCluster::shared_of_three(0),
         PgCluster::shared_of_three(1),
         PgCluster::shared_of_three(2),
     ];
-    let ddl = format!("{KV_DDL}; CREATE TABLE idle (id int PRIMARY KEY)");
+    let ddl = format!("{KV_DDL}; {ddl}");
     let nodes = mesh(
-        "mmidle",
+        label,
         &clusters,
         &ddl,
         "  drop_tables: true\n",
@@ -1294,19 +1291,35 @@ async fn a_table_never_written_is_dropped_everywhere() {
     for node in &nodes {
         clients.push(node.client().await);
     }
-    run_step(&clients[0], "DROP TABLE idle").await;
-    // A later write of node 0 reaches every node after the drop.
-    run_step(&clients[0], "INSERT INTO kv VALUES (1, 1, 'after')").await;
-    for c in &clients {
+    (nodes, clients)
+}
+
+/// Once `writer`'s next row of `kv` reached every node (after what it wrote before): every
+/// node dropped `table`, and nothing was dead-lettered.
+async fn dropped_everywhere(clients: &[Client], writer: usize, table: &str) {
+    run_step(&clients[writer], "INSERT INTO kv VALUES (1, 1, 'after')").await;
+    for c in clients {
         wait_count("the write after the drop", c, "SELECT count(*) FROM kv", 1).await;
-        let idle: bool = c
-            .query_one("SELECT to_regclass('public.idle') IS NULL", &[])
+        let gone: bool = c
+            .query_one("SELECT to_regclass($1) IS NULL", &[&table])
             .await
             .unwrap()
             .get(0);
-        assert!(idle, "every node drops the table");
+        assert!(gone, "every node drops {table}");
         assert!(letters(c).await.is_empty(), "{:?}", letters(c).await);
     }
+}
+
+/// DROP TABLE on a multi-master node of a table its stream never carried a row of (made
+/// before pgferry started, never written since): with `apply.drop_tables: true` every node
+/// drops it, nothing is dead-lettered. Before, the peers refused the change as one of a
+/// table "this node stream never announced" and reported the table diverged.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_never_written_is_dropped_everywhere() {
+    let (_nodes, clients) =
+        dropping_nodes("mmidle", "CREATE TABLE idle (id int PRIMARY KEY)").await;
+    run_step(&clients[0], "DROP TABLE idle").await;
+    dropped_everywhere(&clients, 0, "public.idle").await;
 }
 
 /// A table one multi-master node drops (`apply.drop_tables: true`) while another, away,
@@ -1315,24 +1328,11 @@ async fn a_table_never_written_is_dropped_everywhere() {
 /// letter and the table was reported diverged for good, although no node had it any more).
 #[tokio::test(flavor = "multi_thread")]
 async fn rows_of_a_table_dropped_meanwhile_are_skipped() {
-    let clusters = [
-        PgCluster::shared_of_three(0),
-        PgCluster::shared_of_three(1),
-        PgCluster::shared_of_three(2),
-    ];
-    let ddl = format!("{KV_DDL}; CREATE TABLE doomed (id int PRIMARY KEY, v text)");
-    let mut nodes = mesh(
+    let (mut nodes, clients) = dropping_nodes(
         "mmdoomed",
-        &clusters,
-        &ddl,
-        "  drop_tables: true\n",
-        &broker().address(),
+        "CREATE TABLE doomed (id int PRIMARY KEY, v text)",
     )
     .await;
-    let mut clients = Vec::new();
-    for node in &nodes {
-        clients.push(node.client().await);
-    }
     nodes[1].ferry.kill9();
     run_step(
         &clients[1],
@@ -1342,18 +1342,8 @@ async fn rows_of_a_table_dropped_meanwhile_are_skipped() {
     run_step(&clients[0], "DROP TABLE doomed").await;
     nodes[1].ferry.restart();
     nodes[1].ferry.wait_streaming().await;
-    // A later write of the away node reaches every node after its rows of doomed.
-    run_step(&clients[1], "INSERT INTO kv VALUES (1, 1, 'after')").await;
-    for c in &clients {
-        wait_count("the write after the drop", c, "SELECT count(*) FROM kv", 1).await;
-        let gone: bool = c
-            .query_one("SELECT to_regclass('public.doomed') IS NULL", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert!(gone, "every node drops the table");
-        assert!(letters(c).await.is_empty(), "{:?}", letters(c).await);
-    }
+    // The away node's next write reaches every node after its rows of doomed.
+    dropped_everywhere(&clients, 1, "public.doomed").await;
 }
 
 /// The same schema changes made on several multi-master nodes while they were apart (each
