@@ -216,6 +216,12 @@ BEGIN
               ORDER BY bool_or(e.reported) DESC, e.objid
     LOOP
         SELECT * INTO shadow FROM pgferry.ddl_tables WHERE relid = r.objid;
+        -- An unlogged table made logged (a bulk-load pattern) enters publications only now:
+        -- for targets it is a new table (its rows come by the snapshot of a new table).
+        IF r.command_tag = 'ALTER TABLE' AND current_query() ~* E'\\mSET\\s+LOGGED\\M'
+           AND (SELECT relpersistence FROM pg_class WHERE oid = r.objid) = 'p' THEN
+            shadow := NULL;
+        END IF;
         cols := pgferry.ddl_columns(r.objid);
         part := pgferry.ddl_partition(r.objid);
         pkey := pgferry.ddl_primary_key(r.objid);

@@ -1346,6 +1346,46 @@ async fn rows_of_a_table_dropped_meanwhile_are_skipped() {
     dropped_everywhere(&clients, 1, "public.doomed").await;
 }
 
+/// An unlogged table (outside every publication: PostgreSQL writes no WAL for it) filled and
+/// then made `LOGGED`, the bulk-load pattern: it reaches the replica as a new table, with the
+/// rows written while it was unlogged (by the new table's snapshot) and after. Before, the
+/// replica never got the table and every later row was a dead letter.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unlogged_table_made_logged_arrives_with_its_rows() {
+    let Pipeline {
+        m,
+        r,
+        capture,
+        applier,
+        ..
+    } = replica_pipeline(
+        "unlogged",
+        KV_DDL,
+        "INSERT INTO kv VALUES (1, 1, 'x')",
+        "kv",
+    )
+    .await;
+    run_step(
+        &m,
+        "CREATE UNLOGGED TABLE bulk (id int PRIMARY KEY, v text);
+         INSERT INTO bulk SELECT g, md5(g::text) FROM generate_series(1, 3000) g",
+    )
+    .await;
+    // Capture decodes the CREATE while the table is still unlogged (outside the publication).
+    run_step(&m, "UPDATE kv SET note = 'marker' WHERE k = 1").await;
+    wait_same(&m, &r, "kv", Duration::from_secs(60)).await;
+    run_step(&m, "ALTER TABLE bulk SET LOGGED").await;
+    run_step(
+        &m,
+        "INSERT INTO bulk SELECT g, 'after' FROM generate_series(3001, 3100) g;
+         UPDATE bulk SET v = 'changed' WHERE id % 10 = 0",
+    )
+    .await;
+    wait_same(&m, &r, "bulk", Duration::from_secs(90)).await;
+    assert!(letters(&r).await.is_empty(), "{:?}", letters(&r).await);
+    drop((capture, applier));
+}
+
 /// The same schema changes made on several multi-master nodes while they were apart (each
 /// device running the app's migration offline): each change is applied once on every node,
 /// recognized as already made where it was made too, and nothing is refused or
