@@ -721,45 +721,17 @@ impl Capture {
             Some(_) => frame.encode_envelope(change, &self.types, now_ms),
             None => frame.encode(change, &self.types, now_ms),
         };
-        let encoded = match encoded {
-            Ok(mut encoded) if crate::source::assemble::moves_key(change) => {
-                // An update to another key (one that left a TOASTed value out, see
-                // `assemble`): the node stream carries the update, the table topic a delete
-                // (and tombstone) and a create, as for any change of key.
-                let moved = [
-                    RowChange {
-                        op: Op::Delete,
-                        after: None,
-                        ..change.clone()
-                    },
-                    RowChange {
-                        op: Op::Create,
-                        before: None,
-                        before_is_key_only: false,
-                        ..change.clone()
-                    },
-                ];
-                let mut records = Vec::new();
-                let mut failed = None;
-                for part in &moved {
-                    match txn
-                        .frame(&self.envelope, part)
-                        .encode_envelope(part, &self.types, now_ms)
-                    {
-                        Ok(e) => records.extend(e.records),
-                        Err(e) => failed = Some(e),
-                    }
-                }
-                encoded.records = records;
-                match failed {
-                    None => encoded,
-                    Some(e) => {
-                        let error = format!("cannot encode: {}", ErrorChain(&e));
-                        self.poison(txn, change, None, error, repl).await?;
-                        return Ok(None);
-                    }
-                }
+        // An update to another key (one that left a TOASTed value out, see `assemble`): the
+        // node stream carries the update, the table topic a delete (and tombstone) and a
+        // create, as for any change of key.
+        let encoded = encoded.and_then(|mut encoded| {
+            if crate::source::assemble::moves_key(change) {
+                encoded.records =
+                    key_move_records(txn, &self.envelope, &self.types, change, now_ms)?;
             }
+            Ok(encoded)
+        });
+        let encoded = match encoded {
             Ok(encoded) => encoded,
             Err(e) => {
                 let error = format!("cannot encode: {}", ErrorChain(&e));
@@ -1172,6 +1144,39 @@ pub(super) struct OpenTxn {
     unborn: HashSet<u32>,
     /// Some of its changes were not given to the reconciler (no snapshot was running).
     pub(super) unreconciled: bool,
+}
+
+/// The table-topic records of an update that moves its row to another key: those of a
+/// delete of the old key and a create of the new one.
+fn key_move_records(
+    txn: &mut OpenTxn,
+    envelope: &EnvelopeSource,
+    types: &TypeRegistry,
+    change: &RowChange,
+    now_ms: i64,
+) -> Result<Vec<Record>, crate::sink::kafka::encode::EncodeError> {
+    let parts = [
+        RowChange {
+            op: Op::Delete,
+            after: None,
+            ..change.clone()
+        },
+        RowChange {
+            op: Op::Create,
+            before: None,
+            before_is_key_only: false,
+            ..change.clone()
+        },
+    ];
+    let mut records = Vec::new();
+    for part in &parts {
+        records.extend(
+            txn.frame(envelope, part)
+                .encode_envelope(part, types, now_ms)?
+                .records,
+        );
+    }
+    Ok(records)
 }
 
 impl OpenTxn {

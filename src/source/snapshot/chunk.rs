@@ -702,8 +702,7 @@ pub async fn follow_publication(
                JOIN pg_namespace n ON n.nspname = pt.schemaname
                JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
               WHERE pt.pubname = $2";
-    client.batch_execute("BEGIN").await?;
-    let done = async {
+    in_transaction(client, async {
         // Records already under the new name (planned as new meanwhile) win.
         client
             .execute(
@@ -748,16 +747,25 @@ pub async fn follow_publication(
                 &[&slot, &publication],
             )
             .await?;
-        Ok::<_, tokio_postgres::Error>((
+        Ok((
             renamed.iter().map(|r| r.get(0)).collect(),
             forgotten.iter().map(|r| r.get(0)).collect(),
         ))
-    }
-    .await;
-    match done {
-        Ok(found) => {
+    })
+    .await
+}
+
+/// Runs `work` (statements on `client`, not yet started) in one transaction: committed when it
+/// succeeds, rolled back when it fails.
+async fn in_transaction<T>(
+    client: &Client,
+    work: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, tokio_postgres::Error> {
+    client.batch_execute("BEGIN").await?;
+    match work.await {
+        Ok(done) => {
             client.batch_execute("COMMIT").await?;
-            Ok(found)
+            Ok(done)
         }
         Err(e) => {
             let _ = client.batch_execute("ROLLBACK").await;
@@ -832,9 +840,7 @@ pub async fn plan_table(
         });
         lower = upper;
     }
-    let transaction = "BEGIN";
-    client.batch_execute(transaction).await?;
-    let written = async {
+    in_transaction(client, async {
         client
             .execute(
                 "DELETE FROM pgferry.snapshot_progress WHERE slot_name = $1 AND table_schema = $2 AND table_name = $3",
@@ -853,16 +859,9 @@ pub async fn plan_table(
                 )
                 .await?;
         }
-        Ok::<_, tokio_postgres::Error>(())
-    }
-    .await;
-    match written {
-        Ok(()) => client.batch_execute("COMMIT").await?,
-        Err(e) => {
-            let _ = client.batch_execute("ROLLBACK").await;
-            return Err(e);
-        }
-    }
+        Ok(())
+    })
+    .await?;
     Ok((planned, estimated))
 }
 
