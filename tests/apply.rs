@@ -668,17 +668,12 @@ async fn added_column_waits_for_the_target_then_applies() {
         )
         .await
         .unwrap();
-    common::wait_for(
-        "apply to report the missing column",
-        Duration::from_secs(60),
-        || async {
-            applier
-                .log()
-                .contains("column missing on the target: extra of public.items")
-                .then_some(())
-        },
-    )
-    .await;
+    applier
+        .wait_log(
+            "column missing on the target: extra of public.items",
+            Duration::from_secs(60),
+        )
+        .await;
     let replica = pg.client(&t.replicas[0]).await;
     common::wait_for(
         "the other table to go on",

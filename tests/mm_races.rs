@@ -645,18 +645,11 @@ async fn tombstones_go_by_acknowledgement_and_the_horizon_refuses_stale_nodes() 
         (on_a > 0.0 && on_b > 0.0).then_some(())
     })
     .await;
-    wait_for(
-        "B's log says to rebuild it",
-        Duration::from_secs(30),
-        || async {
-            nodes[1]
-                .ferry
-                .log()
-                .contains("Rebuild node mmhorizon1")
-                .then_some(())
-        },
-    )
-    .await;
+    // B's log says to rebuild it.
+    nodes[1]
+        .ferry
+        .wait_log("Rebuild node mmhorizon1", Duration::from_secs(30))
+        .await;
     // `pgferry status` on A names the refused node, the peers' acknowledgements, the
     // horizon and the clock skew seen in the acks.
     let out = std::process::Command::new(common::ferry::pgferry_bin())

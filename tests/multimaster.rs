@@ -779,12 +779,7 @@ async fn refused_at_start(label: &str, db: &str, said: &str) {
         &broker().address(),
     );
     let ferry = common::ferry::Ferry::start(&yaml, port);
-    wait_for(
-        "the refusal in the log",
-        Duration::from_secs(60),
-        || async { ferry.log().contains(said).then_some(()) },
-    )
-    .await;
+    ferry.wait_log(said, Duration::from_secs(60)).await;
     assert!(
         !matches!(ferry.http_get("/readyz"), Some((200, _))),
         "a node refusing to start must not report ready"

@@ -493,12 +493,9 @@ async fn a_refused_commit_is_never_skipped() {
         // Small batches: several target transactions follow the refused one in the backlog.
         let batch = format!("  batch_max_changes: {}\n", rng.range(2, 9));
         let mut apply = applier(&master, &replica, &batch, "");
-        common::wait_for(
-            "the refused commit in the log",
-            Duration::from_secs(60),
-            || async { apply.log().contains("refused at commit").then_some(()) },
-        )
-        .await;
+        apply
+            .wait_log("refused at commit", Duration::from_secs(60))
+            .await;
         // While the commit is refused and the worker retries: ids 1..k, all before it.
         for _ in 0..20 {
             let row = r

@@ -832,6 +832,29 @@ async fn three_nodes(label: &str, ddl: &str) -> (Vec<common::mesh::Node>, [Clien
     (nodes, clients)
 }
 
+/// Writes `rows` rows of `kv` on the first node and waits until every node has them.
+async fn fill_kv(clients: &[Client], rows: i32) {
+    run_step(
+        &clients[0],
+        &format!("INSERT INTO kv SELECT g, g, 'init' FROM generate_series(1, {rows}) g"),
+    )
+    .await;
+    for c in clients {
+        wait_count(
+            "the rows on every node",
+            c,
+            "SELECT count(*) FROM kv",
+            rows.into(),
+        )
+        .await;
+    }
+}
+
+/// One of the two nodes of three other than `of`, at random.
+fn another_node(rng: &mut Rng, of: usize) -> usize {
+    (of + 1 + rng.range(0, 2) as usize) % 3
+}
+
 /// Waits until `query` (a count) gives `want` on `c`.
 async fn wait_count(what: &str, c: &Client, query: &str, want: i64) {
     common::wait_for(what, Duration::from_secs(60), || async {
@@ -967,21 +990,10 @@ async fn rows_written_without_a_new_column_win_whole() {
     let mut model: BTreeMap<i32, (i32, String, Option<i64>)> = (1..=ROWS)
         .map(|k| (k, (k, "init".to_owned(), None)))
         .collect();
-    run_step(
-        &clients[0],
-        &format!("INSERT INTO kv SELECT g, g, 'init' FROM generate_series(1, {ROWS}) g"),
-    )
-    .await;
+    fill_kv(&clients, ROWS).await;
     // Every node writes a row, so that every worker has described kv before the column exists.
     for (i, c) in clients.iter().enumerate() {
         let k = i as i32 + 1;
-        wait_count(
-            "the rows on every node",
-            c,
-            "SELECT count(*) FROM kv",
-            ROWS.into(),
-        )
-        .await;
         run_step(c, &format!("UPDATE kv SET note = 'n{i}' WHERE k = {k}")).await;
         model.get_mut(&k).unwrap().1 = format!("n{i}");
     }
@@ -990,7 +1002,7 @@ async fn rows_written_without_a_new_column_win_whole() {
         wait_count("each node's row everywhere", c, nodes_rows, 3).await;
     }
     let away = rng.range(0, 3) as usize;
-    let adder = (away + 1 + rng.range(0, 2) as usize) % 3;
+    let adder = another_node(&mut rng, away);
     nodes[away].ferry.kill9();
     let default = rng.chance(0.5).then(|| rng.range(1, 100));
     let (fill_mod, away_mod) = (rng.range(0, 3) as i32, rng.range(0, 2) as i32);
@@ -1089,22 +1101,9 @@ async fn a_renamed_key_column_keeps_its_rows_versions() {
     let mut rng = Rng::new(seed);
     let (mut nodes, clients) = three_nodes("mmkeyname", KV_DDL).await;
     const ROWS: i32 = 40;
-    run_step(
-        &clients[0],
-        &format!("INSERT INTO kv SELECT g, g, 'init' FROM generate_series(1, {ROWS}) g"),
-    )
-    .await;
-    for c in &clients {
-        wait_count(
-            "the rows on every node",
-            c,
-            "SELECT count(*) FROM kv",
-            ROWS.into(),
-        )
-        .await;
-    }
+    fill_kv(&clients, ROWS).await;
     let away = rng.range(0, 3) as usize;
-    let renamer = (away + 1 + rng.range(0, 2) as usize) % 3;
+    let renamer = another_node(&mut rng, away);
     nodes[away].ferry.kill9();
     let mut model: BTreeMap<i32, String> = (1..=ROWS).map(|k| (k, "init".to_owned())).collect();
     let renamer_rows: Vec<i32> = (1..=ROWS).filter(|_| rng.chance(0.6)).collect();
@@ -1188,22 +1187,9 @@ async fn a_primary_key_replaced_under_writes_converges() {
     let mut rng = Rng::new(seed);
     let (nodes, clients) = three_nodes("mmpkey", KV_DDL).await;
     const ROWS: i32 = 30;
-    run_step(
-        &clients[0],
-        &format!("INSERT INTO kv SELECT g, g, 'init' FROM generate_series(1, {ROWS}) g"),
-    )
-    .await;
-    for c in &clients {
-        wait_count(
-            "the rows on every node",
-            c,
-            "SELECT count(*) FROM kv",
-            ROWS.into(),
-        )
-        .await;
-    }
+    fill_kv(&clients, ROWS).await;
     let changer = rng.range(0, 3) as usize;
-    let writer = (changer + 1 + rng.range(0, 2) as usize) % 3;
+    let writer = another_node(&mut rng, changer);
     // The changer's worker of the writer's stream prepares its statements for kv.
     run_step(&clients[writer], "UPDATE kv SET note = 'w0' WHERE k = 1").await;
     wait_count(
@@ -1632,12 +1618,12 @@ async fn schema_change_chain(label: &str, away: bool) {
     // The next node to make a change: the other one while a node is away.
     let pick_next = |rng: &mut Rng, at: usize| match away {
         Some(z) => 3 - at - z,
-        None => (at + 1 + rng.range(0, 2) as usize) % 3,
+        None => another_node(rng, at),
     };
     let mut model: Vec<(String, &'static str)> = Vec::new();
     let mut made = [0.0f64; 3];
     let mut at = match away {
-        Some(z) => (z + 1 + rng.range(0, 2) as usize) % 3,
+        Some(z) => another_node(&mut rng, z),
         None => rng.range(0, 3) as usize,
     };
     let mut chain = Vec::new();

@@ -528,17 +528,12 @@ async fn snapshots_on_request_and_of_added_tables_while_streaming() {
     c.batch_execute("ALTER TABLE added RENAME TO added_renamed")
         .await
         .unwrap();
-    wait_for(
-        "the record to follow the rename",
-        Duration::from_secs(60),
-        || async {
-            capture
-                .log()
-                .contains("table renamed; its snapshot record follows it")
-                .then_some(())
-        },
-    )
-    .await;
+    capture
+        .wait_log(
+            "table renamed; its snapshot record follows it",
+            Duration::from_secs(60),
+        )
+        .await;
     // A table taken out of the publication, changed meanwhile (nothing of which is
     // streamed) and published again is snapshotted again: the replica ends exact, the rows
     // deleted meanwhile pruned. Before, its record kept it from being seen as new.
@@ -547,17 +542,12 @@ async fn snapshots_on_request_and_of_added_tables_while_streaming() {
     ))
     .await
     .unwrap();
-    wait_for(
-        "the record to be forgotten",
-        Duration::from_secs(60),
-        || async {
-            capture
-                .log()
-                .contains("table no longer published; its snapshot record is forgotten")
-                .then_some(())
-        },
-    )
-    .await;
+    capture
+        .wait_log(
+            "table no longer published; its snapshot record is forgotten",
+            Duration::from_secs(60),
+        )
+        .await;
     c.batch_execute(&format!(
         "DELETE FROM added_renamed WHERE id % 10 = 0;
          UPDATE added_renamed SET v = 'while out' WHERE id % 10 = 1;

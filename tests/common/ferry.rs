@@ -196,6 +196,14 @@ impl Ferry {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// Waits (up to `timeout`) until the log holds `text`.
+    pub async fn wait_log(&self, text: &str, timeout: Duration) {
+        super::wait_for(&format!("{text:?} in the log"), timeout, || async {
+            self.log().contains(text).then_some(())
+        })
+        .await
+    }
+
     /// GET a path on the metrics endpoint; `None` when not answering.
     pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
         super::http_get(self.metrics_port, path)
