@@ -180,6 +180,7 @@ DECLARE
     pkey jsonb;
     moved bool;
     added jsonb;
+    made text;
     applied jsonb := pgferry.ddl_applied();
 BEGIN
     -- The tables the command reports, then (not reported: an ALTER TABLE of a partitioned
@@ -217,10 +218,17 @@ BEGIN
     LOOP
         SELECT * INTO shadow FROM pgferry.ddl_tables WHERE relid = r.objid;
         -- An unlogged table made logged (a bulk-load pattern) enters publications only now:
-        -- for targets it is a new table (its rows come by the snapshot of a new table).
+        -- for targets it is a new table (its rows come by the snapshot of a new table). A
+        -- table made unlogged leaves them: PostgreSQL writes none of its changes to the WAL,
+        -- which capture warns about.
+        made := NULL;
         IF r.command_tag = 'ALTER TABLE' AND current_query() ~* E'\\mSET\\s+LOGGED\\M'
            AND (SELECT relpersistence FROM pg_class WHERE oid = r.objid) = 'p' THEN
             shadow := NULL;
+            made := 'logged';
+        ELSIF r.command_tag = 'ALTER TABLE' AND current_query() ~* E'\\mSET\\s+UNLOGGED\\M'
+           AND (SELECT relpersistence FROM pg_class WHERE oid = r.objid) = 'u' THEN
+            made := 'unlogged';
         END IF;
         cols := pgferry.ddl_columns(r.objid);
         part := pgferry.ddl_partition(r.objid);
@@ -233,7 +241,7 @@ BEGIN
         IF shadow.relid IS NOT NULL AND shadow.columns = cols
            AND shadow.schema_name = r.nsp AND shadow.table_name = r.rel
            AND shadow.partition_of IS NOT DISTINCT FROM part
-           AND shadow.primary_key IS NOT DISTINCT FROM pkey
+           AND shadow.primary_key IS NOT DISTINCT FROM pkey AND made IS NULL
            AND NOT (r.command_tag = 'ALTER TABLE'
                     AND current_query() ~* E'\\mTYPE\\M.*\\mUSING\\M') THEN
             CONTINUE;
@@ -296,6 +304,7 @@ BEGIN
                 'DateStyle', current_setting('DateStyle'),
                 'IntervalStyle', current_setting('IntervalStyle'),
                 'extra_float_digits', current_setting('extra_float_digits')),
+            'persistence', made,
             -- An ALTER TABLE … USING may give rows values targets cannot compute. The
             -- command's text is the client's: one run by a function (`SELECT migrate()`) is
             -- not in it, and is taken to have a USING.
@@ -472,6 +481,11 @@ pub struct TriggerMessage {
     /// function ran it), so it may have one.
     #[serde(default)]
     pub using: bool,
+    /// What the command made the table: `unlogged` (`SET UNLOGGED`: PostgreSQL writes none of
+    /// its changes to the WAL from now on) or `logged` (`SET LOGGED`, reported as the
+    /// table's creation); `None` when it did neither.
+    #[serde(default)]
+    pub persistence: Option<Persistence>,
     /// The session settings the command ran under, of [`SESSION_SETTINGS`]: name → value.
     #[serde(default)]
     pub settings: BTreeMap<String, String>,
@@ -500,6 +514,17 @@ pub fn session_settings(settings: &BTreeMap<String, String>) -> Vec<(&str, &str)
         .filter(|(name, _)| SESSION_SETTINGS.contains(&name.as_str()))
         .map(|(name, value)| (name.as_str(), value.as_str()))
         .collect()
+}
+
+/// A table's persistence as an `ALTER TABLE … SET LOGGED | UNLOGGED` left it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Persistence {
+    /// `SET LOGGED`: its changes are in the WAL again, from the command on.
+    Logged,
+    /// `SET UNLOGGED`: PostgreSQL writes none of its changes to the WAL, so logical
+    /// decoding, and so capture, sees none of them.
+    Unlogged,
 }
 
 /// What the source table's existing rows got in a column an `ALTER TABLE` added, where the
@@ -1708,6 +1733,7 @@ mod tests {
             applied: BTreeMap::new(),
             added: None,
             using: false,
+            persistence: None,
             settings: BTreeMap::new(),
         }
     }

@@ -1336,6 +1336,12 @@ async fn rows_of_a_table_dropped_meanwhile_are_skipped() {
 /// then made `LOGGED`, the bulk-load pattern: it reaches the replica as a new table, with the
 /// rows written while it was unlogged (by the new table's snapshot) and after. Before, the
 /// replica never got the table and every later row was a dead letter.
+///
+/// Then a replicated table made `UNLOGGED` (capture warns), written to (random inserts,
+/// updates and deletes), and made `LOGGED` again, before the publication's next poll: once
+/// in one transaction, once in separate ones. The replica ends exact, the deleted rows gone,
+/// by the re-snapshot `SET LOGGED` requests. Before, the rows written while the table was
+/// unlogged were missing on the replica for good, silently.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unlogged_table_made_logged_arrives_with_its_rows() {
     let Pipeline {
@@ -1368,6 +1374,41 @@ async fn an_unlogged_table_made_logged_arrives_with_its_rows() {
     )
     .await;
     wait_same(&m, &r, "bulk", Duration::from_secs(90)).await;
+    assert!(letters(&r).await.is_empty(), "{:?}", letters(&r).await);
+
+    let seed = seed();
+    eprintln!("seed {seed} (DDL_SEED)");
+    let mut rng = Rng::new(seed);
+    run_step(
+        &m,
+        "INSERT INTO kv SELECT g, g, 'before' FROM generate_series(2, 300) g",
+    )
+    .await;
+    wait_same(&m, &r, "kv", Duration::from_secs(60)).await;
+    for in_one_transaction in [true, false] {
+        let writes: Vec<String> = (0..120).map(|_| row_write(&mut rng, "kv", 400)).collect();
+        if in_one_transaction {
+            run_step(
+                &m,
+                &format!(
+                    "BEGIN; ALTER TABLE kv SET UNLOGGED; {}; ALTER TABLE kv SET LOGGED; COMMIT",
+                    writes.join("; ")
+                ),
+            )
+            .await;
+        } else {
+            run_step(&m, "ALTER TABLE kv SET UNLOGGED").await;
+            for w in &writes {
+                run_step(&m, w).await;
+            }
+            run_step(&m, "ALTER TABLE kv SET LOGGED").await;
+        }
+        run_step(&m, "UPDATE kv SET note = 'after' WHERE k % 7 = 0").await;
+        wait_same(&m, &r, "kv", Duration::from_secs(90)).await;
+    }
+    capture
+        .wait_log("the table was made UNLOGGED", Duration::from_secs(10))
+        .await;
     assert!(letters(&r).await.is_empty(), "{:?}", letters(&r).await);
     drop((capture, applier));
 }

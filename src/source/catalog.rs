@@ -318,12 +318,14 @@ pub async fn publishes_all_tables(
 /// which lists a partitioned table's leaves only (none for a partitioned table without
 /// partitions yet, whose creation was then not published). A table gone since is covered by
 /// a `FOR ALL TABLES` publication (its drop follows). Ask only once the change's transaction
-/// is visible here ([`sees_transaction`]).
+/// is visible here ([`sees_transaction`]). With `unlogged_too`, a `FOR ALL TABLES` publication
+/// covers unlogged tables too (whether it would publish the table were it logged).
 pub async fn publishes_table_tree(
     client: &Client,
     publication: &str,
     table: (Option<u32>, &str, &str),
     also: Option<(Option<u32>, &str, &str)>,
+    unlogged_too: bool,
 ) -> Result<bool, tokio_postgres::Error> {
     let oid = |relid: Option<u32>| relid.map(i64::from);
     let (relid, name) = (oid(table.0), qualified(table.1, table.2));
@@ -343,7 +345,8 @@ pub async fn publishes_table_tree(
                   WHERE p.pubname = $1
                     AND ((p.puballtables
                           AND NOT EXISTS (SELECT 1 FROM rel JOIN pg_class c ON c.oid = rel.oid
-                                           WHERE c.relpersistence <> 'p'))
+                                           WHERE c.relpersistence = 't'
+                                              OR (c.relpersistence = 'u' AND NOT $6)))
                          OR EXISTS (SELECT 1 FROM tree
                                       JOIN pg_publication_rel r ON r.prrelid = tree.oid
                                      WHERE r.prpubid = p.oid)
@@ -351,7 +354,7 @@ pub async fn publishes_table_tree(
                                       JOIN pg_class c ON c.oid = tree.oid
                                       JOIN pg_publication_namespace n ON n.pnnspid = c.relnamespace
                                      WHERE n.pnpubid = p.oid)))",
-            &[&publication, &relid, &name, &also_relid, &also_name],
+            &[&publication, &relid, &name, &also_relid, &also_name, &unlogged_too],
         )
         .await?;
     Ok(row.get(0))

@@ -388,6 +388,9 @@ impl Capture {
             }
         };
         let ops = crate::ddl::diff(&message);
+        if message.persistence == Some(crate::ddl::Persistence::Unlogged) {
+            self.made_unlogged(txn, &message).await?;
+        }
         // No op, yet rows may have been rewritten: `ALTER COLUMN … TYPE <the same type> USING
         // expr` (`lower(email)`) changes values and no column's shape.
         let rewritten_in_place = ops.is_empty()
@@ -418,6 +421,7 @@ impl Capture {
                 publication,
                 (message.relid, &message.schema, &message.table),
                 detached_from,
+                false,
             )
             .await
         }
@@ -500,6 +504,67 @@ impl Capture {
         if self.settings.resnapshot_rewritten && crate::ddl::rewrites_rows(&message, &ops) {
             let name = (message.schema.as_str(), message.table.as_str());
             self.resnapshot(name, "the schema change gave existing rows values targets cannot compute (a volatile DEFAULT, an identity, USING); re-snapshotting the table").await?;
+        }
+        if message.persistence == Some(crate::ddl::Persistence::Logged) {
+            self.made_logged(&message).await?;
+        }
+        Ok(())
+    }
+
+    /// `ALTER TABLE … SET UNLOGGED` of a table the publication would publish were it logged
+    /// (`FOR ALL TABLES`, `FOR TABLES IN SCHEMA`; PostgreSQL refuses it for a table a
+    /// publication lists): from now on PostgreSQL writes none of its changes to the WAL, and
+    /// no change of it reaches Kafka or a target. Warned about, and counted as a schema
+    /// change; `SET LOGGED` brings it back ([`Capture::made_logged`]).
+    async fn made_unlogged(
+        &self,
+        txn: &OpenTxn,
+        message: &crate::ddl::TriggerMessage,
+    ) -> Result<(), CaptureError> {
+        self.await_visible(txn).await?;
+        let table = (
+            message.relid,
+            message.schema.as_str(),
+            message.table.as_str(),
+        );
+        let would_publish = catalog::publishes_table_tree(
+            &self.sql,
+            &self.settings.source.publication,
+            table,
+            None,
+            true,
+        )
+        .await
+        .map_err(CaptureError::sql("reading the publication's tables"))?;
+        if would_publish {
+            let name = format!("{}.{}", message.schema, message.table);
+            self.metrics
+                .schema_changes
+                .with_label_values(&[&name])
+                .inc();
+            tracing::warn!(table = %name,
+                           "the table was made UNLOGGED: PostgreSQL writes none of its changes to the WAL, so none reach Kafka or any target until ALTER TABLE … SET LOGGED (which re-snapshots it on replicas)");
+        }
+        Ok(())
+    }
+
+    /// `ALTER TABLE … SET LOGGED`, reported as the table's creation: a table new to the
+    /// publication is snapshotted as any new table is; one this slot snapshotted before it
+    /// was made unlogged (its record kept: the publication was not polled meanwhile) is
+    /// re-snapshotted, since its changes while unlogged reached no target. Multi-master nodes
+    /// do not re-snapshot (a snapshot row never wins over a version a peer holds): they warn.
+    async fn made_logged(&self, message: &crate::ddl::TriggerMessage) -> Result<(), CaptureError> {
+        let name = (message.schema.as_str(), message.table.as_str());
+        if !self.settings.resnapshot_rewritten {
+            tracing::warn!(table = %format!("{}.{}", name.0, name.1),
+                           "the table was made LOGGED again: the changes made here while it was UNLOGGED reached no other node");
+            return Ok(());
+        }
+        let known = chunk::known_tables(&self.sql, &self.slot)
+            .await
+            .map_err(CaptureError::sql("reading the snapshot records"))?;
+        if known.contains(&(name.0.to_owned(), name.1.to_owned())) {
+            self.resnapshot(name, "the table was made LOGGED again: its changes while it was UNLOGGED reached no target; re-snapshotting the table").await?;
         }
         Ok(())
     }
