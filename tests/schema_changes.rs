@@ -855,6 +855,28 @@ fn another_node(rng: &mut Rng, of: usize) -> usize {
     (of + 1 + rng.range(0, 2) as usize) % 3
 }
 
+/// Waits (up to 90 s on each) until `query`'s rows, read by `row`, are `want` on every node.
+async fn rows_everywhere<T: PartialEq>(
+    nodes: &[common::mesh::Node],
+    clients: &[Client],
+    what: &str,
+    query: &str,
+    row: impl Fn(&tokio_postgres::Row) -> T,
+    want: &[T],
+) {
+    for (node, c) in nodes.iter().zip(clients) {
+        common::wait_for(
+            &format!("{}'s {what}", node.name),
+            Duration::from_secs(90),
+            || async {
+                let rows: Vec<T> = c.query(query, &[]).await.ok()?.iter().map(&row).collect();
+                (rows == want).then_some(())
+            },
+        )
+        .await;
+    }
+}
+
 /// Waits until `query` (a count) gives `want` on `c`.
 async fn wait_count(what: &str, c: &Client, query: &str, want: i64) {
     common::wait_for(what, Duration::from_secs(60), || async {
@@ -1066,23 +1088,17 @@ async fn rows_written_without_a_new_column_win_whole() {
         .iter()
         .map(|(k, (v, note, extra))| (*k, *v, note.clone(), extra.or(default)))
         .collect();
-    for (node, c) in nodes.iter().zip(&clients) {
-        common::wait_for(
-            &format!("{}'s kv to be each row's last write, whole", node.name),
-            Duration::from_secs(90),
-            || async {
-                let rows: Vec<(i32, i32, String, Option<i64>)> = c
-                    .query("SELECT k, v, note, extra FROM kv ORDER BY k", &[])
-                    .await
-                    .ok()?
-                    .iter()
-                    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-                    .collect();
-                (rows == want).then_some(())
-            },
-        )
-        .await;
-    }
+    let query = "SELECT k, v, note, extra FROM kv ORDER BY k";
+    let row = |r: &tokio_postgres::Row| (r.get(0), r.get(1), r.get(2), r.get(3));
+    rows_everywhere(
+        &nodes,
+        &clients,
+        "kv to be each row's last write, whole",
+        query,
+        row,
+        &want,
+    )
+    .await;
     let mut made = [0.0; 3];
     made[adder] = if later_default.is_empty() { 1.0 } else { 2.0 };
     each_change_applied_once(&nodes, &made).await;
@@ -1155,22 +1171,145 @@ async fn a_renamed_key_column_keeps_its_rows_versions() {
     nodes[away].ferry.restart();
     nodes[away].ferry.wait_streaming().await;
     let want: Vec<(i32, String)> = model.into_iter().collect();
-    for (node, c) in nodes.iter().zip(&clients) {
-        common::wait_for(
-            &format!("{}'s kv to hold each row's last write", node.name),
-            Duration::from_secs(90),
-            || async {
-                let rows: Vec<(i32, String)> = c
-                    .query("SELECT kid, note FROM kv ORDER BY kid", &[])
-                    .await
-                    .ok()?
-                    .iter()
-                    .map(|r| (r.get(0), r.get(1)))
-                    .collect();
-                (rows == want).then_some(())
-            },
+    let query = "SELECT kid, note FROM kv ORDER BY kid";
+    let row = |r: &tokio_postgres::Row| (r.get(0), r.get(1));
+    rows_everywhere(
+        &nodes,
+        &clients,
+        "kv to hold each row's last write",
+        query,
+        row,
+        &want,
+    )
+    .await;
+}
+
+/// A column's type narrowed on one node (`numeric` to `bigint`, `double precision` to
+/// `integer`: the ALTER rounds the rows it finds) while another node, away, writes rows with
+/// fractions under the old types: each row ends, on every node, as its last write made it,
+/// the away node's values converted as the ALTER converted rows (`427.77` becomes 428, `2.5`
+/// becomes 2), and nothing is dead-lettered. Before, the nodes that had the new type refused
+/// the away node's values (`invalid input syntax for type bigint: "427.77"`): dead letters,
+/// and the table diverged. Random rows, values, order of the writes, retyping and away node.
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_written_under_a_narrowed_type_are_converted() {
+    let seed = seed();
+    eprintln!("seed {seed} (DDL_SEED)");
+    let mut rng = Rng::new(seed);
+    let ddl = "CREATE TABLE m (k int PRIMARY KEY, amount numeric, ratio float8, note text)";
+    let (mut nodes, clients) = three_nodes("mmnarrow", ddl).await;
+    const ROWS: i32 = 40;
+    let away = rng.range(0, 3) as usize;
+    let retyper = another_node(&mut rng, away);
+    // The third node writes the first rows: the away node's stream reaches the others only
+    // with its rows under the old type (statements prepared for a stream before the ALTER
+    // went on casting to the old type, which hid the fault).
+    run_step(
+        &clients[3 - away - retyper],
+        &format!("INSERT INTO m SELECT g, g, g, 'init' FROM generate_series(1, {ROWS}) g"),
+    )
+    .await;
+    for c in &clients {
+        wait_count(
+            "the rows on every node",
+            c,
+            "SELECT count(*) FROM m",
+            ROWS.into(),
         )
         .await;
+    }
+    nodes[away].ferry.kill9();
+    // key -> (amount, ratio, note) as last written, the away node's as text under the old types.
+    let mut model: BTreeMap<i32, (String, String, &str)> = (1..=ROWS)
+        .map(|k| (k, (k.to_string(), k.to_string(), "init")))
+        .collect();
+    let mut away_writes = Vec::new();
+    let mut away_rows = Vec::new();
+    for k in 1..=ROWS + 10 {
+        if !rng.chance(0.6) {
+            continue;
+        }
+        let amount = format!("{}.{:02}", rng.range(0, 100000), rng.range(0, 100));
+        let ratio = format!("{}", rng.range(-4000, 4000) as f64 / 8.0);
+        away_writes.push(format!(
+            "INSERT INTO m VALUES ({k}, {amount}, {ratio}, 'away') \
+             ON CONFLICT (k) DO UPDATE SET amount = EXCLUDED.amount, ratio = EXCLUDED.ratio, note = 'away'"
+        ));
+        away_rows.push((k, (amount, ratio, "away")));
+    }
+    let mut retyper_writes = Vec::new();
+    let mut retyper_rows = Vec::new();
+    for k in 1..=ROWS {
+        if !rng.chance(0.6) {
+            continue;
+        }
+        let (amount, ratio) = (rng.range(0, 1000), rng.range(-100, 100));
+        retyper_writes.push(format!(
+            "UPDATE m SET amount = {amount}, ratio = {ratio}, note = 'retyper' WHERE k = {k}"
+        ));
+        retyper_rows.push((k, (amount.to_string(), ratio.to_string(), "retyper")));
+    }
+    let away_first = rng.chance(0.5);
+    eprintln!(
+        "{} away, {} retypes; {} writes first",
+        nodes[away].name,
+        nodes[retyper].name,
+        if away_first {
+            "the away node"
+        } else {
+            "the retyper"
+        }
+    );
+    run_step(
+        &clients[retyper],
+        "ALTER TABLE m ALTER COLUMN amount TYPE bigint, ALTER COLUMN ratio TYPE integer",
+    )
+    .await;
+    let (first, last) = if away_first {
+        (
+            (away, &away_writes, &away_rows),
+            (retyper, &retyper_writes, &retyper_rows),
+        )
+    } else {
+        (
+            (retyper, &retyper_writes, &retyper_rows),
+            (away, &away_writes, &away_rows),
+        )
+    };
+    for (i, (node, writes, rows)) in [first, last].into_iter().enumerate() {
+        if i == 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        run_step(&clients[node], &writes.join("; ")).await;
+        for (k, row) in rows.iter() {
+            model.insert(*k, row.clone());
+        }
+    }
+    nodes[away].ferry.restart();
+    nodes[away].ferry.wait_streaming().await;
+    // The values the rows must hold: each as the ALTER converts it.
+    let mut want = Vec::new();
+    for (k, (amount, ratio, note)) in &model {
+        let row = clients[retyper]
+            .query_one(
+                "SELECT $1::text::numeric::bigint, $2::text::float8::int4",
+                &[amount, ratio],
+            )
+            .await
+            .unwrap();
+        want.push((
+            *k,
+            row.get::<_, i64>(0),
+            row.get::<_, i32>(1),
+            note.to_string(),
+        ));
+    }
+    let query = "SELECT k, amount, ratio, note FROM m ORDER BY k";
+    let row = |r: &tokio_postgres::Row| (r.get(0), r.get(1), r.get(2), r.get(3));
+    let what = "m to hold each row's last write, converted";
+    rows_everywhere(&nodes, &clients, what, query, row, &want).await;
+    for c in &clients {
+        assert_eq!(unresolved_letters(c).await, 0, "{:?}", letters(c).await);
     }
 }
 

@@ -73,6 +73,12 @@ impl RowImage {
         self.0.is_empty()
     }
 
+    /// (column, value) pairs in order, values to change (a value written under a column's
+    /// old type, converted to its new one).
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut (String, Box<RawValue>)> {
+        self.0.iter_mut()
+    }
+
     /// Renames a column (a change written before the column was renamed on this target).
     pub fn rename_column(&mut self, from: &str, to: &str) {
         for (c, _) in &mut self.0 {

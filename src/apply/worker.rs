@@ -53,6 +53,7 @@ use crate::value::copy_text;
 mod horizon;
 mod lww;
 mod lww_rows;
+mod retype;
 
 /// Statements in flight before the worker waits for their results.
 const PIPELINE_DEPTH: usize = 512;
@@ -244,6 +245,8 @@ struct Worker {
     parked: HashMap<String, std::time::Instant>,
     /// Tables whose re-snapshot ranges cannot be pruned here (logged once each).
     unpruned: HashSet<String>,
+    /// Multi-master: the stream's column types, for values written under a column's old type.
+    retyping: retype::Retyping,
 }
 
 /// What [`Worker::apply_carefully`] applies: one change, or snapshot rows.
@@ -431,6 +434,7 @@ async fn open(
         diverged_checked: std::time::Instant::now(),
         parked: HashMap::new(),
         unpruned: HashSet::new(),
+        retyping: retype::Retyping::default(),
     };
     worker.reload_parked(&client).await?;
     Ok((worker, client))
@@ -866,6 +870,7 @@ impl Worker {
                 if let Some(reason) = admit::admit_relation(&relation.schema, &relation.table) {
                     self.bad_message(client, record, &reason).await?;
                 } else {
+                    self.retyping.relation(&relation);
                     self.announce(client, pending, &relation);
                     if self.settings.apply.create_tables {
                         self.create_if_missing(client, pending, record, &relation)

@@ -272,16 +272,30 @@ pub async fn primary_key_columns(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// Column types as SQL (`format_type`) and NOT NULL flags, by column name.
+/// Column types as SQL (`format_type`) and NOT NULL flags, by column name, for the columns
+/// of a relation message: each type as the message gives it (the WAL's, which the rows were
+/// written under: the table may have another type by now, changed by a later command or
+/// by a multi-master node's apply), else today's catalog's, else `text`; NOT NULL as the
+/// catalog says now.
 pub async fn column_types(
     client: &Client,
     relation_oid: u32,
+    columns: &[crate::source::pgoutput::Column],
 ) -> Result<HashMap<String, (String, bool)>, tokio_postgres::Error> {
+    let names: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
+    let oids: Vec<u32> = columns.iter().map(|c| c.type_oid).collect();
+    let mods: Vec<i32> = columns.iter().map(|c| c.type_modifier).collect();
     let rows = client
         .query(
-            "SELECT attname::text, format_type(atttypid, atttypmod), attnotnull
-               FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped",
-            &[&relation_oid],
+            "SELECT c.name,
+                    coalesce(CASE WHEN EXISTS (SELECT 1 FROM pg_type t WHERE t.oid = c.typ)
+                                  THEN format_type(c.typ, c.mod) END,
+                             format_type(a.atttypid, a.atttypmod), 'text'),
+                    coalesce(a.attnotnull, false)
+               FROM unnest($2::text[], $3::oid[], $4::int4[]) AS c(name, typ, mod)
+               LEFT JOIN pg_attribute a ON a.attrelid = $1 AND a.attname = c.name
+                                       AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&relation_oid, &names, &oids, &mods],
         )
         .await?;
     Ok(rows

@@ -21,7 +21,7 @@ use crate::apply::conflict::{
 use crate::apply::error::ApplyError;
 use crate::apply::plan::StatementKind;
 use crate::apply::sql::{self, Typed};
-use crate::apply::stream::{object_text, ChangeItem, RowImage};
+use crate::apply::stream::{object_text, ChangeItem, RowImage, WritesColumns};
 use crate::apply::target::{TargetTable, TextParam};
 use crate::event::Op;
 
@@ -240,12 +240,19 @@ impl Worker {
             );
             return self.bad_message(client, message, &reason).await;
         }
+        let written: Vec<String> = change.column_names().cloned().collect();
         let Some(table) = self
             .target_table(client, message, &mut *change, &qualified)
             .await?
         else {
             return Ok(());
         };
+        // Columns renamed since the change was written are no longer the writer's, whose
+        // types are known by the names it wrote.
+        if change.column_names().eq(written.iter()) {
+            self.convert_retyped(client, pending, &qualified, &mut change, &table)
+                .await?;
+        }
         if table.key.is_empty() {
             let reason = format!("multi_master needs a primary key on {qualified}");
             return self.bad_message(client, message, &reason).await;

@@ -698,8 +698,7 @@ impl Capture {
         )
         .await
         .map_err(CaptureError::sql("resolving column types"))?;
-        // The catalog is today's, not the WAL's; a column it no longer knows falls back to text.
-        let types = catalog::column_types(client, relation.oid)
+        let types = catalog::column_types(client, relation.oid, &relation.columns)
             .await
             .map_err(CaptureError::sql("reading column types"))?;
         let columns = relation
