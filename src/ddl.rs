@@ -289,6 +289,17 @@ BEGIN
             ON CONFLICT (table_name, old_name) DO UPDATE SET new_name = EXCLUDED.new_name, at = now(),
                 origin = EXCLUDED.origin, origin_lsn = EXCLUDED.origin_lsn;
         END IF;
+        -- A table renamed or moved to another schema, for changes written under its old name
+        -- that arrive later from other nodes (see apply's target::table_fate): the old name's
+        -- record `''` holds the new name as a JSON array [schema, table].
+        IF shadow.relid IS NOT NULL
+           AND (shadow.schema_name, shadow.table_name) IS DISTINCT FROM (r.nsp, r.rel) THEN
+            INSERT INTO pgferry.ddl_history (table_name, old_name, new_name, origin, origin_lsn)
+            VALUES (shadow.schema_name || '.' || shadow.table_name, '',
+                    jsonb_build_array(r.nsp, r.rel)::text, NULL, pg_current_wal_insert_lsn())
+            ON CONFLICT (table_name, old_name) DO UPDATE SET new_name = EXCLUDED.new_name, at = now(),
+                origin = EXCLUDED.origin, origin_lsn = EXCLUDED.origin_lsn;
+        END IF;
         IF NOT pgferry.ddl_stays_local() THEN
         PERFORM pg_logical_emit_message(true, 'pgferry.ddl', jsonb_build_object(
             'tag', r.command_tag, 'relid', r.objid::int8, 'schema', r.nsp, 'table', r.rel,
@@ -332,10 +343,11 @@ BEGIN
         DELETE FROM pgferry.ddl_tables WHERE relid = r.objid;
         -- The table dropped here (by a user, or by apply from another node): rows of it other
         -- nodes wrote before they saw the drop still arrive, and apply skips them (an old
-        -- name of '' stands for the table; no column has that name).
+        -- name of '' stands for the table; no column has that name; a new name of NULL says
+        -- dropped, where a renamed table's says where it went).
         INSERT INTO pgferry.ddl_history (table_name, old_name, new_name, origin, origin_lsn)
         VALUES (r.schema_name || '.' || r.object_name, '', NULL, NULL, pg_current_wal_insert_lsn())
-        ON CONFLICT (table_name, old_name) DO UPDATE SET at = now(),
+        ON CONFLICT (table_name, old_name) DO UPDATE SET new_name = NULL, at = now(),
             origin_lsn = EXCLUDED.origin_lsn;
         IF NOT pgferry.ddl_stays_local() THEN
             PERFORM pg_logical_emit_message(true, 'pgferry.ddl', jsonb_build_object(

@@ -1104,84 +1104,115 @@ async fn rows_written_without_a_new_column_win_whole() {
     each_change_applied_once(&nodes, &made).await;
 }
 
-/// A key column renamed on one node while another node, away, updates rows under the old
-/// name: each row ends, on every node, as its last write made it. Before, the version store
-/// keyed rows by their key columns' names: the renaming node's writes were stamped under the
-/// new name, the away node's under the old, neither found the other's version, and an older
-/// write won over a newer one on the away node (the nodes stayed apart, with no conflict
-/// logged). Random rows, order of the writes, renaming and away node.
+/// A key column renamed, the table renamed, or the table moved to another schema, on one
+/// node while another node, away, writes rows under the old names (updates, and inserts of
+/// new keys): each row ends, on every node, as its last write made it, under the new names,
+/// and nothing is dead-lettered. Before, for a key column: the version store keyed rows by
+/// their key columns' names, neither node found the other's version, and an older write won
+/// over a newer one on the away node (the nodes stayed apart, with no conflict logged). For
+/// a table: the away node's rows were dead letters on the others ("table public.kv does not
+/// exist"), and the versions stayed under the old name, so on the away node an older write
+/// of the renamer's won over its own newer one. Each rename, random rows, order of the
+/// writes, renaming and away node.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_renamed_key_column_keeps_its_rows_versions() {
+async fn renames_while_a_node_is_away_keep_rows_and_versions() {
     let seed = seed();
     eprintln!("seed {seed} (DDL_SEED)");
     let mut rng = Rng::new(seed);
-    let (mut nodes, clients) = three_nodes("mmkeyname", KV_DDL).await;
-    const ROWS: i32 = 40;
-    fill_kv(&clients, ROWS).await;
-    let away = rng.range(0, 3) as usize;
-    let renamer = another_node(&mut rng, away);
-    nodes[away].ferry.kill9();
-    let mut model: BTreeMap<i32, String> = (1..=ROWS).map(|k| (k, "init".to_owned())).collect();
-    let renamer_rows: Vec<i32> = (1..=ROWS).filter(|_| rng.chance(0.6)).collect();
-    let away_rows: Vec<i32> = (1..=ROWS).filter(|_| rng.chance(0.6)).collect();
-    let list = |rows: &[i32]| {
-        let keys: Vec<String> = rows.iter().map(i32::to_string).collect();
-        format!("({})", keys.join(", "))
-    };
-    let rename = "ALTER TABLE kv RENAME COLUMN k TO kid";
-    let renamer_write = format!(
-        "UPDATE kv SET note = 'renamer' WHERE kid IN {}",
-        list(&renamer_rows)
-    );
-    let away_write = format!(
-        "UPDATE kv SET note = 'away' WHERE k IN {}",
-        list(&away_rows)
-    );
-    let away_first = rng.chance(0.5);
-    eprintln!(
-        "{} away, {} renames; {} writes first",
-        nodes[away].name,
-        nodes[renamer].name,
-        if away_first {
-            "the away node"
+    // (label, the rename, the table and key column after it)
+    let renames = [
+        (
+            "mmkeyname",
+            "ALTER TABLE kv RENAME COLUMN k TO kid",
+            "kv",
+            "kid",
+        ),
+        (
+            "mmtabname",
+            "ALTER TABLE kv RENAME TO kv_renamed",
+            "kv_renamed",
+            "k",
+        ),
+        (
+            "mmtabmove",
+            "ALTER TABLE kv SET SCHEMA elsewhere",
+            "elsewhere.kv",
+            "k",
+        ),
+    ];
+    for (label, rename, table, key) in renames {
+        let ddl = format!("CREATE SCHEMA elsewhere; {KV_DDL}");
+        let (mut nodes, clients) = three_nodes(label, &ddl).await;
+        const ROWS: i32 = 40;
+        fill_kv(&clients, ROWS).await;
+        let away = rng.range(0, 3) as usize;
+        let renamer = another_node(&mut rng, away);
+        nodes[away].ferry.kill9();
+        let mut model: BTreeMap<i32, String> = (1..=ROWS).map(|k| (k, "init".to_owned())).collect();
+        let renamer_rows: Vec<i32> = (1..=ROWS).filter(|_| rng.chance(0.6)).collect();
+        let away_rows: Vec<i32> = (1..=ROWS + 5).filter(|_| rng.chance(0.6)).collect();
+        let list = |rows: &[i32]| {
+            let keys: Vec<String> = rows.iter().map(i32::to_string).collect();
+            format!("({})", keys.join(", "))
+        };
+        let renamer_write = format!(
+            "UPDATE {table} SET note = 'renamer' WHERE {key} IN {}",
+            list(&renamer_rows)
+        );
+        let away_write = format!(
+            "UPDATE kv SET note = 'away' WHERE k IN {rows};
+             INSERT INTO kv SELECT g, g, 'away' FROM unnest('{{{keys}}}'::int[]) AS g
+              WHERE g > {ROWS}",
+            rows = list(&away_rows),
+            keys = away_rows
+                .iter()
+                .map(i32::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let away_first = rng.chance(0.5);
+        eprintln!(
+            "{rename}: {} away, {} renames; {} writes first",
+            nodes[away].name,
+            nodes[renamer].name,
+            if away_first {
+                "the away node"
+            } else {
+                "the renamer"
+            }
+        );
+        run_step(&clients[renamer], rename).await;
+        let (first, last) = if away_first {
+            (
+                (away, &away_write, &away_rows, "away"),
+                (renamer, &renamer_write, &renamer_rows, "renamer"),
+            )
         } else {
-            "the renamer"
+            (
+                (renamer, &renamer_write, &renamer_rows, "renamer"),
+                (away, &away_write, &away_rows, "away"),
+            )
+        };
+        for (i, (node, write, rows, note)) in [first, last].into_iter().enumerate() {
+            if i == 1 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            run_step(&clients[node], write).await;
+            for k in rows {
+                model.insert(*k, note.to_owned());
+            }
         }
-    );
-    run_step(&clients[renamer], rename).await;
-    if away_first {
-        run_step(&clients[away], &away_write).await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        run_step(&clients[renamer], &renamer_write).await;
-    } else {
-        run_step(&clients[renamer], &renamer_write).await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        run_step(&clients[away], &away_write).await;
-    }
-    let (first, last) = if away_first {
-        ((&away_rows, "away"), (&renamer_rows, "renamer"))
-    } else {
-        ((&renamer_rows, "renamer"), (&away_rows, "away"))
-    };
-    for (rows, note) in [first, last] {
-        for k in rows {
-            model.insert(*k, note.to_owned());
+        nodes[away].ferry.restart();
+        nodes[away].ferry.wait_streaming().await;
+        let want: Vec<(i32, String)> = model.into_iter().collect();
+        let query = format!("SELECT {key}, note FROM {table} ORDER BY {key}");
+        let row = |r: &tokio_postgres::Row| (r.get(0), r.get(1));
+        let what = format!("{table} to hold each row's last write");
+        rows_everywhere(&nodes, &clients, &what, &query, row, &want).await;
+        for c in &clients {
+            assert_eq!(unresolved_letters(c).await, 0, "{:?}", letters(c).await);
         }
     }
-    nodes[away].ferry.restart();
-    nodes[away].ferry.wait_streaming().await;
-    let want: Vec<(i32, String)> = model.into_iter().collect();
-    let query = "SELECT kid, note FROM kv ORDER BY kid";
-    let row = |r: &tokio_postgres::Row| (r.get(0), r.get(1));
-    rows_everywhere(
-        &nodes,
-        &clients,
-        "kv to hold each row's last write",
-        query,
-        row,
-        &want,
-    )
-    .await;
 }
 
 /// A column's type narrowed on one node (`numeric` to `bigint`, `double precision` to

@@ -71,6 +71,11 @@ CREATE TABLE IF NOT EXISTS pgferry.version_floor (
     one bool PRIMARY KEY DEFAULT true CHECK (one),
     t int8 NOT NULL);
 INSERT INTO pgferry.version_floor (t) VALUES (-9223372036854775808) ON CONFLICT DO NOTHING;
+-- The name each protected table's versions are kept under (`schema.table`, as apply names
+-- it): a table renamed or moved to another schema takes its versions along.
+CREATE TABLE IF NOT EXISTS pgferry.versioned_tables (
+    relid oid PRIMARY KEY,
+    table_name text NOT NULL);
 -- Nodes whose missing acknowledgements the retention backstop went past: refused.
 CREATE TABLE IF NOT EXISTS pgferry.horizon_bypassed (
     node text PRIMARY KEY,
@@ -165,6 +170,7 @@ DECLARE
     old_key text;
     new_key text;
     key_moved text;
+    was text;
     ts_known bool := current_setting('track_commit_timestamp')::bool;
 BEGIN
     IF current_setting('pgferry.protecting', true) = 'on' THEN
@@ -193,6 +199,23 @@ BEGIN
         RETURN false;
     END IF;
     PERFORM set_config('pgferry.protecting', 'on', true);
+    -- A table renamed or moved to another schema since it was protected (its version trigger
+    -- is there: not a new table under a reused oid) takes its versions to its new name, in
+    -- the renaming transaction: apply and the version trigger name the table as it is now,
+    -- and under the old name every key looked unversioned, so an older remote write won.
+    SELECT v.table_name INTO was FROM pgferry.versioned_tables v WHERE v.relid = rel;
+    IF was IS DISTINCT FROM tbl THEN
+        IF was IS NOT NULL AND EXISTS (SELECT 1 FROM pg_trigger
+                                        WHERE tgrelid = rel AND tgname = 'zz_pgferry_version') THEN
+            DELETE FROM pgferry.versions AS n
+             WHERE n.table_name = tbl
+               AND EXISTS (SELECT 1 FROM pgferry.versions AS o
+                            WHERE o.table_name = was AND o.key = n.key);
+            UPDATE pgferry.versions SET table_name = tbl WHERE table_name = was;
+        END IF;
+        INSERT INTO pgferry.versioned_tables AS v (relid, table_name) VALUES (rel, tbl)
+            ON CONFLICT (relid) DO UPDATE SET table_name = EXCLUDED.table_name;
+    END IF;
     IF (SELECT relreplident FROM pg_class WHERE oid = rel) <> 'f' THEN
         EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', q);
     END IF;

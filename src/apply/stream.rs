@@ -189,9 +189,21 @@ pub trait WritesColumns {
     /// Follows a column's rename (`to: Some`) or drop (`to: None`) made on the target after the
     /// item was written (multi-master nodes change schemas while changes are in flight).
     fn follow_column(&mut self, from: &str, to: Option<&str>);
+    /// Follows the table's rename (or move to another schema) made on the target after the
+    /// item was written.
+    fn follow_table(&mut self, schema: &str, table: &str) {
+        *self.names_mut().0 = schema.to_owned();
+        *self.names_mut().1 = table.to_owned();
+    }
+    /// The item's schema and table, to change.
+    fn names_mut(&mut self) -> (&mut String, &mut String);
 }
 
 impl WritesColumns for ChangeItem {
+    fn names_mut(&mut self) -> (&mut String, &mut String) {
+        (&mut self.schema, &mut self.table)
+    }
+
     fn schema(&self) -> &str {
         &self.schema
     }
@@ -375,6 +387,10 @@ impl RowsItem {
 }
 
 impl WritesColumns for RowsItem {
+    fn names_mut(&mut self) -> (&mut String, &mut String) {
+        (&mut self.schema, &mut self.table)
+    }
+
     fn schema(&self) -> &str {
         &self.schema
     }

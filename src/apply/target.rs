@@ -477,25 +477,64 @@ pub struct ColumnMove {
     pub lsn: Option<Lsn>,
 }
 
-/// Whether `schema.table` was dropped here by a `DROP TABLE` the DDL capture trigger saw (a
-/// user's, or one applied from another node): `pgferry.ddl_history` holds it under the old
-/// name `''`.
-pub async fn dropped_here(client: &Client, qualified: &str) -> Result<bool, tokio_postgres::Error> {
+/// What became of a table missing here, by `pgferry.ddl_history` (the DDL capture trigger
+/// records a user's `DROP TABLE`, `RENAME TO` and `SET SCHEMA`, and those applied from other
+/// nodes, under the old name `''`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TableFate {
+    /// Dropped here (maybe after renames).
+    Dropped,
+    /// Renamed or moved (maybe more than once): its name now, `(schema, table)`.
+    Renamed(String, String),
+}
+
+/// The fate of `schema.table`, missing here: followed through its renames (at most 16, so a
+/// table renamed back and forth ends), `None` when nothing is recorded or the last name
+/// is missing too without a record.
+pub async fn table_fate(
+    client: &Client,
+    qualified: &str,
+) -> Result<Option<TableFate>, tokio_postgres::Error> {
     let history: bool = client
         .query_one("SELECT to_regclass('pgferry.ddl_history') IS NOT NULL", &[])
         .await?
         .get(0);
     if !history {
-        return Ok(false);
+        return Ok(None);
     }
-    let row = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pgferry.ddl_history
-                             WHERE table_name = $1 AND old_name = '')",
-            &[&qualified],
-        )
-        .await?;
-    Ok(row.get(0))
+    let mut name = qualified.to_owned();
+    let mut fate = None;
+    for _ in 0..16 {
+        let row = client
+            .query_opt(
+                "SELECT h.new_name,
+                        CASE WHEN n ->> 1 IS NOT NULL
+                             THEN to_regclass(format('%I.%I', n ->> 0, n ->> 1)) IS NOT NULL END
+                   FROM pgferry.ddl_history h
+                   LEFT JOIN LATERAL (SELECT h.new_name::jsonb AS n
+                                       WHERE h.new_name LIKE '[%') j ON true
+                  WHERE h.table_name = $1 AND h.old_name = ''",
+                &[&name],
+            )
+            .await?;
+        let Some(row) = row else {
+            return Ok(fate);
+        };
+        let new_name: Option<String> = row.get(0);
+        let Some(new_name) = new_name else {
+            return Ok(Some(TableFate::Dropped));
+        };
+        let Ok((schema, table)) = serde_json::from_str::<(String, String)>(&new_name) else {
+            return Ok(fate);
+        };
+        name = format!("{schema}.{table}");
+        let exists: Option<bool> = row.get(1);
+        fate = Some(TableFate::Renamed(schema, table));
+        if exists == Some(true) {
+            return Ok(fate);
+        }
+    }
+    Ok(fate)
 }
 
 /// Renames and drops of `schema.table`'s columns recorded here, by old name, with their

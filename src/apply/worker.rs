@@ -1824,20 +1824,39 @@ impl Worker {
             return Ok(None);
         }
         let names = (change.schema(), change.table());
-        let Some(mut table) = self.table(client, qualified, names, false).await? else {
-            // Dropped here (multi-master: the writer had not seen the drop yet): every node
-            // drops it, so the row has nowhere to be, and nothing diverges.
-            if target::dropped_here(client, qualified)
+        let mut found = self.table(client, qualified, names, false).await?;
+        let renamed_to;
+        let mut qualified = qualified;
+        if found.is_none() {
+            // Multi-master: the writer had not seen the table dropped or renamed here yet.
+            match target::table_fate(client, qualified)
                 .await
                 .map_err(ApplyError::sql("reading pgferry.ddl_history"))?
             {
-                self.metrics
-                    .apply_filtered
-                    .with_label_values(&[&self.settings.node])
-                    .inc();
-                tracing::debug!(table = %qualified, "a change of a table dropped here; skipped");
-                return Ok(None);
+                // Every node drops it, so the row has nowhere to be, and nothing diverges.
+                Some(target::TableFate::Dropped) => {
+                    self.metrics
+                        .apply_filtered
+                        .with_label_values(&[&self.settings.node])
+                        .inc();
+                    tracing::debug!(table = %qualified, "a change of a table dropped here; skipped");
+                    return Ok(None);
+                }
+                // Every node renames it: the row goes where the table went (the caller reads
+                // the new name from the item).
+                Some(target::TableFate::Renamed(schema, table)) => {
+                    renamed_to = format!("{schema}.{table}");
+                    tracing::debug!(from = %qualified, to = %renamed_to,
+                                    "a change written under a table's old name; following its rename");
+                    change.follow_table(&schema, &table);
+                    qualified = &renamed_to;
+                    let names = (change.schema(), change.table());
+                    found = self.table(client, qualified, names, false).await?;
+                }
+                None => {}
             }
+        }
+        let Some(mut table) = found else {
             self.bad_message(
                 client,
                 message,
@@ -1943,6 +1962,7 @@ impl Worker {
         else {
             return Ok(());
         };
+        let qualified = format!("{}.{}", change.schema, change.table);
         let key: Vec<&str> = table.key.iter().map(String::as_str).collect();
         // Which image each bound value comes from, to honour its json_null list.
         let mut from_before = false;
@@ -2094,6 +2114,7 @@ impl Worker {
         else {
             return Ok(());
         };
+        let qualified = format!("{}.{}", rows.schema, rows.table);
         let count = rows.len();
         let text = bytes::Bytes::from(std::mem::take(&mut rows.copy));
         let names = (rows.schema.as_str(), rows.table.as_str());

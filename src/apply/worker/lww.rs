@@ -253,6 +253,8 @@ impl Worker {
             self.convert_retyped(client, pending, &qualified, &mut change, &table)
                 .await?;
         }
+        // The table's name here, if it was renamed since the change was written.
+        let qualified = format!("{}.{}", change.schema, change.table);
         if table.key.is_empty() {
             let reason = format!("multi_master needs a primary key on {qualified}");
             return self.bad_message(client, message, &reason).await;
