@@ -1365,3 +1365,100 @@ async fn unchanged_toast_during_a_snapshot_is_completed_from_the_chunk() {
         applier.log()
     );
 }
+
+/// Rows of random widths (3 KB to about 500 KB of text and bytea each, compressible, so
+/// their stored size is far below what they read as) snapshotted with `snapshot_chunk_bytes`
+/// at 1 MiB while a writer updates them: every chunk the log shows stays within the bound
+/// plus one row (the first chunk of a table is bounded too: before, it read
+/// `snapshot_batch_rows` rows whatever their size, the whole table here), and the replica
+/// ends exact.
+#[tokio::test(flavor = "multi_thread")]
+async fn wide_rows_keep_chunks_within_snapshot_chunk_bytes() {
+    const BOUND: u64 = 1 << 20;
+    let pg = PgCluster::shared();
+    let seed = seed();
+    eprintln!("seed {seed} (SNAPSHOT_SEED)");
+    let mut rng = Rng::new(seed);
+    let ddl = "CREATE TABLE wide (id int PRIMARY KEY, n int NOT NULL, body text, blob bytea)";
+    let (master, c) = pg.fresh_db("widesnap", ddl).await;
+    let (replica, _r) = pg.fresh_db("widesnap_r", ddl).await;
+    let rows = 120;
+    for id in 1..=rows {
+        // md5 text repeated: 32 characters a step, bytea half as many bytes.
+        let (text_steps, blob_steps) = (rng.range(100, 10_000), rng.range(0, 4_000));
+        c.batch_execute(&format!(
+            "INSERT INTO wide VALUES ({id}, 0, repeat(md5('{id}'), {text_steps}),
+                                     decode(repeat(md5('b{id}'), {blob_steps}), 'hex'))"
+        ))
+        .await
+        .unwrap();
+    }
+    c.batch_execute("ANALYZE wide").await.unwrap();
+    // The widest row as COPY reads it: the text, and the bytea in hex.
+    let widest: i64 = c
+        .query_one(
+            "SELECT max(octet_length(body) + 2 * coalesce(octet_length(blob), 0) + 64)::int8 FROM wide",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let slot = format!("slot_{master}");
+    let applier = start_applier(&master, &replica);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, master) = (stop.clone(), master.clone());
+        tokio::spawn(async move {
+            let c = PgCluster::shared().client(&master).await;
+            let mut rng = Rng::new(seed ^ 1);
+            while !stop.load(Ordering::Relaxed) {
+                let id = rng.range(1, rows + 1);
+                let write = if rng.chance(0.3) {
+                    format!("UPDATE wide SET body = md5(body), n = n + 1 WHERE id = {id}")
+                } else {
+                    format!("UPDATE wide SET n = n + 1 WHERE id = {id}")
+                };
+                c.batch_execute(&write).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let capture = start_capture(
+        &master,
+        &format!("  snapshot_readers: 2\n  snapshot_chunk_bytes: {BOUND}\n"),
+    );
+    wait_snapshot_done(
+        &c,
+        &slot,
+        ("wide", UNIX_EPOCH),
+        Duration::from_secs(300),
+        || capture.log(),
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    wait_equal(&master, &replica, "wide", Duration::from_secs(300)).await;
+    let log = capture.log();
+    let chunks: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("snapshot chunk read") && l.contains("table=public.wide"))
+        .filter_map(|l| {
+            let bytes = l.split(" bytes=").nth(1)?;
+            bytes.split(' ').next()?.parse().ok()
+        })
+        .collect();
+    eprintln!(
+        "{} chunks, bytes {chunks:?}; widest row {widest}",
+        chunks.len()
+    );
+    assert!(!chunks.is_empty(), "no chunk of public.wide in the log");
+    let over: Vec<&u64> = chunks
+        .iter()
+        .filter(|&&b| b > BOUND + widest as u64)
+        .collect();
+    assert!(
+        over.is_empty(),
+        "chunks over {BOUND} bytes plus the widest row ({widest}): {over:?}"
+    );
+    drop(applier);
+}

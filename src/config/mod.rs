@@ -126,8 +126,9 @@ pub struct SourceConfig {
         deserialize_with = "de::lenient"
     )]
     pub snapshot_batch_rows: u32,
-    /// Upper bound on one chunk's size in bytes (as text); a chunk that reaches it ends early
-    /// and the next chunks are read smaller.
+    /// Upper bound on one chunk's size in bytes (as text), over it by one row at most: where
+    /// a chunk of a table's rows could pass it, the chunk query ends at it; elsewhere a chunk
+    /// over it makes the next ones smaller. Keyless tables (read by heap pages) only adapt.
     #[serde(
         default = "default_snapshot_chunk_bytes",
         deserialize_with = "de::lenient"

@@ -218,12 +218,16 @@ fn key_literal(target: &Target, values: &[String]) -> String {
 }
 
 /// The next chunk of a key range: rows with key in `(after, upper]`, in key order, at most
-/// `limit`.
+/// `limit`; with `bytes`, only as many of those as come to at most `bytes` by [`row_size`]
+/// (at least one). The bounded form first finds, in the same statement and snapshot, the
+/// last key within the bound from the keys and the values' sizes alone (no TOASTed value is
+/// read for it), then reads the rows up to that key.
 pub fn chunk_query(
     target: &Target,
     after: Option<&[String]>,
     upper: Option<&[String]>,
     limit: u32,
+    bytes: Option<u64>,
 ) -> String {
     let key = key_tuple(target);
     let mut conditions = Vec::new();
@@ -233,18 +237,81 @@ pub fn chunk_query(
     if let Some(upper) = upper {
         conditions.push(format!("{key} <= {}", key_literal(target, upper)));
     }
-    let filter = if conditions.is_empty() {
+    let order: Vec<String> = target.key.iter().map(|k| quote_ident(&k.name)).collect();
+    let order = order.join(", ");
+    let source = target.source();
+    let cut = bytes.map(|bytes| {
+        let size = row_size(target);
+        format!(
+            "WITH pgferry_cut AS (
+                 SELECT {order} FROM (
+                     SELECT {order}, sum({size}) OVER (ORDER BY {order} ROWS UNBOUNDED PRECEDING) - {size} AS pgferry_before
+                       FROM {source}{filter} ORDER BY {order} LIMIT {limit}) AS s
+                  WHERE pgferry_before < {bytes}
+                  ORDER BY pgferry_before DESC LIMIT 1) ",
+            filter = where_clause(&conditions),
+        )
+    });
+    if cut.is_some() {
+        conditions.push(format!("{key} <= (SELECT {order} FROM pgferry_cut)"));
+    }
+    format!(
+        "{}SELECT {} FROM {source}{} ORDER BY {order} LIMIT {limit}",
+        cut.unwrap_or_default(),
+        select_list(target),
+        where_clause(&conditions),
+    )
+}
+
+/// ` WHERE a AND b`, or nothing for no condition.
+fn where_clause(conditions: &[String]) -> String {
+    if conditions.is_empty() {
         String::new()
     } else {
         format!(" WHERE {}", conditions.join(" AND "))
-    };
-    let order: Vec<String> = target.key.iter().map(|k| quote_ident(&k.name)).collect();
-    format!(
-        "SELECT {} FROM {}{filter} ORDER BY {} LIMIT {limit}",
-        select_list(target),
-        target.source(),
-        order.join(", "),
-    )
+    }
+}
+
+/// A row's size as SQL, close to its length in `COPY`'s text and read from the values'
+/// headers alone: `octet_length` of text types and twice that of `bytea` (hex), the length of
+/// the value uncompressed, which PostgreSQL reads without fetching a TOASTed value; the stored
+/// size (`pg_column_size`) of other types; one more for the row.
+fn row_size(target: &Target) -> String {
+    const TEXT: u32 = 25;
+    const VARCHAR: u32 = 1043;
+    const BPCHAR: u32 = 1042;
+    const BYTEA: u32 = 17;
+    let terms: Vec<String> = target
+        .relation
+        .columns
+        .iter()
+        .map(|c| {
+            let q = quote_ident(&c.name);
+            match c.type_oid {
+                TEXT | VARCHAR | BPCHAR => format!("coalesce(octet_length({q}), 0)"),
+                BYTEA => format!("coalesce(2 * octet_length({q}), 0)"),
+                _ => format!("coalesce(pg_column_size({q}), 0)"),
+            }
+        })
+        .collect();
+    format!("({} + 1)::int8", terms.join(" + "))
+}
+
+/// Bytes a row of table `oid` (its partitions, for a partitioned one) takes on disk on
+/// average, TOASTed values included: how wide a chunk of its rows may be before one is read.
+/// A table the planner has no row count for yet counts as one row.
+pub async fn average_row_bytes(client: &Client, oid: u32) -> Result<f64, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT (coalesce(sum(pg_table_size(c.oid)), 0)
+                         / greatest(sum(greatest(c.reltuples, 0)), 1))::float8
+                   FROM pg_class c WHERE {STORAGE}"
+            ),
+            &[&oid],
+        )
+        .await?;
+    Ok(row.get(0))
 }
 
 /// The rows of the given keys (a re-read).
@@ -1041,16 +1108,40 @@ mod tests {
         let t = target(&[("id", "bigint"), ("sub", "text")]);
         let after = vec!["5".to_owned(), "o'k".to_owned()];
         assert_eq!(
-            chunk_query(&t, Some(&after), None, 100),
+            chunk_query(&t, Some(&after), None, 100, None),
             r#"SELECT "id", "sub", "v", xmax::text, xmin::text FROM ONLY "s"."t" WHERE ("id", "sub") > ('5'::bigint, 'o''k'::text) ORDER BY "id", "sub" LIMIT 100"#
         );
         let upper = vec!["9".to_owned(), "z".to_owned()];
-        assert!(chunk_query(&t, None, Some(&upper), 7)
+        assert!(chunk_query(&t, None, Some(&upper), 7, None)
             .contains(r#"WHERE ("id", "sub") <= ('9'::bigint, 'z'::text) ORDER BY"#));
         assert!(keys_query(&t, &[after.clone(), upper]).ends_with(
             r#"WHERE ("id", "sub") IN (('5'::bigint, 'o''k'::text), ('9'::bigint, 'z'::text))"#
         ));
         assert!(pages_query(&t, 3, 8).ends_with("ctid >= '(3,0)'::tid AND ctid < '(8,0)'::tid"));
+    }
+
+    #[test]
+    fn bounded_chunk_queries_cut_at_the_last_key_within_the_bytes() {
+        let mut t = target(&[("id", "bigint")]);
+        let mut relation = (*t.relation).clone();
+        relation.columns[1].type_oid = 25; // text
+        relation.columns[2].type_oid = 17; // bytea
+        t.relation = Arc::new(relation);
+        let after = vec!["5".to_owned()];
+        let sql = chunk_query(&t, Some(&after), None, 100, Some(4096));
+        let size = r#"(coalesce(pg_column_size("id"), 0) + coalesce(octet_length("sub"), 0) + coalesce(2 * octet_length("v"), 0) + 1)::int8"#;
+        assert!(sql.starts_with("WITH pgferry_cut AS ("), "{sql}");
+        assert!(sql.contains(&format!("sum({size}) OVER (ORDER BY \"id\" ROWS UNBOUNDED PRECEDING) - {size} AS pgferry_before")), "{sql}");
+        assert!(
+            sql.contains(
+                r#"FROM ONLY "s"."t" WHERE ("id") > ('5'::bigint) ORDER BY "id" LIMIT 100) AS s"#
+            ),
+            "{sql}"
+        );
+        assert!(sql.contains("WHERE pgferry_before < 4096"), "{sql}");
+        assert!(sql.ends_with(r#"WHERE ("id") > ('5'::bigint) AND ("id") <= (SELECT "id" FROM pgferry_cut) ORDER BY "id" LIMIT 100"#), "{sql}");
+        // Unbounded: the plain query.
+        assert!(!chunk_query(&t, Some(&after), None, 100, None).contains("pgferry_cut"));
     }
 
     #[test]

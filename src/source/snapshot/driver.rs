@@ -692,21 +692,34 @@ async fn read_range(
     shutdown: &CancellationToken,
 ) -> Result<(), CaptureError> {
     let mut after = part.last.clone().or_else(|| part.lower.clone());
-    let mut limit = shared.batch_rows;
+    // Bytes per row: the table's average on disk until a chunk shows what its rows read as.
+    let mut width = chunk::average_row_bytes(client, target.relation.oid)
+        .await
+        .map_err(CaptureError::sql("estimating the size of a table's rows"))?;
+    let mut limit = first_limit(shared.batch_rows, shared.chunk_bytes, width);
     while !shutdown.is_cancelled() {
-        let query =
-            |t: &Target| chunk::chunk_query(t, after.as_deref(), part.upper.as_deref(), limit);
+        // Where `limit` rows as wide as seen could pass snapshot_chunk_bytes, the query itself
+        // ends the chunk at the bound (a part is then done at an empty chunk).
+        let bound = (width * f64::from(limit) > shared.chunk_bytes as f64 / 2.0)
+            .then_some(shared.chunk_bytes);
+        let query = |t: &Target| {
+            chunk::chunk_query(t, after.as_deref(), part.upper.as_deref(), limit, bound)
+        };
         let prune_from = part.prune.then(|| after.clone());
+        let done_below = if bound.is_some() { 1 } else { limit };
         let (read, last) = chunk_between_marks(
             client,
             shared,
             target,
             &query,
-            Some((&part, limit)),
+            Some((&part, done_below)),
             false,
             prune_from,
         )
         .await?;
+        if read.rows > 0 {
+            width = read.bytes as f64 / read.rows as f64;
+        }
         // Rows per chunk adapt to snapshot_chunk_bytes: halve after a chunk over it, grow back
         // after one under half of it.
         if read.bytes > shared.chunk_bytes {
@@ -776,7 +789,22 @@ async fn read_pages(
 /// What one chunk read.
 struct ChunkRead {
     bytes: u64,
+    rows: u64,
     done: bool,
+}
+
+/// Rows in a table's first chunk: `batch_rows`, or as many rows `width` bytes wide as
+/// `chunk_bytes` holds if fewer (at least one).
+fn first_limit(batch_rows: u32, chunk_bytes: u64, width: f64) -> u32 {
+    if width <= 0.0 {
+        return batch_rows;
+    }
+    let fits = (chunk_bytes as f64 / width).floor();
+    if fits >= f64::from(batch_rows) {
+        batch_rows
+    } else {
+        (fits as u32).max(1)
+    }
 }
 
 async fn acquire(shared: &Shared) -> OwnedSemaphorePermit {
@@ -890,11 +918,29 @@ async fn chunk_between_marks(
         _ => None,
     };
     let bytes = read.bytes;
+    let rows = read.rows.len() as u64;
     if let Some(deposit) = shared.board.lock().get_mut(&id) {
         deposit.target = read_as;
         deposit.rows = Some(read.rows);
         deposit.prune = prune;
     }
     mark(client, shared.run, id, MarkKind::High).await?;
-    Ok((ChunkRead { bytes, done }, last_key))
+    Ok((ChunkRead { bytes, rows, done }, last_key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_limit;
+
+    #[test]
+    fn a_first_chunk_holds_what_the_bytes_hold_of_the_average_row() {
+        // Narrow rows: the row bound.
+        assert_eq!(first_limit(10_000, 64 << 20, 100.0), 10_000);
+        // 2 MB rows in 1 MiB: one row at least.
+        assert_eq!(first_limit(10_000, 1 << 20, 2_000_000.0), 1);
+        // 10 KB rows in 1 MiB.
+        assert_eq!(first_limit(10_000, 1 << 20, 10_240.0), 102);
+        // No estimate: the row bound.
+        assert_eq!(first_limit(500, 1 << 20, 0.0), 500);
+    }
 }
