@@ -921,7 +921,10 @@ async fn partitioned_tables_published_through_their_root() {
 /// accents and mixed case (ordered by the column's collation); uuid; timestamptz with numeric;
 /// bytea; a key declared in another order than its columns (`tenant, day, PRIMARY KEY (day,
 /// tenant)`: before, each chunk's last key was taken in the columns' order, and the next chunk
-/// skipped rows). Every table ends on the replica exactly as on the master. Seeded (SNAPSHOT_SEED,
+/// skipped rows); tables keyed by `REPLICA IDENTITY USING INDEX`, one without a primary key
+/// and one with (before, the applier keyed them by the primary key: every delete, and every
+/// update of the one without, was a dead letter, and a change of the primary key left the old
+/// row). Every table ends on the replica exactly as on the master. Seeded (SNAPSHOT_SEED,
 /// printed).
 #[tokio::test(flavor = "multi_thread")]
 async fn every_key_shape_snapshots_exactly_under_writes() {
@@ -930,7 +933,7 @@ async fn every_key_shape_snapshots_exactly_under_writes() {
     let rows: i64 = 20_000;
     eprintln!("seed {seed} (SNAPSHOT_SEED), {rows} rows a table");
     // (table, DDL of its key columns, key of row g, key change of a row)
-    let tables: [(&str, &str, &str, &str); 6] = [
+    let tables: [(&str, &str, &str, &str); 8] = [
         (
             r#""Mixed Case"."Order Lines""#,
             r#""Order Id" int, "line No" smallint, PRIMARY KEY ("Order Id", "line No")"#,
@@ -967,11 +970,28 @@ async fn every_key_shape_snapshots_exactly_under_writes() {
             "g % 13, date '2026-01-01' + g / 13",
             "tenant = tenant + 1000",
         ),
+        // Keyed by REPLICA IDENTITY USING INDEX (below), without a primary key.
+        (
+            "by_identity",
+            "u int NOT NULL, w text NOT NULL, CONSTRAINT by_identity_wu UNIQUE (w, u)",
+            "g % 11, 'w' || (g / 11)",
+            "w = w || '~'",
+        ),
+        // A primary key, but keyed by an identity index: a delete carries only `w`, and a
+        // change of the primary key none of the old one.
+        (
+            "pk_and_identity",
+            "id int PRIMARY KEY, w text NOT NULL, CONSTRAINT pk_and_identity_w UNIQUE (w)",
+            "g, 'w' || g",
+            "id = id + 1000000",
+        ),
     ];
     let mut ddl = String::from(r#"CREATE SCHEMA "Mixed Case";"#);
     for (table, key, _, _) in &tables {
         ddl += &format!("CREATE TABLE {table} ({key}, n int NOT NULL, v text);");
     }
+    ddl += "ALTER TABLE by_identity REPLICA IDENTITY USING INDEX by_identity_wu;
+            ALTER TABLE pk_and_identity REPLICA IDENTITY USING INDEX pk_and_identity_w;";
     let (master, c) = pg.fresh_db("keyshapes", &ddl).await;
     let (replica, _) = pg.fresh_db("keyshapes_r", &ddl).await;
     for (table, _, key_of, _) in &tables {

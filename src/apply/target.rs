@@ -330,7 +330,14 @@ pub async fn describe(
                JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
                JOIN pg_type t ON t.oid = a.atttypid
                LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-               LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
+               -- The key: the replica identity index where the table has one (as the
+               -- source keys such a table's changes: a delete carries only its columns),
+               -- else the primary key.
+               LEFT JOIN pg_index i ON i.indrelid = c.oid
+                    AND CASE WHEN c.relreplident = 'i'
+                                  AND EXISTS (SELECT 1 FROM pg_index x
+                                               WHERE x.indrelid = c.oid AND x.indisreplident)
+                             THEN i.indisreplident ELSE i.indisprimary END
               WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')
               ORDER BY a.attnum",
                 crate::sql::COLUMN_ORDER
