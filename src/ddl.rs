@@ -61,6 +61,8 @@ CREATE TABLE IF NOT EXISTS pgferry.added_columns (
 ALTER TABLE pgferry.ddl_tables ADD COLUMN IF NOT EXISTS partition_of jsonb;
 -- The primary key's constraint name and columns; NULL without one.
 ALTER TABLE pgferry.ddl_tables ADD COLUMN IF NOT EXISTS primary_key jsonb;
+-- `relpersistence`: a table made logged or unlogged changes no column, and this tells it.
+ALTER TABLE pgferry.ddl_tables ADD COLUMN IF NOT EXISTS persistence "char";
 -- Expressions and values are printed in ISO form, whatever the session's DateStyle: a
 -- timestamp printed in another style carries a zone abbreviation (`IST`), which a target may
 -- read as another zone (PostgreSQL's default abbreviations take IST for Israel).
@@ -181,6 +183,7 @@ DECLARE
     moved bool;
     added jsonb;
     made text;
+    persistence_now "char";
     applied jsonb := pgferry.ddl_applied();
 BEGIN
     -- The tables the command reports, then (not reported: an ALTER TABLE of a partitioned
@@ -221,14 +224,11 @@ BEGIN
         -- for targets it is a new table (its rows come by the snapshot of a new table). A
         -- table made unlogged leaves them: PostgreSQL writes none of its changes to the WAL,
         -- which capture warns about.
-        made := NULL;
-        IF r.command_tag = 'ALTER TABLE' AND current_query() ~* E'\\mSET\\s+LOGGED\\M'
-           AND (SELECT relpersistence FROM pg_class WHERE oid = r.objid) = 'p' THEN
+        persistence_now := (SELECT relpersistence FROM pg_class WHERE oid = r.objid);
+        made := CASE WHEN shadow.persistence = 'u' AND persistence_now = 'p' THEN 'logged'
+                     WHEN shadow.persistence = 'p' AND persistence_now = 'u' THEN 'unlogged' END;
+        IF made = 'logged' THEN
             shadow := NULL;
-            made := 'logged';
-        ELSIF r.command_tag = 'ALTER TABLE' AND current_query() ~* E'\\mSET\\s+UNLOGGED\\M'
-           AND (SELECT relpersistence FROM pg_class WHERE oid = r.objid) = 'u' THEN
-            made := 'unlogged';
         END IF;
         cols := pgferry.ddl_columns(r.objid);
         part := pgferry.ddl_partition(r.objid);
@@ -251,10 +251,11 @@ BEGIN
             -- travel with the parent's own message, which targets apply to their parent. (A
             -- table that inherits without being a partition is a table of its own on targets:
             -- its message carries what it inherited.)
-            INSERT INTO pgferry.ddl_tables VALUES (r.objid, r.nsp, r.rel, cols, part, pkey)
+            INSERT INTO pgferry.ddl_tables VALUES (r.objid, r.nsp, r.rel, cols, part, pkey, persistence_now)
                 ON CONFLICT (relid) DO UPDATE SET schema_name = EXCLUDED.schema_name,
                     table_name = EXCLUDED.table_name, columns = EXCLUDED.columns,
-                    partition_of = EXCLUDED.partition_of, primary_key = EXCLUDED.primary_key;
+                    partition_of = EXCLUDED.partition_of, primary_key = EXCLUDED.primary_key,
+                    persistence = EXCLUDED.persistence;
             CONTINUE;
         END IF;
         IF NOT r.reported AND (r.relispartition OR shadow.partition_of IS NOT NULL) THEN
@@ -299,6 +300,15 @@ BEGIN
                     jsonb_build_array(r.nsp, r.rel)::text, NULL, pg_current_wal_insert_lsn())
             ON CONFLICT (table_name, old_name) DO UPDATE SET new_name = EXCLUDED.new_name, at = now(),
                 origin = EXCLUDED.origin, origin_lsn = EXCLUDED.origin_lsn;
+            -- Its columns' renames and drops go with it (a record under the new name left by
+            -- another table that had it gives way).
+            DELETE FROM pgferry.ddl_history h
+             WHERE h.table_name = r.nsp || '.' || r.rel AND h.old_name <> ''
+               AND EXISTS (SELECT 1 FROM pgferry.ddl_history o
+                            WHERE o.table_name = shadow.schema_name || '.' || shadow.table_name
+                              AND o.old_name = h.old_name);
+            UPDATE pgferry.ddl_history SET table_name = r.nsp || '.' || r.rel
+             WHERE table_name = shadow.schema_name || '.' || shadow.table_name AND old_name <> '';
         END IF;
         IF NOT pgferry.ddl_stays_local() THEN
         PERFORM pg_logical_emit_message(true, 'pgferry.ddl', jsonb_build_object(
@@ -322,10 +332,11 @@ BEGIN
             'using', r.command_tag = 'ALTER TABLE'
                      AND (current_query() ~* E'\\mUSING\\M' OR current_query() !~* E'\\mALTER\\M'))::text);
         END IF;
-        INSERT INTO pgferry.ddl_tables VALUES (r.objid, r.nsp, r.rel, cols, part, pkey)
+        INSERT INTO pgferry.ddl_tables VALUES (r.objid, r.nsp, r.rel, cols, part, pkey, persistence_now)
             ON CONFLICT (relid) DO UPDATE SET schema_name = EXCLUDED.schema_name,
                 table_name = EXCLUDED.table_name, columns = EXCLUDED.columns,
-                partition_of = EXCLUDED.partition_of, primary_key = EXCLUDED.primary_key;
+                partition_of = EXCLUDED.partition_of, primary_key = EXCLUDED.primary_key,
+                    persistence = EXCLUDED.persistence;
     END LOOP;
 END
 $f$;
@@ -372,7 +383,7 @@ DO $d$ BEGIN
 END $d$;
 INSERT INTO pgferry.ddl_tables
 SELECT c.oid, n.nspname, c.relname, pgferry.ddl_columns(c.oid), pgferry.ddl_partition(c.oid),
-       pgferry.ddl_primary_key(c.oid)
+       pgferry.ddl_primary_key(c.oid), c.relpersistence
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't'
    AND n.nspname NOT IN ('pgferry', 'pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\_%'
@@ -382,6 +393,8 @@ UPDATE pgferry.ddl_tables SET partition_of = pgferry.ddl_partition(relid)
  WHERE partition_of IS NULL AND pgferry.ddl_partition(relid) IS NOT NULL;
 UPDATE pgferry.ddl_tables SET primary_key = pgferry.ddl_primary_key(relid)
  WHERE primary_key IS NULL AND pgferry.ddl_primary_key(relid) IS NOT NULL;
+UPDATE pgferry.ddl_tables s SET persistence = c.relpersistence
+  FROM pg_class c WHERE c.oid = s.relid AND s.persistence IS NULL;
 COMMIT;
 "#;
 

@@ -1104,8 +1104,9 @@ async fn rows_written_without_a_new_column_win_whole() {
     each_change_applied_once(&nodes, &made).await;
 }
 
-/// A key column renamed, the table renamed, or the table moved to another schema, on one
-/// node while another node, away, writes rows under the old names (updates, and inserts of
+/// A key column renamed, the table renamed, the table moved to another schema, or a column
+/// renamed and then the table, on one node while another node, away, writes rows under the
+/// old names (updates, and inserts of
 /// new keys): each row ends, on every node, as its last write made it, under the new names,
 /// and nothing is dead-lettered. Before, for a key column: the version store keyed rows by
 /// their key columns' names, neither node found the other's version, and an older write won
@@ -1119,28 +1120,39 @@ async fn renames_while_a_node_is_away_keep_rows_and_versions() {
     let seed = seed();
     eprintln!("seed {seed} (DDL_SEED)");
     let mut rng = Rng::new(seed);
-    // (label, the rename, the table and key column after it)
+    // (label, the rename, the table, key column and note column after it)
     let renames = [
         (
             "mmkeyname",
             "ALTER TABLE kv RENAME COLUMN k TO kid",
             "kv",
             "kid",
+            "note",
         ),
         (
             "mmtabname",
             "ALTER TABLE kv RENAME TO kv_renamed",
             "kv_renamed",
             "k",
+            "note",
         ),
         (
             "mmtabmove",
             "ALTER TABLE kv SET SCHEMA elsewhere",
             "elsewhere.kv",
             "k",
+            "note",
+        ),
+        // A column renamed, then its table: the column's history follows the table.
+        (
+            "mmboth",
+            "ALTER TABLE kv RENAME COLUMN note TO memo; ALTER TABLE kv RENAME TO kv_renamed",
+            "kv_renamed",
+            "k",
+            "memo",
         ),
     ];
-    for (label, rename, table, key) in renames {
+    for (label, rename, table, key, note) in renames {
         let ddl = format!("CREATE SCHEMA elsewhere; {KV_DDL}");
         let (mut nodes, clients) = three_nodes(label, &ddl).await;
         const ROWS: i32 = 40;
@@ -1156,7 +1168,7 @@ async fn renames_while_a_node_is_away_keep_rows_and_versions() {
             format!("({})", keys.join(", "))
         };
         let renamer_write = format!(
-            "UPDATE {table} SET note = 'renamer' WHERE {key} IN {}",
+            "UPDATE {table} SET {note} = 'renamer' WHERE {key} IN {}",
             list(&renamer_rows)
         );
         let away_write = format!(
@@ -1205,7 +1217,7 @@ async fn renames_while_a_node_is_away_keep_rows_and_versions() {
         nodes[away].ferry.restart();
         nodes[away].ferry.wait_streaming().await;
         let want: Vec<(i32, String)> = model.into_iter().collect();
-        let query = format!("SELECT {key}, note FROM {table} ORDER BY {key}");
+        let query = format!("SELECT {key}, {note} FROM {table} ORDER BY {key}");
         let row = |r: &tokio_postgres::Row| (r.get(0), r.get(1));
         let what = format!("{table} to hold each row's last write");
         rows_everywhere(&nodes, &clients, &what, &query, row, &want).await;
@@ -1576,6 +1588,16 @@ async fn an_unlogged_table_made_logged_arrives_with_its_rows() {
         run_step(&m, "UPDATE kv SET note = 'after' WHERE k % 7 = 0").await;
         wait_same(&m, &r, "kv", Duration::from_secs(90)).await;
     }
+    // A SET LOGGED of a table already logged, in the same query string as another change of
+    // it: nothing is made logged, and the ADD COLUMN travels as one. (The trigger once took
+    // SET LOGGED from the query's text, and reported the ADD as the table's creation.)
+    run_step(
+        &m,
+        "ALTER TABLE kv SET LOGGED; ALTER TABLE kv ADD COLUMN extra int DEFAULT 7",
+    )
+    .await;
+    run_step(&m, "UPDATE kv SET extra = k WHERE k % 5 = 0").await;
+    wait_same(&m, &r, "kv", Duration::from_secs(90)).await;
     capture
         .wait_log("the table was made UNLOGGED", Duration::from_secs(10))
         .await;

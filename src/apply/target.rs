@@ -228,15 +228,19 @@ pub const RECORD_PROGRESS: &str = "INSERT INTO pgferry.apply_progress (source_no
 pub struct TargetTable {
     /// Column names.
     pub columns: Vec<String>,
-    /// Primary-key columns (empty when the table has none).
+    /// The key the table's changes are applied by: its replica identity index's columns
+    /// where it has one (`REPLICA IDENTITY USING INDEX`), else its primary key's (empty when
+    /// it has neither).
     pub key: Vec<String>,
+    /// Primary-key columns (empty when the table has none): what schema changes compare.
+    pub primary_key: Vec<String>,
     /// Column types as `format_type` prints them, by column.
     pub types: Vec<String>,
     /// How the target orders each column's values ([`crate::sql::COLUMN_ORDER`]), by column.
     pub orders: Vec<Option<String>>,
     /// A partitioned table (its rows are in its partitions).
     pub partitioned: bool,
-    /// Unique indexes other than the primary key (plain columns, no predicate): their columns.
+    /// Unique indexes other than the key's (plain columns, no predicate): their columns.
     pub uniques: Vec<Vec<String>>,
     /// Columns outside the key that are `GENERATED ALWAYS AS IDENTITY`. Inserts write them
     /// (`OVERRIDING SYSTEM VALUE`), but PostgreSQL lets an UPDATE set them only to DEFAULT, so
@@ -324,7 +328,8 @@ pub async fn describe(
                              false),
                     {},
                     c.relkind = 'p',
-                    CASE WHEN a.attgenerated <> '' THEN pg_get_expr(d.adbin, d.adrelid) END
+                    CASE WHEN a.attgenerated <> '' THEN pg_get_expr(d.adbin, d.adrelid) END,
+                    COALESCE(a.attnum = ANY(p.indkey::int2[]), false)
                FROM pg_class c
                JOIN pg_namespace n ON n.oid = c.relnamespace
                JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
@@ -338,6 +343,7 @@ pub async fn describe(
                                   AND EXISTS (SELECT 1 FROM pg_index x
                                                WHERE x.indrelid = c.oid AND x.indisreplident)
                              THEN i.indisreplident ELSE i.indisprimary END
+               LEFT JOIN pg_index p ON p.indrelid = c.oid AND p.indisprimary
               WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')
               ORDER BY a.attnum",
                 crate::sql::COLUMN_ORDER
@@ -356,8 +362,13 @@ pub async fn describe(
                JOIN pg_index i ON i.indrelid = c.oid
                CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
                JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
-              WHERE n.nspname = $1 AND c.relname = $2 AND i.indisunique AND NOT i.indisprimary
+              WHERE n.nspname = $1 AND c.relname = $2 AND i.indisunique
                 AND i.indpred IS NULL AND i.indexprs IS NULL
+                -- Not the key's index (the replica identity index, else the primary key).
+                AND NOT CASE WHEN c.relreplident = 'i'
+                                  AND EXISTS (SELECT 1 FROM pg_index x
+                                               WHERE x.indrelid = c.oid AND x.indisreplident)
+                             THEN i.indisreplident ELSE i.indisprimary END
               GROUP BY i.indexrelid
               ORDER BY i.indexrelid",
             &[&schema, &table],
@@ -391,6 +402,11 @@ pub async fn describe(
         key: rows
             .iter()
             .filter(|r| r.get::<_, bool>(1))
+            .map(|r| r.get(0))
+            .collect(),
+        primary_key: rows
+            .iter()
+            .filter(|r| r.get::<_, bool>(11))
             .map(|r| r.get(0))
             .collect(),
         types: rows.iter().map(|r| r.get(2)).collect(),

@@ -1296,7 +1296,7 @@ impl Worker {
                     let shape = described.as_ref().map(|t| crate::ddl::TableShape {
                         columns: &t.columns,
                         types: &t.types,
-                        key: &t.key,
+                        key: &t.primary_key,
                         expressions: &t.expressions,
                     });
                     let moved = match (op, &described) {
@@ -1826,6 +1826,7 @@ impl Worker {
         let names = (change.schema(), change.table());
         let mut found = self.table(client, qualified, names, false).await?;
         let renamed_to;
+        let original = qualified;
         let mut qualified = qualified;
         if found.is_none() {
             // Multi-master: the writer had not seen the table dropped or renamed here yet.
@@ -1850,6 +1851,9 @@ impl Worker {
                                     "a change written under a table's old name; following its rename");
                     change.follow_table(&schema, &table);
                     qualified = &renamed_to;
+                    if self.held_back(client, message, qualified).await? {
+                        return Ok(None);
+                    }
                     let names = (change.schema(), change.table());
                     found = self.table(client, qualified, names, false).await?;
                 }
@@ -1905,6 +1909,17 @@ impl Worker {
                 }
                 match unresolved {
                     None => break,
+                    // A change that followed its table's rename goes to the dead letters under
+                    // the name it was written under, which a park (by the name here) would
+                    // not hold back behind it.
+                    Some(column) if attempt == 1 && qualified != original => {
+                        let reason = format!(
+                            "{}{column} of {qualified} (written as {original})",
+                            dead_letters::MISSING_COLUMN
+                        );
+                        self.bad_message(client, message, &reason).await?;
+                        return Ok(None);
+                    }
                     Some(column) if attempt == 1 => {
                         // Parks the table, as a refused schema change does: its changes wait
                         // in order while every other table goes on, and it resumes by itself

@@ -967,6 +967,7 @@ mod tests {
         TargetTable {
             columns: names.iter().map(|c| (*c).to_owned()).collect(),
             key: vec!["k".to_owned()],
+            primary_key: vec!["k".to_owned()],
             types: vec!["integer".to_owned(); names.len()],
             orders: vec![Some(String::new()); names.len()],
             partitioned: false,
