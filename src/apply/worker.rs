@@ -870,7 +870,7 @@ impl Worker {
                 if let Some(reason) = admit::admit_relation(&relation.schema, &relation.table) {
                     self.bad_message(client, record, &reason).await?;
                 } else {
-                    self.retyping.relation(&relation);
+                    self.retyping.relation(offset, &relation);
                     self.announce(client, pending, &relation);
                     if self.settings.apply.create_tables {
                         self.create_if_missing(client, pending, record, &relation)
@@ -1053,6 +1053,7 @@ impl Worker {
         }
         // The replay starts from the committed position: the last COMMIT's answer first.
         self.confirm_commit(pending).await?;
+        self.retyping.rewind(self.committed.next_offset);
         if self.in_target_txn {
             client
                 .batch_execute("ROLLBACK")

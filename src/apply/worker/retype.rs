@@ -20,12 +20,17 @@ use crate::apply::sql::is_safe_type_name;
 use crate::apply::stream::{ChangeItem, RelationItem, WritesColumns};
 use crate::apply::target::TargetTable;
 
+/// Column name → type, as a `relation` record gives them.
+type ColumnTypes = HashMap<String, String>;
+
 /// What the worker knows of the writers' column types.
 #[derive(Debug, Default)]
 pub(super) struct Retyping {
-    /// `schema.table` → column → its type where the stream's node wrote it (`format_type`),
-    /// from the stream's last `relation` record of the table.
-    written_as: HashMap<String, HashMap<String, String>>,
+    /// `schema.table` → the stream's `relation` records of the table this run read, oldest
+    /// first, each with its offset and its columns' types where the stream's node wrote
+    /// them (`format_type`): the last describes the changes that follow it. A rollback drops
+    /// those at or past the offset the replay starts from ([`Retyping::rewind`]).
+    written_as: HashMap<String, Vec<(i64, ColumnTypes)>>,
     /// (written type, target type) → whether they are different types here (a modifier
     /// alone, `numeric(12,2)` against `numeric(10,0)`, is not: the statements' own casts
     /// apply it).
@@ -33,8 +38,8 @@ pub(super) struct Retyping {
 }
 
 impl Retyping {
-    /// Remembers a table's column types as the stream's node describes them now.
-    pub(super) fn relation(&mut self, relation: &RelationItem) {
+    /// Remembers a table's column types as the stream's node describes them from `offset` on.
+    pub(super) fn relation(&mut self, offset: i64, relation: &RelationItem) {
         tracing::trace!(table = %format!("{}.{}", relation.schema, relation.table),
                         "the stream's column types");
         let columns = relation
@@ -42,8 +47,24 @@ impl Retyping {
             .iter()
             .map(|c| (c.name.clone(), c.type_name.clone()))
             .collect();
-        self.written_as
-            .insert(format!("{}.{}", relation.schema, relation.table), columns);
+        let records = self
+            .written_as
+            .entry(format!("{}.{}", relation.schema, relation.table))
+            .or_default();
+        records.retain(|(at, _)| *at < offset);
+        records.push((offset, columns));
+        // The latest few are enough: a replay goes back to the last commit.
+        if records.len() > 8 {
+            records.remove(0);
+        }
+    }
+
+    /// Forgets the records read at or past `offset`, where a replay starts: it reads them
+    /// again, and the changes before them are described by the earlier ones.
+    pub(super) fn rewind(&mut self, offset: i64) {
+        for records in self.written_as.values_mut() {
+            records.retain(|(at, _)| *at < offset);
+        }
     }
 
     /// The columns of `change` whose writer's type is known and whose target type is named
@@ -56,7 +77,7 @@ impl Retyping {
         change: &ChangeItem,
         table: &TargetTable,
     ) -> Vec<(String, String, String)> {
-        let Some(written_as) = self.written_as.get(qualified) else {
+        let Some((_, written_as)) = self.written_as.get(qualified).and_then(|r| r.last()) else {
             return Vec::new();
         };
         let mut found: Vec<(String, String, String)> = Vec::new();
@@ -232,6 +253,33 @@ mod tests {
         ] {
             assert!(!convertible(not), "{not}");
         }
+    }
+
+    #[test]
+    fn a_rewind_forgets_the_records_the_replay_reads_again() {
+        let relation = |ty: &str| RelationItem {
+            schema: "public".into(),
+            table: "t".into(),
+            columns: vec![crate::apply::stream::RelationColumn {
+                name: "n".into(),
+                type_name: ty.into(),
+                not_null: false,
+                key: false,
+            }],
+        };
+        let mut r = Retyping::default();
+        r.relation(10, &relation("numeric"));
+        r.relation(20, &relation("bigint"));
+        let last = |r: &Retyping| r.written_as["public.t"].last().map(|(_, c)| c["n"].clone());
+        assert_eq!(last(&r).as_deref(), Some("bigint"));
+        // A replay from 15 reads the record at 20 again; the change at 16 is numeric's.
+        r.rewind(15);
+        assert_eq!(last(&r).as_deref(), Some("numeric"));
+        // Read again at 20 (no duplicate), then a rewind to before both.
+        r.relation(20, &relation("bigint"));
+        assert_eq!(r.written_as["public.t"].len(), 2);
+        r.rewind(5);
+        assert_eq!(last(&r), None);
     }
 
     #[test]
