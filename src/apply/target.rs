@@ -307,6 +307,13 @@ pub async fn set_settings(
     Ok(before)
 }
 
+/// Whether index `i` of table `c` is the one a target applies the table's changes by: its
+/// replica identity index where it has one, else its primary key.
+const KEY_INDEX: &str = "CASE WHEN c.relreplident = 'i'
+                     AND EXISTS (SELECT 1 FROM pg_index x
+                                  WHERE x.indrelid = c.oid AND x.indisreplident)
+                THEN i.indisreplident ELSE i.indisprimary END";
+
 /// Describes a target table; `None` when it does not exist.
 pub async fn describe(
     client: &Client,
@@ -338,11 +345,7 @@ pub async fn describe(
                -- The key: the replica identity index where the table has one (as the
                -- source keys such a table's changes: a delete carries only its columns),
                -- else the primary key.
-               LEFT JOIN pg_index i ON i.indrelid = c.oid
-                    AND CASE WHEN c.relreplident = 'i'
-                                  AND EXISTS (SELECT 1 FROM pg_index x
-                                               WHERE x.indrelid = c.oid AND x.indisreplident)
-                             THEN i.indisreplident ELSE i.indisprimary END
+               LEFT JOIN pg_index i ON i.indrelid = c.oid AND {KEY_INDEX}
                LEFT JOIN pg_index p ON p.indrelid = c.oid AND p.indisprimary
               WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')
               ORDER BY a.attnum",
@@ -356,7 +359,8 @@ pub async fn describe(
     }
     let uniques = client
         .query(
-            "SELECT array_agg(a.attname::text ORDER BY k.ord)
+            &format!(
+                "SELECT array_agg(a.attname::text ORDER BY k.ord)
                FROM pg_class c
                JOIN pg_namespace n ON n.oid = c.relnamespace
                JOIN pg_index i ON i.indrelid = c.oid
@@ -365,12 +369,10 @@ pub async fn describe(
               WHERE n.nspname = $1 AND c.relname = $2 AND i.indisunique
                 AND i.indpred IS NULL AND i.indexprs IS NULL
                 -- Not the key's index (the replica identity index, else the primary key).
-                AND NOT CASE WHEN c.relreplident = 'i'
-                                  AND EXISTS (SELECT 1 FROM pg_index x
-                                               WHERE x.indrelid = c.oid AND x.indisreplident)
-                             THEN i.indisreplident ELSE i.indisprimary END
+                AND NOT {KEY_INDEX}
               GROUP BY i.indexrelid
-              ORDER BY i.indexrelid",
+              ORDER BY i.indexrelid"
+            ),
             &[&schema, &table],
         )
         .await?
