@@ -172,6 +172,15 @@ CREATE OR REPLACE FUNCTION pgferry.ddl_inheritors(rel oid) RETURNS SETOF oid LAN
         UNION SELECT i.inhrelid FROM pg_inherits i JOIN d ON i.inhparent = d.relid)
     SELECT relid FROM d
 $f$;
+-- Records a table's shadow: what the trigger compares the table's next command with.
+CREATE OR REPLACE FUNCTION pgferry.ddl_remember(oid, text, text, jsonb, jsonb, jsonb, "char")
+RETURNS void LANGUAGE sql AS $f$
+    INSERT INTO pgferry.ddl_tables VALUES ($1, $2, $3, $4, $5, $6, $7)
+        ON CONFLICT (relid) DO UPDATE SET schema_name = EXCLUDED.schema_name,
+            table_name = EXCLUDED.table_name, columns = EXCLUDED.columns,
+            partition_of = EXCLUDED.partition_of, primary_key = EXCLUDED.primary_key,
+            persistence = EXCLUDED.persistence
+$f$;
 CREATE OR REPLACE FUNCTION pgferry.capture_ddl() RETURNS event_trigger LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
 DECLARE
@@ -251,11 +260,7 @@ BEGIN
             -- travel with the parent's own message, which targets apply to their parent. (A
             -- table that inherits without being a partition is a table of its own on targets:
             -- its message carries what it inherited.)
-            INSERT INTO pgferry.ddl_tables VALUES (r.objid, r.nsp, r.rel, cols, part, pkey, persistence_now)
-                ON CONFLICT (relid) DO UPDATE SET schema_name = EXCLUDED.schema_name,
-                    table_name = EXCLUDED.table_name, columns = EXCLUDED.columns,
-                    partition_of = EXCLUDED.partition_of, primary_key = EXCLUDED.primary_key,
-                    persistence = EXCLUDED.persistence;
+            PERFORM pgferry.ddl_remember(r.objid, r.nsp, r.rel, cols, part, pkey, persistence_now);
             CONTINUE;
         END IF;
         IF NOT r.reported AND (r.relispartition OR shadow.partition_of IS NOT NULL) THEN
@@ -332,11 +337,7 @@ BEGIN
             'using', r.command_tag = 'ALTER TABLE'
                      AND (current_query() ~* E'\\mUSING\\M' OR current_query() !~* E'\\mALTER\\M'))::text);
         END IF;
-        INSERT INTO pgferry.ddl_tables VALUES (r.objid, r.nsp, r.rel, cols, part, pkey, persistence_now)
-            ON CONFLICT (relid) DO UPDATE SET schema_name = EXCLUDED.schema_name,
-                table_name = EXCLUDED.table_name, columns = EXCLUDED.columns,
-                partition_of = EXCLUDED.partition_of, primary_key = EXCLUDED.primary_key,
-                    persistence = EXCLUDED.persistence;
+        PERFORM pgferry.ddl_remember(r.objid, r.nsp, r.rel, cols, part, pkey, persistence_now);
     END LOOP;
 END
 $f$;
