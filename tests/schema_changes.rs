@@ -850,6 +850,21 @@ async fn fill_kv(clients: &[Client], rows: i32) {
     }
 }
 
+/// Runs `insert` on `writer` and waits until every node holds `rows` rows of `table`.
+async fn write_everywhere(
+    clients: &[Client],
+    writer: &Client,
+    insert: &str,
+    table: &str,
+    rows: i32,
+) {
+    run_step(writer, insert).await;
+    let count = format!("SELECT count(*) FROM {table}");
+    for c in clients {
+        wait_count("the rows on every node", c, &count, rows.into()).await;
+    }
+}
+
 /// One of the two nodes of three other than `of`, at random.
 fn another_node(rng: &mut Rng, of: usize) -> usize {
     (of + 1 + rng.range(0, 2) as usize) % 3
@@ -1247,20 +1262,8 @@ async fn rows_written_under_a_narrowed_type_are_converted() {
     // The third node writes the first rows: the away node's stream reaches the others only
     // with its rows under the old type (statements prepared for a stream before the ALTER
     // went on casting to the old type, which hid the fault).
-    run_step(
-        &clients[3 - away - retyper],
-        &format!("INSERT INTO m SELECT g, g, g, 'init' FROM generate_series(1, {ROWS}) g"),
-    )
-    .await;
-    for c in &clients {
-        wait_count(
-            "the rows on every node",
-            c,
-            "SELECT count(*) FROM m",
-            ROWS.into(),
-        )
-        .await;
-    }
+    let insert = format!("INSERT INTO m SELECT g, g, g, 'init' FROM generate_series(1, {ROWS}) g");
+    write_everywhere(&clients, &clients[3 - away - retyper], &insert, "m", ROWS).await;
     nodes[away].ferry.kill9();
     // key -> (amount, ratio, note) as last written, the away node's as text under the old types.
     let mut model: BTreeMap<i32, (String, String, &str)> = (1..=ROWS)
@@ -1351,6 +1354,152 @@ async fn rows_written_under_a_narrowed_type_are_converted() {
     let row = |r: &tokio_postgres::Row| (r.get(0), r.get(1), r.get(2), r.get(3));
     let what = "m to hold each row's last write, converted";
     rows_everywhere(&nodes, &clients, what, query, row, &want).await;
+    for c in &clients {
+        assert_eq!(unresolved_letters(c).await, 0, "{:?}", letters(c).await);
+    }
+}
+
+/// Multi-master: a node's worker restarted between two transactions another node wrote under
+/// a column's old type still converts the second. The stream describes a table's column types
+/// once per capture session (its `relation` record, before the first change), so the second
+/// transaction comes without one; a worker that kept the writer's types only in memory forgot
+/// them at its restart, and the second transaction's values (`427.77` for a column now
+/// `bigint`) were refused: dead letters, the table diverged. The receivers commit each source
+/// transaction alone (it ends with a schema change of another table, `u`), and a row lock
+/// held on each (an uncommitted
+/// row of `o` that the second transaction also writes) stops them between the two, where
+/// they are killed. Also: the writer's pgferry restarts beside an open local transaction on a
+/// protected table, and neither its startup nor other local writers wait for it (its startup
+/// once queued an `ACCESS EXCLUSIVE` lock on the version store behind the transaction, and
+/// every local write behind that). Random values and roles.
+#[tokio::test(flavor = "multi_thread")]
+async fn retyped_rows_still_convert_after_a_worker_restart() {
+    let seed = seed();
+    eprintln!("seed {seed} (DDL_SEED)");
+    let mut rng = Rng::new(seed);
+    let ddl = "CREATE TABLE m (k int PRIMARY KEY, amount numeric, note text); \
+               CREATE TABLE o (k int PRIMARY KEY, v int); \
+               CREATE TABLE u (k int PRIMARY KEY, v int)";
+    let clusters = [
+        PgCluster::shared_of_three(0),
+        PgCluster::shared_of_three(1),
+        PgCluster::shared_of_three(2),
+    ];
+    let mut nodes = mesh("mmretyperestart", &clusters, ddl, "", &broker().address()).await;
+    let mut clients = Vec::new();
+    for node in &nodes {
+        clients.push(node.client().await);
+    }
+    const ROWS: i32 = 30;
+    let away = rng.range(0, 3) as usize;
+    let retyper = another_node(&mut rng, away);
+    let third = 3 - away - retyper;
+    let insert = format!("INSERT INTO m SELECT g, g, 'init' FROM generate_series(1, {ROWS}) g");
+    write_everywhere(&clients, &clients[third], &insert, "m", ROWS).await;
+    nodes[away].ferry.kill9();
+    run_step(
+        &clients[retyper],
+        "ALTER TABLE m ALTER COLUMN amount TYPE bigint",
+    )
+    .await;
+    let amount_is_bigint = "SELECT count(*) FROM information_schema.columns \
+                            WHERE table_name = 'm' AND column_name = 'amount' AND data_type = 'bigint'";
+    wait_count(
+        "the ALTER on the third node",
+        &clients[third],
+        amount_is_bigint,
+        1,
+    )
+    .await;
+    // key -> amount as last written, as text under the old type.
+    let mut model: BTreeMap<i32, (String, &str)> =
+        (1..=ROWS).map(|k| (k, (k.to_string(), "init"))).collect();
+    let mut writes = [Vec::new(), Vec::new()];
+    for k in 1..=ROWS + 10 {
+        let which = rng.range(0, 3) as usize;
+        if which == 2 {
+            continue;
+        }
+        let amount = format!("{}.{:02}", rng.range(0, 100000), rng.range(1, 100));
+        let note = ["first", "second"][which];
+        writes[which].push(format!(
+            "INSERT INTO m VALUES ({k}, {amount}, '{note}') \
+             ON CONFLICT (k) DO UPDATE SET amount = EXCLUDED.amount, note = EXCLUDED.note"
+        ));
+        model.insert(k, (amount, note));
+    }
+    let first = i64::try_from(writes[0].len()).unwrap();
+    // A schema change: the receivers commit at the end of its source transaction.
+    writes[0].push("ALTER TABLE u ADD COLUMN w int".into());
+    writes[1].insert(
+        rng.range(0, writes[1].len() as i64 + 1) as usize,
+        "INSERT INTO o VALUES (1, 2)".into(),
+    );
+    eprintln!(
+        "{} away, {} retypes; {} + {} writes",
+        nodes[away].name,
+        nodes[retyper].name,
+        writes[0].len(),
+        writes[1].len()
+    );
+    run_step(&clients[away], &writes[0].join("; ")).await;
+    run_step(&clients[away], &writes[1].join("; ")).await;
+    let mut holds = Vec::new();
+    for receiver in [retyper, third] {
+        let hold = nodes[receiver].client().await;
+        hold.batch_execute("BEGIN; INSERT INTO o VALUES (1, 1)")
+            .await
+            .unwrap();
+        holds.push(hold);
+    }
+    // The writer's pgferry restarts beside an open local transaction on a protected table.
+    let held = nodes[away].client().await;
+    held.batch_execute("BEGIN; INSERT INTO o VALUES (2, 2)")
+        .await
+        .unwrap();
+    nodes[away].ferry.restart();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let writer = nodes[away].client().await;
+    writer
+        .batch_execute("SET statement_timeout = '30s'; INSERT INTO o VALUES (3, 3)")
+        .await
+        .expect("a local write while pgferry restarts beside an open transaction");
+    nodes[away].ferry.wait_streaming().await;
+    held.batch_execute("ROLLBACK").await.unwrap();
+    for receiver in [retyper, third] {
+        wait_count(
+            "the first transaction on the receivers",
+            &clients[receiver],
+            "SELECT count(*) FROM m WHERE note = 'first'",
+            first,
+        )
+        .await;
+        nodes[receiver].ferry.kill9();
+        nodes[receiver].ferry.restart();
+    }
+    // The killed workers' sessions wait on the held rows, and keep their replication origins
+    // until they end: release them first.
+    for hold in &holds {
+        hold.batch_execute("ROLLBACK").await.unwrap();
+    }
+    for receiver in [retyper, third] {
+        nodes[receiver].ferry.wait_streaming().await;
+    }
+    let mut want = Vec::new();
+    for (k, (amount, note)) in &model {
+        let row = clients[retyper]
+            .query_one("SELECT $1::text::numeric::bigint", &[amount])
+            .await
+            .unwrap();
+        want.push((*k, row.get::<_, i64>(0), note.to_string()));
+    }
+    let query = "SELECT k, amount, note FROM m ORDER BY k";
+    let row = |r: &tokio_postgres::Row| (r.get(0), r.get(1), r.get(2));
+    let what = "m to hold each row's last write, converted";
+    rows_everywhere(&nodes, &clients, what, query, row, &want).await;
+    let query = "SELECT k, v FROM o ORDER BY k";
+    let row = |r: &tokio_postgres::Row| (r.get(0), r.get(1));
+    rows_everywhere(&nodes, &clients, "o's rows", query, row, &[(1, 2), (3, 3)]).await;
     for c in &clients {
         assert_eq!(unresolved_letters(c).await, 0, "{:?}", letters(c).await);
     }

@@ -45,15 +45,38 @@ BEGIN
     END IF;
 END
 $$;
-ALTER TABLE pgferry.versions ADD COLUMN IF NOT EXISTS seen_node text;
-ALTER TABLE pgferry.versions ADD COLUMN IF NOT EXISTS seen_lsn pg_lsn;
--- Tombstones only, indexed by a column that live versions leave NULL: a write that moves a
--- live version (new t, node) changes no indexed column, so it is a HOT update (no index
--- entries), with room kept on each page for it. (The first layout indexed t, which made
--- every version move a full update; that index is dropped.)
-DROP INDEX IF EXISTS pgferry.versions_tombstones;
-CREATE INDEX IF NOT EXISTS versions_tombstones_lsn ON pgferry.versions (seen_lsn) WHERE deleted;
-ALTER TABLE pgferry.versions SET (fillfactor = 80);
+-- Every change below is made only when the catalog says it is missing: `ADD COLUMN IF NOT
+-- EXISTS` and `CREATE INDEX IF NOT EXISTS` lock the table before they look, and every local
+-- write stamps pgferry.versions, so a restart during a long local transaction queued an
+-- ACCESS EXCLUSIVE lock behind it and every writer of every protected table behind that.
+CREATE OR REPLACE FUNCTION pgferry.add_missing_column(rel regclass, col name, typ text)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                    WHERE attrelid = rel AND attname = col AND NOT attisdropped) THEN
+        EXECUTE format('ALTER TABLE %s ADD COLUMN IF NOT EXISTS %I %s', rel, col, typ);
+    END IF;
+END
+$fn$;
+SELECT pgferry.add_missing_column('pgferry.versions', 'seen_node', 'text');
+SELECT pgferry.add_missing_column('pgferry.versions', 'seen_lsn', 'pg_lsn');
+DO $$
+BEGIN
+    -- Tombstones only, indexed by a column that live versions leave NULL: a write that moves
+    -- a live version (new t, node) changes no indexed column, so it is a HOT update (no index
+    -- entries), with room kept on each page for it. (The first layout indexed t, which made
+    -- every version move a full update; that index is dropped.)
+    DROP INDEX IF EXISTS pgferry.versions_tombstones;
+    IF to_regclass('pgferry.versions_tombstones_lsn') IS NULL THEN
+        CREATE INDEX IF NOT EXISTS versions_tombstones_lsn ON pgferry.versions (seen_lsn)
+            WHERE deleted;
+    END IF;
+    IF NOT coalesce((SELECT 'fillfactor=80' = ANY (reloptions) FROM pg_class
+                      WHERE oid = 'pgferry.versions'::regclass), false) THEN
+        ALTER TABLE pgferry.versions SET (fillfactor = 80);
+    END IF;
+END
+$$;
 -- What each other node had applied from each node, by the latest `ack` of its stream that
 -- this node applied.
 CREATE TABLE IF NOT EXISTS pgferry.peer_acks (
@@ -64,7 +87,7 @@ CREATE TABLE IF NOT EXISTS pgferry.peer_acks (
     PRIMARY KEY (reporter, source));
 -- How far the reporter's clock was ahead of this node's when its latest ack was applied
 -- (µs; less the delivery delay, so a lower bound when positive).
-ALTER TABLE pgferry.peer_acks ADD COLUMN IF NOT EXISTS clock_ahead_us int8;
+SELECT pgferry.add_missing_column('pgferry.peer_acks', 'clock_ahead_us', 'int8');
 -- Above every collected tombstone's version: a key whose tombstone is gone is stamped above
 -- it all the same (invariant 2 survives collection).
 CREATE TABLE IF NOT EXISTS pgferry.version_floor (
@@ -94,7 +117,13 @@ CREATE TABLE IF NOT EXISTS pgferry.conflicts (
     remote_commit_ts timestamptz NOT NULL,
     remote_node text NOT NULL,
     remote_row jsonb);
-CREATE INDEX IF NOT EXISTS conflicts_detected_at ON pgferry.conflicts (detected_at);
+DO $$
+BEGIN
+    IF to_regclass('pgferry.conflicts_detected_at') IS NULL THEN
+        CREATE INDEX IF NOT EXISTS conflicts_detected_at ON pgferry.conflicts (detected_at);
+    END IF;
+END
+$$;
 "#;
 
 /// Session settings that make `to_jsonb` of key values identical in the apply session, in

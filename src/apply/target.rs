@@ -88,6 +88,16 @@ pub async fn prepare_session(
                  table_name text NOT NULL,
                  announced_at timestamptz NOT NULL DEFAULT now(),
                  PRIMARY KEY (source_node, table_name));
+             -- Multi-master: each table's column types as the node's stream last described
+             -- them (its `relation` record, at stream_offset), kept with the data so a
+             -- restarted worker still converts values written under a column's old type
+             -- (apply::worker::retype).
+             CREATE TABLE IF NOT EXISTS pgferry.stream_relations (
+                 source_node text NOT NULL,
+                 table_name text NOT NULL,
+                 stream_offset bigint NOT NULL,
+                 column_types jsonb NOT NULL,
+                 PRIMARY KEY (source_node, table_name));
              COMMIT",
         )
         .await?;
@@ -110,6 +120,41 @@ pub async fn prepare_session(
 pub const RECORD_STREAM_TABLE: &str =
     "INSERT INTO pgferry.stream_tables (source_node, table_name) \
      VALUES ($1, $2) ON CONFLICT DO NOTHING";
+
+/// Records the column types of a table's `relation` record (`$1` node, `$2` `schema.table`,
+/// `$3` its offset, `$4` a JSON object of column name → type); run in the target transaction
+/// of the changes that follow it, so the record and the changes it describes commit (or roll
+/// back) together.
+pub const RECORD_STREAM_RELATION: &str = "INSERT INTO pgferry.stream_relations \
+     (source_node, table_name, stream_offset, column_types) VALUES ($1, $2, $3, $4::text::jsonb) \
+     ON CONFLICT (source_node, table_name) DO UPDATE \
+     SET stream_offset = EXCLUDED.stream_offset, column_types = EXCLUDED.column_types";
+
+/// The column types each table's last committed `relation` record of `node`'s stream gave
+/// (see [`RECORD_STREAM_RELATION`]): `(schema.table, offset, column → type)`.
+pub async fn stream_relations(
+    client: &Client,
+    node: &str,
+) -> Result<Vec<(String, i64, HashMap<String, String>)>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT table_name, stream_offset, column_types::text FROM pgferry.stream_relations \
+              WHERE source_node = $1",
+            &[&node],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let types: String = row.get(2);
+            (
+                row.get(0),
+                row.get(1),
+                serde_json::from_str(&types).unwrap_or_default(),
+            )
+        })
+        .collect())
+}
 
 /// The tables `node`'s stream has announced. A worker that resumes (`resuming`) with none
 /// recorded was applying before pgferry kept the list, and the announcements it would need

@@ -437,6 +437,14 @@ async fn open(
         retyping: retype::Retyping::default(),
     };
     worker.reload_parked(&client).await?;
+    if worker.lww.is_some() {
+        let relations = target::stream_relations(&client, &worker.settings.node)
+            .await
+            .map_err(ApplyError::sql("reading pgferry.stream_relations"))?;
+        for (qualified, offset, columns) in relations {
+            worker.retyping.restore(qualified, offset, columns);
+        }
+    }
     Ok((worker, client))
 }
 
@@ -870,7 +878,7 @@ impl Worker {
                 if let Some(reason) = admit::admit_relation(&relation.schema, &relation.table) {
                     self.bad_message(client, record, &reason).await?;
                 } else {
-                    self.retyping.relation(offset, &relation);
+                    self.remember_relation(client, pending, offset, &relation);
                     self.announce(client, pending, &relation);
                     if self.settings.apply.create_tables {
                         self.create_if_missing(client, pending, record, &relation)

@@ -18,7 +18,7 @@ use super::{InFlight, Worker};
 use crate::apply::error::ApplyError;
 use crate::apply::sql::is_safe_type_name;
 use crate::apply::stream::{ChangeItem, RelationItem, WritesColumns};
-use crate::apply::target::TargetTable;
+use crate::apply::target::{self, TargetTable};
 
 /// Column name → type, as a `relation` record gives them.
 type ColumnTypes = HashMap<String, String>;
@@ -57,6 +57,16 @@ impl Retyping {
         if records.len() > 8 {
             records.remove(0);
         }
+    }
+
+    /// Takes back a record a previous run committed (`pgferry.stream_relations`): the last
+    /// before the position this run resumes from, so the changes after it are described by
+    /// it until the stream gives a newer one.
+    pub(super) fn restore(&mut self, qualified: String, offset: i64, columns: ColumnTypes) {
+        self.written_as
+            .entry(qualified)
+            .or_default()
+            .push((offset, columns));
     }
 
     /// Forgets the records read at or past `offset`, where a replay starts: it reads them
@@ -118,6 +128,38 @@ fn scalar_text(raw: &RawValue) -> Option<Option<String>> {
 }
 
 impl Worker {
+    /// Remembers a `relation` record's column types (multi-master), here and in
+    /// `pgferry.stream_relations` in the open target transaction, so a restarted worker
+    /// knows them too ([`Retyping::restore`]).
+    pub(super) fn remember_relation<'c>(
+        &mut self,
+        client: &'c Client,
+        pending: &mut InFlight<'c>,
+        offset: i64,
+        relation: &RelationItem,
+    ) {
+        self.retyping.relation(offset, relation);
+        if self.lww.is_none() {
+            return;
+        }
+        let node = self.settings.node.clone();
+        let qualified = format!("{}.{}", relation.schema, relation.table);
+        let types: serde_json::Map<String, Value> = relation
+            .columns
+            .iter()
+            .map(|c| (c.name.clone(), Value::String(c.type_name.clone())))
+            .collect();
+        let types = Value::Object(types).to_string();
+        pending.send(Box::pin(async move {
+            client
+                .execute(
+                    target::RECORD_STREAM_RELATION,
+                    &[&node, &qualified, &offset, &types],
+                )
+                .await
+        }));
+    }
+
     /// Converts the values of `change` written under a column's old type (see the module
     /// docs). Runs statements on the target's open transaction, each conversion under a
     /// savepoint, so a value the cast refuses leaves the transaction as it was.
