@@ -304,22 +304,23 @@ fn fixed_names<'a>(columns: &[Typed<'a>]) -> Vec<&'a str> {
 /// remote row is the whole row, so every target column it does not carry (`defaults`: its
 /// node did not have the column when it wrote) is set to its DEFAULT, as that node's own row
 /// got it when the column reached it. The statement first checks that the table has not
-/// gained a column since it was described (`natts`, see [`same_shape`]), so that no column
-/// escapes `defaults`.
+/// changed since it was described (`shape`, see [`same_shape`]), so that no column escapes
+/// `defaults` and no value is cast to a column's old type.
 #[derive(Debug, Clone, Copy)]
 pub struct WholeRow<'a> {
     /// Target columns set to their DEFAULT.
     pub defaults: &'a [String],
-    /// The table's `pg_class.relnatts` as described.
-    pub natts: i16,
+    /// The table's shape as described ([`crate::apply::target::TargetTable::shape`]).
+    pub shape: &'a str,
 }
 
-/// The check of [`crate::apply::multimaster::SAME_SHAPE_FUNCTION`] as a condition, evaluated
+/// The check of [`crate::apply::multimaster::same_shape_function`] as a condition, evaluated
 /// once per statement.
-fn same_shape(schema: &str, table: &str, natts: i16) -> String {
+fn same_shape(schema: &str, table: &str, shape: &str) -> String {
     format!(
-        "(SELECT pgferry.same_shape({}::regclass, {natts}::int2))",
-        crate::sql::quote_literal(&qualified(schema, table))
+        "(SELECT pgferry.same_shape({}::regclass, {}::text))",
+        crate::sql::quote_literal(&qualified(schema, table)),
+        crate::sql::quote_literal(shape)
     )
 }
 
@@ -521,7 +522,7 @@ fn versioned_upsert(
         qualified(schema, table),
         cols.join(", "),
         values.join(", "),
-        same_shape(schema, table, whole.natts),
+        same_shape(schema, table, whole.shape),
     )
 }
 
@@ -632,14 +633,14 @@ pub fn call_resolver(function: &str, schema: &str, table: &str) -> String {
 }
 
 /// Writes a resolver's merged row over the live row: `columns`, every column an update may
-/// set, from the table's description as of `natts` (checked, see [`same_shape`]). Parameters:
+/// set, from the table's description as of `shape` (checked, see [`same_shape`]). Parameters:
 /// the merged jsonb, then `key`.
 pub fn write_merged(
     schema: &str,
     table: &str,
     columns: &[&str],
     key: &[Typed<'_>],
-    natts: i16,
+    shape: &str,
 ) -> String {
     let cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
     let picked: Vec<String> = columns
@@ -652,7 +653,7 @@ pub fn write_merged(
         cols.join(", "),
         picked.join(", "),
         typed_key_predicate("t", key, 2),
-        same_shape(schema, table, natts),
+        same_shape(schema, table, shape),
     )
 }
 
@@ -911,7 +912,7 @@ pub fn stamp_and_upsert_rows(
             ("NULL::text", "NULL::pg_lsn")
         ),
         t = qualified(schema, table),
-        guard = same_shape(schema, table, whole.natts),
+        guard = same_shape(schema, table, whole.shape),
     )
 }
 
@@ -975,7 +976,7 @@ pub fn clean_update_rows(
             ("false", false),
             ("NULL::text", "NULL::pg_lsn")
         ),
-        guard = same_shape(schema, table, whole.natts),
+        guard = same_shape(schema, table, whole.shape),
     )
 }
 
@@ -1013,7 +1014,7 @@ mod tests {
     /// No column to default, a table of three attributes.
     const NONE: WholeRow<'static> = WholeRow {
         defaults: &[],
-        natts: 3,
+        shape: "ab12",
     };
 
     /// A multi-master write sets every column the remote row does not carry to its DEFAULT
@@ -1054,9 +1055,9 @@ mod tests {
         let defaults = ["extra".to_owned(), "Odd \"one\"".to_owned()];
         let whole = WholeRow {
             defaults: &defaults,
-            natts: 7,
+            shape: "cd34",
         };
-        let guard = r#"(SELECT pgferry.same_shape('"s"."t"'::regclass, 7::int2))"#;
+        let guard = r#"(SELECT pgferry.same_shape('"s"."t"'::regclass, 'cd34'::text))"#;
         for text in [
             stamp_and_upsert("s", "t", &cols, &["id"], whole),
             insert_fresh("s", "t", &cols, &["id"], whole),
@@ -1154,7 +1155,7 @@ mod tests {
         ));
         assert!(write.contains("WHERE (v.t, v.node) < (EXCLUDED.t, EXCLUDED.node)"));
         assert!(write.ends_with("SELECT u.ord FROM u WHERE jsonb_build_array(u.c1::integer)::text IN (SELECT key FROM s)"));
-        assert!(write.contains(r#"IN (SELECT key FROM s) AND (SELECT pgferry.same_shape('"s"."t"'::regclass, 3::int2)) ON CONFLICT"#), "{write}");
+        assert!(write.contains(r#"IN (SELECT key FROM s) AND (SELECT pgferry.same_shape('"s"."t"'::regclass, 'ab12'::text)) ON CONFLICT"#), "{write}");
         // Tombstones: the key array, t, node, LSN, then the table name ($5) and stream node ($6).
         let delete = stamp_and_delete_rows("s", "t", &cols[..1]);
         assert!(delete.contains("unnest($1::text[], $2::int8[], $3::text[], $4::text[])"));
@@ -1266,7 +1267,7 @@ mod tests {
         let write = stamp_and_upsert("s", "t", &row, &["id"], NONE);
         assert!(
             write.contains("jsonb_build_array($2::integer)::text, $4::int8, $5::text, false")
-                && write.contains(r#"INSERT INTO "s"."t" ("v", "id") OVERRIDING SYSTEM VALUE SELECT $1::text, $2::integer WHERE EXISTS (SELECT 1 FROM s) AND (SELECT pgferry.same_shape('"s"."t"'::regclass, 3::int2)) ON CONFLICT ("id") DO UPDATE SET "v" = EXCLUDED."v" RETURNING 1"#)
+                && write.contains(r#"INSERT INTO "s"."t" ("v", "id") OVERRIDING SYSTEM VALUE SELECT $1::text, $2::integer WHERE EXISTS (SELECT 1 FROM s) AND (SELECT pgferry.same_shape('"s"."t"'::regclass, 'ab12'::text)) ON CONFLICT ("id") DO UPDATE SET "v" = EXCLUDED."v" RETURNING 1"#)
                 && write.contains("OR ($6::bool AND"),
             "{write}"
         );
@@ -1321,8 +1322,8 @@ mod tests {
             r#"SELECT ("app"."merge"($1::text, $2::jsonb, to_jsonb(jsonb_populate_record(NULL::"s"."t", $3::jsonb)), $4::jsonb, $5::jsonb))::text"#
         );
         assert_eq!(
-            write_merged("s", "t", &["v"], &key, 2),
-            r#"UPDATE ONLY "s"."t" AS t SET ("v") = (SELECT m."v" FROM jsonb_populate_record(NULL::"s"."t", $1::jsonb) AS m) WHERE t."id" = $2::integer AND (SELECT pgferry.same_shape('"s"."t"'::regclass, 2::int2))"#
+            write_merged("s", "t", &["v"], &key, "ef56"),
+            r#"UPDATE ONLY "s"."t" AS t SET ("v") = (SELECT m."v" FROM jsonb_populate_record(NULL::"s"."t", $1::jsonb) AS m) WHERE t."id" = $2::integer AND (SELECT pgferry.same_shape('"s"."t"'::regclass, 'ef56'::text))"#
         );
     }
 

@@ -199,6 +199,71 @@ pub trait WritesColumns {
     fn names_mut(&mut self) -> (&mut String, &mut String);
 }
 
+/// An item that writes named columns, which remembers the renames and drops it followed
+/// ([`WritesColumns::follow_column`]), so that each column can be traced back to the name its
+/// writer gave it ([`Followed::writers_names`]).
+pub struct Followed<'a, T> {
+    item: &'a mut T,
+    followed: Vec<(String, Option<String>)>,
+}
+
+impl<'a, T: WritesColumns> Followed<'a, T> {
+    /// Wraps `item`.
+    pub fn new(item: &'a mut T) -> Self {
+        Followed {
+            item,
+            followed: Vec::new(),
+        }
+    }
+
+    /// Column name now → the name the writer gave it, for the columns of `written` (the
+    /// item's names before it followed anything) that are still there.
+    pub fn writers_names(&self, written: &[String]) -> std::collections::HashMap<String, String> {
+        let mut names: Vec<(String, Option<String>)> = written
+            .iter()
+            .map(|w| (w.clone(), Some(w.clone())))
+            .collect();
+        for (from, to) in &self.followed {
+            for (_, now) in &mut names {
+                if now.as_deref() == Some(from.as_str()) {
+                    *now = to.clone();
+                }
+            }
+        }
+        names
+            .into_iter()
+            .filter_map(|(writer, now)| now.map(|now| (now, writer)))
+            .collect()
+    }
+}
+
+impl<T: WritesColumns> WritesColumns for Followed<'_, T> {
+    fn schema(&self) -> &str {
+        self.item.schema()
+    }
+
+    fn table(&self) -> &str {
+        self.item.table()
+    }
+
+    fn column_names(&self) -> impl Iterator<Item = &String> {
+        self.item.column_names()
+    }
+
+    fn follow_column(&mut self, from: &str, to: Option<&str>) {
+        self.followed.push((from.to_owned(), to.map(str::to_owned)));
+        self.item.follow_column(from, to);
+    }
+
+    fn follow_table(&mut self, schema: &str, table: &str) {
+        self.item.follow_table(schema, table);
+    }
+
+    fn names_mut(&mut self) -> (&mut String, &mut String) {
+        self.item.names_mut()
+    }
+}
+
 impl WritesColumns for ChangeItem {
     fn names_mut(&mut self) -> (&mut String, &mut String) {
         (&mut self.schema, &mut self.table)

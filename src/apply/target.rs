@@ -303,10 +303,18 @@ pub struct TargetTable {
     /// into such a column a remote row does not carry, rather than the column's DEFAULT of the
     /// day (see `apply::worker::lww_rows::not_carried`).
     pub added: Vec<(String, Option<String>)>,
-    /// `pg_class.relnatts` when described: every ADD COLUMN raises it (attribute numbers are
-    /// never reused), so a table that gained a column since is told apart
-    /// ([`crate::apply::sql::same_shape`]).
-    pub natts: i16,
+    /// Whether every key column's values have one spelling each ([`ONE_SPELLING`]): two
+    /// keys of different text are then different keys, so their changes commute and may be
+    /// gathered into set batches. Otherwise (`numeric`, where `1.0 = 1.00`; `float8`, where
+    /// `-0 = 0`; text under a nondeterministic collation; types not known to be so) two
+    /// equal keys could look like two, and a batch that reordered their changes (an upsert
+    /// of `1.00` before the delete of `1`) lost the row: such tables' changes are written one
+    /// by one, in stream order.
+    pub key_spelled_once: bool,
+    /// The table's shape when described ([`crate::apply::multimaster::TABLE_SHAPE`]): every
+    /// column added, dropped, renamed or retyped since changes it, which multi-master write
+    /// statements check (`pgferry.same_shape`).
+    pub shape: String,
 }
 
 impl TargetTable {
@@ -359,6 +367,21 @@ const KEY_INDEX: &str = "CASE WHEN c.relreplident = 'i'
                                   WHERE x.indrelid = c.oid AND x.indisreplident)
                 THEN i.indisreplident ELSE i.indisprimary END";
 
+/// Whether a column's values have one text spelling each (equal values print alike), as a
+/// SQL expression over `pg_attribute a` and `pg_type t`: integers, `uuid`, dates and times,
+/// `bool`, `bytea`, network addresses, enums, and character types under a deterministic
+/// collation. Not `numeric` (`1.0 = 1.00`), floats (`-0 = 0`), `interval` (`1 day = 24
+/// hours`), `citext` or other types not known to be so.
+const ONE_SPELLING: &str = "CASE
+        WHEN t.typtype = 'e' THEN true
+        WHEN a.atttypid = ANY ('{int2,int4,int8,oid,uuid,date,time,timetz,timestamp,timestamptz,\
+                                  bool,bytea,name,inet,cidr,macaddr,macaddr8,money}'::regtype[])
+            THEN true
+        WHEN a.atttypid = ANY ('{text,varchar,bpchar}'::regtype[])
+            THEN coalesce((SELECT o.collisdeterministic FROM pg_collation o
+                            WHERE o.oid = a.attcollation), true)
+        ELSE false END";
+
 /// Describes a target table; `None` when it does not exist.
 pub async fn describe(
     client: &Client,
@@ -373,7 +396,7 @@ pub async fn describe(
                     format_type(a.atttypid, a.atttypmod),
                     a.attidentity = 'a',
                     a.attgenerated <> '',
-                    c.relnatts,
+                    {},
                     c.oid,
                     -- DDL capture's record, where there is one and this role may read it.
                     coalesce(has_table_privilege(to_regclass('pgferry.added_columns'), 'SELECT'),
@@ -381,7 +404,8 @@ pub async fn describe(
                     {},
                     c.relkind = 'p',
                     CASE WHEN a.attgenerated <> '' THEN pg_get_expr(d.adbin, d.adrelid) END,
-                    COALESCE(a.attnum = ANY(p.indkey::int2[]), false)
+                    COALESCE(a.attnum = ANY(p.indkey::int2[]), false),
+                    {ONE_SPELLING}
                FROM pg_class c
                JOIN pg_namespace n ON n.oid = c.relnamespace
                JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
@@ -394,6 +418,7 @@ pub async fn describe(
                LEFT JOIN pg_index p ON p.indrelid = c.oid AND p.indisprimary
               WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')
               ORDER BY a.attnum",
+                crate::apply::multimaster::TABLE_SHAPE.replace("@REL@", "c.oid"),
                 crate::sql::COLUMN_ORDER
             ),
             &[&schema, &table],
@@ -470,7 +495,11 @@ pub async fn describe(
             .map(|r| r.get(0))
             .collect(),
         expressions: rows.iter().map(|r| r.get(10)).collect(),
-        natts: rows[0].get(5),
+        shape: rows[0].get(5),
+        key_spelled_once: rows
+            .iter()
+            .filter(|r| r.get::<_, bool>(1))
+            .all(|r| r.get::<_, bool>(12)),
     }))
 }
 

@@ -2371,7 +2371,7 @@ impl Worker {
             _ => None,
         };
         match write {
-            Some(write) if !self.careful && table.uniques.is_empty() => {
+            Some(write) if !self.careful && table.uniques.is_empty() && table.key_spelled_once => {
                 let key_at: Vec<usize> = match write {
                     RowWrite::Upsert => key
                         .iter()

@@ -684,3 +684,37 @@ mod rows_items {
         assert_eq!(framer.step(3, item), Step::Rows(Box::new(rows)));
     }
 }
+
+/// [`Followed`] traces each column back to its writer's name through renames (a swap through
+/// a temporary name included) and leaves out the columns dropped, while the item itself
+/// follows them.
+#[test]
+fn followed_traces_columns_back_to_the_writers_names() {
+    let mut item = ChangeItem {
+        schema: "s".into(),
+        table: "t".into(),
+        op: Op::Update,
+        before: None,
+        after: serde_json::from_value(json!({"a": 1, "b": 2, "c": 3, "d": 4})).ok(),
+        json_null_before: vec![],
+        json_null_after: vec![],
+        unchanged_toast: vec![],
+        version: None,
+    };
+    let written: Vec<String> = item.column_names().cloned().collect();
+    let mut followed = Followed::new(&mut item);
+    followed.follow_column("a", Some("tmp"));
+    followed.follow_column("b", Some("a"));
+    followed.follow_column("tmp", Some("b"));
+    followed.follow_column("c", None);
+    followed.follow_column("d", Some("e"));
+    let names = followed.writers_names(&written);
+    let mut pairs: Vec<(&str, &str)> = names
+        .iter()
+        .map(|(now, writer)| (now.as_str(), writer.as_str()))
+        .collect();
+    pairs.sort_unstable();
+    assert_eq!(pairs, [("a", "b"), ("b", "a"), ("e", "d")]);
+    let now: Vec<&String> = item.column_names().collect();
+    assert_eq!(now, ["b", "a", "e"]);
+}

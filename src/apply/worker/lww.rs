@@ -21,7 +21,7 @@ use crate::apply::conflict::{
 use crate::apply::error::ApplyError;
 use crate::apply::plan::StatementKind;
 use crate::apply::sql::{self, Typed};
-use crate::apply::stream::{object_text, ChangeItem, RowImage, WritesColumns};
+use crate::apply::stream::{object_text, ChangeItem, Followed, RowImage, WritesColumns};
 use crate::apply::target::{TargetTable, TextParam};
 use crate::event::Op;
 
@@ -241,18 +241,25 @@ impl Worker {
             return self.bad_message(client, message, &reason).await;
         }
         let written: Vec<String> = change.column_names().cloned().collect();
+        let mut followed = Followed::new(&mut *change);
         let Some(table) = self
-            .target_table(client, message, &mut *change, &qualified)
+            .target_table(client, message, &mut followed, &qualified)
             .await?
         else {
             return Ok(());
         };
-        // Columns renamed since the change was written are no longer the writer's, whose
-        // types are known by the names it wrote.
-        if change.column_names().eq(written.iter()) {
-            self.convert_retyped(client, pending, &qualified, &mut change, &table)
-                .await?;
-        }
+        // The writer's types are known by the names it wrote, which columns renamed since no
+        // longer have.
+        let writers_names = followed.writers_names(&written);
+        self.convert_retyped(
+            client,
+            pending,
+            &qualified,
+            &mut change,
+            &table,
+            &writers_names,
+        )
+        .await?;
         // The table's name here, if it was renamed since the change was written.
         let qualified = format!("{}.{}", change.schema, change.table);
         if table.key.is_empty() {
@@ -322,6 +329,7 @@ impl Worker {
         let batched = !prepared.fallback
             && resolver.is_none()
             && prepared.table.uniques.is_empty()
+            && prepared.table.key_spelled_once
             && !self.careful;
         if batched {
             let Prepared {
@@ -486,7 +494,7 @@ impl Worker {
         let typed_columns = typed(&p.table, &columns);
         let whole = sql::WholeRow {
             defaults: &defaults,
-            natts: p.table.natts,
+            shape: &p.table.shape,
         };
         let (schema, table) = (&p.change.schema, &p.change.table);
         let (kind, text) = if only_new {
@@ -904,7 +912,7 @@ impl Worker {
             &p.change.table,
             &cols,
             &key,
-            p.table.natts,
+            &p.table.shape,
         );
         let stmt = self
             .cached(client, p, StatementKind::LwwMerged, Vec::new(), || text)

@@ -576,7 +576,7 @@ impl Worker {
             let typed_columns = typed(table, &columns.written);
             let whole = sql::WholeRow {
                 defaults: &columns.defaults,
-                natts: table.natts,
+                shape: &table.shape,
             };
             let text = sql::stamp_and_upsert_rows(
                 &group.schema,
@@ -615,7 +615,7 @@ impl Worker {
         let before = typed(table, &group.before);
         let whole = sql::WholeRow {
             defaults: &columns.defaults,
-            natts: table.natts,
+            shape: &table.shape,
         };
         let text = sql::clean_update_rows(
             &group.schema,
@@ -976,7 +976,8 @@ mod tests {
             generated: vec!["gen".to_owned()],
             expressions: Vec::new(),
             added,
-            natts: names.len() as i16,
+            shape: String::new(),
+            key_spelled_once: true,
         }
     }
 

@@ -79,20 +79,22 @@ impl Retyping {
 
     /// The columns of `change` whose writer's type is known and whose target type is named
     /// otherwise, with both types: the candidates for a conversion. Call after the change's
-    /// columns follow the target's renames and drops; a change whose columns were renamed
-    /// (its names no longer the writer's) has none.
+    /// columns follow the target's renames and drops; `writers_names` gives the name each
+    /// column had for its writer (see [`crate::apply::stream::Followed`]).
     fn candidates(
         &self,
         qualified: &str,
         change: &ChangeItem,
         table: &TargetTable,
+        writers_names: &HashMap<String, String>,
     ) -> Vec<(String, String, String)> {
         let Some((_, written_as)) = self.written_as.get(qualified).and_then(|r| r.last()) else {
             return Vec::new();
         };
         let mut found: Vec<(String, String, String)> = Vec::new();
         for column in change.column_names() {
-            let (Some(from), Some(to)) = (written_as.get(column), table.type_of(column)) else {
+            let writers = writers_names.get(column).and_then(|w| written_as.get(w));
+            let (Some(from), Some(to)) = (writers, table.type_of(column)) else {
                 continue;
             };
             if from != to
@@ -170,8 +172,11 @@ impl Worker {
         qualified: &str,
         change: &mut ChangeItem,
         table: &TargetTable,
+        writers_names: &HashMap<String, String>,
     ) -> Result<(), ApplyError> {
-        let candidates = self.retyping.candidates(qualified, change, table);
+        let candidates = self
+            .retyping
+            .candidates(qualified, change, table, writers_names);
         if !candidates.is_empty() {
             // The statements in flight first: a failure among them is theirs, not a cast's.
             pending
