@@ -577,6 +577,8 @@ async fn snapshots_on_request_and_of_added_tables_while_streaming() {
 /// ranges and chunks of several items. Exactly the rows the replica had and the source did not
 /// are pruned. A table keyed by an enum (ordered by its type, which a target may define
 /// otherwise) is re-snapshotted by upserts only: the log says why, and nothing is deleted.
+/// A table the source never had a row of is pruned to empty (its range once came without
+/// its table's announcement: a dead letter, and nothing pruned).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_resnapshot_makes_a_restored_replica_exact() {
     let pg = PgCluster::shared();
@@ -596,7 +598,8 @@ async fn a_resnapshot_makes_a_restored_replica_exact() {
                CREATE TABLE tokens (id uuid PRIMARY KEY, v int);
                CREATE TABLE named (k text PRIMARY KEY, v int);
                CREATE TYPE mood AS ENUM ('sad', 'ok', 'glad');
-               CREATE TABLE moods (m mood, id int, v int, PRIMARY KEY (m, id));";
+               CREATE TABLE moods (m mood, id int, v int, PRIMARY KEY (m, id));
+               CREATE TABLE vacant (id int PRIMARY KEY, v int);";
     let (master, c) = pg.fresh_db("prune", ddl).await;
     // The replica declares pairs' key in its columns' order, the source in another.
     let replica_ddl = ddl.replace("PRIMARY KEY (b, a)", "PRIMARY KEY (a, b)");
@@ -699,6 +702,15 @@ async fn a_resnapshot_makes_a_restored_replica_exact() {
             .await
             .unwrap();
     }
+    // A table the source never had a row of (so no change of it ever travelled): its
+    // re-snapshot is one range without rows, which must still prune the replica's.
+    extras += r
+        .execute(
+            "INSERT INTO vacant SELECT g, g FROM generate_series(1, 15) g",
+            &[],
+        )
+        .await
+        .unwrap();
     for outside in [
         "INSERT INTO items SELECT -g, 7, 'never' FROM generate_series(1, 20) g",
         "INSERT INTO items SELECT 1000000000 + g, 7, 'never' FROM generate_series(1, 20) g",
@@ -737,7 +749,7 @@ async fn a_resnapshot_makes_a_restored_replica_exact() {
         .unwrap();
     c.batch_execute(
         "INSERT INTO pgferry.snapshot_requests (table_name)
-           VALUES ('public.pairs'), ('tokens'), ('named'), ('moods')",
+           VALUES ('public.pairs'), ('tokens'), ('named'), ('moods'), ('vacant')",
     )
     .await
     .unwrap();
@@ -752,8 +764,26 @@ async fn a_resnapshot_makes_a_restored_replica_exact() {
         )
         .await;
     }
+    wait_snapshot_done(
+        &c,
+        &slot,
+        ("vacant", since),
+        Duration::from_secs(120),
+        String::new,
+    )
+    .await;
     stop.store(true, Ordering::Relaxed);
     writer.await.unwrap();
+    wait_equal(&master, &replica, "vacant", Duration::from_secs(60)).await;
+    let letters: i64 = r
+        .query_one("SELECT count(*) FROM pgferry.dead_letters", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        letters, 0,
+        "no dead letter (an empty table's range was one)"
+    );
     for (table, ..) in &generated {
         wait_equal(&master, &replica, table, Duration::from_secs(120)).await;
     }

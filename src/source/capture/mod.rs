@@ -835,21 +835,33 @@ impl Capture {
             self.send(txn.ticket, record, counter, repl.as_deref_mut())
                 .await?;
         }
-        let oid = change.relation.oid;
-        if !self.announced.contains(&oid) {
-            if let Some(columns) = self.schemas.get(&oid) {
-                let relation = node_stream::relation_record(
-                    &self.envelope,
-                    &change.relation.schema,
-                    &change.relation.table,
-                    columns,
-                );
-                self.stage(txn, &relation, repl).await?;
-            }
-            self.announced.insert(oid);
-        }
+        self.announce_once(txn, &change.relation, repl).await?;
         txn.changes += 1;
         Ok(Some(node_record))
+    }
+
+    /// Stages the table's `relation` record on the node stream, once per run (appliers write
+    /// only tables their stream announced).
+    async fn announce_once(
+        &mut self,
+        txn: &mut OpenTxn,
+        relation: &RelationMeta,
+        repl: Option<&mut stream::StreamState<'_>>,
+    ) -> Result<(), CaptureError> {
+        if self.announced.contains(&relation.oid) {
+            return Ok(());
+        }
+        if let Some(columns) = self.schemas.get(&relation.oid) {
+            let record = node_stream::relation_record(
+                &self.envelope,
+                &relation.schema,
+                &relation.table,
+                columns,
+            );
+            self.stage(txn, &record, repl).await?;
+        }
+        self.announced.insert(relation.oid);
+        Ok(())
     }
 
     /// Publishes snapshot rows of one table (`op: "r"`, at `lsn`): each as its own envelope on
@@ -974,8 +986,12 @@ impl Capture {
             counter.inc();
         }
         if !pending.is_empty() || (prune.is_some() && !sent) {
-            // A range without rows still opens the transaction on the node stream.
+            // A range without rows still opens the transaction on the node stream, and
+            // announces its table: an empty table's range was refused by appliers as "never
+            // announced" (a dead letter, the table diverged, nothing pruned).
             self.begin_if_needed(txn, repl.as_deref_mut()).await?;
+            self.announce_once(txn, relation, repl.as_deref_mut())
+                .await?;
             let tail = tail(&mut prune, None);
             let item = node_stream::rows_record(&self.envelope, &head, &pending, tail.as_deref());
             self.stage(txn, &item, repl).await?;
