@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::lsn::Lsn;
-use crate::sql::{qualified, quote_ident, quote_value};
+use crate::sql::{qualified, quote_ident, quote_literal, quote_value};
 
 /// pgferry's DDL capture on the source: a shadow of every user table's columns
 /// (`pgferry.ddl_tables`, so that the trigger knows each table's columns *before* a command),
@@ -1050,6 +1050,28 @@ pub fn on_target(
         }
         _ => OnTarget::Apply,
     }
+}
+
+/// For an `ALTER COLUMN … TYPE` whose cast the target refused (a value the plain cast cannot
+/// take, where the source's `USING` computed one), when the source re-snapshots the table
+/// after it: the same change with each value the cast refuses set to NULL
+/// (`pgferry.cast_or_null`), for the re-snapshot to replace. `None` for other ops.
+pub fn to_sql_lenient(schema: &str, table: &str, op: &DdlOp) -> Option<String> {
+    let DdlOp::AlterColumnType {
+        name,
+        type_name,
+        generated: false,
+    } = op
+    else {
+        return None;
+    };
+    Some(format!(
+        "ALTER TABLE {t} ALTER COLUMN {c} TYPE {type_name} \
+         USING pgferry.cast_or_null({c}::text, {})::{type_name}",
+        quote_literal(type_name),
+        t = qualified(schema, table),
+        c = quote_ident(name)
+    ))
 }
 
 /// The SQL that applies `op` to `schema.table` on a target. Type names must have been checked

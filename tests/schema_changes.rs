@@ -2892,6 +2892,85 @@ async fn computed_defaults_and_using_keep_the_replica_exact() {
     drop(capture);
 }
 
+/// A type change whose `USING` computes values the plain cast cannot (`'yes'` to `integer`,
+/// `'$12.50'` to `numeric`), between random writes: the replica ends exact and its table goes
+/// on. The target makes the change with NULL for the values its cast refuses, and the
+/// re-snapshot the source makes after a `USING` brings the source's values. Before, the
+/// target ran the plain cast, which refused them: the change was dead-lettered, the table
+/// parked, and every later change of it waited behind for an operator.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_using_the_target_cannot_cast_leaves_the_replica_exact() {
+    let seed = seed();
+    eprintln!("seed {seed} (DDL_SEED)");
+    let mut rng = Rng::new(seed ^ 0x05e);
+    let Pipeline {
+        m,
+        r,
+        applier,
+        capture,
+        ..
+    } = replica_pipeline(
+        "uncast",
+        "CREATE TABLE t (k int PRIMARY KEY, flag text, price text)",
+        "INSERT INTO t SELECT g, CASE WHEN g % 3 = 0 THEN 'yes' ELSE 'no' END, \
+         '$' || g || '.' || lpad((g % 100)::text, 2, '0') FROM generate_series(1, 200) g",
+        "t",
+    )
+    .await;
+    let mut flag_int = false;
+    let mut price_num = false;
+    let mut changes = [
+        "ALTER TABLE t ALTER COLUMN flag TYPE integer \
+         USING CASE flag WHEN 'yes' THEN 1 WHEN 'no' THEN 0 END",
+        "ALTER TABLE t ALTER COLUMN price TYPE numeric USING replace(price, '$', '')::numeric",
+    ];
+    if rng.chance(0.5) {
+        changes.reverse();
+    }
+    for round in 0..3 {
+        let mut writes = Vec::new();
+        for _ in 0..rng.range(5, 20) {
+            let k = rng.range(1, 260);
+            let flag = match (flag_int, rng.chance(0.5)) {
+                (true, yes) => i32::from(yes).to_string(),
+                (false, yes) => format!("'{}'", if yes { "yes" } else { "no" }),
+            };
+            let price = if price_num {
+                format!("{}.{}", rng.range(0, 1000), rng.range(0, 100))
+            } else {
+                format!("'${}.{:02}'", rng.range(0, 1000), rng.range(0, 100))
+            };
+            writes.push(if rng.chance(0.2) {
+                format!("DELETE FROM t WHERE k = {k}")
+            } else {
+                format!(
+                    "INSERT INTO t VALUES ({k}, {flag}, {price}) \
+                     ON CONFLICT (k) DO UPDATE SET flag = EXCLUDED.flag, price = EXCLUDED.price"
+                )
+            });
+        }
+        run_step(&m, &writes.join("; ")).await;
+        if let Some(change) = changes.get(round) {
+            run_step(&m, change).await;
+            flag_int |= change.contains("flag TYPE");
+            price_num |= change.contains("price TYPE");
+        }
+    }
+    wait_same(&m, &r, "t", Duration::from_secs(90)).await;
+    assert_eq!(unresolved_letters(&r).await, 0, "{:?}", letters(&r).await);
+    assert_eq!(
+        applier.metric("pgferry_schema_changes_applied_total", "outcome=\"failed\""),
+        None,
+        "no schema change may fail on the replica"
+    );
+    // The table is not parked: a later change still arrives.
+    m.batch_execute("UPDATE t SET flag = 7 WHERE k = (SELECT min(k) FROM t)")
+        .await
+        .unwrap();
+    wait_same(&m, &r, "t", Duration::from_secs(60)).await;
+    drop(capture);
+}
+
 /// Schema changes that capture decodes only after later ones were made: capture is killed,
 /// then tables are created and renamed, moved to another schema, altered and renamed, a
 /// partitioned table is created in a transaction of its own and its partitions in later ones

@@ -510,6 +510,10 @@ pub struct DdlItem {
     /// The source session's settings the change ran under (see
     /// [`crate::ddl::SESSION_SETTINGS`]); empty from a capture that did not send them.
     pub settings: BTreeMap<String, String>,
+    /// The source re-snapshots the table after the change (it gave existing rows values a
+    /// target cannot compute, such as a `USING`): a column whose values the target cannot
+    /// cast to its new type may take NULL for them until then.
+    pub resnapshot: bool,
 }
 
 /// The `after` record (multi-master): the node that wrote the stream applied other nodes'
@@ -612,6 +616,8 @@ struct RawRecord<'a> {
     applied: Option<BTreeMap<String, Lsn>>,
     #[serde(default)]
     settings: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    resnapshot: bool,
     #[serde(default)]
     names: Option<Vec<String>>,
     #[serde(default, borrow)]
@@ -782,6 +788,7 @@ pub fn parse_framed(bytes: Option<&[u8]>) -> Result<(Option<u64>, StreamItem), M
             ops: raw.ops.ok_or_else(|| missing("ops"))?,
             applied: raw.applied.unwrap_or_default(),
             settings: raw.settings.unwrap_or_default(),
+            resnapshot: raw.resnapshot,
         }))),
         other => Err(MalformedMessage(format!("unknown record type {other:?}"))),
     }?;

@@ -81,6 +81,18 @@ pub async fn prepare_session(
              DROP INDEX IF EXISTS pgferry.dead_letters_item;
              CREATE UNIQUE INDEX IF NOT EXISTS dead_letters_item_row
                  ON pgferry.dead_letters (source_node, topic, kafka_offset, item, item_row);
+             -- A value cast to a type given by name, or NULL where the cast refuses it: an
+             -- ALTER COLUMN ... TYPE whose source computed values by USING, before the
+             -- re-snapshot that brings them (apply::worker, ddl::to_sql_lenient).
+             CREATE OR REPLACE FUNCTION pgferry.cast_or_null(v text, typ text) RETURNS text
+             LANGUAGE plpgsql AS $fn$
+             DECLARE r text;
+             BEGIN
+                 EXECUTE format('SELECT $1::%s::text', typ) INTO r USING v;
+                 RETURN r;
+             EXCEPTION WHEN data_exception THEN RETURN NULL;
+             END
+             $fn$;
              -- The tables each node's stream announced (apply::admit): its changes may write
              -- only these.
              CREATE TABLE IF NOT EXISTS pgferry.stream_tables (

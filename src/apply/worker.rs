@@ -1263,6 +1263,16 @@ impl Worker {
                 continue;
             }
             let statement = crate::ddl::to_sql(&schema, &table, op);
+            // A replica whose table the source re-snapshots after this change: a type change
+            // whose cast the target refuses (the source's USING computed values a cast cannot)
+            // is made with NULL for those values, which the re-snapshot then replaces,
+            // rather than parking the table for an operator. (Multi-master nodes are not
+            // re-snapshotted: there the refusal parks the table, as any other.)
+            let lenient = if ddl.resnapshot && self.lww.is_none() {
+                crate::ddl::to_sql_lenient(&schema, &table, op)
+            } else {
+                None
+            };
             // The DDL's ACCESS EXCLUSIVE lock waits for other sessions' transactions on the
             // table (local writers, other nodes' workers) longer than a row change would; a
             // lock conflict or deadlock replays the transaction like any other. The lock is
@@ -1329,7 +1339,37 @@ impl Worker {
                         // (a refused statement's savepoint undoes them by itself).
                         let settings = crate::ddl::session_settings(&ddl.settings);
                         let own = target::set_settings(client, &settings).await?;
-                        client.batch_execute(&statement).await?;
+                        match &lenient {
+                            None => client.batch_execute(&statement).await?,
+                            Some(lenient) => {
+                                client.batch_execute("SAVEPOINT pgferry_cast").await?;
+                                match client.batch_execute(&statement).await {
+                                    Ok(()) => {
+                                        client
+                                            .batch_execute("RELEASE SAVEPOINT pgferry_cast")
+                                            .await?
+                                    }
+                                    Err(e)
+                                        if e
+                                            .code()
+                                            .is_some_and(|c| c.code().starts_with("22")) =>
+                                    {
+                                        tracing::warn!(table = %name, %statement, error = %crate::error::ErrorChain(&e),
+                                                       "the target cannot cast every value to the column's new type \
+                                                        (the source computed them by USING): those are NULL until the \
+                                                        re-snapshot that follows brings the source's values");
+                                        client
+                                            .batch_execute(
+                                                "ROLLBACK TO SAVEPOINT pgferry_cast; \
+                                                 RELEASE SAVEPOINT pgferry_cast",
+                                            )
+                                            .await?;
+                                        client.batch_execute(lenient).await?;
+                                    }
+                                    Err(e) => return Err(e),
+                                }
+                            }
+                        }
                         let own: Vec<(&str, &str)> =
                             own.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
                         target::set_settings(client, &own).await?;

@@ -488,12 +488,14 @@ mod ddl_order {
                 run: 2,
             };
             let ops = [crate::ddl::DdlOp::DropColumn { name: "c".into() }];
-            let record = ddl_record(&source, "public", "t", &ops, &applied, &settings);
+            let resnapshot = settings.len() % 2 == 1;
+            let record = ddl_record(&source, "public", "t", &ops, &applied, &settings, resnapshot);
             let payload = record.value.expect("a value");
             let (_, item) = parse_framed(Some(&payload)).expect("parses");
             let StreamItem::Ddl(ddl) = item else { panic!("{item:?}") };
             prop_assert_eq!(&ddl.applied, &applied);
             prop_assert_eq!(&ddl.settings, &settings);
+            prop_assert_eq!(ddl.resnapshot, resnapshot);
             let payload = after_record(&source, &applied).value.expect("a value");
             let (_, item) = parse_framed(Some(&payload)).expect("parses");
             let StreamItem::After(after) = item.clone() else { panic!("{item:?}") };

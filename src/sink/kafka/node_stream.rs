@@ -508,6 +508,8 @@ struct Ddl<'a> {
     applied: &'a BTreeMap<String, Lsn>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     settings: &'a BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    resnapshot: bool,
 }
 
 /// A schema change of one table, applied by targets at its place in the transaction:
@@ -517,7 +519,9 @@ struct Ddl<'a> {
 /// node had applied from each other node when the change ran: a node applies the change only
 /// after it has applied as much (see apply's `Worker::apply_ddl`). `settings` are the source
 /// session's settings the change ran under ([`crate::ddl::SESSION_SETTINGS`]), which targets
-/// run it under too.
+/// run it under too. `"resnapshot": true` (left out when false) says the source re-snapshots
+/// the table after the change (its rows got values targets cannot compute, such as a
+/// `USING`'s), so a replica may give NULL to values its cast cannot take until then.
 pub fn ddl_record(
     source: &EnvelopeSource,
     schema: &str,
@@ -525,6 +529,7 @@ pub fn ddl_record(
     ops: &[crate::ddl::DdlOp],
     applied: &BTreeMap<String, Lsn>,
     settings: &BTreeMap<String, String>,
+    resnapshot: bool,
 ) -> Record {
     let ddl = Ddl {
         r#type: "ddl",
@@ -534,6 +539,7 @@ pub fn ddl_record(
         ops,
         applied,
         settings,
+        resnapshot,
     };
     record(source, serde_json::to_vec(&ddl).unwrap_or_default())
 }

@@ -492,6 +492,8 @@ impl Capture {
             self.send(txn.ticket, &on_old_topic, None, repl.as_deref_mut())
                 .await?;
         }
+        let resnapshot =
+            self.settings.resnapshot_rewritten && crate::ddl::rewrites_rows(&message, &ops);
         let item = node_stream::ddl_record(
             &self.envelope,
             schema,
@@ -499,9 +501,10 @@ impl Capture {
             &ops,
             &message.applied,
             &message.settings,
+            resnapshot,
         );
         self.stage(txn, &item, repl).await?;
-        if self.settings.resnapshot_rewritten && crate::ddl::rewrites_rows(&message, &ops) {
+        if resnapshot {
             let name = (message.schema.as_str(), message.table.as_str());
             self.resnapshot(name, "the schema change gave existing rows values targets cannot compute (a volatile DEFAULT, an identity, USING); re-snapshotting the table").await?;
         }
