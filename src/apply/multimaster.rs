@@ -168,12 +168,6 @@ pub const TABLE_SHAPE: &str = "(SELECT md5(string_agg(concat_ws(':', s.attnum, s
 /// an added column changes: after a local `ALTER COLUMN … TYPE`, statements prepared before
 /// it went on casting values to the old type (`123` written as `123.000` into a column now
 /// `text`), and the node diverged in silence.
-///
-/// A table found as described stays so until the transaction ends: the statement holds its
-/// lock, so no schema change of another session commits meanwhile, and the worker's own
-/// describes the table again (a new shape). The function remembers it in a transaction-local
-/// setting and answers later calls from there: the digest costs about twice the old
-/// `relnatts` lookup, the setting about half of it.
 pub fn same_shape_function() -> String {
     format!(
         r#"
@@ -181,14 +175,10 @@ CREATE OR REPLACE FUNCTION pgferry.same_shape(rel regclass, shape text) RETURNS 
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $fn$
 BEGIN
-    IF current_setting('pgferry.shape_' || rel::oid, true) = shape THEN
-        RETURN true;
-    END IF;
     IF {} IS DISTINCT FROM shape THEN
         RAISE EXCEPTION 'pgferry: % changed (a column added, dropped, renamed or retyped) since its apply statements were prepared', rel
             USING ERRCODE = '{SHAPE_CHANGED}';
     END IF;
-    PERFORM set_config('pgferry.shape_' || rel::oid, shape, true);
     RETURN true;
 END
 $fn$;
