@@ -665,17 +665,8 @@ impl Capture {
             return Ok(());
         };
         self.describe_once(&relation).await?;
-        if let Some(columns) = self.schemas.get(&relation.oid).cloned() {
-            let record = node_stream::relation_record(
-                &self.envelope,
-                announced_as.0,
-                announced_as.1,
-                &columns,
-            );
-            self.stage(txn, &record, repl).await?;
-        }
-        self.announced.insert(relation.oid);
-        Ok(())
+        self.announce_once(txn, relation.oid, announced_as, repl)
+            .await
     }
 
     /// Describes a snapshot table unless this run already has its schema.
@@ -838,32 +829,35 @@ impl Capture {
             self.send(txn.ticket, record, counter, repl.as_deref_mut())
                 .await?;
         }
-        self.announce_once(txn, &change.relation, repl).await?;
+        let relation = &change.relation;
+        let name = (relation.schema.as_str(), relation.table.as_str());
+        self.announce_once(txn, relation.oid, name, repl).await?;
         txn.changes += 1;
         Ok(Some(node_record))
     }
 
-    /// Stages the table's `relation` record on the node stream, once per run (appliers write
-    /// only tables their stream announced).
+    /// Stages table `oid`'s `relation` record on the node stream under `announced_as`, once
+    /// per run (appliers write only tables their stream announced).
     async fn announce_once(
         &mut self,
         txn: &mut OpenTxn,
-        relation: &RelationMeta,
+        oid: u32,
+        announced_as: (&str, &str),
         repl: Option<&mut stream::StreamState<'_>>,
     ) -> Result<(), CaptureError> {
-        if self.announced.contains(&relation.oid) {
+        if self.announced.contains(&oid) {
             return Ok(());
         }
-        if let Some(columns) = self.schemas.get(&relation.oid) {
+        if let Some(columns) = self.schemas.get(&oid) {
             let record = node_stream::relation_record(
                 &self.envelope,
-                &relation.schema,
-                &relation.table,
+                announced_as.0,
+                announced_as.1,
                 columns,
             );
             self.stage(txn, &record, repl).await?;
         }
-        self.announced.insert(relation.oid);
+        self.announced.insert(oid);
         Ok(())
     }
 
@@ -993,7 +987,8 @@ impl Capture {
             // announces its table: an empty table's range was refused by appliers as "never
             // announced" (a dead letter, the table diverged, nothing pruned).
             self.begin_if_needed(txn, repl.as_deref_mut()).await?;
-            self.announce_once(txn, relation, repl.as_deref_mut())
+            let name = (relation.schema.as_str(), relation.table.as_str());
+            self.announce_once(txn, relation.oid, name, repl.as_deref_mut())
                 .await?;
             let tail = tail(&mut prune, None);
             let item = node_stream::rows_record(&self.envelope, &head, &pending, tail.as_deref());
