@@ -448,6 +448,32 @@ async fn open(
     Ok((worker, client))
 }
 
+/// Runs a type change `statement`; where the target's cast refuses a value (SQLSTATE class
+/// 22), runs `lenient` instead ([`crate::ddl::to_sql_lenient`]: NULL for those values, which
+/// the re-snapshot that follows replaces), with a warning naming `table`.
+async fn retype_leniently(
+    client: &Client,
+    table: &str,
+    statement: &str,
+    lenient: &str,
+) -> Result<(), tokio_postgres::Error> {
+    client.batch_execute("SAVEPOINT pgferry_cast").await?;
+    match client.batch_execute(statement).await {
+        Ok(()) => client.batch_execute("RELEASE SAVEPOINT pgferry_cast").await,
+        Err(e) if e.code().is_some_and(|c| c.code().starts_with("22")) => {
+            tracing::warn!(table, statement, error = %crate::error::ErrorChain(&e),
+                           "the target cannot cast every value to the column's new type (the \
+                            source computed them by USING): those are NULL until the re-snapshot \
+                            that follows brings the source's values");
+            client
+                .batch_execute("ROLLBACK TO SAVEPOINT pgferry_cast; RELEASE SAVEPOINT pgferry_cast")
+                .await?;
+            client.batch_execute(lenient).await
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Runs one worker until shutdown or an error.
 pub async fn run(
     settings: WorkerSettings,
@@ -1342,32 +1368,7 @@ impl Worker {
                         match &lenient {
                             None => client.batch_execute(&statement).await?,
                             Some(lenient) => {
-                                client.batch_execute("SAVEPOINT pgferry_cast").await?;
-                                match client.batch_execute(&statement).await {
-                                    Ok(()) => {
-                                        client
-                                            .batch_execute("RELEASE SAVEPOINT pgferry_cast")
-                                            .await?
-                                    }
-                                    Err(e)
-                                        if e
-                                            .code()
-                                            .is_some_and(|c| c.code().starts_with("22")) =>
-                                    {
-                                        tracing::warn!(table = %name, %statement, error = %crate::error::ErrorChain(&e),
-                                                       "the target cannot cast every value to the column's new type \
-                                                        (the source computed them by USING): those are NULL until the \
-                                                        re-snapshot that follows brings the source's values");
-                                        client
-                                            .batch_execute(
-                                                "ROLLBACK TO SAVEPOINT pgferry_cast; \
-                                                 RELEASE SAVEPOINT pgferry_cast",
-                                            )
-                                            .await?;
-                                        client.batch_execute(lenient).await?;
-                                    }
-                                    Err(e) => return Err(e),
-                                }
+                                retype_leniently(client, &name, &statement, lenient).await?
                             }
                         }
                         let own: Vec<(&str, &str)> =
