@@ -200,8 +200,8 @@ pub trait WritesColumns {
 }
 
 /// An item that writes named columns, which remembers the renames and drops it followed
-/// ([`WritesColumns::follow_column`]), so that each column can be traced back to the name its
-/// writer gave it ([`Followed::writers_names`]).
+/// ([`WritesColumns::follow_column`]), so that each renamed column can be traced back to the
+/// name its writer gave it ([`Followed::writers_names`]).
 pub struct Followed<'a, T> {
     item: &'a mut T,
     followed: Vec<(String, Option<String>)>,
@@ -216,24 +216,18 @@ impl<'a, T: WritesColumns> Followed<'a, T> {
         }
     }
 
-    /// Column name now → the name the writer gave it, for the columns of `written` (the
-    /// item's names before it followed anything) that are still there.
-    pub fn writers_names(&self, written: &[String]) -> std::collections::HashMap<String, String> {
-        let mut names: Vec<(String, Option<String>)> = written
-            .iter()
-            .map(|w| (w.clone(), Some(w.clone())))
-            .collect();
+    /// Column name now → the name the writer gave it, for the columns renamed since (a column
+    /// not in it has its writer's name; a column dropped is gone from the item). Empty, and
+    /// without allocating, when nothing was followed.
+    pub fn writers_names(&self) -> std::collections::HashMap<String, String> {
+        let mut names = std::collections::HashMap::new();
         for (from, to) in &self.followed {
-            for (_, now) in &mut names {
-                if now.as_deref() == Some(from.as_str()) {
-                    *now = to.clone();
-                }
+            let writers = names.remove(from).unwrap_or_else(|| from.clone());
+            if let Some(to) = to {
+                names.insert(to.clone(), writers);
             }
         }
         names
-            .into_iter()
-            .filter_map(|(writer, now)| now.map(|now| (now, writer)))
-            .collect()
     }
 }
 

@@ -703,14 +703,13 @@ fn followed_traces_columns_back_to_the_writers_names() {
         unchanged_toast: vec![],
         version: None,
     };
-    let written: Vec<String> = item.column_names().cloned().collect();
     let mut followed = Followed::new(&mut item);
     followed.follow_column("a", Some("tmp"));
     followed.follow_column("b", Some("a"));
     followed.follow_column("tmp", Some("b"));
     followed.follow_column("c", None);
     followed.follow_column("d", Some("e"));
-    let names = followed.writers_names(&written);
+    let names = followed.writers_names();
     let mut pairs: Vec<(&str, &str)> = names
         .iter()
         .map(|(now, writer)| (now.as_str(), writer.as_str()))

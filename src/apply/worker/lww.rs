@@ -21,7 +21,7 @@ use crate::apply::conflict::{
 use crate::apply::error::ApplyError;
 use crate::apply::plan::StatementKind;
 use crate::apply::sql::{self, Typed};
-use crate::apply::stream::{object_text, ChangeItem, Followed, RowImage, WritesColumns};
+use crate::apply::stream::{object_text, ChangeItem, Followed, RowImage};
 use crate::apply::target::{TargetTable, TextParam};
 use crate::event::Op;
 
@@ -240,7 +240,6 @@ impl Worker {
             );
             return self.bad_message(client, message, &reason).await;
         }
-        let written: Vec<String> = change.column_names().cloned().collect();
         let mut followed = Followed::new(&mut *change);
         let Some(table) = self
             .target_table(client, message, &mut followed, &qualified)
@@ -250,7 +249,7 @@ impl Worker {
         };
         // The writer's types are known by the names it wrote, which columns renamed since no
         // longer have.
-        let writers_names = followed.writers_names(&written);
+        let writers_names = followed.writers_names();
         self.convert_retyped(
             client,
             pending,

@@ -80,7 +80,8 @@ impl Retyping {
     /// The columns of `change` whose writer's type is known and whose target type is named
     /// otherwise, with both types: the candidates for a conversion. Call after the change's
     /// columns follow the target's renames and drops; `writers_names` gives the name each
-    /// column had for its writer (see [`crate::apply::stream::Followed`]).
+    /// renamed column had for its writer (see [`crate::apply::stream::Followed`]); the others
+    /// have it still.
     fn candidates(
         &self,
         qualified: &str,
@@ -93,7 +94,7 @@ impl Retyping {
         };
         let mut found: Vec<(String, String, String)> = Vec::new();
         for column in change.column_names() {
-            let writers = writers_names.get(column).and_then(|w| written_as.get(w));
+            let writers = written_as.get(writers_names.get(column).unwrap_or(column));
             let (Some(from), Some(to)) = (writers, table.type_of(column)) else {
                 continue;
             };
@@ -130,9 +131,9 @@ fn scalar_text(raw: &RawValue) -> Option<Option<String>> {
 }
 
 impl Worker {
-    /// Remembers a `relation` record's column types (multi-master), here and in
-    /// `pgferry.stream_relations` in the open target transaction, so a restarted worker
-    /// knows them too ([`Retyping::restore`]).
+    /// Remembers a `relation` record's column types (multi-master; replicas convert nothing),
+    /// here and in `pgferry.stream_relations` in the open target transaction, so a restarted
+    /// worker knows them too ([`Retyping::restore`]).
     pub(super) fn remember_relation<'c>(
         &mut self,
         client: &'c Client,
@@ -140,10 +141,10 @@ impl Worker {
         offset: i64,
         relation: &RelationItem,
     ) {
-        self.retyping.relation(offset, relation);
         if self.lww.is_none() {
             return;
         }
+        self.retyping.relation(offset, relation);
         let node = self.settings.node.clone();
         let qualified = format!("{}.{}", relation.schema, relation.table);
         let types: serde_json::Map<String, Value> = relation
