@@ -1,6 +1,6 @@
 //! Schema changes (DDL) as they travel from a source to its targets, pure.
 //!
-//! On the source, pgferry's event trigger (`pgferry.capture_ddl`, see [`CAPTURE_SQL`]) runs at
+//! On the source, pgferry's event trigger (`pgferry.capture_ddl`, see [`capture_sql`]) runs at
 //! the end of every `CREATE TABLE` / `ALTER TABLE` and at every `DROP TABLE`, inside the DDL's transaction. It writes a transactional
 //! `pgferry.ddl` message with the table's columns before (from its shadow table
 //! `pgferry.ddl_tables`) and after the command, so the message is decoded in the stream at
@@ -28,20 +28,57 @@ use crate::sql::{qualified, quote_ident, quote_literal, quote_value};
 /// owns its tables has no business in the `pgferry` schema. Run as the invoking role, they
 /// failed every CREATE/ALTER TABLE of such a role with "permission denied for schema pgferry".
 /// They read only the catalog and write only pgferry's own tables.
-pub const CAPTURE_SQL: &str = r#"
-BEGIN;
-SELECT pg_advisory_xact_lock(hashtext('pgferry.ddl'));
-CREATE TABLE IF NOT EXISTS pgferry.ddl_history (
+pub fn capture_sql() -> String {
+    let history = ddl_history_sql();
+    // Where a partition hangs (its parent's oid and name, and its bound; NULL for other
+    // tables); the primary key's constraint name and columns (NULL without one);
+    // `relpersistence` (a table made logged or unlogged changes no column, and this tells it).
+    let tables = crate::sql::add_missing_columns(
+        "pgferry.ddl_tables",
+        &[
+            ("partition_of", "jsonb"),
+            ("primary_key", "jsonb"),
+            ("persistence", "\"char\""),
+        ],
+    );
+    format!("{CAPTURE_LOCK}{history}{CAPTURE_TABLES}{tables}{CAPTURE_FUNCTIONS}")
+}
+
+/// `pgferry.ddl_history`: columns renamed or dropped, and tables dropped or renamed, by
+/// table and old name, written by the event trigger for changes made here and by apply for
+/// those it applies from other nodes: changes written before such a change reach a target
+/// later (another node's stream), and the applier follows the history instead of stopping on
+/// a missing column. Created when missing, with the columns an earlier
+/// pgferry's table lacks: where the rename or drop came from, the node whose change pgferry
+/// applied and its commit LSN, or NULL and the WAL position here for a change made here
+/// (tells apart a node that had seen the change from one that made the same change while
+/// apart).
+pub fn ddl_history_sql() -> String {
+    let columns = crate::sql::add_missing_columns(
+        "pgferry.ddl_history",
+        &[("origin", "text"), ("origin_lsn", "pg_lsn")],
+    );
+    format!(
+        "CREATE TABLE IF NOT EXISTS pgferry.ddl_history (
     table_name text NOT NULL,
     old_name text NOT NULL,
     new_name text,
     at timestamptz NOT NULL DEFAULT now(),
+    origin text,
+    origin_lsn pg_lsn,
     PRIMARY KEY (table_name, old_name));
--- Where the rename or drop came from: the node whose change pgferry applied and its commit LSN
--- (the apply records them), or NULL and the WAL position here for a change made here. Tells
--- apart a node that had seen the change from one that made the same change while apart.
-ALTER TABLE pgferry.ddl_history ADD COLUMN IF NOT EXISTS origin text,
-    ADD COLUMN IF NOT EXISTS origin_lsn pg_lsn;
+{columns}"
+    )
+}
+
+/// [`capture_sql`] is one transaction, one capture at a time.
+const CAPTURE_LOCK: &str = "
+BEGIN;
+SELECT pg_advisory_xact_lock(hashtext('pgferry.ddl'));
+";
+
+/// The shadow tables of [`capture_sql`], as the first version made them.
+const CAPTURE_TABLES: &str = r#"
 CREATE TABLE IF NOT EXISTS pgferry.ddl_tables (
     relid oid PRIMARY KEY,
     schema_name text NOT NULL,
@@ -57,12 +94,11 @@ CREATE TABLE IF NOT EXISTS pgferry.added_columns (
     attnum int2 NOT NULL,
     value text,
     PRIMARY KEY (relid, attnum));
--- Where a partition hangs (its parent's oid and name, and its bound); NULL for other tables.
-ALTER TABLE pgferry.ddl_tables ADD COLUMN IF NOT EXISTS partition_of jsonb;
--- The primary key's constraint name and columns; NULL without one.
-ALTER TABLE pgferry.ddl_tables ADD COLUMN IF NOT EXISTS primary_key jsonb;
--- `relpersistence`: a table made logged or unlogged changes no column, and this tells it.
-ALTER TABLE pgferry.ddl_tables ADD COLUMN IF NOT EXISTS persistence "char";
+"#;
+
+/// The functions and event triggers of [`capture_sql`], and the shadow of the tables that
+/// exist.
+const CAPTURE_FUNCTIONS: &str = r#"
 -- Expressions and values are printed in ISO form, whatever the session's DateStyle: a
 -- timestamp printed in another style carries a zone abbreviation (`IST`), which a target may
 -- read as another zone (PostgreSQL's default abbreviations take IST for Israel).
@@ -388,6 +424,9 @@ SELECT c.oid, n.nspname, c.relname, pgferry.ddl_columns(c.oid), pgferry.ddl_part
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't'
    AND n.nspname NOT IN ('pgferry', 'pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\_%'
+   -- Not for a shadow that exists: ON CONFLICT would wait for an open migration that
+   -- rewrote it, and capture would not start until that migration ended.
+   AND NOT EXISTS (SELECT FROM pgferry.ddl_tables s WHERE s.relid = c.oid)
 ON CONFLICT (relid) DO NOTHING;
 -- Shadows written before partitions and keys were tracked.
 UPDATE pgferry.ddl_tables SET partition_of = pgferry.ddl_partition(relid)

@@ -137,7 +137,7 @@ fn capture_section(out: &mut String, config: &Config) {
              -- functions run as their owner (this superuser), so any role's DDL is captured.{}\n\
              GRANT SELECT ON pgferry.ddl_tables, pgferry.added_columns TO {r};\n\
              GRANT SELECT, INSERT, UPDATE ON pgferry.ddl_history TO {r};",
-            crate::ddl::CAPTURE_SQL.trim_end(),
+            crate::ddl::capture_sql().trim_end(),
             r = quote_ident(role)
         );
     }

@@ -26,6 +26,29 @@ pub fn qualified(schema: &str, table: &str) -> String {
     format!("{}.{}", quote_ident(schema), quote_ident(table))
 }
 
+/// One `DO` statement adding to pgferry's own `table` (already qualified, as
+/// `pgferry.dead_letters`) each `(column, definition)` its catalog does not list: for a
+/// column a later version of pgferry added. `ALTER TABLE … ADD COLUMN IF NOT EXISTS` takes the
+/// table's ACCESS EXCLUSIVE lock before it looks, so at every start it queued behind any open
+/// transaction that had touched the table (a migration whose event trigger wrote pgferry's
+/// shadow of it, an operator reading the dead letters), and every later user of the table
+/// queued behind that request.
+pub fn add_missing_columns(table: &str, columns: &[(&str, &str)]) -> String {
+    let mut sql = String::from("DO $add$ BEGIN\n");
+    for (column, definition) in columns {
+        sql.push_str(&format!(
+            "IF NOT EXISTS (SELECT FROM pg_catalog.pg_attribute WHERE attrelid = {}::regclass \
+             AND attname = {} AND NOT attisdropped) THEN\n    \
+             ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {} {definition};\nEND IF;\n",
+            quote_literal(table),
+            quote_literal(column),
+            quote_ident(column),
+        ));
+    }
+    sql.push_str("END $add$;\n");
+    sql
+}
+
 /// The (schema, table) pairs a table name given by a user may mean: parts split at dots
 /// outside double quotes, a quoted part unquoted (`""` is a quote) and an unquoted one taken
 /// as written (not folded to lower case); one part means a table in `public`, several may
@@ -103,6 +126,28 @@ mod tests {
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
         assert_eq!(quote_literal("it's"), "'it''s'");
         assert_eq!(qualified("s", "T x"), "\"s\".\"T x\"");
+    }
+
+    #[test]
+    fn missing_columns_are_added_after_a_look_at_the_catalog() {
+        let sql = add_missing_columns(
+            "pgferry.t",
+            &[("a", "int NOT NULL DEFAULT 0"), ("it's", "\"char\"")],
+        );
+        assert!(sql.starts_with("DO $add$ BEGIN\n") && sql.ends_with("END $add$;\n"));
+        assert_eq!(
+            sql.matches("IF NOT EXISTS (SELECT FROM pg_catalog.pg_attribute")
+                .count(),
+            2
+        );
+        assert!(sql.contains(
+            "attrelid = 'pgferry.t'::regclass AND attname = 'a' AND NOT attisdropped) THEN\n    \
+             ALTER TABLE pgferry.t ADD COLUMN IF NOT EXISTS \"a\" int NOT NULL DEFAULT 0;\nEND IF;"
+        ));
+        assert!(sql.contains(
+            "attname = 'it''s' AND NOT attisdropped) THEN\n    \
+             ALTER TABLE pgferry.t ADD COLUMN IF NOT EXISTS \"it's\" \"char\";"
+        ));
     }
 
     #[test]

@@ -143,6 +143,7 @@ async fn wait_same(m: &Client, r: &Client, table: &str, timeout: Duration) {
 /// and an applier running and the replica's `table` caught up.
 struct Pipeline {
     master: String,
+    replica: String,
     m: Client,
     r: Client,
     capture: Ferry,
@@ -160,6 +161,7 @@ async fn replica_pipeline(label: &str, ddl: &str, rows: &str, table: &str) -> Pi
     wait_same(&m, &r, table, Duration::from_secs(60)).await;
     Pipeline {
         master,
+        replica,
         m,
         r,
         capture,
@@ -931,6 +933,7 @@ async fn random_schema_changes_reach_the_replica() {
     let mut rng = Rng::new(seed ^ 0x5eed);
     let Pipeline {
         master,
+        replica: _,
         m,
         r,
         capture,
@@ -2771,6 +2774,7 @@ async fn computed_defaults_and_using_keep_the_replica_exact() {
     let mut rng = Rng::new(seed ^ 0xdef);
     let Pipeline {
         master,
+        replica: _,
         m,
         r,
         capture,
@@ -2971,6 +2975,93 @@ async fn a_using_the_target_cannot_cast_leaves_the_replica_exact() {
     drop(capture);
 }
 
+/// A pgferry restart beside transactions left open stalls no one, and pgferry starts: a
+/// migration left open on the master (its event trigger wrote pgferry's shadow of the table, or
+/// its rename history), and an operator's transaction on the replica that read the dead
+/// letters. Rows and DDL of another table go on reaching the replica while both stay open.
+/// Before, capture's start altered `pgferry.ddl_tables` and `pgferry.ddl_history`, and the
+/// applier's `pgferry.dead_letters` (`ADD COLUMN IF NOT EXISTS` locks a table before it
+/// looks): each queued an ACCESS EXCLUSIVE lock behind the open transaction, so pgferry did not
+/// start, and every other DDL on the master queued behind that lock. Random migration and
+/// restarted processes.
+#[tokio::test(flavor = "multi_thread")]
+async fn restarts_beside_open_transactions_stall_nothing() {
+    let seed = seed();
+    eprintln!("seed {seed} (DDL_SEED)");
+    let mut rng = Rng::new(seed ^ 0x0be);
+    let pg = PgCluster::shared();
+    let Pipeline {
+        master,
+        replica,
+        m,
+        r,
+        mut capture,
+        mut applier,
+    } = replica_pipeline(
+        "open_txn",
+        "CREATE TABLE t (k int PRIMARY KEY, v text); CREATE TABLE u (k int PRIMARY KEY, v text)",
+        "INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 100) g; \
+         INSERT INTO u SELECT g, 'u' || g FROM generate_series(1, 100) g",
+        "t",
+    )
+    .await;
+    wait_same(&m, &r, "u", Duration::from_secs(60)).await;
+    let migrations = [
+        "ALTER TABLE t ADD COLUMN extra int DEFAULT 7",
+        "ALTER TABLE t RENAME COLUMN v TO w",
+        "ALTER TABLE t ALTER COLUMN v TYPE varchar(20)",
+        "CREATE TABLE fresh (k int PRIMARY KEY); INSERT INTO fresh VALUES (1)",
+    ];
+    let migration = migrations[rng.range(0, migrations.len() as i64) as usize];
+    eprintln!("open migration: {migration}");
+    let open = pg.client(&master).await;
+    open.batch_execute(&format!("BEGIN; {migration}"))
+        .await
+        .unwrap();
+    let reader = pg.client(&replica).await;
+    reader
+        .batch_execute("BEGIN; SELECT count(*) FROM pgferry.dead_letters")
+        .await
+        .unwrap();
+    let (restart_capture, restart_applier) = match rng.range(0, 3) {
+        0 => (true, false),
+        1 => (false, true),
+        _ => (true, true),
+    };
+    eprintln!("restart capture {restart_capture}, applier {restart_applier}");
+    if restart_capture {
+        capture.kill9();
+        capture.restart();
+    }
+    if restart_applier {
+        applier.kill9();
+        applier.restart();
+    }
+    // Both started (a stalled start never answers /readyz), and the master's DDL and rows
+    // of another table pass.
+    capture.wait_streaming().await;
+    run_step(
+        &m,
+        "SET statement_timeout = '20s'; ALTER TABLE u ADD COLUMN note text; \
+         RESET statement_timeout",
+    )
+    .await;
+    m.batch_execute("INSERT INTO u SELECT g, 'late', 'n' || g FROM generate_series(101, 150) g")
+        .await
+        .unwrap();
+    wait_same(&m, &r, "u", Duration::from_secs(60)).await;
+    open.batch_execute("COMMIT").await.unwrap();
+    reader.batch_execute("COMMIT").await.unwrap();
+    m.batch_execute("UPDATE t SET k = k + 1000 WHERE k <= 10")
+        .await
+        .unwrap();
+    wait_same(&m, &r, "t", Duration::from_secs(60)).await;
+    if migration.contains("fresh") {
+        wait_same(&m, &r, "fresh", Duration::from_secs(60)).await;
+    }
+    assert_eq!(unresolved_letters(&r).await, 0, "{:?}", letters(&r).await);
+}
+
 /// Schema changes that capture decodes only after later ones were made: capture is killed,
 /// then tables are created and renamed, moved to another schema, altered and renamed, a
 /// partitioned table is created in a transaction of its own and its partitions in later ones
@@ -3099,6 +3190,7 @@ async fn schema_changes_compute_under_the_sources_session_settings() {
                                 day text, stamp timestamp)";
     let Pipeline {
         master,
+        replica: _,
         m,
         r,
         capture,
@@ -3304,6 +3396,7 @@ async fn generated_columns_are_computed_on_the_replica() {
     let mut rng = Rng::new(seed ^ 0x6e7);
     let Pipeline {
         master,
+        replica: _,
         m,
         r,
         capture,

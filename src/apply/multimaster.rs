@@ -32,8 +32,6 @@ CREATE TABLE IF NOT EXISTS pgferry.versions (
     node text COLLATE "C" NOT NULL,
     deleted bool NOT NULL,
     PRIMARY KEY (table_name, key));
--- Tombstones only: the node in whose stream the delete sits, at or before which LSN (for
--- collection by acknowledgement). NULL for live versions and not yet sealed local deletes.
 -- The key is the text of a jsonb object of the key columns (one canonical text per value),
 -- compared bytewise: the first layout stored the jsonb itself, whose comparisons made every
 -- version stamp about twice as costly. Converted in place.
@@ -45,38 +43,6 @@ BEGIN
     END IF;
 END
 $$;
--- Every change below is made only when the catalog says it is missing: `ADD COLUMN IF NOT
--- EXISTS` and `CREATE INDEX IF NOT EXISTS` lock the table before they look, and every local
--- write stamps pgferry.versions, so a restart during a long local transaction queued an
--- ACCESS EXCLUSIVE lock behind it and every writer of every protected table behind that.
-CREATE OR REPLACE FUNCTION pgferry.add_missing_column(rel regclass, col name, typ text)
-RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_attribute
-                    WHERE attrelid = rel AND attname = col AND NOT attisdropped) THEN
-        EXECUTE format('ALTER TABLE %s ADD COLUMN IF NOT EXISTS %I %s', rel, col, typ);
-    END IF;
-END
-$fn$;
-SELECT pgferry.add_missing_column('pgferry.versions', 'seen_node', 'text');
-SELECT pgferry.add_missing_column('pgferry.versions', 'seen_lsn', 'pg_lsn');
-DO $$
-BEGIN
-    -- Tombstones only, indexed by a column that live versions leave NULL: a write that moves
-    -- a live version (new t, node) changes no indexed column, so it is a HOT update (no index
-    -- entries), with room kept on each page for it. (The first layout indexed t, which made
-    -- every version move a full update; that index is dropped.)
-    DROP INDEX IF EXISTS pgferry.versions_tombstones;
-    IF to_regclass('pgferry.versions_tombstones_lsn') IS NULL THEN
-        CREATE INDEX IF NOT EXISTS versions_tombstones_lsn ON pgferry.versions (seen_lsn)
-            WHERE deleted;
-    END IF;
-    IF NOT coalesce((SELECT 'fillfactor=80' = ANY (reloptions) FROM pg_class
-                      WHERE oid = 'pgferry.versions'::regclass), false) THEN
-        ALTER TABLE pgferry.versions SET (fillfactor = 80);
-    END IF;
-END
-$$;
 -- What each other node had applied from each node, by the latest `ack` of its stream that
 -- this node applied.
 CREATE TABLE IF NOT EXISTS pgferry.peer_acks (
@@ -85,9 +51,6 @@ CREATE TABLE IF NOT EXISTS pgferry.peer_acks (
     applied_lsn pg_lsn NOT NULL,
     received_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (reporter, source));
--- How far the reporter's clock was ahead of this node's when its latest ack was applied
--- (µs; less the delivery delay, so a lower bound when positive).
-SELECT pgferry.add_missing_column('pgferry.peer_acks', 'clock_ahead_us', 'int8');
 -- Above every collected tombstone's version: a key whose tombstone is gone is stamped above
 -- it all the same (invariant 2 survives collection).
 CREATE TABLE IF NOT EXISTS pgferry.version_floor (
@@ -125,6 +88,41 @@ BEGIN
 END
 $$;
 "#;
+
+/// The version store's layout, once [`bookkeeping_columns`] are there. Each change only when
+/// the catalog says it is missing (see [`crate::sql::add_missing_columns`]): every local write
+/// stamps `pgferry.versions`, so a lock request queued behind a long local transaction would
+/// hold up every writer of every protected table.
+const VERSIONS_LAYOUT: &str = r#"
+DO $$
+BEGIN
+    -- Tombstones only, indexed by a column that live versions leave NULL: a write that moves
+    -- a live version (new t, node) changes no indexed column, so it is a HOT update (no index
+    -- entries), with room kept on each page for it. (The first layout indexed t, which made
+    -- every version move a full update; that index is dropped.)
+    DROP INDEX IF EXISTS pgferry.versions_tombstones;
+    IF to_regclass('pgferry.versions_tombstones_lsn') IS NULL THEN
+        CREATE INDEX IF NOT EXISTS versions_tombstones_lsn ON pgferry.versions (seen_lsn)
+            WHERE deleted;
+    END IF;
+    IF NOT coalesce((SELECT 'fillfactor=80' = ANY (reloptions) FROM pg_class
+                      WHERE oid = 'pgferry.versions'::regclass), false) THEN
+        ALTER TABLE pgferry.versions SET (fillfactor = 80);
+    END IF;
+END
+$$;
+"#;
+
+/// Columns of the bookkeeping tables added by later versions: for tombstones only, the node
+/// in whose stream the delete sits and the LSN at or before which (collection by
+/// acknowledgement; NULL for live versions and not yet sealed local deletes); how far a reporter's clock was ahead of this node's when its latest ack was applied (µs;
+/// less the delivery delay, so a lower bound when positive).
+fn bookkeeping_columns() -> String {
+    crate::sql::add_missing_columns(
+        "pgferry.versions",
+        &[("seen_node", "text"), ("seen_lsn", "pg_lsn")],
+    ) + &crate::sql::add_missing_columns("pgferry.peer_acks", &[("clock_ahead_us", "int8")])
+}
 
 /// Session settings that make `to_jsonb` of key values identical in the apply session, in
 /// the version trigger and in [`PROTECT_FUNCTION`] (which set the same ones).
@@ -447,7 +445,8 @@ pub async fn prepare_node(
     client
         .batch_execute(&format!(
             "BEGIN; SELECT pg_advisory_xact_lock(hashtext('pgferry.bookkeeping')); \
-             {BOOKKEEPING_DDL}; {} {} {}; COMMIT",
+             {BOOKKEEPING_DDL}; {} {VERSIONS_LAYOUT} {} {} {}; COMMIT",
+            bookkeeping_columns(),
             with_node(TRUNCATE_GUARD_FUNCTION, node),
             with_node(PROTECT_FUNCTION, node),
             same_shape_function(),

@@ -34,8 +34,19 @@ pub async fn prepare_session(
     node: &str,
     origin: &str,
 ) -> Result<(), tokio_postgres::Error> {
+    // One letter per node-stream item: a record holds a bundle of items (`item`, its place
+    // in the record), so the first layout's key of one per record is replaced; and one per
+    // row of a `rows` item (snapshot rows, many to an item): `item_row`, the row's place in
+    // the item (1 for the first), 0 for other items.
+    let dead_letter_columns = crate::sql::add_missing_columns(
+        "pgferry.dead_letters",
+        &[
+            ("item", "int NOT NULL DEFAULT 0"),
+            ("item_row", "int NOT NULL DEFAULT 0"),
+        ],
+    );
     client
-        .batch_execute(
+        .batch_execute(&format!(
             "SET session_replication_role = replica;
              -- Like native subscriptions: the progress row commits with the data, so a target
              -- crash that loses the last commits loses their progress too, and they replay.
@@ -70,17 +81,24 @@ pub async fn prepare_session(
                  created_at timestamptz NOT NULL DEFAULT now(),
                  resolved_at timestamptz,
                  resolution text);
-             -- One letter per node-stream item: a record holds a bundle of items (its
-             -- place in the record), so the first layout's key of one per record is replaced.
-             ALTER TABLE pgferry.dead_letters ADD COLUMN IF NOT EXISTS item int NOT NULL DEFAULT 0;
-             ALTER TABLE pgferry.dead_letters
-                 DROP CONSTRAINT IF EXISTS dead_letters_source_node_topic_kafka_offset_key;
-             -- And one per row of a `rows` item (snapshot rows, many to an item): the
-             -- row's place in the item (1 for the first), 0 for other items.
-             ALTER TABLE pgferry.dead_letters ADD COLUMN IF NOT EXISTS item_row int NOT NULL DEFAULT 0;
-             DROP INDEX IF EXISTS pgferry.dead_letters_item;
-             CREATE UNIQUE INDEX IF NOT EXISTS dead_letters_item_row
-                 ON pgferry.dead_letters (source_node, topic, kafka_offset, item, item_row);
+             {dead_letter_columns}
+             -- Each only when the catalog has it, or lacks it: ALTER TABLE and CREATE INDEX
+             -- lock the table before they look (see add_missing_columns).
+             DO $dl$ BEGIN
+                 IF EXISTS (SELECT FROM pg_constraint
+                             WHERE conrelid = 'pgferry.dead_letters'::regclass
+                               AND conname = 'dead_letters_source_node_topic_kafka_offset_key') THEN
+                     ALTER TABLE pgferry.dead_letters
+                         DROP CONSTRAINT dead_letters_source_node_topic_kafka_offset_key;
+                 END IF;
+                 IF to_regclass('pgferry.dead_letters_item') IS NOT NULL THEN
+                     DROP INDEX pgferry.dead_letters_item;
+                 END IF;
+                 IF to_regclass('pgferry.dead_letters_item_row') IS NULL THEN
+                     CREATE UNIQUE INDEX dead_letters_item_row ON pgferry.dead_letters
+                         (source_node, topic, kafka_offset, item, item_row);
+                 END IF;
+             END $dl$;
              -- A value cast to a type given by name, or NULL where the cast refuses it: an
              -- ALTER COLUMN ... TYPE whose source computed values by USING, before the
              -- re-snapshot that brings them (apply::worker, ddl::to_sql_lenient).
@@ -111,7 +129,7 @@ pub async fn prepare_session(
                  column_types jsonb NOT NULL,
                  PRIMARY KEY (source_node, table_name));
              COMMIT",
-        )
+        ))
         .await?;
     client
         .execute(
@@ -555,27 +573,6 @@ impl ToSql for TextParam {
     to_sql_checked!();
 }
 
-/// Columns renamed (`Some(new name)`) or dropped (`None`) on a target, by old name: written by
-/// pgferry's event trigger for schema changes made on a multi-master node, and by apply for
-/// those it applies. Changes written before such a change reach the target later (another
-/// node's stream); the applier follows the history instead of stopping on a missing column.
-const DDL_HISTORY: &str = "CREATE TABLE IF NOT EXISTS pgferry.ddl_history (
-    table_name text NOT NULL,
-    old_name text NOT NULL,
-    new_name text,
-    at timestamptz NOT NULL DEFAULT now(),
-    origin text,
-    origin_lsn pg_lsn,
-    PRIMARY KEY (table_name, old_name));
-DO $$ BEGIN
-    -- A table of an earlier pgferry (added only where missing: DDL capture's own table is
-    -- not this role's to alter, and capture adds them there).
-    IF NOT EXISTS (SELECT 1 FROM pg_attribute
-                    WHERE attrelid = 'pgferry.ddl_history'::regclass AND attname = 'origin_lsn') THEN
-        ALTER TABLE pgferry.ddl_history ADD COLUMN origin text, ADD COLUMN origin_lsn pg_lsn;
-    END IF;
-END $$";
-
 /// A rename or drop recorded in `pgferry.ddl_history`, with where it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ColumnMove {
@@ -732,7 +729,7 @@ pub async fn record_column_history(
     (old_name, new_name): (&str, Option<&str>),
     (origin, origin_lsn): (&str, Lsn),
 ) -> Result<(), tokio_postgres::Error> {
-    client.batch_execute(DDL_HISTORY).await?;
+    client.batch_execute(&crate::ddl::ddl_history_sql()).await?;
     client
         .execute(
             "INSERT INTO pgferry.ddl_history (table_name, old_name, new_name, origin, origin_lsn)

@@ -66,8 +66,20 @@ pub async fn ensure_publication(
 
 /// Creates pgferry's bookkeeping schema and table when missing.
 pub async fn ensure_internal_schema(client: &Client) -> Result<(), tokio_postgres::Error> {
+    // Columns added by later versions (only when missing, as ALTER needs ownership): chunks of
+    // a re-snapshot carry their key range, which targets prune; what the part's key bounds
+    // were planned by (see chunk::Target::key_signature); the table's oid, so that a record
+    // follows its table's renames (chunk::follow_publication).
+    let progress_columns = crate::sql::add_missing_columns(
+        "pgferry.snapshot_progress",
+        &[
+            ("prune", "boolean NOT NULL DEFAULT false"),
+            ("key_signature", "text"),
+            ("table_oid", "oid"),
+        ],
+    );
     client
-        .batch_execute(
+        .batch_execute(&format!(
             "BEGIN;
              -- Apply workers may create the schema at the same moment.
              SELECT pg_advisory_xact_lock(hashtext('pgferry.bookkeeping'));
@@ -97,34 +109,14 @@ pub async fn ensure_internal_schema(client: &Client) -> Result<(), tokio_postgre
                  started_at timestamptz NOT NULL DEFAULT now(),
                  updated_at timestamptz NOT NULL DEFAULT now(),
                  PRIMARY KEY (slot_name, table_schema, table_name, part));
-             -- Chunks of a re-snapshot carry their key range, which targets prune (a column
-             -- added by a later version: only when missing, as ALTER needs ownership).
-             DO $$ BEGIN
-               IF NOT EXISTS (SELECT 1 FROM pg_attribute
-                               WHERE attrelid = 'pgferry.snapshot_progress'::regclass
-                                 AND attname = 'prune' AND NOT attisdropped) THEN
-                 ALTER TABLE pgferry.snapshot_progress ADD COLUMN prune boolean NOT NULL DEFAULT false;
-               END IF;
-               -- What the part's key bounds were planned by (see chunk::Target::key_signature).
-               IF NOT EXISTS (SELECT 1 FROM pg_attribute
-                               WHERE attrelid = 'pgferry.snapshot_progress'::regclass
-                                 AND attname = 'key_signature' AND NOT attisdropped) THEN
-                 ALTER TABLE pgferry.snapshot_progress ADD COLUMN key_signature text;
-               END IF;
-               -- The table's oid: a record follows its table's renames (chunk::follow_publication).
-               IF NOT EXISTS (SELECT 1 FROM pg_attribute
-                               WHERE attrelid = 'pgferry.snapshot_progress'::regclass
-                                 AND attname = 'table_oid' AND NOT attisdropped) THEN
-                 ALTER TABLE pgferry.snapshot_progress ADD COLUMN table_oid oid;
-               END IF;
-             END $$;
+             {progress_columns}
              -- Snapshot requests: `pgferry snapshot --table`, or an INSERT from SQL.
              CREATE TABLE IF NOT EXISTS pgferry.snapshot_requests (
                  id bigserial PRIMARY KEY,
                  table_name text NOT NULL,
                  requested_at timestamptz NOT NULL DEFAULT now());
              COMMIT",
-        )
+        ))
         .await
 }
 
@@ -544,11 +536,11 @@ pub async fn resolve_types(
 /// Prefix of the transactional messages pgferry's event trigger writes for schema changes.
 pub use crate::source::assemble::DDL_PREFIX;
 
-/// Installs DDL capture (see [`crate::ddl::CAPTURE_SQL`]). Event triggers need a superuser:
+/// Installs DDL capture (see [`crate::ddl::capture_sql`]). Event triggers need a superuser:
 /// without one this returns the server's refusal, and capture goes on without replicating DDL
 /// unless an administrator installed it (see [`ddl_capture_installed`]).
 pub async fn ensure_ddl_capture(client: &Client) -> Result<(), tokio_postgres::Error> {
-    let result = client.batch_execute(crate::ddl::CAPTURE_SQL).await;
+    let result = client.batch_execute(&crate::ddl::capture_sql()).await;
     if result.is_err() {
         let _ = client.batch_execute("ROLLBACK").await;
     }
