@@ -176,12 +176,17 @@ pub async fn stream_relations(
     Ok(rows
         .iter()
         .map(|row| {
+            let table: String = row.get(0);
             let types: String = row.get(2);
-            (
-                row.get(0),
-                row.get(1),
-                serde_json::from_str(&types).unwrap_or_default(),
-            )
+            // Only pgferry writes it; edited by hand into another shape, the table's values
+            // are not converted until its stream describes it again.
+            let types = serde_json::from_str(&types).unwrap_or_else(|e| {
+                tracing::warn!(table = %table, node, error = %e,
+                    "pgferry.stream_relations holds no object of column types for this table; \
+                     ignored until the stream describes the table again");
+                HashMap::new()
+            });
+            (table, row.get(1), types)
         })
         .collect())
 }
