@@ -1017,6 +1017,28 @@ pub async fn heap_pages(client: &Client, oid: u32) -> Result<(u64, f64), tokio_p
     Ok((row.get::<_, i64>(0).max(0) as u64, row.get(1)))
 }
 
+/// The files that hold a table's rows now (each storage relation's oid and file node, see
+/// [`heap_pages`]). A rewrite (`VACUUM FULL`, `CLUSTER`, a type change, `TRUNCATE`) gives a
+/// relation a new file, and so does attaching or detaching a partition change the list.
+pub async fn heap_files(
+    client: &Client,
+    oid: u32,
+) -> Result<Vec<(u32, u32)>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT c.oid, pg_relation_filenode(c.oid) FROM pg_class c WHERE {STORAGE}
+                  ORDER BY c.oid"
+            ),
+            &[&oid],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), r.get::<_, Option<u32>>(1).unwrap_or(0)))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

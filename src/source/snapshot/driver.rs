@@ -644,7 +644,7 @@ async fn plan(
         tracing::warn!(table = %target.name(),
             "table has no primary key or identity index: snapshotting it by ctid pages, after a \
              truncate on its targets; exact when its rows are distinct or only inserted, and \
-             restarted from the first page after a crash");
+             restarted from the first page after a crash or a rewrite of the table");
     }
     tracing::info!(table = %target.name(), parts = parts.len(), estimated, "snapshot planned");
     let target = Arc::new(target);
@@ -743,47 +743,64 @@ async fn read_pages(
     part: Part,
     shutdown: &CancellationToken,
 ) -> Result<(), CaptureError> {
-    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-    let permit = acquire(shared).await;
-    shared.board.lock().insert(
-        id,
-        Deposit {
-            target: target.clone(),
-            rows: None,
-            finishes_keyless: false,
-            prune: None,
-            _permit: permit,
-        },
-    );
-    mark(client, shared.run, id, MarkKind::Start).await?;
-    // Pages that exist now; rows added later are streamed.
-    let (pages, per_page) = chunk::heap_pages(client, target.relation.oid)
-        .await
-        .map_err(CaptureError::sql("reading the table's size"))?;
-    let step = ((f64::from(shared.batch_rows) / per_page.max(1.0)) as u64).max(1);
-    let mut from = 0;
-    while !shutdown.is_cancelled() {
-        let to = from + step;
-        let last = to >= pages;
-        let query = |t: &Target| chunk::pages_query(t, from, to);
-        let mut page_part = part.clone();
-        page_part.last = Some(vec![to.to_string()]);
-        chunk_between_marks(
-            client,
-            shared,
-            target,
-            &query,
-            Some((&page_part, u32::MAX)),
-            last,
-            None,
-        )
-        .await?;
-        if last {
-            return Ok(());
+    let files = |client| async move {
+        chunk::heap_files(client, target.relation.oid)
+            .await
+            .map_err(CaptureError::sql("reading the table's files"))
+    };
+    'table: loop {
+        // A rewrite moves rows between pages, some into pages already read, where no chunk
+        // would see them and no change carries them: the table starts over (another truncate
+        // of its targets) whenever its files are not the ones it started with.
+        let started_with = files(client).await?;
+        if started_with.is_empty() {
+            return Ok(()); // dropped
         }
-        from = to;
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let permit = acquire(shared).await;
+        shared.board.lock().insert(
+            id,
+            Deposit {
+                target: target.clone(),
+                rows: None,
+                finishes_keyless: false,
+                prune: None,
+                _permit: permit,
+            },
+        );
+        mark(client, shared.run, id, MarkKind::Start).await?;
+        // Pages that exist now; rows added later are streamed.
+        let (pages, per_page) = chunk::heap_pages(client, target.relation.oid)
+            .await
+            .map_err(CaptureError::sql("reading the table's size"))?;
+        let step = ((f64::from(shared.batch_rows) / per_page.max(1.0)) as u64).max(1);
+        let mut from = 0;
+        while !shutdown.is_cancelled() {
+            let to = from + step;
+            let mut page_part = part.clone();
+            page_part.last = Some(vec![to.to_string()]);
+            let range = Some((&page_part, u32::MAX));
+            let query = |t: &Target| chunk::pages_query(t, from, to);
+            chunk_between_marks(client, shared, target, &query, range, false, None).await?;
+            let now = files(client).await?;
+            if !now.is_empty() && now != started_with {
+                tracing::info!(table = %target.name(),
+                    "table rewritten (VACUUM FULL, CLUSTER, ALTER TABLE, or a partition attached \
+                     or detached) during its snapshot by ctid pages: rows moved between pages, \
+                     so its snapshot starts over from the first page");
+                continue 'table;
+            }
+            if to >= pages {
+                // Every page was read from the files the table started with (they are the
+                // table's still): an empty chunk ends the table.
+                let query = |t: &Target| chunk::pages_query(t, to, to);
+                chunk_between_marks(client, shared, target, &query, range, true, None).await?;
+                return Ok(());
+            }
+            from = to;
+        }
+        return Ok(());
     }
-    Ok(())
 }
 
 /// What one chunk read.
