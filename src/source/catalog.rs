@@ -78,6 +78,10 @@ pub async fn ensure_internal_schema(client: &Client) -> Result<(), tokio_postgre
             ("table_oid", "oid"),
         ],
     );
+    // A request made by capture names its table's oid too, so that a rename between the
+    // request and the snapshot does not lose it.
+    let request_columns =
+        crate::sql::add_missing_columns("pgferry.snapshot_requests", &[("table_oid", "oid")]);
     client
         .batch_execute(&format!(
             "BEGIN;
@@ -115,6 +119,7 @@ pub async fn ensure_internal_schema(client: &Client) -> Result<(), tokio_postgre
                  id bigserial PRIMARY KEY,
                  table_name text NOT NULL,
                  requested_at timestamptz NOT NULL DEFAULT now());
+             {request_columns}
              COMMIT",
         ))
         .await

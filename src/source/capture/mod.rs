@@ -434,7 +434,7 @@ impl Capture {
         if rewritten_in_place {
             let name = (message.schema.as_str(), message.table.as_str());
             return self
-                .resnapshot(name, "an ALTER TABLE with USING (or run by a function) that changed no column's shape may have rewritten values (a type changed to itself USING an expression); re-snapshotting the table")
+                .resnapshot(message.relid, name, "an ALTER TABLE with USING (or run by a function) that changed no column's shape may have rewritten values (a type changed to itself USING an expression); re-snapshotting the table")
                 .await;
         }
         tracing::info!(table = %format!("{schema}.{table}"), tag = %message.tag, ?ops,
@@ -506,7 +506,7 @@ impl Capture {
         self.stage(txn, &item, repl).await?;
         if resnapshot {
             let name = (message.schema.as_str(), message.table.as_str());
-            self.resnapshot(name, "the schema change gave existing rows values targets cannot compute (a volatile DEFAULT, an identity, USING); re-snapshotting the table").await?;
+            self.resnapshot(message.relid, name, "the schema change gave existing rows values targets cannot compute (a volatile DEFAULT, an identity, USING); re-snapshotting the table").await?;
         }
         if message.persistence == Some(crate::ddl::Persistence::Logged) {
             self.made_logged(&message).await?;
@@ -567,7 +567,7 @@ impl Capture {
             .await
             .map_err(CaptureError::sql("reading the snapshot records"))?;
         if known.contains(&(name.0.to_owned(), name.1.to_owned())) {
-            self.resnapshot(name, "the table was made LOGGED again: its changes while it was UNLOGGED reached no target; re-snapshotting the table").await?;
+            self.resnapshot(message.relid, name, "the table was made LOGGED again: its changes while it was UNLOGGED reached no target; re-snapshotting the table").await?;
         }
         Ok(())
     }
@@ -576,16 +576,19 @@ impl Capture {
     /// transaction is decoded: before its position can be acknowledged, so a crash in between
     /// decodes it again and requests once more, never not at all. The snapshot reads the
     /// table after the transaction's commit, and its rows follow the transaction's in the
-    /// stream.
+    /// stream. With the table's `oid`, the request follows the table through renames made
+    /// before the driver takes it (the change is decoded after they committed).
     async fn resnapshot(
         &self,
+        oid: Option<u32>,
         (schema, table): (&str, &str),
         why: &str,
     ) -> Result<(), CaptureError> {
         tracing::info!(table = %format!("{schema}.{table}"), "{why}");
         // Quoted as SQL reads it: the driver reads requests so, and a name holding a quote,
         // a dot or an outer space is otherwise another name or none.
-        crate::source::snapshot::chunk::request(&self.sql, &crate::sql::qualified(schema, table))
+        let name = crate::sql::qualified(schema, table);
+        crate::source::snapshot::chunk::request(&self.sql, &name, oid)
             .await
             .map_err(CaptureError::sql("requesting a snapshot"))
     }
@@ -618,7 +621,7 @@ impl Capture {
         if born {
             txn.unborn.insert(relation.oid);
             let name = (relation.schema.as_str(), relation.table.as_str());
-            self.resnapshot(name, "rows of a table created by the same command (CREATE TABLE … AS, SELECT … INTO) come before its creation reaches targets; snapshotting the table instead").await?;
+            self.resnapshot(Some(relation.oid), name, "rows of a table created by the same command (CREATE TABLE … AS, SELECT … INTO) come before its creation reaches targets; snapshotting the table instead").await?;
         }
         Ok(())
     }

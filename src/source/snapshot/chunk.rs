@@ -971,23 +971,35 @@ pub async fn restart_part(
 }
 
 /// Takes the pending snapshot requests (`schema.table` names), oldest first.
+/// A request that names its table's oid names the table as it is called now (quoted, as SQL
+/// reads it): renamed or moved since, it is still the table meant.
 pub async fn take_requests(client: &Client) -> Result<Vec<String>, tokio_postgres::Error> {
     let rows = client
         .query(
-            "WITH taken AS (DELETE FROM pgferry.snapshot_requests RETURNING id, table_name)
-             SELECT table_name FROM taken ORDER BY id",
+            "WITH taken AS (DELETE FROM pgferry.snapshot_requests
+                             RETURNING id, table_name, table_oid)
+             SELECT COALESCE(format('%I.%I', n.nspname, c.relname), t.table_name)
+               FROM taken t
+               LEFT JOIN pg_class c ON c.oid = t.table_oid
+               LEFT JOIN pg_namespace n ON n.oid = c.relnamespace
+              ORDER BY t.id",
             &[],
         )
         .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// Requests a snapshot of `schema.table` (what `pgferry snapshot --table` does).
-pub async fn request(client: &Client, table: &str) -> Result<(), tokio_postgres::Error> {
+/// Requests a snapshot of `schema.table` (what `pgferry snapshot --table` does), or of the
+/// table with `oid` under whatever name it has when the request is taken.
+pub async fn request(
+    client: &Client,
+    table: &str,
+    oid: Option<u32>,
+) -> Result<(), tokio_postgres::Error> {
     client
         .execute(
-            "INSERT INTO pgferry.snapshot_requests (table_name) VALUES ($1)",
-            &[&table],
+            "INSERT INTO pgferry.snapshot_requests (table_name, table_oid) VALUES ($1, $2)",
+            &[&table, &oid],
         )
         .await
         .map(drop)

@@ -589,7 +589,7 @@ async fn discover(
             if requested {
                 // Its run may have passed key ranges a target changed since: the request
                 // waits in the table (durably) and starts once the running one ends.
-                chunk::request(control, &crate::sql::qualified(&schema, &table))
+                chunk::request(control, &crate::sql::qualified(&schema, &table), None)
                     .await
                     .map_err(CaptureError::sql("queueing a snapshot request"))?;
                 if tables.waiting.insert(name.clone()) {

@@ -118,7 +118,7 @@ pub async fn request(
         }
     }
     for (schema, table) in &requested {
-        chunk::request(&client, &qualified(schema, table))
+        chunk::request(&client, &qualified(schema, table), None)
             .await
             .map_err(sql("inserting into pgferry.snapshot_requests"))?;
     }
