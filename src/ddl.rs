@@ -775,12 +775,16 @@ pub fn diff(message: &TriggerMessage) -> Vec<DdlOp> {
     let before: BTreeMap<i32, &DdlColumn> = old.iter().map(|c| (c.attnum, c)).collect();
     let after: BTreeMap<i32, &DdlColumn> = message.new.iter().map(|c| (c.attnum, c)).collect();
     let mut ops = Vec::new();
-    for (attnum, c) in &before {
-        if !after.contains_key(attnum) {
-            ops.push(DdlOp::DropColumn {
-                name: c.name.clone(),
-            });
-        }
+    // Generated columns first: one computed from a column dropped with it (`DROP COLUMN a
+    // CASCADE`) would make the target refuse to drop that column first.
+    let dropped = before
+        .iter()
+        .filter(|(attnum, _)| !after.contains_key(attnum));
+    let (generated, plain): (Vec<_>, Vec<_>) = dropped.partition(|(_, c)| c.generated.is_some());
+    for (_, c) in generated.into_iter().chain(plain) {
+        ops.push(DdlOp::DropColumn {
+            name: c.name.clone(),
+        });
     }
     for (attnum, new) in &after {
         let Some(old) = before.get(attnum) else {
@@ -2261,6 +2265,25 @@ mod tests {
         assert_eq!(
             to_sql("s", "t", &ops[0]),
             r#"ALTER TABLE "s"."t" ADD COLUMN IF NOT EXISTS "g" integer GENERATED ALWAYS AS ((id + 1)) STORED"#
+        );
+        // `DROP COLUMN a CASCADE` drops a column computed from `a` too: that one goes first,
+        // or the target refuses to drop `a`.
+        let (a, z) = (col(2, "a", "integer"), col(4, "z", "text"));
+        let m = alter(
+            vec![
+                id.clone(),
+                a,
+                generated(3, "g", "integer", "(a * 2)"),
+                z.clone(),
+            ],
+            vec![id.clone(), z],
+        );
+        assert_eq!(
+            diff(&m),
+            vec![
+                DdlOp::DropColumn { name: "g".into() },
+                DdlOp::DropColumn { name: "a".into() }
+            ]
         );
         // Retyped, with a new expression.
         let m = alter(
