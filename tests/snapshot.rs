@@ -1516,8 +1516,9 @@ async fn wide_rows_keep_chunks_within_snapshot_chunk_bytes() {
 /// A table without a key is snapshotted by ctid pages. A rewrite while it runs (`VACUUM
 /// FULL`, `CLUSTER`, a type change) moves rows between pages, some into pages already read:
 /// the snapshot starts over, and the replica ends with exactly the master's rows, although a
-/// writer inserted, updated and deleted distinct rows throughout. Before, the rows moved into
-/// pages already read never reached the replica, in silence. Random rewrite, rows removed
+/// writer inserted, updated and deleted distinct rows throughout, and nothing is
+/// dead-lettered. Before, the rows moved into pages already read never reached the replica,
+/// in silence. Random rewrite, rows removed
 /// before it, and moment.
 #[tokio::test(flavor = "multi_thread")]
 async fn keyless_tables_rewritten_during_their_snapshot_stay_exact() {
@@ -1528,7 +1529,7 @@ async fn keyless_tables_rewritten_during_their_snapshot_stay_exact() {
     let ddl = "CREATE TABLE kl (a int, b text); ALTER TABLE kl REPLICA IDENTITY FULL; \
                CREATE INDEX kl_a ON kl (a)";
     let (master, c) = pg.fresh_db("klrewrite", ddl).await;
-    let (replica, _r) = pg.fresh_db("klrewrite_r", ddl).await;
+    let (replica, r) = pg.fresh_db("klrewrite_r", ddl).await;
     let rows = 60_000;
     // In random order, so that CLUSTER moves every row.
     c.batch_execute(&format!(
@@ -1598,5 +1599,15 @@ async fn keyless_tables_rewritten_during_their_snapshot_stay_exact() {
             .contains("its snapshot starts over from the first page"),
         "the snapshot must have started over after the rewrite"
     );
-    drop(applier);
+    let letters: i64 = r
+        .query_one("SELECT count(*) FROM pgferry.dead_letters", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        letters,
+        0,
+        "no change may be dead-lettered\n{}",
+        applier.log()
+    );
 }
