@@ -2034,12 +2034,15 @@ impl Worker {
         // An update carrying the whole row is applied as an upsert: on a target that lacks the
         // row (a chunked snapshot has not reached it, or dropped its chunk row because this
         // newer change went by) it inserts it; where the row exists it is the same UPDATE.
+        // Generated columns are the target's to compute: no change carries them.
         let whole_row = change.op == Op::Update
             && !key.is_empty()
-            && change
-                .after
-                .as_ref()
-                .is_some_and(|a| table.columns.iter().all(|c| a.get(c).is_some()));
+            && change.after.as_ref().is_some_and(|a| {
+                table
+                    .columns
+                    .iter()
+                    .all(|c| a.get(c).is_some() || table.generated.contains(c))
+            });
         let op = if whole_row { Op::Create } else { change.op };
         let (kind, columns, values): (StatementKind, Vec<String>, Vec<Box<RawValue>>) = match op {
             Op::Create | Op::Read => {
