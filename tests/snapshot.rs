@@ -1683,3 +1683,56 @@ async fn generated_columns_do_not_lose_rows_updated_during_the_snapshot() {
         applier.log()
     );
 }
+
+/// A snapshot request stays in `pgferry.snapshot_requests` until its snapshot is planned:
+/// capture killed after it read the request and before the plan was recorded (held there by a
+/// lock on `pgferry.snapshot_progress`) runs the snapshot after its restart, which prunes the
+/// rows only the replica has. Before, the request was deleted as it was read, and lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_request_survives_a_crash_before_its_plan() {
+    let pg = PgCluster::shared();
+    let ddl = "CREATE TABLE t (id int PRIMARY KEY, v int)";
+    let (master, c) = pg.fresh_db("reqcrash", ddl).await;
+    let (replica, r) = pg.fresh_db("reqcrash_r", ddl).await;
+    c.batch_execute("INSERT INTO t SELECT g, 0 FROM generate_series(1, 2000) g")
+        .await
+        .unwrap();
+    let slot = format!("slot_{master}");
+    let _applier = start_applier(&master, &replica);
+    let mut capture = start_capture(&master, "  snapshot_poll_interval: 1s\n");
+    capture.wait_ready().await;
+    wait_equal(&master, &replica, "t", Duration::from_secs(60)).await;
+    // Rows only a re-snapshot removes.
+    r.batch_execute("INSERT INTO t SELECT -g, -1 FROM generate_series(1, 50) g")
+        .await
+        .unwrap();
+    let lock = pg.client(&master).await;
+    lock.batch_execute("BEGIN; LOCK TABLE pgferry.snapshot_progress IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let asked = request_snapshot(&capture, "public.t");
+    assert!(asked.status.success(), "{asked:?}");
+    wait_for(
+        "capture to wait on the lock",
+        Duration::from_secs(30),
+        || async {
+            let waiting: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                  WHERE application_name LIKE 'pgferry%' AND wait_event_type = 'Lock'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
+    capture.kill9();
+    lock.batch_execute("ROLLBACK").await.unwrap();
+    capture.restart();
+    wait_equal(&master, &replica, "t", Duration::from_secs(90)).await;
+    let (_, parts, done) = progress(&c, &slot, "t", UNIX_EPOCH).await;
+    assert_eq!(parts, done, "every part of the snapshot is done");
+}

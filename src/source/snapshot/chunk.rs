@@ -971,22 +971,39 @@ pub async fn restart_part(
 }
 
 /// Takes the pending snapshot requests (`schema.table` names), oldest first.
-/// A request that names its table's oid names the table as it is called now (quoted, as SQL
-/// reads it): renamed or moved since, it is still the table meant.
-pub async fn take_requests(client: &Client) -> Result<Vec<String>, tokio_postgres::Error> {
+/// The pending snapshot requests (id, `schema.table`), oldest first. They stay in the table
+/// until [`forget_requests`]: taken out before the snapshot was planned, a request was lost
+/// to a crash in between. A request that names its table's oid names the table as it is
+/// called now (quoted, as SQL reads it): renamed or moved since, it is still the table meant.
+pub async fn pending_requests(
+    client: &Client,
+) -> Result<Vec<(i64, String)>, tokio_postgres::Error> {
     let rows = client
         .query(
-            "WITH taken AS (DELETE FROM pgferry.snapshot_requests
-                             RETURNING id, table_name, table_oid)
-             SELECT COALESCE(format('%I.%I', n.nspname, c.relname), t.table_name)
-               FROM taken t
+            "SELECT t.id, CASE WHEN c.oid IS NULL THEN t.table_name
+                               ELSE format('%I.%I', n.nspname, c.relname) END
+               FROM pgferry.snapshot_requests t
                LEFT JOIN pg_class c ON c.oid = t.table_oid
                LEFT JOIN pg_namespace n ON n.oid = c.relnamespace
               ORDER BY t.id",
             &[],
         )
         .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Removes requests that were planned (their parts are recorded) or refused.
+pub async fn forget_requests(client: &Client, ids: &[i64]) -> Result<(), tokio_postgres::Error> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    client
+        .execute(
+            "DELETE FROM pgferry.snapshot_requests WHERE id = ANY($1)",
+            &[&ids],
+        )
+        .await
+        .map(drop)
 }
 
 /// Requests a snapshot of `schema.table` (what `pgferry snapshot --table` does), or of the

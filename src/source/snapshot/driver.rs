@@ -541,20 +541,24 @@ async fn discover(
     metrics: &Metrics,
 ) -> Result<(), CaptureError> {
     let source = &settings.source;
-    // (table, whether a request asked for it)
-    let mut wanted: Vec<((String, String), bool)> = Vec::new();
-    let requests = chunk::take_requests(control)
+    // (table, the request that asked for it)
+    let mut wanted: Vec<((String, String), Option<i64>)> = Vec::new();
+    let requests = chunk::pending_requests(control)
         .await
         .map_err(CaptureError::sql("reading pgferry.snapshot_requests"))?;
     let published = catalog::published_tables(control, &source.publication)
         .await
         .map_err(CaptureError::sql("listing published tables"))?;
-    for request in requests {
+    let mut refused = Vec::new();
+    for (id, request) in requests {
         let readings = crate::sql::table_name_readings(&request).unwrap_or_default();
         let found: Vec<&(String, String)> =
             published.iter().filter(|p| readings.contains(p)).collect();
+        if found.len() != 1 {
+            refused.push(id);
+        }
         match found.as_slice() {
-            [name] => wanted.push(((*name).clone(), true)),
+            [name] => wanted.push(((*name).clone(), Some(id))),
             [] => tracing::warn!(table = %request,
                 publication = %source.publication,
                 "ignoring a snapshot request: no table of the publication has this name \
@@ -564,6 +568,9 @@ async fn discover(
                  quote its parts (\"schema\".\"table\")"),
         }
     }
+    chunk::forget_requests(control, &refused)
+        .await
+        .map_err(CaptureError::sql("removing refused snapshot requests"))?;
     let (renamed, forgotten) =
         chunk::follow_publication(control, &settings.slot, &source.publication)
             .await
@@ -580,29 +587,30 @@ async fn discover(
             .map_err(CaptureError::sql("reading pgferry.snapshot_progress"))?;
         for table in published.iter().filter(|t| !known.contains(t)) {
             tracing::info!(table = %format!("{}.{}", table.0, table.1), "table added to the publication; snapshotting it");
-            wanted.push((table.clone(), false));
+            wanted.push((table.clone(), None));
         }
     }
-    for ((schema, table), requested) in wanted {
+    for ((schema, table), request) in wanted {
         let name = format!("{schema}.{table}");
         if tables.running.contains_key(&name) {
-            if requested {
-                // Its run may have passed key ranges a target changed since: the request
-                // waits in the table (durably) and starts once the running one ends.
-                chunk::request(control, &crate::sql::qualified(&schema, &table), None)
-                    .await
-                    .map_err(CaptureError::sql("queueing a snapshot request"))?;
-                if tables.waiting.insert(name.clone()) {
-                    tracing::info!(table = %name, "a snapshot of this table is running; the requested one starts when it ends");
-                }
+            // Its run may have passed key ranges a target changed since: the request waits
+            // in the table (durably) and starts once the running one ends.
+            if request.is_some() && tables.waiting.insert(name.clone()) {
+                tracing::info!(table = %name, "a snapshot of this table is running; the requested one starts when it ends");
             }
             continue;
         }
-        if requested {
+        if request.is_some() {
             tables.waiting.remove(&name);
             tracing::info!(table = %name, "snapshot requested");
         }
         plan(control, settings, shared, tables, metrics, &schema, &table).await?;
+        // Planned: its parts are recorded, and a restart resumes them.
+        if let Some(id) = request {
+            chunk::forget_requests(control, &[id])
+                .await
+                .map_err(CaptureError::sql("removing a planned snapshot request"))?;
+        }
     }
     Ok(())
 }
