@@ -1736,3 +1736,72 @@ async fn a_snapshot_request_survives_a_crash_before_its_plan() {
     let (_, parts, done) = progress(&c, &slot, "t", UNIX_EPOCH).await;
     assert_eq!(parts, done, "every part of the snapshot is done");
 }
+
+/// A table without a key is read by pages, and its rows can be wide (their values TOASTed,
+/// so a page of small pointers reads as megabytes): each chunk holds as many pages as
+/// `snapshot_chunk_bytes` does, at least one, by the table's average row at first and then by
+/// what its chunks read. Every chunk the log shows stays within the bound plus the widest
+/// page, and the replica ends exact. Before, a chunk held `snapshot_batch_rows` rows' worth of
+/// pages whatever their bytes: the whole table here. Random widths.
+#[tokio::test(flavor = "multi_thread")]
+async fn wide_keyless_rows_keep_chunks_within_snapshot_chunk_bytes() {
+    const BOUND: u64 = 1 << 20;
+    let pg = PgCluster::shared();
+    let seed = seed();
+    eprintln!("seed {seed} (SNAPSHOT_SEED)");
+    let mut rng = Rng::new(seed);
+    let ddl = "CREATE TABLE kwide (n int, body text)";
+    let (master, c) = pg.fresh_db("kwide", ddl).await;
+    let (replica, _r) = pg.fresh_db("kwide_r", ddl).await;
+    for n in 1..=300 {
+        // md5 text repeated: 32 characters a step.
+        let steps = rng.range(100, 4_000);
+        c.batch_execute(&format!(
+            "INSERT INTO kwide VALUES ({n}, repeat(md5('{n}'), {steps}))"
+        ))
+        .await
+        .unwrap();
+    }
+    c.batch_execute("ANALYZE kwide").await.unwrap();
+    let widest_page: i64 = c
+        .query_one(
+            "SELECT max(s)::int8 FROM (SELECT (ctid::text::point)[0] AS page,
+                                              sum(octet_length(body) + 64) AS s
+                                         FROM kwide GROUP BY 1) AS pages",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let slot = format!("slot_{master}");
+    let _applier = start_applier(&master, &replica);
+    let capture = start_capture(&master, &format!("  snapshot_chunk_bytes: {BOUND}\n"));
+    wait_snapshot_done(
+        &c,
+        &slot,
+        ("kwide", UNIX_EPOCH),
+        Duration::from_secs(300),
+        || capture.log(),
+    )
+    .await;
+    wait_equal(&master, &replica, "kwide", Duration::from_secs(300)).await;
+    let chunks: Vec<u64> = capture
+        .log()
+        .lines()
+        .filter(|l| l.contains("snapshot chunk read") && l.contains("table=public.kwide"))
+        .filter_map(|l| l.split(" bytes=").nth(1)?.split(' ').next()?.parse().ok())
+        .collect();
+    eprintln!("chunks {chunks:?}; widest page {widest_page}");
+    assert!(
+        chunks.len() > 2,
+        "chunks of public.kwide in the log: {chunks:?}"
+    );
+    let over: Vec<&u64> = chunks
+        .iter()
+        .filter(|&&b| b > BOUND + widest_page as u64)
+        .collect();
+    assert!(
+        over.is_empty(),
+        "chunks over {BOUND} bytes plus the widest page ({widest_page}): {over:?}"
+    );
+}

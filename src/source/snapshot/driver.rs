@@ -781,7 +781,12 @@ async fn read_pages(
         let (pages, per_page) = chunk::heap_pages(client, target.relation.oid)
             .await
             .map_err(CaptureError::sql("reading the table's size"))?;
-        let step = ((f64::from(shared.batch_rows) / per_page.max(1.0)) as u64).max(1);
+        // Pages per chunk: `snapshot_batch_rows` rows' worth, and no more than
+        // `snapshot_chunk_bytes` by what the chunk before read per page. The first chunk is
+        // one page: what a page reads as is not known before (a page of TOASTed or compressed
+        // values reads as megabytes, and the size on disk tells little of it).
+        let most = ((f64::from(shared.batch_rows) / per_page.max(1.0)) as u64).max(1);
+        let mut step = 1;
         let mut from = 0;
         while !shutdown.is_cancelled() {
             let to = from + step;
@@ -789,7 +794,13 @@ async fn read_pages(
             page_part.last = Some(vec![to.to_string()]);
             let range = Some((&page_part, u32::MAX));
             let query = |t: &Target| chunk::pages_query(t, from, to);
-            chunk_between_marks(client, shared, target, &query, range, false, None).await?;
+            let (read, _) =
+                chunk_between_marks(client, shared, target, &query, range, false, None).await?;
+            step = pages_for(
+                shared.chunk_bytes,
+                read.bytes as f64 / (to - from) as f64,
+                most,
+            );
             let now = files(client).await?;
             if !now.is_empty() && now != started_with {
                 tracing::info!(table = %target.name(),
@@ -809,6 +820,15 @@ async fn read_pages(
         }
         return Ok(());
     }
+}
+
+/// Pages in a chunk of a table read by pages: as many pages `page_bytes` bytes each as
+/// `chunk_bytes` holds (at least one; a page's rows are not split), at most `most`.
+fn pages_for(chunk_bytes: u64, page_bytes: f64, most: u64) -> u64 {
+    if page_bytes <= 0.0 {
+        return most;
+    }
+    ((chunk_bytes as f64 / page_bytes).floor() as u64).clamp(1, most)
 }
 
 /// What one chunk read.
@@ -956,6 +976,19 @@ async fn chunk_between_marks(
 #[cfg(test)]
 mod tests {
     use super::first_limit;
+
+    #[test]
+    fn a_chunk_of_pages_holds_what_the_bytes_hold() {
+        use super::pages_for;
+        // Narrow rows: the row bound.
+        assert_eq!(pages_for(64 << 20, 8_192.0, 40), 40);
+        // 57 MB a page (TOASTed rows) in 1 MiB: one page.
+        assert_eq!(pages_for(1 << 20, 57e6, 40), 1);
+        // 100 KB a page: ten pages in 1 MiB.
+        assert_eq!(pages_for(1 << 20, 100_000.0, 40), 10);
+        // Empty pages: the row bound.
+        assert_eq!(pages_for(1 << 20, 0.0, 40), 40);
+    }
 
     #[test]
     fn a_first_chunk_holds_what_the_bytes_hold_of_the_average_row() {
