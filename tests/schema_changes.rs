@@ -3120,6 +3120,63 @@ async fn resnapshots_follow_a_table_renamed_after_the_change() {
     drop(applier);
 }
 
+/// A table moved to a schema the replica lacks (`SET SCHEMA`, or a rename into it) parks:
+/// the refused change, and every change written under the new name after it, wait in order;
+/// once the schema exists on the replica, the move applies, the waiting changes follow, and
+/// the replica ends exact with nothing left unresolved. Before, changes under the new name
+/// were plain letters (the table did not exist there), never tried again, and lost. Random
+/// writes under the new name.
+#[tokio::test(flavor = "multi_thread")]
+async fn changes_after_a_refused_move_wait_for_it() {
+    let seed = seed();
+    eprintln!("seed {seed} (DDL_SEED)");
+    let mut rng = Rng::new(seed ^ 0x5e7);
+    let Pipeline {
+        m,
+        r,
+        capture,
+        applier,
+        ..
+    } = replica_pipeline(
+        "moved_away",
+        KV_DDL,
+        "INSERT INTO kv SELECT g, g, 'v' || g FROM generate_series(1, 30) g",
+        "kv",
+    )
+    .await;
+    run_step(&m, "CREATE SCHEMA away; ALTER TABLE kv SET SCHEMA away").await;
+    let mut writes = Vec::new();
+    for _ in 0..rng.range(3, 12) {
+        let k = rng.range(1, 45);
+        writes.push(match rng.range(0, 3) {
+            0 => format!("DELETE FROM away.kv WHERE k = {k}"),
+            _ => format!(
+                "INSERT INTO away.kv VALUES ({k}, {}, 'w') \
+                 ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v, note = EXCLUDED.note",
+                rng.range(0, 1000)
+            ),
+        });
+    }
+    // Each row a write changed is a change that waits, after the move.
+    let mut changed = 0;
+    for write in &writes {
+        changed += m.execute(write.as_str(), &[]).await.unwrap() as i64;
+    }
+    common::wait_for(
+        "the move and the changes after it to wait",
+        Duration::from_secs(60),
+        || async { (unresolved_letters(&r).await >= 1 + changed).then_some(()) },
+    )
+    .await;
+    r.batch_execute("CREATE SCHEMA away").await.unwrap();
+    wait_same(&m, &r, "away.kv", Duration::from_secs(60)).await;
+    common::wait_for("every letter resolved", Duration::from_secs(30), || async {
+        (unresolved_letters(&r).await == 0).then_some(())
+    })
+    .await;
+    drop((capture, applier));
+}
+
 /// Schema changes that capture decodes only after later ones were made: capture is killed,
 /// then tables are created and renamed, moved to another schema, altered and renamed, a
 /// partitioned table is created in a transaction of its own and its partitions in later ones

@@ -131,13 +131,23 @@ pub const PARKED: &str = "parked behind a schema change of its table that the ta
 /// off, or a column dropped there by hand): it parks its table like a refused schema change.
 pub const MISSING_COLUMN: &str = "column missing on the target: ";
 
+/// How the reason of a change of a table the target lacks begins: it parks the table, so
+/// that its changes apply in order once the table is there (made by hand, or by a refused
+/// schema change that creates or moves it once the cause is fixed).
+pub const MISSING_TABLE: &str = "table missing on the target: ";
+
 /// How the reasons of letters that park their table begin: a schema change the target
-/// refused, a change naming a column the target lacks ([`MISSING_COLUMN`]), and every change
-/// of the table after either ([`PARKED`]). While a table has an
+/// refused, a change naming a column or a table the target lacks ([`MISSING_COLUMN`],
+/// [`MISSING_TABLE`]), and every change of the table after any of them ([`PARKED`]). While a table has an
 /// unresolved apply-stage one, each later change of it is parked too, so that nothing of the
 /// table applies out of order; the apply worker tries the letters again now and then, and
 /// once they all apply, the table resumes (apply's `Worker::unpark_due`).
-const PARKING: [&str; 3] = ["schema change of ", "parked behind ", MISSING_COLUMN];
+const PARKING: [&str; 4] = [
+    "schema change of ",
+    "parked behind ",
+    MISSING_COLUMN,
+    MISSING_TABLE,
+];
 
 /// Whether a letter parks its table (see [`PARKING`]).
 pub fn parks(letter: &StoredDeadLetter) -> bool {

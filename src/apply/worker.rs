@@ -1911,12 +1911,16 @@ impl Worker {
             }
         }
         let Some(mut table) = found else {
-            self.bad_message(
-                client,
-                message,
-                &format!("table {qualified} does not exist on the target"),
-            )
-            .await?;
+            // Parks the table: its later changes wait behind this one, in order, and apply
+            // once the table is there (a refused `SET SCHEMA` or `RENAME TO` to it, applied
+            // once its cause is fixed; or the table made by hand). Plain letters were never
+            // tried again, and the rows written under the new name were lost.
+            let reason = format!(
+                "{}table {qualified} does not exist on the target; create it there (or fix \
+                 the schema change that makes it) and the table resumes",
+                dead_letters::MISSING_TABLE
+            );
+            self.park(client, message, qualified, &reason).await?;
             return Ok(None);
         };
         if change.column_names().any(|c| !table.columns.contains(c)) {
