@@ -3177,6 +3177,60 @@ async fn changes_after_a_refused_move_wait_for_it() {
     drop((capture, applier));
 }
 
+/// Updates of a table without a key (`REPLICA IDENTITY FULL`) that capture decodes only after
+/// the table got a primary key (capture was down meanwhile), and updates that change no value:
+/// each reaches the replica, which finds the row by its whole old image. Before, capture keyed
+/// the first by the later key and the replica, keyless at that point of the stream, refused
+/// them ("the target table has no primary key"), as it refused every update that changed no
+/// value. Random rows and values.
+#[tokio::test(flavor = "multi_thread")]
+async fn keyless_updates_decoded_after_a_later_key_apply() {
+    let seed = seed();
+    eprintln!("seed {seed} (DDL_SEED)");
+    let mut rng = Rng::new(seed ^ 0x6b1);
+    let Pipeline {
+        m,
+        r,
+        mut capture,
+        applier,
+        ..
+    } = replica_pipeline(
+        "later_key",
+        "CREATE TABLE t (id int PRIMARY KEY, v text)",
+        "INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 40) g",
+        "t",
+    )
+    .await;
+    run_step(
+        &m,
+        "ALTER TABLE t DROP CONSTRAINT t_pkey; ALTER TABLE t REPLICA IDENTITY FULL",
+    )
+    .await;
+    m.batch_execute("UPDATE t SET v = v WHERE id <= 5")
+        .await
+        .unwrap();
+    wait_same(&m, &r, "t", Duration::from_secs(60)).await;
+    capture.kill9();
+    let mut updates = Vec::new();
+    for _ in 0..rng.range(3, 10) {
+        let id = rng.range(1, 41);
+        updates.push(if rng.chance(0.3) {
+            format!("UPDATE t SET v = v WHERE id = {id}")
+        } else {
+            format!(
+                "UPDATE t SET v = v || '{}' WHERE id = {id}",
+                rng.range(0, 100)
+            )
+        });
+    }
+    run_step(&m, &updates.join("; ")).await;
+    run_step(&m, "ALTER TABLE t ADD PRIMARY KEY (id)").await;
+    capture.restart();
+    wait_same(&m, &r, "t", Duration::from_secs(60)).await;
+    assert_eq!(unresolved_letters(&r).await, 0, "{:?}", letters(&r).await);
+    drop(applier);
+}
+
 /// Schema changes that capture decodes only after later ones were made: capture is killed,
 /// then tables are created and renamed, moved to another schema, altered and renamed, a
 /// partitioned table is created in a transaction of its own and its partitions in later ones

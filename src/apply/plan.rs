@@ -31,6 +31,9 @@ pub enum StatementKind {
     Delete,
     /// One row of a keyless table: delete one row equal to the old image.
     DeleteMatching,
+    /// One row of a keyless table: update one row equal to the old image, or insert the new
+    /// one where none is.
+    UpdateMatching,
     /// `TRUNCATE`.
     Truncate,
     /// Many rows of one [`WriteGroup`].

@@ -111,6 +111,35 @@ pub fn delete_one_matching(schema: &str, table: &str, columns: &[&str]) -> Strin
     )
 }
 
+/// Updates one row equal to the old image to the new one, for keyless tables with REPLICA
+/// IDENTITY FULL; where no row equals the old image, inserts the new one (a snapshot of the
+/// table left the row to this change, or the target lacked it). Parameters: `columns` of the
+/// old image, then the same `columns` of the new one.
+pub fn update_one_matching(schema: &str, table: &str, columns: &[&str]) -> String {
+    let n = columns.len();
+    let matches: Vec<String> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("{} IS NOT DISTINCT FROM ${}", quote_ident(c), i + 1))
+        .collect();
+    let sets: Vec<String> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("{} = ${}", quote_ident(c), n + i + 1))
+        .collect();
+    let names: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+    let new: Vec<String> = (0..n).map(|i| format!("${}", n + i + 1)).collect();
+    let t = qualified(schema, table);
+    format!(
+        "WITH changed AS (UPDATE {t} SET {} WHERE ctid = (SELECT ctid FROM {t} WHERE {} LIMIT 1) \
+         RETURNING 1) INSERT INTO {t} ({}) SELECT {} WHERE NOT EXISTS (SELECT FROM changed)",
+        sets.join(", "),
+        matches.join(" AND "),
+        names.join(", "),
+        new.join(", ")
+    )
+}
+
 /// Words that may stand beside the one type name in `format_type`'s output
 /// (`double precision`, `timestamp(3) with time zone`, `interval day to second`, …).
 const TYPE_KEYWORDS: &[&str] = &[
@@ -1010,6 +1039,14 @@ pub fn stamp_and_delete_rows(schema: &str, table: &str, key: &[Typed<'_>]) -> St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_keyless_update_takes_one_equal_row_or_inserts() {
+        assert_eq!(
+            update_one_matching("s", "t", &["a", "b"]),
+            r#"WITH changed AS (UPDATE "s"."t" SET "a" = $3, "b" = $4 WHERE ctid = (SELECT ctid FROM "s"."t" WHERE "a" IS NOT DISTINCT FROM $1 AND "b" IS NOT DISTINCT FROM $2 LIMIT 1) RETURNING 1) INSERT INTO "s"."t" ("a", "b") SELECT $3, $4 WHERE NOT EXISTS (SELECT FROM changed)"#
+        );
+    }
 
     /// No column to default, a table of three attributes.
     const NONE: WholeRow<'static> = WholeRow {

@@ -2113,9 +2113,15 @@ impl Worker {
                         .await
                 }
             },
+            Op::Update
+                if table.always_identity.is_empty()
+                    && change.before.as_ref().is_some_and(|b| b.len() == table.columns.len()) =>
+            {
+                return self.apply_update_matching(client, pending, message, &table, change).await;
+            }
             Op::Update => {
                 return self
-                    .bad_message(client, message, &format!("update on {qualified}: the target table has no primary key"))
+                    .bad_message(client, message, &format!("update on {qualified}: the target table has no primary key and the change no full old row"))
                     .await
             }
             Op::Truncate => (StatementKind::Truncate, Vec::new(), Vec::new()),
@@ -2156,6 +2162,76 @@ impl Worker {
         .await?;
         self.batch_changes += 1;
         self.count_applied(&qualified, change.op, 1);
+        Ok(())
+    }
+
+    /// An update of a table without a key, carrying its whole old row (`REPLICA IDENTITY
+    /// FULL`): one row equal to the old image takes the new one, or the new one is inserted
+    /// where none is. Capture sends most such updates as a delete and a create; these are the
+    /// rest: one that changed no value (`SET v = v`: during a snapshot by pages, the chunk
+    /// leaves the row to it), and one keyed by a primary key the table got later.
+    async fn apply_update_matching<'c>(
+        &mut self,
+        client: &'c Client,
+        pending: &mut InFlight<'c>,
+        message: &RecordRef<'_>,
+        table: &TargetTable,
+        change: ChangeItem,
+    ) -> Result<(), ApplyError> {
+        let qualified = format!("{}.{}", change.schema, change.table);
+        let before = change.before.unwrap_or_default();
+        let after = change.after.unwrap_or_default();
+        // Columns the new image leaves out (unchanged TOAST) keep the old image's values.
+        let (columns, old): (Vec<String>, Vec<Box<RawValue>>) = before.into_iter().unzip();
+        let new: Vec<Box<RawValue>> = columns
+            .iter()
+            .zip(&old)
+            .map(|(c, o)| after.get(c).unwrap_or(o).to_owned())
+            .collect();
+        let doubled: Vec<String> = columns.iter().chain(&columns).cloned().collect();
+        let (schema, name) = (change.schema.as_str(), change.table.as_str());
+        let kind = StatementKind::UpdateMatching;
+        let stmt = self
+            .change_statement(client, (schema, name), kind, &doubled, &[], &[])
+            .await?;
+        let n = columns.len();
+        let types = stmt.params();
+        let rendered = Self::render_params(
+            &types[..n],
+            &columns,
+            &old,
+            &change.json_null_before,
+            &qualified,
+        )
+        .and_then(|mut params| {
+            params.extend(Self::render_params(
+                &types[n..],
+                &columns,
+                &new,
+                &change.json_null_after,
+                &qualified,
+            )?);
+            Ok(params)
+        });
+        let params = match rendered {
+            Ok(params) => params,
+            Err(reason) => return self.bad_message(client, message, &reason).await,
+        };
+        self.write_row(
+            client,
+            pending,
+            table,
+            &[],
+            (schema, name),
+            &qualified,
+            kind,
+            stmt,
+            doubled,
+            params,
+        )
+        .await?;
+        self.batch_changes += 1;
+        self.count_applied(&qualified, Op::Update, 1);
         Ok(())
     }
 
@@ -2385,6 +2461,9 @@ impl Worker {
             }
             StatementKind::Delete => sql::delete(schema, name, key),
             StatementKind::DeleteMatching => sql::delete_one_matching(schema, name, &cols),
+            StatementKind::UpdateMatching => {
+                sql::update_one_matching(schema, name, &cols[..cols.len() / 2])
+            }
             _ => sql::truncate(schema, name),
         };
         let stmt_key = StatementKey::new(schema, name, kind, columns.to_vec());
