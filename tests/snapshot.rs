@@ -167,6 +167,21 @@ async fn wait_snapshot_done(
     }
 }
 
+/// Fails, with the applier's log, when the target `r` holds any dead letter.
+async fn assert_no_dead_letters(r: &tokio_postgres::Client, applier: &Ferry) {
+    let letters: i64 = r
+        .query_one("SELECT count(*) FROM pgferry.dead_letters", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        letters,
+        0,
+        "no change may be dead-lettered\n{}",
+        applier.log()
+    );
+}
+
 /// A writer on `table` (`id`, `v`, `note`) until `stop`: updates, deletes and inserts random
 /// rows, one statement per transaction. Returns how many changes it committed.
 fn spawn_writer(
@@ -1519,8 +1534,8 @@ async fn wide_rows_keep_chunks_within_snapshot_chunk_bytes() {
 /// writer inserted, updated (a third of the updates to the same values) and deleted distinct
 /// rows throughout, and nothing is dead-lettered. Before, the rows moved into pages already
 /// read never reached the replica, in silence; and an update that changed no value was
-/// dead-lettered ("the target table has no primary key"). Random rewrite, rows removed
-/// before it, and moment.
+/// dead-lettered ("the target table has no primary key"). Random rewrite, rows removed before
+/// it, and moment.
 #[tokio::test(flavor = "multi_thread")]
 async fn keyless_tables_rewritten_during_their_snapshot_stay_exact() {
     let pg = PgCluster::shared();
@@ -1602,17 +1617,7 @@ async fn keyless_tables_rewritten_during_their_snapshot_stay_exact() {
             .contains("its snapshot starts over from the first page"),
         "the snapshot must have started over after the rewrite"
     );
-    let letters: i64 = r
-        .query_one("SELECT count(*) FROM pgferry.dead_letters", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(
-        letters,
-        0,
-        "no change may be dead-lettered\n{}",
-        applier.log()
-    );
+    assert_no_dead_letters(&r, &applier).await;
 }
 
 /// A table with generated columns (stored, computed by each target): rows a writer updates
@@ -1620,7 +1625,7 @@ async fn keyless_tables_rewritten_during_their_snapshot_stay_exact() {
 /// newer change went by, and the applier writes that change, which carries the whole row, as
 /// an upsert. Before, the applier asked the change for the generated columns too, which no
 /// change carries, so it updated a row the replica did not have yet, and the row was lost in
-/// silence. Random writes, two seeds' worth of shapes.
+/// silence. Random generated column and writes.
 #[tokio::test(flavor = "multi_thread")]
 async fn generated_columns_do_not_lose_rows_updated_during_the_snapshot() {
     let pg = PgCluster::shared();
@@ -1674,17 +1679,7 @@ async fn generated_columns_do_not_lose_rows_updated_during_the_snapshot() {
     let changes = writer.await.unwrap();
     eprintln!("the writer changed {changes} rows");
     wait_equal(&master, &replica, "gen", Duration::from_secs(120)).await;
-    let letters: i64 = r
-        .query_one("SELECT count(*) FROM pgferry.dead_letters", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(
-        letters,
-        0,
-        "no change may be dead-lettered\n{}",
-        applier.log()
-    );
+    assert_no_dead_letters(&r, &applier).await;
 }
 
 /// A snapshot request stays in `pgferry.snapshot_requests` until its snapshot is planned:

@@ -138,10 +138,10 @@ pub const MISSING_TABLE: &str = "table missing on the target: ";
 
 /// How the reasons of letters that park their table begin: a schema change the target
 /// refused, a change naming a column or a table the target lacks ([`MISSING_COLUMN`],
-/// [`MISSING_TABLE`]), and every change of the table after any of them ([`PARKED`]). While a table has an
-/// unresolved apply-stage one, each later change of it is parked too, so that nothing of the
-/// table applies out of order; the apply worker tries the letters again now and then, and
-/// once they all apply, the table resumes (apply's `Worker::unpark_due`).
+/// [`MISSING_TABLE`]), and every change of the table after any of them ([`PARKED`]). While a
+/// table has an unresolved apply-stage one, each later change of it is parked too, so that
+/// nothing of the table applies out of order; the apply worker tries the letters again now
+/// and then, and once they all apply, the table resumes (apply's `Worker::unpark_due`).
 const PARKING: [&str; 4] = [
     "schema change of ",
     "parked behind ",

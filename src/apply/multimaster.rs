@@ -115,8 +115,9 @@ $$;
 
 /// Columns of the bookkeeping tables added by later versions: for tombstones only, the node
 /// in whose stream the delete sits and the LSN at or before which (collection by
-/// acknowledgement; NULL for live versions and not yet sealed local deletes); how far a reporter's clock was ahead of this node's when its latest ack was applied (µs;
-/// less the delivery delay, so a lower bound when positive).
+/// acknowledgement; NULL for live versions and not yet sealed local deletes); how far a
+/// reporter's clock was ahead of this node's when its latest ack was applied (µs; less the
+/// delivery delay, so a lower bound when positive).
 fn bookkeeping_columns() -> String {
     crate::sql::add_missing_columns(
         "pgferry.versions",

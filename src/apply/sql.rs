@@ -96,19 +96,25 @@ pub fn delete(schema: &str, table: &str, key: &[&str]) -> String {
     )
 }
 
-/// Deletes one row equal to the old image, for keyless tables with REPLICA IDENTITY FULL.
-/// Parameters: `columns`.
-pub fn delete_one_matching(schema: &str, table: &str, columns: &[&str]) -> String {
+/// `ctid = (…)` of one row of `t` whose `columns` equal parameters `$1`… in order (NULL
+/// equal to NULL): a keyless table's row by its old image.
+fn one_row_matching(t: &str, columns: &[&str]) -> String {
     let matches: Vec<String> = columns
         .iter()
         .enumerate()
         .map(|(i, c)| format!("{} IS NOT DISTINCT FROM ${}", quote_ident(c), i + 1))
         .collect();
-    let t = qualified(schema, table);
     format!(
-        "DELETE FROM {t} WHERE ctid = (SELECT ctid FROM {t} WHERE {} LIMIT 1)",
+        "ctid = (SELECT ctid FROM {t} WHERE {} LIMIT 1)",
         matches.join(" AND ")
     )
+}
+
+/// Deletes one row equal to the old image, for keyless tables with REPLICA IDENTITY FULL.
+/// Parameters: `columns`.
+pub fn delete_one_matching(schema: &str, table: &str, columns: &[&str]) -> String {
+    let t = qualified(schema, table);
+    format!("DELETE FROM {t} WHERE {}", one_row_matching(&t, columns))
 }
 
 /// Updates one row equal to the old image to the new one, for keyless tables with REPLICA
@@ -117,11 +123,6 @@ pub fn delete_one_matching(schema: &str, table: &str, columns: &[&str]) -> Strin
 /// old image, then the same `columns` of the new one.
 pub fn update_one_matching(schema: &str, table: &str, columns: &[&str]) -> String {
     let n = columns.len();
-    let matches: Vec<String> = columns
-        .iter()
-        .enumerate()
-        .map(|(i, c)| format!("{} IS NOT DISTINCT FROM ${}", quote_ident(c), i + 1))
-        .collect();
     let sets: Vec<String> = columns
         .iter()
         .enumerate()
@@ -131,10 +132,10 @@ pub fn update_one_matching(schema: &str, table: &str, columns: &[&str]) -> Strin
     let new: Vec<String> = (0..n).map(|i| format!("${}", n + i + 1)).collect();
     let t = qualified(schema, table);
     format!(
-        "WITH changed AS (UPDATE {t} SET {} WHERE ctid = (SELECT ctid FROM {t} WHERE {} LIMIT 1) \
-         RETURNING 1) INSERT INTO {t} ({}) SELECT {} WHERE NOT EXISTS (SELECT FROM changed)",
+        "WITH changed AS (UPDATE {t} SET {} WHERE {} RETURNING 1) \
+         INSERT INTO {t} ({}) SELECT {} WHERE NOT EXISTS (SELECT FROM changed)",
         sets.join(", "),
-        matches.join(" AND "),
+        one_row_matching(&t, columns),
         names.join(", "),
         new.join(", ")
     )

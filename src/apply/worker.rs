@@ -2121,7 +2121,7 @@ impl Worker {
             }
             Op::Update => {
                 return self
-                    .bad_message(client, message, &format!("update on {qualified}: the target table has no primary key and the change no full old row"))
+                    .bad_message(client, message, &format!("update on {qualified}: the target table has no primary key, and the change no full old row or the table a GENERATED ALWAYS identity column to find and set its row by"))
                     .await
             }
             Op::Truncate => (StatementKind::Truncate, Vec::new(), Vec::new()),

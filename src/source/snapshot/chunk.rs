@@ -970,7 +970,6 @@ pub async fn restart_part(
         .map(drop)
 }
 
-/// Takes the pending snapshot requests (`schema.table` names), oldest first.
 /// The pending snapshot requests (id, `schema.table`), oldest first. They stay in the table
 /// until [`forget_requests`]: taken out before the snapshot was planned, a request was lost
 /// to a crash in between. A request that names its table's oid names the table as it is
@@ -1048,7 +1047,7 @@ pub async fn heap_pages(client: &Client, oid: u32) -> Result<(u64, f64), tokio_p
 
 /// The files that hold a table's rows now (each storage relation's oid and file node, see
 /// [`heap_pages`]). A rewrite (`VACUUM FULL`, `CLUSTER`, a type change, `TRUNCATE`) gives a
-/// relation a new file, and so does attaching or detaching a partition change the list.
+/// relation a new file; attaching or detaching a partition changes the list.
 pub async fn heap_files(
     client: &Client,
     oid: u32,

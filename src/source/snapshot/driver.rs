@@ -554,18 +554,21 @@ async fn discover(
         let readings = crate::sql::table_name_readings(&request).unwrap_or_default();
         let found: Vec<&(String, String)> =
             published.iter().filter(|p| readings.contains(p)).collect();
-        if found.len() != 1 {
-            refused.push(id);
-        }
         match found.as_slice() {
             [name] => wanted.push(((*name).clone(), Some(id))),
-            [] => tracing::warn!(table = %request,
-                publication = %source.publication,
-                "ignoring a snapshot request: no table of the publication has this name \
-                 (schema.table, quoted like SQL where a part has dots; without a schema, public)"),
-            _ => tracing::warn!(table = %request,
-                "ignoring a snapshot request: the name reads as more than one published table; \
-                 quote its parts (\"schema\".\"table\")"),
+            [] => {
+                refused.push(id);
+                tracing::warn!(table = %request,
+                    publication = %source.publication,
+                    "ignoring a snapshot request: no table of the publication has this name \
+                     (schema.table, quoted like SQL where a part has dots; without a schema, public)")
+            }
+            _ => {
+                refused.push(id);
+                tracing::warn!(table = %request,
+                    "ignoring a snapshot request: the name reads as more than one published table; \
+                     quote its parts (\"schema\".\"table\")")
+            }
         }
     }
     chunk::forget_requests(control, &refused)
@@ -796,7 +799,7 @@ async fn read_pages(
             let query = |t: &Target| chunk::pages_query(t, from, to);
             let (read, _) =
                 chunk_between_marks(client, shared, target, &query, range, false, None).await?;
-            step = pages_for(
+            step = fitting(
                 shared.chunk_bytes,
                 read.bytes as f64 / (to - from) as f64,
                 most,
@@ -822,13 +825,13 @@ async fn read_pages(
     }
 }
 
-/// Pages in a chunk of a table read by pages: as many pages `page_bytes` bytes each as
-/// `chunk_bytes` holds (at least one; a page's rows are not split), at most `most`.
-fn pages_for(chunk_bytes: u64, page_bytes: f64, most: u64) -> u64 {
-    if page_bytes <= 0.0 {
+/// How many units (rows, pages) `each` bytes wide `chunk_bytes` holds: at least one (a unit
+/// is not split), at most `most`, and `most` when a unit's width is not known (0).
+fn fitting(chunk_bytes: u64, each: f64, most: u64) -> u64 {
+    if each <= 0.0 {
         return most;
     }
-    ((chunk_bytes as f64 / page_bytes).floor() as u64).clamp(1, most)
+    ((chunk_bytes as f64 / each).floor() as u64).clamp(1, most)
 }
 
 /// What one chunk read.
@@ -841,15 +844,8 @@ struct ChunkRead {
 /// Rows in a table's first chunk: `batch_rows`, or as many rows `width` bytes wide as
 /// `chunk_bytes` holds if fewer (at least one).
 fn first_limit(batch_rows: u32, chunk_bytes: u64, width: f64) -> u32 {
-    if width <= 0.0 {
-        return batch_rows;
-    }
-    let fits = (chunk_bytes as f64 / width).floor();
-    if fits >= f64::from(batch_rows) {
-        batch_rows
-    } else {
-        (fits as u32).max(1)
-    }
+    // At most `batch_rows`, so it fits.
+    fitting(chunk_bytes, width, u64::from(batch_rows)) as u32
 }
 
 async fn acquire(shared: &Shared) -> OwnedSemaphorePermit {
@@ -979,15 +975,15 @@ mod tests {
 
     #[test]
     fn a_chunk_of_pages_holds_what_the_bytes_hold() {
-        use super::pages_for;
+        use super::fitting;
         // Narrow rows: the row bound.
-        assert_eq!(pages_for(64 << 20, 8_192.0, 40), 40);
+        assert_eq!(fitting(64 << 20, 8_192.0, 40), 40);
         // 57 MB a page (TOASTed rows) in 1 MiB: one page.
-        assert_eq!(pages_for(1 << 20, 57e6, 40), 1);
+        assert_eq!(fitting(1 << 20, 57e6, 40), 1);
         // 100 KB a page: ten pages in 1 MiB.
-        assert_eq!(pages_for(1 << 20, 100_000.0, 40), 10);
+        assert_eq!(fitting(1 << 20, 100_000.0, 40), 10);
         // Empty pages: the row bound.
-        assert_eq!(pages_for(1 << 20, 0.0, 40), 40);
+        assert_eq!(fitting(1 << 20, 0.0, 40), 40);
     }
 
     #[test]
