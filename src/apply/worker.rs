@@ -2035,18 +2035,17 @@ impl Worker {
         let key: Vec<&str> = table.key.iter().map(String::as_str).collect();
         // Which image each bound value comes from, to honour its json_null list.
         let mut from_before = false;
-        // An update carrying the whole row is applied as an upsert: on a target that lacks the
-        // row (a chunked snapshot has not reached it, or dropped its chunk row because this
-        // newer change went by) it inserts it; where the row exists it is the same UPDATE.
-        // Generated columns are the target's to compute: no change carries them.
+        // An update carrying the whole row, as the source sends it, is applied as an upsert:
+        // on a target that lacks the row (a chunked snapshot has not reached it, or dropped
+        // its chunk row because this newer change went by) it inserts it; where the row
+        // exists it is the same UPDATE (the upsert sets only the columns it carries). The
+        // row is whole unless a TOASTed value went unsent: columns the change never carries
+        // (left out of the publication's column list, generated, the target's own) get
+        // their DEFAULT on insert, as the snapshot's rows of the table did.
         let whole_row = change.op == Op::Update
             && !key.is_empty()
-            && change.after.as_ref().is_some_and(|a| {
-                table
-                    .columns
-                    .iter()
-                    .all(|c| a.get(c).is_some() || table.generated.contains(c))
-            });
+            && change.after.is_some()
+            && change.unchanged_toast.is_empty();
         let op = if whole_row { Op::Create } else { change.op };
         let (kind, columns, values): (StatementKind, Vec<String>, Vec<Box<RawValue>>) = match op {
             Op::Create | Op::Read => {

@@ -221,17 +221,19 @@ impl Capture {
         let ticket = lock(&self.progress).open();
         let mut txn = OpenTxn::new(stamp, ticket, true);
         let batch_rows = source.snapshot_batch_rows;
+        let publication = source.publication.clone();
         for (schema, table) in tables {
-            let Some(meta) = snapshot::describe_table(&snap, &schema, &table)
-                .await
-                .map_err(CaptureError::sql("describing a snapshot table"))?
+            let Some((meta, published)) =
+                snapshot::describe_published(&snap, &publication, &schema, &table)
+                    .await
+                    .map_err(CaptureError::sql("describing a snapshot table"))?
             else {
                 continue;
             };
             let relation = Arc::new(meta);
             self.relation_seen(&snap, &relation).await?;
             tracing::info!(table = %relation.qualified_name(), "snapshotting table");
-            let mut reader = TableReader::new(&snap, relation.clone(), batch_rows);
+            let mut reader = TableReader::new(&snap, relation.clone(), &published, batch_rows);
             while let Some(rows) = reader
                 .next_batch()
                 .await

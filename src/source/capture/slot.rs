@@ -158,7 +158,7 @@ impl Capture {
             .map_err(CaptureError::sql("listing published tables"))?;
         if mode == SnapshotMode::Initial {
             for (schema, table) in &tables {
-                let Some(target) = chunk::target(&self.sql, schema, table)
+                let Some(target) = chunk::target(&self.sql, &source.publication, schema, table)
                     .await
                     .map_err(CaptureError::sql("describing a snapshot table"))?
                 else {

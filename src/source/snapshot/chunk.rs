@@ -12,7 +12,7 @@ use memchr::memchr;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
-use super::describe_table;
+use super::describe_published;
 use crate::event::RelationMeta;
 use crate::source::pgoutput::Datum;
 use crate::source::reconcile::{ChunkRow, Key};
@@ -50,6 +50,9 @@ pub struct Target {
     pub key: Vec<KeyColumn>,
     /// A partitioned table: read with its partitions (see [`super::scan_source`]).
     pub partitioned: bool,
+    /// The publication's row filter for the table, parenthesized ([`super::Published`]):
+    /// every chunk reads only the rows it passes.
+    pub row_filter: Option<String>,
 }
 
 impl Target {
@@ -126,13 +129,17 @@ impl Target {
     }
 }
 
-/// Reads a table's description and key; `None` when it no longer exists.
+/// Reads a table's description and key, with what `publication` sends of it (its column
+/// list and row filter); `None` when it no longer exists.
 pub async fn target(
     client: &Client,
+    publication: &str,
     schema: &str,
     table: &str,
 ) -> Result<Option<Target>, tokio_postgres::Error> {
-    let Some(relation) = describe_table(client, schema, table).await? else {
+    let Some((relation, published)) =
+        describe_published(client, publication, schema, table).await?
+    else {
         return Ok(None);
     };
     let rows = client
@@ -172,6 +179,7 @@ pub async fn target(
         chunk_relation: Arc::new(chunk_relation),
         key,
         partitioned,
+        row_filter: published.condition(),
     }))
 }
 
@@ -230,7 +238,7 @@ pub fn chunk_query(
     bytes: Option<u64>,
 ) -> String {
     let key = key_tuple(target);
-    let mut conditions = Vec::new();
+    let mut conditions: Vec<String> = target.row_filter.iter().cloned().collect();
     if let Some(after) = after {
         conditions.push(format!("{key} > {}", key_literal(target, after)));
     }
@@ -317,21 +325,27 @@ pub async fn average_row_bytes(client: &Client, oid: u32) -> Result<f64, tokio_p
 /// The rows of the given keys (a re-read).
 pub fn keys_query(target: &Target, keys: &[Vec<String>]) -> String {
     let lists: Vec<String> = keys.iter().map(|k| key_literal(target, k)).collect();
+    let mut conditions: Vec<String> = target.row_filter.iter().cloned().collect();
+    conditions.push(format!("{} IN ({})", key_tuple(target), lists.join(", ")));
     format!(
-        "SELECT {} FROM {} WHERE {} IN ({})",
+        "SELECT {} FROM {}{}",
         select_list(target),
         target.source(),
-        key_tuple(target),
-        lists.join(", ")
+        where_clause(&conditions)
     )
 }
 
 /// The rows of heap pages `[from, to)` (a table without a key).
 pub fn pages_query(target: &Target, from: u64, to: u64) -> String {
+    let mut conditions: Vec<String> = target.row_filter.iter().cloned().collect();
+    conditions.push(format!(
+        "ctid >= '({from},0)'::tid AND ctid < '({to},0)'::tid"
+    ));
     format!(
-        "SELECT {} FROM {} WHERE ctid >= '({from},0)'::tid AND ctid < '({to},0)'::tid",
+        "SELECT {} FROM {}{}",
         select_list(target),
         target.source(),
+        where_clause(&conditions)
     )
 }
 
@@ -419,6 +433,7 @@ pub enum Locked {
 /// `REPEATABLE READ`, so with `running` the read's snapshot is known ([`Read::running`]).
 pub async fn read_locked(
     client: &Client,
+    publication: &str,
     planned: &Target,
     running: bool,
     query: impl Fn(&Target) -> String,
@@ -429,7 +444,7 @@ pub async fn read_locked(
         planned.relation.table.clone(),
     );
     for _ in 0..3 {
-        let attempt = locked_attempt(client, &name, planned, running, &query).await;
+        let attempt = locked_attempt(client, publication, &name, planned, running, &query).await;
         let end = match &attempt {
             Ok(Some(Locked::Read { .. })) => "COMMIT",
             _ => "ROLLBACK",
@@ -457,6 +472,7 @@ pub async fn read_locked(
 /// dropped).
 async fn locked_attempt(
     client: &Client,
+    publication: &str,
     (schema, table): &(String, String),
     planned: &Target,
     running: bool,
@@ -480,7 +496,7 @@ async fn locked_attempt(
     } else {
         None
     };
-    let Some(fresh) = target(client, schema, table)
+    let Some(fresh) = target(client, publication, schema, table)
         .await?
         .filter(|t| t.relation.oid == planned.relation.oid)
     else {
@@ -1150,6 +1166,7 @@ mod tests {
                 })
                 .collect(),
             partitioned: false,
+            row_filter: None,
         }
     }
 
@@ -1168,6 +1185,44 @@ mod tests {
             r#"WHERE ("id", "sub") IN (('5'::bigint, 'o''k'::text), ('9'::bigint, 'z'::text))"#
         ));
         assert!(pages_query(&t, 3, 8).ends_with("ctid >= '(3,0)'::tid AND ctid < '(8,0)'::tid"));
+    }
+
+    #[test]
+    fn every_chunk_query_reads_only_rows_the_row_filter_passes() {
+        let mut t = target(&[("id", "bigint")]);
+        t.row_filter = Some("(v > 3 AND sub <> 'x')".into());
+        let after = vec!["5".to_owned()];
+        let upper = vec!["9".to_owned()];
+        let filtered = r#"WHERE (v > 3 AND sub <> 'x') AND"#;
+        let plain = chunk_query(&t, Some(&after), Some(&upper), 100, None);
+        assert!(
+            plain.contains(&format!(
+                r#"{filtered} ("id") > ('5'::bigint) AND ("id") <= ('9'::bigint) ORDER BY"#
+            )),
+            "{plain}"
+        );
+        let first = chunk_query(&t, None, None, 100, None);
+        assert!(
+            first.ends_with(
+                r#"FROM ONLY "s"."t" WHERE (v > 3 AND sub <> 'x') ORDER BY "id" LIMIT 100"#
+            ),
+            "{first}"
+        );
+        // Bounded by bytes: the cut sums the sizes of the rows the filter passes only.
+        let bounded = chunk_query(&t, Some(&after), None, 100, Some(4096));
+        assert_eq!(bounded.matches(filtered).count(), 2, "{bounded}");
+        let keys = keys_query(&t, &[after]);
+        assert!(
+            keys.ends_with(&format!(r#"{filtered} ("id") IN (('5'::bigint))"#)),
+            "{keys}"
+        );
+        let pages = pages_query(&t, 3, 8);
+        assert!(
+            pages.ends_with(&format!(
+                "{filtered} ctid >= '(3,0)'::tid AND ctid < '(8,0)'::tid"
+            )),
+            "{pages}"
+        );
     }
 
     #[test]

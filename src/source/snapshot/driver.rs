@@ -169,6 +169,8 @@ struct Shared {
     permits: Arc<Semaphore>,
     batch_rows: u32,
     chunk_bytes: u64,
+    /// The publication: what of each table a chunk reads (its column list and row filter).
+    publication: String,
 }
 
 impl Shared {
@@ -253,6 +255,7 @@ impl Driver {
             permits: Arc::new(Semaphore::new(readers * CHUNKS_IN_FLIGHT_PER_READER)),
             batch_rows: source.snapshot_batch_rows,
             chunk_bytes: source.snapshot_chunk_bytes,
+            publication: source.publication.clone(),
         });
         let mut tables = Tables {
             active: link.active.clone(),
@@ -487,7 +490,7 @@ async fn resume(
     }
     for (name, mut parts) in by_table {
         let (schema, table) = (parts[0].schema.clone(), parts[0].table.clone());
-        let Some(target) = chunk::target(control, &schema, &table)
+        let Some(target) = chunk::target(control, &settings.source.publication, &schema, &table)
             .await
             .map_err(CaptureError::sql("describing a snapshot table"))?
         else {
@@ -628,7 +631,7 @@ async fn plan(
     schema: &str,
     table: &str,
 ) -> Result<(), CaptureError> {
-    let Some(target) = chunk::target(control, schema, table)
+    let Some(target) = chunk::target(control, &settings.source.publication, schema, table)
         .await
         .map_err(CaptureError::sql("describing a snapshot table"))?
     else {
@@ -896,6 +899,7 @@ async fn chunk_between_marks(
     mark(client, shared.run, id, MarkKind::Low).await?;
     let (mut read, read_as, sql) = match chunk::read_locked(
         client,
+        &shared.publication,
         target,
         prune_from.is_some(),
         query,

@@ -157,6 +157,76 @@ pub async fn describe_table(
     .await
 }
 
+/// What a publication sends of one table: PostgreSQL 15's column list and row filter, as
+/// `pg_publication_tables` shows them (with no column list, every column).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Published {
+    /// The columns it sends; `None`: all of them.
+    pub columns: Option<Vec<String>>,
+    /// Its row filter (`WHERE`), as SQL over the table's columns; `None`: every row.
+    pub row_filter: Option<String>,
+}
+
+impl Published {
+    /// Keeps of `relation` the columns the publication sends, as pgoutput's Relation message
+    /// would describe the table.
+    pub fn columns_of(&self, relation: &mut RelationMeta) {
+        if let Some(listed) = &self.columns {
+            relation.columns.retain(|c| listed.contains(&c.name));
+        }
+    }
+
+    /// The row filter as a condition of a snapshot query, parenthesized.
+    pub fn condition(&self) -> Option<String> {
+        self.row_filter.as_ref().map(|f| format!("({f})"))
+    }
+}
+
+/// What `publication` sends of `schema.table` (see [`Published`]); every row and column when
+/// the table is not in it. A snapshot reads only that, so that snapshot rows are the ones the
+/// stream would send: a row outside the filter is neither published nor copied, as in
+/// PostgreSQL's own initial table synchronization, and its later changes never travel.
+pub async fn published_part(
+    client: &Client,
+    publication: &str,
+    schema: &str,
+    table: &str,
+) -> Result<Published, tokio_postgres::Error> {
+    // A FOR ALL TABLES publication has neither (PostgreSQL refuses them there), and the view
+    // would list every table of the database to find this one: one chunk's query is not
+    // worth that.
+    let row = client
+        .query_opt(
+            "SELECT attnames::text[], rowfilter FROM pg_publication_tables
+              WHERE pubname = $1 AND schemaname = $2 AND tablename = $3
+                AND NOT EXISTS (SELECT FROM pg_publication WHERE pubname = $1 AND puballtables)",
+            &[&publication, &schema, &table],
+        )
+        .await?;
+    Ok(row
+        .map(|r| Published {
+            columns: r.get(0),
+            row_filter: r.get(1),
+        })
+        .unwrap_or_default())
+}
+
+/// [`describe_table`] with only the columns `publication` sends (see [`published_part`]), and
+/// its row filter.
+pub async fn describe_published(
+    client: &Client,
+    publication: &str,
+    schema: &str,
+    table: &str,
+) -> Result<Option<(RelationMeta, Published)>, tokio_postgres::Error> {
+    let Some(mut relation) = describe_table(client, schema, table).await? else {
+        return Ok(None);
+    };
+    let published = published_part(client, publication, schema, table).await?;
+    published.columns_of(&mut relation);
+    Ok(Some((relation, published)))
+}
+
 /// [`describe_table`] of the table with this oid, whatever its name is now, named
 /// `schema.table` in what it returns (the name a change decoded late knew it by).
 pub async fn describe_table_by_oid(
@@ -247,6 +317,7 @@ pub fn scan_source(relation: &RelationMeta, partitioned: bool) -> String {
 pub struct TableReader<'a> {
     client: &'a Client,
     relation: Arc<RelationMeta>,
+    row_filter: Option<String>,
     batch_rows: u32,
     opened: bool,
     done: bool,
@@ -255,11 +326,18 @@ pub struct TableReader<'a> {
 const CURSOR: &str = "pgferry_snapshot";
 
 impl<'a> TableReader<'a> {
-    /// Prepares to read `relation` inside the snapshot transaction.
-    pub fn new(client: &'a Client, relation: Arc<RelationMeta>, batch_rows: u32) -> Self {
+    /// Prepares to read `relation` inside the snapshot transaction, only its rows that
+    /// `published`'s row filter passes.
+    pub fn new(
+        client: &'a Client,
+        relation: Arc<RelationMeta>,
+        published: &Published,
+        batch_rows: u32,
+    ) -> Self {
         TableReader {
             client,
             relation,
+            row_filter: published.condition(),
             batch_rows,
             opened: false,
             done: false,
@@ -281,9 +359,13 @@ impl<'a> TableReader<'a> {
             let partitioned = is_partitioned(self.client, self.relation.oid).await?;
             self.client
                 .batch_execute(&format!(
-                    "DECLARE {CURSOR} NO SCROLL CURSOR FOR SELECT {} FROM {}",
+                    "DECLARE {CURSOR} NO SCROLL CURSOR FOR SELECT {} FROM {}{}",
                     columns.join(", "),
-                    scan_source(&self.relation, partitioned)
+                    scan_source(&self.relation, partitioned),
+                    self.row_filter
+                        .as_deref()
+                        .map(|f| format!(" WHERE {f}"))
+                        .unwrap_or_default()
                 ))
                 .await?;
             self.opened = true;
