@@ -4,6 +4,7 @@
 //!
 //! What each role needs, on PostgreSQL 15 and later:
 //! - capture (the `source.url` user): `LOGIN REPLICATION` (the slot and the walsender),
+//!   `BYPASSRLS` (a snapshot reads every row, as the stream sends every row's changes),
 //!   `SELECT` on the published tables (the initial snapshot), and the `pgferry` schema, owned
 //!   by it. The publication is created here by the administrator: `FOR ALL TABLES` needs a
 //!   superuser and `FOR TABLE` the tables' owner, so pgferry never creates it with less.
@@ -104,7 +105,7 @@ fn capture_section(out: &mut String, config: &Config) {
     };
     let role = user(&source.url);
     header(out, &source.url, "capture on the source");
-    create_role(out, role, "LOGIN REPLICATION");
+    create_role(out, role, "LOGIN REPLICATION BYPASSRLS");
     own_schema(out, &source.url, role);
     let publication = quote_ident(&source.publication);
     let target = if source.tables.is_empty() {

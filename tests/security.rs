@@ -1083,6 +1083,105 @@ async fn least_privilege_roles_from_pgferry_roles_capture_and_apply() {
     .await;
 }
 
+/// Row-level security: a policy hides half of `tenants` from a capture role without
+/// `BYPASSRLS`. Its snapshot never copies only the rows the policy shows (before, it copied
+/// those silently while the stream sent every row's changes, and a re-snapshot pruned the
+/// rest from replicas): capture stops, naming the table and what to grant, and the replica
+/// holds none of it. `pgferry roles` grants `BYPASSRLS`; with it, after a restart, every row
+/// arrives.
+#[tokio::test(flavor = "multi_thread")]
+async fn row_level_security_never_thins_a_snapshot() {
+    let cluster = PgCluster::shared();
+    let tables = "CREATE TABLE items (id int PRIMARY KEY, note text NOT NULL);
+                  CREATE TABLE tenants (id int PRIMARY KEY, tenant text NOT NULL, v int);";
+    let (src, source) = cluster.fresh_db("rls_src", tables).await;
+    let (dst, target) = cluster.fresh_db("rls_dst", tables).await;
+    source
+        .batch_execute(
+            "INSERT INTO tenants SELECT g, (ARRAY['x', 'y'])[g % 2 + 1], g FROM generate_series(1, 1000) g;
+             ALTER TABLE tenants ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY only_x ON tenants USING (tenant = 'x');",
+        )
+        .await
+        .unwrap();
+    let cap = format!("cap_{src}");
+    let port = cluster.port;
+    let url = |db: &str| {
+        let user = if db == src { cap.as_str() } else { "postgres" };
+        format!("postgres://{user}@127.0.0.1:{port}/{db}")
+    };
+    let ((capture, cap_port), (apply, app_port)) =
+        pipeline_configs(&url, &src, &dst, &broker().address(), "");
+    let capture = capture.replace(&format!("  password: {PASSWORD}\n"), "");
+    let apply = apply.replace(&format!("      password: {PASSWORD}\n"), "");
+    let path = write_config(&capture);
+    let (ok, script, err) = pgferry(&["roles", "--config", path.to_str().unwrap()]);
+    assert!(ok, "pgferry roles failed: {err}");
+    run_roles_script(cluster, &script).await;
+    let admin = cluster.client("postgres").await;
+    let bypass = |admin: tokio_postgres::Client, cap: String| async move {
+        admin
+            .query_one(
+                "SELECT rolbypassrls FROM pg_roles WHERE rolname = $1",
+                &[&cap],
+            )
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+    };
+    assert!(
+        bypass(cluster.client("postgres").await, cap.clone()).await,
+        "pgferry roles grants BYPASSRLS"
+    );
+    // A role without it (an older script, or a service that does not grant it).
+    admin
+        .batch_execute(&format!("ALTER ROLE {cap} NOBYPASSRLS"))
+        .await
+        .unwrap();
+    let _apply = Ferry::start(&apply, app_port);
+    let mut capture = Ferry::start(&capture, cap_port);
+    let refusal = common::wait_for(
+        "capture to refuse the snapshot",
+        Duration::from_secs(90),
+        || async {
+            capture
+                .log()
+                .lines()
+                .find(|l| l.contains("may not read every row of public.tenants"))
+                .map(str::to_owned)
+        },
+    )
+    .await;
+    assert!(
+        refusal.contains("BYPASSRLS") && refusal.contains("row-level security"),
+        "{refusal}"
+    );
+    let copied: i64 = target
+        .query_one("SELECT count(*) FROM tenants", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(copied, 0, "no part of the table may be copied");
+
+    admin
+        .batch_execute(&format!("ALTER ROLE {cap} BYPASSRLS"))
+        .await
+        .unwrap();
+    capture.kill9();
+    capture.restart();
+    let want = table_checksum(&source, "tenants").await;
+    common::wait_for("every row of tenants", Duration::from_secs(90), || async {
+        (try_table_checksum(&target, "tenants").await.as_ref() == Some(&want)).then_some(())
+    })
+    .await;
+    let rows: i64 = target
+        .query_one("SELECT count(*) FROM tenants", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1000);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn kafka_mutual_tls_with_an_encrypted_client_key() {
     let (ca, dir, cert, key) = broker_ca();

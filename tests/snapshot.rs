@@ -433,6 +433,7 @@ async fn snapshots_on_request_and_of_added_tables_while_streaming() {
         .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let writer = spawn_writer(master.clone(), "items", rows, seed, stop.clone());
+    let since: SystemTime = c.query_one("SELECT now()", &[]).await.unwrap().get(0);
     let out = request_snapshot(&capture, "public.items");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -444,11 +445,30 @@ async fn snapshots_on_request_and_of_added_tables_while_streaming() {
         stdout.contains("requested a snapshot of public.items"),
         "{stdout}"
     );
-    // A second request at once, from SQL (unqualified: public): it runs in full after the
-    // first, which may already have passed rows it should see (before, it was ignored while
-    // the first ran).
+    // More requests at once, from SQL (unqualified: public, and qualified), once the first
+    // is planned: they run in full after it, which may already have passed rows they should
+    // see (before, they were ignored while it ran), and once for all of them (before, once
+    // for each).
+    wait_for(
+        "the requested snapshot's plan",
+        Duration::from_secs(60),
+        || async {
+            let planned: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM pgferry.snapshot_progress
+                  WHERE table_name = 'items' AND started_at >= $1",
+                    &[&since],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (planned > 0).then_some(())
+        },
+    )
+    .await;
     c.execute(
-        "INSERT INTO pgferry.snapshot_requests (table_name) VALUES ('items')",
+        "INSERT INTO pgferry.snapshot_requests (table_name)
+         SELECT (ARRAY['items', 'public.items'])[g % 2 + 1] FROM generate_series(1, 8) g",
         &[],
     )
     .await
@@ -482,6 +502,37 @@ async fn snapshots_on_request_and_of_added_tables_while_streaming() {
     stop.store(true, Ordering::Relaxed);
     writer.await.unwrap();
     wait_equal(&master, &replica, "items", Duration::from_secs(120)).await;
+    wait_for(
+        "every request to be planned",
+        Duration::from_secs(60),
+        || async {
+            let pending: i64 = c
+                .query_one("SELECT count(*) FROM pgferry.snapshot_requests", &[])
+                .await
+                .unwrap()
+                .get(0);
+            (pending == 0).then_some(())
+        },
+    )
+    .await;
+    wait_snapshot_done(
+        &c,
+        &format!("slot_{master}"),
+        ("items", UNIX_EPOCH),
+        Duration::from_secs(120),
+        || capture.log(),
+    )
+    .await;
+    let runs = capture
+        .log()
+        .lines()
+        .filter(|l| l.contains("snapshot of table finished") && l.contains("table=public.items "))
+        .count();
+    assert_eq!(
+        runs, 3,
+        "the first snapshot, the one requested from the command line, and one for the SQL \
+         requests made while it ran"
+    );
     // Two thirds of the re-snapshot's rows were still there: COPY met them and those batches
     // went as upserts (the replica is exact all the same).
     assert!(copies("conflict") >= 1.0, "COPY never met an existing row");

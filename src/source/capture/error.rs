@@ -100,6 +100,22 @@ pub enum CaptureError {
     /// Nothing arrived from the server for too long (not even keepalives).
     #[error("no message from the source for {0:?}; reconnecting")]
     SourceSilent(Duration),
+    /// A snapshot may not read every row of a table: no `SELECT` on it, or a row-level
+    /// security policy that would hide rows from the capture role (snapshot sessions run with
+    /// `row_security = off`, so PostgreSQL refuses the read instead of hiding them).
+    #[error(
+        "the capture role may not read every row of {table}, so its snapshot cannot go on: \
+             grant it SELECT on the table, and BYPASSRLS where the table has row-level security \
+             (ALTER ROLE … BYPASSRLS; `pgferry roles` prints both); a snapshot never copies only \
+             the rows a policy shows, since the stream sends every row's changes"
+    )]
+    SnapshotUnreadable {
+        /// `schema.table`.
+        table: String,
+        /// The server's refusal.
+        #[source]
+        source: tokio_postgres::Error,
+    },
     /// A table changed under its running snapshot in a way a chunk cannot follow.
     #[error("the snapshot of {table} cannot go on: {detail}")]
     SnapshotTableChanged {
@@ -114,6 +130,22 @@ impl CaptureError {
     /// Adapter for `map_err` on SQL calls.
     pub fn sql(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> CaptureError {
         move |source| CaptureError::Sql { context, source }
+    }
+
+    /// A failed read of `table`'s snapshot rows: [`CaptureError::SnapshotUnreadable`] when
+    /// the server refused it for lack of privilege (SQLSTATE 42501), else a SQL error.
+    pub fn snapshot_read(table: &str, source: tokio_postgres::Error) -> CaptureError {
+        if source.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
+            CaptureError::SnapshotUnreadable {
+                table: table.to_owned(),
+                source,
+            }
+        } else {
+            CaptureError::Sql {
+                context: "reading a snapshot chunk",
+                source,
+            }
+        }
     }
 }
 
@@ -130,6 +162,7 @@ impl Classify for CaptureError {
             | CaptureError::Assemble { .. }
             | CaptureError::Poison { .. }
             | CaptureError::SlotMismatch { .. }
+            | CaptureError::SnapshotUnreadable { .. }
             | CaptureError::SlotLost { .. }
             | CaptureError::SlotInvalidated { .. }
             | CaptureError::MissingField(_) => ErrorClass::Fatal,

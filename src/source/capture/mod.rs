@@ -206,6 +206,9 @@ impl Capture {
         let snap = crate::pg::connect(&source.url, &app_name)
             .await
             .map_err(CaptureError::sql("connecting for the snapshot"))?;
+        snap.batch_execute(crate::source::snapshot::driver::ROW_SECURITY_OFF)
+            .await
+            .map_err(CaptureError::sql("setting up the snapshot connection"))?;
         snapshot::begin(&snap, snapshot_name)
             .await
             .map_err(CaptureError::sql("importing the exported snapshot"))?;
@@ -237,7 +240,7 @@ impl Capture {
             while let Some(rows) = reader
                 .next_batch()
                 .await
-                .map_err(CaptureError::sql("reading snapshot rows"))?
+                .map_err(|e| CaptureError::snapshot_read(&relation.qualified_name(), e))?
             {
                 self.publish_snapshot_rows(&mut txn, &relation, consistent, rows, None, None)
                     .await?;

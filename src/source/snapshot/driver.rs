@@ -190,6 +190,14 @@ impl Shared {
     }
 }
 
+/// Sent on every connection that reads snapshot rows. With `row_security` on (the default),
+/// a table's row-level security policy silently hides from a role without `BYPASSRLS` the
+/// rows it does not pass, while the stream sends every row's changes: a snapshot would copy
+/// part of the table, and a re-snapshot would prune the rest from replicas. Off, PostgreSQL
+/// refuses the read instead (as PostgreSQL's documentation advises for replication roles), and
+/// capture stops with [`CaptureError::SnapshotUnreadable`] until the role may read every row.
+pub const ROW_SECURITY_OFF: &str = "SET row_security = off";
+
 /// Everything the driver needs.
 pub struct DriverSettings {
     /// `source:`.
@@ -307,9 +315,12 @@ impl Driver {
                     // wal_writer_delay, 200 ms by default) while the source was otherwise
                     // quiet. Watermarks flush at commit instead (`local`: a synchronous
                     // standby's answer is not needed, and one that is down must not stop the
-                    // snapshot).
+                    // snapshot). Row-level security off: a policy that would hide rows from
+                    // the capture role fails the read (see [`ROW_SECURITY_OFF`]).
                     client
-                        .batch_execute("SET synchronous_commit = local")
+                        .batch_execute(&format!(
+                            "SET synchronous_commit = local; {ROW_SECURITY_OFF}"
+                        ))
                         .await
                         .map_err(CaptureError::sql("setting up a snapshot reader"))?;
                     reader(&client, &shared, &stop).await
@@ -544,8 +555,15 @@ async fn discover(
     metrics: &Metrics,
 ) -> Result<(), CaptureError> {
     let source = &settings.source;
-    // (table, the request that asked for it)
-    let mut wanted: Vec<((String, String), Option<i64>)> = Vec::new();
+    // (table, the requests that asked for it: one plan answers every request made before it)
+    let mut wanted: Vec<((String, String), Vec<i64>)> = Vec::new();
+    let mut want = |table: &(String, String), request: Option<i64>| match wanted
+        .iter_mut()
+        .find(|(t, _)| t == table)
+    {
+        Some((_, ids)) => ids.extend(request),
+        None => wanted.push((table.clone(), request.into_iter().collect())),
+    };
     let requests = chunk::pending_requests(control)
         .await
         .map_err(CaptureError::sql("reading pgferry.snapshot_requests"))?;
@@ -558,7 +576,7 @@ async fn discover(
         let found: Vec<&(String, String)> =
             published.iter().filter(|p| readings.contains(p)).collect();
         match found.as_slice() {
-            [name] => wanted.push(((*name).clone(), Some(id))),
+            [name] => want(name, Some(id)),
             [] => {
                 refused.push(id);
                 tracing::warn!(table = %request,
@@ -593,30 +611,29 @@ async fn discover(
             .map_err(CaptureError::sql("reading pgferry.snapshot_progress"))?;
         for table in published.iter().filter(|t| !known.contains(t)) {
             tracing::info!(table = %format!("{}.{}", table.0, table.1), "table added to the publication; snapshotting it");
-            wanted.push((table.clone(), None));
+            want(table, None);
         }
     }
-    for ((schema, table), request) in wanted {
+    for ((schema, table), requests) in wanted {
         let name = format!("{schema}.{table}");
         if tables.running.contains_key(&name) {
-            // Its run may have passed key ranges a target changed since: the request waits
-            // in the table (durably) and starts once the running one ends.
-            if request.is_some() && tables.waiting.insert(name.clone()) {
+            // Its run may have passed key ranges a target changed since: the requests wait
+            // in the table (durably) and one run starts once the running one ends.
+            if !requests.is_empty() && tables.waiting.insert(name.clone()) {
                 tracing::info!(table = %name, "a snapshot of this table is running; the requested one starts when it ends");
             }
             continue;
         }
-        if request.is_some() {
+        if !requests.is_empty() {
             tables.waiting.remove(&name);
-            tracing::info!(table = %name, "snapshot requested");
+            tracing::info!(table = %name, requests = requests.len(), "snapshot requested");
         }
         plan(control, settings, shared, tables, metrics, &schema, &table).await?;
-        // Planned: its parts are recorded, and a restart resumes them.
-        if let Some(id) = request {
-            chunk::forget_requests(control, &[id])
-                .await
-                .map_err(CaptureError::sql("removing a planned snapshot request"))?;
-        }
+        // Planned: its parts are recorded, and a restart resumes them. The run reads the
+        // whole table after every request so far, so it answers all of them.
+        chunk::forget_requests(control, &requests)
+            .await
+            .map_err(CaptureError::sql("removing planned snapshot requests"))?;
     }
     Ok(())
 }
@@ -905,7 +922,7 @@ async fn chunk_between_marks(
         query,
     )
     .await
-    .map_err(CaptureError::sql("reading a snapshot chunk"))?
+    .map_err(|e| CaptureError::snapshot_read(&target.name(), e))?
     {
         Locked::Read { target, read, sql } => (read, Arc::new(target), sql),
         Locked::Gone => {
