@@ -694,6 +694,11 @@ pub enum DdlOp {
         /// allows no `USING` for it).
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         generated: bool,
+        /// The type before, on the node that made the change (`None` from versions before
+        /// it was recorded): a target whose column has neither type had it changed otherwise
+        /// meanwhile (two nodes retyping one column at once), and the schemas differ.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<String>,
     },
     /// A generated column's expression changed (`ALTER COLUMN … SET EXPRESSION`, PostgreSQL
     /// 17), or was dropped (`DROP EXPRESSION`: a plain column now, keeping its values).
@@ -801,6 +806,7 @@ pub fn diff(message: &TriggerMessage) -> Vec<DdlOp> {
                 name: new.name.clone(),
                 type_name: new.type_name.clone(),
                 generated: new.generated.is_some(),
+                from: Some(old.type_name.clone()),
             });
         }
         if old.not_null != new.not_null {
@@ -1079,6 +1085,20 @@ pub fn on_target(
         DdlOp::AlterColumnType {
             name, type_name, ..
         } if t.type_of(name) == Some(type_name) => OnTarget::Already,
+        // Neither the type it had where the change was made nor the new one: the column was
+        // given another type here meanwhile (on this node, or on a third whose change came
+        // first). Running it would leave the nodes with different types, with no error.
+        DdlOp::AlterColumnType {
+            name,
+            type_name,
+            from: Some(from),
+            ..
+        } if t.type_of(name).is_some_and(|ty| ty != from) => OnTarget::Differs(format!(
+            "column {name} is {} here, and this change retypes it from {from} to {type_name}: \
+             the schemas differ (the column given other types on two nodes at once, or by hand \
+             on the target); make them agree by hand",
+            t.type_of(name).unwrap_or_default()
+        )),
         DdlOp::SetPrimaryKey { add: Some(k), .. } if k.columns.as_slice() == t.key => {
             OnTarget::Already
         }
@@ -1104,6 +1124,7 @@ pub fn to_sql_lenient(schema: &str, table: &str, op: &DdlOp) -> Option<String> {
         name,
         type_name,
         generated: false,
+        ..
     } = op
     else {
         return None;
@@ -1197,6 +1218,7 @@ pub fn to_sql(schema: &str, table: &str, op: &DdlOp) -> String {
             name,
             type_name,
             generated: true,
+            ..
         } => format!(
             "ALTER TABLE {t} ALTER COLUMN {} TYPE {type_name}",
             quote_ident(name)
@@ -1584,6 +1606,7 @@ mod tests {
                         from: name,
                     },
                     3 => DdlOp::AlterColumnType {
+                        from: Some(model.types[i].clone()),
                         name,
                         type_name: other_type,
                         generated: false,
@@ -1696,6 +1719,7 @@ mod tests {
             name: "c".into(),
             type_name: "bigint".into(),
             generated: false,
+            from: Some("integer".into()),
         };
         assert_eq!(on(&widen, Some(Some("w"))), OnTarget::Already);
         assert_eq!(on(&widen, Some(Some("m"))), OnTarget::Apply);
@@ -1706,6 +1730,36 @@ mod tests {
             existing: None,
         };
         assert_eq!(on(&add_m, Some(Some("w"))), OnTarget::Already);
+    }
+
+    /// A type change carries the type it replaced: a column that has neither (given another
+    /// type here meanwhile) makes the schemas differ; one that has the old type takes it, one
+    /// that has the new type has it already; a change without the old type (from an older
+    /// version) runs as before.
+    #[test]
+    fn a_column_retyped_otherwise_here_makes_the_schemas_differ() {
+        let model = Model::new(
+            vec!["id".into(), "c".into()],
+            vec!["integer".into(), "bigint".into()],
+            vec!["id".into()],
+        );
+        let on = |op: &DdlOp| on_target(op, Some(model.shape()), None);
+        let retype = |from: Option<&str>, to: &str| DdlOp::AlterColumnType {
+            name: "c".into(),
+            type_name: to.into(),
+            generated: false,
+            from: from.map(Into::into),
+        };
+        match on(&retype(Some("integer"), "text")) {
+            OnTarget::Differs(why) => assert!(
+                why.contains("column c is bigint here") && why.contains("from integer to text"),
+                "{why}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(on(&retype(Some("bigint"), "text")), OnTarget::Apply);
+        assert_eq!(on(&retype(Some("integer"), "bigint")), OnTarget::Already);
+        assert_eq!(on(&retype(None, "text")), OnTarget::Apply);
     }
 
     /// A new table whose name a target already uses: already made when the target's table
@@ -1986,7 +2040,8 @@ mod tests {
                 DdlOp::AlterColumnType {
                     name: "a2".into(),
                     type_name: "bigint".into(),
-                    generated: false
+                    generated: false,
+                    from: Some("integer".into()),
                 },
                 DdlOp::SetNotNull {
                     name: "c".into(),
@@ -2076,7 +2131,8 @@ mod tests {
                 &DdlOp::AlterColumnType {
                     name: "we\"ird".into(),
                     type_name: "bigint".into(),
-                    generated: false
+                    generated: false,
+                    from: None,
                 }
             ),
             r#"ALTER TABLE "s"."t" ALTER COLUMN "we""ird" TYPE bigint USING "we""ird"::bigint"#

@@ -3709,3 +3709,49 @@ async fn a_type_missing_on_peers_parks_the_table_until_created() {
         has(c, "mood", "mood").await;
     }
 }
+
+/// One column given other types on two multi-master nodes while they were apart (`bigint` on
+/// one, `text` on the other): no global DDL lock orders them, so each node would run the
+/// other's change on top of its own and the nodes would end with different types, with no
+/// error. Each change carries the type it replaced: a node whose column has neither that
+/// type nor the new one refuses it, parking the table with a dead letter that names both,
+/// on every node that received a change it cannot follow (the third node takes the first
+/// that reaches it and refuses the other).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_column_retyped_otherwise_on_two_nodes_apart_is_refused() {
+    let ddl = format!("{KV_DDL}; ALTER TABLE kv ADD COLUMN c int");
+    let (mut nodes, clients) = three_nodes("mmretype", &ddl).await;
+    fill_kv(&clients, 20).await;
+    for node in nodes.iter_mut() {
+        node.ferry.kill9();
+    }
+    run_step(&clients[0], "ALTER TABLE kv ALTER COLUMN c TYPE bigint").await;
+    run_step(&clients[1], "ALTER TABLE kv ALTER COLUMN c TYPE text").await;
+    for node in nodes.iter_mut() {
+        node.ferry.restart();
+    }
+    let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+    for (i, c) in clients.iter().enumerate() {
+        let letter = common::wait_for(
+            &format!("{} to refuse a retype it cannot follow", names[i]),
+            Duration::from_secs(90),
+            || async {
+                letters(c)
+                    .await
+                    .into_iter()
+                    .find(|l| l.contains("the schemas differ"))
+            },
+        )
+        .await;
+        let other = [
+            "from integer to text",
+            "from integer to bigint",
+            "from integer to",
+        ][i];
+        assert!(
+            letter.contains("column c is") && letter.contains(other),
+            "{}: {letter}",
+            names[i]
+        );
+    }
+}
