@@ -1244,6 +1244,25 @@ impl Worker {
             )
         });
         if !creates_or_drops && !self.announced.contains(&qualified) {
+            // A table that left the publication by a move (`SET SCHEMA` out of a `FOR TABLES
+            // IN SCHEMA` one, whose change never travelled) and comes back by the reverse
+            // move: the target still holds it where it returns to, so the move is made
+            // (capture snapshots the table again, as one published again).
+            let back = match ddl.ops.as_slice() {
+                [crate::ddl::DdlOp::SetSchema { to }] => Some(format!("{to}.{}", ddl.table)),
+                [crate::ddl::DdlOp::RenameTable { to }] => Some(format!("{}.{to}", ddl.schema)),
+                _ => None,
+            };
+            if let Some(back) = back.filter(|b| self.announced.contains(b)) {
+                tracing::info!(table = %qualified, to = %back,
+                    "a table moved back to where this target holds it (its move away never \
+                     travelled: the table had left the publication); nothing to do");
+                self.metrics
+                    .schema_changes_applied
+                    .with_label_values(&[&back, "already"])
+                    .inc();
+                return Ok(());
+            }
             let reason =
                 format!("schema change of {qualified}, a table this node stream never announced");
             return self.bad_message(client, message, &reason).await;
