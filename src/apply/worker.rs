@@ -166,6 +166,13 @@ struct Worker {
     dead_letter_topic: String,
     /// Target tables by `schema.table` (only those that exist on the target).
     tables: HashMap<String, Arc<TargetTable>>,
+    /// Where a column a change carries, missing from a target table, went (renamed: `Some`,
+    /// dropped: `None`; from `pgferry.ddl_history`), by `(schema.table, column)`, with the
+    /// table's columns it was found for: while they are the same, later changes written
+    /// under the old column follow it without describing the table and reading the history
+    /// again (each such change cost both, and a node's rows written before it learnt of a
+    /// drop or rename applied 30 to 90 times slower than others).
+    follows: HashMap<(String, String), (Vec<String>, Option<String>)>,
     /// Tables this node's stream has announced (`pgferry.stream_tables`): the only ones its
     /// changes may write ([`super::admit`]).
     announced: HashSet<String>,
@@ -399,6 +406,7 @@ async fn open(
         dead_letters,
         dead_letter_topic,
         tables: HashMap::new(),
+        follows: HashMap::new(),
         announced,
         announcing: Vec::new(),
         counters: HashMap::new(),
@@ -1943,6 +1951,28 @@ impl Worker {
             return Ok(None);
         };
         if change.column_names().any(|c| !table.columns.contains(c)) {
+            // Columns this table's changes were found to follow before, while the table has
+            // the columns it had then.
+            let missing: Vec<String> = change
+                .column_names()
+                .filter(|c| !table.columns.contains(c))
+                .cloned()
+                .collect();
+            let known: Option<Vec<Option<String>>> = missing
+                .iter()
+                .map(|c| {
+                    self.follows
+                        .get(&(qualified.to_owned(), c.clone()))
+                        .filter(|(columns, _)| *columns == table.columns)
+                        .map(|(_, to)| to.clone())
+                })
+                .collect();
+            if let Some(known) = known {
+                for (column, to) in missing.iter().zip(known) {
+                    change.follow_column(column, to.as_deref());
+                }
+                return Ok(Some(table));
+            }
             // The source may have gained a column, or a column was renamed or dropped here
             // after the change was written (`pgferry.ddl_history`). A rename committing while
             // this looks may show in one of the table and the history and not yet in the
@@ -1973,6 +2003,10 @@ impl Worker {
                                 .is_none_or(|t| table.columns.iter().any(|c| c == t)) =>
                         {
                             change.follow_column(&column, to.as_deref());
+                            self.follows.insert(
+                                (qualified.to_owned(), column.clone()),
+                                (table.columns.clone(), to.clone()),
+                            );
                         }
                         _ => {
                             unresolved = Some(column);
