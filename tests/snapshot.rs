@@ -1915,8 +1915,11 @@ async fn wait_published_rows(
 /// synchronization gives. A writer meanwhile updates, deletes and inserts rows, and moves rows
 /// into and out of the filter (the stream then sends a move out as a delete). After the
 /// filter is narrowed, a re-snapshot makes the replica match it again (the rows it no longer
-/// passes are pruned). Before, snapshots read whole tables: the replica kept rows outside the
-/// filter, never updated again, and the unlisted columns' source values. Random writes.
+/// passes are pruned). The replica's tables have a column of their own too, which no change
+/// carries. Before, snapshots read whole tables: the replica kept rows outside the filter,
+/// never updated again, and the unlisted columns' source values; and a row updated in its
+/// chunk's window was lost (the update, not carrying every column of the replica's table,
+/// went as an UPDATE of a row not there yet). Random writes.
 #[tokio::test(flavor = "multi_thread")]
 async fn publication_row_filters_and_column_lists_shape_the_snapshot() {
     let pg = PgCluster::shared();
@@ -1925,18 +1928,22 @@ async fn publication_row_filters_and_column_lists_shape_the_snapshot() {
     eprintln!("SNAPSHOT_SEED={seed}");
     let regions = "ARRAY['eu', 'us', 'apac', 'latam']";
     for mode in ["initial", "exported"] {
-        let ddl = |secret: &str| {
+        // The replica's tables also have a column of their own, which no change carries.
+        let ddl = |secret: &str, own: &str| {
             format!(
-                "CREATE TABLE orders (region text, id int, v int, secret text{secret},
+                "CREATE TABLE orders (region text, id int, v int, secret text{secret}{own},
                                       PRIMARY KEY (region, id));
-                 CREATE TABLE items (id int PRIMARY KEY, v int, secret text{secret});
+                 CREATE TABLE items (id int PRIMARY KEY, v int, secret text{secret}{own});
                  CREATE TABLE logs (a int, b text);
                  ALTER TABLE logs REPLICA IDENTITY FULL;"
             )
         };
-        let (master, c) = pg.fresh_db("pubfilter", &ddl("")).await;
+        let (master, c) = pg.fresh_db("pubfilter", &ddl("", "")).await;
         let (replica, r) = pg
-            .fresh_db("pubfilter_r", &ddl(" DEFAULT 'unlisted'"))
+            .fresh_db(
+                "pubfilter_r",
+                &ddl(" DEFAULT 'unlisted'", ", own int NOT NULL DEFAULT 42"),
+            )
             .await;
         c.batch_execute(&format!(
             "INSERT INTO orders SELECT ({regions})[g % 4 + 1], g, g, 'secret' FROM generate_series(1, {rows}) g;
@@ -2051,11 +2058,14 @@ async fn publication_row_filters_and_column_lists_shape_the_snapshot() {
             )
             .await;
         }
-        // The unlisted column was never sent: every replica row has its DEFAULT.
+        // The unlisted column was never sent, nor the replica's own: every replica row has
+        // their DEFAULTs.
         for table in ["orders", "items"] {
             let sent: i64 = r
                 .query_one(
-                    &format!("SELECT count(*) FROM {table} WHERE secret <> 'unlisted'"),
+                    &format!(
+                        "SELECT count(*) FROM {table} WHERE secret <> 'unlisted' OR own <> 42"
+                    ),
                     &[],
                 )
                 .await
