@@ -157,7 +157,7 @@ impl ApplyError {
     /// ([`crate::apply::multimaster::SHAPE_CHANGED`]): most likely the worker's cached table
     /// shapes predate a schema change made by another session (a user, or the worker applying
     /// another node's stream to the same target). The caller replays
-    /// the transaction with shapes described again (a few times from one position: schema
+    /// the transaction with shapes described again (for a while from one position: schema
     /// changes may come one after another); past that, the error is a real one.
     pub fn is_stale_shape(&self) -> bool {
         let ApplyError::Sql { source, .. } = self else {

@@ -554,9 +554,12 @@ pub async fn run(
     worker.health.set_ready(&worker.component, true);
     let mut assigned = true;
     // Replays for stale table shapes from one committed offset: schema changes may come one
-    // after another (each replay can meet the next), but past a few the error is a real one.
-    const STALE_REPLAYS: u32 = 5;
-    let mut stale_replays: (i64, u32) = (-1, 0);
+    // after another (each replay can meet the next: on a multi-master node, other workers
+    // and local sessions change the same tables), but one that keeps failing for this long
+    // is a real error. (Five replays, about a second, were too few under a steady stream of
+    // schema changes: the stage stopped as needing an operator, for a minute.)
+    const STALE_REPLAY_WINDOW: Duration = Duration::from_secs(30);
+    let mut stale_replays: (i64, Option<std::time::Instant>) = (-1, None);
     let result = loop {
         let mut framer = Framer::new(worker.committed.commit_lsn);
         if !std::mem::take(&mut assigned) {
@@ -602,7 +605,9 @@ pub async fn run(
             Err(e)
                 if e.is_stale_shape()
                     && (stale_replays.0 != worker.committed.next_offset
-                        || stale_replays.1 < STALE_REPLAYS) =>
+                        || stale_replays
+                            .1
+                            .is_none_or(|first| first.elapsed() < STALE_REPLAY_WINDOW)) =>
             {
                 tracing::info!(node = %worker.settings.node, error = %ErrorChain(&e),
                                "a table changed since this worker described it (a schema \
@@ -611,7 +616,11 @@ pub async fn run(
                 let again = stale_replays.0 == worker.committed.next_offset;
                 stale_replays = (
                     worker.committed.next_offset,
-                    if again { stale_replays.1 + 1 } else { 1 },
+                    if again {
+                        stale_replays.1
+                    } else {
+                        Some(std::time::Instant::now())
+                    },
                 );
                 // Rolling back forgets every table shape and prepared statement.
                 worker.rollback(&client, &mut InFlight::default()).await?;
