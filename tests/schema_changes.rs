@@ -3755,3 +3755,55 @@ async fn a_column_retyped_otherwise_on_two_nodes_apart_is_refused() {
         );
     }
 }
+
+/// One column added on two multi-master nodes while they were apart, with the same type and
+/// other DEFAULTs (1 on one, 2 on the other): each node's existing rows got its own value, so
+/// taking the other's ADD as made (same name, same type) left the nodes' rows apart for good,
+/// with no error. A node whose record of what its rows got (`pgferry.added_columns`) differs
+/// from what the change's rows got refuses it, parking the table with a dead letter that
+/// names both values; the third node applies the first ADD that reaches it and refuses the
+/// other. (The same ADD made on nodes apart is still taken as made:
+/// `the_same_changes_made_on_nodes_apart_apply_once`.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_column_added_with_other_defaults_on_two_nodes_apart_is_refused() {
+    let (mut nodes, clients) = three_nodes("mmadddef", KV_DDL).await;
+    fill_kv(&clients, 20).await;
+    for node in nodes.iter_mut() {
+        node.ferry.kill9();
+    }
+    run_step(
+        &clients[0],
+        "ALTER TABLE kv ADD COLUMN d int NOT NULL DEFAULT 1",
+    )
+    .await;
+    run_step(
+        &clients[1],
+        "ALTER TABLE kv ADD COLUMN d int NOT NULL DEFAULT 2",
+    )
+    .await;
+    for node in nodes.iter_mut() {
+        node.ferry.restart();
+    }
+    let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+    for (i, c) in clients.iter().enumerate() {
+        let letter = common::wait_for(
+            &format!("{} to refuse an ADD its rows disagree with", names[i]),
+            Duration::from_secs(90),
+            || async {
+                letters(c)
+                    .await
+                    .into_iter()
+                    .find(|l| l.contains("the schemas differ"))
+            },
+        )
+        .await;
+        let (mine, theirs) = [("1", "2"), ("2", "1"), ("", "")][i];
+        assert!(
+            letter.contains("column d exists here")
+                && letter.contains(&format!("existing rows got {mine}"))
+                && letter.contains(&format!("giving them {theirs}")),
+            "{}: {letter}",
+            names[i]
+        );
+    }
+}

@@ -650,6 +650,71 @@ pub async fn table_fate(
     Ok(fate)
 }
 
+/// For an `ADD COLUMN` the target already has, with the same type: whether this target's
+/// existing rows got another value when it added the column than the change's node's rows
+/// did (its DDL capture's record, [`TargetTable::added`], against the change's `existing`
+/// value, its constant DEFAULT, or NULL without one). `Some(why)`: they did, so the column
+/// was added on two nodes at once with other DEFAULTs, and taking the change as made would
+/// leave the nodes' rows apart. `None` when they agree or nothing tells (no record here, a
+/// DEFAULT not copied, a type without equality). Values are compared as values of the type,
+/// not as text, inside a savepoint of their own.
+pub async fn added_otherwise(
+    client: &Client,
+    table: &TargetTable,
+    column: &crate::ddl::DdlColumn,
+    existing: Option<&crate::ddl::Existing>,
+) -> Result<Option<String>, tokio_postgres::Error> {
+    let Some((_, here)) = table.added.iter().find(|(c, _)| *c == column.name) else {
+        return Ok(None);
+    };
+    let ty = &column.type_name;
+    let (theirs, value, shown) = match (existing, &column.default) {
+        (Some(crate::ddl::Existing::PerRow), _) => return Ok(None),
+        (Some(crate::ddl::Existing::Value(v)), _) => (
+            format!("($2::text)::{ty}"),
+            v.clone(),
+            v.clone().unwrap_or_else(|| "NULL".into()),
+        ),
+        (None, None) => (format!("NULL::{ty}"), None, "NULL".into()),
+        (None, Some(expr)) if crate::ddl::is_constant_default(expr) => {
+            (format!("({expr})::{ty}"), None, expr.clone())
+        }
+        (None, Some(_)) => return Ok(None),
+    };
+    let sql = format!("SELECT ($1::text)::{ty} IS NOT DISTINCT FROM {theirs}");
+    client.batch_execute("SAVEPOINT pgferry_added").await?;
+    let same = if existing.is_some() {
+        client.query_one(&sql, &[here, &value]).await
+    } else {
+        client.query_one(&sql, &[here]).await
+    };
+    let same = match same {
+        Ok(row) => {
+            client
+                .batch_execute("RELEASE SAVEPOINT pgferry_added")
+                .await?;
+            row.get::<_, bool>(0)
+        }
+        Err(_) => {
+            client
+                .batch_execute(
+                    "ROLLBACK TO SAVEPOINT pgferry_added; RELEASE SAVEPOINT pgferry_added",
+                )
+                .await?;
+            true
+        }
+    };
+    Ok((!same).then(|| {
+        format!(
+            "column {} exists here, and its existing rows got {} when it was added; this change \
+             added it giving them {shown}: the schemas differ (the column added on two nodes at \
+             once with other DEFAULTs, or by hand on the target); make them agree by hand",
+            column.name,
+            here.as_deref().unwrap_or("NULL")
+        )
+    }))
+}
+
 /// Renames and drops of `schema.table`'s columns recorded here, by old name, with their
 /// origins (empty when none were recorded).
 pub async fn column_moves(

@@ -1396,6 +1396,19 @@ impl Worker {
                     };
                     let present =
                         crate::ddl::on_target(op, shape, moved.as_ref().map(Option::as_deref));
+                    // The same column, made here too: by the same ADD, or by another one that
+                    // gave existing rows another value (two nodes at once).
+                    let differs = match (&present, op, &described) {
+                        (
+                            crate::ddl::OnTarget::Already,
+                            crate::ddl::DdlOp::AddColumn { column, existing },
+                            Some(t),
+                        ) if t.columns.contains(&column.name) => {
+                            target::added_otherwise(client, t, column, existing.as_ref()).await?
+                        }
+                        _ => None,
+                    };
+                    let present = differs.map_or(present, crate::ddl::OnTarget::Differs);
                     if present == crate::ddl::OnTarget::Apply {
                         // Under the source session's settings, then the worker's own again
                         // (a refused statement's savepoint undoes them by itself).
