@@ -3710,48 +3710,63 @@ async fn a_type_missing_on_peers_parks_the_table_until_created() {
     }
 }
 
-/// One column given other types on two multi-master nodes while they were apart (`bigint` on
-/// one, `text` on the other): no global DDL lock orders them, so each node would run the
-/// other's change on top of its own and the nodes would end with different types, with no
-/// error. Each change carries the type it replaced: a node whose column has neither that
-/// type nor the new one refuses it, parking the table with a dead letter that names both,
-/// on every node that received a change it cannot follow (the third node takes the first
-/// that reaches it and refuses the other).
-#[tokio::test(flavor = "multi_thread")]
-async fn a_column_retyped_otherwise_on_two_nodes_apart_is_refused() {
-    let ddl = format!("{KV_DDL}; ALTER TABLE kv ADD COLUMN c int");
-    let (mut nodes, clients) = three_nodes("mmretype", &ddl).await;
+/// Schema changes of one column made on two multi-master nodes while they were apart,
+/// `first` on the first node and `second` on the second, that would leave the nodes apart if
+/// both ran: every node refuses the one it cannot follow (the third takes the first that
+/// reaches it and refuses the other), parking the table with a dead letter that says the
+/// schemas differ. Returns each node's letter.
+async fn each_node_refuses_one(label: &str, ddl: &str, first: &str, second: &str) -> Vec<String> {
+    let (mut nodes, clients) = three_nodes(label, ddl).await;
     fill_kv(&clients, 20).await;
     for node in nodes.iter_mut() {
         node.ferry.kill9();
     }
-    run_step(&clients[0], "ALTER TABLE kv ALTER COLUMN c TYPE bigint").await;
-    run_step(&clients[1], "ALTER TABLE kv ALTER COLUMN c TYPE text").await;
+    run_step(&clients[0], first).await;
+    run_step(&clients[1], second).await;
     for node in nodes.iter_mut() {
         node.ferry.restart();
     }
-    let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
-    for (i, c) in clients.iter().enumerate() {
-        let letter = common::wait_for(
-            &format!("{} to refuse a retype it cannot follow", names[i]),
-            Duration::from_secs(90),
-            || async {
-                letters(c)
-                    .await
-                    .into_iter()
-                    .find(|l| l.contains("the schemas differ"))
-            },
-        )
-        .await;
-        let other = [
-            "from integer to text",
-            "from integer to bigint",
-            "from integer to",
-        ][i];
+    let mut refused = Vec::new();
+    for (node, c) in nodes.iter().zip(&clients) {
+        refused.push(
+            common::wait_for(
+                &format!("{} to refuse a change it cannot follow", node.name),
+                Duration::from_secs(90),
+                || async {
+                    letters(c)
+                        .await
+                        .into_iter()
+                        .find(|l| l.contains("the schemas differ"))
+                },
+            )
+            .await,
+        );
+    }
+    refused
+}
+
+/// One column given other types on two multi-master nodes while they were apart (`bigint` on
+/// one, `text` on the other): no global DDL lock orders them, so each node would run the
+/// other's change on top of its own and the nodes would end with different types, with no
+/// error. Each change carries the type it replaced: a node whose column has neither that
+/// type nor the new one refuses it, naming both.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_column_retyped_otherwise_on_two_nodes_apart_is_refused() {
+    let letters = each_node_refuses_one(
+        "mmretype",
+        &format!("{KV_DDL}; ALTER TABLE kv ADD COLUMN c int"),
+        "ALTER TABLE kv ALTER COLUMN c TYPE bigint",
+        "ALTER TABLE kv ALTER COLUMN c TYPE text",
+    )
+    .await;
+    for (letter, other) in letters.iter().zip([
+        "from integer to text",
+        "from integer to bigint",
+        "from integer to",
+    ]) {
         assert!(
             letter.contains("column c is") && letter.contains(other),
-            "{}: {letter}",
-            names[i]
+            "{letter}"
         );
     }
 }
@@ -3760,50 +3775,23 @@ async fn a_column_retyped_otherwise_on_two_nodes_apart_is_refused() {
 /// other DEFAULTs (1 on one, 2 on the other): each node's existing rows got its own value, so
 /// taking the other's ADD as made (same name, same type) left the nodes' rows apart for good,
 /// with no error. A node whose record of what its rows got (`pgferry.added_columns`) differs
-/// from what the change's rows got refuses it, parking the table with a dead letter that
-/// names both values; the third node applies the first ADD that reaches it and refuses the
-/// other. (The same ADD made on nodes apart is still taken as made:
-/// `the_same_changes_made_on_nodes_apart_apply_once`.)
+/// from what the change's rows got refuses it, naming both values. (The same ADD made on
+/// nodes apart is still taken as made: `the_same_changes_made_on_nodes_apart_apply_once`.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_column_added_with_other_defaults_on_two_nodes_apart_is_refused() {
-    let (mut nodes, clients) = three_nodes("mmadddef", KV_DDL).await;
-    fill_kv(&clients, 20).await;
-    for node in nodes.iter_mut() {
-        node.ferry.kill9();
-    }
-    run_step(
-        &clients[0],
+    let letters = each_node_refuses_one(
+        "mmadddef",
+        KV_DDL,
         "ALTER TABLE kv ADD COLUMN d int NOT NULL DEFAULT 1",
-    )
-    .await;
-    run_step(
-        &clients[1],
         "ALTER TABLE kv ADD COLUMN d int NOT NULL DEFAULT 2",
     )
     .await;
-    for node in nodes.iter_mut() {
-        node.ferry.restart();
-    }
-    let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
-    for (i, c) in clients.iter().enumerate() {
-        let letter = common::wait_for(
-            &format!("{} to refuse an ADD its rows disagree with", names[i]),
-            Duration::from_secs(90),
-            || async {
-                letters(c)
-                    .await
-                    .into_iter()
-                    .find(|l| l.contains("the schemas differ"))
-            },
-        )
-        .await;
-        let (mine, theirs) = [("1", "2"), ("2", "1"), ("", "")][i];
+    for (letter, (mine, theirs)) in letters.iter().zip([("1", "2"), ("2", "1"), ("", "")]) {
         assert!(
             letter.contains("column d exists here")
                 && letter.contains(&format!("existing rows got {mine}"))
                 && letter.contains(&format!("giving them {theirs}")),
-            "{}: {letter}",
-            names[i]
+            "{letter}"
         );
     }
 }
