@@ -206,7 +206,7 @@ impl Capture {
         let snap = crate::pg::connect(&source.url, &app_name)
             .await
             .map_err(CaptureError::sql("connecting for the snapshot"))?;
-        snap.batch_execute(crate::source::snapshot::driver::ROW_SECURITY_OFF)
+        snap.batch_execute(snapshot::ROW_SECURITY_OFF)
             .await
             .map_err(CaptureError::sql("setting up the snapshot connection"))?;
         snapshot::begin(&snap, snapshot_name)

@@ -238,7 +238,7 @@ pub fn chunk_query(
     bytes: Option<u64>,
 ) -> String {
     let key = key_tuple(target);
-    let mut conditions: Vec<String> = target.row_filter.iter().cloned().collect();
+    let mut conditions = filtered(target);
     if let Some(after) = after {
         conditions.push(format!("{key} > {}", key_literal(target, after)));
     }
@@ -269,6 +269,12 @@ pub fn chunk_query(
         select_list(target),
         where_clause(&conditions),
     )
+}
+
+/// The first condition of every query that reads a table's rows: the publication's row
+/// filter, where it has one.
+fn filtered(target: &Target) -> Vec<String> {
+    target.row_filter.iter().cloned().collect()
 }
 
 /// ` WHERE a AND b`, or nothing for no condition.
@@ -325,7 +331,7 @@ pub async fn average_row_bytes(client: &Client, oid: u32) -> Result<f64, tokio_p
 /// The rows of the given keys (a re-read).
 pub fn keys_query(target: &Target, keys: &[Vec<String>]) -> String {
     let lists: Vec<String> = keys.iter().map(|k| key_literal(target, k)).collect();
-    let mut conditions: Vec<String> = target.row_filter.iter().cloned().collect();
+    let mut conditions = filtered(target);
     conditions.push(format!("{} IN ({})", key_tuple(target), lists.join(", ")));
     format!(
         "SELECT {} FROM {}{}",
@@ -337,7 +343,7 @@ pub fn keys_query(target: &Target, keys: &[Vec<String>]) -> String {
 
 /// The rows of heap pages `[from, to)` (a table without a key).
 pub fn pages_query(target: &Target, from: u64, to: u64) -> String {
-    let mut conditions: Vec<String> = target.row_filter.iter().cloned().collect();
+    let mut conditions = filtered(target);
     conditions.push(format!(
         "ctid >= '({from},0)'::tid AND ctid < '({to},0)'::tid"
     ));

@@ -190,14 +190,6 @@ impl Shared {
     }
 }
 
-/// Sent on every connection that reads snapshot rows. With `row_security` on (the default),
-/// a table's row-level security policy silently hides from a role without `BYPASSRLS` the
-/// rows it does not pass, while the stream sends every row's changes: a snapshot would copy
-/// part of the table, and a re-snapshot would prune the rest from replicas. Off, PostgreSQL
-/// refuses the read instead (as PostgreSQL's documentation advises for replication roles), and
-/// capture stops with [`CaptureError::SnapshotUnreadable`] until the role may read every row.
-pub const ROW_SECURITY_OFF: &str = "SET row_security = off";
-
 /// Everything the driver needs.
 pub struct DriverSettings {
     /// `source:`.
@@ -316,10 +308,11 @@ impl Driver {
                     // quiet. Watermarks flush at commit instead (`local`: a synchronous
                     // standby's answer is not needed, and one that is down must not stop the
                     // snapshot). Row-level security off: a policy that would hide rows from
-                    // the capture role fails the read (see [`ROW_SECURITY_OFF`]).
+                    // the capture role fails the read (see [`super::ROW_SECURITY_OFF`]).
                     client
                         .batch_execute(&format!(
-                            "SET synchronous_commit = local; {ROW_SECURITY_OFF}"
+                            "SET synchronous_commit = local; {}",
+                            super::ROW_SECURITY_OFF
                         ))
                         .await
                         .map_err(CaptureError::sql("setting up a snapshot reader"))?;

@@ -157,6 +157,14 @@ pub async fn describe_table(
     .await
 }
 
+/// Sent on every connection that reads snapshot rows. With `row_security` on (the default),
+/// a table's row-level security policy silently hides from a role without `BYPASSRLS` the
+/// rows it does not pass, while the stream sends every row's changes: a snapshot would copy
+/// part of the table, and a re-snapshot would prune the rest from replicas. Off, PostgreSQL
+/// refuses the read instead (as PostgreSQL's documentation advises for replication roles), and
+/// capture stops with [`crate::source::capture::CaptureError::SnapshotUnreadable`] until the role may read every row.
+pub const ROW_SECURITY_OFF: &str = "SET row_security = off";
+
 /// What a publication sends of one table: PostgreSQL 15's column list and row filter, as
 /// `pg_publication_tables` shows them (with no column list, every column).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -170,7 +178,7 @@ pub struct Published {
 impl Published {
     /// Keeps of `relation` the columns the publication sends, as pgoutput's Relation message
     /// would describe the table.
-    pub fn columns_of(&self, relation: &mut RelationMeta) {
+    fn columns_of(&self, relation: &mut RelationMeta) {
         if let Some(listed) = &self.columns {
             relation.columns.retain(|c| listed.contains(&c.name));
         }
@@ -186,7 +194,7 @@ impl Published {
 /// the table is not in it. A snapshot reads only that, so that snapshot rows are the ones the
 /// stream would send: a row outside the filter is neither published nor copied, as in
 /// PostgreSQL's own initial table synchronization, and its later changes never travel.
-pub async fn published_part(
+async fn published_part(
     client: &Client,
     publication: &str,
     schema: &str,
@@ -211,8 +219,9 @@ pub async fn published_part(
         .unwrap_or_default())
 }
 
-/// [`describe_table`] with only the columns `publication` sends (see [`published_part`]), and
-/// its row filter.
+/// [`describe_table`] with only the columns `publication` sends, and its row filter (see
+/// [`Published`]; every row and column of a table the publication does not hold). A snapshot
+/// reads only that, so that snapshot rows are the ones the stream would send.
 pub async fn describe_published(
     client: &Client,
     publication: &str,
