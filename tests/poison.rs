@@ -67,6 +67,23 @@ async fn wait_equal(master: &Client, replica: &Client, table: &str, timeout: Dur
     .await;
 }
 
+/// Waits for row `id` of `items` on the replica: the last one written.
+async fn wait_item(replica: &Client, id: i32) {
+    common::wait_for(
+        &format!("item {id} on the replica"),
+        Duration::from_secs(90),
+        || async {
+            let n: i64 = replica
+                .query_one("SELECT count(*) FROM items WHERE id = $1", &[&id])
+                .await
+                .ok()?
+                .get(0);
+            (n == 1).then_some(())
+        },
+    )
+    .await;
+}
+
 /// Acceptance 2: a 16 MB row (text, and bytea whose base64 is 21 MB) replicates with the
 /// default `kafka.max_message_bytes`; with a small configured limit, a row over it is
 /// dead-lettered (with its position and size), a later row still arrives, the replica marks
@@ -257,19 +274,7 @@ async fn rejected_changes_are_dead_lettered_then_replayed() {
         m.execute("INSERT INTO items VALUES ($1, 1)", &[&id])
             .await
             .unwrap();
-        common::wait_for(
-            "the last row on the replica",
-            Duration::from_secs(90),
-            || async {
-                let n: i64 = r
-                    .query_one("SELECT count(*) FROM items WHERE id = $1", &[&id])
-                    .await
-                    .ok()?
-                    .get(0);
-                (n == 1).then_some(())
-            },
-        )
-        .await;
+        wait_item(&r, id).await;
         let accepted: i64 = m
             .query_one("SELECT count(*) FROM items WHERE v < 100", &[])
             .await
@@ -360,6 +365,92 @@ async fn rejected_changes_are_dead_lettered_then_replayed() {
     }
 }
 
+/// A replay never undoes a later change of its row. A row whose change the target rejected
+/// stays behind its dead letter: a later change that sets the row whole or deletes it
+/// supersedes the letter, one that leaves a TOASTed value unsent is held behind it (a letter
+/// too), and a replay applies a row's letters in order, none past one that fails again.
+/// Random inserts, updates (some leaving a large value unsent) and deletes, some rejected by
+/// a CHECK only the replica has; a replay while the CHECK is still there, then one after it
+/// is dropped: the replica equals the master.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replayed_letter_never_undoes_a_later_change_of_its_row() {
+    for seed in [1u64, 2, 3] {
+        let pg = PgCluster::shared();
+        let ddl = "CREATE TABLE items (id int PRIMARY KEY, v int, w text);";
+        let (master, m) = pg
+            .fresh_db(
+                &format!("undo{seed}_m"),
+                &format!("{ddl} ALTER TABLE items ALTER COLUMN w SET STORAGE EXTERNAL;"),
+            )
+            .await;
+        let (replica, r) = pg
+            .fresh_db(
+                &format!("undo{seed}_r"),
+                &format!("{ddl} ALTER TABLE items ADD CONSTRAINT small CHECK (v < 100);"),
+            )
+            .await;
+        let cap = capture(pg, &master, "", "");
+        cap.wait_ready().await;
+        let mut rng = common::Rng::new(seed);
+        let batch = format!("  batch_max_changes: {}\n", rng.range(2, 200));
+        let apply = applier(&master, &replica, &batch, "");
+        let ids = rng.range(20, 60);
+        let value = |rng: &mut common::Rng| {
+            if rng.chance(0.25) {
+                rng.range(100, 130)
+            } else {
+                rng.range(0, 100)
+            }
+        };
+        for _ in 0..rng.range(20, 60) {
+            let mut sql = String::from("BEGIN;");
+            for _ in 0..rng.range(1, 6) {
+                let id = rng.range(1, ids);
+                let v = value(&mut rng);
+                // Large values are stored out of line: an update of `v` alone leaves them
+                // unsent.
+                let w = if rng.chance(0.5) {
+                    format!("repeat('{v}-', 2000)")
+                } else {
+                    format!("'{v}'")
+                };
+                sql.push_str(&match rng.range(0, 10) {
+                    0..=4 => format!(
+                        "INSERT INTO items VALUES ({id}, {v}, {w}) \
+                         ON CONFLICT (id) DO UPDATE SET v = {v}, w = {w};"
+                    ),
+                    5..=7 => format!("UPDATE items SET v = {v} WHERE id = {id};"),
+                    _ => format!("DELETE FROM items WHERE id = {id};"),
+                });
+            }
+            m.batch_execute(&format!("{sql} COMMIT;")).await.unwrap();
+        }
+        m.execute("INSERT INTO items VALUES (0, 0, 'last')", &[])
+            .await
+            .unwrap();
+        wait_item(&r, 0).await;
+        let letters: i64 = r
+            .query_one(
+                "SELECT count(*) FROM pgferry.dead_letters WHERE resolved_at IS NULL",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(letters > 0, "seed {seed}: some changes were rejected");
+        let config = apply.config_path.to_str().unwrap();
+        // Still rejected: the letters that fail again, and those behind them, stay.
+        let (code, out) = cli(&["dead-letters", "replay", "--config", config, "--all"]);
+        assert_eq!(code, 1, "seed {seed}: {out}");
+        r.batch_execute("ALTER TABLE items DROP CONSTRAINT small")
+            .await
+            .unwrap();
+        let (code, out) = cli(&["dead-letters", "replay", "--config", config, "--all"]);
+        assert_eq!(code, 0, "seed {seed}: {out}");
+        wait_equal(&m, &r, "items", Duration::from_secs(30)).await;
+    }
+}
+
 /// A table announced in a batch the target rejected a change of stays announced: the batch is
 /// replayed change by change (the rejected change dead-lettered), and the announcement is
 /// recorded with it, so a restarted applier still takes the table's later changes (capture
@@ -422,19 +513,7 @@ async fn announced_in_a_replayed_batch(seed: u64) {
     m.batch_execute("INSERT INTO items VALUES (3, 3)")
         .await
         .unwrap();
-    common::wait_for(
-        "the last item on the replica",
-        Duration::from_secs(90),
-        || async {
-            let n: i64 = r
-                .query_one("SELECT count(*) FROM items WHERE id = 3", &[])
-                .await
-                .ok()?
-                .get(0);
-            (n == 1).then_some(())
-        },
-    )
-    .await;
+    wait_item(&r, 3).await;
     for t in 0..tables {
         wait_equal(&m, &r, &format!("fresh{t}"), Duration::from_secs(30)).await;
     }

@@ -257,6 +257,10 @@ pub async fn list(config: &Config, selection: &Selection) -> Result<String, Appl
     Ok(out)
 }
 
+/// Marks letters `$1` (ids) resolved with the note `$2`, those not resolved yet.
+pub const RESOLVE: &str = "UPDATE pgferry.dead_letters SET resolved_at = now(), resolution = $2
+     WHERE id = ANY($1) AND resolved_at IS NULL";
+
 /// `resolve`: marks the selected unresolved letters handled with `note`; returns how many.
 pub async fn resolve(
     config: &Config,
@@ -273,11 +277,7 @@ pub async fn resolve(
             .map(|l| l.id)
             .collect();
         resolved += client
-            .execute(
-                "UPDATE pgferry.dead_letters SET resolved_at = now(), resolution = $2
-                  WHERE id = ANY($1) AND resolved_at IS NULL",
-                &[&ids, &note],
-            )
+            .execute(RESOLVE, &[&ids, &note])
             .await
             .map_err(ApplyError::sql("resolving dead letters"))?;
     }

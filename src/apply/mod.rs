@@ -11,6 +11,7 @@ pub mod contention;
 pub mod copy;
 pub mod dead_letters;
 pub mod error;
+pub mod holds;
 pub mod join;
 pub mod multimaster;
 pub mod params;

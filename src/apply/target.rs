@@ -276,7 +276,8 @@ pub const RECORD_DEAD_LETTER: &str = "INSERT INTO pgferry.dead_letters
         (source_node, stage, table_name, topic, kafka_offset, lsn, error, payload, item, item_row)
      VALUES ($1::text, $2::text, $3::text, $4::text, $5::text::bigint, $6::text, $7::text, $8::text,
              $9::text::int, $10::text::int)
-     ON CONFLICT (source_node, topic, kafka_offset, item, item_row) DO NOTHING";
+     ON CONFLICT (source_node, topic, kafka_offset, item, item_row) DO NOTHING
+     RETURNING id";
 
 /// Tables with unresolved dead letters from `node`: the target misses changes to them.
 pub async fn diverged_tables(

@@ -50,6 +50,7 @@ use crate::sink::kafka::node_stream::{items_of, node_stream_topic};
 use crate::telemetry::{Health, Metrics};
 use crate::value::copy_text;
 
+mod holds;
 mod horizon;
 mod lww;
 mod lww_rows;
@@ -250,6 +251,13 @@ struct Worker {
     /// each: every change of such a table is dead-lettered after it, so that none applies out
     /// of order, until [`Worker::unpark_due`] applies them all.
     parked: HashMap<String, std::time::Instant>,
+    /// Replica mode: the rows behind this node's unresolved dead letters ([`holds`]).
+    held: crate::apply::holds::Held,
+    /// The letters `held` was read from: their count and the sum of their ids.
+    held_seen: Option<(i64, i64)>,
+    /// Replaying dead letter `id` (`pgferry dead-letters replay`, or a parked table
+    /// resuming): only letters before it are behind its change, and nothing is held.
+    replaying: Option<i64>,
     /// Tables whose re-snapshot ranges cannot be pruned here (logged once each).
     unpruned: HashSet<String>,
     /// Multi-master: the stream's column types, for values written under a column's old type.
@@ -441,6 +449,9 @@ async fn open(
         diverged: Vec::new(),
         diverged_checked: std::time::Instant::now(),
         parked: HashMap::new(),
+        held: Default::default(),
+        held_seen: None,
+        replaying: None,
         unpruned: HashSet::new(),
         retyping: retype::Retyping::default(),
     };
@@ -662,9 +673,22 @@ pub async fn replay(
     let metrics = Arc::new(Metrics::new(&settings.local_node));
     let (mut worker, client) = open(settings, metrics, Health::default(), &origin).await?;
     worker.parked.clear();
+    worker.read_held(&client, true).await?;
     let mut outcomes = Vec::with_capacity(letters.len());
     for letter in letters {
-        let outcome = worker.replay_one(&client, letter).await;
+        // A letter behind an unresolved one of its row waits for it: applied first, it would
+        // be undone by it (letters come in id order, so one that failed again stays first).
+        let outcome = match worker.first_behind(&client, letter).await {
+            Ok(Some(first)) => Err(refused_letter(
+                letter,
+                &format!(
+                    "dead letter #{first} of the same row comes before it and is unresolved: \
+                     replay it first (or resolve it)"
+                ),
+            )),
+            Ok(None) => worker.replay_one(&client, letter).await,
+            Err(e) => Err(e),
+        };
         if outcome.is_err() {
             let _ = client.batch_execute("ROLLBACK").await;
             worker.tables.clear();
@@ -673,6 +697,17 @@ pub async fn replay(
         outcomes.push((letter.id, outcome));
     }
     Ok(outcomes)
+}
+
+/// A letter that cannot be replayed, and why.
+fn refused_letter(letter: &StoredDeadLetter, reason: &str) -> ApplyError {
+    ApplyError::BadMessage {
+        location: format!(
+            "dead letter #{} ({}@{})",
+            letter.id, letter.topic, letter.offset
+        ),
+        reason: reason.to_owned(),
+    }
 }
 
 /// `apply:<node>:<target>`.
@@ -1110,8 +1145,10 @@ impl Worker {
                 .batch_execute("ROLLBACK")
                 .await
                 .map_err(ApplyError::sql("rolling back"))?;
-            // Tables parked in the rolled-back transaction are parked again by its replay.
+            // Tables parked in the rolled-back transaction are parked again by its replay,
+            // and rows held behind its letters held again.
             self.reload_parked(client).await?;
+            self.read_held(client, true).await?;
         }
         for (lane, open) in self.lanes.iter().zip(self.lane_open.iter_mut()) {
             if *open {
@@ -2099,13 +2136,20 @@ impl Worker {
         change: Box<ChangeItem>,
     ) -> Result<(), ApplyError> {
         let mut change = *change;
-        let qualified = format!("{}.{}", change.schema, change.table);
+        let source_table = format!("{}.{}", change.schema, change.table);
         let Some(table) = self
-            .target_table(client, message, &mut change, &qualified)
+            .target_table(client, message, &mut change, &source_table)
             .await?
         else {
             return Ok(());
         };
+        if self.held.has_table(&source_table)
+            && self
+                .behind_letters(client, message, &source_table, &table, &change)
+                .await?
+        {
+            return Ok(());
+        }
         let qualified = format!("{}.{}", change.schema, change.table);
         let key: Vec<&str> = table.key.iter().map(String::as_str).collect();
         // Which image each bound value comes from, to honour its json_null list.
@@ -2326,16 +2370,20 @@ impl Worker {
             return self.bad_message(client, message, reason).await;
         }
         let mut rows = *rows;
-        let qualified = format!("{}.{}", rows.schema, rows.table);
+        let source_table = format!("{}.{}", rows.schema, rows.table);
         // Read before columns are followed to the target's names (the range names the
         // source's key).
         let row_keys = rows.row_keys();
         let Some(table) = self
-            .target_table(client, message, &mut rows, &qualified)
+            .target_table(client, message, &mut rows, &source_table)
             .await?
         else {
             return Ok(());
         };
+        if self.held.has_table(&source_table) {
+            self.rows_behind_letters(client, message, &source_table, &table, &rows)
+                .await?;
+        }
         let qualified = format!("{}.{}", rows.schema, rows.table);
         let count = rows.len();
         let text = bytes::Bytes::from(std::mem::take(&mut rows.copy));
@@ -2807,14 +2855,19 @@ impl Worker {
             &message.item.to_string(),
             &message.row.unwrap_or(0).to_string(),
         ];
-        client
-            .execute(target::RECORD_DEAD_LETTER, &params)
+        let id = client
+            .query_opt(target::RECORD_DEAD_LETTER, &params)
             .await
             .map_err(ApplyError::sql(
                 "recording a dead letter in pgferry.dead_letters",
-            ))?;
+            ))?
+            .map(|row| row.get::<_, i64>(0));
         self.letters_pending = true;
-        Ok(())
+        match (id, letter.stage, &letter.payload) {
+            (Some(id), "apply", Some(payload)) => self.hold_letter(client, id, payload).await,
+            // Recorded before (a replayed batch): already read into `held`.
+            _ => Ok(()),
+        }
     }
 
     /// A `skipped` record: capture dead-lettered a change of this table, so the target misses
@@ -2895,6 +2948,8 @@ impl Worker {
             .batch_execute("SAVEPOINT pgferry_change")
             .await
             .map_err(ApplyError::sql("setting a savepoint"))?;
+        // The letters the change would supersede stay unless it applies.
+        let held = (self.held.clone(), self.held_seen);
         let applied = self
             .apply_and_wait(client, pending, message, work, commit_ts_us)
             .await;
@@ -2908,6 +2963,7 @@ impl Worker {
                     .batch_execute("ROLLBACK TO SAVEPOINT pgferry_change")
                     .await
                     .map_err(ApplyError::sql("rolling back to a savepoint"))?;
+                (self.held, self.held_seen) = held;
                 let reason = format!("the target rejected the change: {}", ErrorChain(&e));
                 self.bad_message(client, message, &reason).await
             }
@@ -2983,13 +3039,7 @@ impl Worker {
         client: &Client,
         letter: &StoredDeadLetter,
     ) -> Result<(), ApplyError> {
-        let refuse = |reason: &str| ApplyError::BadMessage {
-            location: format!(
-                "dead letter #{} ({}@{})",
-                letter.id, letter.topic, letter.offset
-            ),
-            reason: reason.to_owned(),
-        };
+        let refuse = |reason: &str| refused_letter(letter, reason);
         let Some(payload) = letter.payload.as_deref() else {
             return Err(refuse(
                 "it holds no record (capture could not publish the change): copy the row from \
@@ -3008,6 +3058,36 @@ impl Worker {
             payload: Some(payload.as_bytes()),
         };
         let mut pending = InFlight::default();
+        self.replaying = Some(letter.id);
+        let applied = self
+            .replay_item(client, &mut pending, &record, item, letter, commit_ts_us)
+            .await;
+        self.replaying = None;
+        applied?;
+        client
+            .execute(
+                "UPDATE pgferry.dead_letters SET resolved_at = now(), resolution = 'replayed'
+                  WHERE id = $1",
+                &[&letter.id],
+            )
+            .await
+            .map_err(ApplyError::sql("marking the letter resolved"))?;
+        self.held.remove(letter.id);
+        self.held_seen = None;
+        Ok(())
+    }
+
+    /// Applies a letter's parsed record (see [`Worker::replay_letter`]).
+    async fn replay_item<'c>(
+        &mut self,
+        client: &'c Client,
+        pending: &mut InFlight<'c>,
+        record: &RecordRef<'_>,
+        item: StreamItem,
+        letter: &StoredDeadLetter,
+        commit_ts_us: i64,
+    ) -> Result<(), ApplyError> {
+        let refuse = |reason: &str| refused_letter(letter, reason);
         let work =
             match item {
                 StreamItem::Change(change) => Some(Work::Change(change)),
@@ -3028,7 +3108,7 @@ impl Worker {
                 // made or found made. Its commit LSN is not kept with the letter, so the move it
                 // records (multi-master) counts as seen by every node.
                 StreamItem::Ddl(ddl) => {
-                    self.apply_ddl(client, &mut pending, &record, &ddl, Lsn::default())
+                    self.apply_ddl(client, pending, record, &ddl, Lsn::default())
                         .await?;
                     pending
                         .drain()
@@ -3039,18 +3119,10 @@ impl Worker {
                 _ => return Err(refuse("its record is neither a change nor a schema change")),
             };
         if let Some(work) = work {
-            self.apply_and_wait(client, &mut pending, &record, work, commit_ts_us)
+            self.apply_and_wait(client, pending, record, work, commit_ts_us)
                 .await?;
         }
-        client
-            .execute(
-                "UPDATE pgferry.dead_letters SET resolved_at = now(), resolution = 'replayed'
-                  WHERE id = $1",
-                &[&letter.id],
-            )
-            .await
-            .map_err(ApplyError::sql("marking the letter resolved"))
-            .map(drop)
+        Ok(())
     }
 
     /// The table of `rows` cannot be pruned here (`why`): logged once per table.
@@ -3197,6 +3269,7 @@ impl Worker {
                         .map_err(ApplyError::sql("undoing an attempt to unpark a table"))?;
                     // Shapes and statements may describe what the savepoint undid.
                     self.forget_tables();
+                    self.read_held(client, true).await?;
                     self.parked.insert(table, std::time::Instant::now());
                 }
             }
@@ -3236,7 +3309,8 @@ impl Worker {
         self.health.set_diverged(&self.component, tables.clone());
         self.diverged = tables;
         self.letters_pending = false;
-        Ok(())
+        // An operator may have replayed or resolved letters.
+        self.read_held(client, false).await
     }
 }
 
