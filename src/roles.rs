@@ -5,7 +5,8 @@
 //! What each role needs, on PostgreSQL 15 and later:
 //! - capture (the `source.url` user): `LOGIN REPLICATION` (the slot and the walsender),
 //!   `BYPASSRLS` (a snapshot reads every row, as the stream sends every row's changes),
-//!   `SELECT` on the published tables (the initial snapshot), and the `pgferry` schema, owned
+//!   `SELECT` on the published tables (the initial snapshot; `pg_read_all_data` for a `FOR ALL
+//!   TABLES` publication, whose tables created later are snapshotted too), and the `pgferry` schema, owned
 //!   by it. The publication is created here by the administrator: `FOR ALL TABLES` needs a
 //!   superuser and `FOR TABLE` the tables' owner, so pgferry never creates it with less.
 //! - apply (each `apply.targets[].url` user): `SET` on `session_replication_role` (granted
@@ -131,6 +132,11 @@ fn capture_section(out: &mut String, config: &Config) {
         Tables::Listed(&source.tables)
     };
     grant_tables(out, &tables, "SELECT", role);
+    if matches!(tables, Tables::All) {
+        // FOR ALL TABLES publishes a table the moment it is created, and capture snapshots
+        // it: the role reads every table, now and later (not every row: that is BYPASSRLS).
+        let _ = writeln!(out, "GRANT pg_read_all_data TO {};", quote_ident(role));
+    }
     if source.capture_ddl {
         let _ = writeln!(
             out,

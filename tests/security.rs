@@ -955,6 +955,31 @@ async fn run_roles_script(cluster: &PgCluster, script: &str) {
     }
 }
 
+/// A replica pipeline `src` → `dst` on the shared (trusting) cluster whose capture connects
+/// as role `cap`, given its grants by `pgferry roles` (returned, run); apply connects as
+/// `postgres`.
+async fn capture_role_pipeline(
+    cluster: &PgCluster,
+    src: &str,
+    dst: &str,
+    cap: &str,
+) -> ((String, u16), (String, u16), String) {
+    let port = cluster.port;
+    let url = |db: &str| {
+        let user = if db == src { cap } else { "postgres" };
+        format!("postgres://{user}@127.0.0.1:{port}/{db}")
+    };
+    let ((capture, cap_port), (apply, app_port)) =
+        pipeline_configs(&url, src, dst, &broker().address(), "");
+    let capture = capture.replace(&format!("  password: {PASSWORD}\n"), "");
+    let apply = apply.replace(&format!("      password: {PASSWORD}\n"), "");
+    let path = write_config(&capture);
+    let (ok, script, err) = pgferry(&["roles", "--config", path.to_str().unwrap()]);
+    assert!(ok, "pgferry roles failed: {err}");
+    run_roles_script(cluster, &script).await;
+    ((capture, cap_port), (apply, app_port), script)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn least_privilege_roles_from_pgferry_roles_capture_and_apply() {
     let cluster = PgCluster::shared();
@@ -1105,19 +1130,8 @@ async fn row_level_security_never_thins_a_snapshot() {
         .await
         .unwrap();
     let cap = format!("cap_{src}");
-    let port = cluster.port;
-    let url = |db: &str| {
-        let user = if db == src { cap.as_str() } else { "postgres" };
-        format!("postgres://{user}@127.0.0.1:{port}/{db}")
-    };
-    let ((capture, cap_port), (apply, app_port)) =
-        pipeline_configs(&url, &src, &dst, &broker().address(), "");
-    let capture = capture.replace(&format!("  password: {PASSWORD}\n"), "");
-    let apply = apply.replace(&format!("      password: {PASSWORD}\n"), "");
-    let path = write_config(&capture);
-    let (ok, script, err) = pgferry(&["roles", "--config", path.to_str().unwrap()]);
-    assert!(ok, "pgferry roles failed: {err}");
-    run_roles_script(cluster, &script).await;
+    let ((capture, cap_port), (apply, app_port), _) =
+        capture_role_pipeline(cluster, &src, &dst, &cap).await;
     let admin = cluster.client("postgres").await;
     let bypass = |admin: tokio_postgres::Client, cap: String| async move {
         admin
@@ -1180,6 +1194,94 @@ async fn row_level_security_never_thins_a_snapshot() {
         .unwrap()
         .get(0);
     assert_eq!(rows, 1000);
+}
+
+/// A table the capture role may not read never stops the stream. `pgferry roles` grants
+/// `pg_read_all_data` for a `FOR ALL TABLES` publication (a table created later is published
+/// at once, and snapshotted); without it (an older script, a service that does not grant it),
+/// a table an application role creates with `CREATE TABLE … AS` (whose rows reach targets
+/// only through its snapshot) cannot be read: its snapshot waits, naming the table, while the
+/// other tables' changes keep arriving; once `SELECT` is granted it is copied, without a
+/// restart. Before, the capture stage stopped until an operator granted it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_capture_may_not_read_waits_while_the_stream_goes_on() {
+    let cluster = PgCluster::shared();
+    let (src, source) = cluster.fresh_db("unread_src", DDL).await;
+    let (dst, target) = cluster.fresh_db("unread_dst", DDL).await;
+    let (cap, owner) = (format!("cap_{src}"), format!("own_{src}"));
+    let ((capture, cap_port), (apply, app_port), script) =
+        capture_role_pipeline(cluster, &src, &dst, &cap).await;
+    assert!(
+        script.contains(&format!("GRANT pg_read_all_data TO \"{cap}\"")),
+        "{script}"
+    );
+    let admin = cluster.client("postgres").await;
+    admin
+        .batch_execute(&format!(
+            "REVOKE pg_read_all_data FROM {cap}; CREATE ROLE {owner} LOGIN"
+        ))
+        .await
+        .unwrap();
+    source
+        .batch_execute(&format!("GRANT CREATE ON SCHEMA public TO {owner}"))
+        .await
+        .unwrap();
+    let _apply = Ferry::start(&apply, app_port);
+    let capture = Ferry::start(&capture, cap_port);
+    capture.wait_ready().await;
+    let mut rng = common::Rng::new(u64::from(cluster.port));
+    let rows = rng.range(200, 2000);
+    source
+        .batch_execute(&format!(
+            "SET ROLE {owner};
+             CREATE TABLE later AS SELECT g AS id, md5(g::text) AS note FROM generate_series(1, {rows}) g;
+             ALTER TABLE later ADD PRIMARY KEY (id);
+             RESET ROLE;"
+        ))
+        .await
+        .unwrap();
+    common::wait_for(
+        "capture to put the table's snapshot aside",
+        Duration::from_secs(90),
+        || async {
+            capture
+                .log()
+                .lines()
+                .any(|l| l.contains("may not read every row of public.later"))
+                .then_some(())
+        },
+    )
+    .await;
+    // The stream goes on: changes to the other table, made after the refusal, arrive.
+    for i in 0..rng.range(20, 60) {
+        source
+            .execute(
+                "INSERT INTO items VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET note = $2",
+                &[&(rng.range(1, 40) as i32), &format!("n{i}")],
+            )
+            .await
+            .unwrap();
+    }
+    let want = table_checksum(&source, "items").await;
+    common::wait_for("items on the replica", Duration::from_secs(60), || async {
+        (try_table_checksum(&target, "items").await.as_ref() == Some(&want)).then_some(())
+    })
+    .await;
+    let copied: i64 = target
+        .query_one("SELECT count(*) FROM later", &[])
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or(0);
+    assert_eq!(copied, 0, "no row of a table the role may not read");
+    source
+        .batch_execute(&format!("GRANT SELECT ON later TO {cap}"))
+        .await
+        .unwrap();
+    let want = table_checksum(&source, "later").await;
+    common::wait_for("every row of later", Duration::from_secs(90), || async {
+        (try_table_checksum(&target, "later").await.as_ref() == Some(&want)).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -104,8 +104,8 @@ pub enum CaptureError {
     /// security policy that would hide rows from the capture role (snapshot sessions run with
     /// `row_security = off`, so PostgreSQL refuses the read instead of hiding them).
     #[error(
-        "the capture role may not read every row of {table}, so its snapshot cannot go on: \
-             grant it SELECT on the table, and BYPASSRLS where the table has row-level security \
+        "the capture role may not read every row of {table}, so its snapshot cannot go on \
+             until it may: grant it SELECT on the table, and BYPASSRLS where the table has row-level security \
              (ALTER ROLE … BYPASSRLS; `pgferry roles` prints both); a snapshot never copies only \
              the rows a policy shows, since the stream sends every row's changes"
     )]

@@ -38,6 +38,10 @@ const ACK_POLL: Duration = Duration::from_millis(100);
 /// How often each running table's progress is logged.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// How long the snapshot of a table the capture role may not read waits before it is tried
+/// again.
+const UNREADABLE_RETRY: Duration = Duration::from_secs(15);
+
 /// What a watermark says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -144,6 +148,7 @@ pub struct Link {
 }
 
 /// Work for a reader.
+#[derive(Clone)]
 enum Work {
     /// A key range (or the pages of a table without a key).
     Part(Arc<Target>, Part),
@@ -171,6 +176,8 @@ struct Shared {
     chunk_bytes: u64,
     /// The publication: what of each table a chunk reads (its column list and row filter).
     publication: String,
+    /// Work put aside until a time: a table the capture role may not read, tried again.
+    deferred: Mutex<Vec<(Instant, Work)>>,
 }
 
 impl Shared {
@@ -183,10 +190,24 @@ impl Shared {
     }
 
     fn pop(&self) -> Option<Work> {
-        self.queue
+        let queued = self
+            .queue
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .pop_front()
+            .pop_front();
+        queued.or_else(|| {
+            let mut deferred = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+            let due = deferred.iter().position(|(at, _)| *at <= Instant::now())?;
+            Some(deferred.remove(due).1)
+        })
+    }
+
+    /// Puts `work` aside for `delay`.
+    fn defer(&self, work: Work, delay: Duration) {
+        self.deferred
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((Instant::now() + delay, work));
     }
 }
 
@@ -255,6 +276,7 @@ impl Driver {
             permits: Arc::new(Semaphore::new(readers * CHUNKS_IN_FLIGHT_PER_READER)),
             batch_rows: source.snapshot_batch_rows,
             chunk_bytes: source.snapshot_chunk_bytes,
+            deferred: Mutex::new(Vec::new()),
             publication: source.publication.clone(),
         });
         let mut tables = Tables {
@@ -694,15 +716,28 @@ async fn reader(
             }
             continue;
         };
-        match work {
+        let done = match work.clone() {
             Work::Part(target, part) if part.keyed => {
-                read_range(client, shared, &target, part, shutdown).await?
+                read_range(client, shared, &target, part, shutdown).await
             }
-            Work::Part(target, part) => read_pages(client, shared, &target, part, shutdown).await?,
+            Work::Part(target, part) => read_pages(client, shared, &target, part, shutdown).await,
             Work::Reread(target, keys) => {
                 let query = |t: &Target| chunk::keys_query(t, &keys);
-                chunk_between_marks(client, shared, &target, &query, None, false, None).await?;
+                chunk_between_marks(client, shared, &target, &query, None, false, None)
+                    .await
+                    .map(drop)
             }
+        };
+        match done {
+            // One table the role may not read waits, and is tried again; the stream and the
+            // other tables' snapshots go on.
+            Err(e @ CaptureError::SnapshotUnreadable { .. }) => {
+                tracing::warn!(error = %crate::error::ErrorChain(&e),
+                               retry_in_s = UNREADABLE_RETRY.as_secs(),
+                               "this table's snapshot waits; streaming and other tables go on");
+                shared.defer(work, UNREADABLE_RETRY);
+            }
+            done => done?,
         }
     }
 }
@@ -907,7 +942,7 @@ async fn chunk_between_marks(
         },
     );
     mark(client, shared.run, id, MarkKind::Low).await?;
-    let (mut read, read_as, sql) = match chunk::read_locked(
+    let locked = match chunk::read_locked(
         client,
         &shared.publication,
         target,
@@ -915,8 +950,19 @@ async fn chunk_between_marks(
         query,
     )
     .await
-    .map_err(|e| CaptureError::snapshot_read(&target.name(), e))?
     {
+        Ok(locked) => locked,
+        Err(e) => {
+            let e = CaptureError::snapshot_read(&target.name(), e);
+            if matches!(e, CaptureError::SnapshotUnreadable { .. }) {
+                // The table's snapshot waits, the stream goes on: the chunk closes empty, so
+                // the stream's window for it ends.
+                mark(client, shared.run, id, MarkKind::High).await?;
+            }
+            return Err(e);
+        }
+    };
+    let (mut read, read_as, sql) = match locked {
         Locked::Read { target, read, sql } => (read, Arc::new(target), sql),
         Locked::Gone => {
             tracing::info!(table = %target.name(), "the table was dropped while its snapshot ran; its snapshot ends");

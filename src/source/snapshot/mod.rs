@@ -161,8 +161,10 @@ pub async fn describe_table(
 /// a table's row-level security policy silently hides from a role without `BYPASSRLS` the
 /// rows it does not pass, while the stream sends every row's changes: a snapshot would copy
 /// part of the table, and a re-snapshot would prune the rest from replicas. Off, PostgreSQL
-/// refuses the read instead (as PostgreSQL's documentation advises for replication roles), and
-/// capture stops with [`crate::source::capture::CaptureError::SnapshotUnreadable`] until the role may read every row.
+/// refuses the read instead (as PostgreSQL's documentation advises for replication roles)
+/// with [`crate::source::capture::CaptureError::SnapshotUnreadable`]: a chunked snapshot of
+/// the table waits and is tried again (the stream and other tables go on), an exported
+/// snapshot stops capture, until the role may read every row.
 pub const ROW_SECURITY_OFF: &str = "SET row_security = off";
 
 /// What a publication sends of one table: PostgreSQL 15's column list and row filter, as
