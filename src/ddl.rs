@@ -1,7 +1,8 @@
 //! Schema changes (DDL) as they travel from a source to its targets, pure.
 //!
 //! On the source, pgferry's event trigger (`pgferry.capture_ddl`, see [`capture_sql`]) runs at
-//! the end of every `CREATE TABLE` / `ALTER TABLE` and at every `DROP TABLE`, inside the DDL's transaction. It writes a transactional
+//! the end of every `CREATE TABLE` / `ALTER TABLE` and at every drop (tables and columns dropped
+//! by `CASCADE` too: `DROP SCHEMA`, `DROP TYPE`, `DROP DOMAIN`), inside the DDL's transaction. It writes a transactional
 //! `pgferry.ddl` message with the table's columns before (from its shadow table
 //! `pgferry.ddl_tables`) and after the command, so the message is decoded in the stream at
 //! the DDL's commit, in order with the data. Capture turns it into [`DdlOp`]s with [`diff`]:
@@ -217,8 +218,20 @@ RETURNS void LANGUAGE sql AS $f$
             partition_of = EXCLUDED.partition_of, primary_key = EXCLUDED.primary_key,
             persistence = EXCLUDED.persistence
 $f$;
+-- The event trigger at the end of CREATE and ALTER TABLE: the tables the command reports.
 CREATE OR REPLACE FUNCTION pgferry.capture_ddl() RETURNS event_trigger LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
+BEGIN
+    PERFORM pgferry.ddl_examine(array_agg(c.objid), array_agg(c.command_tag))
+       FROM pg_event_trigger_ddl_commands() c
+      WHERE c.object_type IN ('table', 'table column');
+END
+$f$;
+-- Compares each reported table (objids, with the command tags that reported them) and the
+-- tables the command changed with it against their shadows, and writes a message for each
+-- that changed. Run by the event triggers, as their owner.
+CREATE OR REPLACE FUNCTION pgferry.ddl_examine(objids oid[], tags text[]) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $f$
 DECLARE
     r record;
     shadow pgferry.ddl_tables;
@@ -237,8 +250,7 @@ BEGIN
     -- tables that inherit from it (INHERITS), whose inherited columns changed with it.
     FOR r IN WITH reported AS (
                  SELECT c.objid, max(c.command_tag) AS command_tag
-                   FROM pg_event_trigger_ddl_commands() c
-                  WHERE c.object_type IN ('table', 'table column')
+                   FROM unnest(objids, tags) AS c(objid, command_tag)
                   GROUP BY c.objid),
              examined AS (
                  SELECT objid, command_tag, true AS reported FROM reported
@@ -382,11 +394,19 @@ SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
 DECLARE
     r record;
     applied jsonb := pgferry.ddl_applied();
+    altered oid[];
 BEGIN
+    -- Every table the command dropped: by name, by CASCADE (a DROP SCHEMA, a DROP TYPE of a
+    -- table's row type, a DROP TABLE of a parent its inheritors go with), or by DROP OWNED;
+    -- but not a partition whose parent went too (a target drops it with the parent).
     FOR r IN SELECT d.objid, d.schema_name, d.object_name FROM pg_event_trigger_dropped_objects() d
-              WHERE d.object_type = 'table' AND d.original
+              WHERE d.object_type = 'table'
                 AND d.schema_name NOT IN ('pgferry', 'pg_catalog', 'information_schema')
                 AND d.schema_name NOT LIKE 'pg\_%'
+                AND NOT EXISTS (
+                    SELECT 1 FROM pgferry.ddl_tables s, pg_event_trigger_dropped_objects() p
+                     WHERE s.relid = d.objid AND p.object_type = 'table'
+                       AND p.objid = (s.partition_of->>'relid')::oid)
     LOOP
         DELETE FROM pgferry.ddl_tables WHERE relid = r.objid;
         -- The table dropped here (by a user, or by apply from another node): rows of it other
@@ -403,6 +423,19 @@ BEGIN
                 'applied', applied)::text);
         END IF;
     END LOOP;
+    -- Columns another command dropped by CASCADE (DROP TYPE, DROP DOMAIN, DROP FUNCTION of a
+    -- generated column's function, …) from tables that stay: their tables compared with their
+    -- shadows, as at the end of an ALTER TABLE (which reports its own drops there).
+    IF TG_TAG NOT IN ('ALTER TABLE', 'CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO') THEN
+        SELECT array_agg(DISTINCT d.objid) INTO altered
+          FROM pg_event_trigger_dropped_objects() d
+         WHERE d.object_type = 'table column'
+           AND NOT EXISTS (SELECT 1 FROM pg_event_trigger_dropped_objects() t
+                            WHERE t.object_type = 'table' AND t.objid = d.objid);
+        IF altered IS NOT NULL THEN
+            PERFORM pgferry.ddl_examine(altered, array_fill(TG_TAG, ARRAY[cardinality(altered)]));
+        END IF;
+    END IF;
 END
 $f$;
 DO $d$ BEGIN
@@ -412,8 +445,13 @@ DO $d$ BEGIN
             EXECUTE FUNCTION pgferry.capture_ddl();
         ALTER EVENT TRIGGER pgferry_ddl ENABLE ALWAYS;
     END IF;
+    -- Earlier versions fired at DROP TABLE only: tables and columns dropped by CASCADE were
+    -- missed.
+    IF EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'pgferry_drop' AND evttags IS NOT NULL) THEN
+        DROP EVENT TRIGGER pgferry_drop;
+    END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'pgferry_drop') THEN
-        CREATE EVENT TRIGGER pgferry_drop ON sql_drop WHEN TAG IN ('DROP TABLE')
+        CREATE EVENT TRIGGER pgferry_drop ON sql_drop
             EXECUTE FUNCTION pgferry.capture_drop();
         ALTER EVENT TRIGGER pgferry_drop ENABLE ALWAYS;
     END IF;
@@ -1058,8 +1096,10 @@ pub fn on_target(
             } else {
                 OnTarget::Differs(format!(
                     "a table of this name exists here without the new table's columns {} (kept \
-                     after the source dropped its table, with apply.drop_tables off, or made \
-                     by hand): drop or rename it here and the table resumes",
+                     after the source dropped its table, with apply.drop_tables off; created \
+                     here too with other columns, on another multi-master node apart; or made \
+                     by hand): make the two tables' columns agree, or drop or rename one, and \
+                     the table resumes",
                     missing.join(", ")
                 ))
             }

@@ -2586,6 +2586,119 @@ async fn dropped_tables_follow_apply_drop_tables() {
     drop(capture);
 }
 
+/// Tables and columns dropped by another command's CASCADE reach the replica as drops:
+/// `DROP TYPE … CASCADE` and `DROP DOMAIN … CASCADE` drop the columns of those types (the
+/// event trigger fired only at DROP TABLE and ALTER TABLE, and targets kept the columns, with
+/// stale values), and `DROP SCHEMA … CASCADE` drops its tables, a partitioned one with its
+/// partitions, on a target with `apply.drop_tables: true`. Rows written before and after each
+/// drop arrive; nothing is dead-lettered. Random rows and drop order, by seed.
+#[tokio::test(flavor = "multi_thread")]
+async fn drops_by_cascade_reach_the_replica() {
+    let pg = PgCluster::shared();
+    let seed = seed();
+    eprintln!("seed {seed} (DDL_SEED)");
+    let mut rng = Rng::new(seed);
+    let ddl = "CREATE TYPE mood AS ENUM ('calm', 'busy');
+               CREATE DOMAIN positive AS int CHECK (VALUE > 0);
+               CREATE TABLE items (id int PRIMARY KEY, m mood, p positive, v int);
+               CREATE SCHEMA side;
+               CREATE TABLE side.plain (id int PRIMARY KEY, v int);
+               CREATE TABLE side.parts (id int, k int, PRIMARY KEY (id, k)) PARTITION BY LIST (k);
+               CREATE TABLE side.parts_1 PARTITION OF side.parts FOR VALUES IN (1);
+               CREATE TABLE side.parts_2 PARTITION OF side.parts FOR VALUES IN (2);";
+    let (master, m) = pg.fresh_db("cascade", ddl).await;
+    let (replica, r) = pg.fresh_db("cascade_r", ddl).await;
+    let capture = Ferry::capture(pg, &master, &broker().address(), "");
+    let applier = Ferry::applier(
+        &master,
+        &[pg.url(&replica)],
+        &broker().address(),
+        "  drop_tables: true\n",
+    );
+    capture.wait_ready().await;
+    let rows = rng.range(50, 300);
+    let write = |rng: &mut Rng, with_types: (bool, bool)| {
+        let id = rng.range(1, rows);
+        let m = if with_types.0 {
+            format!(", m = '{}'", if rng.chance(0.5) { "calm" } else { "busy" })
+        } else {
+            String::new()
+        };
+        let p = if with_types.1 {
+            format!(", p = {}", rng.range(1, 100))
+        } else {
+            String::new()
+        };
+        format!(
+            "UPDATE items SET v = {}{m}{p} WHERE id = {id};",
+            rng.range(0, 1000)
+        )
+    };
+    run_step(
+        &m,
+        &format!(
+            "INSERT INTO items SELECT g, (ARRAY['calm', 'busy'])[g % 2 + 1]::mood, g, g
+               FROM generate_series(1, {rows}) g;
+             INSERT INTO side.plain SELECT g, g FROM generate_series(1, 50) g;
+             INSERT INTO side.parts SELECT g, g % 2 + 1 FROM generate_series(1, 50) g;"
+        ),
+    )
+    .await;
+    wait_same(&m, &r, "items", Duration::from_secs(60)).await;
+    wait_same(&m, &r, "side.plain", Duration::from_secs(60)).await;
+    let mut drops = vec!["DROP TYPE mood CASCADE", "DROP DOMAIN positive CASCADE"];
+    if rng.chance(0.5) {
+        drops.reverse();
+    }
+    let mut types = (true, true);
+    for drop in drops {
+        let mut sql = String::from("BEGIN;");
+        for _ in 0..rng.range(1, 20) {
+            sql.push_str(&write(&mut rng, types));
+        }
+        if drop.contains("TYPE") {
+            types.0 = false;
+        } else {
+            types.1 = false;
+        }
+        // The drop in the middle of a transaction, between writes.
+        sql.push_str(&format!("{drop};"));
+        for _ in 0..rng.range(1, 20) {
+            sql.push_str(&write(&mut rng, types));
+        }
+        run_step(&m, &format!("{sql} COMMIT;")).await;
+    }
+    run_step(&m, "DROP SCHEMA side CASCADE").await;
+    for _ in 0..rng.range(5, 30) {
+        run_step(&m, &write(&mut rng, types)).await;
+    }
+    wait_same(&m, &r, "items", Duration::from_secs(60)).await;
+    assert_eq!(
+        columns(&r, "items").await,
+        vec![
+            ("id".to_owned(), "integer".to_owned()),
+            ("v".to_owned(), "integer".to_owned())
+        ],
+        "the replica's items lost both columns"
+    );
+    let left: i64 = r
+        .query_one(
+            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = 'side' AND c.relkind IN ('r', 'p')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "the replica dropped the schema's tables");
+    assert_eq!(
+        applier.metric("pgferry_apply_dead_letters_total", ""),
+        Some(0.0),
+        "nothing may be dead-lettered"
+    );
+    drop(capture);
+}
+
 /// A schema change the replica refuses (an ADD COLUMN of a type the replica lacks) parks its
 /// table only: the change and every later change of that table are dead-lettered, in order,
 /// while the other tables (one with a schema change of its own) keep replicating under the
