@@ -451,6 +451,82 @@ async fn a_replayed_letter_never_undoes_a_later_change_of_its_row() {
     }
 }
 
+/// An applier killed while its session waits on a row lock a target session holds does not
+/// keep its replication origin: the orphaned session notices its client is gone within
+/// seconds (`client_connection_check_interval`), so the restarted worker sets its origin up
+/// and applies, while the lock is still held. Before, the orphan waited for the lock as long
+/// as the locker kept it, and the restarted worker failed with "replication origin … is
+/// already active for PID …" all that time.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_appliers_session_waiting_on_a_lock_lets_its_origin_go() {
+    let pg = PgCluster::shared();
+    let ddl = "CREATE TABLE items (id int PRIMARY KEY, v int);
+               INSERT INTO items SELECT g, 0 FROM generate_series(1, 20) g;";
+    let (master, m) = pg.fresh_db("orphan_m", ddl).await;
+    let (replica, r) = pg.fresh_db("orphan_r", ddl).await;
+    let cap = capture(pg, &master, "", "");
+    cap.wait_ready().await;
+    let mut apply = applier(&master, &replica, "", "");
+    wait_equal(&m, &r, "items", Duration::from_secs(60)).await;
+    let mut rng = common::Rng::new(u64::from(pg.port));
+    let locked = rng.range(1, 21) as i32;
+    // A session on the replica holds row `locked`; the worker's next write of it waits.
+    let locker = pg.client(&replica).await;
+    locker
+        .batch_execute(&format!(
+            "BEGIN; SELECT * FROM items WHERE id = {locked} FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+    m.execute("UPDATE items SET v = v + 1 WHERE id = $1", &[&locked])
+        .await
+        .unwrap();
+    let waiting = "SELECT pid FROM pg_stat_activity
+                    WHERE datname = $1 AND application_name LIKE 'pgferry-apply-%'
+                      AND wait_event_type = 'Lock'";
+    let orphan: i32 = common::wait_for(
+        "the worker to wait on the lock",
+        Duration::from_secs(60),
+        || async {
+            r.query_opt(waiting, &[&replica])
+                .await
+                .ok()
+                .flatten()
+                .map(|row| row.get(0))
+        },
+    )
+    .await;
+    apply.kill9();
+    apply.restart();
+    common::wait_for(
+        "the killed worker's session to end while the lock is held",
+        Duration::from_secs(30),
+        || async {
+            let alive: bool = r
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)",
+                    &[&orphan],
+                )
+                .await
+                .ok()?
+                .get(0);
+            (!alive).then_some(())
+        },
+    )
+    .await;
+    // The restarted worker applies up to the lock, then past it once it is let go.
+    for _ in 0..rng.range(5, 30) {
+        m.execute(
+            "UPDATE items SET v = v + 1 WHERE id = $1",
+            &[&(rng.range(1, 21) as i32)],
+        )
+        .await
+        .unwrap();
+    }
+    locker.batch_execute("COMMIT").await.unwrap();
+    wait_equal(&m, &r, "items", Duration::from_secs(60)).await;
+}
+
 /// A table announced in a batch the target rejected a change of stays announced: the batch is
 /// replayed change by change (the rejected change dead-lettered), and the announcement is
 /// recorded with it, so a restarted applier still takes the table's later changes (capture

@@ -54,6 +54,13 @@ pub async fn prepare_session(
              -- Apply statements are prepared once and run many times with new values; their
              -- best plan does not depend on the values (key lookups), so plan them once.
              SET plan_cache_mode = force_generic_plan;
+             -- A session whose pgferry was killed while it waited (on a row lock a target
+             -- session holds, say) ends within seconds instead of when the wait does: until
+             -- it ends it holds the worker's replication origin, and the restarted worker
+             -- cannot set it up ('replication origin … is already active for PID …'). A
+             -- server that cannot check (not Linux) keeps its default.
+             DO $$ BEGIN PERFORM set_config('client_connection_check_interval', '5s', false);
+             EXCEPTION WHEN OTHERS THEN NULL; END $$;
              BEGIN;
              -- Workers start together; CREATE ... IF NOT EXISTS is not safe concurrently.
              SELECT pg_advisory_xact_lock(hashtext('pgferry.bookkeeping'));
