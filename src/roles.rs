@@ -157,7 +157,7 @@ fn apply_section(out: &mut String, config: &Config, target: &PgUrl, with_capture
     let role = user(target);
     if !with_capture {
         header(out, target, "apply on the target");
-        create_role(out, role, "LOGIN");
+        create_role(out, role, "LOGIN BYPASSRLS");
         own_schema(out, target, role);
     } else {
         let _ = writeln!(out, "-- apply on the same database, as the same role");

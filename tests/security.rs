@@ -1284,6 +1284,128 @@ async fn a_table_capture_may_not_read_waits_while_the_stream_goes_on() {
     .await;
 }
 
+/// Row-level security on a target: an apply role without `BYPASSRLS` that is not the table's
+/// owner would see only the rows a policy shows, and its updates and deletes of the other rows
+/// would change nothing, silently. Apply sessions run with `row_security = off`, so such a
+/// statement fails instead: each change of the table is dead-lettered naming row-level
+/// security, and the table is diverged. `pgferry roles` grants the apply role `BYPASSRLS`;
+/// with it back, a replay makes the table exact. Random rows, tenants and writes.
+#[tokio::test(flavor = "multi_thread")]
+async fn row_level_security_on_a_target_never_hides_rows_from_apply() {
+    let cluster = PgCluster::shared();
+    let mut rng = common::Rng::new(u64::from(cluster.port) + 7);
+    let rows = rng.range(50, 300);
+    let tables = format!(
+        "{DDL} CREATE TABLE tenants (id int PRIMARY KEY, tenant text NOT NULL, v int);
+         INSERT INTO tenants SELECT g, (ARRAY['x', 'y'])[g % 2 + 1], g FROM generate_series(1, {rows}) g;"
+    );
+    let (src, source) = cluster.fresh_db("trls_src", &tables).await;
+    let (dst, target) = cluster.fresh_db("trls_dst", &tables).await;
+    target
+        .batch_execute(
+            "ALTER TABLE tenants ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY only_x ON tenants USING (tenant = 'x');",
+        )
+        .await
+        .unwrap();
+    let app = format!("app_{dst}");
+    let port = cluster.port;
+    let url = |db: &str| {
+        let user = if db == dst { app.as_str() } else { "postgres" };
+        format!("postgres://{user}@127.0.0.1:{port}/{db}")
+    };
+    let ((capture, cap_port), (apply, app_port)) =
+        pipeline_configs(&url, &src, &dst, &broker().address(), "");
+    let capture = capture.replace(&format!("  password: {PASSWORD}\n"), "");
+    let apply = apply.replace(&format!("      password: {PASSWORD}\n"), "");
+    let apply_path = write_config(&apply);
+    let (ok, script, err) = pgferry(&["roles", "--config", apply_path.to_str().unwrap()]);
+    assert!(ok, "pgferry roles failed: {err}");
+    assert!(
+        script.contains(&format!("\"{app}\" LOGIN BYPASSRLS")),
+        "pgferry roles grants the apply role BYPASSRLS:\n{script}"
+    );
+    run_roles_script(cluster, &script).await;
+    let admin = cluster.client("postgres").await;
+    // A role without it (an older script, or a service that does not grant it).
+    admin
+        .batch_execute(&format!("ALTER ROLE {app} NOBYPASSRLS"))
+        .await
+        .unwrap();
+    let capture = Ferry::start(&capture, cap_port);
+    capture.wait_ready().await;
+    let _apply = Ferry::start(&apply, app_port);
+    for _ in 0..rng.range(20, 80) {
+        let id = rng.range(1, rows + 20) as i32;
+        let sql = match rng.range(0, 3) {
+            0 => format!(
+                "INSERT INTO tenants VALUES ({id}, '{}', {}) \
+                 ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v",
+                if rng.chance(0.5) { "x" } else { "y" },
+                rng.range(0, 1000)
+            ),
+            1 => format!("UPDATE tenants SET v = v + 1 WHERE id = {id}"),
+            _ => format!("DELETE FROM tenants WHERE id = {id}"),
+        };
+        source.batch_execute(&sql).await.unwrap();
+    }
+    source
+        .batch_execute("INSERT INTO items VALUES (1, 'last')")
+        .await
+        .unwrap();
+    let want = table_checksum(&source, "items").await;
+    common::wait_for("the last item", Duration::from_secs(90), || async {
+        (try_table_checksum(&target, "items").await.as_ref() == Some(&want)).then_some(())
+    })
+    .await;
+    // Nothing silent: the table parks, its first letter naming row-level security and what
+    // to grant, its later changes behind it in order; the other table went on (above).
+    let letters: Vec<String> = target
+        .query(
+            "SELECT error FROM pgferry.dead_letters
+              WHERE table_name = 'public.tenants' AND resolved_at IS NULL ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let (first, later) = letters
+        .split_first()
+        .expect("the table's changes are dead-lettered");
+    assert!(
+        first.starts_with("access to the table refused on the target")
+            && first.contains("row-level security")
+            && first.contains("BYPASSRLS"),
+        "{first}"
+    );
+    for error in later {
+        assert!(error.starts_with("parked behind"), "{error}");
+    }
+    admin
+        .batch_execute(&format!("ALTER ROLE {app} BYPASSRLS"))
+        .await
+        .unwrap();
+    let (ok, out, err) = pgferry(&[
+        "dead-letters",
+        "replay",
+        "--config",
+        apply_path.to_str().unwrap(),
+        "--all",
+    ]);
+    assert!(ok, "{out}{err}");
+    let want = table_checksum(&source, "tenants").await;
+    common::wait_for(
+        "tenants on the replica",
+        Duration::from_secs(60),
+        || async {
+            (try_table_checksum(&target, "tenants").await.as_ref() == Some(&want)).then_some(())
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn kafka_mutual_tls_with_an_encrypted_client_key() {
     let (ca, dir, cert, key) = broker_ca();

@@ -125,7 +125,9 @@ fn letter(r: &tokio_postgres::Row) -> StoredDeadLetter {
 }
 
 /// The reason of a change dead-lettered because its table is parked (see [`PARKING`]).
-pub const PARKED: &str = "parked behind a schema change of its table that the target refused";
+pub const PARKED: &str =
+    "parked behind an earlier change of its table that the target refused (a schema change, \
+     a missing table or column, or access refused; see the table's first letter)";
 
 /// How the reason of a change naming a column the target table lacks begins (DDL capture
 /// off, or a column dropped there by hand): it parks its table like a refused schema change.
@@ -136,17 +138,24 @@ pub const MISSING_COLUMN: &str = "column missing on the target: ";
 /// schema change that creates or moves it once the cause is fixed).
 pub const MISSING_TABLE: &str = "table missing on the target: ";
 
+/// How the reason of a change the target refused the apply role (SQLSTATE 42501: no privilege
+/// on the table, or row-level security it does not bypass) begins: it parks its table, whose
+/// changes all fail alike until the role is granted what it needs, while the other tables go
+/// on.
+pub const ACCESS_REFUSED: &str = "access to the table refused on the target: ";
+
 /// How the reasons of letters that park their table begin: a schema change the target
 /// refused, a change naming a column or a table the target lacks ([`MISSING_COLUMN`],
-/// [`MISSING_TABLE`]), and every change of the table after any of them ([`PARKED`]). While a
+/// [`MISSING_TABLE`]), a change the apply role may not make ([`ACCESS_REFUSED`]), and every change of the table after any of them ([`PARKED`]). While a
 /// table has an unresolved apply-stage one, each later change of it is parked too, so that
 /// nothing of the table applies out of order; the apply worker tries the letters again now
 /// and then, and once they all apply, the table resumes (apply's `Worker::unpark_due`).
-const PARKING: [&str; 4] = [
+const PARKING: [&str; 5] = [
     "schema change of ",
     "parked behind ",
     MISSING_COLUMN,
     MISSING_TABLE,
+    ACCESS_REFUSED,
 ];
 
 /// Whether a letter parks its table (see [`PARKING`]).

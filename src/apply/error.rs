@@ -133,7 +133,8 @@ impl ApplyError {
     /// change-by-change replay writes them one after the other), or a statement sent
     /// after such a failure in the same pipelined
     /// transaction (25P02). Such a change is dead-lettered (`apply.on_poison`); retrying
-    /// cannot help.
+    /// cannot help. So is one the apply role may not make (42501), which also parks its table
+    /// ([`ApplyError::is_access_refused`]).
     pub fn is_rejection(&self) -> bool {
         let ApplyError::Sql { source, .. } = self else {
             return false;
@@ -144,9 +145,17 @@ impl ApplyError {
                 || code.starts_with("23")
                 || matches!(
                     code,
-                    "0A000" | "21000" | "42804" | "42883" | "428C9" | "25P02"
+                    "0A000" | "21000" | "42804" | "42883" | "428C9" | "25P02" | "42501"
                 )
         })
+    }
+
+    /// The target refused the apply role a statement on a table (42501: no privilege, or
+    /// row-level security the role does not bypass): every change of the table fails alike
+    /// until an operator grants it, so the table parks ([`crate::apply::dead_letters::ACCESS_REFUSED`]).
+    pub fn is_access_refused(&self) -> bool {
+        matches!(self, ApplyError::Sql { source, .. }
+            if source.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE))
     }
 }
 

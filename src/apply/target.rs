@@ -54,6 +54,10 @@ pub async fn prepare_session(
              -- Apply statements are prepared once and run many times with new values; their
              -- best plan does not depend on the values (key lookups), so plan them once.
              SET plan_cache_mode = force_generic_plan;
+             -- Row-level security on a target table the role does not bypass fails a statement
+             -- instead of hiding rows from it: an update or delete of a hidden row would
+             -- change nothing, silently (native subscriptions refuse such tables too).
+             SET row_security = off;
              -- A session whose pgferry was killed while it waited (on a row lock a target
              -- session holds, say) ends within seconds instead of when the wait does: until
              -- it ends it holds the worker's replication origin, and the restarted worker

@@ -2964,6 +2964,18 @@ impl Worker {
                     .await
                     .map_err(ApplyError::sql("rolling back to a savepoint"))?;
                 (self.held, self.held_seen) = held;
+                if e.is_access_refused() {
+                    if let Some(table) = named_table(message.payload) {
+                        let reason = format!(
+                            "{}{}: grant the apply role SELECT, INSERT, UPDATE, DELETE and \
+                             TRUNCATE on it, and BYPASSRLS where it has row-level security \
+                             (`pgferry roles` prints them); the table resumes by itself",
+                            dead_letters::ACCESS_REFUSED,
+                            ErrorChain(&e)
+                        );
+                        return self.park(client, message, &table, &reason).await;
+                    }
+                }
                 let reason = format!("the target rejected the change: {}", ErrorChain(&e));
                 self.bad_message(client, message, &reason).await
             }
