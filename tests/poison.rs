@@ -368,33 +368,41 @@ async fn rejected_changes_are_dead_lettered_then_replayed() {
 /// A replay never undoes a later change of its row. A row whose change the target rejected
 /// stays behind its dead letter: a later change that sets the row whole or deletes it
 /// supersedes the letter, one that leaves a TOASTed value unsent is held behind it (a letter
-/// too), and a replay applies a row's letters in order, none past one that fails again.
-/// Random inserts, updates (some leaving a large value unsent) and deletes, some rejected by
-/// a CHECK only the replica has; a replay while the CHECK is still there, then one after it
-/// is dropped: the replica equals the master.
+/// too), and so is any later change of either key of a held update that moved its row to
+/// another key; a refused TRUNCATE parks its table; a replay applies a row's letters in
+/// order, none past one that fails again. Random inserts, updates (some leaving a large value
+/// unsent, some moving the row to a new key), deletes and a TRUNCATE, on an `int`-keyed and a
+/// `bytea`-keyed table, rows before capture starts coming by the snapshot; some are rejected
+/// by a CHECK only the replica has, the TRUNCATE by a foreign key only the replica has. A
+/// replay while the causes are there, then one after they are gone: the replica equals the
+/// master.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replayed_letter_never_undoes_a_later_change_of_its_row() {
     for seed in [1u64, 2, 3] {
         let pg = PgCluster::shared();
-        let ddl = "CREATE TABLE items (id int PRIMARY KEY, v int, w text);";
+        let ddl = "CREATE TABLE items (id int PRIMARY KEY, v int, w text);
+                   CREATE TABLE blobs (id bytea PRIMARY KEY, v int, w text);
+                   CREATE TABLE done (id int PRIMARY KEY);";
         let (master, m) = pg
             .fresh_db(
                 &format!("undo{seed}_m"),
-                &format!("{ddl} ALTER TABLE items ALTER COLUMN w SET STORAGE EXTERNAL;"),
+                &format!(
+                    "{ddl} ALTER TABLE items ALTER COLUMN w SET STORAGE EXTERNAL;
+                     ALTER TABLE blobs ALTER COLUMN w SET STORAGE EXTERNAL;"
+                ),
             )
             .await;
         let (replica, r) = pg
             .fresh_db(
                 &format!("undo{seed}_r"),
-                &format!("{ddl} ALTER TABLE items ADD CONSTRAINT small CHECK (v < 100);"),
+                &format!(
+                    "{ddl} ALTER TABLE items ADD CONSTRAINT small CHECK (v < 100);
+                     ALTER TABLE blobs ADD CONSTRAINT small_blob CHECK (v < 100);
+                     CREATE TABLE refs (id int REFERENCES items (id));"
+                ),
             )
             .await;
-        let cap = capture(pg, &master, "", "");
-        cap.wait_ready().await;
         let mut rng = common::Rng::new(seed);
-        let batch = format!("  batch_max_changes: {}\n", rng.range(2, 200));
-        let apply = applier(&master, &replica, &batch, "");
-        let ids = rng.range(20, 60);
         let value = |rng: &mut common::Rng| {
             if rng.chance(0.25) {
                 rng.range(100, 130)
@@ -402,33 +410,82 @@ async fn a_replayed_letter_never_undoes_a_later_change_of_its_row() {
                 rng.range(0, 100)
             }
         };
-        for _ in 0..rng.range(20, 60) {
+        let ids = rng.range(20, 60);
+        let mut pool: Vec<i64> = (1..ids).collect();
+        let mut fresh = 1000;
+        let key = |table: &str, id: i64| {
+            if table == "blobs" {
+                format!("int4send({id})")
+            } else {
+                id.to_string()
+            }
+        };
+        // Rows before capture starts: its snapshot brings them, some rejected.
+        for table in ["items", "blobs"] {
+            let mut sql = String::new();
+            for &id in &pool {
+                if rng.chance(0.5) {
+                    let v = value(&mut rng);
+                    sql.push_str(&format!(
+                        "INSERT INTO {table} VALUES ({}, {v}, repeat('{v}-', 2000));",
+                        key(table, id)
+                    ));
+                }
+            }
+            m.batch_execute(&sql).await.unwrap();
+        }
+        let cap = capture(pg, &master, "", "");
+        cap.wait_ready().await;
+        let batch = format!("  batch_max_changes: {}\n", rng.range(2, 200));
+        let apply = applier(&master, &replica, &batch, "");
+        let transactions = rng.range(20, 60);
+        let truncate_at = rng.chance(0.5).then(|| rng.range(0, transactions));
+        for t in 0..transactions {
             let mut sql = String::from("BEGIN;");
+            if truncate_at == Some(t) {
+                sql.push_str("TRUNCATE items;");
+            }
             for _ in 0..rng.range(1, 6) {
-                let id = rng.range(1, ids);
+                let table = if rng.chance(0.5) { "items" } else { "blobs" };
+                let id = pool[rng.range(0, pool.len() as i64) as usize];
+                let k = key(table, id);
                 let v = value(&mut rng);
-                // Large values are stored out of line: an update of `v` alone leaves them
-                // unsent.
+                // Large values are stored out of line: an update that leaves them alone
+                // leaves them unsent.
                 let w = if rng.chance(0.5) {
                     format!("repeat('{v}-', 2000)")
                 } else {
                     format!("'{v}'")
                 };
-                sql.push_str(&match rng.range(0, 10) {
-                    0..=4 => format!(
-                        "INSERT INTO items VALUES ({id}, {v}, {w}) \
+                sql.push_str(&match rng.range(0, 11) {
+                    0..=3 => format!(
+                        "INSERT INTO {table} VALUES ({k}, {v}, {w}) \
                          ON CONFLICT (id) DO UPDATE SET v = {v}, w = {w};"
                     ),
-                    5..=7 => format!("UPDATE items SET v = {v} WHERE id = {id};"),
-                    _ => format!("DELETE FROM items WHERE id = {id};"),
+                    4..=6 => format!("UPDATE {table} SET v = {v} WHERE id = {k};"),
+                    7..=8 => {
+                        fresh += 1;
+                        pool.push(fresh);
+                        format!(
+                            "UPDATE {table} SET id = {}, v = {v} WHERE id = {k};",
+                            key(table, fresh)
+                        )
+                    }
+                    _ => format!("DELETE FROM {table} WHERE id = {k};"),
                 });
             }
             m.batch_execute(&format!("{sql} COMMIT;")).await.unwrap();
         }
-        m.execute("INSERT INTO items VALUES (0, 0, 'last')", &[])
-            .await
-            .unwrap();
-        wait_item(&r, 0).await;
+        m.execute("INSERT INTO done VALUES (1)", &[]).await.unwrap();
+        common::wait_for("the last row", Duration::from_secs(90), || async {
+            let n: i64 = r
+                .query_one("SELECT count(*) FROM done", &[])
+                .await
+                .ok()?
+                .get(0);
+            (n == 1).then_some(())
+        })
+        .await;
         let letters: i64 = r
             .query_one(
                 "SELECT count(*) FROM pgferry.dead_letters WHERE resolved_at IS NULL",
@@ -442,12 +499,17 @@ async fn a_replayed_letter_never_undoes_a_later_change_of_its_row() {
         // Still rejected: the letters that fail again, and those behind them, stay.
         let (code, out) = cli(&["dead-letters", "replay", "--config", config, "--all"]);
         assert_eq!(code, 1, "seed {seed}: {out}");
-        r.batch_execute("ALTER TABLE items DROP CONSTRAINT small")
-            .await
-            .unwrap();
+        r.batch_execute(
+            "ALTER TABLE items DROP CONSTRAINT small; ALTER TABLE blobs DROP CONSTRAINT small_blob;
+             DROP TABLE refs;",
+        )
+        .await
+        .unwrap();
         let (code, out) = cli(&["dead-letters", "replay", "--config", config, "--all"]);
         assert_eq!(code, 0, "seed {seed}: {out}");
-        wait_equal(&m, &r, "items", Duration::from_secs(30)).await;
+        for table in ["items", "blobs"] {
+            wait_equal(&m, &r, table, Duration::from_secs(30)).await;
+        }
     }
 }
 

@@ -144,18 +144,25 @@ pub const MISSING_TABLE: &str = "table missing on the target: ";
 /// on.
 pub const ACCESS_REFUSED: &str = "access to the table refused on the target: ";
 
+/// How the reason of a `TRUNCATE` the target refused begins (a foreign key of the target's
+/// own references the table, say): it parks its table, since every later change of the table
+/// was made after it (applied past it, a replay of the truncate would remove them).
+pub const TRUNCATE_REFUSED: &str = "truncate refused on the target: ";
+
 /// How the reasons of letters that park their table begin: a schema change the target
 /// refused, a change naming a column or a table the target lacks ([`MISSING_COLUMN`],
-/// [`MISSING_TABLE`]), a change the apply role may not make ([`ACCESS_REFUSED`]), and every change of the table after any of them ([`PARKED`]). While a
+/// [`MISSING_TABLE`]), a change the apply role may not make ([`ACCESS_REFUSED`]), a refused
+/// `TRUNCATE` ([`TRUNCATE_REFUSED`]), and every change of the table after any of them ([`PARKED`]). While a
 /// table has an unresolved apply-stage one, each later change of it is parked too, so that
 /// nothing of the table applies out of order; the apply worker tries the letters again now
 /// and then, and once they all apply, the table resumes (apply's `Worker::unpark_due`).
-const PARKING: [&str; 5] = [
+const PARKING: [&str; 6] = [
     "schema change of ",
     "parked behind ",
     MISSING_COLUMN,
     MISSING_TABLE,
     ACCESS_REFUSED,
+    TRUNCATE_REFUSED,
 ];
 
 /// Whether a letter parks its table (see [`PARKING`]).
@@ -193,6 +200,24 @@ pub async fn parked_tables(
         )
         .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// The unresolved letters of node `$1` that park their table ([`parks`]): (id, table).
+pub async fn parking(
+    client: &Client,
+    node: &str,
+) -> Result<Vec<(i64, String)>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT id, table_name FROM pgferry.dead_letters
+                  WHERE {} AND table_name IS NOT NULL",
+                parked_letters()
+            ),
+            &[&node],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// The letters that park `table`, oldest first, locked until the transaction ends (a

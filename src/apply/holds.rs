@@ -9,13 +9,17 @@
 //!   or bring a deleted one back);
 //! - a later update that leaves a TOASTed value unsent depends on the row before it, so it is
 //!   **held**: dead-lettered behind the letter, to be replayed after it, in order;
-//! - a `TRUNCATE` supersedes every letter of its table.
+//! - a `TRUNCATE` supersedes every letter of its table (a refused `TRUNCATE` parks its table
+//!   instead: every later change depends on it);
+//! - a letter of an update that moved its row to another key (two keys: it deletes one and
+//!   sets the other) is superseded by nothing: a later change of either key is held behind
+//!   it, and so is a snapshot row of either key.
 //!
-//! Keys are compared as text: a JSON string's contents, a number's digits, `t`/`f` for a
-//! boolean (what PostgreSQL's output function prints for the common key types), and, for types
-//! whose text has more than one spelling per value ([`one_spelling`]), the target's own output
-//! of the value (the worker asks it). Multi-master needs none of this: a replayed change carries
-//! its version and loses to any later one.
+//! Keys are compared as text: a change's JSON value as apply writes it
+//! ([`crate::apply::params::json_to_text`]: `bytea` from base64, arrays as literals), snapshot
+//! rows' values as they came; for types whose text has more than one spelling per value
+//! ([`one_spelling`]), both as the target prints the value (the worker asks it). Multi-master
+//! needs none of this: a replayed change carries its version and loses to any later one.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -23,6 +27,7 @@ use serde_json::value::RawValue;
 
 use super::stream::{ChangeItem, RowsItem};
 use crate::event::Op;
+use crate::value::PgType;
 
 /// A row's key values as text (`None`: NULL), in the target key's column order.
 pub type Key = Vec<Option<String>>;
@@ -42,17 +47,25 @@ pub fn json_text(raw: &RawValue) -> Option<String> {
     }
 }
 
-/// The keys a change writes, by the `key` columns: the new row's, and the old row's when the
-/// change carries it (an update that moved its row to another key writes both). Empty for a
-/// keyless table, a `TRUNCATE`, or an image without a key column.
-pub fn change_keys(change: &ChangeItem, key: &[&str]) -> Vec<Key> {
+/// A key value of a change as apply writes it for a column of `kind` (`bytea` from base64,
+/// an array as its literal), or as [`json_text`] reads it where that fails.
+fn value_text(kind: &PgType, raw: &RawValue) -> Option<String> {
+    crate::apply::params::json_to_text(kind, raw).unwrap_or_else(|_| json_text(raw))
+}
+
+/// The keys a change writes, by the `key` columns (of `kinds`, by column): the new row's, and
+/// the old row's when the change carries it (an update that moved its row to another key
+/// writes both). Empty for a keyless table, a `TRUNCATE`, or an image without a key column.
+pub fn change_keys(change: &ChangeItem, key: &[&str], kinds: &[PgType]) -> Vec<Key> {
     if key.is_empty() {
         return Vec::new();
     }
+    let kind = |i: usize| kinds.get(i).unwrap_or(&PgType::Unknown);
     let of = |image: Option<&super::stream::RowImage>| -> Option<Key> {
         let image = image?;
         key.iter()
-            .map(|k| image.get(k).map(json_text))
+            .enumerate()
+            .map(|(i, k)| image.get(k).map(|v| value_text(kind(i), v)))
             .collect::<Option<Key>>()
     };
     let mut keys = Vec::with_capacity(2);
@@ -61,13 +74,14 @@ pub fn change_keys(change: &ChangeItem, key: &[&str]) -> Vec<Key> {
         // An update's new key falls back to its old image for the columns it does not carry.
         Op::Update => key
             .iter()
-            .map(|k| {
+            .enumerate()
+            .map(|(i, k)| {
                 change
                     .after
                     .as_ref()
                     .and_then(|a| a.get(k))
                     .or_else(|| change.before.as_ref().and_then(|b| b.get(k)))
-                    .map(json_text)
+                    .map(|v| value_text(kind(i), v))
             })
             .collect::<Option<Key>>(),
         Op::Delete | Op::Truncate => None,
@@ -128,9 +142,21 @@ pub fn one_spelling(type_name: &str) -> bool {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Held {
     tables: HashMap<String, HashMap<Key, BTreeSet<i64>>>,
+    /// Letters of more than one row (an update that moved its row to another key).
+    moves: BTreeSet<i64>,
 }
 
 impl Held {
+    /// Records letter `id`, of the rows `keys` (table, key).
+    pub fn add_letter(&mut self, id: i64, keys: Vec<(String, Key)>) {
+        if keys.len() > 1 {
+            self.moves.insert(id);
+        }
+        for (table, key) in keys {
+            self.add(&table, key, id);
+        }
+    }
+
     /// Records letter `id` of `key` in `table`.
     pub fn add(&mut self, table: &str, key: Key, id: i64) {
         self.tables
@@ -139,6 +165,18 @@ impl Held {
             .entry(key)
             .or_default()
             .insert(id);
+    }
+
+    /// Whether a letter of `key` in `table` below `below` (any, when `None`) moved its row to
+    /// another key: nothing of `key` supersedes it.
+    pub fn behind_move(&self, table: &str, key: &Key, below: Option<i64>) -> bool {
+        self.tables
+            .get(table)
+            .and_then(|keys| keys.get(key))
+            .is_some_and(|ids| {
+                ids.iter()
+                    .any(|id| below.is_none_or(|b| *id < b) && self.moves.contains(id))
+            })
     }
 
     /// Whether `table` has a row behind a letter.
@@ -187,6 +225,7 @@ impl Held {
 
     /// Forgets letter `id` (resolved by a replay).
     pub fn remove(&mut self, id: i64) {
+        self.moves.remove(&id);
         for keys in self.tables.values_mut() {
             keys.retain(|_, ids| {
                 ids.remove(&id);
@@ -250,7 +289,10 @@ mod tests {
             None,
             Some(image(&[("id", "1"), ("part", "\"x\""), ("v", "2")])),
         );
-        assert_eq!(change_keys(&insert, &k), vec![key(&[Some("1"), Some("x")])]);
+        assert_eq!(
+            change_keys(&insert, &k, &[]),
+            vec![key(&[Some("1"), Some("x")])]
+        );
         // An update whose new image lacks a key column takes it from the old one.
         let update = change(
             Op::Update,
@@ -258,7 +300,7 @@ mod tests {
             Some(image(&[("id", "2"), ("v", "3")])),
         );
         assert_eq!(
-            change_keys(&update, &k),
+            change_keys(&update, &k, &[]),
             vec![key(&[Some("2"), Some("x")]), key(&[Some("1"), Some("x")])]
         );
         let delete = change(
@@ -266,10 +308,42 @@ mod tests {
             Some(image(&[("id", "1"), ("part", "null")])),
             None,
         );
-        assert_eq!(change_keys(&delete, &k), vec![key(&[Some("1"), None])]);
-        assert!(change_keys(&insert, &[]).is_empty());
+        assert_eq!(change_keys(&delete, &k, &[]), vec![key(&[Some("1"), None])]);
+        assert!(change_keys(&insert, &[], &[]).is_empty());
         let no_key = change(Op::Create, None, Some(image(&[("v", "2")])));
-        assert!(change_keys(&no_key, &k).is_empty());
+        assert!(change_keys(&no_key, &k, &[]).is_empty());
+    }
+
+    /// A change's key reads as apply writes it, so that it matches a snapshot row's text.
+    #[test]
+    fn change_keys_read_as_apply_writes_them() {
+        let bytes = change(
+            Op::Create,
+            None,
+            Some(image(&[("id", r#""3q2+7w==""#), ("tags", "[1,2]")])),
+        );
+        assert_eq!(
+            change_keys(
+                &bytes,
+                &["id", "tags"],
+                &[PgType::Bytea, PgType::Array(Box::new(PgType::Int))]
+            ),
+            vec![key(&[Some("\\xdeadbeef"), Some(r#"{"1","2"}"#)])]
+        );
+    }
+
+    #[test]
+    fn a_moved_rows_letter_is_behind_both_keys() {
+        let mut held = Held::default();
+        let (a, b) = (key(&[Some("1")]), key(&[Some("2")]));
+        held.add_letter(1, vec![("t".into(), a.clone())]);
+        held.add_letter(2, vec![("t".into(), b.clone()), ("t".into(), a.clone())]);
+        assert!(held.behind_move("t", &a, None));
+        assert!(held.behind_move("t", &b, None));
+        assert!(!held.behind_move("t", &a, Some(2)));
+        held.remove(2);
+        assert!(!held.behind_move("t", &a, None));
+        assert_eq!(held.first("t", &a, None), Some(1));
     }
 
     #[test]

@@ -255,6 +255,9 @@ struct Worker {
     held: crate::apply::holds::Held,
     /// The letters `held` was read from: their count and the sum of their ids.
     held_seen: Option<(i64, i64)>,
+    /// How apply writes values of each key type held rows are compared by (type name →
+    /// kind).
+    key_kinds: HashMap<String, crate::value::PgType>,
     /// Replaying dead letter `id` (`pgferry dead-letters replay`, or a parked table
     /// resuming): only letters before it are behind its change, and nothing is held.
     replaying: Option<i64>,
@@ -451,6 +454,7 @@ async fn open(
         parked: HashMap::new(),
         held: Default::default(),
         held_seen: None,
+        key_kinds: HashMap::new(),
         replaying: None,
         unpruned: HashSet::new(),
         retyping: retype::Retyping::default(),
@@ -674,21 +678,50 @@ pub async fn replay(
     let (mut worker, client) = open(settings, metrics, Health::default(), &origin).await?;
     worker.parked.clear();
     worker.read_held(&client, true).await?;
+    // The letters that park their tables: a letter of a table behind one of them waits for
+    // it, as the worker's own changes of the table do (applied first, a later change would
+    // be undone by it, a TRUNCATE say, or meet the table in its old shape).
+    let mut parking: HashMap<String, std::collections::BTreeSet<i64>> = HashMap::new();
+    for (id, table) in dead_letters::parking(&client, &worker.settings.node)
+        .await
+        .map_err(ApplyError::sql("reading pgferry.dead_letters"))?
+    {
+        parking.entry(table).or_default().insert(id);
+    }
     let mut outcomes = Vec::with_capacity(letters.len());
     for letter in letters {
+        let parked_first = letter
+            .table
+            .as_ref()
+            .and_then(|t| parking.get(t))
+            .and_then(|ids| ids.iter().copied().find(|id| *id < letter.id));
         // A letter behind an unresolved one of its row waits for it: applied first, it would
         // be undone by it (letters come in id order, so one that failed again stays first).
-        let outcome = match worker.first_behind(&client, letter).await {
-            Ok(Some(first)) => Err(refused_letter(
+        let outcome = match parked_first {
+            Some(first) => Err(refused_letter(
                 letter,
                 &format!(
-                    "dead letter #{first} of the same row comes before it and is unresolved: \
+                    "dead letter #{first} parks its table and comes before it, unresolved: \
                      replay it first (or resolve it)"
                 ),
             )),
-            Ok(None) => worker.replay_one(&client, letter).await,
-            Err(e) => Err(e),
+            None => match worker.first_behind(&client, letter).await {
+                Ok(Some(first)) => Err(refused_letter(
+                    letter,
+                    &format!(
+                        "dead letter #{first} of the same row comes before it and is \
+                         unresolved: replay it first (or resolve it)"
+                    ),
+                )),
+                Ok(None) => worker.replay_one(&client, letter).await,
+                Err(e) => Err(e),
+            },
         };
+        if outcome.is_ok() {
+            for ids in parking.values_mut() {
+                ids.remove(&letter.id);
+            }
+        }
         if outcome.is_err() {
             let _ = client.batch_execute("ROLLBACK").await;
             worker.tables.clear();
@@ -2145,7 +2178,7 @@ impl Worker {
         };
         if self.held.has_table(&source_table)
             && self
-                .behind_letters(client, message, &source_table, &table, &change)
+                .behind_letters(client, pending, message, &source_table, &table, &change)
                 .await?
         {
             return Ok(());
@@ -2381,8 +2414,12 @@ impl Worker {
             return Ok(());
         };
         if self.held.has_table(&source_table) {
-            self.rows_behind_letters(client, message, &source_table, &table, &rows)
+            let held = self
+                .rows_behind_letters(client, pending, message, &source_table, &table, &rows)
                 .await?;
+            if !held.is_empty() {
+                self.hold_rows(client, message, &mut rows, &held).await?;
+            }
         }
         let qualified = format!("{}.{}", rows.schema, rows.table);
         let count = rows.len();
@@ -2950,6 +2987,7 @@ impl Worker {
             .map_err(ApplyError::sql("setting a savepoint"))?;
         // The letters the change would supersede stay unless it applies.
         let held = (self.held.clone(), self.held_seen);
+        let truncates = matches!(&work, Work::Change(c) if c.op == Op::Truncate);
         let applied = self
             .apply_and_wait(client, pending, message, work, commit_ts_us)
             .await;
@@ -2964,17 +3002,26 @@ impl Worker {
                     .await
                     .map_err(ApplyError::sql("rolling back to a savepoint"))?;
                 (self.held, self.held_seen) = held;
-                if e.is_access_refused() {
-                    if let Some(table) = named_table(message.payload) {
-                        let reason = format!(
-                            "{}{}: grant the apply role SELECT, INSERT, UPDATE, DELETE and \
-                             TRUNCATE on it, and BYPASSRLS where it has row-level security \
-                             (`pgferry roles` prints them); the table resumes by itself",
-                            dead_letters::ACCESS_REFUSED,
-                            ErrorChain(&e)
-                        );
-                        return self.park(client, message, &table, &reason).await;
-                    }
+                let parks = if e.is_access_refused() {
+                    Some(format!(
+                        "{}{}: grant the apply role SELECT, INSERT, UPDATE, DELETE and TRUNCATE \
+                         on it, and BYPASSRLS where it has row-level security (`pgferry roles` \
+                         prints them); the table resumes by itself",
+                        dead_letters::ACCESS_REFUSED,
+                        ErrorChain(&e)
+                    ))
+                } else if truncates {
+                    Some(format!(
+                        "{}{}: the table's later changes wait behind it; fix the cause and the \
+                         table resumes by itself",
+                        dead_letters::TRUNCATE_REFUSED,
+                        ErrorChain(&e)
+                    ))
+                } else {
+                    None
+                };
+                if let (Some(reason), Some(table)) = (parks, named_table(message.payload)) {
+                    return self.park(client, message, &table, &reason).await;
                 }
                 let reason = format!("the target rejected the change: {}", ErrorChain(&e));
                 self.bad_message(client, message, &reason).await

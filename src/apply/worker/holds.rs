@@ -6,7 +6,7 @@
 
 use tokio_postgres::Client;
 
-use super::{RecordRef, Worker};
+use super::{InFlight, RecordRef, Worker};
 use crate::apply::dead_letters::{self, StoredDeadLetter};
 use crate::apply::error::ApplyError;
 use crate::apply::holds::{self, Held, Key};
@@ -14,6 +14,7 @@ use crate::apply::sql::is_safe_type_name;
 use crate::apply::stream::{parse_framed, ChangeItem, RowsItem, StreamItem};
 use crate::apply::target::TargetTable;
 use crate::event::Op;
+use crate::value::{builtin, PgType};
 
 /// The node's unresolved apply letters that hold a record: how many, and the sum of their
 /// ids (which changes when an operator replays or resolves one).
@@ -52,9 +53,7 @@ impl Worker {
                 .map_err(ApplyError::sql("reading pgferry.dead_letters"))?;
             for row in rows {
                 let (id, payload): (i64, String) = (row.get(0), row.get(1));
-                for (table, key) in self.letter_keys(client, payload.as_bytes()).await? {
-                    held.add(&table, key, id);
-                }
+                held.add_letter(id, self.letter_keys(client, payload.as_bytes()).await?);
             }
         }
         self.held = held;
@@ -72,9 +71,8 @@ impl Worker {
         if self.lww.is_some() {
             return Ok(());
         }
-        for (table, key) in self.letter_keys(client, payload.as_bytes()).await? {
-            self.held.add(&table, key, id);
-        }
+        let keys = self.letter_keys(client, payload.as_bytes()).await?;
+        self.held.add_letter(id, keys);
         self.held_seen = self.held_seen.map(|(n, sum)| (n + 1, sum + id));
         Ok(())
     }
@@ -102,8 +100,9 @@ impl Worker {
             return Ok(Vec::new());
         };
         let key: Vec<&str> = table.key.iter().map(String::as_str).collect();
+        let kinds = self.key_kinds(client, &table).await?;
         let keys = match &item {
-            StreamItem::Change(change) => holds::change_keys(change, &key),
+            StreamItem::Change(change) => holds::change_keys(change, &key, &kinds),
             StreamItem::Rows(rows) => holds::rows_keys(rows, &key).unwrap_or_default(),
             _ => Vec::new(),
         };
@@ -134,11 +133,13 @@ impl Worker {
     pub(super) async fn behind_letters(
         &mut self,
         client: &Client,
+        pending: &mut InFlight<'_>,
         message: &RecordRef<'_>,
         source_table: &str,
         table: &TargetTable,
         change: &ChangeItem,
     ) -> Result<bool, ApplyError> {
+        self.settle(pending).await?;
         // Replaying a letter: only letters before it are behind it.
         let below = self.replaying;
         if change.op == Op::Truncate {
@@ -148,7 +149,8 @@ impl Worker {
             return Ok(false);
         }
         let key: Vec<&str> = table.key.iter().map(String::as_str).collect();
-        let keys = spelled(client, table, holds::change_keys(change, &key)).await?;
+        let kinds = self.key_kinds(client, table).await?;
+        let keys = spelled(client, table, holds::change_keys(change, &key, &kinds)).await?;
         let Some(first) = keys
             .iter()
             .filter_map(|k| self.held.first(source_table, k, below))
@@ -156,14 +158,23 @@ impl Worker {
         else {
             return Ok(false);
         };
-        if !holds::sets_whole_row(change) {
+        // A letter that moved its row to another key is superseded by nothing of one key.
+        let behind_move = keys
+            .iter()
+            .any(|k| self.held.behind_move(source_table, k, below));
+        if !holds::sets_whole_row(change) || behind_move {
             if below.is_some() {
                 return Ok(false);
             }
+            let why = if behind_move {
+                "a letter before it moved the row to another key"
+            } else {
+                "this update leaves a TOASTed value unsent"
+            };
             let reason = format!(
-                "held behind dead letter #{first} of the same row of {source_table}: this \
-                 update leaves a TOASTed value unsent, so it applies only after that letter \
-                 (`pgferry dead-letters replay` applies them in order)"
+                "held behind dead letter #{first} of the same row of {source_table}: {why}, \
+                 so it applies only after that letter (`pgferry dead-letters replay` applies \
+                 them in order)"
             );
             self.bad_message(client, message, &reason).await?;
             return Ok(true);
@@ -183,27 +194,128 @@ impl Worker {
     }
 
     /// Snapshot rows of a table with rows behind letters: each row resolves its key's letters
-    /// as superseded (it is the row as the source had it after them).
+    /// as superseded (it is the row as the source had it after them), but one behind a letter
+    /// that moved its row to another key, which is held. Returns the places (0 for the first)
+    /// of the rows to hold.
     pub(super) async fn rows_behind_letters(
         &mut self,
         client: &Client,
+        pending: &mut InFlight<'_>,
         message: &RecordRef<'_>,
         source_table: &str,
         table: &TargetTable,
         rows: &RowsItem,
-    ) -> Result<(), ApplyError> {
+    ) -> Result<Vec<usize>, ApplyError> {
+        self.settle(pending).await?;
         let key: Vec<&str> = table.key.iter().map(String::as_str).collect();
         let Some(keys) = holds::rows_keys(rows, &key) else {
-            return Ok(());
+            return Ok(Vec::new());
         };
         let keys = spelled(client, table, keys).await?;
         let below = self.replaying;
-        let ids: Vec<i64> = keys
-            .iter()
-            .flat_map(|k| self.held.take(source_table, k, below))
-            .collect();
+        let mut held = Vec::new();
+        let mut ids = Vec::new();
+        for (at, k) in keys.iter().enumerate() {
+            if self.held.behind_move(source_table, k, below) {
+                if below.is_none() {
+                    held.push(at);
+                }
+            } else {
+                ids.extend(self.held.take(source_table, k, below));
+            }
+        }
         self.supersede(client, message, ids, "a later snapshot row set its row")
+            .await?;
+        Ok(held)
+    }
+
+    /// Dead-letters the rows of `rows` at `held` (places, 0 for the first) behind the letters
+    /// of their keys, each alone (a `rows` item of one row, replayable), and leaves the rest.
+    pub(super) async fn hold_rows(
+        &mut self,
+        client: &Client,
+        message: &RecordRef<'_>,
+        rows: &mut RowsItem,
+        held: &[usize],
+    ) -> Result<(), ApplyError> {
+        let reason = format!(
+            "held behind a dead letter of the same row of {}.{}: a letter before it moved the \
+             row to another key, so it applies only after that letter (`pgferry dead-letters \
+             replay` applies them in order)",
+            rows.schema, rows.table
+        );
+        let mut kept = String::new();
+        let split: Vec<RowsItem> = rows.split().collect();
+        for (at, row) in split.into_iter().enumerate() {
+            if !held.contains(&at) {
+                kept.push_str(&row.copy);
+                continue;
+            }
+            let payload = row.to_json();
+            let one = RecordRef {
+                row: message.row.or(u32::try_from(at + 1).ok()),
+                payload: Some(payload.as_bytes()),
+                ..*message
+            };
+            self.bad_message(client, &one, &reason).await?;
+        }
+        rows.copy = kept;
+        Ok(())
+    }
+
+    /// The kinds of `table`'s key columns' types, as apply writes values of them
+    /// ([`crate::value::builtin`]; `Unknown` for the rest).
+    async fn key_kinds(
+        &mut self,
+        client: &Client,
+        table: &TargetTable,
+    ) -> Result<Vec<PgType>, ApplyError> {
+        let names: Vec<String> = table
+            .key
+            .iter()
+            .map(|k| {
+                table
+                    .columns
+                    .iter()
+                    .position(|c| c == k)
+                    .and_then(|at| table.types.get(at).cloned())
+                    .unwrap_or_default()
+            })
+            .collect();
+        let unknown: Vec<&String> = names
+            .iter()
+            .filter(|n| !self.key_kinds.contains_key(*n))
+            .collect();
+        if !unknown.is_empty() {
+            let rows = client
+                .query(
+                    "SELECT t, to_regtype(t)::oid FROM unnest($1::text[]) AS t",
+                    &[&unknown],
+                )
+                .await
+                .map_err(ApplyError::sql("reading the types of a table's key"))?;
+            for row in rows {
+                let (name, oid): (String, Option<u32>) = (row.get(0), row.get(1));
+                let kind = oid.and_then(builtin).unwrap_or(PgType::Unknown);
+                self.key_kinds.insert(name, kind);
+            }
+        }
+        Ok(names
+            .iter()
+            .map(|n| self.key_kinds.get(n).cloned().unwrap_or(PgType::Unknown))
+            .collect())
+    }
+
+    /// Waits for every statement in flight (the last transaction's COMMIT, then the open
+    /// transaction's) before the statements of this module: a pipelined statement whose
+    /// answer nobody reads stops the connection from reading further answers, and the worker
+    /// would wait forever for this module's.
+    async fn settle(&mut self, pending: &mut InFlight<'_>) -> Result<(), ApplyError> {
+        self.confirm_commit(pending).await?;
+        pending
+            .drain()
             .await
+            .map_err(ApplyError::sql("applying changes"))
     }
 
     /// Resolves letters `ids` as superseded by `message`, in the open transaction.
