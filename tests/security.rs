@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::broker::Broker;
 use common::certs::Ca;
 use common::ferry::{pgferry_bin, write_config, Ferry};
-use common::pg::{table_checksum, try_table_checksum, PgCluster};
+use common::pg::{first_column, table_checksum, try_table_checksum, PgCluster};
 
 /// The password of the TLS-only roles.
 const PASSWORD: &str = "tls-role-pw-8271";
@@ -1360,17 +1360,12 @@ async fn row_level_security_on_a_target_never_hides_rows_from_apply() {
     .await;
     // Nothing silent: the table parks, its first letter naming row-level security and what
     // to grant, its later changes behind it in order; the other table went on (above).
-    let letters: Vec<String> = target
-        .query(
-            "SELECT error FROM pgferry.dead_letters
-              WHERE table_name = 'public.tenants' AND resolved_at IS NULL ORDER BY id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let letters: Vec<String> = first_column(
+        &target,
+        "SELECT error FROM pgferry.dead_letters
+          WHERE table_name = 'public.tenants' AND resolved_at IS NULL ORDER BY id",
+    )
+    .await;
     let (first, later) = letters
         .split_first()
         .expect("the table's changes are dead-lettered");

@@ -510,7 +510,6 @@ pub fn pgbench(cluster: &PgCluster, db: &str, args: &[&str]) {
     );
 }
 
-/// [`table_checksum`], or `None` when the table cannot be read (e.g. does not exist yet).
 /// The first column of every row `sql` returns, in order.
 pub async fn first_column<T>(client: &Client, sql: &str) -> Vec<T>
 where
@@ -525,6 +524,7 @@ where
         .collect()
 }
 
+/// [`table_checksum`], or `None` when the table cannot be read (e.g. does not exist yet).
 pub async fn try_table_checksum(client: &Client, table: &str) -> Option<(i64, String)> {
     let row = client
         .query_one(

@@ -99,15 +99,42 @@ impl Worker {
         else {
             return Ok(Vec::new());
         };
-        let key: Vec<&str> = table.key.iter().map(String::as_str).collect();
-        let kinds = self.key_kinds(client, &table).await?;
         let keys = match &item {
-            StreamItem::Change(change) => holds::change_keys(change, &key, &kinds),
-            StreamItem::Rows(rows) => holds::rows_keys(rows, &key).unwrap_or_default(),
+            StreamItem::Change(change) => self.change_keys(client, &table, change).await?,
+            StreamItem::Rows(rows) => self
+                .rows_keys(client, &table, rows)
+                .await?
+                .unwrap_or_default(),
             _ => Vec::new(),
         };
-        let keys = spelled(client, &table, keys).await?;
         Ok(keys.into_iter().map(|k| (qualified.clone(), k)).collect())
+    }
+
+    /// The keys `change` writes in `table` ([`holds::change_keys`]), as compared.
+    async fn change_keys(
+        &mut self,
+        client: &Client,
+        table: &TargetTable,
+        change: &ChangeItem,
+    ) -> Result<Vec<Key>, ApplyError> {
+        let key: Vec<&str> = table.key.iter().map(String::as_str).collect();
+        let kinds = self.key_kinds(client, table).await?;
+        spelled(client, table, holds::change_keys(change, &key, &kinds)).await
+    }
+
+    /// The keys of snapshot `rows` of `table` ([`holds::rows_keys`]), as compared; `None`
+    /// when a key column is not among the rows' columns.
+    async fn rows_keys(
+        &mut self,
+        client: &Client,
+        table: &TargetTable,
+        rows: &RowsItem,
+    ) -> Result<Option<Vec<Key>>, ApplyError> {
+        let key: Vec<&str> = table.key.iter().map(String::as_str).collect();
+        match holds::rows_keys(rows, &key) {
+            Some(keys) => spelled(client, table, keys).await.map(Some),
+            None => Ok(None),
+        }
     }
 
     /// The first unresolved letter before `letter` of a row `letter` writes.
@@ -148,9 +175,7 @@ impl Worker {
                 .await?;
             return Ok(false);
         }
-        let key: Vec<&str> = table.key.iter().map(String::as_str).collect();
-        let kinds = self.key_kinds(client, table).await?;
-        let keys = spelled(client, table, holds::change_keys(change, &key, &kinds)).await?;
+        let keys = self.change_keys(client, table, change).await?;
         let Some(first) = keys
             .iter()
             .filter_map(|k| self.held.first(source_table, k, below))
@@ -207,11 +232,9 @@ impl Worker {
         rows: &RowsItem,
     ) -> Result<Vec<usize>, ApplyError> {
         self.settle(pending).await?;
-        let key: Vec<&str> = table.key.iter().map(String::as_str).collect();
-        let Some(keys) = holds::rows_keys(rows, &key) else {
+        let Some(keys) = self.rows_keys(client, table, rows).await? else {
             return Ok(Vec::new());
         };
-        let keys = spelled(client, table, keys).await?;
         let below = self.replaying;
         let mut held = Vec::new();
         let mut ids = Vec::new();
