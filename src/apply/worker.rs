@@ -1178,11 +1178,12 @@ impl Worker {
                 .batch_execute("ROLLBACK")
                 .await
                 .map_err(ApplyError::sql("rolling back"))?;
-            // Tables parked in the rolled-back transaction are parked again by its replay,
-            // and rows held behind its letters held again.
-            self.reload_parked(client).await?;
-            self.read_held(client, true).await?;
         }
+        // Tables parked, and letters recorded or superseded, in the rolled-back transaction (or
+        // one whose COMMIT failed, found after it was sent) are read again from the target: its
+        // replay parks, holds and supersedes them again.
+        self.reload_parked(client).await?;
+        self.read_held(client, true).await?;
         for (lane, open) in self.lanes.iter().zip(self.lane_open.iter_mut()) {
             if *open {
                 // A lane that lost its connection has nothing left to roll back.
@@ -1847,6 +1848,12 @@ impl Worker {
         }
         self.count_conflicts();
         self.observe_peer_clock(client).await?;
+        if self.diverged_refresh_due() {
+            // Its queries must not wait behind the answers of the statements just sent: an
+            // answer nobody reads stops the connection from reading on (a hang, seen under
+            // random dead-letter tests once the refresh also read the held rows).
+            self.confirm_commit(pending).await?;
+        }
         self.refresh_diverged(client).await
     }
 
@@ -3336,11 +3343,17 @@ impl Worker {
         Ok(())
     }
 
+    /// Whether [`Worker::refresh_diverged`] reads the letters again: one was recorded (or
+    /// resolved) since, or [`DIVERGED_RECHECK`] passed.
+    fn diverged_refresh_due(&self) -> bool {
+        self.letters_pending || self.diverged_checked.elapsed() >= DIVERGED_RECHECK
+    }
+
     /// Reads which tables have unresolved dead letters, for readiness and the metric.
     /// Runs after a letter was recorded, and every [`DIVERGED_RECHECK`] between transactions
     /// (an operator may have resolved letters).
     async fn refresh_diverged(&mut self, client: &Client) -> Result<(), ApplyError> {
-        if !self.letters_pending && self.diverged_checked.elapsed() < DIVERGED_RECHECK {
+        if !self.diverged_refresh_due() {
             return Ok(());
         }
         let tables = target::diverged_tables(client, &self.settings.node)
