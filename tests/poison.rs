@@ -378,7 +378,12 @@ async fn rejected_changes_are_dead_lettered_then_replayed() {
 /// master.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replayed_letter_never_undoes_a_later_change_of_its_row() {
-    for seed in [1u64, 2, 3] {
+    // Seed 15 stalled the worker about one run in four before the answers of pipelined
+    // statements were read while it waited for other queries. UNDO_SEEDS=4,5,6 runs others.
+    let seeds: Vec<u64> = std::env::var("UNDO_SEEDS").map_or(vec![1, 2, 3, 15], |s| {
+        s.split(',').filter_map(|x| x.trim().parse().ok()).collect()
+    });
+    for seed in seeds {
         let pg = PgCluster::shared();
         let ddl = "CREATE TABLE items (id int PRIMARY KEY, v int, w text);
                    CREATE TABLE blobs (id bytea PRIMARY KEY, v int, w text);

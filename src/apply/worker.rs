@@ -7,12 +7,9 @@
 //! data, so a crash at any point neither loses nor repeats a change.
 
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::stream::{FuturesOrdered, StreamExt};
 use futures_util::FutureExt;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -25,6 +22,7 @@ use serde_json::value::RawValue;
 use tokio_postgres::{Client, Statement};
 use tokio_util::sync::CancellationToken;
 
+use self::in_flight::InFlight;
 use super::admit::{self, Admission};
 use super::contention::Contention;
 use super::copy;
@@ -52,6 +50,7 @@ use crate::value::copy_text;
 
 mod holds;
 mod horizon;
+mod in_flight;
 mod lww;
 mod lww_rows;
 mod retype;
@@ -79,8 +78,6 @@ const IDLE_BEAT: Duration = Duration::from_secs(1);
 /// How long a worker waits without a record, while the broker says there are more, before it
 /// calls its consumer stuck.
 const STALL_AFTER: Duration = Duration::from_secs(30);
-
-type Pending<'a> = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>>;
 
 /// What one worker needs.
 #[derive(Debug, Clone)]
@@ -823,8 +820,16 @@ impl Worker {
         shutdown: &CancellationToken,
     ) -> Result<(), ApplyError> {
         let mut pending: InFlight<'_> = InFlight::default();
-        let result = self
-            .read_and_apply(client, consumer, topic, framer, shutdown, &mut pending)
+        let pump = pending.clone();
+        let result = pump
+            .beside(Box::pin(self.read_and_apply(
+                client,
+                consumer,
+                topic,
+                framer,
+                shutdown,
+                &mut pending,
+            )))
             .await;
         // However reading ended, the COMMIT sent last is answered before the position is used
         // again (a replay starts from it).
@@ -3124,9 +3129,10 @@ impl Worker {
             payload: Some(payload.as_bytes()),
         };
         let mut pending = InFlight::default();
+        let pump = pending.clone();
         self.replaying = Some(letter.id);
-        let applied = self
-            .replay_item(client, &mut pending, &record, item, letter, commit_ts_us)
+        let applied = pump
+            .beside(self.replay_item(client, &mut pending, &record, item, letter, commit_ts_us))
             .await;
         self.replaying = None;
         applied?;
@@ -3477,102 +3483,6 @@ async fn copy_rows(
     tracing::info!(table = %format!("{schema}.{table}"), error = %ErrorChain(&error),
                    "COPY refused; this table's batches go as multi-row upserts from now on");
     Ok(copy::Outcome::Refused)
-}
-
-/// Statements sent to the target and not yet answered, in send order. Each is polled as soon
-/// as it is added, which sends it: the connection stays busy while the worker decodes the next
-/// records, instead of alternating send-a-batch / wait-for-all.
-#[derive(Default)]
-struct InFlight<'a> {
-    /// The open target transaction's statements.
-    open: Answers<'a>,
-    /// The previous target transaction's statements, ending with its COMMIT, when the worker
-    /// read on without waiting for them (see `Worker::commit_batch`). Kept apart so that an
-    /// error of theirs is never taken for one of the open transaction's.
-    committing: Answers<'a>,
-}
-
-impl<'a> InFlight<'a> {
-    fn len(&self) -> usize {
-        self.open.queue.len()
-    }
-
-    /// Waits for answers while [`PIPELINE_DEPTH`] statements are unanswered, down to half.
-    async fn throttle(&mut self) -> Result<(), ApplyError> {
-        if self.len() >= PIPELINE_DEPTH {
-            self.wait_below(PIPELINE_DEPTH / 2)
-                .await
-                .map_err(ApplyError::sql("applying changes"))?;
-        }
-        Ok(())
-    }
-
-    /// Sends a statement (polls it once) and collects any results already back.
-    fn send(&mut self, statement: Pending<'a>) {
-        self.open.queue.push_back(statement);
-        self.open.collect_ready();
-        self.committing.collect_ready();
-    }
-
-    /// Waits until fewer than `limit` statements of the open transaction are in flight.
-    async fn wait_below(&mut self, limit: usize) -> Result<(), tokio_postgres::Error> {
-        while self.open.queue.len() >= limit {
-            if let Some(Err(e)) = self.open.queue.next().await {
-                self.open.failed.get_or_insert(e);
-            }
-        }
-        self.open.take_error()
-    }
-
-    /// Waits for every statement of the open transaction; returns the first error.
-    async fn drain(&mut self) -> Result<(), tokio_postgres::Error> {
-        self.open.drain().await
-    }
-
-    /// Sets the open transaction's statements (its COMMIT sent last) aside, to be answered by
-    /// [`InFlight::settle`] while later statements go out.
-    fn detach(&mut self) {
-        debug_assert!(
-            self.committing.queue.is_empty(),
-            "a commit is still unanswered"
-        );
-        self.committing = std::mem::take(&mut self.open);
-    }
-
-    /// Waits for the statements set aside by [`InFlight::detach`]; returns the first error.
-    async fn settle(&mut self) -> Result<(), tokio_postgres::Error> {
-        self.committing.drain().await
-    }
-}
-
-/// Statements of one target transaction and the first error among those already answered.
-#[derive(Default)]
-struct Answers<'a> {
-    queue: FuturesOrdered<Pending<'a>>,
-    failed: Option<tokio_postgres::Error>,
-}
-
-impl Answers<'_> {
-    fn collect_ready(&mut self) {
-        while let Some(Some(result)) = self.queue.next().now_or_never() {
-            if let Err(e) = result {
-                self.failed.get_or_insert(e);
-            }
-        }
-    }
-
-    async fn drain(&mut self) -> Result<(), tokio_postgres::Error> {
-        while let Some(result) = self.queue.next().await {
-            if let Err(e) = result {
-                self.failed.get_or_insert(e);
-            }
-        }
-        self.take_error()
-    }
-
-    fn take_error(&mut self) -> Result<(), tokio_postgres::Error> {
-        self.failed.take().map_or(Ok(()), Err)
-    }
 }
 
 #[cfg(test)]
