@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Snapshot benchmark: PostgreSQL's own initial table synchronization (CREATE SUBSCRIPTION ...
 # copy_data = true) against pgferry's snapshot (master -> Kafka -> replica) of the same table,
-# measured in the same run: the chunked snapshot with 1, 2 and 4 readers, and the exported
-# (single-transaction) mode for reference.
+# measured in the same run: the chunked snapshot with 1, 2 and 4 readers, the exported
+# (single-transaction) mode for reference, and `pgferry seed` (the replica copied straight
+# from the source, not through Kafka) with 1, 2 and 4 readers.
 #
 #   bench/snapshot.sh           10,000,000 rows, release build
-#   bench/snapshot.sh --smoke   100,000 rows, debug build, 2 readers and exported (CI: keeps
+#   bench/snapshot.sh --smoke   100,000 rows, debug build, 2 readers, exported, seed2 (CI: keeps
 #                               the script working; its figures are not representative)
 #   ROWS=2000000 READERS="1 4" bench/snapshot.sh
 #
@@ -65,7 +66,7 @@ printf '  native initial sync (copy_data)  %8.2f s  %10.0f rows/s  (CPU s: sourc
   "$native_secs" "$(echo "$ROWS / $native_secs" | bc -l)" "$native_src_cpu" "$native_dst_cpu"
 result="result snapshot_rows=$ROWS native_rows_per_s=$(echo "$ROWS / $native_secs" | bc -l | xargs printf '%.0f')"
 first_run=1
-for readers in ${READERS:-$(smoke_or "2 exported" "exported 1 2 4")}; do
+for readers in ${READERS:-$(smoke_or "2 exported seed2" "exported 1 2 4 seed1 seed2 seed4")}; do
   # A fresh broker for each run: tansu's memory storage keeps every record of every run, and
   # at 10M rows the fourth run's broker had filled the machine's 24 GB.
   if (( ! first_run )); then
@@ -79,6 +80,40 @@ for readers in ${READERS:-$(smoke_or "2 exported" "exported 1 2 4")}; do
   psql_at "$dst" "$db" "$ddl" >/dev/null
   psql_at "$src" bench "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'ferry_slot'" >/dev/null
   psql_at "$src" bench "DROP SCHEMA IF EXISTS pgferry CASCADE" >/dev/null 2>&1
+  if [[ "$readers" == seed* ]]; then
+    # `pgferry seed`: the replica copied straight from the source (N readers), the stream
+    # taking over after it. Timed from capture's slot (created here as capture would) to the
+    # end of the seed; then capture and apply run until the applier is ready.
+    n=${readers#seed}
+    replica_yaml "$src" bench "$dst" "$db" "bench_$readers" "  tables: [public.items]
+  snapshot: never" >"$WORK/pgferry-$readers.yaml"
+    psql_at "$src" bench "CREATE PUBLICATION ferry_pub FOR TABLE items" >/dev/null 2>&1 || true
+    src_before=$(cluster_cpu src); dst_before=$(cluster_cpu dst)
+    t0=$(now)
+    psql_at "$src" bench "SELECT pg_create_logical_replication_slot('ferry_slot', 'pgoutput')" >/dev/null
+    TIMEFORMAT='%U %S'
+    { time "$BIN" seed --config "$WORK/pgferry-$readers.yaml" --readers "$n" >"$WORK/seed-$n.log" 2>&1; } 2>"$WORK/seed-$n.cpu" \
+      || { echo "pgferry seed failed:" >&2; cat "$WORK/seed-$n.log" >&2; exit 1; }
+    FERRY_SECS=$(echo "$(now) - $t0" | bc -l)
+    FERRY_CPU=$(awk '{printf "%.2f", $1 + $2}' "$WORK/seed-$n.cpu")
+    sleep 0.5  # the seed's sessions end, so their CPU is counted
+    src_cpu=$(echo "$(cluster_cpu src) - $src_before" | bc -l)
+    dst_cpu=$(echo "$(cluster_cpu dst) - $dst_before" | bc -l)
+    [[ "$(rows_at "$dst" "$db")" == "$ROWS" ]] || { echo "the seed left $(rows_at "$dst" "$db") rows" >&2; exit 1; }
+    # The stream takes over: capture and apply start on the seeded replica.
+    ferry_ready() { "$BIN" healthcheck --addr "$(sed -n 's/^  listen: //p' "$WORK/pgferry-$readers.yaml")" --path /readyz 2>/dev/null; }
+    seed_secs=$FERRY_SECS; seed_cpu=$FERRY_CPU
+    time_ferry_until "$WORK/pgferry-$readers.yaml" ferry_ready
+    [[ "$(psql_at "$dst" "$db" "SELECT sum(n)::text || max(note) FROM items")" == \
+       "$(psql_at "$src" bench "SELECT sum(n)::text || max(note) FROM items")" ]] \
+      || { echo "the seeded replica ($n) differs from the source" >&2; exit 1; }
+    ratio=$(echo "$native_secs / $seed_secs" | bc -l)
+    printf '  %-32s %8.2f s  %10.0f rows/s  ratio %.3f  (CPU s: pgferry seed %s, source %.2f, replica %.2f)\n' \
+      "pgferry seed, $n reader(s)" "$seed_secs" "$(echo "$ROWS / $seed_secs" | bc -l)" "$ratio" "$seed_cpu" "$src_cpu" "$dst_cpu"
+    result+=" snapshot_ratio_seed$n=$(printf '%.3f' "$ratio")"
+    psql_at "$src" bench "DROP PUBLICATION IF EXISTS ferry_pub" >/dev/null 2>&1
+    continue
+  fi
   if [[ "$readers" == exported ]]; then mode="snapshot: exported"; else mode="snapshot_readers: $readers"; fi
   replica_yaml "$src" bench "$dst" "$db" "bench_$readers" "  tables: [public.items]
   status_interval: 1s

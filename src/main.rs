@@ -93,6 +93,30 @@ enum Command {
         #[arg(long, env = "PGFERRY_PEER_URL")]
         peer_url: String,
     },
+    /// Fill this replica's (empty) target tables straight from the source database's snapshot,
+    /// in parallel, and record where the node stream takes over; then start the applier.
+    /// Capture must run (or its slot exist) first.
+    Seed {
+        /// Path to the replica's YAML config (apply.mode: replica).
+        #[arg(long, short, env = "PGFERRY_CONFIG")]
+        config: PathBuf,
+        /// The source node (one of apply.nodes); default: the only one.
+        #[arg(long)]
+        node: Option<String>,
+        /// The source database (a role that may create a replication slot and read the
+        /// published tables, such as capture's); default: source.url of this config's own node.
+        #[arg(long, env = "PGFERRY_SOURCE_URL")]
+        source_url: Option<String>,
+        /// Capture's slot on the source; default: pgferry_<node>.
+        #[arg(long)]
+        slot: Option<String>,
+        /// Capture's publication; default: pgferry.
+        #[arg(long)]
+        publication: Option<String>,
+        /// Sessions that copy in parallel (on each side), 1-16.
+        #[arg(long, default_value_t = 2)]
+        readers: usize,
+    },
     /// Inspect, replay or resolve the changes apply dead-lettered (each target's
     /// `pgferry.dead_letters`).
     DeadLetters {
@@ -221,6 +245,44 @@ async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
                  restart them one by one",
                 config.node_id
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Seed {
+            config,
+            node,
+            source_url,
+            slot,
+            publication,
+            readers,
+        } => {
+            let config = load(&config)?;
+            pgferry::telemetry::init_logging(&config.log);
+            let options = pgferry::apply::seed::SeedOptions {
+                node,
+                source_url,
+                slot,
+                publication,
+                readers,
+            };
+            for seeded in pgferry::apply::seed::seed(&config, &options).await? {
+                if !seeded.emptied.is_empty() {
+                    say!(
+                        "{}: emptied what an unfinished seed had copied into {}",
+                        seeded.target,
+                        seeded.emptied.join(", ")
+                    );
+                }
+                for (table, rows) in &seeded.tables {
+                    say!("{}: copied {table}: {rows} rows", seeded.target);
+                }
+                say!(
+                    "{}: the applier starts at offset {} and applies what committed from LSN {} on",
+                    seeded.target,
+                    seeded.offset,
+                    seeded.consistent
+                );
+            }
+            say!("next: start the applier");
             Ok(ExitCode::SUCCESS)
         }
         Command::Roles { config } => {

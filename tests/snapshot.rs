@@ -2146,3 +2146,336 @@ async fn a_table_moved_out_of_its_schema_publication_and_back_comes_back_exact()
     let ready = applier.http_get("/readyz");
     assert_eq!(ready.as_ref().map(|r| r.0), Some(200), "{ready:?}");
 }
+
+/// The config of an applier of `master`'s stream into `replica` (see [`start_applier`]).
+fn applier_yaml(master: &str, replica: &str, port: u16) -> String {
+    let pg = PgCluster::shared();
+    apply_config(
+        "node-a",
+        master,
+        &[pg.url(replica)],
+        &broker().address(),
+        port,
+        "",
+    )
+}
+
+/// `pgferry seed` of the applier config at `config` from `master` (capture's slot and
+/// publication as [`start_capture`] names them), `readers` in parallel.
+fn seed_command(config: &std::path::Path, master: &str, readers: i64) -> std::process::Command {
+    let pg = PgCluster::shared();
+    let mut command = std::process::Command::new(pgferry_bin());
+    command
+        .args(["seed", "--config"])
+        .arg(config)
+        .args(["--source-url", &pg.url(master)])
+        .args(["--slot", &format!("slot_{master}")])
+        .args(["--publication", &format!("pub_{master}")])
+        .args(["--readers", &readers.to_string()]);
+    command
+}
+
+fn run_seed(config: &std::path::Path, master: &str, readers: i64) -> (i32, String) {
+    let out = seed_command(config, master, readers)
+        .output()
+        .expect("run pgferry seed");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+const SEED_DDL: &str =
+    "CREATE TABLE items (id bigint PRIMARY KEY, v int, note text, code int UNIQUE);
+     CREATE TABLE orders (id int PRIMARY KEY, v int, secret text);";
+/// The replica's: orders.v is a bigint there, so orders is copied as text, items in binary.
+const SEED_REPLICA_DDL: &str =
+    "CREATE TABLE items (id bigint PRIMARY KEY, v int, note text, code int UNIQUE);
+     CREATE TABLE orders (id int PRIMARY KEY, v bigint, secret text);";
+
+/// Loads `rows` items (about 22 pages a thousand, so several page ranges) and orders, and
+/// publishes items whole and orders with a column list and a row filter.
+async fn load_seed_source(c: &tokio_postgres::Client, master: &str, rows: i64) {
+    c.batch_execute(&format!(
+        "INSERT INTO items SELECT g, g % 1000, repeat('n', 120), g FROM generate_series(1, {rows}) g;
+         INSERT INTO orders SELECT g, g, 'secret' FROM generate_series(1, {}) g;
+         CREATE PUBLICATION pub_{master} FOR TABLE items, orders (id, v) WHERE (id % 3 <> 0);",
+        rows / 10
+    ))
+    .await
+    .unwrap();
+}
+
+/// Writers for [`load_seed_source`]'s tables until `stop`: updates, deletes, inserts, and
+/// (every fifth update of items) a move of a row to a new key. Items' writer works on the
+/// first 2,000 rows, and a new row takes the unique `code` of a row it deleted: applying a
+/// transaction the seed's copy already holds again would meet a code a later one reused (a
+/// dead letter).
+fn spawn_seed_writers(
+    master: &str,
+    rows: i64,
+    seed: u64,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<u64>> {
+    let mut moves = 0i64;
+    let mut freed: Vec<i64> = Vec::new();
+    vec![
+        spawn_statements(
+            master.to_owned(),
+            seed,
+            stop.clone(),
+            (2_000.min(rows), rows),
+            move |w, next| match w {
+                Some((id, Write::Update)) => {
+                    moves += 1;
+                    if moves % 5 == 0 {
+                        format!(
+                            "UPDATE items SET id = {} WHERE id = {id}",
+                            100_000_000 + moves
+                        )
+                    } else {
+                        format!("UPDATE items SET v = v + 1, note = note || 'u' WHERE id = {id}")
+                    }
+                }
+                Some((id, Write::Delete)) => {
+                    freed.push(id);
+                    format!("DELETE FROM items WHERE id = {id}")
+                }
+                None => format!(
+                    "INSERT INTO items VALUES ({next}, 1, 'new', {}) ON CONFLICT DO NOTHING",
+                    freed.pop().unwrap_or(-next)
+                ),
+            },
+        ),
+        spawn_statements(
+            master.to_owned(),
+            seed + 1,
+            stop.clone(),
+            (rows / 10, rows / 10),
+            |w, next| match w {
+                Some((id, Write::Update)) => {
+                    format!("UPDATE orders SET v = v + 1, secret = 'changed' WHERE id = {id}")
+                }
+                Some((id, Write::Delete)) => format!("DELETE FROM orders WHERE id = {id}"),
+                None => format!("INSERT INTO orders VALUES ({next}, {next}, 'new')"),
+            },
+        ),
+    ]
+}
+
+/// The replica holds exactly what the publication gives: items whole, and of orders the
+/// published columns of the rows the filter lets through (the replica's own `secret` stays
+/// NULL).
+async fn wait_seeded_equal(master: &str, replica: &str, applier: &Ferry) {
+    wait_equal(master, replica, "items", Duration::from_secs(90)).await;
+    let pg = PgCluster::shared();
+    let (m, r) = (pg.client(master).await, pg.client(replica).await);
+    let want = rows_signature(&m, "SELECT id, v FROM orders WHERE id % 3 <> 0 ORDER BY id").await;
+    wait_for(
+        "orders to match the publication",
+        Duration::from_secs(60),
+        || async {
+            (rows_signature(&r, "SELECT id, v FROM orders ORDER BY id").await == want).then_some(())
+        },
+    )
+    .await;
+    let secrets: i64 = r
+        .query_one("SELECT count(secret) FROM orders", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        secrets, 0,
+        "a column the publication leaves out reached the replica"
+    );
+    assert_no_dead_letters(&r, applier).await;
+}
+
+/// `pgferry seed` fills an empty replica straight from the source's exported snapshot, with
+/// 1 to 4 readers (3 and 4 also over page ranges of items), while writers update (some rows to new keys), delete and
+/// insert throughout and capture lags behind (paused); the applier started afterwards skips
+/// exactly the transactions the copy holds: the replica ends exact (orders as its column list
+/// and row filter shape it), nothing dead-lettered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_seeded_replica_is_exact_under_concurrent_writes() {
+    let pg = PgCluster::shared();
+    let seed = seed();
+    eprintln!("SNAPSHOT_SEED={seed}");
+    let mut rng = Rng::new(seed);
+    for round in 0..2 {
+        let rows = rng.range(100_000, 150_000);
+        // Both rounds together cover whole tables and page ranges.
+        let readers = if round == 0 {
+            rng.range(1, 3)
+        } else {
+            rng.range(3, 5)
+        };
+        let (master, m) = pg.fresh_db("seedexact", SEED_DDL).await;
+        let (replica, _) = pg.fresh_db("seedexact_r", SEED_REPLICA_DDL).await;
+        load_seed_source(&m, &master, rows).await;
+        let capture = start_capture(&master, "  snapshot: never\n");
+        capture.wait_ready().await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let writers = spawn_seed_writers(&master, rows, seed + round, &stop);
+        // Capture falls behind for a while: the stream's end, where the applier starts, lies
+        // well before the seed's snapshot, and the transactions in between are in both.
+        capture.pause();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let port = common::free_port();
+        let yaml = applier_yaml(&master, &replica, port);
+        let config = common::ferry::write_config(&yaml);
+        let from = master.clone();
+        let (code, out) = tokio::task::spawn_blocking(move || run_seed(&config, &from, readers))
+            .await
+            .unwrap();
+        capture.resume();
+        assert_eq!(code, 0, "round {round}, {readers} readers: {out}");
+        assert!(out.contains("copied public.items: "), "{out}");
+        // Same types on both sides: binary; orders.v differs: text.
+        let copied = |table: &str, binary: bool| {
+            let ranges: Vec<&str> = out
+                .lines()
+                .filter(|l| l.contains(&format!("seed range copied table={table} ")))
+                .collect();
+            !ranges.is_empty()
+                && ranges
+                    .iter()
+                    .all(|l| l.contains(&format!("binary={binary}")))
+        };
+        assert!(
+            copied("public.items", true) && copied("public.orders", false),
+            "{out}"
+        );
+        let ranges = out.matches("seed range copied table=public.items").count();
+        // Two tables: a third reader and more cut items into page ranges.
+        if readers > 2 {
+            assert!(
+                ranges > 1,
+                "{readers} readers copied items in {ranges} range(s): {out}"
+            );
+        } else {
+            assert_eq!(
+                ranges, 1,
+                "{readers} readers copied items in {ranges} ranges: {out}"
+            );
+        }
+        let applier = Ferry::start(&yaml, port);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stop.store(true, Ordering::Relaxed);
+        for w in writers {
+            assert!(w.await.unwrap() > 0);
+        }
+        wait_seeded_equal(&master, &replica, &applier).await;
+        drop(capture);
+    }
+}
+
+/// A seed refuses a target table that holds rows. A seed killed with `kill -9` mid-copy
+/// leaves `pgferry.seeds` saying `copying`: the applier refuses to apply onto the partial
+/// copy (it says so and retries), and a second seed empties what the first copied and copies
+/// again; the replica then ends exact under writes that never stopped.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_seed_killed_midway_is_redone_and_the_applier_waits_for_it() {
+    let pg = PgCluster::shared();
+    let seed = seed();
+    eprintln!("SNAPSHOT_SEED={seed}");
+    let mut rng = Rng::new(seed);
+    let rows = 250_000;
+    let (master, m) = pg.fresh_db("seedkill", SEED_DDL).await;
+    let (replica, r) = pg.fresh_db("seedkill_r", SEED_REPLICA_DDL).await;
+    load_seed_source(&m, &master, rows).await;
+    let capture = start_capture(&master, "  snapshot: never\n");
+    capture.wait_ready().await;
+    let port = common::free_port();
+    let yaml = applier_yaml(&master, &replica, port);
+    let config = common::ferry::write_config(&yaml);
+
+    r.execute("INSERT INTO orders VALUES (1, 1, 'mine')", &[])
+        .await
+        .unwrap();
+    let (code, out) = run_seed(&config, &master, 2);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("public.orders is not empty on the target"),
+        "{out}"
+    );
+    r.execute("DELETE FROM orders", &[]).await.unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = spawn_seed_writers(&master, rows, seed, &stop);
+    let mut child = seed_command(&config, &master, rng.range(1, 5))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Killed once the target has taken some rows of items, before it has them all.
+    wait_for("the seed to copy rows", Duration::from_secs(60), || async {
+        let copied: i64 = r
+            .query_one(
+                "SELECT coalesce(sum(tuples_processed), 0)::int8 FROM pg_stat_progress_copy
+                  WHERE datname = current_database()",
+                &[],
+            )
+            .await
+            .ok()?
+            .get(0);
+        (copied > 1000).then_some(())
+    })
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let state: String = r
+        .query_one("SELECT state FROM pgferry.seeds", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(state, "copying");
+
+    let applier = Ferry::start(&yaml, port);
+    applier
+        .wait_log("did not finish", Duration::from_secs(30))
+        .await;
+    drop(applier);
+    // The killed applier's session and the seed's sessions end.
+    wait_for(
+        "the applier's session to end",
+        Duration::from_secs(30),
+        || async {
+            let n: i64 = r
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND application_name LIKE 'pgferry-%'",
+                    &[],
+                )
+                .await
+                .ok()?
+                .get(0);
+            (n == 0).then_some(())
+        },
+    )
+    .await;
+    let (code, out) = tokio::task::spawn_blocking({
+        let (config, master) = (config.clone(), master.clone());
+        let readers = rng.range(1, 5);
+        move || run_seed(&config, &master, readers)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("emptied what an unfinished seed had copied"),
+        "{out}"
+    );
+    let applier = Ferry::start(&yaml, port);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        assert!(w.await.unwrap() > 0);
+    }
+    wait_seeded_equal(&master, &replica, &applier).await;
+    drop(capture);
+}

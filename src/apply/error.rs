@@ -106,6 +106,13 @@ pub enum ApplyError {
         /// The tables it publishes with column lists, comma-separated.
         tables: String,
     },
+    /// The target's seed from the node (`pgferry seed`) did not finish: its tables hold part
+    /// of a copy, which the stream must not be applied onto.
+    #[error("the seed of this target from {node} did not finish (pgferry.seeds says copying): run `pgferry seed` again, then this worker starts")]
+    SeedUnfinished {
+        /// The source node.
+        node: String,
+    },
     /// A change carries a column the target table does not have.
     #[error("column {column} of {table} does not exist on the target: add it there (ALTER TABLE {table} ADD COLUMN ...) and pgferry resumes")]
     ColumnMissing {
@@ -189,7 +196,8 @@ impl Classify for ApplyError {
             ApplyError::BadMessage { .. }
             | ApplyError::Gap { .. }
             | ApplyError::HorizonPassed { .. }
-            | ApplyError::ColumnList { .. } => ErrorClass::Fatal,
+            | ApplyError::ColumnList { .. }
+            | ApplyError::SeedUnfinished { .. } => ErrorClass::Fatal,
             ApplyError::Contention { .. }
             | ApplyError::SchemaChangeWaits { .. }
             | ApplyError::Stalled { .. }

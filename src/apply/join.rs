@@ -19,7 +19,6 @@
 //! copy is never captured and republished.
 
 use bytes::Bytes;
-use futures_util::SinkExt;
 use tokio_postgres::Client;
 
 use crate::apply::multimaster;
@@ -28,7 +27,7 @@ use crate::config::{ApplyMode, Config, SnapshotMode};
 use crate::lsn::Lsn;
 use crate::pg::replication::ReplicationConnection;
 use crate::sink::kafka::node_stream::node_stream_topic;
-use crate::sql::{qualified, quote_ident};
+use crate::sql::qualified;
 
 /// Why a join could not be done.
 #[derive(Debug, thiserror::Error)]
@@ -156,38 +155,23 @@ pub async fn join(config: &Config, peer: &str, peer_url: &str) -> Result<Joined,
     // point. The new node starts right after the last commit record there: a position the
     // worker can verify, and whatever it replays up to the consistent point is in the copy
     // already, with the same versions, so it is skipped.
-    let start = tokio::task::spawn_blocking(move || {
-        let (_, high) = crate::apply::position::watermarks(&kafka, &t)?;
-        crate::apply::position::last_commit_before(&kafka, &t, high)
-    })
-    .await
-    .map_err(|e| JoinError::Refused(format!("reading the stream end: {e}")))?
-    .map_err(|source| JoinError::Kafka {
-        topic: topic.clone(),
-        source,
-    })?;
-    let (peer_offset, peer_lsn) = start.map_or((0, Lsn::ZERO), |(o, lsn)| (o + 1, lsn));
+    let (peer_offset, peer_lsn) =
+        tokio::task::spawn_blocking(move || crate::apply::position::stream_start(&kafka, &t))
+            .await
+            .map_err(|e| JoinError::Refused(format!("reading the stream end: {e}")))?
+            .map_err(|source| JoinError::Kafka {
+                topic: topic.clone(),
+                source,
+            })?;
 
     // 2. A temporary slot with an exported snapshot.
     let mut repl = ReplicationConnection::connect(&peer_url, "pgferry-join")
         .await
         .map_err(JoinError::Replication)?;
-    let slot = format!("pgferry_join_{}", std::process::id());
-    let created = repl
-        .simple_query(&format!(
-            "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput (SNAPSHOT 'export')",
-            quote_ident(&slot)
-        ))
+    let (consistent, snapshot) = repl
+        .export_snapshot(&format!("pgferry_join_{}", std::process::id()))
         .await
         .map_err(JoinError::Replication)?;
-    let consistent: Lsn = created
-        .first("consistent_point")
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| JoinError::Refused("the peer returned no consistent point".into()))?;
-    let snapshot = created
-        .first("snapshot_name")
-        .ok_or_else(|| JoinError::Refused("the peer exported no snapshot".into()))?
-        .to_owned();
     source
         .batch_execute(&format!(
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
@@ -315,18 +299,10 @@ async fn copy(from: &Client, to: &Client, table: &str) -> Result<u64, JoinError>
         .copy_in::<_, Bytes>(&format!("COPY {table} ({list}) FROM STDIN"))
         .await
         .map_err(sql("copying a table into this node"))?;
-    futures_util::pin_mut!(reader);
-    futures_util::pin_mut!(writer);
-    use futures_util::StreamExt;
-    while let Some(chunk) = reader.next().await {
-        let chunk = chunk.map_err(sql("reading from the peer"))?;
-        writer
-            .send(chunk)
-            .await
-            .map_err(sql("writing into this node"))?;
-    }
-    writer
-        .finish()
+    crate::pg::pipe_copy(reader, writer)
         .await
-        .map_err(sql("finishing the copy into this node"))
+        .map_err(|(side, e)| match side {
+            crate::pg::CopySide::Out => sql("reading from the peer")(e),
+            crate::pg::CopySide::In => sql("writing into this node")(e),
+        })
 }

@@ -17,6 +17,7 @@ pub mod multimaster;
 pub mod params;
 pub mod plan;
 pub mod position;
+pub mod seed;
 pub mod sql;
 pub mod stream;
 pub mod target;

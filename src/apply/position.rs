@@ -59,6 +59,21 @@ pub fn watermarks(kafka: &KafkaConfig, topic: &str) -> Result<(i64, i64), KafkaE
     })
 }
 
+/// Where a worker that copied a source's data at a snapshot taken *after* this call starts
+/// reading `topic` (`pgferry join`, `pgferry seed`): right after the last commit record now
+/// in the stream, `(its offset + 1, its commit LSN)`; `(0, 0/0)` for a stream with none, or
+/// none yet (a capture that has not published). Everything published later commits later.
+pub fn stream_start(kafka: &KafkaConfig, topic: &str) -> Result<(i64, Lsn), KafkaError> {
+    let high = match watermarks(kafka, topic) {
+        Ok((_, high)) => high,
+        Err(KafkaError::MetadataFetch(
+            RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownPartition,
+        )) => return Ok((0, Lsn::ZERO)),
+        Err(e) => return Err(e),
+    };
+    Ok(last_commit_before(kafka, topic, high)?.map_or((0, Lsn::ZERO), |(o, lsn)| (o + 1, lsn)))
+}
+
 /// The last commit record of `topic` before offset `end`: its offset and commit LSN. Reads
 /// back from `end` in windows until one is found; `None` when the partition holds none there.
 pub fn last_commit_before(

@@ -129,6 +129,15 @@ pub async fn prepare_session(
                  table_name text NOT NULL,
                  announced_at timestamptz NOT NULL DEFAULT now(),
                  PRIMARY KEY (source_node, table_name));
+             -- `pgferry seed` (apply::seed): a replica copied straight from the source; the
+             -- worker skips the node's transactions committed before consistent_lsn.
+             CREATE TABLE IF NOT EXISTS pgferry.seeds (
+                 source_node text PRIMARY KEY,
+                 state text NOT NULL CHECK (state IN ('copying', 'done')),
+                 tables text[] NOT NULL,
+                 consistent_lsn pg_lsn,
+                 started_at timestamptz NOT NULL DEFAULT now(),
+                 finished_at timestamptz);
              -- Multi-master: each table's column types as the node's stream last described
              -- them (its `relation` record, at stream_offset), kept with the data so a
              -- restarted worker still converts values written under a column's old type
@@ -261,6 +270,44 @@ pub async fn read_progress(
         commit_lsn: r.get::<_, String>(1).parse().unwrap_or_default(),
     }))
 }
+
+/// A seed of the target from a source node (`pgferry seed`, [`crate::apply::seed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seed {
+    /// The tables it copies.
+    pub tables: Vec<String>,
+    /// `None` while copying (or after a seed that died); the snapshot's consistent point once
+    /// done: the node's transactions committed before it are in the copy.
+    pub consistent: Option<Lsn>,
+}
+
+/// The target's seed from `node`, if one was made or started.
+pub async fn read_seed(client: &Client, node: &str) -> Result<Option<Seed>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT tables, CASE WHEN state = 'done' THEN consistent_lsn::text END
+               FROM pgferry.seeds WHERE source_node = $1",
+            &[&node],
+        )
+        .await?;
+    Ok(row.map(|r| Seed {
+        tables: r.get(0),
+        consistent: r.get::<_, Option<String>>(1).and_then(|l| l.parse().ok()),
+    }))
+}
+
+/// Records a seed as started (committed before its first row); parameters: node, tables.
+pub const START_SEED: &str = "INSERT INTO pgferry.seeds (source_node, state, tables)
+     VALUES ($1::text, 'copying', $2::text[])
+     ON CONFLICT (source_node) DO UPDATE
+        SET state = 'copying', tables = EXCLUDED.tables, consistent_lsn = NULL,
+            started_at = now(), finished_at = NULL";
+
+/// Records a seed as done, in the transaction of the worker's starting position; parameters:
+/// node, consistent point.
+pub const FINISH_SEED: &str = "UPDATE pgferry.seeds
+        SET state = 'done', consistent_lsn = $2::text::pg_lsn, finished_at = now()
+      WHERE source_node = $1::text";
 
 /// The commit LSN applied from each source node, as committed in the target.
 pub async fn applied_lsns(

@@ -211,6 +211,9 @@ struct Worker {
     column_types: HashMap<String, Vec<tokio_postgres::types::Type>>,
     /// Committed position: what the target durably holds.
     committed: target::Progress,
+    /// The consistent point of the target's seed (`pgferry seed`): the node's transactions
+    /// committed before it are in the copy. `0/0` for a target not seeded.
+    seeded_at: Lsn,
     in_target_txn: bool,
     last_completed: Option<Completed>,
     /// The batch whose COMMIT is sent and not yet answered (replica mode reads on meanwhile).
@@ -380,6 +383,21 @@ async fn open(
             next_offset: 0,
             commit_lsn: Lsn::ZERO,
         });
+    let seeded_at = match target::read_seed(&client, &settings.node)
+        .await
+        .map_err(ApplyError::sql("reading pgferry.seeds"))?
+    {
+        Some(target::Seed {
+            consistent: Some(lsn),
+            ..
+        }) => lsn,
+        Some(_) => {
+            return Err(ApplyError::SeedUnfinished {
+                node: settings.node.clone(),
+            })
+        }
+        None => Lsn::ZERO,
+    };
     let announced = target::stream_tables(&client, &settings.node, committed.next_offset > 0)
         .await
         .map_err(ApplyError::sql("reading pgferry.stream_tables"))?;
@@ -431,6 +449,7 @@ async fn open(
         turn_held: false,
         column_types: HashMap::new(),
         committed,
+        seeded_at,
         in_target_txn: false,
         last_completed: None,
         committing: None,
@@ -573,7 +592,7 @@ pub async fn run(
     const STALE_REPLAY_WINDOW: Duration = Duration::from_secs(30);
     let mut stale_replays: (i64, Option<std::time::Instant>) = (-1, None);
     let result = loop {
-        let mut framer = Framer::new(worker.committed.commit_lsn);
+        let mut framer = Framer::new(worker.applied_floor());
         if !std::mem::take(&mut assigned) {
             worker.assign(&consumer, &topic)?;
         }
@@ -964,7 +983,7 @@ impl Worker {
                 drop(lines);
                 drop(message);
                 self.rollback(client, pending).await?;
-                framer.orphan(begin_offset, self.committed.commit_lsn);
+                framer.orphan(begin_offset, self.applied_floor());
                 self.assign(consumer, topic)?;
             }
         }
@@ -3040,6 +3059,15 @@ impl Worker {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// The last commit LSN the target holds: the committed one, or just below the seed's
+    /// consistent point while the worker has not applied past it (transactions committed
+    /// before that point are in the seed's copy; the framer skips them).
+    fn applied_floor(&self) -> Lsn {
+        self.committed
+            .commit_lsn
+            .max(Lsn(self.seeded_at.0.saturating_sub(1)))
     }
 
     /// Checks that the stored position still points into this node's stream as the target

@@ -598,8 +598,14 @@ impl SourceConfig {
     pub fn slot_name(&self, node_id: &str) -> String {
         self.slot
             .clone()
-            .unwrap_or_else(|| format!("pgferry_{}", node_id.replace('-', "_").to_lowercase()))
+            .unwrap_or_else(|| default_slot_name(node_id))
     }
+}
+
+/// Capture's slot name when `source.slot` is not set: `pgferry_<node_id>` (with `-` mapped to
+/// `_`, lower case).
+pub fn default_slot_name(node_id: &str) -> String {
+    format!("pgferry_{}", node_id.replace('-', "_").to_lowercase())
 }
 
 mod validate;

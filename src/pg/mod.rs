@@ -60,3 +60,46 @@ pub async fn connect(url: &PgUrl, application_name: &str) -> Result<Client, toki
     });
     Ok(client)
 }
+
+/// Which end of a [`pipe_copy`] failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopySide {
+    /// Reading the `COPY … TO STDOUT`.
+    Out,
+    /// Writing the `COPY … FROM STDIN` (or finishing it).
+    In,
+}
+
+/// How much of a [`pipe_copy`] is gathered before it is passed on: the sending server sends a
+/// message a row, and passing each on alone cost more CPU than the copy itself.
+const PIPE_CHUNK: usize = 256 * 1024;
+
+/// Streams a `COPY … TO STDOUT` of one session into a `COPY … FROM STDIN` of another, in
+/// pieces of about [`PIPE_CHUNK`] bytes (all that is held). Returns the rows the receiving
+/// side took.
+pub async fn pipe_copy(
+    reader: tokio_postgres::CopyOutStream,
+    writer: tokio_postgres::CopyInSink<bytes::Bytes>,
+) -> Result<u64, (CopySide, tokio_postgres::Error)> {
+    use futures_util::{SinkExt, StreamExt};
+    futures_util::pin_mut!(reader);
+    futures_util::pin_mut!(writer);
+    let mut piece = bytes::BytesMut::with_capacity(PIPE_CHUNK);
+    while let Some(row) = reader.next().await {
+        piece.extend_from_slice(&row.map_err(|e| (CopySide::Out, e))?);
+        if piece.len() >= PIPE_CHUNK {
+            let full = std::mem::replace(&mut piece, bytes::BytesMut::with_capacity(PIPE_CHUNK));
+            writer
+                .send(full.freeze())
+                .await
+                .map_err(|e| (CopySide::In, e))?;
+        }
+    }
+    if !piece.is_empty() {
+        writer
+            .send(piece.freeze())
+            .await
+            .map_err(|e| (CopySide::In, e))?;
+    }
+    writer.finish().await.map_err(|e| (CopySide::In, e))
+}

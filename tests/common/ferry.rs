@@ -177,6 +177,16 @@ impl Ferry {
         signal(&self.child, "-TERM");
     }
 
+    /// Freezes the process (SIGSTOP): it holds its connections and does nothing.
+    pub fn pause(&self) {
+        signal(&self.child, "-STOP");
+    }
+
+    /// Lets a paused process go on (SIGCONT).
+    pub fn resume(&self) {
+        signal(&self.child, "-CONT");
+    }
+
     /// Waits for the process to exit.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;

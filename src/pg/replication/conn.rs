@@ -416,6 +416,33 @@ impl ReplicationConnection {
         }
     }
 
+    /// Creates temporary logical slot `slot` (pgoutput) exporting its snapshot; returns its
+    /// consistent point and the snapshot's name. The snapshot can be imported (`SET
+    /// TRANSACTION SNAPSHOT`) while this connection stays open and runs nothing else; the slot
+    /// goes when it closes. A transaction whose commit record lies before the consistent point
+    /// is in the snapshot, one at or after it is not (`pgferry join`, `pgferry seed`).
+    pub async fn export_snapshot(&mut self, slot: &str) -> Result<(Lsn, String), ReplicationError> {
+        let created = self
+            .simple_query(&format!(
+                "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput (SNAPSHOT 'export')",
+                crate::sql::quote_ident(slot)
+            ))
+            .await?;
+        let missing = |what: &str| ReplicationError::Unexpected {
+            got: format!("an answer without {what}"),
+            during: "CREATE_REPLICATION_SLOT",
+        };
+        let consistent = created
+            .first("consistent_point")
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| missing("a consistent point"))?;
+        let snapshot = created
+            .first("snapshot_name")
+            .ok_or_else(|| missing("a snapshot name"))?
+            .to_owned();
+        Ok((consistent, snapshot))
+    }
+
     /// Runs a replication command or query and collects its rows.
     pub async fn simple_query(&mut self, sql: &str) -> Result<QueryResult, ReplicationError> {
         frontend::query(sql, &mut self.outbound)?;
