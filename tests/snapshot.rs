@@ -2441,23 +2441,7 @@ async fn a_seed_killed_midway_is_redone_and_the_applier_waits_for_it() {
         .await;
     drop(applier);
     // The killed applier's session and the seed's sessions end.
-    wait_for(
-        "the applier's session to end",
-        Duration::from_secs(30),
-        || async {
-            let n: i64 = r
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity
-                  WHERE datname = current_database() AND application_name LIKE 'pgferry-%'",
-                    &[],
-                )
-                .await
-                .ok()?
-                .get(0);
-            (n == 0).then_some(())
-        },
-    )
-    .await;
+    wait_no_pgferry_sessions(&r).await;
     let (code, out) = tokio::task::spawn_blocking({
         let (config, master) = (config.clone(), master.clone());
         let readers = rng.range(1, 5);
@@ -2477,5 +2461,36 @@ async fn a_seed_killed_midway_is_redone_and_the_applier_waits_for_it() {
         assert!(w.await.unwrap() > 0);
     }
     wait_seeded_equal(&master, &replica, &applier).await;
+    // A seeded replica is never seeded again over its rows: not while its applier runs, nor
+    // after (it has a stored position).
+    let (code, out) = run_seed(&config, &master, 1);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("an applier of node-a is connected"), "{out}");
+    drop(applier);
+    wait_no_pgferry_sessions(&r).await;
+    let (code, out) = run_seed(&config, &master, 1);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("already applies node-a's stream"), "{out}");
     drop(capture);
+}
+
+/// Waits until no pgferry session is connected to `c`'s database.
+async fn wait_no_pgferry_sessions(c: &tokio_postgres::Client) {
+    wait_for(
+        "pgferry's sessions to end",
+        Duration::from_secs(30),
+        || async {
+            let n: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND application_name LIKE 'pgferry-%'",
+                    &[],
+                )
+                .await
+                .ok()?
+                .get(0);
+            (n == 0).then_some(())
+        },
+    )
+    .await;
 }

@@ -247,6 +247,9 @@ async fn seed_target(
     let local = crate::pg::connect(&target.url, "pgferry-seed")
         .await
         .map_err(sql(format!("connecting to the target {shown}")))?;
+    check_target_idle(&local, &plan.node).await?;
+    // The bookkeeping, and the node's replication origin held by this session while it
+    // seeds: an applier of the node that starts meanwhile cannot set it up, and waits.
     let origin = target::origin_name(&plan.node, target.url.dbname());
     target::prepare_session(&local, &plan.node, &origin)
         .await
@@ -254,10 +257,11 @@ async fn seed_target(
     let source = crate::pg::connect(&plan.source, "pgferry-seed-read")
         .await
         .map_err(sql("connecting to the source"))?;
-    check_target_idle(&local, &plan.node).await?;
+    // Only a seed that did not finish is taken over; a finished one left a stored position.
     let unfinished = target::read_seed(&local, &plan.node)
         .await
-        .map_err(sql("reading pgferry.seeds"))?;
+        .map_err(sql("reading pgferry.seeds"))?
+        .filter(|seed| seed.consistent.is_none());
     if unfinished.is_none()
         && target::read_progress(&local, &plan.node)
             .await
