@@ -246,6 +246,41 @@ async fn applied(client: &Client) -> Result<String, tokio_postgres::Error> {
             r.get::<_, i64>(4),
         );
     }
+    let seeds: bool = client
+        .query_one("SELECT to_regclass('pgferry.seeds') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if seeds {
+        for r in client
+            .query(
+                "SELECT source_node, state, consistent_lsn::text, array_length(tables, 1),
+                        coalesce(finished_at, started_at)::text
+                   FROM pgferry.seeds ORDER BY source_node",
+                &[],
+            )
+            .await?
+        {
+            let (node, state, lsn, tables, at): (
+                String,
+                String,
+                Option<String>,
+                Option<i32>,
+                String,
+            ) = (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+            let tables = tables.unwrap_or(0);
+            let _ = match lsn {
+                Some(lsn) if state == "done" => writeln!(
+                    out,
+                    "  seeded from {node} at LSN {lsn} ({tables} tables, {at})"
+                ),
+                _ => writeln!(
+                    out,
+                    "  seed from {node} did not finish ({state} since {at}, {tables} tables): \
+                     run `pgferry seed` again; the applier waits for it"
+                ),
+            };
+        }
+    }
     if out.is_empty() {
         out.push_str("  nothing applied yet\n");
     }

@@ -2370,6 +2370,10 @@ async fn a_seeded_replica_is_exact_under_concurrent_writes() {
             assert!(w.await.unwrap() > 0);
         }
         wait_seeded_equal(&master, &replica, &applier).await;
+        // (The seed took `config` along.)
+        let config = common::ferry::write_config(&yaml);
+        let (_, report) = common::ferry::cli(&["status", "--config", config.to_str().unwrap()]);
+        assert!(report.contains("seeded from node-a at LSN"), "{report}");
         drop(capture);
     }
 }
@@ -2434,6 +2438,11 @@ async fn a_seed_killed_midway_is_redone_and_the_applier_waits_for_it() {
         .unwrap()
         .get(0);
     assert_eq!(state, "copying");
+    let (_, report) = common::ferry::cli(&["status", "--config", config.to_str().unwrap()]);
+    assert!(
+        report.contains("seed from node-a did not finish"),
+        "{report}"
+    );
 
     let applier = Ferry::start(&yaml, port);
     applier
