@@ -2191,11 +2191,13 @@ fn run_seed(config: &std::path::Path, master: &str, readers: i64) -> (i32, Strin
 
 const SEED_DDL: &str =
     "CREATE TABLE items (id bigint PRIMARY KEY, v int, note text, code int UNIQUE);
-     CREATE TABLE orders (id int PRIMARY KEY, v int, secret text);";
+     CREATE TABLE orders (id int PRIMARY KEY, v int, secret text);
+     CREATE TABLE marks (at int GENERATED ALWAYS AS (1) STORED);";
 /// The replica's: orders.v is a bigint there, so orders is copied as text, items in binary.
 const SEED_REPLICA_DDL: &str =
     "CREATE TABLE items (id bigint PRIMARY KEY, v int, note text, code int UNIQUE);
-     CREATE TABLE orders (id int PRIMARY KEY, v bigint, secret text);";
+     CREATE TABLE orders (id int PRIMARY KEY, v bigint, secret text);
+     CREATE TABLE marks (at int GENERATED ALWAYS AS (1) STORED);";
 
 /// Loads `rows` items (about 22 pages a thousand, so several page ranges) and orders, and
 /// publishes items whole and orders with a column list and a row filter.
@@ -2203,7 +2205,8 @@ async fn load_seed_source(c: &tokio_postgres::Client, master: &str, rows: i64) {
     c.batch_execute(&format!(
         "INSERT INTO items SELECT g, g % 1000, repeat('n', 120), g FROM generate_series(1, {rows}) g;
          INSERT INTO orders SELECT g, g, 'secret' FROM generate_series(1, {}) g;
-         CREATE PUBLICATION pub_{master} FOR TABLE items, orders (id, v) WHERE (id % 3 <> 0);",
+         INSERT INTO marks SELECT FROM generate_series(1, {rows} % 97 + 1);
+         CREATE PUBLICATION pub_{master} FOR TABLE items, orders (id, v) WHERE (id % 3 <> 0), marks;",
         rows / 10
     ))
     .await
@@ -2292,11 +2295,17 @@ async fn wait_seeded_equal(master: &str, replica: &str, applier: &Ferry) {
         secrets, 0,
         "a column the publication leaves out reached the replica"
     );
+    // A table with no column to copy (only a generated one): its rows, as many.
+    let marks = "SELECT count(*)::text FROM marks";
+    assert_eq!(
+        rows_signature(&m, marks).await,
+        rows_signature(&r, marks).await
+    );
     assert_no_dead_letters(&r, applier).await;
 }
 
 /// `pgferry seed` fills an empty replica straight from the source's exported snapshot, with
-/// 1 to 4 readers (3 and 4 also over page ranges of items), while writers update (some rows to new keys), delete and
+/// 1 to 5 readers (4 and 5 also over page ranges of items), while writers update (some rows to new keys), delete and
 /// insert throughout and capture lags behind (paused); the applier started afterwards skips
 /// exactly the transactions the copy holds: the replica ends exact (orders as its column list
 /// and row filter shape it), nothing dead-lettered.
@@ -2310,9 +2319,9 @@ async fn a_seeded_replica_is_exact_under_concurrent_writes() {
         let rows = rng.range(100_000, 150_000);
         // Both rounds together cover whole tables and page ranges.
         let readers = if round == 0 {
-            rng.range(1, 3)
+            rng.range(1, 4)
         } else {
-            rng.range(3, 5)
+            rng.range(4, 6)
         };
         let (master, m) = pg.fresh_db("seedexact", SEED_DDL).await;
         let (replica, _) = pg.fresh_db("seedexact_r", SEED_REPLICA_DDL).await;
@@ -2351,8 +2360,8 @@ async fn a_seeded_replica_is_exact_under_concurrent_writes() {
             "{out}"
         );
         let ranges = out.matches("seed range copied table=public.items").count();
-        // Two tables: a third reader and more cut items into page ranges.
-        if readers > 2 {
+        // Three tables: a fourth reader and more cut items into page ranges.
+        if readers > 3 {
             assert!(
                 ranges > 1,
                 "{readers} readers copied items in {ranges} range(s): {out}"
@@ -2430,6 +2439,10 @@ async fn a_seed_killed_midway_is_redone_and_the_applier_waits_for_it() {
         (copied > 1000).then_some(())
     })
     .await;
+    // One seed at a time into a target.
+    let (code, out) = run_seed(&config, &master, 1);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("another pgferry seed is copying"), "{out}");
     child.kill().unwrap();
     child.wait().unwrap();
     let state: String = r

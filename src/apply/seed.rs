@@ -416,24 +416,30 @@ async fn seed_target(
     })
 }
 
-/// An applier of the node on the target would apply the stream onto a half-filled copy.
+/// An applier of the node on the target would apply the stream onto a half-filled copy, and
+/// another seed would copy the same rows again.
 async fn check_target_idle(local: &Client, node: &str) -> Result<(), SeedError> {
-    let busy: bool = local
+    let busy: Option<String> = local
         .query_one(
-            "SELECT EXISTS (SELECT FROM pg_stat_activity
-                             WHERE datname = current_database() AND application_name = $1)",
+            "SELECT min(application_name) FROM pg_stat_activity
+              WHERE datname = current_database() AND pid <> pg_backend_pid()
+                AND (application_name = $1 OR application_name LIKE 'pgferry-seed%')",
             &[&format!("pgferry-apply-{node}")],
         )
         .await
-        .map_err(sql("looking for a running applier"))?
+        .map_err(sql("looking for a running applier or seed"))?
         .get(0);
-    if busy {
-        return Err(SeedError::Refused(format!(
+    match busy {
+        Some(name) if name.starts_with("pgferry-seed") => Err(SeedError::Refused(format!(
+            "another pgferry seed is copying into this target (application_name {name}): let \
+             it finish"
+        ))),
+        Some(_) => Err(SeedError::Refused(format!(
             "an applier of {node} is connected to this target (application_name \
              pgferry-apply-{node}): stop it, seed, then start it again"
-        )));
+        ))),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// The tables of the publication the seed copies: not pgferry's own or system ones
@@ -668,6 +674,32 @@ async fn reader(
             return Ok(());
         };
         let table = &tables[job.table];
+        if table.columns.is_empty() {
+            // No column to copy (none, or only generated ones): as many rows of defaults.
+            let count: i64 = from
+                .query_one(
+                    &format!(
+                        "SELECT count(*) FROM ({}) AS rows",
+                        job_select(table, job.pages)
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(sql(format!("counting {} on the source", table.name)))?
+                .get(0);
+            let copied = to
+                .execute(
+                    &format!(
+                        "INSERT INTO {} SELECT FROM generate_series(1, $1::int8)",
+                        table.sql_name
+                    ),
+                    &[&count],
+                )
+                .await
+                .map_err(sql(format!("writing {} into the target", table.name)))?;
+            rows[job.table].fetch_add(copied, std::sync::atomic::Ordering::Relaxed);
+            continue;
+        }
         let format = if table.binary { " (FORMAT binary)" } else { "" };
         let out = from
             .copy_out(&format!(
