@@ -591,7 +591,7 @@ fn binary_copy(
 /// The ranges to copy, biggest table first. Readers take whole tables first: ranges of one
 /// table written at once land in different places of its key's B-tree when the heap follows
 /// the key (as it does for sequential ids), and lose the rightmost-page fast path (in the
-/// benchmark, one table: 2 readers cost the replica ~50 % more CPU than 1). So a table is cut
+/// benchmark, one 2M-row table: 2 readers cost the replica ~50 % more CPU than 1). So a table is cut
 /// only when there are more readers than tables: a table of at least `2 ×`
 /// [`MIN_RANGE_PAGES`] pages into up to `readers - tables + 1` equal page ranges, the last one
 /// open (the table may have grown since the snapshot; rows it sees lie in pages it had).
