@@ -1872,12 +1872,8 @@ impl Worker {
         }
         self.count_conflicts();
         self.observe_peer_clock(client).await?;
-        if self.diverged_refresh_due() {
-            // Its queries must not wait behind the answers of the statements just sent: an
-            // answer nobody reads stops the connection from reading on (a hang, seen under
-            // random dead-letter tests once the refresh also read the held rows).
-            self.confirm_commit(pending).await?;
-        }
+        // Its queries go out behind the COMMIT just sent and read what it committed; the pump
+        // beside the apply loop reads the COMMIT's answer meanwhile (`in_flight`).
         self.refresh_diverged(client).await
     }
 

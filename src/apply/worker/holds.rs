@@ -330,9 +330,9 @@ impl Worker {
     }
 
     /// Waits for every statement in flight (the last transaction's COMMIT, then the open
-    /// transaction's) before the statements of this module: a pipelined statement whose
-    /// answer nobody reads stops the connection from reading further answers, and the worker
-    /// would wait forever for this module's.
+    /// transaction's) before the statements of this module, so that a failure of theirs is
+    /// returned as theirs, before this module notes or supersedes letters, and not as its own
+    /// query meeting an aborted transaction.
     async fn settle(&mut self, pending: &mut InFlight<'_>) -> Result<(), ApplyError> {
         self.confirm_commit(pending).await?;
         pending
