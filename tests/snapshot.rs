@@ -2160,33 +2160,29 @@ fn applier_yaml(master: &str, replica: &str, port: u16) -> String {
     )
 }
 
-/// `pgferry seed` of the applier config at `config` from `master` (capture's slot and
-/// publication as [`start_capture`] names them), `readers` in parallel.
-fn seed_command(config: &std::path::Path, master: &str, readers: i64) -> std::process::Command {
-    let pg = PgCluster::shared();
-    let mut command = std::process::Command::new(pgferry_bin());
-    command
-        .args(["seed", "--config"])
-        .arg(config)
-        .args(["--source-url", &pg.url(master)])
-        .args(["--slot", &format!("slot_{master}")])
-        .args(["--publication", &format!("pub_{master}")])
-        .args(["--readers", &readers.to_string()]);
-    command
+/// The arguments of `pgferry seed` of the applier config at `config` from `master` (capture's
+/// slot and publication as [`start_capture`] names them), `readers` in parallel.
+fn seed_args(config: &std::path::Path, master: &str, readers: i64) -> Vec<String> {
+    [
+        "seed".to_owned(),
+        "--config".to_owned(),
+        config.to_string_lossy().into_owned(),
+        "--source-url".to_owned(),
+        PgCluster::shared().url(master),
+        "--slot".to_owned(),
+        format!("slot_{master}"),
+        "--publication".to_owned(),
+        format!("pub_{master}"),
+        "--readers".to_owned(),
+        readers.to_string(),
+    ]
+    .into()
 }
 
+/// Runs `pgferry seed` ([`seed_args`]) to its end: its exit code and output.
 fn run_seed(config: &std::path::Path, master: &str, readers: i64) -> (i32, String) {
-    let out = seed_command(config, master, readers)
-        .output()
-        .expect("run pgferry seed");
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    let args = seed_args(config, master, readers);
+    common::ferry::cli(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 const SEED_DDL: &str =
@@ -2420,7 +2416,8 @@ async fn a_seed_killed_midway_is_redone_and_the_applier_waits_for_it() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let writers = spawn_seed_writers(&master, rows, seed, &stop);
-    let mut child = seed_command(&config, &master, rng.range(1, 5))
+    let mut child = std::process::Command::new(pgferry_bin())
+        .args(seed_args(&config, &master, rng.range(1, 5)))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

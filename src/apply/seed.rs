@@ -135,10 +135,8 @@ struct SeedTable {
     name: String,
     /// Quoted, qualified.
     sql_name: String,
-    /// Quoted column list: the publication's columns, generated ones left out.
-    columns: String,
-    /// The columns' names and type OIDs on the source, in that order.
-    types: Vec<(String, u32)>,
+    /// The publication's columns, generated ones left out: names and type OIDs on the source.
+    columns: Vec<(String, u32)>,
     /// Copied in binary: every column has the same built-in type on both sides (set by
     /// [`check_target_table`]); text otherwise, as native initial synchronization copies.
     binary: bool,
@@ -147,6 +145,14 @@ struct SeedTable {
     /// A partitioned table (published by its root): read whole, not by pages.
     partitioned: bool,
     pages: i64,
+}
+
+impl SeedTable {
+    /// The columns, quoted, as a `SELECT` or `COPY` lists them.
+    fn column_list(&self) -> String {
+        let quoted: Vec<String> = self.columns.iter().map(|(c, _)| quote_ident(c)).collect();
+        quoted.join(", ")
+    }
 }
 
 /// One range of one table.
@@ -461,22 +467,19 @@ async fn published_tables(source: &Client, plan: &Plan<'_>) -> Result<Vec<SeedTa
     }
     let rows = source
         .query(
-            "SELECT p.schemaname::text, p.tablename::text, c.relkind = 'p',
-                    array(SELECT a.attname::text FROM pg_attribute a
-                           WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-                             AND a.attgenerated = ''
-                             AND (p.attnames IS NULL OR a.attname = ANY (p.attnames))
-                           ORDER BY a.attnum),
-                    array(SELECT a.atttypid FROM pg_attribute a
-                           WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-                             AND a.attgenerated = ''
-                             AND (p.attnames IS NULL OR a.attname = ANY (p.attnames))
-                           ORDER BY a.attnum),
+            "SELECT p.schemaname::text, p.tablename::text, c.relkind = 'p', cols.names, cols.types,
                     p.rowfilter,
                     pg_relation_size(c.oid) / current_setting('block_size')::int8
                FROM pg_publication_tables p
                JOIN pg_namespace n ON n.nspname = p.schemaname
                JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename
+               CROSS JOIN LATERAL (
+                   SELECT coalesce(array_agg(a.attname::text ORDER BY a.attnum), '{}') AS names,
+                          coalesce(array_agg(a.atttypid ORDER BY a.attnum), '{}') AS types
+                     FROM pg_attribute a
+                    WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                      AND a.attgenerated = ''
+                      AND (p.attnames IS NULL OR a.attname = ANY (p.attnames))) AS cols
               WHERE p.pubname = $1
               ORDER BY 1, 2",
             &[&plan.publication],
@@ -492,17 +495,11 @@ async fn published_tables(source: &Client, plan: &Plan<'_>) -> Result<Vec<SeedTa
         {
             continue;
         }
-        let columns: Vec<String> = row.get(3);
-        let types: Vec<u32> = row.get(4);
+        let (names, types): (Vec<String>, Vec<u32>) = (row.get(3), row.get(4));
         tables.push(SeedTable {
             sql_name: qualified(&schema, &table),
             name,
-            columns: columns
-                .iter()
-                .map(|c| quote_ident(c))
-                .collect::<Vec<_>>()
-                .join(", "),
-            types: columns.into_iter().zip(types).collect(),
+            columns: names.into_iter().zip(types).collect(),
             binary: false,
             partitioned: row.get(2),
             row_filter: row.get(5),
@@ -541,7 +538,7 @@ async fn check_target_table(
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    table.binary = binary_copy(&table.types, &target_types).map_err(|column| {
+    table.binary = binary_copy(&table.columns, &target_types).map_err(|column| {
         SeedError::Refused(format!(
             "column {column} of {} is published but missing on the target: add it there first",
             table.name
@@ -639,7 +636,11 @@ fn job_select(table: &SeedTable, pages: Option<(i64, Option<i64>)>) -> String {
         conditions.push(format!("({filter})"));
     }
     let only = if table.partitioned { "" } else { "ONLY " };
-    let mut select = format!("SELECT {} FROM {only}{}", table.columns, table.sql_name);
+    let mut select = format!(
+        "SELECT {} FROM {only}{}",
+        table.column_list(),
+        table.sql_name
+    );
     if !conditions.is_empty() {
         select.push_str(" WHERE ");
         select.push_str(&conditions.join(" AND "));
@@ -711,7 +712,8 @@ async fn reader(
         let into = to
             .copy_in::<_, Bytes>(&format!(
                 "COPY {} ({}) FROM STDIN{format}",
-                table.sql_name, table.columns
+                table.sql_name,
+                table.column_list()
             ))
             .await
             .map_err(sql(format!("copying {} into the target", table.name)))?;
@@ -735,8 +737,7 @@ mod tests {
         SeedTable {
             name: format!("public.{name}"),
             sql_name: format!("\"public\".\"{name}\""),
-            columns: "\"id\", \"v\"".into(),
-            types: vec![("id".into(), 20), ("v".into(), 23)],
+            columns: vec![("id".into(), 20), ("v".into(), 23)],
             binary: false,
             row_filter: None,
             partitioned: false,
